@@ -1,0 +1,1 @@
+//! Spate storage engine. (skeleton: the engine branch replaces this)

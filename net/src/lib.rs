@@ -1,0 +1,1 @@
+//! Spate Kafka wire protocol. (skeleton: the net branch replaces this)
