@@ -1,0 +1,171 @@
+//! A read-only view of a Kafka RecordBatch v2 header, plus the two fields the log stamps.
+//!
+//! The engine treats batches as opaque payloads: it reads the header to learn the offset span and
+//! the max timestamp, and writes only `baseOffset` and `partitionLeaderEpoch`, which lie before the
+//! CRC-covered region, so the producer's CRC-32C stays valid.
+
+use crate::error::EngineError;
+
+/// Bytes of the fixed RecordBatch v2 header (up to and including the record count).
+pub const BATCH_HEADER_BYTES: usize = 61;
+/// Offset of the first byte covered by the batch CRC (the attributes field).
+pub const CRC_COVERED_START: usize = 21;
+/// The only record batch format the broker accepts.
+pub const MAGIC_V2: i8 = 2;
+
+const BASE_OFFSET: usize = 0;
+const BATCH_LENGTH: usize = 8;
+const LEADER_EPOCH: usize = 12;
+const MAGIC: usize = 16;
+const CRC: usize = 17;
+const ATTRIBUTES: usize = 21;
+const LAST_OFFSET_DELTA: usize = 23;
+const BASE_TIMESTAMP: usize = 27;
+const MAX_TIMESTAMP: usize = 35;
+const PRODUCER_ID: usize = 43;
+const PRODUCER_EPOCH: usize = 51;
+const BASE_SEQUENCE: usize = 53;
+const RECORDS_COUNT: usize = 57;
+
+/// Header of one RecordBatch v2, borrowed from the batch bytes.
+#[derive(Clone, Copy)]
+pub struct BatchHeader<'a> {
+    bytes: &'a [u8],
+}
+
+fn be_i16(b: &[u8], at: usize) -> i16 {
+    i16::from_be_bytes([b[at], b[at + 1]])
+}
+fn be_i32(b: &[u8], at: usize) -> i32 {
+    i32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn be_i64(b: &[u8], at: usize) -> i64 {
+    i64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+impl<'a> BatchHeader<'a> {
+    /// Checks the header is complete, the magic is 2, and `batchLength` matches the slice
+    /// exactly (one batch, no trailing bytes). Does not check the CRC: see [`Self::verify_crc`].
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, EngineError> {
+        if bytes.len() < BATCH_HEADER_BYTES {
+            return Err(EngineError::InvalidBatch(format!(
+                "batch of {} bytes is shorter than the {BATCH_HEADER_BYTES}-byte header",
+                bytes.len()
+            )));
+        }
+        let header = BatchHeader { bytes };
+        if header.magic() != MAGIC_V2 {
+            return Err(EngineError::InvalidBatch(format!(
+                "magic {} is not 2",
+                header.magic()
+            )));
+        }
+        let expected = header.batch_length() as i64 + BATCH_LENGTH as i64 + 4;
+        if header.batch_length() < 0 || expected != bytes.len() as i64 {
+            return Err(EngineError::InvalidBatch(format!(
+                "batchLength {} does not match {} bytes",
+                header.batch_length(),
+                bytes.len()
+            )));
+        }
+        if header.last_offset_delta() < 0 {
+            return Err(EngineError::InvalidBatch(format!(
+                "negative lastOffsetDelta {}",
+                header.last_offset_delta()
+            )));
+        }
+        Ok(header)
+    }
+
+    /// Total bytes of the batch this header announces (`batchLength` + 12), read from the first
+    /// 12 bytes of a buffer: how a stream of concatenated batches is split.
+    pub fn total_len_from_prefix(prefix: &[u8]) -> Option<usize> {
+        if prefix.len() < 12 {
+            return None;
+        }
+        let len = be_i32(prefix, BATCH_LENGTH);
+        if len < 0 {
+            return None;
+        }
+        Some(len as usize + 12)
+    }
+
+    pub fn as_bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+    pub fn base_offset(&self) -> i64 {
+        be_i64(self.bytes, BASE_OFFSET)
+    }
+    pub fn batch_length(&self) -> i32 {
+        be_i32(self.bytes, BATCH_LENGTH)
+    }
+    pub fn partition_leader_epoch(&self) -> i32 {
+        be_i32(self.bytes, LEADER_EPOCH)
+    }
+    pub fn magic(&self) -> i8 {
+        self.bytes[MAGIC] as i8
+    }
+    pub fn crc(&self) -> u32 {
+        be_i32(self.bytes, CRC) as u32
+    }
+    pub fn attributes(&self) -> i16 {
+        be_i16(self.bytes, ATTRIBUTES)
+    }
+    /// Compression codec: 0 none, 1 gzip, 2 snappy, 3 lz4, 4 zstd.
+    pub fn compression(&self) -> u8 {
+        (self.attributes() & 0x7) as u8
+    }
+    pub fn is_transactional(&self) -> bool {
+        self.attributes() & 0x10 != 0
+    }
+    pub fn is_control(&self) -> bool {
+        self.attributes() & 0x20 != 0
+    }
+    pub fn last_offset_delta(&self) -> i32 {
+        be_i32(self.bytes, LAST_OFFSET_DELTA)
+    }
+    pub fn base_timestamp(&self) -> i64 {
+        be_i64(self.bytes, BASE_TIMESTAMP)
+    }
+    pub fn max_timestamp(&self) -> i64 {
+        be_i64(self.bytes, MAX_TIMESTAMP)
+    }
+    pub fn producer_id(&self) -> i64 {
+        be_i64(self.bytes, PRODUCER_ID)
+    }
+    pub fn producer_epoch(&self) -> i16 {
+        be_i16(self.bytes, PRODUCER_EPOCH)
+    }
+    pub fn base_sequence(&self) -> i32 {
+        be_i32(self.bytes, BASE_SEQUENCE)
+    }
+    pub fn records_count(&self) -> i32 {
+        be_i32(self.bytes, RECORDS_COUNT)
+    }
+    /// Offset of the last record: `baseOffset + lastOffsetDelta`.
+    pub fn last_offset(&self) -> i64 {
+        self.base_offset() + self.last_offset_delta() as i64
+    }
+
+    /// CRC-32C over attributes..end, as the producer computed it.
+    pub fn computed_crc(&self) -> u32 {
+        crc32c::crc32c(&self.bytes[CRC_COVERED_START..])
+    }
+    pub fn verify_crc(&self) -> Result<(), EngineError> {
+        let (stored, computed) = (self.crc(), self.computed_crc());
+        if stored != computed {
+            return Err(EngineError::InvalidBatch(format!(
+                "CRC-32C mismatch: stored {stored:#010x}, computed {computed:#010x}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Writes the assigned base offset and leader epoch into a batch's header. Both lie outside the
+/// CRC-covered region, so the batch CRC stays valid.
+pub fn stamp(batch: &mut [u8], base_offset: i64, leader_epoch: i32) {
+    assert!(batch.len() >= BATCH_HEADER_BYTES, "stamp on a short batch");
+    batch[BASE_OFFSET..BASE_OFFSET + 8].copy_from_slice(&base_offset.to_be_bytes());
+    batch[LEADER_EPOCH..LEADER_EPOCH + 4].copy_from_slice(&leader_epoch.to_be_bytes());
+}
