@@ -63,6 +63,12 @@ pub(crate) async fn scan(
         want = SCAN_CHUNK_BYTES;
         while p < rr.len() {
             match decode_frame(&rr[p..], None, max_payload_bytes) {
+                Ok(f) if pos + (p + f.len) as u64 > end => {
+                    return Ok((
+                        pos + p as u64,
+                        ScanStop::Invalid("frame padding runs past the end".into()),
+                    ))
+                }
                 Ok(f) => match visit(pos + p as u64, &f) {
                     Ok(true) => p += f.len,
                     Ok(false) => return Ok((pos + p as u64, ScanStop::Stopped)),
