@@ -24,6 +24,10 @@ pub const MAX_READ_BYTES: usize = 8 << 20;
 /// The recovery-point file is rewritten after a sync at most this often (and on roll, truncate,
 /// retention and close).
 pub const CHECKPOINT_INTERVAL_MS: u64 = 5_000;
+/// When a write reaches past the reserved part of the active segment's file, the file is
+/// pre-allocated this far ahead (never the whole segment up front: a broker with thousands of
+/// mostly idle partitions must not reserve a segment for each; idle logs reserve nothing).
+pub const PREALLOCATE_AHEAD_BYTES: u64 = 16 << 20;
 /// Hard ceiling for `max_batch_bytes` and for any frame length read back from disk.
 pub const MAX_FRAME_PAYLOAD_BYTES: usize = 64 << 20;
 
@@ -70,6 +74,8 @@ pub(crate) struct State {
     pub closed: bool,
     pub sync_scheduled: bool,
     pub bytes_since_sync: u64,
+    /// The active segment's file has space reserved below this position.
+    pub preallocated: u64,
 }
 
 impl State {
@@ -147,6 +153,18 @@ impl Inner {
                 .await;
         }
         let len = job.buf.len();
+        let end = job.pos + len as u64;
+        if end > self.state.borrow().preallocated {
+            let target = (end + PREALLOCATE_AHEAD_BYTES).min(self.config.segment_bytes.max(end));
+            match file.pre_allocate(target, true).await {
+                Ok(()) => {
+                    let mut st = self.state.borrow_mut();
+                    st.preallocated = st.preallocated.max(target);
+                }
+                // Only an optimisation: the write below allocates what it needs (or fails).
+                Err(e) => tracing::debug!(error = %e, "pre-allocation failed"),
+            }
+        }
         let buf = Rc::new(job.buf);
         let res = file.write_rc_at(buf.clone(), job.pos).await;
         {
@@ -328,10 +346,6 @@ impl Inner {
         let base = self.state.borrow().log_end;
         let new_path = segment::log_path(&self.dir, base);
         let new_file = segment::open_file(&new_path).await?;
-        new_file
-            .pre_allocate(self.config.segment_bytes, true)
-            .await
-            .map_err(io_err(&new_path))?;
         checkpoint::sync_dir(&self.dir)?;
         {
             let mut st = self.state.borrow_mut();
@@ -339,6 +353,7 @@ impl Inner {
             st.durable_pos = 0;
             st.pending.clear();
             st.writer = Writer::new(0, &[]);
+            st.preallocated = 0;
             st.segments
                 .insert(base, Segment::new(base, new_file, new_path));
         }

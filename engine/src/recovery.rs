@@ -337,10 +337,6 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
         ));
     }
     active_file
-        .pre_allocate(config.segment_bytes, true)
-        .await
-        .map_err(io_err(&active_path))?;
-    active_file
         .fdatasync()
         .await
         .map_err(io_err(&active_path))?;
@@ -368,6 +364,7 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
         closed: false,
         sync_scheduled: false,
         bytes_since_sync: 0,
+        preallocated: size,
     };
     let inner = Rc::new(Inner {
         dir: dir.to_path_buf(),
