@@ -72,7 +72,10 @@ pub(crate) struct State {
     pub failed: Option<String>,
     pub busy: bool,
     pub closed: bool,
-    pub sync_scheduled: bool,
+    /// Someone waits for a group commit that has not started yet.
+    pub sync_requested: bool,
+    /// The group-commit task is alive (it exits when no commit is requested).
+    pub flusher_running: bool,
     pub bytes_since_sync: u64,
     /// The active segment's file has space reserved below this position.
     pub preallocated: u64,
@@ -196,7 +199,6 @@ impl Inner {
         let (target_offset, target_pos, file, path) = {
             let mut st = self.state.borrow_mut();
             self.check(&st)?;
-            st.sync_scheduled = false;
             st.bytes_since_sync = 0;
             st.writer.seal_partial();
             let a = st.active();
@@ -268,37 +270,55 @@ impl Inner {
 
     pub(crate) async fn sync_to(self: &Rc<Self>, end_offset: u64) -> Result<(), EngineError> {
         loop {
-            {
-                let st = self.state.borrow();
+            let spawn = {
+                let mut st = self.state.borrow_mut();
                 self.check(&st)?;
                 if st.durable >= end_offset.min(st.log_end) {
                     return Ok(());
                 }
+                request_sync(&mut st)
+            };
+            if spawn {
+                self.spawn_flusher();
             }
-            let _permit = self
-                .lock
-                .acquire_permit(1)
-                .await
-                .map_err(|_| EngineError::Closed)?;
-            {
-                let st = self.state.borrow();
-                self.check(&st)?;
-                if st.durable >= end_offset.min(st.log_end) {
-                    return Ok(());
-                }
-            }
-            self.sync_once().await?;
+            self.signal
+                .wait_until(|| {
+                    let st = self.state.borrow();
+                    st.durable >= end_offset.min(st.log_end)
+                        || st.failed.is_some()
+                        || st.closed
+                        || !st.flusher_running
+                })
+                .await;
         }
     }
 
-    /// Starts a background group commit (the caller has set `sync_scheduled`).
-    fn spawn_sync(self: &Rc<Self>) {
+    /// The group-commit loop: while commits are requested, run one covering everything
+    /// appended so far. Every caller of `sync_to` waits on it, so one fdatasync serves all the
+    /// appends made while the previous one was in flight.
+    fn spawn_flusher(self: &Rc<Self>) {
         let inner = self.clone();
         glommio::spawn_local(async move {
-            let end = inner.state.borrow().log_end;
-            if let Err(e) = inner.sync_to(end).await {
-                tracing::debug!(error = %e, "background sync failed");
+            loop {
+                {
+                    let mut st = inner.state.borrow_mut();
+                    if !st.sync_requested || st.closed || st.failed.is_some() {
+                        st.flusher_running = false;
+                        break;
+                    }
+                    st.sync_requested = false;
+                }
+                let result = match inner.lock.acquire_permit(1).await {
+                    Ok(_permit) => inner.sync_once().await,
+                    Err(_) => Err(EngineError::Closed),
+                };
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "group commit failed");
+                    inner.state.borrow_mut().flusher_running = false;
+                    break;
+                }
             }
+            inner.signal.notify_all();
         })
         .detach();
     }
@@ -464,12 +484,11 @@ impl PartitionLog {
             }
             FlushPolicy::Never => false,
         };
-        let spawn_sync = want_sync && !st.sync_scheduled;
-        st.sync_scheduled |= want_sync;
+        let spawn_flusher = want_sync && request_sync(st);
         drop(guard);
         inner.start_jobs();
-        if spawn_sync {
-            inner.spawn_sync();
+        if spawn_flusher {
+            inner.spawn_flusher();
         }
         Ok(AppendInfo {
             base_offset: base,
@@ -820,6 +839,12 @@ impl Drop for PartitionLog {
     fn drop(&mut self) {
         cache::forget(self.inner.log_id);
     }
+}
+
+/// Asks for a group commit; true if the caller must start the flusher task.
+fn request_sync(st: &mut State) -> bool {
+    st.sync_requested = true;
+    !std::mem::replace(&mut st.flusher_running, true)
 }
 
 pub(crate) fn max_payload(config: &LogConfig) -> usize {
