@@ -16,6 +16,10 @@ use spate_engine::{FlushPolicy, LogConfig, PartitionLog};
 
 /// Producer tasks appending concurrently to the one log.
 const PRODUCERS: u64 = 32;
+/// Retention limit of the benchmarked log.
+const RETAINED_BYTES: u64 = 512 << 20;
+/// How often the retention task runs during a measurement.
+const RETENTION_PERIOD_MS: u64 = 50;
 
 fn bench_dir() -> tempfile::TempDir {
     match std::env::var_os("SPATE_BENCH_DIR") {
@@ -42,9 +46,13 @@ fn policies() -> [(&'static str, FlushPolicy); 3] {
 /// are durable.
 fn append_run(template: &Bytes, policy: FlushPolicy, iters: u64) -> Duration {
     let dir = bench_dir();
+    // Retention keeps the disk footprint of a run bounded (the machine's disk is shared), the
+    // way a broker's retention would.
     let config = LogConfig {
         flush: policy,
         max_batch_bytes: 2 << 20,
+        segment_bytes: 128 << 20,
+        retention_bytes: Some(RETAINED_BYTES),
         retention_ms: None,
         ..LogConfig::default()
     };
@@ -68,11 +76,23 @@ fn append_run(template: &Bytes, policy: FlushPolicy, iters: u64) -> Duration {
                     }
                 }));
             }
+            let done = Rc::new(std::cell::Cell::new(false));
+            let retention = {
+                let (log, done) = (log.clone(), done.clone());
+                glommio::spawn_local(async move {
+                    while !done.get() {
+                        glommio::timer::sleep(Duration::from_millis(RETENTION_PERIOD_MS)).await;
+                        log.apply_retention(0).await.unwrap();
+                    }
+                })
+            };
             for t in tasks {
                 t.await;
             }
+            done.set(true);
             log.sync_to(log.log_end_offset()).await.unwrap();
             let elapsed = start.elapsed();
+            retention.await;
             log.close().await.unwrap();
             drop(dir);
             elapsed
