@@ -1,1 +1,2 @@
 //! Spate Kafka wire protocol. (skeleton: the net branch replaces this)
+pub mod group;
