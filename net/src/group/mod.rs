@@ -28,6 +28,7 @@ mod coordinator;
 #[allow(clippy::module_inception)]
 mod group;
 pub mod records;
+mod service;
 #[cfg(test)]
 mod tests;
 
@@ -39,6 +40,9 @@ pub use coordinator::{
 };
 pub use group::GroupState;
 pub use records::{partition_for, GroupRecordError, OffsetsRecord, OFFSETS_TOPIC};
+pub use service::{
+    offsets_log_config, wall_clock_ms, GroupShard, DEFAULT_TICK_INTERVAL_MS, MAX_RECORDS_PER_BATCH,
+};
 
 use kafka_protocol::messages::join_group_response::JoinGroupResponse;
 use kafka_protocol::messages::sync_group_response::SyncGroupResponse;
