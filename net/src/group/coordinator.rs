@@ -221,6 +221,10 @@ impl GroupCoordinator {
         }
     }
 
+    pub fn is_loading(&self, partition: i32) -> bool {
+        self.partitions.get(&partition) == Some(&LoadState::Loading)
+    }
+
     pub fn is_loaded(&self, partition: i32) -> bool {
         self.partitions.get(&partition) == Some(&LoadState::Loaded)
     }

@@ -23,6 +23,7 @@
 //!   rebalances and expires old offsets.
 //! - after every call, drain [`GroupCoordinator::take_effects`].
 
+mod api;
 mod config;
 mod coordinator;
 #[allow(clippy::module_inception)]
@@ -32,6 +33,7 @@ mod service;
 #[cfg(test)]
 mod tests;
 
+pub use api::{close_shard, handle, start_shard, GROUP_API_KEYS};
 pub use config::GroupConfig;
 pub use coordinator::{
     find_coordinator_response, is_offsets_topic, offset_fetch_response, ClientInfo,

@@ -105,10 +105,15 @@ impl WriteQueue {
     }
 }
 
+/// A partition log and the task appending to it.
+type OpenLog = (Rc<PartitionLog>, glommio::Task<()>);
+
 /// The group coordinator of one shard with its I/O.
 pub struct GroupShard {
     coordinator: RefCell<GroupCoordinator>,
     writers: RefCell<BTreeMap<i32, Rc<WriteQueue>>>,
+    /// The partition logs and their writer tasks, for an orderly close.
+    logs: RefCell<BTreeMap<i32, OpenLog>>,
     waiters: RefCell<HashMap<ReplyId, Waiter>>,
     next_reply: Cell<ReplyId>,
 }
@@ -118,6 +123,7 @@ impl GroupShard {
         Ok(Rc::new(GroupShard {
             coordinator: RefCell::new(GroupCoordinator::new(config)?),
             writers: RefCell::new(BTreeMap::new()),
+            logs: RefCell::new(BTreeMap::new()),
             waiters: RefCell::new(HashMap::new()),
             next_reply: Cell::new(1),
         }))
@@ -142,7 +148,9 @@ impl GroupShard {
         partition: i32,
         log: Rc<PartitionLog>,
     ) -> Result<(), EngineError> {
-        self.coordinator.borrow_mut().begin_loading(partition);
+        if !self.coordinator.borrow().is_loading(partition) {
+            self.coordinator.borrow_mut().begin_loading(partition);
+        }
         let mut offset = log.log_start_offset();
         let end = log.log_end_offset();
         let mut records = 0usize;
@@ -174,10 +182,11 @@ impl GroupShard {
             }
         }
         let queue = Rc::new(WriteQueue::default());
-        glommio::spawn_local(write_loop(partition, log, queue.clone())).detach();
+        let writer = glommio::spawn_local(write_loop(partition, log.clone(), queue.clone()));
         if let Some(old) = self.writers.borrow_mut().insert(partition, queue) {
             old.close();
         }
+        self.logs.borrow_mut().insert(partition, (log, writer));
         self.coordinator
             .borrow_mut()
             .finish_loading(partition, wall_clock_ms());
@@ -186,12 +195,41 @@ impl GroupShard {
         Ok(())
     }
 
+    /// Marks a partition as this shard's before its log is even open, so its groups get
+    /// COORDINATOR_LOAD_IN_PROGRESS (retriable) rather than NOT_COORDINATOR meanwhile.
+    pub fn begin_loading(&self, partition: i32) {
+        self.coordinator.borrow_mut().begin_loading(partition);
+    }
+
+    /// Lets queued writes finish, then closes every partition log (flush and recovery point).
+    pub async fn close(&self) {
+        for queue in std::mem::take(&mut *self.writers.borrow_mut()).into_values() {
+            queue.close();
+        }
+        let logs = std::mem::take(&mut *self.logs.borrow_mut());
+        for (partition, (log, writer)) in logs {
+            writer.await;
+            if let Err(e) = log.close().await {
+                tracing::error!(partition, error = %e, "closing __consumer_offsets log");
+            }
+        }
+    }
+
     /// Gives `partition` up (another node or shard takes it): pending replies of its groups
     /// get NOT_COORDINATOR and its writer stops after the queued writes.
     pub fn unload_partition(&self, partition: i32) {
         self.coordinator.borrow_mut().unload(partition);
         if let Some(queue) = self.writers.borrow_mut().remove(&partition) {
             queue.close();
+        }
+        if let Some((log, writer)) = self.logs.borrow_mut().remove(&partition) {
+            glommio::spawn_local(async move {
+                writer.await;
+                if let Err(e) = log.close().await {
+                    tracing::error!(partition, error = %e, "closing __consumer_offsets log");
+                }
+            })
+            .detach();
         }
         self.dispatch_effects();
     }
