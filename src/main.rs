@@ -64,3 +64,6 @@ fn serve(args: config::ServeConfig) -> anyhow::Result<()> {
     tracing::info!("stopped cleanly");
     Ok(())
 }
+
+#[global_allocator]
+static ALLOC: spate_net::alloc::NoReserveLargeAlloc = spate_net::alloc::NoReserveLargeAlloc;

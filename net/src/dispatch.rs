@@ -72,3 +72,57 @@ pub fn encode_response<T: Encodable + HeaderVersion>(
     debug_assert_eq!(buf.len(), 4 + size, "encoded size matches computed size");
     Ok(buf.freeze())
 }
+
+/// Decodes a request's body for its API without running it: what the fuzz target and the
+/// property tests drive with arbitrary bytes.
+pub fn decode_only(req: &Request) -> Result<(), NetError> {
+    use crate::request::decode_body;
+    use kafka_protocol::messages::*;
+    if !versions::is_served(req.api_key, req.api_version) {
+        return Err(NetError::Malformed("unsupported version".into()));
+    }
+    match req.api_key {
+        ApiKey::Produce => decode_body::<ProduceRequest>(req).map(drop),
+        ApiKey::Fetch => decode_body::<FetchRequest>(req).map(drop),
+        ApiKey::ListOffsets => decode_body::<ListOffsetsRequest>(req).map(drop),
+        ApiKey::Metadata => decode_body::<MetadataRequest>(req).map(drop),
+        ApiKey::ApiVersions => decode_body::<ApiVersionsRequest>(req).map(drop),
+        ApiKey::CreateTopics => decode_body::<CreateTopicsRequest>(req).map(drop),
+        ApiKey::DeleteTopics => decode_body::<DeleteTopicsRequest>(req).map(drop),
+        ApiKey::InitProducerId => decode_body::<InitProducerIdRequest>(req).map(drop),
+        ApiKey::DescribeConfigs => decode_body::<DescribeConfigsRequest>(req).map(drop),
+        ApiKey::CreatePartitions => decode_body::<CreatePartitionsRequest>(req).map(drop),
+        ApiKey::DescribeCluster => decode_body::<DescribeClusterRequest>(req).map(drop),
+        _ => Err(NetError::Malformed("not served".into())),
+    }
+}
+
+/// Everything the broker does with untrusted bytes before touching state: framing, header,
+/// body, and the record-batch checks of a Produce.
+pub fn decode_frame_for_fuzzing(bytes: &[u8], max_frame_bytes: usize) {
+    let Ok(Some(len)) = crate::request::frame_len(bytes, max_frame_bytes) else {
+        return;
+    };
+    let Some(frame) =
+        bytes.get(crate::request::FRAME_PREFIX_BYTES..crate::request::FRAME_PREFIX_BYTES + len)
+    else {
+        return;
+    };
+    let Ok(req) = crate::request::decode_request(Bytes::copy_from_slice(frame)) else {
+        return;
+    };
+    let _ = decode_only(&req);
+    if req.api_key == ApiKey::Produce {
+        if req.api_version < versions::PRODUCE_SERVED_MIN_VERSION {
+            let _ = handlers::produce::reject_old_version(&req);
+        } else if let Ok(p) =
+            crate::request::decode_body::<kafka_protocol::messages::ProduceRequest>(&req)
+        {
+            for t in p.topic_data {
+                for pd in t.partition_data {
+                    let _ = handlers::produce::split_batches(pd.records, 1 << 20);
+                }
+            }
+        }
+    }
+}

@@ -5,6 +5,7 @@
 //! API keys, [`handlers`] adapt each API onto partition logs, [`shard`] owns partitions and runs
 //! cross-shard work, [`server`] runs connections, [`broker`] starts the executors.
 
+pub mod alloc;
 pub mod broker;
 pub mod config;
 pub mod dispatch;
