@@ -275,7 +275,10 @@ pub fn encode_batch(records: &[OffsetsRecord], timestamp_ms: i64) -> Bytes {
             producer_epoch: -1,
             timestamp_type: TimestampType::Creation,
             offset: i as i64,
-            sequence: -1,
+            // The encoder starts a new batch wherever `offset - sequence` changes; with no
+            // producer id the sequence is meaningless, and -1 for the first record keeps the
+            // batch's base sequence at the "none" value.
+            sequence: i as i32 - 1,
             timestamp: timestamp_ms,
             key: Some(r.encode_key()),
             value: r.encode_value(),
@@ -503,6 +506,12 @@ mod tests {
         #[test]
         fn batch_roundtrip(records in proptest::collection::vec(arb_record(), 1..8), ts in 0i64..i64::MAX / 2) {
             let batch = encode_batch(&records, ts);
+            // Exactly one batch, whose length field covers the whole buffer (the log stores
+            // one batch per append).
+            let header = spate_engine::batch::BatchHeader::parse(&batch).unwrap();
+            prop_assert_eq!(header.batch_length() as usize + 12, batch.len());
+            prop_assert_eq!(header.base_sequence(), -1);
+            prop_assert_eq!(header.records_count() as usize, records.len());
             prop_assert_eq!(decode_batches(batch).unwrap(), records);
         }
 
