@@ -222,7 +222,12 @@ impl Drop for LogOnPanic {
 
 #[test]
 fn committed_offsets_and_group_metadata_survive_sigkill() {
-    let mut broker = Broker::start_with(&["--flush", "always"]);
+    let mut broker = Broker::start_with(&[
+        "--flush",
+        "always",
+        "--group-initial-rebalance-delay-ms",
+        "200",
+    ]);
     let _log = LogOnPanic(broker.dir.path().join("spate.log"));
     let mut conn = Raw::connect(&broker.addr());
     let fc = conn.call(
@@ -360,7 +365,7 @@ fn committed_offsets_and_group_metadata_survive_sigkill() {
 
 #[test]
 fn stale_generation_and_unknown_member_get_errors_then_recover() {
-    let broker = Broker::start();
+    let broker = Broker::start_with(&["--group-initial-rebalance-delay-ms", "200"]);
     let _log = LogOnPanic(broker.dir.path().join("spate.log"));
     let addr = broker.addr();
     let group = "recovering";

@@ -25,7 +25,7 @@ use super::{
 use crate::dispatch::encode_response;
 use crate::error::NetError;
 use crate::request::{decode_body, Request};
-use crate::shard::{Shard, TopicPartition};
+use crate::shard::Shard;
 
 /// Topics and their partitions named in a request.
 type TopicPartitions = Vec<(String, Vec<i32>)>;
@@ -72,8 +72,7 @@ pub fn start_shard(shard: &Rc<Shard>) {
             continue;
         }
         groups.begin_loading(partition);
-        let tp = TopicPartition::new(OFFSETS_TOPIC, partition);
-        let dir = shard.partition_dir(&tp);
+        let dir = offsets_partition_dir(&shard.config.data_dir, partition);
         let mut log_config = offsets_log_config();
         log_config.flush = shard.config.flush;
         log_config.segment_bytes = shard.config.segment_bytes;
@@ -93,6 +92,13 @@ pub fn start_shard(shard: &Rc<Shard>) {
         })
         .detach();
     }
+}
+
+/// Where a `__consumer_offsets` partition lives: `<data>/__consumer_offsets/<partition>`. User
+/// topics live in `<data>/<topic>-<partition>`, so no topic name can ever share these
+/// directories (not even a user topic called `__consumer_offsets`).
+pub fn offsets_partition_dir(data_dir: &std::path::Path, partition: i32) -> std::path::PathBuf {
+    data_dir.join(OFFSETS_TOPIC).join(partition.to_string())
 }
 
 /// Flushes and closes this shard's `__consumer_offsets` logs (at shutdown).
