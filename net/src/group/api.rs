@@ -67,6 +67,16 @@ pub fn start_shard(shard: &Rc<Shard>) {
     };
     GROUPS.with(|g| *g.borrow_mut() = Some(groups.clone()));
     groups.start_ticker(DEFAULT_TICK_INTERVAL_MS);
+    {
+        // Pending JoinGroups would otherwise hold their connections (and the shutdown, which
+        // drains connections first) until a rebalance timeout.
+        let (shard, groups) = (shard.clone(), groups.clone());
+        glommio::spawn_local(async move {
+            shard.shutdown.changed(0).await;
+            groups.stop_serving();
+        })
+        .detach();
+    }
     for partition in 0..groups.partitions() {
         if shard.router.shard_for(OFFSETS_TOPIC, partition) != shard.id {
             continue;

@@ -141,30 +141,33 @@ impl GroupShard {
         self.coordinator.borrow().is_loaded(partition)
     }
 
-    /// Takes ownership of `partition`: requests for its groups get COORDINATOR_LOAD_IN_PROGRESS
-    /// until this returns. Replays the whole log, then starts the partition's writer task.
+    /// Replays `partition`'s log into the coordinator, then starts the partition's writer task
+    /// and serves its groups. The partition must have been handed over with
+    /// [`Self::begin_loading`]; if it was given up meanwhile (shutdown), the log is closed and
+    /// nothing is served.
     pub async fn load_partition(
         self: &Rc<Self>,
         partition: i32,
         log: Rc<PartitionLog>,
     ) -> Result<(), EngineError> {
-        if !self.coordinator.borrow().is_loading(partition) {
-            self.coordinator.borrow_mut().begin_loading(partition);
-        }
         let mut offset = log.log_start_offset();
         let end = log.log_end_offset();
         let mut records = 0usize;
-        while offset < end {
+        while offset < end && self.coordinator.borrow().is_loading(partition) {
             let read = log.read(offset, LOAD_READ_BYTES).await?;
-            if read.batches.is_empty() {
+            if read.batches.is_empty() || !self.coordinator.borrow().is_loading(partition) {
                 break;
             }
             let now = wall_clock_ms();
             for batch in read.batches {
                 let header = BatchHeader::parse(&batch)?;
                 let next = u64::try_from(header.last_offset() + 1).unwrap_or(u64::MAX);
-                assert!(next > offset || next >= end, "load makes progress");
-                offset = offset.max(next);
+                if next <= offset {
+                    tracing::error!(partition, offset, next, "__consumer_offsets read went backwards; load stops here");
+                    offset = end;
+                    break;
+                }
+                offset = next;
                 match decode_batches(batch.clone()) {
                     Ok(decoded) => {
                         let mut c = self.coordinator.borrow_mut();
@@ -180,6 +183,10 @@ impl GroupShard {
                     }
                 }
             }
+        }
+        if !self.coordinator.borrow().is_loading(partition) {
+            tracing::info!(partition, "__consumer_offsets partition given up while loading");
+            return log.close().await;
         }
         let queue = Rc::new(WriteQueue::default());
         let writer = glommio::spawn_local(write_loop(partition, log.clone(), queue.clone()));
@@ -199,6 +206,18 @@ impl GroupShard {
     /// COORDINATOR_LOAD_IN_PROGRESS (retriable) rather than NOT_COORDINATOR meanwhile.
     pub fn begin_loading(&self, partition: i32) {
         self.coordinator.borrow_mut().begin_loading(partition);
+    }
+
+    /// Stops serving groups (broker shutdown): every pending JoinGroup and SyncGroup is
+    /// answered with NOT_COORDINATOR at once, so connections can drain without waiting for a
+    /// rebalance timeout, and later requests get NOT_COORDINATOR. Writes already queued still
+    /// complete; [`Self::close`] closes the logs afterwards.
+    pub fn stop_serving(&self) {
+        let partitions = self.coordinator.borrow().owned_partitions();
+        for partition in partitions {
+            self.coordinator.borrow_mut().unload(partition);
+        }
+        self.dispatch_effects();
     }
 
     /// Lets queued writes finish, then closes every partition log (flush and recovery point).
