@@ -163,7 +163,12 @@ impl GroupShard {
                 let header = BatchHeader::parse(&batch)?;
                 let next = u64::try_from(header.last_offset() + 1).unwrap_or(u64::MAX);
                 if next <= offset {
-                    tracing::error!(partition, offset, next, "__consumer_offsets read went backwards; load stops here");
+                    tracing::error!(
+                        partition,
+                        offset,
+                        next,
+                        "__consumer_offsets read went backwards; load stops here"
+                    );
                     offset = end;
                     break;
                 }
@@ -185,7 +190,10 @@ impl GroupShard {
             }
         }
         if !self.coordinator.borrow().is_loading(partition) {
-            tracing::info!(partition, "__consumer_offsets partition given up while loading");
+            tracing::info!(
+                partition,
+                "__consumer_offsets partition given up while loading"
+            );
             return log.close().await;
         }
         let queue = Rc::new(WriteQueue::default());
