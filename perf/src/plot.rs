@@ -239,7 +239,10 @@ mod tests {
             let back = load_summary(&path).unwrap();
             assert_eq!(back.label, run.label);
             assert_eq!(back.latency.samples, 1000);
-            assert_eq!(back.latency.distribution.len(), run.latency.distribution.len());
+            assert_eq!(
+                back.latency.distribution.len(),
+                run.latency.distribution.len()
+            );
             runs.push(back);
         }
         let svg = dir.path().join("chart.svg");

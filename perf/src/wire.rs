@@ -316,4 +316,37 @@ mod tests {
         assert!(matches!(err, PerfError::Connect { .. }), "{err}");
         assert!(started.elapsed() < Duration::from_millis(CONNECT_TIMEOUT_MS + 1_000));
     }
+
+    #[test]
+    fn silent_broker_is_an_error_not_a_hang() {
+        // Accepts the connection, then never answers ApiVersions.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let hold = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+        let err = Connection::connect(&addr, Duration::from_millis(200))
+            .err()
+            .expect("no reply must fail");
+        assert!(matches!(err, PerfError::Io { .. }), "{err}");
+        drop(hold.join());
+    }
+
+    #[test]
+    fn oversized_reply_frame_is_refused_before_allocating() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(&i32::MAX.to_be_bytes()).unwrap();
+            s
+        });
+        let stream = TcpStream::connect(addr).unwrap();
+        let mut reader = FrameReader {
+            stream,
+            addr: addr.to_string(),
+            buf: BytesMut::new(),
+        };
+        let err = reader.read_frame(MAX_CONTROL_FRAME_BYTES).unwrap_err();
+        assert!(err.to_string().contains("exceeds"), "{err}");
+        drop(server.join());
+    }
 }
