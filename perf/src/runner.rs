@@ -648,6 +648,15 @@ fn run_consume(cfg: &RunConfig, plan: &[Assignment], layout: &TopicLayout) -> Re
 }
 
 fn run_e2e(cfg: &RunConfig, plan: &[Assignment], layout: &TopicLayout) -> Result<RunSummary> {
+    // Each consumer reads what its own producer writes; a shared partition would be read twice.
+    let mut seen = std::collections::HashSet::new();
+    if !plan.iter().flat_map(|a| &a.partitions).all(|p| seen.insert(*p)) {
+        return Err(PerfError::Args(format!(
+            "e2e needs at least as many partitions as connections (topic {} has {})",
+            layout.topic,
+            layout.leaders.len()
+        )));
+    }
     let mut consumers = Vec::with_capacity(plan.len());
     for assignment in plan {
         let mut conn = Connection::connect(&assignment.addr, cfg.request_timeout)?;
