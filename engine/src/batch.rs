@@ -169,3 +169,29 @@ pub fn stamp(batch: &mut [u8], base_offset: i64, leader_epoch: i32) {
     batch[BASE_OFFSET..BASE_OFFSET + 8].copy_from_slice(&base_offset.to_be_bytes());
     batch[LEADER_EPOCH..LEADER_EPOCH + 4].copy_from_slice(&leader_epoch.to_be_bytes());
 }
+
+/// Builds a well-formed RecordBatch v2 with an opaque records section, for tests and benches
+/// (the engine never looks inside records). The CRC is valid; base offset and epoch are zero.
+pub fn build_batch(
+    records: &[u8],
+    records_count: i32,
+    base_timestamp: i64,
+    max_timestamp: i64,
+) -> Vec<u8> {
+    let mut b = vec![0u8; BATCH_HEADER_BYTES];
+    b.extend_from_slice(records);
+    let total = b.len();
+    b[BATCH_LENGTH..BATCH_LENGTH + 4].copy_from_slice(&((total - 12) as i32).to_be_bytes());
+    b[MAGIC] = MAGIC_V2 as u8;
+    b[LAST_OFFSET_DELTA..LAST_OFFSET_DELTA + 4]
+        .copy_from_slice(&(records_count.max(1) - 1).to_be_bytes());
+    b[BASE_TIMESTAMP..BASE_TIMESTAMP + 8].copy_from_slice(&base_timestamp.to_be_bytes());
+    b[MAX_TIMESTAMP..MAX_TIMESTAMP + 8].copy_from_slice(&max_timestamp.to_be_bytes());
+    b[PRODUCER_ID..PRODUCER_ID + 8].copy_from_slice(&(-1i64).to_be_bytes());
+    b[PRODUCER_EPOCH..PRODUCER_EPOCH + 2].copy_from_slice(&(-1i16).to_be_bytes());
+    b[BASE_SEQUENCE..BASE_SEQUENCE + 4].copy_from_slice(&(-1i32).to_be_bytes());
+    b[RECORDS_COUNT..RECORDS_COUNT + 4].copy_from_slice(&records_count.to_be_bytes());
+    let crc = crc32c::crc32c(&b[CRC_COVERED_START..]);
+    b[CRC..CRC + 4].copy_from_slice(&crc.to_be_bytes());
+    b
+}

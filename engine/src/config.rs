@@ -8,7 +8,10 @@ pub enum FlushPolicy {
     Always,
     /// fdatasync every `interval_ms` milliseconds or every `interval_bytes` appended bytes,
     /// whichever comes first.
-    Interval { interval_ms: u64, interval_bytes: u64 },
+    Interval {
+        interval_ms: u64,
+        interval_bytes: u64,
+    },
     /// Never fdatasync except on close (the OS and the disk decide).
     Never,
 }

@@ -3,12 +3,31 @@
 //! No networking and no Kafka request types live here. A [`PartitionLog`] belongs to one glommio
 //! executor (shard); it is `!Send` and every method takes `&self`, so many tasks of that shard may
 //! append and read concurrently.
+//!
+//! Layout: `log.rs` (the API and the append/read paths), `writer.rs` (direct-I/O write-behind),
+//! `frame.rs` (the on-disk frame header), `segment.rs` and `index.rs` (segment files and their
+//! sparse indexes), `recovery.rs` (open), `truncate.rs` (truncation and retention),
+//! `checkpoint.rs` (the recovery-point file), `cache.rs` (the per-shard batch cache).
 
 pub mod batch;
+mod cache;
+mod checkpoint;
 mod config;
 mod error;
+pub mod frame;
+mod index;
 mod log;
+mod recovery;
+mod segment;
+mod signal;
+mod truncate;
+mod writer;
 
+pub use cache::{set_shard_cache_bytes, shard_cache_used_bytes, DEFAULT_SHARD_CACHE_BYTES};
+pub use checkpoint::RECOVERY_POINT_FILE;
 pub use config::{FlushPolicy, LogConfig};
 pub use error::EngineError;
-pub use log::{AppendInfo, PartitionLog, ReadResult};
+pub use log::{
+    AppendInfo, PartitionLog, ReadResult, CHECKPOINT_INTERVAL_MS, MAX_FRAME_PAYLOAD_BYTES,
+};
+pub use writer::{MAX_INFLIGHT_WRITES, PAGE_BYTES, WRITE_BUF_BYTES};

@@ -1,12 +1,31 @@
-//! The partition log API. (skeleton: signatures agreed between engine and net; the engine
-//! branch implements them.)
-#![allow(unused_variables, dead_code)]
+//! The partition log: appends, group commit, reads, truncation, retention and epochs over a
+//! directory of segments. Opening and recovery live in `recovery.rs`.
 
-use std::path::Path;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use glommio::io::DmaFile;
+use glommio::sync::Semaphore;
 
-use crate::{EngineError, LogConfig};
+use crate::batch::{self, BatchHeader};
+use crate::checkpoint::{self, RecoveryPoint};
+use crate::frame::{decode_frame, frame_len, FrameError, FrameHeader, FRAME_HEADER_BYTES};
+use crate::segment::{self, io_err, Segment};
+use crate::signal::Signal;
+use crate::writer::{WriteJob, Writer, MAX_INFLIGHT_WRITES, PAGE_BYTES};
+use crate::{cache, EngineError, FlushPolicy, LogConfig};
+
+/// Largest single disk read a fetch issues (beyond one batch that is larger).
+pub const MAX_READ_BYTES: usize = 8 << 20;
+/// The recovery-point file is rewritten after a sync at most this often (and on roll, truncate,
+/// retention and close).
+pub const CHECKPOINT_INTERVAL_MS: u64 = 5_000;
+/// Hard ceiling for `max_batch_bytes` and for any frame length read back from disk.
+pub const MAX_FRAME_PAYLOAD_BYTES: usize = 64 << 20;
 
 /// Where an appended batch landed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,65 +44,782 @@ pub struct ReadResult {
     pub log_end_offset: u64,
 }
 
-pub struct PartitionLog {}
+/// A batch appended but not yet written to disk: reads are served from here meanwhile.
+pub(crate) struct Pending {
+    pub base: u64,
+    pub last: u64,
+    pub end_pos: u64,
+    pub bytes: Bytes,
+}
+
+pub(crate) struct State {
+    pub segments: BTreeMap<u64, Segment>,
+    pub log_start: u64,
+    pub log_end: u64,
+    pub durable: u64,
+    /// Position in the active segment matching `durable`.
+    pub durable_pos: u64,
+    /// (leader epoch, start offset), both strictly ascending.
+    pub epochs: Vec<(i32, u64)>,
+    pub checkpoint: RecoveryPoint,
+    pub last_checkpoint: Instant,
+    pub writer: Writer,
+    pub pending: VecDeque<Pending>,
+    pub failed: Option<String>,
+    pub busy: bool,
+    pub closed: bool,
+    pub sync_scheduled: bool,
+    pub bytes_since_sync: u64,
+}
+
+impl State {
+    pub fn active(&self) -> &Segment {
+        self.segments
+            .values()
+            .next_back()
+            .expect("a log has an active segment")
+    }
+    pub fn active_mut(&mut self) -> &mut Segment {
+        self.segments
+            .values_mut()
+            .next_back()
+            .expect("a log has an active segment")
+    }
+    pub(crate) fn fail(&mut self, reason: String) {
+        tracing::error!(%reason, "partition log failed");
+        self.failed.get_or_insert(reason);
+    }
+}
+
+pub(crate) struct Inner {
+    pub dir: PathBuf,
+    pub config: LogConfig,
+    pub log_id: u64,
+    pub state: RefCell<State>,
+    pub signal: Signal,
+    /// Serialises the operations that change the segment structure or sync (roll, sync,
+    /// truncate, retention, close). Appends and reads never take it.
+    pub lock: Semaphore,
+}
+
+/// A partition log on one shard. `!Send`; every method takes `&self`.
+pub struct PartitionLog {
+    pub(crate) inner: Rc<Inner>,
+}
+
+impl Inner {
+    pub(crate) fn check(&self, st: &State) -> Result<(), EngineError> {
+        if st.closed {
+            return Err(EngineError::Closed);
+        }
+        if let Some(reason) = &st.failed {
+            return Err(EngineError::Io {
+                path: self.dir.clone(),
+                source: std::io::Error::other(reason.clone()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Starts the sealed write jobs of the active segment.
+    /// Starts the sealed write jobs of the active segment. Never called with the state
+    /// borrowed: a spawned task may run before `spawn_local` returns.
+    pub(crate) fn start_jobs(self: &Rc<Self>) {
+        let (file, jobs) = {
+            let mut st = self.state.borrow_mut();
+            if st.writer.ready.is_empty() {
+                return;
+            }
+            let jobs: Vec<WriteJob> = st.writer.ready.drain(..).collect();
+            (st.active().file.clone(), jobs)
+        };
+        for job in jobs {
+            let inner = self.clone();
+            let file = file.clone();
+            glommio::spawn_local(async move { inner.run_write(file, job).await }).detach();
+        }
+    }
+
+    async fn run_write(self: Rc<Self>, file: Rc<DmaFile>, job: WriteJob) {
+        if let Some(prev) = job.wait_for {
+            self.signal
+                .wait_until(|| self.state.borrow().writer.is_done(prev))
+                .await;
+        }
+        let len = job.buf.len();
+        let buf = Rc::new(job.buf);
+        let res = file.write_rc_at(buf.clone(), job.pos).await;
+        {
+            let mut st = self.state.borrow_mut();
+            match res {
+                Ok(n) if n == len => {}
+                Ok(n) => st.fail(format!("short write of {n}/{len} bytes at {}", job.pos)),
+                Err(e) => st.fail(format!("write at {}: {e}", job.pos)),
+            }
+            st.writer.complete(job.id, Rc::try_unwrap(buf).ok());
+            let written = st.writer.written_pos;
+            while st.pending.front().is_some_and(|p| p.end_pos <= written) {
+                st.pending.pop_front();
+            }
+        }
+        self.signal.notify_all();
+    }
+
+    /// Waits until every sealed write of the active segment has completed.
+    pub(crate) async fn wait_writes_idle(&self) {
+        self.signal
+            .wait_until(|| self.state.borrow().writer.idle())
+            .await;
+    }
+
+    /// One group commit: seals what was appended so far, waits for those writes, fdatasyncs.
+    /// Caller holds `lock`.
+    async fn sync_once(self: &Rc<Self>) -> Result<(), EngineError> {
+        let (target_offset, target_pos, file, path) = {
+            let mut st = self.state.borrow_mut();
+            self.check(&st)?;
+            st.sync_scheduled = false;
+            st.bytes_since_sync = 0;
+            st.writer.seal_partial();
+            let a = st.active();
+            (st.log_end, a.size, a.file.clone(), a.path.clone())
+        };
+        self.start_jobs();
+        self.signal
+            .wait_until(|| {
+                let st = self.state.borrow();
+                st.writer.written_pos >= target_pos || st.failed.is_some()
+            })
+            .await;
+        self.check(&self.state.borrow())?;
+        if let Err(e) = file.fdatasync().await {
+            // A failed fdatasync may have dropped dirty pages: the log cannot be trusted anymore.
+            self.state.borrow_mut().fail(format!("fdatasync: {e}"));
+            return Err(io_err(&path)(e));
+        }
+        let checkpoint_due = {
+            let mut st = self.state.borrow_mut();
+            assert!(target_offset <= st.log_end);
+            st.durable = st.durable.max(target_offset);
+            st.durable_pos = target_pos;
+            st.last_checkpoint.elapsed() >= Duration::from_millis(CHECKPOINT_INTERVAL_MS)
+        };
+        self.signal.notify_all();
+        if checkpoint_due {
+            self.write_checkpoint_at(target_offset, target_pos)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the recovery point at (offset, position in the active segment).
+    pub(crate) fn write_checkpoint_at(
+        &self,
+        offset: u64,
+        position: u64,
+    ) -> Result<(), EngineError> {
+        let base = self.state.borrow().active().base;
+        self.write_checkpoint(offset, base, position)
+    }
+
+    pub(crate) fn write_checkpoint(
+        &self,
+        offset: u64,
+        segment_base: u64,
+        position: u64,
+    ) -> Result<(), EngineError> {
+        let rp = {
+            let st = self.state.borrow();
+            RecoveryPoint {
+                offset,
+                segment_base,
+                position,
+                epochs: st
+                    .epochs
+                    .iter()
+                    .copied()
+                    .filter(|(_, s)| *s < offset)
+                    .collect(),
+            }
+        };
+        checkpoint::write(&self.dir, &rp)?;
+        let mut st = self.state.borrow_mut();
+        st.checkpoint = rp;
+        st.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    pub(crate) async fn sync_to(self: &Rc<Self>, end_offset: u64) -> Result<(), EngineError> {
+        loop {
+            {
+                let st = self.state.borrow();
+                self.check(&st)?;
+                if st.durable >= end_offset.min(st.log_end) {
+                    return Ok(());
+                }
+            }
+            let _permit = self
+                .lock
+                .acquire_permit(1)
+                .await
+                .map_err(|_| EngineError::Closed)?;
+            {
+                let st = self.state.borrow();
+                self.check(&st)?;
+                if st.durable >= end_offset.min(st.log_end) {
+                    return Ok(());
+                }
+            }
+            self.sync_once().await?;
+        }
+    }
+
+    /// Starts a background group commit (the caller has set `sync_scheduled`).
+    fn spawn_sync(self: &Rc<Self>) {
+        let inner = self.clone();
+        glommio::spawn_local(async move {
+            let end = inner.state.borrow().log_end;
+            if let Err(e) = inner.sync_to(end).await {
+                tracing::debug!(error = %e, "background sync failed");
+            }
+        })
+        .detach();
+    }
+
+    /// Seals the active segment and starts a new one at the log end. `expected_active` guards
+    /// against rolling twice when several appenders decide to roll at once.
+    async fn roll(self: &Rc<Self>, expected_active: u64) -> Result<(), EngineError> {
+        let _permit = self
+            .lock
+            .acquire_permit(1)
+            .await
+            .map_err(|_| EngineError::Closed)?;
+        {
+            let mut st = self.state.borrow_mut();
+            self.check(&st)?;
+            if st.active().base != expected_active {
+                return Ok(());
+            }
+            st.busy = true;
+        }
+        let result = self.roll_locked().await;
+        self.state.borrow_mut().busy = false;
+        self.signal.notify_all();
+        result
+    }
+
+    async fn roll_locked(self: &Rc<Self>) -> Result<(), EngineError> {
+        {
+            let mut st = self.state.borrow_mut();
+            st.writer.seal_partial();
+        }
+        self.start_jobs();
+        self.wait_writes_idle().await;
+        let (file, path, size) = {
+            let st = self.state.borrow();
+            self.check(&st)?;
+            let a = st.active();
+            (a.file.clone(), a.path.clone(), a.size)
+        };
+        // Sealed segments have their exact data length as file size: recovery and reads rely
+        // on it, and the pre-allocated tail is given back.
+        file.truncate(size).await.map_err(io_err(&path))?;
+        file.fdatasync().await.map_err(io_err(&path))?;
+        self.state.borrow().active().write_index_files(&self.dir)?;
+        let base = self.state.borrow().log_end;
+        let new_path = segment::log_path(&self.dir, base);
+        let new_file = segment::open_file(&new_path).await?;
+        new_file
+            .pre_allocate(self.config.segment_bytes, true)
+            .await
+            .map_err(io_err(&new_path))?;
+        checkpoint::sync_dir(&self.dir)?;
+        {
+            let mut st = self.state.borrow_mut();
+            st.durable = st.log_end;
+            st.durable_pos = 0;
+            st.pending.clear();
+            st.writer = Writer::new(0, &[]);
+            st.segments
+                .insert(base, Segment::new(base, new_file, new_path));
+        }
+        tracing::debug!(dir = ?self.dir, base, "rolled segment");
+        self.write_checkpoint_at(base, 0)
+    }
+}
 
 impl PartitionLog {
     /// Opens (creating if missing) the log in `dir` and recovers it.
     pub async fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<Self, EngineError> {
-        todo!()
+        crate::recovery::open(dir.as_ref(), config).await
     }
+
     /// Appends one RecordBatch v2; stamps base offset and leader epoch. Returns once the batch
     /// is readable; durability is awaited separately with [`Self::sync_to`].
     pub async fn append(&self, batch: Bytes, leader_epoch: i32) -> Result<AppendInfo, EngineError> {
-        todo!()
+        let inner = &self.inner;
+        let (payload_len, last_delta, max_ts) = {
+            let h = BatchHeader::parse(&batch)?;
+            (batch.len(), h.last_offset_delta() as u64, h.max_timestamp())
+        };
+        if payload_len > inner.config.max_batch_bytes as usize {
+            return Err(EngineError::BatchTooLarge {
+                size: payload_len,
+                limit: inner.config.max_batch_bytes as usize,
+            });
+        }
+        let flen = frame_len(payload_len) as u64;
+        // Unique buffers are stamped in place; shared ones are copied once.
+        let mut batch = batch
+            .try_into_mut()
+            .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+        loop {
+            let roll_from = {
+                let st = inner.state.borrow();
+                inner.check(&st)?;
+                if st.busy || st.writer.inflight() >= MAX_INFLIGHT_WRITES {
+                    None
+                } else {
+                    let a = st.active();
+                    let full = a.size > 0 && a.size + flen > inner.config.segment_bytes;
+                    let old = a.size > 0
+                        && inner
+                            .config
+                            .segment_ms
+                            .is_some_and(|ms| segment::now_ms() - a.opened_ms >= ms as i64);
+                    if full || old {
+                        Some(a.base)
+                    } else {
+                        break;
+                    }
+                }
+            };
+            match roll_from {
+                Some(base) => inner.roll(base).await?,
+                None => {
+                    inner
+                        .signal
+                        .wait_until(|| {
+                            let st = inner.state.borrow();
+                            st.closed
+                                || st.failed.is_some()
+                                || (!st.busy && st.writer.inflight() < MAX_INFLIGHT_WRITES)
+                        })
+                        .await
+                }
+            }
+        }
+        // From here to the end nothing awaits: offsets are assigned and the frame is buffered
+        // atomically with respect to other tasks of this shard.
+        let mut guard = inner.state.borrow_mut();
+        let st = &mut *guard;
+        let base = st.log_end;
+        let last = base + last_delta;
+        batch::stamp(&mut batch, base as i64, leader_epoch);
+        let batch = batch.freeze();
+        let header = FrameHeader::encode(base, max_ts, last_delta as u32, leader_epoch, &batch);
+        st.writer.push(Some(&header), header.len());
+        st.writer.push(Some(&batch), batch.len());
+        st.writer
+            .push(None, flen as usize - FRAME_HEADER_BYTES - batch.len());
+        let interval = inner.config.index_interval_bytes;
+        let seg = st.active_mut();
+        seg.record_frame(base, last, max_ts, flen, interval);
+        let end_pos = seg.size;
+        assert_eq!(
+            end_pos,
+            st.writer.end(),
+            "segment size matches the write-behind end"
+        );
+        if st.epochs.last().is_none_or(|(e, _)| leader_epoch > *e) {
+            st.epochs.push((leader_epoch, base));
+        }
+        st.pending.push_back(Pending {
+            base,
+            last,
+            end_pos,
+            bytes: batch.clone(),
+        });
+        cache::insert(inner.log_id, base, last, batch);
+        st.log_end = last + 1;
+        let want_sync = match inner.config.flush {
+            FlushPolicy::Always => true,
+            FlushPolicy::Interval { interval_bytes, .. } => {
+                st.bytes_since_sync += flen;
+                st.bytes_since_sync >= interval_bytes
+            }
+            FlushPolicy::Never => false,
+        };
+        let spawn_sync = want_sync && !st.sync_scheduled;
+        st.sync_scheduled |= want_sync;
+        drop(guard);
+        inner.start_jobs();
+        if spawn_sync {
+            inner.spawn_sync();
+        }
+        Ok(AppendInfo {
+            base_offset: base,
+            last_offset: last,
+            max_timestamp: max_ts,
+        })
     }
+
     /// Resolves once every offset `< end_offset` is durable (group commit: joins the fdatasync in
-    /// flight or starts one), whatever the flush policy.
+    /// flight or starts one), whatever the flush policy. Offsets past the log end are not waited
+    /// for.
     pub async fn sync_to(&self, end_offset: u64) -> Result<(), EngineError> {
-        todo!()
+        self.inner.sync_to(end_offset).await
     }
+
     /// Whole batches from the one containing `offset`, up to `max_bytes` (at least one batch if
     /// any exists at or after `offset`, even if larger than `max_bytes`).
     pub async fn read(&self, offset: u64, max_bytes: usize) -> Result<ReadResult, EngineError> {
-        todo!()
+        let inner = &self.inner;
+        {
+            let st = inner.state.borrow();
+            inner.check(&st)?;
+            if offset < st.log_start || offset > st.log_end {
+                return Err(EngineError::OffsetOutOfRange {
+                    offset,
+                    log_start: st.log_start,
+                    log_end: st.log_end,
+                });
+            }
+        }
+        let mut batches: Vec<Bytes> = Vec::new();
+        let mut total = 0usize;
+        let mut next = offset;
+        loop {
+            if !batches.is_empty() && total >= max_bytes {
+                break;
+            }
+            let found = {
+                let st = inner.state.borrow();
+                if next >= st.log_end || next < st.log_start {
+                    break;
+                }
+                find_in_memory(&st, inner.log_id, next)
+            };
+            if let Some((last, bytes)) = found {
+                if !batches.is_empty() && total + bytes.len() > max_bytes {
+                    break;
+                }
+                total += bytes.len();
+                batches.push(bytes);
+                next = last + 1;
+                continue;
+            }
+            let budget = max_bytes.saturating_sub(total);
+            let got = self.read_disk(next, budget, batches.is_empty()).await?;
+            if got.is_empty() {
+                break;
+            }
+            let mut stop = false;
+            for (last, bytes) in got {
+                if !batches.is_empty() && total + bytes.len() > max_bytes {
+                    stop = true;
+                    break;
+                }
+                total += bytes.len();
+                batches.push(bytes);
+                next = last + 1;
+            }
+            if stop {
+                break;
+            }
+        }
+        let st = inner.state.borrow();
+        Ok(ReadResult {
+            batches,
+            log_start_offset: st.log_start,
+            log_end_offset: st.log_end,
+        })
     }
+
+    /// Batches from disk starting with the one containing `offset`, about `budget` bytes worth
+    /// (at least one if `need_one`), as (last offset, bytes) sliced from one copy of the read.
+    async fn read_disk(
+        &self,
+        offset: u64,
+        budget: usize,
+        need_one: bool,
+    ) -> Result<Vec<(u64, Bytes)>, EngineError> {
+        let inner = &self.inner;
+        let (file, path, mut pos, limit) = {
+            let st = inner.state.borrow();
+            let Some(seg) = st.segments.range(..=offset).next_back().map(|(_, s)| s) else {
+                return Ok(Vec::new());
+            };
+            if offset >= seg.next_offset {
+                return Ok(Vec::new());
+            }
+            let is_active = seg.base == st.active().base;
+            let limit = if is_active {
+                st.writer.written_pos.min(seg.size)
+            } else {
+                seg.size
+            };
+            (
+                seg.file.clone(),
+                seg.path.clone(),
+                seg.index.position_for(offset) as u64,
+                limit,
+            )
+        };
+        let cap = max_payload(&inner.config);
+        let mut want = budget
+            .saturating_add(inner.config.index_interval_bytes as usize + 2 * PAGE_BYTES)
+            .min(MAX_READ_BYTES);
+        loop {
+            if pos >= limit {
+                return Ok(Vec::new());
+            }
+            let len = (want as u64).min(limit - pos) as usize;
+            let rr = file.read_at(pos, len).await.map_err(io_err(&path))?;
+            let mut out_ranges: Vec<(u64, usize, usize)> = Vec::new();
+            let mut p = 0usize;
+            let mut taken = 0usize;
+            let mut retry_at = None;
+            while p < rr.len() {
+                match decode_frame(&rr[p..], None, cap) {
+                    Ok(f) => {
+                        let (last, flen) = (f.last_offset(), f.len);
+                        if last >= offset {
+                            if !out_ranges.is_empty() && taken + f.payload.len() > budget {
+                                break;
+                            }
+                            let start = p + FRAME_HEADER_BYTES;
+                            out_ranges.push((last, start, start + f.payload.len()));
+                            taken += f.payload.len();
+                            if taken >= budget && !need_one {
+                                break;
+                            }
+                            if taken >= budget {
+                                break;
+                            }
+                        }
+                        p += flen;
+                    }
+                    Err(FrameError::Incomplete { need }) => {
+                        if out_ranges.is_empty() {
+                            if pos + p as u64 + need as u64 > limit {
+                                return Err(EngineError::Corrupt {
+                                    path,
+                                    position: pos + p as u64,
+                                    reason: "frame runs past the written data".into(),
+                                });
+                            }
+                            retry_at = Some((pos + p as u64, need));
+                        }
+                        break;
+                    }
+                    Err(FrameError::Invalid(reason)) => {
+                        if !out_ranges.is_empty() {
+                            break;
+                        }
+                        return Err(EngineError::Corrupt {
+                            path,
+                            position: pos + p as u64,
+                            reason,
+                        });
+                    }
+                }
+            }
+            if let Some((at, need)) = retry_at {
+                pos = at;
+                want = need.max(want);
+                continue;
+            }
+            let Some(&(_, first, _)) = out_ranges.first() else {
+                return Ok(Vec::new());
+            };
+            let end = out_ranges.last().map(|r| r.2).expect("non-empty");
+            // The one copy out of the DMA read buffer (which is tied to this executor's
+            // reactor, so it cannot travel inside a `Send` Bytes); every batch is a slice of it.
+            let chunk = Bytes::copy_from_slice(&rr[first..end]);
+            return Ok(out_ranges
+                .into_iter()
+                .map(|(last, s, e)| (last, chunk.slice(s - first..e - first)))
+                .collect());
+        }
+    }
+
     pub fn log_start_offset(&self) -> u64 {
-        todo!()
+        self.inner.state.borrow().log_start
     }
+
     /// The next offset to assign.
     pub fn log_end_offset(&self) -> u64 {
-        todo!()
+        self.inner.state.borrow().log_end
     }
+
     /// Every offset below this is on disk.
     pub fn durable_offset(&self) -> u64 {
-        todo!()
+        self.inner.state.borrow().durable
     }
+
+    /// The offset below which the log is checkpointed as durable and valid (recovery scans
+    /// from here; corruption below it is reported, never truncated).
+    pub fn recovery_point(&self) -> u64 {
+        self.inner.state.borrow().checkpoint.offset
+    }
+
+    /// Syncs and writes the recovery point at the current log end.
+    pub async fn checkpoint(&self) -> Result<(), EngineError> {
+        let end = self.log_end_offset();
+        self.sync_to(end).await?;
+        let _permit = self
+            .inner
+            .lock
+            .acquire_permit(1)
+            .await
+            .map_err(|_| EngineError::Closed)?;
+        let (offset, pos) = {
+            let st = self.inner.state.borrow();
+            self.inner.check(&st)?;
+            (st.durable, st.durable_pos)
+        };
+        self.inner.write_checkpoint_at(offset, pos)
+    }
+
     /// First offset whose batch max timestamp is `>= timestamp_ms`, with that timestamp.
     pub async fn offset_for_timestamp(
         &self,
         timestamp_ms: i64,
     ) -> Result<Option<(u64, i64)>, EngineError> {
-        todo!()
+        let start = {
+            let st = self.inner.state.borrow();
+            self.inner.check(&st)?;
+            let Some(seg) = st
+                .segments
+                .values()
+                .find(|s| s.max_timestamp >= timestamp_ms && s.next_offset > s.base)
+            else {
+                return Ok(None);
+            };
+            let pos = seg.index.position_for_timestamp(timestamp_ms);
+            seg.index
+                .entries
+                .iter()
+                .find(|e| e.position == pos)
+                .map(|e| e.offset)
+                .unwrap_or(seg.base)
+                .max(st.log_start)
+        };
+        let mut next = start;
+        loop {
+            let r = match self.read(next, 1 << 20).await {
+                Ok(r) => r,
+                Err(EngineError::OffsetOutOfRange { .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if r.batches.is_empty() {
+                return Ok(None);
+            }
+            for b in &r.batches {
+                let h = BatchHeader::parse(b)?;
+                if h.max_timestamp() >= timestamp_ms {
+                    return Ok(Some((h.base_offset() as u64, h.max_timestamp())));
+                }
+                next = h.last_offset() as u64 + 1;
+            }
+        }
     }
-    /// Removes every batch at or after `offset` (which must be a batch boundary or the end).
+
+    /// Removes every batch at or after `offset`. If `offset` falls inside a batch, that whole
+    /// batch goes too (the log end becomes its base offset).
     pub async fn truncate_to(&self, offset: u64) -> Result<(), EngineError> {
-        todo!()
+        crate::truncate::truncate_to(&self.inner, offset).await
     }
+
     /// Kafka OffsetsForLeaderEpoch: the largest epoch `<= epoch` in the log and its end offset
     /// (the start of the next higher epoch, or the log end). None if the log has no such epoch.
     pub fn end_offset_for_epoch(&self, epoch: i32) -> Option<(i32, u64)> {
-        todo!()
+        let st = self.inner.state.borrow();
+        let i = st.epochs.partition_point(|(e, _)| *e <= epoch);
+        if i == 0 {
+            return None;
+        }
+        let end = st.epochs.get(i).map(|(_, s)| *s).unwrap_or(st.log_end);
+        Some((st.epochs[i - 1].0, end))
     }
+
     /// Deletes whole segments past the size or age limits; returns the new log start offset.
     pub async fn apply_retention(&self, now_ms: i64) -> Result<u64, EngineError> {
-        todo!()
+        crate::truncate::apply_retention(&self.inner, now_ms).await
     }
+
     /// Flushes everything and writes the recovery point.
     pub async fn close(&self) -> Result<(), EngineError> {
-        todo!()
+        let inner = &self.inner;
+        let _permit = inner
+            .lock
+            .acquire_permit(1)
+            .await
+            .map_err(|_| EngineError::Closed)?;
+        {
+            let mut st = inner.state.borrow_mut();
+            if st.closed {
+                return Ok(());
+            }
+            st.busy = true;
+        }
+        let result = async {
+            inner.sync_once().await?;
+            inner.wait_writes_idle().await;
+            let (end, pos) = {
+                let st = inner.state.borrow();
+                inner.check(&st)?;
+                st.active().write_index_files(&inner.dir)?;
+                (st.log_end, st.active().size)
+            };
+            inner.write_checkpoint_at(end, pos)
+        }
+        .await;
+        {
+            let mut st = inner.state.borrow_mut();
+            st.closed = true;
+            st.busy = false;
+            st.pending.clear();
+        }
+        cache::forget(inner.log_id);
+        inner.signal.notify_all();
+        result
     }
+
     /// Closes the log and removes its directory (topic deletion).
     pub async fn delete(&self) -> Result<(), EngineError> {
-        todo!()
+        let closed = self.close().await;
+        if let Err(e) = &closed {
+            tracing::warn!(error = %e, "closing a log before deleting it failed");
+        }
+        std::fs::remove_dir_all(&self.inner.dir).map_err(segment::std_io_err(&self.inner.dir))
     }
+
+    /// The directory this log lives in.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+}
+
+impl Drop for PartitionLog {
+    fn drop(&mut self) {
+        cache::forget(self.inner.log_id);
+    }
+}
+
+pub(crate) fn max_payload(config: &LogConfig) -> usize {
+    (config.segment_bytes as usize).min(MAX_FRAME_PAYLOAD_BYTES)
+}
+
+/// The batch containing `offset` if it is still in memory: not yet written, or cached.
+fn find_in_memory(st: &State, log_id: u64, offset: u64) -> Option<(u64, Bytes)> {
+    if st.pending.front().is_some_and(|p| p.base <= offset) {
+        let i = st.pending.partition_point(|p| p.last < offset);
+        if let Some(p) = st.pending.get(i) {
+            if p.base <= offset {
+                return Some((p.last, p.bytes.clone()));
+            }
+        }
+    }
+    cache::get(log_id, offset).map(|(_, last, b)| (last, b))
 }

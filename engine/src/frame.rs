@@ -1,0 +1,163 @@
+//! The on-disk frame: a fixed-size rkyv-archived header in front of every stored batch.
+//!
+//! The header is read in place (no deserialisation) and carries everything recovery and reads need
+//! without touching the Kafka batch: its length, offset span, max timestamp and leader epoch, and a
+//! CRC-32C over the header fields and the payload. Frames start on 8-byte boundaries (the payload
+//! is zero-padded) so the archived header is always aligned where it lies in a DMA buffer.
+
+use rkyv::{rancor, Archive, Serialize};
+
+use crate::batch::{BatchHeader, BATCH_HEADER_BYTES};
+
+/// Bytes of an archived [`FrameHeader`].
+pub const FRAME_HEADER_BYTES: usize = 32;
+/// Every frame starts at a multiple of this many bytes within its segment.
+pub const FRAME_ALIGN: usize = 8;
+/// Bytes of the header covered by the CRC (every field before `crc`).
+const CRC_COVERED_HEADER_BYTES: usize = 28;
+
+#[derive(Archive, Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct FrameHeader {
+    pub base_offset: u64,
+    pub max_timestamp: i64,
+    pub payload_len: u32,
+    pub last_offset_delta: u32,
+    pub leader_epoch: i32,
+    /// CRC-32C over the 28 header bytes before this field, then the payload.
+    pub crc: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<ArchivedFrameHeader>() == FRAME_HEADER_BYTES);
+
+#[repr(C, align(8))]
+struct AlignedHeaderBytes([u8; FRAME_HEADER_BYTES]);
+
+/// Total bytes a frame with this payload occupies on disk (header, payload, padding).
+pub fn frame_len(payload_len: usize) -> usize {
+    (FRAME_HEADER_BYTES + payload_len).next_multiple_of(FRAME_ALIGN)
+}
+
+impl FrameHeader {
+    /// Archives the header for `payload`, computing its CRC.
+    pub fn encode(
+        base_offset: u64,
+        max_timestamp: i64,
+        last_offset_delta: u32,
+        leader_epoch: i32,
+        payload: &[u8],
+    ) -> [u8; FRAME_HEADER_BYTES] {
+        let mut header = FrameHeader {
+            base_offset,
+            max_timestamp,
+            payload_len: payload.len() as u32,
+            last_offset_delta,
+            leader_epoch,
+            crc: 0,
+        };
+        let bytes = archive(&header);
+        header.crc =
+            crc32c::crc32c_append(crc32c::crc32c(&bytes[..CRC_COVERED_HEADER_BYTES]), payload);
+        archive(&header)
+    }
+}
+
+fn archive(header: &FrameHeader) -> [u8; FRAME_HEADER_BYTES] {
+    let mut out = AlignedHeaderBytes([0; FRAME_HEADER_BYTES]);
+    let written = rkyv::api::high::to_bytes_in::<_, rancor::Error>(
+        header,
+        rkyv::ser::writer::Buffer::from(&mut out.0[..]),
+    )
+    .expect("a frame header always fits its fixed-size buffer");
+    assert_eq!(written.len(), FRAME_HEADER_BYTES);
+    out.0
+}
+
+/// Why bytes at a position are not a valid frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    /// The buffer ends before the frame does; `need` is the whole frame's length.
+    Incomplete { need: usize },
+    /// The bytes are not a frame that belongs here (torn write, garbage, corruption).
+    Invalid(String),
+}
+
+/// A validated frame, borrowed from the buffer it was decoded from.
+pub struct Frame<'a> {
+    pub header: &'a ArchivedFrameHeader,
+    pub payload: &'a [u8],
+    /// Bytes the frame occupies including padding.
+    pub len: usize,
+}
+
+impl Frame<'_> {
+    pub fn base_offset(&self) -> u64 {
+        self.header.base_offset.to_native()
+    }
+    pub fn last_offset(&self) -> u64 {
+        self.base_offset() + self.header.last_offset_delta.to_native() as u64
+    }
+    pub fn max_timestamp(&self) -> i64 {
+        self.header.max_timestamp.to_native()
+    }
+    pub fn leader_epoch(&self) -> i32 {
+        self.header.leader_epoch.to_native()
+    }
+}
+
+/// Decodes and fully verifies the frame at the start of `buf` (8-byte aligned): CRC, lengths,
+/// that it carries `expected_offset` (when given), and that its payload is a RecordBatch v2 whose
+/// header agrees with the frame. `max_payload_bytes` caps the announced length before any use.
+pub fn decode_frame(
+    buf: &[u8],
+    expected_offset: Option<u64>,
+    max_payload_bytes: usize,
+) -> Result<Frame<'_>, FrameError> {
+    if buf.len() < FRAME_HEADER_BYTES {
+        return Err(FrameError::Incomplete {
+            need: FRAME_HEADER_BYTES,
+        });
+    }
+    let header = rkyv::access::<ArchivedFrameHeader, rancor::Error>(&buf[..FRAME_HEADER_BYTES])
+        .map_err(|e| FrameError::Invalid(format!("frame header: {e}")))?;
+    let payload_len = header.payload_len.to_native() as usize;
+    if payload_len < BATCH_HEADER_BYTES || payload_len > max_payload_bytes {
+        return Err(FrameError::Invalid(format!(
+            "frame payload length {payload_len} outside [{BATCH_HEADER_BYTES}, {max_payload_bytes}]"
+        )));
+    }
+    let len = frame_len(payload_len);
+    if buf.len() < FRAME_HEADER_BYTES + payload_len {
+        return Err(FrameError::Incomplete { need: len });
+    }
+    let payload = &buf[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + payload_len];
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&buf[..CRC_COVERED_HEADER_BYTES]), payload);
+    if crc != header.crc.to_native() {
+        return Err(FrameError::Invalid(format!(
+            "frame CRC-32C mismatch: stored {:#010x}, computed {crc:#010x}",
+            header.crc.to_native()
+        )));
+    }
+    let frame = Frame {
+        header,
+        payload,
+        len,
+    };
+    if let Some(expected) = expected_offset {
+        if frame.base_offset() != expected {
+            return Err(FrameError::Invalid(format!(
+                "frame base offset {} where {expected} was expected",
+                frame.base_offset()
+            )));
+        }
+    }
+    let batch = BatchHeader::parse(payload).map_err(|e| FrameError::Invalid(e.to_string()))?;
+    if batch.base_offset() as u64 != frame.base_offset()
+        || batch.last_offset_delta() as u32 != header.last_offset_delta.to_native()
+    {
+        return Err(FrameError::Invalid(
+            "frame header disagrees with its batch header".into(),
+        ));
+    }
+    Ok(frame)
+}

@@ -1,0 +1,246 @@
+//! Removing data: truncation of the log's suffix (follower repair) and retention of its prefix.
+
+use std::rc::Rc;
+
+use crate::log::{max_payload, Inner};
+use crate::recovery::{scan, ScanStop};
+use crate::segment::{io_err, Segment, NO_TIMESTAMP};
+use crate::writer::{Writer, PAGE_BYTES};
+use crate::{cache, checkpoint, EngineError};
+
+pub(crate) async fn truncate_to(inner: &Rc<Inner>, offset: u64) -> Result<(), EngineError> {
+    {
+        let st = inner.state.borrow();
+        inner.check(&st)?;
+        if offset < st.log_start || offset > st.log_end {
+            return Err(EngineError::OffsetOutOfRange {
+                offset,
+                log_start: st.log_start,
+                log_end: st.log_end,
+            });
+        }
+        if offset == st.log_end {
+            return Ok(());
+        }
+    }
+    let _permit = inner
+        .lock
+        .acquire_permit(1)
+        .await
+        .map_err(|_| EngineError::Closed)?;
+    inner.state.borrow_mut().busy = true;
+    let result = truncate_locked(inner, offset).await;
+    inner.state.borrow_mut().busy = false;
+    inner.signal.notify_all();
+    result
+}
+
+async fn truncate_locked(inner: &Rc<Inner>, offset: u64) -> Result<(), EngineError> {
+    inner.state.borrow_mut().writer.seal_partial();
+    inner.start_jobs();
+    inner.wait_writes_idle().await;
+    let (seg_base, file, path, from_pos, mut max_ts, size) = {
+        let st = inner.state.borrow();
+        inner.check(&st)?;
+        if offset >= st.log_end {
+            return Ok(());
+        }
+        let seg = st
+            .segments
+            .range(..=offset)
+            .next_back()
+            .map(|(_, s)| s)
+            .expect("offset >= log start lies in a segment");
+        let pos = seg.index.position_for(offset);
+        let ts = seg
+            .index
+            .entries
+            .iter()
+            .find(|e| e.position == pos)
+            .map(|e| e.max_timestamp_before)
+            .unwrap_or(NO_TIMESTAMP);
+        (
+            seg.base,
+            seg.file.clone(),
+            seg.path.clone(),
+            pos as u64,
+            ts,
+            seg.size,
+        )
+    };
+    let mut new_end = None;
+    let (cut_pos, stop) = scan(
+        &file,
+        &path,
+        from_pos,
+        size,
+        max_payload(&inner.config),
+        |_, f| {
+            if f.last_offset() >= offset {
+                new_end = Some(f.base_offset());
+                return Ok(false);
+            }
+            max_ts = max_ts.max(f.max_timestamp());
+            Ok(true)
+        },
+    )
+    .await?;
+    let new_end = match (stop, new_end) {
+        (ScanStop::Stopped, Some(e)) => e,
+        (ScanStop::Invalid(reason), _) => {
+            return Err(EngineError::Corrupt {
+                path,
+                position: cut_pos,
+                reason,
+            })
+        }
+        _ => {
+            return Err(EngineError::Corrupt {
+                path,
+                position: cut_pos,
+                reason: format!("offset {offset} not found in its segment"),
+            })
+        }
+    };
+    // Lower the recovery point before touching any file: a crash in between must never leave
+    // a recovery point above the log end.
+    if inner.state.borrow().checkpoint.offset > new_end {
+        inner.write_checkpoint(new_end, seg_base, cut_pos)?;
+    }
+    let later: Vec<u64> = {
+        let mut st = inner.state.borrow_mut();
+        let later: Vec<u64> = st.segments.range(seg_base + 1..).map(|(b, _)| *b).collect();
+        for b in &later {
+            st.segments.remove(b);
+        }
+        later
+    };
+    for b in later {
+        let p = crate::segment::log_path(&inner.dir, b);
+        std::fs::remove_file(&p).map_err(crate::segment::std_io_err(&p))?;
+        Segment::remove_index_files(&inner.dir, b);
+    }
+    Segment::remove_index_files(&inner.dir, seg_base);
+    file.truncate(cut_pos).await.map_err(io_err(&path))?;
+    file.pre_allocate(inner.config.segment_bytes, true)
+        .await
+        .map_err(io_err(&path))?;
+    file.fdatasync().await.map_err(io_err(&path))?;
+    checkpoint::sync_dir(&inner.dir)?;
+    let tail_start = cut_pos - cut_pos % PAGE_BYTES as u64;
+    let tail = if cut_pos > tail_start {
+        file.read_at(tail_start, (cut_pos - tail_start) as usize)
+            .await
+            .map_err(io_err(&path))?
+            .to_vec()
+    } else {
+        Vec::new()
+    };
+    if tail.len() as u64 != cut_pos - tail_start {
+        return Err(EngineError::Corrupt {
+            path,
+            position: tail_start,
+            reason: "short read of the last page".into(),
+        });
+    }
+    {
+        let mut st = inner.state.borrow_mut();
+        let seg = st.active_mut();
+        assert_eq!(seg.base, seg_base);
+        seg.index.truncate_at_position(cut_pos);
+        seg.size = cut_pos;
+        seg.next_offset = new_end;
+        seg.max_timestamp = max_ts;
+        seg.bytes_since_index = cut_pos
+            - seg
+                .index
+                .entries
+                .last()
+                .map(|e| e.position as u64)
+                .unwrap_or(0);
+        st.writer = Writer::new(cut_pos, &tail);
+        st.log_end = new_end;
+        // Everything left was synced above (sealed segments were synced when they rolled).
+        st.durable = new_end;
+        st.durable_pos = cut_pos;
+        st.epochs.retain(|(_, s)| *s < new_end);
+        st.pending.clear();
+    }
+    cache::remove_from(inner.log_id, new_end);
+    tracing::debug!(dir = ?inner.dir, new_end, "truncated log");
+    inner.write_checkpoint(new_end, seg_base, cut_pos)
+}
+
+pub(crate) async fn apply_retention(inner: &Rc<Inner>, now_ms: i64) -> Result<u64, EngineError> {
+    let _permit = inner
+        .lock
+        .acquire_permit(1)
+        .await
+        .map_err(|_| EngineError::Closed)?;
+    let (doomed, new_start) = {
+        let st = inner.state.borrow();
+        inner.check(&st)?;
+        let mut total: u64 = st.segments.values().map(|s| s.size).sum();
+        let mut doomed = Vec::new();
+        let active = st.active().base;
+        for seg in st.segments.values().filter(|s| s.base != active) {
+            let by_size = inner
+                .config
+                .retention_bytes
+                .is_some_and(|limit| total - seg.size >= limit);
+            let by_age = inner.config.retention_ms.is_some_and(|ms| {
+                seg.max_timestamp != NO_TIMESTAMP
+                    && now_ms.saturating_sub(seg.max_timestamp) > ms as i64
+            });
+            if !(by_size || by_age) {
+                break;
+            }
+            total -= seg.size;
+            doomed.push(seg.base);
+        }
+        let Some(&last) = doomed.last() else {
+            return Ok(st.log_start);
+        };
+        let new_start = st
+            .segments
+            .range(last + 1..)
+            .next()
+            .map(|(b, _)| *b)
+            .expect("the active segment remains");
+        (doomed, new_start)
+    };
+    {
+        let mut st = inner.state.borrow_mut();
+        // Epochs that ended before the new start are gone; the one spanning it starts there.
+        let keep_from = st
+            .epochs
+            .partition_point(|(_, s)| *s <= new_start)
+            .saturating_sub(1);
+        st.epochs.drain(..keep_from);
+        if let Some(first) = st.epochs.first_mut() {
+            first.1 = first.1.max(new_start);
+        }
+        st.log_start = new_start;
+    }
+    let rp = inner.state.borrow().checkpoint.clone();
+    if rp.offset < new_start || doomed.contains(&rp.segment_base) {
+        inner.write_checkpoint(new_start, new_start, 0)?;
+    } else {
+        inner.write_checkpoint(rp.offset, rp.segment_base, rp.position)?;
+    }
+    let removed: Vec<Segment> = {
+        let mut st = inner.state.borrow_mut();
+        doomed
+            .iter()
+            .filter_map(|b| st.segments.remove(b))
+            .collect()
+    };
+    for seg in removed {
+        std::fs::remove_file(&seg.path).map_err(crate::segment::std_io_err(&seg.path))?;
+        Segment::remove_index_files(&inner.dir, seg.base);
+    }
+    checkpoint::sync_dir(&inner.dir)?;
+    cache::remove_below(inner.log_id, new_start);
+    tracing::debug!(dir = ?inner.dir, new_start, "retention advanced the log start");
+    Ok(new_start)
+}
