@@ -13,6 +13,9 @@
 #   TANSU     path of the tansu binary (default: `tansu` on PATH, else /work/tansu-build/root/bin)
 #   BENCH_DIR where brokers and fio write (default: a fresh directory under target/; it must be on
 #             a filesystem with O_DIRECT, such as ext4 or xfs)
+#   BENCH_MAX_BYTES_PER_RUN  a produce run also stops after this many bytes of record values
+#             (default 6000000000), so a fast broker cannot fill the disk; each spate run gets a
+#             fresh data directory, deleted after it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -45,8 +48,7 @@ WORK=${BENCH_DIR:-$(mktemp -d "$ROOT/target/bench-work.XXXXXX")}
 mkdir -p "$WORK"
 PERF=$ROOT/target/release/spate-perf
 SPATE=$ROOT/target/release/spate
-SPATE_PORT=19092
-PEER_PORT=19093
+MAX_BYTES_PER_RUN=${BENCH_MAX_BYTES_PER_RUN:-6000000000}
 WARMUP=1
 PARTITIONS=2
 CONNECTIONS=2
@@ -56,6 +58,12 @@ START_TIMEOUT_SECS=30
 BROKER_PID=""
 
 log() { echo "[bench $(date -u +%H:%M:%S)] $*" >&2; }
+
+# A port nobody listens on now. Brokers bind with SO_REUSEPORT, so a fixed port could silently
+# be shared with another broker on the machine and split our connections between the two.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
 
 stop_broker() {
   if [ -n "$BROKER_PID" ]; then
@@ -140,51 +148,52 @@ run_fio() {
   rm -f "$WORK"/seqwrite.* "$WORK"/syncwrite.*
 }
 
-# start_spate FLUSH: a fresh spate broker on $SPATE_PORT, data in $WORK/spate, flush policy FLUSH.
+# start_spate FLUSH [keep]: a spate broker on a free port (in $ADDR), data in $WORK/spate (wiped
+# unless "keep"), flush policy FLUSH.
 start_spate() {
-  local flush=$1 fresh=${2:-fresh}
+  local flush=$1 fresh=${2:-fresh} port
   [ "$fresh" = fresh ] && rm -rf "$WORK/spate"
   mkdir -p "$WORK/spate"
-  "$SPATE" serve --listen "127.0.0.1:$SPATE_PORT" --data-dir "$WORK/spate" --flush "$flush" \
+  port=$(free_port)
+  "$SPATE" serve --listen "127.0.0.1:$port" --data-dir "$WORK/spate" --flush "$flush" \
     >> "$OUT/spate-broker.log" 2>&1 &
   BROKER_PID=$!
-  wait_port "$SPATE_PORT"
+  ADDR="127.0.0.1:$port"
+  wait_port "$port"
 }
 
 start_peer() {
+  local port
   rm -rf "$WORK/tansu"
   mkdir -p "$WORK/tansu"
-  "$TANSU" broker --listener-url "tcp://127.0.0.1:$PEER_PORT" \
-    --advertised-listener-url "tcp://127.0.0.1:$PEER_PORT" \
+  port=$(free_port)
+  "$TANSU" broker --listener-url "tcp://127.0.0.1:$port" \
+    --advertised-listener-url "tcp://127.0.0.1:$port" \
     --storage-engine "sqlite://$WORK/tansu/tansu.db" \
     >> "$OUT/tansu-broker.log" 2>&1 &
   BROKER_PID=$!
-  wait_port "$PEER_PORT"
+  ADDR="127.0.0.1:$port"
+  wait_port "$port"
 }
 
-# produce_matrix TARGET ADDR FLUSH: 100 B / 1 KiB / 16 KiB records x acks 1 / -1.
-produce_matrix() {
-  local target=$1 addr=$2 flush=$3
-  for acks in 1 -1; do
-    for size in 100 1024 16384; do
-      local name="$target-produce-${size}B-acks${acks}-$flush"
-      perf "$name" produce -b "$addr" -t "$name" -p $PARTITIONS -c $CONNECTIONS -s "$size" \
-        --batch-bytes "$(batch_bytes "$size")" --acks "$acks" --duration-secs "$SECS" \
-        --warmup-secs $WARMUP
-    done
-  done
+# produce NAME SIZE ACKS: one produce run against $ADDR.
+produce() {
+  local name=$1 size=$2 acks=$3
+  perf "$name" produce -b "$ADDR" -t "$name" -p $PARTITIONS -c $CONNECTIONS -s "$size" \
+    --batch-bytes "$(batch_bytes "$size")" --acks "$acks" --duration-secs "$SECS" \
+    --warmup-secs $WARMUP --records $((MAX_BYTES_PER_RUN / size))
 }
 
-# e2e TARGET ADDR MAX_RUN: e2e at half the records/s of run MAX_RUN, acks=-1.
+# e2e TARGET MAX_RUN: e2e against $ADDR at half the records/s of run MAX_RUN, acks=-1.
 e2e_at_half() {
-  local target=$1 addr=$2 max_run=$3
+  local target=$1 max_run=$2
   local max rate
   max=$(records_per_sec "$max_run")
   rate=$(jq -n --argjson m "${max:-0}" '($m / 2) | floor')
   if [ "${rate:-0}" -lt 1 ]; then
     log "$target e2e skipped: no max rate from $max_run"; FAILED+=("$target-e2e"); return
   fi
-  perf "$target-e2e" e2e -b "$addr" -t "$target-e2e" -p $PARTITIONS -c $CONNECTIONS \
+  perf "$target-e2e" e2e -b "$ADDR" -t "$target-e2e" -p $PARTITIONS -c $CONNECTIONS \
     -s $E2E_RECORD_BYTES --batch-bytes "$(batch_bytes $E2E_RECORD_BYTES)" --acks -1 \
     --rate "$rate" --duration-secs "$SECS" --warmup-secs $WARMUP --fetch-max-wait-ms 100
 }
@@ -197,24 +206,33 @@ run_fio
 if [ "$RUN_SPATE" = 1 ]; then
   if "$SPATE" serve --help >/dev/null 2>&1; then
     for flush in interval always; do
-      start_spate "$flush"
-      produce_matrix spate "127.0.0.1:$SPATE_PORT" "$flush"
-      if [ "$flush" = interval ]; then
-        src="spate-produce-1024B-acks1-interval"
-        perf spate-consume-cache consume -b "127.0.0.1:$SPATE_PORT" -t "$src" -c $CONNECTIONS \
-          --from earliest
-        stop_broker
-        drop_page_cache
-        start_spate "$flush" keep
-        perf spate-consume-disk consume -b "127.0.0.1:$SPATE_PORT" -t "$src" -c $CONNECTIONS \
-          --from earliest
-      else
-        e2e_at_half spate "127.0.0.1:$SPATE_PORT" "spate-produce-${E2E_RECORD_BYTES}B-acks-1-always"
-      fi
-      stop_broker
+      for acks in 1 -1; do
+        for size in 100 1024 16384; do
+          name="spate-produce-${size}B-acks${acks}-$flush"
+          start_spate "$flush"
+          produce "$name" "$size" "$acks"
+          if [ "$name" = spate-produce-1024B-acks1-interval ]; then
+            # Read back what that run wrote: first from the broker's cache, then after a
+            # restart (empty cache, and the page cache dropped when we may) from disk.
+            perf spate-consume-cache consume -b "$ADDR" -t "$name" -c $CONNECTIONS \
+              --from earliest --duration-secs "$SECS"
+            stop_broker
+            drop_page_cache
+            start_spate "$flush" keep
+            perf spate-consume-disk consume -b "$ADDR" -t "$name" -c $CONNECTIONS \
+              --from earliest --duration-secs "$SECS"
+          fi
+          stop_broker
+        done
+      done
     done
+    rm -rf "$WORK/spate"
+    start_spate always
+    e2e_at_half spate "spate-produce-${E2E_RECORD_BYTES}B-acks-1-always"
+    stop_broker
+    rm -rf "$WORK/spate"
   else
-    log "the spate binary has no 'serve' command yet: spate rows skipped"
+    log "the spate binary has no 'serve' command: spate rows skipped"
     FAILED+=("spate (no broker)")
   fi
 fi
@@ -222,10 +240,18 @@ fi
 if [ "$RUN_PEER" = 1 ]; then
   TANSU=${TANSU:-$(command -v tansu || echo /work/tansu-build/root/bin/tansu)}
   if [ -x "$TANSU" ]; then
+    # Tansu has no flush setting: one run per shape, named "sqlite" for its storage engine.
+    for acks in 1 -1; do
+      for size in 100 1024 16384; do
+        start_peer
+        produce "tansu-produce-${size}B-acks${acks}-sqlite" "$size" "$acks"
+        stop_broker
+      done
+    done
     start_peer
-    produce_matrix tansu "127.0.0.1:$PEER_PORT" sqlite
-    e2e_at_half tansu "127.0.0.1:$PEER_PORT" "tansu-produce-${E2E_RECORD_BYTES}B-acks-1-sqlite"
+    e2e_at_half tansu "tansu-produce-${E2E_RECORD_BYTES}B-acks-1-sqlite"
     stop_broker
+    rm -rf "$WORK/tansu"
   else
     log "tansu not installed (cargo install tansu --features libsql): peer rows skipped"
   fi

@@ -146,6 +146,7 @@ fn render<DB: DrawingBackend>(
     let mut chart = ChartBuilder::on(root)
         .caption(title, ("sans-serif", 24))
         .margin(16)
+        .margin_right(48)
         .x_label_area_size(44)
         .y_label_area_size(64)
         .build_cartesian_2d(0.0..MAX_NINES, 0.0..y_max)

@@ -2,7 +2,7 @@
 //! printing a line a second, and histograms merged at the end.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::sync_channel;
+use std::sync::mpsc::{channel, sync_channel};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -243,8 +243,16 @@ fn run_producer(
     let records = template.records;
     let value_bytes = template.value_bytes;
     let version = template.version;
-    // The reader holds one request while waiting for its reply; the channel holds the rest.
-    let (tx, rx) = sync_channel::<InFlight>(cfg.args.max_in_flight - 1);
+    // The in-flight window: the sender takes a slot before each request, the receiver returns it
+    // with the reply. Unthrottled, the clock starts once a slot is taken, so latency is the
+    // broker's, not the time spent queued behind our own window.
+    let (slot_tx, slot_rx) = sync_channel::<()>(cfg.args.max_in_flight);
+    for _ in 0..cfg.args.max_in_flight {
+        slot_tx
+            .send(())
+            .expect("the window channel has room for every slot");
+    }
+    let (tx, rx) = channel::<InFlight>();
     thread::scope(|s| {
         let reader_thread = s.spawn(move || -> Result<Measured> {
             let mut measured = Measured::default();
@@ -274,6 +282,8 @@ fn run_producer(
                 if let Some(h) = handoff {
                     h.acked_records.fetch_add(records, Ordering::Relaxed);
                 }
+                // The sender may have stopped already; a lost slot no longer matters then.
+                let _ = slot_tx.send(());
             }
             Ok(measured)
         });
@@ -283,16 +293,17 @@ fn run_producer(
             if shared.stopped() || max_requests.is_some_and(|m| sent >= m) {
                 break Ok(());
             }
-            let due = match schedule.intended(sent) {
-                Some(t) => {
-                    sleep_until(t, &shared.stop);
-                    if shared.stopped() {
-                        break Ok(());
-                    }
-                    t
+            let intended = schedule.intended(sent);
+            if let Some(t) = intended {
+                sleep_until(t, &shared.stop);
+                if shared.stopped() {
+                    break Ok(());
                 }
-                None => Instant::now(),
-            };
+            }
+            if slot_rx.recv().is_err() {
+                break Ok(()); // the reader failed; its error is reported below
+            }
+            let due = intended.unwrap_or_else(Instant::now);
             if stamp {
                 let ok = template.stamp(nanos(due - shared.epoch), wall_ms());
                 assert!(ok, "e2e validation keeps batches uncompressed");
@@ -650,7 +661,11 @@ fn run_consume(cfg: &RunConfig, plan: &[Assignment], layout: &TopicLayout) -> Re
 fn run_e2e(cfg: &RunConfig, plan: &[Assignment], layout: &TopicLayout) -> Result<RunSummary> {
     // Each consumer reads what its own producer writes; a shared partition would be read twice.
     let mut seen = std::collections::HashSet::new();
-    if !plan.iter().flat_map(|a| &a.partitions).all(|p| seen.insert(*p)) {
+    if !plan
+        .iter()
+        .flat_map(|a| &a.partitions)
+        .all(|p| seen.insert(*p))
+    {
         return Err(PerfError::Args(format!(
             "e2e needs at least as many partitions as connections (topic {} has {})",
             layout.topic,
