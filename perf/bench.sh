@@ -14,7 +14,7 @@
 #   BENCH_DIR where brokers and fio write (default: a fresh directory under target/; it must be on
 #             a filesystem with O_DIRECT, such as ext4 or xfs)
 #   BENCH_MAX_BYTES_PER_RUN  a produce run also stops after this many bytes of record values
-#             (default 6000000000), so a fast broker cannot fill the disk; each spate run gets a
+#             (default 3000000000), so a fast broker cannot fill the disk; each spate run gets a
 #             fresh data directory, deleted after it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,11 +48,13 @@ WORK=${BENCH_DIR:-$(mktemp -d "$ROOT/target/bench-work.XXXXXX")}
 mkdir -p "$WORK"
 PERF=$ROOT/target/release/spate-perf
 SPATE=$ROOT/target/release/spate
-MAX_BYTES_PER_RUN=${BENCH_MAX_BYTES_PER_RUN:-6000000000}
-WARMUP=1
+MAX_BYTES_PER_RUN=${BENCH_MAX_BYTES_PER_RUN:-3000000000}
+WARMUP=0.5
 PARTITIONS=2
 CONNECTIONS=2
 E2E_RECORD_BYTES=1024
+# Small segments: the broker pre-allocates them, and the disk is shared.
+SEGMENT_BYTES=268435456
 # A broker must accept connections within this many seconds of starting.
 START_TIMEOUT_SECS=30
 BROKER_PID=""
@@ -138,11 +140,11 @@ machine() {
 
 run_fio() {
   log "fio: sequential O_DIRECT write bandwidth"
-  fio --name=seqwrite --directory="$WORK" --rw=write --bs=1M --size=2G --direct=1 \
+  fio --name=seqwrite --directory="$WORK" --rw=write --bs=1M --size=1G --direct=1 \
     --ioengine=io_uring --iodepth=16 --runtime="$SECS" --time_based --output-format=json \
     > "$OUT/fio-seqwrite.json"
   log "fio: 4 KiB write + fdatasync latency"
-  fio --name=syncwrite --directory="$WORK" --rw=write --bs=4k --size=256M --direct=1 \
+  fio --name=syncwrite --directory="$WORK" --rw=write --bs=4k --size=64M --direct=1 \
     --ioengine=psync --fdatasync=1 --runtime="$SECS" --time_based --output-format=json \
     > "$OUT/fio-syncwrite.json"
   rm -f "$WORK"/seqwrite.* "$WORK"/syncwrite.*
@@ -156,6 +158,7 @@ start_spate() {
   mkdir -p "$WORK/spate"
   port=$(free_port)
   "$SPATE" serve --listen "127.0.0.1:$port" --data-dir "$WORK/spate" --flush "$flush" \
+    --segment-bytes $SEGMENT_BYTES \
     >> "$OUT/spate-broker.log" 2>&1 &
   BROKER_PID=$!
   ADDR="127.0.0.1:$port"
@@ -195,7 +198,8 @@ e2e_at_half() {
   fi
   perf "$target-e2e" e2e -b "$ADDR" -t "$target-e2e" -p $PARTITIONS -c $CONNECTIONS \
     -s $E2E_RECORD_BYTES --batch-bytes "$(batch_bytes $E2E_RECORD_BYTES)" --acks -1 \
-    --rate "$rate" --duration-secs "$SECS" --warmup-secs $WARMUP --fetch-max-wait-ms 100
+    --rate "$rate" --duration-secs "$SECS" --warmup-secs $WARMUP --fetch-max-wait-ms 100 \
+    --records $((MAX_BYTES_PER_RUN / E2E_RECORD_BYTES))
 }
 
 log "building spate and spate-perf (release)"
