@@ -82,10 +82,10 @@ def main():
     add("### Runs")
     add("")
     add(
-        "| run | records/s | MB/s | vs fio seq (MB/s) | vs peer (records/s) | p50 ms | p99 ms"
+        "| run | measured s | records/s | MB/s | vs fio seq write (MB/s) | vs peer (records/s) | p50 ms | p99 ms"
         " | p99.9 ms | p99.99 ms | max ms |"
     )
-    add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in runs.items():
         peer = None
         if name.startswith("spate-"):
@@ -97,8 +97,9 @@ def main():
             peer = runs.get("tansu-" + rest)
         lat = r["latency"]
         add(
-            f"| {name} | {r['records_per_sec']:,.0f} | {r['mb_per_sec']:.1f}"
-            f" | {ratio(r['mb_per_sec'], seq_mb)}"
+            f"| {name} | {r['seconds']:.1f} | {r['records_per_sec']:,.0f} | {r['mb_per_sec']:.1f}"
+            # Only produce writes: a read or an e2e rate has no meaning against a write limit.
+            f" | {ratio(r['mb_per_sec'], seq_mb) if r.get('mode') == 'produce' else '-'}"
             f" | {ratio(r['records_per_sec'], peer['records_per_sec'] if peer else None)}"
             f" | {ms(lat['p50_ms'])} | {ms(lat['p99_ms'])} | {ms(lat['p999_ms'])}"
             f" | {ms(lat['p9999_ms'])} | {ms(lat['max_ms'])} |"
