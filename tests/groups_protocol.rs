@@ -179,34 +179,6 @@ fn offsets_of(r: &OffsetFetchResponse) -> Vec<(i32, i64, String)> {
     out
 }
 
-/// A connection on which the restarted broker answers an ApiVersions request. Right after a
-/// restart the first connection is sometimes reset or refused (seen with the harness at 2
-/// shards; reported to the lead), and real clients simply reconnect, so do the same.
-fn connect_when_serving(addr: &str) -> Raw {
-    use std::io::{Read, Write};
-    let deadline = Instant::now() + LOAD_TIMEOUT;
-    loop {
-        // ApiVersions v0, correlation id 1, client id "probe".
-        let request: &[u8] = &[0, 18, 0, 0, 0, 0, 0, 1, 0, 5, b'p', b'r', b'o', b'b', b'e'];
-        let mut framed = (request.len() as i32).to_be_bytes().to_vec();
-        framed.extend_from_slice(request);
-        let mut len = [0u8; 4];
-        let served = std::net::TcpStream::connect(addr).is_ok_and(|mut probe| {
-            probe.set_read_timeout(Some(Duration::from_secs(5))).is_ok()
-                && probe.write_all(&framed).is_ok()
-                && probe.read_exact(&mut len).is_ok()
-        });
-        if served {
-            return Raw::connect(addr);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the broker never served a request"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Prints the broker's log if the test fails while it is in scope.
 struct LogOnPanic(std::path::PathBuf);
 
@@ -300,7 +272,7 @@ fn committed_offsets_and_group_metadata_survive_sigkill() {
     drop(conn);
     broker.kill();
     broker.spawn();
-    let mut conn = connect_when_serving(&broker.addr());
+    let mut conn = Raw::connect(&broker.addr());
 
     // The member carries on with its generation: the group came back Stable with it.
     let deadline = Instant::now() + LOAD_TIMEOUT;
