@@ -179,9 +179,21 @@ start_peer() {
   wait_port "$port"
 }
 
+# Refuses to start a run that could fill the (shared) disk: it needs twice the per-run cap free.
+enough_space() {
+  local avail
+  avail=$(df -PB1 "$WORK" | awk 'NR==2 {print $4}')
+  if [ "$avail" -lt $((MAX_BYTES_PER_RUN * 2)) ]; then
+    log "only $avail bytes free under $WORK: skipping $1 (needs $((MAX_BYTES_PER_RUN * 2)))"
+    FAILED+=("$1 (disk full)")
+    return 1
+  fi
+}
+
 # produce NAME SIZE ACKS: one produce run against $ADDR.
 produce() {
   local name=$1 size=$2 acks=$3
+  enough_space "$name" || return 0
   perf "$name" produce -b "$ADDR" -t "$name" -p $PARTITIONS -c $CONNECTIONS -s "$size" \
     --batch-bytes "$(batch_bytes "$size")" --acks "$acks" --duration-secs "$SECS" \
     --warmup-secs $WARMUP --records $((MAX_BYTES_PER_RUN / size))
@@ -196,6 +208,7 @@ e2e_at_half() {
   if [ "${rate:-0}" -lt 1 ]; then
     log "$target e2e skipped: no max rate from $max_run"; FAILED+=("$target-e2e"); return
   fi
+  enough_space "$target-e2e" || return 0
   perf "$target-e2e" e2e -b "$ADDR" -t "$target-e2e" -p $PARTITIONS -c $CONNECTIONS \
     -s $E2E_RECORD_BYTES --batch-bytes "$(batch_bytes $E2E_RECORD_BYTES)" --acks -1 \
     --rate "$rate" --duration-secs "$SECS" --warmup-secs $WARMUP --fetch-max-wait-ms 100 \

@@ -85,6 +85,22 @@ pub struct ServeConfig {
     /// Upper bound on how long a Fetch may wait for data [default: 30000].
     #[arg(long, value_name = "MS")]
     pub max_fetch_wait_ms: Option<u64>,
+    /// Partitions of the internal __consumer_offsets topic; never change it once groups
+    /// exist [default: 8].
+    #[arg(long, value_name = "N")]
+    pub offsets_topic_partitions: Option<i32>,
+    /// How long the first rebalance of a new group waits for more members [default: 3000].
+    #[arg(long, value_name = "MS")]
+    pub group_initial_rebalance_delay_ms: Option<i64>,
+    /// Smallest session timeout a group member may ask for [default: 6000].
+    #[arg(long, value_name = "MS")]
+    pub group_min_session_timeout_ms: Option<i32>,
+    /// Largest session timeout a group member may ask for [default: 1800000].
+    #[arg(long, value_name = "MS")]
+    pub group_max_session_timeout_ms: Option<i32>,
+    /// How long committed offsets of an empty group are kept [default: 604800000, 7 days].
+    #[arg(long, value_name = "MS")]
+    pub offsets_retention_ms: Option<i64>,
 }
 
 macro_rules! merge {
@@ -123,7 +139,12 @@ impl ServeConfig {
             max_connections,
             max_in_flight_per_connection,
             max_batch_bytes,
-            max_fetch_wait_ms
+            max_fetch_wait_ms,
+            offsets_topic_partitions,
+            group_initial_rebalance_delay_ms,
+            group_min_session_timeout_ms,
+            group_max_session_timeout_ms,
+            offsets_retention_ms
         );
         Ok(self)
     }
@@ -191,6 +212,23 @@ impl ServeConfig {
         c.max_in_flight_per_connection = self.max_in_flight_per_connection.unwrap_or(32);
         c.max_batch_bytes = self.max_batch_bytes.unwrap_or(8 << 20);
         c.max_fetch_wait_ms = self.max_fetch_wait_ms.unwrap_or(30_000);
+        let g = &mut c.groups;
+        g.offsets_topic_partitions = self
+            .offsets_topic_partitions
+            .unwrap_or(g.offsets_topic_partitions);
+        g.initial_rebalance_delay_ms = self
+            .group_initial_rebalance_delay_ms
+            .unwrap_or(g.initial_rebalance_delay_ms);
+        g.min_session_timeout_ms = self
+            .group_min_session_timeout_ms
+            .unwrap_or(g.min_session_timeout_ms);
+        g.max_session_timeout_ms = self
+            .group_max_session_timeout_ms
+            .unwrap_or(g.max_session_timeout_ms);
+        g.offsets_retention_ms = self.offsets_retention_ms.unwrap_or(g.offsets_retention_ms);
+        if let Err(e) = g.validate() {
+            bail!("consumer groups: {e}");
+        }
         if c.max_in_flight_per_connection == 0 || c.max_connections == 0 {
             bail!("--max-in-flight-per-connection and --max-connections must be at least 1");
         }

@@ -23,7 +23,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a broker. Flags override the --config file; the defaults are shown in brackets.
-    Serve(config::ServeConfig),
+    // Boxed: the serve flags make this variant much larger than the others.
+    Serve(Box<config::ServeConfig>),
     /// Verify this machine can run the broker: io_uring, direct I/O on the data dir, limits.
     Check {
         /// The data directory the broker will use.
@@ -61,7 +62,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Check {
             data_dir,
             cores,

@@ -12,6 +12,7 @@ use common::{record_batch, Broker, Raw};
 
 fn init_pid(raw: &mut Raw) -> (i64, i16) {
     let mut req = InitProducerIdRequest::default();
+    req.transactional_id = None;
     req.transaction_timeout_ms = 60_000;
     req.producer_id = ProducerId(-1);
     req.producer_epoch = -1;

@@ -21,7 +21,12 @@ fn still_serves(broker: &Broker) {
 
 #[test]
 fn malformed_frames_close_only_their_connection() {
-    let broker = Broker::start_with(&["--max-frame-bytes", "1048576"]);
+    let broker = Broker::start_with(&[
+        "--max-frame-bytes",
+        "1048576",
+        "--max-batch-bytes",
+        "524288",
+    ]);
     let addr = broker.addr();
 
     // Oversized length: closed before anything is allocated.
@@ -70,7 +75,7 @@ fn unsupported_versions_get_error_35() {
     let broker = Broker::start();
     // ApiVersions v99: error 35 in the v0 layout with a v0 header.
     let mut raw = Raw::connect(&broker.addr());
-    raw.send_raw(&[0, 0, 0, 10, 0, 18, 0, 99, 0, 0, 0, 5, 0, 0])
+    raw.send_raw(&[0, 0, 0, 11, 0, 18, 0, 99, 0, 0, 0, 5, 0, 0, 0])
         .unwrap();
     let frame = raw.read_frame().expect("a response");
     let mut b = bytes::Bytes::from(frame);

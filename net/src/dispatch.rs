@@ -16,7 +16,17 @@ use crate::versions;
 /// What to write back: a framed response, or nothing (Produce with acks=0).
 pub type Reply = Option<Bytes>;
 
-pub async fn dispatch(shard: Rc<Shard>, req: Request) -> Result<Reply, NetError> {
+/// Per-request context from the connection.
+pub struct RequestContext {
+    /// Set for Produce requests: their place in the connection's append order.
+    pub produce_turn: Option<crate::shard::ProduceTurn>,
+}
+
+pub async fn dispatch(
+    shard: Rc<Shard>,
+    req: Request,
+    ctx: RequestContext,
+) -> Result<Reply, NetError> {
     if req.api_key == ApiKey::ApiVersions {
         return handlers::api_versions::handle(&req).map(Some);
     }
@@ -30,7 +40,7 @@ pub async fn dispatch(shard: Rc<Shard>, req: Request) -> Result<Reply, NetError>
         )));
     }
     match req.api_key {
-        ApiKey::Produce => handlers::produce::handle(&shard, &req).await,
+        ApiKey::Produce => handlers::produce::handle(&shard, &req, ctx.produce_turn).await,
         ApiKey::Fetch => handlers::fetch::handle(&shard, &req).await.map(Some),
         ApiKey::ListOffsets => handlers::list_offsets::handle(&shard, &req).await.map(Some),
         ApiKey::Metadata => handlers::metadata::handle(&shard, &req).await.map(Some),

@@ -13,10 +13,12 @@ use glommio::channels::local_channel;
 use glommio::net::{TcpListener, TcpStream};
 use glommio::Task;
 
-use crate::dispatch::{dispatch, Reply};
+use kafka_protocol::messages::ApiKey;
+
+use crate::dispatch::{dispatch, Reply, RequestContext};
 use crate::error::NetError;
 use crate::request::{decode_request, frame_len, peek_ids, FRAME_PREFIX_BYTES};
-use crate::shard::{Shard, Signal};
+use crate::shard::{ProduceOrder, Shard, Signal};
 
 /// Bytes read from a socket at a time while no frame length is known.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -49,6 +51,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, open: Arc<Atom
             continue;
         }
         let _ = stream.set_nodelay(true);
+        tracing::debug!(shard = shard.id, peer = ?stream.peer_addr().ok(), "accepted connection");
         shard.connections.set(shard.connections.get() + 1);
         let (shard2, open2) = (shard.clone(), open.clone());
         glommio::spawn_local(async move {
@@ -105,6 +108,7 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) -> Result<(), Net
     };
 
     let max_frame = shard.config.max_frame_bytes;
+    let produce_order = Rc::new(ProduceOrder::default());
     let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let read_result: Result<(), NetError> = async {
         loop {
@@ -125,7 +129,13 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) -> Result<(), Net
                         return Err(e);
                     }
                 };
-                let task = glommio::spawn_local(dispatch(shard.clone(), req));
+                tracing::debug!(api = ?req.api_key, version = req.api_version,
+                    correlation_id = req.correlation_id, "request");
+                let ctx = RequestContext {
+                    produce_turn: (req.api_key == ApiKey::Produce)
+                        .then(|| produce_order.take_ticket()),
+                };
+                let task = glommio::spawn_local(dispatch(shard.clone(), req, ctx));
                 if tx.send(task).await.is_err() {
                     return Ok(());
                 }

@@ -161,6 +161,83 @@ impl Signal {
     }
 }
 
+/// Orders the appends of one connection's Produce requests: Kafka promises that requests on a
+/// connection take effect in the order they were sent, while this broker runs them
+/// concurrently. Each Produce takes a ticket when it is read; it appends when its turn comes
+/// and passes the turn on once its batches are in the logs (durability waits overlap).
+#[derive(Default)]
+pub struct ProduceOrder {
+    next_ticket: Cell<u64>,
+    turn: Cell<u64>,
+    changed: Signal,
+}
+
+impl ProduceOrder {
+    /// Called in request order, before the request's task starts.
+    pub fn take_ticket(self: &Rc<Self>) -> ProduceTurn {
+        let ticket = self.next_ticket.get();
+        self.next_ticket.set(ticket + 1);
+        ProduceTurn {
+            order: self.clone(),
+            ticket,
+            passed: Cell::new(false),
+        }
+    }
+}
+
+/// A place in a connection's Produce order; dropping it passes the turn on.
+pub struct ProduceTurn {
+    order: Rc<ProduceOrder>,
+    ticket: u64,
+    passed: Cell<bool>,
+}
+
+impl ProduceTurn {
+    pub async fn wait(&self) {
+        loop {
+            let seen = self.order.changed.generation();
+            if self.order.turn.get() == self.ticket {
+                return;
+            }
+            self.order.changed.changed(seen).await;
+        }
+    }
+
+    /// Lets the next Produce of the connection append (also done on drop).
+    pub fn pass(&self) {
+        if self.passed.replace(true) {
+            return;
+        }
+        // A turn is passed only by its holder, or by a request that never got it because
+        // it failed before waiting; either way tickets are taken in order, so wait-free
+        // passing keeps the sequence: skip ahead only when it is this ticket's turn.
+        if self.order.turn.get() == self.ticket {
+            self.order.turn.set(self.ticket + 1);
+            self.order.changed.notify();
+        } else {
+            let order = self.order.clone();
+            let ticket = self.ticket;
+            glommio::spawn_local(async move {
+                let turn = ProduceTurn {
+                    order,
+                    ticket,
+                    passed: Cell::new(true),
+                };
+                turn.wait().await;
+                turn.order.turn.set(ticket + 1);
+                turn.order.changed.notify();
+            })
+            .detach();
+        }
+    }
+}
+
+impl Drop for ProduceTurn {
+    fn drop(&mut self) {
+        self.pass();
+    }
+}
+
 pub struct Shard {
     pub id: usize,
     pub router: Router,

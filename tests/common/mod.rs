@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub const TEST_SEGMENT_BYTES: u64 = 16 << 20;
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(20);
@@ -69,8 +70,14 @@ impl Broker {
             .arg(self.data_dir())
             .arg("--cores")
             .arg("2")
+            // Segments are pre-allocated: keep them small, the test disk is shared.
+            .arg("--segment-bytes")
+            .arg(TEST_SEGMENT_BYTES.to_string())
             .args(&self.extra_args)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("SPATE_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -78,7 +85,10 @@ impl Broker {
         self.child = Some(child);
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if TcpStream::connect(self.addr()).is_ok() {
+            // Only an answered ApiVersions request counts: a connect alone can reach the
+            // listening socket of a killed predecessor (its io_uring keeps the socket open for
+            // a moment after exit) or the client itself (TCP simultaneous open).
+            if api_versions_answered(&self.addr()) {
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -141,8 +151,26 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- spate log ---\n{}", self.log());
+        }
         self.kill();
     }
+}
+
+fn api_versions_answered(addr: &str) -> bool {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    // ApiVersions v0, correlation id 1, empty client id.
+    if s.write_all(&[0, 0, 0, 10, 0, 18, 0, 0, 0, 0, 0, 1, 0, 0])
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 8];
+    s.read_exact(&mut head).is_ok() && head[4..8] == [0, 0, 0, 1]
 }
 
 /// Runs a Python client script from tests/python with the given arguments.

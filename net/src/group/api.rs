@@ -25,7 +25,7 @@ use super::{
 use crate::dispatch::encode_response;
 use crate::error::NetError;
 use crate::request::{decode_body, Request};
-use crate::shard::{Shard, TopicPartition};
+use crate::shard::Shard;
 
 /// Topics and their partitions named in a request.
 type TopicPartitions = Vec<(String, Vec<i32>)>;
@@ -67,17 +67,24 @@ pub fn start_shard(shard: &Rc<Shard>) {
     };
     GROUPS.with(|g| *g.borrow_mut() = Some(groups.clone()));
     groups.start_ticker(DEFAULT_TICK_INTERVAL_MS);
+    {
+        // Pending JoinGroups would otherwise hold their connections (and the shutdown, which
+        // drains connections first) until a rebalance timeout.
+        let (shard, groups) = (shard.clone(), groups.clone());
+        glommio::spawn_local(async move {
+            shard.shutdown.changed(0).await;
+            groups.stop_serving();
+        })
+        .detach();
+    }
     for partition in 0..groups.partitions() {
         if shard.router.shard_for(OFFSETS_TOPIC, partition) != shard.id {
             continue;
         }
         groups.begin_loading(partition);
-        let tp = TopicPartition::new(OFFSETS_TOPIC, partition);
-        let dir = shard.partition_dir(&tp);
+        let dir = offsets_partition_dir(&shard.config.data_dir, partition);
         let mut log_config = offsets_log_config();
         log_config.flush = shard.config.flush;
-        log_config.segment_bytes = shard.config.segment_bytes;
-        log_config.max_batch_bytes = shard.config.max_batch_bytes;
         let groups = groups.clone();
         glommio::spawn_local(async move {
             let log = match PartitionLog::open(&dir, log_config).await {
@@ -93,6 +100,13 @@ pub fn start_shard(shard: &Rc<Shard>) {
         })
         .detach();
     }
+}
+
+/// Where a `__consumer_offsets` partition lives: `<data>/__consumer_offsets/<partition>`. User
+/// topics live in `<data>/<topic>-<partition>`, so no topic name can ever share these
+/// directories (not even a user topic called `__consumer_offsets`).
+pub fn offsets_partition_dir(data_dir: &std::path::Path, partition: i32) -> std::path::PathBuf {
+    data_dir.join(OFFSETS_TOPIC).join(partition.to_string())
 }
 
 /// Flushes and closes this shard's `__consumer_offsets` logs (at shutdown).
@@ -189,7 +203,7 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
             let resp = on_owner(
                 shard,
                 &group,
-                move |g| async move { g.heartbeat(&r) },
+                move |g| async move { g.heartbeat(&r).await },
                 |e| HeartbeatResponse::default().with_error_code(e),
             )
             .await;
@@ -201,7 +215,7 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
             let resp = on_owner(
                 shard,
                 &group,
-                move |g| async move { g.leave_group(v, &r) },
+                move |g| async move { g.leave_group(v, &r).await },
                 |e| LeaveGroupResponse::default().with_error_code(e),
             )
             .await;
@@ -326,7 +340,7 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
                 let result = on_owner(
                     shard,
                     &id,
-                    move |g| async move { g.delete_group(&id2) },
+                    move |g| async move { g.delete_group(&id2).await },
                     move |e| {
                         kafka_protocol::messages::delete_groups_response::DeletableGroupResult::default()
                             .with_group_id(group)
@@ -344,7 +358,7 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
             let resp = on_owner(
                 shard,
                 &group,
-                move |g| async move { g.offset_delete(&r) },
+                move |g| async move { g.offset_delete(&r).await },
                 |e| OffsetDeleteResponse::default().with_error_code(e),
             )
             .await;

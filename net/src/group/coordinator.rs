@@ -221,6 +221,11 @@ impl GroupCoordinator {
         }
     }
 
+    /// The partitions this coordinator owns, loading or loaded.
+    pub fn owned_partitions(&self) -> Vec<i32> {
+        self.partitions.keys().copied().collect()
+    }
+
     pub fn is_loading(&self, partition: i32) -> bool {
         self.partitions.get(&partition) == Some(&LoadState::Loading)
     }

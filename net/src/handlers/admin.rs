@@ -120,12 +120,13 @@ pub async fn create_topics(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, Ne
         if let Some((code, msg)) = error {
             res.error_code = code;
             res.error_message = Some(str_bytes(&msg));
+            tracing::info!(topic = %&*t.name, code, msg, "refused to create topic");
         } else if r.validate_only {
             if shard.topics().contains_key(t.name.as_str()) {
                 res.error_code = ResponseError::TopicAlreadyExists.code();
             } else if !crate::metadata::valid_topic_name(&t.name) {
                 res.error_code = ResponseError::InvalidTopicException.code();
-            } else {
+            } else if req.api_version >= 5 {
                 res.num_partitions = partitions;
                 res.replication_factor = 1;
             }
@@ -136,9 +137,13 @@ pub async fn create_topics(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, Ne
             {
                 Ok(meta) => {
                     tracing::info!(topic = %meta.name, partitions, "created topic");
-                    res.topic_id = Uuid::from_u128(meta.id);
-                    res.num_partitions = partitions;
-                    res.replication_factor = 1;
+                    if req.api_version >= 7 {
+                        res.topic_id = Uuid::from_u128(meta.id);
+                    }
+                    if req.api_version >= 5 {
+                        res.num_partitions = partitions;
+                        res.replication_factor = 1;
+                    }
                 }
                 Err(code) => {
                     res.error_code = code;
@@ -169,7 +174,10 @@ pub async fn delete_topics(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, Ne
     let mut resp = DeleteTopicsResponse::default();
     for (name, id) in wanted {
         let mut res = DeletableTopicResult::default();
-        res.topic_id = id;
+        let v = req.api_version;
+        if v >= 6 {
+            res.topic_id = id;
+        }
         let topics = shard.topics();
         let resolved = match &name {
             Some(n) => Some(n.clone()),
@@ -189,7 +197,9 @@ pub async fn delete_topics(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, Ne
         };
         match shard.metadata.delete_topic(&resolved)? {
             Ok(meta) => {
-                res.topic_id = Uuid::from_u128(meta.id);
+                if v >= 6 {
+                    res.topic_id = Uuid::from_u128(meta.id);
+                }
                 let (topic, count) = (meta.name.clone(), meta.partitions);
                 for r in shard
                     .router

@@ -68,7 +68,7 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
     }
 
     loop {
-        let generations = read_all(shard, &work, max_bytes, &mut resp).await;
+        let generations = read_all(shard, &work, max_bytes, req.api_version, &mut resp).await;
         let total: usize = resp
             .responses
             .iter()
@@ -98,6 +98,7 @@ async fn read_all(
     shard: &Rc<Shard>,
     work: &BTreeMap<usize, Vec<ReadWork>>,
     max_bytes: usize,
+    version: i16,
     resp: &mut FetchResponse,
 ) -> BTreeMap<usize, u64> {
     let tasks: Vec<_> = work
@@ -138,7 +139,9 @@ async fn read_all(
         pd.error_code = read.error_code;
         pd.high_watermark = read.high_watermark;
         pd.last_stable_offset = read.high_watermark;
-        pd.log_start_offset = read.log_start_offset;
+        if version >= 5 {
+            pd.log_start_offset = read.log_start_offset;
+        }
         let len = read.records.as_ref().map_or(0, |r| r.len());
         if len > 0 && (first || len <= budget) {
             budget = budget.saturating_sub(len);

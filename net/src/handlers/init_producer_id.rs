@@ -17,7 +17,7 @@ pub fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError> {
     let mut resp = InitProducerIdResponse::default();
     resp.producer_id = ProducerId(-1);
     resp.producer_epoch = -1;
-    if r.transactional_id.is_some() {
+    if r.transactional_id.as_ref().is_some_and(|t| !t.is_empty()) {
         // No transaction coordinator yet: say so instead of pretending.
         resp.error_code = ResponseError::TransactionalIdAuthorizationFailed.code();
     } else if r.producer_id.0 >= 0 && r.producer_epoch >= 0 && r.producer_epoch < i16::MAX - 1 {

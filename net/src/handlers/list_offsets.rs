@@ -31,7 +31,9 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
             pr.partition_index = p.partition_index;
             pr.timestamp = -1;
             pr.offset = -1;
-            pr.leader_epoch = LEADER_EPOCH;
+            if req.api_version >= 4 {
+                pr.leader_epoch = LEADER_EPOCH;
+            }
             if let Err(code) = shard.check_exists(&topic.name, p.partition_index) {
                 pr.error_code = code;
                 tr.partitions.push(pr);

@@ -31,8 +31,13 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
     broker.host = str_bytes(&shard.config.advertised_host);
     broker.port = shard.config.advertised_port as i32;
     resp.brokers = vec![broker];
-    resp.cluster_id = Some(str_bytes(&shard.metadata.cluster_id()));
-    resp.controller_id = BrokerId(node);
+    let v = req.api_version;
+    if v >= 2 {
+        resp.cluster_id = Some(str_bytes(&shard.metadata.cluster_id()));
+    }
+    if v >= 1 {
+        resp.controller_id = BrokerId(node);
+    }
     resp.cluster_authorized_operations = i32::MIN;
 
     // v0 lists all topics with an empty array; later versions with a null one.
@@ -47,7 +52,7 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
     match requested {
         None => {
             for t in topics.values() {
-                resp.topics.push(describe(node, t));
+                resp.topics.push(describe(node, t, v));
             }
         }
         Some(list) => {
@@ -58,12 +63,14 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
                 let name = want.name.as_ref().map(|n| n.0.to_string());
                 let found = by_id.or_else(|| name.as_deref().and_then(|n| topics.get(n)));
                 if let Some(t) = found {
-                    resp.topics.push(describe(node, t));
+                    resp.topics.push(describe(node, t, v));
                     continue;
                 }
                 let mut entry = MetadataResponseTopic::default();
                 entry.name = want.name.clone();
-                entry.topic_id = want.topic_id;
+                if v >= 10 {
+                    entry.topic_id = want.topic_id;
+                }
                 entry.topic_authorized_operations = i32::MIN;
                 let Some(name) = name else {
                     entry.error_code = ResponseError::UnknownTopicId.code();
@@ -82,13 +89,13 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
                     )? {
                         Ok(t) => {
                             tracing::info!(topic = %name, partitions = t.partitions, "auto-created topic");
-                            resp.topics.push(describe(node, &t));
+                            resp.topics.push(describe(node, &t, v));
                             continue;
                         }
                         // Created concurrently by another request: describe that one.
                         Err(_) => match shard.topics().get(&name) {
                             Some(t) => {
-                                resp.topics.push(describe(node, t));
+                                resp.topics.push(describe(node, t, v));
                                 continue;
                             }
                             None => {
@@ -106,18 +113,26 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
     encode_response(req.correlation_id, req.api_version, &resp)
 }
 
-fn describe(node: i32, t: &TopicMeta) -> MetadataResponseTopic {
+/// One topic's entry; fields a version does not have stay at their defaults (the codec
+/// refuses to encode them otherwise).
+fn describe(node: i32, t: &TopicMeta, version: i16) -> MetadataResponseTopic {
     let mut topic = MetadataResponseTopic::default();
     topic.name = Some(topic_name(&t.name));
-    topic.topic_id = Uuid::from_u128(t.id);
-    topic.is_internal = t.internal;
+    if version >= 10 {
+        topic.topic_id = Uuid::from_u128(t.id);
+    }
+    if version >= 1 {
+        topic.is_internal = t.internal;
+    }
     topic.topic_authorized_operations = i32::MIN;
     topic.partitions = (0..t.partitions)
         .map(|p| {
             let mut part = MetadataResponsePartition::default();
             part.partition_index = p;
             part.leader_id = BrokerId(node);
-            part.leader_epoch = crate::partition::LEADER_EPOCH;
+            if version >= 7 {
+                part.leader_epoch = crate::partition::LEADER_EPOCH;
+            }
             part.replica_nodes = vec![BrokerId(node)];
             part.isr_nodes = vec![BrokerId(node)];
             part

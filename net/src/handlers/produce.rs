@@ -16,7 +16,7 @@ use crate::dispatch::{encode_response, Reply};
 use crate::error::{NetError, NONE};
 use crate::partition::ProduceOutcome;
 use crate::request::{decode_body, Request};
-use crate::shard::{Shard, TopicPartition};
+use crate::shard::{ProduceTurn, Shard, TopicPartition};
 
 /// Splits a partition's records into single batches, each checked: length, magic 2, CRC-32C
 /// and the size limit. The error is a Kafka error code.
@@ -48,7 +48,11 @@ pub fn split_batches(records: Option<Bytes>, max_batch_bytes: usize) -> Result<V
 
 type Work = (usize, usize, TopicPartition, Vec<Bytes>);
 
-pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Reply, NetError> {
+pub async fn handle(
+    shard: &Rc<Shard>,
+    req: &Request,
+    turn: Option<ProduceTurn>,
+) -> Result<Reply, NetError> {
     let r: ProduceRequest = decode_body(req)?;
     let acks = r.acks;
     let wait_durable = acks != 0 && shard.config.flush == FlushPolicy::Always;
@@ -90,17 +94,28 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Reply, NetError>
         resp.responses.push(tr);
     }
 
+    if let Some(turn) = &turn {
+        turn.wait().await;
+    }
+    let (appended_tx, appended_rx) = flume::bounded::<()>(by_shard.len().max(1));
     let tasks: Vec<_> = by_shard
         .into_iter()
         .map(|(owner, work)| {
-            let router = shard.router.clone();
+            let (router, appended) = (shard.router.clone(), appended_tx.clone());
             glommio::spawn_local(async move {
                 router
-                    .run_on(owner, move |s| produce_on_owner(s, work, wait_durable))
+                    .run_on(owner, move |s| {
+                        produce_on_owner(s, work, wait_durable, appended)
+                    })
                     .await
             })
         })
         .collect();
+    drop(appended_tx);
+    // Every owner has appended (or failed, dropping its sender): the next Produce of this
+    // connection may go; durability waits of both overlap.
+    while appended_rx.recv_async().await.is_ok() {}
+    drop(turn);
     for task in tasks {
         match task.await {
             Ok(outcomes) => {
@@ -108,7 +123,9 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Reply, NetError>
                     let pr = &mut resp.responses[ti].partition_responses[pi];
                     pr.error_code = o.error_code;
                     pr.base_offset = o.base_offset;
-                    pr.log_start_offset = o.log_start_offset;
+                    if req.api_version >= 5 {
+                        pr.log_start_offset = o.log_start_offset;
+                    }
                 }
             }
             Err(e) => {
@@ -129,46 +146,68 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Reply, NetError>
     encode_response(req.correlation_id, req.api_version, &resp).map(Some)
 }
 
+/// Appends every partition's batches (concurrently), reports that through `appended`, then
+/// waits for durability if asked.
 async fn produce_on_owner(
     shard: Rc<Shard>,
     work: Vec<Work>,
     wait_durable: bool,
+    appended: flume::Sender<()>,
 ) -> Vec<(usize, usize, ProduceOutcome)> {
     let tasks: Vec<_> = work
         .into_iter()
         .map(|(ti, pi, tp, batches)| {
             let shard = shard.clone();
             glommio::spawn_local(async move {
-                let outcome = match shard.partition(&tp).await {
+                match shard.partition(&tp).await {
                     Ok(p) => {
                         let o = p.produce(batches, false).await;
-                        // Readers may see the data before it is durable: a single node has no
-                        // other copy to wait for, and fetchers should not stall on fsyncs.
-                        shard.data_arrived.notify();
-                        if wait_durable && o.error_code == NONE {
-                            sync(&p, o).await
-                        } else {
-                            o
-                        }
+                        (ti, pi, Some(p), o)
                     }
-                    Err(code) => ProduceOutcome {
-                        error_code: code,
-                        base_offset: -1,
-                        log_start_offset: -1,
-                    },
-                };
-                (ti, pi, outcome)
+                    Err(code) => (
+                        ti,
+                        pi,
+                        None,
+                        ProduceOutcome {
+                            error_code: code,
+                            base_offset: -1,
+                            log_start_offset: -1,
+                        },
+                    ),
+                }
             })
         })
         .collect();
-    let mut out = Vec::with_capacity(tasks.len());
+    let mut appended_parts = Vec::with_capacity(tasks.len());
     for t in tasks {
+        appended_parts.push(t.await);
+    }
+    // Readers may see the data before it is durable: a single node has no other copy to wait
+    // for, and fetchers should not stall on fsyncs.
+    shard.data_arrived.notify();
+    let _ = appended.send(());
+    drop(appended);
+    let syncs: Vec<_> = appended_parts
+        .into_iter()
+        .map(|(ti, pi, p, o)| {
+            glommio::spawn_local(async move {
+                match p {
+                    Some(p) if wait_durable && o.error_code == NONE => (ti, pi, sync(&p, o).await),
+                    _ => (ti, pi, o),
+                }
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(syncs.len());
+    for t in syncs {
         out.push(t.await);
     }
     out
 }
 
 async fn sync(p: &crate::partition::Partition, o: ProduceOutcome) -> ProduceOutcome {
+    // The batches of this request end at or before the current log end; syncing to it is
+    // one group commit for everything appended so far.
     let end = p.log.log_end_offset();
     match p.log.sync_to(end).await {
         Ok(()) => o,
