@@ -288,9 +288,12 @@ pub fn run(a: ConsumeArgs) -> Result<()> {
     let mut last_record = Instant::now();
     'fetching: loop {
         for (leader, parts) in &by_leader {
-            let wait = idle_limit.map_or(FETCH_MAX_WAIT_MS, |limit| {
+            // The broker may hold a fetch this long: keep it well inside the request timeout
+            // and the idle limit.
+            let max_wait = FETCH_MAX_WAIT_MS.min(a.connect.request_timeout_ms / 2);
+            let wait = idle_limit.map_or(max_wait, |limit| {
                 let left = limit.saturating_sub(last_record.elapsed());
-                (left.as_millis() as u64).min(FETCH_MAX_WAIT_MS)
+                (left.as_millis() as u64).min(max_wait)
             });
             let req = FetchRequest::default()
                 .with_replica_id(BrokerId(-1))
