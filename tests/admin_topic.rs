@@ -191,6 +191,12 @@ fn topics_are_created_listed_described_and_deleted() {
     let err = fails(b, &["topic", "alter-config", "logs"]);
     assert!(err.contains("--set"), "{err}");
 
+    let grown = ok(b, &["topic", "add-partitions", "orders", "--total", "5"]);
+    assert_eq!(grown.trim(), "Topic orders now has 5 partitions.");
+    assert!(kcat_list(b).contains("topic \"orders\" with 5 partitions"));
+    let err = fails(b, &["topic", "add-partitions", "orders", "--total", "2"]);
+    assert!(err.contains("INVALID_PARTITIONS"), "{err}");
+
     let deleted = ok(b, &["topic", "delete", "orders"]);
     assert_eq!(deleted.trim(), "Deleted topic orders.");
     assert!(!kcat_list(b).contains("\"orders\""));

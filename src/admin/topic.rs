@@ -5,6 +5,7 @@ use std::ops::RangeInclusive;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
 use kafka_protocol::messages::create_topics_request::{CreatableTopic, CreatableTopicConfig};
 use kafka_protocol::messages::delete_topics_request::DeleteTopicState;
 use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
@@ -12,8 +13,8 @@ use kafka_protocol::messages::incremental_alter_configs_request::{
     AlterConfigsResource, AlterableConfig,
 };
 use kafka_protocol::messages::{
-    ApiKey, CreateTopicsRequest, DeleteTopicsRequest, DescribeConfigsRequest,
-    IncrementalAlterConfigsRequest, MetadataResponse,
+    ApiKey, CreatePartitionsRequest, CreateTopicsRequest, DeleteTopicsRequest,
+    DescribeConfigsRequest, IncrementalAlterConfigsRequest, MetadataResponse,
 };
 use kafka_protocol::protocol::StrBytes;
 use serde_json::{json, Value};
@@ -24,6 +25,7 @@ use super::client::{
 use super::table::{out, print_json, say, Table};
 
 const CREATE_TOPICS_VERSIONS: RangeInclusive<i16> = 2..=7;
+const CREATE_PARTITIONS_VERSIONS: RangeInclusive<i16> = 0..=3;
 const DELETE_TOPICS_VERSIONS: RangeInclusive<i16> = 1..=6;
 const DESCRIBE_CONFIGS_VERSIONS: RangeInclusive<i16> = 1..=4;
 const INCREMENTAL_ALTER_CONFIGS_VERSIONS: RangeInclusive<i16> = 0..=1;
@@ -52,6 +54,25 @@ pub enum TopicCommand {
     Delete(DeleteArgs),
     /// Set or remove topic configs (retention.ms, segment.bytes, ...).
     AlterConfig(AlterConfigArgs),
+    /// Raise a topic's partition count (keys then map to other partitions).
+    AddPartitions(AddPartitionsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AddPartitionsArgs {
+    /// Topic to grow.
+    pub topic: String,
+    /// The new total partition count; it must exceed the current one.
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+    pub total: i32,
+    /// Ask the broker to validate the change without applying it.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -146,6 +167,7 @@ pub fn run(cmd: TopicCommand) -> Result<()> {
         TopicCommand::Describe(a) => describe(a),
         TopicCommand::Delete(a) => delete(a),
         TopicCommand::AlterConfig(a) => alter_config(a),
+        TopicCommand::AddPartitions(a) => add_partitions(a),
     }
 }
 
@@ -592,6 +614,40 @@ fn alter_config(a: AlterConfigArgs) -> Result<()> {
             if a.dry_run { "Validated" } else { "Updated" },
             a.topic
         );
+    }
+    Ok(())
+}
+
+fn add_partitions(a: AddPartitionsArgs) -> Result<()> {
+    validate_topic_name(&a.topic)?;
+    let mut client = Client::connect(&a.connect)?;
+    let req = CreatePartitionsRequest::default()
+        .with_topics(vec![CreatePartitionsTopic::default()
+            .with_name(topic_name(&a.topic))
+            .with_count(a.total)
+            .with_assignments(None)])
+        .with_timeout_ms(TOPIC_OPERATION_TIMEOUT_MS)
+        .with_validate_only(a.dry_run);
+    let (_, reply) = client.call(ApiKey::CreatePartitions, CREATE_PARTITIONS_VERSIONS, &req)?;
+    let result = reply
+        .results
+        .first()
+        .context("CreatePartitions reply names no topic")?;
+    check(
+        result.error_code,
+        result.error_message.as_deref(),
+        format!("raising the partitions of {} to {}", a.topic, a.total),
+    )?;
+    if a.json {
+        print_json(&json!({"topic": a.topic, "partitions": a.total, "dry_run": a.dry_run}));
+    } else if a.dry_run {
+        say!(
+            "Topic {} can grow to {} partitions (nothing changed).",
+            a.topic,
+            a.total
+        );
+    } else {
+        say!("Topic {} now has {} partitions.", a.topic, a.total);
     }
     Ok(())
 }
