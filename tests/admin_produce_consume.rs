@@ -313,3 +313,66 @@ fn produce_errors_name_the_line_and_keep_earlier_records() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("topic absent does not exist"));
 }
+
+#[test]
+fn lines_are_sent_while_stdin_stays_open_and_acks_zero_writes() {
+    let broker = Broker::start();
+    let b = &broker.addr();
+    ok(b, &["topic", "create", "live", "-p", "1"], b"");
+
+    // An interactive producer: the first line must reach the broker before stdin closes.
+    let mut producer = Command::new(env!("CARGO_BIN_EXE_spate"))
+        .args(["produce", "-t", "live", "--linger-ms", "10", "-b", b])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = producer.stdin.take().unwrap();
+    writeln!(stdin, "typed").unwrap();
+    stdin.flush().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while kcat_read(b, "live", 0).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the line never reached the broker"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    writeln!(stdin, "second").unwrap();
+    drop(stdin);
+    let out = producer.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Produced 2 records to live"));
+
+    // acks=0 gets no reply; the records still arrive, in order.
+    let input: String = (0..500).map(|i| format!("z{i}\n")).collect();
+    ok(
+        b,
+        &[
+            "produce",
+            "-t",
+            "live",
+            "--acks",
+            "0",
+            "--batch-records",
+            "100",
+        ],
+        input.as_bytes(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let values = loop {
+        let all = kcat_read(b, "live", 0);
+        if all.len() >= 502 {
+            break all;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "acks=0 records did not all arrive"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let values: Vec<String> = values.into_iter().map(|(_, _, v, _)| v).collect();
+    let mut expected = vec!["typed".to_string(), "second".to_string()];
+    expected.extend((0..500).map(|i| format!("z{i}")));
+    assert_eq!(values, expected);
+}
