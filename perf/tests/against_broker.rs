@@ -132,12 +132,13 @@ fn start_broker() -> Option<Broker> {
             .spawn()
             .unwrap()
     } else if let Some(tansu) = tansu_bin() {
-        let db = dir.path().join("tansu.db");
+        // Tansu reads the sqlite URL's path relative to its working directory.
         Command::new(tansu)
+            .current_dir(dir.path())
             .arg("broker")
             .args(["--listener-url", &format!("tcp://{addr}")])
             .args(["--advertised-listener-url", &format!("tcp://{addr}")])
-            .args(["--storage-engine", &format!("sqlite://{}", db.display())])
+            .args(["--storage-engine", "sqlite://tansu.db"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
