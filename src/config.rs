@@ -85,6 +85,9 @@ pub struct ServeConfig {
     /// Upper bound on how long a Fetch may wait for data [default: 30000].
     #[arg(long, value_name = "MS")]
     pub max_fetch_wait_ms: Option<u64>,
+    /// How often old segments are checked against the retention limits [default: 300000].
+    #[arg(long, value_name = "MS")]
+    pub retention_check_interval_ms: Option<u64>,
 }
 
 macro_rules! merge {
@@ -191,6 +194,10 @@ impl ServeConfig {
         c.max_in_flight_per_connection = self.max_in_flight_per_connection.unwrap_or(32);
         c.max_batch_bytes = self.max_batch_bytes.unwrap_or(8 << 20);
         c.max_fetch_wait_ms = self.max_fetch_wait_ms.unwrap_or(30_000);
+        c.retention_check_interval_ms = self.retention_check_interval_ms.unwrap_or(300_000);
+        if c.retention_check_interval_ms == 0 {
+            bail!("--retention-check-interval-ms must be at least 1");
+        }
         if c.max_in_flight_per_connection == 0 || c.max_connections == 0 {
             bail!("--max-in-flight-per-connection and --max-connections must be at least 1");
         }

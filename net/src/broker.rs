@@ -137,6 +137,30 @@ async fn run_shard(
             }
         })
     };
+    let retention = {
+        let shard = shard.clone();
+        let every = Duration::from_millis(config.retention_check_interval_ms.max(1));
+        glommio::spawn_local(async move {
+            loop {
+                let stop = shard.shutdown.changed(0);
+                let stopped = futures_lite::future::or(
+                    async {
+                        glommio::timer::sleep(every).await;
+                        false
+                    },
+                    async {
+                        stop.await;
+                        true
+                    },
+                )
+                .await;
+                if stopped {
+                    return;
+                }
+                shard.apply_retention().await;
+            }
+        })
+    };
     let listener = match glommio::net::TcpListener::bind(config.listen) {
         Ok(l) => l,
         Err(e) => {
@@ -154,6 +178,7 @@ async fn run_shard(
     let _ = ready.send(Ok(addr));
     drop(ready);
     accept_loop(shard.clone(), listener, open_connections).await;
+    retention.await;
     finish(&shard, &drained, router.shards()).await;
     drop(jobs);
     Shard::clear_current();

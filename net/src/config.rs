@@ -31,6 +31,8 @@ pub struct BrokerConfig {
     pub max_partitions_per_topic: i32,
     /// Registered io_uring buffer memory per shard (memlock is small on many hosts).
     pub io_memory_bytes: usize,
+    /// How often each shard applies retention to its partitions.
+    pub retention_check_interval_ms: u64,
 }
 
 impl BrokerConfig {
@@ -56,6 +58,7 @@ impl BrokerConfig {
             max_fetch_wait_ms: 30_000,
             max_partitions_per_topic: 10_000,
             io_memory_bytes: 2 << 20,
+            retention_check_interval_ms: 300_000,
         }
     }
 
