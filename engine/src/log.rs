@@ -24,6 +24,10 @@ pub const MAX_READ_BYTES: usize = 8 << 20;
 /// The recovery-point file is rewritten after a sync at most this often (and on roll, truncate,
 /// retention and close).
 pub const CHECKPOINT_INTERVAL_MS: u64 = 5_000;
+/// When a write reaches past the reserved part of the active segment's file, the file is
+/// pre-allocated this far ahead (never the whole segment up front: a broker with thousands of
+/// mostly idle partitions must not reserve a segment for each; idle logs reserve nothing).
+pub const PREALLOCATE_AHEAD_BYTES: u64 = 16 << 20;
 /// Hard ceiling for `max_batch_bytes` and for any frame length read back from disk.
 pub const MAX_FRAME_PAYLOAD_BYTES: usize = 64 << 20;
 
@@ -68,8 +72,13 @@ pub(crate) struct State {
     pub failed: Option<String>,
     pub busy: bool,
     pub closed: bool,
-    pub sync_scheduled: bool,
+    /// Someone waits for a group commit that has not started yet.
+    pub sync_requested: bool,
+    /// The group-commit task is alive (it exits when no commit is requested).
+    pub flusher_running: bool,
     pub bytes_since_sync: u64,
+    /// The active segment's file has space reserved below this position.
+    pub preallocated: u64,
 }
 
 impl State {
@@ -147,6 +156,18 @@ impl Inner {
                 .await;
         }
         let len = job.buf.len();
+        let end = job.pos + len as u64;
+        if end > self.state.borrow().preallocated {
+            let target = (end + PREALLOCATE_AHEAD_BYTES).min(self.config.segment_bytes.max(end));
+            match file.pre_allocate(target, true).await {
+                Ok(()) => {
+                    let mut st = self.state.borrow_mut();
+                    st.preallocated = st.preallocated.max(target);
+                }
+                // Only an optimisation: the write below allocates what it needs (or fails).
+                Err(e) => tracing::debug!(error = %e, "pre-allocation failed"),
+            }
+        }
         let buf = Rc::new(job.buf);
         let res = file.write_rc_at(buf.clone(), job.pos).await;
         {
@@ -178,7 +199,6 @@ impl Inner {
         let (target_offset, target_pos, file, path) = {
             let mut st = self.state.borrow_mut();
             self.check(&st)?;
-            st.sync_scheduled = false;
             st.bytes_since_sync = 0;
             st.writer.seal_partial();
             let a = st.active();
@@ -250,37 +270,55 @@ impl Inner {
 
     pub(crate) async fn sync_to(self: &Rc<Self>, end_offset: u64) -> Result<(), EngineError> {
         loop {
-            {
-                let st = self.state.borrow();
+            let spawn = {
+                let mut st = self.state.borrow_mut();
                 self.check(&st)?;
                 if st.durable >= end_offset.min(st.log_end) {
                     return Ok(());
                 }
+                request_sync(&mut st)
+            };
+            if spawn {
+                self.spawn_flusher();
             }
-            let _permit = self
-                .lock
-                .acquire_permit(1)
-                .await
-                .map_err(|_| EngineError::Closed)?;
-            {
-                let st = self.state.borrow();
-                self.check(&st)?;
-                if st.durable >= end_offset.min(st.log_end) {
-                    return Ok(());
-                }
-            }
-            self.sync_once().await?;
+            self.signal
+                .wait_until(|| {
+                    let st = self.state.borrow();
+                    st.durable >= end_offset.min(st.log_end)
+                        || st.failed.is_some()
+                        || st.closed
+                        || !st.flusher_running
+                })
+                .await;
         }
     }
 
-    /// Starts a background group commit (the caller has set `sync_scheduled`).
-    fn spawn_sync(self: &Rc<Self>) {
+    /// The group-commit loop: while commits are requested, run one covering everything
+    /// appended so far. Every caller of `sync_to` waits on it, so one fdatasync serves all the
+    /// appends made while the previous one was in flight.
+    fn spawn_flusher(self: &Rc<Self>) {
         let inner = self.clone();
         glommio::spawn_local(async move {
-            let end = inner.state.borrow().log_end;
-            if let Err(e) = inner.sync_to(end).await {
-                tracing::debug!(error = %e, "background sync failed");
+            loop {
+                {
+                    let mut st = inner.state.borrow_mut();
+                    if !st.sync_requested || st.closed || st.failed.is_some() {
+                        st.flusher_running = false;
+                        break;
+                    }
+                    st.sync_requested = false;
+                }
+                let result = match inner.lock.acquire_permit(1).await {
+                    Ok(_permit) => inner.sync_once().await,
+                    Err(_) => Err(EngineError::Closed),
+                };
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "group commit failed");
+                    inner.state.borrow_mut().flusher_running = false;
+                    break;
+                }
             }
+            inner.signal.notify_all();
         })
         .detach();
     }
@@ -328,10 +366,6 @@ impl Inner {
         let base = self.state.borrow().log_end;
         let new_path = segment::log_path(&self.dir, base);
         let new_file = segment::open_file(&new_path).await?;
-        new_file
-            .pre_allocate(self.config.segment_bytes, true)
-            .await
-            .map_err(io_err(&new_path))?;
         checkpoint::sync_dir(&self.dir)?;
         {
             let mut st = self.state.borrow_mut();
@@ -339,6 +373,7 @@ impl Inner {
             st.durable_pos = 0;
             st.pending.clear();
             st.writer = Writer::new(0, &[]);
+            st.preallocated = 0;
             st.segments
                 .insert(base, Segment::new(base, new_file, new_path));
         }
@@ -449,12 +484,11 @@ impl PartitionLog {
             }
             FlushPolicy::Never => false,
         };
-        let spawn_sync = want_sync && !st.sync_scheduled;
-        st.sync_scheduled |= want_sync;
+        let spawn_flusher = want_sync && request_sync(st);
         drop(guard);
         inner.start_jobs();
-        if spawn_sync {
-            inner.spawn_sync();
+        if spawn_flusher {
+            inner.spawn_flusher();
         }
         Ok(AppendInfo {
             base_offset: base,
@@ -805,6 +839,12 @@ impl Drop for PartitionLog {
     fn drop(&mut self) {
         cache::forget(self.inner.log_id);
     }
+}
+
+/// Asks for a group commit; true if the caller must start the flusher task.
+fn request_sync(st: &mut State) -> bool {
+    st.sync_requested = true;
+    !std::mem::replace(&mut st.flusher_running, true)
 }
 
 pub(crate) fn max_payload(config: &LogConfig) -> usize {

@@ -63,6 +63,12 @@ pub(crate) async fn scan(
         want = SCAN_CHUNK_BYTES;
         while p < rr.len() {
             match decode_frame(&rr[p..], None, max_payload_bytes) {
+                Ok(f) if pos + (p + f.len) as u64 > end => {
+                    return Ok((
+                        pos + p as u64,
+                        ScanStop::Invalid("frame padding runs past the end".into()),
+                    ))
+                }
                 Ok(f) => match visit(pos + p as u64, &f) {
                     Ok(true) => p += f.len,
                     Ok(false) => return Ok((pos + p as u64, ScanStop::Stopped)),
@@ -331,10 +337,6 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
         ));
     }
     active_file
-        .pre_allocate(config.segment_bytes, true)
-        .await
-        .map_err(io_err(&active_path))?;
-    active_file
         .fdatasync()
         .await
         .map_err(io_err(&active_path))?;
@@ -360,8 +362,10 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
         failed: None,
         busy: false,
         closed: false,
-        sync_scheduled: false,
+        sync_requested: false,
+        flusher_running: false,
         bytes_since_sync: 0,
+        preallocated: size,
     };
     let inner = Rc::new(Inner {
         dir: dir.to_path_buf(),

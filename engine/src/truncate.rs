@@ -122,9 +122,6 @@ async fn truncate_locked(inner: &Rc<Inner>, offset: u64) -> Result<(), EngineErr
     }
     Segment::remove_index_files(&inner.dir, seg_base);
     file.truncate(cut_pos).await.map_err(io_err(&path))?;
-    file.pre_allocate(inner.config.segment_bytes, true)
-        .await
-        .map_err(io_err(&path))?;
     file.fdatasync().await.map_err(io_err(&path))?;
     checkpoint::sync_dir(&inner.dir)?;
     let tail_start = cut_pos - cut_pos % PAGE_BYTES as u64;
@@ -159,6 +156,7 @@ async fn truncate_locked(inner: &Rc<Inner>, offset: u64) -> Result<(), EngineErr
                 .map(|e| e.position as u64)
                 .unwrap_or(0);
         st.writer = Writer::new(cut_pos, &tail);
+        st.preallocated = cut_pos;
         st.log_end = new_end;
         // Everything left was synced above (sealed segments were synced when they rolled).
         st.durable = new_end;

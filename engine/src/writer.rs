@@ -192,3 +192,85 @@ impl Writer {
         self.inflight.is_empty() && self.ready.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn on_executor(f: impl FnOnce()) {
+        glommio::LocalExecutorBuilder::default()
+            .make()
+            .unwrap()
+            .run(async move { f() });
+    }
+
+    #[test]
+    fn full_buffers_become_jobs_and_partial_pages_are_rewritten() {
+        on_executor(|| {
+            let mut w = Writer::new(0, &[]);
+            w.push(Some(&[1u8; 100]), 100);
+            assert!(
+                w.ready.is_empty(),
+                "nothing is written before a buffer fills or a sync"
+            );
+            w.seal_partial();
+            assert_eq!(w.ready.len(), 1);
+            let job = &w.ready[0];
+            assert_eq!(
+                (job.pos, job.buf.len(), job.wait_for),
+                (0, PAGE_BYTES, None)
+            );
+            assert_eq!(&job.buf.as_bytes()[..100], &[1u8; 100][..]);
+            assert!(job.buf.as_bytes()[100..].iter().all(|b| *b == 0));
+            // The next buffer starts with the same page and must wait for the first write.
+            w.push(Some(&[2u8; 50]), 50);
+            w.push(None, 6);
+            w.seal_partial();
+            let job = &w.ready[1];
+            assert_eq!(
+                (job.pos, job.buf.len(), job.wait_for),
+                (0, PAGE_BYTES, Some(0))
+            );
+            assert_eq!(&job.buf.as_bytes()[..100], &[1u8; 100][..]);
+            assert_eq!(&job.buf.as_bytes()[100..150], &[2u8; 50][..]);
+            assert_eq!(w.end(), 156);
+            // Completion out of order: written_pos only moves over a contiguous prefix.
+            assert_eq!(w.written_pos, 0);
+            w.complete(1, None);
+            assert_eq!(w.written_pos, 0);
+            w.complete(0, None);
+            assert_eq!(w.written_pos, 156);
+            w.ready.clear();
+            assert!(w.idle());
+            // A large push fills whole buffers, each a full-size job.
+            let big = vec![3u8; 2 * WRITE_BUF_BYTES];
+            w.push(Some(&big), big.len());
+            assert_eq!(w.ready.len(), 2);
+            assert_eq!(w.ready[0].pos, 0);
+            assert_eq!(
+                w.ready[0].wait_for,
+                Some(1),
+                "it rewrites the partial page of job 1"
+            );
+            assert_eq!(w.ready[1].wait_for, None);
+            assert_eq!(w.ready[1].pos, WRITE_BUF_BYTES as u64);
+            assert_eq!(w.end(), 156 + 2 * WRITE_BUF_BYTES as u64);
+            assert_eq!(w.inflight(), 4);
+        });
+    }
+
+    #[test]
+    fn resumes_after_a_partial_page() {
+        on_executor(|| {
+            let tail = vec![9u8; 1000];
+            let mut w = Writer::new(3 * PAGE_BYTES as u64 + 1000, &tail);
+            assert_eq!(w.end(), 3 * PAGE_BYTES as u64 + 1000);
+            w.push(Some(&[4u8; 10]), 10);
+            w.seal_partial();
+            let job = &w.ready[0];
+            assert_eq!(job.pos, 3 * PAGE_BYTES as u64);
+            assert_eq!(&job.buf.as_bytes()[..1000], &tail[..]);
+            assert_eq!(&job.buf.as_bytes()[1000..1010], &[4u8; 10][..]);
+        });
+    }
+}

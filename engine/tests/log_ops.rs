@@ -1,0 +1,304 @@
+//! Truncation, retention, leader epochs, concurrency and flush policies on a real directory.
+
+mod common;
+
+use std::rc::Rc;
+
+use common::*;
+use spate_engine::{set_shard_cache_bytes, EngineError, FlushPolicy, LogConfig, PartitionLog};
+
+fn count_segments(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "log")
+        })
+        .count()
+}
+
+#[test]
+fn truncate_epochs_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        set_shard_cache_bytes(0);
+        let log = PartitionLog::open(dir.path(), small_config())
+            .await
+            .unwrap();
+        let mut expected = Vec::new();
+        // Epoch 1: offsets 0..60, epoch 3: 60..120, epoch 4: 120..., over several segments.
+        for i in 0..90u64 {
+            let epoch = match i {
+                0..30 => 1,
+                30..60 => 3,
+                _ => 4,
+            };
+            let b = batch(i, 12_000, 2, i as i64);
+            let info = log.append(b.clone(), epoch).await.unwrap();
+            expected.push(stamped(&b, info.base_offset, epoch));
+        }
+        assert!(count_segments(dir.path()) > 3);
+        assert_eq!(log.end_offset_for_epoch(0), None);
+        assert_eq!(log.end_offset_for_epoch(1), Some((1, 60)));
+        assert_eq!(log.end_offset_for_epoch(2), Some((1, 60)));
+        assert_eq!(log.end_offset_for_epoch(3), Some((3, 120)));
+        assert_eq!(log.end_offset_for_epoch(9), Some((4, 180)));
+
+        // Inside a batch: the whole batch goes.
+        log.truncate_to(101).await.unwrap();
+        assert_eq!(log.log_end_offset(), 100);
+        assert_eq!(log.end_offset_for_epoch(4), Some((3, 100)));
+        let r = log.read(0, usize::MAX).await.unwrap();
+        assert_eq!(r.batches, expected[..50]);
+        // Truncating into an earlier segment removes the later ones.
+        let before = count_segments(dir.path());
+        log.truncate_to(20).await.unwrap();
+        assert!(count_segments(dir.path()) < before);
+        assert_eq!(log.log_end_offset(), 20);
+        assert!(log.durable_offset() <= 20);
+        assert!(log.recovery_point() <= 20);
+        assert!(matches!(
+            log.truncate_to(21).await,
+            Err(EngineError::OffsetOutOfRange { .. })
+        ));
+        expected.truncate(10);
+        let b = batch(500, 3000, 5, 7);
+        let info = log.append(b.clone(), 7).await.unwrap();
+        assert_eq!(info.base_offset, 20);
+        expected.push(stamped(&b, 20, 7));
+        assert_eq!(log.end_offset_for_epoch(6), Some((1, 20)));
+        assert_eq!(log.end_offset_for_epoch(7), Some((7, 25)));
+        assert_eq!(log.read(0, usize::MAX).await.unwrap().batches, expected);
+        // A crash right after truncation (no close) recovers the truncated log.
+        log.sync_to(25).await.unwrap();
+        std::mem::forget(log);
+    });
+    run(async {
+        set_shard_cache_bytes(0);
+        let log = PartitionLog::open(dir.path(), small_config())
+            .await
+            .unwrap();
+        assert_eq!(log.log_end_offset(), 25);
+        assert_eq!(log.end_offset_for_epoch(1), Some((1, 20)));
+        assert_eq!(log.end_offset_for_epoch(7), Some((7, 25)));
+        assert_eq!(log.read(0, usize::MAX).await.unwrap().batches.len(), 11);
+        log.truncate_to(0).await.unwrap();
+        assert_eq!(log.log_end_offset(), 0);
+        assert_eq!(log.end_offset_for_epoch(7), None);
+        log.close().await.unwrap();
+        let log = PartitionLog::open(dir.path(), small_config())
+            .await
+            .unwrap();
+        assert_eq!((log.log_start_offset(), log.log_end_offset()), (0, 0));
+        log.delete().await.unwrap();
+        assert!(!dir.path().exists());
+    });
+}
+
+#[test]
+fn retention_by_size_and_age() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        set_shard_cache_bytes(0);
+        let config = LogConfig {
+            retention_bytes: Some(600 << 10),
+            retention_ms: Some(10_000),
+            flush: FlushPolicy::Never,
+            ..small_config()
+        };
+        let log = PartitionLog::open(dir.path(), config.clone())
+            .await
+            .unwrap();
+        for i in 0..400u64 {
+            // Timestamps: old for the first half, recent for the second.
+            let ts = if i < 200 { 1_000 } else { 100_000 };
+            log.append(batch(i, 4000, 1, ts), 0).await.unwrap();
+        }
+        let segments = count_segments(dir.path());
+        assert!(segments >= 6, "{segments}");
+        // Nothing is old at now = 5_000 and the size limit keeps ~600 KiB.
+        let start = log.apply_retention(5_000).await.unwrap();
+        assert!(start > 0);
+        let r = log.read(start, usize::MAX).await.unwrap();
+        let kept: usize = r.batches.iter().map(|b| b.len()).sum();
+        assert!(kept >= 600 << 10, "kept {kept}");
+        assert!(kept < (600 << 10) + (256 << 10) + 8000, "kept {kept}");
+        assert!(matches!(
+            log.read(start - 1, 1).await,
+            Err(EngineError::OffsetOutOfRange { .. })
+        ));
+        assert_eq!(r.batches.len() as u64, 400 - start);
+        // Age: everything with timestamp 1_000 is older than 10 s at now = 50_000.
+        let by_size = start;
+        let config2 = LogConfig {
+            retention_bytes: None,
+            ..config.clone()
+        };
+        log.close().await.unwrap();
+        let log = PartitionLog::open(dir.path(), config2).await.unwrap();
+        assert_eq!(log.log_start_offset(), by_size);
+        let start = log.apply_retention(50_000).await.unwrap();
+        assert!((by_size..=200).contains(&start), "{start}");
+        let first = log.read(start, 1).await.unwrap().batches[0].clone();
+        assert!(
+            spate_engine::batch::BatchHeader::parse(&first)
+                .unwrap()
+                .max_timestamp()
+                >= 1_000
+        );
+        // At a much later time every sealed segment goes, the active one stays.
+        let start = log.apply_retention(10_000_000).await.unwrap();
+        assert!(start > 200 && start < 400, "{start}");
+        assert_eq!(count_segments(dir.path()), 1);
+        log.close().await.unwrap();
+        let log = PartitionLog::open(dir.path(), config).await.unwrap();
+        assert_eq!(log.log_start_offset(), start);
+        assert_eq!(log.log_end_offset(), 400);
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+fn concurrent_appenders_share_group_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let log = Rc::new(
+            PartitionLog::open(dir.path(), small_config())
+                .await
+                .unwrap(),
+        );
+        let mut tasks = Vec::new();
+        for t in 0..8u64 {
+            let log = log.clone();
+            tasks.push(glommio::spawn_local(async move {
+                let mut mine = Vec::new();
+                for i in 0..40u64 {
+                    let b = batch(t * 1000 + i, 200 + (i as usize * 53) % 4000, 1, 0);
+                    let info = log.append(b.clone(), 2).await.unwrap();
+                    log.sync_to(info.last_offset + 1).await.unwrap();
+                    assert!(log.durable_offset() > info.last_offset);
+                    mine.push((info.base_offset, stamped(&b, info.base_offset, 2)));
+                }
+                mine
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await);
+        }
+        all.sort_by_key(|(o, _)| *o);
+        let expected: Vec<_> = all.into_iter().map(|(_, b)| b).collect();
+        assert_eq!(log.log_end_offset(), 320);
+        assert_eq!(log.read(0, usize::MAX).await.unwrap().batches, expected);
+        log.close().await.unwrap();
+        set_shard_cache_bytes(0);
+        let log = PartitionLog::open(dir.path(), small_config())
+            .await
+            .unwrap();
+        assert_eq!(log.read(0, usize::MAX).await.unwrap().batches, expected);
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+fn interval_flush_makes_appends_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let config = LogConfig {
+            flush: FlushPolicy::Interval {
+                interval_ms: 5,
+                interval_bytes: 1 << 30,
+            },
+            ..small_config()
+        };
+        let log = PartitionLog::open(dir.path(), config).await.unwrap();
+        log.append(batch(1, 1000, 3, 0), 0).await.unwrap();
+        // Poll with a bounded deadline: the timer flusher must get there on its own.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while log.durable_offset() < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "interval flush never ran"
+            );
+            glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        log.close().await.unwrap();
+    });
+    run(async {
+        let config = LogConfig {
+            flush: FlushPolicy::Interval {
+                interval_ms: 1 << 30,
+                interval_bytes: 4096,
+            },
+            ..small_config()
+        };
+        let log = PartitionLog::open(dir.path(), config).await.unwrap();
+        for i in 0..3 {
+            log.append(batch(i, 3000, 1, 0), 0).await.unwrap();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while log.durable_offset() < 4 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "byte-count flush never ran"
+            );
+            glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+fn never_policy_syncs_only_on_request_and_close() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let config = LogConfig {
+            flush: FlushPolicy::Never,
+            ..small_config()
+        };
+        let log = PartitionLog::open(dir.path(), config.clone())
+            .await
+            .unwrap();
+        for i in 0..10 {
+            log.append(batch(i, 2000, 1, 0), 0).await.unwrap();
+        }
+        assert_eq!(log.durable_offset(), 0);
+        log.sync_to(5).await.unwrap();
+        assert_eq!(log.durable_offset(), 10);
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+fn large_batches_span_write_buffers() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        set_shard_cache_bytes(0);
+        let config = LogConfig {
+            segment_bytes: 16 << 20,
+            max_batch_bytes: 3 << 20,
+            ..small_config()
+        };
+        let log = PartitionLog::open(dir.path(), config.clone())
+            .await
+            .unwrap();
+        let mut expected = Vec::new();
+        for i in 0..9u64 {
+            let b = batch(i, (1 << 20) + 4093 * i as usize, 10, 0);
+            let info = log.append(b.clone(), 0).await.unwrap();
+            expected.push(stamped(&b, info.base_offset, 0));
+        }
+        log.sync_to(90).await.unwrap();
+        for (i, e) in expected.iter().enumerate() {
+            let r = log.read(i as u64 * 10 + 3, 1).await.unwrap();
+            assert!(r.batches[0] == *e, "batch {i}");
+        }
+        log.close().await.unwrap();
+        let log = PartitionLog::open(dir.path(), config).await.unwrap();
+        assert!(log.read(0, usize::MAX).await.unwrap().batches == expected);
+        log.close().await.unwrap();
+    });
+}
