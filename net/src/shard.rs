@@ -403,6 +403,16 @@ impl Shard {
         }
     }
 
+    /// Writes producer-state snapshots of partitions whose state changed.
+    pub async fn snapshot_producers(&self) {
+        let open: Vec<_> = self.partitions.borrow().values().cloned().collect();
+        for p in open {
+            if let Err(e) = p.snapshot_producers().await {
+                tracing::warn!(topic = %p.tp.topic, partition = p.tp.partition, error = %e, "producer snapshot failed");
+            }
+        }
+    }
+
     /// Flushes and closes every partition of this shard.
     pub async fn close_partitions(&self) {
         let all: Vec<_> = self.partitions.borrow_mut().drain().collect();
