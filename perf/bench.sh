@@ -170,10 +170,10 @@ start_peer() {
   rm -rf "$WORK/tansu"
   mkdir -p "$WORK/tansu"
   port=$(free_port)
-  "$TANSU" broker --listener-url "tcp://127.0.0.1:$port" \
-    --advertised-listener-url "tcp://127.0.0.1:$port" \
-    --storage-engine "sqlite://$WORK/tansu/tansu.db" \
-    >> "$OUT/tansu-broker.log" 2>&1 &
+  # Tansu reads the sqlite URL's path relative to its working directory.
+  (cd "$WORK/tansu" && exec "$TANSU" broker --listener-url "tcp://127.0.0.1:$port" \
+    --advertised-listener-url "tcp://127.0.0.1:$port" --storage-engine "sqlite://tansu.db" \
+    >> "$OUT/tansu-broker.log" 2>&1) &
   BROKER_PID=$!
   ADDR="127.0.0.1:$port"
   wait_port "$port"

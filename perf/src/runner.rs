@@ -20,7 +20,9 @@ use crate::stats::{IntervalStats, Latency, RunSummary};
 use crate::wire::{decode_response, encode_request, set_correlation_id, Connection};
 
 const PRODUCE_VERSIONS: std::ops::RangeInclusive<i16> = 3..=12;
-const FETCH_VERSIONS: std::ops::RangeInclusive<i16> = 4..=12;
+// v11 is the last version without tagged fields: some brokers (Tansu 0.6) send tags that are
+// not valid for the version they answer, which a strict decoder refuses.
+const FETCH_VERSIONS: std::ops::RangeInclusive<i16> = 4..=11;
 /// Framing and metadata a fetch reply may carry beyond its record bytes.
 const FETCH_REPLY_SLACK_BYTES: usize = 1 << 20;
 /// How long e2e consumers may take, after the producers stop, to receive what was acked.
