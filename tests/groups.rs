@@ -424,6 +424,40 @@ fn kcat_balanced_consumer_reads_everything_then_resumes_from_its_commit() {
         "",
         "resumed from the commit"
     );
+
+    // A group with nothing committed starts where auto.offset.reset says (OffsetFetch answers
+    // -1, the client asks ListOffsets for the earliest offset).
+    let fresh = Command::new("timeout")
+        .args([
+            "60",
+            "kcat",
+            "-b",
+            &addr,
+            "-G",
+            "kc-fresh",
+            "kc-orders",
+            "-e",
+            "-q",
+            "-f",
+            "%p %o\n",
+            "-X",
+            "auto.offset.reset=earliest",
+        ])
+        .output()
+        .expect("run kcat");
+    assert!(
+        fresh.status.success(),
+        "kcat -G: {}",
+        String::from_utf8_lossy(&fresh.stderr)
+    );
+    let fresh: BTreeSet<(i32, i64)> = String::from_utf8_lossy(&fresh.stdout)
+        .lines()
+        .map(|l| {
+            let (p, o) = l.split_once(' ').expect("partition offset");
+            (p.parse().unwrap(), o.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(fresh, produced.keys().copied().collect::<BTreeSet<_>>());
 }
 
 #[test]
