@@ -101,6 +101,9 @@ pub struct ServeConfig {
     /// How long committed offsets of an empty group are kept [default: 604800000, 7 days].
     #[arg(long, value_name = "MS")]
     pub offsets_retention_ms: Option<i64>,
+    /// How often old segments are checked against the retention limits [default: 300000].
+    #[arg(long, value_name = "MS")]
+    pub retention_check_interval_ms: Option<u64>,
 }
 
 macro_rules! merge {
@@ -228,6 +231,10 @@ impl ServeConfig {
         g.offsets_retention_ms = self.offsets_retention_ms.unwrap_or(g.offsets_retention_ms);
         if let Err(e) = g.validate() {
             bail!("consumer groups: {e}");
+        }
+        c.retention_check_interval_ms = self.retention_check_interval_ms.unwrap_or(300_000);
+        if c.retention_check_interval_ms == 0 {
+            bail!("--retention-check-interval-ms must be at least 1");
         }
         if c.max_in_flight_per_connection == 0 || c.max_connections == 0 {
             bail!("--max-in-flight-per-connection and --max-connections must be at least 1");

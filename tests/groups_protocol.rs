@@ -274,16 +274,34 @@ fn committed_offsets_and_group_metadata_survive_sigkill() {
     broker.spawn();
     let mut conn = Raw::connect(&broker.addr());
 
-    // The member carries on with its generation: the group came back Stable with it.
+    // Until a group's __consumer_offsets partition is replayed, its requests are answered
+    // with COORDINATOR_LOAD_IN_PROGRESS (which clients retry); wait for all three.
     let deadline = Instant::now() + LOAD_TIMEOUT;
-    let hb = loop {
-        let e = heartbeat(&mut conn, "survivors", &member, generation);
-        if e != code(ResponseError::CoordinatorLoadInProgress) {
-            break e;
+    loop {
+        let described = conn.call(
+            5,
+            &DescribeGroupsRequest::default().with_groups(
+                ["survivors", "emptied", "offsets-only"]
+                    .iter()
+                    .map(|g| GroupId(s(g)))
+                    .collect(),
+            ),
+        );
+        let loading = described
+            .groups
+            .iter()
+            .filter(|g| g.error_code == code(ResponseError::CoordinatorLoadInProgress))
+            .count();
+        if loading == 0 {
+            assert!(described.groups.iter().all(|g| g.error_code == 0));
+            break;
         }
         assert!(Instant::now() < deadline, "coordinator never loaded");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // The member carries on with its generation: the group came back Stable with it.
+    let hb = heartbeat(&mut conn, "survivors", &member, generation);
     assert_eq!(hb, 0, "the member and its generation survived the restart");
     let (err, assignment) = sync(&mut conn, "survivors", &member, generation, &[]);
     assert_eq!(

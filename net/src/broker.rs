@@ -17,6 +17,8 @@ use crate::shard::{Job, Router, Shard};
 
 /// How often a shard that finished draining checks whether the others have too.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(10);
+/// How often changed producer state is snapshotted (bounds the log replay after a crash).
+const PRODUCER_SNAPSHOT_INTERVAL_MS: u64 = 60_000;
 
 pub struct Broker {
     handles: Vec<ExecutorJoinHandle<()>>,
@@ -138,6 +140,25 @@ async fn run_shard(
             }
         })
     };
+    let retention = {
+        let shard = shard.clone();
+        let every = Duration::from_millis(config.retention_check_interval_ms.max(1));
+        glommio::spawn_local(async move {
+            housekeeping(shard, every).await;
+        })
+    };
+    let snapshots = {
+        let shard = shard.clone();
+        let every = Duration::from_millis(PRODUCER_SNAPSHOT_INTERVAL_MS);
+        glommio::spawn_local(async move {
+            loop {
+                if sleep_or_shutdown(&shard, every).await {
+                    return;
+                }
+                shard.snapshot_producers().await;
+            }
+        })
+    };
     let listener = match glommio::net::TcpListener::bind(config.listen) {
         Ok(l) => l,
         Err(e) => {
@@ -155,10 +176,34 @@ async fn run_shard(
     let _ = ready.send(Ok(addr));
     drop(ready);
     accept_loop(shard.clone(), listener, open_connections).await;
+    retention.await;
+    snapshots.await;
     finish(&shard, &drained, router.shards()).await;
     drop(jobs);
     Shard::clear_current();
     tracing::info!(shard = id, "shard stopped");
+}
+
+/// True if the shard began shutting down before `every` passed.
+async fn sleep_or_shutdown(shard: &Shard, every: Duration) -> bool {
+    let stop = shard.shutdown.changed(0);
+    futures_lite::future::or(
+        async {
+            glommio::timer::sleep(every).await;
+            false
+        },
+        async {
+            stop.await;
+            true
+        },
+    )
+    .await
+}
+
+async fn housekeeping(shard: Rc<Shard>, every: Duration) {
+    while !sleep_or_shutdown(&shard, every).await {
+        shard.apply_retention().await;
+    }
 }
 
 async fn wait_for_shutdown(shard: &Shard) {

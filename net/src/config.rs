@@ -33,6 +33,8 @@ pub struct BrokerConfig {
     pub io_memory_bytes: usize,
     /// Consumer group coordinator settings (sessions, rebalances, offsets topic, retention).
     pub groups: crate::group::GroupConfig,
+    /// How often each shard applies retention to its partitions.
+    pub retention_check_interval_ms: u64,
 }
 
 impl BrokerConfig {
@@ -59,6 +61,7 @@ impl BrokerConfig {
             max_partitions_per_topic: 10_000,
             io_memory_bytes: 2 << 20,
             groups: crate::group::GroupConfig::default(),
+            retention_check_interval_ms: 300_000,
         }
     }
 

@@ -8,6 +8,7 @@ use kafka_protocol::messages::{ApiKey, ResponseHeader};
 use kafka_protocol::protocol::{Encodable, HeaderVersion};
 
 use crate::error::NetError;
+use crate::frame::{Frame, SegmentedBuf};
 use crate::handlers;
 use crate::request::Request;
 use crate::shard::Shard;
@@ -57,6 +58,48 @@ pub async fn dispatch(
         }
         other => Err(NetError::Malformed(format!("{other:?} is not served"))),
     }
+}
+
+/// [`dispatch`] for the connection loop: Fetch replies keep their record batches as separate
+/// segments (written from the buffers they were read into); every other reply is one segment.
+pub async fn dispatch_frame(
+    shard: Rc<Shard>,
+    req: Request,
+    ctx: RequestContext,
+) -> Result<Option<Frame>, NetError> {
+    if req.api_key == ApiKey::Fetch && versions::is_served(req.api_key, req.api_version) {
+        return handlers::fetch::handle_frame(&shard, &req).await.map(Some);
+    }
+    dispatch(shard, req, ctx).await.map(|r| r.map(Frame::from))
+}
+
+/// [`encode_response`] that leaves the `zero_copy` buffers (record batches) uncopied.
+pub fn encode_response_frame<T: Encodable + HeaderVersion>(
+    correlation_id: i32,
+    version: i16,
+    body: &T,
+    zero_copy: Vec<Bytes>,
+) -> Result<Frame, NetError> {
+    let header_version = T::header_version(version);
+    let mut header = ResponseHeader::default();
+    header.correlation_id = correlation_id;
+    let enc = |e: anyhow::Error| NetError::Encode(e.to_string());
+    let size = header
+        .compute_size(header_version)
+        .map_err(enc)?
+        .checked_add(body.compute_size(version).map_err(enc)?)
+        .filter(|s| *s <= i32::MAX as usize)
+        .ok_or_else(|| NetError::Encode("response size overflows".into()))?;
+    let mut buf = SegmentedBuf::new(zero_copy);
+    buf.put_i32(size as i32);
+    header.encode(&mut buf, header_version).map_err(enc)?;
+    body.encode(&mut buf, version).map_err(enc)?;
+    debug_assert_eq!(
+        kafka_protocol::protocol::buf::ByteBufMut::offset(&buf),
+        4 + size,
+        "encoded size matches computed size"
+    );
+    Ok(buf.into_frame())
 }
 
 /// Frames a response: length prefix, response header (the version the API defines for this
@@ -133,6 +176,47 @@ pub fn decode_frame_for_fuzzing(bytes: &[u8], max_frame_bytes: usize) {
                     let _ = handlers::produce::split_batches(pd.records, 1 << 20);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+    use kafka_protocol::messages::FetchResponse;
+    use kafka_protocol::protocol::Decodable;
+
+    #[test]
+    fn fetch_records_are_not_copied_into_the_frame() {
+        let records = Bytes::from(vec![9u8; 50_000]);
+        let mut pd = PartitionData::default();
+        pd.records = Some(records.clone());
+        let mut t = FetchableTopicResponse::default();
+        t.partitions = vec![pd];
+        let mut resp = FetchResponse::default();
+        resp.responses = vec![t];
+        for version in [4, 11, 12] {
+            let frame = encode_response_frame(3, version, &resp, vec![records.clone()]).unwrap();
+            assert!(
+                frame
+                    .segments
+                    .iter()
+                    .any(|s| s.as_ptr() == records.as_ptr()),
+                "v{version}: records are a segment of their own"
+            );
+            let copied = encode_response(3, version, &resp).unwrap();
+            assert_eq!(
+                frame.to_bytes(),
+                copied,
+                "v{version}: same bytes either way"
+            );
+            let mut body = copied.slice(8 + usize::from(version >= 12)..);
+            let back = FetchResponse::decode(&mut body, version).unwrap();
+            assert_eq!(
+                back.responses[0].partitions[0].records,
+                Some(records.clone())
+            );
         }
     }
 }

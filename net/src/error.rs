@@ -52,3 +52,12 @@ pub fn net_error_code(err: &NetError) -> i16 {
 }
 
 pub const NONE: i16 = 0;
+
+/// Flattens a metadata-store result: a failure to persist (disk full, I/O error) becomes
+/// KAFKA_STORAGE_ERROR for that one topic instead of failing the whole request.
+pub fn or_storage_error<T>(r: Result<Result<T, i16>, NetError>) -> Result<T, i16> {
+    r.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "metadata store update failed");
+        Err(ResponseError::KafkaStorageError.code())
+    })
+}

@@ -10,6 +10,7 @@ pub mod broker;
 pub mod config;
 pub mod dispatch;
 pub mod error;
+pub mod frame;
 pub mod group;
 pub mod handlers;
 pub mod metadata;

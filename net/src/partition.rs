@@ -1,7 +1,7 @@
 //! One partition on its owning shard: the engine log plus the idempotent-producer state that
 //! decides which batches reach it.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -28,6 +28,8 @@ pub struct Partition {
     /// Held across the producer check and the append, so both see the same log end.
     write_lock: Semaphore,
     state_path: PathBuf,
+    /// Log end covered by the last snapshot written.
+    snapshot_end: Cell<Option<u64>>,
 }
 
 /// Outcome of one partition's share of a Produce request.
@@ -59,6 +61,7 @@ impl Partition {
             producers: RefCell::default(),
             write_lock: Semaphore::new(1),
             state_path,
+            snapshot_end: Cell::new(None),
         };
         partition.recover_producers().await?;
         Ok(partition)
@@ -179,12 +182,27 @@ impl Partition {
         outcome
     }
 
+    /// Snapshots producer state if it changed since the last snapshot, so recovery after a
+    /// crash replays only the log written since. Taken under the write lock: the table and the
+    /// log end must describe the same batches.
+    pub async fn snapshot_producers(&self) -> Result<(), NetError> {
+        let Ok(_permit) = self.write_lock.acquire_permit(1).await else {
+            return Ok(());
+        };
+        let end = self.log.log_end_offset();
+        if self.producers.borrow().is_empty() || self.snapshot_end.get() == Some(end) {
+            return Ok(());
+        }
+        self.write_snapshot()
+    }
+
     /// Writes the producer snapshot atomically (temp file, fsync, rename).
     fn write_snapshot(&self) -> Result<(), NetError> {
         let snap = Snapshot {
             end_offset: self.log.log_end_offset(),
             table: self.producers.borrow().clone(),
         };
+        self.snapshot_end.set(Some(snap.end_offset));
         let body = serde_json::to_vec(&snap).map_err(|e| NetError::Encode(e.to_string()))?;
         if let Some(dir) = self.state_path.parent() {
             std::fs::create_dir_all(dir)?;

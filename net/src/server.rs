@@ -15,8 +15,9 @@ use glommio::Task;
 
 use kafka_protocol::messages::ApiKey;
 
-use crate::dispatch::{dispatch, Reply, RequestContext};
+use crate::dispatch::{dispatch_frame, RequestContext};
 use crate::error::NetError;
+use crate::frame::Frame;
 use crate::request::{decode_request, frame_len, peek_ids, FRAME_PREFIX_BYTES};
 use crate::shard::{ProduceOrder, Shard, Signal};
 
@@ -72,7 +73,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, open: Arc<Atom
     }
 }
 
-type InFlight = Task<Result<Reply, NetError>>;
+type InFlight = Task<Result<Option<Frame>, NetError>>;
 
 async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) -> Result<(), NetError> {
     let (mut reader, mut writer) = futures_lite::io::split(stream);
@@ -87,8 +88,8 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) -> Result<(), Net
             let mut result = Ok(());
             while let Some(task) = rx.recv().await {
                 match task.await {
-                    Ok(Some(bytes)) => {
-                        if let Err(e) = writer.write_all(&bytes).await {
+                    Ok(Some(frame)) => {
+                        if let Err(e) = write_frame(&mut writer, &frame).await {
                             result = Err(NetError::Io(e));
                             break;
                         }
@@ -135,7 +136,7 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) -> Result<(), Net
                     produce_turn: (req.api_key == ApiKey::Produce)
                         .then(|| produce_order.take_ticket()),
                 };
-                let task = glommio::spawn_local(dispatch(shard.clone(), req, ctx));
+                let task = glommio::spawn_local(dispatch_frame(shard.clone(), req, ctx));
                 if tx.send(task).await.is_err() {
                     return Ok(());
                 }
@@ -177,4 +178,31 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) -> Result<(), Net
     drop(tx);
     let write_result = writer_task.await;
     read_result.and(write_result)
+}
+
+/// Writes a frame's segments in order; small neighbours are coalesced so a reply of a few
+/// segments does not cost a packet each.
+async fn write_frame<W: futures_lite::AsyncWrite + Unpin>(
+    writer: &mut W,
+    frame: &Frame,
+) -> std::io::Result<()> {
+    if let [one] = frame.segments.as_slice() {
+        return writer.write_all(one).await;
+    }
+    let mut pending = BytesMut::new();
+    for segment in &frame.segments {
+        if segment.len() < crate::frame::ZERO_COPY_MIN_BYTES {
+            pending.extend_from_slice(segment);
+            continue;
+        }
+        if !pending.is_empty() {
+            writer.write_all(&pending).await?;
+            pending.clear();
+        }
+        writer.write_all(segment).await?;
+    }
+    if !pending.is_empty() {
+        writer.write_all(&pending).await?;
+    }
+    Ok(())
 }

@@ -390,6 +390,29 @@ impl Shard {
         }
     }
 
+    /// Deletes segments past the retention limits in every open partition of this shard.
+    pub async fn apply_retention(&self) {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let open: Vec<_> = self.partitions.borrow().values().cloned().collect();
+        for p in open {
+            if let Err(e) = p.log.apply_retention(now_ms).await {
+                tracing::warn!(topic = %p.tp.topic, partition = p.tp.partition, error = %e, "retention failed");
+            }
+        }
+    }
+
+    /// Writes producer-state snapshots of partitions whose state changed.
+    pub async fn snapshot_producers(&self) {
+        let open: Vec<_> = self.partitions.borrow().values().cloned().collect();
+        for p in open {
+            if let Err(e) = p.snapshot_producers().await {
+                tracing::warn!(topic = %p.tp.topic, partition = p.tp.partition, error = %e, "producer snapshot failed");
+            }
+        }
+    }
+
     /// Flushes and closes every partition of this shard.
     pub async fn close_partitions(&self) {
         let all: Vec<_> = self.partitions.borrow_mut().drain().collect();

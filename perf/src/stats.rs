@@ -197,8 +197,13 @@ impl RunSummary {
     /// The summary line printed at the end of a run.
     pub fn line(&self) -> String {
         let l = &self.latency;
+        let verb = if self.mode == "produce" {
+            "sent"
+        } else {
+            "received"
+        };
         format!(
-            "{} records sent, {:.1} records/sec ({:.2} MB/sec), {:.3} ms avg latency, {:.3} ms max \
+            "{} records {verb}, {:.1} records/sec ({:.2} MB/sec), {:.3} ms avg latency, {:.3} ms max \
              latency, {:.3} ms 50th, {:.3} ms 90th, {:.3} ms 99th, {:.3} ms 99.9th, {:.3} ms 99.99th.",
             self.records,
             self.records_per_sec,

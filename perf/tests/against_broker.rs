@@ -253,6 +253,66 @@ fn produce_then_consume_then_e2e_against_a_real_broker() {
     assert!(e["latency"]["p50_ms"].as_f64().unwrap() > 0.0);
 }
 
+/// A broker frozen for a while must show in the latencies of every batch due while it was frozen,
+/// not only in the one request that was stuck: fixed-rate latency starts at the intended send.
+#[test]
+fn a_stalled_broker_shows_in_fixed_rate_latencies() {
+    let Some(broker) = start_broker() else {
+        eprintln!("SKIPPED: no broker to test against (no `spate serve`, no tansu)");
+        return;
+    };
+    let addr = broker.addr.clone();
+    // Create the topic first, so the measured run spends no time on set-up.
+    let out = run_perf(&[
+        "produce", "-b", &addr, "-t", "it-stall", "-n", "10", "-s", "10",
+    ]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("stall.json");
+    let json_arg = json.to_str().unwrap().to_string();
+    let runner = std::thread::spawn(move || {
+        run_perf(&[
+            "produce",
+            "-b",
+            &addr,
+            "-t",
+            "it-stall",
+            "-s",
+            "10",
+            "--rate",
+            "2000",
+            "--duration-secs",
+            "3",
+            "--json",
+            &json_arg,
+        ])
+    });
+    // Freeze the broker from about 1 s into the run for at least 800 ms.
+    std::thread::sleep(Duration::from_millis(1000));
+    let pid = broker.child.id().to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} failed");
+    };
+    signal("-STOP");
+    std::thread::sleep(Duration::from_millis(800));
+    signal("-CONT");
+    let out = runner.join().unwrap();
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    let lat = &summary(&json)["latency"];
+    let max = lat["max_ms"].as_f64().unwrap();
+    let p90 = lat["p90_ms"].as_f64().unwrap();
+    // Batches due during the 800 ms stall waited up to 800 ms: over a quarter of the run's
+    // batches, so the 90th percentile is far above a healthy broker's few milliseconds. A
+    // generator timing from the actual send would report one slow request and a low p90.
+    assert!(max >= 700.0, "max {max} ms");
+    assert!(p90 >= 50.0, "p90 {p90} ms");
+}
+
 #[test]
 fn unreachable_broker_is_an_error_within_seconds() {
     let port = free_port();

@@ -265,12 +265,30 @@ impl Raw {
     /// True once the broker closed the connection (bounded by the read timeout).
     pub fn is_closed(&mut self) -> bool {
         let mut b = [0u8; 1];
-        matches!(self.stream.read(&mut b), Ok(0) | Err(_))
+        match self.stream.read(&mut b) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted
+            ),
+        }
     }
 }
 
 /// One RecordBatch v2 with `count` records (value = "v{i}"), CRC-32C computed.
 pub fn record_batch(producer_id: i64, epoch: i16, base_sequence: i32, count: i32) -> Vec<u8> {
+    record_batch_at(producer_id, epoch, base_sequence, count, 1_700_000_000_000)
+}
+
+/// [`record_batch`] with every record stamped `timestamp_ms`.
+pub fn record_batch_at(
+    producer_id: i64,
+    epoch: i16,
+    base_sequence: i32,
+    count: i32,
+    timestamp_ms: i64,
+) -> Vec<u8> {
     let mut records = Vec::new();
     for i in 0..count {
         let value = format!("v{i}");
@@ -285,7 +303,7 @@ pub fn record_batch(producer_id: i64, epoch: i16, base_sequence: i32, count: i32
         put_varint(&mut records, rec.len() as i64);
         records.extend_from_slice(&rec);
     }
-    let now = 1_700_000_000_000i64;
+    let now = timestamp_ms;
     let mut tail = Vec::new(); // from attributes to the end: the CRC-covered part
     tail.extend_from_slice(&0i16.to_be_bytes());
     tail.extend_from_slice(&(count - 1).to_be_bytes());

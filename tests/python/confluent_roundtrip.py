@@ -109,6 +109,43 @@ for codec, topic in zip(CODECS, topics):
         fail(f"{codec}: read {len(seen)} distinct of {COUNT}")
     print(f"{codec}: {COUNT} messages produced idempotently and read back")
 
+# CreatePartitions, DescribeConfigs and DescribeCluster.
+from confluent_kafka.admin import ConfigResource, NewPartitions, ResourceType
+
+for topic, fut in admin.create_partitions([NewPartitions(topics[0], 5)]).items():
+    fut.result()
+if len(admin.list_topics(timeout=10).topics[topics[0]].partitions) != 5:
+    fail("create_partitions did not grow the topic")
+for _, fut in admin.create_partitions([NewPartitions(topics[0], 2)]).items():
+    try:
+        fut.result()
+        fail("shrinking a topic succeeded")
+    except KafkaException:
+        pass
+res = ConfigResource(ResourceType.TOPIC, topics[0])
+configs = admin.describe_configs([res])[res].result()
+if "retention.ms" not in configs or "cleanup.policy" not in configs:
+    fail(f"describe_configs: {sorted(configs)}")
+cluster = admin.describe_cluster().result()
+if len(cluster.nodes) != 1 or cluster.controller.id != 0:
+    fail(f"describe_cluster: {cluster}")
+for topic, fut in admin.create_topics(
+    [NewTopic("cf-configured", num_partitions=1, config={"retention.ms": "3600000"})]
+).items():
+    fut.result()
+res = ConfigResource(ResourceType.TOPIC, "cf-configured")
+if admin.describe_configs([res])[res].result()["retention.ms"].value != "3600000":
+    fail("topic config not kept")
+for topic, fut in admin.create_topics(
+    [NewTopic("cf-bad", num_partitions=1, config={"no.such.config": "1"})]
+).items():
+    try:
+        fut.result()
+        fail("unknown topic config accepted")
+    except KafkaException:
+        pass
+topics.append("cf-configured")
+
 for topic, fut in admin.delete_topics(topics, operation_timeout=10).items():
     fut.result()
 end = time.time() + DEADLINE_S

@@ -20,7 +20,7 @@ use uuid::Uuid;
 use super::{str_bytes, topic_name};
 use crate::config::BrokerConfig;
 use crate::dispatch::encode_response;
-use crate::error::NetError;
+use crate::error::{or_storage_error, NetError};
 use crate::request::{decode_body, Request};
 use crate::shard::Shard;
 
@@ -131,10 +131,11 @@ pub async fn create_topics(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, Ne
                 res.replication_factor = 1;
             }
         } else {
-            match shard
-                .metadata
-                .create_topic(&t.name, partitions, configs, false)?
-            {
+            match or_storage_error(
+                shard
+                    .metadata
+                    .create_topic(&t.name, partitions, configs, false),
+            ) {
                 Ok(meta) => {
                     tracing::info!(topic = %meta.name, partitions, "created topic");
                     if req.api_version >= 7 {
@@ -195,7 +196,7 @@ pub async fn delete_topics(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, Ne
             resp.responses.push(res);
             continue;
         };
-        match shard.metadata.delete_topic(&resolved)? {
+        match or_storage_error(shard.metadata.delete_topic(&resolved)) {
             Ok(meta) => {
                 if v >= 6 {
                     res.topic_id = Uuid::from_u128(meta.id);
@@ -238,10 +239,7 @@ pub async fn create_partitions(shard: &Rc<Shard>, req: &Request) -> Result<Bytes
                 Some(_) => Ok(()),
             }
         } else {
-            shard
-                .metadata
-                .create_partitions(&t.name, t.count, limit)?
-                .map(|_| ())
+            or_storage_error(shard.metadata.create_partitions(&t.name, t.count, limit)).map(|_| ())
         };
         if let Err(code) = outcome {
             res.error_code = code;

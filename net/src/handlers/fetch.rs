@@ -11,8 +11,9 @@ use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, Partition
 use kafka_protocol::messages::{FetchRequest, FetchResponse};
 use kafka_protocol::ResponseError;
 
-use crate::dispatch::encode_response;
+use crate::dispatch::encode_response_frame;
 use crate::error::{engine_error_code, NetError, NONE};
+use crate::frame::Frame;
 use crate::request::{decode_body, Request};
 use crate::shard::{Shard, TopicPartition};
 
@@ -28,6 +29,11 @@ pub struct PartitionRead {
 type ReadWork = (usize, usize, TopicPartition, i64, usize);
 
 pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError> {
+    handle_frame(shard, req).await.map(|f| f.to_bytes())
+}
+
+/// The Fetch reply with each partition's records left in the buffers they were read into.
+pub async fn handle_frame(shard: &Rc<Shard>, req: &Request) -> Result<Frame, NetError> {
     let r: FetchRequest = decode_body(req)?;
     let max_wait = Duration::from_millis(r.max_wait_ms.max(0) as u64)
         .min(Duration::from_millis(shard.config.max_fetch_wait_ms));
@@ -89,7 +95,13 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
         }
         wait_for_data(shard, &work, generations, deadline).await;
     }
-    encode_response(req.correlation_id, req.api_version, &resp)
+    let records: Vec<Bytes> = resp
+        .responses
+        .iter()
+        .flat_map(|t| &t.partitions)
+        .filter_map(|p| p.records.clone())
+        .collect();
+    encode_response_frame(req.correlation_id, req.api_version, &resp, records)
 }
 
 /// Reads every partition once; returns each owner shard's append generation seen at read time,

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::{str_bytes, topic_name};
 use crate::dispatch::encode_response;
-use crate::error::NetError;
+use crate::error::{or_storage_error, NetError};
 use crate::metadata::{valid_topic_name, TopicMeta};
 use crate::request::{decode_body, Request};
 use crate::shard::Shard;
@@ -81,12 +81,12 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
                     entry.error_code = ResponseError::InvalidTopicException.code();
                 } else if allow_create && created < MAX_AUTO_CREATE_PER_REQUEST {
                     created += 1;
-                    match shard.metadata.create_topic(
+                    match or_storage_error(shard.metadata.create_topic(
                         &name,
                         shard.config.default_partitions,
                         BTreeMap::new(),
                         false,
-                    )? {
+                    )) {
                         Ok(t) => {
                             tracing::info!(topic = %name, partitions = t.partitions, "auto-created topic");
                             resp.topics.push(describe(node, &t, v));
