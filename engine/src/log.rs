@@ -79,6 +79,10 @@ pub(crate) struct State {
     pub bytes_since_sync: u64,
     /// The active segment's file has space reserved below this position.
     pub preallocated: u64,
+    /// Bumped before and after every removal of data (truncation, retention), so it is odd
+    /// while one is under way: a disk read that overlapped a removal may see cut files, which
+    /// is not corruption.
+    pub generation: u64,
 }
 
 impl State {
@@ -572,6 +576,23 @@ impl PartitionLog {
     /// Batches from disk starting with the one containing `offset`, about `budget` bytes worth
     /// (at least one if `need_one`), as (last offset, bytes) sliced from one copy of the read.
     async fn read_disk(
+        &self,
+        offset: u64,
+        budget: usize,
+        need_one: bool,
+    ) -> Result<Vec<(u64, Bytes)>, EngineError> {
+        let generation = self.inner.state.borrow().generation;
+        match self.read_disk_once(offset, budget, need_one).await {
+            Err(EngineError::Corrupt { .. })
+                if generation % 2 == 1 || self.inner.state.borrow().generation != generation =>
+            {
+                Ok(Vec::new())
+            }
+            other => other,
+        }
+    }
+
+    async fn read_disk_once(
         &self,
         offset: u64,
         budget: usize,

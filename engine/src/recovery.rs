@@ -366,6 +366,7 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
         flusher_running: false,
         bytes_since_sync: 0,
         preallocated: size,
+        generation: 0,
     };
     let inner = Rc::new(Inner {
         dir: dir.to_path_buf(),

@@ -28,9 +28,17 @@ pub(crate) async fn truncate_to(inner: &Rc<Inner>, offset: u64) -> Result<(), En
         .acquire_permit(1)
         .await
         .map_err(|_| EngineError::Closed)?;
-    inner.state.borrow_mut().busy = true;
+    {
+        let mut st = inner.state.borrow_mut();
+        st.busy = true;
+        st.generation += 1;
+    }
     let result = truncate_locked(inner, offset).await;
-    inner.state.borrow_mut().busy = false;
+    {
+        let mut st = inner.state.borrow_mut();
+        st.busy = false;
+        st.generation += 1;
+    }
     inner.signal.notify_all();
     result
 }
@@ -219,7 +227,18 @@ pub(crate) async fn apply_retention(inner: &Rc<Inner>, now_ms: i64) -> Result<u6
             first.1 = first.1.max(new_start);
         }
         st.log_start = new_start;
+        st.generation += 1;
     }
+    let result = remove_segments(inner, &doomed, new_start).await;
+    inner.state.borrow_mut().generation += 1;
+    result
+}
+
+async fn remove_segments(
+    inner: &Rc<Inner>,
+    doomed: &[u64],
+    new_start: u64,
+) -> Result<u64, EngineError> {
     let rp = inner.state.borrow().checkpoint.clone();
     if rp.offset < new_start || doomed.contains(&rp.segment_base) {
         inner.write_checkpoint(new_start, new_start, 0)?;
