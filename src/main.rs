@@ -1,4 +1,93 @@
-fn main() {
-    eprintln!("spate: not built yet (the net branch replaces this)");
-    std::process::exit(2);
+//! `spate`: the broker binary. Parses the configuration, starts one pinned executor per core,
+//! and stops cleanly on SIGTERM or Ctrl-C.
+
+mod check;
+mod config;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use spate_net::Broker;
+
+#[derive(Parser)]
+#[command(
+    name = "spate",
+    version,
+    about = "Spate: a Kafka-compatible streaming broker, thread-per-core, for bare-metal Linux"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
 }
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a broker. Flags override the --config file; the defaults are shown in brackets.
+    Serve(config::ServeConfig),
+    /// Verify this machine can run the broker: io_uring, direct I/O on the data dir, limits.
+    Check {
+        /// The data directory the broker will use.
+        #[arg(long, default_value = "./spate-data")]
+        data_dir: std::path::PathBuf,
+        /// Shards the broker will run (default: all cores).
+        #[arg(long)]
+        cores: Option<usize>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Check {
+            data_dir,
+            cores,
+            json,
+        } => {
+            let cores = cores
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let (text, ok) = check::report(&check::run_checks(&data_dir, cores), json);
+            print!("{text}");
+            std::process::exit(if ok { 0 } else { 1 });
+        }
+    };
+    if let Err(e) = result {
+        tracing::error!("{e:#}");
+        eprintln!("spate: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn serve(args: config::ServeConfig) -> anyhow::Result<()> {
+    let config = args.with_file()?.resolve()?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("installing signal handlers")?;
+    tracing::info!(listen = %config.listen, data_dir = %config.data_dir.display(),
+        cores = config.cores, flush = ?config.flush, "starting spate");
+    let broker = Broker::start(config).context("starting the broker")?;
+    let handle = broker.shutdown_handle();
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            tracing::info!(signal = sig, "shutting down: finishing in-flight requests");
+            handle.shutdown();
+        }
+    });
+    broker.wait().context("running the broker")?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+#[global_allocator]
+static ALLOC: spate_net::alloc::NoReserveLargeAlloc = spate_net::alloc::NoReserveLargeAlloc;

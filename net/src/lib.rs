@@ -1,1 +1,26 @@
-//! Spate Kafka wire protocol. (skeleton: the net branch replaces this)
+//! Spate Kafka wire protocol: framing, request decoding, handlers, and the cross-core routing
+//! between shards (one glommio executor per core, each owning its partitions).
+//!
+//! Layout: [`request`] decodes frames and headers (sans-IO), [`dispatch`] is the one match on
+//! API keys, [`handlers`] adapt each API onto partition logs, [`shard`] owns partitions and runs
+//! cross-shard work, [`server`] runs connections, [`broker`] starts the executors.
+
+pub mod alloc;
+pub mod broker;
+pub mod config;
+pub mod dispatch;
+pub mod error;
+pub mod group;
+pub mod handlers;
+pub mod metadata;
+pub mod partition;
+pub mod producer_state;
+pub mod request;
+pub mod server;
+pub mod shard;
+pub mod versions;
+
+pub use broker::{Broker, ShutdownHandle};
+pub use config::BrokerConfig;
+pub use error::NetError;
+pub use shard::{Router, Shard, TopicPartition};

@@ -1,4 +1,9 @@
+use clap::Parser;
+
 fn main() {
-    eprintln!("spate-perf: not built yet (the perf branch replaces this)");
-    std::process::exit(2);
+    let cli = spate_perf::config::Cli::parse();
+    if let Err(e) = spate_perf::execute(cli.command) {
+        eprintln!("spate-perf: {e}");
+        std::process::exit(1);
+    }
 }

@@ -1,0 +1,77 @@
+//! A global allocator that keeps hostile length fields from aborting the process.
+//!
+//! The `kafka-protocol` decoders call `Vec::with_capacity(count)` with the array count read
+//! from the wire before checking it against the bytes that remain. A 4-byte count can ask for
+//! hundreds of GiB; with the kernel's default heuristic overcommit that allocation fails and
+//! Rust aborts. Requests this large are never legitimate (frames are capped far below), so they
+//! are served from `MAP_NORESERVE` anonymous mappings: address space only, no commit charge.
+//! The decoder then fails on the missing bytes after touching a few pages, and the mapping is
+//! returned. Everything smaller goes to the system allocator unchanged.
+//!
+//! Install it in each binary: `#[global_allocator] static A: NoReserveLargeAlloc = NoReserveLargeAlloc;`
+
+use std::alloc::{GlobalAlloc, Layout, System};
+
+/// Allocations at or above this size get a `MAP_NORESERVE` mapping.
+pub const LARGE_ALLOC_BYTES: usize = 1 << 30;
+const PAGE_BYTES: usize = 4096;
+
+pub struct NoReserveLargeAlloc;
+
+fn is_large(layout: &Layout) -> bool {
+    layout.size() >= LARGE_ALLOC_BYTES && layout.align() <= PAGE_BYTES
+}
+
+// SAFETY: large blocks come from mmap (page aligned, so any align <= PAGE_BYTES holds) and go
+// back to munmap with the same size; all others are the system allocator's.
+unsafe impl GlobalAlloc for NoReserveLargeAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if is_large(&layout) {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                layout.size(),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            );
+            if p == libc::MAP_FAILED {
+                std::ptr::null_mut()
+            } else {
+                p as *mut u8
+            }
+        } else {
+            System.alloc(layout)
+        }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if is_large(&layout) {
+            // Fresh anonymous mappings are zero-filled.
+            self.alloc(layout)
+        } else {
+            System.alloc_zeroed(layout)
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if is_large(&layout) {
+            libc::munmap(ptr as *mut libc::c_void, layout.size());
+        } else {
+            System.dealloc(ptr, layout)
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let new_layout = Layout::from_size_align_unchecked(new_size, layout.align());
+        if !is_large(&layout) && !is_large(&new_layout) {
+            return System.realloc(ptr, layout, new_size);
+        }
+        let new = self.alloc(new_layout);
+        if !new.is_null() {
+            std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
+            self.dealloc(ptr, layout);
+        }
+        new
+    }
+}

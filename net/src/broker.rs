@@ -1,0 +1,177 @@
+//! Starting and stopping the broker: one pinned glommio executor per shard, each listening on
+//! the same port, sharing only the metadata store and the cross-shard queues.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
+
+use crate::config::BrokerConfig;
+use crate::error::NetError;
+use crate::metadata::MetadataStore;
+use crate::server::accept_loop;
+use crate::shard::{Job, Router, Shard};
+
+/// How often a shard that finished draining checks whether the others have too.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(10);
+
+pub struct Broker {
+    handles: Vec<ExecutorJoinHandle<()>>,
+    shutdown: ShutdownHandle,
+    pub local_addr: SocketAddr,
+}
+
+/// Asks every shard to stop. `Send + Clone`, for signal handlers.
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    router: Router,
+}
+
+impl ShutdownHandle {
+    pub fn shutdown(&self) {
+        for i in 0..self.router.shards() {
+            let router = self.router.clone();
+            // Sent from a plain thread: block on the queue, it is drained by the shard.
+            let job: Job = Box::new(|s: Rc<Shard>| {
+                Box::pin(async move {
+                    s.begin_shutdown();
+                })
+            });
+            let _ = router.send_blocking(i, job);
+        }
+    }
+}
+
+impl Broker {
+    pub fn start(config: BrokerConfig) -> Result<Broker, NetError> {
+        if config.cores == 0 {
+            return Err(NetError::Config("cores must be at least 1".into()));
+        }
+        std::fs::create_dir_all(&config.data_dir)?;
+        let metadata = MetadataStore::open(&config.data_dir)?;
+        let config = Arc::new(config);
+        let (router, receivers) = Router::new(config.cores);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let open_connections = Arc::new(AtomicUsize::new(0));
+        let drained = Arc::new(AtomicUsize::new(0));
+        let (ready_tx, ready_rx) = flume::bounded::<Result<SocketAddr, String>>(config.cores);
+        let mut handles = Vec::with_capacity(config.cores);
+        for (id, inbox) in receivers.into_iter().enumerate() {
+            let (config, metadata, router) = (config.clone(), metadata.clone(), router.clone());
+            let (open, drained, ready) =
+                (open_connections.clone(), drained.clone(), ready_tx.clone());
+            let handle = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
+                .name(&format!("spate-shard-{id}"))
+                .io_memory(config.io_memory_bytes)
+                .spawn(move || async move {
+                    run_shard(id, config, metadata, router, inbox, open, drained, ready).await
+                })
+                .map_err(|e| NetError::Config(format!("cannot start shard {id}: {e}")))?;
+            handles.push(handle);
+        }
+        drop(ready_tx);
+        let mut local_addr = None;
+        for _ in 0..config.cores {
+            match ready_rx.recv() {
+                Ok(Ok(addr)) => local_addr = Some(addr),
+                Ok(Err(e)) => {
+                    let broker = Broker {
+                        handles,
+                        shutdown: ShutdownHandle { router },
+                        local_addr: config.listen,
+                    };
+                    broker.shutdown.shutdown();
+                    let _ = broker.wait();
+                    return Err(NetError::Config(e));
+                }
+                Err(_) => return Err(NetError::Config("a shard exited during start".into())),
+            }
+        }
+        Ok(Broker {
+            handles,
+            shutdown: ShutdownHandle { router },
+            local_addr: local_addr.unwrap_or(config.listen),
+        })
+    }
+
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shutdown.clone()
+    }
+
+    /// Blocks until every shard has stopped.
+    pub fn wait(self) -> Result<(), NetError> {
+        let mut failed = false;
+        for h in self.handles {
+            if h.join().is_err() {
+                failed = true;
+            }
+        }
+        if failed {
+            return Err(NetError::Config("a shard panicked".into()));
+        }
+        Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_shard(
+    id: usize,
+    config: Arc<BrokerConfig>,
+    metadata: Arc<MetadataStore>,
+    router: Router,
+    inbox: flume::Receiver<Job>,
+    open_connections: Arc<AtomicUsize>,
+    drained: Arc<AtomicUsize>,
+    ready: flume::Sender<Result<SocketAddr, String>>,
+) {
+    let shard = Shard::new(id, router.clone(), config.clone(), metadata);
+    crate::group::start_shard(&shard);
+    // Jobs from other shards run as tasks of this shard, so a slow one never blocks the queue.
+    let jobs = {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            while let Ok(job) = inbox.recv_async().await {
+                glommio::spawn_local(job(shard.clone())).detach();
+            }
+        })
+    };
+    let listener = match glommio::net::TcpListener::bind(config.listen) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(format!("cannot listen on {}: {e}", config.listen)));
+            drop(ready);
+            wait_for_shutdown(&shard).await;
+            finish(&shard, &drained, router.shards()).await;
+            drop(jobs);
+            Shard::clear_current();
+            return;
+        }
+    };
+    let addr = listener.local_addr().unwrap_or(config.listen);
+    tracing::info!(shard = id, %addr, "shard listening");
+    let _ = ready.send(Ok(addr));
+    drop(ready);
+    accept_loop(shard.clone(), listener, open_connections).await;
+    finish(&shard, &drained, router.shards()).await;
+    drop(jobs);
+    Shard::clear_current();
+    tracing::info!(shard = id, "shard stopped");
+}
+
+async fn wait_for_shutdown(shard: &Shard) {
+    shard.shutdown.changed(0).await;
+}
+
+/// Waits until every shard drained its connections (their in-flight requests may still need
+/// this shard's partitions), then closes this shard's partitions.
+async fn finish(shard: &Rc<Shard>, drained: &AtomicUsize, shards: usize) {
+    drained.fetch_add(1, Ordering::AcqRel);
+    while drained.load(Ordering::Acquire) < shards {
+        glommio::timer::sleep(SHUTDOWN_POLL).await;
+    }
+    shard.close_partitions().await;
+    crate::group::close_shard().await;
+}

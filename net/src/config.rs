@@ -1,0 +1,75 @@
+//! What the broker needs to know at start. The `spate` binary builds this from its CLI/TOML
+//! configuration; every limit carries its unit in its name.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use spate_engine::{FlushPolicy, LogConfig};
+
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    pub listen: SocketAddr,
+    /// Host and port clients are told to connect to (Metadata, FindCoordinator).
+    pub advertised_host: String,
+    pub advertised_port: u16,
+    pub data_dir: PathBuf,
+    pub cores: usize,
+    pub node_id: i32,
+    pub flush: FlushPolicy,
+    pub default_partitions: i32,
+    pub auto_create_topics: bool,
+    pub retention_ms: Option<u64>,
+    pub retention_bytes: Option<u64>,
+    pub segment_bytes: u64,
+    pub max_frame_bytes: usize,
+    pub max_connections: usize,
+    pub max_in_flight_per_connection: usize,
+    pub max_batch_bytes: u32,
+    /// Upper bound on a Fetch's max_wait_ms, so a hostile request cannot park a task for days.
+    pub max_fetch_wait_ms: u64,
+    /// Upper bound on partitions in one topic.
+    pub max_partitions_per_topic: i32,
+    /// Registered io_uring buffer memory per shard (memlock is small on many hosts).
+    pub io_memory_bytes: usize,
+    /// Consumer group coordinator settings (sessions, rebalances, offsets topic, retention).
+    pub groups: crate::group::GroupConfig,
+}
+
+impl BrokerConfig {
+    /// A configuration for tests and defaults: everything on loopback, one core.
+    pub fn for_dir(data_dir: PathBuf) -> Self {
+        BrokerConfig {
+            listen: "127.0.0.1:9092".parse().expect("valid literal"),
+            advertised_host: "127.0.0.1".into(),
+            advertised_port: 9092,
+            data_dir,
+            cores: 1,
+            node_id: 0,
+            flush: FlushPolicy::Always,
+            default_partitions: 1,
+            auto_create_topics: true,
+            retention_ms: Some(7 * 24 * 3600 * 1000),
+            retention_bytes: None,
+            segment_bytes: 1 << 30,
+            max_frame_bytes: 100 << 20,
+            max_connections: 10_000,
+            max_in_flight_per_connection: 32,
+            max_batch_bytes: 16 << 20,
+            max_fetch_wait_ms: 30_000,
+            max_partitions_per_topic: 10_000,
+            io_memory_bytes: 2 << 20,
+            groups: crate::group::GroupConfig::default(),
+        }
+    }
+
+    pub fn log_config(&self) -> LogConfig {
+        LogConfig {
+            segment_bytes: self.segment_bytes,
+            max_batch_bytes: self.max_batch_bytes,
+            retention_bytes: self.retention_bytes,
+            retention_ms: self.retention_ms,
+            flush: self.flush,
+            ..LogConfig::default()
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! The one place a decoded request is routed to its handler by API key. The groups helper adds
+//! its keys here (and to [`crate::versions::SUPPORTED`]).
+
+use std::rc::Rc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::{ApiKey, ResponseHeader};
+use kafka_protocol::protocol::{Encodable, HeaderVersion};
+
+use crate::error::NetError;
+use crate::handlers;
+use crate::request::Request;
+use crate::shard::Shard;
+use crate::versions;
+
+/// What to write back: a framed response, or nothing (Produce with acks=0).
+pub type Reply = Option<Bytes>;
+
+/// Per-request context from the connection.
+pub struct RequestContext {
+    /// Set for Produce requests: their place in the connection's append order.
+    pub produce_turn: Option<crate::shard::ProduceTurn>,
+}
+
+pub async fn dispatch(
+    shard: Rc<Shard>,
+    req: Request,
+    ctx: RequestContext,
+) -> Result<Reply, NetError> {
+    if req.api_key == ApiKey::ApiVersions {
+        return handlers::api_versions::handle(&req).map(Some);
+    }
+    if req.api_key == ApiKey::Produce && req.api_version < versions::PRODUCE_SERVED_MIN_VERSION {
+        return handlers::produce::reject_old_version(&req).map(Some);
+    }
+    if !versions::is_served(req.api_key, req.api_version) {
+        return Err(NetError::Malformed(format!(
+            "{:?} v{} is not supported",
+            req.api_key, req.api_version
+        )));
+    }
+    match req.api_key {
+        ApiKey::Produce => handlers::produce::handle(&shard, &req, ctx.produce_turn).await,
+        ApiKey::Fetch => handlers::fetch::handle(&shard, &req).await.map(Some),
+        ApiKey::ListOffsets => handlers::list_offsets::handle(&shard, &req).await.map(Some),
+        ApiKey::Metadata => handlers::metadata::handle(&shard, &req).await.map(Some),
+        ApiKey::InitProducerId => handlers::init_producer_id::handle(&shard, &req).map(Some),
+        ApiKey::CreateTopics => handlers::admin::create_topics(&shard, &req).await.map(Some),
+        ApiKey::DeleteTopics => handlers::admin::delete_topics(&shard, &req).await.map(Some),
+        ApiKey::CreatePartitions => handlers::admin::create_partitions(&shard, &req)
+            .await
+            .map(Some),
+        ApiKey::DescribeConfigs => handlers::admin::describe_configs(&shard, &req).map(Some),
+        ApiKey::DescribeCluster => handlers::admin::describe_cluster(&shard, &req).map(Some),
+        key if crate::group::GROUP_API_KEYS.contains(&key) => {
+            crate::group::handle(&shard, &req).await.map(Some)
+        }
+        other => Err(NetError::Malformed(format!("{other:?} is not served"))),
+    }
+}
+
+/// Frames a response: length prefix, response header (the version the API defines for this
+/// request version), body.
+pub fn encode_response<T: Encodable + HeaderVersion>(
+    correlation_id: i32,
+    version: i16,
+    body: &T,
+) -> Result<Bytes, NetError> {
+    let header_version = T::header_version(version);
+    let mut header = ResponseHeader::default();
+    header.correlation_id = correlation_id;
+    let enc = |e: anyhow::Error| NetError::Encode(e.to_string());
+    let size = header
+        .compute_size(header_version)
+        .map_err(enc)?
+        .checked_add(body.compute_size(version).map_err(enc)?)
+        .ok_or_else(|| NetError::Encode("response size overflows".into()))?;
+    let mut buf = BytesMut::with_capacity(4 + size);
+    buf.put_i32(size as i32);
+    header.encode(&mut buf, header_version).map_err(enc)?;
+    body.encode(&mut buf, version).map_err(enc)?;
+    debug_assert_eq!(buf.len(), 4 + size, "encoded size matches computed size");
+    Ok(buf.freeze())
+}
+
+/// Decodes a request's body for its API without running it: what the fuzz target and the
+/// property tests drive with arbitrary bytes.
+pub fn decode_only(req: &Request) -> Result<(), NetError> {
+    use crate::request::decode_body;
+    use kafka_protocol::messages::*;
+    if !versions::is_served(req.api_key, req.api_version) {
+        return Err(NetError::Malformed("unsupported version".into()));
+    }
+    match req.api_key {
+        ApiKey::Produce => decode_body::<ProduceRequest>(req).map(drop),
+        ApiKey::Fetch => decode_body::<FetchRequest>(req).map(drop),
+        ApiKey::ListOffsets => decode_body::<ListOffsetsRequest>(req).map(drop),
+        ApiKey::Metadata => decode_body::<MetadataRequest>(req).map(drop),
+        ApiKey::ApiVersions => decode_body::<ApiVersionsRequest>(req).map(drop),
+        ApiKey::CreateTopics => decode_body::<CreateTopicsRequest>(req).map(drop),
+        ApiKey::DeleteTopics => decode_body::<DeleteTopicsRequest>(req).map(drop),
+        ApiKey::InitProducerId => decode_body::<InitProducerIdRequest>(req).map(drop),
+        ApiKey::DescribeConfigs => decode_body::<DescribeConfigsRequest>(req).map(drop),
+        ApiKey::CreatePartitions => decode_body::<CreatePartitionsRequest>(req).map(drop),
+        ApiKey::DescribeCluster => decode_body::<DescribeClusterRequest>(req).map(drop),
+        _ => Err(NetError::Malformed("not served".into())),
+    }
+}
+
+/// Everything the broker does with untrusted bytes before touching state: framing, header,
+/// body, and the record-batch checks of a Produce.
+pub fn decode_frame_for_fuzzing(bytes: &[u8], max_frame_bytes: usize) {
+    let Ok(Some(len)) = crate::request::frame_len(bytes, max_frame_bytes) else {
+        return;
+    };
+    let Some(frame) =
+        bytes.get(crate::request::FRAME_PREFIX_BYTES..crate::request::FRAME_PREFIX_BYTES + len)
+    else {
+        return;
+    };
+    let Ok(req) = crate::request::decode_request(Bytes::copy_from_slice(frame)) else {
+        return;
+    };
+    let _ = decode_only(&req);
+    if req.api_key == ApiKey::Produce {
+        if req.api_version < versions::PRODUCE_SERVED_MIN_VERSION {
+            let _ = handlers::produce::reject_old_version(&req);
+        } else if let Ok(p) =
+            crate::request::decode_body::<kafka_protocol::messages::ProduceRequest>(&req)
+        {
+            for t in p.topic_data {
+                for pd in t.partition_data {
+                    let _ = handlers::produce::split_batches(pd.records, 1 << 20);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,364 @@
+//! Topic administration: CreateTopics, DeleteTopics, CreatePartitions, DescribeConfigs,
+//! DescribeCluster. Metadata changes go through the store (persisted before the reply); logs of
+//! new partitions are opened lazily by their owning shard.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use kafka_protocol::messages::create_partitions_response::CreatePartitionsTopicResult;
+use kafka_protocol::messages::create_topics_response::CreatableTopicResult;
+use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
+use kafka_protocol::messages::describe_cluster_response::DescribeClusterBroker;
+use kafka_protocol::messages::describe_configs_response::{
+    DescribeConfigsResourceResult, DescribeConfigsResult,
+};
+use kafka_protocol::messages::*;
+use kafka_protocol::ResponseError;
+use uuid::Uuid;
+
+use super::{str_bytes, topic_name};
+use crate::config::BrokerConfig;
+use crate::dispatch::encode_response;
+use crate::error::NetError;
+use crate::request::{decode_body, Request};
+use crate::shard::Shard;
+
+/// Topic configs this broker understands; anything else is INVALID_CONFIG.
+pub const TOPIC_CONFIG_KEYS: &[&str] = &[
+    "retention.ms",
+    "retention.bytes",
+    "segment.bytes",
+    "max.message.bytes",
+    "cleanup.policy",
+];
+const RESOURCE_TOPIC: i8 = 2;
+const RESOURCE_BROKER: i8 = 4;
+const SOURCE_TOPIC: i8 = 1;
+const SOURCE_STATIC_BROKER: i8 = 4;
+const SOURCE_DEFAULT: i8 = 5;
+
+/// Checks a topic config entry: known key, parseable value.
+fn validate_config(key: &str, value: &str) -> Result<(), String> {
+    match key {
+        "retention.ms" | "retention.bytes" => value
+            .parse::<i64>()
+            .map(|_| ())
+            .map_err(|e| format!("{key}: {e}")),
+        "segment.bytes" | "max.message.bytes" => match value.parse::<i64>() {
+            Ok(v) if v > 0 => Ok(()),
+            _ => Err(format!("{key} must be a positive integer")),
+        },
+        "cleanup.policy" if value == "delete" => Ok(()),
+        "cleanup.policy" => Err("only cleanup.policy=delete is supported".into()),
+        _ => Err(format!("unknown topic config {key}")),
+    }
+}
+
+/// Effective value of every known topic config, and whether the topic set it.
+pub fn topic_configs(
+    config: &BrokerConfig,
+    set: &BTreeMap<String, String>,
+) -> Vec<(String, String, bool)> {
+    let default = |k: &str| match k {
+        "retention.ms" => config.retention_ms.map_or(-1, |v| v as i64).to_string(),
+        "retention.bytes" => config.retention_bytes.map_or(-1, |v| v as i64).to_string(),
+        "segment.bytes" => config.segment_bytes.to_string(),
+        "max.message.bytes" => config.max_batch_bytes.to_string(),
+        _ => "delete".to_string(),
+    };
+    TOPIC_CONFIG_KEYS
+        .iter()
+        .map(|&k| match set.get(k) {
+            Some(v) => (k.to_string(), v.clone(), true),
+            None => (k.to_string(), default(k), false),
+        })
+        .collect()
+}
+
+pub async fn create_topics(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError> {
+    let r: CreateTopicsRequest = decode_body(req)?;
+    let mut resp = CreateTopicsResponse::default();
+    for t in r.topics {
+        let mut res = CreatableTopicResult::default();
+        res.name = t.name.clone();
+        res.num_partitions = -1;
+        res.replication_factor = -1;
+        let partitions = if !t.assignments.is_empty() {
+            t.assignments.len() as i32
+        } else if t.num_partitions == -1 {
+            shard.config.default_partitions
+        } else {
+            t.num_partitions
+        };
+        let mut configs = BTreeMap::new();
+        let mut error: Option<(i16, String)> = None;
+        for c in &t.configs {
+            let value = c.value.as_ref().map(|v| v.to_string()).unwrap_or_default();
+            match validate_config(&c.name, &value) {
+                Ok(()) => {
+                    configs.insert(c.name.to_string(), value);
+                }
+                Err(msg) => error = Some((ResponseError::InvalidConfig.code(), msg)),
+            }
+        }
+        if !matches!(t.replication_factor, -1 | 1) {
+            error = Some((
+                ResponseError::InvalidReplicationFactor.code(),
+                "a single-node broker supports replication factor 1".into(),
+            ));
+        }
+        if partitions < 1 || partitions > shard.config.max_partitions_per_topic {
+            error = Some((
+                ResponseError::InvalidPartitions.code(),
+                format!(
+                    "partitions must be in 1..={}",
+                    shard.config.max_partitions_per_topic
+                ),
+            ));
+        }
+        if let Some((code, msg)) = error {
+            res.error_code = code;
+            res.error_message = Some(str_bytes(&msg));
+            tracing::info!(topic = %&*t.name, code, msg, "refused to create topic");
+        } else if r.validate_only {
+            if shard.topics().contains_key(t.name.as_str()) {
+                res.error_code = ResponseError::TopicAlreadyExists.code();
+            } else if !crate::metadata::valid_topic_name(&t.name) {
+                res.error_code = ResponseError::InvalidTopicException.code();
+            } else if req.api_version >= 5 {
+                res.num_partitions = partitions;
+                res.replication_factor = 1;
+            }
+        } else {
+            match shard
+                .metadata
+                .create_topic(&t.name, partitions, configs, false)?
+            {
+                Ok(meta) => {
+                    tracing::info!(topic = %meta.name, partitions, "created topic");
+                    if req.api_version >= 7 {
+                        res.topic_id = Uuid::from_u128(meta.id);
+                    }
+                    if req.api_version >= 5 {
+                        res.num_partitions = partitions;
+                        res.replication_factor = 1;
+                    }
+                }
+                Err(code) => {
+                    res.error_code = code;
+                    if code == ResponseError::TopicAlreadyExists.code() {
+                        res.error_message =
+                            Some(str_bytes(&format!("Topic '{}' already exists.", &*t.name)));
+                    }
+                }
+            }
+        }
+        resp.topics.push(res);
+    }
+    encode_response(req.correlation_id, req.api_version, &resp)
+}
+
+pub async fn delete_topics(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError> {
+    let r: DeleteTopicsRequest = decode_body(req)?;
+    let mut wanted: Vec<(Option<String>, Uuid)> = r
+        .topic_names
+        .iter()
+        .map(|n| (Some(n.to_string()), Uuid::nil()))
+        .collect();
+    wanted.extend(
+        r.topics
+            .iter()
+            .map(|t| (t.name.as_ref().map(|n| n.to_string()), t.topic_id)),
+    );
+    let mut resp = DeleteTopicsResponse::default();
+    for (name, id) in wanted {
+        let mut res = DeletableTopicResult::default();
+        let v = req.api_version;
+        if v >= 6 {
+            res.topic_id = id;
+        }
+        let topics = shard.topics();
+        let resolved = match &name {
+            Some(n) => Some(n.clone()),
+            None => topics
+                .values()
+                .find(|t| t.id == id.as_u128())
+                .map(|t| t.name.clone()),
+        };
+        res.name = resolved
+            .as_deref()
+            .map(topic_name)
+            .or(name.as_deref().map(topic_name));
+        let Some(resolved) = resolved else {
+            res.error_code = ResponseError::UnknownTopicId.code();
+            resp.responses.push(res);
+            continue;
+        };
+        match shard.metadata.delete_topic(&resolved)? {
+            Ok(meta) => {
+                if v >= 6 {
+                    res.topic_id = Uuid::from_u128(meta.id);
+                }
+                let (topic, count) = (meta.name.clone(), meta.partitions);
+                for r in shard
+                    .router
+                    .broadcast(move |s| {
+                        let topic = topic.clone();
+                        async move { s.delete_partitions(&topic, count).await }
+                    })
+                    .await
+                {
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "deleting partitions on a shard");
+                    }
+                }
+                tracing::info!(topic = %meta.name, "deleted topic");
+            }
+            Err(code) => res.error_code = code,
+        }
+        resp.responses.push(res);
+    }
+    encode_response(req.correlation_id, req.api_version, &resp)
+}
+
+pub async fn create_partitions(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError> {
+    let r: CreatePartitionsRequest = decode_body(req)?;
+    let mut resp = CreatePartitionsResponse::default();
+    for t in r.topics {
+        let mut res = CreatePartitionsTopicResult::default();
+        res.name = t.name.clone();
+        let limit = shard.config.max_partitions_per_topic;
+        let outcome = if r.validate_only {
+            match shard.topics().get(t.name.as_str()) {
+                None => Err(ResponseError::UnknownTopicOrPartition.code()),
+                Some(m) if t.count <= m.partitions || t.count > limit => {
+                    Err(ResponseError::InvalidPartitions.code())
+                }
+                Some(_) => Ok(()),
+            }
+        } else {
+            shard
+                .metadata
+                .create_partitions(&t.name, t.count, limit)?
+                .map(|_| ())
+        };
+        if let Err(code) = outcome {
+            res.error_code = code;
+            if code == ResponseError::InvalidPartitions.code() {
+                res.error_message = Some(str_bytes(&format!(
+                    "the new count must exceed the current one and be at most {limit}"
+                )));
+            }
+        }
+        resp.results.push(res);
+    }
+    encode_response(req.correlation_id, req.api_version, &resp)
+}
+
+pub fn describe_configs(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError> {
+    let r: DescribeConfigsRequest = decode_body(req)?;
+    let mut resp = DescribeConfigsResponse::default();
+    for res in r.resources {
+        let mut out = DescribeConfigsResult::default();
+        out.resource_type = res.resource_type;
+        out.resource_name = res.resource_name.clone();
+        let entries: Vec<(String, String, i8)> = match res.resource_type {
+            RESOURCE_TOPIC => match shard.topics().get(res.resource_name.as_str()) {
+                Some(t) => topic_configs(&shard.config, &t.configs)
+                    .into_iter()
+                    .map(|(k, v, set)| (k, v, if set { SOURCE_TOPIC } else { SOURCE_DEFAULT }))
+                    .collect(),
+                None => {
+                    out.error_code = ResponseError::UnknownTopicOrPartition.code();
+                    Vec::new()
+                }
+            },
+            RESOURCE_BROKER => broker_configs(&shard.config),
+            _ => {
+                out.error_code = ResponseError::InvalidRequest.code();
+                out.error_message = Some(str_bytes("only topic and broker resources"));
+                Vec::new()
+            }
+        };
+        let keys = res.configuration_keys.as_ref();
+        out.configs = entries
+            .into_iter()
+            .filter(|(k, ..)| keys.is_none_or(|ks| ks.iter().any(|w| w.as_str() == k)))
+            .map(|(k, v, source)| {
+                let mut c = DescribeConfigsResourceResult::default();
+                c.name = str_bytes(&k);
+                c.value = Some(str_bytes(&v));
+                c.read_only = res.resource_type == RESOURCE_BROKER;
+                c.config_source = source;
+                c
+            })
+            .collect();
+        resp.results.push(out);
+    }
+    encode_response(req.correlation_id, req.api_version, &resp)
+}
+
+fn broker_configs(config: &BrokerConfig) -> Vec<(String, String, i8)> {
+    let s = SOURCE_STATIC_BROKER;
+    vec![
+        ("broker.id".into(), config.node_id.to_string(), s),
+        (
+            "num.partitions".into(),
+            config.default_partitions.to_string(),
+            s,
+        ),
+        (
+            "auto.create.topics.enable".into(),
+            config.auto_create_topics.to_string(),
+            s,
+        ),
+        (
+            "log.segment.bytes".into(),
+            config.segment_bytes.to_string(),
+            s,
+        ),
+        (
+            "message.max.bytes".into(),
+            config.max_batch_bytes.to_string(),
+            s,
+        ),
+        (
+            "socket.request.max.bytes".into(),
+            config.max_frame_bytes.to_string(),
+            s,
+        ),
+    ]
+}
+
+pub fn describe_cluster(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError> {
+    let _r: DescribeClusterRequest = decode_body(req)?;
+    let mut resp = DescribeClusterResponse::default();
+    resp.cluster_id = str_bytes(&shard.metadata.cluster_id());
+    resp.controller_id = BrokerId(shard.config.node_id);
+    resp.endpoint_type = 1;
+    resp.cluster_authorized_operations = i32::MIN;
+    let mut b = DescribeClusterBroker::default();
+    b.broker_id = BrokerId(shard.config.node_id);
+    b.host = str_bytes(&shard.config.advertised_host);
+    b.port = shard.config.advertised_port as i32;
+    resp.brokers = vec![b];
+    encode_response(req.correlation_id, req.api_version, &resp)
+}
+
+/// Overrides the broker's log settings with a topic's own configs.
+pub fn apply_topic_configs(lc: &mut spate_engine::LogConfig, set: &BTreeMap<String, String>) {
+    let num = |k: &str| set.get(k).and_then(|v| v.parse::<i64>().ok());
+    if let Some(v) = num("retention.ms") {
+        lc.retention_ms = (v >= 0).then_some(v as u64);
+    }
+    if let Some(v) = num("retention.bytes") {
+        lc.retention_bytes = (v >= 0).then_some(v as u64);
+    }
+    if let Some(v) = num("segment.bytes").filter(|v| *v > 0) {
+        lc.segment_bytes = v as u64;
+    }
+    if let Some(v) = num("max.message.bytes").filter(|v| *v > 0) {
+        lc.max_batch_bytes = v.min(u32::MAX as i64) as u32;
+    }
+}

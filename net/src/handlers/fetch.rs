@@ -1,0 +1,270 @@
+//! Fetch with long polling: read every requested partition on its owning shard; if fewer than
+//! `min_bytes` came back, wait until any owning shard appends or `max_wait_ms` passes, then read
+//! again. Whole batches only; a fetch starting inside a batch gets that batch.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+use kafka_protocol::messages::{FetchRequest, FetchResponse};
+use kafka_protocol::ResponseError;
+
+use crate::dispatch::encode_response;
+use crate::error::{engine_error_code, NetError, NONE};
+use crate::request::{decode_body, Request};
+use crate::shard::{Shard, TopicPartition};
+
+/// One partition's read on its owner.
+#[derive(Clone, Debug)]
+pub struct PartitionRead {
+    pub error_code: i16,
+    pub high_watermark: i64,
+    pub log_start_offset: i64,
+    pub records: Option<Bytes>,
+}
+
+type ReadWork = (usize, usize, TopicPartition, i64, usize);
+
+pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError> {
+    let r: FetchRequest = decode_body(req)?;
+    let max_wait = Duration::from_millis(r.max_wait_ms.max(0) as u64)
+        .min(Duration::from_millis(shard.config.max_fetch_wait_ms));
+    let deadline = Instant::now() + max_wait;
+    let min_bytes = r.min_bytes.max(0) as usize;
+    let max_bytes = if r.max_bytes <= 0 {
+        usize::MAX
+    } else {
+        r.max_bytes as usize
+    };
+
+    let mut resp = FetchResponse::default();
+    let mut work: BTreeMap<usize, Vec<ReadWork>> = BTreeMap::new();
+    for (ti, topic) in r.topics.iter().enumerate() {
+        let mut tr = FetchableTopicResponse::default();
+        tr.topic = topic.topic.clone();
+        tr.topic_id = topic.topic_id;
+        for (pi, p) in topic.partitions.iter().enumerate() {
+            let mut pd = PartitionData::default();
+            pd.partition_index = p.partition;
+            pd.high_watermark = -1;
+            pd.last_stable_offset = -1;
+            pd.log_start_offset = -1;
+            match shard.check_exists(&topic.topic, p.partition) {
+                Ok(()) => {
+                    let tp = TopicPartition::new(&topic.topic, p.partition);
+                    let owner = shard.router.shard_for(&tp.topic, tp.partition);
+                    let limit = p.partition_max_bytes.max(0) as usize;
+                    work.entry(owner)
+                        .or_default()
+                        .push((ti, pi, tp, p.fetch_offset, limit));
+                }
+                Err(code) => pd.error_code = code,
+            }
+            tr.partitions.push(pd);
+        }
+        resp.responses.push(tr);
+    }
+
+    loop {
+        let generations = read_all(shard, &work, max_bytes, req.api_version, &mut resp).await;
+        let total: usize = resp
+            .responses
+            .iter()
+            .flat_map(|t| &t.partitions)
+            .map(|p| p.records.as_ref().map_or(0, |r| r.len()))
+            .sum();
+        let any_error = resp
+            .responses
+            .iter()
+            .flat_map(|t| &t.partitions)
+            .any(|p| p.error_code != NONE);
+        let now = Instant::now();
+        if total >= min_bytes || any_error || now >= deadline || work.is_empty() {
+            break;
+        }
+        if shard.is_shutting_down() {
+            break;
+        }
+        wait_for_data(shard, &work, generations, deadline).await;
+    }
+    encode_response(req.correlation_id, req.api_version, &resp)
+}
+
+/// Reads every partition once; returns each owner shard's append generation seen at read time,
+/// so a wait can tell whether anything arrived since.
+async fn read_all(
+    shard: &Rc<Shard>,
+    work: &BTreeMap<usize, Vec<ReadWork>>,
+    max_bytes: usize,
+    version: i16,
+    resp: &mut FetchResponse,
+) -> BTreeMap<usize, u64> {
+    let tasks: Vec<_> = work
+        .iter()
+        .map(|(&owner, items)| {
+            let (router, items) = (shard.router.clone(), items.clone());
+            let t = glommio::spawn_local(async move {
+                router
+                    .run_on(owner, move |s| read_on_owner(s, items, max_bytes))
+                    .await
+            });
+            (owner, t)
+        })
+        .collect();
+    let mut generations = BTreeMap::new();
+    let mut budget = max_bytes;
+    let mut results = Vec::new();
+    for (owner, t) in tasks {
+        match t.await {
+            Ok((generation, reads)) => {
+                generations.insert(owner, generation);
+                results.extend(reads);
+            }
+            Err(e) => {
+                for (ti, pi, ..) in &work[&owner] {
+                    let pd = &mut resp.responses[*ti].partitions[*pi];
+                    pd.error_code = crate::error::net_error_code(&e);
+                }
+            }
+        }
+    }
+    // Request order decides who gets the total budget; the first non-empty partition always
+    // gets its data so a consumer can make progress past a batch larger than max_bytes.
+    results.sort_by_key(|(ti, pi, _)| (*ti, *pi));
+    let mut first = true;
+    for (ti, pi, read) in results {
+        let pd = &mut resp.responses[ti].partitions[pi];
+        pd.error_code = read.error_code;
+        pd.high_watermark = read.high_watermark;
+        pd.last_stable_offset = read.high_watermark;
+        if version >= 5 {
+            pd.log_start_offset = read.log_start_offset;
+        }
+        let len = read.records.as_ref().map_or(0, |r| r.len());
+        if len > 0 && (first || len <= budget) {
+            budget = budget.saturating_sub(len);
+            first = false;
+            pd.records = read.records;
+        } else {
+            pd.records = Some(Bytes::new());
+        }
+    }
+    generations
+}
+
+async fn read_on_owner(
+    shard: Rc<Shard>,
+    items: Vec<ReadWork>,
+    max_bytes: usize,
+) -> (u64, Vec<(usize, usize, PartitionRead)>) {
+    let generation = shard.data_arrived.generation();
+    let mut out = Vec::with_capacity(items.len());
+    for (ti, pi, tp, offset, limit) in items {
+        let read = read_partition(&shard, &tp, offset, limit.min(max_bytes)).await;
+        out.push((ti, pi, read));
+    }
+    (generation, out)
+}
+
+async fn read_partition(
+    shard: &Shard,
+    tp: &TopicPartition,
+    offset: i64,
+    limit: usize,
+) -> PartitionRead {
+    let mut read = PartitionRead {
+        error_code: NONE,
+        high_watermark: -1,
+        log_start_offset: -1,
+        records: None,
+    };
+    let p = match shard.partition(tp).await {
+        Ok(p) => p,
+        Err(code) => {
+            read.error_code = code;
+            return read;
+        }
+    };
+    let (start, end) = (p.log.log_start_offset(), p.log.log_end_offset());
+    read.high_watermark = end as i64;
+    read.log_start_offset = start as i64;
+    if offset < start as i64 || offset > end as i64 {
+        read.error_code = ResponseError::OffsetOutOfRange.code();
+        return read;
+    }
+    if offset as u64 == end {
+        read.records = Some(Bytes::new());
+        return read;
+    }
+    match p.log.read(offset as u64, limit).await {
+        Ok(r) => {
+            read.high_watermark = r.log_end_offset as i64;
+            read.log_start_offset = r.log_start_offset as i64;
+            read.records = Some(concat(r.batches));
+        }
+        Err(e) => read.error_code = engine_error_code(&e),
+    }
+    read
+}
+
+/// One batch is passed through as is; several are copied once into one buffer, because the
+/// codec writes a partition's records as a single byte string.
+fn concat(batches: Vec<Bytes>) -> Bytes {
+    match batches.len() {
+        0 => Bytes::new(),
+        1 => batches.into_iter().next().expect("one batch"),
+        _ => {
+            let mut buf = BytesMut::with_capacity(batches.iter().map(|b| b.len()).sum());
+            for b in batches {
+                buf.extend_from_slice(&b);
+            }
+            buf.freeze()
+        }
+    }
+}
+
+/// Waits until any owner shard appended since `generations`, or the deadline.
+async fn wait_for_data(
+    shard: &Rc<Shard>,
+    work: &BTreeMap<usize, Vec<ReadWork>>,
+    generations: BTreeMap<usize, u64>,
+    deadline: Instant,
+) {
+    let (tx, rx) = flume::bounded::<()>(work.len().max(1));
+    let waits: Vec<_> = work
+        .keys()
+        .map(|&owner| {
+            let seen = generations.get(&owner).copied().unwrap_or(0);
+            let (router, tx) = (shard.router.clone(), tx.clone());
+            glommio::spawn_local(async move {
+                let _ = router
+                    .run_on(owner, move |s| async move {
+                        let changed = s.data_arrived.changed(seen);
+                        let stop = s.shutdown.changed(s.shutdown.generation());
+                        let timeout = glommio::timer::sleep(
+                            deadline.saturating_duration_since(Instant::now()),
+                        );
+                        futures_lite::future::or(changed, futures_lite::future::or(stop, timeout))
+                            .await;
+                    })
+                    .await;
+                let _ = tx.try_send(());
+            })
+        })
+        .collect();
+    drop(tx);
+    let timeout = glommio::timer::sleep(deadline.saturating_duration_since(Instant::now()));
+    futures_lite::future::or(
+        async {
+            let _ = rx.recv_async().await;
+        },
+        timeout,
+    )
+    .await;
+    // The waits on other shards end at the deadline at the latest; nothing to cancel here.
+    for w in waits {
+        w.detach();
+    }
+}

@@ -1,0 +1,75 @@
+//! ListOffsets: earliest (-2), latest (-1), or the first offset whose batch timestamp is at or
+//! after a given time.
+
+use std::rc::Rc;
+
+use bytes::Bytes;
+use kafka_protocol::messages::list_offsets_response::{
+    ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
+};
+use kafka_protocol::messages::{ListOffsetsRequest, ListOffsetsResponse};
+
+use crate::dispatch::encode_response;
+use crate::error::{engine_error_code, NetError};
+use crate::partition::LEADER_EPOCH;
+use crate::request::{decode_body, Request};
+use crate::shard::{Shard, TopicPartition};
+
+pub const LATEST_TIMESTAMP: i64 = -1;
+pub const EARLIEST_TIMESTAMP: i64 = -2;
+/// KIP-734: the offset of the record with the largest timestamp; answered as latest - 1.
+pub const MAX_TIMESTAMP: i64 = -3;
+
+pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError> {
+    let r: ListOffsetsRequest = decode_body(req)?;
+    let mut resp = ListOffsetsResponse::default();
+    for topic in r.topics {
+        let mut tr = ListOffsetsTopicResponse::default();
+        tr.name = topic.name.clone();
+        for p in topic.partitions {
+            let mut pr = ListOffsetsPartitionResponse::default();
+            pr.partition_index = p.partition_index;
+            pr.timestamp = -1;
+            pr.offset = -1;
+            if req.api_version >= 4 {
+                pr.leader_epoch = LEADER_EPOCH;
+            }
+            if let Err(code) = shard.check_exists(&topic.name, p.partition_index) {
+                pr.error_code = code;
+                tr.partitions.push(pr);
+                continue;
+            }
+            let tp = TopicPartition::new(&topic.name, p.partition_index);
+            let owner = shard.router.shard_for(&tp.topic, tp.partition);
+            let ts = p.timestamp;
+            let res = shard
+                .router
+                .run_on(owner, move |s| async move {
+                    let part = s.partition(&tp).await?;
+                    let (start, end) = (part.log.log_start_offset(), part.log.log_end_offset());
+                    match ts {
+                        EARLIEST_TIMESTAMP => Ok((-1, start as i64)),
+                        LATEST_TIMESTAMP => Ok((-1, end as i64)),
+                        MAX_TIMESTAMP => Ok((-1, end.saturating_sub(1) as i64)),
+                        _ => match part.log.offset_for_timestamp(ts).await {
+                            Ok(Some((off, t))) => Ok((t, off as i64)),
+                            Ok(None) => Ok((-1, -1)),
+                            Err(e) => Err(engine_error_code(&e)),
+                        },
+                    }
+                })
+                .await;
+            match res {
+                Ok(Ok((timestamp, offset))) => {
+                    pr.timestamp = timestamp;
+                    pr.offset = offset;
+                }
+                Ok(Err(code)) => pr.error_code = code,
+                Err(e) => pr.error_code = crate::error::net_error_code(&e),
+            }
+            tr.partitions.push(pr);
+        }
+        resp.topics.push(tr);
+    }
+    encode_response(req.correlation_id, req.api_version, &resp)
+}

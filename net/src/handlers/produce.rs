@@ -1,0 +1,293 @@
+//! Produce: validate every batch on the connection's shard (magic 2, lengths, CRC-32C), send
+//! each owning shard its partitions' batches as `Bytes` slices of the request, join the
+//! outcomes. Batches are stored exactly as they came, compressed or not.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
+use kafka_protocol::ResponseError;
+use spate_engine::batch::{BatchHeader, BATCH_HEADER_BYTES};
+use spate_engine::FlushPolicy;
+
+use crate::dispatch::{encode_response, Reply};
+use crate::error::{NetError, NONE};
+use crate::partition::ProduceOutcome;
+use crate::request::{decode_body, Request};
+use crate::shard::{ProduceTurn, Shard, TopicPartition};
+
+/// Splits a partition's records into single batches, each checked: length, magic 2, CRC-32C
+/// and the size limit. The error is a Kafka error code.
+pub fn split_batches(records: Option<Bytes>, max_batch_bytes: usize) -> Result<Vec<Bytes>, i16> {
+    let corrupt = ResponseError::CorruptMessage.code();
+    let mut rest = records.ok_or(corrupt)?;
+    if rest.is_empty() {
+        return Err(corrupt);
+    }
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        let len = BatchHeader::total_len_from_prefix(&rest).ok_or(corrupt)?;
+        if len > max_batch_bytes {
+            return Err(ResponseError::MessageTooLarge.code());
+        }
+        if len > rest.len() || len < BATCH_HEADER_BYTES {
+            return Err(corrupt);
+        }
+        let batch = rest.split_to(len);
+        let header = BatchHeader::parse(&batch).map_err(|_| corrupt)?;
+        header.verify_crc().map_err(|_| corrupt)?;
+        if header.records_count() < 0 {
+            return Err(corrupt);
+        }
+        out.push(batch);
+    }
+    Ok(out)
+}
+
+type Work = (usize, usize, TopicPartition, Vec<Bytes>);
+
+pub async fn handle(
+    shard: &Rc<Shard>,
+    req: &Request,
+    turn: Option<ProduceTurn>,
+) -> Result<Reply, NetError> {
+    let r: ProduceRequest = decode_body(req)?;
+    let acks = r.acks;
+    let wait_durable = acks != 0 && shard.config.flush == FlushPolicy::Always;
+    let max_batch = shard.config.max_batch_bytes as usize;
+    let mut resp = ProduceResponse::default();
+    let mut by_shard: BTreeMap<usize, Vec<Work>> = BTreeMap::new();
+    for (ti, topic) in r.topic_data.into_iter().enumerate() {
+        let mut tr = TopicProduceResponse::default();
+        tr.name = topic.name.clone();
+        tr.topic_id = topic.topic_id;
+        for (pi, pd) in topic.partition_data.into_iter().enumerate() {
+            let mut pr = PartitionProduceResponse::default();
+            pr.index = pd.index;
+            pr.base_offset = -1;
+            pr.log_append_time_ms = -1;
+            pr.log_start_offset = -1;
+            let checked = if r.transactional_id.is_some() {
+                Err(ResponseError::TransactionalIdAuthorizationFailed.code())
+            } else if !matches!(acks, -1..=1) {
+                Err(ResponseError::InvalidRequiredAcks.code())
+            } else {
+                shard
+                    .check_exists(&topic.name, pd.index)
+                    .and_then(|_| split_batches(pd.records, max_batch))
+            };
+            match checked {
+                Ok(batches) => {
+                    let tp = TopicPartition::new(&topic.name, pd.index);
+                    let owner = shard.router.shard_for(&tp.topic, tp.partition);
+                    by_shard
+                        .entry(owner)
+                        .or_default()
+                        .push((ti, pi, tp, batches));
+                }
+                Err(code) => pr.error_code = code,
+            }
+            tr.partition_responses.push(pr);
+        }
+        resp.responses.push(tr);
+    }
+
+    if let Some(turn) = &turn {
+        turn.wait().await;
+    }
+    let (appended_tx, appended_rx) = flume::bounded::<()>(by_shard.len().max(1));
+    let tasks: Vec<_> = by_shard
+        .into_iter()
+        .map(|(owner, work)| {
+            let (router, appended) = (shard.router.clone(), appended_tx.clone());
+            glommio::spawn_local(async move {
+                router
+                    .run_on(owner, move |s| {
+                        produce_on_owner(s, work, wait_durable, appended)
+                    })
+                    .await
+            })
+        })
+        .collect();
+    drop(appended_tx);
+    // Every owner has appended (or failed, dropping its sender): the next Produce of this
+    // connection may go; durability waits of both overlap.
+    while appended_rx.recv_async().await.is_ok() {}
+    drop(turn);
+    for task in tasks {
+        match task.await {
+            Ok(outcomes) => {
+                for (ti, pi, o) in outcomes {
+                    let pr = &mut resp.responses[ti].partition_responses[pi];
+                    pr.error_code = o.error_code;
+                    pr.base_offset = o.base_offset;
+                    if req.api_version >= 5 {
+                        pr.log_start_offset = o.log_start_offset;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "produce could not reach a shard");
+                for tr in &mut resp.responses {
+                    for pr in &mut tr.partition_responses {
+                        if pr.error_code == NONE && pr.base_offset < 0 {
+                            pr.error_code = crate::error::net_error_code(&e);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if acks == 0 {
+        return Ok(None);
+    }
+    encode_response(req.correlation_id, req.api_version, &resp).map(Some)
+}
+
+/// Appends every partition's batches (concurrently), reports that through `appended`, then
+/// waits for durability if asked.
+async fn produce_on_owner(
+    shard: Rc<Shard>,
+    work: Vec<Work>,
+    wait_durable: bool,
+    appended: flume::Sender<()>,
+) -> Vec<(usize, usize, ProduceOutcome)> {
+    let tasks: Vec<_> = work
+        .into_iter()
+        .map(|(ti, pi, tp, batches)| {
+            let shard = shard.clone();
+            glommio::spawn_local(async move {
+                match shard.partition(&tp).await {
+                    Ok(p) => {
+                        let o = p.produce(batches, false).await;
+                        (ti, pi, Some(p), o)
+                    }
+                    Err(code) => (
+                        ti,
+                        pi,
+                        None,
+                        ProduceOutcome {
+                            error_code: code,
+                            base_offset: -1,
+                            log_start_offset: -1,
+                        },
+                    ),
+                }
+            })
+        })
+        .collect();
+    let mut appended_parts = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        appended_parts.push(t.await);
+    }
+    // Readers may see the data before it is durable: a single node has no other copy to wait
+    // for, and fetchers should not stall on fsyncs.
+    shard.data_arrived.notify();
+    let _ = appended.send(());
+    drop(appended);
+    let syncs: Vec<_> = appended_parts
+        .into_iter()
+        .map(|(ti, pi, p, o)| {
+            glommio::spawn_local(async move {
+                match p {
+                    Some(p) if wait_durable && o.error_code == NONE => (ti, pi, sync(&p, o).await),
+                    _ => (ti, pi, o),
+                }
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(syncs.len());
+    for t in syncs {
+        out.push(t.await);
+    }
+    out
+}
+
+async fn sync(p: &crate::partition::Partition, o: ProduceOutcome) -> ProduceOutcome {
+    // The batches of this request end at or before the current log end; syncing to it is
+    // one group commit for everything appended so far.
+    let end = p.log.log_end_offset();
+    match p.log.sync_to(end).await {
+        Ok(()) => o,
+        Err(e) => ProduceOutcome {
+            error_code: crate::error::engine_error_code(&e),
+            ..o
+        },
+    }
+}
+
+/// Produce v0-v2 are advertised (librdkafka keeps compression on only if they are) but not
+/// served: they carry magic 0/1 message sets. Every partition gets UNSUPPORTED_VERSION in the
+/// layout of the request's version, decoded here by hand because the codec starts at v3.
+pub fn reject_old_version(req: &Request) -> Result<Bytes, NetError> {
+    let bad = || NetError::Malformed("truncated Produce v0-2 request".into());
+    let mut b = req.body.clone();
+    if b.remaining() < 2 + 4 + 4 {
+        return Err(bad());
+    }
+    let _acks = b.get_i16();
+    let _timeout = b.get_i32();
+    let topics = checked_count(&mut b, 2)?;
+    let mut out = BytesMut::new();
+    out.put_i32(0); // length, patched below
+    out.put_i32(req.correlation_id);
+    out.put_i32(topics as i32);
+    for _ in 0..topics {
+        let name_len = if b.remaining() >= 2 {
+            b.get_i16()
+        } else {
+            return Err(bad());
+        };
+        if name_len < 0 || b.remaining() < name_len as usize {
+            return Err(bad());
+        }
+        let name = b.split_to(name_len as usize);
+        out.put_i16(name_len);
+        out.put_slice(&name);
+        let partitions = checked_count(&mut b, 8)?;
+        out.put_i32(partitions as i32);
+        for _ in 0..partitions {
+            if b.remaining() < 8 {
+                return Err(bad());
+            }
+            let index = b.get_i32();
+            let size = b.get_i32();
+            if size > 0 {
+                if b.remaining() < size as usize {
+                    return Err(bad());
+                }
+                b.advance(size as usize);
+            }
+            out.put_i32(index);
+            out.put_i16(ResponseError::UnsupportedVersion.code());
+            out.put_i64(-1);
+            if req.api_version >= 2 {
+                out.put_i64(-1);
+            }
+        }
+    }
+    if req.api_version >= 1 {
+        out.put_i32(0); // throttle_time_ms
+    }
+    let len = (out.len() - 4) as i32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    Ok(out.freeze())
+}
+
+/// Reads an array count and checks it against the bytes left (each element needs at least
+/// `min_element_bytes`), so a hostile count cannot drive an allocation or a long loop.
+fn checked_count(b: &mut Bytes, min_element_bytes: usize) -> Result<usize, NetError> {
+    if b.remaining() < 4 {
+        return Err(NetError::Malformed("truncated array count".into()));
+    }
+    let n = b.get_i32();
+    if n < 0 || (n as usize).saturating_mul(min_element_bytes) > b.remaining() {
+        return Err(NetError::Malformed(format!(
+            "array count {n} exceeds the {} bytes left",
+            b.remaining()
+        )));
+    }
+    Ok(n as usize)
+}

@@ -1,0 +1,180 @@
+//! Connections: each shard accepts on the shared port (SO_REUSEPORT) and serves its own
+//! connections. A connection's reader decodes frames and starts one task per request (up to
+//! `max_in_flight_per_connection`); its writer sends the replies back in request order.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::channels::local_channel;
+use glommio::net::{TcpListener, TcpStream};
+use glommio::Task;
+
+use kafka_protocol::messages::ApiKey;
+
+use crate::dispatch::{dispatch, Reply, RequestContext};
+use crate::error::NetError;
+use crate::request::{decode_request, frame_len, peek_ids, FRAME_PREFIX_BYTES};
+use crate::shard::{ProduceOrder, Shard, Signal};
+
+/// Bytes read from a socket at a time while no frame length is known.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Accepts connections until shutdown, then waits for this shard's connections to finish.
+pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, open: Arc<AtomicUsize>) {
+    loop {
+        let stop = shard.shutdown.changed(0);
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            stop.await;
+            None
+        })
+        .await;
+        let stream = match accepted {
+            None => break,
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "accept failed");
+                // Back off briefly so an exhausted fd table does not spin the core.
+                glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if open.fetch_add(1, Ordering::AcqRel) >= shard.config.max_connections {
+            open.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(
+                limit = shard.config.max_connections,
+                "connection limit reached; closing new connection"
+            );
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        tracing::debug!(shard = shard.id, peer = ?stream.peer_addr().ok(), "accepted connection");
+        shard.connections.set(shard.connections.get() + 1);
+        let (shard2, open2) = (shard.clone(), open.clone());
+        glommio::spawn_local(async move {
+            let peer = stream.peer_addr().ok();
+            if let Err(e) = serve_connection(shard2.clone(), stream).await {
+                tracing::info!(?peer, error = %e, "connection closed");
+            }
+            open2.fetch_sub(1, Ordering::AcqRel);
+            shard2.connections.set(shard2.connections.get() - 1);
+            shard2.connections_changed.notify();
+        })
+        .detach();
+    }
+    drop(listener);
+    while shard.connections.get() > 0 {
+        let seen = shard.connections_changed.generation();
+        shard.connections_changed.changed(seen).await;
+    }
+}
+
+type InFlight = Task<Result<Reply, NetError>>;
+
+async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) -> Result<(), NetError> {
+    let (mut reader, mut writer) = futures_lite::io::split(stream);
+    let (tx, rx) =
+        local_channel::new_bounded::<InFlight>(shard.config.max_in_flight_per_connection);
+    let closed = Rc::new(Signal::default());
+    let failed = Rc::new(Cell::new(false));
+
+    let writer_task = {
+        let (closed, failed) = (closed.clone(), failed.clone());
+        glommio::spawn_local(async move {
+            let mut result = Ok(());
+            while let Some(task) = rx.recv().await {
+                match task.await {
+                    Ok(Some(bytes)) => {
+                        if let Err(e) = writer.write_all(&bytes).await {
+                            result = Err(NetError::Io(e));
+                            break;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            let _ = writer.close().await;
+            failed.set(true);
+            closed.notify();
+            result
+        })
+    };
+
+    let max_frame = shard.config.max_frame_bytes;
+    let produce_order = Rc::new(ProduceOrder::default());
+    let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let read_result: Result<(), NetError> = async {
+        loop {
+            // Hand every complete frame in the buffer to a task.
+            while let Some(len) = frame_len(&buf, max_frame)? {
+                if buf.len() < FRAME_PREFIX_BYTES + len {
+                    break;
+                }
+                let frame: Bytes = buf
+                    .split_to(FRAME_PREFIX_BYTES + len)
+                    .freeze()
+                    .slice(FRAME_PREFIX_BYTES..);
+                let req = match decode_request(frame.clone()) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let ids = peek_ids(&frame);
+                        tracing::warn!(?ids, error = %e, "undecodable request; closing connection");
+                        return Err(e);
+                    }
+                };
+                tracing::debug!(api = ?req.api_key, version = req.api_version,
+                    correlation_id = req.correlation_id, "request");
+                let ctx = RequestContext {
+                    produce_turn: (req.api_key == ApiKey::Produce)
+                        .then(|| produce_order.take_ticket()),
+                };
+                let task = glommio::spawn_local(dispatch(shard.clone(), req, ctx));
+                if tx.send(task).await.is_err() {
+                    return Ok(());
+                }
+            }
+            if shard.is_shutting_down() || failed.get() {
+                return Ok(());
+            }
+            // Make room for the rest of a known frame, or a chunk.
+            let want = match frame_len(&buf, max_frame)? {
+                Some(len) => FRAME_PREFIX_BYTES + len - buf.len(),
+                None => READ_CHUNK_BYTES,
+            }
+            .min(READ_CHUNK_BYTES.max(1 << 20));
+            let old = buf.len();
+            buf.resize(old + want, 0);
+            let stop = shard.shutdown.changed(0);
+            let writer_gone = closed.changed(0);
+            let n = futures_lite::future::or(
+                async { Some(reader.read(&mut buf[old..]).await) },
+                async {
+                    futures_lite::future::or(stop, writer_gone).await;
+                    None
+                },
+            )
+            .await;
+            match n {
+                None => {
+                    buf.truncate(old);
+                    return Ok(());
+                }
+                Some(Ok(0)) => return Ok(()),
+                Some(Ok(n)) => buf.truncate(old + n),
+                Some(Err(e)) => return Err(e.into()),
+            }
+        }
+    }
+    .await;
+    // Let in-flight requests finish and their replies go out, then close.
+    drop(tx);
+    let write_result = writer_task.await;
+    read_result.and(write_result)
+}

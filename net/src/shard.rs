@@ -1,0 +1,422 @@
+//! A shard: one pinned executor's share of the broker. It alone owns its partitions; other
+//! shards reach them only by sending it work over a cross-shard channel ([`Router::run_on`]).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+
+use glommio::sync::Semaphore;
+use kafka_protocol::ResponseError;
+
+use crate::config::BrokerConfig;
+use crate::error::NetError;
+use crate::metadata::{MetadataStore, Topics};
+use crate::partition::Partition;
+
+/// Work sent to another shard: runs there with that shard's state.
+pub type Job = Box<dyn FnOnce(Rc<Shard>) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
+
+/// Jobs queued per shard before senders wait (backpressure across shards).
+pub const SHARD_QUEUE_DEPTH: usize = 4096;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicPartition {
+    pub topic: Arc<str>,
+    pub partition: i32,
+}
+
+impl TopicPartition {
+    pub fn new(topic: &str, partition: i32) -> Self {
+        TopicPartition {
+            topic: Arc::from(topic),
+            partition,
+        }
+    }
+    /// Directory of this partition's log under the data dir.
+    pub fn dir_name(&self) -> String {
+        format!("{}-{}", self.topic, self.partition)
+    }
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Rc<Shard>>> = const { RefCell::new(None) };
+}
+
+/// Routes work to the shard owning a partition. Cheap to clone; `Send`.
+#[derive(Clone)]
+pub struct Router {
+    senders: Arc<Vec<flume::Sender<Job>>>,
+}
+
+impl Router {
+    /// A router over `shards` queues; the receivers go to the shards' job loops.
+    pub fn new(shards: usize) -> (Router, Vec<flume::Receiver<Job>>) {
+        assert!(shards > 0, "at least one shard");
+        let (senders, receivers) = (0..shards)
+            .map(|_| flume::bounded(SHARD_QUEUE_DEPTH))
+            .unzip();
+        (
+            Router {
+                senders: Arc::new(senders),
+            },
+            receivers,
+        )
+    }
+
+    pub fn shards(&self) -> usize {
+        self.senders.len()
+    }
+
+    /// The shard owning a partition: fixed for a given topic, partition and shard count, and
+    /// consecutive partitions of a topic land on consecutive shards.
+    pub fn shard_for(&self, topic: &str, partition: i32) -> usize {
+        let base = crc32c::crc32c(topic.as_bytes()) as u64;
+        ((base + partition.max(0) as u64) % self.shards() as u64) as usize
+    }
+
+    /// Runs `f` on shard `shard` with its state and returns the result here. Runs in place when
+    /// `shard` is the current one.
+    pub async fn run_on<T, F, Fut>(&self, shard: usize, f: F) -> Result<T, NetError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
+        Fut: Future<Output = T> + 'static,
+    {
+        if let Some(current) = Shard::current().filter(|s| s.id == shard) {
+            return Ok(f(current).await);
+        }
+        let sender = self
+            .senders
+            .get(shard)
+            .ok_or(NetError::ShardUnavailable(shard))?;
+        let (tx, rx) = flume::bounded(1);
+        let job: Job = Box::new(move |s| {
+            Box::pin(async move {
+                let _ = tx.send(f(s).await);
+            })
+        });
+        sender
+            .send_async(job)
+            .await
+            .map_err(|_| NetError::ShardUnavailable(shard))?;
+        rx.recv_async()
+            .await
+            .map_err(|_| NetError::ShardUnavailable(shard))
+    }
+
+    /// Runs `f` on every shard, each with its own copy of `f`.
+    pub async fn broadcast<T, F, Fut>(&self, f: F) -> Vec<Result<T, NetError>>
+    where
+        T: Send + 'static,
+        F: Fn(Rc<Shard>) -> Fut + Send + Clone + 'static,
+        Fut: Future<Output = T> + 'static,
+    {
+        let tasks: Vec<_> = (0..self.shards())
+            .map(|i| {
+                let (router, f) = (self.clone(), f.clone());
+                glommio::spawn_local(async move { router.run_on(i, f).await })
+            })
+            .collect();
+        let mut out = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            out.push(t.await);
+        }
+        out
+    }
+}
+
+/// A level-triggered wake-up for tasks of one shard: waiters remember the generation they saw
+/// and wake when it moves.
+#[derive(Default)]
+pub struct Signal {
+    generation: Cell<u64>,
+    wakers: RefCell<Vec<Waker>>,
+}
+
+impl Signal {
+    pub fn generation(&self) -> u64 {
+        self.generation.get()
+    }
+    pub fn notify(&self) {
+        self.generation.set(self.generation.get() + 1);
+        for w in self.wakers.take() {
+            w.wake();
+        }
+    }
+    /// Resolves once [`Self::notify`] was called after generation `since`.
+    pub fn changed(&self, since: u64) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.generation.get() != since {
+                Poll::Ready(())
+            } else {
+                self.wakers.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+    }
+}
+
+/// Orders the appends of one connection's Produce requests: Kafka promises that requests on a
+/// connection take effect in the order they were sent, while this broker runs them
+/// concurrently. Each Produce takes a ticket when it is read; it appends when its turn comes
+/// and passes the turn on once its batches are in the logs (durability waits overlap).
+#[derive(Default)]
+pub struct ProduceOrder {
+    next_ticket: Cell<u64>,
+    turn: Cell<u64>,
+    changed: Signal,
+}
+
+impl ProduceOrder {
+    /// Called in request order, before the request's task starts.
+    pub fn take_ticket(self: &Rc<Self>) -> ProduceTurn {
+        let ticket = self.next_ticket.get();
+        self.next_ticket.set(ticket + 1);
+        ProduceTurn {
+            order: self.clone(),
+            ticket,
+            passed: Cell::new(false),
+        }
+    }
+}
+
+/// A place in a connection's Produce order; dropping it passes the turn on.
+pub struct ProduceTurn {
+    order: Rc<ProduceOrder>,
+    ticket: u64,
+    passed: Cell<bool>,
+}
+
+impl ProduceTurn {
+    pub async fn wait(&self) {
+        loop {
+            let seen = self.order.changed.generation();
+            if self.order.turn.get() == self.ticket {
+                return;
+            }
+            self.order.changed.changed(seen).await;
+        }
+    }
+
+    /// Lets the next Produce of the connection append (also done on drop).
+    pub fn pass(&self) {
+        if self.passed.replace(true) {
+            return;
+        }
+        // A turn is passed only by its holder, or by a request that never got it because
+        // it failed before waiting; either way tickets are taken in order, so wait-free
+        // passing keeps the sequence: skip ahead only when it is this ticket's turn.
+        if self.order.turn.get() == self.ticket {
+            self.order.turn.set(self.ticket + 1);
+            self.order.changed.notify();
+        } else {
+            let order = self.order.clone();
+            let ticket = self.ticket;
+            glommio::spawn_local(async move {
+                let turn = ProduceTurn {
+                    order,
+                    ticket,
+                    passed: Cell::new(true),
+                };
+                turn.wait().await;
+                turn.order.turn.set(ticket + 1);
+                turn.order.changed.notify();
+            })
+            .detach();
+        }
+    }
+}
+
+impl Drop for ProduceTurn {
+    fn drop(&mut self) {
+        self.pass();
+    }
+}
+
+pub struct Shard {
+    pub id: usize,
+    pub router: Router,
+    pub config: Arc<BrokerConfig>,
+    pub metadata: Arc<MetadataStore>,
+    cached_topics: RefCell<(u64, Topics)>,
+    partitions: RefCell<HashMap<TopicPartition, Rc<Partition>>>,
+    /// Serialises opening partitions (rare) so two tasks never open one log twice.
+    open_lock: Semaphore,
+    /// Notified after every append on this shard; long-polling fetches wait on it.
+    pub data_arrived: Signal,
+    /// Notified once when the broker starts shutting down.
+    pub shutdown: Signal,
+    shutting_down: Cell<bool>,
+    /// Open connections accepted by this shard.
+    pub connections: Cell<usize>,
+    pub connections_changed: Signal,
+}
+
+impl Shard {
+    pub fn new(
+        id: usize,
+        router: Router,
+        config: Arc<BrokerConfig>,
+        metadata: Arc<MetadataStore>,
+    ) -> Rc<Shard> {
+        let topics = (metadata.version(), metadata.topics());
+        let shard = Rc::new(Shard {
+            id,
+            router,
+            config,
+            metadata,
+            cached_topics: RefCell::new(topics),
+            partitions: RefCell::default(),
+            open_lock: Semaphore::new(1),
+            data_arrived: Signal::default(),
+            shutdown: Signal::default(),
+            shutting_down: Cell::new(false),
+            connections: Cell::new(0),
+            connections_changed: Signal::default(),
+        });
+        CURRENT.with(|c| *c.borrow_mut() = Some(shard.clone()));
+        shard
+    }
+
+    /// The shard of the executor running on this thread, if any.
+    pub fn current() -> Option<Rc<Shard>> {
+        CURRENT.with(|c| c.borrow().clone())
+    }
+
+    /// Drops the thread-local reference so the shard can be freed at exit.
+    pub fn clear_current() {
+        CURRENT.with(|c| c.borrow_mut().take());
+    }
+
+    /// The topic metadata, refreshed only when the store's version moved.
+    pub fn topics(&self) -> Topics {
+        let version = self.metadata.version();
+        let mut cached = self.cached_topics.borrow_mut();
+        if cached.0 != version {
+            *cached = (version, self.metadata.topics());
+        }
+        cached.1.clone()
+    }
+
+    /// Error code if the topic or partition does not exist.
+    pub fn check_exists(&self, topic: &str, partition: i32) -> Result<(), i16> {
+        match self.topics().get(topic) {
+            Some(t) if partition >= 0 && partition < t.partitions => Ok(()),
+            _ => Err(ResponseError::UnknownTopicOrPartition.code()),
+        }
+    }
+
+    pub fn begin_shutdown(&self) {
+        if !self.shutting_down.replace(true) {
+            self.shutdown.notify();
+        }
+    }
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.get()
+    }
+
+    pub fn partition_dir(&self, tp: &TopicPartition) -> PathBuf {
+        self.config.data_dir.join(tp.dir_name())
+    }
+
+    /// The open partition, opening (and recovering) its log on first use. Must run on the
+    /// owning shard. The error is a Kafka error code.
+    pub async fn partition(&self, tp: &TopicPartition) -> Result<Rc<Partition>, i16> {
+        debug_assert_eq!(self.router.shard_for(&tp.topic, tp.partition), self.id);
+        if let Some(p) = self.partitions.borrow().get(tp) {
+            return Ok(p.clone());
+        }
+        self.check_exists(&tp.topic, tp.partition)?;
+        let _guard = self
+            .open_lock
+            .acquire_permit(1)
+            .await
+            .map_err(|_| ResponseError::NotLeaderOrFollower.code())?;
+        if let Some(p) = self.partitions.borrow().get(tp) {
+            return Ok(p.clone());
+        }
+        if self.is_shutting_down() {
+            return Err(ResponseError::NotLeaderOrFollower.code());
+        }
+        let mut log_config = self.config.log_config();
+        if let Some(t) = self.topics().get(&*tp.topic) {
+            crate::handlers::admin::apply_topic_configs(&mut log_config, &t.configs);
+        }
+        let partition = Partition::open(
+            tp.clone(),
+            self.partition_dir(tp),
+            producer_state_path(&self.config.data_dir, tp),
+            log_config,
+        )
+        .await
+        .map_err(|e| {
+            tracing::error!(topic = %tp.topic, partition = tp.partition, error = %e, "cannot open partition");
+            crate::error::net_error_code(&e)
+        })?;
+        let partition = Rc::new(partition);
+        self.partitions
+            .borrow_mut()
+            .insert(tp.clone(), partition.clone());
+        Ok(partition)
+    }
+
+    /// Closes and deletes every open or on-disk partition of `topic` owned by this shard, for
+    /// partitions `0..partitions`.
+    pub async fn delete_partitions(&self, topic: &str, partitions: i32) {
+        for p in 0..partitions {
+            if self.router.shard_for(topic, p) != self.id {
+                continue;
+            }
+            let tp = TopicPartition::new(topic, p);
+            let open = self.partitions.borrow_mut().remove(&tp);
+            if let Some(part) = open {
+                if let Err(e) = part.delete().await {
+                    tracing::warn!(topic, partition = p, error = %e, "deleting partition log");
+                }
+            } else {
+                let dir = self.partition_dir(&tp);
+                if dir.exists() {
+                    if let Err(e) = std::fs::remove_dir_all(&dir) {
+                        tracing::warn!(topic, partition = p, error = %e, "removing partition dir");
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(producer_state_path(&self.config.data_dir, &tp));
+        }
+    }
+
+    /// Flushes and closes every partition of this shard.
+    pub async fn close_partitions(&self) {
+        let all: Vec<_> = self.partitions.borrow_mut().drain().collect();
+        for (tp, p) in all {
+            if let Err(e) = p.close().await {
+                tracing::error!(topic = %tp.topic, partition = tp.partition, error = %e, "closing partition");
+            }
+        }
+    }
+}
+
+/// Producer-state snapshots live beside, not inside, the log directories, which belong to
+/// the engine.
+pub fn producer_state_path(data_dir: &std::path::Path, tp: &TopicPartition) -> PathBuf {
+    data_dir
+        .join("producer-state")
+        .join(format!("{}.json", tp.dir_name()))
+}
+
+impl Router {
+    /// Queues a job from outside any executor (signal handling), blocking while the queue is
+    /// full.
+    pub fn send_blocking(&self, shard: usize, job: Job) -> Result<(), NetError> {
+        self.senders
+            .get(shard)
+            .ok_or(NetError::ShardUnavailable(shard))?
+            .send(job)
+            .map_err(|_| NetError::ShardUnavailable(shard))
+    }
+}

@@ -1,0 +1,94 @@
+//! The one table of API versions this broker advertises in ApiVersions and accepts.
+//!
+//! Ranges are what the handlers really implement and what librdkafka 2.x, kafka-python and the
+//! Java client accept; none needs topic ids in Produce or Fetch requests (Produce v13+ and Fetch
+//! v13+ do, so they are left out).
+
+use kafka_protocol::messages::ApiKey;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Supported {
+    pub key: ApiKey,
+    /// Advertised minimum.
+    pub min: i16,
+    pub max: i16,
+    /// Lowest version the handler really serves: requests between `min` and this get
+    /// UNSUPPORTED_VERSION. Produce advertises 0 because librdkafka turns compression off
+    /// against brokers that do not list Produce v0-v2, yet those versions carry magic 0/1
+    /// message sets this broker does not store.
+    pub served_min: i16,
+}
+
+const fn api(key: ApiKey, min: i16, max: i16) -> Supported {
+    Supported {
+        key,
+        min,
+        max,
+        served_min: min,
+    }
+}
+
+/// Produce versions below this are advertised but answered with UNSUPPORTED_VERSION.
+pub const PRODUCE_SERVED_MIN_VERSION: i16 = 3;
+
+pub const SUPPORTED: &[Supported] = &[
+    Supported {
+        key: ApiKey::Produce,
+        min: 0,
+        max: 9,
+        served_min: PRODUCE_SERVED_MIN_VERSION,
+    },
+    api(ApiKey::Fetch, 4, 12),
+    api(ApiKey::ListOffsets, 1, 7),
+    api(ApiKey::Metadata, 0, 12),
+    api(ApiKey::ApiVersions, 0, 3),
+    api(ApiKey::CreateTopics, 2, 7),
+    api(ApiKey::DeleteTopics, 1, 6),
+    api(ApiKey::InitProducerId, 0, 4),
+    api(ApiKey::DescribeConfigs, 1, 4),
+    api(ApiKey::CreatePartitions, 0, 3),
+    api(ApiKey::DescribeCluster, 0, 1),
+    // Consumer groups (net/src/group/).
+    api(ApiKey::FindCoordinator, 0, 4),
+    api(ApiKey::JoinGroup, 0, 9),
+    api(ApiKey::SyncGroup, 0, 5),
+    api(ApiKey::Heartbeat, 0, 4),
+    api(ApiKey::LeaveGroup, 0, 5),
+    api(ApiKey::OffsetCommit, 2, 8),
+    api(ApiKey::OffsetFetch, 1, 8),
+    api(ApiKey::DescribeGroups, 0, 5),
+    api(ApiKey::ListGroups, 0, 5),
+    api(ApiKey::DeleteGroups, 0, 2),
+    api(ApiKey::OffsetDelete, 0, 0),
+];
+
+pub fn lookup(key: ApiKey) -> Option<&'static Supported> {
+    SUPPORTED.iter().find(|s| s.key == key)
+}
+
+/// True if a request of this version is served by its handler.
+pub fn is_served(key: ApiKey, version: i16) -> bool {
+    lookup(key).is_some_and(|s| version >= s.served_min && version <= s.max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertised_ranges_are_decodable_by_the_codec() {
+        for s in SUPPORTED {
+            let codec = s.key.valid_versions();
+            assert!(
+                s.min <= s.served_min && s.served_min <= s.max,
+                "{:?}",
+                s.key
+            );
+            assert!(
+                s.served_min >= codec.min && s.max <= codec.max,
+                "{:?}",
+                s.key
+            );
+        }
+    }
+}

@@ -1,0 +1,288 @@
+#!/usr/bin/env bash
+# The benchmark suite (issue 6): disk limit (fio), spate produce / consume / e2e, and the same
+# produce and e2e runs against the peer broker (Tansu) when it is installed.
+#
+#   perf/bench.sh [--quick] [--secs N] [--out DIR] [--no-peer] [--no-spate]
+#
+# Every load runs against 127.0.0.1 and is bounded in time (--secs per run, default 10; --quick
+# is 3). Results: DIR/*.json (one per run, spate-perf --json), DIR/results.md (the table, with
+# ratios against fio and the peer), DIR/latency.svg (e2e percentile curves). DIR defaults to
+# target/bench/<UTC time>.
+#
+# Environment:
+#   TANSU     path of the tansu binary (default: `tansu` on PATH, else /work/tansu-build/root/bin)
+#   BENCH_DIR where brokers and fio write (default: a fresh directory under target/; it must be on
+#             a filesystem with O_DIRECT, such as ext4 or xfs)
+#   BENCH_MAX_BYTES_PER_RUN  a produce run also stops after this many bytes of record values
+#             (default 3000000000), so a fast broker cannot fill the disk; each spate run gets a
+#             fresh data directory, deleted after it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+SECS=10
+QUICK=0
+OUT=""
+RUN_PEER=1
+RUN_SPATE=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1; SECS=3 ;;
+    --secs) SECS="${2:?--secs needs a number}"; shift ;;
+    --out) OUT="${2:?--out needs a directory}"; shift ;;
+    --no-peer) RUN_PEER=0 ;;
+    --no-spate) RUN_SPATE=0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+case "$SECS" in ''|*[!0-9]*) echo "bench.sh: --secs must be a whole number" >&2; exit 2 ;; esac
+[ "$SECS" -ge 1 ] && [ "$SECS" -le 600 ] || { echo "bench.sh: --secs must be 1..600" >&2; exit 2; }
+
+OUT=${OUT:-$ROOT/target/bench/$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+mkdir -p "$ROOT/target"
+WORK=${BENCH_DIR:-$(mktemp -d "$ROOT/target/bench-work.XXXXXX")}
+mkdir -p "$WORK"
+PERF=$ROOT/target/release/spate-perf
+SPATE=$ROOT/target/release/spate
+MAX_BYTES_PER_RUN=${BENCH_MAX_BYTES_PER_RUN:-3000000000}
+WARMUP=0.5
+PARTITIONS=2
+CONNECTIONS=2
+E2E_RECORD_BYTES=1024
+# Small segments: the broker pre-allocates them, and the disk is shared.
+SEGMENT_BYTES=268435456
+# A broker must accept connections within this many seconds of starting.
+START_TIMEOUT_SECS=30
+BROKER_PID=""
+
+log() { echo "[bench $(date -u +%H:%M:%S)] $*" >&2; }
+
+# A port nobody listens on now. Brokers bind with SO_REUSEPORT, so a fixed port could silently
+# be shared with another broker on the machine and split our connections between the two.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+stop_broker() {
+  if [ -n "$BROKER_PID" ]; then
+    kill "$BROKER_PID" 2>/dev/null || true
+    # Bounded wait, then force.
+    for _ in $(seq 50); do kill -0 "$BROKER_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$BROKER_PID" 2>/dev/null || true
+    wait "$BROKER_PID" 2>/dev/null || true
+    BROKER_PID=""
+  fi
+}
+
+cleanup() {
+  stop_broker
+  if [ -z "${BENCH_DIR:-}" ]; then rm -rf "$WORK"; fi
+}
+trap cleanup EXIT INT TERM
+
+wait_port() {
+  local port=$1 deadline=$((SECONDS + START_TIMEOUT_SECS))
+  while [ $SECONDS -lt $deadline ]; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    if [ -n "$BROKER_PID" ] && ! kill -0 "$BROKER_PID" 2>/dev/null; then
+      log "broker exited during start-up"; return 1
+    fi
+    sleep 0.2
+  done
+  log "nothing listens on 127.0.0.1:$port after ${START_TIMEOUT_SECS}s"
+  return 1
+}
+
+# Records per batch as in the Iggy comparison (1,000), capped at 1 MB of values so a batch stays
+# under the brokers' 1 MiB batch limit.
+batch_bytes() { local b=$(( $1 * 1000 )); [ $b -gt 1000000 ] && b=1000000; echo $b; }
+
+FAILED=()
+# perf NAME ARGS...: one spate-perf run, its JSON in $OUT/NAME.json and output in $OUT/NAME.txt.
+perf() {
+  local name=$1; shift
+  log "$name: spate-perf $*"
+  if timeout $((SECS * 3 + 60)) "$PERF" "$@" --label "$name" --json "$OUT/$name.json" \
+      > "$OUT/$name.txt" 2>&1; then
+    tail -n 1 "$OUT/$name.txt" >&2
+  else
+    log "$name FAILED: $(tail -n 2 "$OUT/$name.txt" | tr '\n' ' ')"
+    FAILED+=("$name")
+    rm -f "$OUT/$name.json"
+  fi
+}
+
+records_per_sec() { jq -r '.records_per_sec' "$OUT/$1.json" 2>/dev/null || echo 0; }
+
+drop_page_cache() {
+  sync
+  if [ -w /proc/sys/vm/drop_caches ]; then echo 1 > /proc/sys/vm/drop_caches; return 0; fi
+  log "cannot drop the page cache (not root): 'disk' consume may be served from memory"
+}
+
+machine() {
+  local model disk fs
+  model=$(lscpu | sed -n 's/^Model name: *//p' | head -n 1)
+  disk=$(df -P "$WORK" | awk 'NR==2 {print $1}')
+  fs=$(df -PT "$WORK" | awk 'NR==2 {print $2}')
+  jq -n --arg cpu "$model" --arg cores "$(nproc)" --arg kernel "$(uname -r)" \
+    --arg mem "$(free -g | awk '/Mem:/ {print $2}') GiB" --arg disk "$disk" --arg fs "$fs" \
+    --arg rotational "$(cat "/sys/block/$(basename "$disk" | sed 's/[0-9]*$//')/queue/rotational" 2>/dev/null || echo '?')" \
+    --arg secs "$SECS" --arg quick "$QUICK" \
+    '{cpu:$cpu, cores:($cores|tonumber), kernel:$kernel, memory:$mem, disk:$disk, filesystem:$fs,
+      rotational:$rotational, secs_per_run:($secs|tonumber), quick:($quick=="1")}' \
+    > "$OUT/machine.json"
+}
+
+run_fio() {
+  log "fio: sequential O_DIRECT write bandwidth"
+  fio --name=seqwrite --directory="$WORK" --rw=write --bs=1M --size=1G --direct=1 \
+    --ioengine=io_uring --iodepth=16 --runtime="$SECS" --time_based --output-format=json \
+    > "$OUT/fio-seqwrite.json"
+  log "fio: 4 KiB write + fdatasync latency"
+  fio --name=syncwrite --directory="$WORK" --rw=write --bs=4k --size=64M --direct=1 \
+    --ioengine=psync --fdatasync=1 --runtime="$SECS" --time_based --output-format=json \
+    > "$OUT/fio-syncwrite.json"
+  rm -f "$WORK"/seqwrite.* "$WORK"/syncwrite.*
+}
+
+# start_spate FLUSH [keep]: a spate broker on a free port (in $ADDR), data in $WORK/spate (wiped
+# unless "keep"), flush policy FLUSH.
+start_spate() {
+  local flush=$1 fresh=${2:-fresh} port
+  [ "$fresh" = fresh ] && rm -rf "$WORK/spate"
+  mkdir -p "$WORK/spate"
+  port=$(free_port)
+  "$SPATE" serve --listen "127.0.0.1:$port" --data-dir "$WORK/spate" --flush "$flush" \
+    --segment-bytes $SEGMENT_BYTES \
+    >> "$OUT/spate-broker.log" 2>&1 &
+  BROKER_PID=$!
+  ADDR="127.0.0.1:$port"
+  wait_port "$port"
+}
+
+start_peer() {
+  local port
+  rm -rf "$WORK/tansu"
+  mkdir -p "$WORK/tansu"
+  port=$(free_port)
+  "$TANSU" broker --listener-url "tcp://127.0.0.1:$port" \
+    --advertised-listener-url "tcp://127.0.0.1:$port" \
+    --storage-engine "sqlite://$WORK/tansu/tansu.db" \
+    >> "$OUT/tansu-broker.log" 2>&1 &
+  BROKER_PID=$!
+  ADDR="127.0.0.1:$port"
+  wait_port "$port"
+}
+
+# Refuses to start a run that could fill the (shared) disk: it needs twice the per-run cap free.
+enough_space() {
+  local avail
+  avail=$(df -PB1 "$WORK" | awk 'NR==2 {print $4}')
+  if [ "$avail" -lt $((MAX_BYTES_PER_RUN * 2)) ]; then
+    log "only $avail bytes free under $WORK: skipping $1 (needs $((MAX_BYTES_PER_RUN * 2)))"
+    FAILED+=("$1 (disk full)")
+    return 1
+  fi
+}
+
+# produce NAME SIZE ACKS: one produce run against $ADDR.
+produce() {
+  local name=$1 size=$2 acks=$3
+  enough_space "$name" || return 0
+  perf "$name" produce -b "$ADDR" -t "$name" -p $PARTITIONS -c $CONNECTIONS -s "$size" \
+    --batch-bytes "$(batch_bytes "$size")" --acks "$acks" --duration-secs "$SECS" \
+    --warmup-secs $WARMUP --records $((MAX_BYTES_PER_RUN / size))
+}
+
+# e2e TARGET MAX_RUN: e2e against $ADDR at half the records/s of run MAX_RUN, acks=-1.
+e2e_at_half() {
+  local target=$1 max_run=$2
+  local max rate
+  max=$(records_per_sec "$max_run")
+  rate=$(jq -n --argjson m "${max:-0}" '($m / 2) | floor')
+  if [ "${rate:-0}" -lt 1 ]; then
+    log "$target e2e skipped: no max rate from $max_run"; FAILED+=("$target-e2e"); return
+  fi
+  enough_space "$target-e2e" || return 0
+  perf "$target-e2e" e2e -b "$ADDR" -t "$target-e2e" -p $PARTITIONS -c $CONNECTIONS \
+    -s $E2E_RECORD_BYTES --batch-bytes "$(batch_bytes $E2E_RECORD_BYTES)" --acks -1 \
+    --rate "$rate" --duration-secs "$SECS" --warmup-secs $WARMUP --fetch-max-wait-ms 100 \
+    --records $((MAX_BYTES_PER_RUN / E2E_RECORD_BYTES))
+}
+
+log "building spate and spate-perf (release)"
+cargo build --release -p spate -p spate-perf --bins >&2
+machine
+run_fio
+
+if [ "$RUN_SPATE" = 1 ]; then
+  if "$SPATE" serve --help >/dev/null 2>&1; then
+    for flush in interval always; do
+      for acks in 1 -1; do
+        for size in 100 1024 16384; do
+          name="spate-produce-${size}B-acks${acks}-$flush"
+          start_spate "$flush"
+          produce "$name" "$size" "$acks"
+          if [ "$name" = spate-produce-1024B-acks1-interval ]; then
+            # Read back what that run wrote: first from the broker's cache, then after a
+            # restart (empty cache, and the page cache dropped when we may) from disk.
+            perf spate-consume-cache consume -b "$ADDR" -t "$name" -c $CONNECTIONS \
+              --from earliest --duration-secs "$SECS"
+            stop_broker
+            drop_page_cache
+            start_spate "$flush" keep
+            perf spate-consume-disk consume -b "$ADDR" -t "$name" -c $CONNECTIONS \
+              --from earliest --duration-secs "$SECS"
+          fi
+          stop_broker
+        done
+      done
+    done
+    rm -rf "$WORK/spate"
+    start_spate always
+    e2e_at_half spate "spate-produce-${E2E_RECORD_BYTES}B-acks-1-always"
+    stop_broker
+    rm -rf "$WORK/spate"
+  else
+    log "the spate binary has no 'serve' command: spate rows skipped"
+    FAILED+=("spate (no broker)")
+  fi
+fi
+
+if [ "$RUN_PEER" = 1 ]; then
+  TANSU=${TANSU:-$(command -v tansu || echo /work/tansu-build/root/bin/tansu)}
+  if [ -x "$TANSU" ]; then
+    # Tansu has no flush setting: one run per shape, named "sqlite" for its storage engine.
+    for acks in 1 -1; do
+      for size in 100 1024 16384; do
+        start_peer
+        produce "tansu-produce-${size}B-acks${acks}-sqlite" "$size" "$acks"
+        stop_broker
+      done
+    done
+    start_peer
+    e2e_at_half tansu "tansu-produce-${E2E_RECORD_BYTES}B-acks-1-sqlite"
+    stop_broker
+    rm -rf "$WORK/tansu"
+  else
+    log "tansu not installed (cargo install tansu --features libsql): peer rows skipped"
+  fi
+fi
+
+e2e_runs=()
+for f in "$OUT"/*-e2e.json; do [ -e "$f" ] && e2e_runs+=("$f"); done
+if [ ${#e2e_runs[@]} -gt 0 ]; then
+  "$PERF" plot --out "$OUT/latency.svg" --title "e2e latency, acks=-1, half of max rate" \
+    "${e2e_runs[@]}" || log "plot failed"
+fi
+python3 "$ROOT/perf/bench_report.py" "$OUT" > "$OUT/results.md"
+cat "$OUT/results.md"
+if [ ${#FAILED[@]} -gt 0 ]; then
+  log "runs that failed or were skipped: ${FAILED[*]}"
+fi
+log "results in $OUT"

@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Turns a perf/bench.sh result directory into a markdown table.
+
+Usage: bench_report.py DIR > DIR/results.md
+
+Reads DIR/machine.json, DIR/fio-*.json and the spate-perf --json files (one per run, named by
+the run). Every throughput is also given as a ratio: against fio's sequential O_DIRECT write
+bandwidth (MB/s) and against the same run on the peer broker (records/s).
+"""
+import json
+import os
+import sys
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def pct(fio_lat, key):
+    p = (fio_lat or {}).get("percentile", {})
+    v = p.get(key)
+    return v / 1e6 if v is not None else None
+
+
+def ms(v):
+    return "-" if v is None else f"{v:.3f}"
+
+
+def ratio(a, b):
+    if not a or not b:
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def main():
+    if len(sys.argv) != 2 or not os.path.isdir(sys.argv[1]):
+        sys.exit("usage: bench_report.py RESULT_DIR")
+    out = sys.argv[1]
+    machine = load(os.path.join(out, "machine.json")) or {}
+    seq = load(os.path.join(out, "fio-seqwrite.json"))
+    sync = load(os.path.join(out, "fio-syncwrite.json"))
+    runs = {}
+    for name in sorted(os.listdir(out)):
+        if name.endswith(".json") and not name.startswith(("fio-", "machine")):
+            r = load(os.path.join(out, name))
+            if r and "records_per_sec" in r:
+                runs[name[: -len(".json")]] = r
+
+    lines = []
+    add = lines.append
+    add("### Machine")
+    add("")
+    add(
+        f"{machine.get('cores', '?')} cores, {machine.get('cpu', '?')}, {machine.get('memory', '?')}"
+        f" RAM, kernel {machine.get('kernel', '?')}; data on {machine.get('disk', '?')}"
+        f" ({machine.get('filesystem', '?')}, rotational={machine.get('rotational', '?')});"
+        f" {machine.get('secs_per_run', '?')} s per run."
+    )
+    add("")
+    seq_mb = None
+    add("### Disk limit (fio)")
+    add("")
+    add("| test | result |")
+    add("|---|---|")
+    if seq:
+        w = seq["jobs"][0]["write"]
+        seq_mb = w["bw_bytes"] / 1e6
+        add(f"| sequential write, O_DIRECT, 1 MiB blocks, io_uring QD16 | {seq_mb:.1f} MB/s |")
+    if sync:
+        j = sync["jobs"][0]
+        s = j.get("sync", {}).get("lat_ns")
+        add(
+            f"| 4 KiB write + fdatasync, O_DIRECT, QD1 | {j['write']['iops']:.0f} ops/s; fdatasync"
+            f" p50 {ms(pct(s, '50.000000'))} ms, p99 {ms(pct(s, '99.000000'))} ms,"
+            f" p99.9 {ms(pct(s, '99.900000'))} ms |"
+        )
+    add("")
+    add("### Runs")
+    add("")
+    add(
+        "| run | measured s | records/s | MB/s | vs fio seq write (MB/s) | vs peer (records/s) | p50 ms | p99 ms"
+        " | p99.9 ms | p99.99 ms | max ms |"
+    )
+    add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r in runs.items():
+        peer = None
+        if name.startswith("spate-"):
+            rest = name[len("spate-"):]
+            # The peer has no flush setting: compare against its one run of the same shape.
+            for flush in ("-interval", "-always"):
+                if rest.endswith(flush):
+                    rest = rest[: -len(flush)] + "-sqlite"
+            peer = runs.get("tansu-" + rest)
+        lat = r["latency"]
+        add(
+            f"| {name} | {r['seconds']:.1f} | {r['records_per_sec']:,.0f} | {r['mb_per_sec']:.1f}"
+            # Only produce writes: a read or an e2e rate has no meaning against a write limit.
+            f" | {ratio(r['mb_per_sec'], seq_mb) if r.get('mode') == 'produce' else '-'}"
+            f" | {ratio(r['records_per_sec'], peer['records_per_sec'] if peer else None)}"
+            f" | {ms(lat['p50_ms'])} | {ms(lat['p99_ms'])} | {ms(lat['p999_ms'])}"
+            f" | {ms(lat['p9999_ms'])} | {ms(lat['max_ms'])} |"
+        )
+    add("")
+    add(
+        "Produce latency: from each request's send (or intended send, with --rate) to its ack."
+        " Consume latency: fetch round trip. e2e latency: from the intended send to the fetch"
+        " that returned the record. MB/s counts record values (produce) or batch bytes (consume,"
+        " e2e). Percentiles come from hdrhistogram histograms merged across connections."
+    )
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,744 @@
+//! Runs produce, consume and e2e: one sender and one receiver thread per connection, a reporter
+//! printing a line a second, and histograms merged at the end.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, sync_channel};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+use kafka_protocol::messages::{ApiKey, FetchRequest, FetchResponse, ProduceResponse, TopicName};
+use kafka_protocol::protocol::StrBytes;
+
+use crate::batch::{batches, encode_batch, read_stamp, record_values, ProduceTemplate};
+use crate::cluster::{self, OffsetSpec, TopicLayout};
+use crate::config::{Mode, RunConfig, StartFrom};
+use crate::error::{PerfError, Result};
+use crate::schedule::{RatePlan, Schedule};
+use crate::stats::{IntervalStats, Latency, RunSummary};
+use crate::wire::{decode_response, encode_request, set_correlation_id, Connection};
+
+const PRODUCE_VERSIONS: std::ops::RangeInclusive<i16> = 3..=12;
+const FETCH_VERSIONS: std::ops::RangeInclusive<i16> = 4..=12;
+/// Framing and metadata a fetch reply may carry beyond its record bytes.
+const FETCH_REPLY_SLACK_BYTES: usize = 1 << 20;
+/// How long e2e consumers may take, after the producers stop, to receive what was acked.
+pub const E2E_DRAIN_TIMEOUT_MS: u64 = 10_000;
+/// How often waiting threads look at the stop flag.
+const STOP_POLL_MS: u64 = 20;
+/// Seconds between progress lines.
+const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// State every worker of a run shares.
+struct Shared {
+    /// Origin of e2e stamps (nanoseconds since it).
+    epoch: Instant,
+    /// Samples due before this are warm-up.
+    measure_from: Instant,
+    stop: AtomicBool,
+    interval: IntervalStats,
+}
+
+impl Shared {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
+/// What one worker measured after warm-up.
+#[derive(Default)]
+struct Measured {
+    latency: Latency,
+    records: u64,
+    bytes: u64,
+    last: Option<Instant>,
+}
+
+impl Measured {
+    fn add(&mut self, records: u64, bytes: u64, latency_ns: u64, at: Instant) {
+        self.latency.record_n(latency_ns, records);
+        self.records += records;
+        self.bytes += bytes;
+        self.last = Some(self.last.map_or(at, |l| l.max(at)));
+    }
+
+    fn merge(&mut self, other: Measured) {
+        self.latency.merge(&other.latency);
+        self.records += other.records;
+        self.bytes += other.bytes;
+        self.last = match (self.last, other.last) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+/// The partitions each connection serves and the broker it talks to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub addr: String,
+    pub partitions: Vec<i32>,
+}
+
+/// Spreads partitions over connections. With at least as many connections as partitions each
+/// connection serves one partition (several may share it); otherwise partitions go round-robin,
+/// and a connection's partitions must share a leader.
+pub fn assign(leaders: &[(i32, String)], connections: usize) -> Result<Vec<Assignment>> {
+    assert!(connections > 0);
+    if leaders.is_empty() {
+        return Err(PerfError::Protocol("topic has no partitions".into()));
+    }
+    let mut out = Vec::with_capacity(connections);
+    for c in 0..connections {
+        let mine: Vec<&(i32, String)> = if connections >= leaders.len() {
+            vec![&leaders[c % leaders.len()]]
+        } else {
+            leaders.iter().skip(c).step_by(connections).collect()
+        };
+        let addr = mine[0].1.clone();
+        if mine.iter().any(|(_, a)| *a != addr) {
+            return Err(PerfError::Args(format!(
+                "connection {c} would serve partitions led by different brokers; use \
+                 --connections >= the topic's {} partitions",
+                leaders.len()
+            )));
+        }
+        out.push(Assignment {
+            addr,
+            partitions: mine.iter().map(|(p, _)| *p).collect(),
+        });
+    }
+    Ok(out)
+}
+
+fn wall_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Sleeps until `t` unless the run stops first.
+fn sleep_until(t: Instant, stop: &AtomicBool) {
+    loop {
+        let now = Instant::now();
+        if now >= t || stop.load(Ordering::Relaxed) {
+            return;
+        }
+        thread::sleep((t - now).min(Duration::from_millis(STOP_POLL_MS)));
+    }
+}
+
+/// Runs one benchmark and returns its summary. Progress lines go to stdout.
+pub fn run(cfg: &RunConfig) -> Result<RunSummary> {
+    let a = &cfg.args;
+    let mut meta = cluster::connect_any(&a.bootstrap_servers, cfg.request_timeout)?;
+    let layout = cluster::ensure_topic(&mut meta, &a.topic, a.partitions, a.replication_factor)?;
+    if layout.leaders.len() != a.partitions as usize {
+        eprintln!(
+            "note: topic {} exists with {} partitions; using those",
+            a.topic,
+            layout.leaders.len()
+        );
+    }
+    let plan = assign(&layout.leaders, a.connections)?;
+    match cfg.mode {
+        Mode::Produce => run_produce(cfg, &plan, &layout),
+        Mode::Consume => run_consume(cfg, &plan, &layout),
+        Mode::E2e => run_e2e(cfg, &plan, &layout),
+    }
+}
+
+/// Per connection: requests to send, schedule, batch template.
+struct ProducerSetup {
+    conn: Connection,
+    template: ProduceTemplate,
+    schedule_interval_ns: Option<f64>,
+    max_requests: Option<u64>,
+}
+
+fn producer_setups(
+    cfg: &RunConfig,
+    plan: &[Assignment],
+    layout: &TopicLayout,
+) -> Result<Vec<ProducerSetup>> {
+    let a = &cfg.args;
+    let mut setups = Vec::with_capacity(plan.len());
+    for assignment in plan {
+        let conn = Connection::connect(&assignment.addr, cfg.request_timeout)?;
+        let version = conn.versions.pick(ApiKey::Produce, PRODUCE_VERSIONS)?;
+        let parts = assignment.partitions.len();
+        let (records_per_batch, interval) = match a.rate {
+            Some(rate) => {
+                let per_partition = rate / plan.len() as f64 / parts as f64;
+                let p = RatePlan::new(per_partition, a.linger_ms, cfg.records_per_batch);
+                (p.records_per_batch, Some(p.interval_ns))
+            }
+            None => (cfg.records_per_batch, None),
+        };
+        let values = record_values(records_per_batch, a.record_size, 0x5EED);
+        let batch = encode_batch(&values, a.compression.codec(), wall_ms())?;
+        let template = ProduceTemplate::build(
+            &layout.topic,
+            &assignment.partitions,
+            &batch,
+            (records_per_batch * a.record_size) as u64,
+            a.acks,
+            i32::try_from(a.request_timeout_ms).unwrap_or(i32::MAX),
+            version,
+        )?;
+        let max_requests = a.records.map(|n| {
+            let per_conn = n.div_ceil(plan.len() as u64);
+            per_conn.div_ceil(template.records).max(1)
+        });
+        setups.push(ProducerSetup {
+            conn,
+            template,
+            schedule_interval_ns: interval,
+            max_requests,
+        });
+    }
+    Ok(setups)
+}
+
+/// What an e2e consumer needs to know about its producer to tell when it has seen everything.
+#[derive(Default)]
+struct Handoff {
+    acked_records: AtomicU64,
+    done: AtomicBool,
+}
+
+struct InFlight {
+    correlation_id: i32,
+    due: Instant,
+}
+
+fn run_producer(
+    setup: ProducerSetup,
+    cfg: &RunConfig,
+    shared: &Shared,
+    stamp: bool,
+    handoff: Option<&Handoff>,
+) -> Result<Measured> {
+    let ProducerSetup {
+        conn,
+        mut template,
+        schedule_interval_ns,
+        max_requests,
+    } = setup;
+    let Connection {
+        mut reader,
+        mut writer,
+        ..
+    } = conn;
+    let start = Instant::now().max(shared.epoch);
+    let schedule = match schedule_interval_ns {
+        Some(i) => Schedule::fixed(start, i),
+        None => Schedule::unthrottled(start),
+    };
+    let records = template.records;
+    let value_bytes = template.value_bytes;
+    let version = template.version;
+    // The in-flight window: the sender takes a slot before each request, the receiver returns it
+    // with the reply. Unthrottled, the clock starts once a slot is taken, so latency is the
+    // broker's, not the time spent queued behind our own window.
+    let (slot_tx, slot_rx) = sync_channel::<()>(cfg.args.max_in_flight);
+    for _ in 0..cfg.args.max_in_flight {
+        slot_tx
+            .send(())
+            .expect("the window channel has room for every slot");
+    }
+    let (tx, rx) = channel::<InFlight>();
+    thread::scope(|s| {
+        let reader_thread = s.spawn(move || -> Result<Measured> {
+            let mut measured = Measured::default();
+            for item in rx {
+                let frame = reader.read_frame(crate::wire::MAX_CONTROL_FRAME_BYTES)?;
+                let reply: ProduceResponse =
+                    decode_response(frame, ApiKey::Produce, version, item.correlation_id)?;
+                let now = Instant::now();
+                for t in &reply.responses {
+                    for p in &t.partition_responses {
+                        if p.error_code != 0 {
+                            return Err(PerfError::broker(
+                                format!("Produce to partition {}", p.index),
+                                p.error_code,
+                            ));
+                        }
+                    }
+                }
+                let latency = nanos(now - item.due);
+                if !stamp {
+                    // In e2e the consumers report; acks would double count.
+                    shared.interval.add(records, value_bytes, latency);
+                }
+                if item.due >= shared.measure_from {
+                    measured.add(records, value_bytes, latency, now);
+                }
+                if let Some(h) = handoff {
+                    h.acked_records.fetch_add(records, Ordering::Relaxed);
+                }
+                // The sender may have stopped already; a lost slot no longer matters then.
+                let _ = slot_tx.send(());
+            }
+            Ok(measured)
+        });
+        let mut correlation_id: i32 = 0;
+        let mut sent: u64 = 0;
+        let write_result = loop {
+            if shared.stopped() || max_requests.is_some_and(|m| sent >= m) {
+                break Ok(());
+            }
+            let intended = schedule.intended(sent);
+            if let Some(t) = intended {
+                sleep_until(t, &shared.stop);
+                if shared.stopped() {
+                    break Ok(());
+                }
+            }
+            if slot_rx.recv().is_err() {
+                break Ok(()); // the reader failed; its error is reported below
+            }
+            let due = intended.unwrap_or_else(Instant::now);
+            if stamp {
+                let ok = template.stamp(nanos(due - shared.epoch), wall_ms());
+                assert!(ok, "e2e validation keeps batches uncompressed");
+            }
+            correlation_id = correlation_id.wrapping_add(1).max(1);
+            set_correlation_id(&mut template.frame, correlation_id);
+            if tx
+                .send(InFlight {
+                    correlation_id,
+                    due,
+                })
+                .is_err()
+            {
+                break Ok(()); // the reader failed; its error is reported below
+            }
+            if let Err(e) = writer.write_frame(&template.frame) {
+                break Err(e);
+            }
+            sent += 1;
+        };
+        drop(tx);
+        let read_result = reader_thread.join().expect("reader thread panicked");
+        if let Some(h) = handoff {
+            h.done.store(true, Ordering::Release);
+        }
+        if read_result.is_err() || write_result.is_err() {
+            shared.stop.store(true, Ordering::Relaxed);
+        }
+        write_result?;
+        read_result
+    })
+}
+
+struct ConsumerPlan {
+    conn: Connection,
+    partitions: Vec<i32>,
+    offsets: Vec<i64>,
+    /// Stop a partition at this offset (consume mode from earliest: the end at start).
+    ends: Option<Vec<i64>>,
+    max_records: Option<u64>,
+}
+
+fn run_consumer(
+    plan: ConsumerPlan,
+    cfg: &RunConfig,
+    shared: &Shared,
+    topic: &str,
+    handoff: Option<&Handoff>,
+) -> Result<Measured> {
+    let a = &cfg.args;
+    let ConsumerPlan {
+        mut conn,
+        partitions,
+        mut offsets,
+        ends,
+        max_records,
+    } = plan;
+    let version = conn.versions.pick(ApiKey::Fetch, FETCH_VERSIONS)?;
+    let e2e = handoff.is_some();
+    let mut measured = Measured::default();
+    let mut received: u64 = 0;
+    let mut drain_deadline: Option<Instant> = None;
+    let mut frame = BytesMut::new();
+    let topic_name = TopicName(StrBytes::from_string(topic.to_string()));
+    let max_bytes = i32::try_from(a.fetch_max_bytes).unwrap_or(i32::MAX);
+    let reached_end = |offsets: &[i64]| {
+        ends.as_ref()
+            .is_some_and(|e| offsets.iter().zip(e).all(|(o, e)| o >= e))
+    };
+    loop {
+        if reached_end(&offsets) || max_records.is_some_and(|m| received >= m) {
+            break;
+        }
+        match handoff {
+            Some(h) if h.done.load(Ordering::Acquire) => {
+                let acked = h.acked_records.load(Ordering::Relaxed);
+                if received >= acked {
+                    break;
+                }
+                let deadline = *drain_deadline.get_or_insert_with(|| {
+                    Instant::now() + Duration::from_millis(E2E_DRAIN_TIMEOUT_MS)
+                });
+                if Instant::now() > deadline {
+                    return Err(PerfError::Protocol(format!(
+                        "{} acked records were not fetched within {E2E_DRAIN_TIMEOUT_MS} ms",
+                        acked - received
+                    )));
+                }
+            }
+            Some(_) => {}
+            None if shared.stopped() => break,
+            None => {}
+        }
+        let fetch_partitions = partitions
+            .iter()
+            .zip(&offsets)
+            .map(|(&p, &o)| {
+                FetchPartition::default()
+                    .with_partition(p)
+                    .with_fetch_offset(o)
+                    .with_partition_max_bytes(max_bytes)
+            })
+            .collect();
+        let req = FetchRequest::default()
+            .with_max_wait_ms(a.fetch_max_wait_ms)
+            .with_min_bytes(1)
+            .with_max_bytes(max_bytes)
+            .with_topics(vec![FetchTopic::default()
+                .with_topic(topic_name.clone())
+                .with_partitions(fetch_partitions)]);
+        let id = conn.next_correlation_id();
+        encode_request(&mut frame, ApiKey::Fetch, version, id, &req)?;
+        let sent = Instant::now();
+        conn.writer.write_frame(&frame)?;
+        let reply_frame = conn
+            .reader
+            .read_frame(a.fetch_max_bytes + FETCH_REPLY_SLACK_BYTES)?;
+        let now = Instant::now();
+        let reply: FetchResponse = decode_response(reply_frame, ApiKey::Fetch, version, id)?;
+        if reply.error_code != 0 {
+            return Err(PerfError::broker("Fetch", reply.error_code));
+        }
+        let mut fetched_records = 0u64;
+        let mut fetched_bytes = 0u64;
+        for t in &reply.responses {
+            for p in &t.partitions {
+                if p.error_code != 0 {
+                    return Err(PerfError::broker(
+                        format!("Fetch partition {}", p.partition_index),
+                        p.error_code,
+                    ));
+                }
+                let Some(i) = partitions.iter().position(|&x| x == p.partition_index) else {
+                    continue;
+                };
+                let Some(records) = &p.records else { continue };
+                for (view, bytes) in batches(records) {
+                    let next = view.next_offset();
+                    if next <= offsets[i] {
+                        continue; // a batch before the fetch offset
+                    }
+                    let n = u64::try_from(next - view.base_offset.max(offsets[i])).unwrap_or(0);
+                    offsets[i] = next;
+                    fetched_records += n;
+                    fetched_bytes += bytes.len() as u64;
+                    if e2e {
+                        let stamp = read_stamp(bytes, view.compressed).ok_or_else(|| {
+                            PerfError::Protocol("fetched batch carries no send-time stamp".into())
+                        })?;
+                        let sent_at = shared.epoch + Duration::from_nanos(stamp);
+                        let latency = nanos(now.saturating_duration_since(sent_at));
+                        shared.interval.add(n, bytes.len() as u64, latency);
+                        if sent_at >= shared.measure_from {
+                            measured.add(n, bytes.len() as u64, latency, now);
+                        }
+                    }
+                }
+            }
+        }
+        received += fetched_records;
+        if !e2e && fetched_records > 0 {
+            let latency = nanos(now - sent);
+            shared.interval.add(fetched_records, fetched_bytes, latency);
+            if sent >= shared.measure_from {
+                measured.add(fetched_records, fetched_bytes, latency, now);
+            }
+        }
+    }
+    Ok(measured)
+}
+
+/// Runs workers, printing a line a second, until they finish or the duration is up.
+fn drive<T: Send>(
+    cfg: &RunConfig,
+    shared: &Shared,
+    workers: Vec<Box<dyn FnOnce() -> Result<T> + Send + '_>>,
+) -> Result<Vec<T>> {
+    let deadline = cfg.duration.map(|d| shared.measure_from + d);
+    thread::scope(|s| {
+        let handles: Vec<_> = workers
+            .into_iter()
+            .map(|w| {
+                s.spawn(move || {
+                    let r = w();
+                    if r.is_err() {
+                        shared.stop.store(true, Ordering::Relaxed);
+                    }
+                    r
+                })
+            })
+            .collect();
+        let mut tick = Instant::now();
+        loop {
+            let done = handles.iter().all(|h| h.is_finished());
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                shared.stop.store(true, Ordering::Relaxed);
+            }
+            if now >= tick + REPORT_INTERVAL || done {
+                let snap = shared.interval.drain();
+                let secs = (now - tick).as_secs_f64();
+                if !done || snap.records > 0 {
+                    println!("{}", snap.line(secs, tick < shared.measure_from));
+                }
+                tick = now;
+            }
+            if done {
+                break;
+            }
+            thread::sleep(Duration::from_millis(STOP_POLL_MS));
+        }
+        let mut out = Vec::with_capacity(handles.len());
+        let mut first_err = None;
+        for h in handles {
+            match h.join().expect("worker thread panicked") {
+                Ok(v) => out.push(v),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    })
+}
+
+fn summarize(cfg: &RunConfig, shared: &Shared, parts: Vec<Measured>) -> RunSummary {
+    let a = &cfg.args;
+    let mut all = Measured::default();
+    for m in parts {
+        all.merge(m);
+    }
+    let seconds = all.last.map_or(0.0, |l| {
+        l.saturating_duration_since(shared.measure_from)
+            .as_secs_f64()
+    });
+    let per_sec = |x: u64| {
+        if seconds > 0.0 {
+            x as f64 / seconds
+        } else {
+            0.0
+        }
+    };
+    let label = a.label.clone().unwrap_or_else(|| {
+        let rate = a.rate.map(|r| format!(" @{r:.0}/s")).unwrap_or_default();
+        format!(
+            "{} {}B acks={}{rate}",
+            cfg.mode.name(),
+            a.record_size,
+            a.acks
+        )
+    });
+    RunSummary {
+        label,
+        mode: cfg.mode.name().to_string(),
+        config: serde_json::to_value(a).unwrap_or(serde_json::Value::Null),
+        records: all.records,
+        bytes: all.bytes,
+        seconds,
+        records_per_sec: per_sec(all.records),
+        mb_per_sec: per_sec(all.bytes) / 1e6,
+        latency: all.latency.summary(),
+    }
+}
+
+fn new_shared(cfg: &RunConfig) -> Shared {
+    let epoch = Instant::now();
+    Shared {
+        epoch,
+        measure_from: epoch + cfg.warmup,
+        stop: AtomicBool::new(false),
+        interval: IntervalStats::default(),
+    }
+}
+
+fn run_produce(cfg: &RunConfig, plan: &[Assignment], layout: &TopicLayout) -> Result<RunSummary> {
+    let setups = producer_setups(cfg, plan, layout)?;
+    let shared = new_shared(cfg);
+    let shared_ref = &shared;
+    let workers: Vec<Box<dyn FnOnce() -> Result<Measured> + Send + '_>> = setups
+        .into_iter()
+        .map(|s| {
+            Box::new(move || run_producer(s, cfg, shared_ref, false, None))
+                as Box<dyn FnOnce() -> Result<Measured> + Send + '_>
+        })
+        .collect();
+    let parts = drive(cfg, &shared, workers)?;
+    Ok(summarize(cfg, &shared, parts))
+}
+
+fn run_consume(cfg: &RunConfig, plan: &[Assignment], layout: &TopicLayout) -> Result<RunSummary> {
+    let a = &cfg.args;
+    let mut plans = Vec::with_capacity(plan.len());
+    let mut total_available = 0i64;
+    for assignment in plan {
+        let mut conn = Connection::connect(&assignment.addr, cfg.request_timeout)?;
+        let latest = cluster::list_offsets(
+            &mut conn,
+            &layout.topic,
+            &assignment.partitions,
+            OffsetSpec::Latest,
+        )?;
+        let (offsets, ends) = match a.from {
+            StartFrom::Earliest => {
+                let earliest = cluster::list_offsets(
+                    &mut conn,
+                    &layout.topic,
+                    &assignment.partitions,
+                    OffsetSpec::Earliest,
+                )?;
+                total_available += latest
+                    .iter()
+                    .zip(&earliest)
+                    .map(|(l, e)| l - e)
+                    .sum::<i64>();
+                (earliest, Some(latest))
+            }
+            StartFrom::Latest => (latest, None),
+        };
+        plans.push(ConsumerPlan {
+            conn,
+            partitions: assignment.partitions.clone(),
+            offsets,
+            ends,
+            max_records: a.records.map(|n| n.div_ceil(plan.len() as u64)),
+        });
+    }
+    if a.from == StartFrom::Earliest && total_available == 0 {
+        return Err(PerfError::Args(format!(
+            "topic {} is empty: produce to it first",
+            layout.topic
+        )));
+    }
+    if a.from == StartFrom::Latest && a.records.is_none() && cfg.duration.is_none() {
+        return Err(PerfError::Args(
+            "--from latest needs --records or --duration-secs to know when to stop".into(),
+        ));
+    }
+    let shared = new_shared(cfg);
+    let shared_ref = &shared;
+    let topic = layout.topic.as_str();
+    let workers: Vec<Box<dyn FnOnce() -> Result<Measured> + Send + '_>> = plans
+        .into_iter()
+        .map(|p| {
+            Box::new(move || run_consumer(p, cfg, shared_ref, topic, None))
+                as Box<dyn FnOnce() -> Result<Measured> + Send + '_>
+        })
+        .collect();
+    let parts = drive(cfg, &shared, workers)?;
+    Ok(summarize(cfg, &shared, parts))
+}
+
+fn run_e2e(cfg: &RunConfig, plan: &[Assignment], layout: &TopicLayout) -> Result<RunSummary> {
+    // Each consumer reads what its own producer writes; a shared partition would be read twice.
+    let mut seen = std::collections::HashSet::new();
+    if !plan
+        .iter()
+        .flat_map(|a| &a.partitions)
+        .all(|p| seen.insert(*p))
+    {
+        return Err(PerfError::Args(format!(
+            "e2e needs at least as many partitions as connections (topic {} has {})",
+            layout.topic,
+            layout.leaders.len()
+        )));
+    }
+    let mut consumers = Vec::with_capacity(plan.len());
+    for assignment in plan {
+        let mut conn = Connection::connect(&assignment.addr, cfg.request_timeout)?;
+        let latest = cluster::list_offsets(
+            &mut conn,
+            &layout.topic,
+            &assignment.partitions,
+            OffsetSpec::Latest,
+        )?;
+        consumers.push(ConsumerPlan {
+            conn,
+            partitions: assignment.partitions.clone(),
+            offsets: latest,
+            ends: None,
+            max_records: None,
+        });
+    }
+    let producers = producer_setups(cfg, plan, layout)?;
+    let handoffs: Vec<Handoff> = plan.iter().map(|_| Handoff::default()).collect();
+    let shared = new_shared(cfg);
+    let shared_ref = &shared;
+    let topic = layout.topic.as_str();
+    // Producers' own measurements are dropped: e2e reports what the consumers saw.
+    let mut workers: Vec<Box<dyn FnOnce() -> Result<Option<Measured>> + Send + '_>> = Vec::new();
+    for ((p, c), h) in producers.into_iter().zip(consumers).zip(&handoffs) {
+        workers.push(Box::new(move || {
+            run_producer(p, cfg, shared_ref, true, Some(h)).map(|_| None)
+        }));
+        workers.push(Box::new(move || {
+            run_consumer(c, cfg, shared_ref, topic, Some(h)).map(Some)
+        }));
+    }
+    let parts = drive(cfg, &shared, workers)?;
+    Ok(summarize(
+        cfg,
+        &shared,
+        parts.into_iter().flatten().collect(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaders(n: i32, addr: &str) -> Vec<(i32, String)> {
+        (0..n).map(|p| (p, addr.to_string())).collect()
+    }
+
+    #[test]
+    fn more_connections_than_partitions_share_partitions() {
+        let plan = assign(&leaders(2, "a:1"), 4).unwrap();
+        let parts: Vec<_> = plan.iter().map(|a| a.partitions.clone()).collect();
+        assert_eq!(parts, vec![vec![0], vec![1], vec![0], vec![1]]);
+    }
+
+    #[test]
+    fn fewer_connections_take_partitions_round_robin() {
+        let plan = assign(&leaders(5, "a:1"), 2).unwrap();
+        assert_eq!(plan[0].partitions, vec![0, 2, 4]);
+        assert_eq!(plan[1].partitions, vec![1, 3]);
+    }
+
+    #[test]
+    fn mixed_leaders_on_one_connection_are_refused() {
+        let l = vec![(0, "a:1".to_string()), (1, "b:1".to_string())];
+        assert!(assign(&l, 1).is_err());
+        let plan = assign(&l, 2).unwrap();
+        assert_eq!(plan[1].addr, "b:1");
+    }
+}

@@ -1,0 +1,325 @@
+//! Shared harness for integration tests: runs the real `spate` binary on a free loopback port
+//! with a temporary data dir, waits (bounded poll) until it accepts connections, kills it on
+//! drop. Also a minimal raw Kafka client for tests that need exact bytes on the wire.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const TEST_SEGMENT_BYTES: u64 = 16 << 20;
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(20);
+
+pub struct Broker {
+    child: Option<Child>,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    extra_args: Vec<String>,
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().unwrap().port()
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        Broker::start_with(&[])
+    }
+
+    pub fn start_with(args: &[&str]) -> Broker {
+        let mut b = Broker {
+            child: None,
+            port: free_port(),
+            dir: tempfile::tempdir().expect("tempdir"),
+            extra_args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        b.spawn();
+        b
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("spate.log")
+    }
+
+    /// Starts (or restarts) the broker on the same port and data dir.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "broker already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_spate"))
+            .arg("serve")
+            .arg("--listen")
+            .arg(self.addr())
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--cores")
+            .arg("2")
+            // Segments are pre-allocated: keep them small, the test disk is shared.
+            .arg("--segment-bytes")
+            .arg(TEST_SEGMENT_BYTES.to_string())
+            .args(&self.extra_args)
+            .env(
+                "RUST_LOG",
+                std::env::var("SPATE_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn spate");
+        self.child = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            // Only an answered ApiVersions request counts: a connect alone can reach the
+            // listening socket of a killed predecessor (its io_uring keeps the socket open for
+            // a moment after exit) or the client itself (TCP simultaneous open).
+            if api_versions_answered(&self.addr()) {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("spate exited during start ({status}); log:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "spate did not start; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL, no chance to flush.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let ok = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(ok.success());
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("spate did not stop after SIGTERM; log:\n{}", self.log());
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().unwrap().is_none(),
+            None => false,
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- spate log ---\n{}", self.log());
+        }
+        self.kill();
+    }
+}
+
+fn api_versions_answered(addr: &str) -> bool {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    // ApiVersions v0, correlation id 1, empty client id.
+    if s.write_all(&[0, 0, 0, 10, 0, 18, 0, 0, 0, 0, 0, 1, 0, 0])
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 8];
+    s.read_exact(&mut head).is_ok() && head[4..8] == [0, 0, 0, 1]
+}
+
+/// Runs a Python client script from tests/python with the given arguments.
+pub fn python(script: &str, args: &[&str]) -> Output {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
+    Command::new("python3")
+        .arg(path)
+        .args(args)
+        .output()
+        .expect("run python3")
+}
+
+pub fn assert_success(what: &str, out: &Output) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A blocking raw Kafka connection: frames out, frames in.
+pub struct Raw {
+    pub stream: TcpStream,
+}
+
+impl Raw {
+    pub fn connect(addr: &str) -> Raw {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        Raw { stream }
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Sends one request (header v1 or v2 as the API needs) and returns the response body
+    /// after the correlation id (and the header tagged fields, for flexible responses).
+    pub fn request<Req>(&mut self, version: i16, correlation_id: i32, req: &Req) -> bytes::Bytes
+    where
+        Req: kafka_protocol::protocol::Request,
+    {
+        use kafka_protocol::protocol::Encodable;
+        let mut header = kafka_protocol::messages::RequestHeader::default();
+        header.request_api_key = Req::KEY;
+        header.request_api_version = version;
+        header.correlation_id = correlation_id;
+        header.client_id = Some(kafka_protocol::protocol::StrBytes::from_static_str(
+            "raw-test",
+        ));
+        let hv = <Req as kafka_protocol::protocol::HeaderVersion>::header_version(version);
+        let mut buf = bytes::BytesMut::new();
+        header.encode(&mut buf, hv).unwrap();
+        req.encode(&mut buf, version).unwrap();
+        let mut framed = (buf.len() as i32).to_be_bytes().to_vec();
+        framed.extend_from_slice(&buf);
+        self.stream.write_all(&framed).unwrap();
+        let frame = self.read_frame().expect("a response");
+        let mut frame = bytes::Bytes::from(frame);
+        let rhv =
+            <Req::Response as kafka_protocol::protocol::HeaderVersion>::header_version(version);
+        let rh = <kafka_protocol::messages::ResponseHeader as kafka_protocol::protocol::Decodable>::decode(&mut frame, rhv).unwrap();
+        assert_eq!(rh.correlation_id, correlation_id);
+        frame
+    }
+
+    pub fn call<Req>(&mut self, version: i16, req: &Req) -> Req::Response
+    where
+        Req: kafka_protocol::protocol::Request,
+    {
+        let mut body = self.request(version, 7, req);
+        <Req::Response as kafka_protocol::protocol::Decodable>::decode(&mut body, version).unwrap()
+    }
+
+    /// One response frame, or None if the broker closed the connection.
+    pub fn read_frame(&mut self) -> Option<Vec<u8>> {
+        let mut len = [0u8; 4];
+        self.stream.read_exact(&mut len).ok()?;
+        let n = i32::from_be_bytes(len);
+        assert!((0..=(64 << 20)).contains(&n), "response length {n}");
+        let mut body = vec![0u8; n as usize];
+        self.stream.read_exact(&mut body).ok()?;
+        Some(body)
+    }
+
+    /// True once the broker closed the connection (bounded by the read timeout).
+    pub fn is_closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.stream.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+/// One RecordBatch v2 with `count` records (value = "v{i}"), CRC-32C computed.
+pub fn record_batch(producer_id: i64, epoch: i16, base_sequence: i32, count: i32) -> Vec<u8> {
+    let mut records = Vec::new();
+    for i in 0..count {
+        let value = format!("v{i}");
+        let mut rec = Vec::new();
+        rec.push(0u8); // attributes
+        put_varint(&mut rec, 0); // timestamp delta
+        put_varint(&mut rec, i as i64); // offset delta
+        put_varint(&mut rec, -1); // key: null
+        put_varint(&mut rec, value.len() as i64);
+        rec.extend_from_slice(value.as_bytes());
+        put_varint(&mut rec, 0); // headers
+        put_varint(&mut records, rec.len() as i64);
+        records.extend_from_slice(&rec);
+    }
+    let now = 1_700_000_000_000i64;
+    let mut tail = Vec::new(); // from attributes to the end: the CRC-covered part
+    tail.extend_from_slice(&0i16.to_be_bytes());
+    tail.extend_from_slice(&(count - 1).to_be_bytes());
+    tail.extend_from_slice(&now.to_be_bytes());
+    tail.extend_from_slice(&now.to_be_bytes());
+    tail.extend_from_slice(&producer_id.to_be_bytes());
+    tail.extend_from_slice(&epoch.to_be_bytes());
+    tail.extend_from_slice(&base_sequence.to_be_bytes());
+    tail.extend_from_slice(&count.to_be_bytes());
+    tail.extend_from_slice(&records);
+    let mut batch = Vec::new();
+    batch.extend_from_slice(&0i64.to_be_bytes());
+    let batch_length = (4 + 1 + 4 + tail.len()) as i32;
+    batch.extend_from_slice(&batch_length.to_be_bytes());
+    batch.extend_from_slice(&0i32.to_be_bytes()); // leader epoch
+    batch.push(2); // magic
+    batch.extend_from_slice(&crc32c::crc32c(&tail).to_be_bytes());
+    batch.extend_from_slice(&tail);
+    batch
+}
+
+fn put_varint(out: &mut Vec<u8>, v: i64) {
+    let mut z = ((v << 1) ^ (v >> 63)) as u64;
+    loop {
+        let b = (z & 0x7f) as u8;
+        z >>= 7;
+        if z == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+pub fn socket_addr(b: &Broker) -> SocketAddr {
+    b.addr().parse().unwrap()
+}
