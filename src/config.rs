@@ -7,11 +7,11 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use spate_engine::FlushPolicy;
 use spate_net::BrokerConfig;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FlushMode {
     /// Every acknowledged write is on disk (group-committed fdatasync before the reply).
@@ -22,109 +22,111 @@ pub enum FlushMode {
     Never,
 }
 
-#[derive(Clone, Debug, Default, Args, Deserialize)]
+#[derive(Clone, Debug, Default, Args, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ServeConfig {
     /// TOML file with any of these settings (same names as the flags, without the dashes in
     /// front); flags given on the command line override it.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, env = "SPATE_CONFIG", value_name = "FILE")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Address to accept Kafka clients on [default: 127.0.0.1:9092].
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, env = "SPATE_LISTEN", value_name = "HOST:PORT")]
     pub listen: Option<String>,
     /// Address clients are told to connect to, if different from --listen.
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, env = "SPATE_ADVERTISED_LISTENER", value_name = "HOST:PORT")]
     pub advertised_listener: Option<String>,
     /// Directory holding the partition logs and metadata [default: ./spate-data].
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, env = "SPATE_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// Number of cores (shards) to run on, one pinned executor each [default: all cores].
-    #[arg(long, value_name = "N")]
+    #[arg(long, env = "SPATE_CORES", value_name = "N")]
     pub cores: Option<usize>,
     /// This broker's node id in Metadata responses [default: 0].
-    #[arg(long, value_name = "N")]
+    #[arg(long, env = "SPATE_NODE_ID", value_name = "N")]
     pub node_id: Option<i32>,
     /// When appended data is made durable [default: always].
-    #[arg(long, value_enum)]
+    #[arg(long, env = "SPATE_FLUSH", value_enum)]
     pub flush: Option<FlushMode>,
     /// With --flush interval: longest time between fdatasyncs [default: 1000].
-    #[arg(long, value_name = "MS")]
+    #[arg(long, env = "SPATE_FLUSH_INTERVAL_MS", value_name = "MS")]
     pub flush_interval_ms: Option<u64>,
     /// With --flush interval: most bytes appended between fdatasyncs [default: 67108864].
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, env = "SPATE_FLUSH_INTERVAL_BYTES", value_name = "BYTES")]
     pub flush_interval_bytes: Option<u64>,
     /// Partitions of topics created without a count (auto-created ones too) [default: 1].
-    #[arg(long, value_name = "N")]
+    #[arg(long, env = "SPATE_DEFAULT_PARTITIONS", value_name = "N")]
     pub default_partitions: Option<i32>,
     /// Create unknown topics when a client asks for their metadata [default: true].
-    #[arg(long, value_name = "BOOL")]
+    #[arg(long, env = "SPATE_AUTO_CREATE_TOPICS", value_name = "BOOL")]
     pub auto_create_topics: Option<bool>,
     /// Delete log segments older than this; -1 keeps them forever [default: 604800000 (7 days)].
-    #[arg(long, value_name = "MS", allow_negative_numbers = true)]
+    #[arg(
+        long,
+        env = "SPATE_RETENTION_MS",
+        value_name = "MS",
+        allow_negative_numbers = true
+    )]
     pub retention_ms: Option<i64>,
     /// Delete the oldest segments while a partition is larger than this; -1 for no limit
     /// [default: -1].
-    #[arg(long, value_name = "BYTES", allow_negative_numbers = true)]
+    #[arg(
+        long,
+        env = "SPATE_RETENTION_BYTES",
+        value_name = "BYTES",
+        allow_negative_numbers = true
+    )]
     pub retention_bytes: Option<i64>,
     /// Roll to a new log segment at this size [default: 1073741824].
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, env = "SPATE_SEGMENT_BYTES", value_name = "BYTES")]
     pub segment_bytes: Option<u64>,
     /// Largest request frame accepted; larger ones close the connection [default: 104857600].
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, env = "SPATE_MAX_FRAME_BYTES", value_name = "BYTES")]
     pub max_frame_bytes: Option<usize>,
     /// Most client connections open at once, over all cores [default: 10000].
-    #[arg(long, value_name = "N")]
+    #[arg(long, env = "SPATE_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
     /// Requests of one connection processed concurrently before reading pauses [default: 32].
-    #[arg(long, value_name = "N")]
+    #[arg(long, env = "SPATE_MAX_IN_FLIGHT_PER_CONNECTION", value_name = "N")]
     pub max_in_flight_per_connection: Option<usize>,
     /// Largest record batch accepted (Kafka's message.max.bytes) [default: 8388608].
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, env = "SPATE_MAX_BATCH_BYTES", value_name = "BYTES")]
     pub max_batch_bytes: Option<u32>,
     /// Upper bound on how long a Fetch may wait for data [default: 30000].
-    #[arg(long, value_name = "MS")]
+    #[arg(long, env = "SPATE_MAX_FETCH_WAIT_MS", value_name = "MS")]
     pub max_fetch_wait_ms: Option<u64>,
     /// Partitions of the internal __consumer_offsets topic; never change it once groups
     /// exist [default: 8].
-    #[arg(long, value_name = "N")]
+    #[arg(long, env = "SPATE_OFFSETS_TOPIC_PARTITIONS", value_name = "N")]
     pub offsets_topic_partitions: Option<i32>,
     /// How long the first rebalance of a new group waits for more members [default: 3000].
-    #[arg(long, value_name = "MS")]
+    #[arg(
+        long,
+        env = "SPATE_GROUP_INITIAL_REBALANCE_DELAY_MS",
+        value_name = "MS"
+    )]
     pub group_initial_rebalance_delay_ms: Option<i64>,
     /// Smallest session timeout a group member may ask for [default: 6000].
-    #[arg(long, value_name = "MS")]
+    #[arg(long, env = "SPATE_GROUP_MIN_SESSION_TIMEOUT_MS", value_name = "MS")]
     pub group_min_session_timeout_ms: Option<i32>,
     /// Largest session timeout a group member may ask for [default: 1800000].
-    #[arg(long, value_name = "MS")]
+    #[arg(long, env = "SPATE_GROUP_MAX_SESSION_TIMEOUT_MS", value_name = "MS")]
     pub group_max_session_timeout_ms: Option<i32>,
     /// How long committed offsets of an empty group are kept [default: 604800000, 7 days].
-    #[arg(long, value_name = "MS")]
+    #[arg(long, env = "SPATE_OFFSETS_RETENTION_MS", value_name = "MS")]
     pub offsets_retention_ms: Option<i64>,
     /// How often old segments are checked against the retention limits [default: 300000].
-    #[arg(long, value_name = "MS")]
+    #[arg(long, env = "SPATE_RETENTION_CHECK_INTERVAL_MS", value_name = "MS")]
     pub retention_check_interval_ms: Option<u64>,
 }
 
-macro_rules! merge {
-    ($cli:ident, $file:ident, $($f:ident),*) => {
-        $( if $cli.$f.is_none() { $cli.$f = $file.$f.clone(); } )*
-    };
-}
-
-impl ServeConfig {
-    /// Fills settings missing on the command line from the `--config` file, if any.
-    pub fn with_file(mut self) -> anyhow::Result<ServeConfig> {
-        let Some(path) = self.config.clone() else {
-            return Ok(self);
-        };
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading config file {}", path.display()))?;
-        let file: ServeConfig = toml::from_str(&text)
-            .with_context(|| format!("parsing config file {}", path.display()))?;
-        merge!(
-            self,
-            file,
+/// Every setting of [`ServeConfig`] but `config` itself, once: merging and the defaults use it,
+/// so a new setting cannot be forgotten in one of them.
+macro_rules! each_setting {
+    ($m:ident, $a:expr, $b:expr) => {
+        $m!(
+            $a,
+            $b,
             listen,
             advertised_listener,
             data_dir,
@@ -147,14 +149,113 @@ impl ServeConfig {
             group_initial_rebalance_delay_ms,
             group_min_session_timeout_ms,
             group_max_session_timeout_ms,
-            offsets_retention_ms
+            offsets_retention_ms,
+            retention_check_interval_ms
+        )
+    };
+}
+
+/// Fills each setting of `$into` that is unset from `$from`.
+macro_rules! fill_missing {
+    ($into:expr, $from:expr, $($f:ident),*) => {
+        $( if $into.$f.is_none() { $into.$f = $from.$f.clone(); } )*
+    };
+}
+
+impl ServeConfig {
+    /// Every setting's default, in one place: `resolve` fills from it and `spate config
+    /// defaults` prints it. `advertised_listener` has none (it follows `listen`).
+    pub fn defaults() -> ServeConfig {
+        let groups = BrokerConfig::for_dir(PathBuf::new()).groups;
+        ServeConfig {
+            config: None,
+            listen: Some("127.0.0.1:9092".into()),
+            advertised_listener: None,
+            data_dir: Some(PathBuf::from("spate-data")),
+            cores: Some(std::thread::available_parallelism().map_or(1, |n| n.get())),
+            node_id: Some(0),
+            flush: Some(FlushMode::Always),
+            flush_interval_ms: Some(1000),
+            flush_interval_bytes: Some(64 << 20),
+            default_partitions: Some(1),
+            auto_create_topics: Some(true),
+            retention_ms: Some(7 * 24 * 3600 * 1000),
+            retention_bytes: Some(-1),
+            segment_bytes: Some(1 << 30),
+            max_frame_bytes: Some(100 << 20),
+            max_connections: Some(10_000),
+            max_in_flight_per_connection: Some(32),
+            max_batch_bytes: Some(8 << 20),
+            max_fetch_wait_ms: Some(30_000),
+            offsets_topic_partitions: Some(groups.offsets_topic_partitions),
+            group_initial_rebalance_delay_ms: Some(groups.initial_rebalance_delay_ms),
+            group_min_session_timeout_ms: Some(groups.min_session_timeout_ms),
+            group_max_session_timeout_ms: Some(groups.max_session_timeout_ms),
+            offsets_retention_ms: Some(groups.offsets_retention_ms),
+            retention_check_interval_ms: Some(300_000),
+        }
+    }
+
+    /// The defaults as a commented TOML file that `--config` accepts as it is.
+    pub fn defaults_toml() -> String {
+        use clap::Args as _;
+        let values = toml::Table::try_from(Self::defaults()).expect("defaults serialize");
+        let cmd = ServeConfig::augment_args(clap::Command::new("serve"));
+        let mut out = String::from(
+            "# spate serve: every setting with its default. Precedence: command-line flag, then\n\
+             # the SPATE_<NAME> environment variable, then this file (--config), then the default.\n",
         );
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "config" {
+                continue;
+            }
+            let key = id.replace('_', "-");
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let help = match help.find(" [default") {
+                Some(i) => help[..i].to_string(),
+                None => help,
+            };
+            out.push('\n');
+            for line in help.lines() {
+                out.push_str(&format!("# {line}\n"));
+            }
+            out.push_str(&format!("# env: SPATE_{}\n", id.to_uppercase()));
+            match values.get(&key) {
+                Some(v) => out.push_str(&format!("{key} = {v}\n")),
+                None => out.push_str(&format!("# {key} = (unset)\n")),
+            }
+        }
+        out
+    }
+
+    /// Fills settings missing on the command line from the `--config` file, if any.
+    pub fn with_file(mut self) -> anyhow::Result<ServeConfig> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        let file: ServeConfig = toml::from_str(&text)
+            .with_context(|| format!("parsing config file {}", path.display()))?;
+        each_setting!(fill_missing, self, file);
         Ok(self)
     }
 
     /// Resolves defaults and checks every value.
     pub fn resolve(&self) -> anyhow::Result<BrokerConfig> {
-        let listen_text = self.listen.as_deref().unwrap_or("127.0.0.1:9092");
+        let mut filled = self.clone();
+        each_setting!(fill_missing, filled, Self::defaults());
+        filled.check_filled()
+    }
+
+    /// Converts and checks a configuration whose every defaulted setting is present.
+    fn check_filled(&self) -> anyhow::Result<BrokerConfig> {
+        // Present by construction: `resolve` filled them from `defaults()`.
+        fn set<T: Clone>(v: &Option<T>) -> T {
+            v.clone().expect("filled from ServeConfig::defaults")
+        }
+        let listen_text = set(&self.listen);
         let listen: SocketAddr = listen_text
             .to_socket_addrs()
             .with_context(|| format!("--listen {listen_text}"))?
@@ -172,67 +273,51 @@ impl ServeConfig {
             }
             None => (listen.ip().to_string(), listen.port()),
         };
-        let cores = match self.cores {
-            Some(0) => bail!("--cores must be at least 1"),
-            Some(n) => n,
-            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        };
-        let flush = match self.flush.unwrap_or(FlushMode::Always) {
+        let cores = set(&self.cores);
+        if cores == 0 {
+            bail!("--cores must be at least 1");
+        }
+        let flush = match set(&self.flush) {
             FlushMode::Always => FlushPolicy::Always,
             FlushMode::Never => FlushPolicy::Never,
             FlushMode::Interval => FlushPolicy::Interval {
-                interval_ms: self.flush_interval_ms.unwrap_or(1000),
-                interval_bytes: self.flush_interval_bytes.unwrap_or(64 << 20),
+                interval_ms: set(&self.flush_interval_ms),
+                interval_bytes: set(&self.flush_interval_bytes),
             },
         };
-        let default_partitions = self.default_partitions.unwrap_or(1);
+        let default_partitions = set(&self.default_partitions);
         if default_partitions < 1 {
             bail!("--default-partitions must be at least 1");
         }
-        let non_negative = |v: Option<i64>, default: Option<u64>| match v {
-            None => default,
-            Some(v) if v < 0 => None,
-            Some(v) => Some(v as u64),
-        };
-        let mut c = BrokerConfig::for_dir(
-            self.data_dir
-                .clone()
-                .unwrap_or_else(|| PathBuf::from("spate-data")),
-        );
+        // Kafka's convention: a negative retention means no limit.
+        let non_negative = |v: i64| (v >= 0).then_some(v as u64);
+        let mut c = BrokerConfig::for_dir(set(&self.data_dir));
         c.listen = listen;
         c.advertised_host = advertised_host;
         c.advertised_port = advertised_port;
         c.cores = cores;
-        c.node_id = self.node_id.unwrap_or(0);
+        c.node_id = set(&self.node_id);
         c.flush = flush;
         c.default_partitions = default_partitions;
-        c.auto_create_topics = self.auto_create_topics.unwrap_or(true);
-        c.retention_ms = non_negative(self.retention_ms, Some(7 * 24 * 3600 * 1000));
-        c.retention_bytes = non_negative(self.retention_bytes, None);
-        c.segment_bytes = self.segment_bytes.unwrap_or(1 << 30);
-        c.max_frame_bytes = self.max_frame_bytes.unwrap_or(100 << 20);
-        c.max_connections = self.max_connections.unwrap_or(10_000);
-        c.max_in_flight_per_connection = self.max_in_flight_per_connection.unwrap_or(32);
-        c.max_batch_bytes = self.max_batch_bytes.unwrap_or(8 << 20);
-        c.max_fetch_wait_ms = self.max_fetch_wait_ms.unwrap_or(30_000);
+        c.auto_create_topics = set(&self.auto_create_topics);
+        c.retention_ms = non_negative(set(&self.retention_ms));
+        c.retention_bytes = non_negative(set(&self.retention_bytes));
+        c.segment_bytes = set(&self.segment_bytes);
+        c.max_frame_bytes = set(&self.max_frame_bytes);
+        c.max_connections = set(&self.max_connections);
+        c.max_in_flight_per_connection = set(&self.max_in_flight_per_connection);
+        c.max_batch_bytes = set(&self.max_batch_bytes);
+        c.max_fetch_wait_ms = set(&self.max_fetch_wait_ms);
         let g = &mut c.groups;
-        g.offsets_topic_partitions = self
-            .offsets_topic_partitions
-            .unwrap_or(g.offsets_topic_partitions);
-        g.initial_rebalance_delay_ms = self
-            .group_initial_rebalance_delay_ms
-            .unwrap_or(g.initial_rebalance_delay_ms);
-        g.min_session_timeout_ms = self
-            .group_min_session_timeout_ms
-            .unwrap_or(g.min_session_timeout_ms);
-        g.max_session_timeout_ms = self
-            .group_max_session_timeout_ms
-            .unwrap_or(g.max_session_timeout_ms);
-        g.offsets_retention_ms = self.offsets_retention_ms.unwrap_or(g.offsets_retention_ms);
+        g.offsets_topic_partitions = set(&self.offsets_topic_partitions);
+        g.initial_rebalance_delay_ms = set(&self.group_initial_rebalance_delay_ms);
+        g.min_session_timeout_ms = set(&self.group_min_session_timeout_ms);
+        g.max_session_timeout_ms = set(&self.group_max_session_timeout_ms);
+        g.offsets_retention_ms = set(&self.offsets_retention_ms);
         if let Err(e) = g.validate() {
             bail!("consumer groups: {e}");
         }
-        c.retention_check_interval_ms = self.retention_check_interval_ms.unwrap_or(300_000);
+        c.retention_check_interval_ms = set(&self.retention_check_interval_ms);
         if c.retention_check_interval_ms == 0 {
             bail!("--retention-check-interval-ms must be at least 1");
         }
@@ -292,5 +377,42 @@ mod tests {
             ..ServeConfig::default()
         };
         assert!(cli.resolve().is_err());
+    }
+
+    #[test]
+    fn printed_defaults_parse_back_to_the_defaults() {
+        let text = ServeConfig::defaults_toml();
+        let parsed: ServeConfig = toml::from_str(&text).expect("defaults file parses");
+        let from_file = parsed.resolve().unwrap();
+        let from_nothing = ServeConfig::default().resolve().unwrap();
+        assert_eq!(format!("{from_file:?}"), format!("{from_nothing:?}"));
+        // Every setting is in the file, each with its environment variable.
+        let cmd = <ServeConfig as clap::Args>::augment_args(clap::Command::new("serve"));
+        for arg in cmd.get_arguments().filter(|a| a.get_id() != "config") {
+            let key = arg.get_id().as_str().replace('_', "-");
+            assert!(text.contains(&format!("{key} = ")), "{key} missing");
+            let env = format!("SPATE_{}", arg.get_id().as_str().to_uppercase());
+            assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some(env.as_str()));
+        }
+    }
+
+    #[test]
+    fn every_setting_is_taken_from_the_file() {
+        // A key the merge forgot would silently keep its default.
+        let defaults = toml::Table::try_from(ServeConfig::defaults()).unwrap();
+        let mut file = toml::Table::new();
+        file.insert("retention-check-interval-ms".into(), 1234.into());
+        file.insert("max-connections".into(), 77.into());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spate.toml");
+        std::fs::write(&path, toml::to_string(&file).unwrap()).unwrap();
+        let cli = ServeConfig {
+            config: Some(path),
+            ..ServeConfig::default()
+        };
+        let c = cli.with_file().unwrap().resolve().unwrap();
+        assert_eq!(c.retention_check_interval_ms, 1234);
+        assert_eq!(c.max_connections, 77);
+        assert!(defaults.len() >= 23, "defaults cover the settings");
     }
 }

@@ -26,6 +26,12 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print every `spate serve` setting with its default, as a TOML file `--config` accepts.
+    Defaults,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum LogFormat {
     Text,
@@ -67,6 +73,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the broker configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Create, list, describe, delete and configure topics.
     #[command(subcommand)]
     Topic(admin::TopicCommand),
@@ -100,6 +109,10 @@ fn main() {
             let (text, ok) = check::report(&check::run_checks(&data_dir, cores), json);
             print!("{text}");
             std::process::exit(if ok { 0 } else { 1 });
+        }
+        Command::Config(ConfigCommand::Defaults) => {
+            print!("{}", config::ServeConfig::defaults_toml());
+            Ok(())
         }
         Command::Topic(c) => admin::finish(admin::topic::run(c)),
         Command::Group(c) => admin::finish(admin::group::run(c)),
