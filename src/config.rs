@@ -88,6 +88,22 @@ pub struct ServeConfig {
     /// How often old segments are checked against the retention limits [default: 300000].
     #[arg(long, value_name = "MS")]
     pub retention_check_interval_ms: Option<u64>,
+    /// Partitions of the internal __consumer_offsets topic; never change it once groups
+    /// exist [default: 8].
+    #[arg(long, value_name = "N")]
+    pub offsets_topic_partitions: Option<i32>,
+    /// How long the first rebalance of a new group waits for more members [default: 3000].
+    #[arg(long, value_name = "MS")]
+    pub group_initial_rebalance_delay_ms: Option<i64>,
+    /// Smallest session timeout a group member may ask for [default: 6000].
+    #[arg(long, value_name = "MS")]
+    pub group_min_session_timeout_ms: Option<i32>,
+    /// Largest session timeout a group member may ask for [default: 1800000].
+    #[arg(long, value_name = "MS")]
+    pub group_max_session_timeout_ms: Option<i32>,
+    /// How long committed offsets of an empty group are kept [default: 604800000, 7 days].
+    #[arg(long, value_name = "MS")]
+    pub offsets_retention_ms: Option<i64>,
 }
 
 macro_rules! merge {
@@ -126,7 +142,13 @@ impl ServeConfig {
             max_connections,
             max_in_flight_per_connection,
             max_batch_bytes,
-            max_fetch_wait_ms
+            max_fetch_wait_ms,
+            retention_check_interval_ms,
+            offsets_topic_partitions,
+            group_initial_rebalance_delay_ms,
+            group_min_session_timeout_ms,
+            group_max_session_timeout_ms,
+            offsets_retention_ms
         );
         Ok(self)
     }
@@ -197,6 +219,23 @@ impl ServeConfig {
         c.retention_check_interval_ms = self.retention_check_interval_ms.unwrap_or(300_000);
         if c.retention_check_interval_ms == 0 {
             bail!("--retention-check-interval-ms must be at least 1");
+        }
+        let g = &mut c.groups;
+        g.offsets_topic_partitions = self
+            .offsets_topic_partitions
+            .unwrap_or(g.offsets_topic_partitions);
+        g.initial_rebalance_delay_ms = self
+            .group_initial_rebalance_delay_ms
+            .unwrap_or(g.initial_rebalance_delay_ms);
+        g.min_session_timeout_ms = self
+            .group_min_session_timeout_ms
+            .unwrap_or(g.min_session_timeout_ms);
+        g.max_session_timeout_ms = self
+            .group_max_session_timeout_ms
+            .unwrap_or(g.max_session_timeout_ms);
+        g.offsets_retention_ms = self.offsets_retention_ms.unwrap_or(g.offsets_retention_ms);
+        if let Err(e) = g.validate() {
+            bail!("consumer groups: {e}");
         }
         if c.max_in_flight_per_connection == 0 || c.max_connections == 0 {
             bail!("--max-in-flight-per-connection and --max-connections must be at least 1");

@@ -1,6 +1,7 @@
 //! `spate`: the broker binary. Parses the configuration, starts one pinned executor per core,
 //! and stops cleanly on SIGTERM or Ctrl-C.
 
+mod check;
 mod config;
 
 use anyhow::Context;
@@ -21,7 +22,19 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a broker. Flags override the --config file; the defaults are shown in brackets.
-    Serve(config::ServeConfig),
+    Serve(Box<config::ServeConfig>),
+    /// Verify this machine can run the broker: io_uring, direct I/O on the data dir, limits.
+    Check {
+        /// The data directory the broker will use.
+        #[arg(long, default_value = "./spate-data")]
+        data_dir: std::path::PathBuf,
+        /// Shards the broker will run (default: all cores).
+        #[arg(long)]
+        cores: Option<usize>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() {
@@ -34,7 +47,18 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
+        Command::Check {
+            data_dir,
+            cores,
+            json,
+        } => {
+            let cores = cores
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let (text, ok) = check::report(&check::run_checks(&data_dir, cores), json);
+            print!("{text}");
+            std::process::exit(if ok { 0 } else { 1 });
+        }
     };
     if let Err(e) = result {
         tracing::error!("{e:#}");

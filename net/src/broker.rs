@@ -130,6 +130,7 @@ async fn run_shard(
     ready: flume::Sender<Result<SocketAddr, String>>,
 ) {
     let shard = Shard::new(id, router.clone(), config.clone(), metadata);
+    crate::group::start_shard(&shard);
     // Jobs from other shards run as tasks of this shard, so a slow one never blocks the queue.
     let jobs = {
         let shard = shard.clone();
@@ -217,4 +218,5 @@ async fn finish(shard: &Rc<Shard>, drained: &AtomicUsize, shards: usize) {
         glommio::timer::sleep(SHUTDOWN_POLL).await;
     }
     shard.close_partitions().await;
+    crate::group::close_shard().await;
 }

@@ -33,6 +33,8 @@ pub struct BrokerConfig {
     pub io_memory_bytes: usize,
     /// How often each shard applies retention to its partitions.
     pub retention_check_interval_ms: u64,
+    /// Consumer group coordinator settings (sessions, rebalances, offsets topic, retention).
+    pub groups: crate::group::GroupConfig,
 }
 
 impl BrokerConfig {
@@ -59,6 +61,7 @@ impl BrokerConfig {
             max_partitions_per_topic: 10_000,
             io_memory_bytes: 2 << 20,
             retention_check_interval_ms: 300_000,
+            groups: crate::group::GroupConfig::default(),
         }
     }
 

@@ -53,6 +53,9 @@ pub async fn dispatch(
             .map(Some),
         ApiKey::DescribeConfigs => handlers::admin::describe_configs(&shard, &req).map(Some),
         ApiKey::DescribeCluster => handlers::admin::describe_cluster(&shard, &req).map(Some),
+        key if crate::group::GROUP_API_KEYS.contains(&key) => {
+            crate::group::handle(&shard, &req).await.map(Some)
+        }
         other => Err(NetError::Malformed(format!("{other:?} is not served"))),
     }
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod frame;
+pub mod group;
 pub mod handlers;
 pub mod metadata;
 pub mod partition;

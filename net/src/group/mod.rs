@@ -1,0 +1,81 @@
+//! Consumer groups (the classic group protocol) and committed offsets.
+//!
+//! [`GroupCoordinator`] is a sans-IO state machine: one per shard, owning the groups whose
+//! `__consumer_offsets` partitions that shard owns. Its inputs are decoded Kafka requests, the
+//! current time (`now_ms`) and the records replayed from its partitions at startup; its outputs
+//! are responses, deferred responses and records to persist ([`Effect`]). It never reads a clock
+//! and never does I/O, so multi-member scenarios can be driven deterministically in tests.
+//!
+//! How a caller (the shard) drives it:
+//! - at startup, per owned partition: [`GroupCoordinator::begin_loading`], then
+//!   [`GroupCoordinator::replay`] every record read back from the log (see
+//!   [`records::decode_batches`]), then [`GroupCoordinator::finish_loading`]. Requests for a
+//!   loading partition are answered with COORDINATOR_LOAD_IN_PROGRESS.
+//! - JoinGroup and SyncGroup take a [`ReplyId`] chosen by the caller; their answers (immediate
+//!   or after the rebalance) come out as [`Effect::Join`] / [`Effect::Sync`]. Every reply id
+//!   gets exactly one answer, unless the partition is unloaded, which answers them all.
+//! - OffsetCommit returns an [`OffsetCommitOutcome`]: append its records to the partition's log,
+//!   wait until durable, then call [`GroupCoordinator::finish_offset_commit`] (which makes the
+//!   offsets visible) and send the response it returns.
+//! - [`Effect::Persist`] records (group metadata after a rebalance, tombstones) are appended to
+//!   the named partition in the order they come out.
+//! - call [`GroupCoordinator::tick`] every few hundred ms: it expires sessions, ends overdue
+//!   rebalances and expires old offsets.
+//! - after every call, drain [`GroupCoordinator::take_effects`].
+
+mod api;
+mod config;
+mod coordinator;
+#[allow(clippy::module_inception)]
+mod group;
+pub mod records;
+mod service;
+#[cfg(test)]
+mod tests;
+
+pub use api::{close_shard, handle, offsets_partition_dir, start_shard, GROUP_API_KEYS};
+pub use config::GroupConfig;
+pub use coordinator::{
+    find_coordinator_response, is_offsets_topic, offset_fetch_response, ClientInfo,
+    GroupCoordinator, GroupOffsets, OffsetCommitOutcome, CLASSIC_GROUP_TYPE,
+    MAX_PROTOCOLS_PER_MEMBER,
+};
+pub use group::GroupState;
+pub use records::{partition_for, GroupRecordError, OffsetsRecord, OFFSETS_TOPIC};
+pub use service::{
+    offsets_log_config, wall_clock_ms, GroupShard, DEFAULT_TICK_INTERVAL_MS, MAX_RECORDS_PER_BATCH,
+};
+
+use kafka_protocol::messages::join_group_response::JoinGroupResponse;
+use kafka_protocol::messages::sync_group_response::SyncGroupResponse;
+
+/// Identifies a deferred request (JoinGroup, SyncGroup) to its caller, e.g. a connection and
+/// correlation id folded into one number. The coordinator only hands it back.
+pub type ReplyId = u64;
+
+/// A deferred request and the API version it must be answered at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingReply {
+    pub reply: ReplyId,
+    pub version: i16,
+}
+
+/// Something the caller must do.
+#[derive(Clone, Debug)]
+pub enum Effect {
+    /// Send this JoinGroup response for the request identified by `reply`.
+    Join {
+        reply: ReplyId,
+        response: JoinGroupResponse,
+    },
+    /// Send this SyncGroup response for the request identified by `reply`.
+    Sync {
+        reply: ReplyId,
+        response: SyncGroupResponse,
+    },
+    /// Append these records (as one batch) to `__consumer_offsets` partition `partition`.
+    Persist {
+        partition: i32,
+        records: Vec<OffsetsRecord>,
+    },
+}
