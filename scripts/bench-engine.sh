@@ -51,6 +51,7 @@ synced = fio("16k-fdatasync512k")
 print()
 print(f"fio MB/s: 1k {ref['1KiB']:.0f}, 16k {ref['16KiB']:.0f}, 1m {best:.0f}; "
       f"16k with fdatasync every 512 KiB {synced:.0f}")
+print()
 print("| batch | policy | engine MB/s | / fio same block size | / fio 1 MiB | / fio synced 512 KiB |")
 print("|---|---|---|---|---|---|")
 for size, nbytes in [("1KiB", 1 << 10), ("16KiB", 16 << 10), ("1MiB", 1 << 20)]:

@@ -85,9 +85,6 @@ pub struct ServeConfig {
     /// Upper bound on how long a Fetch may wait for data [default: 30000].
     #[arg(long, value_name = "MS")]
     pub max_fetch_wait_ms: Option<u64>,
-    /// How often old segments are checked against the retention limits [default: 300000].
-    #[arg(long, value_name = "MS")]
-    pub retention_check_interval_ms: Option<u64>,
     /// Partitions of the internal __consumer_offsets topic; never change it once groups
     /// exist [default: 8].
     #[arg(long, value_name = "N")]
@@ -104,6 +101,9 @@ pub struct ServeConfig {
     /// How long committed offsets of an empty group are kept [default: 604800000, 7 days].
     #[arg(long, value_name = "MS")]
     pub offsets_retention_ms: Option<i64>,
+    /// How often old segments are checked against the retention limits [default: 300000].
+    #[arg(long, value_name = "MS")]
+    pub retention_check_interval_ms: Option<u64>,
 }
 
 macro_rules! merge {
@@ -143,7 +143,6 @@ impl ServeConfig {
             max_in_flight_per_connection,
             max_batch_bytes,
             max_fetch_wait_ms,
-            retention_check_interval_ms,
             offsets_topic_partitions,
             group_initial_rebalance_delay_ms,
             group_min_session_timeout_ms,
@@ -216,10 +215,6 @@ impl ServeConfig {
         c.max_in_flight_per_connection = self.max_in_flight_per_connection.unwrap_or(32);
         c.max_batch_bytes = self.max_batch_bytes.unwrap_or(8 << 20);
         c.max_fetch_wait_ms = self.max_fetch_wait_ms.unwrap_or(30_000);
-        c.retention_check_interval_ms = self.retention_check_interval_ms.unwrap_or(300_000);
-        if c.retention_check_interval_ms == 0 {
-            bail!("--retention-check-interval-ms must be at least 1");
-        }
         let g = &mut c.groups;
         g.offsets_topic_partitions = self
             .offsets_topic_partitions
@@ -236,6 +231,10 @@ impl ServeConfig {
         g.offsets_retention_ms = self.offsets_retention_ms.unwrap_or(g.offsets_retention_ms);
         if let Err(e) = g.validate() {
             bail!("consumer groups: {e}");
+        }
+        c.retention_check_interval_ms = self.retention_check_interval_ms.unwrap_or(300_000);
+        if c.retention_check_interval_ms == 0 {
+            bail!("--retention-check-interval-ms must be at least 1");
         }
         if c.max_in_flight_per_connection == 0 || c.max_connections == 0 {
             bail!("--max-in-flight-per-connection and --max-connections must be at least 1");

@@ -1,6 +1,7 @@
 //! `spate`: the broker binary. Parses the configuration, starts one pinned executor per core,
 //! and stops cleanly on SIGTERM or Ctrl-C.
 
+mod admin;
 mod check;
 mod config;
 
@@ -22,6 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a broker. Flags override the --config file; the defaults are shown in brackets.
+    // Boxed: the serve flags make this variant much larger than the others.
     Serve(Box<config::ServeConfig>),
     /// Verify this machine can run the broker: io_uring, direct I/O on the data dir, limits.
     Check {
@@ -35,6 +37,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Create, list, describe, delete and configure topics.
+    #[command(subcommand)]
+    Topic(admin::TopicCommand),
+    /// List and describe consumer groups; reset their committed offsets.
+    #[command(subcommand)]
+    Group(admin::GroupCommand),
+    /// Write stdin lines to a topic as records.
+    Produce(admin::ProduceArgs),
+    /// Print a topic's records on stdout.
+    Consume(admin::ConsumeArgs),
+    /// Show the cluster: id, controller, brokers, supported APIs.
+    #[command(subcommand)]
+    Cluster(admin::ClusterCommand),
 }
 
 fn main() {
@@ -59,6 +74,11 @@ fn main() {
             print!("{text}");
             std::process::exit(if ok { 0 } else { 1 });
         }
+        Command::Topic(c) => admin::finish(admin::topic::run(c)),
+        Command::Group(c) => admin::finish(admin::group::run(c)),
+        Command::Produce(a) => admin::finish(admin::produce::run(a)),
+        Command::Consume(a) => admin::finish(admin::consume::run(a)),
+        Command::Cluster(c) => admin::finish(admin::cluster::run(c)),
     };
     if let Err(e) = result {
         tracing::error!("{e:#}");

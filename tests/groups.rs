@@ -93,6 +93,7 @@ fn complete_lines(path: &Path) -> String {
 #[derive(Debug, Default)]
 struct ConsumerLog {
     assignments: Vec<BTreeSet<i32>>,
+    revocations: usize,
     /// (partition, offset) → value, in consumption order.
     consumed: Vec<((i32, i64), String)>,
     /// partition → highest acknowledged committed offset.
@@ -109,6 +110,7 @@ fn read_consumer_log(path: &Path) -> ConsumerLog {
                 .assignments
                 .push(list.split(',').filter_map(|p| p.parse().ok()).collect()),
             ["A"] => log.assignments.push(BTreeSet::new()),
+            ["R", ..] => log.revocations += 1,
             ["M", p, o, v] => {
                 if let (Ok(p), Ok(o)) = (p.parse(), o.parse()) {
                     log.consumed.push(((p, o), v.to_string()));
@@ -422,4 +424,133 @@ fn kcat_balanced_consumer_reads_everything_then_resumes_from_its_commit() {
         "",
         "resumed from the commit"
     );
+
+    // A group with nothing committed starts where auto.offset.reset says (OffsetFetch answers
+    // -1, the client asks ListOffsets for the earliest offset).
+    let fresh = Command::new("timeout")
+        .args([
+            "60",
+            "kcat",
+            "-b",
+            &addr,
+            "-G",
+            "kc-fresh",
+            "kc-orders",
+            "-e",
+            "-q",
+            "-f",
+            "%p %o\n",
+            "-X",
+            "auto.offset.reset=earliest",
+        ])
+        .output()
+        .expect("run kcat");
+    assert!(
+        fresh.status.success(),
+        "kcat -G: {}",
+        String::from_utf8_lossy(&fresh.stderr)
+    );
+    let fresh: BTreeSet<(i32, i64)> = String::from_utf8_lossy(&fresh.stdout)
+        .lines()
+        .map(|l| {
+            let (p, o) = l.split_once(' ').expect("partition offset");
+            (p.parse().unwrap(), o.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(fresh, produced.keys().copied().collect::<BTreeSet<_>>());
+}
+
+#[test]
+fn static_member_restart_keeps_its_partitions_without_a_rebalance() {
+    let broker = Broker::start_with(&["--group-initial-rebalance-delay-ms", "1000"]);
+    let addr = broker.addr();
+    let work = tempfile::tempdir().unwrap();
+    let path = |name: &str| -> PathBuf { work.path().join(name) };
+    let (topic, group) = ("static-orders", "static-workers");
+    let producer = python(
+        "groups_producer.py",
+        &[
+            &addr,
+            topic,
+            &PARTITIONS.to_string(),
+            "60",
+            "0",
+            path("produced.txt").to_str().unwrap(),
+            path("never").to_str().unwrap(),
+        ],
+    );
+    assert_success("groups_producer.py", &producer);
+    let seed = python(
+        "groups_precommit.py",
+        &[&addr, group, topic, &PARTITIONS.to_string(), "0"],
+    );
+    assert_success("groups_precommit.py", &seed);
+
+    let member = |name: &str, instance: &str| {
+        ClientProcess::python(
+            name,
+            "groups_consumer.py",
+            &[
+                &addr,
+                topic,
+                group,
+                path(&format!("{name}.txt")).to_str().unwrap(),
+                path(&format!("stop-{name}")).to_str().unwrap(),
+                "60",
+                instance,
+            ],
+            &path(&format!("{name}.log")),
+        )
+    };
+    let mut a = member("a", "instance-a");
+    let mut b = member("b", "instance-b");
+    let log_of = |name: &str| read_consumer_log(&path(&format!("{name}.txt")));
+    let describe = || {
+        format!(
+            "a: {:?}\nb: {:?}\na2: {:?}\nbroker log:\n{}",
+            log_of("a"),
+            log_of("b").assignments,
+            log_of("a2"),
+            broker.log()
+        )
+    };
+    wait_until(
+        Duration::from_secs(40),
+        "two static members sharing the six partitions",
+        || {
+            let (la, lb) = (log_of("a"), log_of("b"));
+            match (la.assignments.last(), lb.assignments.last()) {
+                (Some(x), Some(y)) => {
+                    x.len() == 3 && y.len() == 3 && x.union(y).count() == PARTITIONS as usize
+                }
+                _ => false,
+            }
+        },
+        describe,
+    );
+    let b_assignments_before = log_of("b").assignments.len();
+    let a_partitions = log_of("a").assignments.last().cloned().unwrap();
+
+    // A static member closes without leaving; its replacement (same group.instance.id) comes
+    // back within the session timeout and gets the same partitions, and B never rebalances.
+    std::fs::write(path("stop-a"), b"").unwrap();
+    a.wait_success(Duration::from_secs(30));
+    let _a2 = member("a2", "instance-a");
+    wait_until(
+        Duration::from_secs(20),
+        "the restarted static member to get its partitions back",
+        || !log_of("a2").assignments.is_empty(),
+        describe,
+    );
+    assert_eq!(
+        log_of("a2").assignments,
+        vec![a_partitions],
+        "{}",
+        describe()
+    );
+    let lb = log_of("b");
+    assert_eq!(lb.assignments.len(), b_assignments_before, "{}", describe());
+    assert_eq!(lb.revocations, 0, "b was never revoked: {}", describe());
+    std::fs::write(path("stop-b"), b"").unwrap();
+    b.wait_success(Duration::from_secs(30));
 }

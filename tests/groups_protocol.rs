@@ -179,33 +179,6 @@ fn offsets_of(r: &OffsetFetchResponse) -> Vec<(i32, i64, String)> {
     out
 }
 
-/// A connection on which the restarted broker answers an ApiVersions request. The first
-/// connection accepted right after a restart is sometimes reset by the broker (seen with
-/// net's server at 2 shards; reported), and real clients simply reconnect, so do the same.
-fn connect_when_serving(addr: &str) -> Raw {
-    use std::io::{Read, Write};
-    let deadline = Instant::now() + LOAD_TIMEOUT;
-    loop {
-        let mut probe = std::net::TcpStream::connect(addr).expect("connect");
-        probe
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        // ApiVersions v0, correlation id 1, client id "probe".
-        let request: &[u8] = &[0, 18, 0, 0, 0, 0, 0, 1, 0, 5, b'p', b'r', b'o', b'b', b'e'];
-        let mut framed = (request.len() as i32).to_be_bytes().to_vec();
-        framed.extend_from_slice(request);
-        let mut len = [0u8; 4];
-        if probe.write_all(&framed).is_ok() && probe.read_exact(&mut len).is_ok() {
-            return Raw::connect(addr);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the broker never served a request"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Prints the broker's log if the test fails while it is in scope.
 struct LogOnPanic(std::path::PathBuf);
 
@@ -299,18 +272,36 @@ fn committed_offsets_and_group_metadata_survive_sigkill() {
     drop(conn);
     broker.kill();
     broker.spawn();
-    let mut conn = connect_when_serving(&broker.addr());
+    let mut conn = Raw::connect(&broker.addr());
 
-    // The member carries on with its generation: the group came back Stable with it.
+    // Until a group's __consumer_offsets partition is replayed, its requests are answered
+    // with COORDINATOR_LOAD_IN_PROGRESS (which clients retry); wait for all three.
     let deadline = Instant::now() + LOAD_TIMEOUT;
-    let hb = loop {
-        let e = heartbeat(&mut conn, "survivors", &member, generation);
-        if e != code(ResponseError::CoordinatorLoadInProgress) {
-            break e;
+    loop {
+        let described = conn.call(
+            5,
+            &DescribeGroupsRequest::default().with_groups(
+                ["survivors", "emptied", "offsets-only"]
+                    .iter()
+                    .map(|g| GroupId(s(g)))
+                    .collect(),
+            ),
+        );
+        let loading = described
+            .groups
+            .iter()
+            .filter(|g| g.error_code == code(ResponseError::CoordinatorLoadInProgress))
+            .count();
+        if loading == 0 {
+            assert!(described.groups.iter().all(|g| g.error_code == 0));
+            break;
         }
         assert!(Instant::now() < deadline, "coordinator never loaded");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // The member carries on with its generation: the group came back Stable with it.
+    let hb = heartbeat(&mut conn, "survivors", &member, generation);
     assert_eq!(hb, 0, "the member and its generation survived the restart");
     let (err, assignment) = sync(&mut conn, "survivors", &member, generation, &[]);
     assert_eq!(

@@ -2,7 +2,6 @@
 //! be durable and valid, plus the leader-epoch cache up to it. Written atomically (temporary file,
 //! fsync, rename, directory fsync) and checksummed, so a torn write is never mistaken for data.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::EngineError;
@@ -104,26 +103,50 @@ pub fn read(dir: &Path) -> Result<Option<RecoveryPoint>, EngineError> {
         })
 }
 
-/// Replaces `dir/name` atomically and durably with `contents`.
-pub fn write_file_atomic(dir: &Path, name: &str, contents: &[u8]) -> Result<(), EngineError> {
+fn glommio_err(path: &Path) -> impl FnOnce(glommio::GlommioError<()>) -> EngineError + '_ {
+    move |e| EngineError::Io {
+        path: path.to_path_buf(),
+        source: e.into(),
+    }
+}
+
+/// Replaces `dir/name` atomically and durably with `contents`: temporary file, fdatasync,
+/// rename, directory sync. Every step goes through the executor's io_uring, so the shard keeps
+/// serving while the disk works.
+pub async fn write_file_atomic(
+    dir: &Path,
+    name: &str,
+    contents: Vec<u8>,
+) -> Result<(), EngineError> {
     let path = dir.join(name);
     let tmp: PathBuf = dir.join(format!("{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(contents).map_err(io_err(&tmp))?;
-    f.sync_data().map_err(io_err(&tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
-    sync_dir(dir)
+    let mut f = glommio::io::BufferedFile::create(&tmp)
+        .await
+        .map_err(glommio_err(&tmp))?;
+    let len = contents.len();
+    let written = f.write_at(contents, 0).await.map_err(glommio_err(&tmp))?;
+    if written != len {
+        return Err(EngineError::Io {
+            path: tmp,
+            source: std::io::Error::other(format!("short write of {written}/{len} bytes")),
+        });
+    }
+    f.fdatasync().await.map_err(glommio_err(&tmp))?;
+    f.rename(&path).await.map_err(glommio_err(&path))?;
+    f.close().await.map_err(glommio_err(&path))?;
+    sync_dir(dir).await
 }
 
-pub fn sync_dir(dir: &Path) -> Result<(), EngineError> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
+pub async fn sync_dir(dir: &Path) -> Result<(), EngineError> {
+    let d = glommio::io::Directory::open(dir)
+        .await
+        .map_err(glommio_err(dir))?;
+    d.sync().await.map_err(glommio_err(dir))?;
+    d.close().await.map_err(glommio_err(dir))
 }
 
-pub fn write(dir: &Path, rp: &RecoveryPoint) -> Result<(), EngineError> {
-    write_file_atomic(dir, RECOVERY_POINT_FILE, &rp.encode())
+pub async fn write(dir: &Path, rp: &RecoveryPoint) -> Result<(), EngineError> {
+    write_file_atomic(dir, RECOVERY_POINT_FILE, rp.encode()).await
 }
 
 #[cfg(test)]
@@ -150,6 +173,13 @@ mod tests {
 
     #[test]
     fn atomic_write_and_read() {
+        glommio::LocalExecutorBuilder::default()
+            .make()
+            .unwrap()
+            .run(atomic_write_and_read_async());
+    }
+
+    async fn atomic_write_and_read_async() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(read(dir.path()).unwrap(), None);
         let rp = RecoveryPoint {
@@ -158,7 +188,7 @@ mod tests {
             position: 100,
             epochs: vec![(2, 0)],
         };
-        write(dir.path(), &rp).unwrap();
+        write(dir.path(), &rp).await.unwrap();
         assert_eq!(read(dir.path()).unwrap(), Some(rp));
         std::fs::write(
             dir.path().join(RECOVERY_POINT_FILE),

@@ -47,7 +47,7 @@ impl FrameHeader {
         leader_epoch: i32,
         payload: &[u8],
     ) -> [u8; FRAME_HEADER_BYTES] {
-        let mut header = FrameHeader {
+        let header = FrameHeader {
             base_offset,
             max_timestamp,
             payload_len: payload.len() as u32,
@@ -55,10 +55,13 @@ impl FrameHeader {
             leader_epoch,
             crc: 0,
         };
-        let bytes = archive(&header);
-        header.crc =
+        let mut bytes = archive(&header);
+        let crc =
             crc32c::crc32c_append(crc32c::crc32c(&bytes[..CRC_COVERED_HEADER_BYTES]), payload);
-        archive(&header)
+        // The CRC is the last field: archived little-endian in the last four bytes.
+        bytes[CRC_COVERED_HEADER_BYTES..].copy_from_slice(&crc.to_le_bytes());
+        debug_assert_eq!(archive(&FrameHeader { crc, ..header }), bytes);
+        bytes
     }
 }
 
@@ -160,4 +163,75 @@ pub fn decode_frame(
         ));
     }
     Ok(frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::build_batch;
+
+    #[repr(C, align(8))]
+    struct Aligned([u8; 512]);
+
+    fn frame_bytes(payload: &[u8], base: u64) -> Aligned {
+        let mut out = Aligned([0; 512]);
+        let header = FrameHeader::encode(base, 77, 0, 5, payload);
+        out.0[..FRAME_HEADER_BYTES].copy_from_slice(&header);
+        out.0[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + payload.len()].copy_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn round_trip_in_place() {
+        let mut payload = build_batch(&[9u8; 100], 1, 0, 77);
+        crate::batch::stamp(&mut payload, 42, 5);
+        let buf = frame_bytes(&payload, 42);
+        let f = decode_frame(&buf.0, Some(42), 1 << 20).unwrap();
+        assert_eq!((f.base_offset(), f.last_offset()), (42, 42));
+        assert_eq!((f.max_timestamp(), f.leader_epoch()), (77, 5));
+        assert_eq!(f.payload, &payload[..]);
+        assert_eq!(f.len, frame_len(payload.len()));
+        assert_eq!(f.len % FRAME_ALIGN, 0);
+    }
+
+    #[test]
+    fn every_flipped_bit_is_caught() {
+        let mut payload = build_batch(&[1u8; 40], 1, 0, 0);
+        crate::batch::stamp(&mut payload, 3, 0);
+        let end = FRAME_HEADER_BYTES + payload.len();
+        for i in 0..end {
+            let mut buf = frame_bytes(&payload, 3);
+            buf.0[i] ^= 0x08;
+            // A damaged length may announce more bytes than the buffer has: the caller then
+            // reads further and the CRC fails, or the frame runs past the end of the data.
+            match decode_frame(&buf.0, Some(3), 1 << 20) {
+                Err(FrameError::Invalid(_)) => {}
+                Err(FrameError::Incomplete { need }) => assert!(need > buf.0.len(), "flip at {i}"),
+                Ok(_) => panic!("flip at {i} went unnoticed"),
+            }
+        }
+    }
+
+    #[test]
+    fn short_buffers_and_wrong_offsets() {
+        let mut payload = build_batch(&[1u8; 40], 1, 0, 0);
+        crate::batch::stamp(&mut payload, 3, 0);
+        let buf = frame_bytes(&payload, 3);
+        assert!(matches!(
+            decode_frame(&buf.0[..FRAME_HEADER_BYTES + 10], Some(3), 1 << 20),
+            Err(FrameError::Incomplete { .. })
+        ));
+        assert!(matches!(
+            decode_frame(&buf.0, Some(4), 1 << 20),
+            Err(FrameError::Invalid(_))
+        ));
+        assert!(matches!(
+            decode_frame(&buf.0, Some(3), 64),
+            Err(FrameError::Invalid(_))
+        ));
+        assert!(matches!(
+            decode_frame(&[0u8; 64], None, 1 << 20),
+            Err(FrameError::Invalid(_)) | Err(FrameError::Incomplete { .. })
+        ));
+    }
 }

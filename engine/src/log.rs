@@ -79,6 +79,10 @@ pub(crate) struct State {
     pub bytes_since_sync: u64,
     /// The active segment's file has space reserved below this position.
     pub preallocated: u64,
+    /// Bumped before and after every removal of data (truncation, retention), so it is odd
+    /// while one is under way: a disk read that overlapped a removal may see cut files, which
+    /// is not corruption.
+    pub generation: u64,
 }
 
 impl State {
@@ -226,22 +230,26 @@ impl Inner {
         };
         self.signal.notify_all();
         if checkpoint_due {
-            self.write_checkpoint_at(target_offset, target_pos)?;
+            self.write_checkpoint_at(target_offset, target_pos).await?;
         }
         Ok(())
     }
 
+    pub(crate) fn index_snapshot(&self) -> crate::segment::IndexFiles {
+        self.state.borrow().active().index_files()
+    }
+
     /// Writes the recovery point at (offset, position in the active segment).
-    pub(crate) fn write_checkpoint_at(
+    pub(crate) async fn write_checkpoint_at(
         &self,
         offset: u64,
         position: u64,
     ) -> Result<(), EngineError> {
         let base = self.state.borrow().active().base;
-        self.write_checkpoint(offset, base, position)
+        self.write_checkpoint(offset, base, position).await
     }
 
-    pub(crate) fn write_checkpoint(
+    pub(crate) async fn write_checkpoint(
         &self,
         offset: u64,
         segment_base: u64,
@@ -261,7 +269,7 @@ impl Inner {
                     .collect(),
             }
         };
-        checkpoint::write(&self.dir, &rp)?;
+        checkpoint::write(&self.dir, &rp).await?;
         let mut st = self.state.borrow_mut();
         st.checkpoint = rp;
         st.last_checkpoint = Instant::now();
@@ -362,11 +370,12 @@ impl Inner {
         // on it, and the pre-allocated tail is given back.
         file.truncate(size).await.map_err(io_err(&path))?;
         file.fdatasync().await.map_err(io_err(&path))?;
-        self.state.borrow().active().write_index_files(&self.dir)?;
+        let (index_writer, dir) = (self.index_snapshot(), self.dir.clone());
+        index_writer.write_index_files(&dir).await?;
         let base = self.state.borrow().log_end;
         let new_path = segment::log_path(&self.dir, base);
         let new_file = segment::open_file(&new_path).await?;
-        checkpoint::sync_dir(&self.dir)?;
+        checkpoint::sync_dir(&self.dir).await?;
         {
             let mut st = self.state.borrow_mut();
             st.durable = st.log_end;
@@ -378,7 +387,7 @@ impl Inner {
                 .insert(base, Segment::new(base, new_file, new_path));
         }
         tracing::debug!(dir = ?self.dir, base, "rolled segment");
-        self.write_checkpoint_at(base, 0)
+        self.write_checkpoint_at(base, 0).await
     }
 }
 
@@ -577,6 +586,23 @@ impl PartitionLog {
         budget: usize,
         need_one: bool,
     ) -> Result<Vec<(u64, Bytes)>, EngineError> {
+        let generation = self.inner.state.borrow().generation;
+        match self.read_disk_once(offset, budget, need_one).await {
+            Err(EngineError::Corrupt { .. })
+                if generation % 2 == 1 || self.inner.state.borrow().generation != generation =>
+            {
+                Ok(Vec::new())
+            }
+            other => other,
+        }
+    }
+
+    async fn read_disk_once(
+        &self,
+        offset: u64,
+        budget: usize,
+        need_one: bool,
+    ) -> Result<Vec<(u64, Bytes)>, EngineError> {
         let inner = &self.inner;
         let (file, path, mut pos, limit) = {
             let st = inner.state.borrow();
@@ -712,7 +738,7 @@ impl PartitionLog {
             self.inner.check(&st)?;
             (st.durable, st.durable_pos)
         };
-        self.inner.write_checkpoint_at(offset, pos)
+        self.inner.write_checkpoint_at(offset, pos).await
     }
 
     /// First offset whose batch max timestamp is `>= timestamp_ms`, with that timestamp.
@@ -803,10 +829,10 @@ impl PartitionLog {
             let (end, pos) = {
                 let st = inner.state.borrow();
                 inner.check(&st)?;
-                st.active().write_index_files(&inner.dir)?;
                 (st.log_end, st.active().size)
             };
-            inner.write_checkpoint_at(end, pos)
+            inner.index_snapshot().write_index_files(&inner.dir).await?;
+            inner.write_checkpoint_at(end, pos).await
         }
         .await;
         {

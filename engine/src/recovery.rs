@@ -340,7 +340,7 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
         .fdatasync()
         .await
         .map_err(io_err(&active_path))?;
-    checkpoint::sync_dir(dir)?;
+    checkpoint::sync_dir(dir).await?;
 
     let log_start = *segments.keys().next().expect("at least one segment");
     let (active_base, log_end) = {
@@ -366,6 +366,7 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
         flusher_running: false,
         bytes_since_sync: 0,
         preallocated: size,
+        generation: 0,
     };
     let inner = Rc::new(Inner {
         dir: dir.to_path_buf(),
@@ -375,7 +376,7 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
         signal: Signal::default(),
         lock: Semaphore::new(1),
     });
-    inner.write_checkpoint(log_end, active_base, size)?;
+    inner.write_checkpoint(log_end, active_base, size).await?;
     if let FlushPolicy::Interval { interval_ms, .. } = inner.config.flush {
         let weak = Rc::downgrade(&inner);
         glommio::spawn_local(async move {

@@ -112,25 +112,15 @@ impl Segment {
         }
     }
 
-    /// Persists the index files for everything the segment holds now.
-    pub fn write_index_files(&self, dir: &Path) -> Result<(), EngineError> {
+    /// The index files for everything the segment holds now, to be written without holding
+    /// a borrow of the segment.
+    pub fn index_files(&self) -> IndexFiles {
         let (off, time) = self.index.encode(self.base, &self.coverage());
-        let name = |p: PathBuf| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .expect("index file name is UTF-8")
-                .to_owned()
-        };
-        crate::checkpoint::write_file_atomic(
-            dir,
-            &name(index::offset_index_path(dir, self.base)),
-            &off,
-        )?;
-        crate::checkpoint::write_file_atomic(
-            dir,
-            &name(index::time_index_path(dir, self.base)),
-            &time,
-        )
+        IndexFiles {
+            base: self.base,
+            off,
+            time,
+        }
     }
 
     pub fn remove_index_files(dir: &Path, base: u64) {
@@ -145,6 +135,29 @@ impl Segment {
         let off = std::fs::read(index::offset_index_path(dir, base)).ok()?;
         let time = std::fs::read(index::time_index_path(dir, base)).ok()?;
         SegmentIndex::decode(base, &off, &time)
+    }
+}
+
+/// Serialised index files of one segment.
+pub struct IndexFiles {
+    base: u64,
+    off: Vec<u8>,
+    time: Vec<u8>,
+}
+
+impl IndexFiles {
+    /// Persists both files atomically (each replaced whole).
+    pub async fn write_index_files(self, dir: &Path) -> Result<(), EngineError> {
+        let name = |p: PathBuf| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .expect("index file name is UTF-8")
+                .to_owned()
+        };
+        let off_name = name(index::offset_index_path(dir, self.base));
+        let time_name = name(index::time_index_path(dir, self.base));
+        crate::checkpoint::write_file_atomic(dir, &off_name, self.off).await?;
+        crate::checkpoint::write_file_atomic(dir, &time_name, self.time).await
     }
 }
 

@@ -28,9 +28,17 @@ pub(crate) async fn truncate_to(inner: &Rc<Inner>, offset: u64) -> Result<(), En
         .acquire_permit(1)
         .await
         .map_err(|_| EngineError::Closed)?;
-    inner.state.borrow_mut().busy = true;
+    {
+        let mut st = inner.state.borrow_mut();
+        st.busy = true;
+        st.generation += 1;
+    }
     let result = truncate_locked(inner, offset).await;
-    inner.state.borrow_mut().busy = false;
+    {
+        let mut st = inner.state.borrow_mut();
+        st.busy = false;
+        st.generation += 1;
+    }
     inner.signal.notify_all();
     result
 }
@@ -105,7 +113,7 @@ async fn truncate_locked(inner: &Rc<Inner>, offset: u64) -> Result<(), EngineErr
     // Lower the recovery point before touching any file: a crash in between must never leave
     // a recovery point above the log end.
     if inner.state.borrow().checkpoint.offset > new_end {
-        inner.write_checkpoint(new_end, seg_base, cut_pos)?;
+        inner.write_checkpoint(new_end, seg_base, cut_pos).await?;
     }
     let later: Vec<u64> = {
         let mut st = inner.state.borrow_mut();
@@ -123,7 +131,7 @@ async fn truncate_locked(inner: &Rc<Inner>, offset: u64) -> Result<(), EngineErr
     Segment::remove_index_files(&inner.dir, seg_base);
     file.truncate(cut_pos).await.map_err(io_err(&path))?;
     file.fdatasync().await.map_err(io_err(&path))?;
-    checkpoint::sync_dir(&inner.dir)?;
+    checkpoint::sync_dir(&inner.dir).await?;
     let tail_start = cut_pos - cut_pos % PAGE_BYTES as u64;
     let tail = if cut_pos > tail_start {
         file.read_at(tail_start, (cut_pos - tail_start) as usize)
@@ -166,7 +174,7 @@ async fn truncate_locked(inner: &Rc<Inner>, offset: u64) -> Result<(), EngineErr
     }
     cache::remove_from(inner.log_id, new_end);
     tracing::debug!(dir = ?inner.dir, new_end, "truncated log");
-    inner.write_checkpoint(new_end, seg_base, cut_pos)
+    inner.write_checkpoint(new_end, seg_base, cut_pos).await
 }
 
 pub(crate) async fn apply_retention(inner: &Rc<Inner>, now_ms: i64) -> Result<u64, EngineError> {
@@ -219,12 +227,25 @@ pub(crate) async fn apply_retention(inner: &Rc<Inner>, now_ms: i64) -> Result<u6
             first.1 = first.1.max(new_start);
         }
         st.log_start = new_start;
+        st.generation += 1;
     }
+    let result = remove_segments(inner, &doomed, new_start).await;
+    inner.state.borrow_mut().generation += 1;
+    result
+}
+
+async fn remove_segments(
+    inner: &Rc<Inner>,
+    doomed: &[u64],
+    new_start: u64,
+) -> Result<u64, EngineError> {
     let rp = inner.state.borrow().checkpoint.clone();
     if rp.offset < new_start || doomed.contains(&rp.segment_base) {
-        inner.write_checkpoint(new_start, new_start, 0)?;
+        inner.write_checkpoint(new_start, new_start, 0).await?;
     } else {
-        inner.write_checkpoint(rp.offset, rp.segment_base, rp.position)?;
+        inner
+            .write_checkpoint(rp.offset, rp.segment_base, rp.position)
+            .await?;
     }
     let removed: Vec<Segment> = {
         let mut st = inner.state.borrow_mut();
@@ -237,7 +258,7 @@ pub(crate) async fn apply_retention(inner: &Rc<Inner>, now_ms: i64) -> Result<u6
         std::fs::remove_file(&seg.path).map_err(crate::segment::std_io_err(&seg.path))?;
         Segment::remove_index_files(&inner.dir, seg.base);
     }
-    checkpoint::sync_dir(&inner.dir)?;
+    checkpoint::sync_dir(&inner.dir).await?;
     cache::remove_below(inner.log_id, new_start);
     tracing::debug!(dir = ?inner.dir, new_start, "retention advanced the log start");
     Ok(new_start)

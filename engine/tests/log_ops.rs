@@ -302,3 +302,54 @@ fn large_batches_span_write_buffers() {
         log.close().await.unwrap();
     });
 }
+
+#[test]
+fn reads_racing_truncation_and_retention_never_report_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        set_shard_cache_bytes(0);
+        let config = LogConfig {
+            retention_bytes: Some(300 << 10),
+            ..small_config()
+        };
+        let log = Rc::new(PartitionLog::open(dir.path(), config).await.unwrap());
+        for i in 0..150u64 {
+            log.append(batch(i, 5000, 1, 0), 0).await.unwrap();
+        }
+        let stop = Rc::new(std::cell::Cell::new(false));
+        let mut readers = Vec::new();
+        for r in 0..4u64 {
+            let (log, stop) = (log.clone(), stop.clone());
+            readers.push(glommio::spawn_local(async move {
+                let mut reads = 0u64;
+                while !stop.get() {
+                    let end = log.log_end_offset();
+                    let start = log.log_start_offset();
+                    let at = start + (reads * 7 + r * 13) % (end - start + 1);
+                    match log.read(at, 20_000).await {
+                        Ok(_) | Err(EngineError::OffsetOutOfRange { .. }) => {}
+                        Err(e) => panic!("read at {at}: {e}"),
+                    }
+                    reads += 1;
+                    glommio::yield_if_needed().await;
+                }
+                reads
+            }));
+        }
+        for round in 0..20u64 {
+            let end = log.log_end_offset();
+            log.truncate_to(end - 10).await.unwrap();
+            for i in 0..12u64 {
+                log.append(batch(round * 100 + i, 5000, 1, 0), 0)
+                    .await
+                    .unwrap();
+            }
+            log.apply_retention(0).await.unwrap();
+        }
+        stop.set(true);
+        for r in readers {
+            assert!(r.await > 0);
+        }
+        log.close().await.unwrap();
+    });
+}

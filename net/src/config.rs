@@ -31,10 +31,10 @@ pub struct BrokerConfig {
     pub max_partitions_per_topic: i32,
     /// Registered io_uring buffer memory per shard (memlock is small on many hosts).
     pub io_memory_bytes: usize,
-    /// How often each shard applies retention to its partitions.
-    pub retention_check_interval_ms: u64,
     /// Consumer group coordinator settings (sessions, rebalances, offsets topic, retention).
     pub groups: crate::group::GroupConfig,
+    /// How often each shard applies retention to its partitions.
+    pub retention_check_interval_ms: u64,
 }
 
 impl BrokerConfig {
@@ -60,8 +60,8 @@ impl BrokerConfig {
             max_fetch_wait_ms: 30_000,
             max_partitions_per_topic: 10_000,
             io_memory_bytes: 2 << 20,
-            retention_check_interval_ms: 300_000,
             groups: crate::group::GroupConfig::default(),
+            retention_check_interval_ms: 300_000,
         }
     }
 

@@ -1,6 +1,9 @@
 """A confluent-kafka group member for tests/groups.rs.
 
-Usage: groups_consumer.py ADDR TOPIC GROUP OUT_FILE STOP_FILE MAX_SECONDS
+Usage: groups_consumer.py ADDR TOPIC GROUP OUT_FILE STOP_FILE MAX_SECONDS [INSTANCE_ID]
+
+With INSTANCE_ID the member is static (group.instance.id): closing it does not leave the
+group, and a restart with the same id takes its place back.
 
 Commits synchronously after every message, so the only messages another member may see again
 are those read but not yet committed. Writes one line per event to OUT_FILE (line-buffered):
@@ -25,8 +28,7 @@ def parts(ps):
     return ",".join(str(p.partition) for p in ps)
 
 
-consumer = Consumer(
-    {
+config = {
         "bootstrap.servers": addr,
         "group.id": group,
         "enable.auto.commit": False,
@@ -35,8 +37,10 @@ consumer = Consumer(
         "heartbeat.interval.ms": 500,
         "partition.assignment.strategy": "range",
         "topic.metadata.refresh.interval.ms": 1000,
-    }
-)
+}
+if len(sys.argv) > 7:
+    config["group.instance.id"] = sys.argv[7]
+consumer = Consumer(config)
 consumer.subscribe(
     [topic],
     on_assign=lambda c, ps: out.write(f"A {parts(ps)}\n"),

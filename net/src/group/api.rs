@@ -85,8 +85,6 @@ pub fn start_shard(shard: &Rc<Shard>) {
         let dir = offsets_partition_dir(&shard.config.data_dir, partition);
         let mut log_config = offsets_log_config();
         log_config.flush = shard.config.flush;
-        log_config.segment_bytes = shard.config.segment_bytes;
-        log_config.max_batch_bytes = shard.config.max_batch_bytes;
         let groups = groups.clone();
         glommio::spawn_local(async move {
             let log = match PartitionLog::open(&dir, log_config).await {
@@ -205,7 +203,7 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
             let resp = on_owner(
                 shard,
                 &group,
-                move |g| async move { g.heartbeat(&r) },
+                move |g| async move { g.heartbeat(&r).await },
                 |e| HeartbeatResponse::default().with_error_code(e),
             )
             .await;
@@ -217,7 +215,7 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
             let resp = on_owner(
                 shard,
                 &group,
-                move |g| async move { g.leave_group(v, &r) },
+                move |g| async move { g.leave_group(v, &r).await },
                 |e| LeaveGroupResponse::default().with_error_code(e),
             )
             .await;
@@ -342,7 +340,7 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
                 let result = on_owner(
                     shard,
                     &id,
-                    move |g| async move { g.delete_group(&id2) },
+                    move |g| async move { g.delete_group(&id2).await },
                     move |e| {
                         kafka_protocol::messages::delete_groups_response::DeletableGroupResult::default()
                             .with_group_id(group)
@@ -360,7 +358,7 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
             let resp = on_owner(
                 shard,
                 &group,
-                move |g| async move { g.offset_delete(&r) },
+                move |g| async move { g.offset_delete(&r).await },
                 |e| OffsetDeleteResponse::default().with_error_code(e),
             )
             .await;

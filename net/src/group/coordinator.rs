@@ -1281,6 +1281,11 @@ fn replace_static_member(
     now_ms: i64,
     out: &mut Vec<Effect>,
 ) -> Result<(), ResponseError> {
+    if group.protocol_type.as_deref() != Some(params.protocol_type.as_str())
+        || !group.can_update_protocols(old_id, &params.protocols)
+    {
+        return Err(ResponseError::InconsistentGroupProtocol);
+    }
     let mut member = group
         .members
         .remove(old_id)
@@ -1292,7 +1297,6 @@ fn replace_static_member(
         out.push(sync_error(reply, ResponseError::FencedInstanceId));
     }
     let new_id = params.member_id.clone();
-    let protocols_changed = member.protocols != params.protocols;
     member.member_id = new_id.clone();
     group.members.insert(new_id.clone(), member);
     if let Some(instance) = &params.group_instance_id {
@@ -1306,8 +1310,16 @@ fn replace_static_member(
     tracing::info!(group = %group.group_id, old = %old_id, new = %new_id, "static member rejoins with a new member id");
     let version = params.reply.version;
     let reply = params.reply.reply;
+    // As Kafka: a returning static member of a stable group only causes a rebalance if its
+    // protocols would change the group's protocol (its subscription bytes may differ, e.g.
+    // in owned partitions, without that).
+    let keeps_protocol = group.state == GroupState::Stable && {
+        let member = group.members.get_mut(&new_id).expect("inserted");
+        member.protocols = params.protocols.clone();
+        group.select_protocol() == group.protocol
+    };
     match group.state {
-        GroupState::Stable if !protocols_changed => {
+        GroupState::Stable if keeps_protocol => {
             let member = group.members.get_mut(&new_id).expect("inserted");
             member.client_id = params.client_id;
             member.client_host = params.client_host;

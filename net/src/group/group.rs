@@ -214,7 +214,7 @@ impl Group {
 
     /// The protocol every member supports with the most first-preference votes (ties go to the
     /// leader's preference order), as Kafka's `selectProtocol`.
-    fn select_protocol(&self) -> Option<String> {
+    pub fn select_protocol(&self) -> Option<String> {
         let first = self
             .leader_member()
             .or_else(|| self.members.values().next())?;

@@ -37,10 +37,20 @@ const LOAD_READ_BYTES: usize = 1 << 20;
 /// How often the coordinator's timers (sessions, rebalances, retention) are checked.
 pub const DEFAULT_TICK_INTERVAL_MS: u64 = 100;
 
-/// The log settings of a `__consumer_offsets` partition: durable on every commit, and never
-/// trimmed by time or size (there is no compaction yet, and retention would lose offsets).
+/// Segment size of `__consumer_offsets` partitions. Their records are small, and the engine
+/// preallocates whole segments, so user-topic sized (1 GiB) segments would cost every broker
+/// gigabytes of disk for a few kilobytes of offsets.
+pub const OFFSETS_SEGMENT_BYTES: u64 = 8 << 20;
+/// Largest `__consumer_offsets` batch (a group metadata snapshot of a big group).
+pub const OFFSETS_MAX_BATCH_BYTES: u32 = 2 << 20;
+
+/// The log settings of a `__consumer_offsets` partition: small segments, durable on every
+/// commit, and never trimmed by time or size (there is no compaction yet, and retention would
+/// lose offsets).
 pub fn offsets_log_config() -> LogConfig {
     LogConfig {
+        segment_bytes: OFFSETS_SEGMENT_BYTES,
+        max_batch_bytes: OFFSETS_MAX_BATCH_BYTES,
         retention_bytes: None,
         retention_ms: None,
         flush: FlushPolicy::Always,
@@ -206,7 +216,7 @@ impl GroupShard {
             .borrow_mut()
             .finish_loading(partition, wall_clock_ms());
         tracing::info!(partition, records, "consumer offsets loaded");
-        self.dispatch_effects();
+        self.dispatch_effects().await;
         Ok(())
     }
 
@@ -225,7 +235,7 @@ impl GroupShard {
         for partition in partitions {
             self.coordinator.borrow_mut().unload(partition);
         }
-        self.dispatch_effects();
+        self.dispatch_effects_now();
     }
 
     /// Lets queued writes finish, then closes every partition log (flush and recovery point).
@@ -258,7 +268,7 @@ impl GroupShard {
             })
             .detach();
         }
-        self.dispatch_effects();
+        self.dispatch_effects_now();
     }
 
     /// Starts the timer task that ticks the coordinator every `interval_ms`; it lives as long
@@ -270,7 +280,7 @@ impl GroupShard {
                 glommio::timer::sleep(Duration::from_millis(interval_ms)).await;
                 let Some(shard) = weak.upgrade() else { break };
                 shard.coordinator.borrow_mut().tick(wall_clock_ms());
-                shard.dispatch_effects();
+                shard.dispatch_effects().await;
             }
         })
         .detach();
@@ -282,11 +292,54 @@ impl GroupShard {
         id
     }
 
-    /// Routes the coordinator's effects: replies to their waiters, records to the writers.
-    fn dispatch_effects(&self) {
+    /// Routes the coordinator's effects: records to the writers, then, once those are durable,
+    /// replies to their waiters. A reply never overtakes the group state it announces (as
+    /// Kafka answers SyncGroup only after storing the group), so a client that saw it survives
+    /// a broker crash with the same view.
+    async fn dispatch_effects(&self) {
+        let (written, replies) = self.route_effects();
+        for done in written {
+            // A failed write is logged by the writer; the reply still goes out, as the
+            // in-memory state it reports is what this broker serves until it restarts.
+            let _ = done.await;
+        }
+        self.deliver(replies);
+    }
+
+    /// Like [`Self::dispatch_effects`] without waiting for the records: for effects that are
+    /// only replies (unloading), or where the caller cannot wait.
+    fn dispatch_effects_now(&self) {
+        let (_, replies) = self.route_effects();
+        self.deliver(replies);
+    }
+
+    /// Submits the records among the pending effects and returns their completions, with the
+    /// replies still to deliver.
+    fn route_effects(
+        &self,
+    ) -> (
+        Vec<oneshot::Receiver<Result<(), ResponseError>>>,
+        Vec<Effect>,
+    ) {
         let effects = self.coordinator.borrow_mut().take_effects();
+        let mut written = Vec::new();
+        let mut replies = Vec::new();
         for effect in effects {
             match effect {
+                Effect::Persist { partition, records } => {
+                    let (tx, rx) = oneshot::oneshot();
+                    self.submit(partition, &records, Some(tx));
+                    written.push(rx);
+                }
+                reply => replies.push(reply),
+            }
+        }
+        (written, replies)
+    }
+
+    fn deliver(&self, replies: Vec<Effect>) {
+        for reply in replies {
+            match reply {
                 Effect::Join { reply, response } => {
                     if let Some(Waiter::Join(tx)) = self.waiters.borrow_mut().remove(&reply) {
                         // The connection may have gone; nobody else wants the answer.
@@ -298,9 +351,7 @@ impl GroupShard {
                         let _ = tx.send(response);
                     }
                 }
-                Effect::Persist { partition, records } => {
-                    self.submit(partition, &records, None);
-                }
+                Effect::Persist { .. } => unreachable!("records are routed to the writers"),
             }
         }
     }
@@ -341,7 +392,7 @@ impl GroupShard {
         self.coordinator
             .borrow_mut()
             .join_group(reply, version, client, req, wall_clock_ms());
-        self.dispatch_effects();
+        self.dispatch_effects().await;
         rx.await.unwrap_or_else(|_| {
             JoinGroupResponse::default()
                 .with_error_code(ResponseError::CoordinatorNotAvailable.code())
@@ -356,28 +407,28 @@ impl GroupShard {
         self.coordinator
             .borrow_mut()
             .sync_group(reply, version, req, wall_clock_ms());
-        self.dispatch_effects();
+        self.dispatch_effects().await;
         rx.await.unwrap_or_else(|_| {
             SyncGroupResponse::default()
                 .with_error_code(ResponseError::CoordinatorNotAvailable.code())
         })
     }
 
-    pub fn heartbeat(&self, req: &HeartbeatRequest) -> HeartbeatResponse {
+    pub async fn heartbeat(&self, req: &HeartbeatRequest) -> HeartbeatResponse {
         let r = self
             .coordinator
             .borrow_mut()
             .heartbeat(req, wall_clock_ms());
-        self.dispatch_effects();
+        self.dispatch_effects().await;
         r
     }
 
-    pub fn leave_group(&self, version: i16, req: &LeaveGroupRequest) -> LeaveGroupResponse {
+    pub async fn leave_group(&self, version: i16, req: &LeaveGroupRequest) -> LeaveGroupResponse {
         let r = self
             .coordinator
             .borrow_mut()
             .leave_group(version, req, wall_clock_ms());
-        self.dispatch_effects();
+        self.dispatch_effects().await;
         r
     }
 
@@ -391,7 +442,7 @@ impl GroupShard {
             .coordinator
             .borrow_mut()
             .offset_commit(version, req, wall_clock_ms());
-        self.dispatch_effects();
+        self.dispatch_effects().await;
         let written = if outcome.records.is_empty() {
             Ok(())
         } else {
@@ -404,7 +455,7 @@ impl GroupShard {
             .coordinator
             .borrow_mut()
             .finish_offset_commit(outcome, written);
-        self.dispatch_effects();
+        self.dispatch_effects().await;
         r
     }
 
@@ -416,12 +467,12 @@ impl GroupShard {
         self.coordinator.borrow().fetch_offsets(group_id, topics)
     }
 
-    pub fn offset_delete(&self, req: &OffsetDeleteRequest) -> OffsetDeleteResponse {
+    pub async fn offset_delete(&self, req: &OffsetDeleteRequest) -> OffsetDeleteResponse {
         let r = self
             .coordinator
             .borrow_mut()
             .offset_delete(req, wall_clock_ms());
-        self.dispatch_effects();
+        self.dispatch_effects().await;
         r
     }
 
@@ -433,9 +484,9 @@ impl GroupShard {
         self.coordinator.borrow().list_groups(states, types)
     }
 
-    pub fn delete_group(&self, group_id: &str) -> DeletableGroupResult {
+    pub async fn delete_group(&self, group_id: &str) -> DeletableGroupResult {
         let r = self.coordinator.borrow_mut().delete_group(group_id);
-        self.dispatch_effects();
+        self.dispatch_effects().await;
         r
     }
 }
