@@ -147,7 +147,8 @@ impl ServeConfig {
             group_initial_rebalance_delay_ms,
             group_min_session_timeout_ms,
             group_max_session_timeout_ms,
-            offsets_retention_ms
+            offsets_retention_ms,
+            retention_check_interval_ms
         );
         Ok(self)
     }
