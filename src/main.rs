@@ -16,8 +16,38 @@ use spate_net::Broker;
     about = "Spate: a Kafka-compatible streaming broker, thread-per-core, for bare-metal Linux"
 )]
 struct Cli {
+    /// Log format on stderr: `text` for people, `json` (one object a line) for log collectors.
+    #[arg(long, global = true, env = "SPATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log filter, e.g. `info` or `spate_net=debug,info`; RUST_LOG is used when this is absent.
+    #[arg(long, global = true, env = "SPATE_LOG_LEVEL")]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Installs the tracing subscriber; a bad filter is an error that names the flag, not a silent
+/// fallback.
+fn init_logging(format: LogFormat, level: Option<&str>) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(l) => EnvFilter::try_new(l).with_context(|| format!("--log-level {l:?}"))?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -53,14 +83,11 @@ enum Command {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    if let Err(e) = init_logging(cli.log_format, cli.log_level.as_deref()) {
+        eprintln!("spate: {e:#}");
+        std::process::exit(2);
+    }
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Check {
@@ -94,8 +121,17 @@ fn serve(args: config::ServeConfig) -> anyhow::Result<()> {
         signal_hook::consts::SIGINT,
     ])
     .context("installing signal handlers")?;
-    tracing::info!(listen = %config.listen, data_dir = %config.data_dir.display(),
-        cores = config.cores, flush = ?config.flush, "starting spate");
+    // The banner: what an operator needs to know this is the broker they meant to start.
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        node_id = config.node_id,
+        listen = %config.listen,
+        advertised = %format!("{}:{}", config.advertised_host, config.advertised_port),
+        cores = config.cores,
+        data_dir = %config.data_dir.display(),
+        flush = ?config.flush,
+        "starting spate"
+    );
     let broker = Broker::start(config).context("starting the broker")?;
     let handle = broker.shutdown_handle();
     std::thread::spawn(move || {
