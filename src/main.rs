@@ -145,6 +145,7 @@ fn serve(args: config::ServeConfig) -> anyhow::Result<()> {
         flush = ?config.flush,
         "starting spate"
     );
+    spate_net::alloc::retain_freed_memory();
     let broker = Broker::start(config).context("starting the broker")?;
     let handle = broker.shutdown_handle();
     std::thread::spawn(move || {
