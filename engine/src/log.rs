@@ -48,6 +48,102 @@ pub struct ReadResult {
     pub log_end_offset: u64,
 }
 
+/// Whole batches read from the log as one buffer (see [`PartitionLog::read_joined`]).
+#[derive(Clone, Debug, Default)]
+pub struct JoinedRead {
+    pub records: Bytes,
+    pub log_start_offset: u64,
+    pub log_end_offset: u64,
+}
+
+/// A disk read: the DMA buffer and each whole batch's (last offset, start, end) in it.
+type DiskRead = (glommio::io::ReadResult, Vec<(u64, usize, usize)>);
+
+/// Largest buffer a joined read reserves ahead of the bytes it has (it grows past this if a
+/// read really returns more).
+const JOINED_RESERVE_BYTES: usize = 16 << 20;
+
+/// Where a read puts the batches it finds.
+enum Gather {
+    /// Each batch as its own `Bytes`.
+    Batches(Vec<Bytes>),
+    /// One buffer; a lone cached batch is kept as is until a second batch forces the copy.
+    Joined {
+        single: Option<Bytes>,
+        buf: BytesMut,
+        batches: usize,
+    },
+}
+
+impl Gather {
+    fn is_empty(&self) -> bool {
+        match self {
+            Gather::Batches(b) => b.is_empty(),
+            Gather::Joined { batches, .. } => *batches == 0,
+        }
+    }
+
+    fn join_single(single: &mut Option<Bytes>, buf: &mut BytesMut, more: usize) {
+        if let Some(first) = single.take() {
+            buf.reserve(first.len() + more);
+            buf.extend_from_slice(&first);
+        }
+    }
+
+    fn push_bytes(&mut self, bytes: Bytes) {
+        match self {
+            Gather::Batches(b) => b.push(bytes),
+            Gather::Joined {
+                single,
+                buf,
+                batches,
+            } => {
+                if *batches == 0 {
+                    *single = Some(bytes);
+                } else {
+                    Self::join_single(single, buf, bytes.len());
+                    buf.extend_from_slice(&bytes);
+                }
+                *batches += 1;
+            }
+        }
+    }
+
+    /// `ranges` (non-empty) are whole batches in `src`; `more` is how many bytes may follow.
+    fn push_ranges(&mut self, src: &[u8], ranges: &[(u64, usize, usize)], more: usize) {
+        let (first, end) = (ranges[0].1, ranges[ranges.len() - 1].2);
+        match self {
+            Gather::Batches(b) => {
+                // The one copy out of the DMA read buffer (which is tied to this executor's
+                // reactor, so it cannot travel inside a `Send` Bytes); every batch is a slice.
+                let chunk = Bytes::copy_from_slice(&src[first..end]);
+                b.extend(
+                    ranges
+                        .iter()
+                        .map(|&(_, s, e)| chunk.slice(s - first..e - first)),
+                );
+            }
+            Gather::Joined {
+                single,
+                buf,
+                batches,
+            } => {
+                let len: usize = ranges.iter().map(|&(_, s, e)| e - s).sum();
+                Self::join_single(single, buf, len);
+                // Room for what this read brought and, within reason, what may follow, so a
+                // large fetch grows its buffer once rather than by doubling.
+                let ahead = more.min(JOINED_RESERVE_BYTES.saturating_sub(buf.len() + len));
+                buf.reserve(len + ahead);
+                // Frame headers sit between the batches on disk: copy the payloads only.
+                for &(_, s, e) in ranges {
+                    buf.extend_from_slice(&src[s..e]);
+                }
+                *batches += ranges.len();
+            }
+        }
+    }
+}
+
 /// A batch appended but not yet written to disk: reads are served from here meanwhile.
 pub(crate) struct Pending {
     pub base: u64,
@@ -516,6 +612,50 @@ impl PartitionLog {
     /// Whole batches from the one containing `offset`, up to `max_bytes` (at least one batch if
     /// any exists at or after `offset`, even if larger than `max_bytes`).
     pub async fn read(&self, offset: u64, max_bytes: usize) -> Result<ReadResult, EngineError> {
+        let mut gather = Gather::Batches(Vec::new());
+        let (log_start_offset, log_end_offset) =
+            self.read_with(offset, max_bytes, &mut gather).await?;
+        let Gather::Batches(batches) = gather else {
+            unreachable!("gathered as batches")
+        };
+        Ok(ReadResult {
+            batches,
+            log_start_offset,
+            log_end_offset,
+        })
+    }
+
+    /// Like [`Self::read`], but the batches come back as one contiguous buffer, as a Fetch reply
+    /// carries them: a single batch from the cache is passed through, anything else is copied
+    /// once (from the disk read buffer or the cache) into one buffer.
+    pub async fn read_joined(
+        &self,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<JoinedRead, EngineError> {
+        let mut gather = Gather::Joined {
+            single: None,
+            buf: BytesMut::new(),
+            batches: 0,
+        };
+        let (log_start_offset, log_end_offset) =
+            self.read_with(offset, max_bytes, &mut gather).await?;
+        let Gather::Joined { single, buf, .. } = gather else {
+            unreachable!("gathered joined")
+        };
+        Ok(JoinedRead {
+            records: single.unwrap_or_else(|| buf.freeze()),
+            log_start_offset,
+            log_end_offset,
+        })
+    }
+
+    async fn read_with(
+        &self,
+        offset: u64,
+        max_bytes: usize,
+        out: &mut Gather,
+    ) -> Result<(u64, u64), EngineError> {
         let inner = &self.inner;
         {
             let st = inner.state.borrow();
@@ -528,11 +668,10 @@ impl PartitionLog {
                 });
             }
         }
-        let mut batches: Vec<Bytes> = Vec::new();
         let mut total = 0usize;
         let mut next = offset;
         loop {
-            if !batches.is_empty() && total >= max_bytes {
+            if !out.is_empty() && total >= max_bytes {
                 break;
             }
             let found = {
@@ -543,55 +682,56 @@ impl PartitionLog {
                 find_in_memory(&st, inner.log_id, next)
             };
             if let Some((last, bytes)) = found {
-                if !batches.is_empty() && total + bytes.len() > max_bytes {
+                if !out.is_empty() && total + bytes.len() > max_bytes {
                     break;
                 }
                 total += bytes.len();
-                batches.push(bytes);
+                out.push_bytes(bytes);
                 next = last + 1;
                 continue;
             }
             let budget = max_bytes.saturating_sub(total);
-            let got = self.read_disk(next, budget, batches.is_empty()).await?;
-            if got.is_empty() {
+            let Some((rr, ranges)) = self.read_disk(next, budget, out.is_empty()).await? else {
                 break;
-            }
+            };
+            // Whole batches while they fit (the first one always does).
+            let mut taken = 0;
             let mut stop = false;
-            for (last, bytes) in got {
-                if !batches.is_empty() && total + bytes.len() > max_bytes {
+            for &(last, s, e) in &ranges {
+                if !(out.is_empty() && taken == 0) && total + (e - s) > max_bytes {
                     stop = true;
                     break;
                 }
-                total += bytes.len();
-                batches.push(bytes);
+                total += e - s;
                 next = last + 1;
+                taken += 1;
             }
-            if stop {
+            if taken > 0 {
+                out.push_ranges(&rr, &ranges[..taken], max_bytes.saturating_sub(total));
+            }
+            if stop || taken == 0 {
                 break;
             }
         }
         let st = inner.state.borrow();
-        Ok(ReadResult {
-            batches,
-            log_start_offset: st.log_start,
-            log_end_offset: st.log_end,
-        })
+        Ok((st.log_start, st.log_end))
     }
 
     /// Batches from disk starting with the one containing `offset`, about `budget` bytes worth
-    /// (at least one if `need_one`), as (last offset, bytes) sliced from one copy of the read.
+    /// (at least one if `need_one`): the read buffer and each batch's (last offset, start, end)
+    /// in it; `None` if there is nothing to read.
     async fn read_disk(
         &self,
         offset: u64,
         budget: usize,
         need_one: bool,
-    ) -> Result<Vec<(u64, Bytes)>, EngineError> {
+    ) -> Result<Option<DiskRead>, EngineError> {
         let generation = self.inner.state.borrow().generation;
         match self.read_disk_once(offset, budget, need_one).await {
             Err(EngineError::Corrupt { .. })
                 if generation % 2 == 1 || self.inner.state.borrow().generation != generation =>
             {
-                Ok(Vec::new())
+                Ok(None)
             }
             other => other,
         }
@@ -602,15 +742,15 @@ impl PartitionLog {
         offset: u64,
         budget: usize,
         need_one: bool,
-    ) -> Result<Vec<(u64, Bytes)>, EngineError> {
+    ) -> Result<Option<DiskRead>, EngineError> {
         let inner = &self.inner;
         let (file, path, mut pos, limit) = {
             let st = inner.state.borrow();
             let Some(seg) = st.segments.range(..=offset).next_back().map(|(_, s)| s) else {
-                return Ok(Vec::new());
+                return Ok(None);
             };
             if offset >= seg.next_offset {
-                return Ok(Vec::new());
+                return Ok(None);
             }
             let is_active = seg.base == st.active().base;
             let limit = if is_active {
@@ -631,7 +771,7 @@ impl PartitionLog {
             .min(MAX_READ_BYTES);
         loop {
             if pos >= limit {
-                return Ok(Vec::new());
+                return Ok(None);
             }
             let len = (want as u64).min(limit - pos) as usize;
             let rr = file.read_at(pos, len).await.map_err(io_err(&path))?;
@@ -689,17 +829,10 @@ impl PartitionLog {
                 want = need.max(want);
                 continue;
             }
-            let Some(&(_, first, _)) = out_ranges.first() else {
-                return Ok(Vec::new());
-            };
-            let end = out_ranges.last().map(|r| r.2).expect("non-empty");
-            // The one copy out of the DMA read buffer (which is tied to this executor's
-            // reactor, so it cannot travel inside a `Send` Bytes); every batch is a slice of it.
-            let chunk = Bytes::copy_from_slice(&rr[first..end]);
-            return Ok(out_ranges
-                .into_iter()
-                .map(|(last, s, e)| (last, chunk.slice(s - first..e - first)))
-                .collect());
+            if out_ranges.is_empty() {
+                return Ok(None);
+            }
+            return Ok(Some((rr, out_ranges)));
         }
     }
 

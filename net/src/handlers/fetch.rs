@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 use kafka_protocol::messages::{FetchRequest, FetchResponse};
 use kafka_protocol::ResponseError;
@@ -27,6 +27,12 @@ pub struct PartitionRead {
 }
 
 type ReadWork = (usize, usize, TopicPartition, i64, usize);
+
+/// Most bytes one partition contributes to one Fetch reply (beyond a single larger batch),
+/// whatever `partition_max_bytes` asks: the partition's records are one buffer, and buffers
+/// this size are still reused by the allocator (see `alloc::retain_freed_memory`) instead of
+/// being mapped and faulted in afresh. A consumer asking for more simply fetches again.
+pub const MAX_PARTITION_READ_BYTES: usize = 16 << 20;
 
 pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError> {
     handle_frame(shard, req).await.map(|f| f.to_bytes())
@@ -210,31 +216,19 @@ async fn read_partition(
         read.records = Some(Bytes::new());
         return read;
     }
-    match p.log.read(offset as u64, limit).await {
+    match p
+        .log
+        .read_joined(offset as u64, limit.min(MAX_PARTITION_READ_BYTES))
+        .await
+    {
         Ok(r) => {
             read.high_watermark = r.log_end_offset as i64;
             read.log_start_offset = r.log_start_offset as i64;
-            read.records = Some(concat(r.batches));
+            read.records = Some(r.records);
         }
         Err(e) => read.error_code = engine_error_code(&e),
     }
     read
-}
-
-/// One batch is passed through as is; several are copied once into one buffer, because the
-/// codec writes a partition's records as a single byte string.
-fn concat(batches: Vec<Bytes>) -> Bytes {
-    match batches.len() {
-        0 => Bytes::new(),
-        1 => batches.into_iter().next().expect("one batch"),
-        _ => {
-            let mut buf = BytesMut::with_capacity(batches.iter().map(|b| b.len()).sum());
-            for b in batches {
-                buf.extend_from_slice(&b);
-            }
-            buf.freeze()
-        }
-    }
 }
 
 /// Waits until any owner shard appended since `generations`, or the deadline.
