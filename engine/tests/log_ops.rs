@@ -353,3 +353,49 @@ fn reads_racing_truncation_and_retention_never_report_corruption() {
         log.close().await.unwrap();
     });
 }
+
+/// `read_joined` returns exactly the bytes of `read`'s batches laid end to end, whether they
+/// come from disk (several segments, frame headers skipped) or from the cache, and keeps the
+/// same limits: whole batches, at least one, no more than `max_bytes` otherwise.
+#[test]
+fn joined_reads_match_batch_reads_from_disk_and_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        for cache_bytes in [0, 64 << 20] {
+            set_shard_cache_bytes(cache_bytes);
+            let sub = dir.path().join(format!("cache-{cache_bytes}"));
+            let log = PartitionLog::open(&sub, small_config()).await.unwrap();
+            for i in 0..60u64 {
+                let size = 500 + (i as usize * 397) % 9_000;
+                log.append(batch(i, size, 3, i as i64), 0).await.unwrap();
+            }
+            log.sync_to(log.log_end_offset()).await.unwrap();
+            assert!(count_segments(&sub) > 1, "reads cross segments");
+            for (offset, max_bytes) in [
+                (0, usize::MAX),
+                (0, 1),
+                (4, 10_000),
+                (31, 50_000),
+                (90, 0),
+                (177, usize::MAX),
+                (180, 100),
+            ] {
+                let batches = log.read(offset, max_bytes).await.unwrap();
+                let joined = log.read_joined(offset, max_bytes).await.unwrap();
+                assert_eq!(
+                    joined.records,
+                    batches.batches.concat(),
+                    "offset {offset}, max {max_bytes}, cache {cache_bytes}"
+                );
+                assert_eq!(joined.log_end_offset, batches.log_end_offset);
+                assert_eq!(joined.log_start_offset, batches.log_start_offset);
+            }
+            assert!(matches!(
+                log.read_joined(181, 100).await,
+                Err(EngineError::OffsetOutOfRange { .. })
+            ));
+            log.close().await.unwrap();
+        }
+        set_shard_cache_bytes(spate_engine::DEFAULT_SHARD_CACHE_BYTES);
+    });
+}
