@@ -124,7 +124,9 @@ pub async fn create_topics(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, Ne
         } else if r.validate_only {
             if shard.topics().contains_key(t.name.as_str()) {
                 res.error_code = ResponseError::TopicAlreadyExists.code();
-            } else if !crate::metadata::valid_topic_name(&t.name) {
+            } else if !crate::metadata::valid_topic_name(&t.name)
+                || crate::metadata::is_reserved_topic_name(&t.name)
+            {
                 res.error_code = ResponseError::InvalidTopicException.code();
             } else if req.api_version >= 5 {
                 res.num_partitions = partitions;
