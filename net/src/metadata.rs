@@ -179,6 +179,22 @@ impl MetadataStore {
         })
     }
 
+    /// Replaces a topic's configs (already validated by the caller).
+    pub fn set_topic_configs(
+        &self,
+        name: &str,
+        configs: BTreeMap<String, String>,
+    ) -> Result<Result<(), i16>, NetError> {
+        self.update(|s| {
+            let topic = s
+                .topics
+                .get_mut(name)
+                .ok_or(kafka_protocol::ResponseError::UnknownTopicOrPartition.code())?;
+            topic.configs = configs;
+            Ok(())
+        })
+    }
+
     /// Grows a topic to `count` partitions; returns the old count.
     pub fn create_partitions(
         &self,
