@@ -12,6 +12,8 @@ use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use crate::config::BrokerConfig;
 use crate::error::NetError;
 use crate::metadata::MetadataStore;
+use crate::metrics::Metrics;
+use crate::metrics_http::MetricsServer;
 use crate::server::accept_loop;
 use crate::shard::{Job, Router, Shard};
 
@@ -24,6 +26,7 @@ pub struct Broker {
     handles: Vec<ExecutorJoinHandle<()>>,
     shutdown: ShutdownHandle,
     pub local_addr: SocketAddr,
+    metrics_server: Option<MetricsServer>,
 }
 
 /// Asks every shard to stop. `Send + Clone`, for signal handlers.
@@ -59,17 +62,22 @@ impl Broker {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let open_connections = Arc::new(AtomicUsize::new(0));
         let drained = Arc::new(AtomicUsize::new(0));
+        let metrics = Arc::new(Metrics::new());
         let (ready_tx, ready_rx) = flume::bounded::<Result<SocketAddr, String>>(config.cores);
         let mut handles = Vec::with_capacity(config.cores);
         for (id, inbox) in receivers.into_iter().enumerate() {
             let (config, metadata, router) = (config.clone(), metadata.clone(), router.clone());
+            let metrics = metrics.clone();
             let (open, drained, ready) =
                 (open_connections.clone(), drained.clone(), ready_tx.clone());
             let handle = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
                 .name(&format!("spate-shard-{id}"))
                 .io_memory(config.io_memory_bytes)
                 .spawn(move || async move {
-                    run_shard(id, config, metadata, router, inbox, open, drained, ready).await
+                    run_shard(
+                        id, config, metadata, router, inbox, open, drained, ready, metrics,
+                    )
+                    .await
                 })
                 .map_err(|e| NetError::Config(format!("cannot start shard {id}: {e}")))?;
             handles.push(handle);
@@ -84,6 +92,7 @@ impl Broker {
                         handles,
                         shutdown: ShutdownHandle { router },
                         local_addr: config.listen,
+                        metrics_server: None,
                     };
                     broker.shutdown.shutdown();
                     let _ = broker.wait();
@@ -92,24 +101,47 @@ impl Broker {
                 Err(_) => return Err(NetError::Config("a shard exited during start".into())),
             }
         }
-        Ok(Broker {
+        let mut broker = Broker {
             handles,
-            shutdown: ShutdownHandle { router },
+            shutdown: ShutdownHandle {
+                router: router.clone(),
+            },
             local_addr: local_addr.unwrap_or(config.listen),
-        })
+            metrics_server: None,
+        };
+        // After the shards: a Kafka listener that cannot bind is reported first.
+        if let Some(listen) = config.metrics_listen {
+            match MetricsServer::start(listen, metrics, router) {
+                Ok(server) => broker.metrics_server = Some(server),
+                Err(e) => {
+                    broker.shutdown.shutdown();
+                    let _ = broker.wait();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(broker)
     }
 
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         self.shutdown.clone()
     }
 
+    /// Where `GET /metrics` is served, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_server.as_ref().map(|m| m.local_addr())
+    }
+
     /// Blocks until every shard has stopped.
-    pub fn wait(self) -> Result<(), NetError> {
+    pub fn wait(mut self) -> Result<(), NetError> {
         let mut failed = false;
-        for h in self.handles {
+        for h in std::mem::take(&mut self.handles) {
             if h.join().is_err() {
                 failed = true;
             }
+        }
+        if let Some(mut m) = self.metrics_server.take() {
+            m.stop();
         }
         if failed {
             return Err(NetError::Config("a shard panicked".into()));
@@ -128,8 +160,13 @@ async fn run_shard(
     open_connections: Arc<AtomicUsize>,
     drained: Arc<AtomicUsize>,
     ready: flume::Sender<Result<SocketAddr, String>>,
+    metrics: Arc<Metrics>,
 ) {
-    let shard = Shard::new(id, router.clone(), config.clone(), metadata);
+    let shard = Shard::new(id, router.clone(), config.clone(), metadata, &metrics);
+    {
+        let fsync = shard.metrics.fsync_latency.clone();
+        spate_engine::observe::set_fsync_observer(move |took| fsync.observe(took.as_secs_f64()));
+    }
     crate::group::start_shard(&shard);
     // Jobs from other shards run as tasks of this shard, so a slow one never blocks the queue.
     let jobs = {
@@ -181,6 +218,7 @@ async fn run_shard(
     finish(&shard, &drained, router.shards()).await;
     drop(jobs);
     Shard::clear_current();
+    spate_engine::observe::clear_fsync_observer();
     tracing::info!(shard = id, "shard stopped");
 }
 

@@ -17,6 +17,8 @@ const POLL: Duration = Duration::from_millis(20);
 pub struct Broker {
     child: Option<Child>,
     pub port: u16,
+    /// Where this broker serves GET /metrics (a free port of its own: tests run in parallel).
+    pub metrics_port: u16,
     pub dir: tempfile::TempDir,
     extra_args: Vec<String>,
 }
@@ -35,6 +37,7 @@ impl Broker {
         let mut b = Broker {
             child: None,
             port: free_port(),
+            metrics_port: free_port(),
             dir: tempfile::tempdir().expect("tempdir"),
             extra_args: args.iter().map(|s| s.to_string()).collect(),
         };
@@ -74,6 +77,7 @@ impl Broker {
             .arg("--segment-bytes")
             .arg(TEST_SEGMENT_BYTES.to_string())
             .args(&self.extra_args)
+            .args(self.metrics_args())
             .env(
                 "RUST_LOG",
                 std::env::var("SPATE_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -101,6 +105,17 @@ impl Broker {
             );
             std::thread::sleep(POLL);
         }
+    }
+
+    /// `--metrics-listen` on this broker's own port, unless the test chose its own.
+    fn metrics_args(&self) -> Vec<String> {
+        if self.extra_args.iter().any(|a| a == "--metrics-listen") {
+            return Vec::new();
+        }
+        vec![
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{}", self.metrics_port),
+        ]
     }
 
     pub fn log(&self) -> String {
