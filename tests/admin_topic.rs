@@ -169,9 +169,8 @@ fn topics_are_created_listed_described_and_deleted() {
     let err = fails(b, &["topic", "describe", "nosuch"]);
     assert!(err.contains("UNKNOWN_TOPIC_OR_PARTITION"), "{err}");
 
-    // alter-config: applied and visible when the broker serves IncrementalAlterConfigs;
-    // otherwise a clear refusal that names the API.
-    let out = spate(
+    // alter-config: applied, persisted and visible; bad values and combinations refused.
+    ok(
         b,
         &[
             "topic",
@@ -181,13 +180,44 @@ fn topics_are_created_listed_described_and_deleted() {
             "retention.ms=7200000",
         ],
     );
-    let (_, stderr) = text(&out);
-    if out.status.success() {
-        let d = json(b, &["topic", "describe", "logs", "--json"]);
-        assert_eq!(d[0]["configs"]["retention.ms"]["value"], "7200000");
-    } else {
-        assert!(stderr.contains("IncrementalAlterConfigs"), "{stderr}");
-    }
+    let d = json(b, &["topic", "describe", "logs", "--json"]);
+    assert_eq!(d[0]["configs"]["retention.ms"]["value"], "7200000");
+    assert_eq!(d[0]["configs"]["retention.ms"]["source"], "topic");
+    let err = fails(
+        b,
+        &[
+            "topic",
+            "alter-config",
+            "logs",
+            "--set",
+            "retention.ms=soon",
+        ],
+    );
+    assert!(err.contains("INVALID_CONFIG"), "{err}");
+    let err = fails(
+        b,
+        &["topic", "alter-config", "logs", "--set", "colour=blue"],
+    );
+    assert!(err.contains("INVALID_CONFIG"), "{err}");
+    // A batch limit larger than a segment could never be written.
+    let err = fails(
+        b,
+        &[
+            "topic",
+            "alter-config",
+            "logs",
+            "--set",
+            "segment.bytes=1048576",
+            "--set",
+            "max.message.bytes=4194304",
+        ],
+    );
+    assert!(err.contains("INVALID_CONFIG"), "{err}");
+    let d = json(b, &["topic", "describe", "logs", "--json"]);
+    assert_eq!(
+        d[0]["configs"]["retention.ms"]["value"], "7200000",
+        "unchanged"
+    );
     let err = fails(b, &["topic", "alter-config", "logs"]);
     assert!(err.contains("--set"), "{err}");
 

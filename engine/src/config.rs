@@ -46,3 +46,11 @@ impl Default for LogConfig {
         }
     }
 }
+
+impl LogConfig {
+    /// Checks the limits against each other (a batch must fit in a segment, and so on): the
+    /// same check `PartitionLog::open` makes, for callers that want to refuse a setting early.
+    pub fn validate(&self) -> Result<(), crate::EngineError> {
+        crate::recovery::validate(self)
+    }
+}

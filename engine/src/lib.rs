@@ -29,6 +29,7 @@ pub use checkpoint::RECOVERY_POINT_FILE;
 pub use config::{FlushPolicy, LogConfig};
 pub use error::EngineError;
 pub use log::{
-    AppendInfo, PartitionLog, ReadResult, CHECKPOINT_INTERVAL_MS, MAX_FRAME_PAYLOAD_BYTES,
+    AppendInfo, LiveLimits, PartitionLog, ReadResult, CHECKPOINT_INTERVAL_MS,
+    MAX_FRAME_PAYLOAD_BYTES,
 };
 pub use writer::{MAX_INFLIGHT_WRITES, PAGE_BYTES, WRITE_BUF_BYTES};

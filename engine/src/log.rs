@@ -1,7 +1,7 @@
 //! The partition log: appends, group commit, reads, truncation, retention and epochs over a
 //! directory of segments. Opening and recovery live in `recovery.rs`.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -104,9 +104,31 @@ impl State {
     }
 }
 
+/// The limits that may change while the log is open (topic config changes). Segment size is
+/// not among them: read buffers are sized from it, and shrinking it under existing batches
+/// would make them unreadable; it applies when the log is next opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LiveLimits {
+    pub max_batch_bytes: u32,
+    pub retention_bytes: Option<u64>,
+    pub retention_ms: Option<u64>,
+}
+
+impl LiveLimits {
+    pub fn of(config: &LogConfig) -> LiveLimits {
+        LiveLimits {
+            max_batch_bytes: config.max_batch_bytes,
+            retention_bytes: config.retention_bytes,
+            retention_ms: config.retention_ms,
+        }
+    }
+}
+
 pub(crate) struct Inner {
     pub dir: PathBuf,
+    /// The configuration the log was opened with; `limits` overrides its live fields.
     pub config: LogConfig,
+    pub limits: Cell<LiveLimits>,
     pub log_id: u64,
     pub state: RefCell<State>,
     pub signal: Signal,
@@ -408,10 +430,11 @@ impl PartitionLog {
             let h = BatchHeader::parse(&batch)?;
             (batch.len(), h.last_offset_delta() as u64, h.max_timestamp())
         };
-        if payload_len > inner.config.max_batch_bytes as usize {
+        let max_batch_bytes = inner.limits.get().max_batch_bytes as usize;
+        if payload_len > max_batch_bytes {
             return Err(EngineError::BatchTooLarge {
                 size: payload_len,
-                limit: inner.config.max_batch_bytes as usize,
+                limit: max_batch_bytes,
             });
         }
         let flen = frame_len(payload_len) as u64;
@@ -704,6 +727,23 @@ impl PartitionLog {
                 .map(|(last, s, e)| (last, chunk.slice(s - first..e - first)))
                 .collect());
         }
+    }
+
+    /// The limits in force now.
+    pub fn limits(&self) -> LiveLimits {
+        self.inner.limits.get()
+    }
+
+    /// Changes the limits of an open log (a topic config change). Retention applies at the
+    /// next `apply_retention`; the batch limit at the next append.
+    pub fn set_limits(&self, limits: LiveLimits) -> Result<(), EngineError> {
+        let mut config = self.inner.config.clone();
+        config.max_batch_bytes = limits.max_batch_bytes;
+        config.retention_bytes = limits.retention_bytes;
+        config.retention_ms = limits.retention_ms;
+        crate::recovery::validate(&config)?;
+        self.inner.limits.set(limits);
+        Ok(())
     }
 
     pub fn log_start_offset(&self) -> u64 {

@@ -95,7 +95,7 @@ pub(crate) async fn scan(
     }
 }
 
-fn validate(config: &LogConfig) -> Result<(), EngineError> {
+pub(crate) fn validate(config: &LogConfig) -> Result<(), EngineError> {
     let bad = |m: String| Err(EngineError::Config(m));
     if config.segment_bytes < MIN_SEGMENT_BYTES || config.segment_bytes > u32::MAX as u64 {
         return bad(format!(
@@ -370,6 +370,7 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
     };
     let inner = Rc::new(Inner {
         dir: dir.to_path_buf(),
+        limits: std::cell::Cell::new(crate::log::LiveLimits::of(&config)),
         config,
         log_id: NEXT_LOG_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         state: RefCell::new(state),

@@ -189,12 +189,12 @@ pub(crate) async fn apply_retention(inner: &Rc<Inner>, now_ms: i64) -> Result<u6
         let mut total: u64 = st.segments.values().map(|s| s.size).sum();
         let mut doomed = Vec::new();
         let active = st.active().base;
+        let limits = inner.limits.get();
         for seg in st.segments.values().filter(|s| s.base != active) {
-            let by_size = inner
-                .config
+            let by_size = limits
                 .retention_bytes
                 .is_some_and(|limit| total - seg.size >= limit);
-            let by_age = inner.config.retention_ms.is_some_and(|ms| {
+            let by_age = limits.retention_ms.is_some_and(|ms| {
                 seg.max_timestamp != NO_TIMESTAMP
                     && now_ms.saturating_sub(seg.max_timestamp) > ms as i64
             });

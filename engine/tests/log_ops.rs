@@ -353,3 +353,46 @@ fn reads_racing_truncation_and_retention_never_report_corruption() {
         log.close().await.unwrap();
     });
 }
+
+#[test]
+fn live_limits_change_retention_and_the_batch_limit_of_an_open_log() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        set_shard_cache_bytes(0);
+        let config = LogConfig {
+            retention_bytes: None,
+            retention_ms: None,
+            flush: FlushPolicy::Never,
+            ..small_config()
+        };
+        let log = PartitionLog::open(dir.path(), config.clone())
+            .await
+            .unwrap();
+        for i in 0..200u64 {
+            log.append(batch(i, 4000, 1, 1_000), 0).await.unwrap();
+        }
+        // No limits: nothing goes.
+        assert_eq!(log.apply_retention(1_000_000).await.unwrap(), 0);
+        let mut limits = log.limits();
+        limits.retention_bytes = Some(300 << 10);
+        log.set_limits(limits).unwrap();
+        let start = log.apply_retention(1_000_000).await.unwrap();
+        assert!(start > 0, "the new size limit applies to the open log");
+        // A smaller batch limit refuses what was accepted before.
+        limits.max_batch_bytes = 1000;
+        log.set_limits(limits).unwrap();
+        assert!(matches!(
+            log.append(batch(0, 4000, 1, 1_000), 0).await,
+            Err(EngineError::BatchTooLarge { limit: 1000, .. })
+        ));
+        // A limit the segment cannot hold is refused and changes nothing.
+        let mut too_big = limits;
+        too_big.max_batch_bytes = u32::MAX;
+        assert!(matches!(
+            log.set_limits(too_big),
+            Err(EngineError::Config(_))
+        ));
+        assert_eq!(log.limits(), limits);
+        log.close().await.unwrap();
+    });
+}

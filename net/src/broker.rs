@@ -51,10 +51,11 @@ impl ShutdownHandle {
 }
 
 impl Broker {
-    pub fn start(config: BrokerConfig) -> Result<Broker, NetError> {
+    pub fn start(mut config: BrokerConfig) -> Result<Broker, NetError> {
         if config.cores == 0 {
             return Err(NetError::Config("cores must be at least 1".into()));
         }
+        claim_listen_port(&mut config)?;
         std::fs::create_dir_all(&config.data_dir)?;
         let metadata = MetadataStore::open(&config.data_dir)?;
         let config = Arc::new(config);
@@ -148,6 +149,29 @@ impl Broker {
         }
         Ok(())
     }
+}
+
+/// Every shard's listener sets SO_REUSEPORT so that the shards can share the port, but that
+/// would also let this broker share it silently with another process that set it too (another
+/// broker, say), splitting clients between them. A bind without the option first fails if anyone
+/// holds the port. Port 0 is resolved here once, so that every shard listens on the same port.
+fn claim_listen_port(config: &mut BrokerConfig) -> Result<(), NetError> {
+    let probe = std::net::TcpListener::bind(config.listen).map_err(|e| {
+        NetError::Config(format!(
+            "cannot listen on {}: {e} (is another broker running there?)",
+            config.listen
+        ))
+    })?;
+    let bound = probe.local_addr()?;
+    if config.listen.port() == 0 {
+        config.listen.set_port(bound.port());
+        if config.advertised_port == 0 {
+            config.advertised_port = bound.port();
+        }
+    }
+    // Dropped before the shards bind: the probe never accepts anything.
+    drop(probe);
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

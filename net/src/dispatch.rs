@@ -68,6 +68,9 @@ async fn dispatch_reporting(
             .await
             .map(Some),
         ApiKey::DescribeConfigs => handlers::admin::describe_configs(&shard, &req).map(Some),
+        ApiKey::IncrementalAlterConfigs => handlers::admin::incremental_alter_configs(&shard, &req)
+            .await
+            .map(Some),
         ApiKey::DescribeCluster => handlers::admin::describe_cluster(&shard, &req).map(Some),
         key if crate::group::GROUP_API_KEYS.contains(&key) => {
             crate::group::handle(&shard, &req).await.map(Some)
@@ -174,6 +177,9 @@ pub fn decode_only(req: &Request) -> Result<(), NetError> {
         ApiKey::DeleteTopics => decode_body::<DeleteTopicsRequest>(req).map(drop),
         ApiKey::InitProducerId => decode_body::<InitProducerIdRequest>(req).map(drop),
         ApiKey::DescribeConfigs => decode_body::<DescribeConfigsRequest>(req).map(drop),
+        ApiKey::IncrementalAlterConfigs => {
+            decode_body::<IncrementalAlterConfigsRequest>(req).map(drop)
+        }
         ApiKey::CreatePartitions => decode_body::<CreatePartitionsRequest>(req).map(drop),
         ApiKey::DescribeCluster => decode_body::<DescribeClusterRequest>(req).map(drop),
         _ => Err(NetError::Malformed("not served".into())),

@@ -66,6 +66,14 @@ pub fn valid_topic_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
+/// Names the broker keeps for itself (Kafka's internal topics). Clients may not create them:
+/// `__consumer_offsets` is the group coordinator's log, outside the topic table.
+pub const RESERVED_TOPIC_NAMES: [&str; 2] = ["__consumer_offsets", "__transaction_state"];
+
+pub fn is_reserved_topic_name(name: &str) -> bool {
+    RESERVED_TOPIC_NAMES.contains(&name)
+}
+
 impl MetadataStore {
     /// Loads the store from `data_dir`, creating an empty one if there is none. A file whose
     /// checksum does not match is an error, never silently replaced.
@@ -142,7 +150,7 @@ impl MetadataStore {
     ) -> Result<Result<TopicMeta, i16>, NetError> {
         use kafka_protocol::ResponseError as E;
         self.update(|s| {
-            if !valid_topic_name(name) {
+            if !valid_topic_name(name) || (!internal && is_reserved_topic_name(name)) {
                 return Err(E::InvalidTopicException.code());
             }
             if s.topics.contains_key(name) {
@@ -168,6 +176,22 @@ impl MetadataStore {
             s.topics
                 .remove(name)
                 .ok_or(kafka_protocol::ResponseError::UnknownTopicOrPartition.code())
+        })
+    }
+
+    /// Replaces a topic's configs (already validated by the caller).
+    pub fn set_topic_configs(
+        &self,
+        name: &str,
+        configs: BTreeMap<String, String>,
+    ) -> Result<Result<(), i16>, NetError> {
+        self.update(|s| {
+            let topic = s
+                .topics
+                .get_mut(name)
+                .ok_or(kafka_protocol::ResponseError::UnknownTopicOrPartition.code())?;
+            topic.configs = configs;
+            Ok(())
         })
     }
 

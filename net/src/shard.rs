@@ -298,6 +298,25 @@ impl Shard {
     }
 
     /// The topic metadata, refreshed only when the store's version moved.
+    /// Applies a topic's changed configs to its logs open on this shard. Only the live limits
+    /// change now (retention, max batch size); segment size applies when a log is next opened.
+    pub fn reconfigure_topic(
+        &self,
+        topic: &str,
+        configs: &std::collections::BTreeMap<String, String>,
+    ) {
+        let mut lc = self.config.log_config();
+        crate::handlers::admin::apply_topic_configs(&mut lc, configs);
+        let limits = spate_engine::LiveLimits::of(&lc);
+        for (tp, p) in self.partitions.borrow().iter() {
+            if &*tp.topic == topic {
+                if let Err(e) = p.log.set_limits(limits) {
+                    tracing::warn!(topic, partition = tp.partition, error = %e, "topic config not applied");
+                }
+            }
+        }
+    }
+
     pub fn topics(&self) -> Topics {
         let version = self.metadata.version();
         let mut cached = self.cached_topics.borrow_mut();

@@ -13,6 +13,8 @@ use kafka_protocol::messages::describe_cluster_response::DescribeClusterBroker;
 use kafka_protocol::messages::describe_configs_response::{
     DescribeConfigsResourceResult, DescribeConfigsResult,
 };
+use kafka_protocol::messages::incremental_alter_configs_request::AlterConfigsResource;
+use kafka_protocol::messages::incremental_alter_configs_response::AlterConfigsResourceResponse;
 use kafka_protocol::messages::*;
 use kafka_protocol::ResponseError;
 use uuid::Uuid;
@@ -53,6 +55,17 @@ fn validate_config(key: &str, value: &str) -> Result<(), String> {
         "cleanup.policy" => Err("only cleanup.policy=delete is supported".into()),
         _ => Err(format!("unknown topic config {key}")),
     }
+}
+
+/// Checks a topic's configs together, as the log will see them: e.g. a batch must fit in a
+/// segment. Refusing here keeps a topic from being created that could never open.
+fn check_topic_configs(
+    config: &BrokerConfig,
+    set: &BTreeMap<String, String>,
+) -> Result<(), String> {
+    let mut lc = config.log_config();
+    apply_topic_configs(&mut lc, set);
+    lc.validate().map_err(|e| e.to_string())
 }
 
 /// Effective value of every known topic config, and whether the topic set it.
@@ -102,6 +115,11 @@ pub async fn create_topics(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, Ne
                 Err(msg) => error = Some((ResponseError::InvalidConfig.code(), msg)),
             }
         }
+        if error.is_none() {
+            if let Err(msg) = check_topic_configs(&shard.config, &configs) {
+                error = Some((ResponseError::InvalidConfig.code(), msg));
+            }
+        }
         if !matches!(t.replication_factor, -1 | 1) {
             error = Some((
                 ResponseError::InvalidReplicationFactor.code(),
@@ -124,7 +142,9 @@ pub async fn create_topics(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, Ne
         } else if r.validate_only {
             if shard.topics().contains_key(t.name.as_str()) {
                 res.error_code = ResponseError::TopicAlreadyExists.code();
-            } else if !crate::metadata::valid_topic_name(&t.name) {
+            } else if !crate::metadata::valid_topic_name(&t.name)
+                || crate::metadata::is_reserved_topic_name(&t.name)
+            {
                 res.error_code = ResponseError::InvalidTopicException.code();
             } else if req.api_version >= 5 {
                 res.num_partitions = partitions;
@@ -252,6 +272,98 @@ pub async fn create_partitions(shard: &Rc<Shard>, req: &Request) -> Result<Bytes
         resp.results.push(res);
     }
     encode_response(req.correlation_id, req.api_version, &resp)
+}
+
+const CONFIG_OP_SET: i8 = 0;
+const CONFIG_OP_DELETE: i8 = 1;
+
+/// IncrementalAlterConfigs: SET and DELETE of topic configs. The change is persisted in the
+/// metadata store, then applied to the topic's open logs on every shard.
+pub async fn incremental_alter_configs(
+    shard: &Rc<Shard>,
+    req: &Request,
+) -> Result<Bytes, NetError> {
+    let r: IncrementalAlterConfigsRequest = decode_body(req)?;
+    let mut resp = IncrementalAlterConfigsResponse::default();
+    for res in &r.resources {
+        let mut out = AlterConfigsResourceResponse::default();
+        out.resource_type = res.resource_type;
+        out.resource_name = res.resource_name.clone();
+        if let Err((code, msg)) = alter_topic_configs(shard, res, r.validate_only).await {
+            tracing::info!(resource = %res.resource_name.as_str(), code, msg, "refused config change");
+            out.error_code = code;
+            out.error_message = Some(str_bytes(&msg));
+        }
+        resp.responses.push(out);
+    }
+    encode_response(req.correlation_id, req.api_version, &resp)
+}
+
+async fn alter_topic_configs(
+    shard: &Rc<Shard>,
+    res: &AlterConfigsResource,
+    validate_only: bool,
+) -> Result<(), (i16, String)> {
+    let invalid = |msg: String| (ResponseError::InvalidConfig.code(), msg);
+    if res.resource_type != RESOURCE_TOPIC {
+        return Err((
+            ResponseError::InvalidRequest.code(),
+            "only topic configs can be changed; broker settings are static (restart with new \
+             flags)"
+                .into(),
+        ));
+    }
+    let name = res.resource_name.as_str();
+    let Some(topic) = shard.topics().get(name).cloned() else {
+        return Err((
+            ResponseError::UnknownTopicOrPartition.code(),
+            format!("no topic {name}"),
+        ));
+    };
+    let mut configs = topic.configs.clone();
+    for c in &res.configs {
+        let key = c.name.as_str();
+        match c.config_operation {
+            CONFIG_OP_SET => {
+                let value = c.value.as_ref().map(|v| v.to_string()).unwrap_or_default();
+                validate_config(key, &value).map_err(invalid)?;
+                configs.insert(key.to_string(), value);
+            }
+            CONFIG_OP_DELETE => {
+                if !TOPIC_CONFIG_KEYS.contains(&key) {
+                    return Err(invalid(format!("unknown topic config {key}")));
+                }
+                configs.remove(key);
+            }
+            _ => {
+                return Err(invalid(format!(
+                    "{key}: APPEND and SUBTRACT apply to list configs; this broker's are scalars"
+                )))
+            }
+        }
+    }
+    check_topic_configs(&shard.config, &configs).map_err(invalid)?;
+    if validate_only {
+        return Ok(());
+    }
+    let storage = |e: NetError| (ResponseError::KafkaStorageError.code(), e.to_string());
+    match shard.metadata.set_topic_configs(name, configs.clone()) {
+        Ok(Ok(())) => {}
+        Ok(Err(code)) => return Err((code, format!("topic {name}"))),
+        Err(e) => return Err(storage(e)),
+    }
+    tracing::info!(topic = name, ?configs, "changed topic configs");
+    for s in 0..shard.router.shards() {
+        let (topic, configs) = (name.to_string(), configs.clone());
+        shard
+            .router
+            .run_on(s, move |sh| async move {
+                sh.reconfigure_topic(&topic, &configs)
+            })
+            .await
+            .map_err(storage)?;
+    }
+    Ok(())
 }
 
 pub fn describe_configs(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError> {

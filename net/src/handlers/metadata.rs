@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::{str_bytes, topic_name};
 use crate::dispatch::encode_response;
 use crate::error::{or_storage_error, NetError};
-use crate::metadata::{valid_topic_name, TopicMeta};
+use crate::metadata::{is_reserved_topic_name, valid_topic_name, TopicMeta};
 use crate::request::{decode_body, Request};
 use crate::shard::Shard;
 
@@ -77,7 +77,7 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
                     resp.topics.push(entry);
                     continue;
                 };
-                if !valid_topic_name(&name) {
+                if !valid_topic_name(&name) || is_reserved_topic_name(&name) {
                     entry.error_code = ResponseError::InvalidTopicException.code();
                 } else if allow_create && created < MAX_AUTO_CREATE_PER_REQUEST {
                     created += 1;
