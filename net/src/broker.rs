@@ -19,6 +19,8 @@ use crate::shard::{Job, Router, Shard};
 
 /// How often a shard that finished draining checks whether the others have too.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(10);
+/// How long to wait for a connection when checking whether someone listens on our port.
+const LISTEN_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often changed producer state is snapshotted (bounds the log replay after a crash).
 const PRODUCER_SNAPSHOT_INTERVAL_MS: u64 = 60_000;
 
@@ -64,6 +66,16 @@ impl Broker {
         let open_connections = Arc::new(AtomicUsize::new(0));
         let drained = Arc::new(AtomicUsize::new(0));
         let metrics = Arc::new(Metrics::new());
+        // Before the shards, so the endpoint answers once the broker does (after the Kafka
+        // port check, which is reported first); scrapes queue until the shards run.
+        let metrics_server = match config.metrics_listen {
+            Some(listen) => Some(MetricsServer::start(
+                listen,
+                metrics.clone(),
+                router.clone(),
+            )?),
+            None => None,
+        };
         let (ready_tx, ready_rx) = flume::bounded::<Result<SocketAddr, String>>(config.cores);
         let mut handles = Vec::with_capacity(config.cores);
         for (id, inbox) in receivers.into_iter().enumerate() {
@@ -93,7 +105,7 @@ impl Broker {
                         handles,
                         shutdown: ShutdownHandle { router },
                         local_addr: config.listen,
-                        metrics_server: None,
+                        metrics_server,
                     };
                     broker.shutdown.shutdown();
                     let _ = broker.wait();
@@ -102,26 +114,12 @@ impl Broker {
                 Err(_) => return Err(NetError::Config("a shard exited during start".into())),
             }
         }
-        let mut broker = Broker {
+        Ok(Broker {
             handles,
-            shutdown: ShutdownHandle {
-                router: router.clone(),
-            },
+            shutdown: ShutdownHandle { router },
             local_addr: local_addr.unwrap_or(config.listen),
-            metrics_server: None,
-        };
-        // After the shards: a Kafka listener that cannot bind is reported first.
-        if let Some(listen) = config.metrics_listen {
-            match MetricsServer::start(listen, metrics, router) {
-                Ok(server) => broker.metrics_server = Some(server),
-                Err(e) => {
-                    broker.shutdown.shutdown();
-                    let _ = broker.wait();
-                    return Err(e);
-                }
-            }
-        }
-        Ok(broker)
+            metrics_server,
+        })
     }
 
     pub fn shutdown_handle(&self) -> ShutdownHandle {
@@ -156,12 +154,24 @@ impl Broker {
 /// broker, say), splitting clients between them. A bind without the option first fails if anyone
 /// holds the port. Port 0 is resolved here once, so that every shard listens on the same port.
 fn claim_listen_port(config: &mut BrokerConfig) -> Result<(), NetError> {
-    let probe = std::net::TcpListener::bind(config.listen).map_err(|e| {
-        NetError::Config(format!(
-            "cannot listen on {}: {e} (is another broker running there?)",
-            config.listen
-        ))
-    })?;
+    let probe = match std::net::TcpListener::bind(config.listen) {
+        Ok(p) => Some(p),
+        // Connections of a stopped predecessor linger (FIN-WAIT-2, up to a minute) and block a
+        // plain bind, though the shards' SO_REUSEPORT binds would succeed: only a listener
+        // that answers means the port is taken.
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && !someone_listens(config.listen) => {
+            None
+        }
+        Err(e) => {
+            return Err(NetError::Config(format!(
+                "cannot listen on {}: {e} (is another broker running there?)",
+                config.listen
+            )))
+        }
+    };
+    let Some(probe) = probe else {
+        return Ok(());
+    };
     let bound = probe.local_addr()?;
     if config.listen.port() == 0 {
         config.listen.set_port(bound.port());
@@ -172,6 +182,18 @@ fn claim_listen_port(config: &mut BrokerConfig) -> Result<(), NetError> {
     // Dropped before the shards bind: the probe never accepts anything.
     drop(probe);
     Ok(())
+}
+
+/// True if a connection to `addr` (the loopback address for a wildcard) is accepted.
+fn someone_listens(addr: SocketAddr) -> bool {
+    let mut target = addr;
+    if target.ip().is_unspecified() {
+        target.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    std::net::TcpStream::connect_timeout(&target, LISTEN_PROBE_TIMEOUT).is_ok()
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -28,25 +28,12 @@ fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
-/// Polls (bounded) until nobody listens on `port`.
+/// Polls (bounded) until nobody listens on `port` (a connection is refused).
 fn wait_port_free(port: u16) {
     let deadline = Instant::now() + START_TIMEOUT;
-    while TcpListener::bind(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "port {port} stays taken:\n{}",
-            String::from_utf8_lossy(
-                &Command::new("ss")
-                    .args(["-tanpe"])
-                    .output()
-                    .map(|o| o.stdout)
-                    .unwrap_or_default()
-            )
-            .lines()
-            .filter(|l| l.contains(&format!(":{port}")))
-            .collect::<Vec<_>>()
-            .join("\n")
-        );
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    while TcpStream::connect_timeout(&addr, POLL).is_ok() {
+        assert!(Instant::now() < deadline, "port {port} stays taken");
         std::thread::sleep(POLL);
     }
 }
@@ -84,7 +71,7 @@ impl Broker {
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "broker already running");
         // A killed predecessor's listeners linger a moment (its io_uring holds them), and the
-        // broker refuses a port anyone holds: wait until both ports are free again.
+        // broker refuses a port someone listens on: wait until both ports are free again.
         for port in [self.port, self.metrics_port] {
             wait_port_free(port);
         }
