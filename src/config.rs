@@ -118,6 +118,10 @@ pub struct ServeConfig {
     /// How often old segments are checked against the retention limits [default: 300000].
     #[arg(long, env = "SPATE_RETENTION_CHECK_INTERVAL_MS", value_name = "MS")]
     pub retention_check_interval_ms: Option<u64>,
+    /// Address of the Prometheus endpoint (GET /metrics); `off` or an empty value disables
+    /// it [default: 127.0.0.1:9644].
+    #[arg(long, env = "SPATE_METRICS_LISTEN", value_name = "HOST:PORT|off")]
+    pub metrics_listen: Option<String>,
 }
 
 /// Every setting of [`ServeConfig`] but `config` itself, once: merging and the defaults use it,
@@ -150,7 +154,8 @@ macro_rules! each_setting {
             group_min_session_timeout_ms,
             group_max_session_timeout_ms,
             offsets_retention_ms,
-            retention_check_interval_ms
+            retention_check_interval_ms,
+            metrics_listen
         )
     };
 }
@@ -193,6 +198,7 @@ impl ServeConfig {
             group_max_session_timeout_ms: Some(groups.max_session_timeout_ms),
             offsets_retention_ms: Some(groups.offsets_retention_ms),
             retention_check_interval_ms: Some(300_000),
+            metrics_listen: Some(DEFAULT_METRICS_LISTEN.into()),
         }
     }
 
@@ -321,6 +327,7 @@ impl ServeConfig {
         if c.retention_check_interval_ms == 0 {
             bail!("--retention-check-interval-ms must be at least 1");
         }
+        c.metrics_listen = metrics_listen(&set(&self.metrics_listen))?;
         if c.max_in_flight_per_connection == 0 || c.max_connections == 0 {
             bail!("--max-in-flight-per-connection and --max-connections must be at least 1");
         }
@@ -335,6 +342,23 @@ impl ServeConfig {
         }
         Ok(c)
     }
+}
+
+/// Where `spate serve` serves metrics unless told otherwise (Redpanda's metrics port).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9644";
+
+/// `--metrics-listen`: an address, or `off` / empty for no endpoint.
+fn metrics_listen(text: &str) -> anyhow::Result<Option<SocketAddr>> {
+    let text = text.trim();
+    if text.is_empty() || text.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let addr = text
+        .to_socket_addrs()
+        .with_context(|| format!("--metrics-listen {text}: expected HOST:PORT or off"))?
+        .next()
+        .with_context(|| format!("--metrics-listen {text} resolves to nothing"))?;
+    Ok(Some(addr))
 }
 
 #[cfg(test)]
@@ -394,6 +418,30 @@ mod tests {
             let env = format!("SPATE_{}", arg.get_id().as_str().to_uppercase());
             assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some(env.as_str()));
         }
+    }
+
+    #[test]
+    fn metrics_listen_is_an_address_or_off() {
+        let with = |v: &str| {
+            ServeConfig {
+                metrics_listen: Some(v.into()),
+                ..ServeConfig::default()
+            }
+            .resolve()
+        };
+        let default = ServeConfig::default().resolve().unwrap();
+        assert_eq!(
+            default.metrics_listen,
+            Some(DEFAULT_METRICS_LISTEN.parse().unwrap())
+        );
+        assert_eq!(with("off").unwrap().metrics_listen, None);
+        assert_eq!(with("").unwrap().metrics_listen, None);
+        assert_eq!(
+            with("127.0.0.1:0").unwrap().metrics_listen,
+            Some("127.0.0.1:0".parse().unwrap())
+        );
+        let err = format!("{:#}", with("nonsense").unwrap_err());
+        assert!(err.contains("--metrics-listen"), "{err}");
     }
 
     #[test]

@@ -143,6 +143,7 @@ fn serve(args: config::ServeConfig) -> anyhow::Result<()> {
         cores = config.cores,
         data_dir = %config.data_dir.display(),
         flush = ?config.flush,
+        metrics = %config.metrics_listen.map_or("off".to_string(), |a| a.to_string()),
         "starting spate"
     );
     spate_net::alloc::retain_freed_memory();

@@ -190,6 +190,8 @@ fn produced_records_reach_kcat_and_consume_reads_them_back() {
     assert_eq!(some.lines().collect::<Vec<_>>(), expected);
 
     // Records produced by kcat are read by spate consume, keys and headers included.
+    // Created before kcat starts: its metadata request would auto-create the topic first.
+    ok(b, &["topic", "create", "fromkcat", "-p", "1"], b"");
     let mut kcat = Command::new("kcat")
         .args([
             "-b", b, "-P", "-t", "fromkcat", "-p", "0", "-K", ":", "-H", "via=kcat", "-z", "snappy",
@@ -197,7 +199,6 @@ fn produced_records_reach_kcat_and_consume_reads_them_back() {
         .stdin(Stdio::piped())
         .spawn()
         .unwrap();
-    ok(b, &["topic", "create", "fromkcat", "-p", "1"], b"");
     {
         let mut stdin = kcat.stdin.take().unwrap();
         for i in 0..100 {

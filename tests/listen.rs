@@ -31,6 +31,7 @@ fn port_zero_gives_every_shard_the_same_port() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_spate"))
         .args(["--log-format", "json", "serve", "--cores", "2"])
+        .args(["--metrics-listen", "off"])
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path())
         .stderr(std::process::Stdio::piped())

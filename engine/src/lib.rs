@@ -17,6 +17,7 @@ mod error;
 pub mod frame;
 mod index;
 mod log;
+pub mod observe;
 mod recovery;
 mod segment;
 mod signal;

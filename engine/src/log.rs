@@ -334,7 +334,10 @@ impl Inner {
             })
             .await;
         self.check(&self.state.borrow())?;
-        if let Err(e) = file.fdatasync().await {
+        let started = Instant::now();
+        let synced = file.fdatasync().await;
+        crate::observe::fsync_done(started.elapsed());
+        if let Err(e) = synced {
             // A failed fdatasync may have dropped dirty pages: the log cannot be trusted anymore.
             self.state.borrow_mut().fail(format!("fdatasync: {e}"));
             return Err(io_err(&path)(e));

@@ -12,11 +12,15 @@ use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use crate::config::BrokerConfig;
 use crate::error::NetError;
 use crate::metadata::MetadataStore;
+use crate::metrics::Metrics;
+use crate::metrics_http::MetricsServer;
 use crate::server::accept_loop;
 use crate::shard::{Job, Router, Shard};
 
 /// How often a shard that finished draining checks whether the others have too.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(10);
+/// How long to wait for a connection when checking whether someone listens on our port.
+const LISTEN_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often changed producer state is snapshotted (bounds the log replay after a crash).
 const PRODUCER_SNAPSHOT_INTERVAL_MS: u64 = 60_000;
 
@@ -24,6 +28,7 @@ pub struct Broker {
     handles: Vec<ExecutorJoinHandle<()>>,
     shutdown: ShutdownHandle,
     pub local_addr: SocketAddr,
+    metrics_server: Option<MetricsServer>,
 }
 
 /// Asks every shard to stop. `Send + Clone`, for signal handlers.
@@ -60,17 +65,32 @@ impl Broker {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let open_connections = Arc::new(AtomicUsize::new(0));
         let drained = Arc::new(AtomicUsize::new(0));
+        let metrics = Arc::new(Metrics::new());
+        // Before the shards, so the endpoint answers once the broker does (after the Kafka
+        // port check, which is reported first); scrapes queue until the shards run.
+        let metrics_server = match config.metrics_listen {
+            Some(listen) => Some(MetricsServer::start(
+                listen,
+                metrics.clone(),
+                router.clone(),
+            )?),
+            None => None,
+        };
         let (ready_tx, ready_rx) = flume::bounded::<Result<SocketAddr, String>>(config.cores);
         let mut handles = Vec::with_capacity(config.cores);
         for (id, inbox) in receivers.into_iter().enumerate() {
             let (config, metadata, router) = (config.clone(), metadata.clone(), router.clone());
+            let metrics = metrics.clone();
             let (open, drained, ready) =
                 (open_connections.clone(), drained.clone(), ready_tx.clone());
             let handle = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
                 .name(&format!("spate-shard-{id}"))
                 .io_memory(config.io_memory_bytes)
                 .spawn(move || async move {
-                    run_shard(id, config, metadata, router, inbox, open, drained, ready).await
+                    run_shard(
+                        id, config, metadata, router, inbox, open, drained, ready, metrics,
+                    )
+                    .await
                 })
                 .map_err(|e| NetError::Config(format!("cannot start shard {id}: {e}")))?;
             handles.push(handle);
@@ -85,6 +105,7 @@ impl Broker {
                         handles,
                         shutdown: ShutdownHandle { router },
                         local_addr: config.listen,
+                        metrics_server,
                     };
                     broker.shutdown.shutdown();
                     let _ = broker.wait();
@@ -97,6 +118,7 @@ impl Broker {
             handles,
             shutdown: ShutdownHandle { router },
             local_addr: local_addr.unwrap_or(config.listen),
+            metrics_server,
         })
     }
 
@@ -104,13 +126,21 @@ impl Broker {
         self.shutdown.clone()
     }
 
+    /// Where `GET /metrics` is served, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_server.as_ref().map(|m| m.local_addr())
+    }
+
     /// Blocks until every shard has stopped.
-    pub fn wait(self) -> Result<(), NetError> {
+    pub fn wait(mut self) -> Result<(), NetError> {
         let mut failed = false;
-        for h in self.handles {
+        for h in std::mem::take(&mut self.handles) {
             if h.join().is_err() {
                 failed = true;
             }
+        }
+        if let Some(mut m) = self.metrics_server.take() {
+            m.stop();
         }
         if failed {
             return Err(NetError::Config("a shard panicked".into()));
@@ -124,12 +154,24 @@ impl Broker {
 /// broker, say), splitting clients between them. A bind without the option first fails if anyone
 /// holds the port. Port 0 is resolved here once, so that every shard listens on the same port.
 fn claim_listen_port(config: &mut BrokerConfig) -> Result<(), NetError> {
-    let probe = std::net::TcpListener::bind(config.listen).map_err(|e| {
-        NetError::Config(format!(
-            "cannot listen on {}: {e} (is another broker running there?)",
-            config.listen
-        ))
-    })?;
+    let probe = match std::net::TcpListener::bind(config.listen) {
+        Ok(p) => Some(p),
+        // Connections of a stopped predecessor linger (FIN-WAIT-2, up to a minute) and block a
+        // plain bind, though the shards' SO_REUSEPORT binds would succeed: only a listener
+        // that answers means the port is taken.
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && !someone_listens(config.listen) => {
+            None
+        }
+        Err(e) => {
+            return Err(NetError::Config(format!(
+                "cannot listen on {}: {e} (is another broker running there?)",
+                config.listen
+            )))
+        }
+    };
+    let Some(probe) = probe else {
+        return Ok(());
+    };
     let bound = probe.local_addr()?;
     if config.listen.port() == 0 {
         config.listen.set_port(bound.port());
@@ -142,6 +184,18 @@ fn claim_listen_port(config: &mut BrokerConfig) -> Result<(), NetError> {
     Ok(())
 }
 
+/// True if a connection to `addr` (the loopback address for a wildcard) is accepted.
+fn someone_listens(addr: SocketAddr) -> bool {
+    let mut target = addr;
+    if target.ip().is_unspecified() {
+        target.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    std::net::TcpStream::connect_timeout(&target, LISTEN_PROBE_TIMEOUT).is_ok()
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run_shard(
     id: usize,
@@ -152,8 +206,13 @@ async fn run_shard(
     open_connections: Arc<AtomicUsize>,
     drained: Arc<AtomicUsize>,
     ready: flume::Sender<Result<SocketAddr, String>>,
+    metrics: Arc<Metrics>,
 ) {
-    let shard = Shard::new(id, router.clone(), config.clone(), metadata);
+    let shard = Shard::new(id, router.clone(), config.clone(), metadata, &metrics);
+    {
+        let fsync = shard.metrics.fsync_latency.clone();
+        spate_engine::observe::set_fsync_observer(move |took| fsync.observe(took.as_secs_f64()));
+    }
     crate::group::start_shard(&shard);
     // Jobs from other shards run as tasks of this shard, so a slow one never blocks the queue.
     let jobs = {
@@ -205,6 +264,7 @@ async fn run_shard(
     finish(&shard, &drained, router.shards()).await;
     drop(jobs);
     Shard::clear_current();
+    spate_engine::observe::clear_fsync_observer();
     tracing::info!(shard = id, "shard stopped");
 }
 

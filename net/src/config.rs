@@ -35,6 +35,8 @@ pub struct BrokerConfig {
     pub groups: crate::group::GroupConfig,
     /// How often each shard applies retention to its partitions.
     pub retention_check_interval_ms: u64,
+    /// Where to serve Prometheus metrics (`GET /metrics`); `None` disables the endpoint.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl BrokerConfig {
@@ -62,6 +64,7 @@ impl BrokerConfig {
             io_memory_bytes: 2 << 20,
             groups: crate::group::GroupConfig::default(),
             retention_check_interval_ms: 300_000,
+            metrics_listen: None,
         }
     }
 

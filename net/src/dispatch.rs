@@ -1,13 +1,16 @@
 //! The one place a decoded request is routed to its handler by API key. The groups helper adds
 //! its keys here (and to [`crate::versions::SUPPORTED`]).
 
+use std::cell::Cell;
 use std::rc::Rc;
+use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, ResponseHeader};
 use kafka_protocol::protocol::{Encodable, HeaderVersion};
+use kafka_protocol::ResponseError;
 
-use crate::error::NetError;
+use crate::error::{NetError, NONE};
 use crate::frame::{Frame, SegmentedBuf};
 use crate::handlers;
 use crate::request::Request;
@@ -28,6 +31,17 @@ pub async fn dispatch(
     req: Request,
     ctx: RequestContext,
 ) -> Result<Reply, NetError> {
+    dispatch_reporting(shard, req, ctx, &Cell::new(NONE)).await
+}
+
+/// [`dispatch`] that also reports the first partition error of a Produce or Fetch in
+/// `error_code` (for the request metrics).
+async fn dispatch_reporting(
+    shard: Rc<Shard>,
+    req: Request,
+    ctx: RequestContext,
+    error_code: &Cell<i16>,
+) -> Result<Reply, NetError> {
     if req.api_key == ApiKey::ApiVersions {
         return handlers::api_versions::handle(&req).map(Some);
     }
@@ -41,7 +55,9 @@ pub async fn dispatch(
         )));
     }
     match req.api_key {
-        ApiKey::Produce => handlers::produce::handle(&shard, &req, ctx.produce_turn).await,
+        ApiKey::Produce => {
+            handlers::produce::handle(&shard, &req, ctx.produce_turn, error_code).await
+        }
         ApiKey::Fetch => handlers::fetch::handle(&shard, &req).await.map(Some),
         ApiKey::ListOffsets => handlers::list_offsets::handle(&shard, &req).await.map(Some),
         ApiKey::Metadata => handlers::metadata::handle(&shard, &req).await.map(Some),
@@ -70,10 +86,24 @@ pub async fn dispatch_frame(
     req: Request,
     ctx: RequestContext,
 ) -> Result<Option<Frame>, NetError> {
-    if req.api_key == ApiKey::Fetch && versions::is_served(req.api_key, req.api_version) {
-        return handlers::fetch::handle_frame(&shard, &req).await.map(Some);
-    }
-    dispatch(shard, req, ctx).await.map(|r| r.map(Frame::from))
+    let (api, started, error_code) = (req.api_key, Instant::now(), Cell::new(NONE));
+    let result = if api == ApiKey::Fetch && versions::is_served(api, req.api_version) {
+        handlers::fetch::handle_frame(&shard, &req, &error_code)
+            .await
+            .map(Some)
+    } else {
+        dispatch_reporting(shard.clone(), req, ctx, &error_code)
+            .await
+            .map(|r| r.map(Frame::from))
+    };
+    // A request the broker could not handle closes the connection: Kafka's catch-all code.
+    let code = match &result {
+        Ok(_) => error_code.get(),
+        Err(_) => ResponseError::UnknownServerError.code(),
+    };
+    shard.metrics.request(api, code);
+    shard.metrics.observe_latency(api, started.elapsed());
+    result
 }
 
 /// [`encode_response`] that leaves the `zero_copy` buffers (record batches) uncopied.

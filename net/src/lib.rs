@@ -14,6 +14,8 @@ pub mod frame;
 pub mod group;
 pub mod handlers;
 pub mod metadata;
+pub mod metrics;
+pub mod metrics_http;
 pub mod partition;
 pub mod producer_state;
 pub mod request;

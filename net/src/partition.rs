@@ -13,6 +13,7 @@ use spate_engine::batch::BatchHeader;
 use spate_engine::{LogConfig, PartitionLog};
 
 use crate::error::{engine_error_code, NetError, NONE};
+use crate::metrics::PartitionMetrics;
 use crate::producer_state::{last_seq, BatchMeta, ProducerTable, Verdict};
 use crate::shard::TopicPartition;
 
@@ -30,6 +31,7 @@ pub struct Partition {
     state_path: PathBuf,
     /// Log end covered by the last snapshot written.
     snapshot_end: Cell<Option<u64>>,
+    pub metrics: PartitionMetrics,
 }
 
 /// Outcome of one partition's share of a Produce request.
@@ -53,6 +55,7 @@ impl Partition {
         dir: PathBuf,
         state_path: PathBuf,
         config: LogConfig,
+        metrics: PartitionMetrics,
     ) -> Result<Partition, NetError> {
         let log = PartitionLog::open(&dir, config).await?;
         let partition = Partition {
@@ -62,8 +65,10 @@ impl Partition {
             write_lock: Semaphore::new(1),
             state_path,
             snapshot_end: Cell::new(None),
+            metrics,
         };
         partition.recover_producers().await?;
+        partition.publish_offsets();
         Ok(partition)
     }
 
@@ -129,6 +134,7 @@ impl Partition {
                 return outcome;
             };
             let (pid, epoch, mut meta) = (h.producer_id(), h.producer_epoch(), batch_meta(&h));
+            let (batch_bytes, records) = (batch.len() as u64, h.records_count().max(0) as u64);
             if h.is_transactional() {
                 // Transactions are not implemented: storing their batches without markers
                 // would expose uncommitted data.
@@ -162,6 +168,9 @@ impl Partition {
                 }
             };
             debug_assert!(info.last_offset >= info.base_offset);
+            self.metrics.bytes_in.inc_by(batch_bytes);
+            self.metrics.records_in.inc_by(records);
+            self.publish_offsets();
             if pid >= 0 {
                 meta.base_offset = info.base_offset as i64;
                 meta.last_offset = info.last_offset as i64;
@@ -180,6 +189,13 @@ impl Partition {
             }
         }
         outcome
+    }
+
+    /// Sets the offset gauges from the log (after open, appends and retention).
+    pub fn publish_offsets(&self) {
+        // The high watermark is the log end: a single node has no followers to wait for.
+        let end = self.log.log_end_offset();
+        self.metrics.set_offsets(end, end);
     }
 
     /// Snapshots producer state if it changed since the last snapshot, so recovery after a

@@ -54,6 +54,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, open: Arc<Atom
         let _ = stream.set_nodelay(true);
         tracing::debug!(shard = shard.id, peer = ?stream.peer_addr().ok(), "accepted connection");
         shard.connections.set(shard.connections.get() + 1);
+        shard.metrics.connections.inc();
         let (shard2, open2) = (shard.clone(), open.clone());
         glommio::spawn_local(async move {
             let peer = stream.peer_addr().ok();
@@ -62,6 +63,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, open: Arc<Atom
             }
             open2.fetch_sub(1, Ordering::AcqRel);
             shard2.connections.set(shard2.connections.get() - 1);
+            shard2.metrics.connections.dec();
             shard2.connections_changed.notify();
         })
         .detach();

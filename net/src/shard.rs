@@ -255,6 +255,8 @@ pub struct Shard {
     /// Open connections accepted by this shard.
     pub connections: Cell<usize>,
     pub connections_changed: Signal,
+    /// This shard's metric handles; only this shard writes them.
+    pub metrics: crate::metrics::ShardMetrics,
 }
 
 impl Shard {
@@ -263,6 +265,7 @@ impl Shard {
         router: Router,
         config: Arc<BrokerConfig>,
         metadata: Arc<MetadataStore>,
+        metrics: &Arc<crate::metrics::Metrics>,
     ) -> Rc<Shard> {
         let topics = (metadata.version(), metadata.topics());
         let shard = Rc::new(Shard {
@@ -278,6 +281,7 @@ impl Shard {
             shutting_down: Cell::new(false),
             connections: Cell::new(0),
             connections_changed: Signal::default(),
+            metrics: metrics.for_shard(id),
         });
         CURRENT.with(|c| *c.borrow_mut() = Some(shard.clone()));
         shard
@@ -371,6 +375,7 @@ impl Shard {
             self.partition_dir(tp),
             producer_state_path(&self.config.data_dir, tp),
             log_config,
+            self.metrics.partition(tp),
         )
         .await
         .map_err(|e| {
@@ -394,6 +399,7 @@ impl Shard {
             let tp = TopicPartition::new(topic, p);
             let open = self.partitions.borrow_mut().remove(&tp);
             if let Some(part) = open {
+                part.metrics.remove();
                 if let Err(e) = part.delete().await {
                     tracing::warn!(topic, partition = p, error = %e, "deleting partition log");
                 }

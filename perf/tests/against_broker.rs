@@ -125,7 +125,15 @@ fn start_broker() -> Option<Broker> {
     let addr = format!("127.0.0.1:{port}");
     let mut child = if let Some(spate) = spate_bin() {
         Command::new(spate)
-            .args(["serve", "--listen", &addr, "--data-dir"])
+            // No metrics endpoint: its default port would clash between parallel tests.
+            .args([
+                "serve",
+                "--metrics-listen",
+                "off",
+                "--listen",
+                &addr,
+                "--data-dir",
+            ])
             .arg(dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

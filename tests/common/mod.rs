@@ -17,6 +17,8 @@ const POLL: Duration = Duration::from_millis(20);
 pub struct Broker {
     child: Option<Child>,
     pub port: u16,
+    /// Where this broker serves GET /metrics (a free port of its own: tests run in parallel).
+    pub metrics_port: u16,
     pub dir: tempfile::TempDir,
     extra_args: Vec<String>,
 }
@@ -24,6 +26,16 @@ pub struct Broker {
 fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     l.local_addr().unwrap().port()
+}
+
+/// Polls (bounded) until nobody listens on `port` (a connection is refused).
+fn wait_port_free(port: u16) {
+    let deadline = Instant::now() + START_TIMEOUT;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    while TcpStream::connect_timeout(&addr, POLL).is_ok() {
+        assert!(Instant::now() < deadline, "port {port} stays taken");
+        std::thread::sleep(POLL);
+    }
 }
 
 impl Broker {
@@ -35,6 +47,7 @@ impl Broker {
         let mut b = Broker {
             child: None,
             port: free_port(),
+            metrics_port: free_port(),
             dir: tempfile::tempdir().expect("tempdir"),
             extra_args: args.iter().map(|s| s.to_string()).collect(),
         };
@@ -57,6 +70,11 @@ impl Broker {
     /// Starts (or restarts) the broker on the same port and data dir.
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "broker already running");
+        // A killed predecessor's listeners linger a moment (its io_uring holds them), and the
+        // broker refuses a port someone listens on: wait until both ports are free again.
+        for port in [self.port, self.metrics_port] {
+            wait_port_free(port);
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -74,6 +92,7 @@ impl Broker {
             .arg("--segment-bytes")
             .arg(TEST_SEGMENT_BYTES.to_string())
             .args(&self.extra_args)
+            .args(self.metrics_args())
             .env(
                 "RUST_LOG",
                 std::env::var("SPATE_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -101,6 +120,17 @@ impl Broker {
             );
             std::thread::sleep(POLL);
         }
+    }
+
+    /// `--metrics-listen` on this broker's own port, unless the test chose its own.
+    fn metrics_args(&self) -> Vec<String> {
+        if self.extra_args.iter().any(|a| a == "--metrics-listen") {
+            return Vec::new();
+        }
+        vec![
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{}", self.metrics_port),
+        ]
     }
 
     pub fn log(&self) -> String {

@@ -54,6 +54,25 @@ fn current() -> Option<Rc<GroupShard>> {
     GROUPS.with(|g| g.borrow().clone())
 }
 
+/// The committed offsets of the groups this shard coordinates (none before it started).
+pub fn committed_offsets() -> Vec<crate::metrics::CommittedOffset> {
+    let Some(groups) = current() else {
+        return Vec::new();
+    };
+    groups
+        .committed_offsets()
+        .into_iter()
+        .map(
+            |(group, topic, partition, offset)| crate::metrics::CommittedOffset {
+                group,
+                topic,
+                partition,
+                offset,
+            },
+        )
+        .collect()
+}
+
 /// Starts this shard's group coordinator: marks its `__consumer_offsets` partitions as
 /// loading, then opens and replays each in the background, and starts the ticker.
 pub fn start_shard(shard: &Rc<Shard>) {

@@ -795,6 +795,18 @@ impl GroupCoordinator {
         result
     }
 
+    /// Every committed offset of the groups this coordinator owns: (group, topic, partition,
+    /// offset), for the metrics scrape.
+    pub fn committed_offsets(&self) -> Vec<(String, String, i32, i64)> {
+        let mut out = Vec::new();
+        for (id, g) in &self.groups {
+            for ((t, p), v) in &g.offsets {
+                out.push((id.clone(), t.clone(), *p, v.offset));
+            }
+        }
+        out
+    }
+
     /// OffsetDelete (v0): removes committed offsets of topics the group no longer consumes.
     pub fn offset_delete(
         &mut self,

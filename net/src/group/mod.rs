@@ -33,7 +33,9 @@ mod service;
 #[cfg(test)]
 mod tests;
 
-pub use api::{close_shard, handle, offsets_partition_dir, start_shard, GROUP_API_KEYS};
+pub use api::{
+    close_shard, committed_offsets, handle, offsets_partition_dir, start_shard, GROUP_API_KEYS,
+};
 pub use config::GroupConfig;
 pub use coordinator::{
     find_coordinator_response, is_offsets_topic, offset_fetch_response, ClientInfo,

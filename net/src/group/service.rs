@@ -476,6 +476,10 @@ impl GroupShard {
         r
     }
 
+    pub fn committed_offsets(&self) -> Vec<(String, String, i32, i64)> {
+        self.coordinator.borrow().committed_offsets()
+    }
+
     pub fn describe_group(&self, version: i16, group_id: &str) -> DescribedGroup {
         self.coordinator.borrow().describe_group(version, group_id)
     }

@@ -16,6 +16,7 @@ use crate::error::{engine_error_code, NetError, NONE};
 use crate::frame::Frame;
 use crate::request::{decode_body, Request};
 use crate::shard::{Shard, TopicPartition};
+use spate_engine::batch::BatchHeader;
 
 /// One partition's read on its owner.
 #[derive(Clone, Debug)]
@@ -35,11 +36,17 @@ type ReadWork = (usize, usize, TopicPartition, i64, usize);
 pub const MAX_PARTITION_READ_BYTES: usize = 16 << 20;
 
 pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError> {
-    handle_frame(shard, req).await.map(|f| f.to_bytes())
+    handle_frame(shard, req, &std::cell::Cell::new(NONE))
+        .await
+        .map(|f| f.to_bytes())
 }
 
 /// The Fetch reply with each partition's records left in the buffers they were read into.
-pub async fn handle_frame(shard: &Rc<Shard>, req: &Request) -> Result<Frame, NetError> {
+pub async fn handle_frame(
+    shard: &Rc<Shard>,
+    req: &Request,
+    error_code: &std::cell::Cell<i16>,
+) -> Result<Frame, NetError> {
     let r: FetchRequest = decode_body(req)?;
     let max_wait = Duration::from_millis(r.max_wait_ms.max(0) as u64)
         .min(Duration::from_millis(shard.config.max_fetch_wait_ms));
@@ -100,6 +107,21 @@ pub async fn handle_frame(shard: &Rc<Shard>, req: &Request) -> Result<Frame, Net
             break;
         }
         wait_for_data(shard, &work, generations, deadline).await;
+    }
+    for t in &resp.responses {
+        for p in &t.partitions {
+            if p.error_code != NONE && error_code.get() == NONE {
+                error_code.set(p.error_code);
+            }
+            if let Some(r) = p.records.as_ref().filter(|r| !r.is_empty()) {
+                shard.metrics.fetched(
+                    &t.topic,
+                    p.partition_index,
+                    r.len() as u64,
+                    count_records(r),
+                );
+            }
+        }
     }
     let records: Vec<Bytes> = resp
         .responses
@@ -170,6 +192,21 @@ async fn read_all(
         }
     }
     generations
+}
+
+/// Records in concatenated batches (a partial batch at the end is not counted).
+fn count_records(mut batches: &[u8]) -> u64 {
+    let mut records = 0;
+    while let Some(len) = BatchHeader::total_len_from_prefix(batches) {
+        let Some(batch) = batches.get(..len) else {
+            break;
+        };
+        if let Ok(h) = BatchHeader::parse(batch) {
+            records += h.records_count().max(0) as u64;
+        }
+        batches = &batches[len..];
+    }
+    records
 }
 
 async fn read_on_owner(

@@ -52,6 +52,7 @@ pub async fn handle(
     shard: &Rc<Shard>,
     req: &Request,
     turn: Option<ProduceTurn>,
+    error_code: &std::cell::Cell<i16>,
 ) -> Result<Reply, NetError> {
     let r: ProduceRequest = decode_body(req)?;
     let acks = r.acks;
@@ -140,6 +141,13 @@ pub async fn handle(
             }
         }
     }
+    let first_error = resp
+        .responses
+        .iter()
+        .flat_map(|t| &t.partition_responses)
+        .map(|p| p.error_code)
+        .find(|c| *c != NONE);
+    error_code.set(first_error.unwrap_or(NONE));
     if acks == 0 {
         return Ok(None);
     }

@@ -1,0 +1,477 @@
+//! Prometheus metrics. One registry for the broker, but every series carries a `shard` label
+//! and is written only by that shard: a shard looks its metric instances up once (the only
+//! time a family's lock is taken) and keeps the handles, so the hot path is an uncontended
+//! atomic add. The scrape thread reads them; what is cheaper to gather than to keep
+//! (consumer group lag) it asks the shards for at scrape time (see [`crate::metrics_http`]).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kafka_protocol::messages::ApiKey;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::shard::TopicPartition;
+
+/// Latency buckets: 50 µs doubling up to about 6.5 s.
+const LATENCY_BUCKET_START_SECONDS: f64 = 0.000_05;
+const LATENCY_BUCKETS: u16 = 18;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardLabels {
+    pub shard: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub shard: u32,
+    pub api: String,
+    pub error_code: i16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    pub shard: u32,
+    pub topic: String,
+    pub partition: i32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabels {
+    pub group: String,
+    pub topic: String,
+    pub partition: i32,
+}
+
+/// One committed offset of a consumer group, as its coordinator shard reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommittedOffset {
+    pub group: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(
+        LATENCY_BUCKET_START_SECONDS,
+        2.0,
+        LATENCY_BUCKETS,
+    ))
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Every metric family of the broker.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    bytes_in: Family<PartitionLabels, Counter>,
+    records_in: Family<PartitionLabels, Counter>,
+    bytes_out: Family<PartitionLabels, Counter>,
+    records_out: Family<PartitionLabels, Counter>,
+    log_end_offset: Family<PartitionLabels, Gauge>,
+    high_watermark: Family<PartitionLabels, Gauge>,
+    produce_latency: HistogramFamily<ShardLabels>,
+    fetch_latency: HistogramFamily<ShardLabels>,
+    fsync_latency: HistogramFamily<ShardLabels>,
+    connections: Family<ShardLabels, Gauge>,
+    scrape: Arc<ScrapeTime>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let hist = || Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let m = Metrics {
+            registry: Registry::default(),
+            requests: Family::default(),
+            bytes_in: Family::default(),
+            records_in: Family::default(),
+            bytes_out: Family::default(),
+            records_out: Family::default(),
+            log_end_offset: Family::default(),
+            high_watermark: Family::default(),
+            produce_latency: hist(),
+            fetch_latency: hist(),
+            fsync_latency: hist(),
+            connections: Family::default(),
+            scrape: Arc::default(),
+        };
+        let mut r = Registry::default();
+        r.register(
+            "spate_requests",
+            "Requests handled, by API and error code (Produce/Fetch: the first partition error)",
+            m.requests.clone(),
+        );
+        r.register(
+            "spate_partition_bytes_in",
+            "Record batch bytes appended to the partition",
+            m.bytes_in.clone(),
+        );
+        r.register(
+            "spate_partition_records_in",
+            "Records appended to the partition",
+            m.records_in.clone(),
+        );
+        r.register(
+            "spate_partition_bytes_out",
+            "Record batch bytes returned by Fetch from the partition (shard: the one that served the Fetch)",
+            m.bytes_out.clone(),
+        );
+        r.register(
+            "spate_partition_records_out",
+            "Records returned by Fetch from the partition (shard: the one that served the Fetch)",
+            m.records_out.clone(),
+        );
+        r.register(
+            "spate_partition_log_end_offset",
+            "Offset the next appended record gets",
+            m.log_end_offset.clone(),
+        );
+        r.register(
+            "spate_partition_high_watermark",
+            "Offset up to which consumers may read (the log end on a single node)",
+            m.high_watermark.clone(),
+        );
+        r.register(
+            "spate_produce_latency_seconds",
+            "Produce request time, from decoded request to response",
+            m.produce_latency.clone(),
+        );
+        r.register(
+            "spate_fetch_latency_seconds",
+            "Fetch request time, long-poll waits included",
+            m.fetch_latency.clone(),
+        );
+        r.register(
+            "spate_fsync_latency_seconds",
+            "Group-commit fdatasync time of partition logs",
+            m.fsync_latency.clone(),
+        );
+        r.register(
+            "spate_connections",
+            "Open client connections",
+            m.connections.clone(),
+        );
+        r.register_collector(Box::new(m.scrape.clone()));
+        Metrics { registry: r, ..m }
+    }
+
+    /// This shard's handles; call once per shard, on its thread.
+    pub fn for_shard(self: &Arc<Self>, shard: usize) -> ShardMetrics {
+        let labels = ShardLabels {
+            shard: shard as u32,
+        };
+        ShardMetrics {
+            shard: shard as u32,
+            produce_latency: self.produce_latency.get_or_create_owned(&labels),
+            fetch_latency: self.fetch_latency.get_or_create_owned(&labels),
+            fsync_latency: self.fsync_latency.get_or_create_owned(&labels),
+            connections: self.connections.get_or_create_owned(&labels),
+            requests: RefCell::default(),
+            fetched: RefCell::default(),
+            metrics: self.clone(),
+        }
+    }
+
+    /// The exposition text (OpenMetrics, which Prometheus reads), with `committed` as the
+    /// consumer group offsets known at this scrape.
+    pub fn render(&self, committed: Vec<CommittedOffset>, router: &crate::Router) -> String {
+        let lag = committed
+            .into_iter()
+            .map(|c| {
+                let labels = PartitionLabels {
+                    shard: router.shard_for(&c.topic, c.partition) as u32,
+                    topic: c.topic.clone(),
+                    partition: c.partition,
+                };
+                let end = self.log_end_offset.get(&labels).map(|g| g.get());
+                (c, end)
+            })
+            .collect();
+        let mut snapshot = self
+            .scrape
+            .snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *snapshot = Snapshot {
+            lag,
+            rss_bytes: resident_bytes(),
+        };
+        drop(snapshot);
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// What the scrape thread gathered just before encoding.
+#[derive(Debug, Default)]
+struct Snapshot {
+    /// Committed offset and the partition's log end, if the partition is open.
+    lag: Vec<(CommittedOffset, Option<i64>)>,
+    rss_bytes: Option<u64>,
+}
+
+/// Metrics computed at scrape time. The lock is taken only by the scrape thread.
+#[derive(Debug, Default)]
+struct ScrapeTime {
+    snapshot: Mutex<Snapshot>,
+}
+
+impl Collector for ScrapeTime {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snap = self.snapshot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(rss) = snap.rss_bytes {
+            let g = ConstGauge::new(rss as i64);
+            let m = encoder.encode_descriptor(
+                "spate_memory_resident_bytes",
+                "Resident memory of the broker process",
+                None,
+                g.metric_type(),
+            )?;
+            g.encode(m)?;
+        }
+        let committed: Family<GroupLabels, Gauge> = Family::default();
+        let lag: Family<GroupLabels, Gauge> = Family::default();
+        for (c, end) in &snap.lag {
+            let labels = GroupLabels {
+                group: c.group.clone(),
+                topic: c.topic.clone(),
+                partition: c.partition,
+            };
+            committed.get_or_create(&labels).set(c.offset);
+            if let Some(end) = end {
+                lag.get_or_create(&labels).set(group_lag(*end, c.offset));
+            }
+        }
+        let m = encoder.encode_descriptor(
+            "spate_consumer_group_committed_offset",
+            "Offset committed by the consumer group",
+            None,
+            committed.metric_type(),
+        )?;
+        committed.encode(m)?;
+        let m = encoder.encode_descriptor(
+            "spate_consumer_group_lag",
+            "Records between the committed offset and the log end (partitions open on a shard)",
+            None,
+            lag.metric_type(),
+        )?;
+        lag.encode(m)?;
+        Ok(())
+    }
+}
+
+/// Records a group has yet to consume; never negative (a log truncated below the commit).
+pub fn group_lag(log_end: i64, committed: i64) -> i64 {
+    (log_end - committed.max(0)).max(0)
+}
+
+/// Resident set size from /proc/self/statm (pages), if readable.
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    (page > 0).then(|| pages * page as u64)
+}
+
+/// A shard's own metric handles. Not `Send`: only its shard writes them.
+pub struct ShardMetrics {
+    shard: u32,
+    pub produce_latency: Histogram,
+    pub fetch_latency: Histogram,
+    pub fsync_latency: Histogram,
+    pub connections: Gauge,
+    requests: RefCell<HashMap<(ApiKey, i16), Counter>>,
+    /// Fetch output (bytes, records) by partition, counted by the shard that served the Fetch:
+    /// only it knows what went into the response.
+    fetched: RefCell<HashMap<(String, i32), (Counter, Counter)>>,
+    metrics: Arc<Metrics>,
+}
+
+impl ShardMetrics {
+    /// Counts one handled request.
+    pub fn request(&self, api: ApiKey, error_code: i16) {
+        if let Some(c) = self.requests.borrow().get(&(api, error_code)) {
+            c.inc();
+            return;
+        }
+        let counter = self.metrics.requests.get_or_create_owned(&RequestLabels {
+            shard: self.shard,
+            api: format!("{api:?}"),
+            error_code,
+        });
+        counter.inc();
+        self.requests
+            .borrow_mut()
+            .insert((api, error_code), counter);
+    }
+
+    /// Counts what one Fetch response returned from a partition.
+    pub fn fetched(&self, topic: &str, partition: i32, bytes: u64, records: u64) {
+        let key = (topic.to_string(), partition);
+        let mut cache = self.fetched.borrow_mut();
+        let (b, r) = cache.entry(key).or_insert_with(|| {
+            let labels = PartitionLabels {
+                shard: self.shard,
+                topic: topic.to_string(),
+                partition,
+            };
+            (
+                self.metrics.bytes_out.get_or_create_owned(&labels),
+                self.metrics.records_out.get_or_create_owned(&labels),
+            )
+        });
+        b.inc_by(bytes);
+        r.inc_by(records);
+    }
+
+    pub fn observe_latency(&self, api: ApiKey, took: Duration) {
+        match api {
+            ApiKey::Produce => self.produce_latency.observe(took.as_secs_f64()),
+            ApiKey::Fetch => self.fetch_latency.observe(took.as_secs_f64()),
+            _ => {}
+        }
+    }
+
+    /// Handles for a partition this shard owns.
+    pub fn partition(&self, tp: &TopicPartition) -> PartitionMetrics {
+        let labels = PartitionLabels {
+            shard: self.shard,
+            topic: tp.topic.to_string(),
+            partition: tp.partition,
+        };
+        let m = &self.metrics;
+        PartitionMetrics {
+            bytes_in: m.bytes_in.get_or_create_owned(&labels),
+            records_in: m.records_in.get_or_create_owned(&labels),
+            log_end_offset: m.log_end_offset.get_or_create_owned(&labels),
+            high_watermark: m.high_watermark.get_or_create_owned(&labels),
+            labels,
+            metrics: m.clone(),
+        }
+    }
+}
+
+/// One partition's handles, kept by the partition.
+pub struct PartitionMetrics {
+    pub bytes_in: Counter,
+    pub records_in: Counter,
+    log_end_offset: Gauge,
+    high_watermark: Gauge,
+    labels: PartitionLabels,
+    metrics: Arc<Metrics>,
+}
+
+impl PartitionMetrics {
+    pub fn set_offsets(&self, log_end: u64, high_watermark: u64) {
+        self.log_end_offset.set(log_end as i64);
+        self.high_watermark.set(high_watermark as i64);
+    }
+
+    /// Drops the partition's series (its topic was deleted).
+    pub fn remove(&self) {
+        let m = &self.metrics;
+        m.bytes_in.remove(&self.labels);
+        m.records_in.remove(&self.labels);
+        m.log_end_offset.remove(&self.labels);
+        m.high_watermark.remove(&self.labels);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router() -> crate::Router {
+        crate::Router::new(2).0
+    }
+
+    #[test]
+    fn shard_handles_show_up_labelled_and_summed_per_series() {
+        let m = Arc::new(Metrics::new());
+        let s0 = m.for_shard(0);
+        let s1 = m.for_shard(1);
+        s0.request(ApiKey::Produce, 0);
+        s0.request(ApiKey::Produce, 0);
+        s1.request(ApiKey::Produce, 0);
+        s1.request(ApiKey::Fetch, 1);
+        let tp = TopicPartition::new("t", 3);
+        let p = s1.partition(&tp);
+        p.bytes_in.inc_by(100);
+        p.records_in.inc_by(7);
+        p.set_offsets(7, 7);
+        s0.observe_latency(ApiKey::Produce, Duration::from_millis(2));
+        let text = m.render(vec![], &router());
+        for line in [
+            "spate_requests_total{shard=\"0\",api=\"Produce\",error_code=\"0\"} 2",
+            "spate_requests_total{shard=\"1\",api=\"Produce\",error_code=\"0\"} 1",
+            "spate_requests_total{shard=\"1\",api=\"Fetch\",error_code=\"1\"} 1",
+            "spate_partition_bytes_in_total{shard=\"1\",topic=\"t\",partition=\"3\"} 100",
+            "spate_partition_records_in_total{shard=\"1\",topic=\"t\",partition=\"3\"} 7",
+            "spate_partition_log_end_offset{shard=\"1\",topic=\"t\",partition=\"3\"} 7",
+            "spate_produce_latency_seconds_count{shard=\"0\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        p.remove();
+        let text = m.render(vec![], &router());
+        assert!(!text.contains("topic=\"t\""), "{text}");
+    }
+
+    #[test]
+    fn lag_is_log_end_minus_committed_for_open_partitions() {
+        let m = Arc::new(Metrics::new());
+        let r = router();
+        let tp = TopicPartition::new("orders", 0);
+        let owner = r.shard_for("orders", 0);
+        m.for_shard(owner).partition(&tp).set_offsets(10, 10);
+        let committed = |topic: &str, offset| CommittedOffset {
+            group: "g".into(),
+            topic: topic.into(),
+            partition: 0,
+            offset,
+        };
+        let text = m.render(vec![committed("orders", 4), committed("gone", 2)], &r);
+        let expect = [
+            "spate_consumer_group_lag{group=\"g\",topic=\"orders\",partition=\"0\"} 6",
+            "spate_consumer_group_committed_offset{group=\"g\",topic=\"orders\",partition=\"0\"} 4",
+            "spate_consumer_group_committed_offset{group=\"g\",topic=\"gone\",partition=\"0\"} 2",
+        ];
+        for line in expect {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        assert!(!text.contains("lag{group=\"g\",topic=\"gone\""), "{text}");
+        assert!(text.contains("spate_memory_resident_bytes "), "{text}");
+    }
+
+    #[test]
+    fn lag_never_goes_negative() {
+        assert_eq!(group_lag(10, 4), 6);
+        assert_eq!(group_lag(3, 4), 0);
+        assert_eq!(group_lag(5, -1), 5);
+    }
+}
