@@ -30,9 +30,9 @@ pub struct PartitionRead {
 type ReadWork = (usize, usize, TopicPartition, i64, usize);
 
 /// Most bytes one partition contributes to one Fetch reply (beyond a single larger batch),
-/// whatever `partition_max_bytes` asks: the partition's records are one buffer, and buffers
-/// this size are still reused by the allocator (see `alloc::retain_freed_memory`) instead of
-/// being mapped and faulted in afresh. A consumer asking for more simply fetches again.
+/// whatever `partition_max_bytes` asks: the partition's records are one buffer, kept small
+/// enough that glibc can serve it from its arenas rather than a fresh mapping faulted in page by
+/// page. A consumer asking for more simply fetches again.
 pub const MAX_PARTITION_READ_BYTES: usize = 16 << 20;
 
 pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError> {
