@@ -194,7 +194,8 @@ impl GroupCoordinator {
             g.start_sessions(now_ms);
             loaded += 1;
         }
-        tracing::info!(
+        // One line per partition at startup: detail, not news.
+        tracing::debug!(
             partition,
             groups = loaded,
             "__consumer_offsets partition loaded"

@@ -215,7 +215,7 @@ impl GroupShard {
         self.coordinator
             .borrow_mut()
             .finish_loading(partition, wall_clock_ms());
-        tracing::info!(partition, records, "consumer offsets loaded");
+        tracing::debug!(partition, records, "consumer offsets loaded");
         self.dispatch_effects().await;
         Ok(())
     }
