@@ -23,6 +23,10 @@ use crate::shard::{ProduceOrder, Shard, Signal};
 
 /// Bytes read from a socket at a time while no frame length is known.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Most a single read grows the receive buffer by while a large frame arrives: the buffer is
+/// zero-filled before each read, so growing it by the whole remaining frame at once would touch
+/// up to `max_frame_bytes` ahead of the data.
+const MAX_READ_GROWTH_BYTES: usize = 1 << 20;
 
 /// Accepts connections until shutdown, then waits for this shard's connections to finish.
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, open: Arc<AtomicUsize>) {
@@ -151,7 +155,7 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) -> Result<(), Net
                 Some(len) => FRAME_PREFIX_BYTES + len - buf.len(),
                 None => READ_CHUNK_BYTES,
             }
-            .min(READ_CHUNK_BYTES.max(1 << 20));
+            .min(MAX_READ_GROWTH_BYTES);
             let old = buf.len();
             buf.resize(old + want, 0);
             let stop = shard.shutdown.changed(0);
