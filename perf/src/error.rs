@@ -22,7 +22,7 @@ pub enum PerfError {
     Broker {
         context: String,
         code: i16,
-        name: &'static str,
+        name: String,
     },
     /// Reading or writing a result or plot file failed.
     #[error("{path}: {message}")]
@@ -43,29 +43,24 @@ impl PerfError {
     }
 }
 
-/// The Kafka name of the error codes a load generator is likely to meet.
-pub fn kafka_error_name(code: i16) -> &'static str {
-    match code {
-        -1 => "UNKNOWN_SERVER_ERROR",
-        0 => "NONE",
-        1 => "OFFSET_OUT_OF_RANGE",
-        2 => "CORRUPT_MESSAGE",
-        3 => "UNKNOWN_TOPIC_OR_PARTITION",
-        5 => "LEADER_NOT_AVAILABLE",
-        6 => "NOT_LEADER_OR_FOLLOWER",
-        7 => "REQUEST_TIMED_OUT",
-        10 => "MESSAGE_TOO_LARGE",
-        19 => "NOT_ENOUGH_REPLICAS",
-        20 => "NOT_ENOUGH_REPLICAS_AFTER_APPEND",
-        35 => "UNSUPPORTED_VERSION",
-        36 => "TOPIC_ALREADY_EXISTS",
-        37 => "INVALID_PARTITIONS",
-        38 => "INVALID_REPLICATION_FACTOR",
-        41 => "NOT_CONTROLLER",
-        42 => "INVALID_REQUEST",
-        43 => "UNSUPPORTED_FOR_MESSAGE_FORMAT",
-        76 => "UNSUPPORTED_COMPRESSION_TYPE",
-        87 => "INVALID_RECORD",
-        _ => "see the Kafka protocol error table",
+/// The Kafka name of an error code, e.g. `UNKNOWN_TOPIC_OR_PARTITION`, for every code the
+/// protocol defines (`UNKNOWN_ERROR_CODE_<n>` for others).
+pub fn kafka_error_name(code: i16) -> String {
+    use kafka_protocol::ResponseError;
+    match ResponseError::try_from_code(code) {
+        None => "NONE".to_string(),
+        Some(ResponseError::Unknown(c)) => format!("UNKNOWN_ERROR_CODE_{c}"),
+        Some(e) => screaming_snake(&format!("{e:?}")),
     }
+}
+
+fn screaming_snake(camel: &str) -> String {
+    let mut out = String::with_capacity(camel.len() + 8);
+    for (i, ch) in camel.chars().enumerate() {
+        if ch.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(ch.to_ascii_uppercase());
+    }
+    out
 }

@@ -9,13 +9,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use kafka_protocol::messages::find_coordinator_request::FindCoordinatorRequest;
-use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
-use kafka_protocol::messages::{
-    ApiKey, BrokerId, ListOffsetsRequest, MetadataRequest, MetadataResponse, TopicName,
-};
+use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse, TopicName};
 use kafka_protocol::protocol::{Request, StrBytes};
-use kafka_protocol::ResponseError;
 use spate_perf::wire::Connection;
 
 /// Where the broker listens unless told otherwise (`spate serve`'s default --listen).
@@ -26,7 +22,6 @@ pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10_000;
 pub const MAX_REQUEST_TIMEOUT_MS: u64 = 600_000;
 
 const METADATA_VERSIONS: RangeInclusive<i16> = 1..=12;
-const LIST_OFFSETS_VERSIONS: RangeInclusive<i16> = 1..=7;
 const FIND_COORDINATOR_VERSIONS: RangeInclusive<i16> = 1..=3;
 /// FindCoordinator key type of a consumer group.
 const COORDINATOR_KEY_GROUP: i8 = 0;
@@ -160,71 +155,26 @@ pub fn list_offsets(
     partitions: &[i32],
     end: LogEnd,
 ) -> Result<Vec<i64>> {
-    let timestamp = match end {
-        LogEnd::Earliest => -2,
-        LogEnd::Latest => -1,
+    use spate_perf::cluster::OffsetSpec;
+    use spate_perf::error::PerfError;
+    let spec = match end {
+        LogEnd::Earliest => OffsetSpec::Earliest,
+        LogEnd::Latest => OffsetSpec::Latest,
     };
-    let req = ListOffsetsRequest::default()
-        .with_replica_id(BrokerId(-1))
-        .with_topics(vec![ListOffsetsTopic::default()
-            .with_name(topic_name(topic))
-            .with_partitions(
-                partitions
-                    .iter()
-                    .map(|&p| {
-                        ListOffsetsPartition::default()
-                            .with_partition_index(p)
-                            .with_current_leader_epoch(-1)
-                            .with_timestamp(timestamp)
-                    })
-                    .collect(),
-            )]);
-    let (_, reply) = call_on(conn, ApiKey::ListOffsets, LIST_OFFSETS_VERSIONS, &req)?;
-    let mut found: HashMap<i32, i64> = HashMap::new();
-    for t in &reply.topics {
-        for p in &t.partitions {
-            check(
-                p.error_code,
-                None,
-                format!("listing offsets of {topic}/{}", p.partition_index),
-            )?;
-            found.insert(p.partition_index, p.offset);
+    spate_perf::cluster::list_offsets(conn, topic, partitions, spec).map_err(|e| match e {
+        PerfError::Broker { code, context, .. } => {
+            kafka_error(code, None, format!("listing offsets ({context})"))
         }
-    }
-    partitions
-        .iter()
-        .map(|p| {
-            found
-                .get(p)
-                .copied()
-                .with_context(|| format!("ListOffsets reply lacks {topic}/{p}"))
-        })
-        .collect()
+        other => anyhow!(other),
+    })
 }
 
 pub fn topic_name(name: &str) -> TopicName {
     TopicName(StrBytes::from_string(name.to_string()))
 }
 
-/// The Kafka name of an error code, e.g. `UNKNOWN_TOPIC_OR_PARTITION`.
-pub fn error_name(code: i16) -> String {
-    match ResponseError::try_from_code(code) {
-        None => "NONE".to_string(),
-        Some(ResponseError::Unknown(c)) => format!("UNKNOWN_ERROR_CODE_{c}"),
-        Some(e) => screaming_snake(&format!("{e:?}")),
-    }
-}
-
-fn screaming_snake(camel: &str) -> String {
-    let mut out = String::with_capacity(camel.len() + 8);
-    for (i, ch) in camel.chars().enumerate() {
-        if ch.is_ascii_uppercase() && i > 0 {
-            out.push('_');
-        }
-        out.push(ch.to_ascii_uppercase());
-    }
-    out
-}
+/// The Kafka name of an error code (one table, shared with spate-perf).
+pub use spate_perf::error::kafka_error_name as error_name;
 
 /// An error naming the Kafka error code and what was being done.
 pub fn kafka_error(code: i16, message: Option<&str>, context: impl Display) -> anyhow::Error {
