@@ -47,6 +47,34 @@ pub fn record_values(count: usize, size: usize, seed: u64) -> Vec<Bytes> {
 }
 
 /// Encodes one RecordBatch v2 of `values`, keyless, every record stamped `timestamp_ms`.
+/// Record `i` of a plain (non-idempotent, non-transactional) batch with create-time
+/// timestamps, as `RecordBatchEncoder` wants it.
+pub fn plain_record(
+    i: usize,
+    timestamp_ms: i64,
+    key: Option<Bytes>,
+    value: Bytes,
+    headers: IndexMap<StrBytes, Option<Bytes>>,
+) -> Record {
+    Record {
+        transactional: false,
+        control: false,
+        delete_horizon: false,
+        partition_leader_epoch: -1,
+        producer_id: -1,
+        producer_epoch: -1,
+        timestamp_type: TimestampType::Creation,
+        offset: i as i64,
+        // The encoder starts a new batch when offset - sequence changes; this keeps it
+        // constant and gives the batch a base sequence of -1 (no idempotence).
+        sequence: i as i32 - 1,
+        timestamp: timestamp_ms,
+        key,
+        value: Some(value),
+        headers,
+    }
+}
+
 pub fn encode_batch(
     values: &[Bytes],
     compression: Compression,
@@ -58,23 +86,7 @@ pub fn encode_batch(
     let records: Vec<Record> = values
         .iter()
         .enumerate()
-        .map(|(i, v)| Record {
-            transactional: false,
-            control: false,
-            delete_horizon: false,
-            partition_leader_epoch: -1,
-            producer_id: -1,
-            producer_epoch: -1,
-            timestamp_type: TimestampType::Creation,
-            offset: i as i64,
-            // The encoder starts a new batch when offset - sequence changes; this keeps it
-            // constant and gives the batch a base sequence of -1 (no idempotence).
-            sequence: i as i32 - 1,
-            timestamp: timestamp_ms,
-            key: None,
-            value: Some(v.clone()),
-            headers: IndexMap::new(),
-        })
+        .map(|(i, v)| plain_record(i, timestamp_ms, None, v.clone(), IndexMap::new()))
         .collect();
     let mut buf = BytesMut::new();
     RecordBatchEncoder::encode(

@@ -15,9 +15,7 @@ use kafka_protocol::indexmap::IndexMap;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{ApiKey, ProduceRequest};
 use kafka_protocol::protocol::StrBytes;
-use kafka_protocol::records::{
-    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-};
+use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions};
 use serde_json::json;
 use spate_perf::wire::{encode_request, Connection};
 
@@ -342,23 +340,13 @@ impl Producer {
         }
         let i = pending.records.len();
         pending.bytes += (line.value.len() + line.key.as_ref().map_or(0, |k| k.len())) as u64;
-        pending.records.push(Record {
-            transactional: false,
-            control: false,
-            delete_horizon: false,
-            partition_leader_epoch: -1,
-            producer_id: -1,
-            producer_epoch: -1,
-            timestamp_type: TimestampType::Creation,
-            offset: i as i64,
-            // The encoder starts a new batch whenever offset - sequence changes: keeping it
-            // constant makes one batch, with base sequence -1 (not idempotent).
-            sequence: i as i32 - 1,
-            timestamp: now_ms(),
-            key: line.key,
-            value: Some(line.value),
-            headers: self.headers.clone(),
-        });
+        pending.records.push(spate_perf::batch::plain_record(
+            i,
+            now_ms(),
+            line.key,
+            line.value,
+            self.headers.clone(),
+        ));
         Fill {
             records: pending.records.len() as u64,
             bytes: pending.bytes,
