@@ -4,9 +4,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::spate_cli as spate;
 use common::Broker;
 use serde_json::Value;
 
@@ -36,15 +37,6 @@ while time.time() < deadline and not (os.path.exists(stop) and got >= int(want))
 c.close()
 print(got)
 "#;
-
-fn spate(broker: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_spate"))
-        .args(args)
-        .env("SPATE_BOOTSTRAP_SERVER", broker)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run spate")
-}
 
 fn ok(broker: &str, args: &[&str]) -> String {
     let out = spate(broker, args);

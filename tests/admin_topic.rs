@@ -7,16 +7,9 @@ mod common;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::spate_cli as spate;
 use common::Broker;
 use serde_json::Value;
-
-fn spate(broker: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_spate"))
-        .args(args)
-        .env("SPATE_BOOTSTRAP_SERVER", broker)
-        .output()
-        .expect("run spate")
-}
 
 fn text(out: &Output) -> (String, String) {
     (

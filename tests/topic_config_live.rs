@@ -3,17 +3,10 @@
 
 mod common;
 
+use common::spate_cli as spate;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn spate(broker: &str, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_spate"))
-        .args(args)
-        .args(["-b", broker])
-        .output()
-        .expect("run spate")
-}
 
 fn log_start(broker: &str) -> i64 {
     let out = spate(broker, &["topic", "describe", "live", "--json"]);

@@ -371,3 +371,14 @@ fn put_varint(out: &mut Vec<u8>, v: i64) {
 pub fn socket_addr(b: &Broker) -> SocketAddr {
     b.addr().parse().unwrap()
 }
+
+/// Runs a `spate` client subcommand (topic, group, produce, ...) against `broker`, with no
+/// input, and returns its output.
+pub fn spate_cli(broker: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_spate"))
+        .args(args)
+        .env("SPATE_BOOTSTRAP_SERVER", broker)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run spate")
+}
