@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v kcat >/dev/null 2>&1 || need_apt+=(kcat)
 command -v fio >/dev/null 2>&1 || need_apt+=(fio)
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   echo "installing apt packages: ${need_apt[*]}"
@@ -16,6 +18,11 @@ fi
 if ! python3 -c 'import confluent_kafka, kafka' >/dev/null 2>&1; then
   echo "installing python packages: confluent-kafka kafka-python"
   python3 -m pip install --quiet --disable-pip-version-check confluent-kafka kafka-python
+fi
+# KafkaJS, pinned by tests/js/package-lock.json.
+if [ ! -d tests/js/node_modules/kafkajs ]; then
+  echo "installing npm packages: kafkajs"
+  npm ci --prefix tests/js --no-audit --no-fund --loglevel=error
 fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
