@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Broker, Raw};
+use common::{assert_success, spate_cli, Broker, Raw};
 use kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol;
 use kafka_protocol::messages::offset_commit_request::{
     OffsetCommitRequestPartition, OffsetCommitRequestTopic,
@@ -102,6 +102,13 @@ fn heartbeat(conn: &mut Raw, group: &str, member: &str, generation: i32) -> i16 
             .with_generation_id(generation),
     )
     .error_code
+}
+
+/// The topic every commit here names ("events"), with the 4 partitions the tests commit to:
+/// commits for partitions that do not exist are refused, as in Kafka.
+fn create_events_topic(broker: &Broker) {
+    let out = spate_cli(&broker.addr(), &["topic", "create", "events", "-p", "4"]);
+    assert_success("spate topic create events", &out);
 }
 
 fn commit(
@@ -202,6 +209,7 @@ fn committed_offsets_and_group_metadata_survive_sigkill() {
         "200",
     ]);
     let _log = LogOnPanic(broker.dir.path().join("spate.log"));
+    create_events_topic(&broker);
     let mut conn = Raw::connect(&broker.addr());
     let fc = conn.call(
         2,
@@ -357,6 +365,7 @@ fn committed_offsets_and_group_metadata_survive_sigkill() {
 #[test]
 fn stale_generation_and_unknown_member_get_errors_then_recover() {
     let broker = Broker::start_with(&["--group-initial-rebalance-delay-ms", "200"]);
+    create_events_topic(&broker);
     let _log = LogOnPanic(broker.dir.path().join("spate.log"));
     let addr = broker.addr();
     let group = "recovering";
@@ -456,5 +465,15 @@ fn stale_generation_and_unknown_member_get_errors_then_recover() {
     assert_eq!(
         offsets_of(&fetch_some(&mut a, group, vec![0])),
         vec![(0, 11, "meta-0".to_owned())]
+    );
+    // "events" has partitions 0-3: a commit for partition 4 is refused and not stored, while
+    // the valid partition beside it in the same request is.
+    assert_eq!(
+        commit(&mut b, group, &mb, g2, &[(3, 12), (4, 13)]),
+        vec![0, code(ResponseError::UnknownTopicOrPartition)]
+    );
+    assert_eq!(
+        offsets_of(&fetch_some(&mut a, group, vec![3, 4])),
+        vec![(3, 12, "meta-3".to_owned()), (4, -1, String::new())]
     );
 }

@@ -244,10 +244,14 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
             let r: OffsetCommitRequest = decode_body(req)?;
             let group = r.group_id.to_string();
             let fallback = r.clone();
+            let topics = shard.metadata.topics();
+            let exists = move |name: &str, partition: i32| {
+                topics.get(name).is_some_and(|t| partition < t.partitions)
+            };
             let resp = on_owner(
                 shard,
                 &group,
-                move |g| async move { g.offset_commit(v, &r).await },
+                move |g| async move { g.offset_commit(v, &r, &exists).await },
                 move |e| commit_error(&fallback, e),
             )
             .await;

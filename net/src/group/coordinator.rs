@@ -592,12 +592,15 @@ impl GroupCoordinator {
     // ---------------------------------------------------------------- offsets
 
     /// OffsetCommit: validates and returns the records to persist. Offsets become visible only
-    /// in [`Self::finish_offset_commit`], once they are durable.
+    /// in [`Self::finish_offset_commit`], once they are durable. `partition_exists` answers from
+    /// the topic metadata: like Kafka, a commit for a partition that does not exist is refused
+    /// with UNKNOWN_TOPIC_OR_PARTITION rather than stored.
     pub fn offset_commit(
         &mut self,
         version: i16,
         req: &OffsetCommitRequest,
         now_ms: i64,
+        partition_exists: &dyn Fn(&str, i32) -> bool,
     ) -> OffsetCommitOutcome {
         let group_id = req.group_id.as_str();
         let partition = self.partition_for(group_id);
@@ -614,6 +617,7 @@ impl GroupCoordinator {
                 } else if name.is_empty()
                     || name.len() > MAX_TOPIC_NAME_BYTES
                     || p.partition_index < 0
+                    || !partition_exists(name, p.partition_index)
                 {
                     Some(ResponseError::UnknownTopicOrPartition)
                 } else if metadata.len() > self.config.offset_metadata_max_bytes {

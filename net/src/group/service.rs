@@ -437,11 +437,14 @@ impl GroupShard {
         &self,
         version: i16,
         req: &OffsetCommitRequest,
+        partition_exists: &dyn Fn(&str, i32) -> bool,
     ) -> OffsetCommitResponse {
-        let outcome = self
-            .coordinator
-            .borrow_mut()
-            .offset_commit(version, req, wall_clock_ms());
+        let outcome = self.coordinator.borrow_mut().offset_commit(
+            version,
+            req,
+            wall_clock_ms(),
+            partition_exists,
+        );
         self.dispatch_effects().await;
         let written = if outcome.records.is_empty() {
             Ok(())

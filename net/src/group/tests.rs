@@ -260,7 +260,7 @@ impl Harness {
                     })
                     .collect(),
             );
-        let outcome = self.c.offset_commit(8, &req, self.now);
+        let outcome = self.c.offset_commit(8, &req, self.now, &|_, _| true);
         let partition = outcome.partition;
         for r in &outcome.records {
             self.log.push((partition, r.clone()));
@@ -660,7 +660,7 @@ fn commits_are_invisible_until_durable_and_failures_become_errors() {
                     .with_committed_offset(1)
                     .with_committed_metadata(Some(s(&"x".repeat(5000)))),
             ])]);
-    let outcome = h.c.offset_commit(2, &req, h.now);
+    let outcome = h.c.offset_commit(2, &req, h.now, &|_, _| true);
     assert_eq!(
         outcome.records.len(),
         1,
@@ -677,7 +677,23 @@ fn commits_are_invisible_until_durable_and_failures_become_errors() {
     let fetched = h.c.fetch_offsets("simple", None);
     assert_eq!(fetched.topics["t"], vec![(0, 42, -1, "hello".to_owned())]);
 
-    let failing = h.c.offset_commit(2, &req, h.now);
+    // A partition the topic does not have is refused, not stored (Kafka does the same).
+    let only_partition_0 = |topic: &str, partition: i32| topic == "t" && partition == 0;
+    let mut beyond = req.clone();
+    beyond.topics[0].partitions[0].committed_offset = 7;
+    beyond.topics[0].partitions[1].committed_metadata = None;
+    let outcome = h.c.offset_commit(2, &beyond, h.now, &only_partition_0);
+    assert_eq!(outcome.records.len(), 1, "only partition 0 exists");
+    let r = h.c.finish_offset_commit(outcome, Ok(()));
+    assert_eq!(r.topics[0].partitions[0].error_code, NO_ERROR);
+    assert_eq!(
+        r.topics[0].partitions[1].error_code,
+        code(ResponseError::UnknownTopicOrPartition)
+    );
+    assert_eq!(h.committed("simple", "t", 0), 7);
+    assert_eq!(h.committed("simple", "t", 1), -1);
+
+    let failing = h.c.offset_commit(2, &req, h.now, &|_, _| true);
     let r =
         h.c.finish_offset_commit(failing, Err(ResponseError::CoordinatorNotAvailable));
     assert_eq!(
@@ -692,7 +708,7 @@ fn commits_are_invisible_until_durable_and_failures_become_errors() {
         .with_group_id(GroupId(s("g")))
         .with_generation_id_or_member_epoch(-1)
         .with_topics(req.topics.clone());
-    let outcome = h.c.offset_commit(2, &simple, h.now);
+    let outcome = h.c.offset_commit(2, &simple, h.now, &|_, _| true);
     let r = h.c.finish_offset_commit(outcome, Ok(()));
     assert_eq!(
         r.topics[0].partitions[0].error_code,
