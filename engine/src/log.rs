@@ -984,6 +984,14 @@ impl PartitionLog {
         crate::truncate::apply_retention(&self.inner, now_ms).await
     }
 
+    /// Deletes every whole segment that lies entirely below `offset` (never the active one);
+    /// returns the new log start offset, which may stay below `offset`. For logs that rewrite
+    /// their live data at the end and then drop the prefix (`__consumer_offsets`), and Kafka's
+    /// DeleteRecords.
+    pub async fn delete_segments_below(&self, offset: u64) -> Result<u64, EngineError> {
+        crate::truncate::delete_segments_below(&self.inner, offset).await
+    }
+
     /// Flushes everything and writes the recovery point.
     pub async fn close(&self) -> Result<(), EngineError> {
         let inner = &self.inner;

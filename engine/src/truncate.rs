@@ -178,6 +178,38 @@ async fn truncate_locked(inner: &Rc<Inner>, offset: u64) -> Result<(), EngineErr
 }
 
 pub(crate) async fn apply_retention(inner: &Rc<Inner>, now_ms: i64) -> Result<u64, EngineError> {
+    let limits = inner.limits.get();
+    let mut total: Option<u64> = None;
+    remove_prefix(inner, |segments, seg| {
+        let total = total.get_or_insert_with(|| segments.values().map(|s| s.size).sum());
+        let by_size = limits
+            .retention_bytes
+            .is_some_and(|limit| *total - seg.size >= limit);
+        let by_age = limits.retention_ms.is_some_and(|ms| {
+            seg.max_timestamp != NO_TIMESTAMP
+                && now_ms.saturating_sub(seg.max_timestamp) > ms as i64
+        });
+        if by_size || by_age {
+            *total -= seg.size;
+        }
+        by_size || by_age
+    })
+    .await
+}
+
+pub(crate) async fn delete_segments_below(
+    inner: &Rc<Inner>,
+    offset: u64,
+) -> Result<u64, EngineError> {
+    remove_prefix(inner, |_, seg| seg.next_offset <= offset).await
+}
+
+/// Deletes the oldest inactive segments for as long as `doomed` says so (it sees segments in
+/// offset order and stops at the first it refuses); returns the new log start offset.
+async fn remove_prefix(
+    inner: &Rc<Inner>,
+    mut doomed_fn: impl FnMut(&std::collections::BTreeMap<u64, Segment>, &Segment) -> bool,
+) -> Result<u64, EngineError> {
     let _permit = inner
         .lock
         .acquire_permit(1)
@@ -186,22 +218,12 @@ pub(crate) async fn apply_retention(inner: &Rc<Inner>, now_ms: i64) -> Result<u6
     let (doomed, new_start) = {
         let st = inner.state.borrow();
         inner.check(&st)?;
-        let mut total: u64 = st.segments.values().map(|s| s.size).sum();
         let mut doomed = Vec::new();
         let active = st.active().base;
-        let limits = inner.limits.get();
         for seg in st.segments.values().filter(|s| s.base != active) {
-            let by_size = limits
-                .retention_bytes
-                .is_some_and(|limit| total - seg.size >= limit);
-            let by_age = limits.retention_ms.is_some_and(|ms| {
-                seg.max_timestamp != NO_TIMESTAMP
-                    && now_ms.saturating_sub(seg.max_timestamp) > ms as i64
-            });
-            if !(by_size || by_age) {
+            if !doomed_fn(&st.segments, seg) {
                 break;
             }
-            total -= seg.size;
             doomed.push(seg.base);
         }
         let Some(&last) = doomed.last() else {

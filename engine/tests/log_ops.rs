@@ -162,6 +162,48 @@ fn retention_by_size_and_age() {
 }
 
 #[test]
+fn delete_segments_below_drops_only_whole_segments_under_the_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        set_shard_cache_bytes(0);
+        let config = LogConfig {
+            flush: FlushPolicy::Never,
+            ..small_config()
+        };
+        let log = PartitionLog::open(dir.path(), config.clone())
+            .await
+            .unwrap();
+        for i in 0..300u64 {
+            log.append(batch(i, 4000, 1, 1_000), 0).await.unwrap();
+        }
+        let segments = count_segments(dir.path());
+        assert!(segments >= 4, "{segments}");
+        // Nothing lies wholly below the first segment's end.
+        assert_eq!(log.delete_segments_below(1).await.unwrap(), 0);
+        assert_eq!(count_segments(dir.path()), segments);
+        // The segment holding 150 stays, so the new start is its base, at or below 150.
+        let start = log.delete_segments_below(150).await.unwrap();
+        assert!(start > 0 && start <= 150, "{start}");
+        assert!(count_segments(dir.path()) < segments);
+        assert!(matches!(
+            log.read(start - 1, 1).await,
+            Err(EngineError::OffsetOutOfRange { .. })
+        ));
+        let r = log.read(start, usize::MAX).await.unwrap();
+        assert_eq!(r.batches.len() as u64, 300 - start);
+        // Past the end: every sealed segment goes, the active one stays.
+        let start = log.delete_segments_below(u64::MAX).await.unwrap();
+        assert!(start > 150 && start < 300, "{start}");
+        assert_eq!(count_segments(dir.path()), 1);
+        log.close().await.unwrap();
+        let log = PartitionLog::open(dir.path(), config).await.unwrap();
+        assert_eq!(log.log_start_offset(), start);
+        assert_eq!(log.log_end_offset(), 300);
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
 fn concurrent_appenders_share_group_commits() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
