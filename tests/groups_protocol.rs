@@ -118,6 +118,20 @@ fn commit(
     generation: i32,
     offsets: &[(i32, i64)],
 ) -> Vec<i16> {
+    commit_with(conn, group, member, generation, offsets, |p| {
+        format!("meta-{p}")
+    })
+}
+
+/// `commit` with the metadata string of each partition chosen by `metadata`.
+fn commit_with(
+    conn: &mut Raw,
+    group: &str,
+    member: &str,
+    generation: i32,
+    offsets: &[(i32, i64)],
+    metadata: impl Fn(i32) -> String,
+) -> Vec<i16> {
     let r = conn.call(
         7,
         &OffsetCommitRequest::default()
@@ -134,7 +148,7 @@ fn commit(
                                 .with_partition_index(*p)
                                 .with_committed_offset(*o)
                                 .with_committed_leader_epoch(0)
-                                .with_committed_metadata(Some(s(&format!("meta-{p}"))))
+                                .with_committed_metadata(Some(s(&metadata(*p))))
                         })
                         .collect(),
                 )]),
@@ -476,4 +490,81 @@ fn stale_generation_and_unknown_member_get_errors_then_recover() {
         offsets_of(&fetch_some(&mut a, group, vec![3, 4])),
         vec![(3, 12, "meta-3".to_owned()), (4, -1, String::new())]
     );
+}
+
+/// `.log` segment files under `dir`, recursively (all `__consumer_offsets` partitions).
+fn segment_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(segment_files(&path));
+        } else if path.extension().is_some_and(|e| e == "log") {
+            out.push(path);
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn consumer_offsets_are_compacted_and_survive_sigkill() {
+    const PARTITIONS: i32 = 50;
+    const ROUNDS: i64 = 200;
+    let mut broker = Broker::start_with(&[
+        "--flush",
+        "always",
+        "--offsets-snapshot-min-bytes",
+        "1048576",
+    ]);
+    let _log = LogOnPanic(broker.dir.path().join("spate.log"));
+    let out = spate_cli(
+        &broker.addr(),
+        &["topic", "create", "events", "-p", &PARTITIONS.to_string()],
+    );
+    assert_success("spate topic create events", &out);
+    let mut conn = Raw::connect(&broker.addr());
+    // About 3 KiB per record: 200 rounds of 50 partitions write ~30 MiB, almost four of the
+    // partition's 8 MiB segments, of which the live set is 50 records.
+    let metadata = |round: i64| move |p: i32| format!("{round}-{p}-{}", "m".repeat(3000));
+    let offsets: Vec<i32> = (0..PARTITIONS).collect();
+    for round in 0..ROUNDS {
+        let commits: Vec<(i32, i64)> = offsets.iter().map(|p| (*p, round)).collect();
+        let errors = commit_with(&mut conn, "compacted", "", -1, &commits, metadata(round));
+        assert!(errors.iter().all(|e| *e == 0), "round {round}: {errors:?}");
+    }
+    let offsets_dir = broker.data_dir().join("__consumer_offsets");
+    let segments = segment_files(&offsets_dir);
+    let first_bases: Vec<String> = segments
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .filter(|n| n != "00000000000000000000.log")
+        .collect();
+    assert!(
+        !first_bases.is_empty(),
+        "no segment of the group's partition was dropped: {segments:?}"
+    );
+    // 8 partitions with one segment each, plus at most two of the group's partition (the
+    // snapshot may straddle a roll).
+    assert!(segments.len() <= 9, "{segments:?}");
+
+    // Every commit was acknowledged: kill without a flush; the replay of what remains (the
+    // tail and the latest snapshot) must give back the last round.
+    drop(conn);
+    broker.kill();
+    broker.spawn();
+    let mut conn = Raw::connect(&broker.addr());
+    let deadline = Instant::now() + LOAD_TIMEOUT;
+    let fetched = loop {
+        let r = fetch_all(&mut conn, "compacted");
+        if r.error_code != code(ResponseError::CoordinatorLoadInProgress) {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "coordinator never loaded");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let expected: Vec<(i32, i64, String)> = (0..PARTITIONS)
+        .map(|p| (p, ROUNDS - 1, metadata(ROUNDS - 1)(p)))
+        .collect();
+    assert_eq!(offsets_of(&fetched), expected);
 }

@@ -3,6 +3,10 @@
 /// Kafka's default `offset.metadata.max.bytes`.
 pub const DEFAULT_OFFSET_METADATA_MAX_BYTES: usize = 4096;
 
+/// Default of [`GroupConfig::offsets_snapshot_min_bytes`]: a few segments of
+/// `__consumer_offsets` (8 MiB each) between rewrites.
+pub const DEFAULT_OFFSETS_SNAPSHOT_MIN_BYTES: u64 = 32 << 20;
+
 /// Settings of the group coordinator. Defaults follow the Kafka broker's, except the number of
 /// `__consumer_offsets` partitions (Kafka: 50), which is kept small because each partition is a
 /// log with its own files.
@@ -32,6 +36,10 @@ pub struct GroupConfig {
     pub offsets_retention_check_interval_ms: i64,
     /// Most topics plus partitions accepted in one OffsetCommit or OffsetFetch request.
     pub max_partitions_per_request: usize,
+    /// A `__consumer_offsets` partition rewrites its live records and drops the older segments
+    /// once this many bytes (and at least twice its live records' size) were appended since
+    /// its last rewrite. Kafka compacts this topic in the background instead.
+    pub offsets_snapshot_min_bytes: u64,
 }
 
 impl Default for GroupConfig {
@@ -47,6 +55,7 @@ impl Default for GroupConfig {
             offsets_retention_ms: 7 * 24 * 60 * 60 * 1_000,
             offsets_retention_check_interval_ms: 600_000,
             max_partitions_per_request: 100_000,
+            offsets_snapshot_min_bytes: DEFAULT_OFFSETS_SNAPSHOT_MIN_BYTES,
         }
     }
 }
@@ -67,6 +76,9 @@ impl GroupConfig {
         }
         if self.max_group_members < 1 || self.max_groups < 1 {
             return Err("max_group_members and max_groups must be at least 1".into());
+        }
+        if self.offsets_snapshot_min_bytes < 1 {
+            return Err("offsets_snapshot_min_bytes must be at least 1".into());
         }
         if self.offsets_retention_ms < 1 || self.offsets_retention_check_interval_ms < 1 {
             return Err("offsets_retention_ms and its check interval must be positive".into());

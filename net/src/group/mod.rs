@@ -24,6 +24,7 @@
 //! - after every call, drain [`GroupCoordinator::take_effects`].
 
 mod api;
+mod compaction;
 mod config;
 mod coordinator;
 #[allow(clippy::module_inception)]

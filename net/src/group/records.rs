@@ -259,14 +259,29 @@ fn decode_group_value(mut v: &[u8]) -> Result<GroupMetadataValue, GroupRecordErr
     })
 }
 
+/// A record of `__consumer_offsets` as stored: its key, and its value (`None`: a tombstone).
+pub type RawRecord = (Bytes, Option<Bytes>);
+
+impl OffsetsRecord {
+    pub fn to_raw(&self) -> RawRecord {
+        (self.encode_key(), self.encode_value())
+    }
+}
+
 /// Encodes records as one uncompressed RecordBatch v2 (base offset 0: the log assigns the real
 /// one). `timestamp_ms` becomes every record's create time.
 pub fn encode_batch(records: &[OffsetsRecord], timestamp_ms: i64) -> Bytes {
+    let raw: Vec<RawRecord> = records.iter().map(OffsetsRecord::to_raw).collect();
+    encode_raw_batch(&raw, timestamp_ms)
+}
+
+/// [`encode_batch`] for records already encoded.
+pub fn encode_raw_batch(records: &[RawRecord], timestamp_ms: i64) -> Bytes {
     assert!(!records.is_empty(), "an empty batch is never written");
     let kafka_records: Vec<Record> = records
         .iter()
         .enumerate()
-        .map(|(i, r)| Record {
+        .map(|(i, (key, value))| Record {
             transactional: false,
             control: false,
             delete_horizon: false,
@@ -280,8 +295,8 @@ pub fn encode_batch(records: &[OffsetsRecord], timestamp_ms: i64) -> Bytes {
             // batch's base sequence at the "none" value.
             sequence: i as i32 - 1,
             timestamp: timestamp_ms,
-            key: Some(r.encode_key()),
-            value: r.encode_value(),
+            key: Some(key.clone()),
+            value: value.clone(),
             headers: Default::default(),
         })
         .collect();
@@ -301,6 +316,15 @@ pub fn encode_batch(records: &[OffsetsRecord], timestamp_ms: i64) -> Bytes {
 
 /// Decodes every record of one or more concatenated RecordBatch v2 batches.
 pub fn decode_batches(bytes: Bytes) -> Result<Vec<OffsetsRecord>, GroupRecordError> {
+    decode_raw_batches(bytes)?
+        .iter()
+        .map(|(key, value)| OffsetsRecord::decode(key, value.as_deref()))
+        .collect()
+}
+
+/// The keys and values of every record of one or more concatenated RecordBatch v2 batches
+/// (control records skipped).
+pub fn decode_raw_batches(bytes: Bytes) -> Result<Vec<RawRecord>, GroupRecordError> {
     let mut buf = bytes;
     let sets = RecordBatchDecoder::decode_all(&mut buf)
         .map_err(|e| GroupRecordError::Batch(e.to_string()))?;
@@ -310,8 +334,8 @@ pub fn decode_batches(bytes: Bytes) -> Result<Vec<OffsetsRecord>, GroupRecordErr
             if record.control {
                 continue;
             }
-            let key = record.key.as_ref().ok_or(GroupRecordError::MissingKey)?;
-            out.push(OffsetsRecord::decode(key, record.value.as_deref())?);
+            let key = record.key.ok_or(GroupRecordError::MissingKey)?;
+            out.push((key, record.value));
         }
     }
     Ok(out)

@@ -24,7 +24,8 @@ use kafka_protocol::messages::{
 use spate_engine::batch::BatchHeader;
 use spate_engine::{EngineError, FlushPolicy, LogConfig, PartitionLog};
 
-use super::records::{decode_batches, encode_batch};
+use super::compaction::LiveRecords;
+use super::records::{decode_raw_batches, encode_raw_batch, RawRecord};
 use super::{
     ClientInfo, Effect, GroupConfig, GroupCoordinator, GroupOffsets, OffsetsRecord, ReplyId,
 };
@@ -45,8 +46,8 @@ pub const OFFSETS_SEGMENT_BYTES: u64 = 8 << 20;
 pub const OFFSETS_MAX_BATCH_BYTES: u32 = 2 << 20;
 
 /// The log settings of a `__consumer_offsets` partition: small segments, durable on every
-/// commit, and never trimmed by time or size (there is no compaction yet, and retention would
-/// lose offsets).
+/// commit, and never trimmed by time or size: retention would lose offsets. The partition's
+/// writer compacts it instead (`compaction.rs`).
 pub fn offsets_log_config() -> LogConfig {
     LogConfig {
         segment_bytes: OFFSETS_SEGMENT_BYTES,
@@ -73,6 +74,8 @@ enum Waiter {
 
 struct WriteJob {
     batches: Vec<Bytes>,
+    /// The records of `batches`, for the writer's live-record map.
+    records: Vec<RawRecord>,
     done: Option<oneshot::Sender<Result<(), ResponseError>>>,
 }
 
@@ -163,6 +166,7 @@ impl GroupShard {
         let mut offset = log.log_start_offset();
         let end = log.log_end_offset();
         let mut records = 0usize;
+        let mut live = LiveRecords::default();
         while offset < end && self.coordinator.borrow().is_loading(partition) {
             let read = log.read(offset, LOAD_READ_BYTES).await?;
             if read.batches.is_empty() || !self.coordinator.borrow().is_loading(partition) {
@@ -183,11 +187,20 @@ impl GroupShard {
                     break;
                 }
                 offset = next;
-                match decode_batches(batch.clone()) {
-                    Ok(decoded) => {
+                live.note_appended(batch.len() as u64);
+                let decoded = decode_raw_batches(batch.clone()).and_then(|raw| {
+                    let typed = raw
+                        .iter()
+                        .map(|(k, v)| OffsetsRecord::decode(k, v.as_deref()))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok((raw, typed))
+                });
+                match decoded {
+                    Ok((raw, typed)) => {
                         let mut c = self.coordinator.borrow_mut();
-                        for record in decoded {
+                        for ((key, value), record) in raw.into_iter().zip(typed) {
                             records += 1;
+                            live.apply(key, value);
                             c.replay(partition, record, now);
                         }
                     }
@@ -207,7 +220,16 @@ impl GroupShard {
             return log.close().await;
         }
         let queue = Rc::new(WriteQueue::default());
-        let writer = glommio::spawn_local(write_loop(partition, log.clone(), queue.clone()));
+        let compact = Compaction {
+            min_bytes: self
+                .coordinator
+                .borrow()
+                .config()
+                .offsets_snapshot_min_bytes,
+            live,
+        };
+        let writer =
+            glommio::spawn_local(write_loop(partition, log.clone(), queue.clone(), compact));
         if let Some(old) = self.writers.borrow_mut().insert(partition, queue) {
             old.close();
         }
@@ -363,11 +385,16 @@ impl GroupShard {
         done: Option<oneshot::Sender<Result<(), ResponseError>>>,
     ) {
         let now = wall_clock_ms();
+        let records: Vec<RawRecord> = records.iter().map(OffsetsRecord::to_raw).collect();
         let batches = records
             .chunks(MAX_RECORDS_PER_BATCH)
-            .map(|chunk| encode_batch(chunk, now))
+            .map(|chunk| encode_raw_batch(chunk, now))
             .collect();
-        let job = WriteJob { batches, done };
+        let job = WriteJob {
+            batches,
+            records,
+            done,
+        };
         let writers = self.writers.borrow();
         match writers.get(&partition) {
             Some(queue) => queue.push(job),
@@ -500,14 +527,28 @@ impl GroupShard {
 
 /// Appends a partition's records in submission order. Jobs queued while a write is in flight
 /// share one sync (group commit).
-async fn write_loop(partition: i32, log: Rc<PartitionLog>, queue: Rc<WriteQueue>) {
+/// A partition writer's compaction state: its live records and when to rewrite them.
+struct Compaction {
+    min_bytes: u64,
+    live: LiveRecords,
+}
+
+async fn write_loop(
+    partition: i32,
+    log: Rc<PartitionLog>,
+    queue: Rc<WriteQueue>,
+    mut compact: Compaction,
+) {
     while let Some(jobs) = queue.take_all().await {
         let mut result: Result<(), ResponseError> = Ok(());
         let mut end = None;
         for job in &jobs {
             for batch in &job.batches {
                 match log.append(batch.clone(), 0).await {
-                    Ok(info) => end = Some(info.last_offset + 1),
+                    Ok(info) => {
+                        end = Some(info.last_offset + 1);
+                        compact.live.note_appended(batch.len() as u64);
+                    }
                     Err(e) => {
                         tracing::error!(partition, error = %e, "__consumer_offsets append failed");
                         result = Err(storage_error(&e));
@@ -521,10 +562,56 @@ async fn write_loop(partition: i32, log: Rc<PartitionLog>, queue: Rc<WriteQueue>
                 result = Err(storage_error(&e));
             }
         }
+        // Only what is durable enters the live set: a failed job's records were refused.
+        if result.is_ok() {
+            for job in &jobs {
+                for (key, value) in &job.records {
+                    compact.live.apply(key.clone(), value.clone());
+                }
+            }
+        }
         for job in jobs {
             if let Some(done) = job.done {
                 let _ = done.send(result);
             }
+        }
+        if result.is_ok() && compact.live.should_snapshot(compact.min_bytes) {
+            rewrite_live_records(partition, &log, &mut compact.live).await;
+        }
+    }
+}
+
+/// Appends every live record again, makes it durable, then drops the whole segments below it.
+/// Runs in the writer's loop, so nothing else is appended in between. A failure leaves the log
+/// longer than it needs to be, never shorter.
+async fn rewrite_live_records(partition: i32, log: &PartitionLog, live: &mut LiveRecords) {
+    let start = log.log_end_offset();
+    let now = wall_clock_ms();
+    let batches = live.snapshot(MAX_RECORDS_PER_BATCH, OFFSETS_MAX_BATCH_BYTES as usize);
+    let mut end = start;
+    for records in &batches {
+        match log.append(encode_raw_batch(records, now), 0).await {
+            Ok(info) => end = info.last_offset + 1,
+            Err(e) => {
+                tracing::error!(partition, error = %e, "__consumer_offsets snapshot append failed");
+                return;
+            }
+        }
+    }
+    if let Err(e) = log.sync_to(end).await {
+        tracing::error!(partition, error = %e, "__consumer_offsets snapshot sync failed");
+        return;
+    }
+    match log.delete_segments_below(start).await {
+        Ok(new_start) => tracing::debug!(
+            partition,
+            live = live.live_keys(),
+            snapshot_start = start,
+            log_start = new_start,
+            "__consumer_offsets compacted"
+        ),
+        Err(e) => {
+            tracing::error!(partition, error = %e, "__consumer_offsets segment removal failed")
         }
     }
 }
