@@ -23,10 +23,12 @@ use crate::shard::{ProduceOrder, Shard, Signal};
 
 /// Bytes read from a socket at a time while no frame length is known.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
-/// Most a single read grows the receive buffer by while a large frame arrives: the buffer is
-/// zero-filled before each read, so growing it by the whole remaining frame at once would touch
-/// up to `max_frame_bytes` ahead of the data.
-const MAX_READ_GROWTH_BYTES: usize = 1 << 20;
+/// A frame at least this long that is not yet complete in the receive buffer is read into a
+/// buffer of its own, of exactly its length: the request then owns its bytes alone, so Produce
+/// hands its batches to the log without copying them (a frame cut from the shared receive
+/// buffer is shared with it). Smaller frames stay in the receive buffer: copying them costs
+/// less than an allocation each.
+const OWN_BUFFER_MIN_FRAME_BYTES: usize = 32 * 1024;
 
 /// Accepts connections until shutdown, then waits for this shard's connections to finish.
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, open: Arc<AtomicUsize>) {
@@ -119,19 +121,35 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) -> Result<(), Net
     let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let read_result: Result<(), NetError> = async {
         loop {
-            // Hand every complete frame in the buffer to a task.
+            // Hand every complete frame to a task.
             while let Some(len) = frame_len(&buf, max_frame)? {
-                if buf.len() < FRAME_PREFIX_BYTES + len {
+                let frame: Bytes = if buf.len() >= FRAME_PREFIX_BYTES + len {
+                    buf.split_to(FRAME_PREFIX_BYTES + len)
+                        .freeze()
+                        .slice(FRAME_PREFIX_BYTES..)
+                } else if len >= OWN_BUFFER_MIN_FRAME_BYTES {
+                    // `len` is capped by `max_frame` (frame_len) before this allocation.
+                    let mut own = BytesMut::zeroed(len);
+                    let have = buf.len() - FRAME_PREFIX_BYTES;
+                    own[..have].copy_from_slice(&buf[FRAME_PREFIX_BYTES..]);
+                    buf.clear();
+                    let mut filled = have;
+                    while filled < len {
+                        match read_some(&mut reader, &mut own[filled..], &shard, &closed).await? {
+                            // Shut down, or the peer went away mid-frame.
+                            None | Some(0) => return Ok(()),
+                            Some(n) => filled += n,
+                        }
+                    }
+                    own.freeze()
+                } else {
                     break;
-                }
-                let frame: Bytes = buf
-                    .split_to(FRAME_PREFIX_BYTES + len)
-                    .freeze()
-                    .slice(FRAME_PREFIX_BYTES..);
-                let req = match decode_request(frame.clone()) {
+                };
+                let ids = peek_ids(&frame);
+                // The frame moves into the request: no handle here may keep its buffer shared.
+                let req = match decode_request(frame) {
                     Ok(r) => r,
                     Err(e) => {
-                        let ids = peek_ids(&frame);
                         tracing::warn!(?ids, error = %e, "undecodable request; closing connection");
                         return Err(e);
                     }
@@ -150,32 +168,21 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) -> Result<(), Net
             if shard.is_shutting_down() || failed.get() {
                 return Ok(());
             }
-            // Make room for the rest of a known frame, or a chunk.
+            // Make room for the rest of a known (small) frame, or a chunk.
             let want = match frame_len(&buf, max_frame)? {
                 Some(len) => FRAME_PREFIX_BYTES + len - buf.len(),
                 None => READ_CHUNK_BYTES,
-            }
-            .min(MAX_READ_GROWTH_BYTES);
+            };
             let old = buf.len();
             buf.resize(old + want, 0);
-            let stop = shard.shutdown.changed(0);
-            let writer_gone = closed.changed(0);
-            let n = futures_lite::future::or(
-                async { Some(reader.read(&mut buf[old..]).await) },
-                async {
-                    futures_lite::future::or(stop, writer_gone).await;
-                    None
-                },
-            )
-            .await;
-            match n {
-                None => {
+            match read_some(&mut reader, &mut buf[old..], &shard, &closed).await {
+                Ok(None) => {
                     buf.truncate(old);
                     return Ok(());
                 }
-                Some(Ok(0)) => return Ok(()),
-                Some(Ok(n)) => buf.truncate(old + n),
-                Some(Err(e)) => return Err(e.into()),
+                Ok(Some(0)) => return Ok(()),
+                Ok(Some(n)) => buf.truncate(old + n),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -184,6 +191,28 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) -> Result<(), Net
     drop(tx);
     let write_result = writer_task.await;
     read_result.and(write_result)
+}
+
+/// One read from the socket into `dst`; None if the shard shuts down or the connection's
+/// writer is gone first.
+async fn read_some<R: futures_lite::AsyncRead + Unpin>(
+    reader: &mut R,
+    dst: &mut [u8],
+    shard: &Shard,
+    closed: &Signal,
+) -> Result<Option<usize>, NetError> {
+    let stop = shard.shutdown.changed(0);
+    let writer_gone = closed.changed(0);
+    let n = futures_lite::future::or(async { Some(reader.read(dst).await) }, async {
+        futures_lite::future::or(stop, writer_gone).await;
+        None
+    })
+    .await;
+    match n {
+        None => Ok(None),
+        Some(Ok(n)) => Ok(Some(n)),
+        Some(Err(e)) => Err(e.into()),
+    }
 }
 
 /// Writes a frame's segments in order; small neighbours are coalesced so a reply of a few

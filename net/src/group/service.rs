@@ -21,7 +21,7 @@ use kafka_protocol::messages::{
     LeaveGroupResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetDeleteRequest,
     OffsetDeleteResponse, SyncGroupRequest, SyncGroupResponse,
 };
-use spate_engine::batch::BatchHeader;
+use spate_engine::batch::{BatchHeader, VerifiedBatch};
 use spate_engine::{EngineError, FlushPolicy, LogConfig, PartitionLog};
 
 use super::records::{decode_batches, encode_batch};
@@ -503,7 +503,12 @@ async fn write_loop(partition: i32, log: Rc<PartitionLog>, queue: Rc<WriteQueue>
         let mut end = None;
         for job in &jobs {
             for batch in &job.batches {
-                match log.append(batch.clone(), 0).await {
+                // The broker built these batches; the check is what lets the log take them.
+                let appended = match VerifiedBatch::from_bytes(batch.clone()) {
+                    Ok(verified) => log.append(verified, 0).await,
+                    Err(e) => Err(e),
+                };
+                match appended {
                     Ok(info) => end = Some(info.last_offset + 1),
                     Err(e) => {
                         tracing::error!(partition, error = %e, "__consumer_offsets append failed");
