@@ -85,7 +85,7 @@ impl FrameHeader {
         };
         seal(header, |covered| {
             let head = crc32c::crc32c_append(covered, &payload[..tail_start]);
-            crc32c::crc32c_combine(head, tail_crc, payload.len() - tail_start)
+            crate::crc::combine(head, tail_crc, payload.len() - tail_start)
         })
     }
 }
