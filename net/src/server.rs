@@ -29,6 +29,9 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// buffer is shared with it). Smaller frames stay in the receive buffer: copying them costs
 /// less than an allocation each.
 const OWN_BUFFER_MIN_FRAME_BYTES: usize = 32 * 1024;
+/// Most bytes of a frame's own buffer zero-filled ahead of the data received (see
+/// `read_own_frame`).
+const MAX_READ_GROWTH_BYTES: usize = 1 << 20;
 
 /// Accepts connections until shutdown, then waits for this shard's connections to finish.
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, open: Arc<AtomicUsize>) {
@@ -128,20 +131,11 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) -> Result<(), Net
                         .freeze()
                         .slice(FRAME_PREFIX_BYTES..)
                 } else if len >= OWN_BUFFER_MIN_FRAME_BYTES {
-                    // `len` is capped by `max_frame` (frame_len) before this allocation.
-                    let mut own = BytesMut::zeroed(len);
-                    let have = buf.len() - FRAME_PREFIX_BYTES;
-                    own[..have].copy_from_slice(&buf[FRAME_PREFIX_BYTES..]);
-                    buf.clear();
-                    let mut filled = have;
-                    while filled < len {
-                        match read_some(&mut reader, &mut own[filled..], &shard, &closed).await? {
-                            // Shut down, or the peer went away mid-frame.
-                            None | Some(0) => return Ok(()),
-                            Some(n) => filled += n,
-                        }
+                    match read_own_frame(&mut reader, &mut buf, len, &shard, &closed).await? {
+                        Some(frame) => frame,
+                        // Shut down, or the peer went away mid-frame.
+                        None => return Ok(()),
                     }
-                    own.freeze()
                 } else {
                     break;
                 };
@@ -191,6 +185,35 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) -> Result<(), Net
     drop(tx);
     let write_result = writer_task.await;
     read_result.and(write_result)
+}
+
+/// Reads the rest of a `len`-byte frame whose first bytes are in `buf` (after the length
+/// prefix) into a buffer of its own, emptying `buf`. `len` was capped by `max_frame_bytes`
+/// before this; the buffer's memory is only reserved up front and zero-filled (safe reads need
+/// initialised bytes) at most `MAX_READ_GROWTH_BYTES` ahead of the data, each byte once, so a
+/// peer that announces a large frame and stalls does not make the shard touch all of it.
+async fn read_own_frame<R: futures_lite::AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    len: usize,
+    shard: &Shard,
+    closed: &Signal,
+) -> Result<Option<Bytes>, NetError> {
+    let mut own = BytesMut::with_capacity(len);
+    own.extend_from_slice(&buf[FRAME_PREFIX_BYTES..]);
+    buf.clear();
+    let mut filled = own.len();
+    while filled < len {
+        if own.len() == filled {
+            own.resize(filled + (len - filled).min(MAX_READ_GROWTH_BYTES), 0);
+        }
+        match read_some(reader, &mut own[filled..], shard, closed).await? {
+            None | Some(0) => return Ok(None),
+            Some(n) => filled += n,
+        }
+    }
+    assert_eq!(own.len(), len, "a frame buffer holds exactly its frame");
+    Ok(Some(own.freeze()))
 }
 
 /// One read from the socket into `dst`; None if the shard shuts down or the connection's
