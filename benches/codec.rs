@@ -13,7 +13,8 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 use kafka_protocol::records::Compression;
-use spate_engine::batch::{stamp, BatchHeader};
+use spate_engine::batch::{stamp, BatchHeader, CRC_COVERED_START};
+use spate_engine::frame::FrameHeader;
 use spate_perf::batch::{encode_batch, record_values, ProduceTemplate};
 
 /// Produce versions real clients use: v7 (older librdkafka) and v9 (first flexible version).
@@ -89,6 +90,36 @@ fn batch_check_and_stamp(c: &mut Criterion) {
     g.finish();
 }
 
+/// The on-disk frame header of an appended batch: its CRC computed over the whole payload, or
+/// derived from the batch CRC the produce path already verified (what the log does).
+fn frame_header_crc(c: &mut Criterion) {
+    let mut g = c.benchmark_group("frame_header_crc");
+    for (records, size) in [(1000, 100), (61, 16 * 1024)] {
+        let mut bytes = batch(records, size).to_vec();
+        stamp(&mut bytes, 1_000, 0);
+        let tail_crc = BatchHeader::parse(&bytes).expect("valid").crc();
+        g.throughput(Throughput::Bytes(bytes.len() as u64));
+        let id = format!("{records}x{size}B");
+        g.bench_function(BenchmarkId::new("full", &id), |b| {
+            b.iter(|| FrameHeader::encode(1_000, 5, 0, 0, black_box(&bytes)))
+        });
+        g.bench_function(BenchmarkId::new("derived", &id), |b| {
+            b.iter(|| {
+                FrameHeader::encode_with_tail_crc(
+                    1_000,
+                    5,
+                    0,
+                    0,
+                    black_box(&bytes),
+                    CRC_COVERED_START,
+                    tail_crc,
+                )
+            })
+        });
+    }
+    g.finish();
+}
+
 fn encode_frame<T: Encodable + HeaderVersion>(
     out: &mut BytesMut,
     key: ApiKey,
@@ -149,6 +180,7 @@ criterion_group!(
     request_decode,
     crc32c,
     batch_check_and_stamp,
+    frame_header_crc,
     frame_encode
 );
 criterion_main!(benches);

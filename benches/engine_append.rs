@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use spate_engine::batch::build_batch;
+use spate_engine::batch::VerifiedBatch;
 use spate_engine::{FlushPolicy, LogConfig, PartitionLog};
 
 /// Producer tasks appending concurrently to the one log.
@@ -87,7 +88,10 @@ fn append_n(template: &Bytes, policy: FlushPolicy, iters: u64) -> Duration {
                 let template = template.clone();
                 tasks.push(glommio::spawn_local(async move {
                     for _ in 0..n {
-                        let info = log.append(template.clone(), 1).await.unwrap();
+                        let info = log
+                            .append(VerifiedBatch::from_bytes(template.clone()).unwrap(), 1)
+                            .await
+                            .unwrap();
                         if policy == FlushPolicy::Always {
                             log.sync_to(info.last_offset + 1).await.unwrap();
                         }

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use spate_engine::batch::VerifiedBatch;
 use spate_engine::batch::{build_batch, BatchHeader};
 use spate_engine::{set_shard_cache_bytes, FlushPolicy, LogConfig, PartitionLog};
 
@@ -35,7 +36,9 @@ fn read(c: &mut Criterion) {
         set_shard_cache_bytes(2 * LOG_BYTES);
         let log = PartitionLog::open(dir.path(), config).await.unwrap();
         for _ in 0..LOG_BYTES / BATCH_BYTES {
-            log.append(template.clone(), 1).await.unwrap();
+            log.append(VerifiedBatch::from_bytes(template.clone()).unwrap(), 1)
+                .await
+                .unwrap();
         }
         log.sync_to(log.log_end_offset()).await.unwrap();
         log

@@ -4,6 +4,8 @@
 //! the max timestamp, and writes only `baseOffset` and `partitionLeaderEpoch`, which lie before the
 //! CRC-covered region, so the producer's CRC-32C stays valid.
 
+use bytes::{Bytes, BytesMut};
+
 use crate::error::EngineError;
 
 /// Bytes of the fixed RecordBatch v2 header (up to and including the record count).
@@ -162,6 +164,58 @@ impl<'a> BatchHeader<'a> {
     }
 }
 
+/// A RecordBatch v2 whose header was checked ([`BatchHeader::parse`]) and whose CRC-32C was
+/// verified, in a buffer the holder alone may write. The log only appends these: it stamps base
+/// offset and leader epoch in place (no copy), and derives its frame CRC from the verified batch
+/// CRC instead of reading the batch a second time.
+#[derive(Debug)]
+pub struct VerifiedBatch {
+    bytes: BytesMut,
+}
+
+impl VerifiedBatch {
+    /// Checks `bytes` is exactly one RecordBatch v2 with a valid CRC-32C.
+    pub fn new(bytes: BytesMut) -> Result<Self, EngineError> {
+        let header = BatchHeader::parse(&bytes)?;
+        header.verify_crc()?;
+        Ok(VerifiedBatch { bytes })
+    }
+
+    /// [`Self::new`] for a `Bytes`: used in place when no other handle shares its buffer,
+    /// copied once otherwise (stamping must not change bytes another handle can see).
+    pub fn from_bytes(bytes: Bytes) -> Result<Self, EngineError> {
+        BatchHeader::parse(&bytes)?.verify_crc()?;
+        let bytes = bytes
+            .try_into_mut()
+            .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+        Ok(VerifiedBatch { bytes })
+    }
+
+    pub fn header(&self) -> BatchHeader<'_> {
+        BatchHeader { bytes: &self.bytes }
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The CRC-32C the batch carries (verified): it covers bytes [`CRC_COVERED_START`]`..`.
+    pub fn crc(&self) -> u32 {
+        self.header().crc()
+    }
+
+    /// Stamps base offset and leader epoch (outside the CRC-covered bytes, so [`Self::crc`]
+    /// stays valid) and hands the batch out for storing.
+    pub(crate) fn stamp_into(mut self, base_offset: i64, leader_epoch: i32) -> Bytes {
+        stamp(&mut self.bytes, base_offset, leader_epoch);
+        self.bytes.freeze()
+    }
+}
+
 /// Writes the assigned base offset and leader epoch into a batch's header. Both lie outside the
 /// CRC-covered region, so the batch CRC stays valid.
 pub fn stamp(batch: &mut [u8], base_offset: i64, leader_epoch: i32) {
@@ -194,4 +248,40 @@ pub fn build_batch(
     let crc = crc32c::crc32c(&b[CRC_COVERED_START..]);
     b[CRC..CRC + 4].copy_from_slice(&crc.to_be_bytes());
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_unique_batch_is_stamped_in_place_and_a_shared_one_is_copied() {
+        let unique = Bytes::from(build_batch(&[7u8; 300], 2, 0, 0));
+        let at = unique.as_ptr();
+        let stamped = VerifiedBatch::from_bytes(unique).unwrap().stamp_into(42, 3);
+        assert_eq!(stamped.as_ptr(), at, "no copy of a unique batch");
+        let h = BatchHeader::parse(&stamped).unwrap();
+        assert_eq!((h.base_offset(), h.partition_leader_epoch()), (42, 3));
+        h.verify_crc().unwrap();
+
+        let shared = Bytes::from(build_batch(&[7u8; 300], 2, 0, 0));
+        let other = shared.clone();
+        let stamped = VerifiedBatch::from_bytes(shared).unwrap().stamp_into(42, 3);
+        assert_ne!(stamped.as_ptr(), other.as_ptr());
+        assert_eq!(
+            BatchHeader::parse(&other).unwrap().base_offset(),
+            0,
+            "not written through"
+        );
+    }
+
+    #[test]
+    fn a_bad_crc_is_refused() {
+        let mut b = build_batch(&[7u8; 300], 2, 0, 0);
+        b[100] ^= 1;
+        assert!(matches!(
+            VerifiedBatch::new(BytesMut::from(&b[..])),
+            Err(EngineError::InvalidBatch(_))
+        ));
+    }
 }

@@ -39,7 +39,7 @@ pub fn frame_len(payload_len: usize) -> usize {
 }
 
 impl FrameHeader {
-    /// Archives the header for `payload`, computing its CRC.
+    /// Archives the header for `payload`, computing its CRC over the whole payload.
     pub fn encode(
         base_offset: u64,
         max_timestamp: i64,
@@ -55,14 +55,49 @@ impl FrameHeader {
             leader_epoch,
             crc: 0,
         };
-        let mut bytes = archive(&header);
-        let crc =
-            crc32c::crc32c_append(crc32c::crc32c(&bytes[..CRC_COVERED_HEADER_BYTES]), payload);
-        // The CRC is the last field: archived little-endian in the last four bytes.
-        bytes[CRC_COVERED_HEADER_BYTES..].copy_from_slice(&crc.to_le_bytes());
-        debug_assert_eq!(archive(&FrameHeader { crc, ..header }), bytes);
-        bytes
+        seal(header, |covered| crc32c::crc32c_append(covered, payload))
     }
+
+    /// [`Self::encode`] for a payload whose bytes from `tail_start` on are known to have
+    /// CRC-32C `tail_crc` (a verified Kafka batch: its own CRC covers everything after the
+    /// fields the log stamps). Reads only the header and `payload[..tail_start]`; the result
+    /// is bit-identical to [`Self::encode`] when `tail_crc` is right.
+    pub fn encode_with_tail_crc(
+        base_offset: u64,
+        max_timestamp: i64,
+        last_offset_delta: u32,
+        leader_epoch: i32,
+        payload: &[u8],
+        tail_start: usize,
+        tail_crc: u32,
+    ) -> [u8; FRAME_HEADER_BYTES] {
+        assert!(
+            tail_start <= payload.len(),
+            "tail starts inside the payload"
+        );
+        let header = FrameHeader {
+            base_offset,
+            max_timestamp,
+            payload_len: payload.len() as u32,
+            last_offset_delta,
+            leader_epoch,
+            crc: 0,
+        };
+        seal(header, |covered| {
+            let head = crc32c::crc32c_append(covered, &payload[..tail_start]);
+            crate::crc::combine(head, tail_crc, payload.len() - tail_start)
+        })
+    }
+}
+
+/// Archives `header` with the CRC `finish` computes from the CRC of the covered header bytes.
+fn seal(header: FrameHeader, finish: impl FnOnce(u32) -> u32) -> [u8; FRAME_HEADER_BYTES] {
+    let mut bytes = archive(&header);
+    let crc = finish(crc32c::crc32c(&bytes[..CRC_COVERED_HEADER_BYTES]));
+    // The CRC is the last field: archived little-endian in the last four bytes.
+    bytes[CRC_COVERED_HEADER_BYTES..].copy_from_slice(&crc.to_le_bytes());
+    debug_assert_eq!(archive(&FrameHeader { crc, ..header }), bytes);
+    bytes
 }
 
 fn archive(header: &FrameHeader) -> [u8; FRAME_HEADER_BYTES] {
@@ -192,6 +227,37 @@ mod tests {
         assert_eq!(f.payload, &payload[..]);
         assert_eq!(f.len, frame_len(payload.len()));
         assert_eq!(f.len % FRAME_ALIGN, 0);
+    }
+
+    #[test]
+    fn tail_crc_gives_the_same_header() {
+        for records in [0usize, 1, 7, 100, 4096, 100_000] {
+            let mut payload = build_batch(&vec![5u8; records], 3, 1, 2);
+            crate::batch::stamp(&mut payload, 1234, 9);
+            let tail_crc = crc32c::crc32c(&payload[crate::batch::CRC_COVERED_START..]);
+            let full = FrameHeader::encode(1234, 2, 2, 9, &payload);
+            let derived = FrameHeader::encode_with_tail_crc(
+                1234,
+                2,
+                2,
+                9,
+                &payload,
+                crate::batch::CRC_COVERED_START,
+                tail_crc,
+            );
+            assert_eq!(full, derived, "{records} record bytes");
+            // A wrong tail CRC gives a frame that fails its check.
+            let bad = FrameHeader::encode_with_tail_crc(
+                1234,
+                2,
+                2,
+                9,
+                &payload,
+                crate::batch::CRC_COVERED_START,
+                tail_crc ^ 1,
+            );
+            assert_ne!(full, bad);
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use glommio::io::DmaFile;
 use glommio::sync::Semaphore;
 
-use crate::batch::{self, BatchHeader};
+use crate::batch::{BatchHeader, VerifiedBatch, CRC_COVERED_START};
 use crate::checkpoint::{self, RecoveryPoint};
 use crate::frame::{decode_frame, frame_len, FrameError, FrameHeader, FRAME_HEADER_BYTES};
 use crate::segment::{self, io_err, Segment};
@@ -518,13 +518,23 @@ impl PartitionLog {
         crate::recovery::open(dir.as_ref(), config).await
     }
 
-    /// Appends one RecordBatch v2; stamps base offset and leader epoch. Returns once the batch
-    /// is readable; durability is awaited separately with [`Self::sync_to`].
-    pub async fn append(&self, batch: Bytes, leader_epoch: i32) -> Result<AppendInfo, EngineError> {
+    /// Appends one verified RecordBatch v2, stamping base offset and leader epoch into it in
+    /// place. Returns once the batch is readable; durability is awaited separately with
+    /// [`Self::sync_to`].
+    pub async fn append(
+        &self,
+        batch: VerifiedBatch,
+        leader_epoch: i32,
+    ) -> Result<AppendInfo, EngineError> {
         let inner = &self.inner;
-        let (payload_len, last_delta, max_ts) = {
-            let h = BatchHeader::parse(&batch)?;
-            (batch.len(), h.last_offset_delta() as u64, h.max_timestamp())
+        let (payload_len, last_delta, max_ts, batch_crc) = {
+            let h = batch.header();
+            (
+                batch.len(),
+                h.last_offset_delta() as u64,
+                h.max_timestamp(),
+                batch.crc(),
+            )
         };
         let max_batch_bytes = inner.limits.get().max_batch_bytes as usize;
         if payload_len > max_batch_bytes {
@@ -534,10 +544,6 @@ impl PartitionLog {
             });
         }
         let flen = frame_len(payload_len) as u64;
-        // Unique buffers are stamped in place; shared ones are copied once.
-        let mut batch = batch
-            .try_into_mut()
-            .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
         loop {
             let roll_from = {
                 let st = inner.state.borrow();
@@ -580,9 +586,18 @@ impl PartitionLog {
         let st = &mut *guard;
         let base = st.log_end;
         let last = base + last_delta;
-        batch::stamp(&mut batch, base as i64, leader_epoch);
-        let batch = batch.freeze();
-        let header = FrameHeader::encode(base, max_ts, last_delta as u32, leader_epoch, &batch);
+        let batch = batch.stamp_into(base as i64, leader_epoch);
+        // The batch CRC was verified and covers everything after the stamped fields: the frame
+        // CRC is derived from it rather than computed over the payload again.
+        let header = FrameHeader::encode_with_tail_crc(
+            base,
+            max_ts,
+            last_delta as u32,
+            leader_epoch,
+            &batch,
+            CRC_COVERED_START,
+            batch_crc,
+        );
         st.writer.push(Some(&header), header.len());
         st.writer.push(Some(&batch), batch.len());
         st.writer

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use bytes::Bytes;
 use common::*;
+use spate_engine::batch::VerifiedBatch;
 use spate_engine::frame::{frame_len, FRAME_HEADER_BYTES};
 use spate_engine::{set_shard_cache_bytes, EngineError, FlushPolicy, LogConfig, PartitionLog};
 
@@ -42,7 +43,13 @@ fn write_log(dir: &Path, durable: usize, tail: usize) -> Written {
                 log.checkpoint().await.unwrap();
             }
             let b = batch(i as u64, 40 + (i * 13) % 90, 2, i as i64);
-            let info = log.append(b.clone(), 1 + i as i32 / 3).await.unwrap();
+            let info = log
+                .append(
+                    VerifiedBatch::from_bytes(b.clone()).unwrap(),
+                    1 + i as i32 / 3,
+                )
+                .await
+                .unwrap();
             batches.push((pos, stamped(&b, info.base_offset, 1 + i as i32 / 3)));
             pos += frame_len(b.len()) as u64;
         }
@@ -91,7 +98,13 @@ async fn reopen_all(dir: &Path) -> Result<Vec<Bytes>, EngineError> {
     if let Ok(batches) = &out {
         // The log stays appendable after recovery, right after the recovered prefix.
         let b = batch(7, 50, 1, 0);
-        assert_eq!(log.append(b, 100).await.unwrap().base_offset, end);
+        assert_eq!(
+            log.append(VerifiedBatch::from_bytes(b).unwrap(), 100)
+                .await
+                .unwrap()
+                .base_offset,
+            end
+        );
         log.sync_to(end + 1).await.unwrap();
         let again = log.read(end, 1).await.unwrap();
         assert_eq!(again.batches.len(), 1);
@@ -229,7 +242,10 @@ fn damage_below_the_recovery_point_of_a_clean_log_fails_reads() {
         let mut pos = 0;
         for i in 0..10u64 {
             let b = batch(i, 100, 1, 0);
-            let info = log.append(b.clone(), 0).await.unwrap();
+            let info = log
+                .append(VerifiedBatch::from_bytes(b.clone()).unwrap(), 0)
+                .await
+                .unwrap();
             batches.push((pos, stamped(&b, info.base_offset, 0)));
             pos += frame_len(b.len()) as u64;
         }

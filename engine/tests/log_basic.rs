@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use spate_engine::batch::BatchHeader;
+use spate_engine::batch::VerifiedBatch;
 use spate_engine::{set_shard_cache_bytes, EngineError, FlushPolicy, LogConfig, PartitionLog};
 
 #[test]
@@ -17,7 +18,10 @@ fn append_read_sync_reopen() {
         let mut expected = Vec::new();
         for i in 0..50u64 {
             let b = batch(i, 100 + (i as usize * 37) % 3000, 3, 1000 + i as i64);
-            let info = log.append(b.clone(), 5).await.unwrap();
+            let info = log
+                .append(VerifiedBatch::from_bytes(b.clone()).unwrap(), 5)
+                .await
+                .unwrap();
             assert_eq!(info.base_offset, i * 3);
             assert_eq!(info.last_offset, i * 3 + 2);
             expected.push(stamped(&b, i * 3, 5));
@@ -61,7 +65,13 @@ fn append_read_sync_reopen() {
         }
         // Appending continues after the recovered tail page.
         let b = batch(99, 500, 1, 5000);
-        assert_eq!(log.append(b.clone(), 6).await.unwrap().base_offset, 150);
+        assert_eq!(
+            log.append(VerifiedBatch::from_bytes(b.clone()).unwrap(), 6)
+                .await
+                .unwrap()
+                .base_offset,
+            150
+        );
         log.close().await.unwrap();
         let log = PartitionLog::open(dir.path(), small_config())
             .await
@@ -85,19 +95,32 @@ fn rejects_bad_batches() {
             .unwrap();
         let big = batch(1, 70 << 10, 1, 0);
         assert!(matches!(
-            log.append(big, 0).await,
+            log.append(VerifiedBatch::from_bytes(big).unwrap(), 0).await,
             Err(EngineError::BatchTooLarge { limit, .. }) if limit == 64 << 10
         ));
         let mut bad = batch(1, 100, 1, 0).to_vec();
         bad[16] = 1; // magic
         assert!(matches!(
-            log.append(bad.into(), 0).await,
+            VerifiedBatch::from_bytes(bad.into()),
             Err(EngineError::InvalidBatch(_))
         ));
         assert!(matches!(
-            log.append(bytes::Bytes::from_static(b"short"), 0).await,
+            VerifiedBatch::from_bytes(bytes::Bytes::from_static(b"short")),
             Err(EngineError::InvalidBatch(_))
         ));
+        // A flipped byte anywhere the batch CRC covers is refused before the log sees it.
+        let good = batch(1, 100, 1, 0);
+        for i in spate_engine::batch::CRC_COVERED_START..good.len() {
+            let mut corrupt = good.to_vec();
+            corrupt[i] ^= 0x20;
+            assert!(
+                matches!(
+                    VerifiedBatch::from_bytes(corrupt.into()),
+                    Err(EngineError::InvalidBatch(_))
+                ),
+                "flip at {i}"
+            );
+        }
         assert_eq!(log.log_end_offset(), 0);
         log.close().await.unwrap();
     });
@@ -118,7 +141,10 @@ fn rolls_segments_and_reads_across_them() {
         let mut expected = Vec::new();
         for i in 0..200u64 {
             let b = batch(i, 5000 + (i as usize % 7) * 1000, 2, i as i64);
-            let info = log.append(b.clone(), 1).await.unwrap();
+            let info = log
+                .append(VerifiedBatch::from_bytes(b.clone()).unwrap(), 1)
+                .await
+                .unwrap();
             expected.push(stamped(&b, info.base_offset, 1));
         }
         let segments = std::fs::read_dir(dir.path())

@@ -5,6 +5,7 @@ mod common;
 use std::rc::Rc;
 
 use common::*;
+use spate_engine::batch::VerifiedBatch;
 use spate_engine::{set_shard_cache_bytes, EngineError, FlushPolicy, LogConfig, PartitionLog};
 
 fn count_segments(dir: &std::path::Path) -> usize {
@@ -37,7 +38,10 @@ fn truncate_epochs_and_reopen() {
                 _ => 4,
             };
             let b = batch(i, 12_000, 2, i as i64);
-            let info = log.append(b.clone(), epoch).await.unwrap();
+            let info = log
+                .append(VerifiedBatch::from_bytes(b.clone()).unwrap(), epoch)
+                .await
+                .unwrap();
             expected.push(stamped(&b, info.base_offset, epoch));
         }
         assert!(count_segments(dir.path()) > 3);
@@ -66,7 +70,10 @@ fn truncate_epochs_and_reopen() {
         ));
         expected.truncate(10);
         let b = batch(500, 3000, 5, 7);
-        let info = log.append(b.clone(), 7).await.unwrap();
+        let info = log
+            .append(VerifiedBatch::from_bytes(b.clone()).unwrap(), 7)
+            .await
+            .unwrap();
         assert_eq!(info.base_offset, 20);
         expected.push(stamped(&b, 20, 7));
         assert_eq!(log.end_offset_for_epoch(6), Some((1, 20)));
@@ -115,7 +122,9 @@ fn retention_by_size_and_age() {
         for i in 0..400u64 {
             // Timestamps: old for the first half, recent for the second.
             let ts = if i < 200 { 1_000 } else { 100_000 };
-            log.append(batch(i, 4000, 1, ts), 0).await.unwrap();
+            log.append(VerifiedBatch::from_bytes(batch(i, 4000, 1, ts)).unwrap(), 0)
+                .await
+                .unwrap();
         }
         let segments = count_segments(dir.path());
         assert!(segments >= 6, "{segments}");
@@ -174,7 +183,12 @@ fn delete_segments_below_drops_only_whole_segments_under_the_offset() {
             .await
             .unwrap();
         for i in 0..300u64 {
-            log.append(batch(i, 4000, 1, 1_000), 0).await.unwrap();
+            log.append(
+                VerifiedBatch::from_bytes(batch(i, 4000, 1, 1_000)).unwrap(),
+                0,
+            )
+            .await
+            .unwrap();
         }
         let segments = count_segments(dir.path());
         assert!(segments >= 4, "{segments}");
@@ -219,7 +233,10 @@ fn concurrent_appenders_share_group_commits() {
                 let mut mine = Vec::new();
                 for i in 0..40u64 {
                     let b = batch(t * 1000 + i, 200 + (i as usize * 53) % 4000, 1, 0);
-                    let info = log.append(b.clone(), 2).await.unwrap();
+                    let info = log
+                        .append(VerifiedBatch::from_bytes(b.clone()).unwrap(), 2)
+                        .await
+                        .unwrap();
                     log.sync_to(info.last_offset + 1).await.unwrap();
                     assert!(log.durable_offset() > info.last_offset);
                     mine.push((info.base_offset, stamped(&b, info.base_offset, 2)));
@@ -257,7 +274,9 @@ fn interval_flush_makes_appends_durable() {
             ..small_config()
         };
         let log = PartitionLog::open(dir.path(), config).await.unwrap();
-        log.append(batch(1, 1000, 3, 0), 0).await.unwrap();
+        log.append(VerifiedBatch::from_bytes(batch(1, 1000, 3, 0)).unwrap(), 0)
+            .await
+            .unwrap();
         // Poll with a bounded deadline: the timer flusher must get there on its own.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while log.durable_offset() < 3 {
@@ -279,7 +298,9 @@ fn interval_flush_makes_appends_durable() {
         };
         let log = PartitionLog::open(dir.path(), config).await.unwrap();
         for i in 0..3 {
-            log.append(batch(i, 3000, 1, 0), 0).await.unwrap();
+            log.append(VerifiedBatch::from_bytes(batch(i, 3000, 1, 0)).unwrap(), 0)
+                .await
+                .unwrap();
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while log.durable_offset() < 4 {
@@ -305,7 +326,9 @@ fn never_policy_syncs_only_on_request_and_close() {
             .await
             .unwrap();
         for i in 0..10 {
-            log.append(batch(i, 2000, 1, 0), 0).await.unwrap();
+            log.append(VerifiedBatch::from_bytes(batch(i, 2000, 1, 0)).unwrap(), 0)
+                .await
+                .unwrap();
         }
         assert_eq!(log.durable_offset(), 0);
         log.sync_to(5).await.unwrap();
@@ -330,7 +353,10 @@ fn large_batches_span_write_buffers() {
         let mut expected = Vec::new();
         for i in 0..9u64 {
             let b = batch(i, (1 << 20) + 4093 * i as usize, 10, 0);
-            let info = log.append(b.clone(), 0).await.unwrap();
+            let info = log
+                .append(VerifiedBatch::from_bytes(b.clone()).unwrap(), 0)
+                .await
+                .unwrap();
             expected.push(stamped(&b, info.base_offset, 0));
         }
         log.sync_to(90).await.unwrap();
@@ -356,7 +382,9 @@ fn reads_racing_truncation_and_retention_never_report_corruption() {
         };
         let log = Rc::new(PartitionLog::open(dir.path(), config).await.unwrap());
         for i in 0..150u64 {
-            log.append(batch(i, 5000, 1, 0), 0).await.unwrap();
+            log.append(VerifiedBatch::from_bytes(batch(i, 5000, 1, 0)).unwrap(), 0)
+                .await
+                .unwrap();
         }
         let stop = Rc::new(std::cell::Cell::new(false));
         let mut readers = Vec::new();
@@ -382,9 +410,12 @@ fn reads_racing_truncation_and_retention_never_report_corruption() {
             let end = log.log_end_offset();
             log.truncate_to(end - 10).await.unwrap();
             for i in 0..12u64 {
-                log.append(batch(round * 100 + i, 5000, 1, 0), 0)
-                    .await
-                    .unwrap();
+                log.append(
+                    VerifiedBatch::from_bytes(batch(round * 100 + i, 5000, 1, 0)).unwrap(),
+                    0,
+                )
+                .await
+                .unwrap();
             }
             log.apply_retention(0).await.unwrap();
         }
@@ -409,7 +440,12 @@ fn joined_reads_match_batch_reads_from_disk_and_cache() {
             let log = PartitionLog::open(&sub, small_config()).await.unwrap();
             for i in 0..60u64 {
                 let size = 500 + (i as usize * 397) % 9_000;
-                log.append(batch(i, size, 3, i as i64), 0).await.unwrap();
+                log.append(
+                    VerifiedBatch::from_bytes(batch(i, size, 3, i as i64)).unwrap(),
+                    0,
+                )
+                .await
+                .unwrap();
             }
             log.sync_to(log.log_end_offset()).await.unwrap();
             assert!(count_segments(&sub) > 1, "reads cross segments");
@@ -457,7 +493,12 @@ fn live_limits_change_retention_and_the_batch_limit_of_an_open_log() {
             .await
             .unwrap();
         for i in 0..200u64 {
-            log.append(batch(i, 4000, 1, 1_000), 0).await.unwrap();
+            log.append(
+                VerifiedBatch::from_bytes(batch(i, 4000, 1, 1_000)).unwrap(),
+                0,
+            )
+            .await
+            .unwrap();
         }
         // No limits: nothing goes.
         assert_eq!(log.apply_retention(1_000_000).await.unwrap(), 0);
@@ -470,7 +511,11 @@ fn live_limits_change_retention_and_the_batch_limit_of_an_open_log() {
         limits.max_batch_bytes = 1000;
         log.set_limits(limits).unwrap();
         assert!(matches!(
-            log.append(batch(0, 4000, 1, 1_000), 0).await,
+            log.append(
+                VerifiedBatch::from_bytes(batch(0, 4000, 1, 1_000)).unwrap(),
+                0
+            )
+            .await,
             Err(EngineError::BatchTooLarge { limit: 1000, .. })
         ));
         // A limit the segment cannot hold is refused and changes nothing.

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use common::*;
 use proptest::prelude::*;
 use spate_engine::batch::BatchHeader;
+use spate_engine::batch::VerifiedBatch;
 use spate_engine::{set_shard_cache_bytes, FlushPolicy, LogConfig, PartitionLog};
 
 #[derive(Clone, Debug)]
@@ -108,7 +109,10 @@ fn check_ops(ops: Vec<Op>) {
             match op {
                 Op::Append { len, records, ts } => {
                     let b = batch(step as u64, len, records, ts);
-                    let info = log.append(b.clone(), m.epoch).await.unwrap();
+                    let info = log
+                        .append(VerifiedBatch::from_bytes(b.clone()).unwrap(), m.epoch)
+                        .await
+                        .unwrap();
                     assert_eq!(info.base_offset, m.log_end);
                     assert_eq!(info.last_offset, m.log_end + records as u64 - 1);
                     m.batches.push((

@@ -56,7 +56,7 @@ async fn dispatch_reporting(
     }
     match req.api_key {
         ApiKey::Produce => {
-            handlers::produce::handle(&shard, &req, ctx.produce_turn, error_code).await
+            handlers::produce::handle(&shard, req, ctx.produce_turn, error_code).await
         }
         ApiKey::Fetch => handlers::fetch::handle(&shard, &req).await.map(Some),
         ApiKey::ListOffsets => handlers::list_offsets::handle(&shard, &req).await.map(Some),

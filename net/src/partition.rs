@@ -5,11 +5,10 @@ use std::cell::{Cell, RefCell};
 use std::io::Write;
 use std::path::PathBuf;
 
-use bytes::Bytes;
 use glommio::sync::Semaphore;
 use kafka_protocol::ResponseError;
 use serde::{Deserialize, Serialize};
-use spate_engine::batch::BatchHeader;
+use spate_engine::batch::{BatchHeader, VerifiedBatch};
 use spate_engine::{LogConfig, PartitionLog};
 
 use crate::error::{engine_error_code, NetError, NONE};
@@ -115,9 +114,9 @@ impl Partition {
         Ok(())
     }
 
-    /// Appends already-validated batches (magic 2, CRC checked) after the idempotence checks.
-    /// With `wait_durable`, returns once they are on disk.
-    pub async fn produce(&self, batches: Vec<Bytes>, wait_durable: bool) -> ProduceOutcome {
+    /// Appends verified batches after the idempotence checks. With `wait_durable`, returns once
+    /// they are on disk.
+    pub async fn produce(&self, batches: Vec<VerifiedBatch>, wait_durable: bool) -> ProduceOutcome {
         let mut outcome = ProduceOutcome {
             error_code: NONE,
             base_offset: -1,
@@ -129,10 +128,7 @@ impl Partition {
         };
         let mut end = None;
         for batch in batches {
-            let Ok(h) = BatchHeader::parse(&batch) else {
-                outcome.error_code = ResponseError::CorruptMessage.code();
-                return outcome;
-            };
+            let h = batch.header();
             let (pid, epoch, mut meta) = (h.producer_id(), h.producer_epoch(), batch_meta(&h));
             let (batch_bytes, records) = (batch.len() as u64, h.records_count().max(0) as u64);
             if h.is_transactional() {

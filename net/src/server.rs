@@ -23,9 +23,14 @@ use crate::shard::{ProduceOrder, Shard, Signal};
 
 /// Bytes read from a socket at a time while no frame length is known.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
-/// Most a single read grows the receive buffer by while a large frame arrives: the buffer is
-/// zero-filled before each read, so growing it by the whole remaining frame at once would touch
-/// up to `max_frame_bytes` ahead of the data.
+/// A frame at least this long that is not yet complete in the receive buffer is read into a
+/// buffer of its own, of exactly its length: the request then owns its bytes alone, so Produce
+/// hands its batches to the log without copying them (a frame cut from the shared receive
+/// buffer is shared with it). Smaller frames stay in the receive buffer: copying them costs
+/// less than an allocation each.
+const OWN_BUFFER_MIN_FRAME_BYTES: usize = 32 * 1024;
+/// Most bytes of a frame's own buffer zero-filled ahead of the data received (see
+/// `read_own_frame`).
 const MAX_READ_GROWTH_BYTES: usize = 1 << 20;
 
 /// Accepts connections until shutdown, then waits for this shard's connections to finish.
@@ -119,19 +124,26 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) -> Result<(), Net
     let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let read_result: Result<(), NetError> = async {
         loop {
-            // Hand every complete frame in the buffer to a task.
+            // Hand every complete frame to a task.
             while let Some(len) = frame_len(&buf, max_frame)? {
-                if buf.len() < FRAME_PREFIX_BYTES + len {
+                let frame: Bytes = if buf.len() >= FRAME_PREFIX_BYTES + len {
+                    buf.split_to(FRAME_PREFIX_BYTES + len)
+                        .freeze()
+                        .slice(FRAME_PREFIX_BYTES..)
+                } else if len >= OWN_BUFFER_MIN_FRAME_BYTES {
+                    match read_own_frame(&mut reader, &mut buf, len, &shard, &closed).await? {
+                        Some(frame) => frame,
+                        // Shut down, or the peer went away mid-frame.
+                        None => return Ok(()),
+                    }
+                } else {
                     break;
-                }
-                let frame: Bytes = buf
-                    .split_to(FRAME_PREFIX_BYTES + len)
-                    .freeze()
-                    .slice(FRAME_PREFIX_BYTES..);
-                let req = match decode_request(frame.clone()) {
+                };
+                let ids = peek_ids(&frame);
+                // The frame moves into the request: no handle here may keep its buffer shared.
+                let req = match decode_request(frame) {
                     Ok(r) => r,
                     Err(e) => {
-                        let ids = peek_ids(&frame);
                         tracing::warn!(?ids, error = %e, "undecodable request; closing connection");
                         return Err(e);
                     }
@@ -150,32 +162,21 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) -> Result<(), Net
             if shard.is_shutting_down() || failed.get() {
                 return Ok(());
             }
-            // Make room for the rest of a known frame, or a chunk.
+            // Make room for the rest of a known (small) frame, or a chunk.
             let want = match frame_len(&buf, max_frame)? {
                 Some(len) => FRAME_PREFIX_BYTES + len - buf.len(),
                 None => READ_CHUNK_BYTES,
-            }
-            .min(MAX_READ_GROWTH_BYTES);
+            };
             let old = buf.len();
             buf.resize(old + want, 0);
-            let stop = shard.shutdown.changed(0);
-            let writer_gone = closed.changed(0);
-            let n = futures_lite::future::or(
-                async { Some(reader.read(&mut buf[old..]).await) },
-                async {
-                    futures_lite::future::or(stop, writer_gone).await;
-                    None
-                },
-            )
-            .await;
-            match n {
-                None => {
+            match read_some(&mut reader, &mut buf[old..], &shard, &closed).await {
+                Ok(None) => {
                     buf.truncate(old);
                     return Ok(());
                 }
-                Some(Ok(0)) => return Ok(()),
-                Some(Ok(n)) => buf.truncate(old + n),
-                Some(Err(e)) => return Err(e.into()),
+                Ok(Some(0)) => return Ok(()),
+                Ok(Some(n)) => buf.truncate(old + n),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -184,6 +185,57 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) -> Result<(), Net
     drop(tx);
     let write_result = writer_task.await;
     read_result.and(write_result)
+}
+
+/// Reads the rest of a `len`-byte frame whose first bytes are in `buf` (after the length
+/// prefix) into a buffer of its own, emptying `buf`. `len` was capped by `max_frame_bytes`
+/// before this; the buffer's memory is only reserved up front and zero-filled (safe reads need
+/// initialised bytes) at most `MAX_READ_GROWTH_BYTES` ahead of the data, each byte once, so a
+/// peer that announces a large frame and stalls does not make the shard touch all of it.
+async fn read_own_frame<R: futures_lite::AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    len: usize,
+    shard: &Shard,
+    closed: &Signal,
+) -> Result<Option<Bytes>, NetError> {
+    let mut own = BytesMut::with_capacity(len);
+    own.extend_from_slice(&buf[FRAME_PREFIX_BYTES..]);
+    buf.clear();
+    let mut filled = own.len();
+    while filled < len {
+        if own.len() == filled {
+            own.resize(filled + (len - filled).min(MAX_READ_GROWTH_BYTES), 0);
+        }
+        match read_some(reader, &mut own[filled..], shard, closed).await? {
+            None | Some(0) => return Ok(None),
+            Some(n) => filled += n,
+        }
+    }
+    assert_eq!(own.len(), len, "a frame buffer holds exactly its frame");
+    Ok(Some(own.freeze()))
+}
+
+/// One read from the socket into `dst`; None if the shard shuts down or the connection's
+/// writer is gone first.
+async fn read_some<R: futures_lite::AsyncRead + Unpin>(
+    reader: &mut R,
+    dst: &mut [u8],
+    shard: &Shard,
+    closed: &Signal,
+) -> Result<Option<usize>, NetError> {
+    let stop = shard.shutdown.changed(0);
+    let writer_gone = closed.changed(0);
+    let n = futures_lite::future::or(async { Some(reader.read(dst).await) }, async {
+        futures_lite::future::or(stop, writer_gone).await;
+        None
+    })
+    .await;
+    match n {
+        None => Ok(None),
+        Some(Ok(n)) => Ok(Some(n)),
+        Some(Err(e)) => Err(e.into()),
+    }
 }
 
 /// Writes a frame's segments in order; small neighbours are coalesced so a reply of a few

@@ -21,8 +21,8 @@ use kafka_protocol::messages::{
     LeaveGroupResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetDeleteRequest,
     OffsetDeleteResponse, SyncGroupRequest, SyncGroupResponse,
 };
-use spate_engine::batch::BatchHeader;
-use spate_engine::{EngineError, FlushPolicy, LogConfig, PartitionLog};
+use spate_engine::batch::{BatchHeader, VerifiedBatch};
+use spate_engine::{AppendInfo, EngineError, FlushPolicy, LogConfig, PartitionLog};
 
 use super::compaction::LiveRecords;
 use super::records::{decode_raw_batches, encode_raw_batch, RawRecord};
@@ -544,7 +544,7 @@ async fn write_loop(
         let mut end = None;
         for job in &jobs {
             for batch in &job.batches {
-                match log.append(batch.clone(), 0).await {
+                match append_built(&log, batch.clone()).await {
                     Ok(info) => {
                         end = Some(info.last_offset + 1);
                         compact.live.note_appended(batch.len() as u64);
@@ -581,6 +581,12 @@ async fn write_loop(
     }
 }
 
+/// Appends a batch this broker built. The check is what lets the log take it (the log only
+/// accepts batches whose CRC was verified).
+async fn append_built(log: &PartitionLog, batch: Bytes) -> Result<AppendInfo, EngineError> {
+    log.append(VerifiedBatch::from_bytes(batch)?, 0).await
+}
+
 /// Appends every live record again, makes it durable, then drops the whole segments below it.
 /// Runs in the writer's loop, so nothing else is appended in between. A failure leaves the log
 /// longer than it needs to be, never shorter.
@@ -590,7 +596,7 @@ async fn rewrite_live_records(partition: i32, log: &PartitionLog, live: &mut Liv
     let batches = live.snapshot(MAX_RECORDS_PER_BATCH, OFFSETS_MAX_BATCH_BYTES as usize);
     let mut end = start;
     for records in &batches {
-        match log.append(encode_raw_batch(records, now), 0).await {
+        match append_built(log, encode_raw_batch(records, now)).await {
             Ok(info) => end = info.last_offset + 1,
             Err(e) => {
                 tracing::error!(partition, error = %e, "__consumer_offsets snapshot append failed");

@@ -1,68 +1,106 @@
 //! Produce: validate every batch on the connection's shard (magic 2, lengths, CRC-32C), send
-//! each owning shard its partitions' batches as `Bytes` slices of the request, join the
-//! outcomes. Batches are stored exactly as they came, compressed or not.
+//! each owning shard its partitions' batches, join the outcomes. Batches are stored exactly as
+//! they came, compressed or not.
+//!
+//! No batch is copied here: once the decoded request is dropped the frame's buffer has one owner
+//! (the connection reads large frames into buffers of their own, see `server.rs`), so it is split
+//! at the batch boundaries into uniquely owned pieces the log stamps in place. A frame still
+//! shared (a small one, cut from the connection's receive buffer) is copied once, as a whole.
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
-use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
+use kafka_protocol::messages::{ProduceRequest, ProduceResponse, TopicName};
+use kafka_protocol::protocol::{Decodable, StrBytes};
 use kafka_protocol::ResponseError;
-use spate_engine::batch::{BatchHeader, BATCH_HEADER_BYTES};
+use spate_engine::batch::{BatchHeader, VerifiedBatch, BATCH_HEADER_BYTES};
 use spate_engine::FlushPolicy;
 
 use crate::dispatch::{encode_response, Reply};
 use crate::error::{NetError, NONE};
 use crate::partition::ProduceOutcome;
-use crate::request::{decode_body, Request};
+use crate::request::Request;
 use crate::shard::{ProduceTurn, Shard, TopicPartition};
 
-/// Splits a partition's records into single batches, each checked: length, magic 2, CRC-32C
-/// and the size limit. The error is a Kafka error code.
-pub fn split_batches(records: Option<Bytes>, max_batch_bytes: usize) -> Result<Vec<Bytes>, i16> {
+/// The lengths of the single batches in a partition's records, each checked against the bytes
+/// left and the size limit. The error is a Kafka error code.
+pub fn batch_lengths(records: &[u8], max_batch_bytes: usize) -> Result<Vec<usize>, i16> {
     let corrupt = ResponseError::CorruptMessage.code();
-    let mut rest = records.ok_or(corrupt)?;
-    if rest.is_empty() {
+    if records.is_empty() {
         return Err(corrupt);
     }
-    let mut out = Vec::new();
+    let (mut rest, mut lens) = (records, Vec::new());
     while !rest.is_empty() {
-        let len = BatchHeader::total_len_from_prefix(&rest).ok_or(corrupt)?;
+        let len = BatchHeader::total_len_from_prefix(rest).ok_or(corrupt)?;
         if len > max_batch_bytes {
             return Err(ResponseError::MessageTooLarge.code());
         }
         if len > rest.len() || len < BATCH_HEADER_BYTES {
             return Err(corrupt);
         }
-        let batch = rest.split_to(len);
-        let header = BatchHeader::parse(&batch).map_err(|_| corrupt)?;
-        header.verify_crc().map_err(|_| corrupt)?;
-        if header.records_count() < 0 {
-            return Err(corrupt);
-        }
-        out.push(batch);
+        lens.push(len);
+        rest = &rest[len..];
     }
-    Ok(out)
+    Ok(lens)
 }
 
-type Work = (usize, usize, TopicPartition, Vec<Bytes>);
+/// The checks of one batch the log relies on (header, magic 2, CRC-32C) and a record count
+/// that is not negative.
+pub fn verify_batch(bytes: BytesMut) -> Result<VerifiedBatch, i16> {
+    let corrupt = ResponseError::CorruptMessage.code();
+    let batch = VerifiedBatch::new(bytes).map_err(|_| corrupt)?;
+    if batch.header().records_count() < 0 {
+        return Err(corrupt);
+    }
+    Ok(batch)
+}
 
-pub async fn handle(
-    shard: &Rc<Shard>,
-    req: &Request,
-    turn: Option<ProduceTurn>,
-    error_code: &std::cell::Cell<i16>,
-) -> Result<Reply, NetError> {
-    let r: ProduceRequest = decode_body(req)?;
+/// Splits and verifies a partition's records (copying them): [`batch_lengths`] then
+/// [`verify_batch`] on each.
+pub fn split_batches(
+    records: Option<Bytes>,
+    max_batch_bytes: usize,
+) -> Result<Vec<VerifiedBatch>, i16> {
+    let records = records.ok_or(ResponseError::CorruptMessage.code())?;
+    let mut rest = BytesMut::from(&records[..]);
+    batch_lengths(&records, max_batch_bytes)?
+        .into_iter()
+        .map(|len| verify_batch(rest.split_to(len)))
+        .collect()
+}
+
+type Work = (usize, usize, TopicPartition, Vec<VerifiedBatch>);
+
+/// A partition whose records passed the length checks: where they lie in the request body.
+struct Planned {
+    ti: usize,
+    pi: usize,
+    tp: TopicPartition,
+    /// Offset of the records in the body, and the length of each batch.
+    start: usize,
+    lens: Vec<usize>,
+}
+
+/// Decodes the request, fills in the response skeleton (with partition errors), and says where
+/// every accepted partition's batches lie in `body`. Everything decoded that refers to `body`
+/// is dropped on return (topic names in the response are copied), so `body` can become unique.
+fn plan(
+    shard: &Shard,
+    body: &Bytes,
+    api_version: i16,
+    resp: &mut ProduceResponse,
+) -> Result<(i16, Vec<Planned>), NetError> {
+    let r = ProduceRequest::decode(&mut body.clone(), api_version)
+        .map_err(|e| NetError::Malformed(format!("Produce v{api_version}: {e}")))?;
     let acks = r.acks;
-    let wait_durable = acks != 0 && shard.config.flush == FlushPolicy::Always;
     let max_batch = shard.config.max_batch_bytes as usize;
-    let mut resp = ProduceResponse::default();
-    let mut by_shard: BTreeMap<usize, Vec<Work>> = BTreeMap::new();
+    let body_range = body.as_ptr() as usize..body.as_ptr() as usize + body.len();
+    let mut planned = Vec::new();
     for (ti, topic) in r.topic_data.into_iter().enumerate() {
         let mut tr = TopicProduceResponse::default();
-        tr.name = topic.name.clone();
+        tr.name = TopicName(StrBytes::from_string(topic.name.to_string()));
         tr.topic_id = topic.topic_id;
         for (pi, pd) in topic.partition_data.into_iter().enumerate() {
             let mut pr = PartitionProduceResponse::default();
@@ -75,24 +113,78 @@ pub async fn handle(
             } else if !matches!(acks, -1..=1) {
                 Err(ResponseError::InvalidRequiredAcks.code())
             } else {
+                let records = pd.records.ok_or(ResponseError::CorruptMessage.code());
                 shard
                     .check_exists(&topic.name, pd.index)
-                    .and_then(|_| split_batches(pd.records, max_batch))
+                    .and(records)
+                    .and_then(|rec| Ok((rec.as_ptr() as usize, batch_lengths(&rec, max_batch)?)))
             };
             match checked {
-                Ok(batches) => {
-                    let tp = TopicPartition::new(&topic.name, pd.index);
-                    let owner = shard.router.shard_for(&tp.topic, tp.partition);
-                    by_shard
-                        .entry(owner)
-                        .or_default()
-                        .push((ti, pi, tp, batches));
+                Ok((at, lens)) => {
+                    // The codec hands out records as slices of the body it decoded.
+                    assert!(
+                        body_range.contains(&at),
+                        "Produce records are a slice of the request body"
+                    );
+                    planned.push(Planned {
+                        ti,
+                        pi,
+                        tp: TopicPartition::new(&topic.name, pd.index),
+                        start: at - body_range.start,
+                        lens,
+                    });
                 }
                 Err(code) => pr.error_code = code,
             }
             tr.partition_responses.push(pr);
         }
         resp.responses.push(tr);
+    }
+    Ok((acks, planned))
+}
+
+pub async fn handle(
+    shard: &Rc<Shard>,
+    req: Request,
+    turn: Option<ProduceTurn>,
+    error_code: &std::cell::Cell<i16>,
+) -> Result<Reply, NetError> {
+    let (api_version, correlation_id) = (req.api_version, req.correlation_id);
+    let body = req.body;
+    let mut resp = ProduceResponse::default();
+    let (acks, planned) = plan(shard, &body, api_version, &mut resp)?;
+    let wait_durable = acks != 0 && shard.config.flush == FlushPolicy::Always;
+    let mut by_shard: BTreeMap<usize, Vec<Work>> = BTreeMap::new();
+    if !planned.is_empty() {
+        let mut rest = body
+            .try_into_mut()
+            .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+        let mut pos = 0;
+        for part in planned {
+            assert!(
+                part.start >= pos,
+                "partitions lie in the body in request order"
+            );
+            rest.advance(part.start - pos);
+            pos = part.start + part.lens.iter().sum::<usize>();
+            let verified: Result<Vec<_>, i16> = part
+                .lens
+                .iter()
+                .map(|&len| verify_batch(rest.split_to(len)))
+                .collect();
+            match verified {
+                Ok(batches) => {
+                    let owner = shard.router.shard_for(&part.tp.topic, part.tp.partition);
+                    by_shard
+                        .entry(owner)
+                        .or_default()
+                        .push((part.ti, part.pi, part.tp, batches));
+                }
+                Err(code) => {
+                    resp.responses[part.ti].partition_responses[part.pi].error_code = code;
+                }
+            }
+        }
     }
 
     if let Some(turn) = &turn {
@@ -124,7 +216,7 @@ pub async fn handle(
                     let pr = &mut resp.responses[ti].partition_responses[pi];
                     pr.error_code = o.error_code;
                     pr.base_offset = o.base_offset;
-                    if req.api_version >= 5 {
+                    if api_version >= 5 {
                         pr.log_start_offset = o.log_start_offset;
                     }
                 }
@@ -151,7 +243,7 @@ pub async fn handle(
     if acks == 0 {
         return Ok(None);
     }
-    encode_response(req.correlation_id, req.api_version, &resp).map(Some)
+    encode_response(correlation_id, api_version, &resp).map(Some)
 }
 
 /// Appends every partition's batches (concurrently), reports that through `appended`, then
