@@ -10,7 +10,7 @@ use std::time::Duration;
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 
 use crate::config::BrokerConfig;
-use crate::cross_wake::cross_thread;
+use crate::cross_wake;
 use crate::error::NetError;
 use crate::metadata::MetadataStore;
 use crate::metrics::Metrics;
@@ -219,7 +219,7 @@ async fn run_shard(
     let jobs = {
         let shard = shard.clone();
         glommio::spawn_local(async move {
-            while let Ok(job) = cross_thread(inbox.recv_async()).await {
+            while let Ok(job) = cross_wake::recv(&inbox).await {
                 glommio::spawn_local(job(shard.clone())).detach();
             }
         })

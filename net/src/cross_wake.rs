@@ -71,6 +71,22 @@ impl Drop for Detach<'_> {
     }
 }
 
+/// Receives from a channel other threads send on (`rx.recv_async()`, which clippy.toml
+/// disallows elsewhere, wrapped in [`cross_thread`]).
+pub async fn recv<T>(rx: &flume::Receiver<T>) -> Result<T, flume::RecvError> {
+    #[allow(clippy::disallowed_methods)]
+    let fut = rx.recv_async();
+    cross_thread(fut).await
+}
+
+/// Sends on a channel another thread receives from, waiting while it is full
+/// (`tx.send_async(value)`, which clippy.toml disallows elsewhere, wrapped in [`cross_thread`]).
+pub async fn send<T>(tx: &flume::Sender<T>, value: T) -> Result<(), flume::SendError<T>> {
+    #[allow(clippy::disallowed_methods)]
+    let fut = tx.send_async(value);
+    cross_thread(fut).await
+}
+
 /// Awaits `fut`, which another thread may wake, with a waker that thread may also drop.
 /// See the module documentation for why a glommio task's own waker must not be lent.
 pub async fn cross_thread<F: Future>(fut: F) -> F::Output {

@@ -14,7 +14,7 @@ use glommio::sync::Semaphore;
 use kafka_protocol::ResponseError;
 
 use crate::config::BrokerConfig;
-use crate::cross_wake::cross_thread;
+use crate::cross_wake;
 use crate::error::NetError;
 use crate::metadata::{MetadataStore, Topics};
 use crate::partition::Partition;
@@ -102,10 +102,10 @@ impl Router {
             })
         });
         // The other shard wakes (and drops the waker of) both waits: see cross_wake.
-        cross_thread(sender.send_async(job))
+        cross_wake::send(sender, job)
             .await
             .map_err(|_| NetError::ShardUnavailable(shard))?;
-        cross_thread(rx.recv_async())
+        cross_wake::recv(&rx)
             .await
             .map_err(|_| NetError::ShardUnavailable(shard))
     }
