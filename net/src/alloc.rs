@@ -34,8 +34,7 @@ pub const MALLOC_ARENAS: i32 = 1;
 ///
 /// The `double free detected in tcache 2` aborts first seen with these tunables were not
 /// theirs: glommio-ng frees a task twice when another shard drops its last waker (see
-/// `cross_wake`); prompt reuse of freed memory only made the second free land on a chunk still
-/// in the tcache, where glibc notices it.
+/// `cross_wake`), and a glommio-only reproducer aborts the same way with glibc's defaults.
 pub fn retain_freed_memory() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
