@@ -172,7 +172,7 @@ const fn libc_o_direct() -> i32 {
 }
 
 /// Soft and hard limits of a resource, from /proc/self/limits (no libc binding needed).
-fn read_limit(name: &str) -> Option<(Option<u64>, Option<u64>)> {
+pub fn read_limit(name: &str) -> Option<(Option<u64>, Option<u64>)> {
     let text = fs::read_to_string("/proc/self/limits").ok()?;
     let line = text.lines().find(|l| l.starts_with(name))?;
     let fields: Vec<&str> = line[name.len()..].split_whitespace().collect();

@@ -95,6 +95,11 @@ pub struct ServeConfig {
     /// Upper bound on how long a Fetch may wait for data [default: 30000].
     #[arg(long, env = "SPATE_MAX_FETCH_WAIT_MS", value_name = "MS")]
     pub max_fetch_wait_ms: Option<u64>,
+    /// Registered io_uring buffer memory per core; writes from it skip the kernel's page
+    /// pinning. 0 sizes it from the locked-memory limit (64 MiB per core when unlimited)
+    /// [default: 0].
+    #[arg(long, env = "SPATE_IO_MEMORY_BYTES", value_name = "BYTES")]
+    pub io_memory_bytes: Option<u64>,
     /// Partitions of the internal __consumer_offsets topic; never change it once groups
     /// exist [default: 8].
     #[arg(long, env = "SPATE_OFFSETS_TOPIC_PARTITIONS", value_name = "N")]
@@ -154,6 +159,7 @@ macro_rules! each_setting {
             max_in_flight_per_connection,
             max_batch_bytes,
             max_fetch_wait_ms,
+            io_memory_bytes,
             offsets_topic_partitions,
             group_initial_rebalance_delay_ms,
             group_min_session_timeout_ms,
@@ -198,6 +204,7 @@ impl ServeConfig {
             max_in_flight_per_connection: Some(32),
             max_batch_bytes: Some(8 << 20),
             max_fetch_wait_ms: Some(30_000),
+            io_memory_bytes: Some(0),
             offsets_topic_partitions: Some(groups.offsets_topic_partitions),
             group_initial_rebalance_delay_ms: Some(groups.initial_rebalance_delay_ms),
             group_min_session_timeout_ms: Some(groups.min_session_timeout_ms),
@@ -321,6 +328,13 @@ impl ServeConfig {
         c.max_in_flight_per_connection = set(&self.max_in_flight_per_connection);
         c.max_batch_bytes = set(&self.max_batch_bytes);
         c.max_fetch_wait_ms = set(&self.max_fetch_wait_ms);
+        c.io_memory_bytes = match set(&self.io_memory_bytes) {
+            0 => auto_io_memory_bytes(
+                cores,
+                crate::check::read_limit("Max locked memory").map(|(soft, _)| soft),
+            ),
+            n => usize::try_from(n).context("--io-memory-bytes is too large")?,
+        };
         let g = &mut c.groups;
         g.offsets_topic_partitions = set(&self.offsets_topic_partitions);
         g.initial_rebalance_delay_ms = set(&self.group_initial_rebalance_delay_ms);
@@ -369,9 +383,56 @@ fn metrics_listen(text: &str) -> anyhow::Result<Option<SocketAddr>> {
     Ok(Some(addr))
 }
 
+/// Registered buffer memory per core when locked memory is unlimited.
+pub const IO_MEMORY_AUTO_MAX_BYTES: usize = 64 << 20;
+/// Registered buffer memory per core when the locked-memory limit is unknown.
+pub const IO_MEMORY_FALLBACK_BYTES: usize = 2 << 20;
+/// glommio registers a core's buffer memory with each of its three io_uring rings, and each
+/// registration counts against the locked-memory limit.
+const IO_MEMORY_REGISTRATIONS: u64 = 3;
+
+/// `io-memory-bytes = 0`: half the locked-memory limit (the rest is left for the rings and
+/// anything else the process locks), shared by the cores, between
+/// [`IO_MEMORY_FALLBACK_BYTES`] and [`IO_MEMORY_AUTO_MAX_BYTES`]. Below the fallback, glommio
+/// registers what it can (a shard whose registration fails uses the same memory unregistered),
+/// as before this setting existed. `memlock`: `None` if unknown, `Some(None)` if unlimited.
+pub fn auto_io_memory_bytes(cores: usize, memlock: Option<Option<u64>>) -> usize {
+    const GRANULE: u64 = 1 << 20;
+    match memlock {
+        None => IO_MEMORY_FALLBACK_BYTES,
+        Some(None) => IO_MEMORY_AUTO_MAX_BYTES,
+        Some(Some(limit)) => {
+            let per_core = limit / 2 / (IO_MEMORY_REGISTRATIONS * cores.max(1) as u64);
+            let per_core = (per_core / GRANULE * GRANULE) as usize;
+            per_core.clamp(IO_MEMORY_FALLBACK_BYTES, IO_MEMORY_AUTO_MAX_BYTES)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn io_memory_follows_the_locked_memory_limit() {
+        // Unknown limit: the old fixed size; unlimited: the cap.
+        assert_eq!(auto_io_memory_bytes(2, None), IO_MEMORY_FALLBACK_BYTES);
+        assert_eq!(
+            auto_io_memory_bytes(2, Some(None)),
+            IO_MEMORY_AUTO_MAX_BYTES
+        );
+        // A common 8 MiB limit is below what registration needs: never less than before.
+        assert_eq!(
+            auto_io_memory_bytes(2, Some(Some(8 << 20))),
+            IO_MEMORY_FALLBACK_BYTES
+        );
+        // 1 GiB over 4 cores: half, over 3 registrations per core, in whole MiB.
+        assert_eq!(auto_io_memory_bytes(4, Some(Some(1 << 30))), 42 << 20);
+        assert_eq!(
+            auto_io_memory_bytes(1, Some(Some(1 << 40))),
+            IO_MEMORY_AUTO_MAX_BYTES
+        );
+    }
 
     #[test]
     fn file_values_fill_in_and_flags_win() {
