@@ -144,6 +144,7 @@ fn serve(args: config::ServeConfig) -> anyhow::Result<()> {
         data_dir = %config.data_dir.display(),
         flush = ?config.flush,
         metrics = %config.metrics_listen.map_or("off".to_string(), |a| a.to_string()),
+        io_memory_bytes = config.io_memory_bytes,
         "starting spate"
     );
     spate_net::alloc::retain_freed_memory();
