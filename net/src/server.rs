@@ -1,6 +1,7 @@
-//! Connections: each shard accepts on the shared port (SO_REUSEPORT) and serves its own
-//! connections. A connection's reader decodes frames and starts one task per request (up to
-//! `max_in_flight_per_connection`); its writer sends the replies back in request order.
+//! Connections: each shard accepts on the shared port (SO_REUSEPORT) and the least loaded
+//! shard serves the connection. A connection's reader decodes frames and starts one task per
+//! request (up to `max_in_flight_per_connection`); its writer sends the replies back in
+//! request order.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -32,12 +33,13 @@ const MAX_READ_GROWTH_BYTES: usize = 1 << 20;
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, open: Arc<AtomicUsize>) {
     loop {
         let stop = shard.shutdown.changed(0);
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            stop.await;
-            None
-        })
-        .await;
-        let stream = match accepted {
+        let accepted =
+            futures_lite::future::or(async { Some(listener.shared_accept().await) }, async {
+                stop.await;
+                None
+            })
+            .await;
+        let accepted = match accepted {
             None => break,
             Some(Ok(s)) => s,
             Some(Err(e)) => {
@@ -55,20 +57,24 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, open: Arc<Atom
             );
             continue;
         }
-        let _ = stream.set_nodelay(true);
-        tracing::debug!(shard = shard.id, peer = ?stream.peer_addr().ok(), "accepted connection");
-        shard.connections.set(shard.connections.get() + 1);
-        shard.metrics.connections.inc();
-        let (shard2, open2) = (shard.clone(), open.clone());
+        // The least loaded shard serves it (see Router::claim_connection).
+        let target = shard.router.claim_connection(shard.id);
+        if target == shard.id {
+            adopt_connection(&shard, accepted.bind_to_executor(), open.clone());
+            continue;
+        }
+        let (router, open) = (shard.router.clone(), open.clone());
         glommio::spawn_local(async move {
-            let peer = stream.peer_addr().ok();
-            if let Err(e) = serve_connection(shard2.clone(), stream).await {
-                tracing::info!(?peer, error = %e, "connection closed");
+            let open2 = open.clone();
+            let handed = router
+                .run_on(target, move |s| async move {
+                    adopt_connection(&s, accepted.bind_to_executor(), open2);
+                })
+                .await;
+            if handed.is_err() {
+                router.release_connection(target);
+                open.fetch_sub(1, Ordering::AcqRel);
             }
-            open2.fetch_sub(1, Ordering::AcqRel);
-            shard2.connections.set(shard2.connections.get() - 1);
-            shard2.metrics.connections.dec();
-            shard2.connections_changed.notify();
         })
         .detach();
     }
@@ -77,6 +83,34 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, open: Arc<Atom
         let seen = shard.connections_changed.generation();
         shard.connections_changed.changed(seen).await;
     }
+}
+
+/// Serves a connection counted on this shard by `Router::claim_connection` and in `open`.
+fn adopt_connection(shard: &Rc<Shard>, stream: TcpStream, open: Arc<AtomicUsize>) {
+    if shard.is_shutting_down() {
+        // Handed over while this shard drains: it may already have stopped waiting for its
+        // connections, so it must not take a new one.
+        shard.router.release_connection(shard.id);
+        open.fetch_sub(1, Ordering::AcqRel);
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    tracing::debug!(shard = shard.id, peer = ?stream.peer_addr().ok(), "accepted connection");
+    shard.connections.set(shard.connections.get() + 1);
+    shard.metrics.connections.inc();
+    let shard2 = shard.clone();
+    glommio::spawn_local(async move {
+        let peer = stream.peer_addr().ok();
+        if let Err(e) = serve_connection(shard2.clone(), stream).await {
+            tracing::info!(?peer, error = %e, "connection closed");
+        }
+        open.fetch_sub(1, Ordering::AcqRel);
+        shard2.router.release_connection(shard2.id);
+        shard2.connections.set(shard2.connections.get() - 1);
+        shard2.metrics.connections.dec();
+        shard2.connections_changed.notify();
+    })
+    .detach();
 }
 
 type InFlight = Task<Result<Option<Frame>, NetError>>;

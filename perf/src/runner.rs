@@ -148,6 +148,9 @@ pub fn run(cfg: &RunConfig) -> Result<RunSummary> {
         );
     }
     let plan = assign(&layout.leaders, a.connections)?;
+    // Closed before the load starts: an idle connection would count on a broker that spreads
+    // connections by count (spate does), and unbalance the ones that carry the load.
+    drop(meta);
     match cfg.mode {
         Mode::Produce => run_produce(cfg, &plan, &layout),
         Mode::Consume => run_consume(cfg, &plan, &layout),
