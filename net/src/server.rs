@@ -4,6 +4,7 @@
 //! request order.
 
 use std::cell::Cell;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -33,13 +34,12 @@ const MAX_READ_GROWTH_BYTES: usize = 1 << 20;
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, open: Arc<AtomicUsize>) {
     loop {
         let stop = shard.shutdown.changed(0);
-        let accepted =
-            futures_lite::future::or(async { Some(listener.shared_accept().await) }, async {
-                stop.await;
-                None
-            })
-            .await;
-        let accepted = match accepted {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            stop.await;
+            None
+        })
+        .await;
+        let stream = match accepted {
             None => break,
             Some(Ok(s)) => s,
             Some(Err(e)) => {
@@ -60,15 +60,20 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, open: Arc<Atom
         // The least loaded shard serves it (see Router::claim_connection).
         let target = shard.router.claim_connection(shard.id);
         if target == shard.id {
-            adopt_connection(&shard, accepted.bind_to_executor(), open.clone());
+            adopt_connection(&shard, stream, open.clone());
             continue;
         }
+        // SAFETY: into_raw_fd hands over the only owner of the descriptor, with this shard's
+        // reactor state cleaned up; it is closed if it never reaches the target.
+        let fd = unsafe { OwnedFd::from_raw_fd(stream.into_raw_fd()) };
         let (router, open) = (shard.router.clone(), open.clone());
         glommio::spawn_local(async move {
             let open2 = open.clone();
             let handed = router
                 .run_on(target, move |s| async move {
-                    adopt_connection(&s, accepted.bind_to_executor(), open2);
+                    // SAFETY: `fd` is an open, owned TCP socket, given up here.
+                    let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+                    adopt_connection(&s, stream, open2);
                 })
                 .await;
             if handed.is_err() {
