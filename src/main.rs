@@ -146,6 +146,7 @@ fn serve(args: config::ServeConfig) -> anyhow::Result<()> {
         metrics = %config.metrics_listen.map_or("off".to_string(), |a| a.to_string()),
         "starting spate"
     );
+    spate_net::alloc::retain_freed_memory();
     let broker = Broker::start(config).context("starting the broker")?;
     let handle = broker.shutdown_handle();
     std::thread::spawn(move || {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 
 use crate::config::BrokerConfig;
+use crate::cross_wake;
 use crate::error::NetError;
 use crate::metadata::MetadataStore;
 use crate::metrics::Metrics;
@@ -218,7 +219,7 @@ async fn run_shard(
     let jobs = {
         let shard = shard.clone();
         glommio::spawn_local(async move {
-            while let Ok(job) = inbox.recv_async().await {
+            while let Ok(job) = cross_wake::recv(&inbox).await {
                 glommio::spawn_local(job(shard.clone())).detach();
             }
         })

@@ -8,6 +8,7 @@
 pub mod alloc;
 pub mod broker;
 pub mod config;
+pub mod cross_wake;
 pub mod dispatch;
 pub mod error;
 pub mod frame;

@@ -15,6 +15,7 @@ use glommio::sync::Semaphore;
 use kafka_protocol::ResponseError;
 
 use crate::config::BrokerConfig;
+use crate::cross_wake;
 use crate::error::NetError;
 use crate::metadata::{MetadataStore, Topics};
 use crate::partition::Partition;
@@ -128,11 +129,11 @@ impl Router {
                 let _ = tx.send(f(s).await);
             })
         });
-        sender
-            .send_async(job)
+        // The other shard wakes (and drops the waker of) both waits: see cross_wake.
+        cross_wake::send(sender, job)
             .await
             .map_err(|_| NetError::ShardUnavailable(shard))?;
-        rx.recv_async()
+        cross_wake::recv(&rx)
             .await
             .map_err(|_| NetError::ShardUnavailable(shard))
     }

@@ -11,6 +11,7 @@ use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, Partition
 use kafka_protocol::messages::{FetchRequest, FetchResponse};
 use kafka_protocol::ResponseError;
 
+use crate::cross_wake;
 use crate::dispatch::encode_response_frame;
 use crate::error::{engine_error_code, NetError, NONE};
 use crate::frame::Frame;
@@ -367,7 +368,7 @@ async fn wait_for_data(
     let timeout = glommio::timer::sleep(deadline.saturating_duration_since(Instant::now()));
     futures_lite::future::or(
         async {
-            let _ = rx.recv_async().await;
+            let _ = cross_wake::recv(&rx).await;
         },
         timeout,
     )

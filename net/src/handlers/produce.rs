@@ -12,6 +12,7 @@ use kafka_protocol::ResponseError;
 use spate_engine::batch::{BatchHeader, BATCH_HEADER_BYTES};
 use spate_engine::FlushPolicy;
 
+use crate::cross_wake;
 use crate::dispatch::{encode_response, Reply};
 use crate::error::{NetError, NONE};
 use crate::partition::ProduceOutcome;
@@ -115,7 +116,7 @@ pub async fn handle(
     drop(appended_tx);
     // Every owner has appended (or failed, dropping its sender): the next Produce of this
     // connection may go; durability waits of both overlap.
-    while appended_rx.recv_async().await.is_ok() {}
+    while cross_wake::recv(&appended_rx).await.is_ok() {}
     drop(turn);
     for task in tasks {
         match task.await {
