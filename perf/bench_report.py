@@ -104,6 +104,18 @@ def main():
             f" | {ms(lat['p50_ms'])} | {ms(lat['p99_ms'])} | {ms(lat['p999_ms'])}"
             f" | {ms(lat['p9999_ms'])} | {ms(lat['max_ms'])} |"
         )
+    lagged = [(n, r["send_lag"]) for n, r in runs.items() if r.get("send_lag")]
+    if lagged:
+        add("")
+        add(
+            "Send lag of the fixed-rate runs (how late spate-perf put each batch on the wire"
+            " against its intended time; part of the latency above):"
+        )
+        for name, lag in lagged:
+            add(
+                f"- {name}: p50 {ms(lag['p50_ms'])} ms, p99 {ms(lag['p99_ms'])} ms,"
+                f" p99.9 {ms(lag['p999_ms'])} ms, max {ms(lag['max_ms'])} ms"
+            )
     add("")
     add(
         "Produce latency: from each request's send (or intended send, with --rate) to its ack."

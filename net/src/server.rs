@@ -1,8 +1,10 @@
-//! Connections: each shard accepts on the shared port (SO_REUSEPORT) and serves its own
-//! connections. A connection's reader decodes frames and starts one task per request (up to
-//! `max_in_flight_per_connection`); its writer sends the replies back in request order.
+//! Connections: each shard accepts on the shared port (SO_REUSEPORT) and the least loaded
+//! shard serves the connection. A connection's reader decodes frames and starts one task per
+//! request (up to `max_in_flight_per_connection`); its writer sends the replies back in
+//! request order.
 
 use std::cell::Cell;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -60,20 +62,29 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, open: Arc<Atom
             );
             continue;
         }
-        let _ = stream.set_nodelay(true);
-        tracing::debug!(shard = shard.id, peer = ?stream.peer_addr().ok(), "accepted connection");
-        shard.connections.set(shard.connections.get() + 1);
-        shard.metrics.connections.inc();
-        let (shard2, open2) = (shard.clone(), open.clone());
+        // The least loaded shard serves it (see Router::claim_connection).
+        let target = shard.router.claim_connection(shard.id);
+        if target == shard.id {
+            adopt_connection(&shard, stream, open.clone());
+            continue;
+        }
+        // SAFETY: into_raw_fd hands over the only owner of the descriptor, with this shard's
+        // reactor state cleaned up; it is closed if it never reaches the target.
+        let fd = unsafe { OwnedFd::from_raw_fd(stream.into_raw_fd()) };
+        let (router, open) = (shard.router.clone(), open.clone());
         glommio::spawn_local(async move {
-            let peer = stream.peer_addr().ok();
-            if let Err(e) = serve_connection(shard2.clone(), stream).await {
-                tracing::info!(?peer, error = %e, "connection closed");
+            let open2 = open.clone();
+            let handed = router
+                .run_on(target, move |s| async move {
+                    // SAFETY: `fd` is an open, owned TCP socket, given up here.
+                    let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+                    adopt_connection(&s, stream, open2);
+                })
+                .await;
+            if handed.is_err() {
+                router.release_connection(target);
+                open.fetch_sub(1, Ordering::AcqRel);
             }
-            open2.fetch_sub(1, Ordering::AcqRel);
-            shard2.connections.set(shard2.connections.get() - 1);
-            shard2.metrics.connections.dec();
-            shard2.connections_changed.notify();
         })
         .detach();
     }
@@ -82,6 +93,34 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, open: Arc<Atom
         let seen = shard.connections_changed.generation();
         shard.connections_changed.changed(seen).await;
     }
+}
+
+/// Serves a connection counted on this shard by `Router::claim_connection` and in `open`.
+fn adopt_connection(shard: &Rc<Shard>, stream: TcpStream, open: Arc<AtomicUsize>) {
+    if shard.is_shutting_down() {
+        // Handed over while this shard drains: it may already have stopped waiting for its
+        // connections, so it must not take a new one.
+        shard.router.release_connection(shard.id);
+        open.fetch_sub(1, Ordering::AcqRel);
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    tracing::debug!(shard = shard.id, peer = ?stream.peer_addr().ok(), "accepted connection");
+    shard.connections.set(shard.connections.get() + 1);
+    shard.metrics.connections.inc();
+    let shard2 = shard.clone();
+    glommio::spawn_local(async move {
+        let peer = stream.peer_addr().ok();
+        if let Err(e) = serve_connection(shard2.clone(), stream).await {
+            tracing::info!(?peer, error = %e, "connection closed");
+        }
+        open.fetch_sub(1, Ordering::AcqRel);
+        shard2.router.release_connection(shard2.id);
+        shard2.connections.set(shard2.connections.get() - 1);
+        shard2.metrics.connections.dec();
+        shard2.connections_changed.notify();
+    })
+    .detach();
 }
 
 type InFlight = Task<Result<Option<Frame>, NetError>>;

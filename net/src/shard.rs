@@ -7,6 +7,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 
@@ -52,6 +53,10 @@ thread_local! {
 #[derive(Clone)]
 pub struct Router {
     senders: Arc<Vec<flume::Sender<Job>>>,
+    /// Client connections each shard serves (or has been given and is about to serve): the
+    /// kernel spreads SO_REUSEPORT accepts by a hash of the peer's address, which can put every
+    /// connection on one shard; accepts are rebalanced by these counts.
+    connections: Arc<Vec<AtomicUsize>>,
 }
 
 impl Router {
@@ -64,9 +69,32 @@ impl Router {
         (
             Router {
                 senders: Arc::new(senders),
+                connections: Arc::new((0..shards).map(|_| AtomicUsize::new(0)).collect()),
             },
             receivers,
         )
+    }
+
+    /// Picks the shard that will serve a connection accepted on shard `here`: the one with the
+    /// fewest connections, `here` on a tie (no hand-off). The pick is counted at once, so
+    /// accepts on several shards at the same moment do not all pick the same shard. Pair with
+    /// [`Self::release_connection`] when the connection ends.
+    pub fn claim_connection(&self, here: usize) -> usize {
+        let load = |i: usize| self.connections[i].load(Ordering::Acquire);
+        let mut best = here.min(self.shards() - 1);
+        for i in 0..self.shards() {
+            if load(i) < load(best) {
+                best = i;
+            }
+        }
+        self.connections[best].fetch_add(1, Ordering::AcqRel);
+        best
+    }
+
+    /// A connection counted by [`Self::claim_connection`] on `shard` has ended.
+    pub fn release_connection(&self, shard: usize) {
+        let before = self.connections[shard].fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(before > 0, "released more connections than claimed");
     }
 
     pub fn shards(&self) -> usize {

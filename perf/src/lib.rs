@@ -34,6 +34,9 @@ pub fn execute(command: Command) -> Result<()> {
     };
     let cfg = args.validate(mode)?;
     let summary = runner::run(&cfg)?;
+    if let Some(line) = summary.send_lag_line() {
+        println!("{line}");
+    }
     println!("{}", summary.line());
     if let Some(path) = &cfg.args.json {
         let text = serde_json::to_string_pretty(&summary).map_err(|e| PerfError::File {

@@ -234,6 +234,7 @@ mod tests {
                 records_per_sec: 1000.0,
                 mb_per_sec: 0.001,
                 latency: h.summary(),
+                send_lag: None,
             };
             let path = dir.path().join(format!("run{i}.json"));
             std::fs::write(&path, serde_json::to_string(&run).unwrap()).unwrap();

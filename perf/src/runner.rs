@@ -55,6 +55,8 @@ struct Measured {
     records: u64,
     bytes: u64,
     last: Option<Instant>,
+    /// Fixed rate: per batch, how late it went on the wire.
+    send_lag: Latency,
 }
 
 impl Measured {
@@ -67,6 +69,7 @@ impl Measured {
 
     fn merge(&mut self, other: Measured) {
         self.latency.merge(&other.latency);
+        self.send_lag.merge(&other.send_lag);
         self.records += other.records;
         self.bytes += other.bytes;
         self.last = match (self.last, other.last) {
@@ -124,6 +127,18 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// Lets this thread's timed sleeps end within a microsecond of their deadline: the default
+/// timer slack (50 µs) would otherwise be added to every batch's latency in fixed-rate mode.
+fn tighten_timer_slack() {
+    const SLACK_NS: libc::c_ulong = 1_000;
+    // SAFETY: PR_SET_TIMERSLACK takes plain integers and changes only the calling thread.
+    let rc = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, SLACK_NS, 0, 0, 0) };
+    debug_assert_eq!(
+        rc, 0,
+        "PR_SET_TIMERSLACK is available on every supported kernel"
+    );
+}
+
 /// Sleeps until `t` unless the run stops first.
 fn sleep_until(t: Instant, stop: &AtomicBool) {
     loop {
@@ -148,6 +163,9 @@ pub fn run(cfg: &RunConfig) -> Result<RunSummary> {
         );
     }
     let plan = assign(&layout.leaders, a.connections)?;
+    // Closed before the load starts: an idle connection would count on a broker that spreads
+    // connections by count (spate does), and unbalance the ones that carry the load.
+    drop(meta);
     match cfg.mode {
         Mode::Produce => run_produce(cfg, &plan, &layout),
         Mode::Consume => run_consume(cfg, &plan, &layout),
@@ -237,6 +255,9 @@ fn run_producer(
         mut writer,
         ..
     } = conn;
+    if schedule_interval_ns.is_some() {
+        tighten_timer_slack();
+    }
     let start = Instant::now().max(shared.epoch);
     let schedule = match schedule_interval_ns {
         Some(i) => Schedule::fixed(start, i),
@@ -291,6 +312,7 @@ fn run_producer(
         });
         let mut correlation_id: i32 = 0;
         let mut sent: u64 = 0;
+        let mut send_lag = Latency::default();
         let write_result = loop {
             if shared.stopped() || max_requests.is_some_and(|m| sent >= m) {
                 break Ok(());
@@ -306,6 +328,9 @@ fn run_producer(
                 break Ok(()); // the reader failed; its error is reported below
             }
             let due = intended.unwrap_or_else(Instant::now);
+            if intended.is_some() && due >= shared.measure_from {
+                send_lag.record_n(nanos(Instant::now().saturating_duration_since(due)), 1);
+            }
             if stamp {
                 let ok = template.stamp(nanos(due - shared.epoch), wall_ms());
                 assert!(ok, "e2e validation keeps batches uncompressed");
@@ -335,7 +360,9 @@ fn run_producer(
             shared.stop.store(true, Ordering::Relaxed);
         }
         write_result?;
-        read_result
+        let mut measured = read_result?;
+        measured.send_lag = send_lag;
+        Ok(measured)
     })
 }
 
@@ -570,6 +597,7 @@ fn summarize(cfg: &RunConfig, shared: &Shared, parts: Vec<Measured>) -> RunSumma
         records_per_sec: per_sec(all.records),
         mb_per_sec: per_sec(all.bytes) / 1e6,
         latency: all.latency.summary(),
+        send_lag: a.rate.map(|_| all.send_lag.summary()),
     }
 }
 
@@ -696,22 +724,22 @@ fn run_e2e(cfg: &RunConfig, plan: &[Assignment], layout: &TopicLayout) -> Result
     let shared = new_shared(cfg);
     let shared_ref = &shared;
     let topic = layout.topic.as_str();
-    // Producers' own measurements are dropped: e2e reports what the consumers saw.
-    let mut workers: Vec<Box<dyn FnOnce() -> Result<Option<Measured>> + Send + '_>> = Vec::new();
+    // e2e reports what the consumers saw, and the producers' send lag.
+    let mut workers: Vec<Box<dyn FnOnce() -> Result<Measured> + Send + '_>> = Vec::new();
     for ((p, c), h) in producers.into_iter().zip(consumers).zip(&handoffs) {
         workers.push(Box::new(move || {
-            run_producer(p, cfg, shared_ref, true, Some(h)).map(|_| None)
+            // Only the send lag: the rest counts acks, which e2e does not report.
+            run_producer(p, cfg, shared_ref, true, Some(h)).map(|m| Measured {
+                send_lag: m.send_lag,
+                ..Measured::default()
+            })
         }));
         workers.push(Box::new(move || {
-            run_consumer(c, cfg, shared_ref, topic, Some(h)).map(Some)
+            run_consumer(c, cfg, shared_ref, topic, Some(h))
         }));
     }
     let parts = drive(cfg, &shared, workers)?;
-    Ok(summarize(
-        cfg,
-        &shared,
-        parts.into_iter().flatten().collect(),
-    ))
+    Ok(summarize(cfg, &shared, parts))
 }
 
 #[cfg(test)]

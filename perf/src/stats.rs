@@ -191,9 +191,25 @@ pub struct RunSummary {
     pub records_per_sec: f64,
     pub mb_per_sec: f64,
     pub latency: LatencySummary,
+    /// Fixed-rate runs: how late each batch went on the wire against its intended send time
+    /// (one sample per batch). Whatever spate-perf itself adds to the latency it reports (a
+    /// late wake-up, a full in-flight window) shows here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_lag: Option<LatencySummary>,
 }
 
 impl RunSummary {
+    /// The send-lag line of a fixed-rate run.
+    pub fn send_lag_line(&self) -> Option<String> {
+        self.send_lag.as_ref().map(|l| {
+            format!(
+                "send lag behind schedule per batch: {:.3} ms 50th, {:.3} ms 99th, {:.3} ms \
+                 99.9th, {:.3} ms max ({} batches).",
+                l.p50_ms, l.p99_ms, l.p999_ms, l.max_ms, l.samples
+            )
+        })
+    }
+
     /// The summary line printed at the end of a run.
     pub fn line(&self) -> String {
         let l = &self.latency;

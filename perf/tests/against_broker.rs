@@ -319,6 +319,14 @@ fn a_stalled_broker_shows_in_fixed_rate_latencies() {
     // generator timing from the actual send would report one slow request and a low p90.
     assert!(max >= 700.0, "max {max} ms");
     assert!(p90 >= 50.0, "p90 {p90} ms");
+    // The in-flight window filled during the stall, so later batches left late: the send lag
+    // says how much of the latency was spent inside spate-perf.
+    let lag = summary(&json)["send_lag"]["max_ms"].as_f64().unwrap();
+    assert!(lag >= 500.0, "send lag max {lag} ms");
+    assert!(
+        lag <= max,
+        "send lag {lag} ms above the latency max {max} ms"
+    );
 }
 
 #[test]

@@ -87,27 +87,45 @@ pub async fn handle_frame(
         resp.responses.push(tr);
     }
 
-    loop {
-        let generations = read_all(shard, &work, max_bytes, req.api_version, &mut resp).await;
-        let total: usize = resp
-            .responses
-            .iter()
-            .flat_map(|t| &t.partitions)
-            .map(|p| p.records.as_ref().map_or(0, |r| r.len()))
-            .sum();
-        let any_error = resp
-            .responses
-            .iter()
-            .flat_map(|t| &t.partitions)
-            .any(|p| p.error_code != NONE);
-        let now = Instant::now();
-        if total >= min_bytes || any_error || now >= deadline || work.is_empty() {
-            break;
+    if work.len() == 1 {
+        // One owner (the usual case): the whole long poll runs there, one hop each way,
+        // instead of a hop to read, a hop to wait and a hop to read again.
+        let (&owner, items) = work.iter().next().expect("one owner");
+        let items = items.clone();
+        let shutting_down = shard.is_shutting_down();
+        match shard
+            .router
+            .run_on(owner, move |s| {
+                long_poll_on_owner(s, items, max_bytes, min_bytes, deadline, shutting_down)
+            })
+            .await
+        {
+            Ok(reads) => fill(&mut resp, reads, req.api_version),
+            Err(e) => set_error(&mut resp, &work[&owner], crate::error::net_error_code(&e)),
         }
-        if shard.is_shutting_down() {
-            break;
+    } else {
+        loop {
+            let generations = read_all(shard, &work, max_bytes, req.api_version, &mut resp).await;
+            let total: usize = resp
+                .responses
+                .iter()
+                .flat_map(|t| &t.partitions)
+                .map(|p| p.records.as_ref().map_or(0, |r| r.len()))
+                .sum();
+            let any_error = resp
+                .responses
+                .iter()
+                .flat_map(|t| &t.partitions)
+                .any(|p| p.error_code != NONE);
+            let now = Instant::now();
+            if total >= min_bytes || any_error || now >= deadline || work.is_empty() {
+                break;
+            }
+            if shard.is_shutting_down() {
+                break;
+            }
+            wait_for_data(shard, &work, generations, deadline).await;
         }
-        wait_for_data(shard, &work, generations, deadline).await;
     }
     for t in &resp.responses {
         for p in &t.partitions {
@@ -155,7 +173,6 @@ async fn read_all(
         })
         .collect();
     let mut generations = BTreeMap::new();
-    let mut budget = max_bytes;
     let mut results = Vec::new();
     for (owner, t) in tasks {
         match t.await {
@@ -163,18 +180,39 @@ async fn read_all(
                 generations.insert(owner, generation);
                 results.extend(reads);
             }
-            Err(e) => {
-                for (ti, pi, ..) in &work[&owner] {
-                    let pd = &mut resp.responses[*ti].partitions[*pi];
-                    pd.error_code = crate::error::net_error_code(&e);
-                }
-            }
+            Err(e) => set_error(resp, &work[&owner], crate::error::net_error_code(&e)),
         }
     }
-    // Request order decides who gets the total budget; the first non-empty partition always
-    // gets its data so a consumer can make progress past a batch larger than max_bytes.
+    keep_within_budget(&mut results, max_bytes);
+    fill(resp, results, version);
+    generations
+}
+
+type Reads = Vec<(usize, usize, PartitionRead)>;
+
+/// Request order decides who gets the total budget; the first non-empty partition always
+/// gets its data so a consumer can make progress past a batch larger than max_bytes. Records
+/// over the budget are dropped (left empty). Returns the bytes kept.
+fn keep_within_budget(results: &mut Reads, max_bytes: usize) -> usize {
     results.sort_by_key(|(ti, pi, _)| (*ti, *pi));
+    let mut budget = max_bytes;
+    let mut kept = 0;
     let mut first = true;
+    for (_, _, read) in results.iter_mut() {
+        let len = read.records.as_ref().map_or(0, |r| r.len());
+        if len > 0 && (first || len <= budget) {
+            budget = budget.saturating_sub(len);
+            kept += len;
+            first = false;
+        } else if read.records.is_some() {
+            read.records = Some(Bytes::new());
+        }
+    }
+    kept
+}
+
+/// Copies reads (already within the budget) into the reply.
+fn fill(resp: &mut FetchResponse, results: Reads, version: i16) {
     for (ti, pi, read) in results {
         let pd = &mut resp.responses[ti].partitions[pi];
         pd.error_code = read.error_code;
@@ -183,16 +221,44 @@ async fn read_all(
         if version >= 5 {
             pd.log_start_offset = read.log_start_offset;
         }
-        let len = read.records.as_ref().map_or(0, |r| r.len());
-        if len > 0 && (first || len <= budget) {
-            budget = budget.saturating_sub(len);
-            first = false;
-            pd.records = read.records;
-        } else {
-            pd.records = Some(Bytes::new());
-        }
+        pd.records = Some(read.records.unwrap_or_default());
     }
-    generations
+}
+
+fn set_error(resp: &mut FetchResponse, items: &[ReadWork], code: i16) {
+    for (ti, pi, ..) in items {
+        resp.responses[*ti].partitions[*pi].error_code = code;
+    }
+}
+
+/// The long poll of a fetch whose partitions all live on this shard: read, and until
+/// `min_bytes` came back (or an error, the deadline, shutdown), wait for an append here and
+/// read again.
+async fn long_poll_on_owner(
+    shard: Rc<Shard>,
+    items: Vec<ReadWork>,
+    max_bytes: usize,
+    min_bytes: usize,
+    deadline: Instant,
+    asker_shutting_down: bool,
+) -> Reads {
+    loop {
+        let (generation, mut reads) = read_on_owner(shard.clone(), items.clone(), max_bytes).await;
+        let total = keep_within_budget(&mut reads, max_bytes);
+        let any_error = reads.iter().any(|(_, _, r)| r.error_code != NONE);
+        if total >= min_bytes
+            || any_error
+            || Instant::now() >= deadline
+            || asker_shutting_down
+            || shard.is_shutting_down()
+        {
+            return reads;
+        }
+        let changed = shard.data_arrived.changed(generation);
+        let stop = shard.shutdown.changed(shard.shutdown.generation());
+        let timeout = glommio::timer::sleep(deadline.saturating_duration_since(Instant::now()));
+        futures_lite::future::or(changed, futures_lite::future::or(stop, timeout)).await;
+    }
 }
 
 /// Records in concatenated batches (a partial batch at the end is not counted).
