@@ -14,7 +14,8 @@
 #   BENCH_DIR where brokers and fio write (default: a fresh directory under target/; it must be on
 #             a filesystem with O_DIRECT, such as ext4 or xfs)
 #   BENCH_MAX_BYTES_PER_RUN  a produce run also stops after this many bytes of record values
-#             (default 3000000000), so a fast broker cannot fill the disk; each spate run gets a
+#             (default 12000000000, or a third of the free space if less), so a fast broker
+#             cannot fill the disk, yet measures a few seconds; each spate run gets a
 #             fresh data directory, deleted after it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,7 +49,14 @@ WORK=${BENCH_DIR:-$(mktemp -d "$ROOT/target/bench-work.XXXXXX")}
 mkdir -p "$WORK"
 PERF=$ROOT/target/release/spate-perf
 SPATE=$ROOT/target/release/spate
-MAX_BYTES_PER_RUN=${BENCH_MAX_BYTES_PER_RUN:-3000000000}
+# Long enough that the fastest rows measure seconds, not a fraction of one after warm-up.
+DEFAULT_MAX_BYTES_PER_RUN=12000000000
+if [ -n "${BENCH_MAX_BYTES_PER_RUN:-}" ]; then
+  MAX_BYTES_PER_RUN=$BENCH_MAX_BYTES_PER_RUN
+else
+  third_free=$(( $(df -PB1 "$WORK" | awk 'NR==2 {print $4}') / 3 ))
+  MAX_BYTES_PER_RUN=$(( third_free < DEFAULT_MAX_BYTES_PER_RUN ? third_free : DEFAULT_MAX_BYTES_PER_RUN ))
+fi
 WARMUP=0.5
 PARTITIONS=2
 CONNECTIONS=2
