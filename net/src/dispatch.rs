@@ -106,13 +106,13 @@ pub async fn dispatch_frame(
     result
 }
 
-/// [`encode_response`] that leaves the `zero_copy` buffers (record batches) uncopied.
-pub fn encode_response_frame<T: Encodable + HeaderVersion>(
+/// The response header for `correlation_id`, its version, and the size the length prefix
+/// announces (header plus body), which must fit the prefix's i32.
+fn response_header<T: Encodable + HeaderVersion>(
     correlation_id: i32,
     version: i16,
     body: &T,
-    zero_copy: Vec<Bytes>,
-) -> Result<Frame, NetError> {
+) -> Result<(ResponseHeader, i16, usize), NetError> {
     let header_version = T::header_version(version);
     let mut header = ResponseHeader::default();
     header.correlation_id = correlation_id;
@@ -123,6 +123,18 @@ pub fn encode_response_frame<T: Encodable + HeaderVersion>(
         .checked_add(body.compute_size(version).map_err(enc)?)
         .filter(|s| *s <= i32::MAX as usize)
         .ok_or_else(|| NetError::Encode("response size overflows".into()))?;
+    Ok((header, header_version, size))
+}
+
+/// [`encode_response`] that leaves the `zero_copy` buffers (record batches) uncopied.
+pub fn encode_response_frame<T: Encodable + HeaderVersion>(
+    correlation_id: i32,
+    version: i16,
+    body: &T,
+    zero_copy: Vec<Bytes>,
+) -> Result<Frame, NetError> {
+    let (header, header_version, size) = response_header(correlation_id, version, body)?;
+    let enc = |e: anyhow::Error| NetError::Encode(e.to_string());
     let mut buf = SegmentedBuf::new(zero_copy);
     buf.put_i32(size as i32);
     header.encode(&mut buf, header_version).map_err(enc)?;
@@ -142,15 +154,8 @@ pub fn encode_response<T: Encodable + HeaderVersion>(
     version: i16,
     body: &T,
 ) -> Result<Bytes, NetError> {
-    let header_version = T::header_version(version);
-    let mut header = ResponseHeader::default();
-    header.correlation_id = correlation_id;
+    let (header, header_version, size) = response_header(correlation_id, version, body)?;
     let enc = |e: anyhow::Error| NetError::Encode(e.to_string());
-    let size = header
-        .compute_size(header_version)
-        .map_err(enc)?
-        .checked_add(body.compute_size(version).map_err(enc)?)
-        .ok_or_else(|| NetError::Encode("response size overflows".into()))?;
     let mut buf = BytesMut::with_capacity(4 + size);
     buf.put_i32(size as i32);
     header.encode(&mut buf, header_version).map_err(enc)?;
