@@ -152,6 +152,9 @@ pub struct PlotArgs {
     /// Chart title.
     #[arg(long, default_value = "Latency by percentile")]
     pub title: String,
+    /// Latency axis: `auto` turns logarithmic when the curves span more than 100x.
+    #[arg(long, value_enum, default_value_t = crate::plot::YScale::Auto)]
+    pub y_scale: crate::plot::YScale,
     /// JSON files written by --json.
     #[arg(required = true)]
     pub runs: Vec<PathBuf>,

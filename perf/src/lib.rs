@@ -29,7 +29,7 @@ pub fn execute(command: Command) -> Result<()> {
                 .iter()
                 .map(|f| plot::load_summary(f))
                 .collect::<Result<Vec<_>>>()?;
-            return plot::draw(&p.out, &p.title, &runs);
+            return plot::draw(&p.out, &p.title, &runs, p.y_scale);
         }
     };
     let cfg = args.validate(mode)?;
@@ -49,7 +49,12 @@ pub fn execute(command: Command) -> Result<()> {
         })?;
     }
     if let Some(path) = &cfg.args.plot {
-        plot::draw(path, &summary.label, std::slice::from_ref(&summary))?;
+        plot::draw(
+            path,
+            &summary.label,
+            std::slice::from_ref(&summary),
+            plot::YScale::Auto,
+        )?;
     }
     Ok(())
 }

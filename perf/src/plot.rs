@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::prelude::*;
 
 use crate::error::{PerfError, Result};
@@ -24,6 +25,19 @@ const FONT_PATHS: [&str; 5] = [
     "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
     "/usr/share/fonts/liberation/LiberationSans-Regular.ttf",
 ];
+
+/// With `YScale::Auto`, curves whose largest and smallest latencies differ by more than this
+/// factor get a logarithmic latency axis, so a fast run stays visible beside a slow one.
+pub const AUTO_LOG_SPREAD: f64 = 100.0;
+
+/// The latency axis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum YScale {
+    /// Logarithmic when the curves span more than [`AUTO_LOG_SPREAD`], else linear.
+    Auto,
+    Linear,
+    Log,
+}
 
 /// Output format, from the file extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,40 +121,69 @@ pub fn load_summary(path: &Path) -> Result<RunSummary> {
 }
 
 /// Draws the latency-percentile curves of `runs` into `out`.
-pub fn draw(out: &Path, title: &str, runs: &[RunSummary]) -> Result<()> {
+pub fn draw(out: &Path, title: &str, runs: &[RunSummary], scale: YScale) -> Result<()> {
     let format = Format::of(out)?;
     ensure_font()?;
     let file_err = |message: String| PerfError::File {
         path: out.display().to_string(),
         message,
     };
-    let y_max = runs
-        .iter()
-        .flat_map(|r| r.latency.distribution.iter())
-        .filter(|p| nines(p.percentile) <= MAX_NINES)
-        .map(|p| p.latency_ms)
-        .fold(0.0f64, f64::max)
-        .max(0.001)
-        * 1.05;
-    let result = match format {
-        Format::Svg => {
+    let drawn = || {
+        runs.iter()
+            .flat_map(|r| r.latency.distribution.iter())
+            .filter(|p| nines(p.percentile) <= MAX_NINES)
+            .map(|p| p.latency_ms)
+    };
+    // Microsecond resolution is the floor: a zero latency cannot sit on a log axis.
+    const Y_FLOOR_MS: f64 = 0.001;
+    let y_max = drawn().fold(0.0f64, f64::max).max(Y_FLOOR_MS) * 1.05;
+    let y_min = drawn()
+        .filter(|v| *v > 0.0)
+        .fold(f64::INFINITY, f64::min)
+        .clamp(Y_FLOOR_MS, y_max)
+        / 1.05;
+    let log = is_log(scale, y_min, y_max);
+    let result = match (format, log) {
+        (Format::Svg, false) => {
             let root = SVGBackend::new(out, (WIDTH_PX, HEIGHT_PX)).into_drawing_area();
-            render(&root, title, runs, y_max)
+            render(&root, title, runs, 0.0..y_max)
         }
-        Format::Png => {
+        (Format::Svg, true) => {
+            let root = SVGBackend::new(out, (WIDTH_PX, HEIGHT_PX)).into_drawing_area();
+            render(&root, title, runs, (y_min..y_max).log_scale())
+        }
+        (Format::Png, false) => {
             let root = BitMapBackend::new(out, (WIDTH_PX, HEIGHT_PX)).into_drawing_area();
-            render(&root, title, runs, y_max)
+            render(&root, title, runs, 0.0..y_max)
+        }
+        (Format::Png, true) => {
+            let root = BitMapBackend::new(out, (WIDTH_PX, HEIGHT_PX)).into_drawing_area();
+            render(&root, title, runs, (y_min..y_max).log_scale())
         }
     };
     result.map_err(file_err)
 }
 
-fn render<DB: DrawingBackend>(
+/// Whether the latency axis is logarithmic for curves spanning `y_min..y_max` ms.
+fn is_log(scale: YScale, y_min: f64, y_max: f64) -> bool {
+    match scale {
+        YScale::Log => true,
+        YScale::Linear => false,
+        YScale::Auto => y_max / y_min > AUTO_LOG_SPREAD,
+    }
+}
+
+fn render<DB, Y>(
     root: &DrawingArea<DB, plotters::coord::Shift>,
     title: &str,
     runs: &[RunSummary],
-    y_max: f64,
-) -> std::result::Result<(), String> {
+    y_axis: Y,
+) -> std::result::Result<(), String>
+where
+    DB: DrawingBackend,
+    Y: AsRangedCoord<Value = f64>,
+    Y::CoordDescType: ValueFormatter<f64>,
+{
     let e = |x: &dyn std::fmt::Display| x.to_string();
     root.fill(&WHITE).map_err(|x| e(&x))?;
     let mut chart = ChartBuilder::on(root)
@@ -149,7 +192,7 @@ fn render<DB: DrawingBackend>(
         .margin_right(48)
         .x_label_area_size(44)
         .y_label_area_size(64)
-        .build_cartesian_2d(0.0..MAX_NINES, 0.0..y_max)
+        .build_cartesian_2d(0.0..MAX_NINES, y_axis)
         .map_err(|x| e(&x))?;
     chart
         .configure_mesh()
@@ -204,6 +247,14 @@ mod tests {
     }
 
     #[test]
+    fn auto_scale_turns_logarithmic_for_widely_spread_curves() {
+        assert!(!is_log(YScale::Auto, 0.3, 20.0));
+        assert!(is_log(YScale::Auto, 0.3, 2764.0));
+        assert!(is_log(YScale::Log, 0.3, 0.4));
+        assert!(!is_log(YScale::Linear, 0.3, 2764.0));
+    }
+
+    #[test]
     fn extension_picks_the_format() {
         assert_eq!(Format::of(Path::new("a.SVG")).unwrap(), Format::Svg);
         assert_eq!(Format::of(Path::new("a.png")).unwrap(), Format::Png);
@@ -248,11 +299,11 @@ mod tests {
             runs.push(back);
         }
         let svg = dir.path().join("chart.svg");
-        draw(&svg, "test", &runs).unwrap();
+        draw(&svg, "test", &runs, YScale::Auto).unwrap();
         let text = std::fs::read_to_string(&svg).unwrap();
         assert!(text.contains("run0") && text.contains("run1"));
         let png = dir.path().join("chart.png");
-        draw(&png, "test", &runs).unwrap();
+        draw(&png, "test", &runs, YScale::Log).unwrap();
         assert!(std::fs::metadata(&png).unwrap().len() > 1000);
     }
 
