@@ -468,13 +468,21 @@ impl Inner {
             }
             st.busy = true;
         }
-        let result = self.roll_locked().await;
+        let rolled = self.roll_locked().await;
         self.state.borrow_mut().busy = false;
         self.signal.notify_all();
-        result
+        // The recovery point moves to the new segment after appends have resumed: writing it
+        // (a file, two syncs and a rename) took most of a roll's time, and appends waited for
+        // it. The lock stays held, so no group commit, retention or close runs before it is
+        // written; a crash before then recovers from the previous point, which the scan
+        // already handles (it crosses into later segments).
+        let base = rolled?;
+        self.write_checkpoint_at(base, 0).await
     }
 
-    async fn roll_locked(self: &Rc<Self>) -> Result<(), EngineError> {
+    /// Seals the active segment and makes a new one active; returns the new segment's base.
+    /// The caller writes the recovery point.
+    async fn roll_locked(self: &Rc<Self>) -> Result<u64, EngineError> {
         {
             let mut st = self.state.borrow_mut();
             st.writer.seal_partial();
@@ -508,7 +516,7 @@ impl Inner {
                 .insert(base, Segment::new(base, new_file, new_path));
         }
         tracing::debug!(dir = ?self.dir, base, "rolled segment");
-        self.write_checkpoint_at(base, 0).await
+        Ok(base)
     }
 }
 
