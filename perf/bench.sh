@@ -13,6 +13,7 @@
 #   TANSU     path of the tansu binary (default: `tansu` on PATH, else /work/tansu-build/root/bin)
 #   BENCH_DIR where brokers and fio write (default: a fresh directory under target/; it must be on
 #             a filesystem with O_DIRECT, such as ext4 or xfs)
+#   BENCH_SEGMENT_BYTES  the spate broker's --segment-bytes (default 1073741824, its own default)
 #   BENCH_MAX_BYTES_PER_RUN  a produce run also stops after this many bytes of record values
 #             (default 12000000000, or a third of the free space if less), so a fast broker
 #             cannot fill the disk, yet measures a few seconds; each spate run gets a
@@ -61,8 +62,11 @@ WARMUP=0.5
 PARTITIONS=2
 CONNECTIONS=2
 E2E_RECORD_BYTES=1024
-# Small segments: the broker pre-allocates them, and the disk is shared.
-SEGMENT_BYTES=268435456
+# The broker's default segment size (1 GiB, Kafka's too): the engine pre-allocates only 16 MiB
+# ahead of the write position, so large segments cost no disk up front. Override with
+# BENCH_SEGMENT_BYTES (256 MiB was used until 2026-11-22 04:12 UTC; smaller segments roll more
+# often, and each roll holds appends for about a millisecond).
+SEGMENT_BYTES=${BENCH_SEGMENT_BYTES:-1073741824}
 # A broker must accept connections within this many seconds of starting.
 START_TIMEOUT_SECS=30
 BROKER_PID=""
