@@ -200,7 +200,12 @@ impl GroupShard {
                         let mut c = self.coordinator.borrow_mut();
                         for ((key, value), record) in raw.into_iter().zip(typed) {
                             records += 1;
-                            live.apply(key, value);
+                            // Owned copies: the decoded key and value are slices of the
+                            // read buffer, which they would otherwise keep alive whole.
+                            live.apply(
+                                Bytes::copy_from_slice(&key),
+                                value.map(|v| Bytes::copy_from_slice(&v)),
+                            );
                             c.replay(partition, record, now);
                         }
                     }
