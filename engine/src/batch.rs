@@ -184,11 +184,11 @@ impl VerifiedBatch {
     /// [`Self::new`] for a `Bytes`: used in place when no other handle shares its buffer,
     /// copied once otherwise (stamping must not change bytes another handle can see).
     pub fn from_bytes(bytes: Bytes) -> Result<Self, EngineError> {
-        BatchHeader::parse(&bytes)?.verify_crc()?;
-        let bytes = bytes
-            .try_into_mut()
-            .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
-        Ok(VerifiedBatch { bytes })
+        Self::new(
+            bytes
+                .try_into_mut()
+                .unwrap_or_else(|shared| BytesMut::from(&shared[..])),
+        )
     }
 
     pub fn header(&self) -> BatchHeader<'_> {
