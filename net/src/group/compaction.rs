@@ -13,14 +13,13 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
+use spate_engine::batch::BATCH_HEADER_BYTES;
 
 use super::records::RawRecord;
 
 /// Per-record overhead in a RecordBatch v2 beyond key and value (lengths, deltas, attributes),
 /// rounded up; used only to size snapshot batches.
 const RECORD_OVERHEAD_BYTES: usize = 32;
-/// RecordBatch v2 header bytes.
-const BATCH_HEADER_BYTES: usize = 61;
 
 /// The latest value of every live key of one partition, and the bytes appended since the
 /// last snapshot.
