@@ -248,6 +248,12 @@ async fn remove_prefix(
         if let Some(first) = st.epochs.first_mut() {
             first.1 = first.1.max(new_start);
         }
+        // An emptied log has no epochs: a reopen would find none either (the recovery point
+        // keeps only epochs that start below it), and end_offset_for_epoch must not depend on
+        // whether the log was reopened.
+        if new_start == st.log_end {
+            st.epochs.clear();
+        }
         st.log_start = new_start;
         st.generation += 1;
     }
