@@ -2,7 +2,8 @@
 //! a buffer of their own) and small (cut from the shared receive buffer), each batch stored
 //! exactly as sent with its offset stamped, a corrupt batch refused for its partition only, and
 //! everything read back from disk after a restart (the frame CRCs the log derives from the batch
-//! CRCs are checked there).
+//! CRCs are checked there). Frames that arrive in pieces, several in one write, or cut off by a
+//! peer that goes away are read correctly (the broker reads straight into unfilled buffers).
 
 mod common;
 
@@ -13,6 +14,7 @@ use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
 
 use common::{assert_success, record_batch_at, spate_cli, Broker, Raw};
+use std::io::Write;
 
 const TOPICS: [&str; 2] = ["pa", "pb"];
 const PARTITIONS: i32 = 3;
@@ -208,4 +210,116 @@ fn multi_partition_produce_large_and_small_frames_and_a_corrupt_batch() {
             raw = Raw::connect(&broker.addr());
         }
     }
+}
+
+/// A framed Produce request (v7, acks=1) for one partition, as a client would write it.
+fn produce_frame(topic: &str, partition: i32, records: &[u8], correlation_id: i32) -> Vec<u8> {
+    use kafka_protocol::protocol::Encodable;
+    let mut req = ProduceRequest::default();
+    req.acks = 1;
+    req.timeout_ms = 10_000;
+    let mut pd = PartitionProduceData::default();
+    pd.index = partition;
+    pd.records = Some(Bytes::from(records.to_vec()));
+    let mut td = TopicProduceData::default();
+    td.name = name(topic);
+    td.partition_data = vec![pd];
+    req.topic_data = vec![td];
+    let mut header = RequestHeader::default();
+    header.request_api_key = ApiKey::Produce as i16;
+    header.request_api_version = 7;
+    header.correlation_id = correlation_id;
+    let mut buf = bytes::BytesMut::new();
+    header.encode(&mut buf, 1).unwrap();
+    req.encode(&mut buf, 7).unwrap();
+    let mut framed = (buf.len() as i32).to_be_bytes().to_vec();
+    framed.extend_from_slice(&buf);
+    framed
+}
+
+/// The error code of a Produce v7 response frame (after its correlation id).
+fn produce_reply(raw: &mut Raw, correlation_id: i32) -> i16 {
+    use kafka_protocol::protocol::Decodable;
+    let frame = raw.read_frame().expect("a Produce response");
+    assert_eq!(
+        i32::from_be_bytes(frame[..4].try_into().unwrap()),
+        correlation_id
+    );
+    let mut body = Bytes::from(frame).slice(4..);
+    let resp = ProduceResponse::decode(&mut body, 7).unwrap();
+    resp.responses[0].partition_responses[0].error_code
+}
+
+#[test]
+fn frames_in_pieces_several_per_write_and_cut_off_by_the_peer() {
+    let broker = Broker::start();
+    let out = spate_cli(&broker.addr(), &["topic", "create", "pieces"]);
+    assert_success("topic create", &out);
+    let mut sent = Vec::new();
+    let mut raw = Raw::connect(&broker.addr());
+    raw.stream.set_nodelay(true).unwrap();
+
+    // A large frame (read into a buffer of its own) and a small one, each written in pieces
+    // cut at awkward places: inside the length prefix, inside the header, one byte alone.
+    for (i, count) in [3_000, 2].into_iter().enumerate() {
+        let batch = record_batch_at(-1, -1, -1, count, 10 + i as i64);
+        let frame = produce_frame("pieces", 0, &batch, 100 + i as i32);
+        let cuts = [
+            0,
+            1,
+            3,
+            4,
+            9,
+            10,
+            frame.len() / 3,
+            frame.len() / 2,
+            frame.len() - 1,
+        ];
+        for w in cuts.windows(2) {
+            raw.stream.write_all(&frame[w[0]..w[1]]).unwrap();
+            raw.stream.flush().unwrap();
+        }
+        raw.stream.write_all(&frame[frame.len() - 1..]).unwrap();
+        assert_eq!(
+            produce_reply(&mut raw, 100 + i as i32),
+            0,
+            "frame {i} in pieces"
+        );
+        sent.push(batch);
+    }
+
+    // Several frames, large and small, in one write: each is answered, in order.
+    let mut many = Vec::new();
+    for (i, count) in [1, 4_000, 3, 2_500].into_iter().enumerate() {
+        let batch = record_batch_at(-1, -1, -1, count, 20 + i as i64);
+        many.extend(produce_frame("pieces", 0, &batch, 200 + i as i32));
+        sent.push(batch);
+    }
+    raw.stream.write_all(&many).unwrap();
+    for i in 0..4 {
+        assert_eq!(produce_reply(&mut raw, 200 + i), 0, "pipelined frame {i}");
+    }
+
+    // A peer that sends half of a large frame and goes away: its frame is dropped, nothing
+    // else is, and the broker keeps serving.
+    let cut = produce_frame("pieces", 0, &record_batch_at(-1, -1, -1, 5_000, 30), 300);
+    let mut gone = Raw::connect(&broker.addr());
+    gone.stream.write_all(&cut[..cut.len() / 2]).unwrap();
+    gone.stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half close");
+    assert!(
+        gone.is_closed(),
+        "the broker closes a connection cut mid-frame"
+    );
+    drop(gone);
+
+    let batch = record_batch_at(-1, -1, -1, 7, 40);
+    raw.stream
+        .write_all(&produce_frame("pieces", 0, &batch, 400))
+        .unwrap();
+    assert_eq!(produce_reply(&mut raw, 400), 0, "after the cut-off peer");
+    sent.push(batch);
+    let stored = fetch_all(&mut raw, "pieces", 0);
+    assert_stored(&stored, &sent, "pieces-0");
 }

@@ -4,13 +4,13 @@
 //! request order.
 
 use std::cell::Cell;
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::AsyncWriteExt;
 use glommio::channels::local_channel;
 use glommio::net::{TcpListener, TcpStream};
 use glommio::Task;
@@ -31,9 +31,6 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// buffer is shared with it). Smaller frames stay in the receive buffer: copying them costs
 /// less than an allocation each.
 const OWN_BUFFER_MIN_FRAME_BYTES: usize = 32 * 1024;
-/// Most bytes of a frame's own buffer zero-filled ahead of the data received (see
-/// `read_own_frame`).
-const MAX_READ_GROWTH_BYTES: usize = 1 << 20;
 
 /// Accepts connections until shutdown, then waits for this shard's connections to finish.
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, open: Arc<AtomicUsize>) {
@@ -126,7 +123,8 @@ fn adopt_connection(shard: &Rc<Shard>, stream: TcpStream, open: Arc<AtomicUsize>
 type InFlight = Task<Result<Option<Frame>, NetError>>;
 
 async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) -> Result<(), NetError> {
-    let (mut reader, mut writer) = futures_lite::io::split(stream);
+    let mut sock = Socket::new(&stream)?;
+    let mut writer = stream;
     let (tx, rx) =
         local_channel::new_bounded::<InFlight>(shard.config.max_in_flight_per_connection);
     let closed = Rc::new(Signal::default());
@@ -170,7 +168,7 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) -> Result<(), Net
                         .freeze()
                         .slice(FRAME_PREFIX_BYTES..)
                 } else if len >= OWN_BUFFER_MIN_FRAME_BYTES {
-                    match read_own_frame(&mut reader, &mut buf, len, &shard, &closed).await? {
+                    match read_own_frame(&mut sock, &mut buf, len, &shard, &closed).await? {
                         Some(frame) => frame,
                         // Shut down, or the peer went away mid-frame.
                         None => return Ok(()),
@@ -201,21 +199,14 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) -> Result<(), Net
             if shard.is_shutting_down() || failed.get() {
                 return Ok(());
             }
-            // Make room for the rest of a known (small) frame, or a chunk.
+            // Read the rest of a known (small) frame, or a chunk.
             let want = match frame_len(&buf, max_frame)? {
                 Some(len) => FRAME_PREFIX_BYTES + len - buf.len(),
                 None => READ_CHUNK_BYTES,
             };
-            let old = buf.len();
-            buf.resize(old + want, 0);
-            match read_some(&mut reader, &mut buf[old..], &shard, &closed).await {
-                Ok(None) => {
-                    buf.truncate(old);
-                    return Ok(());
-                }
-                Ok(Some(0)) => return Ok(()),
-                Ok(Some(n)) => buf.truncate(old + n),
-                Err(e) => return Err(e),
+            match sock.read_into(&mut buf, want, &shard, &closed).await? {
+                None | Some(0) => return Ok(()),
+                Some(_) => {}
             }
         }
     }
@@ -228,11 +219,11 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) -> Result<(), Net
 
 /// Reads the rest of a `len`-byte frame whose first bytes are in `buf` (after the length
 /// prefix) into a buffer of its own, emptying `buf`. `len` was capped by `max_frame_bytes`
-/// before this; the buffer's memory is only reserved up front and zero-filled (safe reads need
-/// initialised bytes) at most `MAX_READ_GROWTH_BYTES` ahead of the data, each byte once, so a
-/// peer that announces a large frame and stalls does not make the shard touch all of it.
-async fn read_own_frame<R: futures_lite::AsyncRead + Unpin>(
-    reader: &mut R,
+/// before this. The memory is only reserved: the socket writes into it directly (see
+/// [`Socket::read_into`]), so a peer that announces a large frame and stalls does not make the
+/// shard touch all of it, and no byte is zero-filled before it is received.
+async fn read_own_frame(
+    sock: &mut Socket,
     buf: &mut BytesMut,
     len: usize,
     shard: &Shard,
@@ -241,39 +232,127 @@ async fn read_own_frame<R: futures_lite::AsyncRead + Unpin>(
     let mut own = BytesMut::with_capacity(len);
     own.extend_from_slice(&buf[FRAME_PREFIX_BYTES..]);
     buf.clear();
-    let mut filled = own.len();
-    while filled < len {
-        if own.len() == filled {
-            own.resize(filled + (len - filled).min(MAX_READ_GROWTH_BYTES), 0);
-        }
-        match read_some(reader, &mut own[filled..], shard, closed).await? {
+    while own.len() < len {
+        let want = len - own.len();
+        match sock.read_into(&mut own, want, shard, closed).await? {
             None | Some(0) => return Ok(None),
-            Some(n) => filled += n,
+            Some(_) => {}
         }
     }
     assert_eq!(own.len(), len, "a frame buffer holds exactly its frame");
     Ok(Some(own.freeze()))
 }
 
-/// One read from the socket into `dst`; None if the shard shuts down or the connection's
-/// writer is gone first.
-async fn read_some<R: futures_lite::AsyncRead + Unpin>(
-    reader: &mut R,
-    dst: &mut [u8],
-    shard: &Shard,
-    closed: &Signal,
-) -> Result<Option<usize>, NetError> {
-    let stop = shard.shutdown.changed(0);
-    let writer_gone = closed.changed(0);
-    let n = futures_lite::future::or(async { Some(reader.read(dst).await) }, async {
-        futures_lite::future::or(stop, writer_gone).await;
-        None
-    })
-    .await;
-    match n {
-        None => Ok(None),
-        Some(Ok(n)) => Ok(Some(n)),
-        Some(Err(e)) => Err(e.into()),
+/// A connection's receiving side: a second descriptor of the socket, so reads need not share
+/// the stream with the task writing replies.
+struct Socket {
+    stream: TcpStream,
+    /// The last `recv` left the socket empty (it returned less than asked), so the next read
+    /// waits at once instead of trying a `recv` that would find nothing.
+    drained: bool,
+}
+
+impl Socket {
+    fn new(stream: &TcpStream) -> Result<Self, NetError> {
+        // SAFETY: the descriptor belongs to `stream`, which outlives this borrow.
+        let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) }.try_clone_to_owned()?;
+        // SAFETY: `fd` is a new, owned descriptor of the same connected TCP socket.
+        let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+        Ok(Socket {
+            stream,
+            drained: false,
+        })
+    }
+
+    /// Appends at most `max` (> 0) received bytes to `buf`; Some(0) at end of stream, None if
+    /// the shard shuts down or the connection's writer is gone first.
+    ///
+    /// Safe reads need initialised destination bytes, and zero-filling every byte before the
+    /// kernel overwrote it cost about 7% of a shard's CPU at 1.5 GB/s. So the bytes that are
+    /// there are taken with a non-blocking `recv` into `buf`'s spare capacity, and only when the
+    /// socket is empty does the task wait, on a peek that takes nothing.
+    async fn read_into(
+        &mut self,
+        buf: &mut BytesMut,
+        max: usize,
+        shard: &Shard,
+        closed: &Signal,
+    ) -> Result<Option<usize>, NetError> {
+        assert!(max > 0, "a read asks for at least one byte");
+        buf.reserve(max);
+        if !self.drained {
+            if let Some(n) = self.recv_available(buf, max)? {
+                return Ok(Some(n));
+            }
+        }
+        loop {
+            if !self.wait_readable(shard, closed).await? {
+                return Ok(None);
+            }
+            // Readable means data, or the end of the stream (Some(0)).
+            if let Some(n) = self.recv_available(buf, max)? {
+                return Ok(Some(n));
+            }
+        }
+    }
+
+    /// Waits until the socket has data or reached its end, without taking any: a one-byte
+    /// `MSG_PEEK` through the executor's ring. False if the shard shuts down or the
+    /// connection's writer is gone first.
+    async fn wait_readable(&mut self, shard: &Shard, closed: &Signal) -> Result<bool, NetError> {
+        let stop = shard.shutdown.changed(0);
+        let writer_gone = closed.changed(0);
+        let mut probe = [0u8; 1];
+        let stream = &self.stream;
+        let peeked =
+            futures_lite::future::or(async { Some(stream.peek(&mut probe).await) }, async {
+                futures_lite::future::or(stop, writer_gone).await;
+                None
+            })
+            .await;
+        match peeked {
+            None => Ok(false),
+            Some(Ok(_)) => {
+                self.drained = false;
+                Ok(true)
+            }
+            Some(Err(e)) => Err(NetError::Io(e.into())),
+        }
+    }
+
+    /// One non-blocking `recv` of at most `max` bytes into `buf`'s spare capacity (reserved by
+    /// the caller); None if nothing is waiting.
+    fn recv_available(
+        &mut self,
+        buf: &mut BytesMut,
+        max: usize,
+    ) -> Result<Option<usize>, NetError> {
+        let fd = self.stream.as_raw_fd();
+        let spare = buf.spare_capacity_mut();
+        let want = spare.len().min(max);
+        loop {
+            // SAFETY: the kernel writes at most `want` bytes at `spare`, which is writable,
+            // owned by `buf` and at least that long; nothing reads those bytes before `recv`
+            // reports them written, and `set_len` below covers exactly those.
+            let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), want, libc::MSG_DONTWAIT) };
+            if n >= 0 {
+                let n = n as usize;
+                assert!(n <= want, "recv wrote at most what it was given");
+                // SAFETY: the first `n` spare bytes were just written by the kernel.
+                unsafe { buf.set_len(buf.len() + n) };
+                self.drained = n < want;
+                return Ok(Some(n));
+            }
+            let err = std::io::Error::last_os_error();
+            match err.kind() {
+                std::io::ErrorKind::Interrupted => continue,
+                std::io::ErrorKind::WouldBlock => {
+                    self.drained = true;
+                    return Ok(None);
+                }
+                _ => return Err(err.into()),
+            }
+        }
     }
 }
 
