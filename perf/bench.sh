@@ -14,6 +14,10 @@
 #   BENCH_DIR where brokers and fio write (default: a fresh directory under target/; it must be on
 #             a filesystem with O_DIRECT, such as ext4 or xfs)
 #   BENCH_SEGMENT_BYTES  the spate broker's --segment-bytes (default 1073741824, its own default)
+#   BENCH_FIO_NEAR_SECS  seconds of the fio sequential-write run made just before every produce
+#             run (default 3; 0 turns it off): the disk of a virtual machine follows its host,
+#             so a reference measured minutes earlier can be off by a third
+#   BENCH_E2E_RUNS  how many spate e2e runs, each on a fresh broker (default 3)
 #   BENCH_MAX_BYTES_PER_RUN  a produce run also stops after this many bytes of record values
 #             (default 12000000000, or a third of the free space if less), so a fast broker
 #             cannot fill the disk, yet measures a few seconds; each spate run gets a
@@ -34,7 +38,7 @@ while [ $# -gt 0 ]; do
     --out) OUT="${2:?--out needs a directory}"; shift ;;
     --no-peer) RUN_PEER=0 ;;
     --no-spate) RUN_SPATE=0 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -59,6 +63,10 @@ else
   MAX_BYTES_PER_RUN=$(( third_free < DEFAULT_MAX_BYTES_PER_RUN ? third_free : DEFAULT_MAX_BYTES_PER_RUN ))
 fi
 WARMUP=0.5
+FIO_NEAR_SECS=${BENCH_FIO_NEAR_SECS:-3}
+E2E_RUNS=${BENCH_E2E_RUNS:-3}
+case "$E2E_RUNS" in ''|*[!0-9]*|0) echo "bench.sh: BENCH_E2E_RUNS must be 1 or more" >&2; exit 2 ;; esac
+case "$FIO_NEAR_SECS" in ''|*[!0-9]*) echo "bench.sh: BENCH_FIO_NEAR_SECS must be a whole number" >&2; exit 2 ;; esac
 PARTITIONS=2
 CONNECTIONS=2
 E2E_RECORD_BYTES=1024
@@ -150,11 +158,25 @@ machine() {
     > "$OUT/machine.json"
 }
 
+# fio_seqwrite SECS FILE: the disk's sequential O_DIRECT write bandwidth, as fio JSON in FILE.
+fio_seqwrite() {
+  fio --name=seqwrite --directory="$WORK" --rw=write --bs=1M --size=1G --direct=1 \
+    --ioengine=io_uring --iodepth=16 --runtime="$1" --time_based --output-format=json \
+    > "$2"
+  rm -f "$WORK"/seqwrite.*
+}
+
+# fio_near NAME: the same fio run, shorter, just before produce run NAME; its ratio to the disk
+# is taken against this one (see BENCH_FIO_NEAR_SECS).
+fio_near() {
+  [ "$FIO_NEAR_SECS" -gt 0 ] || return 0
+  fio_seqwrite "$FIO_NEAR_SECS" "$OUT/fio-near-$1.json" \
+    || { log "fio before $1 failed"; rm -f "$OUT/fio-near-$1.json"; }
+}
+
 run_fio() {
   log "fio: sequential O_DIRECT write bandwidth"
-  fio --name=seqwrite --directory="$WORK" --rw=write --bs=1M --size=1G --direct=1 \
-    --ioengine=io_uring --iodepth=16 --runtime="$SECS" --time_based --output-format=json \
-    > "$OUT/fio-seqwrite.json"
+  fio_seqwrite "$SECS" "$OUT/fio-seqwrite.json"
   log "fio: 4 KiB write + fdatasync latency"
   fio --name=syncwrite --directory="$WORK" --rw=write --bs=4k --size=64M --direct=1 \
     --ioengine=psync --fdatasync=1 --runtime="$SECS" --time_based --output-format=json \
@@ -206,22 +228,24 @@ enough_space() {
 produce() {
   local name=$1 size=$2 acks=$3
   enough_space "$name" || return 0
+  fio_near "$name"
   perf "$name" produce -b "$ADDR" -t "$name" -p $PARTITIONS -c $CONNECTIONS -s "$size" \
     --batch-bytes "$(batch_bytes "$size")" --acks "$acks" --duration-secs "$SECS" \
     --warmup-secs $WARMUP --records $((MAX_BYTES_PER_RUN / size))
 }
 
-# e2e TARGET MAX_RUN: e2e against $ADDR at half the records/s of run MAX_RUN, acks=-1.
+# e2e TARGET MAX_RUN [RUN_NAME]: e2e against $ADDR at half the records/s of run MAX_RUN,
+# acks=-1; the run is named RUN_NAME (default TARGET-e2e).
 e2e_at_half() {
-  local target=$1 max_run=$2
+  local target=$1 max_run=$2 run=${3:-$1-e2e}
   local max rate
   max=$(records_per_sec "$max_run")
   rate=$(jq -n --argjson m "${max:-0}" '($m / 2) | floor')
   if [ "${rate:-0}" -lt 1 ]; then
-    log "$target e2e skipped: no max rate from $max_run"; FAILED+=("$target-e2e"); return
+    log "$run skipped: no max rate from $max_run"; FAILED+=("$run"); return
   fi
-  enough_space "$target-e2e" || return 0
-  perf "$target-e2e" e2e -b "$ADDR" -t "$target-e2e" -p $PARTITIONS -c $CONNECTIONS \
+  enough_space "$run" || return 0
+  perf "$run" e2e -b "$ADDR" -t "$run" -p $PARTITIONS -c $CONNECTIONS \
     -s $E2E_RECORD_BYTES --batch-bytes "$(batch_bytes $E2E_RECORD_BYTES)" --acks -1 \
     --rate "$rate" --duration-secs "$SECS" --warmup-secs $WARMUP --fetch-max-wait-ms 100 \
     --records $((MAX_BYTES_PER_RUN / E2E_RECORD_BYTES))
@@ -255,10 +279,15 @@ if [ "$RUN_SPATE" = 1 ]; then
         done
       done
     done
-    rm -rf "$WORK/spate"
-    start_spate always
-    e2e_at_half spate "spate-produce-${E2E_RECORD_BYTES}B-acks-1-always"
-    stop_broker
+    # Several e2e runs, each on a fresh broker: one run's tail can hide or show a hiccup of
+    # the shared machine, so the report gives every run.
+    for i in $(seq "$E2E_RUNS"); do
+      rm -rf "$WORK/spate"
+      start_spate always
+      e2e_at_half spate "spate-produce-${E2E_RECORD_BYTES}B-acks-1-always" \
+        "spate-e2e$([ "$i" -gt 1 ] && echo "-$i")"
+      stop_broker
+    done
     rm -rf "$WORK/spate"
   else
     log "the spate binary has no 'serve' command: spate rows skipped"

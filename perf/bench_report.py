@@ -5,7 +5,9 @@ Usage: bench_report.py DIR > DIR/results.md
 
 Reads DIR/machine.json, DIR/fio-*.json and the spate-perf --json files (one per run, named by
 the run). Every throughput is also given as a ratio: against fio's sequential O_DIRECT write
-bandwidth (MB/s) and against the same run on the peer broker (records/s).
+bandwidth (MB/s) and against the same run on the peer broker (records/s). A produce run is
+compared with the fio run made just before it (DIR/fio-near-RUN.json) when there is one, and
+also with the one at the start of the suite.
 """
 import json
 import os
@@ -82,10 +84,10 @@ def main():
     add("### Runs")
     add("")
     add(
-        "| run | measured s | records/s | MB/s | vs fio seq write (MB/s) | vs peer (records/s) | p50 ms | p99 ms"
-        " | p99.9 ms | p99.99 ms | max ms |"
+        "| run | measured s | records/s | MB/s | fio just before (MB/s) | vs fio just before"
+        " | vs fio at start | vs peer (records/s) | p50 ms | p99 ms | p99.9 ms | p99.99 ms | max ms |"
     )
-    add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in runs.items():
         peer = None
         if name.startswith("spate-"):
@@ -94,12 +96,20 @@ def main():
             for flush in ("-interval", "-always"):
                 if rest.endswith(flush):
                     rest = rest[: -len(flush)] + "-sqlite"
+            # Repeated e2e runs (spate-e2e-2, ...) compare with the peer's one e2e run.
+            if rest.startswith("e2e-"):
+                rest = "e2e"
             peer = runs.get("tansu-" + rest)
         lat = r["latency"]
+        # Only produce writes: a read or an e2e rate has no meaning against a write limit.
+        produce = r.get("mode") == "produce"
+        near = load(os.path.join(out, f"fio-near-{name}.json"))
+        near_mb = near["jobs"][0]["write"]["bw_bytes"] / 1e6 if near and produce else None
         add(
             f"| {name} | {r['seconds']:.1f} | {r['records_per_sec']:,.0f} | {r['mb_per_sec']:.1f}"
-            # Only produce writes: a read or an e2e rate has no meaning against a write limit.
-            f" | {ratio(r['mb_per_sec'], seq_mb) if r.get('mode') == 'produce' else '-'}"
+            f" | {'-' if near_mb is None else f'{near_mb:.1f}'}"
+            f" | {ratio(r['mb_per_sec'], near_mb) if produce else '-'}"
+            f" | {ratio(r['mb_per_sec'], seq_mb) if produce else '-'}"
             f" | {ratio(r['records_per_sec'], peer['records_per_sec'] if peer else None)}"
             f" | {ms(lat['p50_ms'])} | {ms(lat['p99_ms'])} | {ms(lat['p999_ms'])}"
             f" | {ms(lat['p9999_ms'])} | {ms(lat['max_ms'])} |"
