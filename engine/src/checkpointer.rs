@@ -65,19 +65,21 @@ impl Inner {
                 };
                 {
                     let mut st = inner.state.borrow_mut();
-                    if !st.ckpt_wanted || st.closed || st.failed.is_some() {
+                    if !st.ckpt_wanted || st.closed || st.failed.is_some() || st.ckpt_paused {
                         break;
                     }
                     st.ckpt_wanted = false;
+                    st.ckpt_in_flight = true;
                 }
                 let started = Instant::now();
-                if let Err(e) = inner.checkpoint_now().await {
-                    inner
-                        .state
-                        .borrow_mut()
-                        .fail(format!("background recovery-point write: {e}"));
+                let result = inner.checkpoint_now().await;
+                let mut st = inner.state.borrow_mut();
+                st.ckpt_in_flight = false;
+                if let Err(e) = result {
+                    st.fail(format!("background recovery-point write: {e}"));
                     break;
                 }
+                drop(st);
                 tracing::trace!(took = ?started.elapsed(), "background checkpoint");
             }
             inner.state.borrow_mut().ckpt_running = false;

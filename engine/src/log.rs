@@ -174,6 +174,10 @@ pub(crate) struct State {
     /// A background recovery-point write is requested; the checkpointer task is alive.
     pub ckpt_wanted: bool,
     pub ckpt_running: bool,
+    /// The checkpointer holds `ckpt_lock` and is writing.
+    pub ckpt_in_flight: bool,
+    /// Tests hold background work back to crash between a roll and its finishing.
+    pub ckpt_paused: bool,
     pub writer: Writer,
     pub pending: VecDeque<Pending>,
     pub failed: Option<String>,
@@ -982,6 +986,35 @@ impl PartitionLog {
             .map_err(|_| EngineError::Closed)?;
         let _quiet = self.inner.quiesce_checkpointer().await?;
         self.inner.checkpoint_now().await
+    }
+
+    /// Whether the background checkpointer is writing right now (for tests that must catch it
+    /// in the act).
+    #[doc(hidden)]
+    pub fn background_checkpoint_in_flight(&self) -> bool {
+        self.inner.state.borrow().ckpt_in_flight
+    }
+
+    /// Whether background work is pending or under way: a recovery-point write, or a rolled
+    /// segment not yet trimmed and indexed.
+    #[doc(hidden)]
+    pub fn background_work_pending(&self) -> bool {
+        let st = self.inner.state.borrow();
+        st.ckpt_running || st.ckpt_wanted || !st.sealed.is_empty()
+    }
+
+    /// Holds background work back (requests stay queued) until called with false: lets a test
+    /// crash a log between a roll and the work the roll leaves behind.
+    #[doc(hidden)]
+    pub fn pause_background_checkpoints(&self, paused: bool) {
+        let resume = {
+            let mut st = self.inner.state.borrow_mut();
+            st.ckpt_paused = paused;
+            !paused && (st.ckpt_wanted || !st.sealed.is_empty())
+        };
+        if resume {
+            self.inner.request_checkpoint();
+        }
     }
 
     /// First offset whose batch max timestamp is `>= timestamp_ms`, with that timestamp.
