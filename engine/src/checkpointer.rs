@@ -168,6 +168,8 @@ impl Inner {
                 st.durable_base = next;
                 st.durable_pos = 0;
             }
+            drop(st);
+            self.signal.notify_all();
         }
     }
 

@@ -29,6 +29,9 @@ pub const CHECKPOINT_INTERVAL_MS: u64 = 5_000;
 /// pre-allocated this far ahead (never the whole segment up front: a broker with thousands of
 /// mostly idle partitions must not reserve a segment for each; idle logs reserve nothing).
 pub const PREALLOCATE_AHEAD_BYTES: u64 = 16 << 20;
+/// A roll waits for the background checkpointer while this many rolled segments are not yet
+/// trimmed and indexed.
+pub const MAX_UNFINISHED_SEALED_SEGMENTS: usize = 4;
 /// Hard ceiling for `max_batch_bytes` and for any frame length read back from disk.
 pub const MAX_FRAME_PAYLOAD_BYTES: usize = 64 << 20;
 
@@ -508,11 +511,29 @@ impl Inner {
             .await
             .map_err(|_| EngineError::Closed)?;
         {
-            let mut st = self.state.borrow_mut();
+            let st = self.state.borrow();
             self.check(&st)?;
             if st.active().base != expected_active {
                 return Ok(());
             }
+        }
+        // Rolls may not outrun the checkpointer without bound: each unfinished segment is one
+        // more that recovery scans whole and one more entry kept in memory.
+        if self.state.borrow().sealed.len() >= MAX_UNFINISHED_SEALED_SEGMENTS {
+            self.request_checkpoint();
+            self.signal
+                .wait_until(|| {
+                    let st = self.state.borrow();
+                    st.sealed.len() < MAX_UNFINISHED_SEALED_SEGMENTS
+                        || st.failed.is_some()
+                        || st.closed
+                        || st.ckpt_paused
+                })
+                .await;
+        }
+        {
+            let mut st = self.state.borrow_mut();
+            self.check(&st)?;
             st.busy = true;
         }
         let rolled = self.roll_locked().await;

@@ -293,6 +293,9 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
             if stop_pos < file_size {
                 tracing::debug!(?path, position = stop_pos, %reason, "log ends here");
                 file.truncate(stop_pos).await.map_err(io_err(&path))?;
+                // The recovery point written below may name a later segment: this one must
+                // end at its data on disk before it does.
+                file.fdatasync().await.map_err(io_err(&path))?;
                 Segment::remove_index_files(dir, base);
                 // A segment rolled away but not yet trimmed (a crash before the checkpointer
                 // finished it) ends in pre-allocated zeros; when the next segment starts right
