@@ -57,9 +57,14 @@ impl Inner {
         if !spawn {
             return;
         }
-        let inner = self.clone();
+        // A weak handle: a log dropped without close (a crash, in tests) stops its background
+        // work at the next step, as a crash would, instead of writing on behind a reopen.
+        let weak = Rc::downgrade(self);
         glommio::spawn_local(async move {
             loop {
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
                 let Ok(_permit) = inner.ckpt_lock.acquire_permit(1).await else {
                     break;
                 };
@@ -82,8 +87,10 @@ impl Inner {
                 drop(st);
                 tracing::trace!(took = ?started.elapsed(), "background checkpoint");
             }
-            inner.state.borrow_mut().ckpt_running = false;
-            inner.signal.notify_all();
+            if let Some(inner) = weak.upgrade() {
+                inner.state.borrow_mut().ckpt_running = false;
+                inner.signal.notify_all();
+            }
         })
         .detach();
     }
