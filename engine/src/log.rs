@@ -177,6 +177,8 @@ pub(crate) struct State {
     /// A background recovery-point write is requested; the checkpointer task is alive.
     pub ckpt_wanted: bool,
     pub ckpt_running: bool,
+    /// The segment of the durable end when a recovery point was last asked for.
+    pub ckpt_asked_base: u64,
     /// The checkpointer holds `ckpt_lock` and is writing.
     pub ckpt_in_flight: bool,
     /// Tests hold background work back to crash between a roll and its finishing.
@@ -395,12 +397,19 @@ impl Inner {
                 st.durable_pos = target_pos;
             }
             // After a roll the recovery point moves to the new segment at once, so recovery
-            // never scans a whole old segment again.
-            st.last_checkpoint.elapsed() >= Duration::from_millis(CHECKPOINT_INTERVAL_MS)
-                || st.checkpoint.segment_base != st.durable_base
+            // never scans a whole old segment again. Asked once per interval or segment: the
+            // write takes a while, and group commits meanwhile must not queue another.
+            let due = st.last_checkpoint.elapsed() >= Duration::from_millis(CHECKPOINT_INTERVAL_MS)
+                || (st.checkpoint.segment_base != st.durable_base
+                    && st.ckpt_asked_base != st.durable_base);
+            if due {
+                st.last_checkpoint = Instant::now();
+                st.ckpt_asked_base = st.durable_base;
+            }
+            due
         };
         self.signal.notify_all();
-        if checkpoint_due && !self.state.borrow().ckpt_wanted {
+        if checkpoint_due {
             self.request_checkpoint();
         }
         Ok(())
