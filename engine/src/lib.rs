@@ -7,12 +7,14 @@
 //! Layout: `log.rs` (the API and the append/read paths), `writer.rs` (direct-I/O write-behind),
 //! `frame.rs` (the on-disk frame header), `segment.rs` and `index.rs` (segment files and their
 //! sparse indexes), `recovery.rs` (open), `truncate.rs` (truncation and retention),
-//! `checkpoint.rs` (the recovery-point file), `cache.rs` (the per-shard batch cache), `crc.rs`
+//! `checkpoint.rs` (the recovery-point file), `checkpointer.rs` (background recovery-point
+//! writes and the finishing of sealed segments), `cache.rs` (the per-shard batch cache), `crc.rs`
 //! (CRC-32C combination).
 
 pub mod batch;
 mod cache;
 mod checkpoint;
+mod checkpointer;
 mod config;
 mod crc;
 mod error;

@@ -13,6 +13,7 @@ use glommio::sync::Semaphore;
 
 use crate::batch::{BatchHeader, VerifiedBatch, CRC_COVERED_START};
 use crate::checkpoint::{self, RecoveryPoint};
+use crate::checkpointer::Sealed;
 use crate::frame::{decode_frame, frame_len, FrameError, FrameHeader, FRAME_HEADER_BYTES};
 use crate::segment::{self, io_err, Segment};
 use crate::signal::Signal;
@@ -28,6 +29,9 @@ pub const CHECKPOINT_INTERVAL_MS: u64 = 5_000;
 /// pre-allocated this far ahead (never the whole segment up front: a broker with thousands of
 /// mostly idle partitions must not reserve a segment for each; idle logs reserve nothing).
 pub const PREALLOCATE_AHEAD_BYTES: u64 = 16 << 20;
+/// A roll waits for the background checkpointer while this many rolled segments are not yet
+/// trimmed and indexed.
+pub const MAX_UNFINISHED_SEALED_SEGMENTS: usize = 4;
 /// Hard ceiling for `max_batch_bytes` and for any frame length read back from disk.
 pub const MAX_FRAME_PAYLOAD_BYTES: usize = 64 << 20;
 
@@ -157,12 +161,28 @@ pub(crate) struct State {
     pub log_start: u64,
     pub log_end: u64,
     pub durable: u64,
-    /// Position in the active segment matching `durable`.
+    /// The segment holding `durable` (the active one, or a sealed one not yet synced), and the
+    /// position there matching it.
+    pub durable_base: u64,
     pub durable_pos: u64,
     /// (leader epoch, start offset), both strictly ascending.
     pub epochs: Vec<(i32, u64)>,
     pub checkpoint: RecoveryPoint,
     pub last_checkpoint: Instant,
+    /// Rolled-away segments not yet trimmed, indexed and known durable, oldest first.
+    pub sealed: Vec<Sealed>,
+    /// Segment files created so far, and how many of those creations a directory sync covers.
+    pub dir_changes: u64,
+    pub dir_synced: u64,
+    /// A background recovery-point write is requested; the checkpointer task is alive.
+    pub ckpt_wanted: bool,
+    pub ckpt_running: bool,
+    /// The segment of the durable end when a recovery point was last asked for.
+    pub ckpt_asked_base: u64,
+    /// The checkpointer holds `ckpt_lock` and is writing.
+    pub ckpt_in_flight: bool,
+    /// Tests hold background work back to crash between a roll and its finishing.
+    pub ckpt_paused: bool,
     pub writer: Writer,
     pub pending: VecDeque<Pending>,
     pub failed: Option<String>,
@@ -231,6 +251,9 @@ pub(crate) struct Inner {
     /// Serialises the operations that change the segment structure or sync (roll, sync,
     /// truncate, retention, close). Appends and reads never take it.
     pub lock: Semaphore,
+    /// Held by the background checkpointer while it writes, and by operations that remove
+    /// data while they run (taken after `lock`, never the other way round).
+    pub ckpt_lock: Semaphore,
 }
 
 /// A partition log on one shard. `!Send`; every method takes `&self`.
@@ -315,16 +338,32 @@ impl Inner {
             .await;
     }
 
-    /// One group commit: seals what was appended so far, waits for those writes, fdatasyncs.
-    /// Caller holds `lock`.
+    /// One group commit: seals what was appended so far, waits for those writes, fdatasyncs
+    /// (with the segments and directory entry a roll left unsynced, concurrently). Caller holds
+    /// `lock`.
     async fn sync_once(self: &Rc<Self>) -> Result<(), EngineError> {
-        let (target_offset, target_pos, file, path) = {
+        let (target_offset, target_base, target_pos, file, path, sealed, dir_mark) = {
             let mut st = self.state.borrow_mut();
             self.check(&st)?;
             st.bytes_since_sync = 0;
             st.writer.seal_partial();
+            let sealed: Vec<_> = st
+                .sealed
+                .iter()
+                .filter(|s| !s.synced)
+                .map(|s| (s.base, s.file.clone(), s.path.clone()))
+                .collect();
+            let dir_mark = (st.dir_synced < st.dir_changes).then_some(st.dir_changes);
             let a = st.active();
-            (st.log_end, a.size, a.file.clone(), a.path.clone())
+            (
+                st.log_end,
+                a.base,
+                a.size,
+                a.file.clone(),
+                a.path.clone(),
+                sealed,
+                dir_mark,
+            )
         };
         self.start_jobs();
         self.signal
@@ -335,23 +374,43 @@ impl Inner {
             .await;
         self.check(&self.state.borrow())?;
         let started = Instant::now();
-        let synced = file.fdatasync().await;
+        let (synced, sealed_synced) =
+            futures_lite::future::zip(file.fdatasync(), self.sync_sealed(sealed, dir_mark)).await;
         crate::observe::fsync_done(started.elapsed());
         if let Err(e) = synced {
             // A failed fdatasync may have dropped dirty pages: the log cannot be trusted anymore.
             self.state.borrow_mut().fail(format!("fdatasync: {e}"));
             return Err(io_err(&path)(e));
         }
+        if let Err(e) = sealed_synced {
+            self.state
+                .borrow_mut()
+                .fail(format!("fdatasync after a roll: {e}"));
+            return Err(e);
+        }
         let checkpoint_due = {
             let mut st = self.state.borrow_mut();
             assert!(target_offset <= st.log_end);
-            st.durable = st.durable.max(target_offset);
-            st.durable_pos = target_pos;
-            st.last_checkpoint.elapsed() >= Duration::from_millis(CHECKPOINT_INTERVAL_MS)
+            if target_offset >= st.durable {
+                st.durable = target_offset;
+                st.durable_base = target_base;
+                st.durable_pos = target_pos;
+            }
+            // After a roll the recovery point moves to the new segment at once, so recovery
+            // never scans a whole old segment again. Asked once per interval or segment: the
+            // write takes a while, and group commits meanwhile must not queue another.
+            let due = st.last_checkpoint.elapsed() >= Duration::from_millis(CHECKPOINT_INTERVAL_MS)
+                || (st.checkpoint.segment_base != st.durable_base
+                    && st.ckpt_asked_base != st.durable_base);
+            if due {
+                st.last_checkpoint = Instant::now();
+                st.ckpt_asked_base = st.durable_base;
+            }
+            due
         };
         self.signal.notify_all();
         if checkpoint_due {
-            self.write_checkpoint_at(target_offset, target_pos).await?;
+            self.request_checkpoint();
         }
         Ok(())
     }
@@ -461,61 +520,84 @@ impl Inner {
             .await
             .map_err(|_| EngineError::Closed)?;
         {
-            let mut st = self.state.borrow_mut();
+            let st = self.state.borrow();
             self.check(&st)?;
             if st.active().base != expected_active {
                 return Ok(());
             }
+        }
+        // Rolls may not outrun the checkpointer without bound: each unfinished segment is one
+        // more that recovery scans whole and one more entry kept in memory.
+        if self.state.borrow().sealed.len() >= MAX_UNFINISHED_SEALED_SEGMENTS {
+            self.request_checkpoint();
+            self.signal
+                .wait_until(|| {
+                    let st = self.state.borrow();
+                    st.sealed.len() < MAX_UNFINISHED_SEALED_SEGMENTS
+                        || st.failed.is_some()
+                        || st.closed
+                        || st.ckpt_paused
+                })
+                .await;
+        }
+        {
+            let mut st = self.state.borrow_mut();
+            self.check(&st)?;
             st.busy = true;
         }
         let rolled = self.roll_locked().await;
         self.state.borrow_mut().busy = false;
         self.signal.notify_all();
-        // The recovery point moves to the new segment after appends have resumed: writing it
-        // (a file, two syncs and a rename) took most of a roll's time, and appends waited for
-        // it. The lock stays held, so no group commit, retention or close runs before it is
-        // written; a crash before then recovers from the previous point, which the scan
-        // already handles (it crosses into later segments).
-        let base = rolled?;
-        self.write_checkpoint_at(base, 0).await
+        rolled?;
+        // Trimming the old segment, its index files and the recovery point happen in the
+        // background (see checkpointer.rs): neither appends nor group commits wait for them.
+        self.request_checkpoint();
+        Ok(())
     }
 
     /// Seals the active segment and makes a new one active; returns the new segment's base.
-    /// The caller writes the recovery point.
+    /// Appends wait meanwhile, so this does only what the switch needs: the old segment's last
+    /// writes and the new file. Its sync is left to the next group commit, the rest to the
+    /// checkpointer.
     async fn roll_locked(self: &Rc<Self>) -> Result<u64, EngineError> {
+        let started = Instant::now();
         {
             let mut st = self.state.borrow_mut();
             st.writer.seal_partial();
         }
         self.start_jobs();
         self.wait_writes_idle().await;
-        let (file, path, size) = {
+        let writes_done = started.elapsed();
+        let base = {
             let st = self.state.borrow();
             self.check(&st)?;
-            let a = st.active();
-            (a.file.clone(), a.path.clone(), a.size)
+            st.log_end
         };
-        // Sealed segments have their exact data length as file size: recovery and reads rely
-        // on it, and the pre-allocated tail is given back.
-        file.truncate(size).await.map_err(io_err(&path))?;
-        file.fdatasync().await.map_err(io_err(&path))?;
-        let (index_writer, dir) = (self.index_snapshot(), self.dir.clone());
-        index_writer.write_index_files(&dir).await?;
-        let base = self.state.borrow().log_end;
         let new_path = segment::log_path(&self.dir, base);
         let new_file = segment::open_file(&new_path).await?;
-        checkpoint::sync_dir(&self.dir).await?;
         {
             let mut st = self.state.borrow_mut();
-            st.durable = st.log_end;
-            st.durable_pos = 0;
+            let (old_base, file, path, size) = {
+                let a = st.active();
+                (a.base, a.file.clone(), a.path.clone(), a.size)
+            };
+            assert!(base > old_base, "a roll leaves a non-empty segment");
+            let synced = st.durable >= base;
+            st.sealed.push(Sealed {
+                base: old_base,
+                file,
+                path,
+                size,
+                synced,
+            });
+            st.dir_changes += 1;
             st.pending.clear();
             st.writer = Writer::new(0, &[]);
             st.preallocated = 0;
             st.segments
                 .insert(base, Segment::new(base, new_file, new_path));
         }
-        tracing::debug!(dir = ?self.dir, base, "rolled segment");
+        tracing::debug!(dir = ?self.dir, base, ?writes_done, took = ?started.elapsed(), "rolled segment");
         Ok(base)
     }
 }
@@ -932,12 +1014,37 @@ impl PartitionLog {
             .acquire_permit(1)
             .await
             .map_err(|_| EngineError::Closed)?;
-        let (offset, pos) = {
-            let st = self.inner.state.borrow();
-            self.inner.check(&st)?;
-            (st.durable, st.durable_pos)
+        let _quiet = self.inner.quiesce_checkpointer().await?;
+        self.inner.checkpoint_now().await
+    }
+
+    /// Whether the background checkpointer is writing right now (for tests that must catch it
+    /// in the act).
+    #[doc(hidden)]
+    pub fn background_checkpoint_in_flight(&self) -> bool {
+        self.inner.state.borrow().ckpt_in_flight
+    }
+
+    /// Whether background work is pending or under way: a recovery-point write, or a rolled
+    /// segment not yet trimmed and indexed.
+    #[doc(hidden)]
+    pub fn background_work_pending(&self) -> bool {
+        let st = self.inner.state.borrow();
+        st.ckpt_running || st.ckpt_wanted || !st.sealed.is_empty()
+    }
+
+    /// Holds background work back (requests stay queued) until called with false: lets a test
+    /// crash a log between a roll and the work the roll leaves behind.
+    #[doc(hidden)]
+    pub fn pause_background_checkpoints(&self, paused: bool) {
+        let resume = {
+            let mut st = self.inner.state.borrow_mut();
+            st.ckpt_paused = paused;
+            !paused && (st.ckpt_wanted || !st.sealed.is_empty())
         };
-        self.inner.write_checkpoint_at(offset, pos).await
+        if resume {
+            self.inner.request_checkpoint();
+        }
     }
 
     /// First offset whose batch max timestamp is `>= timestamp_ms`, with that timestamp.
@@ -1033,6 +1140,7 @@ impl PartitionLog {
         let result = async {
             inner.sync_once().await?;
             inner.wait_writes_idle().await;
+            let _quiet = inner.quiesce_checkpointer().await?;
             let (end, pos) = {
                 let st = inner.state.borrow();
                 inner.check(&st)?;

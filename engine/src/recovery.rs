@@ -293,8 +293,15 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
             if stop_pos < file_size {
                 tracing::debug!(?path, position = stop_pos, %reason, "log ends here");
                 file.truncate(stop_pos).await.map_err(io_err(&path))?;
+                // The recovery point written below may name a later segment: this one must
+                // end at its data on disk before it does.
+                file.fdatasync().await.map_err(io_err(&path))?;
                 Segment::remove_index_files(dir, base);
-                if base != *bases.last().expect("non-empty") {
+                // A segment rolled away but not yet trimmed (a crash before the checkpointer
+                // finished it) ends in pre-allocated zeros; when the next segment starts right
+                // at its last offset nothing is missing, and the log goes on there.
+                let next = bases.iter().find(|b| **b > base);
+                if next.is_some_and(|n| *n != seg.next_offset) {
                     tracing::warn!(?path, position = stop_pos, %reason, "torn segment tail cut");
                     cut = true;
                 }
@@ -353,10 +360,19 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
         log_start,
         log_end,
         durable: log_end,
+        durable_base: active_base,
         durable_pos: size,
         epochs,
         checkpoint: rp,
         last_checkpoint: Instant::now(),
+        sealed: Vec::new(),
+        dir_changes: 0,
+        dir_synced: 0,
+        ckpt_wanted: false,
+        ckpt_running: false,
+        ckpt_asked_base: active_base,
+        ckpt_in_flight: false,
+        ckpt_paused: false,
         writer: Writer::new(size, &tail),
         pending: VecDeque::new(),
         failed: None,
@@ -376,6 +392,7 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
         state: RefCell::new(state),
         signal: Signal::default(),
         lock: Semaphore::new(1),
+        ckpt_lock: Semaphore::new(1),
     });
     inner.write_checkpoint(log_end, active_base, size).await?;
     if let FlushPolicy::Interval { interval_ms, .. } = inner.config.flush {

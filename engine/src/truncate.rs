@@ -33,7 +33,11 @@ pub(crate) async fn truncate_to(inner: &Rc<Inner>, offset: u64) -> Result<(), En
         st.busy = true;
         st.generation += 1;
     }
-    let result = truncate_locked(inner, offset).await;
+    let result = async {
+        let _quiet = inner.quiesce_checkpointer().await?;
+        truncate_locked(inner, offset).await
+    }
+    .await;
     {
         let mut st = inner.state.borrow_mut();
         st.busy = false;
@@ -166,8 +170,9 @@ async fn truncate_locked(inner: &Rc<Inner>, offset: u64) -> Result<(), EngineErr
         st.writer = Writer::new(cut_pos, &tail);
         st.preallocated = cut_pos;
         st.log_end = new_end;
-        // Everything left was synced above (sealed segments were synced when they rolled).
+        // Everything left was synced above (sealed segments were finished before the cut).
         st.durable = new_end;
+        st.durable_base = seg_base;
         st.durable_pos = cut_pos;
         st.epochs.retain(|(_, s)| *s < new_end);
         st.pending.clear();
@@ -215,6 +220,7 @@ async fn remove_prefix(
         .acquire_permit(1)
         .await
         .map_err(|_| EngineError::Closed)?;
+    let _quiet = inner.quiesce_checkpointer().await?;
     let (doomed, new_start) = {
         let st = inner.state.borrow();
         inner.check(&st)?;

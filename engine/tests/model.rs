@@ -1,5 +1,6 @@
 //! Model-based property test: random sequences of appends, reads, truncations, retention,
-//! syncs and close/reopen, checked against an in-memory model of the log after every step.
+//! syncs, close/reopen and crashes (a synced log abandoned without close, its executor ended,
+//! reopened in a fresh one), checked against an in-memory model of the log after every step.
 
 mod common;
 
@@ -12,13 +13,31 @@ use spate_engine::{set_shard_cache_bytes, FlushPolicy, LogConfig, PartitionLog};
 
 #[derive(Clone, Debug)]
 enum Op {
-    Append { len: usize, records: i32, ts: i64 },
+    Append {
+        len: usize,
+        records: i32,
+        ts: i64,
+    },
     BumpEpoch,
-    Read { at: f64, max_bytes: usize },
-    Truncate { at: f64, inside: bool },
-    Retention { now: i64 },
+    Read {
+        at: f64,
+        max_bytes: usize,
+    },
+    Truncate {
+        at: f64,
+        inside: bool,
+    },
+    Retention {
+        now: i64,
+    },
     Sync,
-    Reopen { cache_bytes: usize },
+    Reopen {
+        cache_bytes: usize,
+    },
+    /// Abandon the log; with `synced` false, unacknowledged batches may or may not survive.
+    Crash {
+        synced: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -32,6 +51,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Sync),
         1 => prop_oneof![Just(0usize), Just(20_000), Just(1 << 24)]
             .prop_map(|cache_bytes| Op::Reopen { cache_bytes }),
+        1 => any::<bool>().prop_map(|synced| Op::Crash { synced }),
     ]
 }
 
@@ -41,6 +61,8 @@ struct Model {
     log_start: u64,
     log_end: u64,
     epoch: i32,
+    /// Set by a crash without sync: the durable offset then, below which nothing may be lost.
+    crash_floor: Option<u64>,
 }
 
 impl Model {
@@ -96,16 +118,50 @@ fn config() -> LogConfig {
 
 fn check_ops(ops: Vec<Op>) {
     let dir = tempfile::tempdir().unwrap();
-    run(async {
+    let mut m = Model {
+        batches: Vec::new(),
+        log_start: 0,
+        log_end: 0,
+        epoch: 0,
+        crash_floor: None,
+    };
+    let mut ops = ops.into_iter().enumerate();
+    // One executor run per crash: the background work of the abandoned log dies with it.
+    let mut crashes = 0;
+    while !run(run_until_crash(dir.path(), &mut m, &mut ops, crashes)) {
+        crashes += 1;
+    }
+}
+
+/// Runs ops until a crash (returns false) or the end (returns true, after the final checks).
+async fn run_until_crash(
+    dir: &std::path::Path,
+    m: &mut Model,
+    ops: &mut impl Iterator<Item = (usize, Op)>,
+    crashes: usize,
+) -> bool {
+    {
         set_shard_cache_bytes(20_000);
-        let mut log = PartitionLog::open(dir.path(), config()).await.unwrap();
-        let mut m = Model {
-            batches: Vec::new(),
-            log_start: 0,
-            log_end: 0,
-            epoch: 0,
-        };
-        for (step, op) in ops.into_iter().enumerate() {
+        let mut log = PartitionLog::open(dir, config()).await.unwrap();
+        if let Some(floor) = m.crash_floor.take() {
+            // Recovery keeps a prefix of the batches, with at least every acknowledged one.
+            let end = log.log_end_offset();
+            assert!(
+                floor <= end && end <= m.log_end,
+                "{floor} <= {end} <= {}",
+                m.log_end
+            );
+            assert!(end == m.log_start || m.batches.iter().any(|b| b.1 + 1 == end));
+            m.batches.retain(|b| b.1 < end);
+            m.log_end = end;
+            let all = log.read(m.log_start, usize::MAX).await.unwrap();
+            let want: Vec<Bytes> = m.batches.iter().map(|b| b.3.clone()).collect();
+            assert!(all.batches == want, "contents after crash {crashes}");
+        }
+        if crashes > 0 {
+            assert_eq!(log.durable_offset(), m.log_end, "after a crash");
+        }
+        for (step, op) in ops.by_ref() {
             match op {
                 Op::Append { len, records, ts } => {
                     let b = batch(step as u64, len, records, ts);
@@ -167,8 +223,18 @@ fn check_ops(ops: Vec<Op>) {
                 Op::Reopen { cache_bytes } => {
                     log.close().await.unwrap();
                     set_shard_cache_bytes(cache_bytes);
-                    log = PartitionLog::open(dir.path(), config()).await.unwrap();
+                    log = PartitionLog::open(dir, config()).await.unwrap();
                     assert_eq!(log.durable_offset(), m.log_end);
+                }
+                Op::Crash { synced } => {
+                    // The log is abandoned mid-flight, background work and all.
+                    if synced {
+                        log.sync_to(m.log_end).await.unwrap();
+                        assert_eq!(log.durable_offset(), m.log_end);
+                    } else {
+                        m.crash_floor = Some(log.durable_offset());
+                    }
+                    return false;
                 }
             }
             assert_eq!(log.log_start_offset(), m.log_start, "step {step}");
@@ -189,7 +255,8 @@ fn check_ops(ops: Vec<Op>) {
         }
         log.close().await.unwrap();
         set_shard_cache_bytes(spate_engine::DEFAULT_SHARD_CACHE_BYTES);
-    });
+    }
+    true
 }
 
 proptest! {
