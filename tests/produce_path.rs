@@ -13,7 +13,7 @@ use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProdu
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
 
-use common::{assert_success, record_batch_at, spate_cli, Broker, Raw};
+use common::{assert_success, record_batch_at, request_frame, spate_cli, Broker, Raw};
 use std::io::Write;
 
 const TOPICS: [&str; 2] = ["pa", "pb"];
@@ -214,7 +214,6 @@ fn multi_partition_produce_large_and_small_frames_and_a_corrupt_batch() {
 
 /// A framed Produce request (v7, acks=1) for one partition, as a client would write it.
 fn produce_frame(topic: &str, partition: i32, records: &[u8], correlation_id: i32) -> Vec<u8> {
-    use kafka_protocol::protocol::Encodable;
     let mut req = ProduceRequest::default();
     req.acks = 1;
     req.timeout_ms = 10_000;
@@ -225,16 +224,7 @@ fn produce_frame(topic: &str, partition: i32, records: &[u8], correlation_id: i3
     td.name = name(topic);
     td.partition_data = vec![pd];
     req.topic_data = vec![td];
-    let mut header = RequestHeader::default();
-    header.request_api_key = ApiKey::Produce as i16;
-    header.request_api_version = 7;
-    header.correlation_id = correlation_id;
-    let mut buf = bytes::BytesMut::new();
-    header.encode(&mut buf, 1).unwrap();
-    req.encode(&mut buf, 7).unwrap();
-    let mut framed = (buf.len() as i32).to_be_bytes().to_vec();
-    framed.extend_from_slice(&buf);
-    framed
+    request_frame(7, correlation_id, &req)
 }
 
 /// The error code of a Produce v7 response frame (after its correlation id).

@@ -230,6 +230,28 @@ pub struct Raw {
     pub stream: TcpStream,
 }
 
+/// One request as a client writes it: length prefix, header (v1 or v2 as the API needs), body.
+pub fn request_frame<Req>(version: i16, correlation_id: i32, req: &Req) -> Vec<u8>
+where
+    Req: kafka_protocol::protocol::Request,
+{
+    use kafka_protocol::protocol::Encodable;
+    let mut header = kafka_protocol::messages::RequestHeader::default();
+    header.request_api_key = Req::KEY;
+    header.request_api_version = version;
+    header.correlation_id = correlation_id;
+    header.client_id = Some(kafka_protocol::protocol::StrBytes::from_static_str(
+        "raw-test",
+    ));
+    let hv = <Req as kafka_protocol::protocol::HeaderVersion>::header_version(version);
+    let mut buf = bytes::BytesMut::new();
+    header.encode(&mut buf, hv).unwrap();
+    req.encode(&mut buf, version).unwrap();
+    let mut framed = (buf.len() as i32).to_be_bytes().to_vec();
+    framed.extend_from_slice(&buf);
+    framed
+}
+
 impl Raw {
     pub fn connect(addr: &str) -> Raw {
         let stream = TcpStream::connect(addr).expect("connect");
@@ -249,20 +271,7 @@ impl Raw {
     where
         Req: kafka_protocol::protocol::Request,
     {
-        use kafka_protocol::protocol::Encodable;
-        let mut header = kafka_protocol::messages::RequestHeader::default();
-        header.request_api_key = Req::KEY;
-        header.request_api_version = version;
-        header.correlation_id = correlation_id;
-        header.client_id = Some(kafka_protocol::protocol::StrBytes::from_static_str(
-            "raw-test",
-        ));
-        let hv = <Req as kafka_protocol::protocol::HeaderVersion>::header_version(version);
-        let mut buf = bytes::BytesMut::new();
-        header.encode(&mut buf, hv).unwrap();
-        req.encode(&mut buf, version).unwrap();
-        let mut framed = (buf.len() as i32).to_be_bytes().to_vec();
-        framed.extend_from_slice(&buf);
+        let framed = request_frame(version, correlation_id, req);
         self.stream.write_all(&framed).unwrap();
         let frame = self.read_frame().expect("a response");
         let mut frame = bytes::Bytes::from(frame);
