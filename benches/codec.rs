@@ -13,9 +13,9 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 use kafka_protocol::records::Compression;
+use spate_client::batch::{encode_batch, record_values, ProduceTemplate};
 use spate_engine::batch::{stamp, BatchHeader, CRC_COVERED_START};
 use spate_engine::frame::FrameHeader;
-use spate_perf::batch::{encode_batch, record_values, ProduceTemplate};
 
 /// Produce versions real clients use: v7 (older librdkafka) and v9 (first flexible version).
 const PRODUCE_VERSIONS: [i16; 2] = [7, 9];

@@ -1,19 +1,18 @@
 //! spate-perf: a load generator and latency benchmark that speaks the Kafka protocol itself, so
 //! it measures any Kafka-compatible broker the same way.
 //!
-//! The Kafka client parts ([`wire`], [`cluster`], [`batch`]) are reusable on their own.
+//! The Kafka client parts ([`wire`], [`cluster`], [`batch`]) live in the `spate-client` crate,
+//! which the `spate` CLI shares; they are re-exported here under their old paths.
 
-pub mod batch;
-pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod plot;
 pub mod runner;
 pub mod schedule;
 pub mod stats;
-pub mod wire;
 
 pub use error::{PerfError, Result};
+pub use spate_client::{batch, cluster, wire};
 
 use config::{Command, Mode, RunArgs};
 

@@ -12,7 +12,7 @@ use kafka_protocol::messages::find_coordinator_request::FindCoordinatorRequest;
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse, TopicName};
 use kafka_protocol::protocol::{Request, StrBytes};
-use spate_perf::wire::Connection;
+use spate_client::wire::Connection;
 
 /// Where the broker listens unless told otherwise (`spate serve`'s default --listen).
 pub const DEFAULT_BOOTSTRAP: &str = "127.0.0.1:9092";
@@ -56,7 +56,7 @@ impl Client {
     /// within the connect timeout.
     pub fn connect(args: &ConnectArgs) -> Result<Client> {
         let timeout = Duration::from_millis(args.request_timeout_ms);
-        let bootstrap = spate_perf::cluster::connect_any(&args.bootstrap, timeout)
+        let bootstrap = spate_client::cluster::connect_any(&args.bootstrap, timeout)
             .with_context(|| format!("no broker reachable at {}", args.bootstrap.join(",")))?;
         Ok(Client {
             bootstrap,
@@ -155,14 +155,14 @@ pub fn list_offsets(
     partitions: &[i32],
     end: LogEnd,
 ) -> Result<Vec<i64>> {
-    use spate_perf::cluster::OffsetSpec;
-    use spate_perf::error::PerfError;
+    use spate_client::cluster::OffsetSpec;
+    use spate_client::ClientError;
     let spec = match end {
         LogEnd::Earliest => OffsetSpec::Earliest,
         LogEnd::Latest => OffsetSpec::Latest,
     };
-    spate_perf::cluster::list_offsets(conn, topic, partitions, spec).map_err(|e| match e {
-        PerfError::Broker { code, context, .. } => {
+    spate_client::cluster::list_offsets(conn, topic, partitions, spec).map_err(|e| match e {
+        ClientError::Broker { code, context, .. } => {
             kafka_error(code, None, format!("listing offsets ({context})"))
         }
         other => anyhow!(other),
@@ -174,7 +174,7 @@ pub fn topic_name(name: &str) -> TopicName {
 }
 
 /// The Kafka name of an error code (one table, shared with spate-perf).
-pub use spate_perf::error::kafka_error_name as error_name;
+pub use spate_client::error::kafka_error_name as error_name;
 
 /// An error naming the Kafka error code and what was being done.
 pub fn kafka_error(code: i16, message: Option<&str>, context: impl Display) -> anyhow::Error {

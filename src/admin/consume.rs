@@ -14,7 +14,7 @@ use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::{ApiKey, BrokerId, FetchRequest};
 use kafka_protocol::records::{Record, RecordBatchDecoder};
 use serde_json::{json, Map, Value};
-use spate_perf::batch::BatchView;
+use spate_client::batch::BatchView;
 
 use super::client::{check, kafka_error, list_offsets, topic_name, Client, ConnectArgs, LogEnd};
 use super::topic::validate_topic_name;

@@ -17,7 +17,7 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::{Decodable, StrBytes};
 use serde_json::{json, Value};
-use spate_perf::wire::Connection;
+use spate_client::wire::Connection;
 
 use super::client::{
     call_on, check, kafka_error, list_offsets, topic_name, Client, ConnectArgs, LogEnd,

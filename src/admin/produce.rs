@@ -17,7 +17,7 @@ use kafka_protocol::messages::{ApiKey, ProduceRequest};
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::{Compression, Record, RecordBatchEncoder, RecordEncodeOptions};
 use serde_json::json;
-use spate_perf::wire::{encode_request, Connection};
+use spate_client::wire::{encode_request, Connection};
 
 use super::client::{check, kafka_error, key_value, topic_name, Client, ConnectArgs};
 use super::partitioner::partition_for_key;
@@ -340,7 +340,7 @@ impl Producer {
         }
         let i = pending.records.len();
         pending.bytes += (line.value.len() + line.key.as_ref().map_or(0, |k| k.len())) as u64;
-        pending.records.push(spate_perf::batch::plain_record(
+        pending.records.push(spate_client::batch::plain_record(
             i,
             now_ms(),
             line.key,

@@ -231,25 +231,17 @@ pub struct Raw {
 }
 
 /// One request as a client writes it: length prefix, header (v1 or v2 as the API needs), body.
+/// Encoded by the client library the CLI and spate-perf use, so the tests frame requests the
+/// same way.
 pub fn request_frame<Req>(version: i16, correlation_id: i32, req: &Req) -> Vec<u8>
 where
     Req: kafka_protocol::protocol::Request,
 {
-    use kafka_protocol::protocol::Encodable;
-    let mut header = kafka_protocol::messages::RequestHeader::default();
-    header.request_api_key = Req::KEY;
-    header.request_api_version = version;
-    header.correlation_id = correlation_id;
-    header.client_id = Some(kafka_protocol::protocol::StrBytes::from_static_str(
-        "raw-test",
-    ));
-    let hv = <Req as kafka_protocol::protocol::HeaderVersion>::header_version(version);
+    let key = kafka_protocol::messages::ApiKey::try_from(Req::KEY).expect("a known API key");
     let mut buf = bytes::BytesMut::new();
-    header.encode(&mut buf, hv).unwrap();
-    req.encode(&mut buf, version).unwrap();
-    let mut framed = (buf.len() as i32).to_be_bytes().to_vec();
-    framed.extend_from_slice(&buf);
-    framed
+    spate_client::wire::encode_request(&mut buf, key, version, correlation_id, req)
+        .expect("encode request");
+    buf.to_vec()
 }
 
 impl Raw {

@@ -10,7 +10,7 @@ use kafka_protocol::records::{
     Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
 };
 
-use crate::error::{PerfError, Result};
+use crate::error::{ClientError, Result};
 use crate::wire::encode_request;
 
 /// Size of the RecordBatch v2 header, up to and including the record count.
@@ -81,7 +81,9 @@ pub fn encode_batch(
     timestamp_ms: i64,
 ) -> Result<Bytes> {
     if values.is_empty() {
-        return Err(PerfError::Args("a batch needs at least one record".into()));
+        return Err(ClientError::Args(
+            "a batch needs at least one record".into(),
+        ));
     }
     let records: Vec<Record> = values
         .iter()
@@ -97,14 +99,14 @@ pub fn encode_batch(
             compression,
         },
     )
-    .map_err(|e| PerfError::Protocol(format!("encode record batch: {e}")))?;
+    .map_err(|e| ClientError::Protocol(format!("encode record batch: {e}")))?;
     let batch = buf.freeze();
     let view = BatchView::parse(&batch)
-        .ok_or_else(|| PerfError::Protocol("encoder produced a short batch".into()))?;
+        .ok_or_else(|| ClientError::Protocol("encoder produced a short batch".into()))?;
     assert_eq!(view.total_bytes, batch.len(), "one batch expected");
     assert_eq!(view.record_count as usize, values.len());
     if batch.len() > MAX_BATCH_BYTES {
-        return Err(PerfError::Args(format!(
+        return Err(ClientError::Args(format!(
             "a batch of {} bytes exceeds {MAX_BATCH_BYTES}",
             batch.len()
         )));
@@ -294,7 +296,7 @@ impl ProduceTemplate {
         version: i16,
     ) -> Result<ProduceTemplate> {
         let view = BatchView::parse(batch)
-            .ok_or_else(|| PerfError::Protocol("template batch is not a batch".into()))?;
+            .ok_or_else(|| ClientError::Protocol("template batch is not a batch".into()))?;
         let req = ProduceRequest::default()
             .with_acks(acks)
             .with_timeout_ms(timeout_ms)
@@ -324,7 +326,7 @@ impl ProduceTemplate {
             let pos = frame[from..]
                 .windows(BATCH_HEADER_BYTES)
                 .position(|w| w == &batch[..BATCH_HEADER_BYTES])
-                .ok_or_else(|| PerfError::Protocol("batch not found in produce frame".into()))?
+                .ok_or_else(|| ClientError::Protocol("batch not found in produce frame".into()))?
                 + from;
             let crc = value_at.map(|at| StampCrc::new(batch, at));
             sites.push((pos, batch.len(), crc));

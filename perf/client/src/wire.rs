@@ -11,7 +11,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, ApiVersionsRequest, RequestHeader, ResponseHeader};
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes};
 
-use crate::error::{PerfError, Result};
+use crate::error::{ClientError, Result};
 
 /// How long a TCP connect may take before the broker counts as unreachable.
 pub const CONNECT_TIMEOUT_MS: u64 = 3_000;
@@ -43,14 +43,14 @@ impl BrokerVersions {
     /// The highest version both we (`ours`) and the broker support.
     pub fn pick(&self, key: ApiKey, ours: RangeInclusive<i16>) -> Result<i16> {
         let Some(&(min, max)) = self.ranges.get(&(key as i16)) else {
-            return Err(PerfError::Protocol(format!(
+            return Err(ClientError::Protocol(format!(
                 "the broker does not support {key:?} at all"
             )));
         };
         let hi = max.min(*ours.end());
         let lo = min.max(*ours.start());
         if hi < lo {
-            return Err(PerfError::Protocol(format!(
+            return Err(ClientError::Protocol(format!(
                 "no common {key:?} version: broker {min}..={max}, spate-perf {}..={}",
                 ours.start(),
                 ours.end()
@@ -77,11 +77,11 @@ pub fn encode_request<R: Request>(
         .with_client_id(Some(StrBytes::from_static_str(CLIENT_ID)));
     header
         .encode(out, R::header_version(version))
-        .map_err(|e| PerfError::Protocol(format!("encode {key:?} header: {e}")))?;
+        .map_err(|e| ClientError::Protocol(format!("encode {key:?} header: {e}")))?;
     body.encode(out, version)
-        .map_err(|e| PerfError::Protocol(format!("encode {key:?} v{version}: {e}")))?;
+        .map_err(|e| ClientError::Protocol(format!("encode {key:?} v{version}: {e}")))?;
     let len = i32::try_from(out.len() - 4)
-        .map_err(|_| PerfError::Protocol(format!("{key:?} request over 2 GiB")))?;
+        .map_err(|_| ClientError::Protocol(format!("{key:?} request over 2 GiB")))?;
     out[0..4].copy_from_slice(&len.to_be_bytes());
     Ok(())
 }
@@ -104,15 +104,15 @@ pub fn decode_response<R: Decodable + HeaderVersion>(
     correlation_id: i32,
 ) -> Result<R> {
     let header = ResponseHeader::decode(&mut frame, key.response_header_version(version))
-        .map_err(|e| PerfError::Protocol(format!("decode {key:?} reply header: {e}")))?;
+        .map_err(|e| ClientError::Protocol(format!("decode {key:?} reply header: {e}")))?;
     if header.correlation_id != correlation_id {
-        return Err(PerfError::Protocol(format!(
+        return Err(ClientError::Protocol(format!(
             "{key:?} reply has correlation id {} where {correlation_id} was due",
             header.correlation_id
         )));
     }
     R::decode(&mut frame, version)
-        .map_err(|e| PerfError::Protocol(format!("decode {key:?} v{version} reply: {e}")))
+        .map_err(|e| ClientError::Protocol(format!("decode {key:?} v{version} reply: {e}")))
 }
 
 /// The receiving side of a connection: reads length-prefixed frames into a reused buffer.
@@ -132,9 +132,9 @@ impl FrameReader {
             .map_err(|source| self.io(source))?;
         let len = i32::from_be_bytes(len_buf);
         let len = usize::try_from(len)
-            .map_err(|_| PerfError::Protocol(format!("negative frame length {len}")))?;
+            .map_err(|_| ClientError::Protocol(format!("negative frame length {len}")))?;
         if len > max_frame_bytes {
-            return Err(PerfError::Protocol(format!(
+            return Err(ClientError::Protocol(format!(
                 "reply frame of {len} bytes exceeds the {max_frame_bytes}-byte limit"
             )));
         }
@@ -147,8 +147,8 @@ impl FrameReader {
         Ok(self.buf.split_to(len).freeze())
     }
 
-    fn io(&self, source: std::io::Error) -> PerfError {
-        PerfError::Io {
+    fn io(&self, source: std::io::Error) -> ClientError {
+        ClientError::Io {
             addr: self.addr.clone(),
             source,
         }
@@ -166,7 +166,7 @@ impl FrameWriter {
     pub fn write_frame(&mut self, frame: &[u8]) -> Result<()> {
         self.stream
             .write_all(frame)
-            .map_err(|source| PerfError::Io {
+            .map_err(|source| ClientError::Io {
                 addr: self.addr.clone(),
                 source,
             })
@@ -186,7 +186,7 @@ impl Connection {
     /// Connects within [`CONNECT_TIMEOUT_MS`] and negotiates API versions. Replies slower than
     /// `request_timeout` fail the call instead of hanging.
     pub fn connect(addr: &str, request_timeout: Duration) -> Result<Connection> {
-        let connect_err = |source| PerfError::Connect {
+        let connect_err = |source| ClientError::Connect {
             addr: addr.to_string(),
             source,
         };
@@ -258,7 +258,7 @@ impl Connection {
             _ => self.call(ApiKey::ApiVersions, 0, &ApiVersionsRequest::default())?,
         };
         if reply.error_code != 0 {
-            return Err(PerfError::broker("ApiVersions", reply.error_code));
+            return Err(ClientError::broker("ApiVersions", reply.error_code));
         }
         self.versions = BrokerVersions::from_ranges(
             reply
@@ -313,7 +313,7 @@ mod tests {
         let err = Connection::connect(&format!("127.0.0.1:{port}"), Duration::from_secs(1))
             .err()
             .expect("nothing listens there");
-        assert!(matches!(err, PerfError::Connect { .. }), "{err}");
+        assert!(matches!(err, ClientError::Connect { .. }), "{err}");
         assert!(started.elapsed() < Duration::from_millis(CONNECT_TIMEOUT_MS + 1_000));
     }
 
@@ -326,7 +326,7 @@ mod tests {
         let err = Connection::connect(&addr, Duration::from_millis(200))
             .err()
             .expect("no reply must fail");
-        assert!(matches!(err, PerfError::Io { .. }), "{err}");
+        assert!(matches!(err, ClientError::Io { .. }), "{err}");
         drop(hold.join());
     }
 

@@ -12,7 +12,7 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::StrBytes;
 
-use crate::error::{PerfError, Result};
+use crate::error::{ClientError, Result};
 use crate::wire::Connection;
 
 /// Metadata versions spate-perf speaks (v13 drops nothing we need; v12 keeps topic names).
@@ -54,7 +54,7 @@ pub fn connect_any(bootstrap: &[String], request_timeout: Duration) -> Result<Co
             Err(e) => last = Some(e),
         }
     }
-    Err(last.unwrap_or_else(|| PerfError::Args("no bootstrap server given".into())))
+    Err(last.unwrap_or_else(|| ClientError::Args("no bootstrap server given".into())))
 }
 
 fn metadata(conn: &mut Connection, topic: &str) -> Result<MetadataResponse> {
@@ -91,7 +91,7 @@ fn topic_state(reply: &MetadataResponse, topic: &str) -> Result<TopicState> {
         0 => {}
         UNKNOWN_TOPIC_OR_PARTITION => return Ok(TopicState::Missing),
         LEADER_NOT_AVAILABLE => return Ok(TopicState::NotReady),
-        code => return Err(PerfError::broker(format!("Metadata for {topic}"), code)),
+        code => return Err(ClientError::broker(format!("Metadata for {topic}"), code)),
     }
     if t.partitions.is_empty() {
         return Ok(TopicState::NotReady);
@@ -119,7 +119,7 @@ pub fn ensure_topic(
     replication_factor: i16,
 ) -> Result<TopicLayout> {
     if !(1..=MAX_PARTITIONS).contains(&partitions) {
-        return Err(PerfError::Args(format!(
+        return Err(ClientError::Args(format!(
             "--partitions must be 1..={MAX_PARTITIONS}"
         )));
     }
@@ -135,7 +135,7 @@ pub fn ensure_topic(
             }
             TopicState::Missing | TopicState::NotReady => {
                 if Instant::now() >= deadline {
-                    return Err(PerfError::Protocol(format!(
+                    return Err(ClientError::Protocol(format!(
                         "topic {topic} has no leader for every partition after \
                          {TOPIC_READY_TIMEOUT_MS} ms"
                     )));
@@ -164,7 +164,7 @@ fn create_topic(
     let reply = conn.call(ApiKey::CreateTopics, version, &req)?;
     for t in &reply.topics {
         if t.error_code != 0 && t.error_code != TOPIC_ALREADY_EXISTS {
-            return Err(PerfError::broker(
+            return Err(ClientError::broker(
                 format!("CreateTopics {topic}"),
                 t.error_code,
             ));
@@ -207,7 +207,7 @@ pub fn list_offsets(
     for t in &reply.topics {
         for p in &t.partitions {
             if p.error_code != 0 {
-                return Err(PerfError::broker(
+                return Err(ClientError::broker(
                     format!("ListOffsets {topic}/{}", p.partition_index),
                     p.error_code,
                 ));
@@ -219,7 +219,7 @@ pub fn list_offsets(
         .iter()
         .map(|p| {
             found.get(p).copied().ok_or_else(|| {
-                PerfError::Protocol(format!("ListOffsets reply lacks partition {p}"))
+                ClientError::Protocol(format!("ListOffsets reply lacks partition {p}"))
             })
         })
         .collect()
