@@ -211,9 +211,10 @@ impl Replica {
     /// follower with a leader. Used by the multiplexer to keep idle groups cheap.
     pub fn is_idle(&self) -> bool {
         match self.role {
-            Role::Leader => self.progress.iter().all(|p| {
-                !p.probing && p.durable == self.log_end && self.hw == self.log_end
-            }),
+            Role::Leader => self
+                .progress
+                .iter()
+                .all(|p| !p.probing && p.durable == self.log_end && self.hw == self.log_end),
             Role::Follower => self.leader.is_some(),
             _ => false,
         }
@@ -239,7 +240,11 @@ impl Replica {
                 if self.quorum_elapsed >= self.cfg.election_timeout_ticks {
                     self.quorum_elapsed = 0;
                     if !self.check_quorum() {
-                        tracing::debug!(id = self.id, epoch = self.hard.epoch, "check-quorum: stepping down");
+                        tracing::debug!(
+                            id = self.id,
+                            epoch = self.hard.epoch,
+                            "check-quorum: stepping down"
+                        );
                         self.become_follower(self.hard.epoch, None, out);
                         return;
                     }
@@ -416,8 +421,7 @@ impl Replica {
             self.send(from, Message::AppendResponse(resp), out);
             return;
         }
-        if req.epoch > self.hard.epoch || self.role != Role::Follower || self.leader != Some(from)
-        {
+        if req.epoch > self.hard.epoch || self.role != Role::Follower || self.leader != Some(from) {
             assert!(
                 !(req.epoch == self.hard.epoch && self.role == Role::Leader),
                 "two leaders in epoch {}: {} and {from}",
@@ -427,7 +431,8 @@ impl Replica {
             self.become_follower(req.epoch, Some(from), out);
         }
         self.election_elapsed = 0;
-        if req.prev_offset > self.log_end || self.epochs.epoch_before(req.prev_offset) != req.prev_epoch
+        if req.prev_offset > self.log_end
+            || self.epochs.epoch_before(req.prev_offset) != req.prev_epoch
         {
             let resp = self.reject(req.prev_offset, req.prev_epoch);
             self.send(from, Message::AppendResponse(resp), out);
@@ -436,7 +441,12 @@ impl Replica {
         let mut at = req.prev_offset;
         for b in &req.batches {
             if b.base != at || b.count == 0 || b.epoch > req.epoch {
-                tracing::warn!(from, base = b.base, expected = at, "malformed append: dropped");
+                tracing::warn!(
+                    from,
+                    base = b.base,
+                    expected = at,
+                    "malformed append: dropped"
+                );
                 return;
             }
             at = b.end();
@@ -558,7 +568,11 @@ impl Replica {
 
     fn advance_hw(&mut self, hw: Offset, out: &mut Vec<Action>) {
         if hw > self.hw {
-            assert!(hw <= self.log_end, "high watermark {hw} past the log end {}", self.log_end);
+            assert!(
+                hw <= self.log_end,
+                "high watermark {hw} past the log end {}",
+                self.log_end
+            );
             self.hw = hw;
             out.push(Action::HighWatermark(hw));
         }
@@ -591,14 +605,15 @@ impl Replica {
         if !next.is_voter(self.id) {
             return refuse("the leader cannot remove or demote itself: transfer leadership first");
         }
-        let added_voters: Vec<NodeId> = next.voters.iter().copied().filter(|v| !cur.is_voter(*v)).collect();
+        let added_voters: Vec<NodeId> = next
+            .voters
+            .iter()
+            .copied()
+            .filter(|v| !cur.is_voter(*v))
+            .collect();
         let removed_voters = cur.voters.iter().filter(|v| !next.is_voter(**v)).count();
         let added_learners = next.learners.iter().filter(|l| !cur.contains(**l)).count();
-        let removed_learners = cur
-            .learners
-            .iter()
-            .filter(|l| !next.contains(**l))
-            .count();
+        let removed_learners = cur.learners.iter().filter(|l| !next.contains(**l)).count();
         let changes = added_voters.len() + removed_voters + added_learners + removed_learners;
         if changes != 1 {
             return refuse("exactly one member may change at a time");
@@ -712,7 +727,10 @@ impl Replica {
         p.active = true;
         p.acked = true;
         if resp.success {
-            assert!(resp.log_end <= log_end, "follower verified past our log end");
+            assert!(
+                resp.log_end <= log_end,
+                "follower verified past our log end"
+            );
             p.matched = p.matched.max(resp.written_end);
             p.durable = p.durable.max(resp.durable_end);
             p.next = p.next.max(resp.log_end);
@@ -727,9 +745,16 @@ impl Replica {
                 }
             }
         } else {
-            // KIP-101/279: our end offset for the follower's last epoch, capped by its own end.
-            let (_, end) = self.epochs.end_offset_for_epoch(resp.last_epoch, log_end);
-            let next = end.min(resp.log_end);
+            // KIP-101/279: our end offset for the follower's last epoch. Only when we hold that
+            // epoch too is the follower's own end a batch boundary of ours (both are prefixes
+            // of that epoch's leader's log), so only then may it cap the probe; otherwise the
+            // next answer names an older epoch, so the exchange ends.
+            let (epoch, end) = self.epochs.end_offset_for_epoch(resp.last_epoch, log_end);
+            let next = if epoch == resp.last_epoch {
+                end.min(resp.log_end)
+            } else {
+                end
+            };
             p.next = next;
             p.matched = p.matched.min(next);
             p.probing = true;
@@ -855,7 +880,11 @@ impl Replica {
 
     fn tally_lost(&self) -> bool {
         let m = self.membership();
-        self.votes.iter().filter(|v| !v.1 && m.is_voter(v.0)).count() >= m.quorum()
+        self.votes
+            .iter()
+            .filter(|v| !v.1 && m.is_voter(v.0))
+            .count()
+            >= m.quorum()
     }
 
     fn on_vote(&mut self, from: NodeId, req: VoteRequest, out: &mut Vec<Action>) {
@@ -863,7 +892,8 @@ impl Replica {
         // with it cannot start a new epoch here, so it cannot depose a healthy leader.
         let in_lease = !req.transfer
             && self.leader.is_some()
-            && (self.role == Role::Leader || self.election_elapsed < self.cfg.election_timeout_ticks);
+            && (self.role == Role::Leader
+                || self.election_elapsed < self.cfg.election_timeout_ticks);
         let up_to_date = (req.last_epoch, req.log_end) >= (self.epochs.last_epoch(), self.log_end);
         if req.pre_vote {
             let granted = req.epoch > self.hard.epoch && !in_lease && up_to_date;

@@ -138,7 +138,9 @@ pub enum Message {
     Vote(VoteRequest),
     VoteResponse(VoteResponse),
     /// Leadership transfer: the leader tells a caught-up voter to campaign now.
-    TimeoutNow { epoch: Epoch },
+    TimeoutNow {
+        epoch: Epoch,
+    },
 }
 
 impl Message {
@@ -162,17 +164,31 @@ pub enum Action {
     PersistHardState(HardState),
     /// Write these contiguous batches at `batches[0].base` (each carries its epoch). The log's
     /// epoch history (epoch -> first offset) follows from the batches; persist it with them.
-    Append { batches: Vec<Batch> },
+    Append {
+        batches: Vec<Batch>,
+    },
     /// Remove every batch at or after `end` (a batch boundary).
-    Truncate { end: Offset },
+    Truncate {
+        end: Offset,
+    },
     /// Everything below this offset is committed; readers may see it.
     HighWatermark(Offset),
-    BecomeLeader { epoch: Epoch },
-    BecomeFollower { epoch: Epoch, leader: Option<NodeId> },
+    BecomeLeader {
+        epoch: Epoch,
+    },
+    BecomeFollower {
+        epoch: Epoch,
+        leader: Option<NodeId>,
+    },
     /// The leader committed a batch of its own epoch: publish the epoch to clients now.
-    LeaderReady { epoch: Epoch },
+    LeaderReady {
+        epoch: Epoch,
+    },
     /// The active membership changed (a membership batch was appended or truncated away).
     MembershipChanged(Membership),
     /// Send `msg` to `to` (gathered per destination by the node multiplexer).
-    Send { to: NodeId, msg: Message },
+    Send {
+        to: NodeId,
+        msg: Message,
+    },
 }

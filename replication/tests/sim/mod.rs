@@ -332,7 +332,7 @@ impl Sim {
                     self.with_node(id, |n| n.tick())?;
                 }
             }
-            620..720 => self.client_propose()?,
+            620..720 if self.faults => self.client_propose()?,
             720..880 => self.fsync()?,
             880..884 if self.faults => self.crash_any(),
             884..905 => self.restart_any()?,
@@ -358,7 +358,10 @@ impl Sim {
         for g in 0..self.cfg.groups {
             let persisted = self.nodes[i].disks[g].persisted(&self.bootstrap);
             let seed = self.rng.next_u64();
-            node.add_group(g as GroupId, Replica::new(id, Config::default(), seed, persisted));
+            node.add_group(
+                g as GroupId,
+                Replica::new(id, Config::default(), seed, persisted),
+            );
         }
         self.nodes[i].node = Some(node);
         self.nodes[i].hw = vec![(0, 0); self.cfg.groups];
@@ -366,7 +369,11 @@ impl Sim {
     }
 
     /// Runs `f` on a live node, then performs everything it produced (and what that triggers).
-    fn with_node<T>(&mut self, id: NodeId, f: impl FnOnce(&mut Node) -> T) -> Result<Option<T>, String> {
+    fn with_node<T>(
+        &mut self,
+        id: NodeId,
+        f: impl FnOnce(&mut Node) -> T,
+    ) -> Result<Option<T>, String> {
         let i = Self::idx(id);
         let Some(node) = self.nodes[i].node.as_mut() else {
             return Ok(None);
@@ -404,9 +411,9 @@ impl Sim {
                 Action::Truncate { end } => {
                     self.log(format!("n{id} g{g} truncate to {end}"));
                     let disk = &mut self.nodes[i].disks[gi];
-                    let n = disk
-                        .index_of_end(end)
-                        .ok_or_else(|| format!("n{id} g{g}: truncate to {end}, not a batch boundary"))?;
+                    let n = disk.index_of_end(end).ok_or_else(|| {
+                        format!("n{id} g{g}: truncate to {end}, not a batch boundary")
+                    })?;
                     disk.truncate_batches(n);
                     appended.insert(g);
                 }
@@ -415,7 +422,9 @@ impl Sim {
                     self.log(format!("n{id} g{g} leader of epoch {epoch}"));
                     self.stats.elections += 1;
                     if let Some(other) = self.leaders.insert((g, epoch), id) {
-                        return Err(format!("two leaders in g{g} epoch {epoch}: n{other} and n{id}"));
+                        return Err(format!(
+                            "two leaders in g{g} epoch {epoch}: n{other} and n{id}"
+                        ));
                     }
                     self.check_new_leader(id, g)?;
                     self.nodes[i].leader_hw[gi] = Some((epoch, self.nodes[i].hw[gi].0));
@@ -442,10 +451,13 @@ impl Sim {
             let end = self.nodes[i].disks[g as usize].end();
             self.with_node(id, |n| n.on_appended(g, end))?;
         }
-        // A new leader appends one batch of its epoch at once (the role of KRaft's LeaderChange
-        // control batch) so it can commit, and publish its epoch, without waiting for a client.
+        // A new leader usually appends one batch of its epoch at once (the role of KRaft's
+        // LeaderChange control batch) so it can commit, and publish its epoch, without waiting
+        // for a client; sometimes it waits for the client, so old-epoch batches sit uncommitted.
         for g in new_leaders {
-            self.propose_at(id, g)?;
+            if !self.faults || self.rng.per_mille(500) {
+                self.propose_at(id, g)?;
+            }
         }
         Ok(())
     }
@@ -466,10 +478,16 @@ impl Sim {
             }
         }
         self.stats.messages += 1;
-        if self.blocked.contains(&(m.from, m.to)) || (self.faults && self.rng.per_mille(self.cfg.drop)) {
+        if self.blocked.contains(&(m.from, m.to))
+            || (self.faults && self.rng.per_mille(self.cfg.drop))
+        {
             return;
         }
-        let copies = if self.faults && self.rng.per_mille(self.cfg.duplicate) { 2 } else { 1 };
+        let copies = if self.faults && self.rng.per_mille(self.cfg.duplicate) {
+            2
+        } else {
+            1
+        };
         for _ in 0..copies {
             let at = self.now + 1 + self.rng.below(self.cfg.max_delay_steps);
             self.net.push(InFlight { at, msg: m.clone() });
@@ -477,7 +495,9 @@ impl Sim {
     }
 
     fn deliver(&mut self) -> Check {
-        let ready: Vec<usize> = (0..self.net.len()).filter(|&k| self.net[k].at <= self.now).collect();
+        let ready: Vec<usize> = (0..self.net.len())
+            .filter(|&k| self.net[k].at <= self.now)
+            .collect();
         if ready.is_empty() {
             return Ok(());
         }
@@ -485,6 +505,24 @@ impl Sim {
         let m = self.net.swap_remove(k).msg;
         if self.blocked.contains(&(m.from, m.to)) {
             return Ok(());
+        }
+        if std::env::var_os("SPATE_SIM_TRACE_MESSAGES").is_some() {
+            for (g, item) in &m.items {
+                let short = match item {
+                    Message::Append(r) => format!(
+                        "append prev ({}, {}) commit {} batches {:?}",
+                        r.prev_offset,
+                        r.prev_epoch,
+                        r.commit,
+                        r.batches
+                            .first()
+                            .map(|b| b.base)
+                            .zip(r.batches.last().map(|b| b.end()))
+                    ),
+                    other => format!("{other:?}"),
+                };
+                self.log(format!("n{} -> n{} g{g}: {short}", m.from, m.to));
+            }
         }
         self.with_node(m.to, |n| n.receive(m))?;
         Ok(())
@@ -510,7 +548,12 @@ impl Sim {
     }
 
     fn restart_any(&mut self) -> Check {
-        let down: Vec<NodeId> = self.nodes.iter().filter(|n| n.node.is_none()).map(|n| n.id).collect();
+        let down: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|n| n.node.is_none())
+            .map(|n| n.id)
+            .collect();
         if down.is_empty() {
             return Ok(());
         }
@@ -562,7 +605,11 @@ impl Sim {
     fn client_propose(&mut self) -> Check {
         let g = self.rng.below(self.cfg.groups as u64) as GroupId;
         // Clients find the leader as Kafka clients do: they ask, and may ask a stale one.
-        let target = if self.rng.per_mille(800) { self.leader_of(g) } else { self.pick_live() };
+        let target = if self.rng.per_mille(800) {
+            self.leader_of(g)
+        } else {
+            self.pick_live()
+        };
         match target {
             Some(id) => self.propose_at(id, g),
             None => Ok(()),
@@ -584,7 +631,11 @@ impl Sim {
         if let Some((Ok(base), Some(epoch))) = res {
             let mut at = base;
             for (count, bytes) in batches {
-                self.pending[g as usize].push(Proposal { base: at, epoch, bytes });
+                self.pending[g as usize].push(Proposal {
+                    base: at,
+                    epoch,
+                    bytes,
+                });
                 at += u64::from(count);
             }
         }
@@ -610,15 +661,27 @@ impl Sim {
         let Some(leader) = self.leader_of(g) else {
             return Ok(());
         };
-        let cur = self.nodes[Self::idx(leader)].node.as_ref().unwrap().group(g).unwrap().membership().clone();
+        let cur = self.nodes[Self::idx(leader)]
+            .node
+            .as_ref()
+            .unwrap()
+            .group(g)
+            .unwrap()
+            .membership()
+            .clone();
         let mut next = cur.clone();
-        let outsiders: Vec<NodeId> = (1..=self.cfg.nodes as NodeId).filter(|n| !cur.contains(*n)).collect();
+        let outsiders: Vec<NodeId> = (1..=self.cfg.nodes as NodeId)
+            .filter(|n| !cur.contains(*n))
+            .collect();
         match self.rng.below(3) {
             0 if !outsiders.is_empty() => {
-                next.learners.push(outsiders[self.rng.below(outsiders.len() as u64) as usize]);
+                next.learners
+                    .push(outsiders[self.rng.below(outsiders.len() as u64) as usize]);
             }
             1 if !cur.learners.is_empty() => {
-                let l = next.learners.remove(self.rng.below(cur.learners.len() as u64) as usize);
+                let l = next
+                    .learners
+                    .remove(self.rng.below(cur.learners.len() as u64) as usize);
                 if self.rng.per_mille(700) {
                     next.voters.push(l);
                 }
@@ -629,7 +692,9 @@ impl Sim {
             }
             _ => return Ok(()),
         }
-        let res = self.with_node(leader, |n| n.propose_membership(g, next.clone(), Bytes::from_static(b"membership")))?;
+        let res = self.with_node(leader, |n| {
+            n.propose_membership(g, next.clone(), Bytes::from_static(b"membership"))
+        })?;
         if let Some(Ok(base)) = res {
             self.stats.membership_changes += 1;
             self.log(format!("g{g} n{leader} membership {next:?} at {base}"));
@@ -643,9 +708,23 @@ impl Sim {
         let i = Self::idx(id);
         let gi = g as usize;
         let disk = &self.nodes[i].disks[gi];
-        let k = disk.index_of_end(h).ok_or_else(|| {
-            format!("n{id} g{g}: high watermark {h} is not a batch end of its log (end {})", disk.end())
-        })?;
+        let Some(k) = disk.index_of_end(h) else {
+            let mut logs = String::new();
+            for n in &self.nodes {
+                let d = &n.disks[gi];
+                let tail: Vec<(Offset, u32, Epoch)> = d
+                    .batches
+                    .iter()
+                    .filter(|b| b.end() + 60 > h)
+                    .map(|b| (b.base, b.count, b.epoch))
+                    .collect();
+                let _ = write!(logs, "\n  n{} durable {} {:?}", n.id, d.durable, tail);
+            }
+            return Err(format!(
+                "n{id} g{g}: high watermark {h} is not a batch end of its log (end {}){logs}",
+                disk.end()
+            ));
+        };
         let committed = &mut self.committed[gi];
         let common = committed.len().min(k);
         if common > 0 && committed[common - 1] != disk.prefix[common - 1] {
@@ -657,10 +736,16 @@ impl Sim {
         }
         let prev = self.nodes[i].hw[gi].0;
         if h < prev {
-            return Err(format!("n{id} g{g}: high watermark went back {prev} -> {h}"));
+            return Err(format!(
+                "n{id} g{g}: high watermark went back {prev} -> {h}"
+            ));
         }
         self.nodes[i].hw[gi] = (h, k);
-        let is_leader = self.nodes[i].node.as_ref().and_then(|n| n.group(g)).is_some_and(|r| r.is_leader());
+        let is_leader = self.nodes[i]
+            .node
+            .as_ref()
+            .and_then(|n| n.group(g))
+            .is_some_and(|r| r.is_leader());
         if is_leader {
             // The client's batches below the leader's high watermark are acknowledged now.
             let disk = &self.nodes[i].disks[gi];
@@ -668,7 +753,10 @@ impl Sim {
             for p in pending {
                 if p.base >= h {
                     self.pending[gi].push(p);
-                } else if disk.find(p.base).is_some_and(|b| b.bytes == p.bytes && b.epoch == p.epoch) {
+                } else if disk
+                    .find(p.base)
+                    .is_some_and(|b| b.bytes == p.bytes && b.epoch == p.epoch)
+                {
                     self.stats.acked_batches += 1;
                     self.acked[gi].push(p);
                 }
@@ -682,12 +770,22 @@ impl Sim {
     fn check_new_leader(&self, id: NodeId, g: GroupId) -> Check {
         let disk = &self.nodes[Self::idx(id)].disks[g as usize];
         let committed = &self.committed[g as usize];
-        if committed.len() > disk.batches.len() || committed.last().is_some_and(|c| *c != disk.prefix[committed.len() - 1]) {
-            return Err(format!("n{id} g{g}: new leader lacks the committed prefix ({} batches)", committed.len()));
+        if committed.len() > disk.batches.len()
+            || committed
+                .last()
+                .is_some_and(|c| *c != disk.prefix[committed.len() - 1])
+        {
+            return Err(format!(
+                "n{id} g{g}: new leader lacks the committed prefix ({} batches)",
+                committed.len()
+            ));
         }
         for p in &self.acked[g as usize] {
             if !disk.find(p.base).is_some_and(|b| b.bytes == p.bytes) {
-                return Err(format!("n{id} g{g}: new leader lacks acknowledged batch at {}", p.base));
+                return Err(format!(
+                    "n{id} g{g}: new leader lacks acknowledged batch at {}",
+                    p.base
+                ));
             }
         }
         Ok(())
@@ -706,15 +804,27 @@ impl Sim {
             }
             let committed = &self.committed[g];
             for n in &mut self.nodes {
-                let Some(node) = n.node.as_ref() else { continue };
-                let r = node.group(g as GroupId).expect("every node hosts every group");
+                let Some(node) = n.node.as_ref() else {
+                    continue;
+                };
+                let r = node
+                    .group(g as GroupId)
+                    .expect("every node hosts every group");
                 let disk = &n.disks[g];
                 if r.high_watermark() > r.log_end() || r.high_watermark() > disk.end() {
-                    return Err(format!("n{} g{g}: high watermark {} past the log end {}", n.id, r.high_watermark(), disk.end()));
+                    return Err(format!(
+                        "n{} g{g}: high watermark {} past the log end {}",
+                        n.id,
+                        r.high_watermark(),
+                        disk.end()
+                    ));
                 }
                 let (_, k) = n.hw[g];
                 if k > disk.batches.len() || (k > 0 && disk.prefix[k - 1] != committed[k - 1]) {
-                    return Err(format!("n{} g{g}: lost or changed committed batches below its high watermark", n.id));
+                    return Err(format!(
+                        "n{} g{g}: lost or changed committed batches below its high watermark",
+                        n.id
+                    ));
                 }
                 if r.is_leader() {
                     let e = r.epoch();
@@ -735,12 +845,18 @@ impl Sim {
         self.log("settle".into());
         self.faults = false;
         self.blocked.clear();
-        let down: Vec<NodeId> = self.nodes.iter().filter(|n| n.node.is_none()).map(|n| n.id).collect();
+        let down: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|n| n.node.is_none())
+            .map(|n| n.id)
+            .collect();
         for id in down {
             self.start(id);
         }
         let deadline = self.now + SETTLE_STEPS;
-        let mut proposed = vec![false; self.cfg.groups];
+        // The epoch in which the settle phase proposed its batch, per group.
+        let mut proposed: Vec<Option<Epoch>> = vec![None; self.cfg.groups];
         while self.now < deadline {
             self.step()?;
             let mut done = true;
@@ -749,14 +865,21 @@ impl Sim {
                     done = false;
                     continue;
                 };
-                let r = self.nodes[Self::idx(l)].node.as_ref().unwrap().group(g as GroupId).unwrap();
-                if !r.is_epoch_ready() {
-                    done = false;
-                } else if !proposed[g] {
-                    proposed[g] = true;
+                let r = self.nodes[Self::idx(l)]
+                    .node
+                    .as_ref()
+                    .unwrap()
+                    .group(g as GroupId)
+                    .unwrap();
+                let epoch = r.epoch();
+                if proposed[g] != Some(epoch) {
+                    proposed[g] = Some(epoch);
                     done = false;
                     self.propose_at(l, g as GroupId)?;
-                } else if r.high_watermark() < r.log_end() || !self.pending[g].is_empty() && self.pending[g].iter().any(|p| p.epoch == r.epoch()) {
+                } else if !r.is_epoch_ready()
+                    || r.high_watermark() < r.log_end()
+                    || self.pending[g].iter().any(|p| p.epoch == epoch)
+                {
                     done = false;
                 }
             }
@@ -764,7 +887,20 @@ impl Sim {
                 return Ok(());
             }
         }
-        Err(format!("no progress within {SETTLE_STEPS} fault-free steps"))
+        let mut state = String::new();
+        for n in &self.nodes {
+            for (g, r) in n.node.as_ref().unwrap().groups() {
+                let _ = write!(
+                    state,
+                    "\n  n{} g{g}: {:?} epoch {} leader {:?} hw {} end {} durable {} disk {} pending {}",
+                    n.id, r.role(), r.epoch(), r.leader(), r.high_watermark(), r.log_end(),
+                    r.durable_end(), n.disks[g as usize].end(), self.pending[g as usize].len()
+                );
+            }
+        }
+        Err(format!(
+            "no progress within {SETTLE_STEPS} fault-free steps:{state}"
+        ))
     }
 }
 
@@ -776,7 +912,10 @@ fn check_matching(a: &Disk, b: &Disk) -> Result<(), String> {
         let (x, y) = (&a.batches[i], &b.batches[i]);
         if x.base == y.base && x.epoch == y.epoch {
             if a.prefix[i] != b.prefix[i] {
-                return Err(format!("same offset {} and epoch {} but different logs below", x.base, x.epoch));
+                return Err(format!(
+                    "same offset {} and epoch {} but different logs below",
+                    x.base, x.epoch
+                ));
             }
             return Ok(());
         }
