@@ -11,7 +11,7 @@ use sim::{run_seed, SimConfig, Stats};
 
 /// Steps per seed in CI: long enough for tens of elections, crashes and partitions.
 const CI_STEPS: u64 = 20_000;
-/// Seeds per configuration in CI (three configurations), sized for about a minute in release.
+/// Seeds per configuration in CI (four configurations), sized for about a minute in release.
 const CI_SEEDS: u64 = 300;
 
 /// Seeds that once failed (real bugs found while building the core); run every time.
@@ -27,10 +27,11 @@ fn env_u64(name: &str) -> Option<u64> {
     })
 }
 
-fn configs(steps: u64) -> [SimConfig; 3] {
+fn configs(steps: u64) -> [SimConfig; 4] {
     [
         SimConfig::three_nodes(steps),
         SimConfig::five_nodes(steps),
+        SimConfig::five_nodes_sparse_writes(steps),
         SimConfig::five_nodes_membership(steps),
     ]
 }
@@ -58,13 +59,13 @@ fn ci_seeds() {
     let total = run_range(1_000, CI_SEEDS, CI_STEPS);
     eprintln!("ci seeds: {total:?}");
     // The runs must actually exercise the faults, or the checks prove nothing.
-    assert!(total.elections > CI_SEEDS * 3, "{total:?}");
+    assert!(total.elections > CI_SEEDS * 4, "{total:?}");
     assert!(total.crashes > CI_SEEDS, "{total:?}");
     assert!(
         total.transfers > 0 && total.membership_changes > 0,
         "{total:?}"
     );
-    assert!(total.acked_batches > CI_SEEDS * 3 * 50, "{total:?}");
+    assert!(total.acked_batches > CI_SEEDS * 4 * 50, "{total:?}");
 }
 
 #[test]
@@ -91,7 +92,7 @@ fn soak() {
         let steps = env_u64("SPATE_SIM_STEPS").unwrap_or(CI_STEPS);
         let total = run_range(first, count, steps);
         eprintln!(
-            "soak: seeds {first}..{} x 3 configurations: {total:?}",
+            "soak: seeds {first}..{} x 4 configurations: {total:?}",
             first + count
         );
     }

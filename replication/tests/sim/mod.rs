@@ -59,6 +59,11 @@ pub struct SimConfig {
     pub membership_changes: bool,
     /// Chance, per performed call, that the node crashes after a random prefix of its actions.
     pub crash_mid_actions: u32,
+    /// Chance a new leader appends a batch of its epoch at once (else it waits for the client).
+    pub leader_start_batch: u32,
+    /// Client proposals and crashes, per mille of steps.
+    pub propose_weight: u64,
+    pub crash_weight: u64,
 }
 
 impl SimConfig {
@@ -73,6 +78,9 @@ impl SimConfig {
             max_delay_steps: 25,
             membership_changes: false,
             crash_mid_actions: 3,
+            leader_start_batch: 500,
+            propose_weight: 100,
+            crash_weight: 4,
         }
     }
     pub fn five_nodes(steps: u64) -> Self {
@@ -80,6 +88,16 @@ impl SimConfig {
             nodes: 5,
             initial_voters: 5,
             ..SimConfig::three_nodes(steps)
+        }
+    }
+    /// Five nodes, rare writes, new leaders that wait for the client and more crashes: batches of
+    /// old epochs sit uncommitted across elections (the Raft figure-8 situation).
+    pub fn five_nodes_sparse_writes(steps: u64) -> Self {
+        SimConfig {
+            leader_start_batch: 0,
+            propose_weight: 15,
+            crash_weight: 12,
+            ..SimConfig::five_nodes(steps)
         }
     }
     /// Five nodes, groups starting on three of them, with learners added, promoted and removed.
@@ -325,27 +343,44 @@ impl Sim {
         self.now += 1;
         self.stats.steps += 1;
         let r = self.rng.below(1000);
-        match r {
-            0..400 => self.deliver()?,
-            400..620 => {
-                if let Some(id) = self.pick_live() {
-                    self.with_node(id, |n| n.tick())?;
-                }
+        let (p, c) = (self.cfg.propose_weight, self.cfg.crash_weight);
+        if r < 400 {
+            self.deliver()?;
+        } else if r < 620 {
+            if let Some(id) = self.pick_live() {
+                self.with_node(id, |n| n.tick())?;
             }
-            620..720 if self.faults => self.client_propose()?,
-            720..880 => self.fsync()?,
-            880..884 if self.faults => self.crash_any(),
-            884..905 => self.restart_any()?,
-            905..915 if self.faults => self.partition(),
-            915..935 => {
-                if !self.blocked.is_empty() {
-                    self.log("heal".into());
-                    self.blocked.clear();
-                }
+        } else if r < 620 + p {
+            if self.faults {
+                self.client_propose()?;
             }
-            935..940 if self.faults => self.transfer()?,
-            940..950 if self.faults && self.cfg.membership_changes => self.change_membership()?,
-            _ => self.deliver()?,
+        } else if r < 780 + p {
+            self.fsync()?;
+        } else if r < 780 + p + c {
+            if self.faults {
+                self.crash_any();
+            }
+        } else if r < 800 + p + c {
+            self.restart_any()?;
+        } else if r < 810 + p + c {
+            if self.faults {
+                self.partition();
+            }
+        } else if r < 830 + p + c {
+            if !self.blocked.is_empty() {
+                self.log("heal".into());
+                self.blocked.clear();
+            }
+        } else if r < 835 + p + c {
+            if self.faults {
+                self.transfer()?;
+            }
+        } else if r < 845 + p + c {
+            if self.faults && self.cfg.membership_changes {
+                self.change_membership()?;
+            }
+        } else {
+            self.deliver()?;
         }
         self.check_step()
     }
@@ -455,7 +490,7 @@ impl Sim {
         // LeaderChange control batch) so it can commit, and publish its epoch, without waiting
         // for a client; sometimes it waits for the client, so old-epoch batches sit uncommitted.
         for g in new_leaders {
-            if !self.faults || self.rng.per_mille(500) {
+            if !self.faults || self.rng.per_mille(self.cfg.leader_start_batch) {
                 self.propose_at(id, g)?;
             }
         }
@@ -541,7 +576,14 @@ impl Sim {
     }
 
     fn crash_any(&mut self) {
-        if let Some(id) = self.pick_live() {
+        // Leaders crash half the time: leader churn is where consensus bugs live.
+        let g = self.rng.below(self.cfg.groups as u64) as GroupId;
+        let leader = if self.rng.per_mille(500) {
+            self.leader_of(g)
+        } else {
+            None
+        };
+        if let Some(id) = leader.or_else(|| self.pick_live()) {
             self.log(format!("n{id} crashes"));
             self.crash(id);
         }
@@ -855,8 +897,6 @@ impl Sim {
             self.start(id);
         }
         let deadline = self.now + SETTLE_STEPS;
-        // The epoch in which the settle phase proposed its batch, per group.
-        let mut proposed: Vec<Option<Epoch>> = vec![None; self.cfg.groups];
         while self.now < deadline {
             self.step()?;
             let mut done = true;
@@ -865,15 +905,10 @@ impl Sim {
                     done = false;
                     continue;
                 };
-                let r = self.nodes[Self::idx(l)]
-                    .node
-                    .as_ref()
-                    .unwrap()
-                    .group(g as GroupId)
-                    .unwrap();
+                let r = self.nodes[Self::idx(l)].node.as_ref().unwrap().group(g as GroupId).unwrap();
                 let epoch = r.epoch();
-                if proposed[g] != Some(epoch) {
-                    proposed[g] = Some(epoch);
+                if r.epoch_history().last_epoch() != epoch {
+                    // Refused while a transfer started before the settle phase is pending.
                     done = false;
                     self.propose_at(l, g as GroupId)?;
                 } else if !r.is_epoch_ready()
