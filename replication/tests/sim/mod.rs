@@ -905,7 +905,12 @@ impl Sim {
                     done = false;
                     continue;
                 };
-                let r = self.nodes[Self::idx(l)].node.as_ref().unwrap().group(g as GroupId).unwrap();
+                let r = self.nodes[Self::idx(l)]
+                    .node
+                    .as_ref()
+                    .unwrap()
+                    .group(g as GroupId)
+                    .unwrap();
                 let epoch = r.epoch();
                 if r.epoch_history().last_epoch() != epoch {
                     // Refused while a transfer started before the settle phase is pending.
