@@ -73,10 +73,12 @@ impl Node {
 
     /// One tick for every group.
     pub fn tick(&mut self) {
-        let ids: Vec<GroupId> = self.groups.keys().copied().collect();
-        for g in ids {
-            self.with_group(g, |r, out| r.tick(out));
+        let mut out = std::mem::take(&mut self.scratch);
+        for (&g, r) in self.groups.iter_mut() {
+            r.tick(&mut out);
+            route(g, &mut out, &mut self.actions, &mut self.outbox);
         }
+        self.scratch = out;
     }
 
     /// A message from a peer; entries for groups not hosted here are dropped.
@@ -150,13 +152,23 @@ impl Node {
             .ok_or(Error::UnknownGroup(group))?;
         let mut out = std::mem::take(&mut self.scratch);
         let res = f(r, &mut out);
-        for a in out.drain(..) {
-            match a {
-                Action::Send { to, msg } => self.outbox.entry(to).or_default().push((group, msg)),
-                other => self.actions.push((group, other)),
-            }
-        }
+        route(group, &mut out, &mut self.actions, &mut self.outbox);
         self.scratch = out;
         res
+    }
+}
+
+/// Moves one group's actions out of `out`: sends into the per-peer outbox, the rest in order.
+fn route(
+    group: GroupId,
+    out: &mut Vec<Action>,
+    actions: &mut Vec<(GroupId, Action)>,
+    outbox: &mut BTreeMap<NodeId, Vec<(GroupId, Message)>>,
+) {
+    for a in out.drain(..) {
+        match a {
+            Action::Send { to, msg } => outbox.entry(to).or_default().push((group, msg)),
+            other => actions.push((group, other)),
+        }
     }
 }

@@ -823,7 +823,7 @@ impl Sim {
             ));
         }
         for p in &self.acked[g as usize] {
-            if !disk.find(p.base).is_some_and(|b| b.bytes == p.bytes) {
+            if disk.find(p.base).is_none_or(|b| b.bytes != p.bytes) {
                 return Err(format!(
                     "n{id} g{g}: new leader lacks acknowledged batch at {}",
                     p.base
