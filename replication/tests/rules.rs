@@ -481,3 +481,49 @@ fn a_thousand_groups_elect_and_heartbeat_through_one_message_per_tick() {
     let (oa, ob) = (a.take_output(), b.take_output());
     assert!(oa.messages.len() <= 1 && ob.messages.len() <= 1);
 }
+
+#[test]
+fn a_restarted_voter_does_not_vote_twice_in_one_epoch() {
+    let mut c = Cluster::new(3);
+    c.tick_until_leader(1);
+    // Node 3 restarts from what it persisted: epoch 1, vote for node 1.
+    let hard = c.log[2]
+        .iter()
+        .rev()
+        .find_map(|a| match a {
+            Action::PersistHardState(h) => Some(*h),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(
+        hard,
+        HardState {
+            epoch: 1,
+            voted_for: Some(1)
+        }
+    );
+    let members = Membership::voters(&[1, 2, 3]);
+    c.reps[2] = Replica::new(
+        3,
+        Config::default(),
+        3,
+        Persisted {
+            hard,
+            ..Persisted::new_group(members)
+        },
+    );
+    let ask = spate_replication::VoteRequest {
+        epoch: 1,
+        last_epoch: spate_replication::NO_EPOCH,
+        log_end: 0,
+        pre_vote: false,
+        transfer: false,
+    };
+    let mut out = Vec::new();
+    c.r(3).step(2, Message::Vote(ask), &mut out);
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::Send { msg: Message::VoteResponse(v), .. } if !v.granted)),
+        "{out:?}"
+    );
+}
