@@ -14,6 +14,13 @@ const CI_STEPS: u64 = 20_000;
 /// Seeds per configuration in CI (four configurations), sized for about a minute in release.
 const CI_SEEDS: u64 = 300;
 
+// Planted bugs these checks caught (each planted alone in replica.rs, then removed):
+// - commit by counting an earlier epoch's batches: seed 5, sparse-writes configuration,
+//   "new leader lacks the committed prefix";
+// - the vote not persisted: seed 31, five nodes, "two leaders in g0 epoch 1";
+// - truncation below the commit point (every matched heartbeat truncating to its offset, the
+//   core's assertions removed): seed 0, three nodes, "high watermark ... is not a batch end".
+
 /// Seeds that once failed (real bugs found while building the core); run every time.
 /// 246: a KIP-101 probe at the follower's own log end, inside one of the leader's batches,
 /// matched mid-batch and gave a follower a high watermark that was not a batch end.
