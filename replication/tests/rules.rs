@@ -527,3 +527,42 @@ fn a_restarted_voter_does_not_vote_twice_in_one_epoch() {
         "{out:?}"
     );
 }
+
+#[test]
+fn a_learner_receives_the_log_but_does_not_count_toward_commit() {
+    let mut c = Cluster::new(4);
+    let m = Membership {
+        voters: vec![1, 2, 3],
+        learners: vec![4],
+    };
+    for id in 1..=4u64 {
+        c.reps[(id - 1) as usize] =
+            Replica::new(id, Config::default(), id, Persisted::new_group(m.clone()));
+    }
+    c.tick_until_leader(1);
+    c.propose(1, 3);
+    c.deliver_all();
+    c.call(1, |r, out| r.tick(out));
+    c.call(1, |r, out| r.tick(out));
+    c.deliver_all();
+    assert_eq!(c.r(4).log_end(), 3, "the learner has the batch");
+    c.fsync(1);
+    c.fsync(4);
+    c.deliver_all();
+    assert_eq!(
+        c.r(1).high_watermark(),
+        0,
+        "leader + learner are not a majority of voters"
+    );
+    c.fsync(3);
+    c.deliver_all();
+    assert_eq!(c.r(1).high_watermark(), 3);
+    // A learner never campaigns.
+    for _ in 0..100 {
+        c.call(4, |r, out| r.tick(out));
+    }
+    assert!(!c
+        .net
+        .iter()
+        .any(|(from, _, m)| *from == 4 && matches!(m, Message::Vote(_))));
+}
