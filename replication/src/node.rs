@@ -1,0 +1,174 @@
+//! The node-level multiplexer: every group hosted on a node, and one message per peer per call.
+//!
+//! Groups never send on their own. Everything the groups of one node address to one peer during
+//! one call (a tick, a received message, a local append or fsync) travels as a single
+//! [`NodeMessage`] carrying an entry per group, as Redpanda's heartbeat_manager batches
+//! heartbeats. So the per-tick message count between two nodes is one, whatever the number of
+//! groups; an idle group costs a counter increment per tick and a small entry per heartbeat.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+use crate::error::Error;
+use crate::replica::Replica;
+use crate::types::{Action, GroupId, Membership, Message, NodeId, Offset};
+
+/// Every group's messages from one node to another, produced by one call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeMessage {
+    pub from: NodeId,
+    pub to: NodeId,
+    pub items: Vec<(GroupId, Message)>,
+}
+
+/// What the caller must do after a call, in this order: perform `actions` (each group's in the
+/// order given; a PersistHardState completes before anything after it), then send `messages`.
+#[derive(Debug, Default)]
+pub struct Output {
+    pub actions: Vec<(GroupId, Action)>,
+    pub messages: Vec<NodeMessage>,
+}
+
+pub struct Node {
+    id: NodeId,
+    groups: BTreeMap<GroupId, Replica>,
+    scratch: Vec<Action>,
+    actions: Vec<(GroupId, Action)>,
+    outbox: BTreeMap<NodeId, Vec<(GroupId, Message)>>,
+}
+
+impl Node {
+    pub fn new(id: NodeId) -> Self {
+        Node {
+            id,
+            groups: BTreeMap::new(),
+            scratch: Vec::new(),
+            actions: Vec::new(),
+            outbox: BTreeMap::new(),
+        }
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// Hosts `replica` as group `group` (replacing any previous replica of that group).
+    pub fn add_group(&mut self, group: GroupId, replica: Replica) {
+        assert_eq!(replica.id(), self.id);
+        self.groups.insert(group, replica);
+    }
+
+    pub fn remove_group(&mut self, group: GroupId) -> Option<Replica> {
+        self.groups.remove(&group)
+    }
+
+    pub fn group(&self, group: GroupId) -> Option<&Replica> {
+        self.groups.get(&group)
+    }
+
+    pub fn groups(&self) -> impl Iterator<Item = (GroupId, &Replica)> {
+        self.groups.iter().map(|(g, r)| (*g, r))
+    }
+
+    /// One tick for every group.
+    pub fn tick(&mut self) {
+        let mut out = std::mem::take(&mut self.scratch);
+        for (&g, r) in self.groups.iter_mut() {
+            r.tick(&mut out);
+            route(g, &mut out, &mut self.actions, &mut self.outbox);
+        }
+        self.scratch = out;
+    }
+
+    /// A message from a peer; entries for groups not hosted here are dropped.
+    pub fn receive(&mut self, msg: NodeMessage) {
+        debug_assert_eq!(msg.to, self.id);
+        let from = msg.from;
+        for (g, m) in msg.items {
+            if self.groups.contains_key(&g) {
+                self.with_group(g, |r, out| r.step(from, m, out));
+            }
+        }
+    }
+
+    pub fn propose(&mut self, group: GroupId, batches: &[(u32, Bytes)]) -> Result<Offset, Error> {
+        self.try_with_group(group, |r, out| r.propose(batches, out))
+    }
+
+    pub fn propose_membership(
+        &mut self,
+        group: GroupId,
+        next: Membership,
+        bytes: Bytes,
+    ) -> Result<Offset, Error> {
+        self.try_with_group(group, |r, out| r.propose_membership(next, bytes, out))
+    }
+
+    pub fn transfer_leadership(&mut self, group: GroupId, target: NodeId) -> Result<(), Error> {
+        self.try_with_group(group, |r, out| r.transfer_leadership(target, out))
+    }
+
+    pub fn on_appended(&mut self, group: GroupId, end: Offset) {
+        if self.groups.contains_key(&group) {
+            self.with_group(group, |r, out| r.on_appended(end, out));
+        }
+    }
+
+    pub fn on_durable(&mut self, group: GroupId, end: Offset) {
+        if self.groups.contains_key(&group) {
+            self.with_group(group, |r, out| r.on_durable(end, out));
+        }
+    }
+
+    /// Everything produced since the last call: local actions, then one message per peer.
+    pub fn take_output(&mut self) -> Output {
+        let from = self.id;
+        let messages = std::mem::take(&mut self.outbox)
+            .into_iter()
+            .map(|(to, items)| NodeMessage { from, to, items })
+            .collect();
+        Output {
+            actions: std::mem::take(&mut self.actions),
+            messages,
+        }
+    }
+
+    fn with_group(&mut self, group: GroupId, f: impl FnOnce(&mut Replica, &mut Vec<Action>)) {
+        let _ = self.try_with_group(group, |r, out| {
+            f(r, out);
+            Ok(())
+        });
+    }
+
+    fn try_with_group<T>(
+        &mut self,
+        group: GroupId,
+        f: impl FnOnce(&mut Replica, &mut Vec<Action>) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let r = self
+            .groups
+            .get_mut(&group)
+            .ok_or(Error::UnknownGroup(group))?;
+        let mut out = std::mem::take(&mut self.scratch);
+        let res = f(r, &mut out);
+        route(group, &mut out, &mut self.actions, &mut self.outbox);
+        self.scratch = out;
+        res
+    }
+}
+
+/// Moves one group's actions out of `out`: sends into the per-peer outbox, the rest in order.
+fn route(
+    group: GroupId,
+    out: &mut Vec<Action>,
+    actions: &mut Vec<(GroupId, Action)>,
+    outbox: &mut BTreeMap<NodeId, Vec<(GroupId, Message)>>,
+) {
+    for a in out.drain(..) {
+        match a {
+            Action::Send { to, msg } => outbox.entry(to).or_default().push((group, msg)),
+            other => actions.push((group, other)),
+        }
+    }
+}

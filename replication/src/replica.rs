@@ -1,0 +1,1013 @@
+//! One replication group's consensus state machine: Raft with Kafka offsets as log positions,
+//! whole record batches as entries and the Kafka leader epoch as the term. No I/O, no clock, no
+//! randomness from outside: the caller feeds events and performs the returned [`Action`]s.
+
+use bytes::Bytes;
+
+use crate::epochs::EpochHistory;
+use crate::error::Error;
+use crate::types::{
+    Action, AppendRequest, AppendResponse, Batch, Epoch, HardState, Membership, Message, NodeId,
+    Offset, VoteRequest, VoteResponse, NO_EPOCH,
+};
+
+/// Ticks a follower waits without hearing from a leader before it campaigns. The actual timeout
+/// is drawn in `[election_timeout_ticks, 2 * election_timeout_ticks)` from the replica's seed.
+pub const DEFAULT_ELECTION_TIMEOUT_TICKS: u32 = 10;
+/// Ticks between a leader's heartbeats (each one also retransmits to a silent follower).
+pub const DEFAULT_HEARTBEAT_INTERVAL_TICKS: u32 = 2;
+/// Batches one proposal may carry; bounds the work and the Append action of one call.
+pub const DEFAULT_MAX_BATCHES_PER_PROPOSAL: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    pub election_timeout_ticks: u32,
+    pub heartbeat_interval_ticks: u32,
+    pub max_batches_per_proposal: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            election_timeout_ticks: DEFAULT_ELECTION_TIMEOUT_TICKS,
+            heartbeat_interval_ticks: DEFAULT_HEARTBEAT_INTERVAL_TICKS,
+            max_batches_per_proposal: DEFAULT_MAX_BATCHES_PER_PROPOSAL,
+        }
+    }
+}
+
+/// What a replica restarts from: exactly what was durable. Everything else (high watermark,
+/// leader, progress) is relearned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Persisted {
+    pub hard: HardState,
+    /// (epoch, first offset) of the durable log, from its batches.
+    pub epochs: Vec<(Epoch, Offset)>,
+    /// End of the durable log (everything not durable is gone after a crash).
+    pub log_end: Offset,
+    /// The membership the group was created with (before any membership batch).
+    pub bootstrap: Membership,
+    /// (base offset, membership) of each membership batch in the log, ascending.
+    pub memberships: Vec<(Offset, Membership)>,
+}
+
+impl Persisted {
+    /// A brand-new replica of a group with these members.
+    pub fn new_group(bootstrap: Membership) -> Self {
+        Persisted {
+            bootstrap,
+            ..Persisted::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Follower,
+    PreCandidate,
+    Candidate,
+    Leader,
+}
+
+/// The leader's view of one peer.
+#[derive(Debug, Clone)]
+struct Progress {
+    node: NodeId,
+    /// Next offset to send (a batch boundary in the leader's log).
+    next: Offset,
+    /// Highest written end the peer reported over the prefix that matches ours.
+    matched: Offset,
+    /// Highest durable end the peer reported over that prefix: what commit counts.
+    durable: Offset,
+    /// Probing for the match point (one empty append at a time) rather than streaming.
+    probing: bool,
+    /// Heard from in the current check-quorum window.
+    active: bool,
+    /// Acknowledged something since the last heartbeat (else the next heartbeat retransmits).
+    acked: bool,
+}
+
+pub struct Replica {
+    id: NodeId,
+    cfg: Config,
+    hard: HardState,
+    role: Role,
+    leader: Option<NodeId>,
+    epochs: EpochHistory,
+    /// End of the log as the core has ordered it (appends may still be in flight).
+    log_end: Offset,
+    written_end: Offset,
+    durable_end: Offset,
+    hw: Offset,
+    /// Follower: the prefix known to match the current epoch's leader; only it is reported.
+    verified_end: Offset,
+    bootstrap: Membership,
+    memberships: Vec<(Offset, Membership)>,
+    election_elapsed: u32,
+    election_timeout: u32,
+    heartbeat_elapsed: u32,
+    quorum_elapsed: u32,
+    rng: u64,
+    /// Candidate / pre-candidate: (voter, granted).
+    votes: Vec<(NodeId, bool)>,
+    progress: Vec<Progress>,
+    /// Leadership transfer in progress: (target, ticks elapsed).
+    transfer: Option<(NodeId, u32)>,
+    /// The leader has committed a batch of its own epoch.
+    epoch_ready: bool,
+    scratch: Vec<Offset>,
+}
+
+impl Replica {
+    /// A replica restarting from `persisted`; `seed` drives its election-timeout jitter.
+    pub fn new(id: NodeId, cfg: Config, seed: u64, persisted: Persisted) -> Self {
+        assert!(cfg.election_timeout_ticks > cfg.heartbeat_interval_ticks);
+        assert!(cfg.heartbeat_interval_ticks > 0);
+        let epochs = EpochHistory::from_entries(persisted.epochs);
+        if let Some(start) = epochs.last_start() {
+            assert!(start < persisted.log_end, "epoch history past the log end");
+        }
+        assert!(epochs.last_epoch() <= persisted.hard.epoch);
+        let mut r = Replica {
+            id,
+            cfg,
+            hard: persisted.hard,
+            role: Role::Follower,
+            leader: None,
+            epochs,
+            log_end: persisted.log_end,
+            written_end: persisted.log_end,
+            durable_end: persisted.log_end,
+            hw: 0,
+            verified_end: 0,
+            bootstrap: persisted.bootstrap,
+            memberships: persisted.memberships,
+            election_elapsed: 0,
+            election_timeout: cfg.election_timeout_ticks,
+            heartbeat_elapsed: 0,
+            quorum_elapsed: 0,
+            // splitmix64 state: any seed, including 0, gives a usable stream.
+            rng: seed ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            votes: Vec::new(),
+            progress: Vec::new(),
+            transfer: None,
+            epoch_ready: false,
+            scratch: Vec::new(),
+        };
+        r.reset_election_timeout();
+        r
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    pub fn is_leader(&self) -> bool {
+        self.role == Role::Leader
+    }
+    pub fn leader(&self) -> Option<NodeId> {
+        self.leader
+    }
+    pub fn epoch(&self) -> Epoch {
+        self.hard.epoch
+    }
+    pub fn hard_state(&self) -> HardState {
+        self.hard
+    }
+    pub fn high_watermark(&self) -> Offset {
+        self.hw
+    }
+    pub fn log_end(&self) -> Offset {
+        self.log_end
+    }
+    pub fn durable_end(&self) -> Offset {
+        self.durable_end
+    }
+    pub fn epoch_history(&self) -> &EpochHistory {
+        &self.epochs
+    }
+    /// The leader has committed in its epoch; only then should it advertise the epoch to clients.
+    pub fn is_epoch_ready(&self) -> bool {
+        self.is_leader() && self.epoch_ready
+    }
+    /// The active membership: the last membership batch in the log, or the bootstrap one.
+    pub fn membership(&self) -> &Membership {
+        self.memberships.last().map_or(&self.bootstrap, |m| &m.1)
+    }
+    /// KIP-101: this log's answer to OffsetsForLeaderEpoch.
+    pub fn end_offset_for_epoch(&self, epoch: Epoch) -> (Epoch, Offset) {
+        self.epochs.end_offset_for_epoch(epoch, self.log_end)
+    }
+    /// A peer's (written, durable) ends as the leader knows them.
+    pub fn peer_progress(&self, peer: NodeId) -> Option<(Offset, Offset)> {
+        self.progress
+            .iter()
+            .find(|p| p.node == peer)
+            .map(|p| (p.matched, p.durable))
+    }
+    /// Nothing to do until the next heartbeat: a leader whose followers hold everything, or a
+    /// follower with a leader. Used by the multiplexer to keep idle groups cheap.
+    pub fn is_idle(&self) -> bool {
+        match self.role {
+            Role::Leader => self
+                .progress
+                .iter()
+                .all(|p| !p.probing && p.durable == self.log_end && self.hw == self.log_end),
+            Role::Follower => self.leader.is_some(),
+            _ => false,
+        }
+    }
+
+    // ---- events ------------------------------------------------------------------------------
+
+    /// One unit of logical time.
+    pub fn tick(&mut self, out: &mut Vec<Action>) {
+        match self.role {
+            Role::Leader => {
+                self.heartbeat_elapsed += 1;
+                self.quorum_elapsed += 1;
+                if let Some((target, elapsed)) = self.transfer {
+                    // A transfer that has not finished in an election timeout is abandoned so
+                    // the group is not left refusing proposals.
+                    if elapsed + 1 >= self.cfg.election_timeout_ticks {
+                        self.transfer = None;
+                    } else {
+                        self.transfer = Some((target, elapsed + 1));
+                    }
+                }
+                if self.quorum_elapsed >= self.cfg.election_timeout_ticks {
+                    self.quorum_elapsed = 0;
+                    if !self.check_quorum() {
+                        tracing::debug!(
+                            id = self.id,
+                            epoch = self.hard.epoch,
+                            "check-quorum: stepping down"
+                        );
+                        self.become_follower(self.hard.epoch, None, out);
+                        return;
+                    }
+                }
+                if self.heartbeat_elapsed >= self.cfg.heartbeat_interval_ticks {
+                    self.heartbeat_elapsed = 0;
+                    self.broadcast_heartbeat(out);
+                }
+            }
+            Role::Follower | Role::PreCandidate | Role::Candidate => {
+                self.election_elapsed += 1;
+                if self.election_elapsed >= self.election_timeout && self.may_campaign() {
+                    self.campaign(true, false, out);
+                }
+            }
+        }
+    }
+
+    /// A message from `from`.
+    pub fn step(&mut self, from: NodeId, msg: Message, out: &mut Vec<Action>) {
+        match msg {
+            Message::Append(req) => self.on_append(from, req, out),
+            Message::AppendResponse(resp) => self.on_append_response(from, resp, out),
+            Message::Vote(req) => self.on_vote(from, req, out),
+            Message::VoteResponse(resp) => self.on_vote_response(from, resp, out),
+            Message::TimeoutNow { epoch } => {
+                if epoch > self.hard.epoch {
+                    self.become_follower(epoch, Some(from), out);
+                }
+                if epoch == self.hard.epoch
+                    && self.role == Role::Follower
+                    && self.leader == Some(from)
+                    && self.may_campaign()
+                {
+                    self.campaign(false, true, out);
+                }
+            }
+        }
+    }
+
+    /// Leader only: assign offsets to `batches` (record count, bytes) and append them in the
+    /// current epoch. Returns the first batch's base offset.
+    pub fn propose(
+        &mut self,
+        batches: &[(u32, Bytes)],
+        out: &mut Vec<Action>,
+    ) -> Result<Offset, Error> {
+        self.check_can_propose()?;
+        if batches.is_empty() || batches.len() > self.cfg.max_batches_per_proposal {
+            return Err(Error::InvalidProposal {
+                reason: "batch count out of range",
+            });
+        }
+        if batches.iter().any(|b| b.0 == 0) {
+            return Err(Error::InvalidProposal {
+                reason: "a batch with no records",
+            });
+        }
+        let base = self.log_end;
+        let mut at = base;
+        let built = batches
+            .iter()
+            .map(|(count, bytes)| {
+                let b = Batch {
+                    base: at,
+                    count: *count,
+                    epoch: self.hard.epoch,
+                    bytes: bytes.clone(),
+                    membership: None,
+                };
+                at = b.end();
+                b
+            })
+            .collect();
+        self.append_local(built, out);
+        Ok(base)
+    }
+
+    /// Leader only: append a membership batch (one record, `bytes` in the caller's encoding)
+    /// making `next` the membership. One change at a time: add a learner, promote a caught-up
+    /// learner, remove a voter other than the leader, or remove a learner.
+    pub fn propose_membership(
+        &mut self,
+        next: Membership,
+        bytes: Bytes,
+        out: &mut Vec<Action>,
+    ) -> Result<Offset, Error> {
+        self.check_can_propose()?;
+        if !self.epoch_ready {
+            return Err(Error::MembershipChangeRefused {
+                reason: "leader has not committed in its epoch yet",
+            });
+        }
+        if self.memberships.last().is_some_and(|m| m.0 >= self.hw) {
+            return Err(Error::MembershipChangeRefused {
+                reason: "previous membership change not committed",
+            });
+        }
+        self.check_single_change(&next)?;
+        let base = self.log_end;
+        let batch = Batch {
+            base,
+            count: 1,
+            epoch: self.hard.epoch,
+            bytes,
+            membership: Some(next),
+        };
+        self.append_local(vec![batch], out);
+        Ok(base)
+    }
+
+    /// Leader only: hand leadership to `target`, a voter. Proposals are refused until it takes
+    /// over or an election timeout passes.
+    pub fn transfer_leadership(
+        &mut self,
+        target: NodeId,
+        out: &mut Vec<Action>,
+    ) -> Result<(), Error> {
+        self.check_can_propose()?;
+        if target == self.id || !self.membership().is_voter(target) {
+            return Err(Error::NotMember {
+                node: target,
+                role: "voter other than the leader",
+            });
+        }
+        self.transfer = Some((target, 0));
+        self.maybe_send_timeout_now(target, out);
+        if self.transfer.is_some() {
+            if let Some(i) = self.progress_index(target) {
+                self.send_append(i, out);
+            }
+        }
+        Ok(())
+    }
+
+    /// The caller's log has written everything below `end` (not necessarily durable).
+    pub fn on_appended(&mut self, end: Offset, out: &mut Vec<Action>) {
+        let end = end.min(self.log_end);
+        if end <= self.written_end {
+            return;
+        }
+        self.written_end = end;
+        if self.role == Role::Leader {
+            for i in 0..self.progress.len() {
+                if !self.progress[i].probing && self.progress[i].next < self.written_end {
+                    self.send_append(i, out);
+                }
+            }
+        } else {
+            self.report_to_leader(out);
+        }
+    }
+
+    /// Everything below `end` of the current log is durable. The caller must not report an
+    /// fsync that began before a truncation as covering batches appended after it.
+    pub fn on_durable(&mut self, end: Offset, out: &mut Vec<Action>) {
+        let end = end.min(self.written_end);
+        if end <= self.durable_end {
+            return;
+        }
+        self.durable_end = end;
+        if self.role == Role::Leader {
+            self.maybe_commit(out);
+        } else {
+            self.report_to_leader(out);
+        }
+    }
+
+    // ---- follower side -----------------------------------------------------------------------
+
+    fn on_append(&mut self, from: NodeId, req: AppendRequest, out: &mut Vec<Action>) {
+        if req.epoch < self.hard.epoch {
+            let resp = self.reject(self.log_end, NO_EPOCH);
+            self.send(from, Message::AppendResponse(resp), out);
+            return;
+        }
+        if req.epoch > self.hard.epoch || self.role != Role::Follower || self.leader != Some(from) {
+            assert!(
+                !(req.epoch == self.hard.epoch && self.role == Role::Leader),
+                "two leaders in epoch {}: {} and {from}",
+                self.hard.epoch,
+                self.id
+            );
+            self.become_follower(req.epoch, Some(from), out);
+        }
+        self.election_elapsed = 0;
+        if req.prev_offset > self.log_end
+            || self.epochs.epoch_before(req.prev_offset) != req.prev_epoch
+        {
+            let resp = self.reject(req.prev_offset, req.prev_epoch);
+            self.send(from, Message::AppendResponse(resp), out);
+            return;
+        }
+        let mut at = req.prev_offset;
+        for b in &req.batches {
+            if b.base != at || b.count == 0 || b.epoch > req.epoch {
+                tracing::warn!(
+                    from,
+                    base = b.base,
+                    expected = at,
+                    "malformed append: dropped"
+                );
+                return;
+            }
+            at = b.end();
+        }
+        let mut verified = req.prev_offset;
+        let mut fresh = Vec::new();
+        for b in req.batches {
+            if b.base < self.log_end && fresh.is_empty() {
+                if self.epochs.epoch_at(b.base) == b.epoch {
+                    // Already here: one leader per epoch means same (offset, epoch), same batch.
+                    verified = b.end();
+                    continue;
+                }
+                self.truncate_to(b.base, out);
+            }
+            verified = b.end();
+            fresh.push(b);
+        }
+        if !fresh.is_empty() {
+            self.append_local(fresh, out);
+        }
+        self.verified_end = self.verified_end.max(verified);
+        let commit = req.commit.min(self.verified_end);
+        self.advance_hw(commit, out);
+        let resp = self.accept();
+        self.send(from, Message::AppendResponse(resp), out);
+    }
+
+    /// The KIP-101 hint for a leader whose append at (`prev_offset`, `prev_epoch`) did not match:
+    /// our last epoch at or below the probe, and where our log of that epoch ends. If our entry
+    /// there is newer than the leader's, we answer with our largest epoch not above the leader's,
+    /// so every round names a smaller epoch until the two logs agree.
+    fn reject(&self, prev_offset: Offset, prev_epoch: Epoch) -> AppendResponse {
+        let p = prev_offset.min(self.log_end);
+        let mine = self.epochs.epoch_before(p);
+        let (last_epoch, log_end) = if mine > prev_epoch && prev_epoch != NO_EPOCH {
+            let (e, end) = self.epochs.end_offset_for_epoch(prev_epoch, self.log_end);
+            (e, end.min(p))
+        } else if mine > prev_epoch {
+            (NO_EPOCH, 0)
+        } else {
+            (mine, p)
+        };
+        AppendResponse {
+            epoch: self.hard.epoch,
+            success: false,
+            written_end: 0,
+            durable_end: 0,
+            last_epoch,
+            log_end,
+        }
+    }
+
+    fn accept(&self) -> AppendResponse {
+        AppendResponse {
+            epoch: self.hard.epoch,
+            success: true,
+            written_end: self.written_end.min(self.verified_end),
+            durable_end: self.durable_end.min(self.verified_end),
+            last_epoch: NO_EPOCH,
+            log_end: self.verified_end,
+        }
+    }
+
+    fn report_to_leader(&mut self, out: &mut Vec<Action>) {
+        if self.role != Role::Follower || self.verified_end == 0 {
+            return;
+        }
+        if let Some(leader) = self.leader {
+            let resp = self.accept();
+            self.send(leader, Message::AppendResponse(resp), out);
+        }
+    }
+
+    fn truncate_to(&mut self, end: Offset, out: &mut Vec<Action>) {
+        assert!(
+            end >= self.hw,
+            "truncating to {end} below the high watermark {}",
+            self.hw
+        );
+        assert!(
+            end >= self.verified_end,
+            "truncating to {end} below what the leader verified ({})",
+            self.verified_end
+        );
+        assert!(self.role != Role::Leader, "a leader never truncates");
+        self.log_end = end;
+        self.written_end = self.written_end.min(end);
+        self.durable_end = self.durable_end.min(end);
+        self.epochs.truncate(end);
+        let before = self.memberships.len();
+        self.memberships.retain(|m| m.0 < end);
+        out.push(Action::Truncate { end });
+        if self.memberships.len() != before {
+            out.push(Action::MembershipChanged(self.membership().clone()));
+        }
+    }
+
+    fn append_local(&mut self, batches: Vec<Batch>, out: &mut Vec<Action>) {
+        let mut changed = false;
+        for b in &batches {
+            assert_eq!(b.base, self.log_end, "appends are contiguous");
+            assert!(b.epoch <= self.hard.epoch);
+            self.epochs.append(b.epoch, b.base);
+            self.log_end = b.end();
+            if let Some(m) = &b.membership {
+                self.memberships.push((b.base, m.clone()));
+                changed = true;
+            }
+        }
+        out.push(Action::Append { batches });
+        if changed {
+            out.push(Action::MembershipChanged(self.membership().clone()));
+            if self.role == Role::Leader {
+                self.sync_progress();
+            }
+        }
+    }
+
+    fn advance_hw(&mut self, hw: Offset, out: &mut Vec<Action>) {
+        if hw > self.hw {
+            assert!(
+                hw <= self.log_end,
+                "high watermark {hw} past the log end {}",
+                self.log_end
+            );
+            self.hw = hw;
+            out.push(Action::HighWatermark(hw));
+        }
+    }
+
+    // ---- leader side -------------------------------------------------------------------------
+
+    fn check_can_propose(&self) -> Result<(), Error> {
+        if self.role != Role::Leader {
+            return Err(Error::NotLeader {
+                leader: self.leader,
+            });
+        }
+        if let Some((target, _)) = self.transfer {
+            return Err(Error::TransferInProgress { target });
+        }
+        Ok(())
+    }
+
+    fn check_single_change(&self, next: &Membership) -> Result<(), Error> {
+        let cur = self.membership();
+        let refuse = |reason| Err(Error::MembershipChangeRefused { reason });
+        let has_dupes = |v: &[NodeId]| (1..v.len()).any(|i| v[..i].contains(&v[i]));
+        if has_dupes(&next.voters)
+            || has_dupes(&next.learners)
+            || next.voters.iter().any(|v| next.learners.contains(v))
+        {
+            return refuse("a node listed twice");
+        }
+        if !next.is_voter(self.id) {
+            return refuse("the leader cannot remove or demote itself: transfer leadership first");
+        }
+        let added_voters: Vec<NodeId> = next
+            .voters
+            .iter()
+            .copied()
+            .filter(|v| !cur.is_voter(*v))
+            .collect();
+        let removed_voters = cur.voters.iter().filter(|v| !next.is_voter(**v)).count();
+        let added_learners = next.learners.iter().filter(|l| !cur.contains(**l)).count();
+        let removed_learners = cur.learners.iter().filter(|l| !next.contains(**l)).count();
+        let changes = added_voters.len() + removed_voters + added_learners + removed_learners;
+        if changes != 1 {
+            return refuse("exactly one member may change at a time");
+        }
+        if let Some(&v) = added_voters.first() {
+            if !cur.is_learner(v) {
+                return refuse("a new voter must first catch up as a learner");
+            }
+            let caught_up = self
+                .progress
+                .iter()
+                .any(|p| p.node == v && !p.probing && p.durable >= self.hw);
+            if !caught_up {
+                return refuse("the learner has not caught up to the high watermark");
+            }
+        }
+        Ok(())
+    }
+
+    fn become_leader(&mut self, out: &mut Vec<Action>) {
+        assert_eq!(self.hard.voted_for, Some(self.id));
+        self.role = Role::Leader;
+        self.leader = Some(self.id);
+        self.epoch_ready = false;
+        self.heartbeat_elapsed = 0;
+        self.quorum_elapsed = 0;
+        self.transfer = None;
+        self.progress.clear();
+        self.sync_progress();
+        tracing::debug!(id = self.id, epoch = self.hard.epoch, "became leader");
+        out.push(Action::BecomeLeader {
+            epoch: self.hard.epoch,
+        });
+        for i in 0..self.progress.len() {
+            self.send_append(i, out);
+        }
+        self.maybe_commit(out);
+    }
+
+    /// Makes the progress list match the membership: new peers start probing at our log end.
+    fn sync_progress(&mut self) {
+        let m = self.membership().clone();
+        self.progress.retain(|p| m.contains(p.node));
+        for n in m.peers(self.id) {
+            if !self.progress.iter().any(|p| p.node == n) {
+                self.progress.push(Progress {
+                    node: n,
+                    next: self.log_end,
+                    matched: 0,
+                    durable: 0,
+                    probing: true,
+                    active: true,
+                    acked: false,
+                });
+            }
+        }
+    }
+
+    fn progress_index(&self, node: NodeId) -> Option<usize> {
+        self.progress.iter().position(|p| p.node == node)
+    }
+
+    fn send_append(&mut self, i: usize, out: &mut Vec<Action>) {
+        let p = &mut self.progress[i];
+        assert!(p.next <= self.log_end);
+        let from = p.next;
+        let fill_end = if p.probing {
+            from
+        } else {
+            self.written_end.max(from)
+        };
+        p.next = fill_end;
+        let to = p.node;
+        let req = AppendRequest {
+            epoch: self.hard.epoch,
+            prev_offset: from,
+            prev_epoch: self.epochs.epoch_before(from),
+            commit: self.hw,
+            batches: Vec::new(),
+            fill_end,
+        };
+        self.send(to, Message::Append(req), out);
+    }
+
+    fn broadcast_heartbeat(&mut self, out: &mut Vec<Action>) {
+        for i in 0..self.progress.len() {
+            let p = &mut self.progress[i];
+            if !p.acked && !p.probing && p.next > p.matched {
+                // Nothing acknowledged for a whole heartbeat interval: resend from the last
+                // offset the follower is known to hold.
+                p.next = p.matched;
+            }
+            p.acked = false;
+            self.send_append(i, out);
+        }
+    }
+
+    fn on_append_response(&mut self, from: NodeId, resp: AppendResponse, out: &mut Vec<Action>) {
+        if resp.epoch > self.hard.epoch {
+            self.become_follower(resp.epoch, None, out);
+            return;
+        }
+        if resp.epoch < self.hard.epoch || self.role != Role::Leader {
+            return;
+        }
+        let Some(i) = self.progress_index(from) else {
+            return;
+        };
+        let log_end = self.log_end;
+        let p = &mut self.progress[i];
+        p.active = true;
+        p.acked = true;
+        if resp.success {
+            assert!(
+                resp.log_end <= log_end,
+                "follower verified past our log end"
+            );
+            p.matched = p.matched.max(resp.written_end);
+            p.durable = p.durable.max(resp.durable_end);
+            p.next = p.next.max(resp.log_end);
+            p.probing = false;
+            if p.next < self.written_end {
+                self.send_append(i, out);
+            }
+            self.maybe_commit(out);
+            if let Some((target, _)) = self.transfer {
+                if target == from {
+                    self.maybe_send_timeout_now(target, out);
+                }
+            }
+        } else {
+            // KIP-101/279: our end offset for the follower's last epoch. Only when we hold that
+            // epoch too is the follower's own end a batch boundary of ours (both are prefixes
+            // of that epoch's leader's log), so only then may it cap the probe; otherwise the
+            // next answer names an older epoch, so the exchange ends.
+            let (epoch, end) = self.epochs.end_offset_for_epoch(resp.last_epoch, log_end);
+            let next = if epoch == resp.last_epoch {
+                end.min(resp.log_end)
+            } else {
+                end
+            };
+            p.next = next;
+            p.matched = p.matched.min(next);
+            p.probing = true;
+            self.send_append(i, out);
+        }
+    }
+
+    fn maybe_send_timeout_now(&mut self, target: NodeId, out: &mut Vec<Action>) {
+        let caught_up = self
+            .progress
+            .iter()
+            .any(|p| p.node == target && !p.probing && p.matched == self.log_end);
+        if caught_up {
+            let epoch = self.hard.epoch;
+            self.send(target, Message::TimeoutNow { epoch }, out);
+        }
+    }
+
+    /// Commit = durable on a majority of voters, counted only once it covers a batch of our
+    /// own epoch (earlier epochs' batches ride along: Raft's figure-8 rule).
+    fn maybe_commit(&mut self, out: &mut Vec<Action>) {
+        let Some(epoch_start) = self
+            .epochs
+            .last_start()
+            .filter(|_| self.epochs.last_epoch() == self.hard.epoch)
+        else {
+            return;
+        };
+        let m = self.memberships.last().map_or(&self.bootstrap, |m| &m.1);
+        self.scratch.clear();
+        for &v in &m.voters {
+            if v == self.id {
+                self.scratch.push(self.durable_end);
+            } else if let Some(p) = self.progress.iter().find(|p| p.node == v) {
+                self.scratch.push(p.durable);
+            } else {
+                self.scratch.push(0);
+            }
+        }
+        let quorum = m.quorum();
+        if self.scratch.len() < quorum {
+            return;
+        }
+        self.scratch.sort_unstable_by(|a, b| b.cmp(a));
+        let candidate = self.scratch[quorum - 1];
+        if candidate <= epoch_start || candidate <= self.hw {
+            return;
+        }
+        self.advance_hw(candidate, out);
+        if !self.epoch_ready {
+            self.epoch_ready = true;
+            out.push(Action::LeaderReady {
+                epoch: self.hard.epoch,
+            });
+        }
+    }
+
+    fn check_quorum(&mut self) -> bool {
+        let m = self.memberships.last().map_or(&self.bootstrap, |m| &m.1);
+        let mut heard = usize::from(m.is_voter(self.id));
+        for p in &mut self.progress {
+            if p.active && m.is_voter(p.node) {
+                heard += 1;
+            }
+            p.active = false;
+        }
+        heard >= m.quorum()
+    }
+
+    // ---- elections ---------------------------------------------------------------------------
+
+    fn may_campaign(&self) -> bool {
+        self.membership().is_voter(self.id)
+    }
+
+    fn campaign(&mut self, pre_vote: bool, transfer: bool, out: &mut Vec<Action>) {
+        let epoch = if pre_vote {
+            self.role = Role::PreCandidate;
+            self.hard.epoch + 1
+        } else {
+            self.role = Role::Candidate;
+            self.hard.epoch += 1;
+            self.hard.voted_for = Some(self.id);
+            self.verified_end = 0;
+            out.push(Action::PersistHardState(self.hard));
+            self.hard.epoch
+        };
+        if self.leader.take().is_some() {
+            out.push(Action::BecomeFollower {
+                epoch: self.hard.epoch,
+                leader: None,
+            });
+        }
+        self.election_elapsed = 0;
+        self.reset_election_timeout();
+        self.votes.clear();
+        self.votes.push((self.id, true));
+        if self.tally_won() {
+            if pre_vote {
+                self.campaign(false, transfer, out);
+            } else {
+                self.become_leader(out);
+            }
+            return;
+        }
+        let req = VoteRequest {
+            epoch,
+            last_epoch: self.epochs.last_epoch(),
+            log_end: self.log_end,
+            pre_vote,
+            transfer,
+        };
+        let voters = self.membership().voters.clone();
+        for v in voters.into_iter().filter(|&v| v != self.id) {
+            self.send(v, Message::Vote(req), out);
+        }
+    }
+
+    fn tally_won(&self) -> bool {
+        let m = self.membership();
+        self.votes.iter().filter(|v| v.1 && m.is_voter(v.0)).count() >= m.quorum()
+    }
+
+    fn tally_lost(&self) -> bool {
+        let m = self.membership();
+        self.votes
+            .iter()
+            .filter(|v| !v.1 && m.is_voter(v.0))
+            .count()
+            >= m.quorum()
+    }
+
+    fn on_vote(&mut self, from: NodeId, req: VoteRequest, out: &mut Vec<Action>) {
+        // Leader lease (with check-quorum): while we hear from a leader, a node that lost touch
+        // with it cannot start a new epoch here, so it cannot depose a healthy leader.
+        let in_lease = !req.transfer
+            && self.leader.is_some()
+            && (self.role == Role::Leader
+                || self.election_elapsed < self.cfg.election_timeout_ticks);
+        let up_to_date = (req.last_epoch, req.log_end) >= (self.epochs.last_epoch(), self.log_end);
+        if req.pre_vote {
+            let granted = req.epoch > self.hard.epoch && !in_lease && up_to_date;
+            let epoch = if granted { req.epoch } else { self.hard.epoch };
+            let resp = VoteResponse {
+                epoch,
+                granted,
+                pre_vote: true,
+            };
+            self.send(from, Message::VoteResponse(resp), out);
+            return;
+        }
+        if req.epoch < self.hard.epoch || (req.epoch > self.hard.epoch && in_lease) {
+            let resp = VoteResponse {
+                epoch: self.hard.epoch,
+                granted: false,
+                pre_vote: false,
+            };
+            self.send(from, Message::VoteResponse(resp), out);
+            return;
+        }
+        if req.epoch > self.hard.epoch {
+            self.become_follower(req.epoch, None, out);
+        }
+        // A leader or candidate of this epoch has voted for itself, so it never grants here.
+        let can_vote = self.hard.voted_for.is_none() || self.hard.voted_for == Some(from);
+        let granted = can_vote && up_to_date;
+        if granted {
+            if self.hard.voted_for != Some(from) {
+                self.hard.voted_for = Some(from);
+                out.push(Action::PersistHardState(self.hard));
+            }
+            if self.role == Role::PreCandidate {
+                self.become_follower(self.hard.epoch, None, out);
+            }
+            self.election_elapsed = 0;
+        }
+        let resp = VoteResponse {
+            epoch: self.hard.epoch,
+            granted,
+            pre_vote: false,
+        };
+        self.send(from, Message::VoteResponse(resp), out);
+    }
+
+    fn on_vote_response(&mut self, from: NodeId, resp: VoteResponse, out: &mut Vec<Action>) {
+        let expected = match self.role {
+            Role::PreCandidate if resp.pre_vote => self.hard.epoch + 1,
+            Role::Candidate if !resp.pre_vote => self.hard.epoch,
+            _ => {
+                if !resp.granted && resp.epoch > self.hard.epoch {
+                    self.become_follower(resp.epoch, None, out);
+                }
+                return;
+            }
+        };
+        if !resp.granted && resp.epoch > self.hard.epoch {
+            self.become_follower(resp.epoch, None, out);
+            return;
+        }
+        if resp.granted && resp.epoch != expected {
+            return;
+        }
+        if !self.votes.iter().any(|v| v.0 == from) {
+            self.votes.push((from, resp.granted));
+        }
+        if self.tally_won() {
+            if self.role == Role::PreCandidate {
+                self.campaign(false, false, out);
+            } else {
+                self.become_leader(out);
+            }
+        } else if self.tally_lost() {
+            self.become_follower(self.hard.epoch, None, out);
+        }
+    }
+
+    fn become_follower(&mut self, epoch: Epoch, leader: Option<NodeId>, out: &mut Vec<Action>) {
+        assert!(epoch >= self.hard.epoch);
+        if epoch > self.hard.epoch {
+            self.hard = HardState {
+                epoch,
+                voted_for: None,
+            };
+            self.verified_end = 0;
+            out.push(Action::PersistHardState(self.hard));
+        }
+        let was = (self.role, self.leader);
+        self.role = Role::Follower;
+        self.leader = leader;
+        self.transfer = None;
+        self.progress.clear();
+        self.epoch_ready = false;
+        self.election_elapsed = 0;
+        self.reset_election_timeout();
+        if was != (Role::Follower, leader) {
+            out.push(Action::BecomeFollower { epoch, leader });
+        }
+    }
+
+    fn reset_election_timeout(&mut self) {
+        let base = self.cfg.election_timeout_ticks;
+        self.election_timeout = base + (self.next_random() % u64::from(base)) as u32;
+    }
+
+    fn next_random(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn send(&self, to: NodeId, msg: Message, out: &mut Vec<Action>) {
+        out.push(Action::Send { to, msg });
+    }
+}
