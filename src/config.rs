@@ -132,6 +132,10 @@ pub struct ServeConfig {
     /// it [default: 127.0.0.1:9644].
     #[arg(long, env = "SPATE_METRICS_LISTEN", value_name = "HOST:PORT|off")]
     pub metrics_listen: Option<String>,
+    /// Most partition replicas one core (shard) may own; CreateTopics, CreatePartitions and
+    /// auto-creation beyond it are refused with INVALID_PARTITIONS [default: 4000].
+    #[arg(long, env = "SPATE_MAX_PARTITIONS_PER_SHARD", value_name = "N")]
+    pub max_partitions_per_shard: Option<usize>,
 }
 
 /// Every setting of [`ServeConfig`] but `config` itself, once: merging and the defaults use it,
@@ -167,7 +171,8 @@ macro_rules! each_setting {
             offsets_retention_ms,
             offsets_snapshot_min_bytes,
             retention_check_interval_ms,
-            metrics_listen
+            metrics_listen,
+            max_partitions_per_shard
         )
     };
 }
@@ -213,6 +218,7 @@ impl ServeConfig {
             offsets_snapshot_min_bytes: Some(groups.offsets_snapshot_min_bytes),
             retention_check_interval_ms: Some(300_000),
             metrics_listen: Some(DEFAULT_METRICS_LISTEN.into()),
+            max_partitions_per_shard: Some(spate_net::config::DEFAULT_MAX_PARTITIONS_PER_SHARD),
         }
     }
 
@@ -350,6 +356,10 @@ impl ServeConfig {
             bail!("--retention-check-interval-ms must be at least 1");
         }
         c.metrics_listen = metrics_listen(&set(&self.metrics_listen))?;
+        c.max_partitions_per_shard = set(&self.max_partitions_per_shard);
+        if c.max_partitions_per_shard == 0 {
+            bail!("--max-partitions-per-shard must be at least 1");
+        }
         if c.max_in_flight_per_connection == 0 || c.max_connections == 0 {
             bail!("--max-in-flight-per-connection and --max-connections must be at least 1");
         }

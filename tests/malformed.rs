@@ -16,7 +16,7 @@ fn still_serves(broker: &Broker) {
     assert!(resp
         .api_keys
         .iter()
-        .any(|k| k.api_key == 0 && k.min_version == 0));
+        .any(|k| k.api_key == 0 && k.min_version == 3));
 }
 
 #[test]

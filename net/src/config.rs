@@ -6,6 +6,11 @@ use std::path::PathBuf;
 
 use spate_engine::{FlushPolicy, LogConfig};
 
+/// Room for 3,000 partitions of replication factor 3 on three single-core nodes (3,000 a
+/// shard) with a third to spare. It also bounds a Metadata response for every topic: about
+/// 30 bytes a partition, 120 KB a shard at this limit.
+pub const DEFAULT_MAX_PARTITIONS_PER_SHARD: usize = 4_000;
+
 #[derive(Clone, Debug)]
 pub struct BrokerConfig {
     pub listen: SocketAddr,
@@ -37,6 +42,8 @@ pub struct BrokerConfig {
     pub retention_check_interval_ms: u64,
     /// Where to serve Prometheus metrics (`GET /metrics`); `None` disables the endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// Upper bound on partition replicas one shard owns; creates beyond it are refused.
+    pub max_partitions_per_shard: usize,
 }
 
 impl BrokerConfig {
@@ -65,6 +72,7 @@ impl BrokerConfig {
             groups: crate::group::GroupConfig::default(),
             retention_check_interval_ms: 300_000,
             metrics_listen: None,
+            max_partitions_per_shard: DEFAULT_MAX_PARTITIONS_PER_SHARD,
         }
     }
 

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 
 use crate::error::NetError;
+use crate::shard::shard_of;
 
 pub const METADATA_FILE: &str = "spate-metadata.json";
 /// Producer ids are reserved on disk in blocks of this many, so ids stay unique across
@@ -74,6 +75,171 @@ pub fn is_reserved_topic_name(name: &str) -> bool {
     RESERVED_TOPIC_NAMES.contains(&name)
 }
 
+/// A create the store refused: the Kafka error code and a message for the client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    pub code: i16,
+    pub message: String,
+}
+
+impl Refused {
+    fn new(error: kafka_protocol::ResponseError, message: String) -> Self {
+        Refused {
+            code: error.code(),
+            message,
+        }
+    }
+}
+
+/// The per-shard bound on partition replicas, with the shard count placement spreads over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShardLimit {
+    pub shards: usize,
+    pub max_partitions_per_shard: usize,
+}
+
+/// Kafka's Topic.hasCollision: metric names turn `.` into `_`, so names equal after that
+/// would share metrics.
+pub fn topic_names_collide(a: &str, b: &str) -> bool {
+    let unify = |c: u8| if c == b'.' { b'_' } else { c };
+    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| unify(x) == unify(y))
+}
+
+/// An existing topic other than `name` that `name` collides with (the least, so the message
+/// is the same every time).
+fn colliding_topic<'a>(topics: &'a BTreeMap<String, TopicMeta>, name: &str) -> Option<&'a str> {
+    if !name.contains(['.', '_']) {
+        return None;
+    }
+    topics
+        .keys()
+        .map(String::as_str)
+        .find(|t| *t != name && topic_names_collide(t, name))
+}
+
+/// Adds one to `counts[shard]` for each partition in `from..to` of a topic whose partition 0
+/// is on shard `base`: partitions are placed on consecutive shards ([`shard_of`]).
+fn count_placed(counts: &mut [usize], base: usize, from: i32, to: i32) {
+    let shards = counts.len();
+    let n = (to - from).max(0) as usize;
+    let (full, rest) = (n / shards, n % shards);
+    if full > 0 {
+        counts.iter_mut().for_each(|c| *c += full);
+    }
+    let start = (base + from.max(0) as usize) % shards;
+    for i in 0..rest {
+        counts[(start + i) % shards] += 1;
+    }
+}
+
+/// Refuses adding partitions `from..to` to topic `name` if a shard receiving one of them would
+/// then hold more than the limit. Placement is a hash known in advance, so the count is exact
+/// per shard (not cores x limit in total): a hash that happens to crowd one shard is refused
+/// rather than left to overload that core.
+fn check_shard_limit(
+    topics: &BTreeMap<String, TopicMeta>,
+    name: &str,
+    from: i32,
+    to: i32,
+    limit: ShardLimit,
+) -> Result<(), Refused> {
+    let shards = limit.shards.max(1);
+    let mut used = vec![0usize; shards];
+    for t in topics.values() {
+        count_placed(&mut used, shard_of(&t.name, 0, shards), 0, t.partitions);
+    }
+    let mut added = vec![0usize; shards];
+    count_placed(&mut added, shard_of(name, 0, shards), from, to);
+    let max = limit.max_partitions_per_shard;
+    for s in 0..shards {
+        if added[s] > 0 && used[s] + added[s] > max {
+            return Err(Refused::new(
+                kafka_protocol::ResponseError::InvalidPartitions,
+                format!(
+                    "topic '{name}': {} more partitions on shard {s}, which holds {}, would pass \
+                     the limit of {max} partition replicas per shard ({shards} shards); raise \
+                     --max-partitions-per-shard (SPATE_MAX_PARTITIONS_PER_SHARD), run on more \
+                     cores, or delete topics",
+                    added[s], used[s]
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_create_topic(
+    topics: &BTreeMap<String, TopicMeta>,
+    name: &str,
+    partitions: i32,
+    internal: bool,
+    limit: ShardLimit,
+) -> Result<(), Refused> {
+    use kafka_protocol::ResponseError as E;
+    if !valid_topic_name(name) {
+        return Err(Refused::new(
+            E::InvalidTopicException,
+            format!(
+                "Topic name '{name}' is illegal: it must be 1-{MAX_TOPIC_NAME_BYTES} characters \
+                 of [a-zA-Z0-9._-], and not '.' or '..'"
+            ),
+        ));
+    }
+    if !internal && is_reserved_topic_name(name) {
+        return Err(Refused::new(
+            E::InvalidTopicException,
+            format!("Topic name '{name}' is reserved for the broker's internal use"),
+        ));
+    }
+    if topics.contains_key(name) {
+        return Err(Refused::new(
+            E::TopicAlreadyExists,
+            format!("Topic '{name}' already exists."),
+        ));
+    }
+    if let Some(existing) = colliding_topic(topics, name) {
+        return Err(Refused::new(
+            E::InvalidTopicException,
+            format!("Topic '{name}' collides with existing topic: {existing}"),
+        ));
+    }
+    if partitions < 1 {
+        return Err(Refused::new(
+            E::InvalidPartitions,
+            "a topic needs at least one partition".into(),
+        ));
+    }
+    check_shard_limit(topics, name, 0, partitions, limit)
+}
+
+/// Checks growing `name` to `count` partitions; returns its current count.
+fn check_create_partitions(
+    topics: &BTreeMap<String, TopicMeta>,
+    name: &str,
+    count: i32,
+    max_per_topic: i32,
+    limit: ShardLimit,
+) -> Result<i32, Refused> {
+    use kafka_protocol::ResponseError as E;
+    let Some(topic) = topics.get(name) else {
+        return Err(Refused::new(
+            E::UnknownTopicOrPartition,
+            format!("no topic '{name}'"),
+        ));
+    };
+    if count <= topic.partitions || count > max_per_topic {
+        return Err(Refused::new(
+            E::InvalidPartitions,
+            format!(
+                "the new count must exceed the current one ({}) and be at most {max_per_topic}",
+                topic.partitions
+            ),
+        ));
+    }
+    check_shard_limit(topics, name, topic.partitions, count, limit)?;
+    Ok(topic.partitions)
+}
+
 impl MetadataStore {
     /// Loads the store from `data_dir`, creating an empty one if there is none. A file whose
     /// checksum does not match is an error, never silently replaced.
@@ -123,10 +289,10 @@ impl MetadataStore {
     }
 
     /// Applies `change` to a copy of the state, persists it, then publishes it.
-    fn update<T>(
+    fn update<T, E>(
         &self,
-        change: impl FnOnce(&mut Persisted) -> Result<T, i16>,
-    ) -> Result<Result<T, i16>, NetError> {
+        change: impl FnOnce(&mut Persisted) -> Result<T, E>,
+    ) -> Result<Result<T, E>, NetError> {
         let mut inner = self.lock();
         let mut next = inner.state.clone();
         let out = match change(&mut next) {
@@ -140,25 +306,19 @@ impl MetadataStore {
         Ok(Ok(out))
     }
 
-    /// Creates a topic; the inner error is a Kafka error code.
+    /// Creates a topic; the inner error is a Kafka error code with a message. Every rule that
+    /// depends on the other topics (exists, collides, shard limit) is checked here, under the
+    /// store's lock, so concurrent creates on different shards cannot both pass it.
     pub fn create_topic(
         &self,
         name: &str,
         partitions: i32,
         configs: BTreeMap<String, String>,
         internal: bool,
-    ) -> Result<Result<TopicMeta, i16>, NetError> {
-        use kafka_protocol::ResponseError as E;
+        limit: ShardLimit,
+    ) -> Result<Result<TopicMeta, Refused>, NetError> {
         self.update(|s| {
-            if !valid_topic_name(name) || (!internal && is_reserved_topic_name(name)) {
-                return Err(E::InvalidTopicException.code());
-            }
-            if s.topics.contains_key(name) {
-                return Err(E::TopicAlreadyExists.code());
-            }
-            if partitions < 1 {
-                return Err(E::InvalidPartitions.code());
-            }
+            check_create_topic(&s.topics, name, partitions, internal, limit)?;
             let meta = TopicMeta {
                 name: name.to_string(),
                 id: random_topic_id(),
@@ -169,6 +329,16 @@ impl MetadataStore {
             s.topics.insert(name.to_string(), meta.clone());
             Ok(meta)
         })
+    }
+
+    /// What [`Self::create_topic`] would answer, without creating anything (validate_only).
+    pub fn check_create_topic(
+        &self,
+        name: &str,
+        partitions: i32,
+        limit: ShardLimit,
+    ) -> Result<(), Refused> {
+        check_create_topic(&self.lock().state.topics, name, partitions, false, limit)
     }
 
     pub fn delete_topic(&self, name: &str) -> Result<Result<TopicMeta, i16>, NetError> {
@@ -195,23 +365,29 @@ impl MetadataStore {
         })
     }
 
-    /// Grows a topic to `count` partitions; returns the old count.
+    /// Grows a topic to `count` partitions; returns the old count. `validate_only` checks
+    /// without changing anything.
     pub fn create_partitions(
         &self,
         name: &str,
         count: i32,
-        limit: i32,
-    ) -> Result<Result<i32, i16>, NetError> {
-        use kafka_protocol::ResponseError as E;
+        max_per_topic: i32,
+        limit: ShardLimit,
+        validate_only: bool,
+    ) -> Result<Result<i32, Refused>, NetError> {
+        if validate_only {
+            let inner = self.lock();
+            return Ok(check_create_partitions(
+                &inner.state.topics,
+                name,
+                count,
+                max_per_topic,
+                limit,
+            ));
+        }
         self.update(|s| {
-            let topic = s
-                .topics
-                .get_mut(name)
-                .ok_or(E::UnknownTopicOrPartition.code())?;
-            if count <= topic.partitions || count > limit {
-                return Err(E::InvalidPartitions.code());
-            }
-            let old = topic.partitions;
+            let old = check_create_partitions(&s.topics, name, count, max_per_topic, limit)?;
+            let topic = s.topics.get_mut(name).expect("checked above");
             topic.partitions = count;
             Ok(old)
         })
@@ -281,16 +457,21 @@ fn random_topic_id() -> u128 {
 mod tests {
     use super::*;
 
+    const ROOMY: ShardLimit = ShardLimit {
+        shards: 4,
+        max_partitions_per_shard: 1000,
+    };
+
     #[test]
     fn topics_and_producer_ids_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let store = MetadataStore::open(dir.path()).unwrap();
         let t = store
-            .create_topic("a", 3, BTreeMap::new(), false)
+            .create_topic("a", 3, BTreeMap::new(), false, ROOMY)
             .unwrap()
             .unwrap();
         assert!(store
-            .create_topic("a", 1, BTreeMap::new(), false)
+            .create_topic("a", 1, BTreeMap::new(), false, ROOMY)
             .unwrap()
             .is_err());
         let p1 = store.allocate_producer_id().unwrap();
@@ -319,5 +500,124 @@ mod tests {
         assert!(!valid_topic_name(".."));
         assert!(!valid_topic_name("a/b"));
         assert!(!valid_topic_name(&"x".repeat(250)));
+    }
+
+    #[test]
+    fn names_equal_but_for_dot_and_underscore_collide() {
+        assert!(topic_names_collide("foo.bar", "foo_bar"));
+        assert!(topic_names_collide("a_b.c", "a.b_c"));
+        assert!(!topic_names_collide("foo.bar", "foo-bar"));
+        assert!(!topic_names_collide("foo.bar", "foo.bars"));
+        let dir = tempfile::tempdir().unwrap();
+        let store = MetadataStore::open(dir.path()).unwrap();
+        for (first, second) in [("foo.bar", "foo_bar"), ("x_y", "x.y")] {
+            store
+                .create_topic(first, 1, BTreeMap::new(), false, ROOMY)
+                .unwrap()
+                .unwrap();
+            let refused = store
+                .create_topic(second, 1, BTreeMap::new(), false, ROOMY)
+                .unwrap()
+                .unwrap_err();
+            assert_eq!(
+                refused.code,
+                kafka_protocol::ResponseError::InvalidTopicException.code()
+            );
+            assert_eq!(
+                refused.message,
+                format!("Topic '{second}' collides with existing topic: {first}")
+            );
+            assert!(!store.topics().contains_key(second));
+        }
+    }
+
+    #[test]
+    fn counted_placement_matches_shard_of() {
+        let mut topics = BTreeMap::new();
+        for (i, n) in [1, 5, 7, 13, 64].into_iter().enumerate() {
+            let name = format!("t{i}");
+            topics.insert(
+                name.clone(),
+                TopicMeta {
+                    name,
+                    id: 0,
+                    partitions: n,
+                    internal: false,
+                    configs: BTreeMap::new(),
+                },
+            );
+        }
+        for shards in 1..=6 {
+            let mut by_hash = vec![0usize; shards];
+            let mut counted = vec![0usize; shards];
+            for t in topics.values() {
+                for p in 0..t.partitions {
+                    by_hash[shard_of(&t.name, p, shards)] += 1;
+                }
+                count_placed(
+                    &mut counted,
+                    shard_of(&t.name, 0, shards),
+                    0,
+                    3.min(t.partitions),
+                );
+                count_placed(
+                    &mut counted,
+                    shard_of(&t.name, 0, shards),
+                    3.min(t.partitions),
+                    t.partitions,
+                );
+            }
+            assert_eq!(by_hash, counted, "{shards} shards");
+        }
+    }
+
+    #[test]
+    fn shard_limit_refuses_whole_creates_only() {
+        let limit = ShardLimit {
+            shards: 2,
+            max_partitions_per_shard: 10,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = MetadataStore::open(dir.path()).unwrap();
+        let code = kafka_protocol::ResponseError::InvalidPartitions.code();
+        let refused = store
+            .create_topic("big", 21, BTreeMap::new(), false, limit)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(refused.code, code);
+        assert!(
+            refused.message.contains("limit of 10"),
+            "{}",
+            refused.message
+        );
+        assert!(store.topics().is_empty());
+        store
+            .create_topic("a", 16, BTreeMap::new(), false, limit)
+            .unwrap()
+            .unwrap();
+        // 8 a shard used: 4 more fit, 5 do not (one shard would get 3).
+        assert_eq!(
+            store
+                .create_partitions("a", 21, 100, limit, false)
+                .unwrap()
+                .unwrap_err()
+                .code,
+            code
+        );
+        assert_eq!(store.topics()["a"].partitions, 16);
+        assert_eq!(
+            store.create_partitions("a", 20, 100, limit, true).unwrap(),
+            Ok(16)
+        );
+        assert_eq!(store.topics()["a"].partitions, 16);
+        assert_eq!(
+            store.create_partitions("a", 20, 100, limit, false).unwrap(),
+            Ok(16)
+        );
+        let refused = store
+            .create_topic("b", 1, BTreeMap::new(), false, limit)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(refused.code, code);
     }
 }

@@ -104,8 +104,7 @@ impl Router {
     /// The shard owning a partition: fixed for a given topic, partition and shard count, and
     /// consecutive partitions of a topic land on consecutive shards.
     pub fn shard_for(&self, topic: &str, partition: i32) -> usize {
-        let base = crc32c::crc32c(topic.as_bytes()) as u64;
-        ((base + partition.max(0) as u64) % self.shards() as u64) as usize
+        shard_of(topic, partition, self.shards())
     }
 
     /// Runs `f` on shard `shard` with its state and returns the result here. Runs in place when
@@ -496,4 +495,12 @@ impl Router {
             .send(job)
             .map_err(|_| NetError::ShardUnavailable(shard))
     }
+}
+
+/// The shard owning a partition among `shards`: fixed for a given topic, partition and shard
+/// count, and consecutive partitions of a topic land on consecutive shards (the metadata store
+/// counts partitions per shard on that rule).
+pub fn shard_of(topic: &str, partition: i32, shards: usize) -> usize {
+    let base = crc32c::crc32c(topic.as_bytes()) as u64;
+    ((base + partition.max(0) as u64) % shards.max(1) as u64) as usize
 }

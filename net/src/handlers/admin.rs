@@ -23,6 +23,7 @@ use super::{str_bytes, topic_name};
 use crate::config::BrokerConfig;
 use crate::dispatch::encode_response;
 use crate::error::{or_storage_error, NetError};
+use crate::metadata::{Refused, ShardLimit};
 use crate::request::{decode_body, Request};
 use crate::shard::Shard;
 
@@ -139,39 +140,38 @@ pub async fn create_topics(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, Ne
             res.error_code = code;
             res.error_message = Some(str_bytes(&msg));
             tracing::info!(topic = %&*t.name, code, msg, "refused to create topic");
-        } else if r.validate_only {
-            if shard.topics().contains_key(t.name.as_str()) {
-                res.error_code = ResponseError::TopicAlreadyExists.code();
-            } else if !crate::metadata::valid_topic_name(&t.name)
-                || crate::metadata::is_reserved_topic_name(&t.name)
-            {
-                res.error_code = ResponseError::InvalidTopicException.code();
-            } else if req.api_version >= 5 {
-                res.num_partitions = partitions;
-                res.replication_factor = 1;
-            }
         } else {
-            match or_storage_error(
+            let limit = shard_limit(shard);
+            let outcome = if r.validate_only {
                 shard
                     .metadata
-                    .create_topic(&t.name, partitions, configs, false),
-            ) {
-                Ok(meta) => {
-                    tracing::info!(topic = %meta.name, partitions, "created topic");
-                    if req.api_version >= 7 {
-                        res.topic_id = Uuid::from_u128(meta.id);
+                    .check_create_topic(&t.name, partitions, limit)
+                    .map(|()| None)
+            } else {
+                store_outcome(
+                    shard
+                        .metadata
+                        .create_topic(&t.name, partitions, configs, false, limit),
+                )
+                .map(Some)
+            };
+            match outcome {
+                Ok(created) => {
+                    if let Some(meta) = created {
+                        tracing::info!(topic = %meta.name, partitions, "created topic");
+                        if req.api_version >= 7 {
+                            res.topic_id = Uuid::from_u128(meta.id);
+                        }
                     }
                     if req.api_version >= 5 {
                         res.num_partitions = partitions;
                         res.replication_factor = 1;
                     }
                 }
-                Err(code) => {
-                    res.error_code = code;
-                    if code == ResponseError::TopicAlreadyExists.code() {
-                        res.error_message =
-                            Some(str_bytes(&format!("Topic '{}' already exists.", &*t.name)));
-                    }
+                Err(refused) => {
+                    tracing::info!(topic = %&*t.name, code = refused.code, msg = refused.message, "refused to create topic");
+                    res.error_code = refused.code;
+                    res.error_message = Some(str_bytes(&refused.message));
                 }
             }
         }
@@ -249,24 +249,22 @@ pub async fn create_partitions(shard: &Rc<Shard>, req: &Request) -> Result<Bytes
     for t in r.topics {
         let mut res = CreatePartitionsTopicResult::default();
         res.name = t.name.clone();
-        let limit = shard.config.max_partitions_per_topic;
-        let outcome = if r.validate_only {
-            match shard.topics().get(t.name.as_str()) {
-                None => Err(ResponseError::UnknownTopicOrPartition.code()),
-                Some(m) if t.count <= m.partitions || t.count > limit => {
-                    Err(ResponseError::InvalidPartitions.code())
-                }
-                Some(_) => Ok(()),
+        let outcome = store_outcome(shard.metadata.create_partitions(
+            &t.name,
+            t.count,
+            shard.config.max_partitions_per_topic,
+            shard_limit(shard),
+            r.validate_only,
+        ));
+        match outcome {
+            Ok(old) if !r.validate_only => {
+                tracing::info!(topic = %&*t.name, from = old, to = t.count, "added partitions");
             }
-        } else {
-            or_storage_error(shard.metadata.create_partitions(&t.name, t.count, limit)).map(|_| ())
-        };
-        if let Err(code) = outcome {
-            res.error_code = code;
-            if code == ResponseError::InvalidPartitions.code() {
-                res.error_message = Some(str_bytes(&format!(
-                    "the new count must exceed the current one and be at most {limit}"
-                )));
+            Ok(_) => {}
+            Err(refused) => {
+                tracing::info!(topic = %&*t.name, code = refused.code, msg = refused.message, "refused to add partitions");
+                res.error_code = refused.code;
+                res.error_message = Some(str_bytes(&refused.message));
             }
         }
         resp.results.push(res);
@@ -454,6 +452,26 @@ pub fn describe_cluster(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetEr
     b.port = shard.config.advertised_port as i32;
     resp.brokers = vec![b];
     encode_response(req.correlation_id, req.api_version, &resp)
+}
+
+/// The per-shard partition limit as the metadata store checks it.
+pub(crate) fn shard_limit(shard: &Shard) -> ShardLimit {
+    ShardLimit {
+        shards: shard.router.shards(),
+        max_partitions_per_shard: shard.config.max_partitions_per_shard,
+    }
+}
+
+/// A metadata-store answer for one topic: a failure to persist (disk full, I/O error) is
+/// KAFKA_STORAGE_ERROR for that topic instead of failing the whole request.
+fn store_outcome<T>(r: Result<Result<T, Refused>, NetError>) -> Result<T, Refused> {
+    r.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "metadata store update failed");
+        Err(Refused {
+            code: ResponseError::KafkaStorageError.code(),
+            message: format!("the broker could not persist the change: {e}"),
+        })
+    })
 }
 
 /// Overrides the broker's log settings with a topic's own configs.

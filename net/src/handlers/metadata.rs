@@ -81,22 +81,32 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
                     entry.error_code = ResponseError::InvalidTopicException.code();
                 } else if allow_create && created < MAX_AUTO_CREATE_PER_REQUEST {
                     created += 1;
-                    match or_storage_error(shard.metadata.create_topic(
+                    let limit = super::admin::shard_limit(shard);
+                    let created = shard.metadata.create_topic(
                         &name,
                         shard.config.default_partitions,
                         BTreeMap::new(),
                         false,
-                    )) {
+                        limit,
+                    );
+                    if let Ok(Err(refused)) = &created {
+                        tracing::info!(topic = %name, code = refused.code, msg = refused.message, "refused to auto-create topic");
+                    }
+                    match or_storage_error(created.map(|r| r.map_err(|refused| refused.code))) {
                         Ok(t) => {
                             tracing::info!(topic = %name, partitions = t.partitions, "auto-created topic");
                             resp.topics.push(describe(node, &t, v));
                             continue;
                         }
                         // Created concurrently by another request: describe that one.
-                        Err(_) => match shard.topics().get(&name) {
+                        Err(code) => match shard.topics().get(&name) {
                             Some(t) => {
                                 resp.topics.push(describe(node, t, v));
                                 continue;
+                            }
+                            // A name colliding with another topic's is as invalid as a bad one.
+                            None if code == ResponseError::InvalidTopicException.code() => {
+                                entry.error_code = code
                             }
                             None => {
                                 entry.error_code = ResponseError::UnknownTopicOrPartition.code()
