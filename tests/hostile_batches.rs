@@ -276,3 +276,143 @@ fn real_clients_compressed_batches_are_accepted() {
     broker.spawn();
     consumers_read_to_end(&broker, "compressed", &values);
 }
+
+/// Writes `batches` straight into a partition log (no validation: as a broker before this check
+/// would have), closes it, and removes its recovery point so the next open scans every batch.
+fn write_unvalidated(dir: std::path::PathBuf, batches: Vec<Vec<u8>>) {
+    use spate_engine::batch::VerifiedBatch;
+    use spate_engine::{LogConfig, PartitionLog};
+    glommio::LocalExecutorBuilder::default()
+        .make()
+        .expect("executor")
+        .run(async move {
+            let log = PartitionLog::open(&dir, LogConfig::default())
+                .await
+                .unwrap();
+            for b in batches {
+                let v = VerifiedBatch::from_bytes(Bytes::from(b)).unwrap();
+                log.append(v, 0).await.unwrap();
+            }
+            log.close().await.unwrap();
+            std::fs::remove_file(dir.join(spate_engine::RECOVERY_POINT_FILE)).unwrap();
+        });
+}
+
+/// A tracing writer into a shared buffer, to read what recovery logged.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn verify_names_bad_batches_and_recovery_warns_about_them() {
+    let data = tempfile::tempdir().unwrap();
+    let two = records(2, 10);
+    write_unvalidated(
+        data.path().join("with-dash-3"),
+        vec![
+            record_batch(-1, -1, -1, 2),
+            batch(&two, 5, 4, 0),
+            record_batch(-1, -1, -1, 1),
+            batch(&[7; 100], 2, 1, 4),
+        ],
+    );
+    write_unvalidated(
+        data.path().join("fine-0"),
+        vec![record_batch(-1, -1, -1, 3)],
+    );
+    let listing = |dir: &std::path::Path| {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let m = e.metadata().unwrap();
+                (e.file_name(), m.len(), m.modified().unwrap())
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    let before = listing(&data.path().join("with-dash-3"));
+
+    let out = Command::new(env!("CARGO_BIN_EXE_spate"))
+        .args(["verify", "--data-dir"])
+        .arg(data.path())
+        .output()
+        .expect("run spate verify");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let bad: Vec<&str> = text.lines().filter(|l| l.starts_with("BAD ")).collect();
+    assert_eq!(bad.len(), 2, "{text}");
+    assert!(
+        bad[0].contains("topic=with-dash partition=3 offset=2 "),
+        "{text}"
+    );
+    assert!(bad[0].contains("record 2 "), "{text}");
+    assert!(
+        bad[1].contains("topic=with-dash partition=3 offset=8 "),
+        "{text}"
+    );
+    assert!(
+        text.contains("2 bad batch(es) in 2 segment(s) of 2 partition(s)"),
+        "{text}"
+    );
+    assert_eq!(
+        listing(&data.path().join("with-dash-3")),
+        before,
+        "read-only"
+    );
+
+    // Only the good partition: success.
+    let good = tempfile::tempdir().unwrap();
+    write_unvalidated(
+        good.path().join("fine-0"),
+        vec![record_batch(-1, -1, -1, 3)],
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_spate"))
+        .args(["verify", "--data-dir"])
+        .arg(good.path())
+        .output()
+        .expect("run spate verify");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // Recovery scans the batches (no recovery point), keeps them and warns about each bad one.
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let dir = data.path().join("with-dash-3");
+    glommio::LocalExecutorBuilder::default()
+        .make()
+        .expect("executor")
+        .run(async move {
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .finish();
+            let _guard = tracing::subscriber::set_default(subscriber);
+            let log = spate_engine::PartitionLog::open(&dir, spate_engine::LogConfig::default())
+                .await
+                .unwrap();
+            assert_eq!(log.log_end_offset(), 10, "the bad batches are kept");
+            log.close().await.unwrap();
+        });
+    let logged = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let warnings: Vec<&str> = logged
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("malformed inside"))
+        .collect();
+    assert_eq!(warnings.len(), 2, "{logged}");
+    assert!(warnings[0].contains("offset=2"), "{logged}");
+    assert!(warnings[1].contains("offset=8"), "{logged}");
+}
