@@ -4,6 +4,7 @@
 mod admin;
 mod check;
 mod config;
+mod verify;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -89,6 +90,12 @@ enum Command {
     /// Show the cluster: id, controller, brokers, supported APIs.
     #[command(subcommand)]
     Cluster(admin::ClusterCommand),
+    /// Check every stored batch of a data directory offline (read-only); exits 1 if any is bad.
+    Verify {
+        /// The broker's data directory (the broker should not be running on it).
+        #[arg(long, default_value = "./spate-data")]
+        data_dir: std::path::PathBuf,
+    },
 }
 
 fn main() {
@@ -119,6 +126,11 @@ fn main() {
         Command::Produce(a) => admin::finish(admin::produce::run(a)),
         Command::Consume(a) => admin::finish(admin::consume::run(a)),
         Command::Cluster(c) => admin::finish(admin::cluster::run(c)),
+        Command::Verify { data_dir } => verify::run(&data_dir).map(|s| {
+            if s.bad > 0 {
+                std::process::exit(1);
+            }
+        }),
     };
     if let Err(e) = result {
         tracing::error!("{e:#}");

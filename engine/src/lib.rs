@@ -9,7 +9,7 @@
 //! sparse indexes), `recovery.rs` (open), `truncate.rs` (truncation and retention),
 //! `checkpoint.rs` (the recovery-point file), `checkpointer.rs` (background recovery-point
 //! writes and the finishing of sealed segments), `cache.rs` (the per-shard batch cache), `crc.rs`
-//! (CRC-32C combination).
+//! (CRC-32C combination), `validate.rs` (full validation of a produced batch's insides).
 
 pub mod batch;
 mod cache;
@@ -26,6 +26,7 @@ mod recovery;
 mod segment;
 mod signal;
 mod truncate;
+pub mod validate;
 mod writer;
 
 pub use cache::{set_shard_cache_bytes, shard_cache_used_bytes, DEFAULT_SHARD_CACHE_BYTES};

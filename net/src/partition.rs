@@ -9,6 +9,7 @@ use glommio::sync::Semaphore;
 use kafka_protocol::ResponseError;
 use serde::{Deserialize, Serialize};
 use spate_engine::batch::{BatchHeader, VerifiedBatch};
+use spate_engine::validate::{validate_batch, Refusal};
 use spate_engine::{LogConfig, PartitionLog};
 
 use crate::error::{engine_error_code, NetError, NONE};
@@ -34,11 +35,14 @@ pub struct Partition {
 }
 
 /// Outcome of one partition's share of a Produce request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProduceOutcome {
     pub error_code: i16,
     pub base_offset: i64,
     pub log_start_offset: i64,
+    /// Why the partition's batches were refused (the Produce response's `error_message`); set
+    /// only on that error path.
+    pub error_message: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -121,7 +125,22 @@ impl Partition {
             error_code: NONE,
             base_offset: -1,
             log_start_offset: self.log.log_start_offset() as i64,
+            error_message: None,
         };
+        // Every batch of the request is checked before any is stored: a refused one leaves the
+        // partition's share of the request unstored as a whole.
+        let max_uncompressed_bytes = self.log.limits().max_batch_bytes as usize;
+        for (i, batch) in batches.iter().enumerate() {
+            if let Err(e) = validate_batch(batch.header().as_bytes(), max_uncompressed_bytes) {
+                tracing::debug!(topic = %self.tp.topic, partition = self.tp.partition, error = %e, "batch refused");
+                outcome.error_code = match e.refusal {
+                    Refusal::InvalidRecord => ResponseError::InvalidRecord.code(),
+                    Refusal::CorruptMessage => ResponseError::CorruptMessage.code(),
+                };
+                outcome.error_message = Some(format!("batch {i}: {e}"));
+                return outcome;
+            }
+        }
         let Ok(_permit) = self.write_lock.acquire_permit(1).await else {
             outcome.error_code = ResponseError::NotLeaderOrFollower.code();
             return outcome;

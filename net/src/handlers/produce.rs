@@ -1,4 +1,4 @@
-//! Produce: validate every batch on the connection's shard (magic 2, lengths, CRC-32C), send
+//! Produce: check every batch on the connection's shard (magic 2, lengths, CRC-32C), send
 //! each owning shard its partitions' batches, join the outcomes. Batches are stored exactly as
 //! they came, compressed or not.
 //!
@@ -220,6 +220,9 @@ pub async fn handle(
                     if api_version >= 5 {
                         pr.log_start_offset = o.log_start_offset;
                     }
+                    if api_version >= 8 {
+                        pr.error_message = o.error_message.map(StrBytes::from_string);
+                    }
                 }
             }
             Err(e) => {
@@ -273,6 +276,7 @@ async fn produce_on_owner(
                             error_code: code,
                             base_offset: -1,
                             log_start_offset: -1,
+                            error_message: None,
                         },
                     ),
                 }

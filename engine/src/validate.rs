@@ -1,0 +1,792 @@
+//! Full validation of one RecordBatch v2 before it is acknowledged or stored, the checks Kafka's
+//! `LogValidator` and `DefaultRecordBatch`/`DefaultRecord` make on a produced batch.
+//!
+//! Checked, in this order (the first failure is reported, with what and where):
+//! - the header: magic 2, `batchLength` matching the bytes exactly ([`BatchHeader::parse`]); not a
+//!   control batch (attribute bit 5: clients may not write them); a known codec (0 none, 1 gzip,
+//!   2 snappy, 3 lz4, 4 zstd; 5..7 refused); `recordCount` > 0 and equal to
+//!   `lastOffsetDelta + 1`; a batch with a producer id has a base sequence >= 0.
+//! - the records section, uncompressed in place (no copy) or after decompressing it with the
+//!   output bounded by the caller's `max_uncompressed_bytes` (never by what the batch claims:
+//!   decoding stops and refuses once past the bound). Snappy is accepted raw (librdkafka) and
+//!   xerial-framed (the Java client); lz4 is the LZ4 frame format; gzip may have several members.
+//! - exactly `recordCount` records, then no byte left. Each record: a length varint >= 0 inside
+//!   the section, then attributes, timestamp delta (varlong), offset delta (varint, 0, 1, 2, ...
+//!   in order), key and value lengths (-1 = null, below -1 refused) with their bytes, a header
+//!   count >= 0 and each header's key length (>= 0) and value length (>= -1) with their bytes;
+//!   everything inside the record's length, and the record's bytes used exactly. Varints longer
+//!   than 5 bytes (10 for varlongs) or with bits beyond 32 (64) are refused.
+//!
+//! Errors: [`Refusal::InvalidRecord`] (Kafka's `InvalidRecordException`, INVALID_RECORD) for a
+//! structure that is wrong, [`Refusal::CorruptMessage`] (CORRUPT_MESSAGE) for an unknown codec
+//! or a payload that does not decompress.
+//!
+//! Where this does less than Kafka: batch `maxTimestamp` is not compared with the records' (Kafka
+//! rewrites it; Spate never re-encodes a batch, and reports the records' range in
+//! [`BatchSummary`] for a caller that wants to check it); record attributes (unused in v2) are
+//! not checked; per-record timestamp bounds (`message.timestamp.*.max.ms`) and keys on compacted
+//! topics are left to a caller's [`RecordVisitor`]. Zstd frames asking for a window above
+//! 2^[`ZSTD_WINDOW_LOG_MAX`] bytes are refused (a hostile frame header would otherwise make the
+//! decoder allocate up to 128 MiB); Kafka's clients write windows of at most 8 MiB by default.
+
+use std::io::Read;
+
+use crate::batch::{BatchHeader, BATCH_HEADER_BYTES};
+use crate::error::EngineError;
+
+/// Largest zstd window (as a power of two) a batch may ask the decoder for: 16 MiB.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 24;
+/// Smallest encoding of a record: length, attributes, timestamp delta, offset delta, key length,
+/// value length and header count, one byte each.
+const MIN_RECORD_BYTES: usize = 7;
+/// Start of xerial's snappy framing (the Java client's `SnappyOutputStream`), the whole 16-byte
+/// header as Kafka's clients write it.
+const XERIAL_SNAPPY_HEADER: &[u8; 16] = b"\x82SNAPPY\x00\x00\x00\x00\x01\x00\x00\x00\x01";
+
+/// The Kafka error a refused batch gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// INVALID_RECORD (87): the batch's structure is wrong.
+    InvalidRecord,
+    /// CORRUPT_MESSAGE (2): an unknown codec, or a payload that does not decompress.
+    CorruptMessage,
+}
+
+/// Why a batch was refused, in words a client's log can show.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct BatchError {
+    pub refusal: Refusal,
+    pub message: String,
+}
+
+impl From<BatchError> for EngineError {
+    fn from(e: BatchError) -> EngineError {
+        EngineError::InvalidBatch(e.message)
+    }
+}
+
+fn invalid(message: impl Into<String>) -> BatchError {
+    BatchError {
+        refusal: Refusal::InvalidRecord,
+        message: message.into(),
+    }
+}
+
+fn corrupt(message: impl Into<String>) -> BatchError {
+    BatchError {
+        refusal: Refusal::CorruptMessage,
+        message: message.into(),
+    }
+}
+
+/// Compression codec of a batch (attribute bits 0-2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+impl Codec {
+    fn from_id(id: u8) -> Option<Codec> {
+        Some(match id {
+            0 => Codec::None,
+            1 => Codec::Gzip,
+            2 => Codec::Snappy,
+            3 => Codec::Lz4,
+            4 => Codec::Zstd,
+            _ => return None,
+        })
+    }
+}
+
+/// One record as the walk sees it, borrowed from the batch (or its decompressed records).
+#[derive(Debug, Clone, Copy)]
+pub struct RecordView<'a> {
+    pub offset_delta: i32,
+    /// `baseTimestamp + timestampDelta` (saturating).
+    pub timestamp: i64,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
+    pub header_count: u32,
+}
+
+/// A per-record check that joins the walk (keys on compacted topics, timestamp bounds): an
+/// `Err` refuses the batch with INVALID_RECORD and that message.
+pub trait RecordVisitor {
+    fn record(&mut self, record: &RecordView<'_>) -> Result<(), String>;
+}
+
+/// No per-record check beyond the structure.
+impl RecordVisitor for () {
+    fn record(&mut self, _: &RecordView<'_>) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// What the walk learnt about a valid batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSummary {
+    pub records: u32,
+    pub codec: Codec,
+    pub any_null_key: bool,
+    /// Smallest and largest record timestamps.
+    pub min_timestamp: i64,
+    pub max_timestamp: i64,
+    /// Bytes of the records section once decompressed (its length when not compressed).
+    pub records_bytes: usize,
+}
+
+/// Validates `batch` (exactly one RecordBatch v2; its CRC is the caller's business) with no
+/// per-record check beyond the structure. See the module documentation for the checks.
+pub fn validate_batch(
+    batch: &[u8],
+    max_uncompressed_bytes: usize,
+) -> Result<BatchSummary, BatchError> {
+    validate_batch_with(batch, max_uncompressed_bytes, &mut ())
+}
+
+/// [`validate_batch`] with `visitor` called on every record, in order.
+pub fn validate_batch_with<V: RecordVisitor>(
+    batch: &[u8],
+    max_uncompressed_bytes: usize,
+    visitor: &mut V,
+) -> Result<BatchSummary, BatchError> {
+    let h = BatchHeader::parse(batch).map_err(|e| match e {
+        EngineError::InvalidBatch(m) => corrupt(m),
+        other => corrupt(other.to_string()),
+    })?;
+    if h.is_control() {
+        return Err(invalid(
+            "control batches (attribute bit 5) may not be produced by clients",
+        ));
+    }
+    let codec = Codec::from_id(h.compression())
+        .ok_or_else(|| corrupt(format!("unknown compression codec {}", h.compression())))?;
+    let count = h.records_count();
+    if count <= 0 {
+        return Err(invalid(format!("record count {count} is not positive")));
+    }
+    if i64::from(count) != i64::from(h.last_offset_delta()) + 1 {
+        return Err(invalid(format!(
+            "record count {count} does not match lastOffsetDelta {} + 1",
+            h.last_offset_delta()
+        )));
+    }
+    if h.producer_id() >= 0 && h.base_sequence() < 0 {
+        return Err(invalid(format!(
+            "invalid base sequence {} for producer id {}",
+            h.base_sequence(),
+            h.producer_id()
+        )));
+    }
+    let section = &batch[BATCH_HEADER_BYTES..];
+    let walk = |records: &[u8], visitor: &mut V| {
+        walk_records(records, count as u32, h.base_timestamp(), codec, visitor)
+    };
+    match codec {
+        Codec::None => walk(section, visitor),
+        _ => {
+            let records = decompress(codec, section, max_uncompressed_bytes)?;
+            walk(&records, visitor)
+        }
+    }
+}
+
+/// Decompresses a records section into at most `max_bytes` bytes (refusing beyond).
+fn decompress(codec: Codec, payload: &[u8], max_bytes: usize) -> Result<Vec<u8>, BatchError> {
+    let what = |e: &dyn std::fmt::Display| corrupt(format!("{codec:?} payload: {e}"));
+    match codec {
+        Codec::None => unreachable!("an uncompressed section is walked in place"),
+        Codec::Gzip => read_bounded(flate2::read::MultiGzDecoder::new(payload), codec, max_bytes),
+        Codec::Lz4 => {
+            let decoder = lz4::Decoder::new(payload).map_err(|e| what(&e))?;
+            read_bounded(decoder, codec, max_bytes)
+        }
+        Codec::Zstd => {
+            let mut decoder =
+                zstd::stream::read::Decoder::with_buffer(payload).map_err(|e| what(&e))?;
+            decoder
+                .window_log_max(ZSTD_WINDOW_LOG_MAX)
+                .map_err(|e| what(&e))?;
+            read_bounded(decoder, codec, max_bytes)
+        }
+        Codec::Snappy => snappy(payload, max_bytes),
+    }
+}
+
+/// Reads a decoder to its end, refusing once it has produced more than `max_bytes`.
+fn read_bounded(reader: impl Read, codec: Codec, max_bytes: usize) -> Result<Vec<u8>, BatchError> {
+    let mut out = Vec::new();
+    reader
+        .take(max_bytes as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| corrupt(format!("{codec:?} payload does not decompress: {e}")))?;
+    if out.len() > max_bytes {
+        return Err(corrupt(format!(
+            "{codec:?} payload decompresses to more than the {max_bytes}-byte limit"
+        )));
+    }
+    Ok(out)
+}
+
+/// Raw snappy (librdkafka) or xerial-framed snappy (the Java client), as Kafka's clients read
+/// them: a payload starting with the xerial header is framed, any other is raw.
+fn snappy(payload: &[u8], max_bytes: usize) -> Result<Vec<u8>, BatchError> {
+    let bad = |e: &dyn std::fmt::Display| corrupt(format!("Snappy payload: {e}"));
+    let too_big = || {
+        corrupt(format!(
+            "Snappy payload decompresses to more than the {max_bytes}-byte limit"
+        ))
+    };
+    let mut decoder = snap::raw::Decoder::new();
+    let Some(mut rest) = payload.strip_prefix(&XERIAL_SNAPPY_HEADER[..]) else {
+        let len = snap::raw::decompress_len(payload).map_err(|e| bad(&e))?;
+        if len > max_bytes {
+            return Err(too_big());
+        }
+        let mut out = vec![0; len];
+        let n = decoder.decompress(payload, &mut out).map_err(|e| bad(&e))?;
+        out.truncate(n);
+        return Ok(out);
+    };
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        let Some((len, tail)) = rest.split_first_chunk::<4>() else {
+            return Err(bad(&"truncated xerial block length"));
+        };
+        let len = u32::from_be_bytes(*len) as usize;
+        if len > tail.len() {
+            return Err(bad(&format_args!(
+                "xerial block of {len} bytes where {} are left",
+                tail.len()
+            )));
+        }
+        let (block, tail) = tail.split_at(len);
+        let block_len = snap::raw::decompress_len(block).map_err(|e| bad(&e))?;
+        let start = out.len();
+        if block_len > max_bytes - start {
+            return Err(too_big());
+        }
+        out.resize(start + block_len, 0);
+        let n = decoder
+            .decompress(block, &mut out[start..])
+            .map_err(|e| bad(&e))?;
+        out.truncate(start + n);
+        rest = tail;
+    }
+    Ok(out)
+}
+
+/// A cursor over a records section: every read is checked against the bytes left.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn left(&self) -> usize {
+        self.bytes.len() - self.at
+    }
+
+    fn u8(&mut self, what: &str) -> Result<u8, BatchError> {
+        let b = *self
+            .bytes
+            .get(self.at)
+            .ok_or_else(|| invalid(format!("{what} runs past the end of its record")))?;
+        self.at += 1;
+        Ok(b)
+    }
+
+    /// A zigzag varint of at most `max_bytes` bytes carrying at most `bits` bits.
+    fn zigzag(&mut self, max_bytes: usize, bits: u32, what: &str) -> Result<i64, BatchError> {
+        let mut raw: u64 = 0;
+        for i in 0..max_bytes {
+            let b = self.u8(what)?;
+            let shift = 7 * i as u32;
+            let part = u64::from(b & 0x7f);
+            if shift + 7 > bits && part >> (bits - shift) != 0 {
+                return Err(invalid(format!("{what} varint overflows {bits} bits")));
+            }
+            raw |= part << shift;
+            if b & 0x80 == 0 {
+                return Ok((raw >> 1) as i64 ^ -((raw & 1) as i64));
+            }
+        }
+        Err(invalid(format!(
+            "{what} varint is longer than {max_bytes} bytes"
+        )))
+    }
+
+    fn varint(&mut self, what: &str) -> Result<i32, BatchError> {
+        Ok(self.zigzag(5, 32, what)? as i32)
+    }
+
+    fn varlong(&mut self, what: &str) -> Result<i64, BatchError> {
+        self.zigzag(10, 64, what)
+    }
+
+    fn take(&mut self, len: usize, what: &str) -> Result<&'a [u8], BatchError> {
+        if len > self.left() {
+            return Err(invalid(format!(
+                "{what} of {len} bytes runs past its record ({} bytes left)",
+                self.left()
+            )));
+        }
+        let s = &self.bytes[self.at..self.at + len];
+        self.at += len;
+        Ok(s)
+    }
+
+    /// A length-prefixed byte string: -1 is null, below that is refused.
+    fn nullable(&mut self, what: &str) -> Result<Option<&'a [u8]>, BatchError> {
+        match self.varint(what)? {
+            -1 => Ok(None),
+            len if len < -1 => Err(invalid(format!("{what} length {len} is negative"))),
+            len => self.take(len as usize, what).map(Some),
+        }
+    }
+}
+
+fn walk_records<V: RecordVisitor>(
+    records: &[u8],
+    count: u32,
+    base_timestamp: i64,
+    codec: Codec,
+    visitor: &mut V,
+) -> Result<BatchSummary, BatchError> {
+    assert!(count > 0, "the record count was checked before the walk");
+    if (count as usize).saturating_mul(MIN_RECORD_BYTES) > records.len() {
+        return Err(invalid(format!(
+            "record count {count} cannot fit in {} bytes of records",
+            records.len()
+        )));
+    }
+    let mut summary = BatchSummary {
+        records: count,
+        codec,
+        any_null_key: false,
+        min_timestamp: i64::MAX,
+        max_timestamp: i64::MIN,
+        records_bytes: records.len(),
+    };
+    let mut section = Cursor {
+        bytes: records,
+        at: 0,
+    };
+    for i in 0..count {
+        let at = section.at;
+        let in_record = |e: BatchError| BatchError {
+            message: format!("record {i} (byte {at} of the records): {}", e.message),
+            ..e
+        };
+        let len = section.varint("record length").map_err(in_record)?;
+        if len < 0 || len as usize > section.left() {
+            return Err(in_record(invalid(format!(
+                "record length {len} outside the {} bytes left in the batch",
+                section.left()
+            ))));
+        }
+        let mut r = Cursor {
+            bytes: section.take(len as usize, "record").map_err(in_record)?,
+            at: 0,
+        };
+        let record = read_record(&mut r, base_timestamp).map_err(in_record)?;
+        if record.offset_delta as i64 != i64::from(i) {
+            return Err(in_record(invalid(format!(
+                "offset delta {} where {i} was expected",
+                record.offset_delta
+            ))));
+        }
+        if r.left() != 0 {
+            return Err(in_record(invalid(format!(
+                "{} bytes left over inside the record",
+                r.left()
+            ))));
+        }
+        summary.any_null_key |= record.key.is_none();
+        summary.min_timestamp = summary.min_timestamp.min(record.timestamp);
+        summary.max_timestamp = summary.max_timestamp.max(record.timestamp);
+        visitor.record(&record).map_err(|m| in_record(invalid(m)))?;
+    }
+    if section.left() != 0 {
+        return Err(invalid(format!(
+            "{} bytes left after the batch's {count} records",
+            section.left()
+        )));
+    }
+    Ok(summary)
+}
+
+fn read_record<'a>(r: &mut Cursor<'a>, base_timestamp: i64) -> Result<RecordView<'a>, BatchError> {
+    let _attributes = r.u8("attributes")?;
+    let timestamp_delta = r.varlong("timestamp delta")?;
+    let offset_delta = r.varint("offset delta")?;
+    let key = r.nullable("key")?;
+    let value = r.nullable("value")?;
+    let header_count = r.varint("header count")?;
+    // Each header takes at least two bytes (its two lengths): a count beyond that cannot fit.
+    if header_count < 0 || header_count as usize > r.left() / 2 {
+        return Err(invalid(format!(
+            "header count {header_count} outside what {} bytes can hold",
+            r.left()
+        )));
+    }
+    for _ in 0..header_count {
+        let key_len = r.varint("header key")?;
+        if key_len < 0 {
+            return Err(invalid(format!("header key length {key_len} is negative")));
+        }
+        r.take(key_len as usize, "header key")?;
+        r.nullable("header value")?;
+    }
+    Ok(RecordView {
+        offset_delta,
+        timestamp: base_timestamp.saturating_add(timestamp_delta),
+        key,
+        value,
+        header_count: header_count as u32,
+    })
+}
+
+/// A stored batch that fails validation, found by [`verify_segment_file`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadBatch {
+    /// Base offset of the batch (or of the first offset not readable, for an unreadable frame).
+    pub offset: u64,
+    /// Byte position of its frame in the segment file.
+    pub position: u64,
+    pub reason: String,
+}
+
+/// Reads one segment file (`<base-offset:020>.log`) with plain std::fs, never writing it, and
+/// validates every stored batch: frame CRC, batch CRC, and the checks of [`validate_batch`]
+/// (decompression bounded by [`crate::MAX_FRAME_PAYLOAD_BYTES`]). Stops at the end of the data
+/// (zero bytes of pre-allocation) or at a torn tail, which recovery cuts (not reported). A frame
+/// that cannot be read, with data after it, is reported and ends the scan of that file.
+pub fn verify_segment_file(path: &std::path::Path) -> Result<Vec<BadBatch>, EngineError> {
+    use crate::frame::{decode_frame, FrameError, FRAME_ALIGN};
+    let io = |e: std::io::Error| EngineError::InvalidBatch(format!("{}: {e}", path.display()));
+    let bytes = std::fs::read(path).map_err(io)?;
+    // Frames are read in place: the archived header needs 8-byte-aligned storage.
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
+    aligned.extend_from_slice(&bytes);
+    drop(bytes);
+    let (buf, len) = (&aligned[..], aligned.len());
+    let mut bad = Vec::new();
+    let mut pos = 0usize;
+    let mut next_offset =
+        crate::segment::parse_log_name(&path.file_name().unwrap_or_default().to_string_lossy())
+            .unwrap_or(0);
+    while pos < len {
+        debug_assert_eq!(pos % FRAME_ALIGN, 0);
+        match decode_frame(&buf[pos..], None, crate::MAX_FRAME_PAYLOAD_BYTES) {
+            Ok(f) => {
+                let payload = f.payload;
+                let checked = BatchHeader::parse(payload)
+                    .and_then(|h| h.verify_crc())
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| {
+                        validate_batch(payload, crate::MAX_FRAME_PAYLOAD_BYTES)
+                            .map(|_| ())
+                            .map_err(|e| e.message)
+                    });
+                if let Err(reason) = checked {
+                    bad.push(BadBatch {
+                        offset: f.base_offset(),
+                        position: pos as u64,
+                        reason,
+                    });
+                }
+                next_offset = f.last_offset() + 1;
+                pos += f.len;
+            }
+            Err(FrameError::Incomplete { .. }) => break,
+            Err(FrameError::Invalid(reason)) => {
+                if buf[pos..].iter().any(|&b| b != 0) {
+                    bad.push(BadBatch {
+                        offset: next_offset,
+                        position: pos as u64,
+                        reason: format!("unreadable frame: {reason}"),
+                    });
+                }
+                break;
+            }
+        }
+    }
+    Ok(bad)
+}
+
+/// Helpers that build valid and deliberately broken batches, for tests, benches and fuzzing.
+pub mod build {
+    use crate::batch::{BATCH_HEADER_BYTES, CRC_COVERED_START};
+
+    /// Appends a zigzag varint.
+    pub fn put_varint(out: &mut Vec<u8>, v: i64) {
+        let mut z = ((v << 1) ^ (v >> 63)) as u64;
+        while z >= 0x80 {
+            out.push(z as u8 | 0x80);
+            z >>= 7;
+        }
+        out.push(z as u8);
+    }
+
+    /// One record's encoding (length included): `headers` are (key, value) pairs.
+    pub fn record(
+        offset_delta: i64,
+        timestamp_delta: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(&[u8], Option<&[u8]>)],
+    ) -> Vec<u8> {
+        let mut body = vec![0u8];
+        put_varint(&mut body, timestamp_delta);
+        put_varint(&mut body, offset_delta);
+        for field in [key, value] {
+            match field {
+                None => put_varint(&mut body, -1),
+                Some(b) => {
+                    put_varint(&mut body, b.len() as i64);
+                    body.extend_from_slice(b);
+                }
+            }
+        }
+        put_varint(&mut body, headers.len() as i64);
+        for (k, v) in headers {
+            put_varint(&mut body, k.len() as i64);
+            body.extend_from_slice(k);
+            match v {
+                None => put_varint(&mut body, -1),
+                Some(v) => {
+                    put_varint(&mut body, v.len() as i64);
+                    body.extend_from_slice(v);
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(body.len() + 5);
+        put_varint(&mut out, body.len() as i64);
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// `count` records with `value_bytes`-byte values and short keys, offset deltas 0, 1, ...
+    pub fn records(count: usize, value_bytes: usize) -> Vec<u8> {
+        let value = vec![b'v'; value_bytes];
+        let mut out = Vec::new();
+        for i in 0..count {
+            let key = format!("key-{i}");
+            out.extend(record(
+                i as i64,
+                i as i64,
+                Some(key.as_bytes()),
+                Some(&value),
+                &[],
+            ));
+        }
+        out
+    }
+
+    /// Sets the record count, lastOffsetDelta, codec and CRC of a batch built by
+    /// [`crate::batch::build_batch`] (whose records section is `section`).
+    pub fn batch(section: &[u8], count: i32, last_offset_delta: i32, codec: u8) -> Vec<u8> {
+        let mut b = crate::batch::build_batch(section, count.max(1), 1_000, 1_000);
+        b[57..61].copy_from_slice(&count.to_be_bytes());
+        b[23..27].copy_from_slice(&last_offset_delta.to_be_bytes());
+        b[22] = (b[22] & !0x7) | (codec & 0x7);
+        fix_crc(&mut b);
+        debug_assert!(b.len() >= BATCH_HEADER_BYTES);
+        b
+    }
+
+    /// Recomputes a batch's CRC (after its insides were changed on purpose).
+    pub fn fix_crc(b: &mut [u8]) {
+        let crc = crc32c::crc32c(&b[CRC_COVERED_START..]);
+        b[17..21].copy_from_slice(&crc.to_be_bytes());
+    }
+
+    /// Compresses a records section with Kafka codec `codec` (1 gzip, 2 snappy raw,
+    /// 3 lz4 frame, 4 zstd).
+    pub fn compress(codec: u8, section: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        match codec {
+            1 => {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                e.write_all(section).expect("in memory");
+                e.finish().expect("in memory")
+            }
+            2 => snap::raw::Encoder::new()
+                .compress_vec(section)
+                .expect("in memory"),
+            3 => {
+                let mut e = lz4::EncoderBuilder::new()
+                    .build(Vec::new())
+                    .expect("in memory");
+                e.write_all(section).expect("in memory");
+                let (out, r) = e.finish();
+                r.expect("in memory");
+                out
+            }
+            4 => zstd::bulk::compress(section, 3).expect("in memory"),
+            other => panic!("no codec {other}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::build::*;
+    use super::*;
+
+    const MAX: usize = 1 << 20;
+
+    fn valid(count: usize) -> Vec<u8> {
+        batch(&records(count, 10), count as i32, count as i32 - 1, 0)
+    }
+
+    fn refused(b: &[u8]) -> BatchError {
+        validate_batch(b, MAX).expect_err("must be refused")
+    }
+
+    #[test]
+    fn valid_batches_pass_with_a_summary() {
+        let s = validate_batch(&valid(3), MAX).unwrap();
+        assert_eq!(s.records, 3);
+        assert_eq!((s.min_timestamp, s.max_timestamp), (1_000, 1_002));
+        assert!(!s.any_null_key);
+        for codec in 1..=4u8 {
+            let section = records(50, 100);
+            let b = batch(&compress(codec, &section), 50, 49, codec);
+            let s = validate_batch(&b, MAX).unwrap_or_else(|e| panic!("codec {codec}: {e}"));
+            assert_eq!(s.records_bytes, section.len());
+        }
+    }
+
+    #[test]
+    fn null_keys_and_headers() {
+        let mut section = record(0, 0, None, None, &[(b"h", None), (b"", Some(b"x"))]);
+        section.extend(record(1, 5, Some(b"k"), Some(b""), &[]));
+        let s = validate_batch(&batch(&section, 2, 1, 0), MAX).unwrap();
+        assert!(s.any_null_key);
+    }
+
+    #[test]
+    fn the_issue_cases_are_refused() {
+        let two = records(2, 10);
+        for (name, b, kind) in [
+            ("count 5 of 2", batch(&two, 5, 4, 0), Refusal::InvalidRecord),
+            (
+                "count i32::MAX",
+                batch(&two, i32::MAX, i32::MAX - 1, 0),
+                Refusal::InvalidRecord,
+            ),
+            ("count 0", batch(&two, 0, 0, 0), Refusal::InvalidRecord),
+            ("count/delta", batch(&two, 2, 0, 0), Refusal::InvalidRecord),
+            ("codec 7", batch(&two, 2, 1, 7), Refusal::CorruptMessage),
+            ("codec 5", batch(&two, 2, 1, 5), Refusal::CorruptMessage),
+            (
+                "gzip garbage",
+                batch(&[7u8; 64], 2, 1, 1),
+                Refusal::CorruptMessage,
+            ),
+            (
+                "zstd garbage",
+                batch(&[7u8; 64], 2, 1, 4),
+                Refusal::CorruptMessage,
+            ),
+            (
+                "lz4 garbage",
+                batch(&[7u8; 64], 2, 1, 3),
+                Refusal::CorruptMessage,
+            ),
+            (
+                "snappy garbage",
+                batch(&[0xffu8; 64], 2, 1, 2),
+                Refusal::CorruptMessage,
+            ),
+        ] {
+            assert_eq!(refused(&b).refusal, kind, "{name}");
+        }
+        // A record length of 10^9.
+        let mut section = Vec::new();
+        put_varint(&mut section, 1_000_000_000);
+        section.extend_from_slice(&[0; 20]);
+        assert_eq!(
+            refused(&batch(&section, 1, 0, 0)).refusal,
+            Refusal::InvalidRecord
+        );
+        // A truncated last record.
+        let t = &two[..two.len() - 3];
+        assert!(refused(&batch(t, 2, 1, 0)).message.contains("record 1"));
+        // Trailing bytes.
+        let mut extra = two.clone();
+        extra.push(0);
+        assert!(refused(&batch(&extra, 2, 1, 0))
+            .message
+            .contains("left after"));
+        // Offset deltas out of order.
+        let mut swapped = record(1, 0, None, None, &[]);
+        swapped.extend(record(0, 0, None, None, &[]));
+        assert!(refused(&batch(&swapped, 2, 1, 0))
+            .message
+            .contains("offset delta"));
+        // A control batch.
+        let mut control = valid(2);
+        control[22] |= 0x20;
+        fix_crc(&mut control);
+        assert!(refused(&control).message.contains("control"));
+    }
+
+    #[test]
+    fn decompression_is_bounded_by_the_limit_not_the_claim() {
+        let section = records(1000, 1000);
+        for codec in 1..=4u8 {
+            let b = batch(&compress(codec, &section), 1000, 999, codec);
+            let e = validate_batch(&b, section.len() - 1).unwrap_err();
+            assert_eq!(e.refusal, Refusal::CorruptMessage, "codec {codec}");
+            assert!(e.message.contains("limit"), "codec {codec}: {e}");
+            validate_batch(&b, section.len()).unwrap();
+        }
+    }
+
+    #[test]
+    fn xerial_snappy_is_accepted() {
+        let section = records(100, 500);
+        let mut framed = XERIAL_SNAPPY_HEADER.to_vec();
+        for chunk in section.chunks(8 << 10) {
+            let block = snap::raw::Encoder::new().compress_vec(chunk).unwrap();
+            framed.extend_from_slice(&(block.len() as u32).to_be_bytes());
+            framed.extend_from_slice(&block);
+        }
+        validate_batch(&batch(&framed, 100, 99, 2), MAX).unwrap();
+        framed.pop();
+        assert_eq!(
+            refused(&batch(&framed, 100, 99, 2)).refusal,
+            Refusal::CorruptMessage
+        );
+    }
+
+    #[test]
+    fn overlong_varints_are_refused() {
+        let mut section = vec![0x80, 0x80, 0x80, 0x80, 0x80, 0x00];
+        section.extend_from_slice(&[0; 10]);
+        assert!(refused(&batch(&section, 1, 0, 0))
+            .message
+            .contains("varint"));
+    }
+
+    #[test]
+    fn a_visitor_refuses_with_its_message() {
+        struct NoNullKeys;
+        impl RecordVisitor for NoNullKeys {
+            fn record(&mut self, r: &RecordView<'_>) -> Result<(), String> {
+                r.key.map(|_| ()).ok_or_else(|| "null key".to_string())
+            }
+        }
+        let section = record(0, 0, None, Some(b"v"), &[]);
+        let e = validate_batch_with(&batch(&section, 1, 0, 0), MAX, &mut NoNullKeys).unwrap_err();
+        assert!(e.message.contains("null key"));
+    }
+}
