@@ -209,10 +209,15 @@ pub(crate) struct State {
     /// Bumped whenever a group commit failed for lack of space or unsynced batches were
     /// dropped: a `sync_to` caller that saw it change may have lost its batches and must fail.
     pub space_failures: u64,
+    /// The highest log end a rewind ever dropped.
+    pub dropped_end: u64,
     /// Appends are failing for lack of space (one log line when it starts and when it ends).
     pub short_of_space: bool,
     /// Background writes are failing for lack of space (retried every `NO_SPACE_RETRY_MS`).
     pub background_short_of_space: bool,
+    /// Tests make this many of the next segment writes fail with ENOSPC (a filesystem cannot
+    /// be made to fail a write inside a reserved range on demand).
+    pub inject_no_space_writes: u32,
 }
 
 impl State {
@@ -407,6 +412,12 @@ impl Inner {
         let res = file.write_rc_at(buf.clone(), job.pos).await;
         {
             let mut st = self.state.borrow_mut();
+            let res: Result<usize, std::io::Error> = if st.inject_no_space_writes > 0 {
+                st.inject_no_space_writes -= 1;
+                Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+            } else {
+                res.map_err(Into::into)
+            };
             match res {
                 Ok(n) if n == len => {}
                 // O_DIRECT writes come up short when the filesystem runs out of blocks.
@@ -416,7 +427,6 @@ impl Inner {
                     st.rewind_needed = true;
                 }
                 Err(e) => {
-                    let e: std::io::Error = e.into();
                     if crate::error::is_no_space_io(&e) {
                         self.note_no_space(&mut st, false, &e);
                         st.rewind_needed = true;
@@ -590,13 +600,19 @@ impl Inner {
             let spawn = {
                 let mut st = self.state.borrow_mut();
                 self.check(&st)?;
+                // A commit failed for lack of space since this caller's batches were appended,
+                // or they were dropped before it came: unless they are durable, they may be
+                // gone (and their offsets given to others since).
+                let dropped = end_offset > st.log_end && end_offset <= st.dropped_end;
+                if st.space_failures != failures || dropped {
+                    return if st.durable >= end_offset && !dropped {
+                        Ok(())
+                    } else {
+                        Err(self.no_space_error())
+                    };
+                }
                 if st.durable >= end_offset.min(st.log_end) {
                     return Ok(());
-                }
-                // A commit failed for lack of space since this caller's batches were appended:
-                // they may have been dropped (and their offsets given to others since).
-                if st.space_failures != failures {
-                    return Err(self.no_space_error());
                 }
                 request_sync(&mut st)
             };
@@ -1174,6 +1190,13 @@ impl PartitionLog {
             .map_err(|_| EngineError::Closed)?;
         let _quiet = self.inner.quiesce_checkpointer().await?;
         self.inner.checkpoint_now().await
+    }
+
+    /// Makes the next `writes` segment writes fail with ENOSPC, as a filesystem without
+    /// fallocate does when it fills up: for tests of the rewind after such a write.
+    #[doc(hidden)]
+    pub fn inject_no_space_writes(&self, writes: u32) {
+        self.inner.state.borrow_mut().inject_no_space_writes = writes;
     }
 
     /// Whether the background checkpointer is writing right now (for tests that must catch it

@@ -385,8 +385,10 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
         generation: 0,
         rewind_needed: false,
         space_failures: 0,
+        dropped_end: 0,
         short_of_space: false,
         background_short_of_space: false,
+        inject_no_space_writes: 0,
     };
     let inner = Rc::new(Inner {
         dir: dir.to_path_buf(),

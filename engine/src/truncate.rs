@@ -289,6 +289,10 @@ pub(crate) async fn rewind_unwritten(inner: &Rc<Inner>) -> Result<(), EngineErro
             return Err(e);
         }
         reset_active_to(inner, &file, &path, seg_base, cut_pos, new_end, max_ts).await?;
+        {
+            let mut st = inner.state.borrow_mut();
+            st.dropped_end = st.dropped_end.max(old_end);
+        }
         tracing::warn!(dir = ?inner.dir, from = new_end, to = old_end,
             "dropped batches whose write failed for lack of disk space");
         Ok(())
