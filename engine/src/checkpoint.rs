@@ -118,8 +118,24 @@ pub async fn write_file_atomic(
     name: &str,
     contents: Vec<u8>,
 ) -> Result<(), EngineError> {
-    let path = dir.join(name);
     let tmp: PathBuf = dir.join(format!("{name}.tmp"));
+    let written = write_file_atomic_inner(dir, name, &tmp, contents).await;
+    if written.is_err() {
+        // A failed write (most likely for lack of space) leaves no half-written file holding
+        // blocks; the target is untouched, since only the rename replaces it.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+async fn write_file_atomic_inner(
+    dir: &Path,
+    name: &str,
+    tmp: &Path,
+    contents: Vec<u8>,
+) -> Result<(), EngineError> {
+    let path = dir.join(name);
+    let tmp = tmp.to_path_buf();
     let mut f = glommio::io::BufferedFile::create(&tmp)
         .await
         .map_err(glommio_err(&tmp))?;

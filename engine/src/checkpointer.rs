@@ -19,7 +19,12 @@
 //! - A crash before a sealed segment is trimmed leaves its file longer than its data (zeros from
 //!   pre-allocation). Recovery scans it up to the first invalid frame and keeps the following
 //!   segment when that segment's base continues the offsets exactly (see `recovery.rs`).
-//! - A failed background write fails the log, as a failed group commit does: a trim or
+//! - A background write that fails for lack of space (ENOSPC, EDQUOT) is retried every
+//!   `NO_SPACE_RETRY_MS` and never fails the log: the recovery point on disk stays the older,
+//!   lower one (recovery scans a little more), and a sealed segment stays unfinished (rolls stop
+//!   once `MAX_UNFINISHED_SEALED_SEGMENTS` wait, so appends then fail instead). Temporary files
+//!   of a failed write are removed, so a retry starts from the same free space.
+//! - Any other failed background write fails the log, as a failed group commit does: a trim or
 //!   fdatasync that fails may have lost dirty pages, and a disk that cannot write a small file
 //!   is not one to keep acknowledging writes on. Retrying would hide that.
 
@@ -30,7 +35,7 @@ use std::time::Instant;
 use glommio::io::DmaFile;
 use glommio::sync::Permit;
 
-use crate::log::Inner;
+use crate::log::{Inner, NO_SPACE_RETRY_MS};
 use crate::segment::io_err;
 use crate::{checkpoint, EngineError};
 
@@ -61,7 +66,13 @@ impl Inner {
         // work at the next step, as a crash would, instead of writing on behind a reopen.
         let weak = Rc::downgrade(self);
         glommio::spawn_local(async move {
+            let mut retry_later = false;
             loop {
+                if std::mem::take(&mut retry_later) {
+                    // Holds neither the log nor its lock while it waits for space.
+                    glommio::timer::sleep(std::time::Duration::from_millis(NO_SPACE_RETRY_MS))
+                        .await;
+                }
                 let Some(inner) = weak.upgrade() else {
                     return;
                 };
@@ -81,9 +92,19 @@ impl Inner {
                 let mut st = inner.state.borrow_mut();
                 st.ckpt_in_flight = false;
                 if let Err(e) = result {
+                    if e.is_no_space() {
+                        inner.note_no_space(&mut st, true, &e);
+                        st.ckpt_wanted = true;
+                        retry_later = true;
+                        drop(st);
+                        // A roll waiting for sealed segments to be finished gives up now.
+                        inner.signal.notify_all();
+                        continue;
+                    }
                     st.fail(format!("background recovery-point write: {e}"));
                     break;
                 }
+                inner.note_space_ok(&mut st, true);
                 drop(st);
                 tracing::trace!(took = ?started.elapsed(), "background checkpoint");
             }
@@ -154,9 +175,13 @@ impl Inner {
             }
             .await;
             if let Err(e) = done {
-                self.state
-                    .borrow_mut()
-                    .fail(format!("finishing sealed segment {base}: {e}"));
+                // Out of space, the segment stays sealed and is finished on a later try: its
+                // data was written in full, and what failed (index files, a sync) is redone.
+                if !e.is_no_space() {
+                    self.state
+                        .borrow_mut()
+                        .fail(format!("finishing sealed segment {base}: {e}"));
+                }
                 return Err(e);
             }
             let mut st = self.state.borrow_mut();

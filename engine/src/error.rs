@@ -36,3 +36,40 @@ pub enum EngineError {
         source: std::io::Error,
     },
 }
+
+impl EngineError {
+    /// The filesystem is out of space or quota (ENOSPC, EDQUOT): the write that needed it failed
+    /// and nothing else is wrong, so the log stays usable and the write may be retried once space
+    /// returns. Any other I/O error may have lost data and fails the log.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, EngineError::Io { source, .. } if is_no_space_io(source))
+    }
+}
+
+/// Whether an I/O error is ENOSPC or EDQUOT (also when it went through glommio, which keeps the
+/// error kind but not always the raw code).
+pub fn is_no_space_io(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    ) || matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_space_is_told_apart_from_other_io_errors() {
+        let io = |e: std::io::Error| EngineError::Io {
+            path: PathBuf::from("/x"),
+            source: e,
+        };
+        assert!(io(std::io::Error::from_raw_os_error(libc::ENOSPC)).is_no_space());
+        assert!(io(std::io::Error::from_raw_os_error(libc::EDQUOT)).is_no_space());
+        let kind_only = std::io::Error::new(std::io::ErrorKind::StorageFull, "full");
+        assert!(io(kind_only).is_no_space());
+        assert!(!io(std::io::Error::from_raw_os_error(libc::EIO)).is_no_space());
+        assert!(!EngineError::Closed.is_no_space());
+    }
+}

@@ -32,7 +32,7 @@ mod writer;
 pub use cache::{set_shard_cache_bytes, shard_cache_used_bytes, DEFAULT_SHARD_CACHE_BYTES};
 pub use checkpoint::RECOVERY_POINT_FILE;
 pub use config::{FlushPolicy, LogConfig};
-pub use error::EngineError;
+pub use error::{is_no_space_io, EngineError};
 pub use log::{
     AppendInfo, JoinedRead, LiveLimits, PartitionLog, ReadResult, CHECKPOINT_INTERVAL_MS,
     MAX_FRAME_PAYLOAD_BYTES,

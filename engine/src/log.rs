@@ -29,6 +29,9 @@ pub const CHECKPOINT_INTERVAL_MS: u64 = 5_000;
 /// pre-allocated this far ahead (never the whole segment up front: a broker with thousands of
 /// mostly idle partitions must not reserve a segment for each; idle logs reserve nothing).
 pub const PREALLOCATE_AHEAD_BYTES: u64 = 16 << 20;
+/// Background work (recovery points, index files, finishing rolled segments) that failed for
+/// lack of disk space is retried after this long.
+pub const NO_SPACE_RETRY_MS: u64 = 1_000;
 /// A roll waits for the background checkpointer while this many rolled segments are not yet
 /// trimmed and indexed.
 pub const MAX_UNFINISHED_SEALED_SEGMENTS: usize = 4;
@@ -199,6 +202,22 @@ pub(crate) struct State {
     /// while one is under way: a disk read that overlapped a removal may see cut files, which
     /// is not corruption.
     pub generation: u64,
+    /// A write or sync of the active segment failed for lack of space: the batches not known
+    /// durable must be dropped (see `truncate::rewind_unwritten`) before anything else is
+    /// appended or synced.
+    pub rewind_needed: bool,
+    /// Bumped whenever a group commit failed for lack of space or unsynced batches were
+    /// dropped: a `sync_to` caller that saw it change may have lost its batches and must fail.
+    pub space_failures: u64,
+    /// The highest log end a rewind ever dropped.
+    pub dropped_end: u64,
+    /// Appends are failing for lack of space (one log line when it starts and when it ends).
+    pub short_of_space: bool,
+    /// Background writes are failing for lack of space (retried every `NO_SPACE_RETRY_MS`).
+    pub background_short_of_space: bool,
+    /// Tests make this many of the next segment writes fail with ENOSPC (a filesystem cannot
+    /// be made to fail a write inside a reserved range on demand).
+    pub inject_no_space_writes: u32,
 }
 
 impl State {
@@ -262,6 +281,91 @@ pub struct PartitionLog {
 }
 
 impl Inner {
+    /// Records that a write needing space failed; logged once until space returns.
+    pub(crate) fn note_no_space(
+        &self,
+        st: &mut State,
+        background: bool,
+        error: &dyn std::fmt::Display,
+    ) {
+        let flag = if background {
+            &mut st.background_short_of_space
+        } else {
+            &mut st.short_of_space
+        };
+        if !std::mem::replace(flag, true) {
+            tracing::warn!(dir = ?self.dir, background, %error,
+                "partition log out of disk space: writes that need space fail until it returns");
+        }
+    }
+
+    /// Records that a write needing space succeeded (the end of a shortage, if there was one).
+    pub(crate) fn note_space_ok(&self, st: &mut State, background: bool) {
+        let flag = if background {
+            &mut st.background_short_of_space
+        } else {
+            &mut st.short_of_space
+        };
+        if std::mem::replace(flag, false) {
+            tracing::info!(dir = ?self.dir, background, "disk space is back: partition log writes resume");
+        }
+    }
+
+    /// The error a caller gets when its write was dropped for lack of space.
+    pub(crate) fn no_space_error(&self) -> EngineError {
+        EngineError::Io {
+            path: self.dir.clone(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        }
+    }
+
+    /// Reserves (fallocates) the active segment's file up to at least `need` bytes, so that the
+    /// write-behind never needs space the filesystem may not have: an append either has its
+    /// bytes reserved before it is accepted, or fails without changing the log.
+    async fn reserve(&self, need: u64) -> Result<(), EngineError> {
+        let (file, path, base) = {
+            let st = self.state.borrow();
+            let a = st.active();
+            (a.file.clone(), a.path.clone(), a.base)
+        };
+        let ahead = (need + PREALLOCATE_AHEAD_BYTES).min(self.config.segment_bytes.max(need));
+        let mut got = ahead;
+        let mut res = file.pre_allocate(ahead, true).await.map_err(io_err(&path));
+        if ahead > need && res.as_ref().is_err_and(|e| e.is_no_space()) {
+            // No room for the run ahead: reserve just what this append needs.
+            got = need;
+            res = file.pre_allocate(need, true).await.map_err(io_err(&path));
+        }
+        let mut st = self.state.borrow_mut();
+        match res {
+            Ok(()) => self.note_space_ok(&mut st, false),
+            Err(e) if e.is_no_space() => {
+                self.note_no_space(&mut st, false, &e);
+                return Err(e);
+            }
+            // A filesystem without fallocate: writes allocate as they go, and one that fails
+            // for lack of space is rewound (see `rewind_unwritten`).
+            Err(e) => tracing::debug!(error = %e, "pre-allocation failed"),
+        }
+        if st.active().base == base {
+            st.preallocated = st.preallocated.max(got);
+        }
+        Ok(())
+    }
+
+    /// Drops the batches whose write failed for lack of space, if that is still to be done.
+    async fn rewind(self: &Rc<Self>) -> Result<(), EngineError> {
+        let _permit = self
+            .lock
+            .acquire_permit(1)
+            .await
+            .map_err(|_| EngineError::Closed)?;
+        if !self.state.borrow().rewind_needed {
+            return Ok(());
+        }
+        crate::truncate::rewind_unwritten(self).await
+    }
+
     pub(crate) fn check(&self, st: &State) -> Result<(), EngineError> {
         if st.closed {
             return Err(EngineError::Closed);
@@ -301,30 +405,41 @@ impl Inner {
                 .await;
         }
         let len = job.buf.len();
-        let end = job.pos + len as u64;
-        if end > self.state.borrow().preallocated {
-            let target = (end + PREALLOCATE_AHEAD_BYTES).min(self.config.segment_bytes.max(end));
-            match file.pre_allocate(target, true).await {
-                Ok(()) => {
-                    let mut st = self.state.borrow_mut();
-                    st.preallocated = st.preallocated.max(target);
-                }
-                // Only an optimisation: the write below allocates what it needs (or fails).
-                Err(e) => tracing::debug!(error = %e, "pre-allocation failed"),
-            }
-        }
+        // Appends reserve their space before they are accepted (`reserve`), so this write is
+        // not expected to need any; if it still fails for lack of space (a filesystem without
+        // fallocate), the unsynced batches are dropped rather than the log failed.
         let buf = Rc::new(job.buf);
         let res = file.write_rc_at(buf.clone(), job.pos).await;
         {
             let mut st = self.state.borrow_mut();
+            let res: Result<usize, std::io::Error> = if st.inject_no_space_writes > 0 {
+                st.inject_no_space_writes -= 1;
+                Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+            } else {
+                res.map_err(Into::into)
+            };
             match res {
                 Ok(n) if n == len => {}
-                Ok(n) => st.fail(format!("short write of {n}/{len} bytes at {}", job.pos)),
-                Err(e) => st.fail(format!("write at {}: {e}", job.pos)),
+                // O_DIRECT writes come up short when the filesystem runs out of blocks.
+                Ok(n) => {
+                    let e = format!("short write of {n}/{len} bytes at {}", job.pos);
+                    self.note_no_space(&mut st, false, &e);
+                    st.rewind_needed = true;
+                }
+                Err(e) => {
+                    if crate::error::is_no_space_io(&e) {
+                        self.note_no_space(&mut st, false, &e);
+                        st.rewind_needed = true;
+                    } else {
+                        st.fail(format!("write at {}: {e}", job.pos));
+                    }
+                }
             }
             st.writer.complete(job.id, Rc::try_unwrap(buf).ok());
+            // After a failed write the disk past it is not the data: reads keep being served
+            // from memory until the rewind drops those batches.
             let written = st.writer.written_pos;
-            while st.pending.front().is_some_and(|p| p.end_pos <= written) {
+            while !st.rewind_needed && st.pending.front().is_some_and(|p| p.end_pos <= written) {
                 st.pending.pop_front();
             }
         }
@@ -369,23 +484,46 @@ impl Inner {
         self.signal
             .wait_until(|| {
                 let st = self.state.borrow();
-                st.writer.written_pos >= target_pos || st.failed.is_some()
+                st.writer.written_pos >= target_pos || st.failed.is_some() || st.rewind_needed
             })
             .await;
         self.check(&self.state.borrow())?;
+        if self.state.borrow().rewind_needed {
+            crate::truncate::rewind_unwritten(self).await?;
+            return Err(self.no_space_error());
+        }
         let started = Instant::now();
         let (synced, sealed_synced) =
             futures_lite::future::zip(file.fdatasync(), self.sync_sealed(sealed, dir_mark)).await;
         crate::observe::fsync_done(started.elapsed());
         if let Err(e) = synced {
+            let e = io_err(&path)(e);
+            if e.is_no_space() {
+                // The writes were direct (no dirty pages to lose), but what they need to be
+                // durable (extent conversion) could not be committed: drop what is not known
+                // durable, as if it had never been written, and let later appends retry.
+                {
+                    let mut st = self.state.borrow_mut();
+                    self.note_no_space(&mut st, false, &e);
+                    st.rewind_needed = true;
+                }
+                crate::truncate::rewind_unwritten(self).await?;
+                return Err(e);
+            }
             // A failed fdatasync may have dropped dirty pages: the log cannot be trusted anymore.
             self.state.borrow_mut().fail(format!("fdatasync: {e}"));
-            return Err(io_err(&path)(e));
+            return Err(e);
         }
         if let Err(e) = sealed_synced {
-            self.state
-                .borrow_mut()
-                .fail(format!("fdatasync after a roll: {e}"));
+            let mut st = self.state.borrow_mut();
+            if e.is_no_space() {
+                // Their data was written in full: only the sync failed, and it is retried by
+                // the next group commit; meanwhile nothing past them becomes durable.
+                self.note_no_space(&mut st, false, &e);
+                st.space_failures += 1;
+                return Err(e);
+            }
+            st.fail(format!("fdatasync after a roll: {e}"));
             return Err(e);
         }
         let checkpoint_due = {
@@ -457,10 +595,22 @@ impl Inner {
     }
 
     pub(crate) async fn sync_to(self: &Rc<Self>, end_offset: u64) -> Result<(), EngineError> {
+        let failures = self.state.borrow().space_failures;
         loop {
             let spawn = {
                 let mut st = self.state.borrow_mut();
                 self.check(&st)?;
+                // A commit failed for lack of space since this caller's batches were appended,
+                // or they were dropped before it came: unless they are durable, they may be
+                // gone (and their offsets given to others since).
+                let dropped = end_offset > st.log_end && end_offset <= st.dropped_end;
+                if st.space_failures != failures || dropped {
+                    return if st.durable >= end_offset && !dropped {
+                        Ok(())
+                    } else {
+                        Err(self.no_space_error())
+                    };
+                }
                 if st.durable >= end_offset.min(st.log_end) {
                     return Ok(());
                 }
@@ -476,6 +626,7 @@ impl Inner {
                         || st.failed.is_some()
                         || st.closed
                         || !st.flusher_running
+                        || st.space_failures != failures
                 })
                 .await;
         }
@@ -537,8 +688,15 @@ impl Inner {
                         || st.failed.is_some()
                         || st.closed
                         || st.ckpt_paused
+                        || st.background_short_of_space
                 })
                 .await;
+            let st = self.state.borrow();
+            if st.sealed.len() >= MAX_UNFINISHED_SEALED_SEGMENTS && st.background_short_of_space {
+                // The rolled segments cannot be finished until space returns: keep appending
+                // to nothing rather than pile up more of them.
+                return Err(self.no_space_error());
+            }
         }
         {
             let mut st = self.state.borrow_mut();
@@ -634,12 +792,20 @@ impl PartitionLog {
             });
         }
         let flen = frame_len(payload_len) as u64;
+        enum Step {
+            Roll(u64),
+            Reserve(u64),
+            Rewind,
+            Wait,
+        }
         loop {
-            let roll_from = {
+            let step = {
                 let st = inner.state.borrow();
                 inner.check(&st)?;
-                if st.busy || st.writer.inflight() >= MAX_INFLIGHT_WRITES {
-                    None
+                if st.rewind_needed && !st.busy {
+                    Step::Rewind
+                } else if st.busy || st.writer.inflight() >= MAX_INFLIGHT_WRITES {
+                    Step::Wait
                 } else {
                     let a = st.active();
                     let full = a.size > 0 && a.size + flen > inner.config.segment_bytes;
@@ -648,23 +814,31 @@ impl PartitionLog {
                             .config
                             .segment_ms
                             .is_some_and(|ms| segment::now_ms() - a.opened_ms >= ms as i64);
+                    // Through the page the write-behind pads its last write to.
+                    let need = (a.size + flen).next_multiple_of(PAGE_BYTES as u64);
                     if full || old {
-                        Some(a.base)
+                        Step::Roll(a.base)
+                    } else if need > st.preallocated {
+                        Step::Reserve(need)
                     } else {
                         break;
                     }
                 }
             };
-            match roll_from {
-                Some(base) => inner.roll(base).await?,
-                None => {
+            match step {
+                Step::Roll(base) => inner.roll(base).await?,
+                Step::Reserve(need) => inner.reserve(need).await?,
+                Step::Rewind => inner.rewind().await?,
+                Step::Wait => {
                     inner
                         .signal
                         .wait_until(|| {
                             let st = inner.state.borrow();
                             st.closed
                                 || st.failed.is_some()
-                                || (!st.busy && st.writer.inflight() < MAX_INFLIGHT_WRITES)
+                                || (!st.busy
+                                    && (st.rewind_needed
+                                        || st.writer.inflight() < MAX_INFLIGHT_WRITES))
                         })
                         .await
                 }
@@ -1016,6 +1190,13 @@ impl PartitionLog {
             .map_err(|_| EngineError::Closed)?;
         let _quiet = self.inner.quiesce_checkpointer().await?;
         self.inner.checkpoint_now().await
+    }
+
+    /// Makes the next `writes` segment writes fail with ENOSPC, as a filesystem without
+    /// fallocate does when it fills up: for tests of the rewind after such a write.
+    #[doc(hidden)]
+    pub fn inject_no_space_writes(&self, writes: u32) {
+        self.inner.state.borrow_mut().inject_no_space_writes = writes;
     }
 
     /// Whether the background checkpointer is writing right now (for tests that must catch it

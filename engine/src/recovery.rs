@@ -389,6 +389,12 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
         bytes_since_sync: 0,
         preallocated: size,
         generation: 0,
+        rewind_needed: false,
+        space_failures: 0,
+        dropped_end: 0,
+        short_of_space: false,
+        background_short_of_space: false,
+        inject_no_space_writes: 0,
     };
     let inner = Rc::new(Inner {
         dir: dir.to_path_buf(),
@@ -400,7 +406,16 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
         lock: Semaphore::new(1),
         ckpt_lock: Semaphore::new(1),
     });
-    inner.write_checkpoint(log_end, active_base, size).await?;
+    match inner.write_checkpoint(log_end, active_base, size).await {
+        Ok(()) => {}
+        // A full disk must not keep a partition from opening: the recovery point on disk is
+        // an older, lower one (recovery just scans more), and the background retries it.
+        Err(e) if e.is_no_space() => {
+            tracing::warn!(?dir, error = %e, "no space for the recovery point at open; retrying in the background");
+            inner.request_checkpoint();
+        }
+        Err(e) => return Err(e),
+    }
     if let FlushPolicy::Interval { interval_ms, .. } = inner.config.flush {
         let weak = Rc::downgrade(&inner);
         glommio::spawn_local(async move {

@@ -136,18 +136,42 @@ async fn truncate_locked(inner: &Rc<Inner>, offset: u64) -> Result<(), EngineErr
     file.truncate(cut_pos).await.map_err(io_err(&path))?;
     file.fdatasync().await.map_err(io_err(&path))?;
     checkpoint::sync_dir(&inner.dir).await?;
+    reset_active_to(inner, &file, &path, seg_base, cut_pos, new_end, max_ts).await?;
+    {
+        let mut st = inner.state.borrow_mut();
+        // Everything left was synced above (sealed segments were finished before the cut).
+        st.durable = new_end;
+        st.durable_base = seg_base;
+        st.durable_pos = cut_pos;
+    }
+    tracing::debug!(dir = ?inner.dir, new_end, "truncated log");
+    inner.write_checkpoint(new_end, seg_base, cut_pos).await
+}
+
+/// Makes the active segment (already cut to `cut_pos` on disk) end at `cut_pos` and the log at
+/// `new_end` in memory: its index, the write-behind (from the last partial page, read back),
+/// epochs, unwritten batches and cached batches past the cut.
+async fn reset_active_to(
+    inner: &Rc<Inner>,
+    file: &glommio::io::DmaFile,
+    path: &std::path::Path,
+    seg_base: u64,
+    cut_pos: u64,
+    new_end: u64,
+    max_ts: i64,
+) -> Result<(), EngineError> {
     let tail_start = cut_pos - cut_pos % PAGE_BYTES as u64;
     let tail = if cut_pos > tail_start {
         file.read_at(tail_start, (cut_pos - tail_start) as usize)
             .await
-            .map_err(io_err(&path))?
+            .map_err(io_err(path))?
             .to_vec()
     } else {
         Vec::new()
     };
     if tail.len() as u64 != cut_pos - tail_start {
         return Err(EngineError::Corrupt {
-            path,
+            path: path.to_path_buf(),
             position: tail_start,
             reason: "short read of the last page".into(),
         });
@@ -170,16 +194,121 @@ async fn truncate_locked(inner: &Rc<Inner>, offset: u64) -> Result<(), EngineErr
         st.writer = Writer::new(cut_pos, &tail);
         st.preallocated = cut_pos;
         st.log_end = new_end;
-        // Everything left was synced above (sealed segments were finished before the cut).
-        st.durable = new_end;
-        st.durable_base = seg_base;
-        st.durable_pos = cut_pos;
         st.epochs.retain(|(_, s)| *s < new_end);
         st.pending.clear();
     }
     cache::remove_from(inner.log_id, new_end);
-    tracing::debug!(dir = ?inner.dir, new_end, "truncated log");
-    inner.write_checkpoint(new_end, seg_base, cut_pos).await
+    Ok(())
+}
+
+/// After a write or fdatasync of the active segment failed for lack of space: drops every batch
+/// of the active segment not known durable, in memory and on disk, so the log ends at its last
+/// safely written batch, the callers waiting for the dropped batches fail (`space_failures`)
+/// and later appends retry cleanly at that position. Caller holds `lock`.
+///
+/// The cut is at the durable end (or the active segment's start if none of it is durable yet):
+/// everything below was written and synced, so it needs no scan for a valid frame boundary, and
+/// no recovery point moves (it never passes the durable end). Batches past the cut that were
+/// written fine go too: their acknowledgement waits on the same group commit, which failed.
+pub(crate) async fn rewind_unwritten(inner: &Rc<Inner>) -> Result<(), EngineError> {
+    {
+        let mut st = inner.state.borrow_mut();
+        inner.check(&st)?;
+        st.busy = true;
+        st.generation += 1;
+    }
+    let result = async {
+        // Every write issued must land (or fail) before the file is cut under it.
+        inner.start_jobs();
+        inner.wait_writes_idle().await;
+        let (seg_base, file, path, cut_pos, new_end, from_pos, mut max_ts, old_end) = {
+            let st = inner.state.borrow();
+            inner.check(&st)?;
+            let a = st.active();
+            let (new_end, cut_pos) = if st.durable_base == a.base {
+                (st.durable, st.durable_pos)
+            } else {
+                (a.base, 0)
+            };
+            assert!(
+                cut_pos <= a.size && new_end <= st.log_end,
+                "a rewind only drops data"
+            );
+            let pos = a.index.position_for(new_end.max(a.base)) as u64;
+            let pos = pos.min(cut_pos);
+            let ts = a
+                .index
+                .entries
+                .iter()
+                .find(|e| e.position as u64 == pos)
+                .map(|e| e.max_timestamp_before)
+                .unwrap_or(NO_TIMESTAMP);
+            (
+                a.base,
+                a.file.clone(),
+                a.path.clone(),
+                cut_pos,
+                new_end,
+                pos,
+                ts,
+                st.log_end,
+            )
+        };
+        // The segment's max timestamp over what stays (synced data: a clean scan).
+        let (at, stop) = scan(
+            &file,
+            &path,
+            from_pos,
+            cut_pos,
+            max_payload(&inner.config),
+            |_, f| {
+                max_ts = max_ts.max(f.max_timestamp());
+                Ok(true)
+            },
+        )
+        .await?;
+        if let ScanStop::Invalid(reason) = stop {
+            return Err(EngineError::Corrupt {
+                path,
+                position: at,
+                reason,
+            });
+        }
+        // Cutting frees space and needs none. The sync makes the cut durable, so a crash can
+        // never bring the dropped batches back behind the new ones.
+        let cut = async {
+            file.truncate(cut_pos).await.map_err(io_err(&path))?;
+            file.fdatasync().await.map_err(io_err(&path))
+        }
+        .await;
+        if let Err(e) = cut {
+            inner
+                .state
+                .borrow_mut()
+                .fail(format!("cutting unwritten batches: {e}"));
+            return Err(e);
+        }
+        reset_active_to(inner, &file, &path, seg_base, cut_pos, new_end, max_ts).await?;
+        {
+            let mut st = inner.state.borrow_mut();
+            st.dropped_end = st.dropped_end.max(old_end);
+        }
+        tracing::warn!(dir = ?inner.dir, from = new_end, to = old_end,
+            "dropped batches whose write failed for lack of disk space");
+        Ok(())
+    }
+    .await;
+    {
+        let mut st = inner.state.borrow_mut();
+        st.busy = false;
+        st.generation += 1;
+        st.space_failures += 1;
+        if result.is_ok() {
+            st.rewind_needed = false;
+        }
+    }
+    inner.signal.notify_all();
+    result
 }
 
 pub(crate) async fn apply_retention(inner: &Rc<Inner>, now_ms: i64) -> Result<u64, EngineError> {

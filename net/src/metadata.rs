@@ -22,6 +22,10 @@ pub const METADATA_FILE: &str = "spate-metadata.json";
 pub const PRODUCER_ID_BLOCK: i64 = 1000;
 /// Longest topic name Kafka allows.
 pub const MAX_TOPIC_NAME_BYTES: usize = 249;
+/// Space kept aside (a file of zeros) so the metadata file can be rewritten on a full disk.
+pub const METADATA_RESERVE_FILE: &str = "spate-metadata.reserve";
+/// Size of that reserve; it grows to twice the metadata file if that is larger.
+pub const METADATA_RESERVE_BYTES: u64 = 1 << 20;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TopicMeta {
@@ -407,25 +411,80 @@ impl MetadataStore {
         Ok(id)
     }
 
-    /// Writes the file atomically: temp file, fsync, rename, fsync of the directory.
+    /// Writes the file atomically (see `write_atomic`). Deleting a topic must work on a full
+    /// disk (it is how space is freed), and it starts with this write: so a reserve file is kept
+    /// beside it and given up when the write runs out of space, then the write is tried again.
+    /// The alternatives were worse: deleting partition directories before the metadata write
+    /// frees space too, but a crash in between brings the topic back empty; the reserve keeps
+    /// the order (metadata first, then data) and so every crash point as it was. Another shard
+    /// may take the freed space first, in which case the delete fails with a storage error, as
+    /// before, and can be retried. The reserve is made again after every successful write.
     fn persist(&self, state: &Persisted) -> Result<(), NetError> {
         let body = serde_json::to_vec(state).map_err(|e| NetError::Metadata {
             path: self.path.display().to_string(),
             reason: e.to_string(),
         })?;
+        let reserve = self.path.with_file_name(METADATA_RESERVE_FILE);
+        let written = match self.write_atomic(&body) {
+            Err(e) if spate_engine::is_no_space_io(&e) => {
+                tracing::warn!(path = %self.path.display(),
+                    "no disk space for the metadata file: using its reserve");
+                let _ = std::fs::remove_file(&reserve);
+                self.write_atomic(&body)
+            }
+            other => other,
+        };
+        written?;
+        let want = METADATA_RESERVE_BYTES.max(2 * body.len() as u64);
+        if let Err(e) = ensure_reserve(&reserve, want) {
+            tracing::debug!(error = %e, "cannot (re)make the metadata reserve yet");
+        }
+        Ok(())
+    }
+
+    /// Temp file, fsync, rename, fsync of the directory; the temp file is removed if that fails.
+    fn write_atomic(&self, body: &[u8]) -> std::io::Result<()> {
         let tmp = self.path.with_extension("json.tmp");
+        let written = self.write_atomic_via(&tmp, body);
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
+    }
+
+    fn write_atomic_via(&self, tmp: &Path, body: &[u8]) -> std::io::Result<()> {
         {
-            let mut f = std::fs::File::create(&tmp)?;
-            writeln!(f, "{:08x}", crc32c::crc32c(&body))?;
-            f.write_all(&body)?;
+            let mut f = std::fs::File::create(tmp)?;
+            writeln!(f, "{:08x}", crc32c::crc32c(body))?;
+            f.write_all(body)?;
             f.sync_all()?;
         }
-        std::fs::rename(&tmp, &self.path)?;
+        std::fs::rename(tmp, &self.path)?;
         if let Some(dir) = self.path.parent() {
             std::fs::File::open(dir)?.sync_all()?;
         }
         Ok(())
     }
+}
+
+/// Makes `path` a file of at least `bytes` written zeros (blocks really allocated: a sparse file
+/// would reserve nothing). Best effort: on a full disk it stays as large as it got.
+fn ensure_reserve(path: &Path, bytes: u64) -> std::io::Result<()> {
+    let have = match std::fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e),
+    };
+    if have >= bytes {
+        return Ok(());
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    let zeros = vec![0u8; (bytes - have) as usize];
+    f.write_all(&zeros)?;
+    f.sync_all()
 }
 
 fn decode_file(bytes: &[u8]) -> Result<Persisted, String> {
