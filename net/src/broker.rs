@@ -20,6 +20,12 @@ use crate::shard::{Job, Router, Shard};
 
 /// How often a shard that finished draining checks whether the others have too.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(10);
+/// How long a start waits for a port held by someone listening to be freed: 10 times the
+/// longest the listener of a SIGKILLed predecessor was seen to outlive it (160 ms), and short
+/// enough that starting beside a live broker still fails promptly.
+const LISTEN_RETRY_MS: u64 = 2_000;
+/// How often a start tries the port again while waiting for it.
+const LISTEN_RETRY_POLL_MS: u64 = 20;
 /// How long to wait for a connection when checking whether someone listens on our port.
 const LISTEN_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often a shard checks whether connections closed while it is quiet, to give the
@@ -158,19 +164,34 @@ impl Broker {
 /// broker, say), splitting clients between them. A bind without the option first fails if anyone
 /// holds the port. Port 0 is resolved here once, so that every shard listens on the same port.
 fn claim_listen_port(config: &mut BrokerConfig) -> Result<(), NetError> {
-    let probe = match std::net::TcpListener::bind(config.listen) {
-        Ok(p) => Some(p),
-        // Connections of a stopped predecessor linger (FIN-WAIT-2, up to a minute) and block a
-        // plain bind, though the shards' SO_REUSEPORT binds would succeed: only a listener
-        // that answers means the port is taken.
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && !someone_listens(config.listen) => {
-            None
-        }
-        Err(e) => {
-            return Err(NetError::Config(format!(
-                "cannot listen on {}: {e} (is another broker running there?)",
-                config.listen
-            )))
+    let deadline = std::time::Instant::now() + Duration::from_millis(LISTEN_RETRY_MS);
+    let probe = loop {
+        match std::net::TcpListener::bind(config.listen) {
+            Ok(p) => break Some(p),
+            // Connections of a stopped predecessor linger (FIN-WAIT-2, up to a minute) and
+            // block a plain bind, though the shards' SO_REUSEPORT binds would succeed: only a
+            // listener that answers means the port is taken.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse && !someone_listens(config.listen) =>
+            {
+                break None
+            }
+            // A predecessor killed with SIGKILL keeps its listening socket, still completing
+            // handshakes, until the kernel tears its io_uring down (60-160 ms measured): wait
+            // that out rather than fail a restart. A live broker still holds the port when
+            // the wait ends, and is then refused as before.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(LISTEN_RETRY_POLL_MS));
+            }
+            Err(e) => {
+                return Err(NetError::Config(format!(
+                    "cannot listen on {}: {e} (is another broker running there?)",
+                    config.listen
+                )))
+            }
         }
     };
     let Some(probe) = probe else {
