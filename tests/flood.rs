@@ -6,6 +6,8 @@ mod common;
 
 use std::io::Write;
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Broker, Raw};
@@ -14,6 +16,10 @@ const FLOOD_CONNECTIONS: usize = 50;
 const FLOOD_FRAME_BYTES: usize = 52_000_000;
 /// How long the flooders keep sending before they give up and close.
 const FLOOD_SEND_TIMEOUT: Duration = Duration::from_secs(25);
+/// Bytes of each frame held back until the flooders are released.
+const FLOOD_TAIL_BYTES: usize = 1024;
+/// No byte accepted by the broker for this long: it stopped reading (backpressure).
+const FLOOD_STALL: Duration = Duration::from_millis(1500);
 const RSS_LIMIT_BYTES: u64 = 1 << 30;
 const RSS_RETURN_SLACK_BYTES: u64 = 256 << 20;
 const RSS_RETURN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -71,9 +77,16 @@ fn a_flood_of_large_frames_stays_within_memory_and_small_requests_still_answer()
     let broker = Broker::start();
     let pid = broker.pid();
     let start_rss = rss_bytes(pid);
+    // Each flooder sends all of its frame but the tail and holds it until every flooder has
+    // (or the broker stopped reading: no progress for a while), so frames wait in memory at
+    // once, as slow clients' frames do; then all finish.
+    let sent = Arc::new(AtomicUsize::new(0));
+    let holding = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(AtomicBool::new(false));
     let senders: Vec<_> = (0..FLOOD_CONNECTIONS)
         .map(|_| {
             let addr = broker.addr();
+            let (sent, holding, release) = (sent.clone(), holding.clone(), release.clone());
             std::thread::spawn(move || {
                 let mut s = TcpStream::connect(&addr).expect("connect");
                 s.set_write_timeout(Some(Duration::from_millis(200)))
@@ -83,10 +96,28 @@ fn a_flood_of_large_frames_stays_within_memory_and_small_requests_still_answer()
                 let chunk = vec![0u8; 64 * 1024];
                 let mut left = FLOOD_FRAME_BYTES - (header.len() - 4);
                 let deadline = Instant::now() + FLOOD_SEND_TIMEOUT;
+                let mut held = false;
                 while left > 0 && Instant::now() < deadline {
-                    let n = left.min(chunk.len());
+                    if left <= FLOOD_TAIL_BYTES && !release.load(Ordering::Acquire) {
+                        if !held {
+                            held = true;
+                            holding.fetch_add(1, Ordering::AcqRel);
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                    let n = (left
+                        - if release.load(Ordering::Acquire) {
+                            0
+                        } else {
+                            FLOOD_TAIL_BYTES
+                        })
+                    .clamp(1, chunk.len());
                     match s.write(&chunk[..n]) {
-                        Ok(w) => left -= w,
+                        Ok(w) => {
+                            left -= w;
+                            sent.fetch_add(w, Ordering::AcqRel);
+                        }
                         Err(e)
                             if matches!(
                                 e.kind(),
@@ -102,6 +133,7 @@ fn a_flood_of_large_frames_stays_within_memory_and_small_requests_still_answer()
     let mut peak = 0u64;
     let mut answered = 0;
     let mut next_probe = Instant::now() + Duration::from_millis(500);
+    let (mut last_sent, mut last_progress) = (0, Instant::now());
     while senders.iter().any(|t| !t.is_finished()) {
         peak = peak.max(rss_bytes(pid));
         if Instant::now() >= next_probe {
@@ -111,6 +143,15 @@ fn a_flood_of_large_frames_stays_within_memory_and_small_requests_still_answer()
             );
             answered += 1;
             next_probe = Instant::now() + Duration::from_millis(500);
+        }
+        let now_sent = sent.load(Ordering::Acquire);
+        if now_sent != last_sent {
+            (last_sent, last_progress) = (now_sent, Instant::now());
+        }
+        if holding.load(Ordering::Acquire) == FLOOD_CONNECTIONS
+            || last_progress.elapsed() > FLOOD_STALL
+        {
+            release.store(true, Ordering::Release);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
