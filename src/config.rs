@@ -136,6 +136,22 @@ pub struct ServeConfig {
     /// auto-creation beyond it are refused with INVALID_PARTITIONS [default: 4000].
     #[arg(long, env = "SPATE_MAX_PARTITIONS_PER_SHARD", value_name = "N")]
     pub max_partitions_per_shard: Option<usize>,
+    /// Memory for requests being read, queued or handled and for unwritten responses, over
+    /// all cores (each gets an equal share); when spent, reading from sockets pauses
+    /// [default: 536870912].
+    #[arg(long, env = "SPATE_REQUEST_MEMORY_BYTES", value_name = "BYTES")]
+    pub request_memory_bytes: Option<u64>,
+    /// Close a connection with no request in flight that sent nothing for this long (Kafka's
+    /// connections.max.idle.ms) [default: 600000].
+    #[arg(long, env = "SPATE_CONNECTIONS_MAX_IDLE_MS", value_name = "MS")]
+    pub connections_max_idle_ms: Option<u64>,
+    /// Close a connection whose request does not fully arrive within this long; time spent
+    /// waiting for request memory does not count [default: 30000].
+    #[arg(long, env = "SPATE_REQUEST_READ_TIMEOUT_MS", value_name = "MS")]
+    pub request_read_timeout_ms: Option<u64>,
+    /// Most client connections open at once from one IP address; 0 for no limit [default: 0].
+    #[arg(long, env = "SPATE_MAX_CONNECTIONS_PER_IP", value_name = "N")]
+    pub max_connections_per_ip: Option<usize>,
 }
 
 /// Every setting of [`ServeConfig`] but `config` itself, once: merging and the defaults use it,
@@ -172,7 +188,11 @@ macro_rules! each_setting {
             offsets_snapshot_min_bytes,
             retention_check_interval_ms,
             metrics_listen,
-            max_partitions_per_shard
+            max_partitions_per_shard,
+            request_memory_bytes,
+            connections_max_idle_ms,
+            request_read_timeout_ms,
+            max_connections_per_ip
         )
     };
 }
@@ -219,6 +239,10 @@ impl ServeConfig {
             retention_check_interval_ms: Some(300_000),
             metrics_listen: Some(DEFAULT_METRICS_LISTEN.into()),
             max_partitions_per_shard: Some(spate_net::config::DEFAULT_MAX_PARTITIONS_PER_SHARD),
+            request_memory_bytes: Some(spate_net::config::DEFAULT_REQUEST_MEMORY_BYTES as u64),
+            connections_max_idle_ms: Some(spate_net::config::DEFAULT_CONNECTIONS_MAX_IDLE_MS),
+            request_read_timeout_ms: Some(spate_net::config::DEFAULT_REQUEST_READ_TIMEOUT_MS),
+            max_connections_per_ip: Some(0),
         }
     }
 
@@ -372,6 +396,21 @@ impl ServeConfig {
         if c.segment_bytes < c.max_batch_bytes as u64 {
             bail!("--segment-bytes must be at least --max-batch-bytes");
         }
+        c.request_memory_bytes = usize::try_from(set(&self.request_memory_bytes))
+            .context("--request-memory-bytes is too large")?;
+        let min_request_memory = spate_net::budget::MIN_SHARD_BUDGET_BYTES * cores;
+        if c.request_memory_bytes < min_request_memory {
+            bail!("--request-memory-bytes must be at least {min_request_memory} ({cores} cores)");
+        }
+        c.connections_max_idle_ms = set(&self.connections_max_idle_ms);
+        c.request_read_timeout_ms = set(&self.request_read_timeout_ms);
+        if c.connections_max_idle_ms == 0 || c.request_read_timeout_ms == 0 {
+            bail!("--connections-max-idle-ms and --request-read-timeout-ms must be at least 1");
+        }
+        c.max_connections_per_ip = match set(&self.max_connections_per_ip) {
+            0 => None,
+            n => Some(n),
+        };
         Ok(c)
     }
 }

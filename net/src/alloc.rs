@@ -50,6 +50,15 @@ pub fn retain_freed_memory() {
     });
 }
 
+/// Hands the allocator's free memory back to the kernel (`malloc_trim`): the top of the heap
+/// and whole free pages inside it, whatever the trim threshold. True if anything was released.
+/// It walks the arena's free lists under the arena lock, so call it only when the process is
+/// quiet.
+pub fn give_back_free_memory() -> bool {
+    // SAFETY: malloc_trim only releases memory glibc holds free; it is safe at any time.
+    unsafe { libc::malloc_trim(0) == 1 }
+}
+
 /// Allocations at or above this size get a `MAP_NORESERVE` mapping.
 pub const LARGE_ALLOC_BYTES: usize = 1 << 30;
 const PAGE_BYTES: usize = 4096;

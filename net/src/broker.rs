@@ -15,13 +15,22 @@ use crate::error::NetError;
 use crate::metadata::MetadataStore;
 use crate::metrics::Metrics;
 use crate::metrics_http::MetricsServer;
-use crate::server::accept_loop;
+use crate::server::{accept_loop, OpenConnections};
 use crate::shard::{Job, Router, Shard};
 
 /// How often a shard that finished draining checks whether the others have too.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(10);
+/// How long a start waits for a port held by someone listening to be freed: 10 times the
+/// longest the listener of a SIGKILLed predecessor was seen to outlive it (160 ms), and short
+/// enough that starting beside a live broker still fails promptly.
+const LISTEN_RETRY_MS: u64 = 2_000;
+/// How often a start tries the port again while waiting for it.
+const LISTEN_RETRY_POLL_MS: u64 = 20;
 /// How long to wait for a connection when checking whether someone listens on our port.
 const LISTEN_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often a shard checks whether connections closed while it is quiet, to give the
+/// allocator's free memory back (see `give_back_freed_memory`).
+const ALLOCATOR_TRIM_CHECK_INTERVAL_MS: u64 = 1_000;
 /// How often changed producer state is snapshotted (bounds the log replay after a crash).
 const PRODUCER_SNAPSHOT_INTERVAL_MS: u64 = 60_000;
 
@@ -64,7 +73,7 @@ impl Broker {
         let config = Arc::new(config);
         let (router, receivers) = Router::new(config.cores);
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let open_connections = Arc::new(AtomicUsize::new(0));
+        let open_connections = Arc::new(OpenConnections::default());
         let drained = Arc::new(AtomicUsize::new(0));
         let metrics = Arc::new(Metrics::new());
         // Before the shards, so the endpoint answers once the broker does (after the Kafka
@@ -155,19 +164,34 @@ impl Broker {
 /// broker, say), splitting clients between them. A bind without the option first fails if anyone
 /// holds the port. Port 0 is resolved here once, so that every shard listens on the same port.
 fn claim_listen_port(config: &mut BrokerConfig) -> Result<(), NetError> {
-    let probe = match std::net::TcpListener::bind(config.listen) {
-        Ok(p) => Some(p),
-        // Connections of a stopped predecessor linger (FIN-WAIT-2, up to a minute) and block a
-        // plain bind, though the shards' SO_REUSEPORT binds would succeed: only a listener
-        // that answers means the port is taken.
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && !someone_listens(config.listen) => {
-            None
-        }
-        Err(e) => {
-            return Err(NetError::Config(format!(
-                "cannot listen on {}: {e} (is another broker running there?)",
-                config.listen
-            )))
+    let deadline = std::time::Instant::now() + Duration::from_millis(LISTEN_RETRY_MS);
+    let probe = loop {
+        match std::net::TcpListener::bind(config.listen) {
+            Ok(p) => break Some(p),
+            // Connections of a stopped predecessor linger (FIN-WAIT-2, up to a minute) and
+            // block a plain bind, though the shards' SO_REUSEPORT binds would succeed: only a
+            // listener that answers means the port is taken.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse && !someone_listens(config.listen) =>
+            {
+                break None
+            }
+            // A predecessor killed with SIGKILL keeps its listening socket, still completing
+            // handshakes, until the kernel tears its io_uring down (60-160 ms measured): wait
+            // that out rather than fail a restart. A live broker still holds the port when
+            // the wait ends, and is then refused as before.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(LISTEN_RETRY_POLL_MS));
+            }
+            Err(e) => {
+                return Err(NetError::Config(format!(
+                    "cannot listen on {}: {e} (is another broker running there?)",
+                    config.listen
+                )))
+            }
         }
     };
     let Some(probe) = probe else {
@@ -204,7 +228,7 @@ async fn run_shard(
     metadata: Arc<MetadataStore>,
     router: Router,
     inbox: flume::Receiver<Job>,
-    open_connections: Arc<AtomicUsize>,
+    open_connections: Arc<OpenConnections>,
     drained: Arc<AtomicUsize>,
     ready: flume::Sender<Result<SocketAddr, String>>,
     metrics: Arc<Metrics>,
@@ -229,6 +253,12 @@ async fn run_shard(
         let every = Duration::from_millis(config.retention_check_interval_ms.max(1));
         glommio::spawn_local(async move {
             housekeeping(shard, every).await;
+        })
+    };
+    let trims = {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            give_back_freed_memory(shard).await;
         })
     };
     let snapshots = {
@@ -261,6 +291,7 @@ async fn run_shard(
     drop(ready);
     accept_loop(shard.clone(), listener, open_connections).await;
     retention.await;
+    trims.await;
     snapshots.await;
     finish(&shard, &drained, router.shards()).await;
     drop(jobs);
@@ -288,6 +319,31 @@ async fn sleep_or_shutdown(shard: &Shard, every: Duration) -> bool {
 async fn housekeeping(shard: Rc<Shard>, every: Duration) {
     while !sleep_or_shutdown(&shard, every).await {
         shard.apply_retention().await;
+    }
+}
+
+/// Returns the allocator's free memory to the kernel once connections closed and the shard
+/// went quiet. The allocator keeps freed memory for reuse (see `alloc::retain_freed_memory`),
+/// which serves a busy broker well, but after a flood of connections closes the receive
+/// buffers, frames and tasks they left behind would stay resident for good. Trimming only
+/// when no request was read for a whole interval keeps it off the busy path.
+async fn give_back_freed_memory(shard: Rc<Shard>) {
+    let every = Duration::from_millis(ALLOCATOR_TRIM_CHECK_INTERVAL_MS);
+    let mut seen = (shard.connections_closed.get(), shard.requests_read.get());
+    let mut trimmed_at_closed = seen.0;
+    while !sleep_or_shutdown(&shard, every).await {
+        let now = (shard.connections_closed.get(), shard.requests_read.get());
+        let quiet = now.1 == seen.1;
+        if quiet && now.0 != trimmed_at_closed && shard.request_budget.used_bytes() == 0 {
+            let released = crate::alloc::give_back_free_memory();
+            tracing::debug!(
+                shard = shard.id,
+                released,
+                "allocator trimmed after connections closed"
+            );
+            trimmed_at_closed = now.0;
+        }
+        seen = now;
     }
 }
 

@@ -44,7 +44,27 @@ pub struct BrokerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Upper bound on partition replicas one shard owns; creates beyond it are refused.
     pub max_partitions_per_shard: usize,
+    /// Request memory budget of the whole broker, split evenly across the shards (see
+    /// `budget`): bytes of requests being read, queued or handled, and of unwritten responses.
+    pub request_memory_bytes: usize,
+    /// A connection with nothing in flight that sends nothing for this long is closed
+    /// (Kafka's `connections.max.idle.ms`).
+    pub connections_max_idle_ms: u64,
+    /// A request whose bytes do not all arrive within this long closes its connection; time
+    /// spent waiting for request memory does not count.
+    pub request_read_timeout_ms: u64,
+    /// Most connections open at once from one client address; `None` for no limit.
+    pub max_connections_per_ip: Option<usize>,
 }
+
+/// Default `request_memory_bytes`: with 100 MiB frames, a few large requests per shard on a
+/// small machine; well under the RAM of any host that runs many shards.
+pub const DEFAULT_REQUEST_MEMORY_BYTES: usize = 512 << 20;
+/// Kafka's default `connections.max.idle.ms`, 10 minutes.
+pub const DEFAULT_CONNECTIONS_MAX_IDLE_MS: u64 = 600_000;
+/// Default `request_read_timeout_ms`: a client on a slow link still sends a 100 MiB frame at
+/// 4 MB/s in time, while a stalled one holds its request memory for at most this long.
+pub const DEFAULT_REQUEST_READ_TIMEOUT_MS: u64 = 30_000;
 
 impl BrokerConfig {
     /// A configuration for tests and defaults: everything on loopback, one core.
@@ -73,7 +93,16 @@ impl BrokerConfig {
             retention_check_interval_ms: 300_000,
             metrics_listen: None,
             max_partitions_per_shard: DEFAULT_MAX_PARTITIONS_PER_SHARD,
+            request_memory_bytes: DEFAULT_REQUEST_MEMORY_BYTES,
+            connections_max_idle_ms: DEFAULT_CONNECTIONS_MAX_IDLE_MS,
+            request_read_timeout_ms: DEFAULT_REQUEST_READ_TIMEOUT_MS,
+            max_connections_per_ip: None,
         }
+    }
+
+    /// Each shard's share of `request_memory_bytes`.
+    pub fn shard_request_memory_bytes(&self) -> usize {
+        (self.request_memory_bytes / self.cores.max(1)).max(crate::budget::MIN_SHARD_BUDGET_BYTES)
     }
 
     pub fn log_config(&self) -> LogConfig {

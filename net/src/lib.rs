@@ -7,6 +7,7 @@
 
 pub mod alloc;
 pub mod broker;
+pub mod budget;
 pub mod config;
 pub mod cross_wake;
 pub mod dispatch;

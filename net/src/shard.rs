@@ -285,6 +285,12 @@ pub struct Shard {
     pub connections_changed: Signal,
     /// This shard's metric handles; only this shard writes them.
     pub metrics: crate::metrics::ShardMetrics,
+    /// Memory for this shard's requests and replies (see `budget`).
+    pub request_budget: Rc<crate::budget::RequestBudget>,
+    /// Requests read on this shard so far; the allocator is trimmed only while it stands still.
+    pub requests_read: Cell<u64>,
+    /// Connections of this shard closed so far.
+    pub connections_closed: Cell<u64>,
 }
 
 impl Shard {
@@ -296,6 +302,7 @@ impl Shard {
         metrics: &Arc<crate::metrics::Metrics>,
     ) -> Rc<Shard> {
         let topics = (metadata.version(), metadata.topics());
+        let request_budget = crate::budget::RequestBudget::new(config.shard_request_memory_bytes());
         let shard = Rc::new(Shard {
             id,
             router,
@@ -310,6 +317,9 @@ impl Shard {
             connections: Cell::new(0),
             connections_changed: Signal::default(),
             metrics: metrics.for_shard(id),
+            request_budget,
+            requests_read: Cell::new(0),
+            connections_closed: Cell::new(0),
         });
         CURRENT.with(|c| *c.borrow_mut() = Some(shard.clone()));
         shard

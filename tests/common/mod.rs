@@ -75,51 +75,7 @@ impl Broker {
         for port in [self.port, self.metrics_port] {
             wait_port_free(port);
         }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_spate"))
-            .arg("serve")
-            .arg("--listen")
-            .arg(self.addr())
-            .arg("--data-dir")
-            .arg(self.data_dir())
-            .arg("--cores")
-            .arg("2")
-            // Segments are pre-allocated: keep them small, the test disk is shared.
-            .arg("--segment-bytes")
-            .arg(TEST_SEGMENT_BYTES.to_string())
-            .args(&self.extra_args)
-            .args(self.metrics_args())
-            .env(
-                "RUST_LOG",
-                std::env::var("SPATE_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn spate");
-        self.child = Some(child);
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            // Only an answered ApiVersions request counts: a connect alone can reach the
-            // listening socket of a killed predecessor (its io_uring keeps the socket open for
-            // a moment after exit) or the client itself (TCP simultaneous open).
-            if api_versions_answered(&self.addr()) {
-                return;
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("spate exited during start ({status}); log:\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "spate did not start; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(POLL);
-        }
+        self.spawn_at_once();
     }
 
     /// `--metrics-listen` on this broker's own port, unless the test chose its own.
@@ -175,6 +131,57 @@ impl Broker {
         match self.child.as_mut() {
             Some(c) => c.try_wait().unwrap().is_none(),
             None => false,
+        }
+    }
+
+    /// Starts the broker again at once, without waiting for a killed predecessor's ports to
+    /// be freed: the broker itself must cope with them.
+    pub fn spawn_at_once(&mut self) {
+        assert!(self.child.is_none(), "broker already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_spate"))
+            .arg("serve")
+            .arg("--listen")
+            .arg(self.addr())
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--cores")
+            .arg("2")
+            // Segments are pre-allocated: keep them small, the test disk is shared.
+            .arg("--segment-bytes")
+            .arg(TEST_SEGMENT_BYTES.to_string())
+            .args(&self.extra_args)
+            .args(self.metrics_args())
+            .env(
+                "RUST_LOG",
+                std::env::var("SPATE_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn spate");
+        self.child = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            // Only an answered ApiVersions request counts: a connect alone can reach the
+            // listening socket of a killed predecessor (its io_uring keeps the socket open for
+            // a moment after exit) or the client itself (TCP simultaneous open).
+            if api_versions_answered(&self.addr()) {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("spate exited during start ({status}); log:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "spate did not start; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(POLL);
         }
     }
 }
