@@ -302,7 +302,24 @@ impl<'a> Cursor<'a> {
     }
 
     /// A zigzag varint of at most `max_bytes` bytes carrying at most `bits` bits.
+    ///
+    /// Most varints of a record (lengths, small deltas) are one byte: that case is decoded
+    /// inline without the general loop, which profiled at over a third of the broker's cycles
+    /// for 100-byte records when every varint took it.
+    #[inline]
     fn zigzag(&mut self, max_bytes: usize, bits: u32, what: &str) -> Result<i64, BatchError> {
+        if let Some(&b) = self.bytes.get(self.at) {
+            if b & 0x80 == 0 {
+                self.at += 1;
+                let raw = u64::from(b);
+                return Ok((raw >> 1) as i64 ^ -((raw & 1) as i64));
+            }
+        }
+        self.zigzag_long(max_bytes, bits, what)
+    }
+
+    #[inline(never)]
+    fn zigzag_long(&mut self, max_bytes: usize, bits: u32, what: &str) -> Result<i64, BatchError> {
         let mut raw: u64 = 0;
         for i in 0..max_bytes {
             let b = self.u8(what)?;
