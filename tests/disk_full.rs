@@ -13,7 +13,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
@@ -137,17 +136,7 @@ fn read_all(raw: &mut Raw, topic: &str) -> (i64, i64) {
     let mut next = 0i64;
     let mut hwm;
     for _ in 0..10_000 {
-        let mut p = FetchPartition::default();
-        p.partition = 0;
-        p.fetch_offset = next;
-        p.partition_max_bytes = 8 << 20;
-        let mut t = FetchTopic::default();
-        t.topic = name(topic);
-        t.partitions = vec![p];
-        let mut req = FetchRequest::default();
-        req.replica_id = BrokerId(-1);
-        req.max_bytes = 8 << 20;
-        req.topics = vec![t];
+        let req = common::fetch_request(topic, 0, next);
         let resp = raw.call(11, &req);
         let pd = &resp.responses[0].partitions[0];
         assert_eq!(pd.error_code, 0, "fetch {topic} at {next}");

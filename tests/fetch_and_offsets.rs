@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
-use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
@@ -61,17 +60,7 @@ fn fetch(raw: &mut Raw, topic: &'static str, offset: i64, max_wait_ms: i32) -> (
 }
 
 fn list_offset(raw: &mut Raw, topic: &'static str, timestamp: i64) -> (i16, i64) {
-    let mut p = ListOffsetsPartition::default();
-    p.timestamp = timestamp;
-    let mut t = ListOffsetsTopic::default();
-    t.name = name(topic);
-    t.partitions = vec![p];
-    let mut req = ListOffsetsRequest::default();
-    req.replica_id = BrokerId(-1);
-    req.topics = vec![t];
-    let resp = raw.call(5, &req);
-    let p = &resp.topics[0].partitions[0];
-    (p.error_code, p.offset)
+    raw.list_offset(topic, 0, timestamp)
 }
 
 fn base_offset_of(records: &Bytes) -> i64 {

@@ -9,7 +9,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
@@ -63,19 +62,9 @@ fn produce(raw: &mut Raw, parts: &[(&str, i32, Vec<u8>)]) -> Vec<(i16, i64, Stri
 }
 
 fn log_end(raw: &mut Raw, topic: &str, partition: i32) -> i64 {
-    let mut p = ListOffsetsPartition::default();
-    p.partition_index = partition;
-    p.timestamp = -1;
-    let mut t = ListOffsetsTopic::default();
-    t.name = name(topic);
-    t.partitions = vec![p];
-    let mut req = ListOffsetsRequest::default();
-    req.replica_id = BrokerId(-1);
-    req.topics = vec![t];
-    let resp = raw.call(5, &req);
-    let p = &resp.topics[0].partitions[0];
-    assert_eq!(p.error_code, 0);
-    p.offset
+    let (code, offset) = raw.list_offset(topic, partition, -1);
+    assert_eq!(code, 0);
+    offset
 }
 
 /// Every malformed batch of issue 12, each with a correct CRC, and the error class it gets.

@@ -8,7 +8,6 @@
 mod common;
 
 use bytes::Bytes;
-use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
@@ -58,17 +57,7 @@ fn produce(raw: &mut Raw, parts: &[(&str, i32, Vec<u8>)]) -> Vec<(String, i32, i
 fn fetch_all(raw: &mut Raw, topic: &str, partition: i32) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
-        let mut p = FetchPartition::default();
-        p.partition = partition;
-        p.fetch_offset = next_offset(&out);
-        p.partition_max_bytes = 8 << 20;
-        let mut t = FetchTopic::default();
-        t.topic = name(topic);
-        t.partitions = vec![p];
-        let mut req = FetchRequest::default();
-        req.replica_id = BrokerId(-1);
-        req.max_bytes = 8 << 20;
-        req.topics = vec![t];
+        let req = common::fetch_request(topic, partition, next_offset(&out));
         let resp = raw.call(11, &req);
         let pd = &resp.responses[0].partitions[0];
         assert_eq!(pd.error_code, 0, "fetch {topic}-{partition}");

@@ -390,3 +390,53 @@ pub fn spate_cli(broker: &str, args: &[&str]) -> Output {
         .output()
         .expect("run spate")
 }
+
+/// A topic name as the Kafka messages take it.
+pub fn topic_name(s: &str) -> kafka_protocol::messages::TopicName {
+    kafka_protocol::messages::TopicName(kafka_protocol::protocol::StrBytes::from_string(
+        s.to_string(),
+    ))
+}
+
+/// A consumer's Fetch of one partition from `offset`, up to 8 MiB, without waiting.
+pub fn fetch_request(
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> kafka_protocol::messages::FetchRequest {
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    let mut p = FetchPartition::default();
+    p.partition = partition;
+    p.fetch_offset = offset;
+    p.partition_max_bytes = 8 << 20;
+    let mut t = FetchTopic::default();
+    t.topic = topic_name(topic);
+    t.partitions = vec![p];
+    let mut req = kafka_protocol::messages::FetchRequest::default();
+    req.replica_id = kafka_protocol::messages::BrokerId(-1);
+    req.max_bytes = 8 << 20;
+    req.topics = vec![t];
+    req
+}
+
+impl Raw {
+    /// ListOffsets (v5) for one partition at `timestamp` (-1 latest, -2 earliest): its error
+    /// code and offset.
+    pub fn list_offset(&mut self, topic: &str, partition: i32, timestamp: i64) -> (i16, i64) {
+        use kafka_protocol::messages::list_offsets_request::{
+            ListOffsetsPartition, ListOffsetsTopic,
+        };
+        let mut p = ListOffsetsPartition::default();
+        p.partition_index = partition;
+        p.timestamp = timestamp;
+        let mut t = ListOffsetsTopic::default();
+        t.name = topic_name(topic);
+        t.partitions = vec![p];
+        let mut req = kafka_protocol::messages::ListOffsetsRequest::default();
+        req.replica_id = kafka_protocol::messages::BrokerId(-1);
+        req.topics = vec![t];
+        let resp = self.call(5, &req);
+        let p = &resp.topics[0].partitions[0];
+        (p.error_code, p.offset)
+    }
+}
