@@ -9,46 +9,13 @@ use std::hint::black_box;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
-use spate_replication::{Action, Config, Membership, Message, Node, NodeId, Persisted, Replica};
+use spate_replication::{Action, Config, Membership, Message, NodeId, Persisted, Replica};
+
+#[path = "../tests/support/node_pair.rs"]
+mod node_pair;
+use node_pair::{idle_node_pair as elected_pair, pump};
 
 const GROUPS: u64 = 10_000;
-
-fn pump(a: &mut Node, b: &mut Node) {
-    for _ in 0..100 {
-        let (oa, ob) = (a.take_output(), b.take_output());
-        if oa.messages.is_empty() && ob.messages.is_empty() {
-            return;
-        }
-        for m in oa.messages {
-            b.receive(m);
-        }
-        for m in ob.messages {
-            a.receive(m);
-        }
-    }
-}
-
-fn elected_pair(groups: u64) -> (Node, Node) {
-    let members = Membership::voters(&[1, 2]);
-    let mut a = Node::new(1);
-    let mut b = Node::new(2);
-    for g in 0..groups {
-        let p = Persisted::new_group(members.clone());
-        a.add_group(g, Replica::new(1, Config::default(), g, p.clone()));
-        b.add_group(g, Replica::new(2, Config::default(), g, p));
-    }
-    for _ in 0..200 {
-        a.tick();
-        b.tick();
-        pump(&mut a, &mut b);
-        let led = a.groups().filter(|(_, r)| r.is_leader()).count()
-            + b.groups().filter(|(_, r)| r.is_leader()).count();
-        if led as u64 == groups {
-            return (a, b);
-        }
-    }
-    panic!("groups did not elect leaders");
-}
 
 fn tick_many_groups(c: &mut Criterion) {
     let (mut a, mut b) = elected_pair(GROUPS);

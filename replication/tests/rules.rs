@@ -6,9 +6,12 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 use proptest::prelude::*;
 use spate_replication::{
-    Action, Config, Error, HardState, Membership, Message, Node, NodeId, Offset, Persisted,
-    Replica, Role,
+    Action, Config, Error, HardState, Membership, Message, NodeId, Offset, Persisted, Replica, Role,
 };
+
+#[path = "support/node_pair.rs"]
+mod node_pair;
+use node_pair::{idle_node_pair, pump};
 
 struct Cluster {
     reps: Vec<Replica>,
@@ -405,46 +408,6 @@ fn membership_changes_one_at_a_time_through_a_learner() {
         matches!(second, Err(Error::MembershipChangeRefused { .. })),
         "one change at a time"
     );
-}
-
-/// Moves every message between the two nodes until none is left (bounded).
-fn pump(a: &mut Node, b: &mut Node) {
-    for _ in 0..100 {
-        let (oa, ob) = (a.take_output(), b.take_output());
-        if oa.messages.is_empty() && ob.messages.is_empty() {
-            return;
-        }
-        for m in oa.messages {
-            b.receive(m);
-        }
-        for m in ob.messages {
-            a.receive(m);
-        }
-    }
-    panic!("messages did not quiesce");
-}
-
-/// Two nodes hosting `groups` groups, each with an elected leader and nothing in flight.
-fn idle_node_pair(groups: u64) -> (Node, Node) {
-    let members = Membership::voters(&[1, 2]);
-    let mut a = Node::new(1);
-    let mut b = Node::new(2);
-    for g in 0..groups {
-        let p = Persisted::new_group(members.clone());
-        a.add_group(g, Replica::new(1, Config::default(), g, p.clone()));
-        b.add_group(g, Replica::new(2, Config::default(), g, p));
-    }
-    for _ in 0..200 {
-        a.tick();
-        b.tick();
-        pump(&mut a, &mut b);
-        let led = a.groups().filter(|(_, r)| r.is_leader()).count()
-            + b.groups().filter(|(_, r)| r.is_leader()).count();
-        if led as u64 == groups {
-            return (a, b);
-        }
-    }
-    panic!("not every group elected a leader");
 }
 
 proptest! {
