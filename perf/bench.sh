@@ -17,6 +17,8 @@
 #   BENCH_FIO_NEAR_SECS  seconds of the fio sequential-write run made just before every produce
 #             run (default 3; 0 turns it off): the disk of a virtual machine follows its host,
 #             so a reference measured minutes earlier can be off by a third
+#   BENCH_SPATE, BENCH_PERF  the broker and load-generator binaries (default: target/release/),
+#             so that two builds can be compared in one session
 #   BENCH_E2E_RUNS  how many spate e2e runs, each on a fresh broker (default 3)
 #   BENCH_MAX_BYTES_PER_RUN  a produce run also stops after this many bytes of record values
 #             (default 12000000000, or a third of the free space if less), so a fast broker
@@ -52,8 +54,8 @@ OUT=$(cd "$OUT" && pwd)
 mkdir -p "$ROOT/target"
 WORK=${BENCH_DIR:-$(mktemp -d "$ROOT/target/bench-work.XXXXXX")}
 mkdir -p "$WORK"
-PERF=$ROOT/target/release/spate-perf
-SPATE=$ROOT/target/release/spate
+PERF=${BENCH_PERF:-$ROOT/target/release/spate-perf}
+SPATE=${BENCH_SPATE:-$ROOT/target/release/spate}
 # Long enough that the fastest rows measure seconds, not a fraction of one after warm-up.
 DEFAULT_MAX_BYTES_PER_RUN=12000000000
 if [ -n "${BENCH_MAX_BYTES_PER_RUN:-}" ]; then
