@@ -8,7 +8,7 @@ use std::cell::Cell;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use proptest::prelude::*;
-use spate_replication::controller::{Endpoint, HeartbeatRequest, RegisterRequest};
+use spate_replication::controller::{AlterIsrRequest, Endpoint, HeartbeatRequest, RegisterRequest};
 use spate_replication::rpc::{
     Frame, FrameCodec, Hello, MetadataChunk, RpcError, RpcErrorCode, RpcErrorReply, RpcMessage,
     DEFAULT_MAX_RPC_FRAME_BYTES,
@@ -176,6 +176,7 @@ fn error_reply() -> impl Strategy<Value = RpcErrorReply> {
             Just(RpcErrorCode::UnknownBroker),
             Just(RpcErrorCode::InvalidRequest),
             Just(RpcErrorCode::Unavailable),
+            Just(RpcErrorCode::FencedLeaderEpoch),
         ],
         proptest::option::of(any::<u64>()),
         ".{0,40}",
@@ -189,7 +190,7 @@ fn error_reply() -> impl Strategy<Value = RpcErrorReply> {
 
 fn rpc_message() -> impl Strategy<Value = RpcMessage> {
     prop_oneof![
-        (
+        1 => (
             any::<u16>(),
             "[a-zA-Z0-9_-]{1,40}",
             any::<u64>(),
@@ -203,8 +204,9 @@ fn rpc_message() -> impl Strategy<Value = RpcMessage> {
                     node_uuid,
                 })
             }),
-        ".{0,60}".prop_map(|reason| RpcMessage::HandshakeRefused { reason }),
-        (
+        1 => ".{0,60}".prop_map(|reason| RpcMessage::HandshakeRefused { reason }),
+        // Consensus frames carry batches: weighted up so most cases hold one.
+        6 => (
             any::<u64>(),
             any::<u64>(),
             proptest::collection::vec((any::<u64>(), message()), 0..6)
@@ -214,7 +216,7 @@ fn rpc_message() -> impl Strategy<Value = RpcMessage> {
                 to,
                 items
             })),
-        (
+        1 => (
             any::<u64>(),
             any::<u128>(),
             endpoint(),
@@ -230,24 +232,24 @@ fn rpc_message() -> impl Strategy<Value = RpcMessage> {
                     shards,
                 })
             }),
-        prop_oneof![any::<u64>().prop_map(Ok), error_reply().prop_map(Err)]
+        1 => prop_oneof![any::<u64>().prop_map(Ok), error_reply().prop_map(Err)]
             .prop_map(RpcMessage::RegisterBrokerResponse),
-        (any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(node, broker_epoch, want_fence)| {
+        1 => (any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(node, broker_epoch, want_fence)| {
             RpcMessage::Heartbeat(HeartbeatRequest {
                 node,
                 broker_epoch,
                 want_fence,
             })
         }),
-        prop_oneof![any::<bool>().prop_map(Ok), error_reply().prop_map(Err)]
+        1 => prop_oneof![any::<bool>().prop_map(Ok), error_reply().prop_map(Err)]
             .prop_map(RpcMessage::HeartbeatResponse),
-        (any::<u64>(), any::<u32>()).prop_map(|(from_offset, max_bytes)| {
+        1 => (any::<u64>(), any::<u32>()).prop_map(|(from_offset, max_bytes)| {
             RpcMessage::FetchMetadata {
                 from_offset,
                 max_bytes,
             }
         }),
-        prop_oneof![
+        1 => prop_oneof![
             (any::<u64>(), proptest::collection::vec(batch(), 0..4)).prop_map(
                 |(high_watermark, batches)| Ok(MetadataChunk {
                     high_watermark,
@@ -257,6 +259,32 @@ fn rpc_message() -> impl Strategy<Value = RpcMessage> {
             error_reply().prop_map(Err)
         ]
         .prop_map(RpcMessage::FetchMetadataResponse),
+        1 => (any::<u64>(), any::<u64>()).prop_map(|(node, broker_epoch)| {
+            RpcMessage::AllocateProducerIds { node, broker_epoch }
+        }),
+        1 => prop_oneof![
+            (any::<u64>(), any::<u32>()).prop_map(Ok),
+            error_reply().prop_map(Err)
+        ]
+        .prop_map(RpcMessage::AllocateProducerIdsResponse),
+        1 => (
+            "[a-z0-9._-]{1,30}",
+            any::<u32>(),
+            any::<u64>(),
+            any::<i32>(),
+            proptest::collection::vec(any::<u64>(), 0..5)
+        )
+            .prop_map(|(topic, partition, leader, leader_epoch, isr)| {
+                RpcMessage::AlterIsr(AlterIsrRequest {
+                    topic,
+                    partition,
+                    leader,
+                    leader_epoch,
+                    isr,
+                })
+            }),
+        1 => prop_oneof![Just(Ok(())), error_reply().prop_map(Err)]
+            .prop_map(RpcMessage::AlterIsrResponse),
     ]
 }
 
@@ -333,7 +361,7 @@ proptest! {
     /// A well-formed length prefix over random bytes: every body decoder sees hostile input.
     #[test]
     fn random_bodies_never_panic_nor_overallocate(
-        kind in 0u8..12,
+        kind in 0u8..16,
         body in proptest::collection::vec(any::<u8>(), 0..1024),
     ) {
         let mut raw = BytesMut::new();

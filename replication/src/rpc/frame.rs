@@ -10,8 +10,11 @@
 use bytes::{Buf, Bytes, BytesMut};
 
 use crate::codec::{DecodeError, Reader, Writer};
-use crate::controller::records::{Endpoint, MAX_HOST_BYTES, MAX_SHARDS_PER_BROKER};
-use crate::controller::{HeartbeatRequest, RegisterRequest};
+use crate::controller::records::{
+    Endpoint, MAX_HOST_BYTES, MAX_REPLICAS_PER_PARTITION, MAX_SHARDS_PER_BROKER,
+    MAX_TOPIC_NAME_BYTES,
+};
+use crate::controller::{AlterIsrRequest, ControllerError, HeartbeatRequest, RegisterRequest};
 use crate::identity::MAX_CLUSTER_ID_BYTES;
 use crate::node::NodeMessage;
 use crate::rpc::handshake::Hello;
@@ -61,6 +64,8 @@ pub enum RpcErrorCode {
     InvalidRequest = 5,
     /// The controller could not decide now (for example an election in progress): retry.
     Unavailable = 6,
+    /// A partition leader's request named an old leader epoch.
+    FencedLeaderEpoch = 7,
 }
 
 impl RpcErrorCode {
@@ -72,6 +77,7 @@ impl RpcErrorCode {
             4 => RpcErrorCode::UnknownBroker,
             5 => RpcErrorCode::InvalidRequest,
             6 => RpcErrorCode::Unavailable,
+            7 => RpcErrorCode::FencedLeaderEpoch,
             _ => {
                 return Err(DecodeError::Invalid {
                     what: "rpc error code",
@@ -87,6 +93,36 @@ pub struct RpcErrorReply {
     pub code: RpcErrorCode,
     pub leader_hint: Option<NodeId>,
     pub message: String,
+}
+
+impl RpcErrorReply {
+    /// This node is not the active controller; `leader` is the controller leader it knows.
+    pub fn not_controller(leader: Option<NodeId>) -> Self {
+        RpcErrorReply {
+            code: RpcErrorCode::NotController,
+            leader_hint: leader,
+            message: "not the active controller".into(),
+        }
+    }
+}
+
+impl From<&ControllerError> for RpcErrorReply {
+    fn from(e: &ControllerError) -> Self {
+        let code = match e {
+            ControllerError::StaleBrokerEpoch { .. } => RpcErrorCode::StaleBrokerEpoch,
+            ControllerError::NodeIdInUse { .. } => RpcErrorCode::NodeIdInUse,
+            ControllerError::UnknownBroker(_) => RpcErrorCode::UnknownBroker,
+            ControllerError::FencedLeaderEpoch { .. } | ControllerError::NotLeader { .. } => {
+                RpcErrorCode::FencedLeaderEpoch
+            }
+            _ => RpcErrorCode::InvalidRequest,
+        };
+        RpcErrorReply {
+            code,
+            leader_hint: None,
+            message: e.to_string(),
+        }
+    }
 }
 
 /// Committed metadata-log batches from an offset (the batch bytes are encoded `RecordBatch`es).
@@ -118,6 +154,16 @@ pub enum RpcMessage {
         max_bytes: u32,
     },
     FetchMetadataResponse(Result<MetadataChunk, RpcErrorReply>),
+    /// A broker asks for a block of producer ids (KIP-730).
+    AllocateProducerIds {
+        node: NodeId,
+        broker_epoch: u64,
+    },
+    /// `(first, len)`: ids `first..first + len` are the broker's.
+    AllocateProducerIdsResponse(Result<(u64, u32), RpcErrorReply>),
+    /// A partition leader reports its in-sync replicas.
+    AlterIsr(AlterIsrRequest),
+    AlterIsrResponse(Result<(), RpcErrorReply>),
 }
 
 mod kind {
@@ -130,6 +176,10 @@ mod kind {
     pub const HEARTBEAT_RESPONSE: u8 = 7;
     pub const FETCH_METADATA: u8 = 8;
     pub const FETCH_METADATA_RESPONSE: u8 = 9;
+    pub const ALLOCATE_PRODUCER_IDS: u8 = 10;
+    pub const ALLOCATE_PRODUCER_IDS_RESPONSE: u8 = 11;
+    pub const ALTER_ISR: u8 = 12;
+    pub const ALTER_ISR_RESPONSE: u8 = 13;
 }
 
 mod msg_tag {
@@ -306,6 +356,25 @@ impl FrameCodec {
                     })
                 })?)
             }
+            kind::ALLOCATE_PRODUCER_IDS => RpcMessage::AllocateProducerIds {
+                node: r.u64("node")?,
+                broker_epoch: r.u64("broker epoch")?,
+            },
+            kind::ALLOCATE_PRODUCER_IDS_RESPONSE => {
+                RpcMessage::AllocateProducerIdsResponse(decode_result(&mut r, |r| {
+                    Ok((r.u64("first producer id")?, r.u32("block length")?))
+                })?)
+            }
+            kind::ALTER_ISR => RpcMessage::AlterIsr(AlterIsrRequest {
+                topic: r.string("topic", MAX_TOPIC_NAME_BYTES)?,
+                partition: r.u32("partition")?,
+                leader: r.u64("leader")?,
+                leader_epoch: r.i32("leader epoch")?,
+                isr: r.u64_list("isr", MAX_REPLICAS_PER_PARTITION)?,
+            }),
+            kind::ALTER_ISR_RESPONSE => {
+                RpcMessage::AlterIsrResponse(decode_result(&mut r, |_| Ok(()))?)
+            }
             tag => {
                 return Err(DecodeError::UnknownTag {
                     what: "frame kind",
@@ -367,6 +436,25 @@ impl FrameCodec {
                 p.w().u64(c.high_watermark);
                 encode_batches(p, &c.batches, max);
             }),
+            RpcMessage::AllocateProducerIds { node, broker_epoch } => {
+                p.w().u64(*node);
+                p.w().u64(*broker_epoch);
+            }
+            RpcMessage::AllocateProducerIdsResponse(res) => {
+                encode_result(&mut p, res, |p, (first, len)| {
+                    p.w().u64(*first);
+                    p.w().u32(*len);
+                })
+            }
+            RpcMessage::AlterIsr(req) => {
+                let mut w = p.w();
+                w.string(&req.topic, MAX_TOPIC_NAME_BYTES);
+                w.u32(req.partition);
+                w.u64(req.leader);
+                w.i32(req.leader_epoch);
+                w.u64_list(&req.isr, MAX_REPLICAS_PER_PARTITION);
+            }
+            RpcMessage::AlterIsrResponse(res) => encode_result(&mut p, res, |_, ()| {}),
         }
         let mut parts = p.finish();
         let body: usize = parts.iter().map(Bytes::len).sum();
@@ -404,6 +492,10 @@ fn kind_of(m: &RpcMessage) -> u8 {
         RpcMessage::HeartbeatResponse(_) => kind::HEARTBEAT_RESPONSE,
         RpcMessage::FetchMetadata { .. } => kind::FETCH_METADATA,
         RpcMessage::FetchMetadataResponse(_) => kind::FETCH_METADATA_RESPONSE,
+        RpcMessage::AllocateProducerIds { .. } => kind::ALLOCATE_PRODUCER_IDS,
+        RpcMessage::AllocateProducerIdsResponse(_) => kind::ALLOCATE_PRODUCER_IDS_RESPONSE,
+        RpcMessage::AlterIsr(_) => kind::ALTER_ISR,
+        RpcMessage::AlterIsrResponse(_) => kind::ALTER_ISR_RESPONSE,
     }
 }
 
