@@ -350,6 +350,59 @@ fn isr_changes_come_only_from_the_current_leader_in_its_epoch() {
 }
 
 #[test]
+fn a_new_active_controller_elects_where_a_cut_short_decision_left_no_leader() {
+    let mut h = Harness::new();
+    h.join(1, 1, 0);
+    h.join(2, 1, 0);
+    h.create("t", 2, Some(2));
+    // Node 2 goes silent, then node 1: both fenced, node 1 kept as the last in-sync replica.
+    h.heartbeat(1, SESSION - 1);
+    let recs = h.ctl.tick(SESSION);
+    h.commit(recs);
+    let recs = h.ctl.tick(2 * SESSION);
+    h.commit(recs);
+    assert!((0..2).all(|i| h.p("t", i).isr == vec![1]));
+    assert!((0..2).all(|i| h.p("t", i).leader.is_none()));
+    // Node 1 comes back: its unfence commits, but the elections it allowed (the next batch
+    // of the split decision) are lost with the controller.
+    h.register_with(1, uuid(1), 1, 2 * SESSION + 1);
+    let (recs, _) = h
+        .ctl
+        .heartbeat(
+            HeartbeatRequest {
+                node: 1,
+                broker_epoch: h.epochs[&1],
+                want_fence: false,
+            },
+            2 * SESSION + 2,
+        )
+        .unwrap();
+    assert!(matches!(recs[0], Record::UnfenceBroker { node: 1, .. }));
+    let mut committed = h.follower.clone();
+    committed.apply(&recs[0]).unwrap();
+    // The next controller starts from the committed prefix and elects on its first tick.
+    let mut next = ActiveController::new(ControllerConfig::default(), committed.clone(), 0);
+    let recs = next.tick(1);
+    let elected: Vec<_> = recs
+        .iter()
+        .filter_map(|r| match r {
+            Record::PartitionChange { leader, .. } => *leader,
+            _ => None,
+        })
+        .collect();
+    assert!(
+        !elected.is_empty() && elected.iter().all(|&l| l == 1),
+        "{recs:?}"
+    );
+    for r in &recs {
+        committed.apply(r).unwrap();
+    }
+    for p in committed.topics["t"].partitions.iter() {
+        assert!(p.leader.is_some() || !p.isr.contains(&1), "{p:?}");
+    }
+}
+
+#[test]
 fn producer_id_blocks_are_handed_out_in_order_and_never_overlap() {
     let mut h = Harness::new();
     h.join(1, 1, 0);

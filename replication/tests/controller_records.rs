@@ -191,3 +191,62 @@ fn hostile_counts_are_refused_before_allocating() {
         Err(DecodeError::Version { .. })
     ));
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn chunked_decisions_decode_to_the_same_records_in_order(
+        records in proptest::collection::vec(record(), 0..40),
+        target in 1usize..2000,
+    ) {
+        let chunks = RecordBatch::encode_chunked(records.clone(), target);
+        let mut back = Vec::new();
+        for c in chunks {
+            let b = RecordBatch::decode(c).unwrap();
+            prop_assert!(!b.records.is_empty());
+            back.extend(b.records);
+        }
+        prop_assert_eq!(back, records);
+    }
+}
+
+#[test]
+fn the_largest_topic_record_fits_one_batch() {
+    use spate_replication::controller::records::{
+        MAX_CONFIGS_PER_TOPIC, MAX_CONFIG_KEY_BYTES, MAX_CONFIG_VALUE_BYTES,
+        MAX_PARTITIONS_PER_TOPIC, MAX_REPLICAS_PER_PARTITION, MAX_TOPIC_NAME_BYTES,
+    };
+    let p = PartitionState {
+        replicas: (0..MAX_REPLICAS_PER_PARTITION as u64)
+            .map(|node| ReplicaAssignment { node, shard: 0 })
+            .collect(),
+        isr: (0..MAX_REPLICAS_PER_PARTITION as u64).collect(),
+        leader: Some(0),
+        leader_epoch: 0,
+    };
+    let rec = Record::CreateTopic {
+        name: "t".repeat(MAX_TOPIC_NAME_BYTES),
+        topic_id: 1,
+        configs: (0..MAX_CONFIGS_PER_TOPIC)
+            .map(|i| {
+                (
+                    format!("{i:0>width$}", width = MAX_CONFIG_KEY_BYTES),
+                    "v".repeat(MAX_CONFIG_VALUE_BYTES),
+                )
+            })
+            .collect(),
+        partitions: vec![p; MAX_PARTITIONS_PER_TOPIC],
+    };
+    let chunks = RecordBatch::encode_chunked(vec![rec.clone()], 1);
+    assert_eq!(chunks.len(), 1);
+    assert!(
+        chunks[0].len() <= MAX_METADATA_BATCH_BYTES / 2,
+        "{}",
+        chunks[0].len()
+    );
+    assert_eq!(
+        RecordBatch::decode(chunks[0].clone()).unwrap().records,
+        vec![rec]
+    );
+}

@@ -124,6 +124,9 @@ pub struct ActiveController {
     cfg: ControllerConfig,
     state: MetadataState,
     last_heartbeat_ms: BTreeMap<NodeId, u64>,
+    /// A decision split over several batches may have been cut short by a failover (an
+    /// unfence committed, the elections it allowed not): the first tick elects wherever it can.
+    election_sweep_pending: bool,
 }
 
 impl ActiveController {
@@ -137,6 +140,7 @@ impl ActiveController {
             cfg,
             state: committed,
             last_heartbeat_ms,
+            election_sweep_pending: true,
         }
     }
 
@@ -246,6 +250,9 @@ impl ActiveController {
             .map(|(&n, _)| n)
             .collect();
         let mut out = Vec::new();
+        if std::mem::take(&mut self.election_sweep_pending) {
+            self.elect_leaderless(&mut out);
+        }
         for node in expired {
             tracing::info!(node, "broker session expired: fencing");
             self.fence(node, &mut out);

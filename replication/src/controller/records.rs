@@ -33,6 +33,8 @@ pub const MAX_CONFIG_VALUE_BYTES: usize = 4096;
 pub const MAX_PRODUCER_ID_BLOCK_LEN: u32 = 1 << 20;
 
 const BATCH_VERSION: u8 = 1;
+/// The size `encode_chunked` aims at: well under the cap, small enough to replicate quickly.
+pub const TARGET_METADATA_BATCH_BYTES: usize = 1 << 20;
 
 /// A host and port.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -169,6 +171,36 @@ impl RecordBatch {
             buf.len()
         );
         buf.freeze()
+    }
+
+    /// Encodes one decision's records as consecutive batches of about `target_bytes` each (at
+    /// least one record per batch), for a decision too large for one batch (fencing a broker
+    /// that leads thousands of partitions). The controller orders a decision's records so
+    /// every prefix keeps the safety invariants (leader moves before the fencing, so a fenced
+    /// broker never leads); a failover between the batches leaves at worst a partition without
+    /// a leader that could have one, which the next active controller elects on its first tick.
+    pub fn encode_chunked(records: Vec<Record>, target_bytes: usize) -> Vec<Bytes> {
+        let target = target_bytes.clamp(1, MAX_METADATA_BATCH_BYTES / 2);
+        let mut out = Vec::new();
+        let mut chunk = Vec::new();
+        let mut scratch = BytesMut::new();
+        let mut size = 0;
+        for r in records {
+            scratch.clear();
+            encode_record(&mut Writer::new(&mut scratch), &r);
+            let full = !chunk.is_empty()
+                && (size + scratch.len() > target || chunk.len() == MAX_RECORDS_PER_BATCH);
+            if full {
+                out.push(RecordBatch::new(std::mem::take(&mut chunk)).encode());
+                size = 0;
+            }
+            size += scratch.len();
+            chunk.push(r);
+        }
+        if !chunk.is_empty() {
+            out.push(RecordBatch::new(chunk).encode());
+        }
+        out
     }
 
     /// Decodes a whole batch; anything malformed, over a cap or followed by junk is an error.
