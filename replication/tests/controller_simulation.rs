@@ -120,6 +120,8 @@ pub struct Stats {
     registrations: u64,
     fences: u64,
     unfences: u64,
+    wipes: u64,
+    unregistrations: u64,
     leader_changes: u64,
     isr_changes: u64,
     topics: u64,
@@ -139,6 +141,9 @@ struct Sim {
     net: Vec<InFlight>,
     next_corr: u64,
     faults: bool,
+    /// Nodes whose disk was wiped (new UUID), and those an operator must unregister.
+    wiped: BTreeSet<NodeId>,
+    to_unregister: BTreeSet<NodeId>,
     /// No admin, ISR or producer-id requests: the log goes quiet so every node catches up.
     quiet: bool,
     // Run-wide checks.
@@ -230,6 +235,8 @@ impl Sim {
             net: Vec::new(),
             next_corr: 1,
             faults: true,
+            wiped: BTreeSet::new(),
+            to_unregister: BTreeSet::new(),
             quiet: false,
             log: Vec::new(),
             epochs_seen: BTreeMap::new(),
@@ -538,6 +545,7 @@ impl Sim {
                 Effect::BrokerRegistered { .. } => self.stats.registrations += 1,
                 Effect::BrokerFenced { .. } => self.stats.fences += 1,
                 Effect::BrokerUnfenced { .. } => self.stats.unfences += 1,
+                Effect::BrokerUnregistered { .. } => self.stats.unregistrations += 1,
                 _ => {}
             }
         }
@@ -848,7 +856,16 @@ impl Sim {
                     br.hint = e.leader_hint.filter(|h| VOTERS.contains(h)).unwrap_or(next);
                 }
                 RpcErrorCode::StaleBrokerEpoch | RpcErrorCode::UnknownBroker => br.epoch = None,
-                RpcErrorCode::NodeIdInUse => panic!("broker {} refused: {}", b + 1, e.message),
+                RpcErrorCode::NodeIdInUse => {
+                    // Only a wiped node (new UUID) is refused; the operator unregisters it.
+                    let id = br.id;
+                    assert!(
+                        self.wiped.contains(&id),
+                        "broker {id} refused: {}",
+                        e.message
+                    );
+                    self.to_unregister.insert(id);
+                }
                 RpcErrorCode::FencedLeaderEpoch
                 | RpcErrorCode::InvalidRequest
                 | RpcErrorCode::Unavailable => {}
@@ -944,6 +961,17 @@ impl Sim {
     }
 
     fn inject_faults(&mut self) {
+        if self.rng.per_mille(1) {
+            // A broker-only node loses its disk and comes back as a new node with its old id.
+            let n = 4 + self.rng.below(2);
+            if !self.is_down(n) && self.down_until.len() < 2 {
+                self.crash(n);
+                self.brokers[(n - 1) as usize].uuid += 1 << 32;
+                self.wiped.insert(n);
+                self.stats.wipes += 1;
+                self.note(format!("node {n} wiped"));
+            }
+        }
         if self.rng.per_mille(3) {
             let n = 1 + self.rng.below(NODES);
             if !self.is_down(n) && self.down_until.len() < 2 {
@@ -970,6 +998,18 @@ impl Sim {
         let Some(v) = (0..VOTERS.len()).find(|&v| self.voters[v].active.is_some()) else {
             return;
         };
+        if let Some(n) = self.to_unregister.pop_first() {
+            let active = self.voters[v].active.as_mut().expect("checked");
+            if let Ok(records) = active.unregister(n) {
+                self.note(format!("operator unregisters node {n}"));
+                let node = self.voters[v].node.as_mut().expect("up");
+                if node.propose(G, &proposal(records)).is_err() {
+                    self.voters[v].active = None;
+                }
+                self.drive(v);
+            }
+            return;
+        }
         let roll = self.rng.below(10);
         let active = self.voters[v].active.as_mut().expect("checked");
         let res = if roll < 6 || active.state().topics.is_empty() {
@@ -1041,7 +1081,9 @@ impl Sim {
                 self.broker_act(b);
             }
         }
-        if !self.quiet && self.rng.per_mille(if self.faults { 15 } else { 3 }) {
+        if !self.to_unregister.is_empty()
+            || (!self.quiet && self.rng.per_mille(if self.faults { 15 } else { 3 }))
+        {
             self.admin();
         }
         self.step += 1;
@@ -1127,7 +1169,12 @@ impl Sim {
         }
         for (name, t) in &reference.topics {
             for (i, p) in t.partitions.iter().enumerate() {
-                assert!(p.leader.is_some(), "{name}/{i} has no leader: {p:?}");
+                // An empty ISR: every in-sync replica was on a wiped node; the data is gone
+                // and no replica may lead without an unclean election.
+                assert!(
+                    p.leader.is_some() || p.isr.is_empty(),
+                    "{name}/{i} has no leader: {p:?}"
+                );
             }
         }
     }
@@ -1170,6 +1217,8 @@ fn run_range(first: u64, count: u64, steps: u64) -> Stats {
         total.registrations += s.registrations;
         total.fences += s.fences;
         total.unfences += s.unfences;
+        total.wipes += s.wipes;
+        total.unregistrations += s.unregistrations;
         total.leader_changes += s.leader_changes;
         total.isr_changes += s.isr_changes;
         total.topics += s.topics;
@@ -1194,6 +1243,7 @@ fn ci_seeds() {
         "{total:?}"
     );
     assert!(total.topics > CI_SEEDS * 5, "{total:?}");
+    assert!(total.unregistrations > 0 && total.wipes > 0, "{total:?}");
 }
 
 #[test]
