@@ -8,10 +8,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use spate_replication::controller::{
-    ActiveController, AlterIsrRequest, ApplyError, BrokerRegistration, ControllerConfig,
-    ControllerError, CreateTopicRequest, Effect, Endpoint, HeartbeatRequest, MetadataState,
-    PartitionState, PlacementError, Placer, Record, RecordBatch, RegisterRequest,
-    DEFAULT_BROKER_SESSION_TIMEOUT_MS,
+    default_min_insync_replicas, default_replication_factor, ActiveController, AlterIsrRequest,
+    ApplyError, BrokerRegistration, ControllerConfig, ControllerError, CreateTopicRequest, Effect,
+    Endpoint, HeartbeatRequest, MetadataState, PartitionState, PlacementError, Placer, Record,
+    RecordBatch, RegisterRequest, DEFAULT_BROKER_SESSION_TIMEOUT_MS,
 };
 
 const SESSION: u64 = DEFAULT_BROKER_SESSION_TIMEOUT_MS;
@@ -482,6 +482,18 @@ fn topic_requests_are_checked() {
     let recs = h.ctl.set_topic_config("t", "retention.ms", None).unwrap();
     h.commit(recs);
     assert!(!h.follower.topics["t"].configs.contains_key("retention.ms"));
+}
+
+#[test]
+fn defaults_follow_the_cluster_size() {
+    assert_eq!(
+        (1..=5).map(default_replication_factor).collect::<Vec<_>>(),
+        [1, 2, 3, 3, 3]
+    );
+    assert_eq!(
+        (1..=5).map(default_min_insync_replicas).collect::<Vec<_>>(),
+        [1, 2, 2, 3, 3]
+    );
 }
 
 #[test]

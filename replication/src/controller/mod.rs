@@ -21,7 +21,9 @@ pub use active::{
     HeartbeatRequest, RegisterRequest, DEFAULT_BROKER_HEARTBEAT_INTERVAL_MS,
     DEFAULT_BROKER_SESSION_TIMEOUT_MS, DEFAULT_PRODUCER_ID_BLOCK_LEN,
 };
-pub use placement::{default_replication_factor, PlacementError, Placer};
+pub use placement::{
+    default_min_insync_replicas, default_replication_factor, PlacementError, Placer,
+};
 pub use records::{
     BrokerRegistration, Endpoint, PartitionState, Record, RecordBatch, ReplicaAssignment,
 };

@@ -36,6 +36,12 @@ pub fn default_replication_factor(live_brokers: usize) -> usize {
     live_brokers.clamp(1, 3)
 }
 
+/// `min.insync.replicas` when the topic does not set it: a majority of its replicas, so an
+/// acks=all write survives the loss of any minority of them.
+pub fn default_min_insync_replicas(replication_factor: usize) -> usize {
+    replication_factor / 2 + 1
+}
+
 #[derive(Debug, Clone)]
 struct NodeLoad {
     node: NodeId,
