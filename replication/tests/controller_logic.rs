@@ -165,6 +165,37 @@ fn a_new_broker_starts_fenced_and_is_unfenced_by_its_heartbeat() {
 }
 
 #[test]
+fn registrations_outside_the_kafka_id_range_are_refused() {
+    let mut h = Harness::new();
+    for (node, node_uuid) in [(u64::MAX, 1), (1 << 31, 1), (1, 0)] {
+        let e = h
+            .ctl
+            .register(
+                RegisterRequest {
+                    node,
+                    node_uuid,
+                    rpc: endpoint(1),
+                    kafka: endpoint(2),
+                    shards: 1,
+                },
+                0,
+            )
+            .unwrap_err();
+        assert!(matches!(e, ControllerError::Invalid(_)), "{e}");
+    }
+    let mut s = MetadataState::new();
+    let reg = BrokerRegistration {
+        node: u64::MAX,
+        node_uuid: 1,
+        broker_epoch: 1,
+        rpc: endpoint(1),
+        kafka: endpoint(2),
+        shards: 1,
+    };
+    assert!(s.apply(&Record::RegisterBroker(reg)).is_err());
+}
+
+#[test]
 fn a_node_id_reused_with_another_uuid_is_refused_until_unregistered() {
     let mut h = Harness::new();
     for n in 1..=3 {

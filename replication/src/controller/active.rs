@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use crate::controller::placement::{default_replication_factor, PlacementError, Placer};
 use crate::controller::records::{
     BrokerRegistration, Endpoint, PartitionState, Record, MAX_CONFIGS_PER_TOPIC,
-    MAX_CONFIG_KEY_BYTES, MAX_CONFIG_VALUE_BYTES, MAX_HOST_BYTES, MAX_PARTITIONS_PER_TOPIC,
-    MAX_PRODUCER_ID_BLOCK_LEN, MAX_SHARDS_PER_BROKER,
+    MAX_CONFIG_KEY_BYTES, MAX_CONFIG_VALUE_BYTES, MAX_HOST_BYTES, MAX_NODE_ID,
+    MAX_PARTITIONS_PER_TOPIC, MAX_PRODUCER_ID_BLOCK_LEN, MAX_SHARDS_PER_BROKER,
 };
 use crate::controller::state::{check_topic_name, MetadataState};
 use crate::types::{Epoch, NodeId};
@@ -165,6 +165,11 @@ impl ActiveController {
     ) -> Result<Vec<Record>, ControllerError> {
         if req.shards == 0 || req.shards > MAX_SHARDS_PER_BROKER {
             return Err(ControllerError::Invalid("shard count out of range"));
+        }
+        if req.node > MAX_NODE_ID || req.node_uuid == 0 {
+            return Err(ControllerError::Invalid(
+                "node id above the Kafka range (int32) or zero node UUID",
+            ));
         }
         if [&req.rpc, &req.kafka]
             .iter()

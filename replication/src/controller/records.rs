@@ -29,6 +29,9 @@ pub const MAX_SHARDS_PER_BROKER: u32 = 1024;
 pub const MAX_CONFIGS_PER_TOPIC: usize = 64;
 pub const MAX_CONFIG_KEY_BYTES: usize = 255;
 pub const MAX_CONFIG_VALUE_BYTES: usize = 4096;
+/// The highest node id: Kafka broker ids are non-negative int32s (and `u64::MAX` is "no
+/// leader" in this encoding).
+pub const MAX_NODE_ID: NodeId = i32::MAX as NodeId;
 /// Producer ids one block may hold.
 pub const MAX_PRODUCER_ID_BLOCK_LEN: u32 = 1 << 20;
 

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use crate::controller::records::{
     BrokerRegistration, Endpoint, PartitionState, Record, RecordBatch, MAX_CONFIG_KEY_BYTES,
-    MAX_PARTITIONS_PER_TOPIC, MAX_PRODUCER_ID_BLOCK_LEN, MAX_REPLICAS_PER_PARTITION,
+    MAX_NODE_ID, MAX_PARTITIONS_PER_TOPIC, MAX_PRODUCER_ID_BLOCK_LEN, MAX_REPLICAS_PER_PARTITION,
     MAX_SHARDS_PER_BROKER, MAX_TOPIC_NAME_BYTES,
 };
 use crate::types::{Epoch, NodeId};
@@ -367,6 +367,11 @@ impl MetadataState {
     }
 
     fn apply_register(&mut self, reg: &BrokerRegistration) -> Result<Effect, ApplyError> {
+        if reg.node > MAX_NODE_ID || reg.node_uuid == 0 {
+            return Err(ApplyError::Invalid(
+                "node id above the Kafka range or zero node UUID",
+            ));
+        }
         if reg.shards == 0 || reg.shards > MAX_SHARDS_PER_BROKER {
             return Err(ApplyError::Invalid("shard count out of range"));
         }

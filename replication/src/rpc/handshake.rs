@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::controller::records::MAX_NODE_ID;
 use crate::identity::NodeIdentity;
 use crate::types::NodeId;
 
@@ -44,6 +45,8 @@ pub enum HandshakeError {
     UnexpectedNode { expected: NodeId, got: NodeId },
     #[error("peer sent no node UUID")]
     MissingUuid,
+    #[error("peer node id {0} is outside Kafka's broker id range")]
+    InvalidNodeId(NodeId),
 }
 
 /// This node's identity and the UUID it knows for every peer id.
@@ -113,6 +116,9 @@ impl PeerDirectory {
         }
         if hello.node_uuid == 0 {
             return Err(HandshakeError::MissingUuid);
+        }
+        if hello.node_id > MAX_NODE_ID {
+            return Err(HandshakeError::InvalidNodeId(hello.node_id));
         }
         if let Some(expected) = dialed {
             if expected != hello.node_id {
@@ -185,6 +191,12 @@ mod tests {
         assert!(
             a.admit(&me.hello(), None).is_err(),
             "own id is never forgotten"
+        );
+        let mut huge = b.hello();
+        huge.node_id = u64::MAX;
+        assert_eq!(
+            a.admit(&huge, None),
+            Err(HandshakeError::InvalidNodeId(u64::MAX))
         );
         let mut old = b.hello();
         old.protocol_version = 0;
