@@ -465,6 +465,40 @@ fn the_sender_refuses_a_frame_above_the_cap() {
 }
 
 #[test]
+fn oversized_fields_are_an_error_for_the_sender_not_a_panic() {
+    let f = Frame {
+        correlation_id: 1,
+        message: RpcMessage::RegisterBroker(RegisterRequest {
+            node: 1,
+            node_uuid: 1,
+            rpc: Endpoint {
+                host: "h".repeat(300),
+                port: 1,
+            },
+            kafka: Endpoint {
+                host: "h".into(),
+                port: 2,
+            },
+            shards: 1,
+        }),
+    };
+    assert!(matches!(
+        FrameCodec::default().encode(&f),
+        Err(RpcError::FieldTooLarge("endpoint host"))
+    ));
+    let f = Frame {
+        correlation_id: 1,
+        message: RpcMessage::Hello(Hello {
+            protocol_version: 1,
+            cluster_id: "c".repeat(65),
+            node_id: 1,
+            node_uuid: 1,
+        }),
+    };
+    assert!(FrameCodec::default().encode(&f).is_err());
+}
+
+#[test]
 fn hostile_counts_inside_a_frame_are_refused_without_allocating_for_them() {
     // A consensus message claiming a million group entries in a 30-byte frame.
     let mut body = BytesMut::new();

@@ -45,6 +45,8 @@ const INLINE_BATCH_BYTES: usize = 256;
 pub enum RpcError {
     #[error("frame of {len} bytes is above the limit of {max}")]
     FrameTooLarge { len: usize, max: usize },
+    #[error("cannot send: {0} is above its limit")]
+    FieldTooLarge(&'static str),
     #[error("malformed frame: {0}")]
     Decode(#[from] DecodeError),
     #[error(transparent)]
@@ -392,6 +394,7 @@ impl FrameCodec {
 
     /// Encodes `frame`; a frame above the cap is refused (the sender must send less).
     pub fn encode(&self, frame: &Frame) -> Result<EncodedFrame, RpcError> {
+        check_sendable(&frame.message)?;
         let mut p = Parts {
             cur: BytesMut::with_capacity(64),
             parts: Vec::new(),
@@ -467,6 +470,52 @@ impl FrameCodec {
             parts,
             len: body + FRAME_LENGTH_BYTES,
         })
+    }
+}
+
+/// The caps the receiver enforces, checked before encoding so an oversized value (from a
+/// configuration, say) is an error for the caller rather than a panic in the writer.
+fn check_sendable(m: &RpcMessage) -> Result<(), RpcError> {
+    let fits = |ok: bool, what| {
+        if ok {
+            Ok(())
+        } else {
+            Err(RpcError::FieldTooLarge(what))
+        }
+    };
+    let batches_fit = |batches: &[Batch]| {
+        fits(batches.len() <= MAX_BATCHES_PER_APPEND, "batch count")?;
+        for b in batches {
+            if let Some(m) = &b.membership {
+                fits(
+                    m.voters.len() + m.learners.len() <= MAX_GROUP_MEMBERS,
+                    "group members",
+                )?;
+            }
+        }
+        Ok(())
+    };
+    match m {
+        RpcMessage::Hello(h) => fits(h.cluster_id.len() <= MAX_CLUSTER_ID_BYTES, "cluster id"),
+        RpcMessage::Consensus(n) => {
+            fits(n.items.len() <= MAX_GROUPS_PER_MESSAGE, "group entries")?;
+            for (_, msg) in &n.items {
+                if let Message::Append(a) = msg {
+                    batches_fit(&a.batches)?;
+                }
+            }
+            Ok(())
+        }
+        RpcMessage::RegisterBroker(r) => fits(
+            r.rpc.host.len() <= MAX_HOST_BYTES && r.kafka.host.len() <= MAX_HOST_BYTES,
+            "endpoint host",
+        ),
+        RpcMessage::FetchMetadataResponse(Ok(c)) => batches_fit(&c.batches),
+        RpcMessage::AlterIsr(r) => fits(
+            r.topic.len() <= MAX_TOPIC_NAME_BYTES && r.isr.len() <= MAX_REPLICAS_PER_PARTITION,
+            "topic name or ISR",
+        ),
+        _ => Ok(()),
     }
 }
 
