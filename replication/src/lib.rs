@@ -24,3 +24,9 @@ pub use types::{
     Action, AppendRequest, AppendResponse, Batch, Epoch, GroupId, HardState, Membership, Message,
     NodeId, Offset, VoteRequest, VoteResponse, NO_EPOCH,
 };
+
+// Controller, node transport and node identity (issue 15).
+pub mod codec;
+pub mod controller;
+pub mod identity;
+pub mod rpc;

@@ -1,0 +1,599 @@
+//! The active controller: the controller-group leader's decisions, turned into records.
+//!
+//! It runs on the leader of the metadata log only, from the moment that leader has committed in
+//! its epoch (`LeaderReady`) and applied the whole committed log, so its starting state holds
+//! every record any earlier controller got committed. Each decision is checked against its own
+//! state, applied to it at once (so the next decision sees it, as KRaft's active controller
+//! does) and returned as records for the caller to propose as one batch. If the proposal fails
+//! or leadership is lost, the caller drops this value; the next active controller starts again
+//! from the committed state. Time is passed in; nothing here reads a clock.
+//!
+//! Liveness is not logged: heartbeats only refresh a time kept here. A new active controller
+//! gives every broker a full session from the moment it starts, as KRaft does, so a controller
+//! failover never fences a healthy broker.
+
+use std::collections::BTreeMap;
+
+use crate::controller::placement::{default_replication_factor, PlacementError, Placer};
+use crate::controller::records::{
+    BrokerRegistration, Endpoint, PartitionState, Record, MAX_CONFIGS_PER_TOPIC,
+    MAX_CONFIG_KEY_BYTES, MAX_CONFIG_VALUE_BYTES, MAX_HOST_BYTES, MAX_NODE_ID,
+    MAX_PARTITIONS_PER_TOPIC, MAX_PRODUCER_ID_BLOCK_LEN, MAX_SHARDS_PER_BROKER,
+};
+use crate::controller::state::{check_topic_name, MetadataState};
+use crate::types::{Epoch, NodeId};
+
+/// A broker not heard from for this long is fenced and its partitions get new leaders. Four
+/// heartbeat intervals: one or two lost heartbeats do not fence, and a dead broker is fenced
+/// within about a second, inside the issue's 2 s failover budget.
+pub const DEFAULT_BROKER_SESSION_TIMEOUT_MS: u64 = 1_000;
+/// How often a broker heartbeats to the active controller.
+pub const DEFAULT_BROKER_HEARTBEAT_INTERVAL_MS: u64 = 250;
+/// Producer ids per block (KIP-730 hands out 1000 at a time).
+pub const DEFAULT_PRODUCER_ID_BLOCK_LEN: u32 = 1_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ControllerConfig {
+    pub broker_session_timeout_ms: u64,
+    pub producer_id_block_len: u32,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            broker_session_timeout_ms: DEFAULT_BROKER_SESSION_TIMEOUT_MS,
+            producer_id_block_len: DEFAULT_PRODUCER_ID_BLOCK_LEN,
+        }
+    }
+}
+
+/// Why the controller refused a request. Nothing was decided when one is returned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControllerError {
+    #[error(
+        "node id {node} is registered with another node UUID (a wiped or foreign node); \
+         unregister the old node first"
+    )]
+    NodeIdInUse { node: NodeId },
+    #[error("unknown broker {0}")]
+    UnknownBroker(NodeId),
+    #[error("stale broker epoch {got} for broker {node} (current {current})")]
+    StaleBrokerEpoch {
+        node: NodeId,
+        got: u64,
+        current: u64,
+    },
+    #[error("unknown topic {0:?}")]
+    UnknownTopic(String),
+    #[error("topic {0:?} already exists")]
+    TopicExists(String),
+    #[error("unknown partition {topic:?}/{partition}")]
+    UnknownPartition { topic: String, partition: u32 },
+    #[error("leader epoch {got} is not the current {current}")]
+    FencedLeaderEpoch { got: Epoch, current: Epoch },
+    #[error("node {node} is not the leader of the partition")]
+    NotLeader { node: NodeId },
+    #[error("fenced broker {0} cannot join an ISR")]
+    FencedBroker(NodeId),
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
+    #[error("invalid request: {0}")]
+    Invalid(&'static str),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisterRequest {
+    pub node: NodeId,
+    pub node_uuid: u128,
+    pub rpc: Endpoint,
+    pub kafka: Endpoint,
+    pub shards: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeartbeatRequest {
+    pub node: NodeId,
+    pub broker_epoch: u64,
+    /// The broker has applied the metadata log past its own registration and may serve: it
+    /// asks to be unfenced. `true` asks to be fenced (a controlled shutdown).
+    pub want_fence: bool,
+}
+
+/// The leader of a partition reporting its in-sync replicas (Kafka's AlterPartition).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlterIsrRequest {
+    pub topic: String,
+    pub partition: u32,
+    pub leader: NodeId,
+    pub leader_epoch: Epoch,
+    pub isr: Vec<NodeId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateTopicRequest {
+    pub name: String,
+    /// Chosen by the caller (random); the controller reads no randomness.
+    pub topic_id: u128,
+    pub partitions: usize,
+    /// `None`: the cluster default (three, or every live broker of a smaller cluster).
+    pub replication_factor: Option<usize>,
+    pub configs: Vec<(String, String)>,
+}
+
+pub struct ActiveController {
+    cfg: ControllerConfig,
+    state: MetadataState,
+    last_heartbeat_ms: BTreeMap<NodeId, u64>,
+    /// A decision split over several batches may have been cut short by a failover (an
+    /// unfence committed, the elections it allowed not): the first tick elects wherever it can.
+    election_sweep_pending: bool,
+}
+
+impl ActiveController {
+    /// Starts from the committed state; every known broker gets a full session from `now_ms`.
+    pub fn new(cfg: ControllerConfig, committed: MetadataState, now_ms: u64) -> Self {
+        assert!(
+            cfg.producer_id_block_len > 0 && cfg.producer_id_block_len <= MAX_PRODUCER_ID_BLOCK_LEN
+        );
+        let last_heartbeat_ms = committed.brokers.keys().map(|&n| (n, now_ms)).collect();
+        ActiveController {
+            cfg,
+            state: committed,
+            last_heartbeat_ms,
+            election_sweep_pending: true,
+        }
+    }
+
+    /// The committed state plus everything this controller decided since.
+    pub fn state(&self) -> &MetadataState {
+        &self.state
+    }
+
+    /// Applies a decided record to the local state and adds it to the batch. Every record is
+    /// checked before it is built, so a refusal here is a bug in this module.
+    fn push(&mut self, out: &mut Vec<Record>, record: Record) {
+        if let Err(e) = self.state.apply(&record) {
+            panic!("active controller built a record its state refuses: {e}: {record:?}");
+        }
+        out.push(record);
+    }
+
+    pub fn register(
+        &mut self,
+        req: RegisterRequest,
+        now_ms: u64,
+    ) -> Result<Vec<Record>, ControllerError> {
+        if req.shards == 0 || req.shards > MAX_SHARDS_PER_BROKER {
+            return Err(ControllerError::Invalid("shard count out of range"));
+        }
+        if req.node > MAX_NODE_ID || req.node_uuid == 0 {
+            return Err(ControllerError::Invalid(
+                "node id above the Kafka range (int32) or zero node UUID",
+            ));
+        }
+        if [&req.rpc, &req.kafka]
+            .iter()
+            .any(|e| e.host.is_empty() || e.host.len() > MAX_HOST_BYTES)
+        {
+            return Err(ControllerError::Invalid("endpoint host length"));
+        }
+        let mut out = Vec::new();
+        if let Some(b) = self.state.brokers.get(&req.node) {
+            if b.node_uuid != req.node_uuid {
+                return Err(ControllerError::NodeIdInUse { node: req.node });
+            }
+            if req.shards < b.shards {
+                let used = self
+                    .state
+                    .topics
+                    .values()
+                    .flat_map(|t| t.partitions.iter())
+                    .flat_map(|p| p.replicas.iter())
+                    .any(|r| r.node == req.node && r.shard >= req.shards);
+                if used {
+                    return Err(ControllerError::Invalid(
+                        "fewer shards than the replicas placed on this node",
+                    ));
+                }
+            }
+            // The old incarnation may have lost unflushed data: it leaves every ISR it can
+            // and leads nothing until it registers, catches up and is unfenced again.
+            self.move_off(req.node, &mut out);
+        }
+        let reg = BrokerRegistration {
+            node: req.node,
+            node_uuid: req.node_uuid,
+            broker_epoch: self.state.last_broker_epoch + 1,
+            rpc: req.rpc,
+            kafka: req.kafka,
+            shards: req.shards,
+        };
+        self.push(&mut out, Record::RegisterBroker(reg));
+        self.last_heartbeat_ms.insert(req.node, now_ms);
+        Ok(out)
+    }
+
+    /// Returns the records to propose and whether the broker is fenced once they apply.
+    pub fn heartbeat(
+        &mut self,
+        req: HeartbeatRequest,
+        now_ms: u64,
+    ) -> Result<(Vec<Record>, bool), ControllerError> {
+        let b = self.broker_at(req.node, req.broker_epoch)?;
+        let fenced = b.fenced;
+        self.last_heartbeat_ms.insert(req.node, now_ms);
+        let mut out = Vec::new();
+        if fenced && !req.want_fence {
+            self.push(
+                &mut out,
+                Record::UnfenceBroker {
+                    node: req.node,
+                    broker_epoch: req.broker_epoch,
+                },
+            );
+            self.elect_leaderless(&mut out);
+        } else if !fenced && req.want_fence {
+            self.fence(req.node, &mut out);
+        }
+        Ok((out, self.state.brokers[&req.node].fenced))
+    }
+
+    /// Fences every live broker whose session expired at `now_ms`, moving its leadership.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<Record> {
+        let timeout = self.cfg.broker_session_timeout_ms;
+        let expired: Vec<NodeId> = self
+            .state
+            .brokers
+            .iter()
+            .filter(|(n, b)| {
+                !b.fenced
+                    && self
+                        .last_heartbeat_ms
+                        .get(n)
+                        .is_none_or(|&t| now_ms.saturating_sub(t) >= timeout)
+            })
+            .map(|(&n, _)| n)
+            .collect();
+        let mut out = Vec::new();
+        if std::mem::take(&mut self.election_sweep_pending) {
+            self.elect_leaderless(&mut out);
+        }
+        for node in expired {
+            tracing::info!(node, "broker session expired: fencing");
+            self.fence(node, &mut out);
+        }
+        out
+    }
+
+    /// An operator declared `node` gone (its disk wiped): it leaves every ISR, even as the last
+    /// member, and its id may then register with a new UUID.
+    pub fn unregister(&mut self, node: NodeId) -> Result<Vec<Record>, ControllerError> {
+        let b = self
+            .state
+            .brokers
+            .get(&node)
+            .ok_or(ControllerError::UnknownBroker(node))?;
+        let mut out = Vec::new();
+        if !b.fenced {
+            self.fence(node, &mut out);
+        }
+        for (topic, partition, p) in self.partitions_where(|p| p.isr.contains(&node)) {
+            let isr: Vec<NodeId> = p.isr.iter().copied().filter(|&n| n != node).collect();
+            assert_ne!(p.leader, Some(node), "a fenced broker leads");
+            let leader = p.leader.filter(|l| isr.contains(l));
+            let leader_epoch = p.leader_epoch + i32::from(leader != p.leader);
+            self.push(
+                &mut out,
+                Record::PartitionChange {
+                    topic,
+                    partition,
+                    leader,
+                    leader_epoch,
+                    isr,
+                },
+            );
+        }
+        self.push(&mut out, Record::UnregisterBroker { node });
+        self.last_heartbeat_ms.remove(&node);
+        Ok(out)
+    }
+
+    /// A partition leader shrinks (a replica fell behind) or expands (a replica caught up) its
+    /// ISR. Refused from anyone but the current leader in its current epoch.
+    pub fn alter_isr(&mut self, req: AlterIsrRequest) -> Result<Vec<Record>, ControllerError> {
+        let p = self
+            .state
+            .partition(&req.topic, req.partition)
+            .ok_or_else(|| ControllerError::UnknownPartition {
+                topic: req.topic.clone(),
+                partition: req.partition,
+            })?;
+        if req.leader_epoch != p.leader_epoch {
+            return Err(ControllerError::FencedLeaderEpoch {
+                got: req.leader_epoch,
+                current: p.leader_epoch,
+            });
+        }
+        if p.leader != Some(req.leader) {
+            return Err(ControllerError::NotLeader { node: req.leader });
+        }
+        if !req.isr.contains(&req.leader) {
+            return Err(ControllerError::Invalid("the ISR must hold its leader"));
+        }
+        for (i, &n) in req.isr.iter().enumerate() {
+            if !p.has_replica(n) || req.isr[..i].contains(&n) {
+                return Err(ControllerError::Invalid(
+                    "ISR members must be distinct replicas",
+                ));
+            }
+            if !p.isr.contains(&n) && !self.state.is_live(n) {
+                return Err(ControllerError::FencedBroker(n));
+            }
+        }
+        let record = Record::PartitionChange {
+            topic: req.topic,
+            partition: req.partition,
+            leader: p.leader,
+            leader_epoch: p.leader_epoch,
+            isr: req.isr,
+        };
+        let mut out = Vec::new();
+        self.push(&mut out, record);
+        Ok(out)
+    }
+
+    pub fn create_topic(
+        &mut self,
+        req: CreateTopicRequest,
+    ) -> Result<Vec<Record>, ControllerError> {
+        check_topic_name(&req.name).map_err(|_| ControllerError::Invalid("topic name"))?;
+        if self.state.topics.contains_key(&req.name) {
+            return Err(ControllerError::TopicExists(req.name));
+        }
+        if req.topic_id == 0
+            || self
+                .state
+                .topics
+                .values()
+                .any(|t| t.topic_id == req.topic_id)
+        {
+            return Err(ControllerError::Invalid("topic id zero or in use"));
+        }
+        check_configs(&req.configs)?;
+        let mut placer = Placer::from_state(&self.state);
+        let rf = req
+            .replication_factor
+            .unwrap_or_else(|| default_replication_factor(placer.live_nodes()));
+        let partitions = placer
+            .place(req.partitions, rf)?
+            .into_iter()
+            .map(fresh_partition)
+            .collect();
+        let mut out = Vec::new();
+        self.push(
+            &mut out,
+            Record::CreateTopic {
+                name: req.name,
+                topic_id: req.topic_id,
+                configs: req.configs,
+                partitions,
+            },
+        );
+        Ok(out)
+    }
+
+    /// Grows `topic` to `total` partitions, placed like a new topic's, with its replication
+    /// factor.
+    pub fn create_partitions(
+        &mut self,
+        topic: &str,
+        total: usize,
+    ) -> Result<Vec<Record>, ControllerError> {
+        let t = self
+            .state
+            .topics
+            .get(topic)
+            .ok_or_else(|| ControllerError::UnknownTopic(topic.to_string()))?;
+        let have = t.partitions.len();
+        if total <= have || total > MAX_PARTITIONS_PER_TOPIC {
+            return Err(ControllerError::Invalid(
+                "the new partition count must exceed the current one and stay within the limit",
+            ));
+        }
+        let rf = t.partitions[0].replicas.len();
+        let partitions = Placer::from_state(&self.state)
+            .place(total - have, rf)?
+            .into_iter()
+            .map(fresh_partition)
+            .collect();
+        let mut out = Vec::new();
+        self.push(
+            &mut out,
+            Record::CreatePartitions {
+                name: topic.to_string(),
+                partitions,
+            },
+        );
+        Ok(out)
+    }
+
+    pub fn set_topic_config(
+        &mut self,
+        topic: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<Vec<Record>, ControllerError> {
+        let t = self
+            .state
+            .topics
+            .get(topic)
+            .ok_or_else(|| ControllerError::UnknownTopic(topic.to_string()))?;
+        if value.is_some()
+            && !t.configs.contains_key(key)
+            && t.configs.len() >= MAX_CONFIGS_PER_TOPIC
+        {
+            return Err(ControllerError::Invalid("too many topic configs"));
+        }
+        check_config(key, value.unwrap_or(""))?;
+        let mut out = Vec::new();
+        self.push(
+            &mut out,
+            Record::SetTopicConfig {
+                topic: topic.to_string(),
+                key: key.to_string(),
+                value: value.map(str::to_string),
+            },
+        );
+        Ok(out)
+    }
+
+    /// Hands the broker the next block of producer ids: `(first, len)` and the record.
+    pub fn allocate_producer_ids(
+        &mut self,
+        node: NodeId,
+        broker_epoch: u64,
+    ) -> Result<(Vec<Record>, u64, u32), ControllerError> {
+        self.broker_at(node, broker_epoch)?;
+        let first = self.state.next_producer_id;
+        let len = self.cfg.producer_id_block_len;
+        if first.saturating_add(u64::from(len)) > i64::MAX as u64 {
+            return Err(ControllerError::Invalid("producer ids exhausted"));
+        }
+        let mut out = Vec::new();
+        self.push(&mut out, Record::ProducerIdBlock { node, first, len });
+        Ok((out, first, len))
+    }
+
+    fn broker_at(
+        &self,
+        node: NodeId,
+        broker_epoch: u64,
+    ) -> Result<&crate::controller::state::BrokerInfo, ControllerError> {
+        let b = self
+            .state
+            .brokers
+            .get(&node)
+            .ok_or(ControllerError::UnknownBroker(node))?;
+        if b.broker_epoch != broker_epoch {
+            return Err(ControllerError::StaleBrokerEpoch {
+                node,
+                got: broker_epoch,
+                current: b.broker_epoch,
+            });
+        }
+        Ok(b)
+    }
+
+    fn fence(&mut self, node: NodeId, out: &mut Vec<Record>) {
+        self.move_off(node, out);
+        let broker_epoch = self.state.brokers[&node].broker_epoch;
+        if !self.state.brokers[&node].fenced {
+            self.push(out, Record::FenceBroker { node, broker_epoch });
+        }
+    }
+
+    /// Takes `node` out of every ISR (but never empties one: the last in-sync replica stays, so
+    /// a later election cannot pick a replica that may lack acknowledged data) and moves its
+    /// leadership to the first other live in-sync replica in replica order, or to none.
+    fn move_off(&mut self, node: NodeId, out: &mut Vec<Record>) {
+        let affected = self.partitions_where(|p| p.isr.contains(&node) || p.leader == Some(node));
+        for (topic, partition, p) in affected {
+            let mut isr: Vec<NodeId> = p.isr.iter().copied().filter(|&n| n != node).collect();
+            if isr.is_empty() {
+                isr = p.isr.clone();
+            }
+            let leader = if p.leader == Some(node) || p.leader.is_none() {
+                p.replicas
+                    .iter()
+                    .map(|r| r.node)
+                    .find(|&n| n != node && isr.contains(&n) && self.state.is_live(n))
+            } else {
+                p.leader
+            };
+            if isr == p.isr && leader == p.leader {
+                continue;
+            }
+            let leader_epoch = p.leader_epoch + i32::from(leader != p.leader);
+            self.push(
+                out,
+                Record::PartitionChange {
+                    topic,
+                    partition,
+                    leader,
+                    leader_epoch,
+                    isr,
+                },
+            );
+        }
+    }
+
+    /// Gives every leaderless partition a live in-sync leader if it has one (after an unfence).
+    fn elect_leaderless(&mut self, out: &mut Vec<Record>) {
+        for (topic, partition, p) in self.partitions_where(|p| p.leader.is_none()) {
+            let leader = p
+                .replicas
+                .iter()
+                .map(|r| r.node)
+                .find(|&n| p.isr.contains(&n) && self.state.is_live(n));
+            if leader.is_some() {
+                self.push(
+                    out,
+                    Record::PartitionChange {
+                        topic,
+                        partition,
+                        leader,
+                        leader_epoch: p.leader_epoch + 1,
+                        isr: p.isr.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    fn partitions_where(
+        &self,
+        pred: impl Fn(&PartitionState) -> bool,
+    ) -> Vec<(String, u32, PartitionState)> {
+        self.state
+            .topics
+            .iter()
+            .flat_map(|(name, t)| {
+                t.partitions
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, p)| (name, i as u32, p))
+            })
+            .filter(|(_, _, p)| pred(p))
+            .map(|(n, i, p)| (n.clone(), i, p.clone()))
+            .collect()
+    }
+}
+
+fn fresh_partition(replicas: Vec<crate::controller::records::ReplicaAssignment>) -> PartitionState {
+    PartitionState {
+        isr: replicas.iter().map(|r| r.node).collect(),
+        leader: replicas.first().map(|r| r.node),
+        leader_epoch: 0,
+        replicas,
+    }
+}
+
+fn check_config(key: &str, value: &str) -> Result<(), ControllerError> {
+    if key.is_empty() || key.len() > MAX_CONFIG_KEY_BYTES || value.len() > MAX_CONFIG_VALUE_BYTES {
+        return Err(ControllerError::Invalid("config key or value length"));
+    }
+    Ok(())
+}
+
+fn check_configs(configs: &[(String, String)]) -> Result<(), ControllerError> {
+    if configs.len() > MAX_CONFIGS_PER_TOPIC {
+        return Err(ControllerError::Invalid("too many topic configs"));
+    }
+    for (i, (k, v)) in configs.iter().enumerate() {
+        check_config(k, v)?;
+        if configs[..i].iter().any(|(o, _)| o == k) {
+            return Err(ControllerError::Invalid("duplicate config key"));
+        }
+    }
+    Ok(())
+}
