@@ -115,7 +115,8 @@ pub struct CleanRequest {
     /// committed may still be truncated away, so they cannot supersede older ones).
     pub max_clean_offset: u64,
     pub policy: CompactionPolicy,
-    /// Clean even below `min_cleanable_dirty_ratio`.
+    /// Clean even below `min_cleanable_dirty_ratio`, and a log with no dirty part (which is
+    /// how tombstones past `delete.retention.ms` in an otherwise clean log are removed).
     pub force: bool,
 }
 
@@ -278,6 +279,12 @@ impl LogCleaner {
         self.steps = 0;
     }
 
+    /// File operations since the last [`Self::stop_after_steps`] (or since open).
+    #[doc(hidden)]
+    pub fn steps_taken(&self) -> u32 {
+        self.steps
+    }
+
     fn step(&mut self, step: Step) -> Result<(), EngineError> {
         self.steps += 1;
         if self.stop_after_steps.is_some_and(|n| self.steps >= n) {
@@ -351,7 +358,10 @@ impl LogCleaner {
     ) -> Result<Option<CleanStats>, EngineError> {
         let plan = self.plan(log, req);
         self.counters.dirty_ratio = plan.dirty_ratio;
-        if plan.first_dirty >= plan.clean_end || !(req.force || plan.should_clean(&req.policy)) {
+        let dirty = plan.first_dirty < plan.clean_end;
+        // Forced, a clean log is cleaned again too: that is when its expired tombstones go.
+        let anything = dirty || (req.force && !plan.segments.is_empty());
+        if !anything || !(req.force || plan.should_clean(&req.policy)) {
             return Ok(None);
         }
         let mut stats = CleanStats {
@@ -359,19 +369,21 @@ impl LogCleaner {
             ..CleanStats::default()
         };
         let mut first_dirty = plan.first_dirty;
-        let end = plan.clean_end;
         let mut plan = Some(plan);
-        while first_dirty < end {
+        loop {
             // Each pass sees the segments as the previous one left them.
             let plan = match plan.take() {
                 Some(p) => p,
                 None => self.plan(log, req),
             };
-            if plan.clean_end <= first_dirty {
+            if stats.passes > 0 && plan.clean_end <= first_dirty {
                 break;
             }
             let map_end = self.pass(log, &plan, first_dirty, req, &mut stats).await?;
-            assert!(map_end > first_dirty, "every pass makes progress");
+            assert!(
+                map_end > first_dirty || map_end == plan.clean_end,
+                "every pass makes progress"
+            );
             first_dirty = map_end;
             self.state.first_dirty = first_dirty;
             {
@@ -384,6 +396,9 @@ impl LogCleaner {
             self.step(Step::StateWritten)?;
             stats.passes += 1;
             self.counters.passes += 1;
+            if first_dirty >= plan.clean_end {
+                break;
+            }
         }
         self.counters.dirty_ratio = self.plan(log, req).dirty_ratio;
         tracing::debug!(dir = ?log.dir(), ?stats, "cleaned log");
