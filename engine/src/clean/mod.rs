@@ -384,7 +384,9 @@ impl LogCleaner {
                 map_end > first_dirty || map_end == plan.clean_end,
                 "every pass makes progress"
             );
-            first_dirty = map_end;
+            // A forced pass over a log whose cleanable end fell below the dirty part (a lower
+            // high watermark) cleans up to that end and leaves the dirty part where it was.
+            first_dirty = first_dirty.max(map_end);
             self.state.first_dirty = first_dirty;
             {
                 let st = log.inner.state.borrow();
