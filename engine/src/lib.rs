@@ -27,6 +27,7 @@ pub mod records;
 mod recovery;
 mod segment;
 mod signal;
+pub mod topic_config;
 mod truncate;
 pub mod validate;
 mod writer;
