@@ -1267,10 +1267,17 @@ impl PartitionLog {
                 let h = BatchHeader::parse(b)?;
                 // At record granularity, as Kafka answers: the batch's max timestamp only says
                 // some record of it qualifies (none may: a record-less batch of a cleaned log).
-                if let Some((offset, ts)) =
-                    crate::records::first_record_at_or_after(b, timestamp_ms)?
-                {
-                    return Ok(Some((offset as u64, ts)));
+                match crate::records::first_record_at_or_after(b, timestamp_ms) {
+                    Ok(Some((offset, ts))) => return Ok(Some((offset as u64, ts))),
+                    Ok(None) => {}
+                    // A stored batch whose records do not decode (kept since it was
+                    // acknowledged) still answers for itself as a whole.
+                    Err(e) if h.max_timestamp() >= timestamp_ms => {
+                        tracing::debug!(offset = h.base_offset(), error = %e,
+                            "time lookup at batch granularity: records do not decode");
+                        return Ok(Some((h.base_offset() as u64, h.max_timestamp())));
+                    }
+                    Err(_) => {}
                 }
                 next = h.last_offset() as u64 + 1;
             }
