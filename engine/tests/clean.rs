@@ -622,3 +622,79 @@ fn a_cleaner_stopped_after_any_file_operation_leaves_old_or_new_segments() {
         );
     }
 }
+
+#[test]
+fn the_dirty_ratio_the_lags_and_the_high_watermark_decide_what_is_cleaned() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let log = PartitionLog::open(dir.path(), config()).await.unwrap();
+        write_updates(&log, 300, 8).await;
+        let mut cleaner = LogCleaner::open(&log, CleanerConfig::default());
+        let unforced = |policy: CompactionPolicy, max_clean_offset: u64| CleanRequest {
+            now_ms: NOW_MS,
+            max_clean_offset,
+            policy,
+            force: false,
+        };
+        let default = CompactionPolicy::default();
+        // Records younger than min.compaction.lag.ms are not cleanable.
+        let lagged = CompactionPolicy {
+            min_compaction_lag_ms: 2 * DAY_MS as u64,
+            ..default
+        };
+        let plan = cleaner.plan(&log, &unforced(lagged, u64::MAX));
+        assert_eq!((plan.dirty_bytes, plan.clean_end), (0, 0));
+        assert!(cleaner
+            .clean(&log, &unforced(lagged, u64::MAX))
+            .await
+            .unwrap()
+            .is_none());
+        // Nothing at or above the high watermark.
+        assert!(cleaner
+            .clean(&log, &unforced(default, 0))
+            .await
+            .unwrap()
+            .is_none());
+        let hw = log.log_end_offset() / 2;
+        let stats = cleaner.clean(&log, &unforced(default, hw)).await.unwrap();
+        assert!(stats.is_some());
+        assert!(cleaner.first_dirty_offset() <= hw && cleaner.first_dirty_offset() > 0);
+
+        // A fully dirty log is over any ratio; once cleaned, new updates make it partly dirty.
+        cleaner
+            .clean(&log, &unforced(default, u64::MAX))
+            .await
+            .unwrap()
+            .unwrap();
+        write_updates(&log, 300, 3).await;
+        let only_all_dirty = CompactionPolicy {
+            min_cleanable_dirty_ratio: 1.0,
+            ..default
+        };
+        let plan = cleaner.plan(&log, &unforced(only_all_dirty, u64::MAX));
+        assert!(plan.dirty_ratio > 0.0 && plan.dirty_ratio < 1.0, "{plan:?}");
+        assert!(!plan.should_clean(&only_all_dirty));
+        assert!(cleaner
+            .clean(&log, &unforced(only_all_dirty, u64::MAX))
+            .await
+            .unwrap()
+            .is_none());
+        // Dirty records older than max.compaction.lag.ms are cleaned whatever the ratio.
+        let max_lag = CompactionPolicy {
+            max_compaction_lag_ms: 1,
+            ..only_all_dirty
+        };
+        assert!(
+            cleaner
+                .plan(&log, &unforced(max_lag, u64::MAX))
+                .max_lag_exceeded
+        );
+        assert!(cleaner
+            .clean(&log, &unforced(max_lag, u64::MAX))
+            .await
+            .unwrap()
+            .is_some());
+        assert_eq!(cleaner.counters().passes, 3);
+        log.close().await.unwrap();
+    });
+}
