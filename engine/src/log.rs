@@ -1228,7 +1228,8 @@ impl PartitionLog {
         }
     }
 
-    /// First offset whose batch max timestamp is `>= timestamp_ms`, with that timestamp.
+    /// First offset whose record timestamp is `>= timestamp_ms`, with that record's timestamp
+    /// (under LogAppendTime every record of a batch has the batch's max timestamp).
     pub async fn offset_for_timestamp(
         &self,
         timestamp_ms: i64,
@@ -1264,8 +1265,19 @@ impl PartitionLog {
             }
             for b in &r.batches {
                 let h = BatchHeader::parse(b)?;
-                if h.max_timestamp() >= timestamp_ms {
-                    return Ok(Some((h.base_offset() as u64, h.max_timestamp())));
+                // At record granularity, as Kafka answers: the batch's max timestamp only says
+                // some record of it qualifies (none may: a record-less batch of a cleaned log).
+                match crate::records::first_record_at_or_after(b, timestamp_ms) {
+                    Ok(Some((offset, ts))) => return Ok(Some((offset as u64, ts))),
+                    Ok(None) => {}
+                    // A stored batch whose records do not decode (kept since it was
+                    // acknowledged) still answers for itself as a whole.
+                    Err(e) if h.max_timestamp() >= timestamp_ms => {
+                        tracing::debug!(offset = h.base_offset(), error = %e,
+                            "time lookup at batch granularity: records do not decode");
+                        return Ok(Some((h.base_offset() as u64, h.max_timestamp())));
+                    }
+                    Err(_) => {}
                 }
                 next = h.last_offset() as u64 + 1;
             }

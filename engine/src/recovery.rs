@@ -147,6 +147,8 @@ fn remove_segment_files(dir: &Path, base: u64) -> Result<(), EngineError> {
 pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, EngineError> {
     validate(&config)?;
     std::fs::create_dir_all(dir).map_err(std_io_err(dir))?;
+    // A cleaner killed in a segment swap left the old segment or a complete new one.
+    crate::clean::finish_interrupted_swaps(dir).await?;
     let mut bases = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(std_io_err(dir))? {
         let entry = entry.map_err(std_io_err(dir))?;

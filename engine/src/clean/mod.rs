@@ -1,0 +1,960 @@
+//! The log cleaner of compacted topics: keeps at least the latest record of every key.
+//!
+//! One pass, as Kafka's cleaner does it:
+//! 1. The cleanable part of the log is a prefix of closed segments: never the active one, never
+//!    a rolled segment not yet finished by the checkpointer, nothing at or above the recovery
+//!    point or the caller's `max_clean_offset` (the high watermark), nothing newer than
+//!    `min.compaction.lag.ms`. Below `first_dirty` it is clean (deduplicated before); above, dirty.
+//! 2. A key -> latest offset map is built over the dirty part, bounded by
+//!    [`CleanerConfig::dedupe_buffer_bytes`]; when a batch's keys would not fit, the pass ends at
+//!    that batch and the rest is cleaned in the next pass.
+//! 3. Every segment from the log start up to where the map ends is rewritten keeping, of each
+//!    record the map covers, only the latest per key; tombstones (null values) go once
+//!    `delete.retention.ms` has passed since their segment was first cleaned; records without a
+//!    key go (a compacted topic cannot hold them). Offsets never change.
+//!
+//! Batches: a batch with every record kept is copied byte for byte (frame included). A batch
+//! with some records kept is rebuilt with the same header fields, its kept records' original
+//! bytes, the same codec and a fresh CRC ([`crate::records::rebuild_batch`]). A batch with none
+//! kept is dropped, except the last batch of each producer id (kept as Kafka's empty batch,
+//! record count 0, so the producer's last sequence survives for idempotence) while the producer
+//! id is younger than `producer_id_expiration_ms`.
+//!
+//! Offsets stay contiguous on disk: the run of offsets of dropped batches between two kept
+//! batches is covered by one record-less batch (count 0, no producer), as clients already skip
+//! for Kafka's own empty batches. That costs one 96-byte frame per run, at most one per kept
+//! batch, so a cleaned log stays bounded by its live keys; in exchange recovery, the offset
+//! index and reads see exactly the same segment structure as before (every segment keeps its
+//! base and end offsets).
+//!
+//! A cleaned segment replaces the old one through a crash-safe swap (see `swap.rs`).
+
+mod offset_map;
+mod swap;
+mod throttle;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use futures_lite::AsyncWriteExt;
+use glommio::io::{DmaFile, DmaStreamWriterBuilder, OpenOptions};
+
+use crate::batch::BatchHeader;
+use crate::frame::{decode_frame, frame_len, FrameError, FrameHeader, FRAME_HEADER_BYTES};
+use crate::log::max_payload;
+use crate::records::{rebuild_batch, Records, MAX_UNCOMPRESSED_RECORDS_BYTES};
+use crate::segment::{self, io_err, std_io_err, Segment, NO_TIMESTAMP};
+use crate::{cache, EngineError, PartitionLog};
+
+pub use offset_map::{OffsetMap, MAP_ENTRY_OVERHEAD_BYTES};
+pub use swap::{finish_interrupted_swaps, CleanerState, CLEANER_STATE_FILE};
+pub use throttle::{Throttle, THROTTLE_WINDOW_MS};
+
+/// Default memory for the key -> offset map of one cleaning pass (Kafka's
+/// `log.cleaner.dedupe.buffer.size`).
+pub const DEFAULT_DEDUPE_BUFFER_BYTES: usize = 128 << 20;
+/// Bytes the cleaner reads from a segment per step.
+pub const CLEANER_READ_CHUNK_BYTES: usize = 4 << 20;
+/// Write-behind buffer of the cleaned segment being written.
+pub const CLEANER_WRITE_BUFFER_BYTES: usize = 1 << 20;
+/// Kafka's topic-config defaults for compaction (`min.cleanable.dirty.ratio`,
+/// `min.compaction.lag.ms`, `max.compaction.lag.ms`, `delete.retention.ms`) and the broker's
+/// `producer.id.expiration.ms`.
+pub const DEFAULT_MIN_CLEANABLE_DIRTY_RATIO: f64 = 0.5;
+pub const DEFAULT_MIN_COMPACTION_LAG_MS: u64 = 0;
+pub const DEFAULT_MAX_COMPACTION_LAG_MS: u64 = i64::MAX as u64;
+pub const DEFAULT_DELETE_RETENTION_MS: u64 = 86_400_000;
+pub const DEFAULT_PRODUCER_ID_EXPIRATION_MS: u64 = 86_400_000;
+
+/// Settings of the cleaner itself (per shard, not per topic).
+#[derive(Clone, Debug)]
+pub struct CleanerConfig {
+    /// Memory bound of the key -> offset map of one pass.
+    pub dedupe_buffer_bytes: usize,
+    /// Disk bytes (read plus written) per second the cleaner may use; `None`: no limit.
+    pub io_bytes_per_sec: Option<u64>,
+}
+
+impl Default for CleanerConfig {
+    fn default() -> Self {
+        CleanerConfig {
+            dedupe_buffer_bytes: DEFAULT_DEDUPE_BUFFER_BYTES,
+            io_bytes_per_sec: None,
+        }
+    }
+}
+
+/// A compacted topic's settings, as its topic config gives them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CompactionPolicy {
+    pub min_cleanable_dirty_ratio: f64,
+    pub min_compaction_lag_ms: u64,
+    pub max_compaction_lag_ms: u64,
+    pub delete_retention_ms: u64,
+    pub producer_id_expiration_ms: u64,
+}
+
+impl Default for CompactionPolicy {
+    fn default() -> Self {
+        CompactionPolicy {
+            min_cleanable_dirty_ratio: DEFAULT_MIN_CLEANABLE_DIRTY_RATIO,
+            min_compaction_lag_ms: DEFAULT_MIN_COMPACTION_LAG_MS,
+            max_compaction_lag_ms: DEFAULT_MAX_COMPACTION_LAG_MS,
+            delete_retention_ms: DEFAULT_DELETE_RETENTION_MS,
+            producer_id_expiration_ms: DEFAULT_PRODUCER_ID_EXPIRATION_MS,
+        }
+    }
+}
+
+/// One request to clean a log.
+#[derive(Clone, Copy, Debug)]
+pub struct CleanRequest {
+    pub now_ms: i64,
+    /// Nothing at or above this offset is cleaned (the high watermark: records not yet
+    /// committed may still be truncated away, so they cannot supersede older ones).
+    pub max_clean_offset: u64,
+    pub policy: CompactionPolicy,
+    /// Clean even below `min_cleanable_dirty_ratio`, and a log with no dirty part (which is
+    /// how tombstones past `delete.retention.ms` in an otherwise clean log are removed).
+    pub force: bool,
+}
+
+/// What [`LogCleaner::plan`] found, without I/O.
+#[derive(Clone, Debug)]
+pub struct CleanablePlan {
+    pub first_dirty: u64,
+    /// First offset the cleaner may not touch (end of the cleanable prefix).
+    pub clean_end: u64,
+    pub clean_bytes: u64,
+    pub dirty_bytes: u64,
+    /// `dirty_bytes / (clean_bytes + dirty_bytes)`, 0 for nothing cleanable.
+    pub dirty_ratio: f64,
+    /// A dirty segment is older than `max.compaction.lag.ms`: clean whatever the ratio.
+    pub max_lag_exceeded: bool,
+    segments: Vec<SegInfo>,
+}
+
+impl CleanablePlan {
+    pub fn should_clean(&self, policy: &CompactionPolicy) -> bool {
+        self.dirty_bytes > 0
+            && (self.dirty_ratio >= policy.min_cleanable_dirty_ratio || self.max_lag_exceeded)
+    }
+}
+
+/// Result of one [`LogCleaner::clean`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CleanStats {
+    pub passes: u32,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    /// Segment bytes before minus after, over the rewritten segments.
+    pub bytes_reclaimed: u64,
+    pub segments_rewritten: u32,
+    pub records_removed: u64,
+    pub tombstones_removed: u64,
+    pub dirty_ratio_before: f64,
+}
+
+/// Progress counters since the cleaner was opened, for the broker to export.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CleanerCounters {
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub bytes_reclaimed: u64,
+    pub segments_rewritten: u64,
+    pub passes: u64,
+    /// Dirty ratio at the last plan.
+    pub dirty_ratio: f64,
+}
+
+#[derive(Clone)]
+pub(crate) struct SegInfo {
+    base: u64,
+    next_offset: u64,
+    size: u64,
+    max_timestamp: i64,
+    file: Rc<DmaFile>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for SegInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SegInfo")
+            .field("base", &self.base)
+            .field("next_offset", &self.next_offset)
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+/// Offsets and extent of one frame written to a cleaned segment.
+#[derive(Clone, Copy)]
+struct FrameInfo {
+    base: u64,
+    last: u64,
+    max_timestamp: i64,
+    len: u64,
+}
+
+/// A frame found in a read chunk: where it starts in the buffer and its total length.
+#[derive(Clone, Copy)]
+struct ChunkFrame {
+    start: usize,
+    len: usize,
+    payload_len: usize,
+}
+
+/// A run of offsets whose batches were all dropped, not yet covered by a frame.
+struct Gap {
+    start: u64,
+    end: u64,
+    max_timestamp: i64,
+    epoch: i32,
+}
+
+enum Act {
+    /// The original frame, byte for byte (start in the chunk, length).
+    Keep(usize, usize, FrameInfo),
+    /// A new frame (header, payload, padding).
+    New(Vec<u8>, FrameInfo),
+}
+
+/// The cleaner of one log: its persisted state, throttle and counters.
+pub struct LogCleaner {
+    config: CleanerConfig,
+    state: CleanerState,
+    throttle: Throttle,
+    counters: CleanerCounters,
+    /// Tests stop the cleaner after this many file operations, to crash it at every step.
+    stop_after_steps: Option<u32>,
+    steps: u32,
+}
+
+/// The file operations of cleaning, in order: a test may stop the cleaner after any of them.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    CleanedCreated,
+    CleanedWritten,
+    RenamedToSwap,
+    SwapDirSynced,
+    OldIndexRemoved,
+    RenamedToLog,
+    LogDirSynced,
+    IndexWritten,
+    StateWritten,
+}
+
+impl LogCleaner {
+    /// The cleaner of `log`, with the state its last run left (none: the whole log is dirty).
+    pub fn open(log: &PartitionLog, config: CleanerConfig) -> LogCleaner {
+        assert!(
+            config.dedupe_buffer_bytes > 0,
+            "the offset map needs memory"
+        );
+        LogCleaner {
+            throttle: Throttle::new(config.io_bytes_per_sec),
+            state: CleanerState::read(log.dir()),
+            config,
+            counters: CleanerCounters::default(),
+            stop_after_steps: None,
+            steps: 0,
+        }
+    }
+
+    pub fn counters(&self) -> CleanerCounters {
+        self.counters
+    }
+
+    /// Offsets below this are clean.
+    pub fn first_dirty_offset(&self) -> u64 {
+        self.state.first_dirty
+    }
+
+    /// Makes the cleaner fail (as if killed) after `steps` more file operations; for crash
+    /// tests at every step.
+    #[doc(hidden)]
+    pub fn stop_after_steps(&mut self, steps: Option<u32>) {
+        self.stop_after_steps = steps;
+        self.steps = 0;
+    }
+
+    /// File operations since the last [`Self::stop_after_steps`] (or since open).
+    #[doc(hidden)]
+    pub fn steps_taken(&self) -> u32 {
+        self.steps
+    }
+
+    fn step(&mut self, step: Step) -> Result<(), EngineError> {
+        self.steps += 1;
+        if self.stop_after_steps.is_some_and(|n| self.steps >= n) {
+            return Err(EngineError::Io {
+                path: PathBuf::new(),
+                source: std::io::Error::other(format!("cleaner stopped after {step:?}")),
+            });
+        }
+        Ok(())
+    }
+
+    /// The cleanable part of the log and how dirty it is (no I/O).
+    pub fn plan(&self, log: &PartitionLog, req: &CleanRequest) -> CleanablePlan {
+        let st = log.inner.state.borrow();
+        let active = st.active().base;
+        let limit = req.max_clean_offset.min(st.checkpoint.offset);
+        let lag_cutoff = |ms: u64| {
+            req.now_ms
+                .saturating_sub(i64::try_from(ms).unwrap_or(i64::MAX))
+        };
+        let min_lag_cutoff = lag_cutoff(req.policy.min_compaction_lag_ms);
+        let first_dirty = self.state.first_dirty.clamp(st.log_start, st.log_end);
+        let mut segments = Vec::new();
+        for seg in st.segments.values() {
+            if seg.base == active
+                || st.sealed.iter().any(|s| s.base == seg.base)
+                || seg.next_offset > limit
+                || (seg.max_timestamp != NO_TIMESTAMP && seg.max_timestamp > min_lag_cutoff)
+            {
+                break;
+            }
+            segments.push(SegInfo {
+                base: seg.base,
+                next_offset: seg.next_offset,
+                size: seg.size,
+                max_timestamp: seg.max_timestamp,
+                file: seg.file.clone(),
+                path: seg.path.clone(),
+            });
+        }
+        let clean_end = segments.last().map_or(st.log_start, |s| s.next_offset);
+        let (dirty, clean): (Vec<&SegInfo>, Vec<&SegInfo>) =
+            segments.iter().partition(|s| s.next_offset > first_dirty);
+        let clean_bytes: u64 = clean.iter().map(|s| s.size).sum();
+        let dirty_bytes: u64 = dirty.iter().map(|s| s.size).sum();
+        let total = clean_bytes + dirty_bytes;
+        let max_lag_cutoff = lag_cutoff(req.policy.max_compaction_lag_ms);
+        CleanablePlan {
+            first_dirty,
+            clean_end,
+            clean_bytes,
+            dirty_bytes,
+            dirty_ratio: if total == 0 {
+                0.0
+            } else {
+                dirty_bytes as f64 / total as f64
+            },
+            max_lag_exceeded: dirty
+                .iter()
+                .any(|s| s.max_timestamp != NO_TIMESTAMP && s.max_timestamp < max_lag_cutoff),
+            segments,
+        }
+    }
+
+    /// Cleans the log if it is dirty enough (or `req.force`): as many passes as the map needs
+    /// to cover the whole cleanable part. `None` if there was nothing to do.
+    pub async fn clean(
+        &mut self,
+        log: &PartitionLog,
+        req: &CleanRequest,
+    ) -> Result<Option<CleanStats>, EngineError> {
+        let plan = self.plan(log, req);
+        self.counters.dirty_ratio = plan.dirty_ratio;
+        let dirty = plan.first_dirty < plan.clean_end;
+        // Forced, a clean log is cleaned again too: that is when its expired tombstones go.
+        let anything = dirty || (req.force && !plan.segments.is_empty());
+        if !anything || !(req.force || plan.should_clean(&req.policy)) {
+            return Ok(None);
+        }
+        let mut stats = CleanStats {
+            dirty_ratio_before: plan.dirty_ratio,
+            ..CleanStats::default()
+        };
+        let mut first_dirty = plan.first_dirty;
+        let mut plan = Some(plan);
+        loop {
+            // Each pass sees the segments as the previous one left them.
+            let plan = match plan.take() {
+                Some(p) => p,
+                None => self.plan(log, req),
+            };
+            if stats.passes > 0 && plan.clean_end <= first_dirty {
+                break;
+            }
+            let map_end = self.pass(log, &plan, first_dirty, req, &mut stats).await?;
+            assert!(
+                map_end > first_dirty || map_end == plan.clean_end,
+                "every pass makes progress"
+            );
+            // A forced pass over a log whose cleanable end fell below the dirty part (a lower
+            // high watermark) cleans up to that end and leaves the dirty part where it was.
+            first_dirty = first_dirty.max(map_end);
+            self.state.first_dirty = first_dirty;
+            {
+                let st = log.inner.state.borrow();
+                self.state
+                    .first_cleaned_ms
+                    .retain(|base, _| st.segments.contains_key(base));
+            }
+            self.state.write(log.dir()).await?;
+            self.step(Step::StateWritten)?;
+            stats.passes += 1;
+            self.counters.passes += 1;
+            if first_dirty >= plan.clean_end {
+                break;
+            }
+        }
+        self.counters.dirty_ratio = self.plan(log, req).dirty_ratio;
+        tracing::debug!(dir = ?log.dir(), ?stats, "cleaned log");
+        Ok(Some(stats))
+    }
+
+    /// One pass from `first_dirty`; returns where its map ended (the new first dirty offset).
+    async fn pass(
+        &mut self,
+        log: &PartitionLog,
+        plan: &CleanablePlan,
+        first_dirty: u64,
+        req: &CleanRequest,
+        stats: &mut CleanStats,
+    ) -> Result<u64, EngineError> {
+        let cap = max_payload(&log.inner.config);
+        let mut map = OffsetMap::new(self.config.dedupe_buffer_bytes);
+        // Producer id -> last offset of its last batch below the map's end.
+        let mut producers: HashMap<i64, u64> = HashMap::new();
+        let mut map_end = plan.clean_end;
+        'segments: for seg in &plan.segments {
+            let mut pos = 0;
+            while pos < seg.size {
+                let (rr, frames, next) = self.read_chunk(seg, pos, cap, stats).await?;
+                for f in &frames {
+                    let payload = &rr[f.start + FRAME_HEADER_BYTES..][..f.payload_len];
+                    let h = BatchHeader::parse(payload)?;
+                    if h.base_offset() as u64 >= first_dirty && !h.is_control() {
+                        let records = Records::of(payload, MAX_UNCOMPRESSED_RECORDS_BYTES)?;
+                        let mut need = 0usize;
+                        for r in records.iter() {
+                            if let Some(k) = r?.key {
+                                need = need.saturating_add(OffsetMap::entry_bytes(k.len()));
+                            }
+                        }
+                        if !map.has_room(need) {
+                            if map.is_empty() {
+                                return Err(EngineError::Config(format!(
+                                    "the cleaner's dedupe buffer of {} bytes cannot hold the \
+                                     keys of the batch at offset {}",
+                                    self.config.dedupe_buffer_bytes,
+                                    h.base_offset()
+                                )));
+                            }
+                            map_end = h.base_offset() as u64;
+                            break 'segments;
+                        }
+                        for r in records.iter() {
+                            let r = r?;
+                            if let Some(k) = r.key {
+                                map.put(k, r.offset as u64);
+                            }
+                        }
+                    }
+                    if h.producer_id() >= 0 {
+                        producers.insert(h.producer_id(), h.last_offset() as u64);
+                    }
+                }
+                pos = next;
+            }
+        }
+        for seg in plan.segments.iter().take_while(|s| s.base < map_end) {
+            if seg.size == 0 {
+                continue;
+            }
+            self.clean_segment(log, seg, &map, &producers, map_end, req, stats)
+                .await?;
+            if seg.next_offset <= map_end {
+                self.state
+                    .first_cleaned_ms
+                    .entry(seg.base)
+                    .or_insert(req.now_ms);
+            }
+        }
+        Ok(map_end)
+    }
+
+    /// Reads whole frames of `seg` from `pos` (at least one): the buffer, the frames in it, and
+    /// the position after the last.
+    async fn read_chunk(
+        &mut self,
+        seg: &SegInfo,
+        pos: u64,
+        cap: usize,
+        stats: &mut CleanStats,
+    ) -> Result<(glommio::io::ReadResult, Vec<ChunkFrame>, u64), EngineError> {
+        let mut want = CLEANER_READ_CHUNK_BYTES;
+        loop {
+            let len = (want as u64).min(seg.size - pos) as usize;
+            let rr = seg
+                .file
+                .read_at(pos, len)
+                .await
+                .map_err(io_err(&seg.path))?;
+            stats.bytes_read += rr.len() as u64;
+            self.counters.bytes_read += rr.len() as u64;
+            self.throttle.account(rr.len() as u64).await;
+            let mut frames = Vec::new();
+            let mut p = 0usize;
+            let corrupt = |at: usize, reason: String| EngineError::Corrupt {
+                path: seg.path.clone(),
+                position: pos + at as u64,
+                reason,
+            };
+            while p < rr.len() {
+                match decode_frame(&rr[p..], None, cap) {
+                    Ok(f) => {
+                        frames.push(ChunkFrame {
+                            start: p,
+                            len: f.len,
+                            payload_len: f.payload.len(),
+                        });
+                        p += f.len;
+                    }
+                    Err(FrameError::Incomplete { need }) => {
+                        if frames.is_empty() {
+                            if pos + need as u64 > seg.size {
+                                return Err(corrupt(p, "frame runs past the segment".into()));
+                            }
+                            want = need;
+                        }
+                        break;
+                    }
+                    Err(FrameError::Invalid(reason)) => return Err(corrupt(p, reason)),
+                }
+            }
+            if !frames.is_empty() {
+                return Ok((rr, frames, pos + p as u64));
+            }
+            if rr.len() == len && want > len {
+                continue;
+            }
+            return Err(corrupt(0, "no whole frame where one was expected".into()));
+        }
+    }
+
+    /// Rewrites one segment against the map and swaps it in if anything changed.
+    #[allow(clippy::too_many_arguments)]
+    async fn clean_segment(
+        &mut self,
+        log: &PartitionLog,
+        seg: &SegInfo,
+        map: &OffsetMap,
+        producers: &HashMap<i64, u64>,
+        map_end: u64,
+        req: &CleanRequest,
+        stats: &mut CleanStats,
+    ) -> Result<(), EngineError> {
+        let dir = log.dir().to_path_buf();
+        let cap = max_payload(&log.inner.config);
+        let first_cleaned = self
+            .state
+            .first_cleaned_ms
+            .get(&seg.base)
+            .copied()
+            .unwrap_or(req.now_ms);
+        let retention = i64::try_from(req.policy.delete_retention_ms).unwrap_or(i64::MAX);
+        let tombstones_expired = first_cleaned.saturating_add(retention) <= req.now_ms;
+        let expiration = i64::try_from(req.policy.producer_id_expiration_ms).unwrap_or(i64::MAX);
+        let producer_cutoff = req.now_ms.saturating_sub(expiration);
+
+        let mut out: Option<Output> = None;
+        let mut prefix: Vec<FrameInfo> = Vec::new();
+        let mut prefix_end = 0u64;
+        let mut gap: Option<Gap> = None;
+        let mut removed = (0u64, 0u64);
+        let mut pos = 0;
+        while pos < seg.size {
+            let (rr, frames, next) = self.read_chunk(seg, pos, cap, stats).await?;
+            let mut acts = Vec::with_capacity(frames.len());
+            for f in &frames {
+                let payload = &rr[f.start + FRAME_HEADER_BYTES..][..f.payload_len];
+                let h = BatchHeader::parse(payload)?;
+                let (base, last) = (h.base_offset() as u64, h.last_offset() as u64);
+                let info = FrameInfo {
+                    base,
+                    last,
+                    max_timestamp: h.max_timestamp(),
+                    len: f.len as u64,
+                };
+                let decision = if base >= map_end || h.is_control() {
+                    None
+                } else {
+                    let records = Records::of(payload, MAX_UNCOMPRESSED_RECORDS_BYTES)?;
+                    let mut kept: Vec<&[u8]> = Vec::new();
+                    let mut kept_max_ts = i64::MIN;
+                    let mut all = 0usize;
+                    for r in records.iter() {
+                        let r = r?;
+                        all += 1;
+                        let superseded = match r.key {
+                            None => true,
+                            Some(k) => map.get(k).is_some_and(|o| o > r.offset as u64),
+                        };
+                        let expired_tombstone = r.value.is_none() && tombstones_expired;
+                        if superseded || expired_tombstone {
+                            removed.0 += 1;
+                            removed.1 += u64::from(!superseded && expired_tombstone);
+                        } else {
+                            kept.push(r.raw);
+                            kept_max_ts = kept_max_ts.max(r.timestamp);
+                        }
+                    }
+                    if kept.len() == all {
+                        None
+                    } else if !kept.is_empty() {
+                        Some(Some(rebuild_batch(payload, &kept, Some(kept_max_ts))?))
+                    } else if h.producer_id() >= 0
+                        && producers.get(&h.producer_id()) == Some(&last)
+                        && h.max_timestamp() >= producer_cutoff
+                    {
+                        Some(Some(rebuild_batch(payload, &[], None)?))
+                    } else {
+                        Some(None)
+                    }
+                };
+                match decision {
+                    None => {
+                        flush_gap(&mut gap, &mut acts);
+                        acts.push(Act::Keep(f.start, f.len, info));
+                    }
+                    Some(Some(batch)) => {
+                        flush_gap(&mut gap, &mut acts);
+                        let frame = encode_frame(&batch, h.partition_leader_epoch());
+                        let info = FrameInfo {
+                            len: frame.len() as u64,
+                            max_timestamp: BatchHeader::parse(&batch)?.max_timestamp(),
+                            ..info
+                        };
+                        acts.push(Act::New(frame, info));
+                    }
+                    Some(None) => match &mut gap {
+                        Some(g) => {
+                            assert_eq!(g.end + 1, base, "offsets are contiguous");
+                            g.end = last;
+                            g.max_timestamp = g.max_timestamp.max(h.max_timestamp());
+                            g.epoch = h.partition_leader_epoch();
+                        }
+                        None => {
+                            gap = Some(Gap {
+                                start: base,
+                                end: last,
+                                max_timestamp: h.max_timestamp(),
+                                epoch: h.partition_leader_epoch(),
+                            })
+                        }
+                    },
+                }
+            }
+            if next >= seg.size {
+                flush_gap(&mut gap, &mut acts);
+            }
+            for act in acts {
+                match act {
+                    Act::Keep(start, len, info) if out.is_none() => {
+                        debug_assert_eq!(pos + start as u64, prefix_end);
+                        prefix.push(info);
+                        prefix_end += len as u64;
+                    }
+                    Act::Keep(start, len, info) => {
+                        let o = out.as_mut().expect("output open");
+                        o.write(&rr[start..start + len], info, self).await?;
+                    }
+                    Act::New(frame, info) => {
+                        if out.is_none() {
+                            let mut o = Output::create(&dir, seg.base, &log.inner.config).await?;
+                            self.step(Step::CleanedCreated)?;
+                            o.copy_prefix(seg, prefix_end, &prefix, self, stats).await?;
+                            out = Some(o);
+                        }
+                        let o = out.as_mut().expect("output open");
+                        o.write(&frame, info, self).await?;
+                    }
+                }
+            }
+            pos = next;
+        }
+        let Some(out) = out else {
+            return Ok(());
+        };
+        let (new_seg, written) = out.finish(seg).await?;
+        self.step(Step::CleanedWritten)?;
+        stats.bytes_written += written;
+        self.counters.bytes_written += written;
+        if self.swap(log, seg, new_seg).await? {
+            let reclaimed = seg.size.saturating_sub(written);
+            stats.bytes_reclaimed += reclaimed;
+            stats.segments_rewritten += 1;
+            stats.records_removed += removed.0;
+            stats.tombstones_removed += removed.1;
+            self.counters.bytes_reclaimed += reclaimed;
+            self.counters.segments_rewritten += 1;
+        }
+        Ok(())
+    }
+
+    /// Replaces `old` by the cleaned segment in `.cleaned` (see `swap.rs`); false if the log
+    /// changed under the cleaner (retention or truncation removed the segment), in which case
+    /// the cleaned copy is discarded.
+    async fn swap(
+        &mut self,
+        log: &PartitionLog,
+        old: &SegInfo,
+        mut new_seg: Segment,
+    ) -> Result<bool, EngineError> {
+        let inner = &log.inner;
+        let dir = inner.dir.clone();
+        let cleaned = swap::cleaned_path(&dir, old.base);
+        let _permit = inner
+            .lock
+            .acquire_permit(1)
+            .await
+            .map_err(|_| EngineError::Closed)?;
+        let _quiet = inner.quiesce_checkpointer().await?;
+        let unchanged = {
+            let st = inner.state.borrow();
+            inner.check(&st)?;
+            st.segments.get(&old.base).is_some_and(|s| {
+                Rc::ptr_eq(&s.file, &old.file)
+                    && s.size == old.size
+                    && s.next_offset == old.next_offset
+                    && s.base != st.active().base
+            })
+        };
+        if !unchanged {
+            tracing::debug!(
+                ?cleaned,
+                "segment changed while cleaning; cleaned copy dropped"
+            );
+            std::fs::remove_file(&cleaned).map_err(std_io_err(&cleaned))?;
+            return Ok(false);
+        }
+        let swap = swap::swap_path(&dir, old.base);
+        std::fs::rename(&cleaned, &swap).map_err(std_io_err(&cleaned))?;
+        self.step(Step::RenamedToSwap)?;
+        crate::checkpoint::sync_dir(&dir).await?;
+        self.step(Step::SwapDirSynced)?;
+        Segment::remove_index_files(&dir, old.base);
+        self.step(Step::OldIndexRemoved)?;
+        let path = segment::log_path(&dir, old.base);
+        std::fs::rename(&swap, &path).map_err(std_io_err(&swap))?;
+        self.step(Step::RenamedToLog)?;
+        crate::checkpoint::sync_dir(&dir).await?;
+        self.step(Step::LogDirSynced)?;
+        new_seg.file = segment::open_file(&path).await?;
+        new_seg.path = path;
+        let index = new_seg.index_files();
+        {
+            let mut st = inner.state.borrow_mut();
+            let slot = st
+                .segments
+                .get_mut(&old.base)
+                .expect("checked under the lock");
+            new_seg.opened_ms = slot.opened_ms;
+            assert_eq!(
+                (new_seg.base, new_seg.next_offset),
+                (slot.base, slot.next_offset),
+                "a cleaned segment spans the same offsets"
+            );
+            *slot = new_seg;
+        }
+        // Cached batches of the old segment are still right (the same offsets, older values
+        // that a reader could also have read a moment ago), but dropping them returns memory.
+        cache::forget(inner.log_id);
+        index.write_index_files(&dir).await?;
+        self.step(Step::IndexWritten)?;
+        Ok(true)
+    }
+}
+
+/// Covers a pending run of dropped offsets with record-less batches (split so each span fits
+/// lastOffsetDelta).
+fn flush_gap(gap: &mut Option<Gap>, acts: &mut Vec<Act>) {
+    let Some(g) = gap.take() else { return };
+    let mut start = g.start;
+    loop {
+        let end = g.end.min(start + i32::MAX as u64);
+        let batch = empty_span_batch(start, end, g.max_timestamp, g.epoch);
+        let frame = encode_frame(&batch, g.epoch);
+        acts.push(Act::New(
+            frame.clone(),
+            FrameInfo {
+                base: start,
+                last: end,
+                max_timestamp: g.max_timestamp,
+                len: frame.len() as u64,
+            },
+        ));
+        if end == g.end {
+            break;
+        }
+        start = end + 1;
+    }
+}
+
+/// A RecordBatch v2 with no records covering offsets `start..=end`, no producer.
+pub fn empty_span_batch(start: u64, end: u64, timestamp: i64, epoch: i32) -> Vec<u8> {
+    assert!(
+        end >= start && end - start <= i32::MAX as u64,
+        "span fits lastOffsetDelta"
+    );
+    let mut b = crate::batch::build_batch(&[], 0, timestamp, timestamp);
+    b[23..27].copy_from_slice(&((end - start) as i32).to_be_bytes());
+    crate::batch::stamp(&mut b, start as i64, epoch);
+    let crc = crc32c::crc32c(&b[crate::batch::CRC_COVERED_START..]);
+    b[17..21].copy_from_slice(&crc.to_be_bytes());
+    b
+}
+
+/// A whole frame (header, payload, zero padding) for a stamped batch.
+fn encode_frame(batch: &[u8], epoch: i32) -> Vec<u8> {
+    let h = BatchHeader::parse(batch).expect("the cleaner builds valid batches");
+    let header = FrameHeader::encode(
+        h.base_offset() as u64,
+        h.max_timestamp(),
+        h.last_offset_delta() as u32,
+        epoch,
+        batch,
+    );
+    let mut frame = Vec::with_capacity(frame_len(batch.len()));
+    frame.extend_from_slice(&header);
+    frame.extend_from_slice(batch);
+    frame.resize(frame_len(batch.len()), 0);
+    frame
+}
+
+/// The cleaned segment being written.
+struct Output {
+    writer: glommio::io::DmaStreamWriter,
+    path: PathBuf,
+    seg: Segment,
+    index_interval_bytes: u32,
+    written: u64,
+}
+
+impl Output {
+    async fn create(
+        dir: &Path,
+        base: u64,
+        config: &crate::LogConfig,
+    ) -> Result<Output, EngineError> {
+        let path = swap::cleaned_path(dir, base);
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .dma_open(&path)
+            .await
+            .map_err(io_err(&path))?;
+        // The in-memory segment is rebuilt on the final file after the swap; until then it
+        // only collects the index, so it borrows a handle to the new file.
+        let seg_file = segment::open_file(&path).await?;
+        let writer = DmaStreamWriterBuilder::new(file)
+            .with_buffer_size(CLEANER_WRITE_BUFFER_BYTES)
+            .build();
+        Ok(Output {
+            writer,
+            seg: Segment::new(base, seg_file, path.clone()),
+            path,
+            index_interval_bytes: config.index_interval_bytes,
+            written: 0,
+        })
+    }
+
+    async fn write(
+        &mut self,
+        frame: &[u8],
+        info: FrameInfo,
+        cleaner: &mut LogCleaner,
+    ) -> Result<(), EngineError> {
+        assert_eq!(info.len as usize, frame.len());
+        self.writer
+            .write_all(frame)
+            .await
+            .map_err(std_io_err(&self.path))?;
+        self.written += frame.len() as u64;
+        cleaner.throttle.account(frame.len() as u64).await;
+        self.seg.record_frame(
+            info.base,
+            info.last,
+            info.max_timestamp,
+            info.len,
+            self.index_interval_bytes,
+        );
+        Ok(())
+    }
+
+    /// Copies the frames kept whole before the first change (bytes `..end` of `old`).
+    async fn copy_prefix(
+        &mut self,
+        old: &SegInfo,
+        end: u64,
+        frames: &[FrameInfo],
+        cleaner: &mut LogCleaner,
+        stats: &mut CleanStats,
+    ) -> Result<(), EngineError> {
+        let mut pos = 0;
+        while pos < end {
+            let len = (CLEANER_READ_CHUNK_BYTES as u64).min(end - pos) as usize;
+            let rr = old
+                .file
+                .read_at(pos, len)
+                .await
+                .map_err(io_err(&old.path))?;
+            if rr.is_empty() {
+                return Err(EngineError::Corrupt {
+                    path: old.path.clone(),
+                    position: pos,
+                    reason: "segment shorter than the frames just read".into(),
+                });
+            }
+            stats.bytes_read += rr.len() as u64;
+            cleaner.counters.bytes_read += rr.len() as u64;
+            cleaner.throttle.account(rr.len() as u64).await;
+            self.writer
+                .write_all(&rr)
+                .await
+                .map_err(std_io_err(&self.path))?;
+            cleaner.throttle.account(rr.len() as u64).await;
+            pos += rr.len() as u64;
+        }
+        self.written += end;
+        for f in frames {
+            self.seg.record_frame(
+                f.base,
+                f.last,
+                f.max_timestamp,
+                f.len,
+                self.index_interval_bytes,
+            );
+        }
+        Ok(())
+    }
+
+    /// Flushes, syncs and closes the file (exactly its data long): the cleaned segment, with its
+    /// index built, and the bytes written.
+    async fn finish(mut self, old: &SegInfo) -> Result<(Segment, u64), EngineError> {
+        self.writer.close().await.map_err(std_io_err(&self.path))?;
+        let on_disk = std::fs::metadata(&self.path)
+            .map_err(std_io_err(&self.path))?
+            .len();
+        if on_disk != self.written {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&self.path)
+                .map_err(std_io_err(&self.path))?;
+            f.set_len(self.written).map_err(std_io_err(&self.path))?;
+            f.sync_all().map_err(std_io_err(&self.path))?;
+        }
+        assert_eq!(self.seg.size, self.written, "index covers what was written");
+        assert_eq!(
+            self.seg.next_offset, old.next_offset,
+            "a cleaned segment ends where the old one did"
+        );
+        Ok((self.seg, self.written))
+    }
+}
