@@ -80,6 +80,12 @@ fuzz_target!(|data: &[u8]| {
     for (i, (r, (key, value, headers))) in set.records.iter().zip(&seen.0).enumerate() {
         assert_eq!(r.key.as_deref(), key.as_deref(), "record {i} key");
         assert_eq!(r.value.as_deref(), value.as_deref(), "record {i} value");
-        assert_eq!(r.headers.len(), *headers as usize, "record {i} headers");
+        // kafka-protocol keeps headers in a map, so repeated keys (which Kafka allows: headers
+        // are a list) collapse into one there; found by this target with two empty keys.
+        assert!(
+            r.headers.len() <= *headers as usize && r.headers.is_empty() == (*headers == 0),
+            "record {i} headers: {} decoded, {headers} validated",
+            r.headers.len()
+        );
     }
 });
