@@ -2,6 +2,8 @@
 //! directory, with the validation Produce applies (engine `validate`). It names the topic,
 //! partition and offset of each bad batch and exits non-zero when there is any. It opens files
 //! for reading only: a broker may not be running on the directory, and nothing is repaired.
+//! Segments are read in chunks (engine `VERIFY_READ_BYTES`), so its memory is one chunk plus the
+//! largest batch met, whatever the segments' sizes.
 
 use std::path::{Path, PathBuf};
 
