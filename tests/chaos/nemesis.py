@@ -124,17 +124,6 @@ class Nemesis:
             target = self.leader_of() if self.leader_of else 1
         return self.nodes[int(target) - 1]
 
-    def run(self, faults, stop_event, clock):
-        """Runs the schedule; `clock()` gives seconds since the nemesis started. Returns early
-        (after healing) when stop_event is set."""
-        for fault in faults:
-            delay = fault.at_s - clock()
-            if delay > 0 and stop_event.wait(delay):
-                return
-            if stop_event.is_set():
-                return
-            self.apply(fault, stop_event)
-
     def apply(self, fault, stop_event):
         nodes = [self._node(t) for t in fault.targets]
         targets = [n.node_id for n in nodes]
