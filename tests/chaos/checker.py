@@ -13,6 +13,9 @@ Anomaly kinds (each is a broken guarantee; any one fails the run):
   phantom           a value was read that no producer ever sent
   producer_reorder  one producer's acknowledged values in one partition are out of send order
   producer_fatal    the idempotent producer hit a fatal error (its sequence state was broken)
+  offset_reset      the broker refused a consumer's fetch at an offset the consumer had reached
+                    by reading (OFFSET_OUT_OF_RANGE): records it served went away, if only
+                    for a while
   incomplete_read   the final read did not cover [low, high) of every partition, so lost
                     writes cannot be judged
 
@@ -43,6 +46,7 @@ ANOMALY_KINDS = (
     "phantom",
     "producer_reorder",
     "producer_fatal",
+    "offset_reset",
     "incomplete_read",
 )
 
@@ -115,6 +119,12 @@ def check(events, rules=None):
             nacked[e["value"]] = e.get("error")
         elif ty == "producer_fatal":
             f.add("producer_fatal", proc=e["proc"], error=e.get("error"), t=e["t"])
+        elif ty == "offset_reset":
+            f.add("offset_reset", proc=e["proc"], partition=e.get("partition"),
+                  error=e.get("error"), t=e["t"])
+            # The reader starts over from the beginning: one anomaly, not a second one for
+            # the jump back.
+            streams.pop((e["proc"], _partition_key(e["partition"])), None)
         elif ty in ("assign", "revoke"):
             for p in e.get("partitions", []):
                 streams.pop((e["proc"], _partition_key(p)), None)

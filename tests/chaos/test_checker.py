@@ -219,6 +219,11 @@ class CheckerTest(unittest.TestCase):
         s.ev("producer_fatal", proc="p0", error="OUT_OF_ORDER_SEQUENCE_NUMBER")
         self.assertOnly(s.consume().final().events, "producer_fatal")
 
+    def test_offset_reset(self):
+        s = Synth().produce().consume()
+        s.ev("offset_reset", proc="r0", partition=0, error="fetch at 6 out of range")
+        self.assertOnly(s.final().events, "offset_reset")
+
     def test_incomplete_final_read(self):
         events = drop(Synth().clean(), is_final_poll("p0-1"))
         self.assertOnly(events, "incomplete_read")

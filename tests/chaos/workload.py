@@ -9,6 +9,7 @@ what it does and sees in the history:
 import logging
 import threading
 import time
+import traceback
 
 from confluent_kafka import (OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer,
                              TopicPartition)
@@ -31,6 +32,7 @@ CONSUME_TIMEOUT_S = 0.2
 CLIENT_CALL_TIMEOUT_S = 10.0
 FINAL_READ_TIMEOUT_S = 120.0
 FLUSH_TIMEOUT_S = 60.0
+FATAL_FLUSH_TIMEOUT_S = 5.0
 
 
 # librdkafka's own log lines (connection refused during every fault, etc.) go here; the
@@ -86,7 +88,8 @@ class Worker(threading.Thread):
             self.work()
         except Exception as e:  # recorded and re-raised by the runner: a harness failure
             self.error = e
-            self.history.record("worker_error", proc=self.proc, error=repr(e))
+            self.history.record("worker_error", proc=self.proc, error=repr(e),
+                                traceback=traceback.format_exc())
 
 
 class ProducerWorker(Worker):
@@ -134,11 +137,13 @@ class ProducerWorker(Worker):
                 # outstanding values resolve, and carry on with a new producer.
                 self.history.record("producer_fatal", proc=self.proc,
                                     error=self.fatal.name() + ": " + self.fatal.str())
-                producer.flush(FLUSH_TIMEOUT_S)
+                # A fatal producer fails what it still holds: those come back as nacks.
+                self._guard(producer.flush, FATAL_FLUSH_TIMEOUT_S)
                 self.session += 1
                 producer = self._client()
+                continue
             if self.unresolved >= MAX_UNRESOLVED_PER_PRODUCER:
-                producer.poll(0.05)
+                self._guard(producer.poll, 0.05)
                 continue
             value = f"{self.proc}-{self.seq}"
             self.history.record("send", proc=self.proc, value=value, seq=self.seq)
@@ -151,16 +156,29 @@ class ProducerWorker(Worker):
                 self.history.record("nack", proc=self.proc, value=value, error="BufferError")
             except KafkaException as e:
                 self.unresolved -= 1
-                self.history.record("nack", proc=self.proc, value=value, error=str(e))
+                self.history.record("nack", proc=self.proc, value=value, error=e.args[0].name())
+                if e.args[0].fatal() and self.fatal is None:
+                    self.fatal = e.args[0]
             self.seq += 1
-            producer.poll(0)
+            self._guard(producer.poll, 0)
             next_at += interval
             delay = next_at - time.monotonic()
             if delay > 0:
-                producer.poll(delay)  # paces the rate and serves delivery reports meanwhile
+                # Paces the rate and serves delivery reports meanwhile.
+                self._guard(producer.poll, delay)
             else:
                 next_at = time.monotonic()
-        producer.flush(FLUSH_TIMEOUT_S)
+        self._guard(producer.flush, FLUSH_TIMEOUT_S)
+
+    def _guard(self, call, arg):
+        """poll/flush raise the producer's fatal error: keep it for the loop to handle."""
+        try:
+            call(arg)
+        except KafkaException as e:
+            if not e.args[0].fatal():
+                raise
+            if self.fatal is None:
+                self.fatal = e.args[0]
 
 
 class GroupConsumer(Worker):
@@ -243,8 +261,10 @@ class AssignedReader(Worker):
 
     def work(self):
         conf = common_conf(self.bootstrap)
+        # "error": a fetch refused as out of range comes to us (recorded) instead of a silent
+        # jump back to the start; the reader then seeks to the start itself.
         conf.update({"group.id": f"chaos-reader-{self.proc}", "enable.auto.commit": False,
-                     "auto.offset.reset": "earliest"})
+                     "auto.offset.reset": "error"})
         consumer = Consumer(conf)
         consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING)
                          for p in range(self.partitions)])
@@ -253,6 +273,14 @@ class AssignedReader(Worker):
             while not self.stop_event.is_set():
                 for m in consumer.consume(CONSUME_BATCH, timeout=CONSUME_TIMEOUT_S):
                     if m.error():
+                        if m.error().code() == KafkaError._AUTO_OFFSET_RESET:
+                            self.history.record("offset_reset", proc=self.proc,
+                                                partition=m.partition(), error=m.error().str())
+                            # A partition in this error state cannot seek: assign it anew.
+                            tp = TopicPartition(self.topic, m.partition(), OFFSET_BEGINNING)
+                            consumer.incremental_unassign([tp])
+                            consumer.incremental_assign([tp])
+                            continue
                         self.history.record("consumer_error", proc=self.proc,
                                             error=m.error().name())
                         continue
