@@ -9,11 +9,11 @@ Kinds:
                     cluster, the election timeout), then SIGCONT
   restart           rolling restart: every node in turn stopped with SIGTERM and started again
   kill_majority     SIGKILL a majority at once (cluster only)
-  partition         isolate one node from all the others, both ways (cluster + namespaces)
+  partition         isolate one node (its link down): from the other nodes and the clients
   partition_split   a majority/minority split, both ways (cluster + namespaces)
   partition_oneway  one node's packets to the others are dropped, theirs still arrive
   partition_bridge  two sides that cannot see each other, and one node that sees both
-  slow              one node's egress limited by tbf (cluster + namespaces)
+  slow              one node's egress limited by tbf (namespaces)
 """
 import random
 from dataclasses import dataclass, field
@@ -36,7 +36,7 @@ PARTITION_MIN_S = 3.0
 PARTITION_MAX_S = 8.0
 SLOW_RATE_KBIT = 256
 # Kinds that need more than one node, and kinds that need namespaces.
-NEEDS_CLUSTER = ("kill_majority",) + NETWORK_KINDS
+NEEDS_CLUSTER = ("kill_majority", "partition_split", "partition_oneway", "partition_bridge")
 NEEDS_NETNS = NETWORK_KINDS
 
 
@@ -81,7 +81,7 @@ def schedule(seed, duration_s, kinds, nodes):
             targets = rng.sample(ids, nodes // 2 + 1)
             dur = rng.uniform(0.0, KILL_DOWN_MAX_S)
         elif kind == "partition":
-            targets = [rng.choice(ids + ["leader"])]
+            targets = [rng.choice(ids + (["leader"] if nodes > 1 else []))]
             dur = rng.uniform(PARTITION_MIN_S, PARTITION_MAX_S)
         elif kind == "partition_split":
             shuffled = ids[:]

@@ -1,6 +1,9 @@
 """Network namespaces for fault tests: N node namespaces, each joined by a veth pair to a bridge
-that lives in a hub namespace of its own, so nothing is added to the host's namespace. Node i
-has address 10.77.0.i/24 on its `eth0`.
+that lives in a hub namespace of its own. Node i has address 10.77.K.i/24 on its `eth0` (K is
+per network, so networks of parallel runs do not collide). With `client_link`, one more veth
+pair joins the host's namespace to the bridge (10.77.K.254) so that clients and the harness
+running there reach the nodes; it is the only thing added to the host's namespace, and it goes
+when the hub namespace is removed.
 
 Faults (what this kernel has: ip netns, veth, bridge, tc htb/tbf/blackhole with u32 filters;
 not netem, iptables or nftables):
@@ -27,8 +30,11 @@ import sys
 import time
 
 PREFIX_ROOT = "spch"
-SUBNET_PREFIX = "10.77.0."
+SUBNET_FIRST_OCTETS = "10.77"
 SUBNET_BITS = 24
+# Third octet of a network's subnet: chosen from the pid among this many.
+SUBNET_CHOICES = 250
+CLIENT_HOST_ID = 254
 # Most nodes in one network: addresses .1 to .MAX_NODES of the /24, filter priorities below.
 MAX_NODES = 50
 CMD_TIMEOUT_S = 20
@@ -76,6 +82,11 @@ def cleanup(prefix=PREFIX_ROOT):
     """Removes every namespace whose name starts with prefix, killing what still runs there.
     Returns the names removed."""
     removed = []
+    out = _run(["ip", "-o", "link", "show"], check=False)
+    for line in out.stdout.splitlines():
+        name = line.split(":")[1].strip().split("@")[0] if ":" in line else ""
+        if name.startswith(prefix.rstrip("-")) and name.endswith("c"):
+            _run(["ip", "link", "del", name], check=False)
     for ns in list_namespaces(prefix):
         pids = _run(["ip", "netns", "pids", ns], check=False).stdout.split()
         for pid in pids:
@@ -89,10 +100,12 @@ def cleanup(prefix=PREFIX_ROOT):
 
 
 class Network:
-    def __init__(self, size, prefix=None):
+    def __init__(self, size, prefix=None, client_link=False):
         assert 1 <= size <= MAX_NODES, size
         self.size = size
+        self.client_link = client_link
         self.prefix = prefix or f"{PREFIX_ROOT}{os.getpid()}"
+        self.subnet = f"{SUBNET_FIRST_OCTETS}.{os.getpid() % SUBNET_CHOICES}."
         # veth names are made in the node namespace but must still fit IFNAMSIZ (15).
         assert len(self.prefix) <= 11, self.prefix
         self.hub = f"{self.prefix}-hub"
@@ -103,7 +116,11 @@ class Network:
         return f"{self.prefix}-n{i}"
 
     def addr(self, i):
-        return f"{SUBNET_PREFIX}{i}"
+        return f"{self.subnet}{i}"
+
+    @property
+    def client_addr(self):
+        return self.addr(CLIENT_HOST_ID)
 
     def ids(self):
         return range(1, self.size + 1)
@@ -139,6 +156,15 @@ class Network:
                 _run(["ip", "-n", self.hub, "link", "set", f"b{i}", "master", "br0"])
                 _run(["ip", "-n", self.hub, "link", "set", f"b{i}", "up"])
                 self._egress_qdiscs(i)
+            if self.client_link:
+                host_end = f"{self.prefix}c"
+                _run(["ip", "link", "add", host_end, "type", "veth", "peer", "name", "c0",
+                      "netns", self.hub])
+                _run(["ip", "addr", "add", f"{self.client_addr}/{SUBNET_BITS}", "dev",
+                      host_end])
+                _run(["ip", "link", "set", host_end, "up"])
+                _run(["ip", "-n", self.hub, "link", "set", "c0", "master", "br0"])
+                _run(["ip", "-n", self.hub, "link", "set", "c0", "up"])
         except Exception:
             self.destroy()
             raise
@@ -201,6 +227,9 @@ class Network:
             return
         self.created = False
         cleanup(self.prefix + "-")
+        if self.client_link:
+            # Gone with its peer in the hub namespace; removed here if the hub never got it.
+            _run(["ip", "link", "del", f"{self.prefix}c"], check=False)
 
 
 def _udp_count(port, expected, timeout_s):

@@ -104,14 +104,7 @@ class Node:
         return cmd
 
     def _ready_check(self):
-        if self.netns:
-            # Readiness from inside the namespace: the harness itself may not reach it.
-            return subprocess.run(
-                ["ip", "netns", "exec", self.netns, "python3", "-c",
-                 "import sys; sys.path.insert(0, sys.argv[1]); from chaos import nodes; "
-                 "sys.exit(0 if nodes.api_versions_answered(sys.argv[2], int(sys.argv[3])) "
-                 "else 1)", os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                 self.host, str(self.port)], capture_output=True, timeout=10).returncode == 0
+        # In a namespace the node is reached over the network's client link (netns.Network).
         return api_versions_answered(self.host, self.port)
 
     def log_tail(self):
@@ -129,7 +122,7 @@ class Node:
         assert self.proc is None, f"node {self.node_id} already running"
         attempts = MAX_START_ATTEMPTS if first and self.netns is None else 1
         for attempt in range(attempts):
-            if not first and self.netns is None:
+            if not first:
                 self._wait_port_free()
             try:
                 self._spawn_and_wait()

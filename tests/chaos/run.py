@@ -68,8 +68,9 @@ def choose_network(args):
     ok, why = netns.available()
     if args.network == "netns" and not ok:
         raise SystemExit(f"--network netns: namespaces unavailable: {why}")
-    if args.nodes == 1:
-        # One node has no links between nodes to cut; clients stay on loopback.
+    if args.nodes == 1 and args.network == "auto":
+        # One node has no links between nodes to cut: loopback unless namespaces are asked
+        # for (then the node can be cut off from its clients and slowed).
         return False, "loopback (one node: kill, pause and restart faults only)"
     if not ok:
         return False, f"loopback: namespaces unavailable ({why}); kill and pause faults only"
@@ -152,7 +153,7 @@ def main(argv=None):
     harness_error = None
     try:
         if use_netns:
-            net = netns.Network(args.nodes)
+            net = netns.Network(args.nodes, client_link=True)
             net.create()
         cluster = nodes.Nodes(binary, out, count=args.nodes, flush=args.flush, cores=args.cores,
                               hosts=[net.addr(i) for i in net.ids()] if net else None,

@@ -29,8 +29,12 @@ class NetnsTest(unittest.TestCase):
                          stdout=subprocess.PIPE, text=True)
         try:
             self.assertEqual(recv.stdout.readline().strip(), "ready")
-            net.run(src, [sys.executable, "-m", "chaos.netns", "udp-send", net.addr(dst),
-                          str(PORT), str(count), str(size)], check=True, timeout=30)
+            send = [sys.executable, "-m", "chaos.netns", "udp-send", net.addr(dst), str(PORT),
+                    str(count), str(size)]
+            if src is None:  # from the host's namespace, over the client link
+                subprocess.run(send, check=True, timeout=30)
+            else:
+                net.run(src, send, check=True, timeout=30)
             out, _ = recv.communicate(timeout=30)
             return int(out.strip())
         finally:
@@ -40,8 +44,10 @@ class NetnsTest(unittest.TestCase):
 
     def test_cut_heal_slow_and_teardown(self):
         prefix = f"{netns.PREFIX_ROOT}t{os.getpid()}"
-        with netns.Network(3, prefix=prefix) as net:
+        with netns.Network(3, prefix=prefix, client_link=True) as net:
             self.assertEqual(len(netns.list_namespaces(prefix + "-")), 4)  # hub + 3 nodes
+            self.delivered(net, None, 2, count=1)
+            self.assertEqual(self.delivered(net, None, 2), DATAGRAMS, "host reaches node 2")
             # ARP warms up with the first datagrams: a working link then delivers them all.
             self.delivered(net, 1, 2, count=1)
             self.assertEqual(self.delivered(net, 1, 2), DATAGRAMS)
@@ -76,6 +82,8 @@ class NetnsTest(unittest.TestCase):
             # Back to full speed (a volume the receiver's socket buffer holds at once).
             self.assertEqual(self.delivered(net, 1, 2, size=1400), DATAGRAMS)
         self.assertEqual(netns.list_namespaces(prefix + "-"), [], "teardown leaves nothing")
+        links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True)
+        self.assertNotIn(prefix, links.stdout, "no link left in the host's namespace")
 
     def test_cleanup_removes_leftovers_by_prefix(self):
         prefix = f"{netns.PREFIX_ROOT}c{os.getpid()}"
