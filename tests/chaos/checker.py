@@ -160,6 +160,8 @@ def check(events, rules=None):
                 faults[e["id"]]["end"] = e["t"]
         elif ty == "final_hwm":
             final_hwm[_partition_key(e["partition"])] = (e["low"], e["high"])
+        elif ty == "final_missing":
+            final_hwm[_partition_key(e["partition"])] = (0, 0)
         elif ty == "final_done":
             final_done = e
 
@@ -175,29 +177,29 @@ def check(events, rules=None):
         if v not in sent:
             f.add("phantom", value=v, offsets=sorted(where))
 
-    # Lost writes and aborted reads are judged against a complete final read only.
-    final_complete = bool(final_done and final_done.get("complete"))
+    # Lost writes and aborted reads are judged per partition, where the final read covered
+    # [low, high) completely (a partition that no longer exists counts as read and empty).
+    judged = set()
     if final_done is None:
         f.add("incomplete_read", reason="no final read in the history")
     else:
         for p, (low, high) in sorted(final_hwm.items()):
             missing = [o for o in range(low, high) if o not in final_positions[p]]
             if missing:
-                final_complete = False
                 f.add("incomplete_read", partition=p, low=low, high=high,
                       missing=len(missing), first_missing=missing[:5])
+            else:
+                judged.add(p)
         if not final_done.get("complete"):
             f.add("incomplete_read", reason=final_done.get("reason", "final reader gave up"))
-    if final_complete:
-        for v, (p, o, t) in acked.items():
-            low, high = final_hwm.get(p, (0, 0))
-            if v not in final_values:
-                f.add("lost", value=v, partition=p, offset=o, acked_at=t,
-                      high_watermark=high)
-        for v in positions:
-            if v in sent and v not in acked and v not in final_values:
-                f.add("aborted_read", value=v, offsets=sorted(positions[v]),
-                      nack=nacked.get(v))
+    for v, (p, o, t) in acked.items():
+        if p in judged and v not in final_values:
+            f.add("lost", value=v, partition=p, offset=o, acked_at=t,
+                  high_watermark=final_hwm[p][1])
+    for v, where in positions.items():
+        if (v in sent and v not in acked and v not in final_values
+                and all(p in judged for p, _ in where)):
+            f.add("aborted_read", value=v, offsets=sorted(where), nack=nacked.get(v))
 
     # One producer's acks in one partition follow its send order (idempotence keeps order).
     by_producer = defaultdict(list)

@@ -16,11 +16,16 @@ Kinds:
   slow              one node's egress limited by tbf (namespaces)
 """
 import random
+import shutil
 from dataclasses import dataclass, field
 
 SINGLE_NODE_KINDS = ("kill", "pause", "restart")
 CLUSTER_KINDS = SINGLE_NODE_KINDS + ("kill_majority",)
 NETWORK_KINDS = ("partition", "partition_split", "partition_oneway", "partition_bridge", "slow")
+# Planted bugs, never in a `mixed` schedule: they exist to show that a run under them fails.
+# kill_wipe kills a node and deletes its data dir before the restart (a lost disk on one node
+# with no replica must lose acknowledged writes).
+PLANTED_KINDS = ("kill_wipe",)
 ALL_KINDS = CLUSTER_KINDS + NETWORK_KINDS
 
 # Time between the end of one fault and the start of the next.
@@ -67,7 +72,7 @@ def schedule(seed, duration_s, kinds, nodes):
     while t < duration_s:
         kind = rng.choice(list(kinds))
         params = {}
-        if kind == "kill":
+        if kind in ("kill", "kill_wipe"):
             targets = [rng.choice(ids + (["leader"] if nodes > 1 else []))]
             dur = rng.uniform(0.0, KILL_DOWN_MAX_S)
         elif kind == "pause":
@@ -130,9 +135,11 @@ class Nemesis:
         self.history.record("fault_start", id=fault.id, kind=fault.kind, targets=targets,
                             params=fault.params, planned_s=fault.duration_s)
         try:
-            if fault.kind in ("kill", "kill_majority"):
+            if fault.kind in ("kill", "kill_majority", "kill_wipe"):
                 for n in nodes:
                     n.kill()
+                    if fault.kind == "kill_wipe":
+                        shutil.rmtree(n.data_dir)
                 stop_event.wait(fault.duration_s)
                 for n in nodes:
                     n.start()

@@ -1,6 +1,7 @@
 """Process control of real `spate` nodes: start (optionally inside a network namespace), SIGKILL,
 SIGSTOP/SIGCONT, graceful stop, and readiness by an answered Kafka request. Each node keeps its
 data dir and its log (appended across restarts) under the run's directory."""
+import ctypes
 import os
 import signal
 import socket
@@ -20,8 +21,17 @@ LOG_TAIL_BYTES = 4000
 TEST_SEGMENT_BYTES = 16 << 20
 
 
+PR_SET_PDEATHSIG = 1
+
+
 class NodeError(Exception):
     pass
+
+
+def _die_with_parent():
+    """In the child before exec: SIGKILL it when the harness dies, however it dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def free_port(host="127.0.0.1"):
@@ -145,6 +155,7 @@ class Node:
                       .encode())
             log.flush()
             self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=log,
+                                         preexec_fn=_die_with_parent,
                                          env=dict(os.environ, RUST_LOG=os.environ.get(
                                              "SPATE_CHAOS_RUST_LOG", "info")))
         self.starts += 1

@@ -9,6 +9,7 @@ usage: python3 -m chaos.run --binary target/release/spate --duration 60 [--seed 
 Replay a run's schedule with the same --seed (and the same --nodes, --nemesis, --duration).
 """
 import argparse
+import faulthandler
 import json
 import os
 import random
@@ -27,6 +28,10 @@ GROUP = "chaos-group"
 # checker's unavailability window for that fault shows how long).
 RECOVERY_TIMEOUT_S = 60.0
 RECOVERY_POLL_S = 0.05
+# A run that takes longer than its duration plus this is hung (a client library call that
+# never returns): the watchdog, which needs no Python lock, prints every thread's stack and
+# ends the process; the nodes die with it (nodes.Node sets PR_SET_PDEATHSIG).
+WATCHDOG_SLACK_S = float(os.environ.get("SPATE_CHAOS_WATCHDOG_SLACK_S", "600"))
 # Per node at least: a run must not fill a shared test disk.
 MIN_FREE_DISK_BYTES = 2 << 30
 
@@ -83,6 +88,8 @@ def choose_kinds(args, use_netns):
         return allowed
     kinds = tuple(k.strip() for k in args.nemesis.split(",") if k.strip())
     for k in kinds:
+        if k in nemesis.PLANTED_KINDS:
+            continue
         if k not in nemesis.ALL_KINDS:
             raise SystemExit(f"unknown nemesis {k!r}; known: {', '.join(nemesis.ALL_KINDS)}")
         if k not in allowed:
@@ -138,6 +145,7 @@ def main(argv=None):
     print(f"chaos: seed {seed}, {len(faults)} faults planned ({', '.join(kinds)}), "
           f"{network_note}, output in {out}", flush=True)
 
+    faulthandler.dump_traceback_later(args.duration + WATCHDOG_SLACK_S, exit=True)
     workload.log_clients_to(os.path.join(out, "clients.log"))
     hist_path = os.path.join(out, "history.jsonl")
     h = history.History(hist_path)
@@ -248,4 +256,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # librdkafka handles still open in stuck client threads must not hold up the exit.
+    os._exit(code)

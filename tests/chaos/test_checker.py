@@ -116,6 +116,16 @@ class CheckerTest(unittest.TestCase):
         events = s.final().events
         self.assertOnly(events, "lost")
 
+    def test_partition_gone_loses_its_writes(self):
+        s = Synth().produce().consume()
+        s.writes = [w for w in s.writes if w[1] == 0]
+        s.partitions = 1
+        events = s.final().events
+        events.insert(-1, {"t": s.t, "type": "final_missing", "partition": 1,
+                           "error": "Unknown partition"})
+        summary = self.assertOnly(events, "lost")
+        self.assertEqual(summary["anomalies"]["lost"], 3)
+
     def test_acked_but_never_read_at_all(self):
         s = Synth()
         s.produce()

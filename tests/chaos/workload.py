@@ -298,15 +298,22 @@ def final_read(bootstrap, topic, partitions, history, proc="final"):
                  "auto.offset.reset": "earliest"})
     consumer = Consumer(conf)
     try:
-        marks = {}
+        marks, missing = {}, []
         for p in range(partitions):
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p),
-                                                       timeout=CLIENT_CALL_TIMEOUT_S)
+            try:
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p),
+                                                           timeout=CLIENT_CALL_TIMEOUT_S)
+            except KafkaException as e:
+                # The partition is gone (e.g. its data dir was lost and the topic came back
+                # with fewer partitions): what was acknowledged there is judged lost.
+                history.record("final_missing", partition=p, error=e.args[0].str())
+                missing.append(p)
+                continue
             marks[p] = (low, high)
             history.record("final_hwm", partition=p, low=low, high=high)
         todo = {p for p, (low, high) in marks.items() if high > low}
-        consumer.assign([TopicPartition(topic, p, marks[p][0]) for p in range(partitions)])
-        history.record("assign", proc=proc, partitions=list(range(partitions)))
+        consumer.assign([TopicPartition(topic, p, low) for p, (low, _) in marks.items()])
+        history.record("assign", proc=proc, partitions=sorted(marks))
         deadline = time.monotonic() + FINAL_READ_TIMEOUT_S
         while todo and time.monotonic() < deadline:
             for m in consumer.consume(CONSUME_BATCH, timeout=CONSUME_TIMEOUT_S):
