@@ -14,8 +14,13 @@ Event types (fields beside t/type):
   committed    proc, group, partition, offset, t0  a committed offset read back from the broker
   fault_start  id, kind, targets, params
   fault_end    id, kind
+  offset_reset proc, partition, error              a reader's fetch was refused as out of range
+  consumer_error, committed_error  proc, error     client errors, recorded, not judged
   final_hwm    partition, low, high                watermarks the final reader reads up to
-  final_done   complete                            the final reader finished (or gave up)
+  final_missing partition, error                   a partition the final reader cannot find
+  final_done   complete, reason?                   the final reader finished (or gave up)
+  recovered    ok                                  acks resumed after the last fault (or not)
+  worker_error, harness_error, final_error  error  the harness itself failed
 """
 import json
 import threading

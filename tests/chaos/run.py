@@ -7,6 +7,8 @@ Exit status: 0 clean, 1 anomalies found, 2 the harness could not run (the reason
 
 usage: python3 -m chaos.run --binary target/release/spate --duration 60 [--seed N] --out DIR
 Replay a run's schedule with the same --seed (and the same --nodes, --nemesis, --duration).
+Environment: SPATE_BIN (default --binary), SPATE_CHAOS_RUST_LOG (the nodes' RUST_LOG, info),
+SPATE_CHAOS_WATCHDOG_SLACK_S (a run longer than --duration plus this is ended as hung, 600).
 """
 import argparse
 import faulthandler
@@ -127,6 +129,10 @@ def main(argv=None):
     binary = os.path.abspath(args.binary)
     if not os.access(binary, os.X_OK):
         print(f"no spate binary at {binary} (cargo build --release)", file=sys.stderr)
+        return 2
+    if args.nodes > 1 and not nodes.binary_supports(binary, "--seeds"):
+        print(f"{binary} has no --seeds flag: cluster mode needs issue 15 (replicated "
+              "partitions); run with --nodes 1", file=sys.stderr)
         return 2
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
     out = os.path.abspath(args.out or tempfile.mkdtemp(prefix="spate-chaos-"))
