@@ -3,6 +3,8 @@
 use kafka_protocol::ResponseError;
 use spate_engine::EngineError;
 
+pub use spate_replication::partition::engine_error_code;
+
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     /// The frame or the request in it cannot be decoded; the connection is closed.
@@ -26,26 +28,16 @@ pub enum NetError {
     Io(#[from] std::io::Error),
     #[error("configuration: {0}")]
     Config(String),
-}
-
-/// Kafka error code for a storage error.
-pub fn engine_error_code(err: &EngineError) -> i16 {
-    match err {
-        EngineError::InvalidBatch(_) => ResponseError::CorruptMessage.code(),
-        EngineError::BatchTooLarge { .. } => ResponseError::MessageTooLarge.code(),
-        EngineError::OffsetOutOfRange { .. } => ResponseError::OffsetOutOfRange.code(),
-        EngineError::Corrupt { .. } | EngineError::Io { .. } => {
-            ResponseError::KafkaStorageError.code()
-        }
-        EngineError::Closed => ResponseError::NotLeaderOrFollower.code(),
-        EngineError::Config(_) => ResponseError::InvalidConfig.code(),
-    }
+    /// A partition replica failed (opening, recovering, snapshotting).
+    #[error("replica: {0}")]
+    Replica(#[from] spate_replication::partition::ReplicaError),
 }
 
 /// Kafka error code for any error met while serving a partition.
 pub fn net_error_code(err: &NetError) -> i16 {
     match err {
         NetError::Engine(e) => engine_error_code(e),
+        NetError::Replica(e) => e.code(),
         NetError::ShardUnavailable(_) => ResponseError::NotLeaderOrFollower.code(),
         _ => ResponseError::UnknownServerError.code(),
     }

@@ -18,32 +18,16 @@ use crate::config::BrokerConfig;
 use crate::cross_wake;
 use crate::error::NetError;
 use crate::metadata::{MetadataStore, Topics};
-use crate::partition::Partition;
+pub use spate_replication::partition::TopicPartition;
+use spate_replication::partition::{
+    apply_topic_configs, LiveLimits, PartitionReplica, ReplicaConfig,
+};
 
 /// Work sent to another shard: runs there with that shard's state.
 pub type Job = Box<dyn FnOnce(Rc<Shard>) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
 
 /// Jobs queued per shard before senders wait (backpressure across shards).
 pub const SHARD_QUEUE_DEPTH: usize = 4096;
-
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TopicPartition {
-    pub topic: Arc<str>,
-    pub partition: i32,
-}
-
-impl TopicPartition {
-    pub fn new(topic: &str, partition: i32) -> Self {
-        TopicPartition {
-            topic: Arc::from(topic),
-            partition,
-        }
-    }
-    /// Directory of this partition's log under the data dir.
-    pub fn dir_name(&self) -> String {
-        format!("{}-{}", self.topic, self.partition)
-    }
-}
 
 thread_local! {
     static CURRENT: RefCell<Option<Rc<Shard>>> = const { RefCell::new(None) };
@@ -272,7 +256,7 @@ pub struct Shard {
     pub config: Arc<BrokerConfig>,
     pub metadata: Arc<MetadataStore>,
     cached_topics: RefCell<(u64, Topics)>,
-    partitions: RefCell<HashMap<TopicPartition, Rc<Partition>>>,
+    partitions: RefCell<HashMap<TopicPartition, Rc<PartitionReplica>>>,
     /// Serialises opening partitions (rare) so two tasks never open one log twice.
     open_lock: Semaphore,
     /// Notified after every append on this shard; long-polling fetches wait on it.
@@ -344,11 +328,11 @@ impl Shard {
         configs: &std::collections::BTreeMap<String, String>,
     ) {
         let mut lc = self.config.log_config();
-        crate::handlers::admin::apply_topic_configs(&mut lc, configs);
-        let limits = spate_engine::LiveLimits::of(&lc);
+        apply_topic_configs(&mut lc, configs);
+        let limits = LiveLimits::of(&lc);
         for (tp, p) in self.partitions.borrow().iter() {
             if &*tp.topic == topic {
-                if let Err(e) = p.log.set_limits(limits) {
+                if let Err(e) = p.set_limits(limits) {
                     tracing::warn!(topic, partition = tp.partition, error = %e, "topic config not applied");
                 }
             }
@@ -387,7 +371,7 @@ impl Shard {
 
     /// The open partition, opening (and recovering) its log on first use. Must run on the
     /// owning shard. The error is a Kafka error code.
-    pub async fn partition(&self, tp: &TopicPartition) -> Result<Rc<Partition>, i16> {
+    pub async fn partition(&self, tp: &TopicPartition) -> Result<Rc<PartitionReplica>, i16> {
         debug_assert_eq!(self.router.shard_for(&tp.topic, tp.partition), self.id);
         if let Some(p) = self.partitions.borrow().get(tp) {
             return Ok(p.clone());
@@ -406,19 +390,23 @@ impl Shard {
         }
         let mut log_config = self.config.log_config();
         if let Some(t) = self.topics().get(&*tp.topic) {
-            crate::handlers::admin::apply_topic_configs(&mut log_config, &t.configs);
+            apply_topic_configs(&mut log_config, &t.configs);
         }
-        let partition = Partition::open(
+        let config = ReplicaConfig {
+            log: log_config,
+            high_watermark_cap: self.config.test_high_watermark_cap,
+        };
+        let partition = PartitionReplica::open(
             tp.clone(),
             self.partition_dir(tp),
-            producer_state_path(&self.config.data_dir, tp),
-            log_config,
-            self.metrics.partition(tp),
+            Some(producer_state_path(&self.config.data_dir, tp)),
+            config,
+            Box::new(self.metrics.partition(tp)),
         )
         .await
         .map_err(|e| {
             tracing::error!(topic = %tp.topic, partition = tp.partition, error = %e, "cannot open partition");
-            crate::error::net_error_code(&e)
+            e.code()
         })?;
         let partition = Rc::new(partition);
         self.partitions
@@ -437,7 +425,6 @@ impl Shard {
             let tp = TopicPartition::new(topic, p);
             let open = self.partitions.borrow_mut().remove(&tp);
             if let Some(part) = open {
-                part.metrics.remove();
                 if let Err(e) = part.delete().await {
                     tracing::warn!(topic, partition = p, error = %e, "deleting partition log");
                 }
@@ -460,7 +447,7 @@ impl Shard {
             .map_or(0, |d| d.as_millis() as i64);
         let open: Vec<_> = self.partitions.borrow().values().cloned().collect();
         for p in open {
-            if let Err(e) = p.log.apply_retention(now_ms).await {
+            if let Err(e) = p.apply_retention(now_ms).await {
                 tracing::warn!(topic = %p.tp.topic, partition = p.tp.partition, error = %e, "retention failed");
             }
         }

@@ -13,6 +13,9 @@ pub mod node;
 pub mod replica;
 pub mod types;
 
+// Partition replicas on shards (the layer net/ talks to), apart from the consensus core above.
+pub mod partition;
+
 pub use epochs::EpochHistory;
 pub use error::Error;
 pub use node::{Node, NodeMessage, Output};

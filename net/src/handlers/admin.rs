@@ -26,6 +26,7 @@ use crate::error::{or_storage_error, NetError};
 use crate::metadata::{Refused, ShardLimit};
 use crate::request::{decode_body, Request};
 use crate::shard::Shard;
+use spate_replication::partition::apply_topic_configs;
 
 /// Topic configs this broker understands; anything else is INVALID_CONFIG.
 pub const TOPIC_CONFIG_KEYS: &[&str] = &[
@@ -472,21 +473,4 @@ fn store_outcome<T>(r: Result<Result<T, Refused>, NetError>) -> Result<T, Refuse
             message: format!("the broker could not persist the change: {e}"),
         })
     })
-}
-
-/// Overrides the broker's log settings with a topic's own configs.
-pub fn apply_topic_configs(lc: &mut spate_engine::LogConfig, set: &BTreeMap<String, String>) {
-    let num = |k: &str| set.get(k).and_then(|v| v.parse::<i64>().ok());
-    if let Some(v) = num("retention.ms") {
-        lc.retention_ms = (v >= 0).then_some(v as u64);
-    }
-    if let Some(v) = num("retention.bytes") {
-        lc.retention_bytes = (v >= 0).then_some(v as u64);
-    }
-    if let Some(v) = num("segment.bytes").filter(|v| *v > 0) {
-        lc.segment_bytes = v as u64;
-    }
-    if let Some(v) = num("max.message.bytes").filter(|v| *v > 0) {
-        lc.max_batch_bytes = v.min(u32::MAX as i64) as u32;
-    }
 }

@@ -141,7 +141,7 @@ fn describe(node: i32, t: &TopicMeta, version: i16) -> MetadataResponseTopic {
             part.partition_index = p;
             part.leader_id = BrokerId(node);
             if version >= 7 {
-                part.leader_epoch = crate::partition::LEADER_EPOCH;
+                part.leader_epoch = spate_replication::partition::LEADER_EPOCH;
             }
             part.replica_nodes = vec![BrokerId(node)];
             part.isr_nodes = vec![BrokerId(node)];
