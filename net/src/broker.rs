@@ -238,6 +238,8 @@ async fn run_shard(
         let fsync = shard.metrics.fsync_latency.clone();
         spate_engine::observe::set_fsync_observer(move |took| fsync.observe(took.as_secs_f64()));
     }
+    // Every replica this shard owns is opened (and recovered) before it serves clients.
+    shard.open_owned_partitions(None).await;
     crate::group::start_shard(&shard);
     // Jobs from other shards run as tasks of this shard, so a slow one never blocks the queue.
     let jobs = {

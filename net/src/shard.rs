@@ -257,6 +257,8 @@ pub struct Shard {
     pub metadata: Arc<MetadataStore>,
     cached_topics: RefCell<(u64, Topics)>,
     partitions: RefCell<HashMap<TopicPartition, Rc<PartitionReplica>>>,
+    /// Replicas whose open failed, with the error code requests for them get.
+    failed_opens: RefCell<HashMap<TopicPartition, i16>>,
     /// Serialises opening partitions (rare) so two tasks never open one log twice.
     open_lock: Semaphore,
     /// Notified after every append on this shard; long-polling fetches wait on it.
@@ -294,6 +296,7 @@ impl Shard {
             metadata,
             cached_topics: RefCell::new(topics),
             partitions: RefCell::default(),
+            failed_opens: RefCell::default(),
             open_lock: Semaphore::new(1),
             data_arrived: Signal::default(),
             shutdown: Signal::default(),
@@ -369,12 +372,68 @@ impl Shard {
         self.config.data_dir.join(tp.dir_name())
     }
 
-    /// The open partition, opening (and recovering) its log on first use. Must run on the
+    /// The open replica of a partition this shard owns. A getter: it never opens a log (that
+    /// is [`Self::open_partition`], at start-up and when a topic is created). Must run on the
     /// owning shard. The error is a Kafka error code.
-    pub async fn partition(&self, tp: &TopicPartition) -> Result<Rc<PartitionReplica>, i16> {
+    pub fn partition(&self, tp: &TopicPartition) -> Result<Rc<PartitionReplica>, i16> {
         debug_assert_eq!(self.router.shard_for(&tp.topic, tp.partition), self.id);
         if let Some(p) = self.partitions.borrow().get(tp) {
             return Ok(p.clone());
+        }
+        self.check_exists(&tp.topic, tp.partition)?;
+        if let Some(code) = self.failed_opens.borrow().get(tp) {
+            return Err(*code);
+        }
+        // Created a moment ago and still being opened: clients retry this code.
+        Err(ResponseError::NotLeaderOrFollower.code())
+    }
+
+    /// Opens the replicas of every partition in the topic metadata (of `topic` only, if
+    /// given) that this shard owns and has not opened: at start-up, and on every shard after a
+    /// topic or partitions were created.
+    pub async fn open_owned_partitions(&self, topic: Option<&str>) {
+        let topics = self.topics();
+        for t in topics
+            .values()
+            .filter(|t| topic.is_none_or(|n| n == t.name))
+        {
+            for p in 0..t.partitions {
+                let tp = TopicPartition::new(&t.name, p);
+                if self.router.shard_for(&t.name, p) != self.id
+                    || self.partitions.borrow().contains_key(&tp)
+                {
+                    continue;
+                }
+                // A failure is logged and kept for the requests that name the partition.
+                let _ = self.open_partition(&tp).await;
+            }
+        }
+    }
+
+    /// Opens the replicas of `topic`'s new partitions on the shards that own them, and waits
+    /// until they are open, so that the client that created them finds them.
+    pub async fn open_topic_on_owners(&self, topic: &str) {
+        let topic: Arc<str> = Arc::from(topic);
+        let opened = self
+            .router
+            .broadcast(move |s| {
+                let topic = topic.clone();
+                async move { s.open_owned_partitions(Some(&topic)).await }
+            })
+            .await;
+        for r in opened {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "cannot open new partitions on a shard");
+            }
+        }
+    }
+
+    /// Opens (and recovers) the replica of `tp`, which this shard owns, unless it is open.
+    /// The error is a Kafka error code, also kept for later requests.
+    pub async fn open_partition(&self, tp: &TopicPartition) -> Result<(), i16> {
+        debug_assert_eq!(self.router.shard_for(&tp.topic, tp.partition), self.id);
+        if self.partitions.borrow().contains_key(tp) {
+            return Ok(());
         }
         self.check_exists(&tp.topic, tp.partition)?;
         let _guard = self
@@ -382,8 +441,8 @@ impl Shard {
             .acquire_permit(1)
             .await
             .map_err(|_| ResponseError::NotLeaderOrFollower.code())?;
-        if let Some(p) = self.partitions.borrow().get(tp) {
-            return Ok(p.clone());
+        if self.partitions.borrow().contains_key(tp) {
+            return Ok(());
         }
         if self.is_shutting_down() {
             return Err(ResponseError::NotLeaderOrFollower.code());
@@ -406,13 +465,14 @@ impl Shard {
         .await
         .map_err(|e| {
             tracing::error!(topic = %tp.topic, partition = tp.partition, error = %e, "cannot open partition");
+            self.failed_opens.borrow_mut().insert(tp.clone(), e.code());
             e.code()
         })?;
-        let partition = Rc::new(partition);
+        self.failed_opens.borrow_mut().remove(tp);
         self.partitions
             .borrow_mut()
-            .insert(tp.clone(), partition.clone());
-        Ok(partition)
+            .insert(tp.clone(), Rc::new(partition));
+        Ok(())
     }
 
     /// Closes and deletes every open or on-disk partition of `topic` owned by this shard, for
@@ -423,6 +483,7 @@ impl Shard {
                 continue;
             }
             let tp = TopicPartition::new(topic, p);
+            self.failed_opens.borrow_mut().remove(&tp);
             let open = self.partitions.borrow_mut().remove(&tp);
             if let Some(part) = open {
                 if let Err(e) = part.delete().await {

@@ -160,6 +160,7 @@ pub async fn create_topics(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, Ne
                 Ok(created) => {
                     if let Some(meta) = created {
                         tracing::info!(topic = %meta.name, partitions, "created topic");
+                        shard.open_topic_on_owners(&meta.name).await;
                         if req.api_version >= 7 {
                             res.topic_id = Uuid::from_u128(meta.id);
                         }
@@ -260,6 +261,7 @@ pub async fn create_partitions(shard: &Rc<Shard>, req: &Request) -> Result<Bytes
         match outcome {
             Ok(old) if !r.validate_only => {
                 tracing::info!(topic = %&*t.name, from = old, to = t.count, "added partitions");
+                shard.open_topic_on_owners(&t.name).await;
             }
             Ok(_) => {}
             Err(refused) => {

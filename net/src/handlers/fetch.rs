@@ -301,7 +301,7 @@ async fn read_partition(
         log_start_offset: -1,
         records: None,
     };
-    let p = match shard.partition(tp).await {
+    let p = match shard.partition(tp) {
         Ok(p) => p,
         Err(code) => {
             read.error_code = code;

@@ -45,7 +45,7 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
             let res = shard
                 .router
                 .run_on(owner, move |s| async move {
-                    let part = s.partition(&tp).await?;
+                    let part = s.partition(&tp)?;
                     // Latest is the high watermark: consumers never see past it.
                     let (start, end) = (part.log_start_offset(), part.high_watermark());
                     let epoch = part.leader_epoch();

@@ -95,6 +95,7 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
                     match or_storage_error(created.map(|r| r.map_err(|refused| refused.code))) {
                         Ok(t) => {
                             tracing::info!(topic = %name, partitions = t.partitions, "auto-created topic");
+                            shard.open_topic_on_owners(&name).await;
                             resp.topics.push(describe(node, &t, v));
                             continue;
                         }

@@ -264,7 +264,7 @@ async fn produce_on_owner(
         .map(|(ti, pi, tp, batches)| {
             let shard = shard.clone();
             glommio::spawn_local(async move {
-                match shard.partition(&tp).await {
+                match shard.partition(&tp) {
                     Ok(p) => {
                         let (o, completion) = p.append(batches, acks).await;
                         (ti, pi, completion, o)
