@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use spate_engine::{FlushPolicy, LogConfig};
+use spate_replication::partition::{FlushPolicy, LogConfig};
 
 /// Room for 3,000 partitions of replication factor 3 on three single-core nodes (3,000 a
 /// shard) with a third to spare. It also bounds a Metadata response for every topic: about

@@ -1,7 +1,7 @@
 //! The net crate's one error type, and the one place engine errors become Kafka error codes.
 
 use kafka_protocol::ResponseError;
-use spate_engine::EngineError;
+use spate_replication::partition::EngineError;
 
 pub use spate_replication::partition::engine_error_code;
 

@@ -426,7 +426,7 @@ impl MetadataStore {
         })?;
         let reserve = self.path.with_file_name(METADATA_RESERVE_FILE);
         let written = match self.write_atomic(&body) {
-            Err(e) if spate_engine::is_no_space_io(&e) => {
+            Err(e) if spate_replication::partition::is_no_space_io(&e) => {
                 tracing::warn!(path = %self.path.display(),
                     "no disk space for the metadata file: using its reserve");
                 let _ = std::fs::remove_file(&reserve);

@@ -19,11 +19,14 @@ pub use producer_state::{
     CACHED_BATCHES_PER_PRODUCER, MAX_PRODUCERS_PER_PARTITION,
 };
 pub use replica::{
-    Acks, Completion, PartitionReplica, ProduceOutcome, ReplicaConfig, ReplicaObserver,
+    Acks, Completion, NoObserver, PartitionReplica, ProduceOutcome, ReplicaConfig, ReplicaObserver,
     ReplicaRead, LEADER_EPOCH,
 };
 pub use topic_partition::TopicPartition;
 
 // Storage types the layers above need, so that they name the engine only through replicas.
 pub use spate_engine::batch::{BatchHeader, VerifiedBatch, BATCH_HEADER_BYTES};
-pub use spate_engine::{FlushPolicy, LiveLimits, LogConfig, DEFAULT_MAX_BATCH_BYTES};
+pub use spate_engine::{
+    is_no_space_io, observe, EngineError, FlushPolicy, LiveLimits, LogConfig, ReadResult,
+    DEFAULT_MAX_BATCH_BYTES,
+};

@@ -38,6 +38,15 @@ pub trait ReplicaObserver {
     fn removed(&self);
 }
 
+/// For replicas whose metrics nobody exports (the broker's internal partitions).
+pub struct NoObserver;
+
+impl ReplicaObserver for NoObserver {
+    fn appended(&self, _bytes: u64, _records: u64) {}
+    fn offsets(&self, _log_end: u64, _high_watermark: u64) {}
+    fn removed(&self) {}
+}
+
 /// How a replica is opened: the log's settings and the test hook on the high watermark.
 #[derive(Clone, Debug)]
 pub struct ReplicaConfig {
