@@ -29,7 +29,7 @@ pub enum NetError {
     #[error("configuration: {0}")]
     Config(String),
     /// A partition replica failed (opening, recovering, snapshotting).
-    #[error("replica: {0}")]
+    #[error(transparent)]
     Replica(#[from] spate_replication::partition::ReplicaError),
 }
 
@@ -47,7 +47,7 @@ pub const NONE: i16 = 0;
 
 /// Flattens a metadata-store result: a failure to persist (disk full, I/O error) becomes
 /// KAFKA_STORAGE_ERROR for that one topic instead of failing the whole request.
-pub fn or_storage_error<T>(r: Result<Result<T, i16>, NetError>) -> Result<T, i16> {
+pub fn or_storage_error<T, E: std::fmt::Display>(r: Result<Result<T, i16>, E>) -> Result<T, i16> {
     r.unwrap_or_else(|e| {
         tracing::error!(error = %e, "metadata store update failed");
         Err(ResponseError::KafkaStorageError.code())

@@ -15,7 +15,7 @@ pub mod error;
 pub mod frame;
 pub mod group;
 pub mod handlers;
-pub mod metadata;
+pub use spate_replication::metadata;
 pub mod metrics;
 pub mod metrics_http;
 pub mod request;

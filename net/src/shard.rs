@@ -22,6 +22,7 @@ pub use spate_replication::partition::TopicPartition;
 use spate_replication::partition::{
     apply_topic_configs, LiveLimits, PartitionReplica, ReplicaConfig,
 };
+pub use spate_replication::shard_table::shard_of;
 
 /// Work sent to another shard: runs there with that shard's state.
 pub type Job = Box<dyn FnOnce(Rc<Shard>) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
@@ -553,12 +554,4 @@ impl Router {
             .send(job)
             .map_err(|_| NetError::ShardUnavailable(shard))
     }
-}
-
-/// The shard owning a partition among `shards`: fixed for a given topic, partition and shard
-/// count, and consecutive partitions of a topic land on consecutive shards (the metadata store
-/// counts partitions per shard on that rule).
-pub fn shard_of(topic: &str, partition: i32, shards: usize) -> usize {
-    let base = crc32c::crc32c(topic.as_bytes()) as u64;
-    ((base + partition.max(0) as u64) % shards.max(1) as u64) as usize
 }

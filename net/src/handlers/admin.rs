@@ -351,7 +351,7 @@ async fn alter_topic_configs(
     match shard.metadata.set_topic_configs(name, configs.clone()) {
         Ok(Ok(())) => {}
         Ok(Err(code)) => return Err((code, format!("topic {name}"))),
-        Err(e) => return Err(storage(e)),
+        Err(e) => return Err(storage(e.into())),
     }
     tracing::info!(topic = name, ?configs, "changed topic configs");
     for s in 0..shard.router.shards() {
@@ -467,7 +467,7 @@ pub(crate) fn shard_limit(shard: &Shard) -> ShardLimit {
 
 /// A metadata-store answer for one topic: a failure to persist (disk full, I/O error) is
 /// KAFKA_STORAGE_ERROR for that topic instead of failing the whole request.
-fn store_outcome<T>(r: Result<Result<T, Refused>, NetError>) -> Result<T, Refused> {
+fn store_outcome<T, E: std::fmt::Display>(r: Result<Result<T, Refused>, E>) -> Result<T, Refused> {
     r.unwrap_or_else(|e| {
         tracing::error!(error = %e, "metadata store update failed");
         Err(Refused {

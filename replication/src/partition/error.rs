@@ -12,6 +12,9 @@ pub enum ReplicaError {
     Io(#[from] std::io::Error),
     #[error("failed to encode producer state: {0}")]
     Encode(String),
+    /// The topic metadata store cannot be read or written.
+    #[error("metadata store {path}: {reason}")]
+    Metadata { path: String, reason: String },
 }
 
 impl ReplicaError {
@@ -19,7 +22,7 @@ impl ReplicaError {
     pub fn code(&self) -> i16 {
         match self {
             ReplicaError::Engine(e) => engine_error_code(e),
-            ReplicaError::Io(_) | ReplicaError::Encode(_) => {
+            ReplicaError::Io(_) | ReplicaError::Encode(_) | ReplicaError::Metadata { .. } => {
                 ResponseError::UnknownServerError.code()
             }
         }
