@@ -227,7 +227,7 @@ impl ServeConfig {
             max_frame_bytes: Some(100 << 20),
             max_connections: Some(10_000),
             max_in_flight_per_connection: Some(32),
-            max_batch_bytes: Some(8 << 20),
+            max_batch_bytes: Some(spate_net::config::DEFAULT_MAX_BATCH_BYTES),
             max_fetch_wait_ms: Some(30_000),
             io_memory_bytes: Some(0),
             offsets_topic_partitions: Some(groups.offsets_topic_partitions),
@@ -411,7 +411,22 @@ impl ServeConfig {
             0 => None,
             n => Some(n),
         };
+        c.test_high_watermark_cap = test_high_watermark_cap()?;
         Ok(c)
+    }
+}
+
+/// Test hook, deliberately not a setting: holds every partition's high watermark at or below
+/// this offset, as lagging followers would (tests/high_watermark.rs).
+pub const TEST_HIGH_WATERMARK_CAP_ENV: &str = "SPATE_TEST_HIGH_WATERMARK_CAP";
+
+fn test_high_watermark_cap() -> anyhow::Result<Option<u64>> {
+    match std::env::var(TEST_HIGH_WATERMARK_CAP_ENV) {
+        Ok(v) => v
+            .parse()
+            .map(Some)
+            .with_context(|| format!("{TEST_HIGH_WATERMARK_CAP_ENV}={v} is not an offset")),
+        Err(_) => Ok(None),
     }
 }
 

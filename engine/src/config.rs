@@ -16,6 +16,10 @@ pub enum FlushPolicy {
     Never,
 }
 
+/// The one default for the largest batch a partition takes (Kafka's `max.message.bytes`,
+/// `--max-batch-bytes`): the engine, the broker's configuration and the CLI all use it.
+pub const DEFAULT_MAX_BATCH_BYTES: u32 = 8 << 20;
+
 #[derive(Clone, Debug)]
 pub struct LogConfig {
     /// A segment rolls when it would grow past this size.
@@ -39,7 +43,7 @@ impl Default for LogConfig {
             segment_bytes: 1 << 30,
             segment_ms: Some(7 * 24 * 3600 * 1000),
             index_interval_bytes: 4096,
-            max_batch_bytes: 1 << 20,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             retention_bytes: None,
             retention_ms: Some(7 * 24 * 3600 * 1000),
             flush: FlushPolicy::Always,

@@ -20,6 +20,8 @@ mod config;
 mod crc;
 mod error;
 pub mod frame;
+// Replica support: reads bounded by an offset, follower appends, durability waits.
+mod follower;
 mod index;
 mod log;
 pub mod observe;
@@ -34,7 +36,7 @@ mod writer;
 
 pub use cache::{set_shard_cache_bytes, shard_cache_used_bytes, DEFAULT_SHARD_CACHE_BYTES};
 pub use checkpoint::RECOVERY_POINT_FILE;
-pub use config::{FlushPolicy, LogConfig};
+pub use config::{FlushPolicy, LogConfig, DEFAULT_MAX_BATCH_BYTES};
 pub use error::{is_no_space_io, EngineError};
 pub use log::{
     AppendInfo, JoinedRead, LiveLimits, PartitionLog, ReadResult, CHECKPOINT_INTERVAL_MS,

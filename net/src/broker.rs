@@ -236,8 +236,12 @@ async fn run_shard(
     let shard = Shard::new(id, router.clone(), config.clone(), metadata, &metrics);
     {
         let fsync = shard.metrics.fsync_latency.clone();
-        spate_engine::observe::set_fsync_observer(move |took| fsync.observe(took.as_secs_f64()));
+        spate_replication::partition::observe::set_fsync_observer(move |took| {
+            fsync.observe(took.as_secs_f64())
+        });
     }
+    // Every replica this shard owns is opened (and recovered) before it serves clients.
+    shard.open_owned_partitions(None).await;
     crate::group::start_shard(&shard);
     // Jobs from other shards run as tasks of this shard, so a slow one never blocks the queue.
     let jobs = {
@@ -296,7 +300,7 @@ async fn run_shard(
     finish(&shard, &drained, router.shards()).await;
     drop(jobs);
     Shard::clear_current();
-    spate_engine::observe::clear_fsync_observer();
+    spate_replication::partition::observe::clear_fsync_observer();
     tracing::info!(shard = id, "shard stopped");
 }
 

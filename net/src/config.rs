@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use spate_engine::{FlushPolicy, LogConfig};
+use spate_replication::partition::{FlushPolicy, LogConfig};
 
 /// Room for 3,000 partitions of replication factor 3 on three single-core nodes (3,000 a
 /// shard) with a third to spare. It also bounds a Metadata response for every topic: about
@@ -55,7 +55,13 @@ pub struct BrokerConfig {
     pub request_read_timeout_ms: u64,
     /// Most connections open at once from one client address; `None` for no limit.
     pub max_connections_per_ip: Option<usize>,
+    /// Test hook: no partition's high watermark passes this offset (as if followers lagged);
+    /// `None` (always, outside tests) lets it follow the log end.
+    pub test_high_watermark_cap: Option<u64>,
 }
+
+/// The shipped `max_batch_bytes`, defined once in the engine.
+pub const DEFAULT_MAX_BATCH_BYTES: u32 = spate_replication::partition::DEFAULT_MAX_BATCH_BYTES;
 
 /// Default `request_memory_bytes`: with 100 MiB frames, a few large requests per shard on a
 /// small machine; well under the RAM of any host that runs many shards.
@@ -85,7 +91,7 @@ impl BrokerConfig {
             max_frame_bytes: 100 << 20,
             max_connections: 10_000,
             max_in_flight_per_connection: 32,
-            max_batch_bytes: 16 << 20,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             max_fetch_wait_ms: 30_000,
             max_partitions_per_topic: 10_000,
             io_memory_bytes: 2 << 20,
@@ -97,6 +103,7 @@ impl BrokerConfig {
             connections_max_idle_ms: DEFAULT_CONNECTIONS_MAX_IDLE_MS,
             request_read_timeout_ms: DEFAULT_REQUEST_READ_TIMEOUT_MS,
             max_connections_per_ip: None,
+            test_high_watermark_cap: None,
         }
     }
 

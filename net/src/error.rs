@@ -1,7 +1,9 @@
 //! The net crate's one error type, and the one place engine errors become Kafka error codes.
 
 use kafka_protocol::ResponseError;
-use spate_engine::EngineError;
+use spate_replication::partition::EngineError;
+
+pub use spate_replication::partition::engine_error_code;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -26,26 +28,16 @@ pub enum NetError {
     Io(#[from] std::io::Error),
     #[error("configuration: {0}")]
     Config(String),
-}
-
-/// Kafka error code for a storage error.
-pub fn engine_error_code(err: &EngineError) -> i16 {
-    match err {
-        EngineError::InvalidBatch(_) => ResponseError::CorruptMessage.code(),
-        EngineError::BatchTooLarge { .. } => ResponseError::MessageTooLarge.code(),
-        EngineError::OffsetOutOfRange { .. } => ResponseError::OffsetOutOfRange.code(),
-        EngineError::Corrupt { .. } | EngineError::Io { .. } => {
-            ResponseError::KafkaStorageError.code()
-        }
-        EngineError::Closed => ResponseError::NotLeaderOrFollower.code(),
-        EngineError::Config(_) => ResponseError::InvalidConfig.code(),
-    }
+    /// A partition replica failed (opening, recovering, snapshotting).
+    #[error(transparent)]
+    Replica(#[from] spate_replication::partition::ReplicaError),
 }
 
 /// Kafka error code for any error met while serving a partition.
 pub fn net_error_code(err: &NetError) -> i16 {
     match err {
         NetError::Engine(e) => engine_error_code(e),
+        NetError::Replica(e) => e.code(),
         NetError::ShardUnavailable(_) => ResponseError::NotLeaderOrFollower.code(),
         _ => ResponseError::UnknownServerError.code(),
     }
@@ -55,7 +47,7 @@ pub const NONE: i16 = 0;
 
 /// Flattens a metadata-store result: a failure to persist (disk full, I/O error) becomes
 /// KAFKA_STORAGE_ERROR for that one topic instead of failing the whole request.
-pub fn or_storage_error<T>(r: Result<Result<T, i16>, NetError>) -> Result<T, i16> {
+pub fn or_storage_error<T, E: std::fmt::Display>(r: Result<Result<T, i16>, E>) -> Result<T, i16> {
     r.unwrap_or_else(|e| {
         tracing::error!(error = %e, "metadata store update failed");
         Err(ResponseError::KafkaStorageError.code())

@@ -2,8 +2,8 @@
 //! between shards (one glommio executor per core, each owning its partitions).
 //!
 //! Layout: [`request`] decodes frames and headers (sans-IO), [`dispatch`] is the one match on
-//! API keys, [`handlers`] adapt each API onto partition logs, [`shard`] owns partitions and runs
-//! cross-shard work, [`server`] runs connections, [`broker`] starts the executors.
+//! API keys, [`handlers`] adapt each API onto partition replicas (spate-replication), [`shard`]
+//! holds this shard's replicas and runs cross-shard work, [`server`] runs connections, [`broker`] starts the executors.
 
 pub mod alloc;
 pub mod broker;
@@ -15,11 +15,9 @@ pub mod error;
 pub mod frame;
 pub mod group;
 pub mod handlers;
-pub mod metadata;
+pub use spate_replication::metadata;
 pub mod metrics;
 pub mod metrics_http;
-pub mod partition;
-pub mod producer_state;
 pub mod request;
 pub mod server;
 pub mod shard;

@@ -385,6 +385,19 @@ pub struct PartitionMetrics {
     metrics: Arc<Metrics>,
 }
 
+impl spate_replication::partition::ReplicaObserver for PartitionMetrics {
+    fn appended(&self, bytes: u64, records: u64) {
+        self.bytes_in.inc_by(bytes);
+        self.records_in.inc_by(records);
+    }
+    fn offsets(&self, log_end: u64, high_watermark: u64) {
+        self.set_offsets(log_end, high_watermark);
+    }
+    fn removed(&self) {
+        self.remove();
+    }
+}
+
 impl PartitionMetrics {
     pub fn set_offsets(&self, log_end: u64, high_watermark: u64) {
         self.log_end_offset.set(log_end as i64);

@@ -18,32 +18,17 @@ use crate::config::BrokerConfig;
 use crate::cross_wake;
 use crate::error::NetError;
 use crate::metadata::{MetadataStore, Topics};
-use crate::partition::Partition;
+pub use spate_replication::partition::TopicPartition;
+use spate_replication::partition::{
+    apply_topic_configs, LiveLimits, PartitionReplica, ReplicaConfig,
+};
+pub use spate_replication::shard_table::shard_of;
 
 /// Work sent to another shard: runs there with that shard's state.
 pub type Job = Box<dyn FnOnce(Rc<Shard>) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
 
 /// Jobs queued per shard before senders wait (backpressure across shards).
 pub const SHARD_QUEUE_DEPTH: usize = 4096;
-
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TopicPartition {
-    pub topic: Arc<str>,
-    pub partition: i32,
-}
-
-impl TopicPartition {
-    pub fn new(topic: &str, partition: i32) -> Self {
-        TopicPartition {
-            topic: Arc::from(topic),
-            partition,
-        }
-    }
-    /// Directory of this partition's log under the data dir.
-    pub fn dir_name(&self) -> String {
-        format!("{}-{}", self.topic, self.partition)
-    }
-}
 
 thread_local! {
     static CURRENT: RefCell<Option<Rc<Shard>>> = const { RefCell::new(None) };
@@ -272,7 +257,9 @@ pub struct Shard {
     pub config: Arc<BrokerConfig>,
     pub metadata: Arc<MetadataStore>,
     cached_topics: RefCell<(u64, Topics)>,
-    partitions: RefCell<HashMap<TopicPartition, Rc<Partition>>>,
+    partitions: RefCell<HashMap<TopicPartition, Rc<PartitionReplica>>>,
+    /// Replicas whose open failed, with the error code requests for them get.
+    failed_opens: RefCell<HashMap<TopicPartition, i16>>,
     /// Serialises opening partitions (rare) so two tasks never open one log twice.
     open_lock: Semaphore,
     /// Notified after every append on this shard; long-polling fetches wait on it.
@@ -310,6 +297,7 @@ impl Shard {
             metadata,
             cached_topics: RefCell::new(topics),
             partitions: RefCell::default(),
+            failed_opens: RefCell::default(),
             open_lock: Semaphore::new(1),
             data_arrived: Signal::default(),
             shutdown: Signal::default(),
@@ -344,11 +332,11 @@ impl Shard {
         configs: &std::collections::BTreeMap<String, String>,
     ) {
         let mut lc = self.config.log_config();
-        crate::handlers::admin::apply_topic_configs(&mut lc, configs);
-        let limits = spate_engine::LiveLimits::of(&lc);
+        apply_topic_configs(&mut lc, configs);
+        let limits = LiveLimits::of(&lc);
         for (tp, p) in self.partitions.borrow().iter() {
             if &*tp.topic == topic {
-                if let Err(e) = p.log.set_limits(limits) {
+                if let Err(e) = p.set_limits(limits) {
                     tracing::warn!(topic, partition = tp.partition, error = %e, "topic config not applied");
                 }
             }
@@ -385,12 +373,68 @@ impl Shard {
         self.config.data_dir.join(tp.dir_name())
     }
 
-    /// The open partition, opening (and recovering) its log on first use. Must run on the
+    /// The open replica of a partition this shard owns. A getter: it never opens a log (that
+    /// is [`Self::open_partition`], at start-up and when a topic is created). Must run on the
     /// owning shard. The error is a Kafka error code.
-    pub async fn partition(&self, tp: &TopicPartition) -> Result<Rc<Partition>, i16> {
+    pub fn partition(&self, tp: &TopicPartition) -> Result<Rc<PartitionReplica>, i16> {
         debug_assert_eq!(self.router.shard_for(&tp.topic, tp.partition), self.id);
         if let Some(p) = self.partitions.borrow().get(tp) {
             return Ok(p.clone());
+        }
+        self.check_exists(&tp.topic, tp.partition)?;
+        if let Some(code) = self.failed_opens.borrow().get(tp) {
+            return Err(*code);
+        }
+        // Created a moment ago and still being opened: clients retry this code.
+        Err(ResponseError::NotLeaderOrFollower.code())
+    }
+
+    /// Opens the replicas of every partition in the topic metadata (of `topic` only, if
+    /// given) that this shard owns and has not opened: at start-up, and on every shard after a
+    /// topic or partitions were created.
+    pub async fn open_owned_partitions(&self, topic: Option<&str>) {
+        let topics = self.topics();
+        for t in topics
+            .values()
+            .filter(|t| topic.is_none_or(|n| n == t.name))
+        {
+            for p in 0..t.partitions {
+                let tp = TopicPartition::new(&t.name, p);
+                if self.router.shard_for(&t.name, p) != self.id
+                    || self.partitions.borrow().contains_key(&tp)
+                {
+                    continue;
+                }
+                // A failure is logged and kept for the requests that name the partition.
+                let _ = self.open_partition(&tp).await;
+            }
+        }
+    }
+
+    /// Opens the replicas of `topic`'s new partitions on the shards that own them, and waits
+    /// until they are open, so that the client that created them finds them.
+    pub async fn open_topic_on_owners(&self, topic: &str) {
+        let topic: Arc<str> = Arc::from(topic);
+        let opened = self
+            .router
+            .broadcast(move |s| {
+                let topic = topic.clone();
+                async move { s.open_owned_partitions(Some(&topic)).await }
+            })
+            .await;
+        for r in opened {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "cannot open new partitions on a shard");
+            }
+        }
+    }
+
+    /// Opens (and recovers) the replica of `tp`, which this shard owns, unless it is open.
+    /// The error is a Kafka error code, also kept for later requests.
+    pub async fn open_partition(&self, tp: &TopicPartition) -> Result<(), i16> {
+        debug_assert_eq!(self.router.shard_for(&tp.topic, tp.partition), self.id);
+        if self.partitions.borrow().contains_key(tp) {
+            return Ok(());
         }
         self.check_exists(&tp.topic, tp.partition)?;
         let _guard = self
@@ -398,33 +442,38 @@ impl Shard {
             .acquire_permit(1)
             .await
             .map_err(|_| ResponseError::NotLeaderOrFollower.code())?;
-        if let Some(p) = self.partitions.borrow().get(tp) {
-            return Ok(p.clone());
+        if self.partitions.borrow().contains_key(tp) {
+            return Ok(());
         }
         if self.is_shutting_down() {
             return Err(ResponseError::NotLeaderOrFollower.code());
         }
         let mut log_config = self.config.log_config();
         if let Some(t) = self.topics().get(&*tp.topic) {
-            crate::handlers::admin::apply_topic_configs(&mut log_config, &t.configs);
+            apply_topic_configs(&mut log_config, &t.configs);
         }
-        let partition = Partition::open(
+        let config = ReplicaConfig {
+            log: log_config,
+            high_watermark_cap: self.config.test_high_watermark_cap,
+        };
+        let partition = PartitionReplica::open(
             tp.clone(),
             self.partition_dir(tp),
-            producer_state_path(&self.config.data_dir, tp),
-            log_config,
-            self.metrics.partition(tp),
+            Some(producer_state_path(&self.config.data_dir, tp)),
+            config,
+            Box::new(self.metrics.partition(tp)),
         )
         .await
         .map_err(|e| {
             tracing::error!(topic = %tp.topic, partition = tp.partition, error = %e, "cannot open partition");
-            crate::error::net_error_code(&e)
+            self.failed_opens.borrow_mut().insert(tp.clone(), e.code());
+            e.code()
         })?;
-        let partition = Rc::new(partition);
+        self.failed_opens.borrow_mut().remove(tp);
         self.partitions
             .borrow_mut()
-            .insert(tp.clone(), partition.clone());
-        Ok(partition)
+            .insert(tp.clone(), Rc::new(partition));
+        Ok(())
     }
 
     /// Closes and deletes every open or on-disk partition of `topic` owned by this shard, for
@@ -435,9 +484,9 @@ impl Shard {
                 continue;
             }
             let tp = TopicPartition::new(topic, p);
+            self.failed_opens.borrow_mut().remove(&tp);
             let open = self.partitions.borrow_mut().remove(&tp);
             if let Some(part) = open {
-                part.metrics.remove();
                 if let Err(e) = part.delete().await {
                     tracing::warn!(topic, partition = p, error = %e, "deleting partition log");
                 }
@@ -460,7 +509,7 @@ impl Shard {
             .map_or(0, |d| d.as_millis() as i64);
         let open: Vec<_> = self.partitions.borrow().values().cloned().collect();
         for p in open {
-            if let Err(e) = p.log.apply_retention(now_ms).await {
+            if let Err(e) = p.apply_retention(now_ms).await {
                 tracing::warn!(topic = %p.tp.topic, partition = p.tp.partition, error = %e, "retention failed");
             }
         }
@@ -505,12 +554,4 @@ impl Router {
             .send(job)
             .map_err(|_| NetError::ShardUnavailable(shard))
     }
-}
-
-/// The shard owning a partition among `shards`: fixed for a given topic, partition and shard
-/// count, and consecutive partitions of a topic land on consecutive shards (the metadata store
-/// counts partitions per shard on that rule).
-pub fn shard_of(topic: &str, partition: i32, shards: usize) -> usize {
-    let base = crc32c::crc32c(topic.as_bytes()) as u64;
-    ((base + partition.max(0) as u64) % shards.max(1) as u64) as usize
 }

@@ -13,6 +13,12 @@ pub mod node;
 pub mod replica;
 pub mod types;
 
+// Partition replicas on shards (the layer net/ talks to), apart from the consensus core above:
+// the replicas, the topic metadata store (the controller's state to be) and shard placement.
+pub mod metadata;
+pub mod partition;
+pub mod shard_table;
+
 pub use epochs::EpochHistory;
 pub use error::Error;
 pub use node::{Node, NodeMessage, Output};

@@ -15,7 +15,7 @@ use kafka_protocol::messages::{
     ListGroupsResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetDeleteRequest,
     OffsetDeleteResponse, OffsetFetchRequest, SyncGroupRequest, SyncGroupResponse,
 };
-use spate_engine::PartitionLog;
+use spate_replication::partition::{NoObserver, PartitionReplica, ReplicaConfig, TopicPartition};
 
 use super::records::{partition_for, OFFSETS_TOPIC};
 use super::{
@@ -106,8 +106,16 @@ pub fn start_shard(shard: &Rc<Shard>) {
         log_config.flush = shard.config.flush;
         let groups = groups.clone();
         glommio::spawn_local(async move {
-            let log = match PartitionLog::open(&dir, log_config).await {
-                Ok(log) => Rc::new(log),
+            // A replica like any partition's; its producer state stays empty (only this broker
+            // writes it) and nothing exports its metrics.
+            let config = ReplicaConfig {
+                log: log_config,
+                high_watermark_cap: None,
+            };
+            let tp = TopicPartition::new(OFFSETS_TOPIC, partition);
+            let opened = PartitionReplica::open(tp, dir, None, config, Box::new(NoObserver)).await;
+            let log = match opened {
+                Ok(replica) => Rc::new(replica),
                 Err(e) => {
                     tracing::error!(partition, error = %e, "cannot open __consumer_offsets partition; its groups stay unavailable");
                     return;

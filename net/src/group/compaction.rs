@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use spate_engine::batch::BATCH_HEADER_BYTES;
+use spate_replication::partition::BATCH_HEADER_BYTES;
 
 use super::records::RawRecord;
 

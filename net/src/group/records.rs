@@ -532,7 +532,7 @@ mod tests {
             let batch = encode_batch(&records, ts);
             // Exactly one batch, whose length field covers the whole buffer (the log stores
             // one batch per append).
-            let header = spate_engine::batch::BatchHeader::parse(&batch).unwrap();
+            let header = spate_replication::partition::BatchHeader::parse(&batch).unwrap();
             prop_assert_eq!(header.batch_length() as usize + 12, batch.len());
             prop_assert_eq!(header.base_sequence(), -1);
             prop_assert_eq!(header.records_count() as usize, records.len());

@@ -21,8 +21,9 @@ use kafka_protocol::messages::{
     LeaveGroupResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetDeleteRequest,
     OffsetDeleteResponse, SyncGroupRequest, SyncGroupResponse,
 };
-use spate_engine::batch::{BatchHeader, VerifiedBatch};
-use spate_engine::{AppendInfo, EngineError, FlushPolicy, LogConfig, PartitionLog};
+use spate_replication::partition::{
+    BatchHeader, EngineError, FlushPolicy, LogConfig, PartitionReplica, ReplicaError, VerifiedBatch,
+};
 
 use super::compaction::LiveRecords;
 use super::records::{decode_raw_batches, encode_raw_batch, RawRecord};
@@ -119,7 +120,7 @@ impl WriteQueue {
 }
 
 /// A partition log and the task appending to it.
-type OpenLog = (Rc<PartitionLog>, glommio::Task<()>);
+type OpenLog = (Rc<PartitionReplica>, glommio::Task<()>);
 
 /// The group coordinator of one shard with its I/O.
 pub struct GroupShard {
@@ -161,20 +162,20 @@ impl GroupShard {
     pub async fn load_partition(
         self: &Rc<Self>,
         partition: i32,
-        log: Rc<PartitionLog>,
-    ) -> Result<(), EngineError> {
+        log: Rc<PartitionReplica>,
+    ) -> Result<(), ReplicaError> {
         let mut offset = log.log_start_offset();
         let end = log.log_end_offset();
         let mut records = 0usize;
         let mut live = LiveRecords::default();
         while offset < end && self.coordinator.borrow().is_loading(partition) {
-            let read = log.read(offset, LOAD_READ_BYTES).await?;
+            let read = log.read_local(offset, LOAD_READ_BYTES).await?;
             if read.batches.is_empty() || !self.coordinator.borrow().is_loading(partition) {
                 break;
             }
             let now = wall_clock_ms();
             for batch in read.batches {
-                let header = BatchHeader::parse(&batch)?;
+                let header = BatchHeader::parse(&batch).map_err(ReplicaError::from)?;
                 let next = u64::try_from(header.last_offset() + 1).unwrap_or(u64::MAX);
                 if next <= offset {
                     tracing::error!(
@@ -540,7 +541,7 @@ struct Compaction {
 
 async fn write_loop(
     partition: i32,
-    log: Rc<PartitionLog>,
+    log: Rc<PartitionReplica>,
     queue: Rc<WriteQueue>,
     mut compact: Compaction,
 ) {
@@ -550,8 +551,8 @@ async fn write_loop(
         for job in &jobs {
             for batch in &job.batches {
                 match append_built(&log, batch.clone()).await {
-                    Ok(info) => {
-                        end = Some(info.last_offset + 1);
+                    Ok(next) => {
+                        end = Some(next);
                         compact.live.note_appended(batch.len() as u64);
                     }
                     Err(e) => {
@@ -562,7 +563,7 @@ async fn write_loop(
             }
         }
         if let (Ok(()), Some(end)) = (&result, end) {
-            if let Err(e) = log.sync_to(end).await {
+            if let Err(e) = log.wait_durable(end).await {
                 tracing::error!(partition, error = %e, "__consumer_offsets sync failed");
                 result = Err(storage_error(&e));
             }
@@ -586,30 +587,31 @@ async fn write_loop(
     }
 }
 
-/// Appends a batch this broker built. The check is what lets the log take it (the log only
-/// accepts batches whose CRC was verified).
-async fn append_built(log: &PartitionLog, batch: Bytes) -> Result<AppendInfo, EngineError> {
-    log.append(VerifiedBatch::from_bytes(batch)?, 0).await
+/// Appends a batch this broker built, returning the offset after it. The check is what lets
+/// the log take it (the log only accepts batches whose CRC was verified).
+async fn append_built(log: &PartitionReplica, batch: Bytes) -> Result<u64, ReplicaError> {
+    let batch = VerifiedBatch::from_bytes(batch).map_err(ReplicaError::from)?;
+    Ok(log.append_internal(batch).await?.last_offset + 1)
 }
 
 /// Appends every live record again, makes it durable, then drops the whole segments below it.
 /// Runs in the writer's loop, so nothing else is appended in between. A failure leaves the log
 /// longer than it needs to be, never shorter.
-async fn rewrite_live_records(partition: i32, log: &PartitionLog, live: &mut LiveRecords) {
+async fn rewrite_live_records(partition: i32, log: &PartitionReplica, live: &mut LiveRecords) {
     let start = log.log_end_offset();
     let now = wall_clock_ms();
     let batches = live.snapshot(MAX_RECORDS_PER_BATCH, OFFSETS_MAX_BATCH_BYTES as usize);
     let mut end = start;
     for records in &batches {
         match append_built(log, encode_raw_batch(records, now)).await {
-            Ok(info) => end = info.last_offset + 1,
+            Ok(next) => end = next,
             Err(e) => {
                 tracing::error!(partition, error = %e, "__consumer_offsets snapshot append failed");
                 return;
             }
         }
     }
-    if let Err(e) = log.sync_to(end).await {
+    if let Err(e) = log.wait_durable(end).await {
         tracing::error!(partition, error = %e, "__consumer_offsets snapshot sync failed");
         return;
     }
@@ -628,9 +630,11 @@ async fn rewrite_live_records(partition: i32, log: &PartitionLog, live: &mut Liv
 }
 
 /// How a failed write is reported to the client, as Kafka maps log errors for commits.
-fn storage_error(e: &EngineError) -> ResponseError {
+fn storage_error(e: &ReplicaError) -> ResponseError {
     match e {
-        EngineError::BatchTooLarge { .. } => ResponseError::InvalidCommitOffsetSize,
+        ReplicaError::Engine(EngineError::BatchTooLarge { .. }) => {
+            ResponseError::InvalidCommitOffsetSize
+        }
         _ => ResponseError::CoordinatorNotAvailable,
     }
 }

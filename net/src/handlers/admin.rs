@@ -26,6 +26,7 @@ use crate::error::{or_storage_error, NetError};
 use crate::metadata::{Refused, ShardLimit};
 use crate::request::{decode_body, Request};
 use crate::shard::Shard;
+use spate_replication::partition::apply_topic_configs;
 
 /// Topic configs this broker understands; anything else is INVALID_CONFIG.
 pub const TOPIC_CONFIG_KEYS: &[&str] = &[
@@ -159,6 +160,7 @@ pub async fn create_topics(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, Ne
                 Ok(created) => {
                     if let Some(meta) = created {
                         tracing::info!(topic = %meta.name, partitions, "created topic");
+                        shard.open_topic_on_owners(&meta.name).await;
                         if req.api_version >= 7 {
                             res.topic_id = Uuid::from_u128(meta.id);
                         }
@@ -259,6 +261,7 @@ pub async fn create_partitions(shard: &Rc<Shard>, req: &Request) -> Result<Bytes
         match outcome {
             Ok(old) if !r.validate_only => {
                 tracing::info!(topic = %&*t.name, from = old, to = t.count, "added partitions");
+                shard.open_topic_on_owners(&t.name).await;
             }
             Ok(_) => {}
             Err(refused) => {
@@ -348,7 +351,7 @@ async fn alter_topic_configs(
     match shard.metadata.set_topic_configs(name, configs.clone()) {
         Ok(Ok(())) => {}
         Ok(Err(code)) => return Err((code, format!("topic {name}"))),
-        Err(e) => return Err(storage(e)),
+        Err(e) => return Err(storage(e.into())),
     }
     tracing::info!(topic = name, ?configs, "changed topic configs");
     for s in 0..shard.router.shards() {
@@ -464,7 +467,7 @@ pub(crate) fn shard_limit(shard: &Shard) -> ShardLimit {
 
 /// A metadata-store answer for one topic: a failure to persist (disk full, I/O error) is
 /// KAFKA_STORAGE_ERROR for that topic instead of failing the whole request.
-fn store_outcome<T>(r: Result<Result<T, Refused>, NetError>) -> Result<T, Refused> {
+fn store_outcome<T, E: std::fmt::Display>(r: Result<Result<T, Refused>, E>) -> Result<T, Refused> {
     r.unwrap_or_else(|e| {
         tracing::error!(error = %e, "metadata store update failed");
         Err(Refused {
@@ -472,21 +475,4 @@ fn store_outcome<T>(r: Result<Result<T, Refused>, NetError>) -> Result<T, Refuse
             message: format!("the broker could not persist the change: {e}"),
         })
     })
-}
-
-/// Overrides the broker's log settings with a topic's own configs.
-pub fn apply_topic_configs(lc: &mut spate_engine::LogConfig, set: &BTreeMap<String, String>) {
-    let num = |k: &str| set.get(k).and_then(|v| v.parse::<i64>().ok());
-    if let Some(v) = num("retention.ms") {
-        lc.retention_ms = (v >= 0).then_some(v as u64);
-    }
-    if let Some(v) = num("retention.bytes") {
-        lc.retention_bytes = (v >= 0).then_some(v as u64);
-    }
-    if let Some(v) = num("segment.bytes").filter(|v| *v > 0) {
-        lc.segment_bytes = v as u64;
-    }
-    if let Some(v) = num("max.message.bytes").filter(|v| *v > 0) {
-        lc.max_batch_bytes = v.min(u32::MAX as i64) as u32;
-    }
 }

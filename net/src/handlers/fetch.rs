@@ -9,15 +9,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 use kafka_protocol::messages::{FetchRequest, FetchResponse};
-use kafka_protocol::ResponseError;
 
 use crate::cross_wake;
 use crate::dispatch::encode_response_frame;
-use crate::error::{engine_error_code, NetError, NONE};
+use crate::error::{NetError, NONE};
 use crate::frame::Frame;
 use crate::request::{decode_body, Request};
 use crate::shard::{Shard, TopicPartition};
-use spate_engine::batch::BatchHeader;
+use spate_replication::partition::BatchHeader;
 
 /// One partition's read on its owner.
 #[derive(Clone, Debug)]
@@ -302,35 +301,22 @@ async fn read_partition(
         log_start_offset: -1,
         records: None,
     };
-    let p = match shard.partition(tp).await {
+    let p = match shard.partition(tp) {
         Ok(p) => p,
         Err(code) => {
             read.error_code = code;
             return read;
         }
     };
-    let (start, end) = (p.log.log_start_offset(), p.log.log_end_offset());
-    read.high_watermark = end as i64;
-    read.log_start_offset = start as i64;
-    if offset < start as i64 || offset > end as i64 {
-        read.error_code = ResponseError::OffsetOutOfRange.code();
-        return read;
-    }
-    if offset as u64 == end {
-        read.records = Some(Bytes::new());
-        return read;
-    }
-    match p
-        .log
-        .read_joined(offset as u64, limit.min(MAX_PARTITION_READ_BYTES))
-        .await
-    {
+    read.high_watermark = p.high_watermark() as i64;
+    read.log_start_offset = p.log_start_offset() as i64;
+    match p.read(offset, limit.min(MAX_PARTITION_READ_BYTES)).await {
         Ok(r) => {
-            read.high_watermark = r.log_end_offset as i64;
+            read.high_watermark = r.high_watermark as i64;
             read.log_start_offset = r.log_start_offset as i64;
             read.records = Some(r.records);
         }
-        Err(e) => read.error_code = engine_error_code(&e),
+        Err(code) => read.error_code = code,
     }
     read
 }

@@ -10,10 +10,10 @@ use kafka_protocol::messages::list_offsets_response::{
 use kafka_protocol::messages::{ListOffsetsRequest, ListOffsetsResponse};
 
 use crate::dispatch::encode_response;
-use crate::error::{engine_error_code, NetError};
-use crate::partition::LEADER_EPOCH;
+use crate::error::NetError;
 use crate::request::{decode_body, Request};
 use crate::shard::{Shard, TopicPartition};
+use spate_replication::partition::LEADER_EPOCH;
 
 pub const LATEST_TIMESTAMP: i64 = -1;
 pub const EARLIEST_TIMESTAMP: i64 = -2;
@@ -45,24 +45,28 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
             let res = shard
                 .router
                 .run_on(owner, move |s| async move {
-                    let part = s.partition(&tp).await?;
-                    let (start, end) = (part.log.log_start_offset(), part.log.log_end_offset());
+                    let part = s.partition(&tp)?;
+                    // Latest is the high watermark: consumers never see past it.
+                    let (start, end) = (part.log_start_offset(), part.high_watermark());
+                    let epoch = part.leader_epoch();
                     match ts {
-                        EARLIEST_TIMESTAMP => Ok((-1, start as i64)),
-                        LATEST_TIMESTAMP => Ok((-1, end as i64)),
-                        MAX_TIMESTAMP => Ok((-1, end.saturating_sub(1) as i64)),
-                        _ => match part.log.offset_for_timestamp(ts).await {
-                            Ok(Some((off, t))) => Ok((t, off as i64)),
-                            Ok(None) => Ok((-1, -1)),
-                            Err(e) => Err(engine_error_code(&e)),
+                        EARLIEST_TIMESTAMP => Ok((-1, start as i64, epoch)),
+                        LATEST_TIMESTAMP => Ok((-1, end as i64, epoch)),
+                        MAX_TIMESTAMP => Ok((-1, end.saturating_sub(1) as i64, epoch)),
+                        _ => match part.offset_for_timestamp(ts).await? {
+                            Some((off, t)) => Ok((t, off as i64, epoch)),
+                            None => Ok((-1, -1, epoch)),
                         },
                     }
                 })
                 .await;
             match res {
-                Ok(Ok((timestamp, offset))) => {
+                Ok(Ok((timestamp, offset, epoch))) => {
                     pr.timestamp = timestamp;
                     pr.offset = offset;
+                    if req.api_version >= 4 {
+                        pr.leader_epoch = epoch;
+                    }
                 }
                 Ok(Err(code)) => pr.error_code = code,
                 Err(e) => pr.error_code = crate::error::net_error_code(&e),

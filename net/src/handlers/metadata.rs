@@ -95,6 +95,7 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
                     match or_storage_error(created.map(|r| r.map_err(|refused| refused.code))) {
                         Ok(t) => {
                             tracing::info!(topic = %name, partitions = t.partitions, "auto-created topic");
+                            shard.open_topic_on_owners(&name).await;
                             resp.topics.push(describe(node, &t, v));
                             continue;
                         }
@@ -141,7 +142,7 @@ fn describe(node: i32, t: &TopicMeta, version: i16) -> MetadataResponseTopic {
             part.partition_index = p;
             part.leader_id = BrokerId(node);
             if version >= 7 {
-                part.leader_epoch = crate::partition::LEADER_EPOCH;
+                part.leader_epoch = spate_replication::partition::LEADER_EPOCH;
             }
             part.replica_nodes = vec![BrokerId(node)];
             part.isr_nodes = vec![BrokerId(node)];

@@ -15,13 +15,13 @@ use kafka_protocol::messages::produce_response::{PartitionProduceResponse, Topic
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse, TopicName};
 use kafka_protocol::protocol::{Decodable, StrBytes};
 use kafka_protocol::ResponseError;
-use spate_engine::batch::{BatchHeader, VerifiedBatch, BATCH_HEADER_BYTES};
-use spate_engine::FlushPolicy;
+use spate_replication::partition::{
+    Acks, BatchHeader, Completion, ProduceOutcome, VerifiedBatch, BATCH_HEADER_BYTES,
+};
 
 use crate::cross_wake;
 use crate::dispatch::{encode_response, Reply};
 use crate::error::{NetError, NONE};
-use crate::partition::ProduceOutcome;
 use crate::request::Request;
 use crate::shard::{ProduceTurn, Shard, TopicPartition};
 
@@ -154,7 +154,8 @@ pub async fn handle(
     let body = req.body;
     let mut resp = ProduceResponse::default();
     let (acks, planned) = plan(shard, &body, api_version, &mut resp)?;
-    let wait_durable = acks != 0 && shard.config.flush == FlushPolicy::Always;
+    // `plan` refused every partition of a request with other acks (INVALID_REQUIRED_ACKS).
+    let replica_acks = Acks::from_kafka(acks).unwrap_or(Acks::All);
     let mut by_shard: BTreeMap<usize, Vec<Work>> = BTreeMap::new();
     if !planned.is_empty() {
         let mut rest = body
@@ -199,7 +200,7 @@ pub async fn handle(
             glommio::spawn_local(async move {
                 router
                     .run_on(owner, move |s| {
-                        produce_on_owner(s, work, wait_durable, appended)
+                        produce_on_owner(s, work, replica_acks, appended)
                     })
                     .await
             })
@@ -251,11 +252,11 @@ pub async fn handle(
 }
 
 /// Appends every partition's batches (concurrently), reports that through `appended`, then
-/// waits for durability if asked.
+/// waits until each replica says its append is as durable as `acks` requires.
 async fn produce_on_owner(
     shard: Rc<Shard>,
     work: Vec<Work>,
-    wait_durable: bool,
+    acks: Acks,
     appended: flume::Sender<()>,
 ) -> Vec<(usize, usize, ProduceOutcome)> {
     let tasks: Vec<_> = work
@@ -263,15 +264,15 @@ async fn produce_on_owner(
         .map(|(ti, pi, tp, batches)| {
             let shard = shard.clone();
             glommio::spawn_local(async move {
-                match shard.partition(&tp).await {
+                match shard.partition(&tp) {
                     Ok(p) => {
-                        let o = p.produce(batches, false).await;
-                        (ti, pi, Some(p), o)
+                        let (o, completion) = p.append(batches, acks).await;
+                        (ti, pi, completion, o)
                     }
                     Err(code) => (
                         ti,
                         pi,
-                        None,
+                        Completion::done(),
                         ProduceOutcome {
                             error_code: code,
                             base_offset: -1,
@@ -294,11 +295,11 @@ async fn produce_on_owner(
     drop(appended);
     let syncs: Vec<_> = appended_parts
         .into_iter()
-        .map(|(ti, pi, p, o)| {
+        .map(|(ti, pi, completion, o)| {
             glommio::spawn_local(async move {
-                match p {
-                    Some(p) if wait_durable && o.error_code == NONE => (ti, pi, sync(&p, o).await),
-                    _ => (ti, pi, o),
+                match completion.wait().await {
+                    Ok(()) => (ti, pi, o),
+                    Err(error_code) => (ti, pi, ProduceOutcome { error_code, ..o }),
                 }
             })
         })
@@ -308,19 +309,6 @@ async fn produce_on_owner(
         out.push(t.await);
     }
     out
-}
-
-async fn sync(p: &crate::partition::Partition, o: ProduceOutcome) -> ProduceOutcome {
-    // The batches of this request end at or before the current log end; syncing to it is
-    // one group commit for everything appended so far.
-    let end = p.log.log_end_offset();
-    match p.log.sync_to(end).await {
-        Ok(()) => o,
-        Err(e) => ProduceOutcome {
-            error_code: crate::error::engine_error_code(&e),
-            ..o
-        },
-    }
 }
 
 /// Produce v0-v2 are advertised (librdkafka keeps compression on only if they are) but not

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::NetError;
-use crate::shard::shard_of;
+use crate::partition::ReplicaError;
+use crate::shard_table::shard_of;
 
 pub const METADATA_FILE: &str = "spate-metadata.json";
 /// Producer ids are reserved on disk in blocks of this many, so ids stay unique across
@@ -247,10 +247,10 @@ fn check_create_partitions(
 impl MetadataStore {
     /// Loads the store from `data_dir`, creating an empty one if there is none. A file whose
     /// checksum does not match is an error, never silently replaced.
-    pub fn open(data_dir: &Path) -> Result<Arc<Self>, NetError> {
+    pub fn open(data_dir: &Path) -> Result<Arc<Self>, ReplicaError> {
         let path = data_dir.join(METADATA_FILE);
         let state = match std::fs::read(&path) {
-            Ok(bytes) => decode_file(&bytes).map_err(|reason| NetError::Metadata {
+            Ok(bytes) => decode_file(&bytes).map_err(|reason| ReplicaError::Metadata {
                 path: path.display().to_string(),
                 reason,
             })?,
@@ -296,7 +296,7 @@ impl MetadataStore {
     fn update<T, E>(
         &self,
         change: impl FnOnce(&mut Persisted) -> Result<T, E>,
-    ) -> Result<Result<T, E>, NetError> {
+    ) -> Result<Result<T, E>, ReplicaError> {
         let mut inner = self.lock();
         let mut next = inner.state.clone();
         let out = match change(&mut next) {
@@ -320,7 +320,7 @@ impl MetadataStore {
         configs: BTreeMap<String, String>,
         internal: bool,
         limit: ShardLimit,
-    ) -> Result<Result<TopicMeta, Refused>, NetError> {
+    ) -> Result<Result<TopicMeta, Refused>, ReplicaError> {
         self.update(|s| {
             check_create_topic(&s.topics, name, partitions, internal, limit)?;
             let meta = TopicMeta {
@@ -345,7 +345,7 @@ impl MetadataStore {
         check_create_topic(&self.lock().state.topics, name, partitions, false, limit)
     }
 
-    pub fn delete_topic(&self, name: &str) -> Result<Result<TopicMeta, i16>, NetError> {
+    pub fn delete_topic(&self, name: &str) -> Result<Result<TopicMeta, i16>, ReplicaError> {
         self.update(|s| {
             s.topics
                 .remove(name)
@@ -358,7 +358,7 @@ impl MetadataStore {
         &self,
         name: &str,
         configs: BTreeMap<String, String>,
-    ) -> Result<Result<(), i16>, NetError> {
+    ) -> Result<Result<(), i16>, ReplicaError> {
         self.update(|s| {
             let topic = s
                 .topics
@@ -378,7 +378,7 @@ impl MetadataStore {
         max_per_topic: i32,
         limit: ShardLimit,
         validate_only: bool,
-    ) -> Result<Result<i32, Refused>, NetError> {
+    ) -> Result<Result<i32, Refused>, ReplicaError> {
         if validate_only {
             let inner = self.lock();
             return Ok(check_create_partitions(
@@ -398,7 +398,7 @@ impl MetadataStore {
     }
 
     /// A producer id never handed out before, even across restarts.
-    pub fn allocate_producer_id(&self) -> Result<i64, NetError> {
+    pub fn allocate_producer_id(&self) -> Result<i64, ReplicaError> {
         let mut inner = self.lock();
         if inner.next_producer_id >= inner.state.producer_id_reserved {
             let mut next = inner.state.clone();
@@ -419,8 +419,8 @@ impl MetadataStore {
     /// the order (metadata first, then data) and so every crash point as it was. Another shard
     /// may take the freed space first, in which case the delete fails with a storage error, as
     /// before, and can be retried. The reserve is made again after every successful write.
-    fn persist(&self, state: &Persisted) -> Result<(), NetError> {
-        let body = serde_json::to_vec(state).map_err(|e| NetError::Metadata {
+    fn persist(&self, state: &Persisted) -> Result<(), ReplicaError> {
+        let body = serde_json::to_vec(state).map_err(|e| ReplicaError::Metadata {
             path: self.path.display().to_string(),
             reason: e.to_string(),
         })?;

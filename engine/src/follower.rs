@@ -1,0 +1,143 @@
+//! What a replica needs of its log beyond a leader's appends and reads: reads that stop at an
+//! offset (the high watermark, for consumers), appends at the offset and epoch the leader chose
+//! (followers), and waiting for durability to pass an offset (acknowledging the leader).
+//!
+//! Kept apart from `log.rs` so the leader's data path there stays as it is; everything here is
+//! built on its public operations plus the log's offset and epoch bookkeeping.
+
+use bytes::Bytes;
+
+use crate::batch::{BatchHeader, VerifiedBatch};
+use crate::error::EngineError;
+use crate::log::{AppendInfo, JoinedRead, PartitionLog};
+
+impl PartitionLog {
+    /// Like [`Self::read_joined`], but only whole batches that end below `end_offset` (the
+    /// first batch included): the read a consumer gets, bounded by the high watermark.
+    pub async fn read_joined_below(
+        &self,
+        offset: u64,
+        max_bytes: usize,
+        end_offset: u64,
+    ) -> Result<JoinedRead, EngineError> {
+        if offset >= end_offset {
+            let (log_start_offset, log_end_offset) =
+                (self.log_start_offset(), self.log_end_offset());
+            if offset < log_start_offset || offset > log_end_offset {
+                return Err(EngineError::OffsetOutOfRange {
+                    offset,
+                    log_start: log_start_offset,
+                    log_end: log_end_offset,
+                });
+            }
+            return Ok(JoinedRead {
+                records: Bytes::new(),
+                log_start_offset,
+                log_end_offset,
+            });
+        }
+        let mut read = self.read_joined(offset, max_bytes).await?;
+        if read.log_end_offset > end_offset {
+            // Batches are contiguous in the buffer; cut before the first that reaches the bound
+            // (a slice, no copy).
+            let cut = whole_batches_below(&read.records, end_offset);
+            read.records = read.records.slice(..cut);
+        }
+        Ok(read)
+    }
+
+    /// A follower's append: the batch goes at `base_offset`, which must be this log's end,
+    /// under the leader's `leader_epoch`, which must not be below the log's last epoch.
+    /// Either failing is a bug in the replication layer above, not bad input: it panics.
+    pub async fn append_at(
+        &self,
+        batch: VerifiedBatch,
+        base_offset: u64,
+        leader_epoch: i32,
+    ) -> Result<AppendInfo, EngineError> {
+        {
+            let st = self.inner.state.borrow();
+            assert_eq!(
+                base_offset, st.log_end,
+                "follower append at {base_offset} but the log ends at {}",
+                st.log_end
+            );
+            if let Some(&(last_epoch, _)) = st.epochs.last() {
+                assert!(
+                    leader_epoch >= last_epoch,
+                    "follower append in epoch {leader_epoch} after epoch {last_epoch}"
+                );
+            }
+        }
+        let info = self.append(batch, leader_epoch).await?;
+        assert_eq!(
+            info.base_offset, base_offset,
+            "a concurrent append moved the log end under a follower append"
+        );
+        Ok(info)
+    }
+
+    /// Resolves once every offset up to and including `offset` is durable (joining the
+    /// fdatasync in flight or starting one), whatever the flush policy.
+    pub async fn wait_durable_past(&self, offset: u64) -> Result<(), EngineError> {
+        self.sync_to(offset.saturating_add(1)).await?;
+        debug_assert!(
+            self.durable_offset() > offset || self.log_end_offset() <= offset,
+            "sync_to returned before the durable offset passed {offset}"
+        );
+        Ok(())
+    }
+}
+
+/// Length of the prefix of `records` (contiguous RecordBatches) whose batches all end below
+/// `end_offset`; the first batch counts only if it does too.
+fn whole_batches_below(records: &[u8], end_offset: u64) -> usize {
+    let mut pos = 0;
+    while pos < records.len() {
+        let Some(len) = BatchHeader::total_len_from_prefix(&records[pos..]) else {
+            break;
+        };
+        let Some(bytes) = records.get(pos..pos + len) else {
+            break;
+        };
+        let Ok(h) = BatchHeader::parse(bytes) else {
+            break;
+        };
+        if h.last_offset() < 0 || h.last_offset() as u64 >= end_offset {
+            break;
+        }
+        pos += len;
+    }
+    pos
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal batch header run: base offset, length, and last offset delta set.
+    fn batch(base: i64, records: i32) -> Vec<u8> {
+        let mut b = vec![0u8; crate::batch::BATCH_HEADER_BYTES];
+        b[0..8].copy_from_slice(&base.to_be_bytes());
+        let len = (b.len() - 12) as i32;
+        b[8..12].copy_from_slice(&len.to_be_bytes());
+        b[16] = 2; // magic
+        b[23..27].copy_from_slice(&(records - 1).to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn only_batches_ending_below_the_bound_are_kept() {
+        let mut all = batch(0, 3);
+        all.extend(batch(3, 2));
+        all.extend(batch(5, 4));
+        let one = batch(0, 3).len();
+        assert_eq!(whole_batches_below(&all, 0), 0);
+        assert_eq!(whole_batches_below(&all, 2), 0);
+        assert_eq!(whole_batches_below(&all, 3), one);
+        assert_eq!(whole_batches_below(&all, 4), one);
+        assert_eq!(whole_batches_below(&all, 5), 2 * one);
+        assert_eq!(whole_batches_below(&all, 9), 3 * one);
+        assert_eq!(whole_batches_below(&all, u64::MAX), 3 * one);
+    }
+}

@@ -1,0 +1,32 @@
+//! Partition replicas on shards: the layer between the Kafka protocol (net/) and the storage
+//! engine (engine/).
+//!
+//! [`PartitionReplica`] is one partition's replica on this node, owned by one shard: the engine
+//! log (private to it), producer state and the high watermark. It is the only way to a log from
+//! above. Not to be confused with [`crate::Replica`], the consensus state machine of one
+//! replication group, which a `PartitionReplica` will drive once replication is wired in.
+
+mod config;
+mod error;
+mod producer_state;
+mod replica;
+mod topic_partition;
+
+pub use config::apply_topic_configs;
+pub use error::{engine_error_code, ReplicaError};
+pub use producer_state::{
+    last_seq, next_seq, BatchMeta, ProducerEntry, ProducerTable, Verdict,
+    CACHED_BATCHES_PER_PRODUCER, MAX_PRODUCERS_PER_PARTITION,
+};
+pub use replica::{
+    Acks, Completion, NoObserver, PartitionReplica, ProduceOutcome, ReplicaConfig, ReplicaObserver,
+    ReplicaRead, LEADER_EPOCH,
+};
+pub use topic_partition::TopicPartition;
+
+// Storage types the layers above need, so that they name the engine only through replicas.
+pub use spate_engine::batch::{BatchHeader, VerifiedBatch, BATCH_HEADER_BYTES};
+pub use spate_engine::{
+    is_no_space_io, observe, EngineError, FlushPolicy, LiveLimits, LogConfig, ReadResult,
+    DEFAULT_MAX_BATCH_BYTES,
+};
