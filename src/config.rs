@@ -17,8 +17,11 @@ pub enum FlushMode {
     /// Every acknowledged write is on disk (group-committed fdatasync before the reply).
     Always,
     /// fdatasync every --flush-interval-ms or --flush-interval-bytes, whichever comes first.
+    /// Write caching: writes are acknowledged and readable before they are durable, and a
+    /// process crash or power loss may lose the last interval's.
     Interval,
-    /// Leave flushing to the OS (data survives a process crash, not a power loss).
+    /// Never fdatasync (write caching): writes are acknowledged and readable while still in
+    /// the broker's memory; a process crash or power loss may lose them.
     Never,
 }
 

@@ -201,6 +201,7 @@ impl Inner {
                 st.durable_pos = 0;
             }
             drop(st);
+            self.durable_advanced();
             self.signal.notify_all();
         }
     }

@@ -11,6 +11,17 @@ use crate::batch::{BatchHeader, VerifiedBatch};
 use crate::error::EngineError;
 use crate::log::{AppendInfo, JoinedRead, PartitionLog};
 
+/// Told by a log when its durable end advances and when its end moves back; the owner of the
+/// log keeps what it derives from them (the high watermark) in step. Called on the log's shard
+/// with no log state borrowed, once per group commit (never per batch); it must not call back
+/// into the log.
+pub trait LogListener {
+    /// Every offset below `durable` is on disk; the log ends at `log_end`.
+    fn durable(&self, durable: u64, log_end: u64);
+    /// The log end moved back to `log_end` (truncation, or a rewind after a failed write).
+    fn truncated(&self, log_end: u64);
+}
+
 impl PartitionLog {
     /// Like [`Self::read_joined`], but only whole batches that end below `end_offset` (the
     /// first batch included): the read a consumer gets, bounded by the high watermark.

@@ -38,6 +38,7 @@ pub use cache::{set_shard_cache_bytes, shard_cache_used_bytes, DEFAULT_SHARD_CAC
 pub use checkpoint::RECOVERY_POINT_FILE;
 pub use config::{FlushPolicy, LogConfig, DEFAULT_MAX_BATCH_BYTES};
 pub use error::{is_no_space_io, EngineError};
+pub use follower::LogListener;
 pub use log::{
     AppendInfo, JoinedRead, LiveLimits, PartitionLog, ReadResult, CHECKPOINT_INTERVAL_MS,
     MAX_FRAME_PAYLOAD_BYTES,

@@ -218,6 +218,11 @@ pub(crate) struct State {
     /// Tests make this many of the next segment writes fail with ENOSPC (a filesystem cannot
     /// be made to fail a write inside a reserved range on demand).
     pub inject_no_space_writes: u32,
+    /// Bumped whenever the log end moves back (truncation, or a rewind after a failed write):
+    /// whoever keeps state derived from the log's suffix compares it to notice.
+    pub truncations: u64,
+    /// Tests hold group commits back (appends go on, nothing becomes durable) until released.
+    pub syncs_paused: bool,
 }
 
 impl State {
@@ -273,6 +278,9 @@ pub(crate) struct Inner {
     /// Held by the background checkpointer while it writes, and by operations that remove
     /// data while they run (taken after `lock`, never the other way round).
     pub ckpt_lock: Semaphore,
+    /// Told when the durable end advances and when the log end moves back (see
+    /// [`crate::LogListener`]); set once by the log's owner.
+    pub listener: RefCell<Option<Box<dyn crate::LogListener>>>,
 }
 
 /// A partition log on one shard. `!Send`; every method takes `&self`.
@@ -308,6 +316,30 @@ impl Inner {
         };
         if std::mem::replace(flag, false) {
             tracing::info!(dir = ?self.dir, background, "disk space is back: partition log writes resume");
+        }
+    }
+
+    /// Tells the listener the durable end moved. Never called with the state borrowed.
+    pub(crate) fn durable_advanced(&self) {
+        let (durable, log_end) = {
+            let st = self.state.borrow();
+            (st.durable, st.log_end)
+        };
+        if let Some(l) = &*self.listener.borrow() {
+            l.durable(durable, log_end);
+        }
+    }
+
+    /// Counts a move back of the log end and tells the listener. Never called with the state
+    /// borrowed.
+    pub(crate) fn log_end_moved_back(&self) {
+        let log_end = {
+            let mut st = self.state.borrow_mut();
+            st.truncations += 1;
+            st.log_end
+        };
+        if let Some(l) = &*self.listener.borrow() {
+            l.truncated(log_end);
         }
     }
 
@@ -546,6 +578,7 @@ impl Inner {
             }
             due
         };
+        self.durable_advanced();
         self.signal.notify_all();
         if checkpoint_due {
             self.request_checkpoint();
@@ -647,6 +680,13 @@ impl Inner {
                     }
                     st.sync_requested = false;
                 }
+                inner
+                    .signal
+                    .wait_until(|| {
+                        let st = inner.state.borrow();
+                        !st.syncs_paused || st.closed || st.failed.is_some()
+                    })
+                    .await;
                 let result = match inner.lock.acquire_permit(1).await {
                     Ok(_permit) => inner.sync_once().await,
                     Err(_) => Err(EngineError::Closed),
@@ -792,6 +832,9 @@ impl PartitionLog {
             });
         }
         let flen = frame_len(payload_len) as u64;
+        // The caller decided to append (producer checks, a follower's position) against the
+        // log as it stood; if the log end moves back meanwhile, that decision is stale.
+        let truncations = inner.state.borrow().truncations;
         enum Step {
             Roll(u64),
             Reserve(u64),
@@ -848,6 +891,10 @@ impl PartitionLog {
         // atomically with respect to other tasks of this shard.
         let mut guard = inner.state.borrow_mut();
         let st = &mut *guard;
+        if st.truncations != truncations {
+            // Only a rewind after a failed write moves the end back under a leader's append.
+            return Err(inner.no_space_error());
+        }
         let base = st.log_end;
         let last = base + last_delta;
         let batch = batch.stamp_into(base as i64, leader_epoch);
@@ -1190,6 +1237,36 @@ impl PartitionLog {
             .map_err(|_| EngineError::Closed)?;
         let _quiet = self.inner.quiesce_checkpointer().await?;
         self.inner.checkpoint_now().await
+    }
+
+    /// How many times the log end has moved back (truncation, or a rewind after a write
+    /// failed for lack of space) since the log was opened. State derived from the log's suffix
+    /// (producer state) that was built at another count must be rebuilt.
+    pub fn truncations(&self) -> u64 {
+        self.inner.state.borrow().truncations
+    }
+
+    /// Sets who is told when the durable end advances or the log end moves back. One per log
+    /// (its owner, the replica); replaces any earlier one.
+    pub fn set_listener(&self, listener: Box<dyn crate::LogListener>) {
+        *self.inner.listener.borrow_mut() = Some(listener);
+    }
+
+    /// Drops the batches whose write failed for lack of space, if a failed write left any: a
+    /// caller about to decide on an append (producer checks) sees the log it will append to.
+    pub async fn drop_unwritten(&self) -> Result<(), EngineError> {
+        if !self.inner.state.borrow().rewind_needed {
+            return Ok(());
+        }
+        self.inner.rewind().await
+    }
+
+    /// Holds group commits back while `paused` (appends go on; nothing new becomes durable):
+    /// for tests of what is visible before an fdatasync.
+    #[doc(hidden)]
+    pub fn pause_syncs(&self, paused: bool) {
+        self.inner.state.borrow_mut().syncs_paused = paused;
+        self.inner.signal.notify_all();
     }
 
     /// Makes the next `writes` segment writes fail with ENOSPC, as a filesystem without

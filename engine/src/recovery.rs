@@ -397,6 +397,8 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
         short_of_space: false,
         background_short_of_space: false,
         inject_no_space_writes: 0,
+        truncations: 0,
+        syncs_paused: false,
     };
     let inner = Rc::new(Inner {
         dir: dir.to_path_buf(),
@@ -407,6 +409,7 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
         signal: Signal::default(),
         lock: Semaphore::new(1),
         ckpt_lock: Semaphore::new(1),
+        listener: RefCell::new(None),
     });
     match inner.write_checkpoint(log_end, active_base, size).await {
         Ok(()) => {}

@@ -144,6 +144,7 @@ async fn truncate_locked(inner: &Rc<Inner>, offset: u64) -> Result<(), EngineErr
         st.durable_base = seg_base;
         st.durable_pos = cut_pos;
     }
+    inner.log_end_moved_back();
     tracing::debug!(dir = ?inner.dir, new_end, "truncated log");
     inner.write_checkpoint(new_end, seg_base, cut_pos).await
 }
@@ -292,6 +293,9 @@ pub(crate) async fn rewind_unwritten(inner: &Rc<Inner>) -> Result<(), EngineErro
         {
             let mut st = inner.state.borrow_mut();
             st.dropped_end = st.dropped_end.max(old_end);
+        }
+        if new_end < old_end {
+            inner.log_end_moved_back();
         }
         tracing::warn!(dir = ?inner.dir, from = new_end, to = old_end,
             "dropped batches whose write failed for lack of disk space");

@@ -396,6 +396,12 @@ impl spate_replication::partition::ReplicaObserver for PartitionMetrics {
     fn removed(&self) {
         self.remove();
     }
+    fn committed(&self, _high_watermark: u64) {
+        // Long-polling fetches wait on their shard's signal; the replica runs on that shard.
+        if let Some(shard) = crate::shard::Shard::current() {
+            shard.data_arrived.notify();
+        }
+    }
 }
 
 impl PartitionMetrics {

@@ -262,7 +262,7 @@ pub struct Shard {
     failed_opens: RefCell<HashMap<TopicPartition, i16>>,
     /// Serialises opening partitions (rare) so two tasks never open one log twice.
     open_lock: Semaphore,
-    /// Notified after every append on this shard; long-polling fetches wait on it.
+    /// Notified when a high watermark on this shard advances; long-polling fetches wait on it.
     pub data_arrived: Signal,
     /// Notified once when the broker starts shutting down.
     pub shutdown: Signal,

@@ -288,9 +288,8 @@ async fn produce_on_owner(
     for t in tasks {
         appended_parts.push(t.await);
     }
-    // Readers may see the data before it is durable: a single node has no other copy to wait
-    // for, and fetchers should not stall on fsyncs.
-    shard.data_arrived.notify();
+    // Fetches waiting for data are woken by the replicas when their high watermarks move (at
+    // once, or once durable under flush `always`), not here.
     let _ = appended.send(());
     drop(appended);
     let syncs: Vec<_> = appended_parts

@@ -128,6 +128,32 @@ impl ProducerTable {
         entry.last_offset = batch.last_offset;
     }
 
+    /// Forgets every batch at or past `log_end` (the log end moved back under them). Returns
+    /// false if that left some producer with none of its batches: its last sequence below
+    /// `log_end` is then unknown here and the table must be rebuilt from the log.
+    #[must_use]
+    pub fn truncate(&mut self, log_end: u64) -> bool {
+        let mut exact = true;
+        self.producers.retain(|_, e| {
+            let before = e.batches.len();
+            e.batches.retain(|b| b.last_offset < log_end as i64);
+            if e.batches.len() == before {
+                return true;
+            }
+            match e.batches.back() {
+                Some(last) => {
+                    e.last_offset = last.last_offset;
+                    true
+                }
+                None => {
+                    exact = false;
+                    false
+                }
+            }
+        });
+        exact
+    }
+
     fn evict_oldest(&mut self) {
         if let Some((&id, _)) = self.producers.iter().min_by_key(|(_, e)| e.last_offset) {
             self.producers.remove(&id);
@@ -171,6 +197,25 @@ mod tests {
         assert_eq!(t.get(1).unwrap().batches.len(), CACHED_BATCHES_PER_PRODUCER);
         assert_eq!(t.check(1, 0, 6, 6), Verdict::Duplicate { base_offset: 6 });
         assert_eq!(t.check(1, 0, 0, 0), Verdict::Reject { error_code: 45 });
+    }
+
+    #[test]
+    fn truncation_forgets_the_batches_past_the_new_end() {
+        let mut t = ProducerTable::default();
+        for i in 0..3 {
+            t.record(1, 0, meta(i * 2, i * 2 + 1, 10 * i as i64));
+        }
+        t.record(2, 0, meta(0, 0, 25));
+        assert!(!t.truncate(21), "producer 2 lost its only batch");
+        assert!(t.get(2).is_none());
+        assert_eq!(
+            t.check(1, 0, 4, 5),
+            Verdict::Append,
+            "its dropped batch again"
+        );
+        assert_eq!(t.check(1, 0, 2, 3), Verdict::Duplicate { base_offset: 10 });
+        assert_eq!(t.get(1).unwrap().last_offset, 11);
+        assert!(t.truncate(100), "nothing past the end");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use kafka_protocol::ResponseError;
 use serde::{Deserialize, Serialize};
 use spate_engine::batch::{BatchHeader, VerifiedBatch};
 use spate_engine::validate::{validate_batch, Refusal};
-use spate_engine::{AppendInfo, FlushPolicy, LiveLimits, LogConfig, PartitionLog};
+use spate_engine::{AppendInfo, FlushPolicy, LiveLimits, LogConfig, LogListener, PartitionLog};
 
 use super::error::{engine_error_code, ReplicaError};
 use super::producer_state::{last_seq, BatchMeta, ProducerTable, Verdict};
@@ -34,6 +34,9 @@ pub trait ReplicaObserver {
     fn appended(&self, bytes: u64, records: u64);
     /// The log end or the high watermark moved.
     fn offsets(&self, log_end: u64, high_watermark: u64);
+    /// The high watermark advanced to `high_watermark`: consumers waiting for data may read
+    /// more (long-polling fetches wake on this, not on appends).
+    fn committed(&self, _high_watermark: u64) {}
     /// The replica was deleted (its topic is gone).
     fn removed(&self);
 }
@@ -117,22 +120,100 @@ pub struct ReplicaRead {
     pub log_start_offset: u64,
 }
 
+/// The high watermark, shared by the replica and its log's listener (which advances it when
+/// durability does).
+struct Watermark {
+    tp: TopicPartition,
+    /// Offsets below it are committed: consumers may read them. Only grows (except when the
+    /// log end moves back under it: a rewind under write caching); never passes the log end.
+    value: Cell<u64>,
+    cap: Option<u64>,
+    /// Under flush `always` only what is durable is committed, so no consumer reads a record
+    /// that a crash before the fdatasync takes back (and whose offset then goes to another).
+    /// Under `interval` and `never` it is the log end: write caching.
+    durable_only: bool,
+    observer: Box<dyn ReplicaObserver>,
+}
+
+impl Watermark {
+    /// What this node alone commits, with the log durable below `durable` and ending at
+    /// `log_end` (a single node has no followers to wait for), held below the test cap.
+    fn local_commit(&self, durable: u64, log_end: u64) -> u64 {
+        let end = if self.durable_only {
+            durable.min(log_end)
+        } else {
+            log_end
+        };
+        self.cap.map_or(end, |cap| cap.min(end))
+    }
+
+    fn advance(&self, offset: u64, log_end: u64) {
+        let hw = self.value.get();
+        assert!(
+            offset >= hw,
+            "{}-{}: high watermark moves back from {hw} to {offset}",
+            self.tp.topic,
+            self.tp.partition
+        );
+        assert!(
+            offset <= log_end,
+            "{}-{}: high watermark {offset} passes the log end {log_end}",
+            self.tp.topic,
+            self.tp.partition
+        );
+        self.value.set(offset);
+        self.observer.offsets(log_end, offset);
+        if offset > hw {
+            self.observer.committed(offset);
+        }
+    }
+
+    fn commit_local(&self, durable: u64, log_end: u64) {
+        let commit = self.local_commit(durable, log_end);
+        self.advance(commit.max(self.value.get()), log_end);
+    }
+}
+
+/// The log's listener: the watermark follows durability, and never stays above a log end that
+/// moved back.
+struct FollowLog(Rc<Watermark>);
+
+impl LogListener for FollowLog {
+    fn durable(&self, durable: u64, log_end: u64) {
+        if self.0.durable_only {
+            self.0.commit_local(durable, log_end);
+        }
+    }
+
+    fn truncated(&self, log_end: u64) {
+        let w = &self.0;
+        if w.value.get() > log_end {
+            // Only under write caching (the watermark was past the durable end) or a
+            // follower's truncation: what consumers saw past the new end is gone.
+            tracing::warn!(topic = %w.tp.topic, partition = w.tp.partition,
+                high_watermark = w.value.get(), log_end,
+                "log end moved back below the high watermark");
+            w.value.set(log_end);
+        }
+        w.observer.offsets(log_end, w.value.get());
+    }
+}
+
 pub struct PartitionReplica {
     pub tp: TopicPartition,
     log: PartitionLog,
     flush: FlushPolicy,
-    /// Offsets below it are committed: consumers may read them. Only grows; never passes the
-    /// log end.
-    high_watermark: Cell<u64>,
-    high_watermark_cap: Option<u64>,
+    watermark: Rc<Watermark>,
     producers: RefCell<ProducerTable>,
+    /// The log's truncation count the producer table matches (see
+    /// [`PartitionLog::truncations`]).
+    producers_at: Cell<u64>,
     /// Held across the producer check and the append, so both see the same log end.
     write_lock: Semaphore,
     /// Where producer state is snapshotted; `None` for partitions only the broker writes.
     state_path: Option<PathBuf>,
     /// Log end covered by the last snapshot written.
     snapshot_end: Cell<Option<u64>>,
-    observer: Box<dyn ReplicaObserver>,
 }
 
 /// Outcome of one partition's share of a Produce request.
@@ -164,17 +245,24 @@ impl PartitionReplica {
     ) -> Result<PartitionReplica, ReplicaError> {
         let flush = config.log.flush;
         let log = PartitionLog::open(&dir, config.log).await?;
+        let watermark = Rc::new(Watermark {
+            tp: tp.clone(),
+            value: Cell::new(0),
+            cap: config.high_watermark_cap,
+            durable_only: flush == FlushPolicy::Always,
+            observer,
+        });
+        log.set_listener(Box::new(FollowLog(watermark.clone())));
         let partition = PartitionReplica {
             tp,
+            producers_at: Cell::new(log.truncations()),
             log,
             flush,
-            high_watermark: Cell::new(0),
-            high_watermark_cap: config.high_watermark_cap,
+            watermark,
             producers: RefCell::default(),
             write_lock: Semaphore::new(1),
             state_path,
             snapshot_end: Cell::new(None),
-            observer,
         };
         partition.recover_producers().await?;
         // A single node holds every copy there is: whatever recovery kept is committed.
@@ -196,8 +284,13 @@ impl PartitionReplica {
                     *self.producers.borrow_mut() = s.table;
                     from = s.end_offset;
                 }
-                Ok(_) => tracing::info!(topic = %self.tp.topic, partition = self.tp.partition,
-                    "producer snapshot does not match the log; rebuilding from the log"),
+                Ok(_) => {
+                    tracing::info!(topic = %self.tp.topic, partition = self.tp.partition,
+                        "producer snapshot does not match the log; rebuilding from the log");
+                    // Past the log end it describes batches that are gone: once the log grows
+                    // past it again, it would describe other batches.
+                    let _ = std::fs::remove_file(state_path);
+                }
                 Err(e) => tracing::warn!(topic = %self.tp.topic, partition = self.tp.partition,
                     error = %e, "unreadable producer snapshot; rebuilding from the log"),
             },
@@ -269,49 +362,61 @@ impl PartitionReplica {
                 outcome.error_message = Some(format!("batch {i}: {e}"));
                 return outcome;
             }
-        }
-        let Ok(_permit) = self.write_lock.acquire_permit(1).await else {
-            outcome.error_code = ResponseError::NotLeaderOrFollower.code();
-            return outcome;
-        };
-        for batch in batches {
-            let h = batch.header();
-            let (pid, epoch, mut meta) = (h.producer_id(), h.producer_epoch(), batch_meta(&h));
-            let (batch_bytes, records) = (batch.len() as u64, h.records_count().max(0) as u64);
-            if h.is_transactional() {
+            if batch.header().is_transactional() {
                 // Transactions are not implemented: storing their batches without markers
                 // would expose uncommitted data.
                 outcome.error_code = ResponseError::TransactionalIdAuthorizationFailed.code();
                 return outcome;
             }
-            if pid >= 0 {
-                match self
-                    .producers
-                    .borrow()
-                    .check(pid, epoch, meta.first_seq, meta.last_seq)
-                {
-                    Verdict::Append => {}
-                    Verdict::Duplicate { base_offset } => {
-                        outcome.error_code = ResponseError::DuplicateSequenceNumber.code();
-                        outcome.base_offset = base_offset;
-                        return outcome;
-                    }
-                    Verdict::Reject { error_code } => {
-                        outcome.error_code = error_code;
-                        return outcome;
-                    }
-                }
+        }
+        let Ok(_permit) = self.write_lock.acquire_permit(1).await else {
+            outcome.error_code = ResponseError::NotLeaderOrFollower.code();
+            return outcome;
+        };
+        // The producer checks must see the log the batches will be appended to: batches whose
+        // write failed are dropped first, and the table forgets them.
+        if let Err(e) = self.settle_producers().await {
+            tracing::warn!(topic = %self.tp.topic, partition = self.tp.partition, error = %e, "append failed");
+            outcome.error_code = e.code();
+            return outcome;
+        }
+        let skip = match self.plan(&batches) {
+            Ok(plan) => plan,
+            Err((code, base_offset)) => {
+                outcome.error_code = code;
+                outcome.base_offset = base_offset;
+                return outcome;
             }
+        };
+        let total = batches.len();
+        outcome.base_offset = skip.duplicate_base_offset;
+        for (i, batch) in batches
+            .into_iter()
+            .enumerate()
+            .skip(skip.leading_duplicates)
+        {
+            let h = batch.header();
+            let (pid, epoch, mut meta) = (h.producer_id(), h.producer_epoch(), batch_meta(&h));
+            let (batch_bytes, records) = (batch.len() as u64, h.records_count().max(0) as u64);
             let info = match self.log.append(batch, LEADER_EPOCH).await {
                 Ok(info) => info,
                 Err(e) => {
                     tracing::warn!(topic = %self.tp.topic, partition = self.tp.partition, error = %e, "append failed");
                     outcome.error_code = engine_error_code(&e);
+                    if i > 0 {
+                        // Kafka answers a partition as a whole; say what part of it is stored,
+                        // so a retry of the whole request is understood (the stored batches are
+                        // in the producer table and come back as duplicates).
+                        outcome.error_message = Some(format!(
+                            "batches 0..{i} of {total} are stored from offset {}; batch {i} and later are not: {e}",
+                            outcome.base_offset
+                        ));
+                    }
                     return outcome;
                 }
             };
             debug_assert!(info.last_offset >= info.base_offset);
-            self.observer.appended(batch_bytes, records);
+            self.watermark.observer.appended(batch_bytes, records);
             self.commit_local();
             if pid >= 0 {
                 meta.base_offset = info.base_offset as i64;
@@ -326,38 +431,116 @@ impl PartitionReplica {
         outcome
     }
 
-    /// Advances the high watermark to what this node alone commits: the log end (a single node
-    /// has no followers to wait for), held below the test hook's cap if one is set.
-    fn commit_local(&self) {
+    /// Decides a request's batches against producer state before any is stored, as Kafka's
+    /// log does: a refused batch refuses the whole request. Batches already in the log
+    /// (duplicates) may only lead, as when a request that was stored in part is retried:
+    /// those are skipped. The error is a Kafka code with the base offset to answer.
+    fn plan(&self, batches: &[VerifiedBatch]) -> Result<Plan, (i16, i64)> {
+        let table = self.producers.borrow();
+        // Later batches of one producer in the same request follow its earlier ones: they are
+        // checked against a scratch copy of its entry (only for multi-batch requests).
+        let mut scratch: Option<ProducerTable> = None;
+        let mut plan = Plan {
+            leading_duplicates: 0,
+            duplicate_base_offset: -1,
+        };
+        for (i, batch) in batches.iter().enumerate() {
+            let h = batch.header();
+            let (pid, epoch, meta) = (h.producer_id(), h.producer_epoch(), batch_meta(&h));
+            if pid < 0 {
+                continue;
+            }
+            let view = scratch.as_ref().unwrap_or(&table);
+            match view.check(pid, epoch, meta.first_seq, meta.last_seq) {
+                Verdict::Append => {
+                    if batches.len() > 1 {
+                        let s = scratch.get_or_insert_with(|| (*table).clone());
+                        s.record(pid, epoch, meta);
+                    }
+                }
+                Verdict::Duplicate { base_offset } if i == plan.leading_duplicates => {
+                    if plan.leading_duplicates == 0 {
+                        plan.duplicate_base_offset = base_offset;
+                    }
+                    plan.leading_duplicates += 1;
+                }
+                Verdict::Duplicate { .. } => {
+                    return Err((ResponseError::OutOfOrderSequenceNumber.code(), -1));
+                }
+                Verdict::Reject { error_code } => return Err((error_code, -1)),
+            }
+        }
+        if plan.leading_duplicates == batches.len() {
+            // A retry of batches all stored already: answered as Kafka clients expect (both
+            // librdkafka and the Java client take it as success), with the original offset.
+            return Err((
+                ResponseError::DuplicateSequenceNumber.code(),
+                plan.duplicate_base_offset,
+            ));
+        }
+        Ok(plan)
+    }
+
+    /// Drops batches a failed write left behind, and brings producer state in line with a
+    /// log end that moved back (batches it remembers are gone). Caller holds `write_lock`.
+    async fn settle_producers(&self) -> Result<(), ReplicaError> {
+        self.log.drop_unwritten().await?;
+        let truncations = self.log.truncations();
+        if truncations == self.producers_at.get() {
+            return Ok(());
+        }
         let end = self.log.log_end_offset();
-        let commit = self.high_watermark_cap.map_or(end, |cap| cap.min(end));
-        self.advance_high_watermark(commit.max(self.high_watermark.get()));
+        let exact = self.producers.borrow_mut().truncate(end);
+        if !exact {
+            // Some producer's last batch below the new end is not remembered: rebuild from the
+            // log (rare: only after a rewind that took all of a producer's recent batches).
+            tracing::info!(topic = %self.tp.topic, partition = self.tp.partition, log_end = end,
+                "rebuilding producer state after the log end moved back");
+            *self.producers.borrow_mut() = ProducerTable::default();
+            self.recover_producers().await?;
+        }
+        if self.snapshot_end.get().is_some_and(|e| e > end) {
+            // It describes batches that are gone; once the log grows past its end again, it
+            // would describe others.
+            self.snapshot_end.set(None);
+            if let Some(state_path) = &self.state_path {
+                let _ = std::fs::remove_file(state_path);
+            }
+        }
+        self.producers_at.set(truncations);
+        Ok(())
+    }
+
+    /// Advances the high watermark to what this node alone commits (see
+    /// [`Watermark::local_commit`]).
+    fn commit_local(&self) {
+        self.watermark
+            .commit_local(self.log.durable_offset(), self.log.log_end_offset());
     }
 
     /// Moves the high watermark to `offset`: the path by which replication commits (once a
     /// majority has the batches durably). The high watermark only grows and never passes the
     /// log end.
     pub fn advance_high_watermark(&self, offset: u64) {
-        let (hw, end) = (self.high_watermark.get(), self.log.log_end_offset());
-        assert!(
-            offset >= hw,
-            "{}-{}: high watermark moves back from {hw} to {offset}",
-            self.tp.topic,
-            self.tp.partition
-        );
-        assert!(
-            offset <= end,
-            "{}-{}: high watermark {offset} passes the log end {end}",
-            self.tp.topic,
-            self.tp.partition
-        );
-        self.high_watermark.set(offset);
-        self.observer.offsets(end, offset);
+        self.watermark.advance(offset, self.log.log_end_offset());
+    }
+
+    /// Holds the log's group commits back while `paused`: appends go on, nothing new becomes
+    /// durable (for tests of what consumers see meanwhile).
+    #[doc(hidden)]
+    pub fn pause_syncs(&self, paused: bool) {
+        self.log.pause_syncs(paused);
+    }
+
+    /// Makes the log's next `writes` segment writes fail with ENOSPC (for tests).
+    #[doc(hidden)]
+    pub fn inject_no_space_writes(&self, writes: u32) {
+        self.log.inject_no_space_writes(writes);
     }
 
     /// Offsets below it are committed and visible to consumers.
     pub fn high_watermark(&self) -> u64 {
-        self.high_watermark.get()
+        self.watermark.value.get()
     }
 
     /// The epoch of the leader this replica follows (or is).
@@ -380,7 +563,7 @@ impl PartitionReplica {
     /// OFFSET_OUT_OF_RANGE. The error is a Kafka error code.
     pub async fn read(&self, offset: i64, max_bytes: usize) -> Result<ReplicaRead, i16> {
         let (start, end) = (self.log.log_start_offset(), self.log.log_end_offset());
-        let hw = self.high_watermark.get();
+        let hw = self.watermark.value.get();
         debug_assert!(hw <= end, "high watermark {hw} passes the log end {end}");
         let mut read = ReplicaRead {
             records: Bytes::new(),
@@ -399,7 +582,7 @@ impl PartitionReplica {
             .await
             .map_err(|e| engine_error_code(&e))?;
         // Read after the log: the watermark may have moved on while the read ran, never back.
-        read.high_watermark = self.high_watermark.get();
+        read.high_watermark = self.watermark.value.get();
         read.log_start_offset = r.log_start_offset;
         read.records = r.records;
         Ok(read)
@@ -413,7 +596,7 @@ impl PartitionReplica {
             .offset_for_timestamp(timestamp_ms)
             .await
             .map_err(|e| engine_error_code(&e))?;
-        Ok(found.filter(|(offset, _)| *offset < self.high_watermark.get()))
+        Ok(found.filter(|(offset, _)| *offset < self.watermark.value.get()))
     }
 
     /// The log's live limits (retention, max batch size).
@@ -513,13 +696,21 @@ impl PartitionReplica {
 
     pub async fn delete(&self) -> Result<(), ReplicaError> {
         let _permit = self.write_lock.acquire_permit(1).await;
-        self.observer.removed();
+        self.watermark.observer.removed();
         self.log.delete().await?;
         if let Some(state_path) = &self.state_path {
             let _ = std::fs::remove_file(state_path);
         }
         Ok(())
     }
+}
+
+/// How a request's batches are to be appended (see [`PartitionReplica::plan`]).
+struct Plan {
+    /// The first batches are in the log already (a retry): not appended again.
+    leading_duplicates: usize,
+    /// Where the first of them is (-1 if none): the base offset the request is answered with.
+    duplicate_base_offset: i64,
 }
 
 fn batch_meta(h: &BatchHeader<'_>) -> BatchMeta {
