@@ -41,6 +41,6 @@ pub use error::{is_no_space_io, EngineError};
 pub use follower::LogListener;
 pub use log::{
     AppendInfo, JoinedRead, LiveLimits, PartitionLog, ReadResult, CHECKPOINT_INTERVAL_MS,
-    MAX_FRAME_PAYLOAD_BYTES,
+    MAX_FRAME_PAYLOAD_BYTES, RETENTION_NO_SPACE_ATTEMPTS,
 };
 pub use writer::{MAX_INFLIGHT_WRITES, PAGE_BYTES, WRITE_BUF_BYTES};

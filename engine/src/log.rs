@@ -32,6 +32,11 @@ pub const PREALLOCATE_AHEAD_BYTES: u64 = 16 << 20;
 /// Background work (recovery points, index files, finishing rolled segments) that failed for
 /// lack of disk space is retried after this long.
 pub const NO_SPACE_RETRY_MS: u64 = 1_000;
+/// Retention whose recovery-point write fails for lack of space tries this many times in all,
+/// `NO_SPACE_RETRY_MS` apart (holding no lock meanwhile), before it gives up until its next
+/// pass: retention is what frees space, so it must not wait for the next pass (minutes) to try
+/// again.
+pub const RETENTION_NO_SPACE_ATTEMPTS: u32 = 5;
 /// A roll waits for the background checkpointer while this many rolled segments are not yet
 /// trimmed and indexed.
 pub const MAX_UNFINISHED_SEALED_SEGMENTS: usize = 4;
@@ -223,6 +228,8 @@ pub(crate) struct State {
     pub truncations: u64,
     /// Tests hold group commits back (appends go on, nothing becomes durable) until released.
     pub syncs_paused: bool,
+    /// Tests make this many of the next recovery-point writes fail with ENOSPC.
+    pub inject_no_space_checkpoints: u32,
 }
 
 impl State {
@@ -620,6 +627,13 @@ impl Inner {
                     .collect(),
             }
         };
+        {
+            let mut st = self.state.borrow_mut();
+            if st.inject_no_space_checkpoints > 0 {
+                st.inject_no_space_checkpoints -= 1;
+                return Err(self.no_space_error());
+            }
+        }
         checkpoint::write(&self.dir, &rp).await?;
         let mut st = self.state.borrow_mut();
         st.checkpoint = rp;
@@ -1267,6 +1281,13 @@ impl PartitionLog {
     pub fn pause_syncs(&self, paused: bool) {
         self.inner.state.borrow_mut().syncs_paused = paused;
         self.inner.signal.notify_all();
+    }
+
+    /// Makes the next `writes` recovery-point writes fail with ENOSPC (for tests of what must
+    /// retry them).
+    #[doc(hidden)]
+    pub fn inject_no_space_checkpoints(&self, writes: u32) {
+        self.inner.state.borrow_mut().inject_no_space_checkpoints = writes;
     }
 
     /// Makes the next `writes` segment writes fail with ENOSPC, as a filesystem without

@@ -399,6 +399,7 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
         inject_no_space_writes: 0,
         truncations: 0,
         syncs_paused: false,
+        inject_no_space_checkpoints: 0,
     };
     let inner = Rc::new(Inner {
         dir: dir.to_path_buf(),

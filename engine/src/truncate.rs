@@ -1,8 +1,9 @@
 //! Removing data: truncation of the log's suffix (follower repair) and retention of its prefix.
 
 use std::rc::Rc;
+use std::time::Duration;
 
-use crate::log::{max_payload, Inner};
+use crate::log::{max_payload, Inner, NO_SPACE_RETRY_MS, RETENTION_NO_SPACE_ATTEMPTS};
 use crate::recovery::{scan, ScanStop};
 use crate::segment::{io_err, Segment, NO_TIMESTAMP};
 use crate::writer::{Writer, PAGE_BYTES};
@@ -316,6 +317,32 @@ pub(crate) async fn rewind_unwritten(inner: &Rc<Inner>) -> Result<(), EngineErro
 }
 
 pub(crate) async fn apply_retention(inner: &Rc<Inner>, now_ms: i64) -> Result<u64, EngineError> {
+    let mut attempt = 1;
+    loop {
+        match apply_retention_once(inner, now_ms).await {
+            // Only the recovery-point write needs space (deleting frees it); the state a failed
+            // attempt leaves is the one the next attempt starts from.
+            Err(e) if e.is_no_space() && attempt < RETENTION_NO_SPACE_ATTEMPTS => {
+                {
+                    let mut st = inner.state.borrow_mut();
+                    inner.note_no_space(&mut st, true, &e);
+                }
+                attempt += 1;
+                glommio::timer::sleep(Duration::from_millis(NO_SPACE_RETRY_MS)).await;
+            }
+            Ok(start) => {
+                if attempt > 1 {
+                    let mut st = inner.state.borrow_mut();
+                    inner.note_space_ok(&mut st, true);
+                }
+                return Ok(start);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn apply_retention_once(inner: &Rc<Inner>, now_ms: i64) -> Result<u64, EngineError> {
     let limits = inner.limits.get();
     let mut total: Option<u64> = None;
     remove_prefix(inner, |segments, seg| {

@@ -33,7 +33,11 @@ class History:
     def __init__(self, path):
         self.path = path
         self._file = open(path, "w", encoding="utf-8")
-        self._lock = threading.Lock()
+        # Re-entrant: librdkafka runs delivery callbacks (which record) from inside the call
+        # that serves them, which may be a Producer's teardown when the garbage collector frees
+        # one while this thread is recording. A planted-loss run once hung with two threads
+        # waiting here and no Python thread holding the lock.
+        self._lock = threading.RLock()
         self._t0 = time.monotonic()
 
     def now(self):
