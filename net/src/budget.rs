@@ -11,8 +11,11 @@
 //! far larger than its request) and released when written; they may overdraw the budget,
 //! since their memory is already taken, and then hold back new large requests until written.
 
-use std::cell::Cell;
+use std::cell::{Cell, OnceCell};
 use std::rc::Rc;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 
 use crate::shard::Signal;
 
@@ -34,6 +37,8 @@ pub struct RequestBudget {
     shared_used: Cell<usize>,
     reserve_used: Cell<usize>,
     released: Signal,
+    /// Where the bytes charged and the waits are exported (`spate_request_memory_*`).
+    exported: OnceCell<(Gauge, Counter)>,
 }
 
 impl RequestBudget {
@@ -50,7 +55,20 @@ impl RequestBudget {
             shared_used: Cell::new(0),
             reserve_used: Cell::new(0),
             released: Signal::default(),
+            exported: OnceCell::new(),
         })
+    }
+
+    /// Exports the bytes charged to `used` and counts in `waits` the frames that had to wait.
+    pub fn export_to(&self, used: Gauge, waits: Counter) {
+        used.set(self.used_bytes() as i64);
+        let _ = self.exported.set((used, waits));
+    }
+
+    fn exported_changed(&self) {
+        if let Some((used, _)) = self.exported.get() {
+            used.set(self.used_bytes() as i64);
+        }
     }
 
     /// Bytes charged now (requests being read, queued or handled, and unwritten responses).
@@ -70,6 +88,7 @@ impl RequestBudget {
         let small = len < SMALL_FRAME_MAX_BYTES;
         if small && self.reserve_used.get() + bytes <= self.reserve_bytes {
             self.reserve_used.set(self.reserve_used.get() + bytes);
+            self.exported_changed();
             return Some(Charge {
                 budget: self.clone(),
                 reserve: bytes,
@@ -78,6 +97,7 @@ impl RequestBudget {
         }
         if self.shared_used.get() + bytes <= self.shared_bytes {
             self.shared_used.set(self.shared_used.get() + bytes);
+            self.exported_changed();
             return Some(Charge {
                 budget: self.clone(),
                 reserve: 0,
@@ -90,10 +110,16 @@ impl RequestBudget {
     /// Waits until a frame of `len` bytes can be charged. Cancel-safe: dropping the future
     /// charges nothing.
     pub async fn charge(self: &Rc<Self>, len: usize) -> Charge {
+        let mut waited = false;
         loop {
             let seen = self.released.generation();
             if let Some(c) = self.try_charge(len) {
                 return c;
+            }
+            if !std::mem::replace(&mut waited, true) {
+                if let Some((_, waits)) = self.exported.get() {
+                    waits.inc();
+                }
             }
             self.released.changed(seen).await;
         }
@@ -106,6 +132,7 @@ impl RequestBudget {
         );
         self.reserve_used.set(self.reserve_used.get() - reserve);
         self.shared_used.set(self.shared_used.get() - shared);
+        self.exported_changed();
         if reserve + shared > 0 {
             self.released.notify();
         }
@@ -132,6 +159,7 @@ impl Charge {
             .shared_used
             .set(self.budget.shared_used.get() + extra);
         self.shared += extra;
+        self.budget.exported_changed();
     }
 }
 
@@ -144,6 +172,28 @@ impl Drop for Charge {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_charged_and_waits_are_exported() {
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+        let shard = metrics.for_shard(0);
+        let b = RequestBudget::new(MIN_SHARD_BUDGET_BYTES);
+        b.export_to(
+            shard.request_memory_used.clone(),
+            shard.request_memory_waits.clone(),
+        );
+        let large = SMALL_FRAME_MAX_BYTES;
+        let mut held = b.try_charge(large).expect("room for one large frame");
+        assert_eq!(shard.request_memory_used.get(), large as i64);
+        held.grow_to(large + 10);
+        assert_eq!(shard.request_memory_used.get(), large as i64 + 10);
+        let waiting =
+            futures_lite::future::block_on(futures_lite::future::poll_once(b.charge(large)));
+        assert!(waiting.is_none(), "the budget is spent");
+        assert_eq!(shard.request_memory_waits.get(), 1);
+        drop(held);
+        assert_eq!(shard.request_memory_used.get(), 0);
+    }
 
     #[test]
     fn large_frames_leave_the_reserve_to_small_ones() {

@@ -83,6 +83,9 @@ pub struct Metrics {
     fetch_latency: HistogramFamily<ShardLabels>,
     fsync_latency: HistogramFamily<ShardLabels>,
     connections: Family<ShardLabels, Gauge>,
+    request_memory_used: Family<ShardLabels, Gauge>,
+    request_memory_waits: Family<ShardLabels, Counter>,
+    no_space_refusals: Family<PartitionLabels, Counter>,
     scrape: Arc<ScrapeTime>,
 }
 
@@ -114,6 +117,9 @@ impl Metrics {
             fetch_latency: hist(),
             fsync_latency: hist(),
             connections: Family::default(),
+            request_memory_used: Family::default(),
+            request_memory_waits: Family::default(),
+            no_space_refusals: Family::default(),
             scrape: Arc::default(),
         };
         let mut r = Registry::default();
@@ -149,7 +155,7 @@ impl Metrics {
         );
         r.register(
             "spate_partition_high_watermark",
-            "Offset up to which consumers may read (the log end on a single node)",
+            "Offset up to which consumers may read (on a single node: the durable end under flush always, else the log end)",
             m.high_watermark.clone(),
         );
         r.register(
@@ -172,6 +178,21 @@ impl Metrics {
             "Open client connections",
             m.connections.clone(),
         );
+        r.register(
+            "spate_request_memory_used_bytes",
+            "Bytes charged to the shard's request memory budget: requests being read, queued or handled, and responses not yet written",
+            m.request_memory_used.clone(),
+        );
+        r.register(
+            "spate_request_memory_waits",
+            "Requests whose reading waited for the shard's request memory budget (backpressure)",
+            m.request_memory_waits.clone(),
+        );
+        r.register(
+            "spate_partition_no_space_refusals",
+            "Produce requests refused with KAFKA_STORAGE_ERROR because the disk had no space for them",
+            m.no_space_refusals.clone(),
+        );
         r.register_collector(Box::new(m.scrape.clone()));
         Metrics { registry: r, ..m }
     }
@@ -187,6 +208,8 @@ impl Metrics {
             fetch_latency: self.fetch_latency.get_or_create_owned(&labels),
             fsync_latency: self.fsync_latency.get_or_create_owned(&labels),
             connections: self.connections.get_or_create_owned(&labels),
+            request_memory_used: self.request_memory_used.get_or_create_owned(&labels),
+            request_memory_waits: self.request_memory_waits.get_or_create_owned(&labels),
             requests: RefCell::default(),
             fetched: RefCell::default(),
             metrics: self.clone(),
@@ -304,6 +327,8 @@ pub struct ShardMetrics {
     pub fetch_latency: Histogram,
     pub fsync_latency: Histogram,
     pub connections: Gauge,
+    pub request_memory_used: Gauge,
+    pub request_memory_waits: Counter,
     requests: RefCell<HashMap<(ApiKey, i16), Counter>>,
     /// Fetch output (bytes, records) by partition, counted by the shard that served the Fetch:
     /// only it knows what went into the response.
@@ -369,6 +394,7 @@ impl ShardMetrics {
             records_in: m.records_in.get_or_create_owned(&labels),
             log_end_offset: m.log_end_offset.get_or_create_owned(&labels),
             high_watermark: m.high_watermark.get_or_create_owned(&labels),
+            no_space_refusals: m.no_space_refusals.get_or_create_owned(&labels),
             labels,
             metrics: m.clone(),
         }
@@ -381,6 +407,7 @@ pub struct PartitionMetrics {
     pub records_in: Counter,
     log_end_offset: Gauge,
     high_watermark: Gauge,
+    no_space_refusals: Counter,
     labels: PartitionLabels,
     metrics: Arc<Metrics>,
 }
@@ -395,6 +422,9 @@ impl spate_replication::partition::ReplicaObserver for PartitionMetrics {
     }
     fn removed(&self) {
         self.remove();
+    }
+    fn refused_no_space(&self) {
+        self.no_space_refusals.inc();
     }
     fn committed(&self, _high_watermark: u64) {
         // Long-polling fetches wait on their shard's signal; the replica runs on that shard.
@@ -417,6 +447,7 @@ impl PartitionMetrics {
         m.records_in.remove(&self.labels);
         m.log_end_offset.remove(&self.labels);
         m.high_watermark.remove(&self.labels);
+        m.no_space_refusals.remove(&self.labels);
     }
 }
 

@@ -290,6 +290,11 @@ impl Shard {
     ) -> Rc<Shard> {
         let topics = (metadata.version(), metadata.topics());
         let request_budget = crate::budget::RequestBudget::new(config.shard_request_memory_bytes());
+        let shard_metrics = metrics.for_shard(id);
+        request_budget.export_to(
+            shard_metrics.request_memory_used.clone(),
+            shard_metrics.request_memory_waits.clone(),
+        );
         let shard = Rc::new(Shard {
             id,
             router,
@@ -304,7 +309,7 @@ impl Shard {
             shutting_down: Cell::new(false),
             connections: Cell::new(0),
             connections_changed: Signal::default(),
-            metrics: metrics.for_shard(id),
+            metrics: shard_metrics,
             request_budget,
             requests_read: Cell::new(0),
             connections_closed: Cell::new(0),

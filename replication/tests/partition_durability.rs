@@ -58,9 +58,10 @@ fn batch(producer_id: i64, first_seq: i32, records: i32) -> VerifiedBatch {
     VerifiedBatch::from_bytes(buf.freeze()).expect("a valid batch")
 }
 
-/// Records every high watermark the replica reports as committed.
+/// Records every high watermark the replica reports as committed, and refusals for lack of
+/// space.
 #[derive(Clone, Default)]
-struct Seen(Rc<RefCell<Vec<u64>>>);
+struct Seen(Rc<RefCell<Vec<u64>>>, Rc<std::cell::Cell<u32>>);
 
 impl ReplicaObserver for Seen {
     fn appended(&self, _bytes: u64, _records: u64) {}
@@ -68,6 +69,9 @@ impl ReplicaObserver for Seen {
     fn removed(&self) {}
     fn committed(&self, high_watermark: u64) {
         self.0.borrow_mut().push(high_watermark);
+    }
+    fn refused_no_space(&self) {
+        self.1.set(self.1.get() + 1);
     }
 }
 
@@ -167,7 +171,8 @@ fn under_flush_never_the_high_watermark_is_the_log_end() {
 fn a_retry_after_a_dropped_write_is_stored_not_a_duplicate() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
-        let r = open(dir.path(), FlushPolicy::Always, Seen::default()).await;
+        let seen = Seen::default();
+        let r = open(dir.path(), FlushPolicy::Always, seen.clone()).await;
         let (o, c) = r.append(vec![batch(7, 0, 5)], Acks::All).await;
         assert_eq!(o.error_code, 0);
         c.wait().await.unwrap();
@@ -177,6 +182,7 @@ fn a_retry_after_a_dropped_write_is_stored_not_a_duplicate() {
         assert_eq!((o.error_code, o.base_offset), (0, 5));
         let err = c.wait().await.unwrap_err();
         assert_eq!(err, ResponseError::KafkaStorageError.code());
+        assert_eq!(seen.1.get(), 1, "counted as refused for lack of space");
         assert_eq!(r.log_end_offset(), 5, "the batch was dropped");
         assert_eq!(r.high_watermark(), 5);
 

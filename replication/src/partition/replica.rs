@@ -37,6 +37,8 @@ pub trait ReplicaObserver {
     /// The high watermark advanced to `high_watermark`: consumers waiting for data may read
     /// more (long-polling fetches wake on this, not on appends).
     fn committed(&self, _high_watermark: u64) {}
+    /// A Produce was refused (KAFKA_STORAGE_ERROR) because the disk had no space for it.
+    fn refused_no_space(&self) {}
     /// The replica was deleted (its topic is gone).
     fn removed(&self);
 }
@@ -106,6 +108,9 @@ impl Completion {
         // one group commit for everything appended so far.
         let end = r.log.log_end_offset();
         r.log.sync_to(end).await.map_err(|e| {
+            if e.is_no_space() {
+                r.watermark.observer.refused_no_space();
+            }
             tracing::error!(topic = %r.tp.topic, partition = r.tp.partition, error = %e, "sync failed");
             engine_error_code(&e)
         })
@@ -376,6 +381,9 @@ impl PartitionReplica {
         // The producer checks must see the log the batches will be appended to: batches whose
         // write failed are dropped first, and the table forgets them.
         if let Err(e) = self.settle_producers().await {
+            if matches!(&e, ReplicaError::Engine(e) if e.is_no_space()) {
+                self.watermark.observer.refused_no_space();
+            }
             tracing::warn!(topic = %self.tp.topic, partition = self.tp.partition, error = %e, "append failed");
             outcome.error_code = e.code();
             return outcome;
@@ -402,6 +410,9 @@ impl PartitionReplica {
                 Ok(info) => info,
                 Err(e) => {
                     tracing::warn!(topic = %self.tp.topic, partition = self.tp.partition, error = %e, "append failed");
+                    if e.is_no_space() {
+                        self.watermark.observer.refused_no_space();
+                    }
                     outcome.error_code = engine_error_code(&e);
                     if i > 0 {
                         // Kafka answers a partition as a whole; say what part of it is stored,
