@@ -72,23 +72,6 @@ fn write_log(dir: &Path, durable: usize, tail: usize) -> Written {
 
 /// A scratch directory for the many damaged copies: tmpfs when there is one (it supports
 /// O_DIRECT), so hundreds of reopen cycles do not each pay several disk fsyncs.
-fn scratch() -> tempfile::TempDir {
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        if let Ok(d) = tempfile::tempdir_in(shm) {
-            return d;
-        }
-    }
-    tempfile::tempdir().unwrap()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
-
 /// Opens a damaged copy and returns every batch it holds, or the open error.
 async fn reopen_all(dir: &Path) -> Result<Vec<Bytes>, EngineError> {
     let log = PartitionLog::open(dir, config()).await?;

@@ -45,3 +45,23 @@ pub fn stamped(b: &Bytes, base: u64, epoch: i32) -> Bytes {
 pub fn base_of(b: &[u8]) -> u64 {
     BatchHeader::parse(b).unwrap().base_offset() as u64
 }
+
+/// A scratch directory on tmpfs when there is one: the crash and cleaner tests reopen logs
+/// thousands of times, and a disk would make that minutes instead of seconds.
+pub fn scratch() -> tempfile::TempDir {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(d) = tempfile::tempdir_in(shm) {
+            return d;
+        }
+    }
+    tempfile::tempdir().unwrap()
+}
+
+/// Copies a log directory's files (flat: a partition directory has no subdirectories).
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
