@@ -390,9 +390,8 @@ impl PartitionReplica {
         }
         let skip = match self.plan(&batches) {
             Ok(plan) => plan,
-            Err((code, base_offset)) => {
+            Err(code) => {
                 outcome.error_code = code;
-                outcome.base_offset = base_offset;
                 return outcome;
             }
         };
@@ -445,8 +444,8 @@ impl PartitionReplica {
     /// Decides a request's batches against producer state before any is stored, as Kafka's
     /// log does: a refused batch refuses the whole request. Batches already in the log
     /// (duplicates) may only lead, as when a request that was stored in part is retried:
-    /// those are skipped. The error is a Kafka code with the base offset to answer.
-    fn plan(&self, batches: &[VerifiedBatch]) -> Result<Plan, (i16, i64)> {
+    /// those are skipped. The error is a Kafka code.
+    fn plan(&self, batches: &[VerifiedBatch]) -> Result<Plan, i16> {
         let table = self.producers.borrow();
         // Later batches of one producer in the same request follow its earlier ones: they are
         // checked against a scratch copy of its entry (only for multi-batch requests).
@@ -476,19 +475,16 @@ impl PartitionReplica {
                     plan.leading_duplicates += 1;
                 }
                 Verdict::Duplicate { .. } => {
-                    return Err((ResponseError::OutOfOrderSequenceNumber.code(), -1));
+                    return Err(ResponseError::OutOfOrderSequenceNumber.code());
                 }
-                Verdict::Reject { error_code } => return Err((error_code, -1)),
+                Verdict::Reject { error_code } => return Err(error_code),
             }
         }
-        if plan.leading_duplicates == batches.len() {
-            // A retry of batches all stored already: answered as Kafka clients expect (both
-            // librdkafka and the Java client take it as success), with the original offset.
-            return Err((
-                ResponseError::DuplicateSequenceNumber.code(),
-                plan.duplicate_base_offset,
-            ));
-        }
+        // A retry of batches all stored already is answered as Kafka's log answers a batch it
+        // finds among a producer's recent ones: success, with the original base offset (and,
+        // with acks, once that batch is as durable as the acks ask). DUPLICATE_SEQUENCE_NUMBER
+        // would be taken as success by librdkafka and the Java client, but with no offset, and
+        // as an error by others.
         Ok(plan)
     }
 
