@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import asdict
 
 from . import checker, history, nemesis, netns, nodes, workload
@@ -36,6 +37,36 @@ RECOVERY_POLL_S = 0.05
 WATCHDOG_SLACK_S = float(os.environ.get("SPATE_CHAOS_WATCHDOG_SLACK_S", "600"))
 # Per node at least: a run must not fill a shared test disk.
 MIN_FREE_DISK_BYTES = 2 << 30
+
+
+# Workers stop on their own within the producers' flush timeout; past this they are stuck.
+WORKER_JOIN_TIMEOUT_S = workload.FLUSH_TIMEOUT_S + 30
+# The final read's own deadline plus slack for its client calls (watermarks, close).
+FINAL_READ_JOIN_TIMEOUT_S = workload.FINAL_READ_TIMEOUT_S + 60
+
+
+def record_stuck(h, proc, thread):
+    """Records (and prints) where a client thread that did not end is waiting."""
+    frame = sys._current_frames().get(thread.ident)
+    stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)"
+    h.record("harness_error", error=f"{proc} did not end in time; its stack:\n{stack}"[:4000])
+    print(f"chaos: {proc} did not end in time:\n{stack}", file=sys.stderr, flush=True)
+
+
+def bounded_final_read(bootstrap, partitions, h):
+    """Runs the final read in a daemon thread with a deadline: a client call that never
+    returns is recorded as a harness error (with its stack) instead of hanging the run."""
+    def read():
+        try:
+            workload.final_read(bootstrap, TOPIC, partitions, h)
+        except Exception as e:  # a failed final read is judged as incomplete_read
+            h.record("final_error", error=repr(e))
+
+    t = threading.Thread(target=read, name="final-read", daemon=True)
+    t.start()
+    t.join(timeout=FINAL_READ_JOIN_TIMEOUT_S)
+    if t.is_alive():
+        record_stuck(h, "final", t)
 
 
 def parse_args(argv):
@@ -214,13 +245,17 @@ def main(argv=None):
         h.record("harness_error", error=str(e)[:2000])
     finally:
         stop.set()
+        # One deadline for all workers (not one each: five stuck clients would add up to the
+        # watchdog's slack). A worker still in a client call after it is left behind (daemon
+        # threads; the process ends with os._exit) and its stack is recorded.
+        join_deadline = time.monotonic() + WORKER_JOIN_TIMEOUT_S
         for w in workers:
-            w.join(timeout=workload.FLUSH_TIMEOUT_S + 30)
-        try:
-            if harness_error is None and cluster is not None:
-                workload.final_read(cluster.bootstrap, TOPIC, args.partitions, h)
-        except Exception as e:  # a failed final read is judged as incomplete_read
-            h.record("final_error", error=repr(e))
+            w.join(timeout=max(0.0, join_deadline - time.monotonic()))
+        for w in workers:
+            if w.is_alive():
+                record_stuck(h, w.proc, w)
+        if harness_error is None and cluster is not None:
+            bounded_final_read(cluster.bootstrap, args.partitions, h)
         if cluster is not None:
             for n in cluster:
                 n.stop()
