@@ -363,6 +363,8 @@ impl PartitionReplica {
                 Ok(s) if s.end_offset <= log_end && s.end_offset >= log_start => {
                     *self.producers.borrow_mut() = s.table;
                     from = s.end_offset;
+                    // So that a truncation below it removes it (see `settle_producers`).
+                    self.snapshot_end.set(Some(s.end_offset));
                 }
                 Ok(_) => {
                     tracing::info!(topic = %self.tp.topic, partition = self.tp.partition,
