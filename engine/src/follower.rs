@@ -88,6 +88,12 @@ impl PartitionLog {
         Ok(info)
     }
 
+    /// The log's epoch history: (leader epoch, first offset) for each epoch with batches in the
+    /// log, ascending. A replica restarting its consensus state reads it from here.
+    pub fn epoch_history(&self) -> Vec<(i32, u64)> {
+        self.inner.state.borrow().epochs.clone()
+    }
+
     /// Resolves once every offset up to and including `offset` is durable (joining the
     /// fdatasync in flight or starting one), whatever the flush policy.
     pub async fn wait_durable_past(&self, offset: u64) -> Result<(), EngineError> {

@@ -200,6 +200,11 @@ impl Replica {
     pub fn end_offset_for_epoch(&self, epoch: Epoch) -> (Epoch, Offset) {
         self.epochs.end_offset_for_epoch(epoch, self.log_end)
     }
+    /// Whether a proposal would be accepted now (the leader, no transfer under way): a caller
+    /// that writes a batch before proposing it asks first.
+    pub fn can_propose(&self) -> Result<(), Error> {
+        self.check_can_propose()
+    }
     /// A peer's (written, durable) ends as the leader knows them.
     pub fn peer_progress(&self, peer: NodeId) -> Option<(Offset, Offset)> {
         self.progress

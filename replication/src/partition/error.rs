@@ -15,6 +15,10 @@ pub enum ReplicaError {
     /// The topic metadata store cannot be read or written.
     #[error("metadata store {path}: {reason}")]
     Metadata { path: String, reason: String },
+    /// A replicated partition's persisted epoch and vote cannot be read or written, or do not
+    /// match its log.
+    #[error("replica hard state {path}: {reason}")]
+    HardState { path: String, reason: String },
 }
 
 impl ReplicaError {
@@ -25,6 +29,7 @@ impl ReplicaError {
             ReplicaError::Io(_) | ReplicaError::Encode(_) | ReplicaError::Metadata { .. } => {
                 ResponseError::UnknownServerError.code()
             }
+            ReplicaError::HardState { .. } => ResponseError::KafkaStorageError.code(),
         }
     }
 }

@@ -4,16 +4,22 @@
 //! [`PartitionReplica`] is one partition's replica on this node, owned by one shard: the engine
 //! log (private to it), producer state and the high watermark. It is the only way to a log from
 //! above. Not to be confused with [`crate::Replica`], the consensus state machine of one
-//! replication group, which a `PartitionReplica` will drive once replication is wired in.
+//! replication group: a replicated partition's [`PartitionGroup`] owns both and performs the
+//! core's actions on the replica.
 
 mod config;
 mod error;
+mod group;
 mod producer_state;
 mod replica;
 mod topic_partition;
 
 pub use config::apply_topic_configs;
 pub use error::{engine_error_code, ReplicaError};
+pub use group::{
+    hard_state_path, GroupConfig, PartitionGroup, HARD_STATE_SUFFIX, LEADER_CHANGE_CONTROL_TYPE,
+    MAX_APPEND_FILL_BYTES,
+};
 pub use producer_state::{
     last_seq, next_seq, BatchMeta, ProducerEntry, ProducerTable, Verdict,
     CACHED_BATCHES_PER_PRODUCER, MAX_PRODUCERS_PER_PARTITION,

@@ -9,12 +9,15 @@ use std::path::PathBuf;
 use std::rc::Rc;
 
 use bytes::Bytes;
+use glommio::channels::local_channel::LocalReceiver;
 use glommio::sync::Semaphore;
 use kafka_protocol::ResponseError;
 use serde::{Deserialize, Serialize};
 use spate_engine::batch::{BatchHeader, VerifiedBatch};
 use spate_engine::validate::{validate_batch, Refusal};
-use spate_engine::{AppendInfo, FlushPolicy, LiveLimits, LogConfig, LogListener, PartitionLog};
+use spate_engine::{
+    AppendInfo, EngineError, FlushPolicy, LiveLimits, LogConfig, LogListener, PartitionLog,
+};
 
 use super::error::{engine_error_code, ReplicaError};
 use super::producer_state::{last_seq, BatchMeta, ProducerTable, Verdict};
@@ -90,19 +93,47 @@ impl Acks {
 /// of a connection may append while this one waits.
 #[must_use = "an append is only durable once its completion resolves"]
 pub struct Completion {
-    replica: Option<Rc<PartitionReplica>>,
+    wait: Wait,
+}
+
+enum Wait {
+    Done,
+    /// The leader's own log must be durable through its end.
+    Sync(Rc<PartitionReplica>),
+    /// A replicated partition's commit (acks=all): the group answers when the high watermark
+    /// passes the batches, or fails it when leadership is lost first (sender dropped included).
+    Commit(LocalReceiver<Result<(), i16>>),
 }
 
 impl Completion {
     /// Nothing to wait for.
     pub fn done() -> Completion {
-        Completion { replica: None }
+        Completion { wait: Wait::Done }
+    }
+
+    pub(crate) fn sync(replica: Rc<PartitionReplica>) -> Completion {
+        Completion {
+            wait: Wait::Sync(replica),
+        }
+    }
+
+    pub(crate) fn commit(rx: LocalReceiver<Result<(), i16>>) -> Completion {
+        Completion {
+            wait: Wait::Commit(rx),
+        }
     }
 
     /// Waits; the error is a Kafka error code.
     pub async fn wait(self) -> Result<(), i16> {
-        let Some(r) = self.replica else {
-            return Ok(());
+        let r = match self.wait {
+            Wait::Done => return Ok(()),
+            Wait::Sync(r) => r,
+            Wait::Commit(rx) => {
+                return rx
+                    .recv()
+                    .await
+                    .unwrap_or(Err(ResponseError::NotLeaderOrFollower.code()))
+            }
         };
         // The batches of this append end at or before the current log end; syncing to it is
         // one group commit for everything appended so far.
@@ -125,6 +156,9 @@ pub struct ReplicaRead {
     pub log_start_offset: u64,
 }
 
+/// Told the durable end after each group commit.
+type DurableHook = Box<dyn Fn(u64)>;
+
 /// The high watermark, shared by the replica and its log's listener (which advances it when
 /// durability does).
 struct Watermark {
@@ -137,6 +171,11 @@ struct Watermark {
     /// that a crash before the fdatasync takes back (and whose offset then goes to another).
     /// Under `interval` and `never` it is the log end: write caching.
     durable_only: bool,
+    /// Replicated partition: only the consensus group moves the watermark (through
+    /// [`PartitionReplica::advance_high_watermark`]); this node's log alone commits nothing.
+    replicated: bool,
+    /// Told the durable end after each group commit (the consensus group's `on_durable`).
+    durable_hook: RefCell<Option<DurableHook>>,
     observer: Box<dyn ReplicaObserver>,
 }
 
@@ -174,6 +213,9 @@ impl Watermark {
     }
 
     fn commit_local(&self, durable: u64, log_end: u64) {
+        if self.replicated {
+            return;
+        }
         let commit = self.local_commit(durable, log_end);
         self.advance(commit.max(self.value.get()), log_end);
     }
@@ -187,6 +229,9 @@ impl LogListener for FollowLog {
     fn durable(&self, durable: u64, log_end: u64) {
         if self.0.durable_only {
             self.0.commit_local(durable, log_end);
+        }
+        if let Some(hook) = &*self.0.durable_hook.borrow() {
+            hook(durable);
         }
     }
 
@@ -219,6 +264,9 @@ pub struct PartitionReplica {
     state_path: Option<PathBuf>,
     /// Log end covered by the last snapshot written.
     snapshot_end: Cell<Option<u64>>,
+    /// The leader epoch published to clients: [`LEADER_EPOCH`] on a single node; on a
+    /// replicated partition, set by its consensus group.
+    leader_epoch: Cell<i32>,
 }
 
 /// Outcome of one partition's share of a Produce request.
@@ -248,6 +296,30 @@ impl PartitionReplica {
         config: ReplicaConfig,
         observer: Box<dyn ReplicaObserver>,
     ) -> Result<PartitionReplica, ReplicaError> {
+        Self::open_with(tp, dir, state_path, config, observer, false).await
+    }
+
+    /// Opens a partition replicated by a consensus group: as [`Self::open`], but the high
+    /// watermark starts at 0 and moves only as the group commits (what this node's log holds
+    /// past it may yet be truncated).
+    pub async fn open_replicated(
+        tp: TopicPartition,
+        dir: PathBuf,
+        state_path: Option<PathBuf>,
+        config: ReplicaConfig,
+        observer: Box<dyn ReplicaObserver>,
+    ) -> Result<PartitionReplica, ReplicaError> {
+        Self::open_with(tp, dir, state_path, config, observer, true).await
+    }
+
+    async fn open_with(
+        tp: TopicPartition,
+        dir: PathBuf,
+        state_path: Option<PathBuf>,
+        config: ReplicaConfig,
+        observer: Box<dyn ReplicaObserver>,
+        replicated: bool,
+    ) -> Result<PartitionReplica, ReplicaError> {
         let flush = config.log.flush;
         let log = PartitionLog::open(&dir, config.log).await?;
         let watermark = Rc::new(Watermark {
@@ -255,6 +327,8 @@ impl PartitionReplica {
             value: Cell::new(0),
             cap: config.high_watermark_cap,
             durable_only: flush == FlushPolicy::Always,
+            replicated,
+            durable_hook: RefCell::new(None),
             observer,
         });
         log.set_listener(Box::new(FollowLog(watermark.clone())));
@@ -268,6 +342,7 @@ impl PartitionReplica {
             write_lock: Semaphore::new(1),
             state_path,
             snapshot_end: Cell::new(None),
+            leader_epoch: Cell::new(LEADER_EPOCH),
         };
         partition.recover_producers().await?;
         // A single node holds every copy there is: whatever recovery kept is committed.
@@ -288,6 +363,8 @@ impl PartitionReplica {
                 Ok(s) if s.end_offset <= log_end && s.end_offset >= log_start => {
                     *self.producers.borrow_mut() = s.table;
                     from = s.end_offset;
+                    // So that a truncation below it removes it (see `settle_producers`).
+                    self.snapshot_end.set(Some(s.end_offset));
                 }
                 Ok(_) => {
                     tracing::info!(topic = %self.tp.topic, partition = self.tp.partition,
@@ -335,19 +412,46 @@ impl PartitionReplica {
         batches: Vec<VerifiedBatch>,
         acks: Acks,
     ) -> (ProduceOutcome, Completion) {
-        let outcome = self.append_checked(batches).await;
-        let wait = acks != Acks::None && self.flush == FlushPolicy::Always;
-        let completion = if wait && outcome.error_code == NONE && outcome.base_offset >= 0 {
-            Completion {
-                replica: Some(self.clone()),
-            }
+        let outcome = self
+            .append_checked(batches, LEADER_EPOCH, &mut Vec::new())
+            .await;
+        let completion = if outcome.error_code == NONE && outcome.base_offset >= 0 {
+            self.leader_completion(acks)
         } else {
             Completion::done()
         };
         (outcome, completion)
     }
 
-    async fn append_checked(&self, batches: Vec<VerifiedBatch>) -> ProduceOutcome {
+    /// What an append waits for on this node alone: the log's sync when `acks` asks for an
+    /// answer and the flush policy makes every batch durable.
+    pub(crate) fn leader_completion(self: &Rc<Self>, acks: Acks) -> Completion {
+        if acks != Acks::None && self.flush == FlushPolicy::Always {
+            Completion::sync(self.clone())
+        } else {
+            Completion::done()
+        }
+    }
+
+    /// The leader of a replicated partition appends a Produce request's batches in `epoch`
+    /// (stamped in each batch's partitionLeaderEpoch), with the same checks as [`Self::append`];
+    /// where each stored batch landed is pushed to `appended` (for the consensus group to
+    /// propose). Nothing is waited for.
+    pub(crate) async fn append_in_epoch(
+        &self,
+        batches: Vec<VerifiedBatch>,
+        epoch: i32,
+        appended: &mut Vec<AppendInfo>,
+    ) -> ProduceOutcome {
+        self.append_checked(batches, epoch, appended).await
+    }
+
+    async fn append_checked(
+        &self,
+        batches: Vec<VerifiedBatch>,
+        leader_epoch: i32,
+        appended: &mut Vec<AppendInfo>,
+    ) -> ProduceOutcome {
         let mut outcome = ProduceOutcome {
             error_code: NONE,
             base_offset: -1,
@@ -405,7 +509,7 @@ impl PartitionReplica {
             let h = batch.header();
             let (pid, epoch, mut meta) = (h.producer_id(), h.producer_epoch(), batch_meta(&h));
             let (batch_bytes, records) = (batch.len() as u64, h.records_count().max(0) as u64);
-            let info = match self.log.append(batch, LEADER_EPOCH).await {
+            let info = match self.log.append(batch, leader_epoch).await {
                 Ok(info) => info,
                 Err(e) => {
                     tracing::warn!(topic = %self.tp.topic, partition = self.tp.partition, error = %e, "append failed");
@@ -426,6 +530,7 @@ impl PartitionReplica {
                 }
             };
             debug_assert!(info.last_offset >= info.base_offset);
+            appended.push(info);
             self.watermark.observer.appended(batch_bytes, records);
             self.commit_local();
             if pid >= 0 {
@@ -532,6 +637,107 @@ impl PartitionReplica {
         self.watermark.advance(offset, self.log.log_end_offset());
     }
 
+    /// Replicated partition: the leader epoch clients are told (set when the group's leader
+    /// has committed in its epoch, or when this replica learns whom it follows).
+    pub(crate) fn set_leader_epoch(&self, epoch: i32) {
+        self.leader_epoch.set(epoch);
+    }
+
+    /// Replicated partition: `hook` is told the durable end after every group commit.
+    pub(crate) fn set_durable_hook(&self, hook: Box<dyn Fn(u64)>) {
+        *self.watermark.durable_hook.borrow_mut() = Some(hook);
+    }
+
+    pub fn is_replicated(&self) -> bool {
+        self.watermark.replicated
+    }
+
+    /// Every offset below this is on disk.
+    pub fn durable_offset(&self) -> u64 {
+        self.log.durable_offset()
+    }
+
+    /// Whether the flush policy makes each batch durable before it counts (flush `always`).
+    pub fn flushes_every_batch(&self) -> bool {
+        self.flush == FlushPolicy::Always
+    }
+
+    /// (leader epoch, first offset) of each epoch in the log, ascending.
+    pub fn epoch_history(&self) -> Vec<(i32, u64)> {
+        self.log.epoch_history()
+    }
+
+    /// A follower's append of a batch its leader placed at `base` in `epoch` (the caller
+    /// verified it). Producer state follows, so a follower that becomes leader knows the
+    /// producers' last batches.
+    pub(crate) async fn append_follower(
+        &self,
+        batch: VerifiedBatch,
+        base: u64,
+        epoch: i32,
+    ) -> Result<AppendInfo, ReplicaError> {
+        let _permit = self
+            .write_lock
+            .acquire_permit(1)
+            .await
+            .map_err(|_| EngineError::Closed)?;
+        self.settle_producers().await?;
+        let h = batch.header();
+        let (pid, pepoch, mut meta) = (h.producer_id(), h.producer_epoch(), batch_meta(&h));
+        let (batch_bytes, records) = (batch.len() as u64, h.records_count().max(0) as u64);
+        let info = self.log.append_at(batch, base, epoch).await?;
+        self.watermark.observer.appended(batch_bytes, records);
+        if pid >= 0 {
+            meta.base_offset = info.base_offset as i64;
+            meta.last_offset = info.last_offset as i64;
+            self.producers.borrow_mut().record(pid, pepoch, meta);
+        }
+        Ok(info)
+    }
+
+    /// A batch the leader of a replicated partition builds itself (its epoch's first, control
+    /// batch): no client checks, stamped with `epoch`.
+    pub(crate) async fn append_leader_batch(
+        &self,
+        batch: VerifiedBatch,
+        epoch: i32,
+    ) -> Result<AppendInfo, ReplicaError> {
+        let _permit = self
+            .write_lock
+            .acquire_permit(1)
+            .await
+            .map_err(|_| EngineError::Closed)?;
+        self.settle_producers().await?;
+        Ok(self.log.append(batch, epoch).await?)
+    }
+
+    /// Removes every batch at or after `end` (a follower repairing its log to its leader's);
+    /// producer state follows the log end back, as after a rewind.
+    pub(crate) async fn truncate_to(&self, end: u64) -> Result<(), ReplicaError> {
+        let _permit = self
+            .write_lock
+            .acquire_permit(1)
+            .await
+            .map_err(|_| EngineError::Closed)?;
+        self.log.truncate_to(end).await?;
+        self.settle_producers().await
+    }
+
+    /// Rebuilds producer state from the log (snapshot, if consistent, then the batches after
+    /// it): a new leader does this before it takes writes.
+    pub(crate) async fn rebuild_producers(&self) -> Result<(), ReplicaError> {
+        let _permit = self
+            .write_lock
+            .acquire_permit(1)
+            .await
+            .map_err(|_| EngineError::Closed)?;
+        self.log.drop_unwritten().await?;
+        *self.producers.borrow_mut() = ProducerTable::default();
+        self.recover_producers().await?;
+        self.producers_at.set(self.log.truncations());
+        Ok(())
+    }
+
     /// Holds the log's group commits back while `paused`: appends go on, nothing new becomes
     /// durable (for tests of what consumers see meanwhile).
     #[doc(hidden)]
@@ -552,7 +758,7 @@ impl PartitionReplica {
 
     /// The epoch of the leader this replica follows (or is).
     pub fn leader_epoch(&self) -> i32 {
-        LEADER_EPOCH
+        self.leader_epoch.get()
     }
 
     pub fn log_start_offset(&self) -> u64 {

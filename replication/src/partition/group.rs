@@ -1,0 +1,797 @@
+//! A replicated partition on its shard: the consensus core's [`Replica`] for the partition's
+//! group, driving the [`PartitionReplica`] (log, producer state, high watermark).
+//!
+//! The core decides; this performs its actions in order, one call at a time (a lock serialises
+//! every event: a message, a tick, a produce, a durability report), so the log always matches
+//! what the core ordered:
+//! - `PersistHardState`: a small checksummed file beside the log, written (temp, fsync, rename,
+//!   directory fsync) before the next action of the call.
+//! - `Append`: a follower's batches go to the log at the leader's offsets and epochs; the
+//!   leader's own batches are already there (it writes a batch, then proposes it, so the
+//!   producer checks and the offset assignment see one log).
+//! - `Truncate`: the log and producer state go back together.
+//! - `HighWatermark`: consumers read to it; acks=all produces below it complete.
+//! - `BecomeLeader`: producer state is rebuilt from the log, then a one-record control batch
+//!   (as KRaft's LeaderChange) is proposed so the epoch commits without client writes.
+//! - `LeaderReady`: the epoch is published to clients. `BecomeFollower`: acks=all waiters fail
+//!   with NOT_LEADER_OR_FOLLOWER.
+//! - `Send`: queued; [`PartitionGroup::take_messages`] hands them out, a leader's appends filled
+//!   with whole batches from its log.
+//!
+//! Batches from a peer are verified (CRC, structure, the produce validator) before the core
+//! sees the message: a bad one drops the message and is counted, never stored.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use bytes::{Bytes, BytesMut};
+use glommio::channels::local_channel::{self, LocalSender};
+use glommio::sync::Semaphore;
+use kafka_protocol::records::{
+    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
+use kafka_protocol::ResponseError;
+use spate_engine::batch::{BatchHeader, VerifiedBatch};
+use spate_engine::validate::validate_batch;
+
+use super::error::ReplicaError;
+use super::replica::{Acks, Completion, PartitionReplica, ProduceOutcome};
+use crate::replica::{Config, Persisted, Replica};
+use crate::types::{
+    Action, AppendRequest, Batch, Epoch, GroupId, HardState, Membership, Message, NodeId, Offset,
+};
+
+/// Bytes of batches a leader attaches to one append for one follower (at least one batch is
+/// sent, however large): bounds the message and the read behind it. A follower further behind
+/// catches up over several round trips.
+pub const MAX_APPEND_FILL_BYTES: usize = 1 << 20;
+/// Appended to a partition's log directory name for its hard-state file.
+pub const HARD_STATE_SUFFIX: &str = ".hard-state";
+/// Kafka's control record type for KRaft's LeaderChange, the record a new leader writes first.
+pub const LEADER_CHANGE_CONTROL_TYPE: i16 = 2;
+
+const HARD_STATE_MAGIC: &[u8; 4] = b"SPHS";
+const HARD_STATE_VERSION: u8 = 1;
+/// magic, version, epoch, has-vote flag, vote, CRC-32C of what precedes it.
+const HARD_STATE_BYTES: usize = 4 + 1 + 4 + 1 + 8 + 4;
+
+/// How one replicated partition's group is set up.
+#[derive(Clone, Debug)]
+pub struct GroupConfig {
+    pub group: GroupId,
+    /// This node.
+    pub node: NodeId,
+    /// The partition's replicas (all voters).
+    pub voters: Vec<NodeId>,
+    pub core: Config,
+    /// Seeds the election-timeout jitter.
+    pub seed: u64,
+    /// Topic config `min.insync.replicas`: acks=all is refused (NOT_ENOUGH_REPLICAS) while
+    /// fewer voters than this are caught up.
+    pub min_insync_replicas: usize,
+}
+
+impl GroupConfig {
+    /// The defaults: the core's timeouts, a random seed, `min.insync.replicas` a majority.
+    pub fn new(group: GroupId, node: NodeId, voters: Vec<NodeId>) -> Self {
+        let min_insync_replicas = voters.len() / 2 + 1;
+        GroupConfig {
+            group,
+            node,
+            voters,
+            core: Config::default(),
+            seed: fastrand::u64(..),
+            min_insync_replicas,
+        }
+    }
+}
+
+/// Where a partition whose log is in `log_dir` keeps its hard state: beside the directory, so
+/// the log's own files are the engine's alone.
+pub fn hard_state_path(log_dir: &Path) -> PathBuf {
+    let mut p = log_dir.as_os_str().to_owned();
+    p.push(HARD_STATE_SUFFIX);
+    PathBuf::from(p)
+}
+
+/// Where an acks=all produce is answered: Ok, or a Kafka error code.
+type CommitAnswer = LocalSender<Result<(), i16>>;
+
+pub struct PartitionGroup {
+    cfg: GroupConfig,
+    replica: Rc<PartitionReplica>,
+    core: RefCell<Replica>,
+    /// Held while an event is stepped into the core and its actions performed.
+    lock: Semaphore,
+    hard_state_path: PathBuf,
+    /// Messages the core asked to send, not yet taken.
+    outbox: RefCell<Vec<(NodeId, Message)>>,
+    /// acks=all produces: (end offset, answer) until the high watermark reaches the end.
+    waiters: RefCell<Vec<(Offset, CommitAnswer)>>,
+    /// The leader has rebuilt producer state in its epoch and takes writes.
+    writable: Cell<bool>,
+    /// A storage failure left the log and the core apart: the group takes no further part.
+    failed: Cell<bool>,
+    refused_batches: Cell<u64>,
+}
+
+impl PartitionGroup {
+    /// Starts the group of `replica` (opened with [`PartitionReplica::open_replicated`]) from its
+    /// persisted hard state and its log.
+    pub async fn open(
+        replica: Rc<PartitionReplica>,
+        hard_state_path: PathBuf,
+        cfg: GroupConfig,
+    ) -> Result<Rc<PartitionGroup>, ReplicaError> {
+        assert!(
+            replica.is_replicated(),
+            "a consensus group drives a replica opened as replicated"
+        );
+        let hard = read_hard_state(&hard_state_path)?;
+        let epochs = replica.epoch_history();
+        if let Some(&(last, _)) = epochs.last() {
+            if last > hard.epoch {
+                // Voting again in an epoch whose batches we hold could elect a second leader.
+                return Err(ReplicaError::HardState {
+                    path: hard_state_path.display().to_string(),
+                    reason: format!(
+                        "epoch {} is older than the log's last epoch {last} (hard state lost?)",
+                        hard.epoch
+                    ),
+                });
+            }
+        }
+        let persisted = Persisted {
+            hard,
+            epochs,
+            log_end: replica.log_end_offset(),
+            bootstrap: Membership::voters(&cfg.voters),
+            memberships: Vec::new(),
+        };
+        let core = Replica::new(cfg.node, cfg.core, cfg.seed, persisted);
+        replica.set_leader_epoch(hard.epoch);
+        let group = Rc::new(PartitionGroup {
+            cfg,
+            replica: replica.clone(),
+            core: RefCell::new(core),
+            lock: Semaphore::new(1),
+            hard_state_path,
+            outbox: RefCell::default(),
+            waiters: RefCell::default(),
+            writable: Cell::new(false),
+            failed: Cell::new(false),
+            refused_batches: Cell::new(0),
+        });
+        // The log tells its listener of each group commit with its own state borrowed; the
+        // core is stepped from a task instead, under the group's lock. One pending wake-up is
+        // enough: the task reads the durable end when it runs.
+        let (wake, woken) = local_channel::new_bounded::<()>(1);
+        replica.set_durable_hook(Box::new(move |_| {
+            let _ = wake.try_send(());
+        }));
+        let weak = Rc::downgrade(&group);
+        glommio::spawn_local(async move {
+            while woken.recv().await.is_some() {
+                let Some(group) = weak.upgrade() else {
+                    break;
+                };
+                group.durable_advanced().await;
+            }
+        })
+        .detach();
+        Ok(group)
+    }
+
+    pub fn replica(&self) -> &Rc<PartitionReplica> {
+        &self.replica
+    }
+    pub fn node(&self) -> NodeId {
+        self.cfg.node
+    }
+    pub fn group(&self) -> GroupId {
+        self.cfg.group
+    }
+    pub fn is_leader(&self) -> bool {
+        self.core.borrow().is_leader()
+    }
+    /// The leader this replica knows of (itself included).
+    pub fn leader(&self) -> Option<NodeId> {
+        self.core.borrow().leader()
+    }
+    pub fn epoch(&self) -> Epoch {
+        self.core.borrow().epoch()
+    }
+    pub fn hard_state(&self) -> HardState {
+        self.core.borrow().hard_state()
+    }
+    /// Batches from peers refused as invalid (their messages were dropped).
+    pub fn refused_batches(&self) -> u64 {
+        self.refused_batches.get()
+    }
+    /// A storage failure stopped the group.
+    pub fn has_failed(&self) -> bool {
+        self.failed.get()
+    }
+
+    /// Voters caught up to the high watermark, this one included (the leader's view; a
+    /// follower counts only itself). What `min.insync.replicas` is checked against.
+    pub fn in_sync_voters(&self) -> usize {
+        let core = self.core.borrow();
+        let hw = core.high_watermark();
+        let me = self.cfg.node;
+        core.membership()
+            .voters
+            .iter()
+            .filter(|&&v| v == me || core.peer_progress(v).is_some_and(|(m, _)| m >= hw))
+            .count()
+    }
+
+    /// One unit of logical time (the shard's tick: elections, heartbeats).
+    pub async fn tick(&self) {
+        let Ok(_guard) = self.lock.acquire_permit(1).await else {
+            return;
+        };
+        if self.failed.get() {
+            return;
+        }
+        let mut out = Vec::new();
+        self.core.borrow_mut().tick(&mut out);
+        self.perform(out).await;
+    }
+
+    /// A message from the peer `from`.
+    pub async fn step(&self, from: NodeId, msg: Message) {
+        if let Message::Append(req) = &msg {
+            let max = self.replica.limits().max_batch_bytes as usize;
+            for b in &req.batches {
+                if let Err(reason) = check_peer_batch(b, max) {
+                    self.refused_batches.set(self.refused_batches.get() + 1);
+                    tracing::warn!(group = self.cfg.group, from, base = b.base, %reason,
+                        "invalid batch from a peer: append refused");
+                    return;
+                }
+            }
+        }
+        let Ok(_guard) = self.lock.acquire_permit(1).await else {
+            return;
+        };
+        if self.failed.get() {
+            return;
+        }
+        let mut out = Vec::new();
+        self.core.borrow_mut().step(from, msg, &mut out);
+        self.perform(out).await;
+    }
+
+    /// A Produce request's batches for this partition. Only the leader takes them: it stamps
+    /// its epoch, appends and proposes them. acks=0/1 are answered as on a single node (acks=1
+    /// waits for the leader's own flush under flush `always`); acks=all completes once the
+    /// high watermark passes the batches (durable on a majority), or fails with
+    /// NOT_LEADER_OR_FOLLOWER if leadership is lost first.
+    pub async fn produce(
+        self: &Rc<Self>,
+        batches: Vec<VerifiedBatch>,
+        acks: Acks,
+    ) -> (ProduceOutcome, Completion) {
+        let refuse = |code: i16| {
+            let outcome = ProduceOutcome {
+                error_code: code,
+                base_offset: -1,
+                log_start_offset: -1,
+                error_message: None,
+            };
+            (outcome, Completion::done())
+        };
+        let not_leader = ResponseError::NotLeaderOrFollower.code();
+        let Ok(_guard) = self.lock.acquire_permit(1).await else {
+            return refuse(not_leader);
+        };
+        if self.failed.get() {
+            return refuse(ResponseError::KafkaStorageError.code());
+        }
+        let epoch = {
+            let core = self.core.borrow();
+            if core.can_propose().is_err() || !self.writable.get() {
+                return refuse(not_leader);
+            }
+            core.epoch()
+        };
+        if acks == Acks::All && self.in_sync_voters() < self.cfg.min_insync_replicas {
+            return refuse(ResponseError::NotEnoughReplicas.code());
+        }
+        let mut appended = Vec::new();
+        let outcome = self
+            .replica
+            .append_in_epoch(batches, epoch, &mut appended)
+            .await;
+        let mut out = Vec::new();
+        for info in &appended {
+            let count = (info.last_offset - info.base_offset + 1) as u32;
+            let proposed = self
+                .core
+                .borrow_mut()
+                .propose(&[(count, Bytes::new())], &mut out);
+            if proposed != Ok(info.base_offset) {
+                self.fail(&format!(
+                    "batch written at {} but proposed as {proposed:?}",
+                    info.base_offset
+                ));
+                return refuse(ResponseError::KafkaStorageError.code());
+            }
+        }
+        self.perform(out).await;
+        let ok = outcome.error_code == 0 && outcome.base_offset >= 0;
+        let completion = match acks {
+            Acks::None => Completion::done(),
+            Acks::Leader if ok => self.replica.leader_completion(acks),
+            Acks::All if ok => match appended.last() {
+                Some(last) => self.commit_waiter(last.last_offset + 1),
+                None => Completion::done(),
+            },
+            // A retry of a stored batch: answered once the original is committed.
+            Acks::All
+                if outcome.error_code == ResponseError::DuplicateSequenceNumber.code()
+                    && outcome.base_offset >= 0 =>
+            {
+                self.commit_waiter(outcome.base_offset as u64 + 1)
+            }
+            _ => Completion::done(),
+        };
+        (outcome, completion)
+    }
+
+    /// Takes the messages to send, a leader's appends filled with batches from its log.
+    /// Appends of an epoch this replica no longer leads are dropped (their batches may be gone).
+    pub async fn take_messages(&self) -> Vec<(NodeId, Message)> {
+        let Ok(_guard) = self.lock.acquire_permit(1).await else {
+            return Vec::new();
+        };
+        let queued = std::mem::take(&mut *self.outbox.borrow_mut());
+        if self.failed.get() {
+            return Vec::new();
+        }
+        let mut ready = Vec::with_capacity(queued.len());
+        for (to, msg) in queued {
+            match msg {
+                Message::Append(mut req) if req.fill_end > req.prev_offset => {
+                    let current = {
+                        let core = self.core.borrow();
+                        core.is_leader() && core.epoch() == req.epoch
+                    };
+                    if !current {
+                        continue;
+                    }
+                    match self.fill(&mut req).await {
+                        Ok(()) => ready.push((to, Message::Append(req))),
+                        // The next heartbeat retransmits from what the follower holds.
+                        Err(e) => tracing::warn!(group = self.cfg.group, to, error = %e,
+                            "cannot read batches for a follower"),
+                    }
+                }
+                msg => ready.push((to, msg)),
+            }
+        }
+        ready
+    }
+
+    /// Stops the group (failing acks=all waiters) and closes the log.
+    pub async fn close(&self) -> Result<(), ReplicaError> {
+        let _guard = self.lock.acquire_permit(1).await;
+        self.fail_waiters();
+        self.failed.set(true);
+        self.replica.close().await
+    }
+
+    // ---- internals -----------------------------------------------------------------------
+
+    async fn durable_advanced(&self) {
+        let Ok(_guard) = self.lock.acquire_permit(1).await else {
+            return;
+        };
+        if self.failed.get() {
+            return;
+        }
+        let mut out = Vec::new();
+        let durable = self.replica.durable_offset();
+        self.core.borrow_mut().on_durable(durable, &mut out);
+        self.perform(out).await;
+    }
+
+    fn commit_waiter(&self, end: Offset) -> Completion {
+        if self.core.borrow().high_watermark() >= end {
+            return Completion::done();
+        }
+        let (tx, rx) = local_channel::new_bounded(1);
+        self.waiters.borrow_mut().push((end, tx));
+        Completion::commit(rx)
+    }
+
+    fn fail_waiters(&self) {
+        let code = ResponseError::NotLeaderOrFollower.code();
+        for (_, tx) in self.waiters.borrow_mut().drain(..) {
+            let _ = tx.try_send(Err(code));
+        }
+    }
+
+    fn fail(&self, reason: &str) {
+        tracing::error!(group = self.cfg.group, topic = %self.replica.tp.topic,
+            partition = self.replica.tp.partition, reason,
+            "replicated partition stopped: its log and consensus state disagree");
+        self.failed.set(true);
+        self.writable.set(false);
+        self.fail_waiters();
+    }
+
+    /// Performs the core's actions in order (a leader's BecomeLeader adds its own).
+    async fn perform(&self, actions: Vec<Action>) {
+        let mut queue: VecDeque<Action> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            if self.failed.get() {
+                return;
+            }
+            let mut out = Vec::new();
+            match action {
+                Action::PersistHardState(hard) => {
+                    if let Err(e) = write_hard_state(&self.hard_state_path, hard) {
+                        // Nothing after it may happen: a vote not on disk can be cast twice.
+                        self.fail(&format!("hard state not persisted: {e}"));
+                        return;
+                    }
+                }
+                Action::Append { batches } => {
+                    if let Err(e) = self.append(batches, &mut out).await {
+                        self.fail(&e);
+                        return;
+                    }
+                }
+                Action::Truncate { end } => {
+                    if let Err(e) = self.replica.truncate_to(end).await {
+                        self.fail(&format!("truncate to {end}: {e}"));
+                        return;
+                    }
+                }
+                Action::HighWatermark(hw) => {
+                    self.replica.advance_high_watermark(hw);
+                    self.waiters.borrow_mut().retain(|(end, tx)| {
+                        if *end <= hw {
+                            let _ = tx.try_send(Ok(()));
+                            false
+                        } else {
+                            true
+                        }
+                    });
+                }
+                Action::BecomeLeader { epoch } => {
+                    if let Err(e) = self.become_leader(epoch, &mut out).await {
+                        self.fail(&format!("taking leadership in epoch {epoch}: {e}"));
+                        return;
+                    }
+                }
+                Action::LeaderReady { epoch } => {
+                    tracing::info!(group = self.cfg.group, epoch, "leader ready");
+                    self.replica.set_leader_epoch(epoch);
+                }
+                Action::BecomeFollower { epoch, leader } => {
+                    self.writable.set(false);
+                    self.fail_waiters();
+                    if leader.is_some() {
+                        self.replica.set_leader_epoch(epoch);
+                    }
+                }
+                Action::MembershipChanged(m) => {
+                    tracing::debug!(group = self.cfg.group, ?m, "membership changed");
+                }
+                Action::Send { to, msg } => self.outbox.borrow_mut().push((to, msg)),
+            }
+            queue.extend(out);
+        }
+    }
+
+    async fn append(&self, batches: Vec<Batch>, out: &mut Vec<Action>) -> Result<(), String> {
+        let mut end = None;
+        for b in batches {
+            let (base, batch_end) = (b.base, b.end());
+            let log_end = self.replica.log_end_offset();
+            if b.base < log_end {
+                // The leader's own proposal: written before it was proposed.
+                if b.end() > log_end {
+                    return Err(format!(
+                        "batch {}..{} past log end {log_end}",
+                        b.base,
+                        b.end()
+                    ));
+                }
+            } else if b.base > log_end {
+                return Err(format!("append at {} after log end {log_end}", b.base));
+            } else {
+                let verified = VerifiedBatch::from_bytes(b.bytes).map_err(|e| e.to_string())?;
+                self.replica
+                    .append_follower(verified, base, b.epoch)
+                    .await
+                    .map_err(|e| format!("append at {base}: {e}"))?;
+            }
+            end = Some(batch_end);
+        }
+        if let Some(end) = end {
+            let mut core = self.core.borrow_mut();
+            core.on_appended(end, out);
+            if !self.replica.flushes_every_batch() {
+                // Write caching: a written batch counts as durable (see docs/architecture.md,
+                // "What commit means under each flush policy").
+                core.on_durable(end, out);
+            }
+        }
+        Ok(())
+    }
+
+    async fn become_leader(&self, epoch: Epoch, out: &mut Vec<Action>) -> Result<(), String> {
+        self.writable.set(false);
+        self.replica
+            .rebuild_producers()
+            .await
+            .map_err(|e| format!("rebuilding producer state: {e}"))?;
+        let batch = leader_change_batch(self.cfg.node, &self.core.borrow().membership().voters);
+        let info = self
+            .replica
+            .append_leader_batch(batch, epoch)
+            .await
+            .map_err(|e| format!("appending the leader-change batch: {e}"))?;
+        let proposed = self.core.borrow_mut().propose(&[(1, Bytes::new())], out);
+        if proposed != Ok(info.base_offset) {
+            return Err(format!(
+                "leader-change batch written at {} but proposed as {proposed:?}",
+                info.base_offset
+            ));
+        }
+        tracing::info!(
+            group = self.cfg.group,
+            epoch,
+            base = info.base_offset,
+            "became leader"
+        );
+        self.writable.set(true);
+        Ok(())
+    }
+
+    /// Attaches whole batches `prev_offset..fill_end` from the log, up to
+    /// [`MAX_APPEND_FILL_BYTES`] (at least one).
+    async fn fill(&self, req: &mut AppendRequest) -> Result<(), String> {
+        let mut at = req.prev_offset;
+        let mut bytes = 0usize;
+        'read: while at < req.fill_end && bytes < MAX_APPEND_FILL_BYTES {
+            let read = self
+                .replica
+                .read_local(at, MAX_APPEND_FILL_BYTES - bytes)
+                .await
+                .map_err(|e| e.to_string())?;
+            if read.batches.is_empty() {
+                break;
+            }
+            for raw in read.batches {
+                let h = BatchHeader::parse(&raw).map_err(|e| e.to_string())?;
+                let base = h.base_offset() as u64;
+                if base != at {
+                    return Err(format!("batch at {base} where {at} was expected"));
+                }
+                let end = h.last_offset() as u64 + 1;
+                if end > req.fill_end || (bytes > 0 && bytes + raw.len() > MAX_APPEND_FILL_BYTES) {
+                    break 'read;
+                }
+                bytes += raw.len();
+                req.batches.push(Batch {
+                    base,
+                    count: (end - base) as u32,
+                    epoch: h.partition_leader_epoch(),
+                    bytes: raw,
+                    membership: None,
+                });
+                at = end;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A batch from a peer is stored only if it is what the append says it is and what a producer
+/// could have written (or a leader's control batch).
+fn check_peer_batch(b: &Batch, max_batch_bytes: usize) -> Result<(), String> {
+    if b.bytes.len() > max_batch_bytes {
+        return Err(format!(
+            "{} bytes, over the limit of {max_batch_bytes}",
+            b.bytes.len()
+        ));
+    }
+    let h = BatchHeader::parse(&b.bytes).map_err(|e| e.to_string())?;
+    h.verify_crc().map_err(|e| e.to_string())?;
+    if h.base_offset() != b.base as i64
+        || i64::from(h.last_offset_delta()) + 1 != i64::from(b.count)
+        || h.partition_leader_epoch() != b.epoch
+    {
+        return Err(format!(
+            "header says base {} records {} epoch {}, the append says {} {} {}",
+            h.base_offset(),
+            i64::from(h.last_offset_delta()) + 1,
+            h.partition_leader_epoch(),
+            b.base,
+            b.count,
+            b.epoch
+        ));
+    }
+    if h.is_control() {
+        // The produce validator refuses control batches (clients may not write them); a
+        // leader's are checked for shape only.
+        if h.records_count() != h.last_offset_delta() + 1 {
+            return Err("control batch record count mismatch".into());
+        }
+        return Ok(());
+    }
+    validate_batch(&b.bytes, max_batch_bytes)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// The control batch a new leader writes first (Kafka's LeaderChange record: version 0, the
+/// leader and the voters), so its epoch commits without client writes.
+fn leader_change_batch(leader: NodeId, voters: &[NodeId]) -> VerifiedBatch {
+    let mut key = Vec::with_capacity(4);
+    key.extend_from_slice(&0i16.to_be_bytes());
+    key.extend_from_slice(&LEADER_CHANGE_CONTROL_TYPE.to_be_bytes());
+    // LeaderChangeMessage v0 (flexible): version, leader id, voters, granting voters (empty),
+    // each struct and the message with an empty tagged-field section.
+    let mut value = Vec::new();
+    value.extend_from_slice(&0i16.to_be_bytes());
+    value.extend_from_slice(&(leader as i32).to_be_bytes());
+    value.push((voters.len() + 1) as u8);
+    for &v in voters {
+        value.extend_from_slice(&(v as i32).to_be_bytes());
+        value.push(0);
+    }
+    value.push(1);
+    value.push(0);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let record = Record {
+        transactional: false,
+        control: true,
+        delete_horizon: false,
+        partition_leader_epoch: 0,
+        producer_id: -1,
+        producer_epoch: -1,
+        timestamp_type: TimestampType::Creation,
+        offset: 0,
+        sequence: -1,
+        timestamp: now_ms,
+        key: Some(Bytes::from(key)),
+        value: Some(Bytes::from(value)),
+        headers: Default::default(),
+    };
+    let mut buf = BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut buf,
+        std::slice::from_ref(&record),
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .expect("a one-record batch encodes");
+    VerifiedBatch::new(buf).expect("an encoded batch is valid")
+}
+
+fn hard_state_error(path: &Path, reason: impl std::fmt::Display) -> ReplicaError {
+    ReplicaError::HardState {
+        path: path.display().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// The persisted epoch and vote; a missing file is a new replica (epoch 0, no vote).
+fn read_hard_state(path: &Path) -> Result<HardState, ReplicaError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HardState::default()),
+        Err(e) => return Err(hard_state_error(path, e)),
+    };
+    decode_hard_state(&bytes).map_err(|reason| hard_state_error(path, reason))
+}
+
+fn encode_hard_state(hard: HardState) -> [u8; HARD_STATE_BYTES] {
+    let mut b = [0u8; HARD_STATE_BYTES];
+    b[0..4].copy_from_slice(HARD_STATE_MAGIC);
+    b[4] = HARD_STATE_VERSION;
+    b[5..9].copy_from_slice(&hard.epoch.to_be_bytes());
+    b[9] = u8::from(hard.voted_for.is_some());
+    b[10..18].copy_from_slice(&hard.voted_for.unwrap_or(0).to_be_bytes());
+    let crc = crc32c::crc32c(&b[..18]);
+    b[18..22].copy_from_slice(&crc.to_be_bytes());
+    b
+}
+
+fn decode_hard_state(b: &[u8]) -> Result<HardState, String> {
+    if b.len() != HARD_STATE_BYTES {
+        return Err(format!("{} bytes, expected {HARD_STATE_BYTES}", b.len()));
+    }
+    if &b[0..4] != HARD_STATE_MAGIC || b[4] != HARD_STATE_VERSION {
+        return Err("not a hard-state file of this version".into());
+    }
+    let crc = u32::from_be_bytes(b[18..22].try_into().expect("4 bytes"));
+    if crc != crc32c::crc32c(&b[..18]) {
+        return Err("checksum mismatch".into());
+    }
+    let epoch = i32::from_be_bytes(b[5..9].try_into().expect("4 bytes"));
+    let vote = u64::from_be_bytes(b[10..18].try_into().expect("8 bytes"));
+    let voted_for = match b[9] {
+        0 => None,
+        1 => Some(vote),
+        f => return Err(format!("bad vote flag {f}")),
+    };
+    Ok(HardState { epoch, voted_for })
+}
+
+/// Writes the hard state so that a crash leaves the old or the new one whole: temp file,
+/// fsync, rename, directory fsync.
+fn write_hard_state(path: &Path, hard: HardState) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&encode_hard_state(hard))?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hard_state_round_trips_and_damage_is_refused() {
+        for hard in [
+            HardState::default(),
+            HardState {
+                epoch: 7,
+                voted_for: Some(3),
+            },
+        ] {
+            let b = encode_hard_state(hard);
+            assert_eq!(decode_hard_state(&b), Ok(hard));
+            for i in 0..b.len() {
+                let mut bad = b;
+                bad[i] ^= 0x40;
+                assert!(
+                    decode_hard_state(&bad).is_err(),
+                    "flip at byte {i} accepted"
+                );
+            }
+            assert!(decode_hard_state(&b[..b.len() - 1]).is_err());
+        }
+    }
+
+    #[test]
+    fn the_leader_change_batch_is_one_control_record() {
+        let b = leader_change_batch(2, &[1, 2, 3]);
+        let h = b.header();
+        assert!(h.is_control());
+        assert_eq!(h.records_count(), 1);
+        assert_eq!(h.producer_id(), -1);
+        let batch = Batch {
+            base: 0,
+            count: 1,
+            epoch: 0,
+            bytes: Bytes::copy_from_slice(h.as_bytes()),
+            membership: None,
+        };
+        assert_eq!(check_peer_batch(&batch, 1 << 20), Ok(()));
+    }
+}

@@ -1,0 +1,642 @@
+//! Three replicas of one partition, each a `PartitionGroup` over a real engine log in its own
+//! directory, on one glommio executor. The test routes their messages itself (with links it can
+//! cut) and drives their ticks; durability comes from the logs' own fdatasyncs. After every
+//! delivered message: no high watermark passes its log end or goes down.
+
+use std::cell::Cell;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::records::{
+    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
+use kafka_protocol::ResponseError;
+use spate_replication::partition::{
+    hard_state_path, Acks, BatchHeader, Completion, FlushPolicy, GroupConfig, LogConfig,
+    NoObserver, PartitionGroup, PartitionReplica, ReplicaConfig, TopicPartition, VerifiedBatch,
+};
+use spate_replication::{Message, NodeId};
+
+/// Rounds (one tick each, then every message delivered) a condition may take: elections take
+/// 10 to 20 ticks, so this bounds a test to a few elections' worth of rounds.
+const MAX_ROUNDS: usize = 400;
+/// Delivery passes per round before it gives up on the cluster going quiet.
+const MAX_DELIVERY_PASSES: usize = 64;
+
+fn run<T>(f: impl std::future::Future<Output = T>) -> T {
+    glommio::LocalExecutorBuilder::default()
+        .make()
+        .expect("glommio executor")
+        .run(f)
+}
+
+/// An idempotent producer's batch of `records` records with sequences from `first_seq`.
+fn batch(producer_id: i64, first_seq: i32, records: i32) -> VerifiedBatch {
+    let records: Vec<Record> = (0..records)
+        .map(|i| Record {
+            transactional: false,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: 0,
+            producer_id,
+            producer_epoch: 0,
+            timestamp_type: TimestampType::Creation,
+            offset: i as i64,
+            sequence: first_seq + i,
+            timestamp: 1_000 + i as i64,
+            key: None,
+            value: Some(Bytes::from(format!(
+                "value {producer_id}/{}",
+                first_seq + i
+            ))),
+            headers: Default::default(),
+        })
+        .collect();
+    let mut buf = BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut buf,
+        &records,
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .expect("encode");
+    VerifiedBatch::from_bytes(buf.freeze()).expect("a valid batch")
+}
+
+/// Waits for a completion in its own task; the test reads the answer when it is there.
+fn watch(c: Completion) -> Rc<Cell<Option<Result<(), i16>>>> {
+    let answer = Rc::new(Cell::new(None));
+    let a = answer.clone();
+    glommio::spawn_local(async move { a.set(Some(c.wait().await)) }).detach();
+    answer
+}
+
+struct Slot {
+    id: NodeId,
+    group: Option<Rc<PartitionGroup>>,
+    /// The high watermark last seen in this incarnation.
+    last_hw: u64,
+}
+
+struct Cluster {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    slots: Vec<Slot>,
+    /// Directed links that drop everything.
+    down: HashSet<(NodeId, NodeId)>,
+    min_insync: usize,
+}
+
+impl Cluster {
+    async fn new(nodes: u64, min_insync: usize) -> Cluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = Cluster {
+            root: tmp.path().to_path_buf(),
+            _tmp: tmp,
+            slots: Vec::new(),
+            down: HashSet::new(),
+            min_insync,
+        };
+        for id in 1..=nodes {
+            c.slots.push(Slot {
+                id,
+                group: None,
+                last_hw: 0,
+            });
+        }
+        for id in 1..=nodes {
+            c.start(id).await;
+        }
+        c
+    }
+
+    fn voters(&self) -> Vec<NodeId> {
+        self.slots.iter().map(|s| s.id).collect()
+    }
+
+    fn node_dir(&self, id: NodeId) -> PathBuf {
+        self.root.join(format!("node-{id}"))
+    }
+
+    async fn start(&mut self, id: NodeId) {
+        let dir = self.node_dir(id);
+        let group = open_group(&dir, id, self.voters(), self.min_insync).await;
+        let slot = self.slot_mut(id);
+        slot.group = Some(group);
+        slot.last_hw = 0;
+    }
+
+    /// Stops a node: its group and log are closed and dropped (its files stay).
+    async fn kill(&mut self, id: NodeId) {
+        let g = self.slot_mut(id).group.take().expect("running");
+        g.close().await.expect("close");
+    }
+
+    fn slot_mut(&mut self, id: NodeId) -> &mut Slot {
+        self.slots.iter_mut().find(|s| s.id == id).unwrap()
+    }
+
+    fn group(&self, id: NodeId) -> &Rc<PartitionGroup> {
+        self.slots
+            .iter()
+            .find(|s| s.id == id)
+            .and_then(|s| s.group.as_ref())
+            .expect("running")
+    }
+
+    fn live(&self) -> Vec<(NodeId, Rc<PartitionGroup>)> {
+        self.slots
+            .iter()
+            .filter_map(|s| s.group.clone().map(|g| (s.id, g)))
+            .collect()
+    }
+
+    fn isolate(&mut self, id: NodeId) {
+        for o in self.voters() {
+            if o != id {
+                self.down.insert((id, o));
+                self.down.insert((o, id));
+            }
+        }
+    }
+
+    fn heal(&mut self) {
+        self.down.clear();
+    }
+
+    /// The leader that has published its epoch (committed in it), if one node is.
+    fn ready_leader(&self) -> Option<NodeId> {
+        self.live()
+            .into_iter()
+            .find(|(_, g)| g.is_leader() && g.replica().leader_epoch() == g.epoch())
+            .map(|(id, _)| id)
+    }
+
+    fn check(&mut self) {
+        for s in &mut self.slots {
+            let Some(g) = &s.group else { continue };
+            let r = g.replica();
+            let (hw, end) = (r.high_watermark(), r.log_end_offset());
+            assert!(
+                hw <= end,
+                "node {}: high watermark {hw} past log end {end}",
+                s.id
+            );
+            assert!(
+                hw >= s.last_hw,
+                "node {}: high watermark went down from {} to {hw}",
+                s.id,
+                s.last_hw
+            );
+            s.last_hw = hw;
+        }
+    }
+
+    async fn deliver(&mut self) {
+        for _ in 0..MAX_DELIVERY_PASSES {
+            let mut any = false;
+            for (from, g) in self.live() {
+                for (to, msg) in g.take_messages().await {
+                    any = true;
+                    if self.down.contains(&(from, to)) {
+                        continue;
+                    }
+                    let Some(target) = self.slots.iter().find(|s| s.id == to) else {
+                        continue;
+                    };
+                    let Some(target) = target.group.clone() else {
+                        continue;
+                    };
+                    target.step(from, msg).await;
+                    self.check();
+                }
+            }
+            if !any {
+                return;
+            }
+        }
+    }
+
+    async fn round(&mut self) {
+        for (_, g) in self.live() {
+            g.tick().await;
+        }
+        self.deliver().await;
+        // Lets the logs' flushers finish their fdatasyncs (and report them) before the next
+        // round; the loop around rounds is what bounds the wait.
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+        self.deliver().await;
+        self.check();
+    }
+
+    async fn run_until(&mut self, what: &str, cond: impl Fn(&Cluster) -> bool) {
+        for _ in 0..MAX_ROUNDS {
+            if cond(self) {
+                return;
+            }
+            self.round().await;
+        }
+        panic!("not reached in {MAX_ROUNDS} rounds: {what}");
+    }
+
+    async fn elect(&mut self) -> NodeId {
+        self.run_until("a leader publishes its epoch", |c| {
+            c.ready_leader().is_some()
+        })
+        .await;
+        self.ready_leader().unwrap()
+    }
+
+    /// Every running replica's log ends where the leader's does and is committed to there.
+    fn all_caught_up(&self) -> bool {
+        let Some(l) = self.ready_leader() else {
+            return false;
+        };
+        let end = self.group(l).replica().log_end_offset();
+        self.live().iter().all(|(_, g)| {
+            g.replica().log_end_offset() == end && g.replica().high_watermark() == end
+        })
+    }
+}
+
+async fn open_group(
+    dir: &Path,
+    id: NodeId,
+    voters: Vec<NodeId>,
+    min_insync: usize,
+) -> Rc<PartitionGroup> {
+    let config = ReplicaConfig {
+        log: LogConfig {
+            segment_bytes: 1 << 20,
+            segment_ms: None,
+            index_interval_bytes: 1024,
+            max_batch_bytes: 64 << 10,
+            retention_bytes: None,
+            retention_ms: None,
+            flush: FlushPolicy::Always,
+        },
+        high_watermark_cap: None,
+    };
+    let log_dir = dir.join("t-0");
+    let replica = PartitionReplica::open_replicated(
+        TopicPartition::new("t", 0),
+        log_dir.clone(),
+        Some(dir.join("state").join("t-0.json")),
+        config,
+        Box::new(NoObserver),
+    )
+    .await
+    .expect("open replica");
+    let mut cfg = GroupConfig::new(1, id, voters);
+    cfg.seed = 0x5eed ^ id;
+    cfg.min_insync_replicas = min_insync;
+    PartitionGroup::open(Rc::new(replica), hard_state_path(&log_dir), cfg)
+        .await
+        .expect("open group")
+}
+
+/// Every batch of the replica's log, as stored.
+async fn log_batches(g: &PartitionGroup) -> Vec<Bytes> {
+    let r = g.replica();
+    let (mut at, end) = (r.log_start_offset(), r.log_end_offset());
+    let mut out = Vec::new();
+    while at < end {
+        let read = r.read_local(at, 1 << 20).await.expect("read");
+        assert!(!read.batches.is_empty(), "nothing read at {at} below {end}");
+        for b in read.batches {
+            let h = BatchHeader::parse(&b).unwrap();
+            if (h.last_offset() as u64) < at {
+                continue;
+            }
+            at = h.last_offset() as u64 + 1;
+            out.push(b);
+        }
+    }
+    out
+}
+
+async fn assert_logs_identical(c: &Cluster) {
+    let live = c.live();
+    let reference = log_batches(&live[0].1).await;
+    for (id, g) in &live[1..] {
+        let mine = log_batches(g).await;
+        assert_eq!(
+            mine.len(),
+            reference.len(),
+            "node {id}: batch count differs"
+        );
+        for (i, (a, b)) in mine.iter().zip(&reference).enumerate() {
+            assert_eq!(a, b, "node {id}: batch {i} differs");
+        }
+    }
+}
+
+/// Produces one batch on `leader` and returns the completion's answer cell.
+async fn produce(
+    c: &Cluster,
+    leader: NodeId,
+    pid: i64,
+    seq: i32,
+    acks: Acks,
+) -> (i16, Rc<Cell<Option<Result<(), i16>>>>) {
+    let (outcome, completion) = c
+        .group(leader)
+        .produce(vec![batch(pid, seq, 3)], acks)
+        .await;
+    (outcome.error_code, watch(completion))
+}
+
+#[test]
+fn a_leader_is_elected_and_publishes_its_epoch_once_committed() {
+    run(async {
+        let mut c = Cluster::new(3, 2).await;
+        let l = c.elect().await;
+        let g = c.group(l).clone();
+        assert!(g.epoch() >= 1);
+        assert_eq!(g.replica().leader_epoch(), g.epoch());
+        // Its leader-change batch is committed: the epoch was published only once it was.
+        assert!(g.replica().high_watermark() >= 1);
+        c.run_until("followers follow it", |c| {
+            c.live()
+                .iter()
+                .all(|(_, f)| f.leader() == Some(l) && f.replica().leader_epoch() == f.epoch())
+        })
+        .await;
+        let first = log_batches(&g).await;
+        assert!(BatchHeader::parse(&first[0]).unwrap().is_control());
+        // A follower refuses writes.
+        let f = c.voters().into_iter().find(|&n| n != l).unwrap();
+        let (code, _) = produce(&c, f, 1, 0, Acks::Leader).await;
+        assert_eq!(code, ResponseError::NotLeaderOrFollower.code());
+    });
+}
+
+#[test]
+fn acks_all_completes_only_once_a_majority_is_durable() {
+    run(async {
+        let mut c = Cluster::new(3, 2).await;
+        let l = c.elect().await;
+        c.run_until("all caught up", Cluster::all_caught_up).await;
+        let followers: Vec<NodeId> = c.voters().into_iter().filter(|&n| n != l).collect();
+        for &f in &followers {
+            c.group(f).replica().pause_syncs(true);
+        }
+        let hw_before = c.group(l).replica().high_watermark();
+        let (code, all) = produce(&c, l, 7, 0, Acks::All).await;
+        assert_eq!(code, 0);
+        let (code, one) = produce(&c, l, 7, 3, Acks::Leader).await;
+        assert_eq!(code, 0);
+        // Both followers have the batches written, none durable: no majority.
+        c.run_until("followers have written the batches", |c| {
+            let end = c.group(l).replica().log_end_offset();
+            followers
+                .iter()
+                .all(|&f| c.group(f).replica().log_end_offset() == end)
+        })
+        .await;
+        for _ in 0..30 {
+            c.round().await;
+        }
+        assert_eq!(one.get(), Some(Ok(())), "acks=1 waits for the leader only");
+        assert_eq!(
+            all.get(),
+            None,
+            "acks=all answered without a durable majority"
+        );
+        assert_eq!(c.group(l).replica().high_watermark(), hw_before);
+        // One follower's fdatasync is a majority with the leader's.
+        c.group(followers[0]).replica().pause_syncs(false);
+        c.run_until("acks=all answered", |_| all.get().is_some())
+            .await;
+        assert_eq!(all.get(), Some(Ok(())));
+        assert_eq!(
+            c.group(l).replica().high_watermark(),
+            c.group(l).replica().log_end_offset()
+        );
+        c.group(followers[1]).replica().pause_syncs(false);
+        c.run_until("all caught up", Cluster::all_caught_up).await;
+        assert_logs_identical(&c).await;
+    });
+}
+
+#[test]
+fn follower_logs_end_up_byte_identical_to_the_leaders() {
+    run(async {
+        let mut c = Cluster::new(3, 2).await;
+        let l = c.elect().await;
+        let mut answers = Vec::new();
+        for i in 0..20 {
+            let (code, a) = produce(&c, l, 1 + i % 3, (i / 3) as i32 * 3, Acks::All).await;
+            assert_eq!(code, 0);
+            answers.push(a);
+            if i % 4 == 0 {
+                c.round().await;
+            }
+        }
+        // A retry of a stored batch is a duplicate, answered with the original's offset.
+        let (outcome, _) = c.group(l).produce(vec![batch(1, 18, 3)], Acks::All).await;
+        assert_eq!(
+            outcome.error_code,
+            ResponseError::DuplicateSequenceNumber.code()
+        );
+        c.run_until("all caught up", Cluster::all_caught_up).await;
+        c.run_until("every acks=all answered", |_| {
+            answers.iter().all(|a| a.get().is_some())
+        })
+        .await;
+        assert!(answers.iter().all(|a| a.get() == Some(Ok(()))));
+        assert_logs_identical(&c).await;
+        // 1 control record + 20 batches of 3.
+        assert_eq!(c.group(l).replica().log_end_offset(), 61);
+    });
+}
+
+#[test]
+fn an_isolated_leader_is_replaced_and_truncates_its_uncommitted_suffix_on_healing() {
+    run(async {
+        let mut c = Cluster::new(3, 2).await;
+        let old = c.elect().await;
+        let (code, first) = produce(&c, old, 1, 0, Acks::All).await;
+        assert_eq!(code, 0);
+        c.run_until("first write committed", |_| first.get().is_some())
+            .await;
+        assert_eq!(first.get(), Some(Ok(())));
+        c.run_until("all caught up", Cluster::all_caught_up).await;
+        let committed = c.group(old).replica().high_watermark();
+
+        c.isolate(old);
+        let (code, lost_all) = produce(&c, old, 1, 3, Acks::All).await;
+        assert_eq!(code, 0);
+        let (code, lost_one) = produce(&c, old, 1, 6, Acks::Leader).await;
+        assert_eq!(code, 0, "acks=1 is answered by the leader alone");
+        let uncommitted_end = c.group(old).replica().log_end_offset();
+        assert!(uncommitted_end > committed);
+
+        c.run_until("the majority elects a new leader", |c| {
+            c.ready_leader().is_some_and(|l| l != old)
+        })
+        .await;
+        let new = c.ready_leader().unwrap();
+        assert!(c.group(new).epoch() > c.group(old).epoch() || !c.group(old).is_leader());
+        c.run_until("the isolated leader gives up", |c| {
+            !c.group(old).is_leader()
+        })
+        .await;
+        c.run_until("its acks=all write fails", |_| lost_all.get().is_some())
+            .await;
+        assert_eq!(
+            lost_all.get(),
+            Some(Err(ResponseError::NotLeaderOrFollower.code()))
+        );
+        assert_eq!(lost_one.get(), Some(Ok(())));
+        assert_eq!(c.group(old).replica().high_watermark(), committed);
+
+        // Writes go on with the new leader; the producer's retry of its lost batch is new
+        // there (the old leader's copy never committed).
+        let (code, retried) = produce(&c, new, 1, 3, Acks::All).await;
+        assert_eq!(code, 0);
+        c.run_until("written on the majority", |_| retried.get().is_some())
+            .await;
+        assert_eq!(retried.get(), Some(Ok(())));
+
+        c.heal();
+        c.run_until("the old leader follows and catches up", |c| {
+            c.group(old).leader() == Some(new) && c.all_caught_up()
+        })
+        .await;
+        assert_logs_identical(&c).await;
+        // The batches only the old leader had are gone from its log.
+        let batches = log_batches(c.group(old)).await;
+        let epochs: Vec<i32> = batches
+            .iter()
+            .map(|b| BatchHeader::parse(b).unwrap().partition_leader_epoch())
+            .collect();
+        let old_epoch = epochs[0];
+        assert_eq!(
+            epochs.iter().filter(|&&e| e == old_epoch).count(),
+            2,
+            "only the committed batches of the first epoch remain: {epochs:?}"
+        );
+    });
+}
+
+#[test]
+fn a_killed_leader_is_replaced_and_restarts_from_its_hard_state_and_log() {
+    run(async {
+        let mut c = Cluster::new(3, 2).await;
+        let old = c.elect().await;
+        let (_, a) = produce(&c, old, 1, 0, Acks::All).await;
+        c.run_until("committed", |_| a.get().is_some()).await;
+        c.run_until("all caught up", Cluster::all_caught_up).await;
+        let hard = c.group(old).hard_state();
+        assert_eq!(hard.voted_for, Some(old));
+
+        c.kill(old).await;
+        c.run_until("a new leader", |c| c.ready_leader().is_some())
+            .await;
+        let new = c.ready_leader().unwrap();
+        assert_ne!(new, old);
+        for seq in [3, 6] {
+            let (code, a) = produce(&c, new, 1, seq, Acks::All).await;
+            assert_eq!(code, 0);
+            c.run_until("committed without the old leader", |_| a.get().is_some())
+                .await;
+            assert_eq!(a.get(), Some(Ok(())));
+        }
+
+        c.start(old).await;
+        let restarted = c.group(old).clone();
+        assert_eq!(
+            restarted.hard_state(),
+            hard,
+            "hard state read back as persisted"
+        );
+        c.run_until("the restarted node catches up", |c| {
+            c.group(old).leader() == Some(new) && c.all_caught_up()
+        })
+        .await;
+        assert_logs_identical(&c).await;
+        assert!(c.group(old).hard_state().epoch > hard.epoch);
+    });
+}
+
+#[test]
+fn a_corrupt_batch_from_a_peer_is_refused_and_never_stored() {
+    run(async {
+        let mut c = Cluster::new(3, 2).await;
+        let l = c.elect().await;
+        c.run_until("all caught up", Cluster::all_caught_up).await;
+        let f = c.voters().into_iter().find(|&n| n != l).unwrap();
+        let (code, _) = produce(&c, l, 1, 0, Acks::All).await;
+        assert_eq!(code, 0);
+        let msgs = c.group(l).take_messages().await;
+        let (_, Message::Append(good)) = msgs
+            .iter()
+            .find(|(to, m)| *to == f && matches!(m, Message::Append(r) if !r.batches.is_empty()))
+            .cloned()
+            .expect("an append carrying the batch")
+        else {
+            unreachable!()
+        };
+        let end_before = c.group(f).replica().log_end_offset();
+        let mut bad = good.clone();
+        let b = &mut bad.batches[0];
+        let mut bytes = b.bytes.to_vec();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        b.bytes = Bytes::from(bytes);
+        c.group(f).step(l, Message::Append(bad)).await;
+        assert_eq!(c.group(f).refused_batches(), 1);
+        assert_eq!(c.group(f).replica().log_end_offset(), end_before);
+
+        // A batch whose CRC is right but whose header disagrees with the append is refused too.
+        let mut lying = good.clone();
+        lying.batches[0].epoch += 1;
+        lying.epoch += 1;
+        c.group(f).step(l, Message::Append(lying)).await;
+        assert_eq!(c.group(f).refused_batches(), 2);
+        assert_eq!(c.group(f).replica().log_end_offset(), end_before);
+
+        c.group(f).step(l, Message::Append(good)).await;
+        assert!(c.group(f).replica().log_end_offset() > end_before);
+        c.run_until("all caught up", Cluster::all_caught_up).await;
+        assert_logs_identical(&c).await;
+    });
+}
+
+#[test]
+fn acks_all_is_refused_while_fewer_than_min_insync_replicas_are_caught_up() {
+    run(async {
+        let mut c = Cluster::new(3, 3).await;
+        let l = c.elect().await;
+        c.run_until("all caught up", Cluster::all_caught_up).await;
+        let (code, a) = produce(&c, l, 1, 0, Acks::All).await;
+        assert_eq!(code, 0);
+        c.run_until("committed", |_| a.get().is_some()).await;
+        let f = c.voters().into_iter().find(|&n| n != l).unwrap();
+        c.isolate(f);
+        // Committed by the leader and the other follower; the cut one falls behind.
+        let (code, b) = produce(&c, l, 1, 3, Acks::Leader).await;
+        assert_eq!(code, 0);
+        c.run_until("committed on two", |c| {
+            b.get().is_some()
+                && c.group(l).replica().high_watermark() == c.group(l).replica().log_end_offset()
+        })
+        .await;
+        assert_eq!(c.group(l).in_sync_voters(), 2);
+        let (code, _) = produce(&c, l, 1, 6, Acks::All).await;
+        assert_eq!(code, ResponseError::NotEnoughReplicas.code());
+        let (code, _) = produce(&c, l, 1, 6, Acks::Leader).await;
+        assert_eq!(code, 0, "acks=1 does not need in-sync replicas");
+        c.heal();
+        c.run_until("all caught up", Cluster::all_caught_up).await;
+        assert_eq!(c.group(l).in_sync_voters(), 3);
+        let (code, _) = produce(&c, l, 1, 9, Acks::All).await;
+        assert_eq!(code, 0);
+    });
+}
