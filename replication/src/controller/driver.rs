@@ -68,6 +68,10 @@ pub struct DriverConfig {
     pub request_timeout_ms: u64,
     pub heartbeat_interval_ms: u64,
     pub controller: ControllerConfig,
+    /// Replicas of a topic created without a count; `None`: min(3, live brokers). Topic
+    /// creation does not go through the controller yet (partitions are single-node), so only
+    /// the setting travels this far.
+    pub default_replication_factor: Option<usize>,
     /// Seeds the election-timeout jitter.
     pub seed: u64,
 }
@@ -94,6 +98,7 @@ impl DriverConfig {
             request_timeout_ms: DEFAULT_CONTROLLER_REQUEST_TIMEOUT_MS,
             heartbeat_interval_ms: DEFAULT_BROKER_HEARTBEAT_INTERVAL_MS,
             controller: ControllerConfig::default(),
+            default_replication_factor: None,
             seed: node_id ^ node_uuid as u64,
         }
     }

@@ -38,6 +38,8 @@ pub struct ServiceConfig {
     /// Where clients reach this node's Kafka port.
     pub kafka: Endpoint,
     pub shards: u32,
+    /// `--default-replication-factor`; `None`: min(3, live brokers).
+    pub default_replication_factor: Option<usize>,
     pub tick: Duration,
     pub transport: TransportConfig,
 }
@@ -59,6 +61,7 @@ impl ServiceConfig {
             seeds,
             kafka,
             shards,
+            default_replication_factor: None,
             tick: Duration::from_millis(DEFAULT_CONTROLLER_TICK_MS),
             transport: TransportConfig::default(),
         }
@@ -88,10 +91,13 @@ pub struct ClusterService {
 
 impl ClusterService {
     /// Opens the metadata store, binds the rpc port and starts the driver thread. Returns once
-    /// the port is bound (so its address is known) or failed.
-    pub fn start(cfg: ServiceConfig) -> Result<ClusterService, ServiceError> {
+    /// the port is bound (so its address is known) or failed. The driver publishes into
+    /// `view` (shared with the Kafka port).
+    pub fn start(
+        cfg: ServiceConfig,
+        view: SharedClusterView,
+    ) -> Result<ClusterService, ServiceError> {
         let store = MetadataStore::open(&cfg.data_dir)?;
-        let view = SharedClusterView::default();
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (view2, stop2) = (view.clone(), stop.clone());
@@ -164,7 +170,7 @@ async fn run(
         port: bound.port(),
     });
     let voters: Vec<NodeId> = cfg.seeds.iter().map(|s| s.0).collect();
-    let dcfg = DriverConfig::new(
+    let mut dcfg = DriverConfig::new(
         id.node_id,
         id.node_uuid,
         id.cluster_id.clone(),
@@ -173,6 +179,7 @@ async fn run(
         cfg.kafka.clone(),
         cfg.shards,
     );
+    dcfg.default_replication_factor = cfg.default_replication_factor;
     let start = Instant::now();
     let now_ms = move || start.elapsed().as_millis() as u64;
     let driver: Rc<RefCell<Driver<ReplyTo>>> =
