@@ -247,6 +247,28 @@ fn three_nodes_form_a_cluster_fail_over_and_take_a_node_back() {
     wait_for(&refs, &all, &all, "restarted node rejoined");
     let log = nodes[victim].log();
     assert!(log.contains("registered with the controller"), "{log}");
+
+    // The same node id on a wiped directory (a new node UUID) is refused, with a log line
+    // saying what to do, and never listed.
+    nodes[victim].kill();
+    std::fs::remove_dir_all(nodes[victim].dir.path().join("data")).unwrap();
+    nodes[victim].spawn();
+    let deadline = Instant::now() + CLUSTER_DEADLINE;
+    while !nodes[victim]
+        .log()
+        .contains("unregister the old node first")
+    {
+        assert!(Instant::now() < deadline, "wiped node not refused");
+        std::thread::sleep(POLL);
+    }
+    // Its old incarnation's session runs out; the new one never registers.
+    let survivors: Vec<&Node> = nodes.iter().filter(|n| n.id != controller as u64).collect();
+    wait_for(&survivors, &others, &others, "wiped node not listed");
+    for _ in 0..20 {
+        let (_, listed) = metadata(&survivors[0].addr()).unwrap();
+        assert_eq!(listed, others, "a wiped node must not be listed");
+        std::thread::sleep(POLL);
+    }
 }
 
 #[test]
