@@ -155,6 +155,19 @@ pub struct ServeConfig {
     /// Most client connections open at once from one IP address; 0 for no limit [default: 0].
     #[arg(long, env = "SPATE_MAX_CONNECTIONS_PER_IP", value_name = "N")]
     pub max_connections_per_ip: Option<usize>,
+    /// With --seeds: address for node-to-node traffic (the rpc port) [default: 127.0.0.1:9192].
+    #[arg(long, env = "SPATE_RPC_LISTEN", value_name = "HOST:PORT")]
+    pub rpc_listen: Option<String>,
+    /// Address other nodes are told to dial for the rpc port, if different from --rpc-listen.
+    #[arg(long, env = "SPATE_ADVERTISED_RPC", value_name = "HOST:PORT")]
+    pub advertised_rpc: Option<String>,
+    /// The cluster's metadata voters, the same list on every node: ID@HOST:PORT,... (rpc
+    /// ports). Without it the node is a one-node cluster of itself, as before.
+    #[arg(long, env = "SPATE_SEEDS", value_name = "ID@HOST:PORT,...")]
+    pub seeds: Option<String>,
+    /// Replicas of new topics [default: min(3, brokers in the cluster)].
+    #[arg(long, env = "SPATE_DEFAULT_REPLICATION_FACTOR", value_name = "N")]
+    pub default_replication_factor: Option<usize>,
 }
 
 /// Every setting of [`ServeConfig`] but `config` itself, once: merging and the defaults use it,
@@ -195,7 +208,11 @@ macro_rules! each_setting {
             request_memory_bytes,
             connections_max_idle_ms,
             request_read_timeout_ms,
-            max_connections_per_ip
+            max_connections_per_ip,
+            rpc_listen,
+            advertised_rpc,
+            seeds,
+            default_replication_factor
         )
     };
 }
@@ -246,6 +263,10 @@ impl ServeConfig {
             connections_max_idle_ms: Some(spate_net::config::DEFAULT_CONNECTIONS_MAX_IDLE_MS),
             request_read_timeout_ms: Some(spate_net::config::DEFAULT_REQUEST_READ_TIMEOUT_MS),
             max_connections_per_ip: Some(0),
+            rpc_listen: Some(crate::cluster::DEFAULT_RPC_LISTEN.into()),
+            advertised_rpc: None,
+            seeds: None,
+            default_replication_factor: None,
         }
     }
 

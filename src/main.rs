@@ -3,6 +3,7 @@
 
 mod admin;
 mod check;
+mod cluster;
 mod config;
 mod verify;
 
@@ -140,7 +141,19 @@ fn main() {
 }
 
 fn serve(args: config::ServeConfig) -> anyhow::Result<()> {
-    let config = args.with_file()?.resolve()?;
+    let args = args.with_file()?;
+    let mut config = args.resolve()?;
+    let cluster = cluster::ClusterArgs::from_serve(&args)?;
+    // The identity is checked before anything else opens the data directory: a node of
+    // another cluster stops here.
+    let identity = match &cluster {
+        Some(c) => Some(cluster::open_identity(&config.data_dir, config.node_id, c)?),
+        None => None,
+    };
+    let view = cluster
+        .as_ref()
+        .map(|_| spate_replication::controller::view::SharedClusterView::default());
+    config.cluster = view.clone();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
@@ -160,15 +173,47 @@ fn serve(args: config::ServeConfig) -> anyhow::Result<()> {
         "starting spate"
     );
     spate_net::alloc::retain_freed_memory();
+    let data_dir = config.data_dir.clone();
+    let (advertised_host, advertised_port, cores) = (
+        config.advertised_host.clone(),
+        config.advertised_port,
+        config.cores,
+    );
     let broker = Broker::start(config).context("starting the broker")?;
     let handle = broker.shutdown_handle();
+    let service = match (&cluster, identity, view) {
+        (Some(c), Some(identity), Some(view)) => {
+            let kafka = spate_replication::controller::Endpoint {
+                host: advertised_host,
+                // Listening on port 0: the port the broker bound.
+                port: if advertised_port == 0 {
+                    broker.local_addr.port()
+                } else {
+                    advertised_port
+                },
+            };
+            match cluster::start(c, identity, &data_dir, kafka, cores, view) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    handle.shutdown();
+                    let _ = broker.wait();
+                    return Err(e);
+                }
+            }
+        }
+        _ => None,
+    };
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             tracing::info!(signal = sig, "shutting down: finishing in-flight requests");
             handle.shutdown();
         }
     });
-    broker.wait().context("running the broker")?;
+    let result = broker.wait().context("running the broker");
+    if let Some(s) = service {
+        s.stop();
+    }
+    result?;
     tracing::info!("stopped cleanly");
     Ok(())
 }

@@ -245,11 +245,21 @@ fn cluster_info_shows_the_broker_and_its_apis() {
         .iter()
         .any(|a| a["api"] == "Fetch" && a["max"].as_i64().unwrap() >= 4));
     let text = ok(b, &["cluster", "info"]);
-    assert!(text.contains("Controller:  0"), "{text}");
+    // A one-node cluster of itself: its own controller, the only voter.
+    assert!(text.contains("Controller:  0 (epoch 0)"), "{text}");
+    assert_eq!(info["brokers"][0]["voter"], true);
+    assert_eq!(info["brokers"][0]["alive"], true);
     assert!(
         text.lines()
             .any(|l| l.split_whitespace().collect::<Vec<_>>()
-                == ["0", "127.0.0.1", &broker.port.to_string(), "-"]),
+                == [
+                    "0",
+                    "127.0.0.1",
+                    &broker.port.to_string(),
+                    "-",
+                    "yes",
+                    "yes"
+                ]),
         "{text}"
     );
 }

@@ -261,6 +261,7 @@ fn every_advertised_version_is_served() {
                 }
                 ApiKey::CreatePartitions => probe(&addr, v, &CreatePartitionsRequest::default()),
                 ApiKey::DescribeCluster => probe(&addr, v, &DescribeClusterRequest::default()),
+                ApiKey::DescribeQuorum => probe(&addr, v, &DescribeQuorumRequest::default()),
                 ApiKey::FindCoordinator => {
                     let g = StrBytes::from_static_str("g");
                     let req = if v >= 4 {

@@ -58,6 +58,10 @@ pub struct BrokerConfig {
     /// Test hook: no partition's high watermark passes this offset (as if followers lagged);
     /// `None` (always, outside tests) lets it follow the log end.
     pub test_high_watermark_cap: Option<u64>,
+    /// In a cluster (`--seeds`): the controller driver's view of the brokers and the
+    /// controller, for Metadata, DescribeCluster and DescribeQuorum. `None`: a one-node
+    /// cluster of this broker.
+    pub cluster: Option<spate_replication::controller::view::SharedClusterView>,
 }
 
 /// The shipped `max_batch_bytes`, defined once in the engine.
@@ -104,6 +108,7 @@ impl BrokerConfig {
             request_read_timeout_ms: DEFAULT_REQUEST_READ_TIMEOUT_MS,
             max_connections_per_ip: None,
             test_high_watermark_cap: None,
+            cluster: None,
         }
     }
 

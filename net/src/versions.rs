@@ -37,7 +37,8 @@ pub const SUPPORTED: &[Supported] = &[
     api(ApiKey::DescribeConfigs, 1, 4),
     api(ApiKey::IncrementalAlterConfigs, 0, 1),
     api(ApiKey::CreatePartitions, 0, 3),
-    api(ApiKey::DescribeCluster, 0, 1),
+    api(ApiKey::DescribeCluster, 0, 2),
+    api(ApiKey::DescribeQuorum, 0, 2),
     // Consumer groups (net/src/group/).
     api(ApiKey::FindCoordinator, 0, 4),
     api(ApiKey::JoinGroup, 0, 9),

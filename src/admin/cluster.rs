@@ -1,9 +1,13 @@
-//! `spate cluster info`: cluster id, controller, brokers, topic and partition counts, and the
-//! API versions the bootstrap broker speaks.
+//! `spate cluster info`: cluster id, controller (and its epoch), nodes (alive, voter), topic
+//! and partition counts, and the API versions the bootstrap broker speaks.
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use kafka_protocol::messages::{ApiKey, ApiVersionsRequest};
+use kafka_protocol::messages::describe_quorum_request::{PartitionData, TopicData};
+use kafka_protocol::messages::{
+    ApiKey, ApiVersionsRequest, DescribeClusterRequest, DescribeQuorumRequest, TopicName,
+};
+use kafka_protocol::protocol::StrBytes;
 use serde_json::{json, Value};
 
 use super::client::{check, Client, ConnectArgs};
@@ -51,7 +55,8 @@ fn info(a: InfoArgs) -> Result<()> {
         })
         .collect();
     apis.sort_by_key(|a| a.1);
-    let mut brokers: Vec<_> = meta
+    // Every registered node, fenced ones too (alive = not fenced), from DescribeCluster v2.
+    let mut brokers: Vec<(i32, String, i32, Option<String>, bool)> = meta
         .brokers
         .iter()
         .map(|b| {
@@ -60,10 +65,39 @@ fn info(a: InfoArgs) -> Result<()> {
                 b.host.to_string(),
                 b.port,
                 b.rack.as_ref().map(|r| r.to_string()),
+                true,
             )
         })
         .collect();
+    let described = client.call(
+        ApiKey::DescribeCluster,
+        0..=2,
+        &DescribeClusterRequest::default().with_include_fenced_brokers(true),
+    );
+    if let Ok((_, d)) = described {
+        if d.error_code == 0 {
+            brokers = d
+                .brokers
+                .iter()
+                .map(|b| {
+                    (
+                        b.broker_id.0,
+                        b.host.to_string(),
+                        b.port,
+                        b.rack.as_ref().map(|r| r.to_string()),
+                        !b.is_fenced,
+                    )
+                })
+                .collect();
+        }
+    }
     brokers.sort();
+    let quorum = describe_quorum(&mut client);
+    let voters: Vec<i32> = quorum.as_ref().map(|q| q.2.clone()).unwrap_or_default();
+    let (controller, controller_epoch) = match &quorum {
+        Some((leader, epoch, _)) => (*leader, Some(*epoch)),
+        None => (meta.controller_id.0, None),
+    };
     let user_topics = meta
         .topics
         .iter()
@@ -78,9 +112,11 @@ fn info(a: InfoArgs) -> Result<()> {
     if a.json {
         let mut doc = json!({
             "cluster_id": cluster_id,
-            "controller_id": meta.controller_id.0,
-            "brokers": brokers.iter().map(|(id, host, port, rack)| {
-                json!({"id": id, "host": host, "port": port, "rack": rack})
+            "controller_id": controller,
+            "controller_epoch": controller_epoch,
+            "brokers": brokers.iter().map(|(id, host, port, rack, alive)| {
+                json!({"id": id, "host": host, "port": port, "rack": rack, "alive": alive,
+                       "voter": voters.contains(id)})
             }).collect::<Vec<_>>(),
             "topics": user_topics.len(),
             "partitions": partitions,
@@ -96,17 +132,23 @@ fn info(a: InfoArgs) -> Result<()> {
         return Ok(());
     }
     say!("Cluster id:  {cluster_id}");
-    say!("Controller:  {}", meta.controller_id.0);
+    match controller_epoch {
+        Some(e) => say!("Controller:  {controller} (epoch {e})"),
+        None => say!("Controller:  {controller}"),
+    }
     say!("Topics:      {}", user_topics.len());
     say!("Partitions:  {partitions}");
     out("\n");
-    let mut table = Table::new(&["BROKER", "HOST", "PORT", "RACK"]);
-    for (id, host, port, rack) in &brokers {
+    let mut table = Table::new(&["BROKER", "HOST", "PORT", "RACK", "ALIVE", "VOTER"]);
+    for (id, host, port, rack, alive) in &brokers {
+        let yes_no = |b: bool| if b { "yes" } else { "no" }.to_string();
         table.row(vec![
             id.to_string(),
             host.clone(),
             port.to_string(),
             rack.clone().unwrap_or_else(|| "-".into()),
+            yes_no(*alive),
+            yes_no(voters.contains(id)),
         ]);
     }
     out(&table.render());
@@ -124,4 +166,18 @@ fn info(a: InfoArgs) -> Result<()> {
         out(&table.render());
     }
     Ok(())
+}
+
+/// The metadata quorum's leader, epoch and voters, if the broker answers DescribeQuorum.
+fn describe_quorum(client: &mut Client) -> Option<(i32, i32, Vec<i32>)> {
+    let req = DescribeQuorumRequest::default().with_topics(vec![TopicData::default()
+        .with_topic_name(TopicName(StrBytes::from_static_str("__cluster_metadata")))
+        .with_partitions(vec![PartitionData::default().with_partition_index(0)])]);
+    let (_, resp) = client.call(ApiKey::DescribeQuorum, 0..=2, &req).ok()?;
+    let p = resp.topics.first()?.partitions.first()?;
+    if resp.error_code != 0 || p.error_code != 0 {
+        return None;
+    }
+    let voters = p.current_voters.iter().map(|v| v.replica_id.0).collect();
+    Some((p.leader_id.0, p.leader_epoch, voters))
 }

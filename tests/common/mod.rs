@@ -23,13 +23,13 @@ pub struct Broker {
     extra_args: Vec<String>,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     l.local_addr().unwrap().port()
 }
 
 /// Polls (bounded) until nobody listens on `port` (a connection is refused).
-fn wait_port_free(port: u16) {
+pub fn wait_port_free(port: u16) {
     let deadline = Instant::now() + START_TIMEOUT;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     while TcpStream::connect_timeout(&addr, POLL).is_ok() {
@@ -195,7 +195,7 @@ impl Drop for Broker {
     }
 }
 
-fn api_versions_answered(addr: &str) -> bool {
+pub fn api_versions_answered(addr: &str) -> bool {
     let Ok(mut s) = TcpStream::connect(addr) else {
         return false;
     };

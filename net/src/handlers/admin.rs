@@ -443,17 +443,21 @@ fn broker_configs(config: &BrokerConfig) -> Vec<(String, String, i8)> {
 }
 
 pub fn describe_cluster(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError> {
-    let _r: DescribeClusterRequest = decode_body(req)?;
+    let r: DescribeClusterRequest = decode_body(req)?;
     let mut resp = DescribeClusterResponse::default();
-    resp.cluster_id = str_bytes(&shard.metadata.cluster_id());
-    resp.controller_id = BrokerId(shard.config.node_id);
+    let cluster = super::metadata::brokers_view(shard, r.include_fenced_brokers);
+    resp.cluster_id = str_bytes(&cluster.cluster_id);
+    resp.controller_id = BrokerId(cluster.controller_id);
     resp.endpoint_type = 1;
     resp.cluster_authorized_operations = i32::MIN;
-    let mut b = DescribeClusterBroker::default();
-    b.broker_id = BrokerId(shard.config.node_id);
-    b.host = str_bytes(&shard.config.advertised_host);
-    b.port = shard.config.advertised_port as i32;
-    resp.brokers = vec![b];
+    for listed in &cluster.brokers {
+        let mut b = DescribeClusterBroker::default();
+        b.broker_id = BrokerId(listed.node_id);
+        b.host = str_bytes(&listed.host);
+        b.port = i32::from(listed.port);
+        b.is_fenced = listed.fenced;
+        resp.brokers.push(b);
+    }
     encode_response(req.correlation_id, req.api_version, &resp)
 }
 

@@ -22,21 +22,82 @@ use crate::shard::Shard;
 /// Topic names one Metadata request may auto-create (a request cannot create thousands).
 pub const MAX_AUTO_CREATE_PER_REQUEST: usize = 100;
 
+/// A broker as Metadata and DescribeCluster list it.
+pub(crate) struct ListedBroker {
+    pub node_id: i32,
+    pub host: String,
+    pub port: u16,
+    pub fenced: bool,
+}
+
+pub(crate) struct BrokersView {
+    pub cluster_id: String,
+    /// -1 while no controller is known (an election in progress).
+    pub controller_id: i32,
+    pub brokers: Vec<ListedBroker>,
+}
+
+/// The brokers to tell clients about: in a cluster, every live (unfenced) broker the applied
+/// metadata knows, and this node always (it answers, so clients may use it even before its
+/// registration is applied); alone, this node as the only broker and the controller.
+/// With `include_fenced`, fenced brokers too (DescribeCluster v2 asks for them).
+pub(crate) fn brokers_view(shard: &Shard, include_fenced: bool) -> BrokersView {
+    let me = ListedBroker {
+        node_id: shard.config.node_id,
+        host: shard.config.advertised_host.clone(),
+        port: shard.config.advertised_port,
+        fenced: false,
+    };
+    let Some(cluster) = &shard.config.cluster else {
+        return BrokersView {
+            cluster_id: shard.metadata.cluster_id(),
+            controller_id: shard.config.node_id,
+            brokers: vec![me],
+        };
+    };
+    let v = cluster.get();
+    let mut brokers: Vec<ListedBroker> = v
+        .brokers
+        .iter()
+        .filter(|b| include_fenced || !b.fenced)
+        .filter(|b| i32::try_from(b.node).is_ok_and(|id| id != me.node_id))
+        .map(|b| ListedBroker {
+            node_id: b.node as i32,
+            host: b.kafka.host.clone(),
+            port: b.kafka.port,
+            fenced: b.fenced,
+        })
+        .collect();
+    brokers.push(me);
+    brokers.sort_by_key(|b| b.node_id);
+    BrokersView {
+        cluster_id: v.cluster_id.clone(),
+        controller_id: v
+            .controller
+            .and_then(|c| i32::try_from(c).ok())
+            .unwrap_or(-1),
+        brokers,
+    }
+}
+
 pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError> {
     let r: MetadataRequest = decode_body(req)?;
     let node = shard.config.node_id;
     let mut resp = MetadataResponse::default();
-    let mut broker = MetadataResponseBroker::default();
-    broker.node_id = BrokerId(node);
-    broker.host = str_bytes(&shard.config.advertised_host);
-    broker.port = shard.config.advertised_port as i32;
-    resp.brokers = vec![broker];
+    let cluster = brokers_view(shard, false);
+    for b in &cluster.brokers {
+        let mut broker = MetadataResponseBroker::default();
+        broker.node_id = BrokerId(b.node_id);
+        broker.host = str_bytes(&b.host);
+        broker.port = i32::from(b.port);
+        resp.brokers.push(broker);
+    }
     let v = req.api_version;
     if v >= 2 {
-        resp.cluster_id = Some(str_bytes(&shard.metadata.cluster_id()));
+        resp.cluster_id = Some(str_bytes(&cluster.cluster_id));
     }
     if v >= 1 {
-        resp.controller_id = BrokerId(node);
+        resp.controller_id = BrokerId(cluster.controller_id);
     }
     resp.cluster_authorized_operations = i32::MIN;
 

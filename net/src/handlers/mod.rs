@@ -7,6 +7,7 @@ pub mod init_producer_id;
 pub mod list_offsets;
 pub mod metadata;
 pub mod produce;
+pub mod quorum;
 
 use kafka_protocol::messages::TopicName;
 use kafka_protocol::protocol::StrBytes;

@@ -7,14 +7,22 @@
 //! - [`active`]: [`ActiveController`], the leader's logic from events (registration,
 //!   heartbeats, missed sessions, ISR changes, topic creation) to records. Time is passed in.
 //! - [`placement`]: where replicas, leaders and their shards go.
+//! - [`store`]: the metadata log and hard state on disk.
+//! - [`driver`]: the metadata group, the active controller on its leader, and every node's
+//!   broker side, as decisions over frames and ticks (no sockets).
+//! - [`service`]: the driver's thread with the rpc transport; [`view`]: what it publishes.
 //!
 //! The metadata log is one consensus group (the core in `crate::replica`) among the seed
 //! nodes; each committed batch of that group is one encoded [`RecordBatch`].
 
 pub mod active;
+pub mod driver;
 pub mod placement;
 pub mod records;
+pub mod service;
 pub mod state;
+pub mod store;
+pub mod view;
 
 pub use active::{
     ActiveController, AlterIsrRequest, ControllerConfig, ControllerError, CreateTopicRequest,

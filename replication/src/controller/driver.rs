@@ -1,0 +1,827 @@
+//! The controller driver: the metadata group of the consensus core, its log on disk, the
+//! active controller on its leader, and every node's broker side (registration, heartbeats,
+//! following the metadata log). Everything here is decisions and file I/O; no sockets and no
+//! clock. The caller ([`crate::controller::service`]) feeds it ticks, the time and frames from
+//! peers, and sends the frames it asks for, so the same logic runs in unit tests with nodes
+//! wired together in memory.
+//!
+//! - Voters (the `--seeds`) host the metadata group ([`METADATA_GROUP`]). The leader proposes an
+//!   empty batch on election (it commits every earlier entry), and once it has applied the whole
+//!   committed log it runs the [`ActiveController`]. Requests are decided there, proposed as
+//!   one decision, and answered when the decision is applied (committed).
+//! - Every node, voter or not, is also a broker: it registers with the active controller,
+//!   heartbeats, and re-registers when told its epoch is stale. Requests go to the controller
+//!   leader it knows (its own replica's leader on a voter, the last hint otherwise), time out
+//!   after `request_timeout_ms` and go to the next voter.
+//! - Voters apply the committed log from their own store; other nodes fetch it from a voter.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+use crate::controller::active::{
+    ActiveController, ControllerConfig, ControllerError, HeartbeatRequest, RegisterRequest,
+    DEFAULT_BROKER_HEARTBEAT_INTERVAL_MS,
+};
+use crate::controller::records::{Endpoint, Record, RecordBatch};
+use crate::controller::state::{Effect, MetadataState};
+use crate::controller::store::{MetadataStore, StoreError};
+use crate::controller::view::{BrokerView, ClusterView};
+use crate::controller::METADATA_GROUP;
+use crate::node::{Node, NodeMessage};
+use crate::replica::{Config, Persisted, Replica};
+use crate::rpc::frame::{Frame, MetadataChunk, RpcErrorCode, RpcErrorReply, RpcMessage};
+use crate::types::{Action, Epoch, Membership, Message, NodeId, Offset};
+
+/// How often the driver ticks the metadata group and its timers.
+pub const DEFAULT_CONTROLLER_TICK_MS: u64 = 50;
+/// Ticks without a leader before a voter campaigns: drawn in [10, 20) ticks, so 0.5-1 s at the
+/// default tick. Heartbeats go every 2 ticks (100 ms), so five in a row must be lost before a
+/// healthy leader is doubted, while a dead one is replaced within a second.
+pub const DEFAULT_CONTROLLER_ELECTION_TIMEOUT_TICKS: u32 = 10;
+/// A request to the controller not answered within this long is sent again to the next voter:
+/// longer than a commit round trip on any sane network, short against the 1 s session timeout.
+pub const DEFAULT_CONTROLLER_REQUEST_TIMEOUT_MS: u64 = 500;
+/// Batch bytes attached to one append (or one metadata fetch answer).
+pub const MAX_METADATA_APPEND_BYTES: usize = 1 << 20;
+/// A decision is proposed as batches of about this size.
+const PROPOSAL_TARGET_BYTES: usize = 64 << 10;
+/// A non-voter asks a voter for new metadata this often.
+const FETCH_INTERVAL_MS: u64 = 100;
+/// Bound on replies waiting for their decision to commit: a leader that cannot commit (no
+/// quorum) does not collect requests forever; the senders time out and retry.
+const MAX_PENDING_REPLIES: usize = 4096;
+/// Output loops of the core settle in a few rounds; more is a bug.
+const MAX_DRIVE_ROUNDS: usize = 1000;
+
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    pub node_id: NodeId,
+    pub node_uuid: u128,
+    pub cluster_id: String,
+    /// The metadata voters (the `--seeds` ids), the same list on every node.
+    pub voters: Vec<NodeId>,
+    pub rpc: Endpoint,
+    pub kafka: Endpoint,
+    pub shards: u32,
+    pub election_timeout_ticks: u32,
+    pub request_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    pub controller: ControllerConfig,
+    /// Replicas of a topic created without a count; `None`: min(3, live brokers). Topic
+    /// creation does not go through the controller yet (partitions are single-node), so only
+    /// the setting travels this far.
+    pub default_replication_factor: Option<usize>,
+    /// Seeds the election-timeout jitter.
+    pub seed: u64,
+}
+
+impl DriverConfig {
+    pub fn new(
+        node_id: NodeId,
+        node_uuid: u128,
+        cluster_id: String,
+        voters: Vec<NodeId>,
+        rpc: Endpoint,
+        kafka: Endpoint,
+        shards: u32,
+    ) -> Self {
+        DriverConfig {
+            node_id,
+            node_uuid,
+            cluster_id,
+            voters,
+            rpc,
+            kafka,
+            shards,
+            election_timeout_ticks: DEFAULT_CONTROLLER_ELECTION_TIMEOUT_TICKS,
+            request_timeout_ms: DEFAULT_CONTROLLER_REQUEST_TIMEOUT_MS,
+            heartbeat_interval_ms: DEFAULT_BROKER_HEARTBEAT_INTERVAL_MS,
+            controller: ControllerConfig::default(),
+            default_replication_factor: None,
+            seed: node_id ^ node_uuid as u64,
+        }
+    }
+}
+
+/// A frame the caller must send: to a peer (dialing it), or back on the connection of the
+/// request it answers (`R` names that connection).
+#[derive(Debug)]
+pub enum Outgoing<R> {
+    Peer { to: NodeId, frame: Frame },
+    Reply { to: R, frame: Frame },
+}
+
+/// Where a controller reply goes: a peer's connection, or this node's own broker side.
+#[derive(Debug, Clone)]
+enum Dest<R> {
+    Remote(R),
+    Local,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Req {
+    Register,
+    Heartbeat,
+    Fetch,
+}
+
+/// This node as a broker of the cluster.
+#[derive(Debug, Default)]
+struct Agent {
+    broker_epoch: Option<u64>,
+    fenced: bool,
+    /// The controller to ask: a hint from a refusal, else the next voter in turn.
+    hint: Option<NodeId>,
+    rotate: usize,
+    next_corr: u64,
+    /// corr -> (request, sent at, sent to)
+    outstanding: BTreeMap<u64, (Req, u64, NodeId)>,
+    last_heartbeat_ms: Option<u64>,
+    last_fetch_ms: Option<u64>,
+    /// Node id refused for another UUID: logged once per run of refusals.
+    refused_logged: bool,
+}
+
+pub struct Driver<R> {
+    cfg: DriverConfig,
+    now_ms: u64,
+    /// The metadata group, on voters only.
+    node: Option<Node>,
+    store: MetadataStore,
+    /// The applied (committed) metadata and how far it reaches.
+    state: MetadataState,
+    applied: Offset,
+    active: Option<ActiveController>,
+    /// Replies sent once the log is applied up to the offset.
+    pending: Vec<(Offset, Dest<R>, u64, RpcMessage)>,
+    agent: Agent,
+    out: Vec<Outgoing<R>>,
+    /// Bumped whenever what [`Driver::view`] shows may have changed.
+    generation: u64,
+}
+
+fn reply_frame(corr: u64, message: RpcMessage) -> Frame {
+    Frame {
+        correlation_id: corr,
+        message,
+    }
+}
+
+impl<R: Clone> Driver<R> {
+    /// Opens the driver over `store` (already replayed). A voter restarts its replica from the
+    /// durable log and hard state; every node re-applies the log it has.
+    pub fn new(cfg: DriverConfig, store: MetadataStore, now_ms: u64) -> Self {
+        assert!(!cfg.voters.is_empty(), "a cluster has at least one voter");
+        let node = cfg.voters.contains(&cfg.node_id).then(|| {
+            let persisted = Persisted {
+                hard: store.hard_state(),
+                epochs: store.epochs(),
+                log_end: store.log_end(),
+                bootstrap: Membership::voters(&cfg.voters),
+                memberships: Vec::new(),
+            };
+            let rcfg = Config {
+                election_timeout_ticks: cfg.election_timeout_ticks,
+                ..Config::default()
+            };
+            let mut node = Node::new(cfg.node_id);
+            node.add_group(
+                METADATA_GROUP,
+                Replica::new(cfg.node_id, rcfg, cfg.seed, persisted),
+            );
+            node
+        });
+        Driver {
+            cfg,
+            now_ms,
+            node,
+            store,
+            state: MetadataState::new(),
+            applied: 0,
+            active: None,
+            pending: Vec::new(),
+            agent: Agent::default(),
+            out: Vec::new(),
+            generation: 1,
+        }
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.cfg.node_id
+    }
+
+    pub fn is_voter(&self) -> bool {
+        self.node.is_some()
+    }
+
+    /// The applied metadata.
+    pub fn state(&self) -> &MetadataState {
+        &self.state
+    }
+
+    pub fn applied(&self) -> Offset {
+        self.applied
+    }
+
+    /// This node runs the active controller.
+    pub fn is_active_controller(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// This node's broker epoch, once registered.
+    pub fn broker_epoch(&self) -> Option<u64> {
+        self.agent.broker_epoch
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn replica(&self) -> Option<&Replica> {
+        self.node.as_ref().and_then(|n| n.group(METADATA_GROUP))
+    }
+
+    /// The controller leader this node knows and its epoch.
+    pub fn controller(&self) -> (Option<NodeId>, Epoch) {
+        match self.replica() {
+            Some(r) => (r.leader(), r.epoch()),
+            None => (self.agent.hint, -1),
+        }
+    }
+
+    /// Frames to send, in order.
+    pub fn take_outgoing(&mut self) -> Vec<Outgoing<R>> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// The cluster as this node sees it, for the Kafka port and the admin tools.
+    pub fn view(&self) -> ClusterView {
+        let (controller, controller_epoch) = self.controller();
+        let brokers = self
+            .state
+            .brokers
+            .iter()
+            .map(|(&node, b)| BrokerView {
+                node,
+                kafka: b.kafka.clone(),
+                rpc: b.rpc.clone(),
+                fenced: b.fenced,
+                voter: self.cfg.voters.contains(&node),
+            })
+            .collect();
+        let voter_progress = match self.replica() {
+            Some(r) if r.is_leader() => self
+                .cfg
+                .voters
+                .iter()
+                .map(|&v| {
+                    let end = if v == self.cfg.node_id {
+                        Some(r.log_end())
+                    } else {
+                        r.peer_progress(v).map(|p| p.0)
+                    };
+                    (v, end)
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        ClusterView {
+            cluster_id: self.cfg.cluster_id.clone(),
+            node_id: self.cfg.node_id,
+            controller,
+            controller_epoch,
+            voters: self.cfg.voters.clone(),
+            brokers,
+            high_watermark: self.applied,
+            voter_progress,
+            generation: self.generation,
+        }
+    }
+
+    // ---- events ------------------------------------------------------------------------------
+
+    /// One tick at `now_ms`: the metadata group's timers, the active controller's session
+    /// checks, and the broker side's requests.
+    pub fn tick(&mut self, now_ms: u64) -> Result<(), StoreError> {
+        self.now_ms = now_ms;
+        if let Some(node) = self.node.as_mut() {
+            node.tick();
+            self.drive()?;
+        }
+        if let Some(active) = self.active.as_mut() {
+            let records = active.tick(now_ms);
+            if !records.is_empty() {
+                self.propose_decision(records)?;
+            }
+        }
+        self.agent_tick()
+    }
+
+    /// A frame from peer `from`, arriving on connection `reply`.
+    pub fn receive(&mut self, from: NodeId, frame: Frame, reply: R) -> Result<(), StoreError> {
+        let corr = frame.correlation_id;
+        let dest = Dest::Remote(reply);
+        match frame.message {
+            RpcMessage::Consensus(m) => {
+                if m.to != self.cfg.node_id || m.from != from {
+                    tracing::warn!(from, to = m.to, "consensus message misaddressed: dropped");
+                    return Ok(());
+                }
+                if let Some(node) = self.node.as_mut() {
+                    node.receive(m);
+                    self.drive()?;
+                }
+            }
+            RpcMessage::RegisterBroker(req) => self.handle_register(dest, corr, req)?,
+            RpcMessage::Heartbeat(req) => self.handle_heartbeat(dest, corr, req)?,
+            RpcMessage::AllocateProducerIds { node, broker_epoch } => self.decide(
+                dest,
+                corr,
+                |c| {
+                    c.allocate_producer_ids(node, broker_epoch)
+                        .map(|(r, first, len)| (r, (first, len)))
+                },
+                RpcMessage::AllocateProducerIdsResponse,
+            )?,
+            RpcMessage::AlterIsr(req) => self.decide(
+                dest,
+                corr,
+                |c| c.alter_isr(req).map(|r| (r, ())),
+                RpcMessage::AlterIsrResponse,
+            )?,
+            RpcMessage::FetchMetadata {
+                from_offset,
+                max_bytes,
+            } => {
+                let msg = self.answer_fetch(from_offset, max_bytes);
+                self.send_reply(dest, corr, msg);
+            }
+            RpcMessage::RegisterBrokerResponse(_)
+            | RpcMessage::HeartbeatResponse(_)
+            | RpcMessage::FetchMetadataResponse(_)
+            | RpcMessage::AllocateProducerIdsResponse(_)
+            | RpcMessage::AlterIsrResponse(_) => self.agent_response(corr, frame.message)?,
+            RpcMessage::Hello(_) | RpcMessage::HandshakeRefused { .. } => {
+                tracing::debug!(from, "handshake frame after the handshake: ignored");
+            }
+        }
+        Ok(())
+    }
+
+    // ---- the metadata group --------------------------------------------------------------------
+
+    /// Performs everything the metadata group asked for, until it asks for nothing more.
+    fn drive(&mut self) -> Result<(), StoreError> {
+        for _ in 0..MAX_DRIVE_ROUNDS {
+            let Some(node) = self.node.as_mut() else {
+                return Ok(());
+            };
+            let out = node.take_output();
+            if out.actions.is_empty() && out.messages.is_empty() {
+                self.maybe_activate();
+                return Ok(());
+            }
+            let mut appended = None;
+            for (_, a) in out.actions {
+                match a {
+                    Action::PersistHardState(h) => self.store.persist_hard_state(h)?,
+                    Action::Append { batches } => {
+                        self.store.append(&batches)?;
+                        appended = Some(self.store.log_end());
+                    }
+                    Action::Truncate { end } => {
+                        assert!(end >= self.applied, "truncating committed metadata");
+                        self.store.truncate(end)?;
+                    }
+                    Action::HighWatermark(hw) => self.apply_committed(hw),
+                    Action::BecomeLeader { epoch } => {
+                        tracing::info!(epoch, "this node leads the metadata log");
+                        self.generation += 1;
+                        // An empty decision in the new epoch commits every earlier entry.
+                        let noop = RecordBatch::default().encode();
+                        let node = self.node.as_mut().expect("voter");
+                        if let Err(e) = node.propose(METADATA_GROUP, &[(1, noop)]) {
+                            tracing::warn!(error = %e, "new metadata leader could not propose");
+                        }
+                    }
+                    Action::BecomeFollower { epoch, leader } => {
+                        if self.active.take().is_some() {
+                            tracing::info!(epoch, ?leader, "no longer the active controller");
+                        }
+                        self.pending.clear();
+                        self.generation += 1;
+                    }
+                    Action::LeaderReady { .. } | Action::MembershipChanged(_) => {}
+                    Action::Send { .. } => unreachable!("the node routes sends"),
+                }
+            }
+            for mut m in out.messages {
+                // The core names a range; the batches come from the log.
+                for (_, item) in &mut m.items {
+                    if let Message::Append(req) = item {
+                        req.batches = self.store.read_from(
+                            req.prev_offset,
+                            req.fill_end,
+                            MAX_METADATA_APPEND_BYTES,
+                        );
+                    }
+                }
+                self.send_consensus(m);
+            }
+            if let Some(end) = appended {
+                // Appends are fsynced before `append` returns: written is durable.
+                let node = self.node.as_mut().expect("voter");
+                node.on_appended(METADATA_GROUP, end);
+                node.on_durable(METADATA_GROUP, end);
+            }
+        }
+        panic!("metadata group output did not settle");
+    }
+
+    fn send_consensus(&mut self, m: NodeMessage) {
+        let to = m.to;
+        self.out.push(Outgoing::Peer {
+            to,
+            frame: reply_frame(0, RpcMessage::Consensus(m)),
+        });
+    }
+
+    fn maybe_activate(&mut self) {
+        let Some(r) = self.replica() else { return };
+        if self.active.is_none()
+            && r.is_epoch_ready()
+            && self.applied == r.high_watermark()
+            && r.high_watermark() == r.log_end()
+        {
+            let epoch = r.epoch();
+            self.active = Some(ActiveController::new(
+                self.cfg.controller,
+                self.state.clone(),
+                self.now_ms,
+            ));
+            self.generation += 1;
+            tracing::info!(epoch, "this node is the active controller");
+        }
+    }
+
+    /// Applies committed batches below `hw` from the store, then sends the replies they allow.
+    fn apply_committed(&mut self, hw: Offset) {
+        let batches = self
+            .store
+            .read_from(self.applied, hw, usize::MAX)
+            .into_iter()
+            .filter(|b| b.base >= self.applied && b.end() <= hw)
+            .collect::<Vec<_>>();
+        for b in batches {
+            self.apply_batch(b.base, b.end(), b.bytes);
+        }
+        self.release_pending();
+    }
+
+    fn apply_batch(&mut self, base: Offset, end: Offset, bytes: Bytes) {
+        assert_eq!(base, self.applied, "metadata applied in order");
+        match RecordBatch::decode(bytes) {
+            Ok(batch) => {
+                let (effects, res) = self.state.apply_batch(&batch);
+                if let Err(e) = res {
+                    // Deterministic on every node, so every node skips the same record.
+                    tracing::error!(offset = base, error = %e, "committed metadata record refused");
+                }
+                for e in effects {
+                    log_effect(&e);
+                }
+            }
+            Err(e) => tracing::error!(offset = base, error = %e, "committed metadata undecodable"),
+        }
+        self.applied = end;
+        self.generation += 1;
+    }
+
+    fn release_pending(&mut self) {
+        let applied = self.applied;
+        let (ready, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|p| p.0 <= applied);
+        self.pending = keep;
+        for (_, dest, corr, msg) in ready {
+            self.send_reply(dest, corr, msg);
+        }
+    }
+
+    fn send_reply(&mut self, dest: Dest<R>, corr: u64, msg: RpcMessage) {
+        match dest {
+            Dest::Remote(to) => self.out.push(Outgoing::Reply {
+                to,
+                frame: reply_frame(corr, msg),
+            }),
+            Dest::Local => {
+                // Our own broker side asked our own controller.
+                if let Err(e) = self.agent_response(corr, msg) {
+                    tracing::error!(error = %e, "metadata store failed");
+                }
+            }
+        }
+    }
+
+    fn propose_decision(&mut self, records: Vec<Record>) -> Result<Option<Offset>, StoreError> {
+        let batches: Vec<(u32, Bytes)> =
+            RecordBatch::encode_chunked(records, PROPOSAL_TARGET_BYTES)
+                .into_iter()
+                .map(|b| (1, b))
+                .collect();
+        let node = self
+            .node
+            .as_mut()
+            .expect("the active controller is a voter");
+        match node.propose(METADATA_GROUP, &batches) {
+            Ok(base) => {
+                self.drive()?;
+                Ok(Some(base + batches.len() as Offset))
+            }
+            Err(e) => {
+                // Leadership is gone: this controller's decisions die with it.
+                tracing::info!(error = %e, "metadata proposal refused: stepping down as controller");
+                self.active = None;
+                self.pending.clear();
+                Ok(None)
+            }
+        }
+    }
+
+    /// Runs a decision on the active controller; the reply goes out once it is committed.
+    fn decide<T>(
+        &mut self,
+        dest: Dest<R>,
+        corr: u64,
+        f: impl FnOnce(&mut ActiveController) -> Result<(Vec<Record>, T), ControllerError>,
+        reply: impl FnOnce(Result<T, RpcErrorReply>) -> RpcMessage,
+    ) -> Result<(), StoreError> {
+        let Some(active) = self.active.as_mut() else {
+            let hint = self.controller().0.filter(|&l| l != self.cfg.node_id);
+            let mut e = RpcErrorReply::not_controller(hint);
+            if hint.is_none() && self.is_voter() {
+                e.code = RpcErrorCode::Unavailable;
+                e.message = "no active controller yet (election in progress)".into();
+            }
+            self.send_reply(dest, corr, reply(Err(e)));
+            return Ok(());
+        };
+        match f(active) {
+            Err(e) => self.send_reply(dest, corr, reply(Err(RpcErrorReply::from(&e)))),
+            Ok((records, value)) if records.is_empty() => {
+                self.send_reply(dest, corr, reply(Ok(value)))
+            }
+            Ok((records, value)) => {
+                if let Some(end) = self.propose_decision(records)? {
+                    if self.pending.len() < MAX_PENDING_REPLIES {
+                        self.pending.push((end, dest, corr, reply(Ok(value))));
+                        self.release_pending();
+                    }
+                } else {
+                    let e = RpcErrorReply::not_controller(None);
+                    self.send_reply(dest, corr, reply(Err(e)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_register(
+        &mut self,
+        dest: Dest<R>,
+        corr: u64,
+        req: RegisterRequest,
+    ) -> Result<(), StoreError> {
+        let now = self.now_ms;
+        self.decide(
+            dest,
+            corr,
+            |c| {
+                let recs = c.register(req, now)?;
+                let epoch = match recs.last() {
+                    Some(Record::RegisterBroker(r)) => r.broker_epoch,
+                    other => unreachable!("registration decided {other:?}"),
+                };
+                Ok((recs, epoch))
+            },
+            RpcMessage::RegisterBrokerResponse,
+        )
+    }
+
+    fn handle_heartbeat(
+        &mut self,
+        dest: Dest<R>,
+        corr: u64,
+        req: HeartbeatRequest,
+    ) -> Result<(), StoreError> {
+        let now = self.now_ms;
+        self.decide(
+            dest,
+            corr,
+            |c| c.heartbeat(req, now),
+            RpcMessage::HeartbeatResponse,
+        )
+    }
+
+    fn answer_fetch(&self, from: Offset, max_bytes: u32) -> RpcMessage {
+        if !self.is_voter() {
+            return RpcMessage::FetchMetadataResponse(Err(RpcErrorReply::not_controller(
+                self.agent.hint,
+            )));
+        }
+        let max = (max_bytes as usize).min(MAX_METADATA_APPEND_BYTES);
+        RpcMessage::FetchMetadataResponse(Ok(MetadataChunk {
+            high_watermark: self.applied,
+            batches: self.store.read_from(from, self.applied, max),
+        }))
+    }
+
+    // ---- this node as a broker -----------------------------------------------------------------
+
+    /// The voter to ask: our own controller when active, the leader we know, else in turn.
+    fn agent_target(&mut self) -> NodeId {
+        if self.active.is_some() {
+            return self.cfg.node_id;
+        }
+        if let Some(l) = self.replica().and_then(|r| r.leader()) {
+            return l;
+        }
+        if let Some(h) = self.agent.hint {
+            return h;
+        }
+        let v = &self.cfg.voters;
+        v[self.agent.rotate % v.len()]
+    }
+
+    fn agent_request(&mut self, req: Req, message: RpcMessage) -> Result<(), StoreError> {
+        let corr = self.agent.next_corr;
+        self.agent.next_corr += 1;
+        let to = self.agent_target();
+        self.agent.outstanding.insert(corr, (req, self.now_ms, to));
+        if to == self.cfg.node_id {
+            let frame = reply_frame(corr, message);
+            match frame.message {
+                RpcMessage::RegisterBroker(r) => self.handle_register(Dest::Local, corr, r)?,
+                RpcMessage::Heartbeat(r) => self.handle_heartbeat(Dest::Local, corr, r)?,
+                RpcMessage::FetchMetadata { .. } => {}
+                other => unreachable!("broker side sent {other:?}"),
+            }
+        } else {
+            self.out.push(Outgoing::Peer {
+                to,
+                frame: reply_frame(corr, message),
+            });
+        }
+        Ok(())
+    }
+
+    fn agent_tick(&mut self) -> Result<(), StoreError> {
+        let now = self.now_ms;
+        let timeout = self.cfg.request_timeout_ms;
+        let before = self.agent.outstanding.len();
+        self.agent
+            .outstanding
+            .retain(|_, (_, at, _)| now.saturating_sub(*at) < timeout);
+        if self.agent.outstanding.len() < before {
+            // The controller we asked is gone or cut off: ask the next voter.
+            self.agent.hint = None;
+            self.agent.rotate += 1;
+        }
+        let pending = |a: &Agent, r: Req| a.outstanding.values().any(|x| x.0 == r);
+        match self.agent.broker_epoch {
+            None => {
+                if !pending(&self.agent, Req::Register) {
+                    let req = RegisterRequest {
+                        node: self.cfg.node_id,
+                        node_uuid: self.cfg.node_uuid,
+                        rpc: self.cfg.rpc.clone(),
+                        kafka: self.cfg.kafka.clone(),
+                        shards: self.cfg.shards,
+                    };
+                    self.agent_request(Req::Register, RpcMessage::RegisterBroker(req))?;
+                }
+            }
+            Some(epoch) => {
+                let due = self
+                    .agent
+                    .last_heartbeat_ms
+                    .is_none_or(|t| now.saturating_sub(t) >= self.cfg.heartbeat_interval_ms);
+                if due && !pending(&self.agent, Req::Heartbeat) {
+                    self.agent.last_heartbeat_ms = Some(now);
+                    let req = HeartbeatRequest {
+                        node: self.cfg.node_id,
+                        broker_epoch: epoch,
+                        want_fence: false,
+                    };
+                    self.agent_request(Req::Heartbeat, RpcMessage::Heartbeat(req))?;
+                }
+            }
+        }
+        if !self.is_voter() {
+            let due = self
+                .agent
+                .last_fetch_ms
+                .is_none_or(|t| now.saturating_sub(t) >= FETCH_INTERVAL_MS);
+            if due && !pending(&self.agent, Req::Fetch) {
+                self.agent.last_fetch_ms = Some(now);
+                let msg = RpcMessage::FetchMetadata {
+                    from_offset: self.applied,
+                    max_bytes: MAX_METADATA_APPEND_BYTES as u32,
+                };
+                self.agent_request(Req::Fetch, msg)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn agent_refused(&mut self, e: &RpcErrorReply) {
+        match e.code {
+            RpcErrorCode::NotController | RpcErrorCode::Unavailable => {
+                self.agent.hint = e.leader_hint.filter(|h| self.cfg.voters.contains(h));
+                if self.agent.hint.is_none() {
+                    self.agent.rotate += 1;
+                }
+            }
+            RpcErrorCode::NodeIdInUse => {
+                if !std::mem::replace(&mut self.agent.refused_logged, true) {
+                    tracing::error!(
+                        node_id = self.cfg.node_id,
+                        node_uuid = %format!("{:032x}", self.cfg.node_uuid),
+                        "the controller refused this node: its id is registered to another node \
+                         UUID (this data directory was wiped or belongs to another node); an \
+                         operator must unregister the old node first"
+                    );
+                }
+            }
+            RpcErrorCode::StaleBrokerEpoch | RpcErrorCode::UnknownBroker => {
+                tracing::info!(reason = %e.message, "re-registering with the controller");
+                self.agent.broker_epoch = None;
+            }
+            _ => {
+                tracing::warn!(code = ?e.code, reason = %e.message, "controller refused a request")
+            }
+        }
+    }
+
+    fn agent_response(&mut self, corr: u64, msg: RpcMessage) -> Result<(), StoreError> {
+        let Some((req, _, to)) = self.agent.outstanding.remove(&corr) else {
+            return Ok(()); // late, after its timeout
+        };
+        if matches!(
+            &msg,
+            RpcMessage::RegisterBrokerResponse(Ok(_)) | RpcMessage::HeartbeatResponse(Ok(_))
+        ) && self.agent.hint != Some(to)
+        {
+            // Only the active controller decides: whoever did is the controller.
+            self.agent.hint = Some(to);
+            self.generation += 1;
+        }
+        match (req, msg) {
+            (Req::Register, RpcMessage::RegisterBrokerResponse(r)) => match r {
+                Ok(epoch) => {
+                    tracing::info!(broker_epoch = epoch, "registered with the controller");
+                    self.agent.broker_epoch = Some(epoch);
+                    self.agent.last_heartbeat_ms = None;
+                    self.agent.refused_logged = false;
+                }
+                Err(e) => self.agent_refused(&e),
+            },
+            (Req::Heartbeat, RpcMessage::HeartbeatResponse(r)) => match r {
+                Ok(fenced) => {
+                    if fenced != self.agent.fenced {
+                        tracing::info!(fenced, "controller changed this broker's fencing");
+                        self.agent.fenced = fenced;
+                    }
+                }
+                Err(e) => self.agent_refused(&e),
+            },
+            (Req::Fetch, RpcMessage::FetchMetadataResponse(r)) => match r {
+                Ok(chunk) => {
+                    for b in chunk.batches {
+                        if b.base == self.applied && b.end() <= chunk.high_watermark {
+                            self.apply_batch(b.base, b.end(), b.bytes);
+                        }
+                    }
+                }
+                Err(e) => self.agent_refused(&e),
+            },
+            (req, msg) => {
+                tracing::warn!(?req, ?msg, "controller answered with another kind: ignored");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn log_effect(e: &Effect) {
+    match e {
+        Effect::BrokerRegistered { node, broker_epoch } => {
+            tracing::info!(node, broker_epoch, "broker registered")
+        }
+        Effect::BrokerFenced { node } => tracing::info!(node, "broker fenced"),
+        Effect::BrokerUnfenced { node } => tracing::info!(node, "broker unfenced"),
+        Effect::BrokerUnregistered { node } => tracing::info!(node, "broker unregistered"),
+        _ => tracing::debug!(effect = ?e, "metadata applied"),
+    }
+}

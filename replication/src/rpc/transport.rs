@@ -1,0 +1,633 @@
+//! The rpc port on glommio: TCP between nodes, around the sans-IO frame codec and handshake.
+//!
+//! Each node dials one outbound connection per peer it sends to and accepts inbound ones. A
+//! connection starts with a [`Hello`] each way, checked by the [`PeerDirectory`] (cluster id,
+//! node id, node UUID); a refused peer gets a `HandshakeRefused` frame with the reason, a warning
+//! is logged, and the connection closes. After the handshake every frame read is handed to the
+//! owner as an [`Incoming`] with a [`ReplyTo`] for answering on the same connection; frames to a
+//! peer go through its bounded send queue, written by the connection's writer.
+//!
+//! Nothing on the rpc port is trusted: a length above the cap is refused before its body is
+//! awaited, a frame must arrive whole within the read timeout, a connection silent both ways
+//! for the idle timeout is closed, and any malformed frame closes that connection only.
+//! Consensus retransmits, so a full send queue drops its oldest frames rather than growing.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+use glommio::net::{TcpListener, TcpStream};
+
+use crate::identity::NodeIdentity;
+use crate::rpc::frame::{EncodedFrame, Frame, FrameCodec, RpcError, RpcMessage};
+use crate::rpc::handshake::{Hello, PeerDirectory};
+use crate::types::NodeId;
+
+/// Bytes of frames queued for one peer (or one inbound connection's replies). When a frame
+/// would pass it, the oldest queued frames are dropped: consensus resends what was lost, and a
+/// request's sender times out and retries.
+pub const DEFAULT_PEER_SEND_QUEUE_BYTES: usize = 64 << 20;
+/// The peer must complete its hello within this long after the TCP connection is up.
+pub const DEFAULT_RPC_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A frame whose first byte has arrived must arrive whole within this long; a frame being
+/// written must be taken by the peer within this long.
+pub const DEFAULT_RPC_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection with no frame either way for this long is closed (it is re-dialed on demand).
+pub const DEFAULT_RPC_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A dial that does not connect within this long fails (then backs off).
+pub const DEFAULT_RPC_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The first wait after a failed dial or handshake; doubles up to the maximum.
+pub const DEFAULT_RPC_RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// A dead peer is retried this often at most: short enough that a restarted node is reached
+/// well inside the failover budget, long enough to cost nothing.
+pub const DEFAULT_RPC_RECONNECT_BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// Frames read and not yet taken by the owner: a fast peer waits (TCP backpressure) rather than
+/// queueing without bound.
+pub const DEFAULT_RPC_INBOX_FRAMES: usize = 1024;
+/// Bytes read from a socket at a time.
+const READ_CHUNK_BYTES: usize = 64 << 10;
+
+#[derive(Debug, Clone)]
+pub struct TransportConfig {
+    pub max_frame_bytes: usize,
+    pub send_queue_bytes: usize,
+    pub handshake_timeout: Duration,
+    pub read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub reconnect_backoff_min: Duration,
+    pub reconnect_backoff_max: Duration,
+    pub inbox_frames: usize,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            max_frame_bytes: crate::rpc::frame::DEFAULT_MAX_RPC_FRAME_BYTES,
+            send_queue_bytes: DEFAULT_PEER_SEND_QUEUE_BYTES,
+            handshake_timeout: DEFAULT_RPC_HANDSHAKE_TIMEOUT,
+            read_timeout: DEFAULT_RPC_READ_TIMEOUT,
+            idle_timeout: DEFAULT_RPC_IDLE_TIMEOUT,
+            connect_timeout: DEFAULT_RPC_CONNECT_TIMEOUT,
+            reconnect_backoff_min: DEFAULT_RPC_RECONNECT_BACKOFF_MIN,
+            reconnect_backoff_max: DEFAULT_RPC_RECONNECT_BACKOFF_MAX,
+            inbox_frames: DEFAULT_RPC_INBOX_FRAMES,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("rpc i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    #[error("rpc handshake refused by the peer: {0}")]
+    RefusedByPeer(String),
+    #[error("peer did not complete the handshake in time")]
+    HandshakeTimeout,
+    #[error("peer sent {0} before its hello")]
+    NoHello(&'static str),
+    #[error("a frame did not arrive whole within the read timeout")]
+    ReadTimeout,
+    #[error("unknown peer {0}")]
+    UnknownPeer(NodeId),
+}
+
+/// Counters for tests and metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TransportStats {
+    pub connections_accepted: u64,
+    pub handshakes_refused: u64,
+    /// Connections closed for a malformed or oversized frame, a timeout or an i/o error.
+    pub connections_failed: u64,
+    pub frames_received: u64,
+    pub frames_sent: u64,
+    /// Frames dropped from a full send queue.
+    pub frames_dropped: u64,
+}
+
+/// A frame from a peer that passed the handshake.
+pub struct Incoming {
+    pub from: NodeId,
+    pub frame: Frame,
+    /// The connection it came on, for the answer.
+    pub reply: ReplyTo,
+}
+
+/// Wakes the tasks waiting on it; a generation counter makes a notify before the wait count.
+#[derive(Default)]
+struct Signal {
+    generation: Cell<u64>,
+    wakers: RefCell<Vec<Waker>>,
+}
+
+impl Signal {
+    fn notify(&self) {
+        self.generation.set(self.generation.get() + 1);
+        for w in self.wakers.take() {
+            w.wake();
+        }
+    }
+    fn changed(&self, since: u64) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.generation.get() != since {
+                Poll::Ready(())
+            } else {
+                self.wakers.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+    }
+}
+
+/// Encoded frames waiting for a connection's writer, bounded in bytes.
+struct SendQueue {
+    frames: RefCell<VecDeque<EncodedFrame>>,
+    bytes: Cell<usize>,
+    cap: usize,
+    signal: Signal,
+    /// The connection behind it is gone for good (inbound connections only).
+    closed: Cell<bool>,
+}
+
+impl SendQueue {
+    fn new(cap: usize) -> Self {
+        SendQueue {
+            frames: RefCell::new(VecDeque::new()),
+            bytes: Cell::new(0),
+            cap,
+            signal: Signal::default(),
+            closed: Cell::new(false),
+        }
+    }
+
+    /// Queues `f`, dropping the oldest frames to make room; returns how many were dropped.
+    fn push(&self, f: EncodedFrame) -> u64 {
+        if self.closed.get() {
+            return 1;
+        }
+        let mut frames = self.frames.borrow_mut();
+        let mut dropped = 0;
+        while self.bytes.get() + f.len() > self.cap {
+            match frames.pop_front() {
+                Some(old) => {
+                    self.bytes.set(self.bytes.get() - old.len());
+                    dropped += 1;
+                }
+                None => break,
+            }
+        }
+        self.bytes.set(self.bytes.get() + f.len());
+        frames.push_back(f);
+        drop(frames);
+        self.signal.notify();
+        dropped
+    }
+
+    fn pop(&self) -> Option<EncodedFrame> {
+        let f = self.frames.borrow_mut().pop_front()?;
+        self.bytes.set(self.bytes.get() - f.len());
+        Some(f)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.frames.borrow().is_empty()
+    }
+
+    fn close(&self) {
+        self.closed.set(true);
+        self.frames.borrow_mut().clear();
+        self.bytes.set(0);
+        self.signal.notify();
+    }
+}
+
+/// Answers on the connection a frame came on.
+#[derive(Clone)]
+pub struct ReplyTo {
+    queue: Rc<SendQueue>,
+    inner: Rc<Inner>,
+}
+
+impl ReplyTo {
+    pub fn send(&self, frame: &Frame) -> Result<(), RpcError> {
+        let f = self.inner.codec.encode(frame)?;
+        self.inner.enqueue(&self.queue, f);
+        Ok(())
+    }
+}
+
+struct Peer {
+    addr: RefCell<String>,
+    queue: Rc<SendQueue>,
+}
+
+struct Inner {
+    cfg: TransportConfig,
+    codec: FrameCodec,
+    directory: RefCell<PeerDirectory>,
+    local: Hello,
+    peers: RefCell<BTreeMap<NodeId, Rc<Peer>>>,
+    inbox: LocalSender<Incoming>,
+    stats: Cell<TransportStats>,
+    stopped: Cell<bool>,
+    stop: Signal,
+}
+
+impl Inner {
+    fn stat(&self, f: impl FnOnce(&mut TransportStats)) {
+        let mut s = self.stats.get();
+        f(&mut s);
+        self.stats.set(s);
+    }
+
+    fn enqueue(&self, q: &SendQueue, f: EncodedFrame) {
+        let dropped = q.push(f);
+        if dropped > 0 {
+            self.stat(|s| s.frames_dropped += dropped);
+        }
+    }
+}
+
+/// The rpc port of one node. Single-threaded: it lives on the executor that created it.
+#[derive(Clone)]
+pub struct Transport {
+    inner: Rc<Inner>,
+    local_addr: SocketAddr,
+}
+
+impl Transport {
+    /// Binds `listen` and starts accepting. Frames from peers arrive on the returned receiver.
+    pub fn bind(
+        listen: SocketAddr,
+        identity: &NodeIdentity,
+        cfg: TransportConfig,
+    ) -> std::io::Result<(Transport, LocalReceiver<Incoming>)> {
+        let listener = TcpListener::bind(listen)?;
+        let local_addr = listener.local_addr()?;
+        let (tx, rx) = local_channel::new_bounded(cfg.inbox_frames);
+        let directory = PeerDirectory::new(identity);
+        let inner = Rc::new(Inner {
+            codec: FrameCodec::new(cfg.max_frame_bytes),
+            local: directory.hello(),
+            directory: RefCell::new(directory),
+            cfg,
+            peers: RefCell::new(BTreeMap::new()),
+            inbox: tx,
+            stats: Cell::new(TransportStats::default()),
+            stopped: Cell::new(false),
+            stop: Signal::default(),
+        });
+        glommio::spawn_local(accept_loop(inner.clone(), listener)).detach();
+        Ok((Transport { inner, local_addr }, rx))
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn stats(&self) -> TransportStats {
+        self.inner.stats.get()
+    }
+
+    /// Where to dial `node`; a known peer's address is updated (it re-registered elsewhere).
+    pub fn add_peer(&self, node: NodeId, addr: String) {
+        let mut peers = self.inner.peers.borrow_mut();
+        if let Some(p) = peers.get(&node) {
+            *p.addr.borrow_mut() = addr;
+            return;
+        }
+        let peer = Rc::new(Peer {
+            addr: RefCell::new(addr),
+            queue: Rc::new(SendQueue::new(self.inner.cfg.send_queue_bytes)),
+        });
+        peers.insert(node, peer.clone());
+        glommio::spawn_local(dial_loop(self.inner.clone(), node, peer)).detach();
+    }
+
+    pub fn has_peer(&self, node: NodeId) -> bool {
+        self.inner.peers.borrow().contains_key(&node)
+    }
+
+    /// Records a peer's UUID learned from the metadata log (see [`PeerDirectory::learn`]).
+    pub fn learn_peer_uuid(&self, node: NodeId, node_uuid: u128) {
+        if let Err(e) = self.inner.directory.borrow_mut().learn(node, node_uuid) {
+            tracing::warn!(node, error = %e, "metadata names a node UUID the rpc port knows otherwise");
+        }
+    }
+
+    /// Queues `frame` for `to` (dialing it if needed). Never waits.
+    pub fn send(&self, to: NodeId, frame: &Frame) -> Result<(), TransportError> {
+        let peer = self
+            .inner
+            .peers
+            .borrow()
+            .get(&to)
+            .cloned()
+            .ok_or(TransportError::UnknownPeer(to))?;
+        let f = self.inner.codec.encode(frame)?;
+        self.inner.enqueue(&peer.queue, f);
+        Ok(())
+    }
+
+    /// Stops dialing and accepting; open connections close as their tasks notice.
+    pub fn stop(&self) {
+        self.inner.stopped.set(true);
+        self.inner.stop.notify();
+        for p in self.inner.peers.borrow().values() {
+            p.queue.signal.notify();
+        }
+    }
+}
+
+async fn accept_loop(inner: Rc<Inner>, listener: TcpListener) {
+    loop {
+        let gen = inner.stop.generation.get();
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            inner.stop.changed(gen).await;
+            None
+        })
+        .await;
+        let stream = match accepted {
+            None => return,
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "rpc accept failed");
+                glommio::timer::sleep(inner.cfg.reconnect_backoff_min).await;
+                continue;
+            }
+        };
+        if inner.stopped.get() {
+            return;
+        }
+        inner.stat(|s| s.connections_accepted += 1);
+        let inner = inner.clone();
+        glommio::spawn_local(async move {
+            let peer_addr = stream.peer_addr().ok();
+            if let Err(e) = serve_inbound(inner.clone(), stream).await {
+                inner.stat(|s| s.connections_failed += 1);
+                tracing::info!(peer = ?peer_addr, error = %e, "rpc connection closed");
+            }
+        })
+        .detach();
+    }
+}
+
+async fn serve_inbound(inner: Rc<Inner>, stream: TcpStream) -> Result<(), TransportError> {
+    stream.set_nodelay(true).map_err(glommio_io)?;
+    let peer_addr = stream.peer_addr().ok();
+    let mut reader = dup_stream(&stream)?;
+    let mut writer = stream;
+    writer
+        .set_write_timeout(Some(inner.cfg.read_timeout))
+        .map_err(glommio_io)?;
+    let mut buf = BytesMut::new();
+    let hello = read_hello(&inner, &mut reader, &mut buf).await?;
+    let admitted = inner.directory.borrow_mut().admit(&hello, None);
+    if let Err(e) = admitted {
+        inner.stat(|s| s.handshakes_refused += 1);
+        tracing::warn!(peer = ?peer_addr, peer_node = hello.node_id, error = %e,
+            "rpc handshake refused");
+        let refusal = Frame {
+            correlation_id: 0,
+            message: RpcMessage::HandshakeRefused {
+                reason: e.to_string(),
+            },
+        };
+        let _ = write_frame(&mut writer, &inner.codec.encode(&refusal)?).await;
+        let _ = writer.close().await;
+        return Ok(());
+    }
+    let ours = Frame {
+        correlation_id: 0,
+        message: RpcMessage::Hello(inner.local.clone()),
+    };
+    write_frame(&mut writer, &inner.codec.encode(&ours)?).await?;
+    tracing::debug!(peer = ?peer_addr, peer_node = hello.node_id, "rpc peer connected");
+    let queue = Rc::new(SendQueue::new(inner.cfg.send_queue_bytes));
+    let result = run_connection(&inner, hello.node_id, &queue, reader, writer, buf).await;
+    queue.close();
+    result
+}
+
+/// Reads the first frame, which must be a hello, within the handshake timeout.
+async fn read_hello(
+    inner: &Inner,
+    reader: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<Hello, TransportError> {
+    let deadline = Instant::now() + inner.cfg.handshake_timeout;
+    let frame = loop {
+        if let Some(f) = inner.codec.decode(buf)? {
+            break f;
+        }
+        if read_some(reader, buf, deadline).await? == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+    };
+    match frame.message {
+        RpcMessage::Hello(h) => Ok(h),
+        RpcMessage::HandshakeRefused { reason } => Err(TransportError::RefusedByPeer(reason)),
+        _ => Err(TransportError::NoHello("another frame")),
+    }
+}
+
+/// Appends what arrives before `deadline` to `buf`; 0 means the peer closed.
+async fn read_some(
+    reader: &mut TcpStream,
+    buf: &mut BytesMut,
+    deadline: Instant,
+) -> Result<usize, TransportError> {
+    let mut chunk = [0u8; READ_CHUNK_BYTES];
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(TransportError::ReadTimeout);
+    }
+    match glommio::future::timeout(left, reader.read(&mut chunk)).await {
+        Ok(Ok(n)) => {
+            buf.extend_from_slice(&chunk[..n]);
+            Ok(n)
+        }
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(TransportError::ReadTimeout),
+    }
+}
+
+async fn dial_loop(inner: Rc<Inner>, node: NodeId, peer: Rc<Peer>) {
+    let mut backoff = inner.cfg.reconnect_backoff_min;
+    let mut failures = 0u32;
+    while !inner.stopped.get() {
+        // Dial only when there is something to send: an idle peer holds no connection.
+        while peer.queue.is_empty() && !inner.stopped.get() {
+            let gen = peer.queue.signal.generation.get();
+            peer.queue.signal.changed(gen).await;
+        }
+        if inner.stopped.get() {
+            return;
+        }
+        let addr = peer.addr.borrow().clone();
+        match dial(&inner, node, &addr, &peer.queue).await {
+            Ok(()) => {
+                backoff = inner.cfg.reconnect_backoff_min;
+                failures = 0;
+                continue;
+            }
+            Err(e) => {
+                inner.stat(|s| s.connections_failed += 1);
+                failures += 1;
+                // The first failure of a run is worth a line; a dead peer retried every
+                // backoff is not worth one each time.
+                if matches!(e, TransportError::RefusedByPeer(_)) || failures == 1 {
+                    tracing::warn!(node, addr = %addr, error = %e, "rpc connection to peer failed");
+                } else {
+                    tracing::debug!(node, addr = %addr, error = %e, "rpc connection to peer failed");
+                }
+            }
+        }
+        glommio::timer::sleep(backoff).await;
+        backoff = (backoff * 2).min(inner.cfg.reconnect_backoff_max);
+    }
+}
+
+/// One outbound connection's life: connect, handshake, then frames both ways until it fails.
+async fn dial(
+    inner: &Rc<Inner>,
+    node: NodeId,
+    addr: &str,
+    queue: &Rc<SendQueue>,
+) -> Result<(), TransportError> {
+    let stream = TcpStream::connect_timeout(addr, inner.cfg.connect_timeout)
+        .await
+        .map_err(glommio_io)?;
+    stream.set_nodelay(true).map_err(glommio_io)?;
+    let mut reader = dup_stream(&stream)?;
+    let mut writer = stream;
+    writer
+        .set_write_timeout(Some(inner.cfg.read_timeout))
+        .map_err(glommio_io)?;
+    let ours = Frame {
+        correlation_id: 0,
+        message: RpcMessage::Hello(inner.local.clone()),
+    };
+    write_frame(&mut writer, &inner.codec.encode(&ours)?).await?;
+    let mut buf = BytesMut::new();
+    let hello = read_hello(inner, &mut reader, &mut buf).await?;
+    let admitted = inner.directory.borrow_mut().admit(&hello, Some(node));
+    if let Err(e) = admitted {
+        inner.stat(|s| s.handshakes_refused += 1);
+        tracing::warn!(node, addr, error = %e, "rpc handshake refused");
+        return Err(TransportError::Rpc(RpcError::Handshake(e)));
+    }
+    tracing::info!(node, addr, "rpc connected to peer");
+    run_connection(inner, node, queue, reader, writer, buf).await
+}
+
+/// Reads frames into the inbox and writes the queue's frames, until either side fails or the
+/// connection idles out.
+async fn run_connection(
+    inner: &Rc<Inner>,
+    node: NodeId,
+    queue: &Rc<SendQueue>,
+    mut reader: TcpStream,
+    mut writer: TcpStream,
+    mut buf: BytesMut,
+) -> Result<(), TransportError> {
+    let last_active = Rc::new(Cell::new(Instant::now()));
+    let reply = ReplyTo {
+        queue: queue.clone(),
+        inner: inner.clone(),
+    };
+    let read = async {
+        let mut frame_deadline: Option<Instant> = None;
+        loop {
+            while let Some(frame) = inner.codec.decode(&mut buf)? {
+                last_active.set(Instant::now());
+                inner.stat(|s| s.frames_received += 1);
+                let incoming = Incoming {
+                    from: node,
+                    frame,
+                    reply: reply.clone(),
+                };
+                if inner.inbox.send(incoming).await.is_err() {
+                    return Ok(());
+                }
+                frame_deadline = None;
+            }
+            if inner.stopped.get() {
+                return Ok(());
+            }
+            let deadline = if buf.is_empty() {
+                last_active.get() + inner.cfg.idle_timeout
+            } else {
+                *frame_deadline.get_or_insert_with(|| Instant::now() + inner.cfg.read_timeout)
+            };
+            match read_some(&mut reader, &mut buf, deadline).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(TransportError::ReadTimeout) if buf.is_empty() => {
+                    // Idle reads are fine while the writer is busy.
+                    if last_active.get().elapsed() >= inner.cfg.idle_timeout {
+                        tracing::debug!(node, "rpc connection idle: closing");
+                        return Ok(());
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let write = async {
+        loop {
+            while let Some(f) = queue.pop() {
+                write_frame(&mut writer, &f).await?;
+                last_active.set(Instant::now());
+                inner.stat(|s| s.frames_sent += 1);
+            }
+            if inner.stopped.get() || queue.closed.get() {
+                return Ok(());
+            }
+            let gen = queue.signal.generation.get();
+            if queue.is_empty() {
+                queue.signal.changed(gen).await;
+            }
+        }
+    };
+    let result = futures_lite::future::or(read, write).await;
+    // The reader's descriptor is a dup: only a shutdown tells the peer the connection is over.
+    let _ = writer.shutdown(std::net::Shutdown::Both).await;
+    let _ = writer.close().await;
+    result
+}
+
+/// Frames below this are written from one buffer: a write per part costs more than the copy.
+const COALESCE_FRAME_BYTES: usize = 64 << 10;
+
+async fn write_frame(writer: &mut TcpStream, f: &EncodedFrame) -> std::io::Result<()> {
+    if f.parts().len() > 1 && f.len() <= COALESCE_FRAME_BYTES {
+        return writer.write_all(&f.to_bytes()).await;
+    }
+    for part in f.parts() {
+        writer.write_all(part).await?;
+    }
+    Ok(())
+}
+
+fn glommio_io<T>(e: glommio::GlommioError<T>) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+/// A second handle on the same socket, so reads and writes proceed independently.
+fn dup_stream(stream: &TcpStream) -> std::io::Result<TcpStream> {
+    // SAFETY: the descriptor belongs to `stream`, which outlives this borrow.
+    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) }.try_clone_to_owned()?;
+    // SAFETY: `fd` is a new, owned descriptor of the same connected TCP socket.
+    Ok(unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) })
+}
