@@ -99,6 +99,28 @@ impl Node {
         }
     }
 
+    /// SIGTERM; the node must exit 0 within the stop timeout.
+    fn terminate(&mut self) {
+        let mut c = self.child.take().expect("running");
+        let ok = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let deadline = Instant::now() + common::STOP_TIMEOUT;
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                assert!(status.success(), "node {} exited with {status}", self.id);
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("node {} did not stop after SIGTERM", self.id);
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -301,4 +323,7 @@ fn a_node_of_another_cluster_is_refused() {
     nodes[0].seeds = stranger.seeds.clone();
     nodes[0].spawn();
     assert!(nodes[0].log().contains("stored cluster id differs"));
+    // A cluster node stops cleanly on SIGTERM, controller thread included.
+    nodes[0].terminate();
+    assert!(nodes[0].log().contains("controller driver stopped"));
 }
