@@ -530,7 +530,9 @@ fn a_killed_leader_is_replaced_and_restarts_from_its_hard_state_and_log() {
     run(async {
         let mut c = Cluster::new(3, 2).await;
         let old = c.elect().await;
-        let (_, a) = produce(&c, old, 1, 0, Acks::All).await;
+        let (first, completion) = c.group(old).produce(vec![batch(1, 0, 3)], Acks::All).await;
+        assert_eq!(first.error_code, 0);
+        let a = watch(completion);
         c.run_until("committed", |_| a.get().is_some()).await;
         c.run_until("all caught up", Cluster::all_caught_up).await;
         let hard = c.group(old).hard_state();
@@ -541,6 +543,15 @@ fn a_killed_leader_is_replaced_and_restarts_from_its_hard_state_and_log() {
             .await;
         let new = c.ready_leader().unwrap();
         assert_ne!(new, old);
+        // The new leader rebuilt producer state from its log: the producer's retry of its
+        // committed batch is a duplicate at the original offset, never a second copy.
+        let (dup, completion) = c.group(new).produce(vec![batch(1, 0, 3)], Acks::All).await;
+        assert_eq!(
+            dup.error_code,
+            ResponseError::DuplicateSequenceNumber.code()
+        );
+        assert_eq!(dup.base_offset, first.base_offset);
+        assert_eq!(completion.wait().await, Ok(()));
         for seq in [3, 6] {
             let (code, a) = produce(&c, new, 1, seq, Acks::All).await;
             assert_eq!(code, 0);
