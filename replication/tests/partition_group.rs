@@ -68,8 +68,11 @@ fn batch(producer_id: i64, first_seq: i32, records: i32) -> VerifiedBatch {
     VerifiedBatch::from_bytes(buf.freeze()).expect("a valid batch")
 }
 
+/// A produce's answer, once its completion has resolved.
+type Answer = Rc<Cell<Option<Result<(), i16>>>>;
+
 /// Waits for a completion in its own task; the test reads the answer when it is there.
-fn watch(c: Completion) -> Rc<Cell<Option<Result<(), i16>>>> {
+fn watch(c: Completion) -> Answer {
     let answer = Rc::new(Cell::new(None));
     let a = answer.clone();
     glommio::spawn_local(async move { a.set(Some(c.wait().await)) }).detach();
@@ -342,13 +345,7 @@ async fn assert_logs_identical(c: &Cluster) {
 }
 
 /// Produces one batch on `leader` and returns the completion's answer cell.
-async fn produce(
-    c: &Cluster,
-    leader: NodeId,
-    pid: i64,
-    seq: i32,
-    acks: Acks,
-) -> (i16, Rc<Cell<Option<Result<(), i16>>>>) {
+async fn produce(c: &Cluster, leader: NodeId, pid: i64, seq: i32, acks: Acks) -> (i16, Answer) {
     let (outcome, completion) = c
         .group(leader)
         .produce(vec![batch(pid, seq, 3)], acks)
@@ -666,7 +663,7 @@ fn every_acknowledged_write_is_in_the_log_once_after_drops_and_failovers() {
         // One idempotent producer, one batch in flight, retried (same sequence) until it is
         // acknowledged, on whichever node is leader, while leaders are cut off now and then.
         let mut next_seq = 0;
-        let mut inflight: Option<Rc<Cell<Option<Result<(), i16>>>>> = None;
+        let mut inflight: Option<Answer> = None;
         let mut rounds = 0;
         while next_seq < BATCHES * 3 {
             rounds += 1;
