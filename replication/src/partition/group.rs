@@ -329,15 +329,10 @@ impl PartitionGroup {
             Acks::Leader if ok => self.replica.leader_completion(acks),
             Acks::All if ok => match appended.last() {
                 Some(last) => self.commit_waiter(last.last_offset + 1),
-                None => Completion::done(),
+                // Only retries of stored batches (answered with the original offset): answered
+                // once the originals, all below the log end, are committed.
+                None => self.commit_waiter(self.replica.log_end_offset()),
             },
-            // A retry of a stored batch: answered once the original is committed.
-            Acks::All
-                if outcome.error_code == ResponseError::DuplicateSequenceNumber.code()
-                    && outcome.base_offset >= 0 =>
-            {
-                self.commit_waiter(outcome.base_offset as u64 + 1)
-            }
             _ => Completion::done(),
         };
         (outcome, completion)
