@@ -2,13 +2,14 @@
 //! and stops cleanly on SIGTERM or Ctrl-C.
 
 mod admin;
+mod broker;
 mod check;
 mod config;
 mod verify;
 
 use anyhow::Context;
+use broker::Broker;
 use clap::{Parser, Subcommand};
-use spate_net::Broker;
 
 #[derive(Parser)]
 #[command(
