@@ -138,7 +138,14 @@ impl ReplicaSet {
     /// is [`Self::open_partition`], at start-up and when a topic is created). Must run on the
     /// owning shard. The error is a Kafka error code.
     pub fn partition(&self, tp: &TopicPartition) -> Result<Rc<PartitionReplica>, i16> {
-        debug_assert_eq!(self.owner(&tp.topic, tp.partition), Ok(self.shard));
+        // The sender routed by its own table, which may be newer than this shard's (the
+        // refresh after a create is on its way): only a table that knows the partition can
+        // disagree.
+        debug_assert!(self
+            .table
+            .borrow()
+            .owner(&tp.topic, tp.partition)
+            .is_none_or(|owner| owner == self.shard));
         if let Some(p) = self.partitions.borrow().get(tp) {
             return Ok(p.clone());
         }
