@@ -53,6 +53,9 @@ pub struct GroupLabels {
 /// One committed offset of a consumer group, as its coordinator shard reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CommittedOffset {
+    /// The shard owning the partition (its gauges carry that label); None if no shard does
+    /// (the topic is gone).
+    pub owner: Option<usize>,
     pub group: String,
     pub topic: String,
     pub partition: i32,
@@ -218,16 +221,18 @@ impl Metrics {
 
     /// The exposition text (OpenMetrics, which Prometheus reads), with `committed` as the
     /// consumer group offsets known at this scrape.
-    pub fn render(&self, committed: Vec<CommittedOffset>, router: &crate::Router) -> String {
+    pub fn render(&self, committed: Vec<CommittedOffset>) -> String {
         let lag = committed
             .into_iter()
             .map(|c| {
-                let labels = PartitionLabels {
-                    shard: router.shard_for(&c.topic, c.partition) as u32,
-                    topic: c.topic.clone(),
-                    partition: c.partition,
-                };
-                let end = self.log_end_offset.get(&labels).map(|g| g.get());
+                let end = c.owner.and_then(|owner| {
+                    let labels = PartitionLabels {
+                        shard: owner as u32,
+                        topic: c.topic.clone(),
+                        partition: c.partition,
+                    };
+                    self.log_end_offset.get(&labels).map(|g| g.get())
+                });
                 (c, end)
             })
             .collect();
@@ -455,10 +460,6 @@ impl PartitionMetrics {
 mod tests {
     use super::*;
 
-    fn router() -> crate::Router {
-        crate::Router::new(2).0
-    }
-
     #[test]
     fn shard_handles_show_up_labelled_and_summed_per_series() {
         let m = Arc::new(Metrics::new());
@@ -474,7 +475,7 @@ mod tests {
         p.records_in.inc_by(7);
         p.set_offsets(7, 7);
         s0.observe_latency(ApiKey::Produce, Duration::from_millis(2));
-        let text = m.render(vec![], &router());
+        let text = m.render(vec![]);
         for line in [
             "spate_requests_total{shard=\"0\",api=\"Produce\",error_code=\"0\"} 2",
             "spate_requests_total{shard=\"1\",api=\"Produce\",error_code=\"0\"} 1",
@@ -488,24 +489,24 @@ mod tests {
         }
         assert!(text.ends_with("# EOF\n"), "{text}");
         p.remove();
-        let text = m.render(vec![], &router());
+        let text = m.render(vec![]);
         assert!(!text.contains("topic=\"t\""), "{text}");
     }
 
     #[test]
     fn lag_is_log_end_minus_committed_for_open_partitions() {
         let m = Arc::new(Metrics::new());
-        let r = router();
         let tp = TopicPartition::new("orders", 0);
-        let owner = r.shard_for("orders", 0);
+        let owner = 1;
         m.for_shard(owner).partition(&tp).set_offsets(10, 10);
         let committed = |topic: &str, offset| CommittedOffset {
+            owner: (topic == "orders").then_some(owner),
             group: "g".into(),
             topic: topic.into(),
             partition: 0,
             offset,
         };
-        let text = m.render(vec![committed("orders", 4), committed("gone", 2)], &r);
+        let text = m.render(vec![committed("orders", 4), committed("gone", 2)]);
         let expect = [
             "spate_consumer_group_lag{group=\"g\",topic=\"orders\",partition=\"0\"} 6",
             "spate_consumer_group_committed_offset{group=\"g\",topic=\"orders\",partition=\"0\"} 4",

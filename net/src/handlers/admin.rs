@@ -362,7 +362,7 @@ async fn alter_topic_configs(
                 sh.reconfigure_topic(&topic, &configs)
             })
             .await
-            .map_err(storage)?;
+            .map_err(|e| storage(e.into()))?;
     }
     Ok(())
 }

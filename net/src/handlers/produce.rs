@@ -23,7 +23,7 @@ use crate::cross_wake;
 use crate::dispatch::{encode_response, Reply};
 use crate::error::{NetError, NONE};
 use crate::request::Request;
-use crate::shard::{ProduceTurn, Shard, TopicPartition};
+use crate::shard::{owner_in, ProduceTurn, Shard, TopicPartition};
 
 /// The lengths of the single batches in a partition's records, each checked against the bytes
 /// left and the size limit. The error is a Kafka error code.
@@ -162,6 +162,7 @@ pub async fn handle(
             .try_into_mut()
             .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
         let mut pos = 0;
+        let table = shard.shard_table();
         for part in planned {
             assert!(
                 part.start >= pos,
@@ -174,9 +175,14 @@ pub async fn handle(
                 .iter()
                 .map(|&len| verify_batch(rest.split_to(len)))
                 .collect();
-            match verified {
-                Ok(batches) => {
-                    let owner = shard.router.shard_for(&part.tp.topic, part.tp.partition);
+            let owner = verified.and_then(|batches| {
+                Ok((
+                    owner_in(&table, shard, &part.tp.topic, part.tp.partition)?,
+                    batches,
+                ))
+            });
+            match owner {
+                Ok((owner, batches)) => {
                     by_shard
                         .entry(owner)
                         .or_default()
@@ -231,7 +237,7 @@ pub async fn handle(
                 for tr in &mut resp.responses {
                     for pr in &mut tr.partition_responses {
                         if pr.error_code == NONE && pr.base_offset < 0 {
-                            pr.error_code = crate::error::net_error_code(&e);
+                            pr.error_code = crate::error::net_error_code(&e.into());
                         }
                     }
                 }
