@@ -72,6 +72,7 @@ async fn dispatch_reporting(
             .await
             .map(Some),
         ApiKey::DescribeCluster => handlers::admin::describe_cluster(&shard, &req).map(Some),
+        ApiKey::AlterConfigs => handlers::admin::alter_configs(&shard, &req).await.map(Some),
         key if crate::group::GROUP_API_KEYS.contains(&key) => {
             crate::group::handle(&shard, &req).await.map(Some)
         }
@@ -187,6 +188,7 @@ pub fn decode_only(req: &Request) -> Result<(), NetError> {
         }
         ApiKey::CreatePartitions => decode_body::<CreatePartitionsRequest>(req).map(drop),
         ApiKey::DescribeCluster => decode_body::<DescribeClusterRequest>(req).map(drop),
+        ApiKey::AlterConfigs => decode_body::<AlterConfigsRequest>(req).map(drop),
         _ => Err(NetError::Malformed("not served".into())),
     }
 }

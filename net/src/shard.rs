@@ -20,7 +20,7 @@ use crate::error::NetError;
 use crate::metadata::{MetadataStore, Topics};
 pub use spate_replication::partition::TopicPartition;
 use spate_replication::partition::{
-    apply_topic_configs, LiveLimits, PartitionReplica, ReplicaConfig,
+    apply_topic_configs, LiveLimits, PartitionReplica, ReplicaConfig, TopicPolicy,
 };
 pub use spate_replication::shard_table::shard_of;
 
@@ -339,8 +339,10 @@ impl Shard {
         let mut lc = self.config.log_config();
         apply_topic_configs(&mut lc, configs);
         let limits = LiveLimits::of(&lc);
+        let policy = TopicPolicy::of(configs);
         for (tp, p) in self.partitions.borrow().iter() {
             if &*tp.topic == topic {
+                p.set_policy(policy);
                 if let Err(e) = p.set_limits(limits) {
                     tracing::warn!(topic, partition = tp.partition, error = %e, "topic config not applied");
                 }
@@ -454,8 +456,10 @@ impl Shard {
             return Err(ResponseError::NotLeaderOrFollower.code());
         }
         let mut log_config = self.config.log_config();
+        let mut policy = TopicPolicy::default();
         if let Some(t) = self.topics().get(&*tp.topic) {
             apply_topic_configs(&mut log_config, &t.configs);
+            policy = TopicPolicy::of(&t.configs);
         }
         let config = ReplicaConfig {
             log: log_config,
@@ -474,6 +478,7 @@ impl Shard {
             self.failed_opens.borrow_mut().insert(tp.clone(), e.code());
             e.code()
         })?;
+        partition.set_policy(policy);
         self.failed_opens.borrow_mut().remove(tp);
         self.partitions
             .borrow_mut()
@@ -518,6 +523,20 @@ impl Shard {
                 tracing::warn!(topic = %p.tp.topic, partition = p.tp.partition, error = %e, "retention failed");
             }
         }
+    }
+
+    /// One round of the log cleaner over this shard's compacted partitions, dirtiest first.
+    pub async fn clean_logs(&self) {
+        spate_replication::partition::clean_logs(
+            &self.open_partitions(),
+            &self.config.shard_cleaner_config(),
+            || self.is_shutting_down(),
+        )
+        .await;
+    }
+
+    fn open_partitions(&self) -> Vec<Rc<PartitionReplica>> {
+        self.partitions.borrow().values().cloned().collect()
     }
 
     /// Writes producer-state snapshots of partitions whose state changed.
