@@ -667,8 +667,8 @@ impl PartitionReplica {
         Ok(read)
     }
 
-    /// The first committed offset whose batch has a timestamp at or after `timestamp_ms`, with
-    /// that batch's max timestamp; `None` if there is none. The error is a Kafka error code.
+    /// The first committed offset whose record has a timestamp at or after `timestamp_ms`, with
+    /// that record's timestamp; `None` if there is none. The error is a Kafka error code.
     pub async fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<(u64, i64)>, i16> {
         let found = self
             .log
@@ -707,9 +707,16 @@ impl PartitionReplica {
         if !policy.compact {
             return None;
         }
-        let req = self.clean_request(now_ms);
         let mut cleaner = self.cleaner.borrow_mut();
         let cleaner = cleaner.get_or_insert_with(|| LogCleaner::open(&self.log, config.clone()));
+        if self.last_clean_ms.get().is_none()
+            && cleaner.first_dirty_offset() > self.log.log_start_offset()
+        {
+            // Cleaned before this start: its tombstones' clock starts now, so a quiet log is
+            // still cleaned of them once delete.retention.ms has passed.
+            self.last_clean_ms.set(Some(now_ms));
+        }
+        let req = self.clean_request(now_ms);
         let plan = cleaner.plan(&self.log, &req);
         self.watermark.observer.dirty_ratio(plan.dirty_ratio);
         Some((
