@@ -291,6 +291,7 @@ async fn run_shard(
             }
         })
     };
+    let cleaner = spawn_cleaner(shard.clone(), config.cleaner_backoff_ms);
     let listener = match glommio::net::TcpListener::bind(config.listen) {
         Ok(l) => l,
         Err(e) => {
@@ -311,6 +312,7 @@ async fn run_shard(
     retention.await;
     trims.await;
     snapshots.await;
+    cleaner.await;
     finish(&shard, &drained, router.shards()).await;
     drop(jobs);
     Shard::clear_current();
@@ -332,6 +334,33 @@ async fn sleep_or_shutdown(shard: &Shard, every: Duration) -> bool {
         },
     )
     .await
+}
+
+/// The shard's log cleaner: a round over its compacted partitions every `backoff_ms`, in a
+/// task queue of its own whose latency does not matter, so the shard's requests come first.
+fn spawn_cleaner(shard: Rc<Shard>, backoff_ms: u64) -> glommio::Task<()> {
+    let every = Duration::from_millis(backoff_ms.max(1));
+    let queue = glommio::executor().create_task_queue(
+        glommio::Shares::default(),
+        glommio::Latency::NotImportant,
+        "log-cleaner",
+    );
+    let run = {
+        let shard = shard.clone();
+        async move {
+            while !sleep_or_shutdown(&shard, every).await {
+                shard.clean_logs().await;
+            }
+        }
+    };
+    glommio::spawn_local_into(run, queue).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "no task queue for the log cleaner; running it beside requests");
+        glommio::spawn_local(async move {
+            while !sleep_or_shutdown(&shard, every).await {
+                shard.clean_logs().await;
+            }
+        })
+    })
 }
 
 async fn housekeeping(shard: Rc<Shard>, every: Duration) {

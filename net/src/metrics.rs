@@ -6,6 +6,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -89,6 +90,10 @@ pub struct Metrics {
     request_memory_used: Family<ShardLabels, Gauge>,
     request_memory_waits: Family<ShardLabels, Counter>,
     no_space_refusals: Family<PartitionLabels, Counter>,
+    cleaner_runs: Family<PartitionLabels, Counter>,
+    cleaner_bytes_read: Family<PartitionLabels, Counter>,
+    cleaner_bytes_reclaimed: Family<PartitionLabels, Counter>,
+    dirty_ratio: Family<PartitionLabels, Gauge<f64, AtomicU64>>,
     scrape: Arc<ScrapeTime>,
 }
 
@@ -123,6 +128,10 @@ impl Metrics {
             request_memory_used: Family::default(),
             request_memory_waits: Family::default(),
             no_space_refusals: Family::default(),
+            cleaner_runs: Family::default(),
+            cleaner_bytes_read: Family::default(),
+            cleaner_bytes_reclaimed: Family::default(),
+            dirty_ratio: Family::default(),
             scrape: Arc::default(),
         };
         let mut r = Registry::default();
@@ -195,6 +204,26 @@ impl Metrics {
             "spate_partition_no_space_refusals",
             "Produce requests refused with KAFKA_STORAGE_ERROR because the disk had no space for them",
             m.no_space_refusals.clone(),
+        );
+        r.register(
+            "spate_cleaner_runs",
+            "Times the log cleaner cleaned the partition (compacted topics)",
+            m.cleaner_runs.clone(),
+        );
+        r.register(
+            "spate_cleaner_bytes_read",
+            "Bytes the log cleaner read from the partition's segments",
+            m.cleaner_bytes_read.clone(),
+        );
+        r.register(
+            "spate_cleaner_bytes_reclaimed",
+            "Segment bytes the log cleaner freed in the partition",
+            m.cleaner_bytes_reclaimed.clone(),
+        );
+        r.register(
+            "spate_partition_dirty_ratio",
+            "Dirty bytes over cleanable bytes of a compacted partition, when the cleaner last looked",
+            m.dirty_ratio.clone(),
         );
         r.register_collector(Box::new(m.scrape.clone()));
         Metrics { registry: r, ..m }
@@ -431,6 +460,22 @@ impl spate_replication::partition::ReplicaObserver for PartitionMetrics {
     fn refused_no_space(&self) {
         self.no_space_refusals.inc();
     }
+    fn dirty_ratio(&self, ratio: f64) {
+        self.metrics
+            .dirty_ratio
+            .get_or_create(&self.labels)
+            .set(ratio);
+    }
+    fn cleaned(&self, stats: &spate_replication::partition::CleanStats) {
+        let m = &self.metrics;
+        m.cleaner_runs.get_or_create(&self.labels).inc();
+        m.cleaner_bytes_read
+            .get_or_create(&self.labels)
+            .inc_by(stats.bytes_read);
+        m.cleaner_bytes_reclaimed
+            .get_or_create(&self.labels)
+            .inc_by(stats.bytes_reclaimed);
+    }
     fn committed(&self, _high_watermark: u64) {
         // Long-polling fetches wait on their shard's signal; the replica runs on that shard.
         if let Some(shard) = crate::shard::Shard::current() {
@@ -453,6 +498,10 @@ impl PartitionMetrics {
         m.log_end_offset.remove(&self.labels);
         m.high_watermark.remove(&self.labels);
         m.no_space_refusals.remove(&self.labels);
+        m.cleaner_runs.remove(&self.labels);
+        m.cleaner_bytes_read.remove(&self.labels);
+        m.cleaner_bytes_reclaimed.remove(&self.labels);
+        m.dirty_ratio.remove(&self.labels);
     }
 }
 

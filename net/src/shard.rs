@@ -272,6 +272,17 @@ impl Shard {
         self.replicas.apply_retention().await
     }
 
+    /// One round of the log cleaner over this shard's compacted partitions, dirtiest first.
+    pub async fn clean_logs(&self) {
+        spate_replication::partition::clean_logs(
+            &self.replicas.open_partitions(),
+            &self.config.shard_cleaner_config(),
+            || self.is_shutting_down(),
+        )
+        .await;
+    }
+
+    /// Writes producer-state snapshots of partitions whose state changed.
     pub async fn snapshot_producers(&self) {
         self.replicas.snapshot_producers().await
     }

@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use kafka_protocol::messages::produce_response::{
+    BatchIndexAndErrorMessage, PartitionProduceResponse, TopicProduceResponse,
+};
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse, TopicName};
 use kafka_protocol::protocol::{Decodable, StrBytes};
 use kafka_protocol::ResponseError;
@@ -227,8 +229,22 @@ pub async fn handle(
                     if api_version >= 5 {
                         pr.log_start_offset = o.log_start_offset;
                     }
+                    if api_version >= 2 {
+                        pr.log_append_time_ms = o.log_append_time_ms;
+                    }
                     if api_version >= 8 {
                         pr.error_message = o.error_message.map(StrBytes::from_string);
+                        pr.record_errors = o
+                            .record_errors
+                            .into_iter()
+                            .map(|e| {
+                                let mut r = BatchIndexAndErrorMessage::default();
+                                r.batch_index = e.batch_index;
+                                r.batch_index_error_message =
+                                    Some(StrBytes::from_string(e.message));
+                                r
+                            })
+                            .collect();
                     }
                 }
             }
@@ -275,17 +291,7 @@ async fn produce_on_owner(
                         let (o, completion) = p.append(batches, acks).await;
                         (ti, pi, completion, o)
                     }
-                    Err(code) => (
-                        ti,
-                        pi,
-                        Completion::done(),
-                        ProduceOutcome {
-                            error_code: code,
-                            base_offset: -1,
-                            log_start_offset: -1,
-                            error_message: None,
-                        },
-                    ),
+                    Err(code) => (ti, pi, Completion::done(), ProduceOutcome::error(code)),
                 }
             })
         })

@@ -276,15 +276,7 @@ impl PartitionGroup {
         batches: Vec<VerifiedBatch>,
         acks: Acks,
     ) -> (ProduceOutcome, Completion) {
-        let refuse = |code: i16| {
-            let outcome = ProduceOutcome {
-                error_code: code,
-                base_offset: -1,
-                log_start_offset: -1,
-                error_message: None,
-            };
-            (outcome, Completion::done())
-        };
+        let refuse = |code: i16| (ProduceOutcome::error(code), Completion::done());
         let not_leader = ResponseError::NotLeaderOrFollower.code();
         let Ok(_guard) = self.lock.acquire_permit(1).await else {
             return refuse(not_leader);

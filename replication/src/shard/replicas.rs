@@ -15,7 +15,7 @@ use super::table::ShardTable;
 use crate::metadata::{MetadataStore, Topics};
 use crate::partition::{
     apply_topic_configs, LiveLimits, LogConfig, PartitionReplica, ReplicaConfig, ReplicaObserver,
-    TopicPartition,
+    TopicPartition, TopicPolicy,
 };
 
 /// What every replica of a shard is opened with.
@@ -200,8 +200,10 @@ impl ReplicaSet {
             return Err(ResponseError::NotLeaderOrFollower.code());
         }
         let mut log_config = self.settings.log.clone();
+        let mut policy = TopicPolicy::default();
         if let Some(t) = self.topics().get(&*tp.topic) {
             apply_topic_configs(&mut log_config, &t.configs);
+            policy = TopicPolicy::of(&t.configs);
         }
         let config = ReplicaConfig {
             log: log_config,
@@ -220,6 +222,7 @@ impl ReplicaSet {
             self.failed_opens.borrow_mut().insert(tp.clone(), e.code());
             e.code()
         })?;
+        partition.set_policy(policy);
         self.failed_opens.borrow_mut().remove(tp);
         self.partitions
             .borrow_mut()
@@ -234,8 +237,10 @@ impl ReplicaSet {
         let mut lc = self.settings.log.clone();
         apply_topic_configs(&mut lc, configs);
         let limits = LiveLimits::of(&lc);
+        let policy = TopicPolicy::of(configs);
         for (tp, p) in self.partitions.borrow().iter() {
             if &*tp.topic == topic {
+                p.set_policy(policy);
                 if let Err(e) = p.set_limits(limits) {
                     tracing::warn!(topic, partition = tp.partition, error = %e, "topic config not applied");
                 }
@@ -283,6 +288,11 @@ impl ReplicaSet {
                 tracing::warn!(topic = %p.tp.topic, partition = p.tp.partition, error = %e, "retention failed");
             }
         }
+    }
+
+    /// The replicas open on this shard (a snapshot: for rounds that await between them).
+    pub fn open_partitions(&self) -> Vec<Rc<PartitionReplica>> {
+        self.partitions.borrow().values().cloned().collect()
     }
 
     /// Writes producer-state snapshots of partitions whose state changed.
