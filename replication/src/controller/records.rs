@@ -14,6 +14,8 @@ use crate::types::{Epoch, NodeId};
 pub const MAX_METADATA_BATCH_BYTES: usize = 8 << 20;
 /// Records one metadata batch may carry.
 pub const MAX_RECORDS_PER_BATCH: usize = 100_000;
+/// Records of a decoded batch allocated for before they are read (the count is only a claim).
+const PREALLOCATED_RECORDS: usize = 1024;
 /// Kafka's limit for topic names.
 pub const MAX_TOPIC_NAME_BYTES: usize = 249;
 /// A host name or address in an endpoint (DNS names are at most 253 bytes).
@@ -223,9 +225,11 @@ impl RecordBatch {
                 version,
             });
         }
-        // The smallest record (UnregisterBroker) is a tag and a node id.
-        let n = r.count("metadata records", MAX_RECORDS_PER_BATCH, 9)?;
-        let mut records = Vec::with_capacity(n);
+        // Every record is at least its tag byte (a CreatePartitions of a short name and no
+        // partitions is 8 bytes, under the 9 of an UnregisterBroker); capacity grows with what
+        // decodes rather than trusting the count up front.
+        let n = r.count("metadata records", MAX_RECORDS_PER_BATCH, 1)?;
+        let mut records = Vec::with_capacity(n.min(PREALLOCATED_RECORDS));
         for _ in 0..n {
             records.push(decode_record(&mut r)?);
         }
