@@ -5,8 +5,10 @@
 //! wiring".
 
 mod hosting;
+mod shard_host;
 
 pub use hosting::{
     gather_outgoing, partition_group_id, plan_hosting, split_by_shard, HostedPartition,
     HostingChanges, HostingPlan, PlanConflict, SHARD_CONSENSUS_CHANNEL_CAPACITY,
 };
+pub use shard_host::{LeaderReport, ShardGroups};
