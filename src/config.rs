@@ -168,6 +168,19 @@ pub struct ServeConfig {
     /// Replicas of new topics [default: min(3, brokers in the cluster)].
     #[arg(long, env = "SPATE_DEFAULT_REPLICATION_FACTOR", value_name = "N")]
     pub default_replication_factor: Option<usize>,
+    /// Memory of the log cleaner's key -> offset map over all cores (each gets an equal share,
+    /// at least 1 MiB); compacted logs with more keys are cleaned in passes [default:
+    /// 134217728].
+    #[arg(long, env = "SPATE_CLEANER_DEDUPE_BUFFER_BYTES", value_name = "BYTES")]
+    pub cleaner_dedupe_buffer_bytes: Option<u64>,
+    /// Disk bytes (read plus written) per second the log cleaner may use over all cores; 0 for
+    /// no limit [default: 0].
+    #[arg(long, env = "SPATE_CLEANER_IO_BYTES_PER_SEC", value_name = "BYTES")]
+    pub cleaner_io_bytes_per_sec: Option<u64>,
+    /// How often each core's log cleaner looks for compacted partitions dirty enough to clean
+    /// [default: 15000].
+    #[arg(long, env = "SPATE_CLEANER_BACKOFF_MS", value_name = "MS")]
+    pub cleaner_backoff_ms: Option<u64>,
 }
 
 /// Every setting of [`ServeConfig`] but `config` itself, once: merging and the defaults use it,
@@ -212,7 +225,10 @@ macro_rules! each_setting {
             rpc_listen,
             advertised_rpc,
             seeds,
-            default_replication_factor
+            default_replication_factor,
+            cleaner_dedupe_buffer_bytes,
+            cleaner_io_bytes_per_sec,
+            cleaner_backoff_ms
         )
     };
 }
@@ -267,6 +283,11 @@ impl ServeConfig {
             advertised_rpc: None,
             seeds: None,
             default_replication_factor: None,
+            cleaner_dedupe_buffer_bytes: Some(
+                spate_net::config::DEFAULT_CLEANER_DEDUPE_BUFFER_BYTES as u64,
+            ),
+            cleaner_io_bytes_per_sec: Some(0),
+            cleaner_backoff_ms: Some(spate_net::config::DEFAULT_CLEANER_BACKOFF_MS),
         }
     }
 
@@ -435,6 +456,19 @@ impl ServeConfig {
             0 => None,
             n => Some(n),
         };
+        c.cleaner_dedupe_buffer_bytes = usize::try_from(set(&self.cleaner_dedupe_buffer_bytes))
+            .context("--cleaner-dedupe-buffer-bytes is too large")?;
+        if c.cleaner_dedupe_buffer_bytes == 0 {
+            bail!("--cleaner-dedupe-buffer-bytes must be at least 1");
+        }
+        c.cleaner_io_bytes_per_sec = match set(&self.cleaner_io_bytes_per_sec) {
+            0 => None,
+            n => Some(n),
+        };
+        c.cleaner_backoff_ms = set(&self.cleaner_backoff_ms);
+        if c.cleaner_backoff_ms == 0 {
+            bail!("--cleaner-backoff-ms must be at least 1");
+        }
         c.test_high_watermark_cap = test_high_watermark_cap()?;
         Ok(c)
     }

@@ -2,14 +2,15 @@
 //! and stops cleanly on SIGTERM or Ctrl-C.
 
 mod admin;
+mod broker;
 mod check;
 mod cluster;
 mod config;
 mod verify;
 
 use anyhow::Context;
+use broker::Broker;
 use clap::{Parser, Subcommand};
-use spate_net::Broker;
 
 #[derive(Parser)]
 #[command(

@@ -99,6 +99,28 @@ impl Node {
         }
     }
 
+    /// SIGTERM; the node must exit 0 within the stop timeout.
+    fn terminate(&mut self) {
+        let mut c = self.child.take().expect("running");
+        let ok = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let deadline = Instant::now() + common::STOP_TIMEOUT;
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                assert!(status.success(), "node {} exited with {status}", self.id);
+                return;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("node {} did not stop after SIGTERM", self.id);
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -301,4 +323,32 @@ fn a_node_of_another_cluster_is_refused() {
     nodes[0].seeds = stranger.seeds.clone();
     nodes[0].spawn();
     assert!(nodes[0].log().contains("stored cluster id differs"));
+    // A cluster node stops cleanly on SIGTERM, controller thread included.
+    nodes[0].terminate();
+    assert!(nodes[0].log().contains("controller driver stopped"));
+}
+
+#[test]
+fn a_node_outside_the_seeds_joins_as_a_broker() {
+    let mut nodes = cluster(1);
+    wait_for(&[&nodes[0]], &[1], &[1], "one-voter cluster formed");
+    // Same seed list (so the same cluster id), but not a seed itself: a broker, not a voter.
+    let mut broker = Node::new(7);
+    broker.seeds = nodes[0].seeds.clone();
+    broker.spawn();
+    wait_for(&[&nodes[0], &broker], &[1, 7], &[1], "non-voter joined");
+    let out = common::spate_cli(&broker.addr(), &["cluster", "info", "--json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let voter = |id: i64| {
+        doc["brokers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["id"] == id)
+            .map(|b| b["voter"].clone())
+    };
+    assert_eq!(voter(1), Some(true.into()), "{doc}");
+    assert_eq!(voter(7), Some(false.into()), "{doc}");
+    broker.kill();
+    nodes[0].kill();
 }

@@ -259,6 +259,7 @@ fn every_advertised_version_is_served() {
                 ApiKey::IncrementalAlterConfigs => {
                     probe(&addr, v, &IncrementalAlterConfigsRequest::default())
                 }
+                ApiKey::AlterConfigs => probe(&addr, v, &AlterConfigsRequest::default()),
                 ApiKey::CreatePartitions => probe(&addr, v, &CreatePartitionsRequest::default()),
                 ApiKey::DescribeCluster => probe(&addr, v, &DescribeClusterRequest::default()),
                 ApiKey::DescribeQuorum => probe(&addr, v, &DescribeQuorumRequest::default()),

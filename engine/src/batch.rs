@@ -208,6 +208,13 @@ impl VerifiedBatch {
         self.header().crc()
     }
 
+    /// LogAppendTime: the one header rewrite a leader makes (attributes bit, max timestamp,
+    /// CRC), as Kafka does; the records stay untouched.
+    pub fn set_log_append_time(&mut self, append_time_ms: i64) {
+        crate::records::set_log_append_time(&mut self.bytes, append_time_ms)
+            .expect("a verified batch has a header");
+    }
+
     /// Stamps base offset and leader epoch (outside the CRC-covered bytes, so [`Self::crc`]
     /// stays valid) and hands the batch out for storing.
     pub(crate) fn stamp_into(mut self, base_offset: i64, leader_epoch: i32) -> Bytes {

@@ -29,6 +29,12 @@ pub enum EngineError {
     Config(String),
     #[error("the log is closed")]
     Closed,
+    /// A follower's append did not fit the log: its base offset is not the log end, or its
+    /// leader epoch is below the log's last one. Nothing was written. The replication layer
+    /// above must not send such an append, but it comes from another node, so it is refused
+    /// rather than trusted.
+    #[error("follower append refused: {0}")]
+    FollowerAppend(String),
     #[error("I/O error on {path:?}: {source}")]
     Io {
         path: PathBuf,

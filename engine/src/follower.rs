@@ -59,32 +59,30 @@ impl PartitionLog {
 
     /// A follower's append: the batch goes at `base_offset`, which must be this log's end,
     /// under the leader's `leader_epoch`, which must not be below the log's last epoch.
-    /// Either failing is a bug in the replication layer above, not bad input: it panics.
+    /// Either failing is refused with [`EngineError::FollowerAppend`] and nothing is written:
+    /// the offsets come from another node, so a bad one is input to refuse, not a reason to
+    /// crash this one.
     pub async fn append_at(
         &self,
         batch: VerifiedBatch,
         base_offset: u64,
         leader_epoch: i32,
     ) -> Result<AppendInfo, EngineError> {
+        // Checked up front so a refused append waits for nothing, and again where the offset
+        // is assigned, since the append may wait (a roll, the write-behind) before that.
         {
             let st = self.inner.state.borrow();
-            assert_eq!(
-                base_offset, st.log_end,
-                "follower append at {base_offset} but the log ends at {}",
-                st.log_end
-            );
-            if let Some(&(last_epoch, _)) = st.epochs.last() {
-                assert!(
-                    leader_epoch >= last_epoch,
-                    "follower append in epoch {leader_epoch} after epoch {last_epoch}"
-                );
-            }
+            check_follower_append(
+                st.log_end,
+                st.epochs.last().map(|e| e.0),
+                base_offset,
+                leader_epoch,
+            )?;
         }
-        let info = self.append(batch, leader_epoch).await?;
-        assert_eq!(
-            info.base_offset, base_offset,
-            "a concurrent append moved the log end under a follower append"
-        );
+        let info = self
+            .append_placed(batch, leader_epoch, Some(base_offset))
+            .await?;
+        debug_assert_eq!(info.base_offset, base_offset);
         Ok(info)
     }
 
@@ -104,6 +102,27 @@ impl PartitionLog {
         );
         Ok(())
     }
+}
+
+/// Refuses a follower's append at `base_offset` in `leader_epoch` onto a log ending at
+/// `log_end` whose last batch has epoch `last_epoch`.
+pub(crate) fn check_follower_append(
+    log_end: u64,
+    last_epoch: Option<i32>,
+    base_offset: u64,
+    leader_epoch: i32,
+) -> Result<(), EngineError> {
+    if base_offset != log_end {
+        return Err(EngineError::FollowerAppend(format!(
+            "base offset {base_offset} but the log ends at {log_end}"
+        )));
+    }
+    if let Some(last) = last_epoch.filter(|&last| leader_epoch < last) {
+        return Err(EngineError::FollowerAppend(format!(
+            "leader epoch {leader_epoch} after epoch {last}"
+        )));
+    }
+    Ok(())
 }
 
 /// Length of the prefix of `records` (contiguous RecordBatches) whose batches all end below

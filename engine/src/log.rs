@@ -14,6 +14,7 @@ use glommio::sync::Semaphore;
 use crate::batch::{BatchHeader, VerifiedBatch, CRC_COVERED_START};
 use crate::checkpoint::{self, RecoveryPoint};
 use crate::checkpointer::Sealed;
+use crate::follower::check_follower_append;
 use crate::frame::{decode_frame, frame_len, FrameError, FrameHeader, FRAME_HEADER_BYTES};
 use crate::segment::{self, io_err, Segment};
 use crate::signal::Signal;
@@ -828,6 +829,18 @@ impl PartitionLog {
         batch: VerifiedBatch,
         leader_epoch: i32,
     ) -> Result<AppendInfo, EngineError> {
+        self.append_placed(batch, leader_epoch, None).await
+    }
+
+    /// [`Self::append`], and with `follower_base` the offset the batch must land at (a
+    /// follower's append, see `follower.rs`): checked, with the epoch, in the same step that
+    /// assigns the offset, so no other task of the shard can move the end in between.
+    pub(crate) async fn append_placed(
+        &self,
+        batch: VerifiedBatch,
+        leader_epoch: i32,
+        follower_base: Option<u64>,
+    ) -> Result<AppendInfo, EngineError> {
         let inner = &self.inner;
         let (payload_len, last_delta, max_ts, batch_crc) = {
             let h = batch.header();
@@ -908,6 +921,14 @@ impl PartitionLog {
         if st.truncations != truncations {
             // Only a rewind after a failed write moves the end back under a leader's append.
             return Err(inner.no_space_error());
+        }
+        if let Some(want) = follower_base {
+            check_follower_append(
+                st.log_end,
+                st.epochs.last().map(|e| e.0),
+                want,
+                leader_epoch,
+            )?;
         }
         let base = st.log_end;
         let last = base + last_delta;

@@ -277,7 +277,7 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
             }
             // A batch stored before full validation existed (or by a broken broker) was
             // acknowledged: it is kept, but named so an operator can act on it.
-            if let Err(e) = crate::validate::validate_batch(f.payload, MAX_FRAME_PAYLOAD_BYTES) {
+            if let Err(e) = crate::validate::validate_stored_batch(f.payload, MAX_FRAME_PAYLOAD_BYTES) {
                 tracing::warn!(?path, offset = f.base_offset(), error = %e,
                     "stored batch is malformed inside (kept: it was acknowledged); see `spate verify`");
             }

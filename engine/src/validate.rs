@@ -166,11 +166,47 @@ pub fn validate_batch_with<V: RecordVisitor>(
     max_uncompressed_bytes: usize,
     visitor: &mut V,
 ) -> Result<BatchSummary, BatchError> {
+    validate_inner(batch, max_uncompressed_bytes, visitor, false)
+}
+
+/// Validates a batch as the log stores it (recovery, `spate verify`): the checks of
+/// [`validate_batch`], except that the batches the broker writes itself pass too: a record-less
+/// batch (record count 0, no records section, `lastOffsetDelta` >= 0) as the cleaner leaves
+/// where it dropped every record of a batch or a run of batches, and control batches.
+pub fn validate_stored_batch(
+    batch: &[u8],
+    max_uncompressed_bytes: usize,
+) -> Result<(), BatchError> {
+    let h = BatchHeader::parse(batch).map_err(|e| corrupt(e.to_string()))?;
+    if h.records_count() == 0 {
+        if batch.len() != BATCH_HEADER_BYTES {
+            return Err(invalid(format!(
+                "a batch of no records has {} bytes of records",
+                batch.len() - BATCH_HEADER_BYTES
+            )));
+        }
+        if h.last_offset_delta() < 0 {
+            return Err(invalid(format!(
+                "negative lastOffsetDelta {}",
+                h.last_offset_delta()
+            )));
+        }
+        return Ok(());
+    }
+    validate_inner(batch, max_uncompressed_bytes, &mut (), true).map(|_| ())
+}
+
+fn validate_inner<V: RecordVisitor>(
+    batch: &[u8],
+    max_uncompressed_bytes: usize,
+    visitor: &mut V,
+    allow_control: bool,
+) -> Result<BatchSummary, BatchError> {
     let h = BatchHeader::parse(batch).map_err(|e| match e {
         EngineError::InvalidBatch(m) => corrupt(m),
         other => corrupt(other.to_string()),
     })?;
-    if h.is_control() {
+    if h.is_control() && !allow_control {
         return Err(invalid(
             "control batches (attribute bit 5) may not be produced by clients",
         ));
@@ -711,7 +747,7 @@ pub struct SegmentVerification {
 }
 
 /// Reads one segment file (`<base-offset:020>.log`) with plain std::fs, never writing it, and
-/// validates every stored batch: frame CRC, batch CRC, and the checks of [`validate_batch`]
+/// validates every stored batch: frame CRC, batch CRC, and the checks of [`validate_stored_batch`]
 /// (decompression bounded by [`crate::MAX_FRAME_PAYLOAD_BYTES`]). Stops at the end of the data
 /// (zero bytes of pre-allocation) or at a torn tail, which recovery cuts (not reported). A frame
 /// that cannot be read, with data after it, is reported and ends the scan of that file. Reads
@@ -764,9 +800,7 @@ pub fn verify_segment_file_in_chunks(
                     .and_then(|h| h.verify_crc())
                     .map_err(|e| e.to_string())
                     .and_then(|()| {
-                        validate_batch(payload, max_payload_bytes)
-                            .map(|_| ())
-                            .map_err(|e| e.message)
+                        validate_stored_batch(payload, max_payload_bytes).map_err(|e| e.message)
                     });
                 if let Err(reason) = checked {
                     bad.push(BadBatch {
@@ -1380,5 +1414,18 @@ mod tests {
         let section = record(0, 0, None, Some(b"v"), &[]);
         let e = validate_batch_with(&batch(&section, 1, 0, 0), MAX, &mut NoNullKeys).unwrap_err();
         assert!(e.message.contains("null key"));
+    }
+
+    #[test]
+    fn stored_validation_takes_the_cleaners_record_less_batches() {
+        let span = crate::clean::empty_span_batch(10, 19, 5, 0);
+        assert!(validate_batch(&span, MAX).is_err(), "never produced");
+        validate_stored_batch(&span, MAX).unwrap();
+        let mut longer = span.clone();
+        longer.extend_from_slice(&[0; 4]);
+        let len = (longer.len() - 12) as i32;
+        longer[8..12].copy_from_slice(&len.to_be_bytes());
+        assert!(validate_stored_batch(&longer, MAX).is_err());
+        validate_stored_batch(&valid(3), MAX).unwrap();
     }
 }

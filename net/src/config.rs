@@ -62,7 +62,24 @@ pub struct BrokerConfig {
     /// controller, for Metadata, DescribeCluster and DescribeQuorum. `None`: a one-node
     /// cluster of this broker.
     pub cluster: Option<spate_replication::controller::view::SharedClusterView>,
+    /// Memory of the log cleaner's key -> offset map, over all shards (each gets an equal
+    /// share); a log with more keys than fit is cleaned in passes.
+    pub cleaner_dedupe_buffer_bytes: usize,
+    /// Disk bytes (read plus written) per second the log cleaner may use, over all shards;
+    /// `None` for no limit.
+    pub cleaner_io_bytes_per_sec: Option<u64>,
+    /// How often each shard's cleaner looks for compacted logs to clean.
+    pub cleaner_backoff_ms: u64,
 }
+
+/// Default `cleaner_dedupe_buffer_bytes` (Kafka's `log.cleaner.dedupe.buffer.size`), the
+/// engine's.
+pub const DEFAULT_CLEANER_DEDUPE_BUFFER_BYTES: usize =
+    spate_replication::partition::DEFAULT_DEDUPE_BUFFER_BYTES;
+/// Default `cleaner_backoff_ms` (Kafka's `log.cleaner.backoff.ms`).
+pub const DEFAULT_CLEANER_BACKOFF_MS: u64 = 15_000;
+/// Smallest share of the dedupe buffer a shard's cleaner gets.
+pub const MIN_SHARD_DEDUPE_BUFFER_BYTES: usize = 1 << 20;
 
 /// The shipped `max_batch_bytes`, defined once in the engine.
 pub const DEFAULT_MAX_BATCH_BYTES: u32 = spate_replication::partition::DEFAULT_MAX_BATCH_BYTES;
@@ -109,12 +126,27 @@ impl BrokerConfig {
             max_connections_per_ip: None,
             test_high_watermark_cap: None,
             cluster: None,
+            cleaner_dedupe_buffer_bytes: DEFAULT_CLEANER_DEDUPE_BUFFER_BYTES,
+            cleaner_io_bytes_per_sec: None,
+            cleaner_backoff_ms: DEFAULT_CLEANER_BACKOFF_MS,
         }
     }
 
     /// Each shard's share of `request_memory_bytes`.
     pub fn shard_request_memory_bytes(&self) -> usize {
         (self.request_memory_bytes / self.cores.max(1)).max(crate::budget::MIN_SHARD_BUDGET_BYTES)
+    }
+
+    /// Each shard's log cleaner settings: its share of the memory and I/O limits.
+    pub fn shard_cleaner_config(&self) -> spate_replication::partition::CleanerConfig {
+        let cores = self.cores.max(1);
+        spate_replication::partition::CleanerConfig {
+            dedupe_buffer_bytes: (self.cleaner_dedupe_buffer_bytes / cores)
+                .max(MIN_SHARD_DEDUPE_BUFFER_BYTES),
+            io_bytes_per_sec: self
+                .cleaner_io_bytes_per_sec
+                .map(|b| (b / cores as u64).max(1)),
+        }
     }
 
     pub fn log_config(&self) -> LogConfig {

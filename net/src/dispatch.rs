@@ -73,6 +73,7 @@ async fn dispatch_reporting(
             .map(Some),
         ApiKey::DescribeCluster => handlers::admin::describe_cluster(&shard, &req).map(Some),
         ApiKey::DescribeQuorum => handlers::quorum::handle(&shard, &req).map(Some),
+        ApiKey::AlterConfigs => handlers::admin::alter_configs(&shard, &req).await.map(Some),
         key if crate::group::GROUP_API_KEYS.contains(&key) => {
             crate::group::handle(&shard, &req).await.map(Some)
         }
@@ -189,6 +190,7 @@ pub fn decode_only(req: &Request) -> Result<(), NetError> {
         ApiKey::CreatePartitions => decode_body::<CreatePartitionsRequest>(req).map(drop),
         ApiKey::DescribeCluster => decode_body::<DescribeClusterRequest>(req).map(drop),
         ApiKey::DescribeQuorum => decode_body::<DescribeQuorumRequest>(req).map(drop),
+        ApiKey::AlterConfigs => decode_body::<AlterConfigsRequest>(req).map(drop),
         _ => Err(NetError::Malformed("not served".into())),
     }
 }

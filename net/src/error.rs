@@ -33,6 +33,12 @@ pub enum NetError {
     Replica(#[from] spate_replication::partition::ReplicaError),
 }
 
+impl From<spate_replication::shard::ShardUnavailable> for NetError {
+    fn from(e: spate_replication::shard::ShardUnavailable) -> Self {
+        NetError::ShardUnavailable(e.0)
+    }
+}
+
 /// Kafka error code for any error met while serving a partition.
 pub fn net_error_code(err: &NetError) -> i16 {
     match err {

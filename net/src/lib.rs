@@ -1,15 +1,18 @@
-//! Spate Kafka wire protocol: framing, request decoding, handlers, and the cross-core routing
-//! between shards (one glommio executor per core, each owning its partitions).
+//! Spate's Kafka layer: framing, request decoding, handlers adapting each API onto the
+//! partition replicas of spate-replication, the group coordinator and metrics exposition.
 //!
 //! Layout: [`request`] decodes frames and headers (sans-IO), [`dispatch`] is the one match on
-//! API keys, [`handlers`] adapt each API onto partition replicas (spate-replication), [`shard`]
-//! holds this shard's replicas and runs cross-shard work, [`server`] runs connections, [`broker`] starts the executors.
+//! API keys, [`handlers`] adapt each API onto partition replicas, [`shard`] is a shard's
+//! serving state (its replicas and routing come from spate-replication), [`server`] runs
+//! connections. The binary (src/broker.rs) starts the executors and wires them together.
+//! [`alloc`] is the broker's global allocator; it stays here because the decoder's property
+//! tests and fuzz target run under it too (they check that no request makes the decoder
+//! reserve memory it was not sent).
 
 pub mod alloc;
-pub mod broker;
 pub mod budget;
 pub mod config;
-pub mod cross_wake;
+pub use spate_replication::shard::cross_wake;
 pub mod dispatch;
 pub mod error;
 pub mod frame;
@@ -23,7 +26,6 @@ pub mod server;
 pub mod shard;
 pub mod versions;
 
-pub use broker::{Broker, ShutdownHandle};
 pub use config::BrokerConfig;
 pub use error::NetError;
 pub use shard::{Router, Shard, TopicPartition};

@@ -6,6 +6,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -53,6 +54,9 @@ pub struct GroupLabels {
 /// One committed offset of a consumer group, as its coordinator shard reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CommittedOffset {
+    /// The shard owning the partition (its gauges carry that label); None if no shard does
+    /// (the topic is gone).
+    pub owner: Option<usize>,
     pub group: String,
     pub topic: String,
     pub partition: i32,
@@ -86,6 +90,10 @@ pub struct Metrics {
     request_memory_used: Family<ShardLabels, Gauge>,
     request_memory_waits: Family<ShardLabels, Counter>,
     no_space_refusals: Family<PartitionLabels, Counter>,
+    cleaner_runs: Family<PartitionLabels, Counter>,
+    cleaner_bytes_read: Family<PartitionLabels, Counter>,
+    cleaner_bytes_reclaimed: Family<PartitionLabels, Counter>,
+    dirty_ratio: Family<PartitionLabels, Gauge<f64, AtomicU64>>,
     scrape: Arc<ScrapeTime>,
 }
 
@@ -120,6 +128,10 @@ impl Metrics {
             request_memory_used: Family::default(),
             request_memory_waits: Family::default(),
             no_space_refusals: Family::default(),
+            cleaner_runs: Family::default(),
+            cleaner_bytes_read: Family::default(),
+            cleaner_bytes_reclaimed: Family::default(),
+            dirty_ratio: Family::default(),
             scrape: Arc::default(),
         };
         let mut r = Registry::default();
@@ -193,6 +205,26 @@ impl Metrics {
             "Produce requests refused with KAFKA_STORAGE_ERROR because the disk had no space for them",
             m.no_space_refusals.clone(),
         );
+        r.register(
+            "spate_cleaner_runs",
+            "Times the log cleaner cleaned the partition (compacted topics)",
+            m.cleaner_runs.clone(),
+        );
+        r.register(
+            "spate_cleaner_bytes_read",
+            "Bytes the log cleaner read from the partition's segments",
+            m.cleaner_bytes_read.clone(),
+        );
+        r.register(
+            "spate_cleaner_bytes_reclaimed",
+            "Segment bytes the log cleaner freed in the partition",
+            m.cleaner_bytes_reclaimed.clone(),
+        );
+        r.register(
+            "spate_partition_dirty_ratio",
+            "Dirty bytes over cleanable bytes of a compacted partition, when the cleaner last looked",
+            m.dirty_ratio.clone(),
+        );
         r.register_collector(Box::new(m.scrape.clone()));
         Metrics { registry: r, ..m }
     }
@@ -218,16 +250,18 @@ impl Metrics {
 
     /// The exposition text (OpenMetrics, which Prometheus reads), with `committed` as the
     /// consumer group offsets known at this scrape.
-    pub fn render(&self, committed: Vec<CommittedOffset>, router: &crate::Router) -> String {
+    pub fn render(&self, committed: Vec<CommittedOffset>) -> String {
         let lag = committed
             .into_iter()
             .map(|c| {
-                let labels = PartitionLabels {
-                    shard: router.shard_for(&c.topic, c.partition) as u32,
-                    topic: c.topic.clone(),
-                    partition: c.partition,
-                };
-                let end = self.log_end_offset.get(&labels).map(|g| g.get());
+                let end = c.owner.and_then(|owner| {
+                    let labels = PartitionLabels {
+                        shard: owner as u32,
+                        topic: c.topic.clone(),
+                        partition: c.partition,
+                    };
+                    self.log_end_offset.get(&labels).map(|g| g.get())
+                });
                 (c, end)
             })
             .collect();
@@ -426,6 +460,22 @@ impl spate_replication::partition::ReplicaObserver for PartitionMetrics {
     fn refused_no_space(&self) {
         self.no_space_refusals.inc();
     }
+    fn dirty_ratio(&self, ratio: f64) {
+        self.metrics
+            .dirty_ratio
+            .get_or_create(&self.labels)
+            .set(ratio);
+    }
+    fn cleaned(&self, stats: &spate_replication::partition::CleanStats) {
+        let m = &self.metrics;
+        m.cleaner_runs.get_or_create(&self.labels).inc();
+        m.cleaner_bytes_read
+            .get_or_create(&self.labels)
+            .inc_by(stats.bytes_read);
+        m.cleaner_bytes_reclaimed
+            .get_or_create(&self.labels)
+            .inc_by(stats.bytes_reclaimed);
+    }
     fn committed(&self, _high_watermark: u64) {
         // Long-polling fetches wait on their shard's signal; the replica runs on that shard.
         if let Some(shard) = crate::shard::Shard::current() {
@@ -448,16 +498,16 @@ impl PartitionMetrics {
         m.log_end_offset.remove(&self.labels);
         m.high_watermark.remove(&self.labels);
         m.no_space_refusals.remove(&self.labels);
+        m.cleaner_runs.remove(&self.labels);
+        m.cleaner_bytes_read.remove(&self.labels);
+        m.cleaner_bytes_reclaimed.remove(&self.labels);
+        m.dirty_ratio.remove(&self.labels);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn router() -> crate::Router {
-        crate::Router::new(2).0
-    }
 
     #[test]
     fn shard_handles_show_up_labelled_and_summed_per_series() {
@@ -474,7 +524,7 @@ mod tests {
         p.records_in.inc_by(7);
         p.set_offsets(7, 7);
         s0.observe_latency(ApiKey::Produce, Duration::from_millis(2));
-        let text = m.render(vec![], &router());
+        let text = m.render(vec![]);
         for line in [
             "spate_requests_total{shard=\"0\",api=\"Produce\",error_code=\"0\"} 2",
             "spate_requests_total{shard=\"1\",api=\"Produce\",error_code=\"0\"} 1",
@@ -488,24 +538,24 @@ mod tests {
         }
         assert!(text.ends_with("# EOF\n"), "{text}");
         p.remove();
-        let text = m.render(vec![], &router());
+        let text = m.render(vec![]);
         assert!(!text.contains("topic=\"t\""), "{text}");
     }
 
     #[test]
     fn lag_is_log_end_minus_committed_for_open_partitions() {
         let m = Arc::new(Metrics::new());
-        let r = router();
         let tp = TopicPartition::new("orders", 0);
-        let owner = r.shard_for("orders", 0);
+        let owner = 1;
         m.for_shard(owner).partition(&tp).set_offsets(10, 10);
         let committed = |topic: &str, offset| CommittedOffset {
+            owner: (topic == "orders").then_some(owner),
             group: "g".into(),
             topic: topic.into(),
             partition: 0,
             offset,
         };
-        let text = m.render(vec![committed("orders", 4), committed("gone", 2)], &r);
+        let text = m.render(vec![committed("orders", 4), committed("gone", 2)]);
         let expect = [
             "spate_consumer_group_lag{group=\"g\",topic=\"orders\",partition=\"0\"} 6",
             "spate_consumer_group_committed_offset{group=\"g\",topic=\"orders\",partition=\"0\"} 4",

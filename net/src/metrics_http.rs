@@ -147,7 +147,7 @@ fn answer(mut stream: TcpStream, metrics: &Metrics, router: &Router) -> std::io:
     }
     match route(&head) {
         Route::Metrics => {
-            let body = metrics.render(committed_offsets(router), router);
+            let body = metrics.render(committed_offsets(router));
             respond(&mut stream, "200 OK", CONTENT_TYPE, &body)
         }
         Route::NotFound => respond(&mut stream, "404 Not Found", "text/plain", "try /metrics\n"),

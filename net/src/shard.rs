@@ -1,177 +1,29 @@
-//! A shard: one pinned executor's share of the broker. It alone owns its partitions; other
-//! shards reach them only by sending it work over a cross-shard channel ([`Router::run_on`]).
+//! A shard as the Kafka layer sees it: one pinned executor's share of the broker. Its
+//! partition replicas ([`ReplicaSet`]), the placement table and cross-shard routing live in
+//! spate-replication (`shard/`); this adds what serving Kafka clients needs per shard:
+//! connections, the request memory budget, metrics, shutdown, and the order of a connection's
+//! Produce requests. Other shards reach this one only by sending it work ([`Router::run_on`]).
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
-use std::future::Future;
-use std::path::PathBuf;
-use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Poll, Waker};
-
-use glommio::sync::Semaphore;
-use kafka_protocol::ResponseError;
 
 use crate::config::BrokerConfig;
-use crate::cross_wake;
-use crate::error::NetError;
 use crate::metadata::{MetadataStore, Topics};
+use spate_replication::partition::PartitionReplica;
 pub use spate_replication::partition::TopicPartition;
-use spate_replication::partition::{
-    apply_topic_configs, LiveLimits, PartitionReplica, ReplicaConfig,
+pub use spate_replication::shard::{
+    producer_state_path, ReplicaSet, ReplicaSettings, ShardState, ShardTable, ShardUnavailable,
+    Signal, SHARD_QUEUE_DEPTH,
 };
-pub use spate_replication::shard_table::shard_of;
 
+/// Routes work to the shard owning a partition. Cheap to clone; `Send`.
+pub type Router = spate_replication::shard::Router<Shard>;
 /// Work sent to another shard: runs there with that shard's state.
-pub type Job = Box<dyn FnOnce(Rc<Shard>) -> Pin<Box<dyn Future<Output = ()>>> + Send>;
-
-/// Jobs queued per shard before senders wait (backpressure across shards).
-pub const SHARD_QUEUE_DEPTH: usize = 4096;
+pub type Job = spate_replication::shard::Job<Shard>;
 
 thread_local! {
     static CURRENT: RefCell<Option<Rc<Shard>>> = const { RefCell::new(None) };
-}
-
-/// Routes work to the shard owning a partition. Cheap to clone; `Send`.
-#[derive(Clone)]
-pub struct Router {
-    senders: Arc<Vec<flume::Sender<Job>>>,
-    /// Client connections each shard serves (or has been given and is about to serve): the
-    /// kernel spreads SO_REUSEPORT accepts by a hash of the peer's address, which can put every
-    /// connection on one shard; accepts are rebalanced by these counts.
-    connections: Arc<Vec<AtomicUsize>>,
-}
-
-impl Router {
-    /// A router over `shards` queues; the receivers go to the shards' job loops.
-    pub fn new(shards: usize) -> (Router, Vec<flume::Receiver<Job>>) {
-        assert!(shards > 0, "at least one shard");
-        let (senders, receivers) = (0..shards)
-            .map(|_| flume::bounded(SHARD_QUEUE_DEPTH))
-            .unzip();
-        (
-            Router {
-                senders: Arc::new(senders),
-                connections: Arc::new((0..shards).map(|_| AtomicUsize::new(0)).collect()),
-            },
-            receivers,
-        )
-    }
-
-    /// Picks the shard that will serve a connection accepted on shard `here`: the one with the
-    /// fewest connections, `here` on a tie (no hand-off). The pick is counted at once, so
-    /// accepts on several shards at the same moment do not all pick the same shard. Pair with
-    /// [`Self::release_connection`] when the connection ends.
-    pub fn claim_connection(&self, here: usize) -> usize {
-        let load = |i: usize| self.connections[i].load(Ordering::Acquire);
-        let mut best = here.min(self.shards() - 1);
-        for i in 0..self.shards() {
-            if load(i) < load(best) {
-                best = i;
-            }
-        }
-        self.connections[best].fetch_add(1, Ordering::AcqRel);
-        best
-    }
-
-    /// A connection counted by [`Self::claim_connection`] on `shard` has ended.
-    pub fn release_connection(&self, shard: usize) {
-        let before = self.connections[shard].fetch_sub(1, Ordering::AcqRel);
-        debug_assert!(before > 0, "released more connections than claimed");
-    }
-
-    pub fn shards(&self) -> usize {
-        self.senders.len()
-    }
-
-    /// The shard owning a partition: fixed for a given topic, partition and shard count, and
-    /// consecutive partitions of a topic land on consecutive shards.
-    pub fn shard_for(&self, topic: &str, partition: i32) -> usize {
-        shard_of(topic, partition, self.shards())
-    }
-
-    /// Runs `f` on shard `shard` with its state and returns the result here. Runs in place when
-    /// `shard` is the current one.
-    pub async fn run_on<T, F, Fut>(&self, shard: usize, f: F) -> Result<T, NetError>
-    where
-        T: Send + 'static,
-        F: FnOnce(Rc<Shard>) -> Fut + Send + 'static,
-        Fut: Future<Output = T> + 'static,
-    {
-        if let Some(current) = Shard::current().filter(|s| s.id == shard) {
-            return Ok(f(current).await);
-        }
-        let sender = self
-            .senders
-            .get(shard)
-            .ok_or(NetError::ShardUnavailable(shard))?;
-        let (tx, rx) = flume::bounded(1);
-        let job: Job = Box::new(move |s| {
-            Box::pin(async move {
-                let _ = tx.send(f(s).await);
-            })
-        });
-        // The other shard wakes (and drops the waker of) both waits: see cross_wake.
-        cross_wake::send(sender, job)
-            .await
-            .map_err(|_| NetError::ShardUnavailable(shard))?;
-        cross_wake::recv(&rx)
-            .await
-            .map_err(|_| NetError::ShardUnavailable(shard))
-    }
-
-    /// Runs `f` on every shard, each with its own copy of `f`.
-    pub async fn broadcast<T, F, Fut>(&self, f: F) -> Vec<Result<T, NetError>>
-    where
-        T: Send + 'static,
-        F: Fn(Rc<Shard>) -> Fut + Send + Clone + 'static,
-        Fut: Future<Output = T> + 'static,
-    {
-        let tasks: Vec<_> = (0..self.shards())
-            .map(|i| {
-                let (router, f) = (self.clone(), f.clone());
-                glommio::spawn_local(async move { router.run_on(i, f).await })
-            })
-            .collect();
-        let mut out = Vec::with_capacity(tasks.len());
-        for t in tasks {
-            out.push(t.await);
-        }
-        out
-    }
-}
-
-/// A level-triggered wake-up for tasks of one shard: waiters remember the generation they saw
-/// and wake when it moves.
-#[derive(Default)]
-pub struct Signal {
-    generation: Cell<u64>,
-    wakers: RefCell<Vec<Waker>>,
-}
-
-impl Signal {
-    pub fn generation(&self) -> u64 {
-        self.generation.get()
-    }
-    pub fn notify(&self) {
-        self.generation.set(self.generation.get() + 1);
-        for w in self.wakers.take() {
-            w.wake();
-        }
-    }
-    /// Resolves once [`Self::notify`] was called after generation `since`.
-    pub fn changed(&self, since: u64) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| {
-            if self.generation.get() != since {
-                Poll::Ready(())
-            } else {
-                self.wakers.borrow_mut().push(cx.waker().clone());
-                Poll::Pending
-            }
-        })
-    }
 }
 
 /// Orders the appends of one connection's Produce requests: Kafka promises that requests on a
@@ -256,12 +108,8 @@ pub struct Shard {
     pub router: Router,
     pub config: Arc<BrokerConfig>,
     pub metadata: Arc<MetadataStore>,
-    cached_topics: RefCell<(u64, Topics)>,
-    partitions: RefCell<HashMap<TopicPartition, Rc<PartitionReplica>>>,
-    /// Replicas whose open failed, with the error code requests for them get.
-    failed_opens: RefCell<HashMap<TopicPartition, i16>>,
-    /// Serialises opening partitions (rare) so two tasks never open one log twice.
-    open_lock: Semaphore,
+    /// The partition replicas this shard owns, and its view of the placement.
+    pub replicas: ReplicaSet,
     /// Notified when a high watermark on this shard advances; long-polling fetches wait on it.
     pub data_arrived: Signal,
     /// Notified once when the broker starts shutting down.
@@ -280,6 +128,15 @@ pub struct Shard {
     pub connections_closed: Cell<u64>,
 }
 
+impl ShardState for Shard {
+    fn shard_id(&self) -> usize {
+        self.id
+    }
+    fn current() -> Option<Rc<Self>> {
+        Shard::current()
+    }
+}
+
 impl Shard {
     pub fn new(
         id: usize,
@@ -288,22 +145,31 @@ impl Shard {
         metadata: Arc<MetadataStore>,
         metrics: &Arc<crate::metrics::Metrics>,
     ) -> Rc<Shard> {
-        let topics = (metadata.version(), metadata.topics());
         let request_budget = crate::budget::RequestBudget::new(config.shard_request_memory_bytes());
         let shard_metrics = metrics.for_shard(id);
         request_budget.export_to(
             shard_metrics.request_memory_used.clone(),
             shard_metrics.request_memory_waits.clone(),
         );
+        let settings = ReplicaSettings {
+            data_dir: config.data_dir.clone(),
+            log: config.log_config(),
+            high_watermark_cap: config.test_high_watermark_cap,
+        };
+        let observers = {
+            let metrics = metrics.for_shard(id);
+            Box::new(move |tp: &TopicPartition| {
+                Box::new(metrics.partition(tp))
+                    as Box<dyn spate_replication::partition::ReplicaObserver>
+            })
+        };
+        let replicas = ReplicaSet::new(id, router.shards(), settings, metadata.clone(), observers);
         let shard = Rc::new(Shard {
             id,
             router,
             config,
             metadata,
-            cached_topics: RefCell::new(topics),
-            partitions: RefCell::default(),
-            failed_opens: RefCell::default(),
-            open_lock: Semaphore::new(1),
+            replicas,
             data_arrived: Signal::default(),
             shutdown: Signal::default(),
             shutting_down: Cell::new(false),
@@ -328,45 +194,38 @@ impl Shard {
         CURRENT.with(|c| c.borrow_mut().take());
     }
 
-    /// The topic metadata, refreshed only when the store's version moved.
-    /// Applies a topic's changed configs to its logs open on this shard. Only the live limits
-    /// change now (retention, max batch size); segment size applies when a log is next opened.
+    /// Applies a topic's changed configs to its replicas open on this shard.
     pub fn reconfigure_topic(
         &self,
         topic: &str,
         configs: &std::collections::BTreeMap<String, String>,
     ) {
-        let mut lc = self.config.log_config();
-        apply_topic_configs(&mut lc, configs);
-        let limits = LiveLimits::of(&lc);
-        for (tp, p) in self.partitions.borrow().iter() {
-            if &*tp.topic == topic {
-                if let Err(e) = p.set_limits(limits) {
-                    tracing::warn!(topic, partition = tp.partition, error = %e, "topic config not applied");
-                }
-            }
-        }
+        self.replicas.reconfigure_topic(topic, configs);
     }
 
+    /// The topic metadata, refreshed only when the store's version moved.
     pub fn topics(&self) -> Topics {
-        let version = self.metadata.version();
-        let mut cached = self.cached_topics.borrow_mut();
-        if cached.0 != version {
-            *cached = (version, self.metadata.topics());
-        }
-        cached.1.clone()
+        self.replicas.topics()
+    }
+
+    /// This shard's snapshot of the partition placement.
+    pub fn shard_table(&self) -> Rc<ShardTable> {
+        self.replicas.table()
+    }
+
+    /// The shard owning a partition; the error is a Kafka error code.
+    pub fn owner(&self, topic: &str, partition: i32) -> Result<usize, i16> {
+        self.replicas.owner(topic, partition)
     }
 
     /// Error code if the topic or partition does not exist.
     pub fn check_exists(&self, topic: &str, partition: i32) -> Result<(), i16> {
-        match self.topics().get(topic) {
-            Some(t) if partition >= 0 && partition < t.partitions => Ok(()),
-            _ => Err(ResponseError::UnknownTopicOrPartition.code()),
-        }
+        self.replicas.check_exists(topic, partition)
     }
 
     pub fn begin_shutdown(&self) {
         if !self.shutting_down.replace(true) {
+            self.replicas.stop_opening();
             self.shutdown.notify();
         }
     }
@@ -374,50 +233,20 @@ impl Shard {
         self.shutting_down.get()
     }
 
-    pub fn partition_dir(&self, tp: &TopicPartition) -> PathBuf {
-        self.config.data_dir.join(tp.dir_name())
-    }
-
-    /// The open replica of a partition this shard owns. A getter: it never opens a log (that
-    /// is [`Self::open_partition`], at start-up and when a topic is created). Must run on the
-    /// owning shard. The error is a Kafka error code.
+    /// The open replica of a partition this shard owns: a getter, see [`ReplicaSet::partition`].
     pub fn partition(&self, tp: &TopicPartition) -> Result<Rc<PartitionReplica>, i16> {
-        debug_assert_eq!(self.router.shard_for(&tp.topic, tp.partition), self.id);
-        if let Some(p) = self.partitions.borrow().get(tp) {
-            return Ok(p.clone());
-        }
-        self.check_exists(&tp.topic, tp.partition)?;
-        if let Some(code) = self.failed_opens.borrow().get(tp) {
-            return Err(*code);
-        }
-        // Created a moment ago and still being opened: clients retry this code.
-        Err(ResponseError::NotLeaderOrFollower.code())
+        self.replicas.partition(tp)
     }
 
-    /// Opens the replicas of every partition in the topic metadata (of `topic` only, if
-    /// given) that this shard owns and has not opened: at start-up, and on every shard after a
-    /// topic or partitions were created.
+    /// Opens the replicas this shard owns (of `topic` only, if given): see
+    /// [`ReplicaSet::open_owned`].
     pub async fn open_owned_partitions(&self, topic: Option<&str>) {
-        let topics = self.topics();
-        for t in topics
-            .values()
-            .filter(|t| topic.is_none_or(|n| n == t.name))
-        {
-            for p in 0..t.partitions {
-                let tp = TopicPartition::new(&t.name, p);
-                if self.router.shard_for(&t.name, p) != self.id
-                    || self.partitions.borrow().contains_key(&tp)
-                {
-                    continue;
-                }
-                // A failure is logged and kept for the requests that name the partition.
-                let _ = self.open_partition(&tp).await;
-            }
-        }
+        self.replicas.open_owned(topic).await
     }
 
     /// Opens the replicas of `topic`'s new partitions on the shards that own them, and waits
-    /// until they are open, so that the client that created them finds them.
+    /// until they are open (and every shard routes by the new placement), so that the client
+    /// that created them finds them.
     pub async fn open_topic_on_owners(&self, topic: &str) {
         let topic: Arc<str> = Arc::from(topic);
         let opened = self
@@ -434,129 +263,43 @@ impl Shard {
         }
     }
 
-    /// Opens (and recovers) the replica of `tp`, which this shard owns, unless it is open.
-    /// The error is a Kafka error code, also kept for later requests.
-    pub async fn open_partition(&self, tp: &TopicPartition) -> Result<(), i16> {
-        debug_assert_eq!(self.router.shard_for(&tp.topic, tp.partition), self.id);
-        if self.partitions.borrow().contains_key(tp) {
-            return Ok(());
-        }
-        self.check_exists(&tp.topic, tp.partition)?;
-        let _guard = self
-            .open_lock
-            .acquire_permit(1)
-            .await
-            .map_err(|_| ResponseError::NotLeaderOrFollower.code())?;
-        if self.partitions.borrow().contains_key(tp) {
-            return Ok(());
-        }
-        if self.is_shutting_down() {
-            return Err(ResponseError::NotLeaderOrFollower.code());
-        }
-        let mut log_config = self.config.log_config();
-        if let Some(t) = self.topics().get(&*tp.topic) {
-            apply_topic_configs(&mut log_config, &t.configs);
-        }
-        let config = ReplicaConfig {
-            log: log_config,
-            high_watermark_cap: self.config.test_high_watermark_cap,
-        };
-        let partition = PartitionReplica::open(
-            tp.clone(),
-            self.partition_dir(tp),
-            Some(producer_state_path(&self.config.data_dir, tp)),
-            config,
-            Box::new(self.metrics.partition(tp)),
-        )
-        .await
-        .map_err(|e| {
-            tracing::error!(topic = %tp.topic, partition = tp.partition, error = %e, "cannot open partition");
-            self.failed_opens.borrow_mut().insert(tp.clone(), e.code());
-            e.code()
-        })?;
-        self.failed_opens.borrow_mut().remove(tp);
-        self.partitions
-            .borrow_mut()
-            .insert(tp.clone(), Rc::new(partition));
-        Ok(())
-    }
-
-    /// Closes and deletes every open or on-disk partition of `topic` owned by this shard, for
-    /// partitions `0..partitions`.
+    /// Closes and deletes this shard's partitions `0..partitions` of a deleted topic.
     pub async fn delete_partitions(&self, topic: &str, partitions: i32) {
-        for p in 0..partitions {
-            if self.router.shard_for(topic, p) != self.id {
-                continue;
-            }
-            let tp = TopicPartition::new(topic, p);
-            self.failed_opens.borrow_mut().remove(&tp);
-            let open = self.partitions.borrow_mut().remove(&tp);
-            if let Some(part) = open {
-                if let Err(e) = part.delete().await {
-                    tracing::warn!(topic, partition = p, error = %e, "deleting partition log");
-                }
-            } else {
-                let dir = self.partition_dir(&tp);
-                if dir.exists() {
-                    if let Err(e) = std::fs::remove_dir_all(&dir) {
-                        tracing::warn!(topic, partition = p, error = %e, "removing partition dir");
-                    }
-                }
-            }
-            let _ = std::fs::remove_file(producer_state_path(&self.config.data_dir, &tp));
-        }
+        self.replicas.delete_partitions(topic, partitions).await
     }
 
-    /// Deletes segments past the retention limits in every open partition of this shard.
     pub async fn apply_retention(&self) {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        let open: Vec<_> = self.partitions.borrow().values().cloned().collect();
-        for p in open {
-            if let Err(e) = p.apply_retention(now_ms).await {
-                tracing::warn!(topic = %p.tp.topic, partition = p.tp.partition, error = %e, "retention failed");
-            }
-        }
+        self.replicas.apply_retention().await
+    }
+
+    /// One round of the log cleaner over this shard's compacted partitions, dirtiest first.
+    pub async fn clean_logs(&self) {
+        spate_replication::partition::clean_logs(
+            &self.replicas.open_partitions(),
+            &self.config.shard_cleaner_config(),
+            || self.is_shutting_down(),
+        )
+        .await;
     }
 
     /// Writes producer-state snapshots of partitions whose state changed.
     pub async fn snapshot_producers(&self) {
-        let open: Vec<_> = self.partitions.borrow().values().cloned().collect();
-        for p in open {
-            if let Err(e) = p.snapshot_producers().await {
-                tracing::warn!(topic = %p.tp.topic, partition = p.tp.partition, error = %e, "producer snapshot failed");
-            }
-        }
+        self.replicas.snapshot_producers().await
     }
 
     /// Flushes and closes every partition of this shard.
     pub async fn close_partitions(&self) {
-        let all: Vec<_> = self.partitions.borrow_mut().drain().collect();
-        for (tp, p) in all {
-            if let Err(e) = p.close().await {
-                tracing::error!(topic = %tp.topic, partition = tp.partition, error = %e, "closing partition");
-            }
-        }
+        self.replicas.close_all().await
     }
 }
 
-/// Producer-state snapshots live beside, not inside, the log directories, which belong to
-/// the engine.
-pub fn producer_state_path(data_dir: &std::path::Path, tp: &TopicPartition) -> PathBuf {
-    data_dir
-        .join("producer-state")
-        .join(format!("{}.json", tp.dir_name()))
-}
-
-impl Router {
-    /// Queues a job from outside any executor (signal handling), blocking while the queue is
-    /// full.
-    pub fn send_blocking(&self, shard: usize, job: Job) -> Result<(), NetError> {
-        self.senders
-            .get(shard)
-            .ok_or(NetError::ShardUnavailable(shard))?
-            .send(job)
-            .map_err(|_| NetError::ShardUnavailable(shard))
-    }
+/// The owner of a partition in `table` (a snapshot taken once for a whole request); the
+/// error is a Kafka error code (see [`ReplicaSet::owner_in`]).
+pub fn owner_in(
+    table: &ShardTable,
+    shard: &Shard,
+    topic: &str,
+    partition: i32,
+) -> Result<usize, i16> {
+    shard.replicas.owner_in(table, topic, partition)
 }

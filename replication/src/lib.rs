@@ -17,7 +17,7 @@ pub mod types;
 // the replicas, the topic metadata store (the controller's state to be) and shard placement.
 pub mod metadata;
 pub mod partition;
-pub mod shard_table;
+pub mod shard;
 
 pub use epochs::EpochHistory;
 pub use error::Error;

@@ -1,5 +1,6 @@
 //! Topic metadata known on every shard: names, topic ids, partition counts, per-topic configs,
-//! and the producer-id allocator. Persisted to one checksummed file in the data dir.
+//! the shard owning each partition, and the producer-id allocator. Persisted to one
+//! checksummed file in the data dir.
 //!
 //! Changes are rare (admin requests) and serialised by a mutex; readers on the data path only
 //! compare an atomic version with the snapshot they cached, so a request takes no lock unless
@@ -14,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 
 use crate::partition::ReplicaError;
-use crate::shard_table::shard_of;
+use crate::shard::table::{least_loaded, shard_loads, shard_of};
 
 pub const METADATA_FILE: &str = "spate-metadata.json";
 /// Producer ids are reserved on disk in blocks of this many, so ids stay unique across
@@ -35,6 +36,11 @@ pub struct TopicMeta {
     pub internal: bool,
     /// Kafka topic configs given at creation (`retention.ms`, ...), as strings.
     pub configs: BTreeMap<String, String>,
+    /// The shard owning each partition's replica, by partition: decided when the partition is
+    /// created and kept across restarts (see `shard::table`). Missing from a file written
+    /// before placement was stored; [`MetadataStore::settle_placement`] fills it in.
+    #[serde(default)]
+    pub shards: Vec<u32>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -121,55 +127,79 @@ fn colliding_topic<'a>(topics: &'a BTreeMap<String, TopicMeta>, name: &str) -> O
         .find(|t| *t != name && topic_names_collide(t, name))
 }
 
-/// Adds one to `counts[shard]` for each partition in `from..to` of a topic whose partition 0
-/// is on shard `base`: partitions are placed on consecutive shards ([`shard_of`]).
-fn count_placed(counts: &mut [usize], base: usize, from: i32, to: i32) {
-    let shards = counts.len();
-    let n = (to - from).max(0) as usize;
-    let (full, rest) = (n / shards, n % shards);
-    if full > 0 {
-        counts.iter_mut().for_each(|c| *c += full);
-    }
-    let start = (base + from.max(0) as usize) % shards;
-    for i in 0..rest {
-        counts[(start + i) % shards] += 1;
-    }
-}
-
-/// Refuses adding partitions `from..to` to topic `name` if a shard receiving one of them would
-/// then hold more than the limit. Placement is a hash known in advance, so the count is exact
-/// per shard (not cores x limit in total): a hash that happens to crowd one shard is refused
-/// rather than left to overload that core.
-fn check_shard_limit(
+/// Places `count` new partitions of topic `name`, each on the least-loaded shard (the lowest
+/// index on a tie), and returns their shards; refuses if a partition would take a shard past
+/// the limit. Least-loaded placement fills every shard before any passes the limit, so a
+/// refusal means the node is full, not that one shard happened to be crowded.
+fn place_partitions(
     topics: &BTreeMap<String, TopicMeta>,
     name: &str,
-    from: i32,
-    to: i32,
+    count: i32,
     limit: ShardLimit,
-) -> Result<(), Refused> {
+) -> Result<Vec<u32>, Refused> {
     let shards = limit.shards.max(1);
-    let mut used = vec![0usize; shards];
-    for t in topics.values() {
-        count_placed(&mut used, shard_of(&t.name, 0, shards), 0, t.partitions);
-    }
-    let mut added = vec![0usize; shards];
-    count_placed(&mut added, shard_of(name, 0, shards), from, to);
+    let mut loads = shard_loads(topics.values(), shards);
+    let used: usize = loads.iter().sum();
     let max = limit.max_partitions_per_shard;
-    for s in 0..shards {
-        if added[s] > 0 && used[s] + added[s] > max {
-            return Err(Refused::new(
-                kafka_protocol::ResponseError::InvalidPartitions,
-                format!(
-                    "topic '{name}': {} more partitions on shard {s}, which holds {}, would pass \
-                     the limit of {max} partition replicas per shard ({shards} shards); raise \
-                     --max-partitions-per-shard (SPATE_MAX_PARTITIONS_PER_SHARD), run on more \
-                     cores, or delete topics",
-                    added[s], used[s]
-                ),
-            ));
+    // Least-loaded placement fills every shard to the limit before refusing, so what fits is
+    // exactly the room left under it (counted before allocating anything for the placement).
+    let room: usize = loads.iter().map(|&l| max.saturating_sub(l)).sum();
+    let count = usize::try_from(count).unwrap_or(0);
+    if count > room {
+        return Err(Refused::new(
+            kafka_protocol::ResponseError::InvalidPartitions,
+            format!(
+                "topic '{name}': {count} more partitions, with {used} placed, would pass the \
+                 limit of {max} partition replicas per shard ({shards} shards); raise \
+                 --max-partitions-per-shard (SPATE_MAX_PARTITIONS_PER_SHARD), run on more \
+                 cores, or delete topics"
+            ),
+        ));
+    }
+    let mut placed = Vec::with_capacity(count);
+    for _ in 0..count {
+        let s = least_loaded(&loads);
+        debug_assert!(loads[s] < max, "room was counted");
+        loads[s] += 1;
+        placed.push(s as u32);
+    }
+    Ok(placed)
+}
+
+/// What [`MetadataStore::settle_placement`] changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SettledPlacement {
+    /// Partitions with no stored shard (a data dir from before placement was stored), given
+    /// the shard the old hash rule put them on.
+    pub filled: usize,
+    /// Partitions whose stored shard is past the shard count (`--cores` shrank), moved to the
+    /// least-loaded shard.
+    pub replaced: usize,
+}
+
+/// Gives every partition of `topics` a shard below `shards`: see
+/// [`MetadataStore::settle_placement`].
+fn settle(topics: &mut BTreeMap<String, TopicMeta>, shards: usize) -> SettledPlacement {
+    let shards = shards.max(1);
+    let mut out = SettledPlacement::default();
+    for t in topics.values_mut() {
+        let want = t.partitions.max(0) as usize;
+        t.shards.truncate(want);
+        for p in t.shards.len()..want {
+            t.shards.push(shard_of(&t.name, p as i32, shards) as u32);
+            out.filled += 1;
         }
     }
-    Ok(())
+    let mut loads = shard_loads(topics.values(), shards);
+    for t in topics.values_mut() {
+        for s in t.shards.iter_mut().filter(|s| **s as usize >= shards) {
+            let to = least_loaded(&loads);
+            loads[to] += 1;
+            *s = to as u32;
+            out.replaced += 1;
+        }
+    }
+    out
 }
 
 fn check_create_topic(
@@ -178,7 +208,7 @@ fn check_create_topic(
     partitions: i32,
     internal: bool,
     limit: ShardLimit,
-) -> Result<(), Refused> {
+) -> Result<Vec<u32>, Refused> {
     use kafka_protocol::ResponseError as E;
     if !valid_topic_name(name) {
         return Err(Refused::new(
@@ -213,17 +243,18 @@ fn check_create_topic(
             "a topic needs at least one partition".into(),
         ));
     }
-    check_shard_limit(topics, name, 0, partitions, limit)
+    place_partitions(topics, name, partitions, limit)
 }
 
-/// Checks growing `name` to `count` partitions; returns its current count.
+/// Checks growing `name` to `count` partitions; returns its current count and the shards of
+/// the new partitions.
 fn check_create_partitions(
     topics: &BTreeMap<String, TopicMeta>,
     name: &str,
     count: i32,
     max_per_topic: i32,
     limit: ShardLimit,
-) -> Result<i32, Refused> {
+) -> Result<(i32, Vec<u32>), Refused> {
     use kafka_protocol::ResponseError as E;
     let Some(topic) = topics.get(name) else {
         return Err(Refused::new(
@@ -240,8 +271,8 @@ fn check_create_partitions(
             ),
         ));
     }
-    check_shard_limit(topics, name, topic.partitions, count, limit)?;
-    Ok(topic.partitions)
+    let placed = place_partitions(topics, name, count - topic.partitions, limit)?;
+    Ok((topic.partitions, placed))
 }
 
 impl MetadataStore {
@@ -322,13 +353,14 @@ impl MetadataStore {
         limit: ShardLimit,
     ) -> Result<Result<TopicMeta, Refused>, ReplicaError> {
         self.update(|s| {
-            check_create_topic(&s.topics, name, partitions, internal, limit)?;
+            let shards = check_create_topic(&s.topics, name, partitions, internal, limit)?;
             let meta = TopicMeta {
                 name: name.to_string(),
                 id: random_topic_id(),
                 partitions,
                 internal,
                 configs,
+                shards,
             };
             s.topics.insert(name.to_string(), meta.clone());
             Ok(meta)
@@ -342,7 +374,7 @@ impl MetadataStore {
         partitions: i32,
         limit: ShardLimit,
     ) -> Result<(), Refused> {
-        check_create_topic(&self.lock().state.topics, name, partitions, false, limit)
+        check_create_topic(&self.lock().state.topics, name, partitions, false, limit).map(|_| ())
     }
 
     pub fn delete_topic(&self, name: &str) -> Result<Result<TopicMeta, i16>, ReplicaError> {
@@ -387,14 +419,36 @@ impl MetadataStore {
                 count,
                 max_per_topic,
                 limit,
-            ));
+            )
+            .map(|(old, _)| old));
         }
         self.update(|s| {
-            let old = check_create_partitions(&s.topics, name, count, max_per_topic, limit)?;
+            let (old, placed) =
+                check_create_partitions(&s.topics, name, count, max_per_topic, limit)?;
             let topic = s.topics.get_mut(name).expect("checked above");
             topic.partitions = count;
+            topic.shards.extend(placed);
             Ok(old)
         })
+    }
+
+    /// Gives every partition a shard below `shards` and persists what changed; run once at
+    /// start-up, before any shard opens a log. A partition with no stored shard (a data dir
+    /// written before placement was stored) gets the one the old hash rule gave it, so its log
+    /// opens where it did; one stored on a shard past `shards` (`--cores` shrank) moves to the
+    /// least-loaded shard. The per-shard limit is not applied here: the partitions exist and
+    /// must stay reachable; it applies to the next creates.
+    pub fn settle_placement(&self, shards: usize) -> Result<SettledPlacement, ReplicaError> {
+        let mut inner = self.lock();
+        let mut next = inner.state.clone();
+        let settled = settle(&mut next.topics, shards);
+        if settled != SettledPlacement::default() {
+            self.persist(&next)?;
+            inner.snapshot = Arc::new(next.topics.clone());
+            inner.state = next;
+            self.version.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(settled)
     }
 
     /// A producer id never handed out before, even across restarts.
@@ -590,44 +644,125 @@ mod tests {
         }
     }
 
+    /// Partitions per shard of every topic in the store.
+    fn loads(store: &MetadataStore, shards: usize) -> Vec<usize> {
+        shard_loads(store.topics().values(), shards)
+    }
+
     #[test]
-    fn counted_placement_matches_shard_of() {
-        let mut topics = BTreeMap::new();
-        for (i, n) in [1, 5, 7, 13, 64].into_iter().enumerate() {
-            let name = format!("t{i}");
-            topics.insert(
-                name.clone(),
-                TopicMeta {
-                    name,
-                    id: 0,
-                    partitions: n,
-                    internal: false,
-                    configs: BTreeMap::new(),
-                },
-            );
+    fn partitions_spread_evenly_over_shards() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MetadataStore::open(dir.path()).unwrap();
+        let mut total = 0;
+        for (i, n) in [1, 5, 7, 13, 64, 3, 2].into_iter().enumerate() {
+            store
+                .create_topic(&format!("t{i}"), n, BTreeMap::new(), false, ROOMY)
+                .unwrap()
+                .unwrap();
+            total += n as usize;
+            let l = loads(&store, ROOMY.shards);
+            assert_eq!(l.iter().sum::<usize>(), total);
+            let (min, max) = (l.iter().min().unwrap(), l.iter().max().unwrap());
+            assert!(max - min <= 1, "after t{i}: {l:?}");
         }
-        for shards in 1..=6 {
-            let mut by_hash = vec![0usize; shards];
-            let mut counted = vec![0usize; shards];
-            for t in topics.values() {
-                for p in 0..t.partitions {
-                    by_hash[shard_of(&t.name, p, shards)] += 1;
-                }
-                count_placed(
-                    &mut counted,
-                    shard_of(&t.name, 0, shards),
-                    0,
-                    3.min(t.partitions),
-                );
-                count_placed(
-                    &mut counted,
-                    shard_of(&t.name, 0, shards),
-                    3.min(t.partitions),
-                    t.partitions,
-                );
+        // Growing a topic fills the emptiest shards first, lowest index on a tie.
+        let before = loads(&store, ROOMY.shards);
+        store
+            .create_partitions("t0", 3, 100, ROOMY, false)
+            .unwrap()
+            .unwrap();
+        let added = &store.topics()["t0"].shards[1..];
+        let mut expect = Vec::new();
+        let mut l = before.clone();
+        for _ in 0..2 {
+            let s = least_loaded(&l);
+            l[s] += 1;
+            expect.push(s as u32);
+        }
+        assert_eq!(added, &expect[..]);
+        // A deleted topic's shards are free again.
+        store.delete_topic("t4").unwrap().unwrap();
+        let l = loads(&store, ROOMY.shards);
+        assert_eq!(l.iter().sum::<usize>(), total + 2 - 64);
+    }
+
+    #[test]
+    fn placement_is_stored_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MetadataStore::open(dir.path()).unwrap();
+        store
+            .create_topic("a", 6, BTreeMap::new(), false, ROOMY)
+            .unwrap()
+            .unwrap();
+        let placed = store.topics()["a"].shards.clone();
+        assert_eq!(placed, [0, 1, 2, 3, 0, 1]);
+        drop(store);
+        let text = std::fs::read_to_string(dir.path().join(METADATA_FILE)).unwrap();
+        assert!(text.contains("\"shards\":[0,1,2,3,0,1]"), "{text}");
+        let store = MetadataStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.settle_placement(4).unwrap(),
+            SettledPlacement::default()
+        );
+        assert_eq!(store.topics()["a"].shards, placed);
+    }
+
+    #[test]
+    fn a_file_without_placement_gets_the_old_hash_placement() {
+        let dir = tempfile::tempdir().unwrap();
+        // The format written before placement was stored: no "shards" in a topic.
+        let body = br#"{"cluster_id":"spate-old","topics":{"old":{"name":"old","id":7,"partitions":5,"internal":false,"configs":{}}},"producer_id_reserved":1000}"#;
+        let mut file = format!("{:08x}\n", crc32c::crc32c(body)).into_bytes();
+        file.extend_from_slice(body);
+        std::fs::write(dir.path().join(METADATA_FILE), file).unwrap();
+        let store = MetadataStore::open(dir.path()).unwrap();
+        assert!(store.topics()["old"].shards.is_empty());
+        let settled = store.settle_placement(3).unwrap();
+        assert_eq!(
+            settled,
+            SettledPlacement {
+                filled: 5,
+                replaced: 0
             }
-            assert_eq!(by_hash, counted, "{shards} shards");
+        );
+        let want: Vec<u32> = (0..5).map(|p| shard_of("old", p, 3) as u32).collect();
+        assert_eq!(store.topics()["old"].shards, want);
+        // Persisted: the next start finds it stored.
+        drop(store);
+        let store = MetadataStore::open(dir.path()).unwrap();
+        assert_eq!(store.topics()["old"].shards, want);
+        assert_eq!(store.cluster_id(), "spate-old");
+        assert_eq!(
+            store.settle_placement(3).unwrap(),
+            SettledPlacement::default()
+        );
+    }
+
+    #[test]
+    fn fewer_cores_re_place_only_the_partitions_past_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MetadataStore::open(dir.path()).unwrap();
+        store
+            .create_topic("a", 8, BTreeMap::new(), false, ROOMY)
+            .unwrap()
+            .unwrap();
+        assert_eq!(store.topics()["a"].shards, [0, 1, 2, 3, 0, 1, 2, 3]);
+        let settled = store.settle_placement(2).unwrap();
+        assert_eq!(
+            settled,
+            SettledPlacement {
+                filled: 0,
+                replaced: 4
+            }
+        );
+        let after = store.topics()["a"].shards.clone();
+        for p in [0, 1, 4, 5] {
+            assert_eq!(after[p], [0, 1, 2, 3, 0, 1, 2, 3][p], "partition {p} stays");
         }
+        assert_eq!(loads(&store, 2), [4, 4]);
+        drop(store);
+        let store = MetadataStore::open(dir.path()).unwrap();
+        assert_eq!(store.topics()["a"].shards, after);
     }
 
     #[test]
@@ -654,7 +789,7 @@ mod tests {
             .create_topic("a", 16, BTreeMap::new(), false, limit)
             .unwrap()
             .unwrap();
-        // 8 a shard used: 4 more fit, 5 do not (one shard would get 3).
+        // 8 a shard used: 4 more fit, 5 do not (20 in all).
         assert_eq!(
             store
                 .create_partitions("a", 21, 100, limit, false)

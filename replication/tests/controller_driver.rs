@@ -197,6 +197,57 @@ fn the_cluster_forms_fails_over_and_takes_a_restarted_node_back() {
 }
 
 #[test]
+fn a_peer_cannot_register_or_heartbeat_for_another_node() {
+    use spate_replication::controller::{HeartbeatRequest, RegisterRequest};
+    use spate_replication::rpc::{RpcErrorCode, RpcMessage};
+    let mut net = Net::new(&[1, 2, 3]);
+    net.until(5_000, "cluster formed", |n| n.all_see_live(&[1, 2, 3]));
+    let c = net.controllers()[0];
+    let forger = VOTERS.into_iter().find(|&n| n != c).unwrap();
+    let victim = VOTERS.into_iter().find(|&n| n != c && n != forger).unwrap();
+    let epoch = net.nodes[&c].state().brokers[&victim].broker_epoch;
+    let requests = [
+        RpcMessage::RegisterBroker(RegisterRequest {
+            node: victim,
+            node_uuid: 0xBAD,
+            rpc: cfg(victim).rpc,
+            kafka: cfg(victim).kafka,
+            shards: 1,
+        }),
+        RpcMessage::Heartbeat(HeartbeatRequest {
+            node: victim,
+            broker_epoch: epoch,
+            want_fence: true,
+        }),
+    ];
+    for (i, message) in requests.into_iter().enumerate() {
+        let frame = Frame {
+            correlation_id: 1000 + i as u64,
+            message,
+        };
+        let d = net.nodes.get_mut(&c).unwrap();
+        d.receive(forger, frame, forger).unwrap();
+        let out = d.take_outgoing();
+        let refused = out.iter().any(|o| match o {
+            Outgoing::Reply { frame, .. } => matches!(
+                &frame.message,
+                RpcMessage::RegisterBrokerResponse(Err(e)) | RpcMessage::HeartbeatResponse(Err(e))
+                    if e.code == RpcErrorCode::InvalidRequest
+            ),
+            _ => false,
+        });
+        assert!(refused, "forged request {i} not refused: {out:?}");
+    }
+    for _ in 0..10 {
+        net.step();
+    }
+    assert!(
+        net.all_see_live(&[1, 2, 3]),
+        "the victim was fenced or re-registered"
+    );
+}
+
+#[test]
 fn a_minority_elects_no_controller_and_a_restored_majority_does() {
     let mut net = Net::new(&[1, 2, 3]);
     net.until(5_000, "cluster formed", |n| n.all_see_live(&[1, 2, 3]));

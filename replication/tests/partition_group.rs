@@ -68,8 +68,11 @@ fn batch(producer_id: i64, first_seq: i32, records: i32) -> VerifiedBatch {
     VerifiedBatch::from_bytes(buf.freeze()).expect("a valid batch")
 }
 
+/// A produce's answer, once its completion has resolved.
+type Answer = Rc<Cell<Option<Result<(), i16>>>>;
+
 /// Waits for a completion in its own task; the test reads the answer when it is there.
-fn watch(c: Completion) -> Rc<Cell<Option<Result<(), i16>>>> {
+fn watch(c: Completion) -> Answer {
     let answer = Rc::new(Cell::new(None));
     let a = answer.clone();
     glommio::spawn_local(async move { a.set(Some(c.wait().await)) }).detach();
@@ -89,6 +92,9 @@ struct Cluster {
     slots: Vec<Slot>,
     /// Directed links that drop everything.
     down: HashSet<(NodeId, NodeId)>,
+    /// Share of the remaining messages dropped at random (seeded), in percent.
+    drop_percent: u32,
+    rng: fastrand::Rng,
     min_insync: usize,
 }
 
@@ -100,6 +106,8 @@ impl Cluster {
             _tmp: tmp,
             slots: Vec::new(),
             down: HashSet::new(),
+            drop_percent: 0,
+            rng: fastrand::Rng::with_seed(0x5eed),
             min_insync,
         };
         for id in 1..=nodes {
@@ -203,7 +211,7 @@ impl Cluster {
             for (from, g) in self.live() {
                 for (to, msg) in g.take_messages().await {
                     any = true;
-                    if self.down.contains(&(from, to)) {
+                    if self.down.contains(&(from, to)) || self.rng.u32(0..100) < self.drop_percent {
                         continue;
                     }
                     let Some(target) = self.slots.iter().find(|s| s.id == to) else {
@@ -337,13 +345,7 @@ async fn assert_logs_identical(c: &Cluster) {
 }
 
 /// Produces one batch on `leader` and returns the completion's answer cell.
-async fn produce(
-    c: &Cluster,
-    leader: NodeId,
-    pid: i64,
-    seq: i32,
-    acks: Acks,
-) -> (i16, Rc<Cell<Option<Result<(), i16>>>>) {
+async fn produce(c: &Cluster, leader: NodeId, pid: i64, seq: i32, acks: Acks) -> (i16, Answer) {
     let (outcome, completion) = c
         .group(leader)
         .produce(vec![batch(pid, seq, 3)], acks)
@@ -529,7 +531,9 @@ fn a_killed_leader_is_replaced_and_restarts_from_its_hard_state_and_log() {
     run(async {
         let mut c = Cluster::new(3, 2).await;
         let old = c.elect().await;
-        let (_, a) = produce(&c, old, 1, 0, Acks::All).await;
+        let (first, completion) = c.group(old).produce(vec![batch(1, 0, 3)], Acks::All).await;
+        assert_eq!(first.error_code, 0);
+        let a = watch(completion);
         c.run_until("committed", |_| a.get().is_some()).await;
         c.run_until("all caught up", Cluster::all_caught_up).await;
         let hard = c.group(old).hard_state();
@@ -540,6 +544,12 @@ fn a_killed_leader_is_replaced_and_restarts_from_its_hard_state_and_log() {
             .await;
         let new = c.ready_leader().unwrap();
         assert_ne!(new, old);
+        // The new leader rebuilt producer state from its log: the producer's retry of its
+        // committed batch is a duplicate at the original offset, never a second copy.
+        let (dup, completion) = c.group(new).produce(vec![batch(1, 0, 3)], Acks::All).await;
+        assert_eq!(dup.error_code, 0);
+        assert_eq!(dup.base_offset, first.base_offset);
+        assert_eq!(completion.wait().await, Ok(()));
         for seq in [3, 6] {
             let (code, a) = produce(&c, new, 1, seq, Acks::All).await;
             assert_eq!(code, 0);
@@ -637,5 +647,73 @@ fn acks_all_is_refused_while_fewer_than_min_insync_replicas_are_caught_up() {
         assert_eq!(c.group(l).in_sync_voters(), 3);
         let (code, _) = produce(&c, l, 1, 9, Acks::All).await;
         assert_eq!(code, 0);
+    });
+}
+
+#[test]
+fn every_acknowledged_write_is_in_the_log_once_after_drops_and_failovers() {
+    const BATCHES: i32 = 60;
+    run(async {
+        let mut c = Cluster::new(3, 2).await;
+        c.drop_percent = 10;
+        // One idempotent producer, one batch in flight, retried (same sequence) until it is
+        // acknowledged, on whichever node is leader, while leaders are cut off now and then.
+        let mut next_seq = 0;
+        let mut inflight: Option<Answer> = None;
+        let mut rounds = 0;
+        while next_seq < BATCHES * 3 {
+            rounds += 1;
+            assert!(
+                rounds < 20 * MAX_ROUNDS,
+                "only {} batches acknowledged",
+                next_seq / 3
+            );
+            if rounds % 150 == 50 {
+                if let Some(l) = c.ready_leader() {
+                    c.isolate(l);
+                }
+            }
+            if rounds % 150 == 120 {
+                c.heal();
+            }
+            match inflight.as_ref().map(|a| a.get()) {
+                Some(Some(Ok(()))) => {
+                    next_seq += 3;
+                    inflight = None;
+                }
+                Some(Some(Err(_))) => inflight = None,
+                Some(None) => {}
+                None => {
+                    if let Some(l) = c.ready_leader() {
+                        let (o, completion) = c
+                            .group(l)
+                            .produce(vec![batch(1, next_seq, 3)], Acks::All)
+                            .await;
+                        if o.error_code == 0 {
+                            inflight = Some(watch(completion));
+                        }
+                    }
+                }
+            }
+            c.round().await;
+        }
+        c.drop_percent = 0;
+        c.heal();
+        c.run_until("all caught up", Cluster::all_caught_up).await;
+        assert_logs_identical(&c).await;
+        let l = c.ready_leader().unwrap();
+        let sequences: Vec<i32> = log_batches(c.group(l))
+            .await
+            .iter()
+            .map(|b| BatchHeader::parse(b).unwrap())
+            .filter(|h| !h.is_control())
+            .map(|h| h.base_sequence())
+            .collect();
+        let expected: Vec<i32> = (0..BATCHES).map(|i| i * 3).collect();
+        assert_eq!(
+            sequences, expected,
+            "each acknowledged batch exactly once, in order"
+        );
+        assert!(c.group(l).epoch() >= 3, "the writes went through failovers");
     });
 }

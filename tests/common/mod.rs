@@ -78,6 +78,20 @@ impl Broker {
         self.spawn_at_once();
     }
 
+    /// The arguments the next [`Self::spawn`] passes after the harness's own (a restart with
+    /// other settings).
+    pub fn set_args(&mut self, args: &[&str]) {
+        self.extra_args = args.iter().map(|s| s.to_string()).collect();
+    }
+
+    /// Two cores, unless the test chose a count.
+    fn cores_args(&self) -> Vec<String> {
+        if self.extra_args.iter().any(|a| a == "--cores") {
+            return Vec::new();
+        }
+        vec!["--cores".into(), "2".into()]
+    }
+
     /// `--metrics-listen` on this broker's own port, unless the test chose its own.
     fn metrics_args(&self) -> Vec<String> {
         if self.extra_args.iter().any(|a| a == "--metrics-listen") {
@@ -149,8 +163,7 @@ impl Broker {
             .arg(self.addr())
             .arg("--data-dir")
             .arg(self.data_dir())
-            .arg("--cores")
-            .arg("2")
+            .args(self.cores_args())
             // Segments are pre-allocated: keep them small, the test disk is shared.
             .arg("--segment-bytes")
             .arg(TEST_SEGMENT_BYTES.to_string())

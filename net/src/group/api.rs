@@ -16,6 +16,7 @@ use kafka_protocol::messages::{
     OffsetDeleteResponse, OffsetFetchRequest, SyncGroupRequest, SyncGroupResponse,
 };
 use spate_replication::partition::{NoObserver, PartitionReplica, ReplicaConfig, TopicPartition};
+use spate_replication::shard::shard_of;
 
 use super::records::{partition_for, OFFSETS_TOPIC};
 use super::{
@@ -59,11 +60,15 @@ pub fn committed_offsets() -> Vec<crate::metrics::CommittedOffset> {
     let Some(groups) = current() else {
         return Vec::new();
     };
+    let Some(table) = Shard::current().map(|s| s.shard_table()) else {
+        return Vec::new();
+    };
     groups
         .committed_offsets()
         .into_iter()
         .map(
             |(group, topic, partition, offset)| crate::metrics::CommittedOffset {
+                owner: table.owner(&topic, partition),
                 group,
                 topic,
                 partition,
@@ -97,7 +102,7 @@ pub fn start_shard(shard: &Rc<Shard>) {
         .detach();
     }
     for partition in 0..groups.partitions() {
-        if shard.router.shard_for(OFFSETS_TOPIC, partition) != shard.id {
+        if offsets_owner(shard, partition) != shard.id {
             continue;
         }
         groups.begin_loading(partition);
@@ -129,6 +134,13 @@ pub fn start_shard(shard: &Rc<Shard>) {
     }
 }
 
+/// The shard coordinating the groups of a `__consumer_offsets` partition. These partitions are
+/// not in the topic table (their count is fixed by configuration), so they keep the hash rule
+/// rather than a stored placement.
+pub fn offsets_owner(shard: &Shard, partition: i32) -> usize {
+    shard_of(OFFSETS_TOPIC, partition, shard.router.shards())
+}
+
 /// Where a `__consumer_offsets` partition lives: `<data>/__consumer_offsets/<partition>`. User
 /// topics live in `<data>/<topic>-<partition>`, so no topic name can ever share these
 /// directories (not even a user topic called `__consumer_offsets`).
@@ -157,7 +169,7 @@ where
     Fut: Future<Output = T> + 'static,
 {
     let partition = partition_for(group_id, shard.config.groups.offsets_topic_partitions);
-    let owner = shard.router.shard_for(OFFSETS_TOPIC, partition);
+    let owner = offsets_owner(shard, partition);
     let result = shard
         .router
         .run_on(owner, move |_| async move {

@@ -26,37 +26,42 @@ use crate::error::{or_storage_error, NetError};
 use crate::metadata::{Refused, ShardLimit};
 use crate::request::{decode_body, Request};
 use crate::shard::Shard;
-use spate_replication::partition::apply_topic_configs;
+use spate_replication::partition::{
+    apply_topic_configs, parse_topic_configs, AlterOp, ConfigSource, ConfigType, TopicConfigError,
+    TopicConfigs,
+};
 
-/// Topic configs this broker understands; anything else is INVALID_CONFIG.
-pub const TOPIC_CONFIG_KEYS: &[&str] = &[
-    "retention.ms",
-    "retention.bytes",
-    "segment.bytes",
-    "max.message.bytes",
-    "cleanup.policy",
-];
 const RESOURCE_TOPIC: i8 = 2;
 const RESOURCE_BROKER: i8 = 4;
 const SOURCE_TOPIC: i8 = 1;
 const SOURCE_STATIC_BROKER: i8 = 4;
 const SOURCE_DEFAULT: i8 = 5;
-
-/// Checks a topic config entry: known key, parseable value.
-fn validate_config(key: &str, value: &str) -> Result<(), String> {
-    match key {
-        "retention.ms" | "retention.bytes" => value
-            .parse::<i64>()
-            .map(|_| ())
-            .map_err(|e| format!("{key}: {e}")),
-        "segment.bytes" | "max.message.bytes" => match value.parse::<i64>() {
-            Ok(v) if v > 0 => Ok(()),
-            _ => Err(format!("{key} must be a positive integer")),
-        },
-        "cleanup.policy" if value == "delete" => Ok(()),
-        "cleanup.policy" => Err("only cleanup.policy=delete is supported".into()),
-        _ => Err(format!("unknown topic config {key}")),
+/// DescribeConfigs v3+ config types (Kafka's `ConfigType` codes).
+const fn config_type_code(ty: ConfigType) -> i8 {
+    match ty {
+        ConfigType::Boolean => 1,
+        ConfigType::String => 2,
+        ConfigType::Int => 3,
+        ConfigType::Long => 5,
+        ConfigType::Double => 6,
+        ConfigType::List => 7,
     }
+}
+
+/// Topic configs whose default is the broker's setting rather than Kafka's topic default.
+const BROKER_BACKED: &[&str] = &[
+    "retention.ms",
+    "retention.bytes",
+    "segment.bytes",
+    "max.message.bytes",
+];
+
+/// The stored form of a topic's overrides (the metadata store keeps strings).
+fn stored(configs: &TopicConfigs) -> BTreeMap<String, String> {
+    configs
+        .overrides()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
 }
 
 /// Checks a topic's configs together, as the log will see them: e.g. a batch must fit in a
@@ -70,23 +75,30 @@ fn check_topic_configs(
     lc.validate().map_err(|e| e.to_string())
 }
 
-/// Effective value of every known topic config, and whether the topic set it.
+/// Every topic config with its effective value, where it comes from and its type. Those the
+/// broker sets a default for (retention, segment and batch size) show the broker's value.
 pub fn topic_configs(
     config: &BrokerConfig,
     set: &BTreeMap<String, String>,
-) -> Vec<(String, String, bool)> {
-    let default = |k: &str| match k {
-        "retention.ms" => config.retention_ms.map_or(-1, |v| v as i64).to_string(),
-        "retention.bytes" => config.retention_bytes.map_or(-1, |v| v as i64).to_string(),
-        "segment.bytes" => config.segment_bytes.to_string(),
-        "max.message.bytes" => config.max_batch_bytes.to_string(),
-        _ => "delete".to_string(),
+) -> Vec<(String, String, i8, ConfigType)> {
+    let broker_default = |k: &str| match k {
+        "retention.ms" => Some(config.retention_ms.map_or(-1, |v| v as i64).to_string()),
+        "retention.bytes" => Some(config.retention_bytes.map_or(-1, |v| v as i64).to_string()),
+        "segment.bytes" => Some(config.segment_bytes.to_string()),
+        "max.message.bytes" => Some(config.max_batch_bytes.to_string()),
+        _ => None,
     };
-    TOPIC_CONFIG_KEYS
-        .iter()
-        .map(|&k| match set.get(k) {
-            Some(v) => (k.to_string(), v.clone(), true),
-            None => (k.to_string(), default(k), false),
+    parse_topic_configs(set)
+        .describe()
+        .into_iter()
+        .map(|d| match d.source {
+            ConfigSource::Topic => (d.name.to_string(), d.value, SOURCE_TOPIC, d.ty),
+            ConfigSource::Default => match broker_default(d.name) {
+                Some(v) if BROKER_BACKED.contains(&d.name) => {
+                    (d.name.to_string(), v, SOURCE_DEFAULT, d.ty)
+                }
+                _ => (d.name.to_string(), d.value, SOURCE_DEFAULT, d.ty),
+            },
         })
         .collect()
 }
@@ -108,14 +120,17 @@ pub async fn create_topics(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, Ne
         };
         let mut configs = BTreeMap::new();
         let mut error: Option<(i16, String)> = None;
-        for c in &t.configs {
-            let value = c.value.as_ref().map(|v| v.to_string()).unwrap_or_default();
-            match validate_config(&c.name, &value) {
-                Ok(()) => {
-                    configs.insert(c.name.to_string(), value);
-                }
-                Err(msg) => error = Some((ResponseError::InvalidConfig.code(), msg)),
-            }
+        let pairs: Vec<(String, String)> = t
+            .configs
+            .iter()
+            .map(|c| {
+                let value = c.value.as_ref().map(|v| v.to_string()).unwrap_or_default();
+                (c.name.to_string(), value)
+            })
+            .collect();
+        match TopicConfigs::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))) {
+            Ok(parsed) => configs = stored(&parsed),
+            Err(e) => error = Some((ResponseError::InvalidConfig.code(), e.to_string())),
         }
         if error.is_none() {
             if let Err(msg) = check_topic_configs(&shard.config, &configs) {
@@ -275,11 +290,9 @@ pub async fn create_partitions(shard: &Rc<Shard>, req: &Request) -> Result<Bytes
     encode_response(req.correlation_id, req.api_version, &resp)
 }
 
-const CONFIG_OP_SET: i8 = 0;
-const CONFIG_OP_DELETE: i8 = 1;
-
-/// IncrementalAlterConfigs: SET and DELETE of topic configs. The change is persisted in the
-/// metadata store, then applied to the topic's open logs on every shard.
+/// IncrementalAlterConfigs: SET, DELETE, APPEND and SUBTRACT of topic configs, all of a
+/// resource's operations or none. The change is persisted in the metadata store, then applied
+/// to the topic's open logs on every shard.
 pub async fn incremental_alter_configs(
     shard: &Rc<Shard>,
     req: &Request,
@@ -290,7 +303,15 @@ pub async fn incremental_alter_configs(
         let mut out = AlterConfigsResourceResponse::default();
         out.resource_type = res.resource_type;
         out.resource_name = res.resource_name.clone();
-        if let Err((code, msg)) = alter_topic_configs(shard, res, r.validate_only).await {
+        let outcome = match topic_resource(shard, res.resource_type, &res.resource_name)
+            .and_then(|current| alter_ops(&current, res))
+        {
+            Ok(next) => {
+                store_topic_configs(shard, res.resource_name.as_str(), next, r.validate_only).await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err((code, msg)) = outcome {
             tracing::info!(resource = %res.resource_name.as_str(), code, msg, "refused config change");
             out.error_code = code;
             out.error_message = Some(str_bytes(&msg));
@@ -300,13 +321,56 @@ pub async fn incremental_alter_configs(
     encode_response(req.correlation_id, req.api_version, &resp)
 }
 
-async fn alter_topic_configs(
+/// The legacy AlterConfigs (API key 33, which librdkafka's and kafka-python's admin clients
+/// still use): Kafka's replace-all semantics, the named configs become the topic's overrides
+/// and every other override goes back to its default.
+pub async fn alter_configs(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError> {
+    let r: AlterConfigsRequest = decode_body(req)?;
+    let mut resp = AlterConfigsResponse::default();
+    for res in &r.resources {
+        let mut out = alter_configs_response::AlterConfigsResourceResponse::default();
+        out.resource_type = res.resource_type;
+        out.resource_name = res.resource_name.clone();
+        let pairs: Vec<(String, String)> = res
+            .configs
+            .iter()
+            .map(|c| {
+                let value = c.value.as_ref().map(|v| v.to_string()).unwrap_or_default();
+                (c.name.to_string(), value)
+            })
+            .collect();
+        let outcome = match topic_resource(shard, res.resource_type, &res.resource_name) {
+            Ok(_) => TopicConfigs::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .map_err(invalid_config),
+            Err(e) => Err(e),
+        };
+        let outcome = match outcome {
+            Ok(next) => {
+                store_topic_configs(shard, res.resource_name.as_str(), next, r.validate_only).await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err((code, msg)) = outcome {
+            tracing::info!(resource = %res.resource_name.as_str(), code, msg, "refused config change");
+            out.error_code = code;
+            out.error_message = Some(str_bytes(&msg));
+        }
+        resp.responses.push(out);
+    }
+    encode_response(req.correlation_id, req.api_version, &resp)
+}
+
+fn invalid_config(e: TopicConfigError) -> (i16, String) {
+    (ResponseError::InvalidConfig.code(), e.to_string())
+}
+
+/// The current overrides of the topic a config change names; the error for anything else.
+fn topic_resource(
     shard: &Rc<Shard>,
-    res: &AlterConfigsResource,
-    validate_only: bool,
-) -> Result<(), (i16, String)> {
-    let invalid = |msg: String| (ResponseError::InvalidConfig.code(), msg);
-    if res.resource_type != RESOURCE_TOPIC {
+    resource_type: i8,
+    name: &str,
+) -> Result<TopicConfigs, (i16, String)> {
+    if resource_type != RESOURCE_TOPIC {
         return Err((
             ResponseError::InvalidRequest.code(),
             "only topic configs can be changed; broker settings are static (restart with new \
@@ -314,36 +378,44 @@ async fn alter_topic_configs(
                 .into(),
         ));
     }
-    let name = res.resource_name.as_str();
-    let Some(topic) = shard.topics().get(name).cloned() else {
-        return Err((
+    match shard.topics().get(name) {
+        Some(topic) => Ok(parse_topic_configs(&topic.configs)),
+        None => Err((
             ResponseError::UnknownTopicOrPartition.code(),
             format!("no topic {name}"),
-        ));
-    };
-    let mut configs = topic.configs.clone();
-    for c in &res.configs {
-        let key = c.name.as_str();
-        match c.config_operation {
-            CONFIG_OP_SET => {
-                let value = c.value.as_ref().map(|v| v.to_string()).unwrap_or_default();
-                validate_config(key, &value).map_err(invalid)?;
-                configs.insert(key.to_string(), value);
-            }
-            CONFIG_OP_DELETE => {
-                if !TOPIC_CONFIG_KEYS.contains(&key) {
-                    return Err(invalid(format!("unknown topic config {key}")));
-                }
-                configs.remove(key);
-            }
-            _ => {
-                return Err(invalid(format!(
-                    "{key}: APPEND and SUBTRACT apply to list configs; this broker's are scalars"
-                )))
-            }
-        }
+        )),
     }
-    check_topic_configs(&shard.config, &configs).map_err(invalid)?;
+}
+
+/// Applies IncrementalAlterConfigs' operations to `current`: all or none.
+fn alter_ops(
+    current: &TopicConfigs,
+    res: &AlterConfigsResource,
+) -> Result<TopicConfigs, (i16, String)> {
+    let mut ops = Vec::with_capacity(res.configs.len());
+    for c in &res.configs {
+        let Some(op) = AlterOp::from_code(c.config_operation) else {
+            return Err((
+                ResponseError::InvalidRequest.code(),
+                format!("unknown config operation {}", c.config_operation),
+            ));
+        };
+        ops.push((c.name.as_str(), op, c.value.as_deref()));
+    }
+    current.alter(ops).map_err(invalid_config)
+}
+
+/// Checks a topic's new overrides against the broker's limits, then (unless `validate_only`)
+/// persists them and applies them to the topic's open logs on every shard.
+async fn store_topic_configs(
+    shard: &Rc<Shard>,
+    name: &str,
+    next: TopicConfigs,
+    validate_only: bool,
+) -> Result<(), (i16, String)> {
+    let configs = stored(&next);
+    check_topic_configs(&shard.config, &configs)
+        .map_err(|msg| (ResponseError::InvalidConfig.code(), msg))?;
     if validate_only {
         return Ok(());
     }
@@ -362,7 +434,7 @@ async fn alter_topic_configs(
                 sh.reconfigure_topic(&topic, &configs)
             })
             .await
-            .map_err(storage)?;
+            .map_err(|e| storage(e.into()))?;
     }
     Ok(())
 }
@@ -374,12 +446,9 @@ pub fn describe_configs(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetEr
         let mut out = DescribeConfigsResult::default();
         out.resource_type = res.resource_type;
         out.resource_name = res.resource_name.clone();
-        let entries: Vec<(String, String, i8)> = match res.resource_type {
+        let entries: Vec<(String, String, i8, ConfigType)> = match res.resource_type {
             RESOURCE_TOPIC => match shard.topics().get(res.resource_name.as_str()) {
-                Some(t) => topic_configs(&shard.config, &t.configs)
-                    .into_iter()
-                    .map(|(k, v, set)| (k, v, if set { SOURCE_TOPIC } else { SOURCE_DEFAULT }))
-                    .collect(),
+                Some(t) => topic_configs(&shard.config, &t.configs),
                 None => {
                     out.error_code = ResponseError::UnknownTopicOrPartition.code();
                     Vec::new()
@@ -396,12 +465,15 @@ pub fn describe_configs(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetEr
         out.configs = entries
             .into_iter()
             .filter(|(k, ..)| keys.is_none_or(|ks| ks.iter().any(|w| w.as_str() == k)))
-            .map(|(k, v, source)| {
+            .map(|(k, v, source, ty)| {
                 let mut c = DescribeConfigsResourceResult::default();
                 c.name = str_bytes(&k);
                 c.value = Some(str_bytes(&v));
                 c.read_only = res.resource_type == RESOURCE_BROKER;
                 c.config_source = source;
+                if req.api_version >= 3 {
+                    c.config_type = config_type_code(ty);
+                }
                 c
             })
             .collect();
@@ -410,9 +482,9 @@ pub fn describe_configs(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetEr
     encode_response(req.correlation_id, req.api_version, &resp)
 }
 
-fn broker_configs(config: &BrokerConfig) -> Vec<(String, String, i8)> {
+fn broker_configs(config: &BrokerConfig) -> Vec<(String, String, i8, ConfigType)> {
     let s = SOURCE_STATIC_BROKER;
-    vec![
+    let configs: Vec<(String, String, i8)> = vec![
         ("broker.id".into(), config.node_id.to_string(), s),
         (
             "num.partitions".into(),
@@ -439,7 +511,18 @@ fn broker_configs(config: &BrokerConfig) -> Vec<(String, String, i8)> {
             config.max_frame_bytes.to_string(),
             s,
         ),
-    ]
+    ];
+    configs
+        .into_iter()
+        .map(|(k, v, source)| {
+            let ty = match k.as_str() {
+                "auto.create.topics.enable" => ConfigType::Boolean,
+                "log.segment.bytes" => ConfigType::Long,
+                _ => ConfigType::Int,
+            };
+            (k, v, source, ty)
+        })
+        .collect()
 }
 
 pub fn describe_cluster(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError> {

@@ -70,10 +70,9 @@ pub async fn handle_frame(
             pd.high_watermark = -1;
             pd.last_stable_offset = -1;
             pd.log_start_offset = -1;
-            match shard.check_exists(&topic.topic, p.partition) {
-                Ok(()) => {
+            match shard.owner(&topic.topic, p.partition) {
+                Ok(owner) => {
                     let tp = TopicPartition::new(&topic.topic, p.partition);
-                    let owner = shard.router.shard_for(&tp.topic, tp.partition);
                     let limit = p.partition_max_bytes.max(0) as usize;
                     work.entry(owner)
                         .or_default()
@@ -100,7 +99,11 @@ pub async fn handle_frame(
             .await
         {
             Ok(reads) => fill(&mut resp, reads, req.api_version),
-            Err(e) => set_error(&mut resp, &work[&owner], crate::error::net_error_code(&e)),
+            Err(e) => set_error(
+                &mut resp,
+                &work[&owner],
+                crate::error::net_error_code(&e.into()),
+            ),
         }
     } else {
         loop {
@@ -179,7 +182,7 @@ async fn read_all(
                 generations.insert(owner, generation);
                 results.extend(reads);
             }
-            Err(e) => set_error(resp, &work[&owner], crate::error::net_error_code(&e)),
+            Err(e) => set_error(resp, &work[&owner], crate::error::net_error_code(&e.into())),
         }
     }
     keep_within_budget(&mut results, max_bytes);

@@ -34,13 +34,15 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
             if req.api_version >= 4 {
                 pr.leader_epoch = LEADER_EPOCH;
             }
-            if let Err(code) = shard.check_exists(&topic.name, p.partition_index) {
-                pr.error_code = code;
-                tr.partitions.push(pr);
-                continue;
-            }
+            let owner = match shard.owner(&topic.name, p.partition_index) {
+                Ok(owner) => owner,
+                Err(code) => {
+                    pr.error_code = code;
+                    tr.partitions.push(pr);
+                    continue;
+                }
+            };
             let tp = TopicPartition::new(&topic.name, p.partition_index);
-            let owner = shard.router.shard_for(&tp.topic, tp.partition);
             let ts = p.timestamp;
             let res = shard
                 .router
@@ -69,7 +71,7 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
                     }
                 }
                 Ok(Err(code)) => pr.error_code = code,
-                Err(e) => pr.error_code = crate::error::net_error_code(&e),
+                Err(e) => pr.error_code = crate::error::net_error_code(&e.into()),
             }
             tr.partitions.push(pr);
         }

@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use kafka_protocol::messages::produce_response::{
+    BatchIndexAndErrorMessage, PartitionProduceResponse, TopicProduceResponse,
+};
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse, TopicName};
 use kafka_protocol::protocol::{Decodable, StrBytes};
 use kafka_protocol::ResponseError;
@@ -23,7 +25,7 @@ use crate::cross_wake;
 use crate::dispatch::{encode_response, Reply};
 use crate::error::{NetError, NONE};
 use crate::request::Request;
-use crate::shard::{ProduceTurn, Shard, TopicPartition};
+use crate::shard::{owner_in, ProduceTurn, Shard, TopicPartition};
 
 /// The lengths of the single batches in a partition's records, each checked against the bytes
 /// left and the size limit. The error is a Kafka error code.
@@ -162,6 +164,7 @@ pub async fn handle(
             .try_into_mut()
             .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
         let mut pos = 0;
+        let table = shard.shard_table();
         for part in planned {
             assert!(
                 part.start >= pos,
@@ -174,9 +177,14 @@ pub async fn handle(
                 .iter()
                 .map(|&len| verify_batch(rest.split_to(len)))
                 .collect();
-            match verified {
-                Ok(batches) => {
-                    let owner = shard.router.shard_for(&part.tp.topic, part.tp.partition);
+            let owner = verified.and_then(|batches| {
+                Ok((
+                    owner_in(&table, shard, &part.tp.topic, part.tp.partition)?,
+                    batches,
+                ))
+            });
+            match owner {
+                Ok((owner, batches)) => {
                     by_shard
                         .entry(owner)
                         .or_default()
@@ -221,8 +229,22 @@ pub async fn handle(
                     if api_version >= 5 {
                         pr.log_start_offset = o.log_start_offset;
                     }
+                    if api_version >= 2 {
+                        pr.log_append_time_ms = o.log_append_time_ms;
+                    }
                     if api_version >= 8 {
                         pr.error_message = o.error_message.map(StrBytes::from_string);
+                        pr.record_errors = o
+                            .record_errors
+                            .into_iter()
+                            .map(|e| {
+                                let mut r = BatchIndexAndErrorMessage::default();
+                                r.batch_index = e.batch_index;
+                                r.batch_index_error_message =
+                                    Some(StrBytes::from_string(e.message));
+                                r
+                            })
+                            .collect();
                     }
                 }
             }
@@ -231,7 +253,7 @@ pub async fn handle(
                 for tr in &mut resp.responses {
                     for pr in &mut tr.partition_responses {
                         if pr.error_code == NONE && pr.base_offset < 0 {
-                            pr.error_code = crate::error::net_error_code(&e);
+                            pr.error_code = crate::error::net_error_code(&e.into());
                         }
                     }
                 }
@@ -269,17 +291,7 @@ async fn produce_on_owner(
                         let (o, completion) = p.append(batches, acks).await;
                         (ti, pi, completion, o)
                     }
-                    Err(code) => (
-                        ti,
-                        pi,
-                        Completion::done(),
-                        ProduceOutcome {
-                            error_code: code,
-                            base_offset: -1,
-                            log_start_offset: -1,
-                            error_message: None,
-                        },
-                    ),
+                    Err(code) => (ti, pi, Completion::done(), ProduceOutcome::error(code)),
                 }
             })
         })

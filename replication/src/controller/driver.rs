@@ -322,6 +322,31 @@ impl<R: Clone> Driver<R> {
     pub fn receive(&mut self, from: NodeId, frame: Frame, reply: R) -> Result<(), StoreError> {
         let corr = frame.correlation_id;
         let dest = Dest::Remote(reply);
+        if let Some(claimed) = claimed_node(&frame.message) {
+            // The handshake proved who the peer is; a request for another node is forged.
+            if claimed != from {
+                tracing::warn!(
+                    from,
+                    claimed,
+                    "controller request on behalf of another node"
+                );
+                let e = RpcErrorReply {
+                    code: RpcErrorCode::InvalidRequest,
+                    leader_hint: None,
+                    message: format!("node {from} cannot act for node {claimed}"),
+                };
+                let msg = match frame.message {
+                    RpcMessage::RegisterBroker(_) => RpcMessage::RegisterBrokerResponse(Err(e)),
+                    RpcMessage::Heartbeat(_) => RpcMessage::HeartbeatResponse(Err(e)),
+                    RpcMessage::AllocateProducerIds { .. } => {
+                        RpcMessage::AllocateProducerIdsResponse(Err(e))
+                    }
+                    _ => RpcMessage::AlterIsrResponse(Err(e)),
+                };
+                self.send_reply(dest, corr, msg);
+                return Ok(());
+            }
+        }
         match frame.message {
             RpcMessage::Consensus(m) => {
                 if m.to != self.cfg.node_id || m.from != from {
@@ -811,6 +836,17 @@ impl<R: Clone> Driver<R> {
             }
         }
         Ok(())
+    }
+}
+
+/// The node a controller request acts for.
+fn claimed_node(m: &RpcMessage) -> Option<NodeId> {
+    match m {
+        RpcMessage::RegisterBroker(r) => Some(r.node),
+        RpcMessage::Heartbeat(r) => Some(r.node),
+        RpcMessage::AllocateProducerIds { node, .. } => Some(*node),
+        RpcMessage::AlterIsr(r) => Some(r.leader),
+        _ => None,
     }
 }
 

@@ -45,5 +45,7 @@ pub fn engine_error_code(err: &EngineError) -> i16 {
         }
         EngineError::Closed => ResponseError::NotLeaderOrFollower.code(),
         EngineError::Config(_) => ResponseError::InvalidConfig.code(),
+        // Not reachable from a Kafka client (only a follower appends at a given offset).
+        EngineError::FollowerAppend(_) => ResponseError::UnknownServerError.code(),
     }
 }

@@ -287,15 +287,7 @@ impl PartitionGroup {
         batches: Vec<VerifiedBatch>,
         acks: Acks,
     ) -> (ProduceOutcome, Completion) {
-        let refuse = |code: i16| {
-            let outcome = ProduceOutcome {
-                error_code: code,
-                base_offset: -1,
-                log_start_offset: -1,
-                error_message: None,
-            };
-            (outcome, Completion::done())
-        };
+        let refuse = |code: i16| (ProduceOutcome::error(code), Completion::done());
         let not_leader = ResponseError::NotLeaderOrFollower.code();
         let Ok(_guard) = self.lock.acquire_permit(1).await else {
             return refuse(not_leader);
@@ -340,15 +332,10 @@ impl PartitionGroup {
             Acks::Leader if ok => self.replica.leader_completion(acks),
             Acks::All if ok => match appended.last() {
                 Some(last) => self.commit_waiter(last.last_offset + 1),
-                None => Completion::done(),
+                // Only retries of stored batches (answered with the original offset): answered
+                // once the originals, all below the log end, are committed.
+                None => self.commit_waiter(self.replica.log_end_offset()),
             },
-            // A retry of a stored batch: answered once the original is committed.
-            Acks::All
-                if outcome.error_code == ResponseError::DuplicateSequenceNumber.code()
-                    && outcome.base_offset >= 0 =>
-            {
-                self.commit_waiter(outcome.base_offset as u64 + 1)
-            }
             _ => Completion::done(),
         };
         (outcome, completion)

@@ -7,14 +7,17 @@
 //! replication group: a replicated partition's [`PartitionGroup`] owns both and performs the
 //! core's actions on the replica.
 
+mod clean;
 mod config;
 mod error;
 mod group;
 mod producer_state;
+mod record_check;
 mod replica;
 mod topic_partition;
 
-pub use config::apply_topic_configs;
+pub use clean::clean_logs;
+pub use config::{apply_topic_configs, parse_topic_configs, TopicPolicy};
 pub use error::{engine_error_code, ReplicaError};
 pub use group::{
     hard_state_path, GroupConfig, PartitionGroup, HARD_STATE_SUFFIX, LEADER_CHANGE_CONTROL_TYPE,
@@ -24,9 +27,14 @@ pub use producer_state::{
     last_seq, next_seq, BatchMeta, ProducerEntry, ProducerTable, Verdict,
     CACHED_BATCHES_PER_PRODUCER, MAX_PRODUCERS_PER_PARTITION,
 };
+pub use record_check::{RecordError, MAX_RECORD_ERRORS};
 pub use replica::{
     Acks, Completion, NoObserver, PartitionReplica, ProduceOutcome, ReplicaConfig, ReplicaObserver,
     ReplicaRead, LEADER_EPOCH,
+};
+pub use spate_engine::clean::{CleanStats, CleanerConfig, DEFAULT_DEDUPE_BUFFER_BYTES};
+pub use spate_engine::topic_config::{
+    AlterOp, ConfigSource, ConfigType, TopicConfigError, TopicConfigs,
 };
 pub use topic_partition::TopicPartition;
 

@@ -14,13 +14,16 @@ use glommio::sync::Semaphore;
 use kafka_protocol::ResponseError;
 use serde::{Deserialize, Serialize};
 use spate_engine::batch::{BatchHeader, VerifiedBatch};
+use spate_engine::clean::{CleanRequest, CleanStats, CleanerConfig, LogCleaner};
 use spate_engine::validate::{validate_batch, Refusal};
 use spate_engine::{
     AppendInfo, EngineError, FlushPolicy, LiveLimits, LogConfig, LogListener, PartitionLog,
 };
 
+use super::config::TopicPolicy;
 use super::error::{engine_error_code, ReplicaError};
 use super::producer_state::{last_seq, BatchMeta, ProducerTable, Verdict};
+use super::record_check::{check_records, RecordError, RecordRules};
 use super::topic_partition::TopicPartition;
 
 /// Bytes read per step while rebuilding producer state from the log.
@@ -44,6 +47,10 @@ pub trait ReplicaObserver {
     fn refused_no_space(&self) {}
     /// The replica was deleted (its topic is gone).
     fn removed(&self);
+    /// The cleaner looked at the log: how dirty it is (dirty bytes over cleanable bytes).
+    fn dirty_ratio(&self, _ratio: f64) {}
+    /// The cleaner cleaned the log.
+    fn cleaned(&self, _stats: &CleanStats) {}
 }
 
 /// For replicas whose metrics nobody exports (the broker's internal partitions).
@@ -267,6 +274,16 @@ pub struct PartitionReplica {
     /// The leader epoch published to clients: [`LEADER_EPOCH`] on a single node; on a
     /// replicated partition, set by its consensus group.
     leader_epoch: Cell<i32>,
+    /// What the topic's configs ask of this replica beyond the log's settings.
+    policy: Cell<TopicPolicy>,
+    /// The log cleaner's state for a compacted topic, opened by the first cleaning; taken out
+    /// while a cleaning runs.
+    cleaner: RefCell<Option<LogCleaner>>,
+    /// Held while the cleaner works on the log, and by delete and close, so a log is never
+    /// closed under the cleaner.
+    clean_lock: Semaphore,
+    /// When the log was last cleaned (ms since the epoch), for tombstone expiry.
+    last_clean_ms: Cell<Option<i64>>,
 }
 
 /// Outcome of one partition's share of a Produce request.
@@ -278,6 +295,24 @@ pub struct ProduceOutcome {
     /// Why the partition's batches were refused (the Produce response's `error_message`); set
     /// only on that error path.
     pub error_message: Option<String>,
+    /// The refused records (KIP-467), when records were refused.
+    pub record_errors: Vec<RecordError>,
+    /// The time the leader stamped under LogAppendTime, else -1.
+    pub log_append_time_ms: i64,
+}
+
+impl ProduceOutcome {
+    /// A partition answered with `error_code` alone.
+    pub fn error(error_code: i16) -> ProduceOutcome {
+        ProduceOutcome {
+            error_code,
+            base_offset: -1,
+            log_start_offset: -1,
+            error_message: None,
+            record_errors: Vec::new(),
+            log_append_time_ms: -1,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -343,6 +378,10 @@ impl PartitionReplica {
             state_path,
             snapshot_end: Cell::new(None),
             leader_epoch: Cell::new(LEADER_EPOCH),
+            policy: Cell::new(TopicPolicy::default()),
+            cleaner: RefCell::new(None),
+            clean_lock: Semaphore::new(1),
+            last_clean_ms: Cell::new(None),
         };
         partition.recover_producers().await?;
         // A single node holds every copy there is: whatever recovery kept is committed.
@@ -457,20 +496,44 @@ impl PartitionReplica {
             base_offset: -1,
             log_start_offset: self.log.log_start_offset() as i64,
             error_message: None,
+            record_errors: Vec::new(),
+            log_append_time_ms: -1,
         };
         // Every batch of the request is checked before any is stored: a refused one leaves the
         // partition's share of the request unstored as a whole.
         let max_uncompressed_bytes = self.log.limits().max_batch_bytes as usize;
+        let policy = self.policy.get();
+        let now = now_ms();
+        let rules = RecordRules {
+            policy: &policy,
+            topic: &self.tp.topic,
+            partition: self.tp.partition,
+            max_uncompressed_bytes,
+            now_ms: now,
+        };
+        let mut first_record = 0u32;
         for (i, batch) in batches.iter().enumerate() {
-            if let Err(e) = validate_batch(batch.header().as_bytes(), max_uncompressed_bytes) {
-                tracing::debug!(topic = %self.tp.topic, partition = self.tp.partition, error = %e, "batch refused");
-                outcome.error_code = match e.refusal {
-                    Refusal::InvalidRecord => ResponseError::InvalidRecord.code(),
-                    Refusal::CorruptMessage => ResponseError::CorruptMessage.code(),
-                };
-                outcome.error_message = Some(format!("batch {i}: {e}"));
+            let bytes = batch.header().as_bytes();
+            let summary = match validate_batch(bytes, max_uncompressed_bytes) {
+                Ok(summary) => summary,
+                Err(e) => {
+                    tracing::debug!(topic = %self.tp.topic, partition = self.tp.partition, error = %e, "batch refused");
+                    outcome.error_code = match e.refusal {
+                        Refusal::InvalidRecord => ResponseError::InvalidRecord.code(),
+                        Refusal::CorruptMessage => ResponseError::CorruptMessage.code(),
+                    };
+                    outcome.error_message = Some(format!("batch {i}: {e}"));
+                    return outcome;
+                }
+            };
+            if let Err(refusal) = check_records(&rules, bytes, &summary, first_record) {
+                tracing::debug!(topic = %self.tp.topic, partition = self.tp.partition, error = %refusal.message, "records refused");
+                outcome.error_code = refusal.error_code;
+                outcome.error_message = Some(refusal.message);
+                outcome.record_errors = refusal.record_errors;
                 return outcome;
             }
+            first_record = first_record.saturating_add(summary.records);
             if batch.header().is_transactional() {
                 // Transactions are not implemented: storing their batches without markers
                 // would expose uncommitted data.
@@ -506,9 +569,14 @@ impl PartitionReplica {
             .enumerate()
             .skip(skip.leading_duplicates)
         {
+            let mut batch = batch;
             let h = batch.header();
             let (pid, epoch, mut meta) = (h.producer_id(), h.producer_epoch(), batch_meta(&h));
             let (batch_bytes, records) = (batch.len() as u64, h.records_count().max(0) as u64);
+            if policy.log_append_time {
+                batch.set_log_append_time(now);
+                outcome.log_append_time_ms = now;
+            }
             let info = match self.log.append(batch, leader_epoch).await {
                 Ok(info) => info,
                 Err(e) => {
@@ -801,8 +869,8 @@ impl PartitionReplica {
         Ok(read)
     }
 
-    /// The first committed offset whose batch has a timestamp at or after `timestamp_ms`, with
-    /// that batch's max timestamp; `None` if there is none. The error is a Kafka error code.
+    /// The first committed offset whose record has a timestamp at or after `timestamp_ms`, with
+    /// that record's timestamp; `None` if there is none. The error is a Kafka error code.
     pub async fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<(u64, i64)>, i16> {
         let found = self
             .log
@@ -821,6 +889,94 @@ impl PartitionReplica {
     /// the log is next opened).
     pub fn set_limits(&self, limits: LiveLimits) -> Result<(), ReplicaError> {
         Ok(self.log.set_limits(limits)?)
+    }
+
+    /// Applies the topic's record rules, timestamp type and cleanup policy (from its configs).
+    pub fn set_policy(&self, policy: TopicPolicy) {
+        self.policy.set(policy);
+    }
+
+    pub fn policy(&self) -> TopicPolicy {
+        self.policy.get()
+    }
+
+    /// How dirty the log of a compacted topic is, and whether the cleaner should clean it now
+    /// (over `min.cleanable.dirty.ratio` or `max.compaction.lag.ms`, or `force`d for tombstones
+    /// past `delete.retention.ms`); `None` for a topic that is not compacted. Opens the
+    /// cleaner's state on first use (it reads the cleaner's state file).
+    pub fn cleaning_due(&self, config: &CleanerConfig, now_ms: i64) -> Option<(f64, bool)> {
+        let policy = self.policy.get();
+        if !policy.compact {
+            return None;
+        }
+        let mut cleaner = self.cleaner.borrow_mut();
+        let cleaner = cleaner.get_or_insert_with(|| LogCleaner::open(&self.log, config.clone()));
+        if self.last_clean_ms.get().is_none()
+            && cleaner.first_dirty_offset() > self.log.log_start_offset()
+        {
+            // Cleaned before this start: its tombstones' clock starts now, so a quiet log is
+            // still cleaned of them once delete.retention.ms has passed.
+            self.last_clean_ms.set(Some(now_ms));
+        }
+        let req = self.clean_request(now_ms);
+        let plan = cleaner.plan(&self.log, &req);
+        self.watermark.observer.dirty_ratio(plan.dirty_ratio);
+        Some((
+            plan.dirty_ratio,
+            plan.should_clean(&policy.compaction)
+                || (req.force && plan.clean_end > self.log.log_start_offset()),
+        ))
+    }
+
+    fn clean_request(&self, now_ms: i64) -> CleanRequest {
+        let policy = self.policy.get();
+        let retention = i64::try_from(policy.compaction.delete_retention_ms).unwrap_or(i64::MAX);
+        // A log cleaned before holds tombstones only a new pass removes once they expire;
+        // with nothing new it would never be dirty again.
+        let force = self
+            .last_clean_ms
+            .get()
+            .is_some_and(|at| now_ms.saturating_sub(at) >= retention);
+        CleanRequest {
+            now_ms,
+            max_clean_offset: self.watermark.value.get(),
+            policy: policy.compaction,
+            force,
+        }
+    }
+
+    /// Runs the log cleaner on a compacted topic's log if it is due (see
+    /// [`Self::cleaning_due`]). Never on the produce or fetch path: the shard's cleaner task
+    /// calls it; reads and appends go on meanwhile.
+    pub async fn clean(
+        &self,
+        config: &CleanerConfig,
+        now_ms: i64,
+    ) -> Result<Option<CleanStats>, ReplicaError> {
+        let Ok(_permit) = self.clean_lock.acquire_permit(1).await else {
+            return Ok(None);
+        };
+        if !self
+            .cleaning_due(config, now_ms)
+            .is_some_and(|(_, due)| due)
+        {
+            return Ok(None);
+        }
+        let req = self.clean_request(now_ms);
+        let Some(mut cleaner) = self.cleaner.borrow_mut().take() else {
+            return Ok(None);
+        };
+        let result = cleaner.clean(&self.log, &req).await;
+        let ratio = cleaner.counters().dirty_ratio;
+        *self.cleaner.borrow_mut() = Some(cleaner);
+        self.watermark.observer.dirty_ratio(ratio);
+        let stats = result?;
+        if let Some(stats) = &stats {
+            self.last_clean_ms.set(Some(now_ms));
+            self.watermark.observer.cleaned(stats);
+            tracing::debug!(topic = %self.tp.topic, partition = self.tp.partition, ?stats, "cleaned");
+        }
+        Ok(stats)
     }
 
     /// Deletes segments past the retention limits.
@@ -902,12 +1058,14 @@ impl PartitionReplica {
 
     /// Flushes the log, snapshots producer state, closes.
     pub async fn close(&self) -> Result<(), ReplicaError> {
+        let _cleaning = self.clean_lock.acquire_permit(1).await;
         let _permit = self.write_lock.acquire_permit(1).await;
         self.log.close().await?;
         self.write_snapshot()
     }
 
     pub async fn delete(&self) -> Result<(), ReplicaError> {
+        let _cleaning = self.clean_lock.acquire_permit(1).await;
         let _permit = self.write_lock.acquire_permit(1).await;
         self.watermark.observer.removed();
         self.log.delete().await?;
@@ -924,6 +1082,13 @@ struct Plan {
     leading_duplicates: usize,
     /// Where the first of them is (-1 if none): the base offset the request is answered with.
     duplicate_base_offset: i64,
+}
+
+/// Wall-clock milliseconds since the epoch (Kafka's timestamps).
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn batch_meta(h: &BatchHeader<'_>) -> BatchMeta {

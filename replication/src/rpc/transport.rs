@@ -631,3 +631,57 @@ fn dup_stream(stream: &TcpStream) -> std::io::Result<TcpStream> {
     // SAFETY: `fd` is a new, owned descriptor of the same connected TCP socket.
     Ok(unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::NodeMessage;
+    use crate::types::Message;
+
+    fn frame(epoch: i32) -> EncodedFrame {
+        let f = Frame {
+            correlation_id: 0,
+            message: RpcMessage::Consensus(NodeMessage {
+                from: 1,
+                to: 2,
+                items: vec![(7, Message::TimeoutNow { epoch })],
+            }),
+        };
+        FrameCodec::default().encode(&f).unwrap()
+    }
+
+    #[test]
+    fn a_full_send_queue_drops_its_oldest_frames() {
+        let one = frame(0).len();
+        let q = SendQueue::new(3 * one);
+        for e in 0..3 {
+            assert_eq!(q.push(frame(e)), 0);
+        }
+        assert_eq!(q.bytes.get(), 3 * one);
+        // Two more: the two oldest go, the total stays within the cap.
+        assert_eq!(q.push(frame(3)), 1);
+        assert_eq!(q.push(frame(4)), 1);
+        assert_eq!(q.bytes.get(), 3 * one);
+        let codec = FrameCodec::default();
+        let epochs: Vec<i32> = std::iter::from_fn(|| q.pop())
+            .map(|f| {
+                let mut b = BytesMut::from(&f.to_bytes()[..]);
+                match codec.decode(&mut b).unwrap().unwrap().message {
+                    RpcMessage::Consensus(m) => m.items[0].1.epoch(),
+                    other => panic!("{other:?}"),
+                }
+            })
+            .collect();
+        assert_eq!(epochs, [2, 3, 4]);
+        assert_eq!(q.bytes.get(), 0);
+        // A frame larger than the whole queue is still sent alone (the codec caps frames).
+        let tiny = SendQueue::new(1);
+        assert_eq!(tiny.push(frame(5)), 0);
+        assert_eq!(tiny.push(frame(6)), 1);
+        assert!(tiny.pop().is_some() && tiny.pop().is_none());
+        // A closed queue takes nothing.
+        tiny.close();
+        assert_eq!(tiny.push(frame(7)), 1);
+        assert!(tiny.is_empty());
+    }
+}

@@ -1,5 +1,7 @@
-//! Starting and stopping the broker: one pinned glommio executor per shard, each listening on
-//! the same port, sharing only the metadata store and the cross-shard queues.
+//! Starting and stopping the broker: one pinned glommio executor per core (a shard), each
+//! listening on the same port, sharing only the metadata store and the cross-shard queues.
+//! The wiring of the layers: the metadata store and placement (spate-replication), the shards'
+//! replicas, and the Kafka serving of each shard (spate-net).
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -9,14 +11,14 @@ use std::time::Duration;
 
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 
-use crate::config::BrokerConfig;
-use crate::cross_wake;
-use crate::error::NetError;
-use crate::metadata::MetadataStore;
-use crate::metrics::Metrics;
-use crate::metrics_http::MetricsServer;
-use crate::server::{accept_loop, OpenConnections};
-use crate::shard::{Job, Router, Shard};
+use spate_net::config::BrokerConfig;
+use spate_net::cross_wake;
+use spate_net::error::NetError;
+use spate_net::metadata::MetadataStore;
+use spate_net::metrics::Metrics;
+use spate_net::metrics_http::MetricsServer;
+use spate_net::server::{accept_loop, OpenConnections};
+use spate_net::shard::{Job, Router, Shard};
 
 /// How often a shard that finished draining checks whether the others have too.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(10);
@@ -37,6 +39,7 @@ const PRODUCER_SNAPSHOT_INTERVAL_MS: u64 = 60_000;
 pub struct Broker {
     handles: Vec<ExecutorJoinHandle<()>>,
     shutdown: ShutdownHandle,
+    /// The Kafka address the shards bound (the port resolved when listening on port 0).
     pub local_addr: SocketAddr,
     metrics_server: Option<MetricsServer>,
 }
@@ -70,6 +73,21 @@ impl Broker {
         claim_listen_port(&mut config)?;
         std::fs::create_dir_all(&config.data_dir)?;
         let metadata = MetadataStore::open(&config.data_dir)?;
+        // Before any shard opens a log: every partition gets its shard among these cores.
+        let settled = metadata.settle_placement(config.cores)?;
+        if settled.filled > 0 {
+            tracing::info!(
+                partitions = settled.filled,
+                "stored the shard placement of partitions from a data dir written before it was stored"
+            );
+        }
+        if settled.replaced > 0 {
+            tracing::warn!(
+                partitions = settled.replaced,
+                cores = config.cores,
+                "partitions placed on shards past --cores moved to the least-loaded shards"
+            );
+        }
         let config = Arc::new(config);
         let (router, receivers) = Router::new(config.cores);
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -109,6 +127,7 @@ impl Broker {
         let mut local_addr = None;
         for _ in 0..config.cores {
             match ready_rx.recv() {
+                // Each shard logs the address it listens on (the port resolved from 0).
                 Ok(Ok(addr)) => local_addr = Some(addr),
                 Ok(Err(e)) => {
                     let broker = Broker {
@@ -134,11 +153,6 @@ impl Broker {
 
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         self.shutdown.clone()
-    }
-
-    /// Where `GET /metrics` is served, if enabled.
-    pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics_server.as_ref().map(|m| m.local_addr())
     }
 
     /// Blocks until every shard has stopped.
@@ -242,7 +256,7 @@ async fn run_shard(
     }
     // Every replica this shard owns is opened (and recovered) before it serves clients.
     shard.open_owned_partitions(None).await;
-    crate::group::start_shard(&shard);
+    spate_net::group::start_shard(&shard);
     // Jobs from other shards run as tasks of this shard, so a slow one never blocks the queue.
     let jobs = {
         let shard = shard.clone();
@@ -277,6 +291,7 @@ async fn run_shard(
             }
         })
     };
+    let cleaner = spawn_cleaner(shard.clone(), config.cleaner_backoff_ms);
     let listener = match glommio::net::TcpListener::bind(config.listen) {
         Ok(l) => l,
         Err(e) => {
@@ -297,6 +312,7 @@ async fn run_shard(
     retention.await;
     trims.await;
     snapshots.await;
+    cleaner.await;
     finish(&shard, &drained, router.shards()).await;
     drop(jobs);
     Shard::clear_current();
@@ -320,6 +336,33 @@ async fn sleep_or_shutdown(shard: &Shard, every: Duration) -> bool {
     .await
 }
 
+/// The shard's log cleaner: a round over its compacted partitions every `backoff_ms`, in a
+/// task queue of its own whose latency does not matter, so the shard's requests come first.
+fn spawn_cleaner(shard: Rc<Shard>, backoff_ms: u64) -> glommio::Task<()> {
+    let every = Duration::from_millis(backoff_ms.max(1));
+    let queue = glommio::executor().create_task_queue(
+        glommio::Shares::default(),
+        glommio::Latency::NotImportant,
+        "log-cleaner",
+    );
+    let run = {
+        let shard = shard.clone();
+        async move {
+            while !sleep_or_shutdown(&shard, every).await {
+                shard.clean_logs().await;
+            }
+        }
+    };
+    glommio::spawn_local_into(run, queue).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "no task queue for the log cleaner; running it beside requests");
+        glommio::spawn_local(async move {
+            while !sleep_or_shutdown(&shard, every).await {
+                shard.clean_logs().await;
+            }
+        })
+    })
+}
+
 async fn housekeeping(shard: Rc<Shard>, every: Duration) {
     while !sleep_or_shutdown(&shard, every).await {
         shard.apply_retention().await;
@@ -339,7 +382,7 @@ async fn give_back_freed_memory(shard: Rc<Shard>) {
         let now = (shard.connections_closed.get(), shard.requests_read.get());
         let quiet = now.1 == seen.1;
         if quiet && now.0 != trimmed_at_closed && shard.request_budget.used_bytes() == 0 {
-            let released = crate::alloc::give_back_free_memory();
+            let released = spate_net::alloc::give_back_free_memory();
             tracing::debug!(
                 shard = shard.id,
                 released,
@@ -363,5 +406,5 @@ async fn finish(shard: &Rc<Shard>, drained: &AtomicUsize, shards: usize) {
         glommio::timer::sleep(SHUTDOWN_POLL).await;
     }
     shard.close_partitions().await;
-    crate::group::close_shard().await;
+    spate_net::group::close_shard().await;
 }

@@ -1,0 +1,56 @@
+//! The background log cleaner of one shard: a round over the shard's compacted partitions,
+//! dirtiest first, each cleaned by the engine's cleaner with the shard's share of the dedupe
+//! memory and I/O budget. It runs in its own task (never on the produce or fetch path) and
+//! yields between logs so the shard's requests keep their turn.
+
+use std::rc::Rc;
+
+use spate_engine::clean::CleanerConfig;
+
+use super::replica::PartitionReplica;
+
+/// Cleans every partition of `replicas` that is due (see [`PartitionReplica::cleaning_due`]),
+/// the dirtiest first; stops early once `stop` says so (shutdown). Errors are logged: a log
+/// the cleaner fails on is tried again next round.
+pub async fn clean_logs(
+    replicas: &[Rc<PartitionReplica>],
+    config: &CleanerConfig,
+    stop: impl Fn() -> bool,
+) {
+    let now = now_ms();
+    let mut due: Vec<(f64, &Rc<PartitionReplica>)> = replicas
+        .iter()
+        .filter_map(|r| match r.cleaning_due(config, now) {
+            Some((ratio, true)) => Some((ratio, r)),
+            _ => None,
+        })
+        .collect();
+    due.sort_by(|a, b| b.0.total_cmp(&a.0));
+    for (_, r) in due {
+        if stop() {
+            return;
+        }
+        glommio::yield_if_needed().await;
+        match r.clean(config, now_ms()).await {
+            Ok(Some(stats)) => tracing::info!(
+                topic = %r.tp.topic,
+                partition = r.tp.partition,
+                passes = stats.passes,
+                bytes_reclaimed = stats.bytes_reclaimed,
+                records_removed = stats.records_removed,
+                tombstones_removed = stats.tombstones_removed,
+                dirty_ratio = stats.dirty_ratio_before,
+                "log cleaned"
+            ),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(topic = %r.tp.topic, partition = r.tp.partition,
+                error = %e, "log cleaning failed"),
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
