@@ -32,6 +32,7 @@ pub use types::{
 };
 
 // Controller, node transport and node identity (issue 15).
+pub mod cluster;
 pub mod codec;
 pub mod controller;
 pub mod identity;

@@ -1,5 +1,6 @@
 //! The controller's decisions, one rule per test: registration and node UUIDs, fencing on a
-//! missed session and the leader moves it forces, ISR shrink and expand with leader-epoch
+//! missed session (it drops the broker's leaderships; the partition group's election, reported
+//! with a newer epoch, installs the next leader), ISR shrink and expand with leader-epoch
 //! fencing, producer-id blocks, topic creation and placement (with property tests for balance).
 //! Every record decided is also applied to a follower's state through its encoding, which must
 //! end up identical to the controller's.
@@ -239,7 +240,7 @@ fn a_node_id_reused_with_another_uuid_is_refused_until_unregistered() {
 }
 
 #[test]
-fn a_missed_session_fences_the_broker_and_moves_its_leadership_within_the_isr() {
+fn a_missed_session_fences_the_broker_and_its_partitions_wait_for_their_group_leader() {
     let mut h = Harness::new();
     for n in 1..=3 {
         h.join(n, 2, 0);
@@ -269,16 +270,49 @@ fn a_missed_session_fences_the_broker_and_moves_its_leadership_within_the_isr() 
     assert!(h.follower.brokers[&1].fenced);
     for i in 0..6 {
         let p = h.p("t", i);
+        let was = &before[i as usize];
         assert!(!p.isr.contains(&1));
-        assert_ne!(p.leader, Some(1));
-        assert!(p.leader.is_some());
-        let grew = p.leader != before[i as usize].leader;
-        assert_eq!(grew, led_by_1.contains(&i));
-        if grew {
-            assert_eq!(p.leader_epoch, before[i as usize].leader_epoch + 1);
+        assert_eq!(p.leader_epoch, was.leader_epoch, "fencing decides no epoch");
+        if led_by_1.contains(&i) {
+            assert_eq!(p.leader, None, "the controller chooses no leader");
+        } else {
+            assert_eq!(p.leader, was.leader);
         }
         assert_eq!(h.follower.offline_replicas(&p), vec![1]);
     }
+    // The group of a partition node 1 led elects node 2 or 3 in a newer epoch; its report
+    // installs it. A stale or concurrent claim to that epoch is refused.
+    let i = led_by_1[0];
+    let p = h.p("t", i);
+    let winner = p.isr[0];
+    let loser = p.isr[1];
+    let report = |leader, leader_epoch| AlterIsrRequest {
+        topic: "t".into(),
+        partition: i,
+        leader,
+        leader_epoch,
+        isr: p.isr.clone(),
+    };
+    let recs = h.ctl.alter_isr(report(winner, 3)).unwrap();
+    h.commit(recs);
+    assert_eq!(h.p("t", i).leader, Some(winner));
+    assert_eq!(h.p("t", i).leader_epoch, 3);
+    assert!(matches!(
+        h.ctl.alter_isr(report(loser, 3)),
+        Err(ControllerError::NotLeader { .. })
+    ));
+    assert!(matches!(
+        h.ctl.alter_isr(report(loser, 2)),
+        Err(ControllerError::FencedLeaderEpoch { got: 2, current: 3 })
+    ));
+    // A fenced broker's claim is refused even in a newer epoch.
+    assert!(matches!(
+        h.ctl.alter_isr(AlterIsrRequest {
+            isr: vec![1, winner],
+            ..report(1, 4)
+        }),
+        Err(ControllerError::FencedBroker(1))
+    ));
     // Fenced brokers get no new partitions.
     h.create("u", 4, None);
     for i in 0..4 {
@@ -315,13 +349,26 @@ fn the_last_in_sync_replica_stays_in_the_isr_and_leads_again_when_back() {
     let p = h.p("t", 0);
     assert_eq!(p.leader, None, "no unclean election");
     assert_eq!(p.isr, vec![first], "the last in-sync replica is kept");
-    assert_eq!(p.leader_epoch, 1);
-    // The old leader restarts (same UUID): registers, catches up, is unfenced, leads again.
+    assert_eq!(p.leader_epoch, 0);
+    // The old leader restarts (same UUID): registers, catches up, is unfenced; its group
+    // elects it again and its report makes it the leader.
     h.register_with(first, uuid(first), 1, SESSION + 10);
     h.heartbeat(first, SESSION + 20);
+    assert_eq!(h.p("t", 0).leader, None, "unfencing elects nobody");
+    let recs = h
+        .ctl
+        .alter_isr(AlterIsrRequest {
+            topic: "t".into(),
+            partition: 0,
+            leader: first,
+            leader_epoch: 1,
+            isr: vec![first],
+        })
+        .unwrap();
+    h.commit(recs);
     let p = h.p("t", 0);
     assert_eq!(p.leader, Some(first));
-    assert_eq!(p.leader_epoch, 2);
+    assert_eq!(p.leader_epoch, 1);
 }
 
 #[test]
@@ -343,8 +390,11 @@ fn isr_changes_come_only_from_the_current_leader_in_its_epoch() {
     };
     let shrunk: Vec<u64> = p.isr.iter().copied().filter(|&n| n != follower).collect();
     assert!(matches!(
-        h.ctl.alter_isr(req(leader, 7, shrunk.clone())),
-        Err(ControllerError::FencedLeaderEpoch { got: 7, current: 0 })
+        h.ctl.alter_isr(req(leader, -1, shrunk.clone())),
+        Err(ControllerError::FencedLeaderEpoch {
+            got: -1,
+            current: 0
+        })
     ));
     assert!(matches!(
         h.ctl.alter_isr(req(follower, 0, shrunk.clone())),
@@ -381,56 +431,63 @@ fn isr_changes_come_only_from_the_current_leader_in_its_epoch() {
 }
 
 #[test]
-fn a_new_active_controller_elects_where_a_cut_short_decision_left_no_leader() {
+fn a_leader_moved_off_by_fencing_is_reinstated_by_its_report_in_the_same_epoch() {
     let mut h = Harness::new();
     h.join(1, 1, 0);
     h.join(2, 1, 0);
     h.create("t", 2, Some(2));
-    // Node 2 goes silent, then node 1: both fenced, node 1 kept as the last in-sync replica.
+    // The group of partition 0 elects node 2 in epoch 1.
+    let recs = h
+        .ctl
+        .alter_isr(AlterIsrRequest {
+            topic: "t".into(),
+            partition: 0,
+            leader: 2,
+            leader_epoch: 1,
+            isr: vec![1, 2],
+        })
+        .unwrap();
+    h.commit(recs);
+    // Node 2 loses the controller (not its group): fenced, its leadership dropped.
     h.heartbeat(1, SESSION - 1);
     let recs = h.ctl.tick(SESSION);
     h.commit(recs);
-    let recs = h.ctl.tick(2 * SESSION);
-    h.commit(recs);
-    assert!((0..2).all(|i| h.p("t", i).isr == vec![1]));
-    assert!((0..2).all(|i| h.p("t", i).leader.is_none()));
-    // Node 1 comes back: its unfence commits, but the elections it allowed (the next batch
-    // of the split decision) are lost with the controller.
-    h.register_with(1, uuid(1), 1, 2 * SESSION + 1);
-    let (recs, _) = h
-        .ctl
-        .heartbeat(
-            HeartbeatRequest {
-                node: 1,
-                broker_epoch: h.epochs[&1],
-                want_fence: false,
-            },
-            2 * SESSION + 2,
-        )
-        .unwrap();
-    assert!(matches!(recs[0], Record::UnfenceBroker { node: 1, .. }));
+    assert_eq!(h.p("t", 0).leader, None);
+    assert_eq!(h.p("t", 0).leader_epoch, 1);
+    // Its claim is refused while fenced; once back it is still the epoch-1 leader of its
+    // group (one epoch, one leader) and its report reinstates it. A new controller behaves
+    // the same: nothing here depends on state outside the log.
+    let report = AlterIsrRequest {
+        topic: "t".into(),
+        partition: 0,
+        leader: 2,
+        leader_epoch: 1,
+        isr: vec![1, 2],
+    };
+    assert!(matches!(
+        h.ctl.alter_isr(report.clone()),
+        Err(ControllerError::FencedBroker(2))
+    ));
+    h.heartbeat(2, SESSION + 1);
+    let mut next = ActiveController::new(ControllerConfig::default(), h.follower.clone(), 0);
+    assert!(next.tick(1).is_empty(), "a new controller elects nobody");
+    let recs = next.alter_isr(report).unwrap();
     let mut committed = h.follower.clone();
-    committed.apply(&recs[0]).unwrap();
-    // The next controller starts from the committed prefix and elects on its first tick.
-    let mut next = ActiveController::new(ControllerConfig::default(), committed.clone(), 0);
-    let recs = next.tick(1);
-    let elected: Vec<_> = recs
-        .iter()
-        .filter_map(|r| match r {
-            Record::PartitionChange { leader, .. } => *leader,
-            _ => None,
-        })
-        .collect();
-    assert!(
-        !elected.is_empty() && elected.iter().all(|&l| l == 1),
-        "{recs:?}"
-    );
     for r in &recs {
         committed.apply(r).unwrap();
     }
-    for p in committed.topics["t"].partitions.iter() {
-        assert!(p.leader.is_some() || !p.isr.contains(&1), "{p:?}");
-    }
+    let p = &committed.topics["t"].partitions[0];
+    assert_eq!((p.leader, p.leader_epoch), (Some(2), 1));
+    assert_eq!(p.isr, vec![1, 2]);
+    // Another node claiming that epoch is refused by the state's own rule too.
+    let forged = Record::PartitionChange {
+        topic: "t".into(),
+        partition: 0,
+        leader: Some(1),
+        leader_epoch: 1,
+        isr: vec![1, 2],
+    };
+    assert!(committed.apply(&forged).is_err());
 }
 
 #[test]

@@ -1,8 +1,10 @@
 //! A deterministic simulation of the controller: three voters (nodes 1-3) replicate the metadata
 //! log with the real consensus core, run the real [`ActiveController`] on whichever of them
 //! leads, and apply the committed log with the real [`MetadataState`]; five brokers (nodes 1-5,
-//! the voters included) register, heartbeat, fetch the metadata log, ask for producer-id blocks
-//! and, when their view says they lead a partition, shrink and expand its ISR. Every message
+//! the voters included) register, heartbeat, fetch the metadata log, ask for producer-id blocks,
+//! claim the leadership of leaderless partitions whose ISR holds them in a newer epoch (as their
+//! partition group's election winner reports it) and, when their view says they lead a
+//! partition, shrink and expand its ISR. Every message
 //! crosses a simulated network as an encoded rpc frame (real codec) that drops, delays,
 //! duplicates and reorders; nodes crash (losing what was not fsynced) and restart; links are
 //! cut. An admin creates topics and partitions on the active controller.
@@ -165,12 +167,28 @@ fn proposal(records: Vec<Record>) -> Vec<(u32, Bytes)> {
         .collect()
 }
 
+/// The claim a broker's partition group would make on winning the election of a partition its
+/// view shows leaderless with this broker in sync: leadership in the next epoch. Concurrent
+/// claims to one epoch stand for the group's one winner; the controller takes the first.
+fn election_claim(br: &Broker) -> Option<AlterIsrRequest> {
+    br.view.topics.iter().find_map(|(name, t)| {
+        t.partitions.iter().enumerate().find_map(|(i, p)| {
+            (p.leader.is_none() && p.isr.contains(&br.id)).then(|| AlterIsrRequest {
+                topic: name.clone(),
+                partition: i as u32,
+                leader: br.id,
+                leader_epoch: p.leader_epoch + 1,
+                isr: p.isr.clone(),
+            })
+        })
+    })
+}
+
 fn check_state(s: &MetadataState) -> Result<(), String> {
     for (name, t) in &s.topics {
         for (i, p) in t.partitions.iter().enumerate() {
-            // No leader while a live ISR member exists is allowed between the batches of one
-            // split decision (an unfence, then the elections it allows); the settle phase
-            // checks that every partition ends up with a leader.
+            // No leader while a live ISR member exists is allowed until a partition group's
+            // leader reports; the settle phase checks that every partition ends up with one.
             if let Some(l) = p.leader {
                 if !p.isr.contains(&l) {
                     return Err(format!("{name}/{i}: leader {l} outside ISR {:?}", p.isr));
@@ -513,19 +531,27 @@ impl Sim {
                     leader_epoch,
                 } => {
                     let key = (topic, partition);
+                    // `l`: the leader the epoch had (losing it keeps the epoch; another node
+                    // may never take it over within the epoch).
+                    let mut seen = leader;
                     if let Some(&(epoch, l)) = self.epochs_seen.get(&key) {
                         assert!(leader_epoch >= epoch, "{key:?}: leader epoch went back");
                         assert!(
-                            leader_epoch > epoch || leader == l,
+                            leader_epoch > epoch
+                                || leader.is_none()
+                                || l.is_none_or(|x| leader == Some(x)),
                             "{key:?}: two leaders in epoch {epoch}"
                         );
-                        if leader != l {
+                        if leader_epoch == epoch {
+                            seen = leader.or(l);
+                        }
+                        if leader_epoch > epoch {
                             self.stats.leader_changes += 1;
-                        } else {
+                        } else if leader.is_some() {
                             self.stats.isr_changes += 1;
                         }
                     }
-                    self.epochs_seen.insert(key, (leader_epoch, leader));
+                    self.epochs_seen.insert(key, (leader_epoch, seen));
                 }
                 Effect::TopicCreated { topic, .. } => {
                     self.stats.topics += 1;
@@ -719,6 +745,12 @@ impl Sim {
                         want_fence: !caught_up,
                     };
                     self.broker_request(b, Req::Heartbeat, RpcMessage::Heartbeat(hb));
+                } else if let Some(req) =
+                    (!pending(Req::AlterIsr) && caught_up && (self.quiet || self.rng.per_mille(50)))
+                        .then(|| election_claim(br))
+                        .flatten()
+                {
+                    self.broker_request(b, Req::AlterIsr, RpcMessage::AlterIsr(req));
                 } else if self.quiet {
                 } else if !pending(Req::ProducerIds) && self.rng.per_mille(8) {
                     let m = RpcMessage::AllocateProducerIds {

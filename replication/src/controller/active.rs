@@ -23,7 +23,7 @@ use crate::controller::records::{
 use crate::controller::state::{check_topic_name, MetadataState};
 use crate::types::{Epoch, NodeId};
 
-/// A broker not heard from for this long is fenced and its partitions get new leaders. Four
+/// A broker not heard from for this long is fenced and leaves the ISRs and leaderships. Four
 /// heartbeat intervals: one or two lost heartbeats do not fence, and a dead broker is fenced
 /// within about a second, inside the 2 s failover budget.
 pub const DEFAULT_BROKER_SESSION_TIMEOUT_MS: u64 = 1_000;
@@ -124,9 +124,6 @@ pub struct ActiveController {
     cfg: ControllerConfig,
     state: MetadataState,
     last_heartbeat_ms: BTreeMap<NodeId, u64>,
-    /// A decision split over several batches may have been cut short by a failover (an
-    /// unfence committed, the elections it allowed not): the first tick elects wherever it can.
-    election_sweep_pending: bool,
 }
 
 impl ActiveController {
@@ -140,7 +137,6 @@ impl ActiveController {
             cfg,
             state: committed,
             last_heartbeat_ms,
-            election_sweep_pending: true,
         }
     }
 
@@ -231,14 +227,13 @@ impl ActiveController {
                     broker_epoch: req.broker_epoch,
                 },
             );
-            self.elect_leaderless(&mut out);
         } else if !fenced && req.want_fence {
             self.fence(req.node, &mut out);
         }
         Ok((out, self.state.brokers[&req.node].fenced))
     }
 
-    /// Fences every live broker whose session expired at `now_ms`, moving its leadership.
+    /// Fences every live broker whose session expired at `now_ms`, dropping its leadership.
     pub fn tick(&mut self, now_ms: u64) -> Vec<Record> {
         let timeout = self.cfg.broker_session_timeout_ms;
         let expired: Vec<NodeId> = self
@@ -255,9 +250,6 @@ impl ActiveController {
             .map(|(&n, _)| n)
             .collect();
         let mut out = Vec::new();
-        if std::mem::take(&mut self.election_sweep_pending) {
-            self.elect_leaderless(&mut out);
-        }
         for node in expired {
             tracing::info!(node, "broker session expired: fencing");
             self.fence(node, &mut out);
@@ -281,14 +273,13 @@ impl ActiveController {
             let isr: Vec<NodeId> = p.isr.iter().copied().filter(|&n| n != node).collect();
             assert_ne!(p.leader, Some(node), "a fenced broker leads");
             let leader = p.leader.filter(|l| isr.contains(l));
-            let leader_epoch = p.leader_epoch + i32::from(leader != p.leader);
             self.push(
                 &mut out,
                 Record::PartitionChange {
                     topic,
                     partition,
                     leader,
-                    leader_epoch,
+                    leader_epoch: p.leader_epoch,
                     isr,
                 },
             );
@@ -298,8 +289,11 @@ impl ActiveController {
         Ok(out)
     }
 
-    /// A partition leader shrinks (a replica fell behind) or expands (a replica caught up) its
-    /// ISR. Refused from anyone but the current leader in its current epoch.
+    /// A partition group's leader reports its leadership and in-sync voters (Kafka's
+    /// AlterPartition). The group's own election decides who leads; the controller records it:
+    /// a report in a newer epoch installs its sender as leader, one in the current epoch changes
+    /// the ISR (or reinstates a leader the controller moved off when fencing its broker, since
+    /// one epoch has one leader). Older epochs and other senders are refused.
     pub fn alter_isr(&mut self, req: AlterIsrRequest) -> Result<Vec<Record>, ControllerError> {
         let p = self
             .state
@@ -308,13 +302,16 @@ impl ActiveController {
                 topic: req.topic.clone(),
                 partition: req.partition,
             })?;
-        if req.leader_epoch != p.leader_epoch {
+        if req.leader_epoch < p.leader_epoch {
             return Err(ControllerError::FencedLeaderEpoch {
                 got: req.leader_epoch,
                 current: p.leader_epoch,
             });
         }
-        if p.leader != Some(req.leader) {
+        if req.leader_epoch == p.leader_epoch && p.leader.is_some_and(|l| l != req.leader) {
+            return Err(ControllerError::NotLeader { node: req.leader });
+        }
+        if !p.has_replica(req.leader) {
             return Err(ControllerError::NotLeader { node: req.leader });
         }
         if !req.isr.contains(&req.leader) {
@@ -326,15 +323,15 @@ impl ActiveController {
                     "ISR members must be distinct replicas",
                 ));
             }
-            if !p.isr.contains(&n) && !self.state.is_live(n) {
+            if (n == req.leader || !p.isr.contains(&n)) && !self.state.is_live(n) {
                 return Err(ControllerError::FencedBroker(n));
             }
         }
         let record = Record::PartitionChange {
             topic: req.topic,
             partition: req.partition,
-            leader: p.leader,
-            leader_epoch: p.leader_epoch,
+            leader: Some(req.leader),
+            leader_epoch: req.leader_epoch,
             isr: req.isr,
         };
         let mut out = Vec::new();
@@ -493,8 +490,9 @@ impl ActiveController {
     }
 
     /// Takes `node` out of every ISR (but never empties one: the last in-sync replica stays, so
-    /// a later election cannot pick a replica that may lack acknowledged data) and moves its
-    /// leadership to the first other live in-sync replica in replica order, or to none.
+    /// no replica that may lack acknowledged data is ever listed as in sync) and marks the
+    /// partitions it led leaderless. Choosing the next leader is the partition group's
+    /// election; its winner reports with a newer epoch ([`Self::alter_isr`]).
     fn move_off(&mut self, node: NodeId, out: &mut Vec<Record>) {
         let affected = self.partitions_where(|p| p.isr.contains(&node) || p.leader == Some(node));
         for (topic, partition, p) in affected {
@@ -502,51 +500,20 @@ impl ActiveController {
             if isr.is_empty() {
                 isr = p.isr.clone();
             }
-            let leader = if p.leader == Some(node) || p.leader.is_none() {
-                p.replicas
-                    .iter()
-                    .map(|r| r.node)
-                    .find(|&n| n != node && isr.contains(&n) && self.state.is_live(n))
-            } else {
-                p.leader
-            };
+            let leader = p.leader.filter(|&l| l != node);
             if isr == p.isr && leader == p.leader {
                 continue;
             }
-            let leader_epoch = p.leader_epoch + i32::from(leader != p.leader);
             self.push(
                 out,
                 Record::PartitionChange {
                     topic,
                     partition,
                     leader,
-                    leader_epoch,
+                    leader_epoch: p.leader_epoch,
                     isr,
                 },
             );
-        }
-    }
-
-    /// Gives every leaderless partition a live in-sync leader if it has one (after an unfence).
-    fn elect_leaderless(&mut self, out: &mut Vec<Record>) {
-        for (topic, partition, p) in self.partitions_where(|p| p.leader.is_none()) {
-            let leader = p
-                .replicas
-                .iter()
-                .map(|r| r.node)
-                .find(|&n| p.isr.contains(&n) && self.state.is_live(n));
-            if leader.is_some() {
-                self.push(
-                    out,
-                    Record::PartitionChange {
-                        topic,
-                        partition,
-                        leader,
-                        leader_epoch: p.leader_epoch + 1,
-                        isr: p.isr.clone(),
-                    },
-                );
-            }
         }
     }
 

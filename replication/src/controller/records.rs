@@ -181,9 +181,9 @@ impl RecordBatch {
     /// Encodes one decision's records as consecutive batches of about `target_bytes` each (at
     /// least one record per batch), for a decision too large for one batch (fencing a broker
     /// that leads thousands of partitions). The controller orders a decision's records so
-    /// every prefix keeps the safety invariants (leader moves before the fencing, so a fenced
-    /// broker never leads); a failover between the batches leaves at worst a partition without
-    /// a leader that could have one, which the next active controller elects on its first tick.
+    /// every prefix keeps the safety invariants (leaderships dropped before the fencing, so a
+    /// fenced broker never leads); a failover between the batches leaves at worst a broker
+    /// still in some ISRs, which the next active controller fences again.
     pub fn encode_chunked(records: Vec<Record>, target_bytes: usize) -> Vec<Bytes> {
         let target = target_bytes.clamp(1, MAX_METADATA_BATCH_BYTES / 2);
         let mut out = Vec::new();

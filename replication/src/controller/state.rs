@@ -282,10 +282,11 @@ impl MetadataState {
                         partition: *partition,
                     }
                 })?;
-                let leader_changed = *leader != p.leader;
-                if *leader_epoch < p.leader_epoch
-                    || (leader_changed && *leader_epoch == p.leader_epoch)
-                {
+                // One epoch has at most one leader (the partition group's Raft term): within an
+                // epoch the leader may only be lost (its broker fenced) or reinstated (it
+                // reports again), never replaced by another.
+                let replaced = matches!((p.leader, *leader), (Some(a), Some(b)) if a != b);
+                if *leader_epoch < p.leader_epoch || (replaced && *leader_epoch == p.leader_epoch) {
                     return Err(ApplyError::Invalid(
                         "leader epoch must grow with a new leader",
                     ));

@@ -219,14 +219,25 @@ impl PartitionGroup {
     /// Voters caught up to the high watermark, this one included (the leader's view; a
     /// follower counts only itself). What `min.insync.replicas` is checked against.
     pub fn in_sync_voters(&self) -> usize {
+        self.in_sync_voter_ids().len()
+    }
+
+    /// The voters [`Self::in_sync_voters`] counts, in membership order: a leader's ISR.
+    pub fn in_sync_voter_ids(&self) -> Vec<NodeId> {
         let core = self.core.borrow();
         let hw = core.high_watermark();
         let me = self.cfg.node;
         core.membership()
             .voters
             .iter()
-            .filter(|&&v| v == me || core.peer_progress(v).is_some_and(|(m, _)| m >= hw))
-            .count()
+            .copied()
+            .filter(|&v| v == me || core.peer_progress(v).is_some_and(|(m, _)| m >= hw))
+            .collect()
+    }
+
+    /// The group leads and takes writes in its epoch (producer state rebuilt).
+    pub fn is_writable_leader(&self) -> bool {
+        self.writable.get() && self.core.borrow().is_leader()
     }
 
     /// One unit of logical time (the shard's tick: elections, heartbeats).

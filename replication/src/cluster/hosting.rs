@@ -1,0 +1,180 @@
+//! What a node hosts, derived from the applied metadata alone, so that every node computes the
+//! same group ids and the same group-to-shard routes without asking anyone.
+
+use std::collections::BTreeMap;
+
+use crate::controller::{MetadataState, METADATA_GROUP};
+use crate::node::NodeMessage;
+use crate::types::{GroupId, Message, NodeId};
+
+/// Bound of each channel carrying consensus traffic between a shard and the cluster service
+/// thread, in [`NodeMessage`]s. A shard sends at most one message per peer per tick plus one
+/// per event it steps, so a few hundred absorb a burst of several ticks; beyond that the
+/// sender drops (consensus retransmits on its next heartbeat) rather than queueing without end.
+pub const SHARD_CONSENSUS_CHANNEL_CAPACITY: usize = 256;
+
+/// The consensus group id of partition `partition` of the topic with id `topic_id`: a 64-bit
+/// mix of both, the same on every node. Never [`METADATA_GROUP`]. Collisions are possible in
+/// principle (two random 128-bit topic ids mixed into 64 bits); [`plan_hosting`] detects them
+/// and hosts neither group rather than mixing their traffic.
+pub fn partition_group_id(topic_id: u128, partition: u32) -> GroupId {
+    let folded = (topic_id as u64) ^ ((topic_id >> 64) as u64).rotate_left(29);
+    let id = mix(mix(folded) ^ u64::from(partition));
+    if id == METADATA_GROUP {
+        METADATA_GROUP - 1
+    } else {
+        id
+    }
+}
+
+/// SplitMix64's finalizer: every input bit affects every output bit.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// One partition replica this node hosts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostedPartition {
+    pub topic: String,
+    pub topic_id: u128,
+    pub partition: u32,
+    /// The shard the assignment names for this node's replica.
+    pub shard: u32,
+    /// Every replica of the partition: the group's voters.
+    pub voters: Vec<NodeId>,
+}
+
+/// Two partitions whose group ids collide; neither is hosted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("partitions {a:?} and {b:?} map to the same consensus group {group}; neither is hosted")]
+pub struct PlanConflict {
+    pub group: GroupId,
+    pub a: (String, u32),
+    pub b: (String, u32),
+}
+
+/// Every group a node hosts, by group id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostingPlan {
+    pub groups: BTreeMap<GroupId, HostedPartition>,
+}
+
+/// What changed between two plans: groups to open (new, or moved to another shard or voter
+/// set) and groups to close (gone, or about to be reopened).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostingChanges {
+    pub open: Vec<(GroupId, HostedPartition)>,
+    pub close: Vec<(GroupId, HostedPartition)>,
+}
+
+/// The groups `node` hosts in `state`, and the group-id collisions found (their partitions are
+/// left out). A node with a shard count below an assignment's shard cannot host it: the
+/// controller refuses such registrations, so the plan trusts the state here.
+pub fn plan_hosting(state: &MetadataState, node: NodeId) -> (HostingPlan, Vec<PlanConflict>) {
+    let mut groups: BTreeMap<GroupId, HostedPartition> = BTreeMap::new();
+    let mut conflicts = Vec::new();
+    let mut poisoned: Vec<GroupId> = Vec::new();
+    for (name, t) in &state.topics {
+        for (i, p) in t.partitions.iter().enumerate() {
+            let Some(mine) = p.replicas.iter().find(|r| r.node == node) else {
+                continue;
+            };
+            let partition = i as u32;
+            let group = partition_group_id(t.topic_id, partition);
+            let hosted = HostedPartition {
+                topic: name.clone(),
+                topic_id: t.topic_id,
+                partition,
+                shard: mine.shard,
+                voters: p.replicas.iter().map(|r| r.node).collect(),
+            };
+            if let Some(other) = groups.get(&group) {
+                conflicts.push(PlanConflict {
+                    group,
+                    a: (other.topic.clone(), other.partition),
+                    b: (name.clone(), partition),
+                });
+                poisoned.push(group);
+                continue;
+            }
+            groups.insert(group, hosted);
+        }
+    }
+    for g in poisoned {
+        groups.remove(&g);
+    }
+    (HostingPlan { groups }, conflicts)
+}
+
+impl HostingPlan {
+    /// The shard hosting `group`, for routing its incoming consensus messages.
+    pub fn shard_of(&self, group: GroupId) -> Option<u32> {
+        self.groups.get(&group).map(|h| h.shard)
+    }
+
+    /// From `self` to `next`. A group whose shard or voters changed is closed and reopened (a
+    /// membership change is not wired yet, so voters change only with a new topic incarnation).
+    pub fn changes_to(&self, next: &HostingPlan) -> HostingChanges {
+        let mut c = HostingChanges::default();
+        for (g, h) in &self.groups {
+            if next.groups.get(g) != Some(h) {
+                c.close.push((*g, h.clone()));
+            }
+        }
+        for (g, h) in &next.groups {
+            if self.groups.get(g) != Some(h) {
+                c.open.push((*g, h.clone()));
+            }
+        }
+        c
+    }
+}
+
+/// Splits one incoming node message into one per shard hosting its groups, in shard order;
+/// entries for groups this node does not host (closed, or not yet opened here) are dropped and
+/// counted: consensus resends what is still needed.
+pub fn split_by_shard(msg: NodeMessage, plan: &HostingPlan) -> (Vec<(u32, NodeMessage)>, usize) {
+    let mut per: BTreeMap<u32, Vec<(GroupId, Message)>> = BTreeMap::new();
+    let mut dropped = 0;
+    for (g, m) in msg.items {
+        match plan.shard_of(g) {
+            Some(s) => per.entry(s).or_default().push((g, m)),
+            None => dropped += 1,
+        }
+    }
+    let out = per
+        .into_iter()
+        .map(|(s, items)| {
+            (
+                s,
+                NodeMessage {
+                    from: msg.from,
+                    to: msg.to,
+                    items,
+                },
+            )
+        })
+        .collect();
+    (out, dropped)
+}
+
+/// Gathers what a shard's groups produced in one round (each group's `(peer, message)` list)
+/// into one [`NodeMessage`] per peer, so the per-tick message count between two nodes does not
+/// grow with the number of groups.
+pub fn gather_outgoing(
+    from: NodeId,
+    per_group: impl IntoIterator<Item = (GroupId, Vec<(NodeId, Message)>)>,
+) -> Vec<NodeMessage> {
+    let mut per: BTreeMap<NodeId, Vec<(GroupId, Message)>> = BTreeMap::new();
+    for (g, msgs) in per_group {
+        for (to, m) in msgs {
+            per.entry(to).or_default().push((g, m));
+        }
+    }
+    per.into_iter()
+        .map(|(to, items)| NodeMessage { from, to, items })
+        .collect()
+}

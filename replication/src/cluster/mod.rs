@@ -1,0 +1,14 @@
+//! Replicated partitions hosted on a cluster node: which groups a node hosts and on which shard
+//! (from the applied controller state), their deterministic group ids, and the routing of
+//! consensus traffic between the node's shards and its transport. Sans-IO: the shards and the
+//! cluster service thread drive these with their own I/O. See docs/architecture.md, "Cluster
+//! wiring".
+
+mod hosting;
+mod shard_host;
+
+pub use hosting::{
+    gather_outgoing, partition_group_id, plan_hosting, split_by_shard, HostedPartition,
+    HostingChanges, HostingPlan, PlanConflict, SHARD_CONSENSUS_CHANNEL_CAPACITY,
+};
+pub use shard_host::{LeaderReport, ShardGroups};

@@ -1,0 +1,129 @@
+//! The replicated partitions one shard hosts: their ticks, their incoming and outgoing consensus
+//! traffic (one [`NodeMessage`] per peer per round, whatever the group count) and the leadership
+//! reports the controller needs. Lives on the shard's executor; not `Send`.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use crate::cluster::gather_outgoing;
+use crate::node::NodeMessage;
+use crate::partition::{PartitionGroup, ReplicaError};
+use crate::types::{Epoch, GroupId, NodeId};
+
+/// What a group leader tells the controller: it leads in `epoch` with these voters in sync.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderReport {
+    pub group: GroupId,
+    pub leader: NodeId,
+    pub epoch: Epoch,
+    pub isr: Vec<NodeId>,
+}
+
+pub struct ShardGroups {
+    node: NodeId,
+    groups: RefCell<BTreeMap<GroupId, Rc<PartitionGroup>>>,
+    /// The last report per group the controller accepted.
+    acknowledged: RefCell<BTreeMap<GroupId, LeaderReport>>,
+}
+
+impl ShardGroups {
+    pub fn new(node: NodeId) -> Self {
+        ShardGroups {
+            node,
+            groups: RefCell::default(),
+            acknowledged: RefCell::default(),
+        }
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// Hosts an opened group (replacing nothing: the caller closes a group before reopening).
+    pub fn insert(&self, group: Rc<PartitionGroup>) {
+        assert_eq!(group.node(), self.node);
+        let prev = self.groups.borrow_mut().insert(group.group(), group);
+        assert!(prev.is_none(), "a group hosted twice on one shard");
+    }
+
+    pub fn get(&self, group: GroupId) -> Option<Rc<PartitionGroup>> {
+        self.groups.borrow().get(&group).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.groups.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.groups.borrow().is_empty()
+    }
+
+    /// Stops hosting `group` and closes it (its files stay).
+    pub async fn close(&self, group: GroupId) -> Result<(), ReplicaError> {
+        let g = self.groups.borrow_mut().remove(&group);
+        self.acknowledged.borrow_mut().remove(&group);
+        match g {
+            Some(g) => g.close().await,
+            None => Ok(()),
+        }
+    }
+
+    fn all(&self) -> Vec<Rc<PartitionGroup>> {
+        self.groups.borrow().values().cloned().collect()
+    }
+
+    /// One tick of every group, then everything they have to send.
+    pub async fn tick(&self) -> Vec<NodeMessage> {
+        for g in self.all() {
+            g.tick().await;
+        }
+        self.take_outgoing().await
+    }
+
+    /// Steps a peer's message into its groups (entries for groups not hosted here are
+    /// dropped: closed, or not opened yet; consensus resends), then everything to send.
+    pub async fn deliver(&self, msg: NodeMessage) -> Vec<NodeMessage> {
+        for (g, m) in msg.items {
+            if let Some(group) = self.get(g) {
+                group.step(msg.from, m).await;
+            }
+        }
+        self.take_outgoing().await
+    }
+
+    /// What every group has to send since the last call, one message per peer.
+    pub async fn take_outgoing(&self) -> Vec<NodeMessage> {
+        let mut per_group = Vec::new();
+        for g in self.all() {
+            let msgs = g.take_messages().await;
+            if !msgs.is_empty() {
+                per_group.push((g.group(), msgs));
+            }
+        }
+        gather_outgoing(self.node, per_group)
+    }
+
+    /// Reports the controller has not acknowledged yet: each group this shard leads (writable
+    /// in its epoch) whose epoch or in-sync voters differ from its last accepted report.
+    pub fn pending_reports(&self) -> Vec<LeaderReport> {
+        let acked = self.acknowledged.borrow();
+        self.groups
+            .borrow()
+            .values()
+            .filter(|g| g.is_writable_leader())
+            .map(|g| LeaderReport {
+                group: g.group(),
+                leader: self.node,
+                epoch: g.epoch(),
+                isr: g.in_sync_voter_ids(),
+            })
+            .filter(|r| acked.get(&r.group) != Some(r))
+            .collect()
+    }
+
+    /// The controller accepted `report` (or has a newer epoch: nothing more to say for it).
+    pub fn acknowledge(&self, report: LeaderReport) {
+        self.acknowledged.borrow_mut().insert(report.group, report);
+    }
+}
