@@ -13,13 +13,27 @@ use std::process::{Command, Output};
 const SINGLE_NODE_RUN_SECONDS: u32 = 60;
 const MIN_FAULTS: u32 = 6;
 
+/// Seconds past its duration after which the planted-loss run's watchdog ends it as hung
+/// (every phase after the faults is bounded well below this; see tests/chaos/run.py).
+const PLANTED_RUN_WATCHDOG_SLACK_S: &str = "240";
+
 fn chaos_python(args: &[&str]) -> Output {
+    chaos_python_env(args, &[])
+}
+
+fn chaos_python_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new("python3")
         .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests"))
         .args(args)
         .env("SPATE_BIN", env!("CARGO_BIN_EXE_spate"))
+        .envs(env.iter().copied())
         .output()
         .expect("run python3")
+}
+
+/// The harness's watchdog fired: a client call never returned (its stacks are on stderr).
+fn watchdog_fired(out: &Output) -> bool {
+    String::from_utf8_lossy(&out.stderr).contains("Thread 0x")
 }
 
 fn text(out: &Output) -> String {
@@ -48,22 +62,34 @@ fn checker_flags_every_planted_anomaly_and_schedules_replay_from_their_seed() {
 /// from) makes the run fail with lost writes.
 #[test]
 fn a_run_with_a_planted_data_loss_fails_with_lost_writes() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out_dir = dir.path().to_str().expect("utf-8 path").to_string();
-    let out = chaos_python(&[
-        "-m",
-        "chaos.run",
-        "--binary",
-        env!("CARGO_BIN_EXE_spate"),
-        "--nemesis",
-        "kill_wipe",
-        "--duration",
-        "5",
-        "--seed",
-        "3",
-        "--out",
-        &out_dir,
-    ]);
+    let run = || {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out_dir = dir.path().to_str().expect("utf-8 path").to_string();
+        chaos_python_env(
+            &[
+                "-m",
+                "chaos.run",
+                "--binary",
+                env!("CARGO_BIN_EXE_spate"),
+                "--nemesis",
+                "kill_wipe",
+                "--duration",
+                "5",
+                "--seed",
+                "3",
+                "--out",
+                &out_dir,
+            ],
+            &[("SPATE_CHAOS_WATCHDOG_SLACK_S", PLANTED_RUN_WATCHDOG_SLACK_S)],
+        )
+    };
+    let mut out = run();
+    if watchdog_fired(&out) {
+        // A hang of the harness (seen twice under a loaded full suite, never alone) is not
+        // what this test judges: show where it hung, then judge one more run.
+        eprintln!("first run hung; its stacks:\n{}", text(&out));
+        out = run();
+    }
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("ANOMALIES: lost "), "{}", text(&out));
