@@ -9,16 +9,16 @@ use std::path::Path;
 use std::rc::Rc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use kafka_protocol::records::{
-    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-};
 use spate_replication::cluster::{partition_group_id, ShardGroups};
 use spate_replication::partition::{
     hard_state_path, Acks, FlushPolicy, GroupConfig, LogConfig, NoObserver, PartitionGroup,
-    PartitionReplica, ReplicaConfig, TopicPartition, VerifiedBatch,
+    PartitionReplica, ReplicaConfig, TopicPartition,
 };
 use spate_replication::{NodeId, NodeMessage};
+
+#[path = "support/batches.rs"]
+mod batches;
+use batches::batch;
 
 /// Rounds (a tick of every host, then every message delivered) a condition may take: an
 /// election takes 10 to 20 ticks.
@@ -26,37 +26,6 @@ const MAX_ROUNDS: usize = 400;
 /// Delivery passes per round before it stops waiting for the hosts to go quiet.
 const MAX_DELIVERY_PASSES: usize = 64;
 const TOPIC_ID: u128 = 0x5fa7e;
-
-fn batch(producer_id: i64, first_seq: i32, records: i32) -> VerifiedBatch {
-    let records: Vec<Record> = (0..records)
-        .map(|i| Record {
-            transactional: false,
-            control: false,
-            delete_horizon: false,
-            partition_leader_epoch: 0,
-            producer_id,
-            producer_epoch: 0,
-            timestamp_type: TimestampType::Creation,
-            offset: i as i64,
-            sequence: first_seq + i,
-            timestamp: 1_000 + i as i64,
-            key: None,
-            value: Some(Bytes::from(format!("v{}", first_seq + i))),
-            headers: Default::default(),
-        })
-        .collect();
-    let mut buf = BytesMut::new();
-    RecordBatchEncoder::encode(
-        &mut buf,
-        &records,
-        &RecordEncodeOptions {
-            version: 2,
-            compression: Compression::None,
-        },
-    )
-    .expect("encode");
-    VerifiedBatch::from_bytes(buf.freeze()).expect("a valid batch")
-}
 
 async fn open_group(dir: &Path, node: NodeId, partition: u32) -> Rc<PartitionGroup> {
     let config = ReplicaConfig {

@@ -9,64 +9,23 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use kafka_protocol::records::{
-    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-};
+use bytes::Bytes;
 use kafka_protocol::ResponseError;
 use spate_replication::partition::{
     hard_state_path, Acks, BatchHeader, Completion, FlushPolicy, GroupConfig, LogConfig,
-    NoObserver, PartitionGroup, PartitionReplica, ReplicaConfig, TopicPartition, VerifiedBatch,
+    NoObserver, PartitionGroup, PartitionReplica, ReplicaConfig, TopicPartition,
 };
 use spate_replication::{Message, NodeId};
+
+#[path = "support/batches.rs"]
+mod batches;
+use batches::{batch, run};
 
 /// Rounds (one tick each, then every message delivered) a condition may take: elections take
 /// 10 to 20 ticks, so this bounds a test to a few elections' worth of rounds.
 const MAX_ROUNDS: usize = 400;
 /// Delivery passes per round before it gives up on the cluster going quiet.
 const MAX_DELIVERY_PASSES: usize = 64;
-
-fn run<T>(f: impl std::future::Future<Output = T>) -> T {
-    glommio::LocalExecutorBuilder::default()
-        .make()
-        .expect("glommio executor")
-        .run(f)
-}
-
-/// An idempotent producer's batch of `records` records with sequences from `first_seq`.
-fn batch(producer_id: i64, first_seq: i32, records: i32) -> VerifiedBatch {
-    let records: Vec<Record> = (0..records)
-        .map(|i| Record {
-            transactional: false,
-            control: false,
-            delete_horizon: false,
-            partition_leader_epoch: 0,
-            producer_id,
-            producer_epoch: 0,
-            timestamp_type: TimestampType::Creation,
-            offset: i as i64,
-            sequence: first_seq + i,
-            timestamp: 1_000 + i as i64,
-            key: None,
-            value: Some(Bytes::from(format!(
-                "value {producer_id}/{}",
-                first_seq + i
-            ))),
-            headers: Default::default(),
-        })
-        .collect();
-    let mut buf = BytesMut::new();
-    RecordBatchEncoder::encode(
-        &mut buf,
-        &records,
-        &RecordEncodeOptions {
-            version: 2,
-            compression: Compression::None,
-        },
-    )
-    .expect("encode");
-    VerifiedBatch::from_bytes(buf.freeze()).expect("a valid batch")
-}
 
 /// A produce's answer, once its completion has resolved.
 type Answer = Rc<Cell<Option<Result<(), i16>>>>;

@@ -1,0 +1,52 @@
+//! What the partition tests share: an executor to run one on, and idempotent producers' batches.
+
+// Each test binary that includes this uses part of it.
+#![allow(dead_code)]
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::records::{
+    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
+use spate_replication::partition::VerifiedBatch;
+
+pub fn run<T>(f: impl std::future::Future<Output = T>) -> T {
+    glommio::LocalExecutorBuilder::default()
+        .make()
+        .expect("glommio executor")
+        .run(f)
+}
+
+/// An idempotent producer's batch of `records` records with sequences from `first_seq`.
+pub fn batch(producer_id: i64, first_seq: i32, records: i32) -> VerifiedBatch {
+    let records: Vec<Record> = (0..records)
+        .map(|i| Record {
+            transactional: false,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: 0,
+            producer_id,
+            producer_epoch: 0,
+            timestamp_type: TimestampType::Creation,
+            offset: i as i64,
+            sequence: first_seq + i,
+            timestamp: 1_000 + i as i64,
+            key: None,
+            value: Some(Bytes::from(format!(
+                "value {producer_id}/{}",
+                first_seq + i
+            ))),
+            headers: Default::default(),
+        })
+        .collect();
+    let mut buf = BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut buf,
+        &records,
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .expect("encode");
+    VerifiedBatch::from_bytes(buf.freeze()).expect("a valid batch")
+}
