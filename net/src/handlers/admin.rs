@@ -303,16 +303,11 @@ pub async fn incremental_alter_configs(
         let mut out = AlterConfigsResourceResponse::default();
         out.resource_type = res.resource_type;
         out.resource_name = res.resource_name.clone();
-        let outcome = match topic_resource(shard, res.resource_type, &res.resource_name)
-            .and_then(|current| alter_ops(&current, res))
+        let next = topic_resource(shard, res.resource_type, &res.resource_name)
+            .and_then(|current| alter_ops(&current, res));
+        if let Err((code, msg)) =
+            change_topic_configs(shard, res.resource_name.as_str(), next, r.validate_only).await
         {
-            Ok(next) => {
-                store_topic_configs(shard, res.resource_name.as_str(), next, r.validate_only).await
-            }
-            Err(e) => Err(e),
-        };
-        if let Err((code, msg)) = outcome {
-            tracing::info!(resource = %res.resource_name.as_str(), code, msg, "refused config change");
             out.error_code = code;
             out.error_message = Some(str_bytes(&msg));
         }
@@ -339,19 +334,13 @@ pub async fn alter_configs(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, Ne
                 (c.name.to_string(), value)
             })
             .collect();
-        let outcome = match topic_resource(shard, res.resource_type, &res.resource_name) {
-            Ok(_) => TopicConfigs::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-                .map_err(invalid_config),
-            Err(e) => Err(e),
-        };
-        let outcome = match outcome {
-            Ok(next) => {
-                store_topic_configs(shard, res.resource_name.as_str(), next, r.validate_only).await
-            }
-            Err(e) => Err(e),
-        };
-        if let Err((code, msg)) = outcome {
-            tracing::info!(resource = %res.resource_name.as_str(), code, msg, "refused config change");
+        let next = topic_resource(shard, res.resource_type, &res.resource_name).and_then(|_| {
+            TopicConfigs::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .map_err(invalid_config)
+        });
+        if let Err((code, msg)) =
+            change_topic_configs(shard, res.resource_name.as_str(), next, r.validate_only).await
+        {
             out.error_code = code;
             out.error_message = Some(str_bytes(&msg));
         }
@@ -407,6 +396,23 @@ fn alter_ops(
 
 /// Checks a topic's new overrides against the broker's limits, then (unless `validate_only`)
 /// persists them and applies them to the topic's open logs on every shard.
+/// Stores a topic's new configs (both alter APIs end here), or logs why they were refused.
+async fn change_topic_configs(
+    shard: &Rc<Shard>,
+    name: &str,
+    next: Result<TopicConfigs, (i16, String)>,
+    validate_only: bool,
+) -> Result<(), (i16, String)> {
+    let outcome = match next {
+        Ok(next) => store_topic_configs(shard, name, next, validate_only).await,
+        Err(e) => Err(e),
+    };
+    if let Err((code, msg)) = &outcome {
+        tracing::info!(resource = %name, code, msg, "refused config change");
+    }
+    outcome
+}
+
 async fn store_topic_configs(
     shard: &Rc<Shard>,
     name: &str,

@@ -451,9 +451,7 @@ impl PartitionReplica {
         batches: Vec<VerifiedBatch>,
         acks: Acks,
     ) -> (ProduceOutcome, Completion) {
-        let outcome = self
-            .append_checked(batches, LEADER_EPOCH, &mut Vec::new())
-            .await;
+        let outcome = self.append_checked(batches, LEADER_EPOCH, None).await;
         let completion = if outcome.error_code == NONE && outcome.base_offset >= 0 {
             self.leader_completion(acks)
         } else {
@@ -482,14 +480,16 @@ impl PartitionReplica {
         epoch: i32,
         appended: &mut Vec<AppendInfo>,
     ) -> ProduceOutcome {
-        self.append_checked(batches, epoch, appended).await
+        self.append_checked(batches, epoch, Some(appended)).await
     }
 
     async fn append_checked(
         &self,
         batches: Vec<VerifiedBatch>,
         leader_epoch: i32,
-        appended: &mut Vec<AppendInfo>,
+        // Only a replicated partition's leader asks where each batch landed; the single-node
+        // path passes None and allocates nothing for it.
+        mut appended: Option<&mut Vec<AppendInfo>>,
     ) -> ProduceOutcome {
         let mut outcome = ProduceOutcome {
             error_code: NONE,
@@ -598,7 +598,9 @@ impl PartitionReplica {
                 }
             };
             debug_assert!(info.last_offset >= info.base_offset);
-            appended.push(info);
+            if let Some(appended) = appended.as_deref_mut() {
+                appended.push(info);
+            }
             self.watermark.observer.appended(batch_bytes, records);
             self.commit_local();
             if pid >= 0 {
