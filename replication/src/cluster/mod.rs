@@ -5,10 +5,14 @@
 //! wiring".
 
 mod hosting;
+mod link;
 mod shard_host;
 
 pub use hosting::{
     gather_outgoing, partition_group_id, plan_hosting, split_by_shard, HostedPartition,
     HostingChanges, HostingPlan, PlanConflict, SHARD_CONSENSUS_CHANNEL_CAPACITY,
+};
+pub use link::{
+    CallError, ClusterPort, ControllerCall, Reply, ShardEvent, ShardLink, CONTROLLER_CALL_QUEUE,
 };
 pub use shard_host::{LeaderReport, ShardGroups};

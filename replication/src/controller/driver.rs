@@ -16,6 +16,7 @@
 //! - Voters apply the committed log from their own store; other nodes fetch it from a voter.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -295,6 +296,7 @@ impl<R: Clone> Driver<R> {
             brokers,
             high_watermark: self.applied,
             voter_progress,
+            metadata: Arc::new(self.state.clone()),
             generation: self.generation,
         }
     }

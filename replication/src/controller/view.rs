@@ -5,6 +5,7 @@
 use std::sync::{Arc, RwLock};
 
 use crate::controller::records::Endpoint;
+use crate::controller::MetadataState;
 use crate::types::{Epoch, NodeId, Offset};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +34,9 @@ pub struct ClusterView {
     pub high_watermark: Offset,
     /// On the controller leader: each voter's log end as far as the leader knows.
     pub voter_progress: Vec<(NodeId, Option<Offset>)>,
+    /// The applied metadata: topics, their partitions' replicas (node and shard), leaders,
+    /// leader epochs and ISRs. What Metadata answers from and what the shards host.
+    pub metadata: Arc<MetadataState>,
     pub generation: u64,
 }
 

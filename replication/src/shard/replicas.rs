@@ -14,8 +14,8 @@ use kafka_protocol::ResponseError;
 use super::table::ShardTable;
 use crate::metadata::{MetadataStore, Topics};
 use crate::partition::{
-    apply_topic_configs, LiveLimits, LogConfig, PartitionReplica, ReplicaConfig, ReplicaObserver,
-    TopicPartition, TopicPolicy,
+    apply_topic_configs, LiveLimits, LogConfig, PartitionGroup, PartitionReplica, ReplicaConfig,
+    ReplicaObserver, TopicPartition, TopicPolicy,
 };
 
 /// What every replica of a shard is opened with.
@@ -44,6 +44,9 @@ pub struct ReplicaSet {
     /// told of (see [`Self::refresh_table`]).
     table: RefCell<Rc<ShardTable>>,
     partitions: RefCell<HashMap<TopicPartition, Rc<PartitionReplica>>>,
+    /// In a cluster: the consensus group of each replicated partition open here (its replica
+    /// is in `partitions` too, for reads). Empty on a single node.
+    groups: RefCell<HashMap<TopicPartition, Rc<PartitionGroup>>>,
     /// Replicas whose open failed, with the error code requests for them get.
     failed_opens: RefCell<HashMap<TopicPartition, i16>>,
     /// Serialises opening partitions (rare) so two tasks never open one log twice.
@@ -72,6 +75,7 @@ impl ReplicaSet {
             cached_topics: RefCell::new(topics),
             table: RefCell::new(table),
             partitions: RefCell::default(),
+            groups: RefCell::default(),
             failed_opens: RefCell::default(),
             open_lock: Semaphore::new(1),
             closing: Cell::new(false),
@@ -155,6 +159,12 @@ impl ReplicaSet {
         }
         // Created a moment ago and still being opened: clients retry this code.
         Err(ResponseError::NotLeaderOrFollower.code())
+    }
+
+    /// The consensus group of a replicated partition open on this shard; `None` for a
+    /// partition of a single node (its replica alone decides) or one not open here. A getter.
+    pub fn group(&self, tp: &TopicPartition) -> Option<Rc<PartitionGroup>> {
+        self.groups.borrow().get(tp).cloned()
     }
 
     /// Opens the replicas of every partition in the topic metadata (of `topic` only, if

@@ -1,0 +1,229 @@
+//! The channels between a cluster node's shards and its cluster service thread (the rpc
+//! transport and the controller driver), and the Kafka layer's handle on the controller.
+//!
+//! Everything here is `Send`: the service thread and the shards are different executors. The
+//! shard side awaits with [`crate::shard::cross_wake`] (flume's own wakers do not cross glommio
+//! executors promptly).
+//!
+//! ```text
+//!   transport ──Consensus──> service ──split_by_shard──> ShardLink::inbox  (one per shard)
+//!   shard ──ShardEvent::Send / ::Report──> ShardLink::to_service ──> transport / AlterIsr
+//!   controller accepts a report ──> ShardLink::accepted (the shard stops re-sending it)
+//!   Kafka handler ──ClusterPort::create_topic, ...──> service ──rpc──> active controller
+//! ```
+
+use std::sync::{Arc, Mutex};
+
+use crate::cluster::LeaderReport;
+use crate::controller::active::CreateTopicRequest;
+use crate::controller::view::{ClusterView, SharedClusterView};
+use crate::node::NodeMessage;
+use crate::shard::cross_wake;
+
+/// Calls from the Kafka layer waiting for the service thread at most (each is one admin or
+/// InitProducerId request; a full queue answers "controller busy" rather than queueing).
+pub const CONTROLLER_CALL_QUEUE: usize = 1024;
+
+/// A controller request refused or failed, as the Kafka client should see it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message} (error code {code})")]
+pub struct CallError {
+    /// A Kafka error code (`kafka_protocol::ResponseError::...code()`).
+    pub code: i16,
+    pub message: String,
+}
+
+impl CallError {
+    pub fn new(code: i16, message: impl Into<String>) -> Self {
+        CallError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The service thread is gone or its queue is full: clients retry.
+    pub fn unavailable(what: &str) -> Self {
+        CallError::new(
+            kafka_protocol::ResponseError::RequestTimedOut.code(),
+            format!("the controller could not be reached: {what}"),
+        )
+    }
+}
+
+/// Where a call's answer goes (a bounded(1) channel; the caller may have gone away).
+pub type Reply<T> = flume::Sender<Result<T, CallError>>;
+
+/// A request of the Kafka layer for the active controller, carried by the service thread
+/// (which forwards it over the rpc port, or decides it when this node is the controller) and
+/// answered once its records are committed and applied on this node.
+#[derive(Debug)]
+pub enum ControllerCall {
+    CreateTopic {
+        req: CreateTopicRequest,
+        /// Check everything (name, configs, placement) but record nothing.
+        validate_only: bool,
+        reply: Reply<()>,
+    },
+    /// Grow `topic` to `total` partitions.
+    CreatePartitions {
+        topic: String,
+        total: usize,
+        validate_only: bool,
+        reply: Reply<()>,
+    },
+    DeleteTopic {
+        topic: String,
+        reply: Reply<()>,
+    },
+    /// Set (`Some`) or remove (`None`) each key, as one decision.
+    SetTopicConfigs {
+        topic: String,
+        changes: Vec<(String, Option<String>)>,
+        reply: Reply<()>,
+    },
+    /// A block of producer ids for this node: `(first, len)`.
+    AllocateProducerIds {
+        reply: Reply<(u64, u32)>,
+    },
+}
+
+/// What a shard sends the service thread.
+#[derive(Debug)]
+pub enum ShardEvent {
+    /// Consensus traffic of this shard's groups for one peer.
+    Send(NodeMessage),
+    /// A group this shard leads: its epoch and in-sync voters, for the controller (AlterIsr).
+    Report(LeaderReport),
+}
+
+/// One shard's end of the channels to the service thread.
+pub struct ShardLink {
+    pub shard: usize,
+    /// Consensus traffic for this shard's groups (bounded by
+    /// [`crate::cluster::SHARD_CONSENSUS_CHANNEL_CAPACITY`]; the service drops on full).
+    pub inbox: flume::Receiver<NodeMessage>,
+    /// To the service thread (bounded; a shard drops on full: consensus resends, reports are
+    /// repeated until accepted).
+    pub to_service: flume::Sender<ShardEvent>,
+    /// Reports the controller accepted (or answered with a newer epoch): the shard stops
+    /// sending them.
+    pub accepted: flume::Receiver<LeaderReport>,
+    pub port: ClusterPort,
+}
+
+/// The Kafka layer's handle on the cluster: the applied view, and calls to the controller.
+/// Cheap to clone; `Send + Sync`.
+#[derive(Clone)]
+pub struct ClusterPort {
+    view: SharedClusterView,
+    calls: flume::Sender<ControllerCall>,
+    /// The unused rest of this node's producer-id block: `(next, end)`.
+    producer_ids: Arc<Mutex<(u64, u64)>>,
+}
+
+impl ClusterPort {
+    pub fn new(view: SharedClusterView, calls: flume::Sender<ControllerCall>) -> Self {
+        ClusterPort {
+            view,
+            calls,
+            producer_ids: Arc::new(Mutex::new((0, 0))),
+        }
+    }
+
+    /// The cluster as this node has applied it (brokers, topics, partitions).
+    pub fn view(&self) -> Arc<ClusterView> {
+        self.view.get()
+    }
+
+    pub fn shared_view(&self) -> &SharedClusterView {
+        &self.view
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> ControllerCall) -> Result<T, CallError> {
+        let (tx, rx) = flume::bounded(1);
+        self.calls.try_send(make(tx)).map_err(|e| match e {
+            flume::TrySendError::Full(_) => CallError::unavailable("too many calls queued"),
+            flume::TrySendError::Disconnected(_) => CallError::unavailable("service stopped"),
+        })?;
+        cross_wake::recv(&rx)
+            .await
+            .map_err(|_| CallError::unavailable("the call was dropped"))?
+    }
+
+    pub async fn create_topic(
+        &self,
+        req: CreateTopicRequest,
+        validate_only: bool,
+    ) -> Result<(), CallError> {
+        self.call(|reply| ControllerCall::CreateTopic {
+            req,
+            validate_only,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn create_partitions(
+        &self,
+        topic: String,
+        total: usize,
+        validate_only: bool,
+    ) -> Result<(), CallError> {
+        self.call(|reply| ControllerCall::CreatePartitions {
+            topic,
+            total,
+            validate_only,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn delete_topic(&self, topic: String) -> Result<(), CallError> {
+        self.call(|reply| ControllerCall::DeleteTopic { topic, reply })
+            .await
+    }
+
+    pub async fn set_topic_configs(
+        &self,
+        topic: String,
+        changes: Vec<(String, Option<String>)>,
+    ) -> Result<(), CallError> {
+        self.call(|reply| ControllerCall::SetTopicConfigs {
+            topic,
+            changes,
+            reply,
+        })
+        .await
+    }
+
+    /// A producer id unique in the cluster and never handed out before: from this node's
+    /// block, asking the controller for a new block (KIP-730) when it is used up.
+    pub async fn allocate_producer_id(&self) -> Result<i64, CallError> {
+        if let Some(id) = self.take_producer_id() {
+            return Ok(id);
+        }
+        let (first, len) = self
+            .call(|reply| ControllerCall::AllocateProducerIds { reply })
+            .await?;
+        {
+            let mut ids = self.producer_ids.lock().unwrap_or_else(|p| p.into_inner());
+            // Two callers may both have fetched a block: the second finds the first's still
+            // in use and drops its own, which only skips ids (never reuses one).
+            if ids.0 >= ids.1 {
+                *ids = (first, first + u64::from(len));
+            }
+        }
+        self.take_producer_id().ok_or_else(|| {
+            CallError::unavailable("the producer-id block was used up by other requests")
+        })
+    }
+
+    fn take_producer_id(&self) -> Option<i64> {
+        let mut ids = self.producer_ids.lock().unwrap_or_else(|p| p.into_inner());
+        (ids.0 < ids.1).then(|| {
+            let id = ids.0;
+            ids.0 += 1;
+            id as i64
+        })
+    }
+}
