@@ -3,6 +3,8 @@
 //! drop. Also a minimal raw Kafka client for tests that need exact bytes on the wire.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
