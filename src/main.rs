@@ -194,8 +194,7 @@ fn serve(args: config::ServeConfig) -> anyhow::Result<()> {
                 },
             };
             // Interim until the broker reads the mirror and serves the links (lead's wiring).
-            let mirror =
-                spate_replication::metadata::MetadataStore::mirrored(&identity.cluster_id);
+            let mirror = spate_replication::metadata::MetadataStore::mirrored(&identity.cluster_id);
             match cluster::start(c, identity, &data_dir, kafka, cores, view, mirror) {
                 Ok((s, _links, _port)) => Some(s),
                 Err(e) => {

@@ -343,7 +343,10 @@ impl MetadataStore {
     /// node's replica of partition `p`, or [`NOT_HOSTED`]) and bumps the version so the shards
     /// refresh. In memory only.
     pub fn mirror_cluster(&self, topics: BTreeMap<String, TopicMeta>) {
-        assert!(self.mirrored, "mirroring the cluster into a single-node store");
+        assert!(
+            self.mirrored,
+            "mirroring the cluster into a single-node store"
+        );
         let mut inner = self.lock();
         inner.snapshot = Arc::new(topics.clone());
         inner.state.topics = topics;
@@ -688,13 +691,14 @@ mod tests {
             .is_err());
         assert!(m.delete_topic("t").is_err());
         assert!(m.set_topic_configs("t", BTreeMap::new()).is_err());
-        assert!(m
-            .create_partitions("t", 3, 100, ROOMY, false)
-            .is_err());
+        assert!(m.create_partitions("t", 3, 100, ROOMY, false).is_err());
         assert!(m.allocate_producer_id().is_err());
         assert_eq!(m.settle_placement(4).unwrap(), SettledPlacement::default());
         assert_eq!(m.topics()["t"], meta, "refusals change nothing");
-        assert_eq!(std::fs::read(dir.path().join(METADATA_FILE)).unwrap(), before);
+        assert_eq!(
+            std::fs::read(dir.path().join(METADATA_FILE)).unwrap(),
+            before
+        );
     }
 
     #[test]

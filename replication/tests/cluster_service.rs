@@ -213,7 +213,10 @@ fn cluster_service_routes_consensus_and_carries_controller_calls() {
     assert_eq!(t.configs["retention.ms"], "60000");
     assert!(t.partitions.iter().all(|p| p.replicas.len() == 3));
     let shards = assert_mirrored(n, "orders");
-    assert!(shards.iter().all(|&s| s != NOT_HOSTED), "RF 3 of 3: all hosted");
+    assert!(
+        shards.iter().all(|&s| s != NOT_HOSTED),
+        "RF 3 of 3: all hosted"
+    );
     // One replica per node of three: some partitions are not hosted on each node.
     create(&n.port, "single", 3, Some(1)).unwrap();
     let single = assert_mirrored(n, "single");
@@ -345,7 +348,11 @@ fn cluster_service_routes_consensus_and_carries_controller_calls() {
     assert_eq!(n.mirror.topics()["orders"].partitions, 5);
     assert_mirrored(n, "orders");
     assert_eq!(
-        code(block_on(n.port.create_partitions("orders".into(), 4, false))),
+        code(block_on(n.port.create_partitions(
+            "orders".into(),
+            4,
+            false
+        ))),
         INVALID_PARTITIONS
     );
 

@@ -452,7 +452,10 @@ fn admin_requests_over_their_caps_are_refused_before_encoding() {
     ];
     for m in oversized {
         assert!(
-            matches!(codec.encode(&frame(m.clone())), Err(RpcError::FieldTooLarge(_))),
+            matches!(
+                codec.encode(&frame(m.clone())),
+                Err(RpcError::FieldTooLarge(_))
+            ),
             "{m:?} encoded"
         );
     }

@@ -14,6 +14,11 @@
 //!   leader it knows (its own replica's leader on a voter, the last hint otherwise), time out
 //!   after `request_timeout_ms` and go to the next voter.
 //! - Voters apply the committed log from their own store; other nodes fetch it from a voter.
+//! - The broker side also carries this node's admin calls ([`Driver::submit_call`]) and its
+//!   partition leaders' reports ([`Driver::report_leader`]) to the controller, with the same
+//!   timeout and re-routing. A call finishes once this node has applied the decision (the
+//!   controller answers with the offset it committed it at), is refused, or passes
+//!   `call_deadline_ms`; a report, once accepted or superseded by a newer epoch.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -172,7 +177,10 @@ pub enum AdminCall {
 pub enum CallAnswer {
     /// Decided, committed and applied on this node (or, validate_only, found valid).
     Done,
-    ProducerIds { first: u64, len: u32 },
+    ProducerIds {
+        first: u64,
+        len: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,7 +190,9 @@ enum CallState {
     /// Being handed to the controller (which may answer before the send returns, when it
     /// is this node).
     Sending,
-    Sent { corr: u64 },
+    Sent {
+        corr: u64,
+    },
     /// The controller committed it at this metadata offset; waiting to apply it here.
     Applying(Offset),
 }
@@ -746,7 +756,9 @@ impl<R: Clone> Driver<R> {
             } => run_admin(active, validate_only, |c| {
                 c.create_partitions(&topic, total as usize)
             }),
-            RpcMessage::DeleteTopic { topic } => run_admin(active, false, |c| c.delete_topic(&topic)),
+            RpcMessage::DeleteTopic { topic } => {
+                run_admin(active, false, |c| c.delete_topic(&topic))
+            }
             RpcMessage::SetTopicConfigs { topic, changes } => {
                 run_admin(active, false, |c| c.set_topic_configs(&topic, &changes))
             }
@@ -1067,7 +1079,11 @@ impl<R: Clone> Driver<R> {
     /// A partition group this node leads reports its epoch and ISR (Kafka's AlterPartition).
     /// One report per group is in flight; a newer one replaces it, the same one again is a
     /// no-op. Accepted reports come out of [`Self::take_accepted_reports`].
-    pub fn report_leader(&mut self, group: GroupId, req: AlterIsrRequest) -> Result<(), StoreError> {
+    pub fn report_leader(
+        &mut self,
+        group: GroupId,
+        req: AlterIsrRequest,
+    ) -> Result<(), StoreError> {
         if let Some(p) = self.reports.get(&group) {
             if p.req == req {
                 return Ok(());
@@ -1140,7 +1156,11 @@ impl<R: Clone> Driver<R> {
             };
             self.set_call_state(id, CallState::Sending);
             let corr = self.agent_request(Req::Call(id), msg)?;
-            if self.calls.get(&id).is_some_and(|c| c.state == CallState::Sending) {
+            if self
+                .calls
+                .get(&id)
+                .is_some_and(|c| c.state == CallState::Sending)
+            {
                 self.set_call_state(id, CallState::Sent { corr });
             }
         }
@@ -1261,7 +1281,9 @@ impl<R: Clone> Driver<R> {
                 self.finish_call(id, Ok(CallAnswer::ProducerIds { first, len }));
                 return;
             }
-            RpcMessage::AdminResponse(Err(e)) | RpcMessage::AllocateProducerIdsResponse(Err(e)) => e,
+            RpcMessage::AdminResponse(Err(e)) | RpcMessage::AllocateProducerIdsResponse(Err(e)) => {
+                e
+            }
             other => {
                 tracing::warn!(msg = ?other, "controller answered a call with another kind");
                 return;
@@ -1284,9 +1306,7 @@ impl<R: Clone> Driver<R> {
         let Some(r) = self.reports.get(&group) else {
             return;
         };
-        if !matches!(r.state, CallState::Sending)
-            && r.state != (CallState::Sent { corr })
-        {
+        if !matches!(r.state, CallState::Sending) && r.state != (CallState::Sent { corr }) {
             return;
         }
         match res {

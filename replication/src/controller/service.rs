@@ -327,7 +327,11 @@ impl Ctx {
             }
             let (shard, report) = self.reports.remove(&group).expect("present");
             if self.accepted[shard].try_send(report).is_err() {
-                tracing::debug!(group, shard, "report acknowledgement dropped: shard queue full");
+                tracing::debug!(
+                    group,
+                    shard,
+                    "report acknowledgement dropped: shard queue full"
+                );
             }
         }
     }
@@ -365,34 +369,38 @@ impl Ctx {
     }
 
     /// A frame from the transport: partition groups' consensus to the shards, the rest to the
-    /// driver.
-    fn incoming(&mut self, m: Incoming) -> Result<(), StoreError> {
+    /// driver. Returns whether the driver got something (and so may have changed).
+    fn incoming(&mut self, m: Incoming) -> Result<bool, StoreError> {
         let Incoming { from, frame, reply } = m;
         let RpcMessage::Consensus(msg) = frame.message else {
-            return self.driver.receive(from, frame, reply);
+            return self.driver.receive(from, frame, reply).map(|()| true);
         };
         if msg.to != self.node || msg.from != from {
             tracing::warn!(from, to = msg.to, "consensus message misaddressed: dropped");
-            return Ok(());
+            return Ok(false);
         }
-        let metadata = msg.items.iter().filter(|(g, _)| *g == METADATA_GROUP).count();
+        let metadata = msg
+            .items
+            .iter()
+            .filter(|(g, _)| *g == METADATA_GROUP)
+            .count();
         if metadata == msg.items.len() {
             let frame = Frame {
                 correlation_id: frame.correlation_id,
                 message: RpcMessage::Consensus(msg),
             };
-            return self.driver.receive(from, frame, reply);
+            return self.driver.receive(from, frame, reply).map(|()| true);
         }
         if metadata == 0 {
-            self.to_shards(msg);
-            return Ok(());
+            self.route_to_shards(msg);
+            return Ok(false);
         }
         // Senders keep the metadata group apart from the partition groups, so this is rare.
         let (meta, rest): (Vec<_>, Vec<_>) = msg
             .items
             .into_iter()
             .partition(|(g, _)| *g == METADATA_GROUP);
-        self.to_shards(NodeMessage {
+        self.route_to_shards(NodeMessage {
             from: msg.from,
             to: msg.to,
             items: rest,
@@ -405,10 +413,10 @@ impl Ctx {
                 items: meta,
             }),
         };
-        self.driver.receive(from, frame, reply)
+        self.driver.receive(from, frame, reply).map(|()| true)
     }
 
-    fn to_shards(&mut self, msg: NodeMessage) {
+    fn route_to_shards(&mut self, msg: NodeMessage) {
         // Usually every entry is for one shard (a peer's shard sends its own groups): pass the
         // message on whole.
         let first = msg.items.first().and_then(|(g, _)| self.plan.shard_of(*g));
@@ -510,9 +518,10 @@ impl Ctx {
                 AdminCall::SetTopicConfigs { topic, changes },
                 CallReply::Unit(reply),
             ),
-            ControllerCall::AllocateProducerIds { reply } => {
-                (AdminCall::AllocateProducerIds, CallReply::ProducerIds(reply))
-            }
+            ControllerCall::AllocateProducerIds { reply } => (
+                AdminCall::AllocateProducerIds,
+                CallReply::ProducerIds(reply),
+            ),
         };
         self.replies.insert(id, reply);
         self.driver.submit_call(id, admin)
@@ -661,8 +670,10 @@ async fn run(
         glommio::spawn_local(async move {
             while let Some(m) = inbox.recv().await {
                 let c = &mut *ctx.borrow_mut();
-                fatal_on_error(c.incoming(m));
-                c.publish();
+                // Partition traffic only passes through: nothing to publish after it.
+                if fatal_on_error(c.incoming(m)) {
+                    c.publish();
+                }
             }
         })
     };
@@ -731,9 +742,12 @@ fn flush(d: &mut Driver<ReplyTo>, transport: &Transport) {
 
 /// The metadata log could not be written: the node cannot keep its promises to the quorum
 /// (an acknowledged entry may be lost), so it stops rather than continue.
-fn fatal_on_error(res: Result<(), StoreError>) {
-    if let Err(e) = res {
-        tracing::error!(error = %e, "metadata store failed: stopping this node");
-        std::process::exit(1);
+fn fatal_on_error<T>(res: Result<T, StoreError>) -> T {
+    match res {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(error = %e, "metadata store failed: stopping this node");
+            std::process::exit(1);
+        }
     }
 }

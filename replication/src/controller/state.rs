@@ -374,7 +374,9 @@ impl MetadataState {
                     .get(name)
                     .ok_or_else(|| ApplyError::UnknownTopic(name.clone()))?;
                 if t.topic_id != *topic_id {
-                    return Err(ApplyError::Invalid("deleting another incarnation of the topic"));
+                    return Err(ApplyError::Invalid(
+                        "deleting another incarnation of the topic",
+                    ));
                 }
                 self.topics.remove(name);
                 Ok(Effect::TopicDeleted {

@@ -13,8 +13,8 @@ use crate::codec::{DecodeError, Reader, Writer};
 use crate::controller::active::MAX_CONFIG_CHANGES_PER_CALL;
 use crate::controller::placement::PlacementError;
 use crate::controller::records::{
-    Endpoint, MAX_CONFIGS_PER_TOPIC, MAX_CONFIG_KEY_BYTES, MAX_CONFIG_VALUE_BYTES,
-    MAX_HOST_BYTES, MAX_REPLICAS_PER_PARTITION, MAX_SHARDS_PER_BROKER, MAX_TOPIC_NAME_BYTES,
+    Endpoint, MAX_CONFIGS_PER_TOPIC, MAX_CONFIG_KEY_BYTES, MAX_CONFIG_VALUE_BYTES, MAX_HOST_BYTES,
+    MAX_REPLICAS_PER_PARTITION, MAX_SHARDS_PER_BROKER, MAX_TOPIC_NAME_BYTES,
 };
 use crate::controller::{
     AlterIsrRequest, ControllerError, CreateTopicRequest, HeartbeatRequest, RegisterRequest,
@@ -654,7 +654,10 @@ fn check_sendable(m: &RpcMessage) -> Result<(), RpcError> {
         }
         RpcMessage::SetTopicConfigs { topic, changes } => {
             fits(topic.len() <= MAX_TOPIC_NAME_BYTES, "topic name")?;
-            fits(changes.len() <= MAX_CONFIG_CHANGES_PER_CALL, "config changes")?;
+            fits(
+                changes.len() <= MAX_CONFIG_CHANGES_PER_CALL,
+                "config changes",
+            )?;
             fits(
                 changes.iter().all(|(k, v)| {
                     k.len() <= MAX_CONFIG_KEY_BYTES
