@@ -4,12 +4,15 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use spate_replication::cluster::{ClusterPort, ShardLink};
 use spate_replication::controller::records::{Endpoint, MAX_NODE_ID};
 use spate_replication::controller::service::{ClusterService, ServiceConfig};
 use spate_replication::controller::view::SharedClusterView;
 use spate_replication::identity::NodeIdentity;
+use spate_replication::metadata::MetadataStore;
 use spate_replication::NodeId;
 
 use crate::config::ServeConfig;
@@ -142,7 +145,11 @@ pub fn open_identity(
     Ok(id)
 }
 
-/// Starts the controller driver; `kafka` is where clients reach this node.
+/// Starts the cluster service thread; `kafka` is where clients reach this node. `mirror` is
+/// the topic store the shards read, opened with `MetadataStore::mirrored` (the service fills
+/// it from the controller). Returns the shards' links (one per shard, in shard order) and the
+/// Kafka layer's controller port.
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     args: &ClusterArgs,
     identity: NodeIdentity,
@@ -150,7 +157,8 @@ pub fn start(
     kafka: Endpoint,
     shards: usize,
     view: SharedClusterView,
-) -> anyhow::Result<ClusterService> {
+    mirror: Arc<MetadataStore>,
+) -> anyhow::Result<(ClusterService, Vec<ShardLink>, ClusterPort)> {
     let voter = args.seeds.iter().any(|s| s.0 == identity.node_id);
     tracing::info!(
         node_id = identity.node_id,
@@ -170,9 +178,10 @@ pub fn start(
     );
     cfg.advertised_rpc = args.advertised_rpc.clone();
     cfg.default_replication_factor = args.default_replication_factor;
-    let svc = ClusterService::start(cfg, view).context("starting the controller driver")?;
+    let (svc, links, port) =
+        ClusterService::start(cfg, view, mirror).context("starting the cluster service")?;
     tracing::info!(rpc = %svc.rpc_addr(), "rpc port listening");
-    Ok(svc)
+    Ok((svc, links, port))
 }
 
 #[cfg(test)]

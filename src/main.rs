@@ -193,8 +193,10 @@ fn serve(args: config::ServeConfig) -> anyhow::Result<()> {
                     advertised_port
                 },
             };
-            match cluster::start(c, identity, &data_dir, kafka, cores, view) {
-                Ok(s) => Some(s),
+            // Interim until the broker reads the mirror and serves the links (lead's wiring).
+            let mirror = spate_replication::metadata::MetadataStore::mirrored(&identity.cluster_id);
+            match cluster::start(c, identity, &data_dir, kafka, cores, view, mirror) {
+                Ok((s, _links, _port)) => Some(s),
                 Err(e) => {
                     handle.shutdown();
                     let _ = broker.wait();

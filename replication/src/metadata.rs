@@ -54,10 +54,18 @@ struct Persisted {
 /// An immutable view of the topics, shared by reference between shards.
 pub type Topics = Arc<BTreeMap<String, TopicMeta>>;
 
+/// The shard of a partition this node holds no replica of, in a mirrored store's
+/// [`TopicMeta::shards`]: past every shard count, so `ShardTable::owner` knows no owner and
+/// the Kafka layer answers NOT_LEADER_OR_FOLLOWER.
+pub const NOT_HOSTED: u32 = u32::MAX;
+
 pub struct MetadataStore {
     path: PathBuf,
     version: AtomicU64,
     inner: Mutex<Inner>,
+    /// A cluster node's store: the controller's topics, in memory only (see
+    /// [`MetadataStore::mirrored`]).
+    mirrored: bool,
 }
 
 struct Inner {
@@ -300,9 +308,61 @@ impl MetadataStore {
                 state,
                 next_producer_id,
             }),
+            mirrored: false,
         };
         store.persist(&store.lock().state)?;
         Ok(Arc::new(store))
+    }
+
+    /// The store of a cluster node: empty until the cluster service mirrors the controller's
+    /// topics into it ([`Self::mirror_cluster`]). It never reads or writes the data dir's
+    /// metadata file, so a single-node data dir started by mistake with `--seeds` keeps its
+    /// topics; its own create, delete, config and producer-id methods refuse (those go to the
+    /// controller).
+    pub fn mirrored(cluster_id: &str) -> Arc<Self> {
+        Arc::new(MetadataStore {
+            path: PathBuf::new(),
+            version: AtomicU64::new(1),
+            inner: Mutex::new(Inner {
+                snapshot: Arc::new(BTreeMap::new()),
+                state: Persisted {
+                    cluster_id: cluster_id.to_string(),
+                    ..Persisted::default()
+                },
+                next_producer_id: 0,
+            }),
+            mirrored: true,
+        })
+    }
+
+    pub fn is_mirrored(&self) -> bool {
+        self.mirrored
+    }
+
+    /// Replaces the topics with the controller's (each topic's `shards[p]` the shard of this
+    /// node's replica of partition `p`, or [`NOT_HOSTED`]) and bumps the version so the shards
+    /// refresh. In memory only.
+    pub fn mirror_cluster(&self, topics: BTreeMap<String, TopicMeta>) {
+        assert!(
+            self.mirrored,
+            "mirroring the cluster into a single-node store"
+        );
+        let mut inner = self.lock();
+        inner.snapshot = Arc::new(topics.clone());
+        inner.state.topics = topics;
+        self.version.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn refuse_if_mirrored(&self, what: &str) -> Result<(), ReplicaError> {
+        if self.mirrored {
+            return Err(ReplicaError::Metadata {
+                path: "(cluster metadata)".into(),
+                reason: format!(
+                    "{what} on a cluster node goes through the controller, not the local store"
+                ),
+            });
+        }
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -328,6 +388,7 @@ impl MetadataStore {
         &self,
         change: impl FnOnce(&mut Persisted) -> Result<T, E>,
     ) -> Result<Result<T, E>, ReplicaError> {
+        self.refuse_if_mirrored("changing topics")?;
         let mut inner = self.lock();
         let mut next = inner.state.clone();
         let out = match change(&mut next) {
@@ -411,6 +472,7 @@ impl MetadataStore {
         limit: ShardLimit,
         validate_only: bool,
     ) -> Result<Result<i32, Refused>, ReplicaError> {
+        self.refuse_if_mirrored("adding partitions")?;
         if validate_only {
             let inner = self.lock();
             return Ok(check_create_partitions(
@@ -439,6 +501,10 @@ impl MetadataStore {
     /// least-loaded shard. The per-shard limit is not applied here: the partitions exist and
     /// must stay reachable; it applies to the next creates.
     pub fn settle_placement(&self, shards: usize) -> Result<SettledPlacement, ReplicaError> {
+        if self.mirrored {
+            // The controller places a cluster's replicas; nothing is stored here.
+            return Ok(SettledPlacement::default());
+        }
         let mut inner = self.lock();
         let mut next = inner.state.clone();
         let settled = settle(&mut next.topics, shards);
@@ -453,6 +519,7 @@ impl MetadataStore {
 
     /// A producer id never handed out before, even across restarts.
     pub fn allocate_producer_id(&self) -> Result<i64, ReplicaError> {
+        self.refuse_if_mirrored("allocating a producer id")?;
         let mut inner = self.lock();
         if inner.next_producer_id >= inner.state.producer_id_reserved {
             let mut next = inner.state.clone();
@@ -474,6 +541,7 @@ impl MetadataStore {
     /// may take the freed space first, in which case the delete fails with a storage error, as
     /// before, and can be retried. The reserve is made again after every successful write.
     fn persist(&self, state: &Persisted) -> Result<(), ReplicaError> {
+        assert!(!self.mirrored, "a mirrored store never writes the data dir");
         let body = serde_json::to_vec(state).map_err(|e| ReplicaError::Metadata {
             path: self.path.display().to_string(),
             reason: e.to_string(),
@@ -592,6 +660,45 @@ mod tests {
         let store = MetadataStore::open(dir.path()).unwrap();
         assert_eq!(store.topics().get("a"), Some(&t));
         assert!(store.allocate_producer_id().unwrap() > p1);
+    }
+
+    #[test]
+    fn a_mirrored_store_never_touches_the_data_dir_and_refuses_local_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let single = MetadataStore::open(dir.path()).unwrap();
+        single
+            .create_topic("kept", 1, BTreeMap::new(), false, ROOMY)
+            .unwrap()
+            .unwrap();
+        drop(single);
+        let before = std::fs::read(dir.path().join(METADATA_FILE)).unwrap();
+        let m = MetadataStore::mirrored("spate-test");
+        assert!(m.is_mirrored() && m.topics().is_empty());
+        let v = m.version();
+        let meta = TopicMeta {
+            name: "t".into(),
+            id: 7,
+            partitions: 2,
+            internal: false,
+            configs: BTreeMap::new(),
+            shards: vec![0, NOT_HOSTED],
+        };
+        m.mirror_cluster(BTreeMap::from([("t".to_string(), meta.clone())]));
+        assert!(m.version() > v);
+        assert_eq!(m.topics()["t"], meta);
+        assert!(m
+            .create_topic("u", 1, BTreeMap::new(), false, ROOMY)
+            .is_err());
+        assert!(m.delete_topic("t").is_err());
+        assert!(m.set_topic_configs("t", BTreeMap::new()).is_err());
+        assert!(m.create_partitions("t", 3, 100, ROOMY, false).is_err());
+        assert!(m.allocate_producer_id().is_err());
+        assert_eq!(m.settle_placement(4).unwrap(), SettledPlacement::default());
+        assert_eq!(m.topics()["t"], meta, "refusals change nothing");
+        assert_eq!(
+            std::fs::read(dir.path().join(METADATA_FILE)).unwrap(),
+            before
+        );
     }
 
     #[test]

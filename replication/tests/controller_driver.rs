@@ -270,3 +270,78 @@ fn a_minority_elects_no_controller_and_a_restored_majority_does() {
     net.until(3_000, "majority restored", |n| n.controllers().len() == 1);
     assert!(net.down.contains(&others[1]));
 }
+
+#[test]
+fn calls_finish_once_applied_here_and_fail_at_the_deadline_without_a_quorum() {
+    use spate_replication::controller::driver::{
+        AdminCall, CallAnswer, DEFAULT_CONTROLLER_CALL_DEADLINE_MS,
+    };
+    use spate_replication::controller::CreateTopicRequest;
+    use spate_replication::rpc::RpcErrorCode;
+
+    let mut net = Net::new(&[1, 2, 3, 4]);
+    net.until(5_000, "cluster formed", |n| {
+        n.controllers().len() == 1 && n.all_see_live(&[1, 2, 3, 4])
+    });
+    // From the non-voter, which follows the log by fetching: the answer waits for that.
+    let call = AdminCall::CreateTopic {
+        req: CreateTopicRequest {
+            name: "t".into(),
+            topic_id: 42,
+            partitions: 2,
+            replication_factor: Some(3),
+            configs: Vec::new(),
+        },
+        validate_only: false,
+    };
+    net.nodes.get_mut(&4).unwrap().submit_call(7, call).unwrap();
+    // Whenever the call is done, the topic is applied here (checked after every step).
+    let mut finished = Vec::new();
+    net.until(2_000, "create finished", |n| {
+        let done = n.nodes[&4].calls_in_flight() == 0;
+        assert!(!done || n.nodes[&4].state().topics.contains_key("t"));
+        done
+    });
+    finished.extend(net.nodes.get_mut(&4).unwrap().take_finished_calls());
+    assert_eq!(finished, vec![(7, Ok(CallAnswer::Done))]);
+    assert_eq!(net.nodes[&4].state().topics["t"].topic_id, 42);
+
+    // Refused at once with its reason (not retried).
+    let again = AdminCall::DeleteTopic {
+        topic: "nope".into(),
+    };
+    net.nodes
+        .get_mut(&4)
+        .unwrap()
+        .submit_call(8, again)
+        .unwrap();
+    net.until(2_000, "refusal", |n| n.nodes[&4].calls_in_flight() == 0);
+    let got = net.nodes.get_mut(&4).unwrap().take_finished_calls();
+    assert!(
+        matches!(&got[..], [(8, Err(e))] if e.code == RpcErrorCode::UnknownTopic),
+        "{got:?}"
+    );
+
+    // Two voters gone: no controller can decide; the call is retried until its deadline.
+    let c = net.controllers()[0];
+    let others: Vec<NodeId> = VOTERS.iter().copied().filter(|&v| v != c).collect();
+    net.kill(others[0]);
+    net.kill(c);
+    let start = net.now_ms;
+    let call = AdminCall::DeleteTopic { topic: "t".into() };
+    net.nodes.get_mut(&4).unwrap().submit_call(9, call).unwrap();
+    let took = net.until(
+        DEFAULT_CONTROLLER_CALL_DEADLINE_MS + 1_000,
+        "deadline",
+        |n| n.nodes[&4].calls_in_flight() == 0,
+    );
+    assert!(
+        net.now_ms - start >= DEFAULT_CONTROLLER_CALL_DEADLINE_MS,
+        "gave up after {took} ms"
+    );
+    let got = net.nodes.get_mut(&4).unwrap().take_finished_calls();
+    assert!(
+        matches!(&got[..], [(9, Err(e))] if e.code == RpcErrorCode::Unavailable),
+        "{got:?}"
+    );
+}

@@ -573,6 +573,143 @@ fn topic_requests_are_checked() {
 }
 
 #[test]
+fn refusals_name_what_is_wrong() {
+    let mut h = Harness::new();
+    h.join(1, 1, 0);
+    let req = |name: &str, partitions| CreateTopicRequest {
+        name: name.into(),
+        topic_id: 5,
+        partitions,
+        replication_factor: None,
+        configs: Vec::new(),
+    };
+    for bad in ["bad name", "", "..", "__consumer_offsets"] {
+        assert!(
+            matches!(
+                h.ctl.create_topic(req(bad, 1)),
+                Err(ControllerError::InvalidTopicName(_))
+            ),
+            "{bad:?}"
+        );
+    }
+    h.create("a.b", 1, None);
+    // Equal to "a.b" but for '.' and '_': their metric names would collide.
+    assert!(matches!(
+        h.ctl.create_topic(req("a_b", 1)),
+        Err(ControllerError::InvalidTopicName(_))
+    ));
+    assert!(matches!(
+        h.ctl.create_topic(req("zero", 0)),
+        Err(ControllerError::Placement(
+            PlacementError::InvalidPartitionCount { .. }
+        ))
+    ));
+    assert!(matches!(
+        h.ctl.create_partitions("a.b", 1),
+        Err(ControllerError::InvalidPartitions(_))
+    ));
+    assert!(matches!(
+        h.ctl.create_partitions("nope", 3),
+        Err(ControllerError::UnknownTopic(_))
+    ));
+    let mut dup = req("dup", 1);
+    dup.configs = vec![("k".into(), "1".into()), ("k".into(), "2".into())];
+    assert!(matches!(
+        h.ctl.create_topic(dup),
+        Err(ControllerError::InvalidConfig(_))
+    ));
+}
+
+#[test]
+fn topic_configs_change_together_or_not_at_all() {
+    let mut h = Harness::new();
+    h.join(1, 1, 0);
+    h.create("t", 1, None);
+    let before = h.ctl.state().clone();
+    // The second change is invalid (empty key): the first is not made either.
+    let e = h
+        .ctl
+        .set_topic_configs(
+            "t",
+            &[
+                ("retention.ms".into(), Some("5".into())),
+                (String::new(), Some("x".into())),
+            ],
+        )
+        .unwrap_err();
+    assert!(matches!(e, ControllerError::InvalidConfig(_)), "{e}");
+    assert_eq!(h.ctl.state(), &before);
+    let recs = h
+        .ctl
+        .set_topic_configs(
+            "t",
+            &[
+                ("retention.ms".into(), Some("5".into())),
+                ("min.insync.replicas".into(), None),
+            ],
+        )
+        .unwrap();
+    h.commit(recs);
+    let configs = &h.follower.topics["t"].configs;
+    assert_eq!(configs.len(), 1);
+    assert_eq!(configs["retention.ms"], "5");
+}
+
+#[test]
+fn a_deleted_topic_is_gone_and_its_name_free_again() {
+    let mut h = Harness::new();
+    h.join(1, 1, 0);
+    h.create("t", 2, None);
+    let id = h.follower.topics["t"].topic_id;
+    let recs = h.ctl.delete_topic("t").unwrap();
+    assert_eq!(
+        recs,
+        vec![Record::DeleteTopic {
+            name: "t".into(),
+            topic_id: id
+        }]
+    );
+    h.commit(recs);
+    assert!(!h.follower.topics.contains_key("t"));
+    assert!(h.effects.contains(&Effect::TopicDeleted {
+        topic: "t".into(),
+        topic_id: id
+    }));
+    assert!(matches!(
+        h.ctl.delete_topic("t"),
+        Err(ControllerError::UnknownTopic(_))
+    ));
+    assert!(matches!(
+        h.ctl.delete_topic("__consumer_offsets"),
+        Err(ControllerError::InternalTopic(_))
+    ));
+    // Created again, it is a new topic (a new id); a stale delete of the old one is refused
+    // by every node alike and changes nothing.
+    let recs = h
+        .ctl
+        .create_topic(CreateTopicRequest {
+            name: "t".into(),
+            topic_id: id + 100,
+            partitions: 1,
+            replication_factor: None,
+            configs: Vec::new(),
+        })
+        .unwrap();
+    h.commit(recs);
+    let mut again = h.follower.clone();
+    let stale = Record::DeleteTopic {
+        name: "t".into(),
+        topic_id: id,
+    };
+    assert!(again.apply(&stale).is_err());
+    assert_eq!(again, h.follower);
+    // Validation only: nothing decided.
+    let before = h.ctl.state().clone();
+    h.ctl.dry_run(|c| c.delete_topic("t")).unwrap();
+    assert_eq!(h.ctl.state(), &before);
+}
+
+#[test]
 fn defaults_follow_the_cluster_size() {
     assert_eq!(
         (1..=5).map(default_replication_factor).collect::<Vec<_>>(),

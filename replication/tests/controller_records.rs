@@ -101,6 +101,7 @@ fn record() -> impl Strategy<Value = Record> {
             .prop_map(|(topic, key, value)| Record::SetTopicConfig { topic, key, value }),
         (any::<u64>(), any::<u64>(), any::<u32>())
             .prop_map(|(node, first, len)| Record::ProducerIdBlock { node, first, len }),
+        (name(), any::<u128>()).prop_map(|(name, topic_id)| Record::DeleteTopic { name, topic_id }),
     ]
 }
 

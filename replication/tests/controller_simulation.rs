@@ -900,7 +900,13 @@ impl Sim {
                 }
                 RpcErrorCode::FencedLeaderEpoch
                 | RpcErrorCode::InvalidRequest
-                | RpcErrorCode::Unavailable => {}
+                | RpcErrorCode::Unavailable
+                | RpcErrorCode::UnknownTopic => {}
+                RpcErrorCode::TopicExists
+                | RpcErrorCode::InvalidTopic
+                | RpcErrorCode::InvalidPartitions
+                | RpcErrorCode::InvalidReplicationFactor
+                | RpcErrorCode::InvalidConfig => panic!("a broker request refused: {e:?}"),
             }
         }
     }

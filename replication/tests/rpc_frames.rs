@@ -8,7 +8,9 @@ use std::cell::Cell;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use proptest::prelude::*;
-use spate_replication::controller::{AlterIsrRequest, Endpoint, HeartbeatRequest, RegisterRequest};
+use spate_replication::controller::{
+    AlterIsrRequest, CreateTopicRequest, Endpoint, HeartbeatRequest, RegisterRequest,
+};
 use spate_replication::rpc::{
     Frame, FrameCodec, Hello, MetadataChunk, RpcError, RpcErrorCode, RpcErrorReply, RpcMessage,
     DEFAULT_MAX_RPC_FRAME_BYTES,
@@ -177,6 +179,12 @@ fn error_reply() -> impl Strategy<Value = RpcErrorReply> {
             Just(RpcErrorCode::InvalidRequest),
             Just(RpcErrorCode::Unavailable),
             Just(RpcErrorCode::FencedLeaderEpoch),
+            Just(RpcErrorCode::TopicExists),
+            Just(RpcErrorCode::UnknownTopic),
+            Just(RpcErrorCode::InvalidTopic),
+            Just(RpcErrorCode::InvalidPartitions),
+            Just(RpcErrorCode::InvalidReplicationFactor),
+            Just(RpcErrorCode::InvalidConfig),
         ],
         proptest::option::of(any::<u64>()),
         ".{0,40}",
@@ -285,6 +293,41 @@ fn rpc_message() -> impl Strategy<Value = RpcMessage> {
             }),
         1 => prop_oneof![Just(Ok(())), error_reply().prop_map(Err)]
             .prop_map(RpcMessage::AlterIsrResponse),
+        1 => (
+            "[a-z0-9._-]{1,30}",
+            any::<u128>(),
+            0usize..100_000,
+            proptest::option::of(0usize..20),
+            proptest::collection::vec(("[a-z.]{0,20}", ".{0,30}"), 0..4),
+            any::<bool>(),
+        )
+            .prop_map(|(name, topic_id, partitions, replication_factor, configs, validate_only)| {
+                RpcMessage::CreateTopic {
+                    req: CreateTopicRequest {
+                        name,
+                        topic_id,
+                        partitions,
+                        replication_factor,
+                        configs,
+                    },
+                    validate_only,
+                }
+            }),
+        1 => ("[a-z0-9._-]{1,30}", any::<u32>(), any::<bool>()).prop_map(
+            |(topic, total, validate_only)| RpcMessage::CreatePartitions {
+                topic,
+                total,
+                validate_only,
+            }
+        ),
+        1 => "[a-z0-9._-]{0,30}".prop_map(|topic| RpcMessage::DeleteTopic { topic }),
+        1 => (
+            "[a-z0-9._-]{1,30}",
+            proptest::collection::vec(("[a-z.]{0,20}", proptest::option::of(".{0,30}")), 0..5),
+        )
+            .prop_map(|(topic, changes)| RpcMessage::SetTopicConfigs { topic, changes }),
+        1 => prop_oneof![any::<u64>().prop_map(Ok), error_reply().prop_map(Err)]
+            .prop_map(RpcMessage::AdminResponse),
     ]
 }
 
@@ -361,7 +404,7 @@ proptest! {
     /// A well-formed length prefix over random bytes: every body decoder sees hostile input.
     #[test]
     fn random_bodies_never_panic_nor_overallocate(
-        kind in 0u8..16,
+        kind in 0u8..21,
         body in proptest::collection::vec(any::<u8>(), 0..1024),
     ) {
         let mut raw = BytesMut::new();
@@ -372,6 +415,49 @@ proptest! {
         let len = raw.len();
         let (_, bytes) = allocated_by(|| decode_all(&raw, len));
         prop_assert!(bytes <= allocation_budget(len), "{} bytes allocated decoding {}", bytes, len);
+    }
+}
+
+#[test]
+fn admin_requests_over_their_caps_are_refused_before_encoding() {
+    let codec = FrameCodec::default();
+    let frame = |message| Frame {
+        correlation_id: 1,
+        message,
+    };
+    let too_many = (0..1000).map(|i| (format!("k{i}"), None)).collect();
+    let long_value = vec![("k".to_string(), Some("v".repeat(5000)))];
+    let oversized = [
+        RpcMessage::SetTopicConfigs {
+            topic: "t".into(),
+            changes: too_many,
+        },
+        RpcMessage::SetTopicConfigs {
+            topic: "t".into(),
+            changes: long_value,
+        },
+        RpcMessage::DeleteTopic {
+            topic: "t".repeat(300),
+        },
+        RpcMessage::CreateTopic {
+            req: CreateTopicRequest {
+                name: "t".into(),
+                topic_id: 1,
+                partitions: 1,
+                replication_factor: None,
+                configs: (0..100).map(|i| (format!("k{i}"), String::new())).collect(),
+            },
+            validate_only: false,
+        },
+    ];
+    for m in oversized {
+        assert!(
+            matches!(
+                codec.encode(&frame(m.clone())),
+                Err(RpcError::FieldTooLarge(_))
+            ),
+            "{m:?} encoded"
+        );
     }
 }
 

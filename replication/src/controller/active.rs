@@ -21,6 +21,7 @@ use crate::controller::records::{
     MAX_PARTITIONS_PER_TOPIC, MAX_PRODUCER_ID_BLOCK_LEN, MAX_SHARDS_PER_BROKER,
 };
 use crate::controller::state::{check_topic_name, MetadataState};
+use crate::metadata::{is_reserved_topic_name, topic_names_collide};
 use crate::types::{Epoch, NodeId};
 
 /// A broker not heard from for this long is fenced and leaves the ISRs and leaderships. Four
@@ -31,6 +32,11 @@ pub const DEFAULT_BROKER_SESSION_TIMEOUT_MS: u64 = 1_000;
 pub const DEFAULT_BROKER_HEARTBEAT_INTERVAL_MS: u64 = 250;
 /// Producer ids per block (KIP-730 hands out 1000 at a time).
 pub const DEFAULT_PRODUCER_ID_BLOCK_LEN: u32 = 1_000;
+/// Topics whose names start with this belong to the broker (`__consumer_offsets`, ...).
+pub const INTERNAL_TOPIC_PREFIX: &str = "__";
+/// Config changes one SetTopicConfigs call may carry (a topic holds at most
+/// [`MAX_CONFIGS_PER_TOPIC`] keys; twice that covers removing all and setting all).
+pub const MAX_CONFIG_CHANGES_PER_CALL: usize = 2 * MAX_CONFIGS_PER_TOPIC;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ControllerConfig {
@@ -77,6 +83,15 @@ pub enum ControllerError {
     FencedBroker(NodeId),
     #[error(transparent)]
     Placement(#[from] PlacementError),
+    #[error("invalid topic name {0:?}: 1-249 of [a-zA-Z0-9._-], not '.' or '..', not reserved, not equal to another topic's but for '.' and '_'")]
+    InvalidTopicName(String),
+    #[error("invalid partition count: {0}")]
+    InvalidPartitions(&'static str),
+    #[error("invalid topic config: {0}")]
+    InvalidConfig(&'static str),
+    /// Internal topics (names starting with `__`) belong to the broker.
+    #[error("topic {0:?} is internal and cannot be deleted")]
+    InternalTopic(String),
     #[error("invalid request: {0}")]
     Invalid(&'static str),
 }
@@ -343,9 +358,20 @@ impl ActiveController {
         &mut self,
         req: CreateTopicRequest,
     ) -> Result<Vec<Record>, ControllerError> {
-        check_topic_name(&req.name).map_err(|_| ControllerError::Invalid("topic name"))?;
+        if check_topic_name(&req.name).is_err() || is_reserved_topic_name(&req.name) {
+            return Err(ControllerError::InvalidTopicName(req.name));
+        }
         if self.state.topics.contains_key(&req.name) {
             return Err(ControllerError::TopicExists(req.name));
+        }
+        if req.name.contains(['.', '_'])
+            && self
+                .state
+                .topics
+                .keys()
+                .any(|t| topic_names_collide(t, &req.name))
+        {
+            return Err(ControllerError::InvalidTopicName(req.name));
         }
         if req.topic_id == 0
             || self
@@ -393,7 +419,7 @@ impl ActiveController {
             .ok_or_else(|| ControllerError::UnknownTopic(topic.to_string()))?;
         let have = t.partitions.len();
         if total <= have || total > MAX_PARTITIONS_PER_TOPIC {
-            return Err(ControllerError::Invalid(
+            return Err(ControllerError::InvalidPartitions(
                 "the new partition count must exceed the current one and stay within the limit",
             ));
         }
@@ -429,7 +455,7 @@ impl ActiveController {
             && !t.configs.contains_key(key)
             && t.configs.len() >= MAX_CONFIGS_PER_TOPIC
         {
-            return Err(ControllerError::Invalid("too many topic configs"));
+            return Err(ControllerError::InvalidConfig("too many topic configs"));
         }
         check_config(key, value.unwrap_or(""))?;
         let mut out = Vec::new();
@@ -442,6 +468,58 @@ impl ActiveController {
             },
         );
         Ok(out)
+    }
+
+    /// Sets or removes each key of `changes` as one decision (all or nothing).
+    pub fn set_topic_configs(
+        &mut self,
+        topic: &str,
+        changes: &[(String, Option<String>)],
+    ) -> Result<Vec<Record>, ControllerError> {
+        if changes.len() > MAX_CONFIG_CHANGES_PER_CALL {
+            return Err(ControllerError::InvalidConfig("too many config changes"));
+        }
+        self.dry_run(|c| {
+            for (k, v) in changes {
+                c.set_topic_config(topic, k, v.as_deref())?;
+            }
+            Ok(())
+        })?;
+        let mut out = Vec::with_capacity(changes.len());
+        for (k, v) in changes {
+            out.extend(self.set_topic_config(topic, k, v.as_deref())?);
+        }
+        Ok(out)
+    }
+
+    /// Deletes `topic`; internal (`__`-prefixed) topics are refused.
+    pub fn delete_topic(&mut self, topic: &str) -> Result<Vec<Record>, ControllerError> {
+        if topic.starts_with(INTERNAL_TOPIC_PREFIX) {
+            return Err(ControllerError::InternalTopic(topic.to_string()));
+        }
+        let t = self
+            .state
+            .topics
+            .get(topic)
+            .ok_or_else(|| ControllerError::UnknownTopic(topic.to_string()))?;
+        let record = Record::DeleteTopic {
+            name: topic.to_string(),
+            topic_id: t.topic_id,
+        };
+        let mut out = Vec::new();
+        self.push(&mut out, record);
+        Ok(out)
+    }
+
+    /// Runs a decision for its answer only (validate_only): the state is put back after it.
+    pub fn dry_run<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, ControllerError>,
+    ) -> Result<T, ControllerError> {
+        let saved = self.state.clone();
+        let out = f(self);
+        self.state = saved;
+        out
     }
 
     /// Hands the broker the next block of producer ids: `(first, len)` and the record.
@@ -547,19 +625,19 @@ fn fresh_partition(replicas: Vec<crate::controller::records::ReplicaAssignment>)
 
 fn check_config(key: &str, value: &str) -> Result<(), ControllerError> {
     if key.is_empty() || key.len() > MAX_CONFIG_KEY_BYTES || value.len() > MAX_CONFIG_VALUE_BYTES {
-        return Err(ControllerError::Invalid("config key or value length"));
+        return Err(ControllerError::InvalidConfig("config key or value length"));
     }
     Ok(())
 }
 
 fn check_configs(configs: &[(String, String)]) -> Result<(), ControllerError> {
     if configs.len() > MAX_CONFIGS_PER_TOPIC {
-        return Err(ControllerError::Invalid("too many topic configs"));
+        return Err(ControllerError::InvalidConfig("too many topic configs"));
     }
     for (i, (k, v)) in configs.iter().enumerate() {
         check_config(k, v)?;
         if configs[..i].iter().any(|(o, _)| o == k) {
-            return Err(ControllerError::Invalid("duplicate config key"));
+            return Err(ControllerError::InvalidConfig("duplicate config key"));
         }
     }
     Ok(())

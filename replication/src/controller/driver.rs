@@ -14,15 +14,21 @@
 //!   leader it knows (its own replica's leader on a voter, the last hint otherwise), time out
 //!   after `request_timeout_ms` and go to the next voter.
 //! - Voters apply the committed log from their own store; other nodes fetch it from a voter.
+//! - The broker side also carries this node's admin calls ([`Driver::submit_call`]) and its
+//!   partition leaders' reports ([`Driver::report_leader`]) to the controller, with the same
+//!   timeout and re-routing. A call finishes once this node has applied the decision (the
+//!   controller answers with the offset it committed it at), is refused, or passes
+//!   `call_deadline_ms`; a report, once accepted or superseded by a newer epoch.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
 use crate::controller::active::{
-    ActiveController, ControllerConfig, ControllerError, HeartbeatRequest, RegisterRequest,
-    DEFAULT_BROKER_HEARTBEAT_INTERVAL_MS,
+    ActiveController, AlterIsrRequest, ControllerConfig, ControllerError, CreateTopicRequest,
+    HeartbeatRequest, RegisterRequest, DEFAULT_BROKER_HEARTBEAT_INTERVAL_MS,
 };
 use crate::controller::records::{Endpoint, Record, RecordBatch};
 use crate::controller::state::{Effect, MetadataState};
@@ -32,7 +38,7 @@ use crate::controller::METADATA_GROUP;
 use crate::node::{Node, NodeMessage};
 use crate::replica::{Config, Persisted, Replica};
 use crate::rpc::frame::{Frame, MetadataChunk, RpcErrorCode, RpcErrorReply, RpcMessage};
-use crate::types::{Action, Epoch, Membership, Message, NodeId, Offset};
+use crate::types::{Action, Epoch, GroupId, Membership, Message, NodeId, Offset};
 
 /// How often the driver ticks the metadata group and its timers.
 pub const DEFAULT_CONTROLLER_TICK_MS: u64 = 50;
@@ -54,6 +60,15 @@ const FETCH_INTERVAL_MS: u64 = 100;
 const MAX_PENDING_REPLIES: usize = 4096;
 /// Output loops of the core settle in a few rounds; more is a bug.
 const MAX_DRIVE_ROUNDS: usize = 1000;
+/// An admin call (CreateTopics, ...) not decided and applied on this node within this long is
+/// answered "unavailable": long enough for a controller failover (an election within a second,
+/// a retry per request timeout) and a few commit round trips, short against client timeouts.
+pub const DEFAULT_CONTROLLER_CALL_DEADLINE_MS: u64 = 5_000;
+/// Admin calls in flight on one node's broker side at most; more are refused at once.
+pub const MAX_CALLS_IN_FLIGHT: usize = 1024;
+/// Leader reports in flight at most (one per group this node leads; a report dropped here is
+/// sent again by its shard).
+pub const MAX_REPORTS_IN_FLIGHT: usize = 65_536;
 
 #[derive(Debug, Clone)]
 pub struct DriverConfig {
@@ -67,6 +82,8 @@ pub struct DriverConfig {
     pub shards: u32,
     pub election_timeout_ticks: u32,
     pub request_timeout_ms: u64,
+    /// How long an admin call or a leader report is retried before it is given up.
+    pub call_deadline_ms: u64,
     pub heartbeat_interval_ms: u64,
     pub controller: ControllerConfig,
     /// Replicas of a topic created without a count; `None`: min(3, live brokers). Topic
@@ -97,6 +114,7 @@ impl DriverConfig {
             shards,
             election_timeout_ticks: DEFAULT_CONTROLLER_ELECTION_TIMEOUT_TICKS,
             request_timeout_ms: DEFAULT_CONTROLLER_REQUEST_TIMEOUT_MS,
+            call_deadline_ms: DEFAULT_CONTROLLER_CALL_DEADLINE_MS,
             heartbeat_interval_ms: DEFAULT_BROKER_HEARTBEAT_INTERVAL_MS,
             controller: ControllerConfig::default(),
             default_replication_factor: None,
@@ -125,6 +143,72 @@ enum Req {
     Register,
     Heartbeat,
     Fetch,
+    Call(CallId),
+    Report(GroupId),
+}
+
+/// Names an admin call; chosen by the caller, unique among its calls in flight.
+pub type CallId = u64;
+
+/// A request of this node's Kafka layer for the active controller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminCall {
+    CreateTopic {
+        req: CreateTopicRequest,
+        validate_only: bool,
+    },
+    CreatePartitions {
+        topic: String,
+        total: usize,
+        validate_only: bool,
+    },
+    DeleteTopic {
+        topic: String,
+    },
+    SetTopicConfigs {
+        topic: String,
+        changes: Vec<(String, Option<String>)>,
+    },
+    AllocateProducerIds,
+}
+
+/// What a finished admin call answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallAnswer {
+    /// Decided, committed and applied on this node (or, validate_only, found valid).
+    Done,
+    ProducerIds {
+        first: u64,
+        len: u32,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallState {
+    /// To be sent on the next chance (new, refused by a non-controller, or timed out).
+    Unsent,
+    /// Being handed to the controller (which may answer before the send returns, when it
+    /// is this node).
+    Sending,
+    Sent {
+        corr: u64,
+    },
+    /// The controller committed it at this metadata offset; waiting to apply it here.
+    Applying(Offset),
+}
+
+#[derive(Debug)]
+struct PendingCall {
+    call: AdminCall,
+    deadline_ms: u64,
+    state: CallState,
+}
+
+#[derive(Debug)]
+struct PendingReport {
+    req: AlterIsrRequest,
+    deadline_ms: u64,
+    state: CallState,
 }
 
 /// This node as a broker of the cluster.
@@ -160,6 +244,13 @@ pub struct Driver<R> {
     out: Vec<Outgoing<R>>,
     /// Bumped whenever what [`Driver::view`] shows may have changed.
     generation: u64,
+    /// `state` as shared with readers, made again only after the state changed.
+    metadata: RefCell<Option<Arc<MetadataState>>>,
+    calls: BTreeMap<CallId, PendingCall>,
+    finished: Vec<(CallId, Result<CallAnswer, RpcErrorReply>)>,
+    /// The newest leader report per group not yet accepted by the controller.
+    reports: BTreeMap<GroupId, PendingReport>,
+    accepted: Vec<(GroupId, AlterIsrRequest)>,
 }
 
 fn reply_frame(corr: u64, message: RpcMessage) -> Frame {
@@ -205,7 +296,20 @@ impl<R: Clone> Driver<R> {
             agent: Agent::default(),
             out: Vec::new(),
             generation: 1,
+            metadata: RefCell::new(None),
+            calls: BTreeMap::new(),
+            finished: Vec::new(),
+            reports: BTreeMap::new(),
+            accepted: Vec::new(),
         }
+    }
+
+    /// The applied metadata as a shared snapshot: copied once per change, not per call.
+    pub fn metadata(&self) -> Arc<MetadataState> {
+        self.metadata
+            .borrow_mut()
+            .get_or_insert_with(|| Arc::new(self.state.clone()))
+            .clone()
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -296,7 +400,7 @@ impl<R: Clone> Driver<R> {
             brokers,
             high_watermark: self.applied,
             voter_progress,
-            metadata: Arc::new(self.state.clone()),
+            metadata: self.metadata(),
             generation: self.generation,
         }
     }
@@ -384,11 +488,16 @@ impl<R: Clone> Driver<R> {
                 let msg = self.answer_fetch(from_offset, max_bytes);
                 self.send_reply(dest, corr, msg);
             }
+            m @ (RpcMessage::CreateTopic { .. }
+            | RpcMessage::CreatePartitions { .. }
+            | RpcMessage::DeleteTopic { .. }
+            | RpcMessage::SetTopicConfigs { .. }) => self.handle_admin(dest, corr, m)?,
             RpcMessage::RegisterBrokerResponse(_)
             | RpcMessage::HeartbeatResponse(_)
             | RpcMessage::FetchMetadataResponse(_)
             | RpcMessage::AllocateProducerIdsResponse(_)
-            | RpcMessage::AlterIsrResponse(_) => self.agent_response(corr, frame.message)?,
+            | RpcMessage::AlterIsrResponse(_)
+            | RpcMessage::AdminResponse(_) => self.agent_response(corr, frame.message)?,
             RpcMessage::Hello(_) | RpcMessage::HandshakeRefused { .. } => {
                 tracing::debug!(from, "handshake frame after the handshake: ignored");
             }
@@ -523,6 +632,8 @@ impl<R: Clone> Driver<R> {
         }
         self.applied = end;
         self.generation += 1;
+        self.metadata.take();
+        self.finish_applied_calls();
     }
 
     fn release_pending(&mut self) {
@@ -585,12 +696,7 @@ impl<R: Clone> Driver<R> {
         reply: impl FnOnce(Result<T, RpcErrorReply>) -> RpcMessage,
     ) -> Result<(), StoreError> {
         let Some(active) = self.active.as_mut() else {
-            let hint = self.controller().0.filter(|&l| l != self.cfg.node_id);
-            let mut e = RpcErrorReply::not_controller(hint);
-            if hint.is_none() && self.is_voter() {
-                e.code = RpcErrorCode::Unavailable;
-                e.message = "no active controller yet (election in progress)".into();
-            }
+            let e = self.not_controller();
             self.send_reply(dest, corr, reply(Err(e)));
             return Ok(());
         };
@@ -610,6 +716,75 @@ impl<R: Clone> Driver<R> {
                     self.send_reply(dest, corr, reply(Err(e)));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// The refusal of a node that is not the active controller.
+    fn not_controller(&self) -> RpcErrorReply {
+        let hint = self.controller().0.filter(|&l| l != self.cfg.node_id);
+        let mut e = RpcErrorReply::not_controller(hint);
+        if hint.is_none() && self.is_voter() {
+            e.code = RpcErrorCode::Unavailable;
+            e.message = "no active controller yet (election in progress)".into();
+        }
+        e
+    }
+
+    /// An admin request on the active controller. The answer carries the metadata offset the
+    /// decision is applied at, and goes out once it is committed; a validate_only request is
+    /// decided on a copy of the state and answered at once.
+    fn handle_admin(
+        &mut self,
+        dest: Dest<R>,
+        corr: u64,
+        msg: RpcMessage,
+    ) -> Result<(), StoreError> {
+        let Some(active) = self.active.as_mut() else {
+            let e = self.not_controller();
+            self.send_reply(dest, corr, RpcMessage::AdminResponse(Err(e)));
+            return Ok(());
+        };
+        let decided = match msg {
+            RpcMessage::CreateTopic { req, validate_only } => {
+                run_admin(active, validate_only, |c| c.create_topic(req))
+            }
+            RpcMessage::CreatePartitions {
+                topic,
+                total,
+                validate_only,
+            } => run_admin(active, validate_only, |c| {
+                c.create_partitions(&topic, total as usize)
+            }),
+            RpcMessage::DeleteTopic { topic } => {
+                run_admin(active, false, |c| c.delete_topic(&topic))
+            }
+            RpcMessage::SetTopicConfigs { topic, changes } => {
+                run_admin(active, false, |c| c.set_topic_configs(&topic, &changes))
+            }
+            other => unreachable!("not an admin request: {other:?}"),
+        };
+        match decided {
+            Err(e) => {
+                let msg = RpcMessage::AdminResponse(Err(RpcErrorReply::from(&e)));
+                self.send_reply(dest, corr, msg);
+            }
+            Ok(records) if records.is_empty() => {
+                self.send_reply(dest, corr, RpcMessage::AdminResponse(Ok(0)))
+            }
+            Ok(records) => match self.propose_decision(records)? {
+                Some(end) => {
+                    if self.pending.len() < MAX_PENDING_REPLIES {
+                        let msg = RpcMessage::AdminResponse(Ok(end));
+                        self.pending.push((end, dest, corr, msg));
+                        self.release_pending();
+                    }
+                }
+                None => {
+                    let e = RpcErrorReply::not_controller(None);
+                    self.send_reply(dest, corr, RpcMessage::AdminResponse(Err(e)));
+                }
+            },
         }
         Ok(())
     }
@@ -681,7 +856,9 @@ impl<R: Clone> Driver<R> {
         v[self.agent.rotate % v.len()]
     }
 
-    fn agent_request(&mut self, req: Req, message: RpcMessage) -> Result<(), StoreError> {
+    /// Sends a request to the controller; returns its correlation id. The answer may have
+    /// been handled before this returns (when this node is the controller).
+    fn agent_request(&mut self, req: Req, message: RpcMessage) -> Result<u64, StoreError> {
         let corr = self.agent.next_corr;
         self.agent.next_corr += 1;
         let to = self.agent_target();
@@ -692,6 +869,25 @@ impl<R: Clone> Driver<R> {
                 RpcMessage::RegisterBroker(r) => self.handle_register(Dest::Local, corr, r)?,
                 RpcMessage::Heartbeat(r) => self.handle_heartbeat(Dest::Local, corr, r)?,
                 RpcMessage::FetchMetadata { .. } => {}
+                RpcMessage::AllocateProducerIds { node, broker_epoch } => self.decide(
+                    Dest::Local,
+                    corr,
+                    |c| {
+                        c.allocate_producer_ids(node, broker_epoch)
+                            .map(|(r, first, len)| (r, (first, len)))
+                    },
+                    RpcMessage::AllocateProducerIdsResponse,
+                )?,
+                RpcMessage::AlterIsr(req) => self.decide(
+                    Dest::Local,
+                    corr,
+                    |c| c.alter_isr(req).map(|r| (r, ())),
+                    RpcMessage::AlterIsrResponse,
+                )?,
+                m @ (RpcMessage::CreateTopic { .. }
+                | RpcMessage::CreatePartitions { .. }
+                | RpcMessage::DeleteTopic { .. }
+                | RpcMessage::SetTopicConfigs { .. }) => self.handle_admin(Dest::Local, corr, m)?,
                 other => unreachable!("broker side sent {other:?}"),
             }
         } else {
@@ -700,7 +896,7 @@ impl<R: Clone> Driver<R> {
                 frame: reply_frame(corr, message),
             });
         }
-        Ok(())
+        Ok(corr)
     }
 
     fn agent_tick(&mut self) -> Result<(), StoreError> {
@@ -759,7 +955,7 @@ impl<R: Clone> Driver<R> {
                 self.agent_request(Req::Fetch, msg)?;
             }
         }
-        Ok(())
+        self.calls_tick()
     }
 
     fn agent_refused(&mut self, e: &RpcErrorReply) {
@@ -833,11 +1029,323 @@ impl<R: Clone> Driver<R> {
                 }
                 Err(e) => self.agent_refused(&e),
             },
+            (Req::Call(id), msg) => self.call_response(id, corr, msg),
+            (Req::Report(group), RpcMessage::AlterIsrResponse(r)) => {
+                self.report_response(group, corr, r)
+            }
             (req, msg) => {
                 tracing::warn!(?req, ?msg, "controller answered with another kind: ignored");
             }
         }
         Ok(())
+    }
+
+    // ---- admin calls and leader reports of this node ------------------------------------------
+
+    /// Starts `call` (named `id` by the caller): it goes to the active controller, is retried
+    /// on the next one when that fails, and finishes (see [`Self::take_finished_calls`]) once
+    /// decided and applied on this node, refused, or past the call deadline.
+    pub fn submit_call(&mut self, id: CallId, call: AdminCall) -> Result<(), StoreError> {
+        if self.calls.len() >= MAX_CALLS_IN_FLIGHT || self.calls.contains_key(&id) {
+            let e = RpcErrorReply {
+                code: RpcErrorCode::Unavailable,
+                leader_hint: None,
+                message: format!("{MAX_CALLS_IN_FLIGHT} controller calls already in flight"),
+            };
+            self.finished.push((id, Err(e)));
+            return Ok(());
+        }
+        let deadline_ms = self.now_ms + self.cfg.call_deadline_ms;
+        self.calls.insert(
+            id,
+            PendingCall {
+                call,
+                deadline_ms,
+                state: CallState::Unsent,
+            },
+        );
+        self.send_calls()
+    }
+
+    /// Calls finished since the last take, with their answers.
+    pub fn take_finished_calls(&mut self) -> Vec<(CallId, Result<CallAnswer, RpcErrorReply>)> {
+        std::mem::take(&mut self.finished)
+    }
+
+    pub fn calls_in_flight(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// A partition group this node leads reports its epoch and ISR (Kafka's AlterPartition).
+    /// One report per group is in flight; a newer one replaces it, the same one again is a
+    /// no-op. Accepted reports come out of [`Self::take_accepted_reports`].
+    pub fn report_leader(
+        &mut self,
+        group: GroupId,
+        req: AlterIsrRequest,
+    ) -> Result<(), StoreError> {
+        if let Some(p) = self.reports.get(&group) {
+            if p.req == req {
+                return Ok(());
+            }
+            if let CallState::Sent { corr } = p.state {
+                // Its answer would be taken for the newer report's.
+                self.agent.outstanding.remove(&corr);
+            }
+        } else if self.reports.len() >= MAX_REPORTS_IN_FLIGHT {
+            tracing::debug!(group, "leader report dropped: too many in flight");
+            return Ok(());
+        }
+        let deadline_ms = self.now_ms + self.cfg.call_deadline_ms;
+        self.reports.insert(
+            group,
+            PendingReport {
+                req,
+                deadline_ms,
+                state: CallState::Unsent,
+            },
+        );
+        self.send_reports()
+    }
+
+    /// Reports the controller accepted, or refused as older than what it has (the group's
+    /// leader has nothing more to tell it): the shard stops sending them.
+    pub fn take_accepted_reports(&mut self) -> Vec<(GroupId, AlterIsrRequest)> {
+        std::mem::take(&mut self.accepted)
+    }
+
+    fn send_calls(&mut self) -> Result<(), StoreError> {
+        let ready: Vec<CallId> = self
+            .calls
+            .iter()
+            .filter(|(_, c)| c.state == CallState::Unsent)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ready {
+            let msg = match &self.calls[&id].call {
+                AdminCall::CreateTopic { req, validate_only } => RpcMessage::CreateTopic {
+                    req: req.clone(),
+                    validate_only: *validate_only,
+                },
+                AdminCall::CreatePartitions {
+                    topic,
+                    total,
+                    validate_only,
+                } => RpcMessage::CreatePartitions {
+                    topic: topic.clone(),
+                    total: u32::try_from(*total).unwrap_or(u32::MAX),
+                    validate_only: *validate_only,
+                },
+                AdminCall::DeleteTopic { topic } => RpcMessage::DeleteTopic {
+                    topic: topic.clone(),
+                },
+                AdminCall::SetTopicConfigs { topic, changes } => RpcMessage::SetTopicConfigs {
+                    topic: topic.clone(),
+                    changes: changes.clone(),
+                },
+                AdminCall::AllocateProducerIds => {
+                    // Blocks are granted to a registered broker only.
+                    let Some(broker_epoch) = self.agent.broker_epoch else {
+                        continue;
+                    };
+                    RpcMessage::AllocateProducerIds {
+                        node: self.cfg.node_id,
+                        broker_epoch,
+                    }
+                }
+            };
+            self.set_call_state(id, CallState::Sending);
+            let corr = self.agent_request(Req::Call(id), msg)?;
+            if self
+                .calls
+                .get(&id)
+                .is_some_and(|c| c.state == CallState::Sending)
+            {
+                self.set_call_state(id, CallState::Sent { corr });
+            }
+        }
+        Ok(())
+    }
+
+    fn send_reports(&mut self) -> Result<(), StoreError> {
+        let ready: Vec<GroupId> = self
+            .reports
+            .iter()
+            .filter(|(_, r)| r.state == CallState::Unsent)
+            .map(|(&g, _)| g)
+            .collect();
+        for group in ready {
+            let req = self.reports[&group].req.clone();
+            if let Some(r) = self.reports.get_mut(&group) {
+                r.state = CallState::Sending;
+            }
+            let corr = self.agent_request(Req::Report(group), RpcMessage::AlterIsr(req))?;
+            if let Some(r) = self.reports.get_mut(&group) {
+                if r.state == CallState::Sending {
+                    r.state = CallState::Sent { corr };
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_call_state(&mut self, id: CallId, state: CallState) {
+        if let Some(c) = self.calls.get_mut(&id) {
+            c.state = state;
+        }
+    }
+
+    fn finish_call(&mut self, id: CallId, res: Result<CallAnswer, RpcErrorReply>) {
+        if self.calls.remove(&id).is_some() {
+            self.finished.push((id, res));
+        }
+    }
+
+    /// Calls whose decision this node has now applied are done.
+    fn finish_applied_calls(&mut self) {
+        let applied = self.applied;
+        let done: Vec<CallId> = self
+            .calls
+            .iter()
+            .filter(|(_, c)| matches!(c.state, CallState::Applying(at) if at <= applied))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in done {
+            self.finish_call(id, Ok(CallAnswer::Done));
+        }
+    }
+
+    /// Deadlines, and re-sending what timed out (the agent's timeout moved the target on).
+    fn calls_tick(&mut self) -> Result<(), StoreError> {
+        let now = self.now_ms;
+        let outstanding = &self.agent.outstanding;
+        let mut expired = Vec::new();
+        for (&id, c) in self.calls.iter_mut() {
+            if now >= c.deadline_ms {
+                expired.push((id, c.state));
+            } else if let CallState::Sent { corr } = c.state {
+                if !outstanding.contains_key(&corr) {
+                    c.state = CallState::Unsent;
+                }
+            }
+        }
+        for (id, state) in expired {
+            let message = match state {
+                CallState::Applying(at) => format!(
+                    "the controller decided at metadata offset {at}, but this node has applied                      only up to {} within {} ms",
+                    self.applied, self.cfg.call_deadline_ms
+                ),
+                _ => format!(
+                    "no active controller answered within {} ms",
+                    self.cfg.call_deadline_ms
+                ),
+            };
+            let e = RpcErrorReply {
+                code: RpcErrorCode::Unavailable,
+                leader_hint: None,
+                message,
+            };
+            self.finish_call(id, Err(e));
+        }
+        let outstanding = &self.agent.outstanding;
+        self.reports.retain(|group, r| {
+            if now >= r.deadline_ms {
+                // The shard sends it again while it still holds.
+                tracing::debug!(group, "leader report not answered in time: dropped");
+                return false;
+            }
+            if let CallState::Sent { corr } = r.state {
+                if !outstanding.contains_key(&corr) {
+                    r.state = CallState::Unsent;
+                }
+            }
+            true
+        });
+        self.send_calls()?;
+        self.send_reports()
+    }
+
+    fn call_response(&mut self, id: CallId, corr: u64, msg: RpcMessage) {
+        match self.calls.get(&id).map(|c| c.state) {
+            Some(CallState::Sent { corr: c }) if c == corr => {}
+            Some(CallState::Sending) => {}
+            _ => return, // an answer to an earlier send of a call since re-sent or finished
+        }
+        let refusal = match msg {
+            RpcMessage::AdminResponse(Ok(at)) => {
+                self.set_call_state(id, CallState::Applying(at));
+                self.finish_applied_calls();
+                return;
+            }
+            RpcMessage::AllocateProducerIdsResponse(Ok((first, len))) => {
+                self.finish_call(id, Ok(CallAnswer::ProducerIds { first, len }));
+                return;
+            }
+            RpcMessage::AdminResponse(Err(e)) | RpcMessage::AllocateProducerIdsResponse(Err(e)) => {
+                e
+            }
+            other => {
+                tracing::warn!(msg = ?other, "controller answered a call with another kind");
+                return;
+            }
+        };
+        match refusal.code {
+            RpcErrorCode::NotController
+            | RpcErrorCode::Unavailable
+            | RpcErrorCode::StaleBrokerEpoch
+            | RpcErrorCode::UnknownBroker => {
+                // Ask again (the next controller, or after registering again).
+                self.agent_refused(&refusal);
+                self.set_call_state(id, CallState::Unsent);
+            }
+            _ => self.finish_call(id, Err(refusal)),
+        }
+    }
+
+    fn report_response(&mut self, group: GroupId, corr: u64, res: Result<(), RpcErrorReply>) {
+        let Some(r) = self.reports.get(&group) else {
+            return;
+        };
+        if !matches!(r.state, CallState::Sending) && r.state != (CallState::Sent { corr }) {
+            return;
+        }
+        match res {
+            Ok(()) => {
+                let r = self.reports.remove(&group).expect("present");
+                self.accepted.push((group, r.req));
+            }
+            Err(e) => match e.code {
+                RpcErrorCode::FencedLeaderEpoch => {
+                    let r = self.reports.remove(&group).expect("present");
+                    tracing::debug!(group, reason = %e.message, "leader report superseded");
+                    self.accepted.push((group, r.req));
+                }
+                RpcErrorCode::NotController | RpcErrorCode::Unavailable => {
+                    self.agent_refused(&e);
+                    if let Some(r) = self.reports.get_mut(&group) {
+                        r.state = CallState::Unsent;
+                    }
+                }
+                _ => {
+                    tracing::info!(group, code = ?e.code, reason = %e.message,
+                        "controller refused a leader report");
+                    self.reports.remove(&group);
+                }
+            },
+        }
+    }
+}
+
+/// Runs an admin decision, on a copy of the state when it is only validated.
+fn run_admin(
+    active: &mut ActiveController,
+    validate_only: bool,
+    f: impl FnOnce(&mut ActiveController) -> Result<Vec<Record>, ControllerError>,
+) -> Result<Vec<Record>, ControllerError> {
+    if validate_only {
+        active.dry_run(|c| f(c).map(|_| Vec::new()))
+    } else {
+        f(active)
     }
 }
 

@@ -134,6 +134,12 @@ pub enum Record {
         first: u64,
         len: u32,
     },
+    /// The topic named `name` with id `topic_id` is gone (the id guards against deleting a
+    /// topic of the same name created again since the decision).
+    DeleteTopic {
+        name: String,
+        topic_id: u128,
+    },
 }
 
 /// The records of one controller decision, applied together.
@@ -152,6 +158,7 @@ mod tag {
     pub const PARTITION_CHANGE: u8 = 7;
     pub const SET_CONFIG: u8 = 8;
     pub const PRODUCER_IDS: u8 = 9;
+    pub const DELETE_TOPIC: u8 = 10;
 }
 
 /// `NodeId` on the wire for "no leader" (Kafka's -1).
@@ -380,6 +387,11 @@ fn encode_record(w: &mut Writer<'_>, rec: &Record) {
             w.u64(*first);
             w.u32(*len);
         }
+        Record::DeleteTopic { name, topic_id } => {
+            w.u8(tag::DELETE_TOPIC);
+            w.string(name, MAX_TOPIC_NAME_BYTES);
+            w.u128(*topic_id);
+        }
     }
 }
 
@@ -448,6 +460,10 @@ fn decode_record(r: &mut Reader) -> Result<Record, DecodeError> {
             node: r.u64("node")?,
             first: r.u64("first producer id")?,
             len: r.u32("producer id block length")?,
+        },
+        tag::DELETE_TOPIC => Record::DeleteTopic {
+            name: r.string("topic name", MAX_TOPIC_NAME_BYTES)?,
+            topic_id: r.u128("topic id")?,
         },
         tag => {
             return Err(DecodeError::UnknownTag {

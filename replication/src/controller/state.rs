@@ -74,6 +74,10 @@ pub enum Effect {
         first: u64,
         len: u32,
     },
+    TopicDeleted {
+        topic: String,
+        topic_id: u128,
+    },
 }
 
 /// Why a record was refused. The state is unchanged when one is returned.
@@ -362,6 +366,22 @@ impl MetadataState {
                     node: *node,
                     first: *first,
                     len: *len,
+                })
+            }
+            Record::DeleteTopic { name, topic_id } => {
+                let t = self
+                    .topics
+                    .get(name)
+                    .ok_or_else(|| ApplyError::UnknownTopic(name.clone()))?;
+                if t.topic_id != *topic_id {
+                    return Err(ApplyError::Invalid(
+                        "deleting another incarnation of the topic",
+                    ));
+                }
+                self.topics.remove(name);
+                Ok(Effect::TopicDeleted {
+                    topic: name.clone(),
+                    topic_id: *topic_id,
                 })
             }
         }

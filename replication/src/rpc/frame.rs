@@ -10,11 +10,15 @@
 use bytes::{Buf, Bytes, BytesMut};
 
 use crate::codec::{DecodeError, Reader, Writer};
+use crate::controller::active::MAX_CONFIG_CHANGES_PER_CALL;
+use crate::controller::placement::PlacementError;
 use crate::controller::records::{
-    Endpoint, MAX_HOST_BYTES, MAX_REPLICAS_PER_PARTITION, MAX_SHARDS_PER_BROKER,
-    MAX_TOPIC_NAME_BYTES,
+    Endpoint, MAX_CONFIGS_PER_TOPIC, MAX_CONFIG_KEY_BYTES, MAX_CONFIG_VALUE_BYTES, MAX_HOST_BYTES,
+    MAX_REPLICAS_PER_PARTITION, MAX_SHARDS_PER_BROKER, MAX_TOPIC_NAME_BYTES,
 };
-use crate::controller::{AlterIsrRequest, ControllerError, HeartbeatRequest, RegisterRequest};
+use crate::controller::{
+    AlterIsrRequest, ControllerError, CreateTopicRequest, HeartbeatRequest, RegisterRequest,
+};
 use crate::identity::MAX_CLUSTER_ID_BYTES;
 use crate::node::NodeMessage;
 use crate::rpc::handshake::Hello;
@@ -68,6 +72,12 @@ pub enum RpcErrorCode {
     Unavailable = 6,
     /// A partition leader's request named an old leader epoch.
     FencedLeaderEpoch = 7,
+    TopicExists = 8,
+    UnknownTopic = 9,
+    InvalidTopic = 10,
+    InvalidPartitions = 11,
+    InvalidReplicationFactor = 12,
+    InvalidConfig = 13,
 }
 
 impl RpcErrorCode {
@@ -80,6 +90,12 @@ impl RpcErrorCode {
             5 => RpcErrorCode::InvalidRequest,
             6 => RpcErrorCode::Unavailable,
             7 => RpcErrorCode::FencedLeaderEpoch,
+            8 => RpcErrorCode::TopicExists,
+            9 => RpcErrorCode::UnknownTopic,
+            10 => RpcErrorCode::InvalidTopic,
+            11 => RpcErrorCode::InvalidPartitions,
+            12 => RpcErrorCode::InvalidReplicationFactor,
+            13 => RpcErrorCode::InvalidConfig,
             _ => {
                 return Err(DecodeError::Invalid {
                     what: "rpc error code",
@@ -117,7 +133,23 @@ impl From<&ControllerError> for RpcErrorReply {
             ControllerError::FencedLeaderEpoch { .. } | ControllerError::NotLeader { .. } => {
                 RpcErrorCode::FencedLeaderEpoch
             }
-            _ => RpcErrorCode::InvalidRequest,
+            ControllerError::TopicExists(_) => RpcErrorCode::TopicExists,
+            ControllerError::UnknownTopic(_) | ControllerError::UnknownPartition { .. } => {
+                RpcErrorCode::UnknownTopic
+            }
+            ControllerError::InvalidTopicName(_) => RpcErrorCode::InvalidTopic,
+            ControllerError::InvalidPartitions(_)
+            | ControllerError::Placement(PlacementError::InvalidPartitionCount { .. }) => {
+                RpcErrorCode::InvalidPartitions
+            }
+            ControllerError::Placement(
+                PlacementError::NotEnoughBrokers { .. }
+                | PlacementError::InvalidReplicationFactor { .. },
+            ) => RpcErrorCode::InvalidReplicationFactor,
+            ControllerError::InvalidConfig(_) => RpcErrorCode::InvalidConfig,
+            ControllerError::FencedBroker(_)
+            | ControllerError::InternalTopic(_)
+            | ControllerError::Invalid(_) => RpcErrorCode::InvalidRequest,
         };
         RpcErrorReply {
             code,
@@ -166,6 +198,27 @@ pub enum RpcMessage {
     /// A partition leader reports its in-sync replicas.
     AlterIsr(AlterIsrRequest),
     AlterIsrResponse(Result<(), RpcErrorReply>),
+    /// The admin requests of the Kafka layer, forwarded to the active controller. Each is
+    /// answered with an [`RpcMessage::AdminResponse`].
+    CreateTopic {
+        req: CreateTopicRequest,
+        validate_only: bool,
+    },
+    CreatePartitions {
+        topic: String,
+        total: u32,
+        validate_only: bool,
+    },
+    DeleteTopic {
+        topic: String,
+    },
+    SetTopicConfigs {
+        topic: String,
+        changes: Vec<(String, Option<String>)>,
+    },
+    /// The metadata-log offset after which the decision is applied (0 for validate_only):
+    /// the requester answers its client once it has applied that far.
+    AdminResponse(Result<u64, RpcErrorReply>),
 }
 
 mod kind {
@@ -182,6 +235,11 @@ mod kind {
     pub const ALLOCATE_PRODUCER_IDS_RESPONSE: u8 = 11;
     pub const ALTER_ISR: u8 = 12;
     pub const ALTER_ISR_RESPONSE: u8 = 13;
+    pub const CREATE_TOPIC: u8 = 14;
+    pub const CREATE_PARTITIONS: u8 = 15;
+    pub const DELETE_TOPIC: u8 = 16;
+    pub const SET_TOPIC_CONFIGS: u8 = 17;
+    pub const ADMIN_RESPONSE: u8 = 18;
 }
 
 mod msg_tag {
@@ -377,6 +435,34 @@ impl FrameCodec {
             kind::ALTER_ISR_RESPONSE => {
                 RpcMessage::AlterIsrResponse(decode_result(&mut r, |_| Ok(()))?)
             }
+            kind::CREATE_TOPIC => decode_create_topic(&mut r)?,
+            kind::CREATE_PARTITIONS => RpcMessage::CreatePartitions {
+                topic: r.string("topic", MAX_TOPIC_NAME_BYTES)?,
+                total: r.u32("partition count")?,
+                validate_only: r.bool("validate only")?,
+            },
+            kind::DELETE_TOPIC => RpcMessage::DeleteTopic {
+                topic: r.string("topic", MAX_TOPIC_NAME_BYTES)?,
+            },
+            kind::SET_TOPIC_CONFIGS => {
+                let topic = r.string("topic", MAX_TOPIC_NAME_BYTES)?;
+                // Smallest change: an empty key and the absent-value flag.
+                let n = r.count("config changes", MAX_CONFIG_CHANGES_PER_CALL, 3)?;
+                let mut changes = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let key = r.string("config key", MAX_CONFIG_KEY_BYTES)?;
+                    let value = if r.bool("config value present")? {
+                        Some(r.string("config value", MAX_CONFIG_VALUE_BYTES)?)
+                    } else {
+                        None
+                    };
+                    changes.push((key, value));
+                }
+                RpcMessage::SetTopicConfigs { topic, changes }
+            }
+            kind::ADMIN_RESPONSE => {
+                RpcMessage::AdminResponse(decode_result(&mut r, |r| r.u64("applied at"))?)
+            }
             tag => {
                 return Err(DecodeError::UnknownTag {
                     what: "frame kind",
@@ -458,6 +544,44 @@ impl FrameCodec {
                 w.u64_list(&req.isr, MAX_REPLICAS_PER_PARTITION);
             }
             RpcMessage::AlterIsrResponse(res) => encode_result(&mut p, res, |_, ()| {}),
+            RpcMessage::CreateTopic { req, validate_only } => {
+                let mut w = p.w();
+                w.string(&req.name, MAX_TOPIC_NAME_BYTES);
+                w.u128(req.topic_id);
+                w.u32(saturate_u32(req.partitions));
+                w.bool(req.replication_factor.is_some());
+                w.u32(saturate_u32(req.replication_factor.unwrap_or(0)));
+                w.count(req.configs.len(), MAX_CONFIGS_PER_TOPIC);
+                for (k, v) in &req.configs {
+                    w.string(k, MAX_CONFIG_KEY_BYTES);
+                    w.string(v, MAX_CONFIG_VALUE_BYTES);
+                }
+                w.bool(*validate_only);
+            }
+            RpcMessage::CreatePartitions {
+                topic,
+                total,
+                validate_only,
+            } => {
+                let mut w = p.w();
+                w.string(topic, MAX_TOPIC_NAME_BYTES);
+                w.u32(*total);
+                w.bool(*validate_only);
+            }
+            RpcMessage::DeleteTopic { topic } => p.w().string(topic, MAX_TOPIC_NAME_BYTES),
+            RpcMessage::SetTopicConfigs { topic, changes } => {
+                let mut w = p.w();
+                w.string(topic, MAX_TOPIC_NAME_BYTES);
+                w.count(changes.len(), MAX_CONFIG_CHANGES_PER_CALL);
+                for (k, v) in changes {
+                    w.string(k, MAX_CONFIG_KEY_BYTES);
+                    w.bool(v.is_some());
+                    if let Some(v) = v {
+                        w.string(v, MAX_CONFIG_VALUE_BYTES);
+                    }
+                }
+            }
+            RpcMessage::AdminResponse(res) => encode_result(&mut p, res, |p, at| p.w().u64(*at)),
         }
         let mut parts = p.finish();
         let body: usize = parts.iter().map(Bytes::len).sum();
@@ -515,6 +639,33 @@ fn check_sendable(m: &RpcMessage) -> Result<(), RpcError> {
             r.topic.len() <= MAX_TOPIC_NAME_BYTES && r.isr.len() <= MAX_REPLICAS_PER_PARTITION,
             "topic name or ISR",
         ),
+        RpcMessage::CreateTopic { req, .. } => {
+            fits(req.name.len() <= MAX_TOPIC_NAME_BYTES, "topic name")?;
+            fits(req.configs.len() <= MAX_CONFIGS_PER_TOPIC, "config count")?;
+            fits(
+                req.configs.iter().all(|(k, v)| {
+                    k.len() <= MAX_CONFIG_KEY_BYTES && v.len() <= MAX_CONFIG_VALUE_BYTES
+                }),
+                "config key or value",
+            )
+        }
+        RpcMessage::CreatePartitions { topic, .. } | RpcMessage::DeleteTopic { topic } => {
+            fits(topic.len() <= MAX_TOPIC_NAME_BYTES, "topic name")
+        }
+        RpcMessage::SetTopicConfigs { topic, changes } => {
+            fits(topic.len() <= MAX_TOPIC_NAME_BYTES, "topic name")?;
+            fits(
+                changes.len() <= MAX_CONFIG_CHANGES_PER_CALL,
+                "config changes",
+            )?;
+            fits(
+                changes.iter().all(|(k, v)| {
+                    k.len() <= MAX_CONFIG_KEY_BYTES
+                        && v.as_ref().is_none_or(|v| v.len() <= MAX_CONFIG_VALUE_BYTES)
+                }),
+                "config key or value",
+            )
+        }
         _ => Ok(()),
     }
 }
@@ -545,7 +696,45 @@ fn kind_of(m: &RpcMessage) -> u8 {
         RpcMessage::AllocateProducerIdsResponse(_) => kind::ALLOCATE_PRODUCER_IDS_RESPONSE,
         RpcMessage::AlterIsr(_) => kind::ALTER_ISR,
         RpcMessage::AlterIsrResponse(_) => kind::ALTER_ISR_RESPONSE,
+        RpcMessage::CreateTopic { .. } => kind::CREATE_TOPIC,
+        RpcMessage::CreatePartitions { .. } => kind::CREATE_PARTITIONS,
+        RpcMessage::DeleteTopic { .. } => kind::DELETE_TOPIC,
+        RpcMessage::SetTopicConfigs { .. } => kind::SET_TOPIC_CONFIGS,
+        RpcMessage::AdminResponse(_) => kind::ADMIN_RESPONSE,
     }
+}
+
+/// Counts above `u32::MAX` are far above every cap the controller applies: sent as `u32::MAX`
+/// they are refused there like any other count past the limit.
+fn saturate_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn decode_create_topic(r: &mut Reader) -> Result<RpcMessage, DecodeError> {
+    let name = r.string("topic", MAX_TOPIC_NAME_BYTES)?;
+    let topic_id = r.u128("topic id")?;
+    let partitions = r.u32("partition count")? as usize;
+    let has_rf = r.bool("replication factor present")?;
+    let rf = r.u32("replication factor")? as usize;
+    // Smallest config: two empty strings.
+    let n = r.count("topic configs", MAX_CONFIGS_PER_TOPIC, 4)?;
+    let mut configs = Vec::with_capacity(n);
+    for _ in 0..n {
+        configs.push((
+            r.string("config key", MAX_CONFIG_KEY_BYTES)?,
+            r.string("config value", MAX_CONFIG_VALUE_BYTES)?,
+        ));
+    }
+    Ok(RpcMessage::CreateTopic {
+        req: CreateTopicRequest {
+            name,
+            topic_id,
+            partitions,
+            replication_factor: has_rf.then_some(rf),
+            configs,
+        },
+        validate_only: r.bool("validate only")?,
+    })
 }
 
 fn encode_hello(w: &mut Writer<'_>, h: &Hello) {
