@@ -55,7 +55,7 @@ pub(crate) fn brokers_view(shard: &Shard, include_fenced: bool) -> BrokersView {
             brokers: vec![me],
         };
     };
-    let v = cluster.get();
+    let v = cluster.view();
     let mut brokers: Vec<ListedBroker> = v
         .brokers
         .iter()
