@@ -122,7 +122,7 @@ mod tests {
     use super::*;
 
     const FENCED: i16 = 74;
-    const UNKNOWN: i16 = 76;
+    const UNKNOWN: i16 = 75;
     const OUT_OF_RANGE: i16 = 1;
 
     fn log(history: &[(i32, u64)], current: i32, log_end: u64) -> EpochLog<'_> {
