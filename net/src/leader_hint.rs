@@ -1,7 +1,7 @@
 //! Where a partition's leader is, as this node's applied cluster metadata says: the KIP-951
 //! hints (`current_leader`, `node_endpoints`) a NOT_LEADER_OR_FOLLOWER answer carries, so
 //! clients that read them (librdkafka 2.x, the Java client) go to the new leader without a
-//! Metadata round trip first.
+//! Metadata round trip first. And the node a cluster's group coordinator is on.
 
 use spate_replication::controller::view::ClusterView;
 
@@ -56,4 +56,15 @@ pub fn endpoints_of(view: &ClusterView, hints: impl IntoIterator<Item = LeaderHi
     ids.sort_unstable();
     ids.dedup();
     ids.into_iter().filter_map(|id| endpoint(view, id)).collect()
+}
+
+/// The coordinator of every group in a cluster: the live broker with the lowest id, so that
+/// all members of a group, whichever node they ask, meet on one coordinator. A stopgap until
+/// `__consumer_offsets` is replicated: the coordinator's offsets live on that node alone (lost
+/// with its disk, unreadable while it is down), and when it fails the groups move to the next
+/// lowest live node and start there without their committed offsets. `None` while this node
+/// knows no live broker (it has applied no metadata yet): clients retry.
+pub fn group_coordinator(view: &ClusterView) -> Option<Endpoint> {
+    let node = view.live_brokers().map(|b| b.node).min()?;
+    endpoint(view, i32::try_from(node).ok()?)
 }

@@ -194,14 +194,22 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
         ApiKey::FindCoordinator => {
             let r: FindCoordinatorRequest = decode_body(req)?;
             let c = &shard.config;
-            let resp = find_coordinator_response(
-                v,
-                &r,
-                c.node_id,
-                &c.advertised_host,
-                i32::from(c.advertised_port),
-                true,
-            );
+            let resp = match &c.cluster {
+                None => find_coordinator_response(
+                    v,
+                    &r,
+                    c.node_id,
+                    &c.advertised_host,
+                    i32::from(c.advertised_port),
+                    true,
+                ),
+                Some(port) => match crate::leader_hint::group_coordinator(&port.view()) {
+                    Some(e) => {
+                        find_coordinator_response(v, &r, e.node_id, &e.host, i32::from(e.port), true)
+                    }
+                    None => find_coordinator_response(v, &r, -1, "", -1, false),
+                },
+            };
             encode_response(cid, v, &resp)
         }
         ApiKey::JoinGroup => {

@@ -550,4 +550,28 @@ mod tests {
         // A fenced broker has no endpoint to offer.
         assert_eq!(crate::leader_hint::endpoint(&view, 3), None);
     }
+
+    #[test]
+    fn every_group_meets_on_the_lowest_live_broker() {
+        use crate::leader_hint::group_coordinator;
+        let s = state();
+        let broker = |node: NodeId, fenced: bool| BrokerView {
+            node,
+            kafka: endpoint(9090 + node as u16),
+            rpc: endpoint(9190 + node as u16),
+            fenced,
+            voter: true,
+        };
+        let mut view = ClusterView {
+            brokers: vec![broker(2, false), broker(1, false), broker(3, false)],
+            metadata: std::sync::Arc::new(s),
+            ..ClusterView::default()
+        };
+        let c = group_coordinator(&view).unwrap();
+        assert_eq!((c.node_id, c.port), (1, 9091));
+        view.brokers[1].fenced = true;
+        assert_eq!(group_coordinator(&view).unwrap().node_id, 2);
+        view.brokers.clear();
+        assert_eq!(group_coordinator(&view), None, "no live broker known yet");
+    }
 }
