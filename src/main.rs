@@ -158,8 +158,7 @@ fn serve(args: config::ServeConfig) -> anyhow::Result<()> {
     // dropped they fail at once with REQUEST_TIMED_OUT (the cluster service takes `calls` once
     // it answers them).
     config.cluster = view.clone().map(|v| {
-        let (calls, _unserved) =
-            flume::bounded(spate_replication::cluster::CONTROLLER_CALL_QUEUE);
+        let (calls, _unserved) = flume::bounded(spate_replication::cluster::CONTROLLER_CALL_QUEUE);
         spate_replication::cluster::ClusterPort::new(v, calls)
     });
     let mut signals = signal_hook::iterator::Signals::new([

@@ -158,10 +158,18 @@ mod tests {
         let h = [(1, 0), (3, 10), (7, 25)];
         let l = log(&h, 7, 40);
         assert_eq!(l.end_offset_for(1), (1, 10));
-        assert_eq!(l.end_offset_for(2), (1, 10), "no epoch 2: the largest below");
+        assert_eq!(
+            l.end_offset_for(2),
+            (1, 10),
+            "no epoch 2: the largest below"
+        );
         assert_eq!(l.end_offset_for(3), (3, 25));
         assert_eq!(l.end_offset_for(6), (3, 25));
-        assert_eq!(l.end_offset_for(7), (7, 40), "the latest ends at the log end");
+        assert_eq!(
+            l.end_offset_for(7),
+            (7, 40),
+            "the latest ends at the log end"
+        );
         assert_eq!(l.end_offset_for(8), (-1, -1), "above the latest: undefined");
         assert_eq!(l.end_offset_for(-1), (-1, -1));
         assert_eq!(

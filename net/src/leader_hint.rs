@@ -26,10 +26,7 @@ pub fn leader_hint(view: &ClusterView, topic: &str, partition: i32) -> Option<Le
         .metadata
         .partition(topic, u32::try_from(partition).ok()?)?;
     Some(LeaderHint {
-        leader_id: p
-            .leader
-            .and_then(|n| i32::try_from(n).ok())
-            .unwrap_or(-1),
+        leader_id: p.leader.and_then(|n| i32::try_from(n).ok()).unwrap_or(-1),
         leader_epoch: p.leader_epoch,
     })
 }
@@ -47,7 +44,10 @@ pub fn endpoint(view: &ClusterView, node_id: i32) -> Option<Endpoint> {
 }
 
 /// The endpoints of the leaders named in `hints`, each once, in id order.
-pub fn endpoints_of(view: &ClusterView, hints: impl IntoIterator<Item = LeaderHint>) -> Vec<Endpoint> {
+pub fn endpoints_of(
+    view: &ClusterView,
+    hints: impl IntoIterator<Item = LeaderHint>,
+) -> Vec<Endpoint> {
     let mut ids: Vec<i32> = hints
         .into_iter()
         .map(|h| h.leader_id)
@@ -55,7 +55,9 @@ pub fn endpoints_of(view: &ClusterView, hints: impl IntoIterator<Item = LeaderHi
         .collect();
     ids.sort_unstable();
     ids.dedup();
-    ids.into_iter().filter_map(|id| endpoint(view, id)).collect()
+    ids.into_iter()
+        .filter_map(|id| endpoint(view, id))
+        .collect()
 }
 
 /// The coordinator of every group in a cluster: the live broker with the lowest id, so that

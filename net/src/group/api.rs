@@ -204,9 +204,14 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
                     true,
                 ),
                 Some(port) => match crate::leader_hint::group_coordinator(&port.view()) {
-                    Some(e) => {
-                        find_coordinator_response(v, &r, e.node_id, &e.host, i32::from(e.port), true)
-                    }
+                    Some(e) => find_coordinator_response(
+                        v,
+                        &r,
+                        e.node_id,
+                        &e.host,
+                        i32::from(e.port),
+                        true,
+                    ),
                     None => find_coordinator_response(v, &r, -1, "", -1, false),
                 },
             };

@@ -297,7 +297,11 @@ fn add_leader_hints(shard: &Shard, resp: &mut FetchResponse, version: i16) {
     ];
     let view = port.view();
     for t in &mut resp.responses {
-        for p in t.partitions.iter_mut().filter(|p| hinted.contains(&p.error_code)) {
+        for p in t
+            .partitions
+            .iter_mut()
+            .filter(|p| hinted.contains(&p.error_code))
+        {
             if let Some(h) = crate::leader_hint::leader_hint(&view, &t.topic, p.partition_index) {
                 p.current_leader.leader_id = BrokerId(h.leader_id);
                 p.current_leader.leader_epoch = h.leader_epoch;
@@ -373,10 +377,9 @@ async fn read_partition(shard: &Shard, w: &ReadWork, limit: usize) -> PartitionR
         records: None,
         diverging: None,
     };
-    let p = match shard
-        .leader_replica(&w.tp)
-        .and_then(|(p, epoch)| check_current_epoch(w.current_leader_epoch, epoch).map(|()| (p, epoch)))
-    {
+    let p = match shard.leader_replica(&w.tp).and_then(|(p, epoch)| {
+        check_current_epoch(w.current_leader_epoch, epoch).map(|()| (p, epoch))
+    }) {
         Ok((p, epoch)) => {
             if w.last_fetched_epoch >= 0 {
                 let history = p.epoch_history();

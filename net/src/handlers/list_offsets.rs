@@ -12,8 +12,8 @@ use kafka_protocol::messages::{ListOffsetsRequest, ListOffsetsResponse};
 
 use crate::dispatch::encode_response;
 use crate::error::NetError;
-use crate::request::{decode_body, Request};
 use crate::leader_epoch::{check_current_epoch, UNDEFINED_EPOCH};
+use crate::request::{decode_body, Request};
 use crate::shard::{Shard, TopicPartition};
 
 pub const LATEST_TIMESTAMP: i64 = -1;

@@ -8,10 +8,10 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use bytes::Bytes;
+use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::metadata_response::{
     MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
 };
-use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::{BrokerId, MetadataRequest, MetadataResponse};
 use kafka_protocol::ResponseError;
 use spate_replication::cluster::ClusterPort;
@@ -280,7 +280,11 @@ pub(crate) fn describe_replicated(
 }
 
 /// A requested topic that cannot be described: its name (and id) with `error_code`.
-fn topic_error(want: &MetadataRequestTopic, version: i16, error_code: i16) -> MetadataResponseTopic {
+fn topic_error(
+    want: &MetadataRequestTopic,
+    version: i16,
+    error_code: i16,
+) -> MetadataResponseTopic {
     let mut entry = MetadataResponseTopic::default();
     entry.name = want.name.clone();
     if version >= 10 {
@@ -321,24 +325,33 @@ async fn cluster_topics(
             })
             .flatten();
         let name = want.name.as_ref().map(|n| n.0.to_string());
-        let found = by_id.or_else(|| {
-            name.as_deref()
-                .and_then(|n| state.topics.get_key_value(n))
-        });
+        let found = by_id.or_else(|| name.as_deref().and_then(|n| state.topics.get_key_value(n)));
         if let Some((n, t)) = found {
             out.push(describe_replicated(n, t, state, version));
             continue;
         }
         let Some(name) = name else {
-            out.push(topic_error(&want, version, ResponseError::UnknownTopicId.code()));
+            out.push(topic_error(
+                &want,
+                version,
+                ResponseError::UnknownTopicId.code(),
+            ));
             continue;
         };
         if !valid_topic_name(&name) || is_reserved_topic_name(&name) {
-            out.push(topic_error(&want, version, ResponseError::InvalidTopicException.code()));
+            out.push(topic_error(
+                &want,
+                version,
+                ResponseError::InvalidTopicException.code(),
+            ));
             continue;
         }
         if !allow_create || created >= MAX_AUTO_CREATE_PER_REQUEST {
-            out.push(topic_error(&want, version, ResponseError::UnknownTopicOrPartition.code()));
+            out.push(topic_error(
+                &want,
+                version,
+                ResponseError::UnknownTopicOrPartition.code(),
+            ));
             continue;
         }
         created += 1;
@@ -366,12 +379,14 @@ async fn cluster_topics(
         let now = port.view();
         match (code, now.metadata.topics.get(&name)) {
             (None, Some(t)) => out.push(describe_replicated(&name, t, &now.metadata, version)),
-            (None, None) => {
-                out.push(topic_error(&want, version, ResponseError::LeaderNotAvailable.code()))
-            }
-            (Some(code), _) if code == ResponseError::RequestTimedOut.code() => {
-                out.push(topic_error(&want, version, ResponseError::LeaderNotAvailable.code()))
-            }
+            (None, None) => out.push(topic_error(
+                &want,
+                version,
+                ResponseError::LeaderNotAvailable.code(),
+            )),
+            (Some(code), _) if code == ResponseError::RequestTimedOut.code() => out.push(
+                topic_error(&want, version, ResponseError::LeaderNotAvailable.code()),
+            ),
             (Some(code), _) => out.push(topic_error(&want, version, code)),
         }
     }

@@ -27,7 +27,12 @@ use crate::shard::{Shard, TopicPartition};
 type Work = (usize, usize, TopicPartition, i32, i32);
 
 /// The answer for one partition on its owner: (leader epoch, end offset), or an error code.
-fn answer_on_owner(shard: &Shard, tp: &TopicPartition, current: i32, asked: i32) -> Result<(i32, i64), i16> {
+fn answer_on_owner(
+    shard: &Shard,
+    tp: &TopicPartition,
+    current: i32,
+    asked: i32,
+) -> Result<(i32, i64), i16> {
     let (p, epoch) = shard.leader_replica(tp)?;
     check_current_epoch(current, epoch)?;
     let history = p.epoch_history();
