@@ -28,6 +28,9 @@ pub mod server;
 pub mod shard;
 pub mod versions;
 
+#[cfg(test)]
+mod test_cluster;
+
 pub use config::BrokerConfig;
 pub use error::NetError;
 pub use shard::{Router, Shard, TopicPartition};

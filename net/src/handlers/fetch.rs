@@ -24,6 +24,7 @@ use crate::frame::Frame;
 use crate::leader_epoch::{check_current_epoch, EpochLog};
 use crate::request::{decode_body, Request};
 use crate::shard::{Shard, TopicPartition};
+use spate_replication::controller::view::ClusterView;
 use spate_replication::partition::BatchHeader;
 
 /// One partition's read on its owner.
@@ -285,24 +286,28 @@ fn set_error(resp: &mut FetchResponse, items: &[ReadWork], code: i16) {
     }
 }
 
-/// Fetch v12+ (KIP-951): a partition refused for want of leadership or for a stale epoch
-/// names the leader and epoch this node knows, so the client need not ask Metadata first.
+/// Fetch v12+ (KIP-951): the leader hints of a cluster node's answer.
 fn add_leader_hints(shard: &Shard, resp: &mut FetchResponse, version: i16) {
-    let Some(port) = shard.config.cluster.as_ref().filter(|_| version >= 12) else {
-        return;
-    };
+    if let Some(port) = shard.config.cluster.as_ref().filter(|_| version >= 12) {
+        hint_leaders(&port.view(), resp);
+    }
+}
+
+/// A partition refused for want of leadership or for a stale epoch names the leader and epoch
+/// `view` knows, so the client need not ask Metadata first. (Fetch's `node_endpoints` come with
+/// v16, which needs topic ids.)
+pub(crate) fn hint_leaders(view: &ClusterView, resp: &mut FetchResponse) {
     let hinted = [
         ResponseError::NotLeaderOrFollower.code(),
         ResponseError::FencedLeaderEpoch.code(),
     ];
-    let view = port.view();
     for t in &mut resp.responses {
         for p in t
             .partitions
             .iter_mut()
             .filter(|p| hinted.contains(&p.error_code))
         {
-            if let Some(h) = crate::leader_hint::leader_hint(&view, &t.topic, p.partition_index) {
+            if let Some(h) = crate::leader_hint::leader_hint(view, &t.topic, p.partition_index) {
                 p.current_leader.leader_id = BrokerId(h.leader_id);
                 p.current_leader.leader_epoch = h.leader_epoch;
             }
@@ -461,5 +466,85 @@ async fn wait_for_data(
     // The waits on other shards end at the deadline at the latest; nothing to cancel here.
     for w in waits {
         w.detach();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_cluster::{state, view_of};
+    use kafka_protocol::protocol::{Decodable, Encodable};
+
+    #[test]
+    fn refused_partitions_name_the_leader_and_a_diverging_epoch_is_carried() {
+        let view = view_of(state());
+        let mut t = FetchableTopicResponse::default();
+        t.topic = crate::handlers::topic_name("orders");
+        t.partitions = (0..3)
+            .map(|i| {
+                let mut p = PartitionData::default();
+                p.partition_index = i;
+                p
+            })
+            .collect();
+        t.partitions[0].error_code = ResponseError::FencedLeaderEpoch.code();
+        t.partitions[2].error_code = ResponseError::NotLeaderOrFollower.code();
+        let mut resp = FetchResponse::default();
+        resp.responses = vec![t];
+        // Partition 1 is served, with a diverging epoch.
+        fill(
+            &mut resp,
+            vec![(
+                0,
+                1,
+                PartitionRead {
+                    error_code: NONE,
+                    high_watermark: 9,
+                    log_start_offset: 0,
+                    records: Some(Bytes::new()),
+                    diverging: Some((1, 7)),
+                },
+            )],
+            12,
+        );
+        hint_leaders(&view, &mut resp);
+        let mut buf = bytes::BytesMut::new();
+        resp.encode(&mut buf, 12).unwrap();
+        let back = FetchResponse::decode(&mut buf.freeze(), 12).unwrap();
+        let p = &back.responses[0].partitions;
+        assert_eq!(
+            (
+                p[0].current_leader.leader_id.0,
+                p[0].current_leader.leader_epoch
+            ),
+            (1, 4)
+        );
+        assert_eq!(p[1].current_leader.leader_id.0, -1, "served: no hint");
+        assert_eq!(
+            (p[1].diverging_epoch.epoch, p[1].diverging_epoch.end_offset),
+            (1, 7)
+        );
+        assert_eq!(
+            (
+                p[2].current_leader.leader_id.0,
+                p[2].current_leader.leader_epoch
+            ),
+            (-1, 2)
+        );
+        // Before v12 there is no diverging epoch to carry: fill leaves it out.
+        let mut old = FetchResponse::default();
+        let mut t = FetchableTopicResponse::default();
+        t.partitions = vec![PartitionData::default()];
+        old.responses = vec![t];
+        let read = PartitionRead {
+            error_code: NONE,
+            high_watermark: 9,
+            log_start_offset: 0,
+            records: Some(Bytes::new()),
+            diverging: Some((1, 7)),
+        };
+        fill(&mut old, vec![(0, 0, read)], 11);
+        assert_eq!(old.responses[0].partitions[0].diverging_epoch.epoch, -1);
+        assert_eq!(old.responses[0].partitions[0].high_watermark, 9);
     }
 }

@@ -21,6 +21,7 @@ use kafka_protocol::messages::produce_response::{
 use kafka_protocol::messages::{BrokerId, ProduceRequest, ProduceResponse, TopicName};
 use kafka_protocol::protocol::{Decodable, StrBytes};
 use kafka_protocol::ResponseError;
+use spate_replication::controller::view::ClusterView;
 use spate_replication::partition::{
     Acks, BatchHeader, Completion, ProduceOutcome, VerifiedBatch, BATCH_HEADER_BYTES,
 };
@@ -278,14 +279,17 @@ pub async fn handle(
     encode_response(correlation_id, api_version, &resp).map(Some)
 }
 
-/// Produce v10+ (KIP-951): each partition refused with NOT_LEADER_OR_FOLLOWER names the leader
-/// and epoch this node knows, and the response lists those leaders' endpoints.
+/// Produce v10+ (KIP-951): the leader hints of a cluster node's answer.
 fn add_leader_hints(shard: &Shard, resp: &mut ProduceResponse, version: i16) {
-    let Some(port) = shard.config.cluster.as_ref().filter(|_| version >= 10) else {
-        return;
-    };
+    if let Some(port) = shard.config.cluster.as_ref().filter(|_| version >= 10) {
+        hint_leaders(&port.view(), resp);
+    }
+}
+
+/// Each partition refused with NOT_LEADER_OR_FOLLOWER names the leader and epoch `view`
+/// knows, and the response lists those leaders' endpoints (KIP-951).
+pub(crate) fn hint_leaders(view: &ClusterView, resp: &mut ProduceResponse) {
     let not_leader = ResponseError::NotLeaderOrFollower.code();
-    let view = port.view();
     let mut hints = Vec::new();
     for t in &mut resp.responses {
         for p in t
@@ -293,14 +297,14 @@ fn add_leader_hints(shard: &Shard, resp: &mut ProduceResponse, version: i16) {
             .iter_mut()
             .filter(|p| p.error_code == not_leader)
         {
-            if let Some(h) = crate::leader_hint::leader_hint(&view, &t.name, p.index) {
+            if let Some(h) = crate::leader_hint::leader_hint(view, &t.name, p.index) {
                 p.current_leader.leader_id = BrokerId(h.leader_id);
                 p.current_leader.leader_epoch = h.leader_epoch;
                 hints.push(h);
             }
         }
     }
-    resp.node_endpoints = crate::leader_hint::endpoints_of(&view, hints)
+    resp.node_endpoints = crate::leader_hint::endpoints_of(view, hints)
         .into_iter()
         .map(|e| {
             let mut n = NodeEndpoint::default();
@@ -451,4 +455,84 @@ fn checked_count(b: &mut Bytes, min_element_bytes: usize) -> Result<usize, NetEr
         )));
     }
     Ok(n as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_cluster::{state, view_of};
+    use kafka_protocol::protocol::Encodable;
+
+    fn partition(index: i32, error_code: i16) -> PartitionProduceResponse {
+        let mut p = PartitionProduceResponse::default();
+        p.index = index;
+        p.error_code = error_code;
+        p.base_offset = -1;
+        p
+    }
+
+    #[test]
+    fn not_leader_answers_carry_the_leader_and_its_endpoint_from_v10() {
+        let view = view_of(state());
+        let not_leader = ResponseError::NotLeaderOrFollower.code();
+        let mut t = TopicProduceResponse::default();
+        t.name = TopicName(StrBytes::from_static_str("orders"));
+        t.partition_responses = vec![
+            partition(0, not_leader),
+            partition(1, 0),
+            partition(2, not_leader),
+        ];
+        let mut resp = ProduceResponse::default();
+        resp.responses = vec![t];
+        hint_leaders(&view, &mut resp);
+        let p = &resp.responses[0].partition_responses;
+        assert_eq!(
+            (
+                p[0].current_leader.leader_id.0,
+                p[0].current_leader.leader_epoch
+            ),
+            (1, 4)
+        );
+        assert_eq!(
+            p[1].current_leader.leader_id.0, -1,
+            "a success names no leader"
+        );
+        assert_eq!(
+            (
+                p[2].current_leader.leader_id.0,
+                p[2].current_leader.leader_epoch
+            ),
+            (-1, 2),
+            "leaderless: the epoch, no leader"
+        );
+        assert_eq!(resp.node_endpoints.len(), 1);
+        let e = &resp.node_endpoints[0];
+        assert_eq!(
+            (e.node_id.0, e.host.as_str(), e.port),
+            (1, "127.0.0.1", 9091)
+        );
+
+        // v10 carries them, as tagged fields.
+        let back = encode_decode(&resp, 10);
+        assert_eq!(
+            back.responses[0].partition_responses[0]
+                .current_leader
+                .leader_id
+                .0,
+            1
+        );
+        assert_eq!(
+            back.responses[0].partition_responses[2]
+                .current_leader
+                .leader_epoch,
+            2
+        );
+        assert_eq!(back.node_endpoints, resp.node_endpoints);
+    }
+
+    fn encode_decode(resp: &ProduceResponse, version: i16) -> ProduceResponse {
+        let mut buf = bytes::BytesMut::new();
+        resp.encode(&mut buf, version).unwrap();
+        ProduceResponse::decode(&mut buf.freeze(), version).unwrap()
+    }
 }
