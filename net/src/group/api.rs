@@ -156,7 +156,9 @@ pub async fn close_shard() {
 }
 
 /// Runs `f` with the coordinator of the shard owning `group_id`; `err` builds the answer when
-/// that coordinator cannot be reached.
+/// that coordinator cannot be reached. In a cluster, a node other than the one FindCoordinator
+/// names answers NOT_COORDINATOR, so a member that asked a stale node finds the coordinator
+/// again instead of forming a second group there.
 async fn on_owner<T, F, Fut>(
     shard: &Rc<Shard>,
     group_id: &str,
@@ -168,6 +170,13 @@ where
     F: FnOnce(Rc<GroupShard>) -> Fut + Send + 'static,
     Fut: Future<Output = T> + 'static,
 {
+    if let Some(port) = &shard.config.cluster {
+        let me = shard.config.node_id;
+        let coordinator = crate::leader_hint::group_coordinator(&port.view());
+        if coordinator.is_none_or(|c| c.node_id != me) {
+            return err(ResponseError::NotCoordinator.code());
+        }
+    }
     let partition = partition_for(group_id, shard.config.groups.offsets_topic_partitions);
     let owner = offsets_owner(shard, partition);
     let result = shard
