@@ -2,9 +2,9 @@
 //! `min_bytes` came back, wait until any owning shard appends or `max_wait_ms` passes, then read
 //! again. Whole batches only; a fetch starting inside a batch gets that batch.
 //!
-//! In a cluster a partition is read on its writable leader only; every version checks the
-//! fetcher's `current_leader_epoch` (v9+) and answers a diverging epoch for its
-//! `last_fetched_epoch` (v12+, KIP-320). A Fetch claiming to come from a replica
+//! In a cluster a partition is read on its writable leader only. A fetcher's
+//! `current_leader_epoch` (v9+) is fenced, and its `last_fetched_epoch` (v12+, KIP-320) may get
+//! a diverging epoch back instead of records. A Fetch claiming to come from a replica
 //! (`replica_id >= 0`) is refused: replicas fetch over the rpc port, and a forged replica id
 //! must not read past the high watermark (CVE-2018-1288 was such a forgery).
 
