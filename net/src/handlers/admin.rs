@@ -159,15 +159,16 @@ pub async fn create_topics(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, Ne
             tracing::info!(topic = %&*t.name, code, msg, "refused to create topic");
         } else if let Some(port) = &shard.config.cluster {
             let replication_factor = usize::try_from(t.replication_factor).ok();
-            let req_ = CreateTopicRequest {
+            // Chosen here (the controller reads no randomness) and kept by the controller.
+            let topic_id = fastrand::u128(1..);
+            let create = CreateTopicRequest {
                 name: t.name.to_string(),
-                // Chosen here: the controller reads no randomness.
-                topic_id: fastrand::u128(1..),
+                topic_id,
                 partitions: partitions as usize,
                 replication_factor,
                 configs: configs.into_iter().collect(),
             };
-            match port.create_topic(req_, r.validate_only).await {
+            match port.create_topic(create, r.validate_only).await {
                 Ok(()) => {
                     let view = port.view();
                     let created = view.metadata.topics.get(t.name.as_str());
@@ -183,9 +184,7 @@ pub async fn create_topics(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, Ne
                             .unwrap_or(-1);
                     }
                     if req.api_version >= 7 && !r.validate_only {
-                        if let Some(c) = created {
-                            res.topic_id = Uuid::from_u128(c.topic_id);
-                        }
+                        res.topic_id = Uuid::from_u128(topic_id);
                     }
                 }
                 Err(e) => {
