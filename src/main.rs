@@ -154,7 +154,13 @@ fn serve(args: config::ServeConfig) -> anyhow::Result<()> {
     let view = cluster
         .as_ref()
         .map(|_| spate_replication::controller::view::SharedClusterView::default());
-    config.cluster = view.clone();
+    // The controller calls of the Kafka layer. Nothing serves them yet: with the receiver
+    // dropped they fail at once with REQUEST_TIMED_OUT (the cluster service takes `calls` once
+    // it answers them).
+    config.cluster = view.clone().map(|v| {
+        let (calls, _unserved) = flume::bounded(spate_replication::cluster::CONTROLLER_CALL_QUEUE);
+        spate_replication::cluster::ClusterPort::new(v, calls)
+    });
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,

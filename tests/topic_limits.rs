@@ -239,6 +239,20 @@ fn every_advertised_version_is_served() {
                                 .with_timestamp(-1)])]);
                     probe(&addr, v, &req);
                 }
+                ApiKey::OffsetForLeaderEpoch => {
+                    use offset_for_leader_epoch_request::{
+                        OffsetForLeaderPartition, OffsetForLeaderTopic,
+                    };
+                    let req = OffsetForLeaderEpochRequest::default()
+                        .with_replica_id(BrokerId(-1))
+                        .with_topics(vec![OffsetForLeaderTopic::default()
+                            .with_topic(topic())
+                            .with_partitions(vec![OffsetForLeaderPartition::default()
+                                .with_partition(0)
+                                .with_current_leader_epoch(-1)
+                                .with_leader_epoch(0)])]);
+                    probe(&addr, v, &req);
+                }
                 ApiKey::Metadata => probe(
                     &addr,
                     v,

@@ -58,10 +58,11 @@ pub struct BrokerConfig {
     /// Test hook: no partition's high watermark passes this offset (as if followers lagged);
     /// `None` (always, outside tests) lets it follow the log end.
     pub test_high_watermark_cap: Option<u64>,
-    /// In a cluster (`--seeds`): the controller driver's view of the brokers and the
-    /// controller, for Metadata, DescribeCluster and DescribeQuorum. `None`: a one-node
+    /// In a cluster (`--seeds`): the handle on the controller: its applied view (brokers,
+    /// topics, partitions, leaders) for Metadata, DescribeCluster, DescribeQuorum and the
+    /// leader checks, and the calls admin requests and InitProducerId make. `None`: a one-node
     /// cluster of this broker.
-    pub cluster: Option<spate_replication::controller::view::SharedClusterView>,
+    pub cluster: Option<spate_replication::cluster::ClusterPort>,
     /// Memory of the log cleaner's key -> offset map, over all shards (each gets an equal
     /// share); a log with more keys than fit is cleaned in passes.
     pub cleaner_dedupe_buffer_bytes: usize,

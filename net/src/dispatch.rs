@@ -60,8 +60,13 @@ async fn dispatch_reporting(
         }
         ApiKey::Fetch => handlers::fetch::handle(&shard, &req).await.map(Some),
         ApiKey::ListOffsets => handlers::list_offsets::handle(&shard, &req).await.map(Some),
+        ApiKey::OffsetForLeaderEpoch => handlers::offset_for_leader_epoch::handle(&shard, &req)
+            .await
+            .map(Some),
         ApiKey::Metadata => handlers::metadata::handle(&shard, &req).await.map(Some),
-        ApiKey::InitProducerId => handlers::init_producer_id::handle(&shard, &req).map(Some),
+        ApiKey::InitProducerId => handlers::init_producer_id::handle(&shard, &req)
+            .await
+            .map(Some),
         ApiKey::CreateTopics => handlers::admin::create_topics(&shard, &req).await.map(Some),
         ApiKey::DeleteTopics => handlers::admin::delete_topics(&shard, &req).await.map(Some),
         ApiKey::CreatePartitions => handlers::admin::create_partitions(&shard, &req)
@@ -178,6 +183,7 @@ pub fn decode_only(req: &Request) -> Result<(), NetError> {
         ApiKey::Produce => decode_body::<ProduceRequest>(req).map(drop),
         ApiKey::Fetch => decode_body::<FetchRequest>(req).map(drop),
         ApiKey::ListOffsets => decode_body::<ListOffsetsRequest>(req).map(drop),
+        ApiKey::OffsetForLeaderEpoch => decode_body::<OffsetForLeaderEpochRequest>(req).map(drop),
         ApiKey::Metadata => decode_body::<MetadataRequest>(req).map(drop),
         ApiKey::ApiVersions => decode_body::<ApiVersionsRequest>(req).map(drop),
         ApiKey::CreateTopics => decode_body::<CreateTopicsRequest>(req).map(drop),

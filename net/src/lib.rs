@@ -18,6 +18,8 @@ pub mod error;
 pub mod frame;
 pub mod group;
 pub mod handlers;
+pub mod leader_epoch;
+pub mod leader_hint;
 pub use spate_replication::metadata;
 pub mod metrics;
 pub mod metrics_http;
@@ -25,6 +27,9 @@ pub mod request;
 pub mod server;
 pub mod shard;
 pub mod versions;
+
+#[cfg(test)]
+mod test_cluster;
 
 pub use config::BrokerConfig;
 pub use error::NetError;

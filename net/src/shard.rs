@@ -238,6 +238,31 @@ impl Shard {
         self.replicas.partition(tp)
     }
 
+    /// True in a cluster (`--seeds`): partitions are replicated, served by their leaders.
+    pub fn in_cluster(&self) -> bool {
+        self.config.cluster.is_some()
+    }
+
+    /// The replica a client's read (Fetch, ListOffsets, OffsetForLeaderEpoch) of a partition
+    /// this shard owns is served from, with the leader epoch it is served in. Alone, every
+    /// partition's replica in epoch 0. In a cluster only a writable leader serves (a follower
+    /// may lack committed data or hold an uncommitted suffix, and a leader that has not yet
+    /// rebuilt its state in its epoch may still be truncated): anything else is
+    /// NOT_LEADER_OR_FOLLOWER, so the client refreshes its metadata and goes to the leader.
+    /// A getter: must run on the owning shard.
+    pub fn leader_replica(&self, tp: &TopicPartition) -> Result<(Rc<PartitionReplica>, i32), i16> {
+        if !self.in_cluster() {
+            let p = self.partition(tp)?;
+            let epoch = p.leader_epoch();
+            return Ok((p, epoch));
+        }
+        self.check_exists(&tp.topic, tp.partition)?;
+        match self.replicas.group(tp) {
+            Some(g) if g.is_writable_leader() => Ok((g.replica().clone(), g.epoch())),
+            _ => Err(kafka_protocol::ResponseError::NotLeaderOrFollower.code()),
+        }
+    }
+
     /// Opens the replicas this shard owns (of `topic` only, if given): see
     /// [`ReplicaSet::open_owned`].
     pub async fn open_owned_partitions(&self, topic: Option<&str>) {

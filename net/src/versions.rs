@@ -2,7 +2,11 @@
 //!
 //! Ranges are what the handlers really implement and what librdkafka 2.x, kafka-python and the
 //! Java client accept; none needs topic ids in Produce or Fetch requests (Produce v13+ and Fetch
-//! v13+ do, so they are left out).
+//! v13+ do, so they are left out). Produce v10 (KIP-951) is v9 with the leader hints of a
+//! NOT_LEADER_OR_FOLLOWER answer; v11-12 are left out because they only add transaction
+//! semantics (KIP-890) this broker does not implement. OffsetForLeaderEpoch starts at v2: the
+//! codec, like Kafka 4.0 (KIP-896), has no v0-1, and every client that validates positions
+//! (librdkafka, the Java consumer) sends v2 or later.
 
 use kafka_protocol::messages::ApiKey;
 
@@ -26,9 +30,10 @@ const fn api(key: ApiKey, min: i16, max: i16) -> Supported {
 pub const PRODUCE_SERVED_MIN_VERSION: i16 = 3;
 
 pub const SUPPORTED: &[Supported] = &[
-    api(ApiKey::Produce, PRODUCE_SERVED_MIN_VERSION, 9),
+    api(ApiKey::Produce, PRODUCE_SERVED_MIN_VERSION, 10),
     api(ApiKey::Fetch, 4, 12),
     api(ApiKey::ListOffsets, 1, 7),
+    api(ApiKey::OffsetForLeaderEpoch, 2, 4),
     api(ApiKey::Metadata, 0, 12),
     api(ApiKey::ApiVersions, 0, 3),
     api(ApiKey::CreateTopics, 2, 7),

@@ -156,7 +156,9 @@ pub async fn close_shard() {
 }
 
 /// Runs `f` with the coordinator of the shard owning `group_id`; `err` builds the answer when
-/// that coordinator cannot be reached.
+/// that coordinator cannot be reached. In a cluster, a node other than the one FindCoordinator
+/// names answers NOT_COORDINATOR, so a member that asked a stale node finds the coordinator
+/// again instead of forming a second group there.
 async fn on_owner<T, F, Fut>(
     shard: &Rc<Shard>,
     group_id: &str,
@@ -168,6 +170,13 @@ where
     F: FnOnce(Rc<GroupShard>) -> Fut + Send + 'static,
     Fut: Future<Output = T> + 'static,
 {
+    if let Some(port) = &shard.config.cluster {
+        let me = shard.config.node_id;
+        let coordinator = crate::leader_hint::group_coordinator(&port.view());
+        if coordinator.is_none_or(|c| c.node_id != me) {
+            return err(ResponseError::NotCoordinator.code());
+        }
+    }
     let partition = partition_for(group_id, shard.config.groups.offsets_topic_partitions);
     let owner = offsets_owner(shard, partition);
     let result = shard
@@ -194,14 +203,27 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
         ApiKey::FindCoordinator => {
             let r: FindCoordinatorRequest = decode_body(req)?;
             let c = &shard.config;
-            let resp = find_coordinator_response(
-                v,
-                &r,
-                c.node_id,
-                &c.advertised_host,
-                i32::from(c.advertised_port),
-                true,
-            );
+            let resp = match &c.cluster {
+                None => find_coordinator_response(
+                    v,
+                    &r,
+                    c.node_id,
+                    &c.advertised_host,
+                    i32::from(c.advertised_port),
+                    true,
+                ),
+                Some(port) => match crate::leader_hint::group_coordinator(&port.view()) {
+                    Some(e) => find_coordinator_response(
+                        v,
+                        &r,
+                        e.node_id,
+                        &e.host,
+                        i32::from(e.port),
+                        true,
+                    ),
+                    None => find_coordinator_response(v, &r, -1, "", -1, false),
+                },
+            };
             encode_response(cid, v, &resp)
         }
         ApiKey::JoinGroup => {

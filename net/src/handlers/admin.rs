@@ -1,6 +1,8 @@
 //! Topic administration: CreateTopics, DeleteTopics, CreatePartitions, DescribeConfigs,
-//! DescribeCluster. Metadata changes go through the store (persisted before the reply); logs of
-//! new partitions are opened lazily by their owning shard.
+//! DescribeCluster. Alone, metadata changes go through the store (persisted before the reply)
+//! and the logs of new partitions are opened by their owning shards. In a cluster they are
+//! requests to the controller (`ClusterPort`), answered once committed and applied on this node;
+//! every node then opens, closes and reconfigures its replicas from the applied records.
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -26,6 +28,8 @@ use crate::error::{or_storage_error, NetError};
 use crate::metadata::{Refused, ShardLimit};
 use crate::request::{decode_body, Request};
 use crate::shard::Shard;
+use spate_replication::cluster::CallError;
+use spate_replication::controller::active::CreateTopicRequest;
 use spate_replication::partition::{
     apply_topic_configs, parse_topic_configs, AlterOp, ConfigSource, ConfigType, TopicConfigError,
     TopicConfigs,
@@ -137,11 +141,8 @@ pub async fn create_topics(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, Ne
                 error = Some((ResponseError::InvalidConfig.code(), msg));
             }
         }
-        if !matches!(t.replication_factor, -1 | 1) {
-            error = Some((
-                ResponseError::InvalidReplicationFactor.code(),
-                "a single-node broker supports replication factor 1".into(),
-            ));
+        if let Some(refused) = check_replication(shard, &t) {
+            error = Some(refused);
         }
         if partitions < 1 || partitions > shard.config.max_partitions_per_topic {
             error = Some((
@@ -156,6 +157,42 @@ pub async fn create_topics(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, Ne
             res.error_code = code;
             res.error_message = Some(str_bytes(&msg));
             tracing::info!(topic = %&*t.name, code, msg, "refused to create topic");
+        } else if let Some(port) = &shard.config.cluster {
+            let replication_factor = usize::try_from(t.replication_factor).ok();
+            // Chosen here (the controller reads no randomness) and kept by the controller.
+            let topic_id = fastrand::u128(1..);
+            let create = CreateTopicRequest {
+                name: t.name.to_string(),
+                topic_id,
+                partitions: partitions as usize,
+                replication_factor,
+                configs: configs.into_iter().collect(),
+            };
+            match port.create_topic(create, r.validate_only).await {
+                Ok(()) => {
+                    let view = port.view();
+                    let created = view.metadata.topics.get(t.name.as_str());
+                    if !r.validate_only {
+                        tracing::info!(topic = %&*t.name, partitions, "created topic");
+                    }
+                    if req.api_version >= 5 {
+                        res.num_partitions = partitions;
+                        res.replication_factor = created
+                            .and_then(|c| c.partitions.first())
+                            .map(|p| p.replicas.len() as i16)
+                            .or(replication_factor.map(|f| f as i16))
+                            .unwrap_or(-1);
+                    }
+                    if req.api_version >= 7 && !r.validate_only {
+                        res.topic_id = Uuid::from_u128(topic_id);
+                    }
+                }
+                Err(e) => {
+                    tracing::info!(topic = %&*t.name, code = e.code, msg = e.message, "refused to create topic");
+                    res.error_code = e.code;
+                    res.error_message = Some(str_bytes(&e.message));
+                }
+            }
         } else {
             let limit = shard_limit(shard);
             let outcome = if r.validate_only {
@@ -216,13 +253,9 @@ pub async fn delete_topics(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, Ne
         if v >= 6 {
             res.topic_id = id;
         }
-        let topics = shard.topics();
         let resolved = match &name {
             Some(n) => Some(n.clone()),
-            None => topics
-                .values()
-                .find(|t| t.id == id.as_u128())
-                .map(|t| t.name.clone()),
+            None => topic_name_of_id(shard, id.as_u128()),
         };
         res.name = resolved
             .as_deref()
@@ -233,6 +266,25 @@ pub async fn delete_topics(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, Ne
             resp.responses.push(res);
             continue;
         };
+        if let Some(port) = &shard.config.cluster {
+            let topic_id = port
+                .view()
+                .metadata
+                .topics
+                .get(&resolved)
+                .map(|t| t.topic_id);
+            match port.delete_topic(resolved.clone()).await {
+                Ok(()) => {
+                    if let Some(id) = topic_id.filter(|_| v >= 6) {
+                        res.topic_id = Uuid::from_u128(id);
+                    }
+                    tracing::info!(topic = %resolved, "deleted topic");
+                }
+                Err(e) => set_call_error(&mut res.error_code, &mut res.error_message, v >= 5, &e),
+            }
+            resp.responses.push(res);
+            continue;
+        }
         match or_storage_error(shard.metadata.delete_topic(&resolved)) {
             Ok(meta) => {
                 if v >= 6 {
@@ -266,6 +318,37 @@ pub async fn create_partitions(shard: &Rc<Shard>, req: &Request) -> Result<Bytes
     for t in r.topics {
         let mut res = CreatePartitionsTopicResult::default();
         res.name = t.name.clone();
+        if let Some(port) = &shard.config.cluster {
+            let outcome = if t.assignments.as_ref().is_some_and(|a| !a.is_empty()) {
+                Err(CallError::new(
+                    ResponseError::InvalidRequest.code(),
+                    "manual replica assignments are not supported: the controller places replicas",
+                ))
+            } else if t.count < 1 || t.count > shard.config.max_partitions_per_topic {
+                Err(CallError::new(
+                    ResponseError::InvalidPartitions.code(),
+                    format!(
+                        "partitions must be in 1..={}",
+                        shard.config.max_partitions_per_topic
+                    ),
+                ))
+            } else {
+                port.create_partitions(t.name.to_string(), t.count as usize, r.validate_only)
+                    .await
+            };
+            match outcome {
+                Ok(()) if !r.validate_only => {
+                    tracing::info!(topic = %&*t.name, to = t.count, "added partitions");
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::info!(topic = %&*t.name, code = e.code, msg = e.message, "refused to add partitions");
+                    set_call_error(&mut res.error_code, &mut res.error_message, true, &e);
+                }
+            }
+            resp.results.push(res);
+            continue;
+        }
         let outcome = store_outcome(shard.metadata.create_partitions(
             &t.name,
             t.count,
@@ -367,8 +450,8 @@ fn topic_resource(
                 .into(),
         ));
     }
-    match shard.topics().get(name) {
-        Some(topic) => Ok(parse_topic_configs(&topic.configs)),
+    match current_topic_configs(shard, name) {
+        Some(configs) => Ok(parse_topic_configs(&configs)),
         None => Err((
             ResponseError::UnknownTopicOrPartition.code(),
             format!("no topic {name}"),
@@ -423,6 +506,19 @@ async fn store_topic_configs(
     check_topic_configs(&shard.config, &configs)
         .map_err(|msg| (ResponseError::InvalidConfig.code(), msg))?;
     if validate_only {
+        return Ok(());
+    }
+    if let Some(port) = &shard.config.cluster {
+        let current = current_topic_configs(shard, name).unwrap_or_default();
+        let changes = config_changes(&current, &configs);
+        if changes.is_empty() {
+            return Ok(());
+        }
+        port.set_topic_configs(name.to_string(), changes)
+            .await
+            .map_err(|e| (e.code, e.message))?;
+        // Every node applies the change to its replicas when it applies the records.
+        tracing::info!(topic = name, ?configs, "changed topic configs");
         return Ok(());
     }
     let storage = |e: NetError| (ResponseError::KafkaStorageError.code(), e.to_string());
@@ -550,6 +646,97 @@ pub fn describe_cluster(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetEr
     encode_response(req.correlation_id, req.api_version, &resp)
 }
 
+/// The replication factor and assignments a CreateTopics entry asks for, checked: alone, only
+/// factor 1 (or -1, the default); in a cluster any positive factor or -1 (the controller's
+/// default; it refuses a factor above the live brokers) and no manual assignments.
+fn check_replication(
+    shard: &Shard,
+    t: &create_topics_request::CreatableTopic,
+) -> Option<(i16, String)> {
+    if shard.config.cluster.is_none() {
+        return (!matches!(t.replication_factor, -1 | 1)).then(|| {
+            (
+                ResponseError::InvalidReplicationFactor.code(),
+                "a single-node broker supports replication factor 1".into(),
+            )
+        });
+    }
+    if !t.assignments.is_empty() {
+        return Some((
+            ResponseError::InvalidRequest.code(),
+            "manual replica assignments are not supported: the controller places replicas".into(),
+        ));
+    }
+    (t.replication_factor == 0 || t.replication_factor < -1).then(|| {
+        (
+            ResponseError::InvalidReplicationFactor.code(),
+            "the replication factor must be positive, or -1 for the cluster's default".into(),
+        )
+    })
+}
+
+/// The name of the topic with `id`: in a cluster from the controller's metadata, alone from
+/// the store.
+fn topic_name_of_id(shard: &Shard, id: u128) -> Option<String> {
+    match &shard.config.cluster {
+        Some(port) => port
+            .view()
+            .metadata
+            .topics
+            .iter()
+            .find(|(_, t)| t.topic_id == id)
+            .map(|(name, _)| name.clone()),
+        None => shard
+            .topics()
+            .values()
+            .find(|t| t.id == id)
+            .map(|t| t.name.clone()),
+    }
+}
+
+/// A topic's config overrides as stored: in a cluster the controller's, alone the store's.
+fn current_topic_configs(shard: &Shard, name: &str) -> Option<BTreeMap<String, String>> {
+    match &shard.config.cluster {
+        Some(port) => port
+            .view()
+            .metadata
+            .topics
+            .get(name)
+            .map(|t| t.configs.clone()),
+        None => shard.topics().get(name).map(|t| t.configs.clone()),
+    }
+}
+
+/// What turns the overrides `current` into `next`: keys set to a new value, and keys removed.
+pub(crate) fn config_changes(
+    current: &BTreeMap<String, String>,
+    next: &BTreeMap<String, String>,
+) -> Vec<(String, Option<String>)> {
+    let set = next
+        .iter()
+        .filter(|(k, v)| current.get(*k) != Some(*v))
+        .map(|(k, v)| (k.clone(), Some(v.clone())));
+    let removed = current
+        .keys()
+        .filter(|k| !next.contains_key(*k))
+        .map(|k| (k.clone(), None));
+    set.chain(removed).collect()
+}
+
+/// A controller call's refusal in a response: its code, and its message where the version has
+/// a field for it.
+fn set_call_error(
+    code: &mut i16,
+    message: &mut Option<kafka_protocol::protocol::StrBytes>,
+    has_message: bool,
+    e: &CallError,
+) {
+    *code = e.code;
+    if has_message {
+        *message = Some(str_bytes(&e.message));
+    }
+}
+
 /// The per-shard partition limit as the metadata store checks it.
 pub(crate) fn shard_limit(shard: &Shard) -> ShardLimit {
     ShardLimit {
@@ -568,4 +755,33 @@ fn store_outcome<T, E: std::fmt::Display>(r: Result<Result<T, Refused>, E>) -> R
             message: format!("the broker could not persist the change: {e}"),
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn config_changes_set_new_values_and_remove_dropped_keys() {
+        let current = map(&[("retention.ms", "1000"), ("cleanup.policy", "compact")]);
+        let next = map(&[("retention.ms", "2000"), ("segment.bytes", "1048576")]);
+        let mut changes = config_changes(&current, &next);
+        changes.sort();
+        assert_eq!(
+            changes,
+            [
+                ("cleanup.policy".to_string(), None),
+                ("retention.ms".to_string(), Some("2000".to_string())),
+                ("segment.bytes".to_string(), Some("1048576".to_string())),
+            ]
+        );
+        assert!(config_changes(&current, &current).is_empty());
+    }
 }

@@ -1,5 +1,7 @@
-//! InitProducerId for idempotent (non-transactional) producers: ids come from the metadata
-//! store, which reserves them on disk so they are never reused after a restart.
+//! InitProducerId for idempotent (non-transactional) producers. Alone, ids come from the
+//! metadata store, which reserves them on disk so they are never reused after a restart; in a
+//! cluster, from this node's block of ids granted by the controller (KIP-730), unique across
+//! the cluster.
 
 use std::rc::Rc;
 
@@ -12,7 +14,7 @@ use crate::error::NetError;
 use crate::request::{decode_body, Request};
 use crate::shard::Shard;
 
-pub fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError> {
+pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError> {
     let r: InitProducerIdRequest = decode_body(req)?;
     let mut resp = InitProducerIdResponse::default();
     resp.producer_id = ProducerId(-1);
@@ -24,6 +26,17 @@ pub fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError> {
         // KIP-360: a producer may bump its own epoch to recover from a sequence error.
         resp.producer_id = r.producer_id;
         resp.producer_epoch = r.producer_epoch + 1;
+    } else if let Some(port) = &shard.config.cluster {
+        match port.allocate_producer_id().await {
+            Ok(id) => {
+                resp.producer_id = ProducerId(id);
+                resp.producer_epoch = 0;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot allocate a producer id");
+                resp.error_code = e.code;
+            }
+        }
     } else {
         match shard.metadata.allocate_producer_id() {
             Ok(id) => {

@@ -1,5 +1,6 @@
 //! ListOffsets: earliest (-2), latest (-1), or the first offset whose batch timestamp is at or
-//! after a given time.
+//! after a given time. Served by a partition's leader only (in a cluster), after the fencing of
+//! `current_leader_epoch` (v4+), as Fetch is; answers carry the leader's epoch.
 
 use std::rc::Rc;
 
@@ -11,9 +12,9 @@ use kafka_protocol::messages::{ListOffsetsRequest, ListOffsetsResponse};
 
 use crate::dispatch::encode_response;
 use crate::error::NetError;
+use crate::leader_epoch::{check_current_epoch, UNDEFINED_EPOCH};
 use crate::request::{decode_body, Request};
 use crate::shard::{Shard, TopicPartition};
-use spate_replication::partition::LEADER_EPOCH;
 
 pub const LATEST_TIMESTAMP: i64 = -1;
 pub const EARLIEST_TIMESTAMP: i64 = -2;
@@ -32,7 +33,7 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
             pr.timestamp = -1;
             pr.offset = -1;
             if req.api_version >= 4 {
-                pr.leader_epoch = LEADER_EPOCH;
+                pr.leader_epoch = UNDEFINED_EPOCH;
             }
             let owner = match shard.owner(&topic.name, p.partition_index) {
                 Ok(owner) => owner,
@@ -43,14 +44,14 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
                 }
             };
             let tp = TopicPartition::new(&topic.name, p.partition_index);
-            let ts = p.timestamp;
+            let (ts, current_epoch) = (p.timestamp, p.current_leader_epoch);
             let res = shard
                 .router
                 .run_on(owner, move |s| async move {
-                    let part = s.partition(&tp)?;
+                    let (part, epoch) = s.leader_replica(&tp)?;
+                    check_current_epoch(current_epoch, epoch)?;
                     // Latest is the high watermark: consumers never see past it.
                     let (start, end) = (part.log_start_offset(), part.high_watermark());
-                    let epoch = part.leader_epoch();
                     match ts {
                         EARLIEST_TIMESTAMP => Ok((-1, start as i64, epoch)),
                         LATEST_TIMESTAMP => Ok((-1, end as i64, epoch)),

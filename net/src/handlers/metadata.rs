@@ -1,15 +1,23 @@
-//! Metadata: this node is the only broker, the controller and the leader of every partition.
-//! Unknown topics are created here when auto-creation is on and the client allows it.
+//! Metadata. Alone, this node is the only broker, the controller and the leader of every
+//! partition. In a cluster, every topic of the applied controller metadata with each
+//! partition's leader (or LEADER_NOT_AVAILABLE), leader epoch, replicas, in-sync replicas and
+//! offline replicas, the same from any node. Unknown topics are created when auto-creation is
+//! on and the client allows it (in a cluster, by the controller).
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use bytes::Bytes;
+use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::metadata_response::{
     MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
 };
 use kafka_protocol::messages::{BrokerId, MetadataRequest, MetadataResponse};
 use kafka_protocol::ResponseError;
+use spate_replication::cluster::ClusterPort;
+use spate_replication::controller::active::CreateTopicRequest;
+use spate_replication::controller::{MetadataState, TopicInfo};
+use spate_replication::types::NodeId;
 use uuid::Uuid;
 
 use super::{str_bytes, topic_name};
@@ -55,7 +63,7 @@ pub(crate) fn brokers_view(shard: &Shard, include_fenced: bool) -> BrokersView {
             brokers: vec![me],
         };
     };
-    let v = cluster.get();
+    let v = cluster.view();
     let mut brokers: Vec<ListedBroker> = v
         .brokers
         .iter()
@@ -108,6 +116,10 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
     };
     let allow_create =
         (req.api_version < 4 || r.allow_auto_topic_creation) && shard.config.auto_create_topics;
+    if let Some(port) = &shard.config.cluster {
+        resp.topics = cluster_topics(shard, port, requested, allow_create, v).await;
+        return encode_response(req.correlation_id, req.api_version, &resp);
+    }
     let mut created = 0usize;
     let topics = shard.topics();
     match requested {
@@ -211,4 +223,282 @@ fn describe(node: i32, t: &TopicMeta, version: i16) -> MetadataResponseTopic {
         })
         .collect();
     topic
+}
+
+/// A broker id as Kafka carries it (node ids are capped within Kafka's i32 range).
+fn broker_id(node: NodeId) -> BrokerId {
+    BrokerId(i32::try_from(node).unwrap_or(-1))
+}
+
+/// One topic of the applied cluster metadata as Metadata lists it; fields a version does not
+/// have stay at their defaults.
+pub(crate) fn describe_replicated(
+    name: &str,
+    t: &TopicInfo,
+    state: &MetadataState,
+    version: i16,
+) -> MetadataResponseTopic {
+    let mut topic = MetadataResponseTopic::default();
+    topic.name = Some(topic_name(name));
+    if version >= 10 {
+        topic.topic_id = Uuid::from_u128(t.topic_id);
+    }
+    if version >= 1 {
+        topic.is_internal = is_reserved_topic_name(name);
+    }
+    topic.topic_authorized_operations = i32::MIN;
+    topic.partitions = t
+        .partitions
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut part = MetadataResponsePartition::default();
+            part.partition_index = i as i32;
+            match p.leader {
+                Some(leader) => part.leader_id = broker_id(leader),
+                None => {
+                    part.leader_id = BrokerId(-1);
+                    part.error_code = ResponseError::LeaderNotAvailable.code();
+                }
+            }
+            if version >= 7 {
+                part.leader_epoch = p.leader_epoch;
+            }
+            part.replica_nodes = p.replicas.iter().map(|r| broker_id(r.node)).collect();
+            part.isr_nodes = p.isr.iter().map(|&n| broker_id(n)).collect();
+            if version >= 5 {
+                part.offline_replicas = state
+                    .offline_replicas(p)
+                    .into_iter()
+                    .map(broker_id)
+                    .collect();
+            }
+            part
+        })
+        .collect();
+    topic
+}
+
+/// A requested topic that cannot be described: its name (and id) with `error_code`.
+fn topic_error(
+    want: &MetadataRequestTopic,
+    version: i16,
+    error_code: i16,
+) -> MetadataResponseTopic {
+    let mut entry = MetadataResponseTopic::default();
+    entry.name = want.name.clone();
+    if version >= 10 {
+        entry.topic_id = want.topic_id;
+    }
+    entry.topic_authorized_operations = i32::MIN;
+    entry.error_code = error_code;
+    entry
+}
+
+/// The topics of a cluster's Metadata answer: all of them, or those requested (by id or name),
+/// auto-creating unknown names through the controller.
+async fn cluster_topics(
+    shard: &Shard,
+    port: &ClusterPort,
+    requested: Option<Vec<MetadataRequestTopic>>,
+    allow_create: bool,
+    version: i16,
+) -> Vec<MetadataResponseTopic> {
+    let view = port.view();
+    let state = &view.metadata;
+    let Some(list) = requested else {
+        return state
+            .topics
+            .iter()
+            .map(|(name, t)| describe_replicated(name, t, state, version))
+            .collect();
+    };
+    let mut out = Vec::with_capacity(list.len());
+    let mut created = 0usize;
+    for want in list {
+        let by_id = (want.topic_id != Uuid::nil())
+            .then(|| {
+                state
+                    .topics
+                    .iter()
+                    .find(|(_, t)| t.topic_id == want.topic_id.as_u128())
+            })
+            .flatten();
+        let name = want.name.as_ref().map(|n| n.0.to_string());
+        let found = by_id.or_else(|| name.as_deref().and_then(|n| state.topics.get_key_value(n)));
+        if let Some((n, t)) = found {
+            out.push(describe_replicated(n, t, state, version));
+            continue;
+        }
+        let Some(name) = name else {
+            out.push(topic_error(
+                &want,
+                version,
+                ResponseError::UnknownTopicId.code(),
+            ));
+            continue;
+        };
+        if !valid_topic_name(&name) || is_reserved_topic_name(&name) {
+            out.push(topic_error(
+                &want,
+                version,
+                ResponseError::InvalidTopicException.code(),
+            ));
+            continue;
+        }
+        if !allow_create || created >= MAX_AUTO_CREATE_PER_REQUEST {
+            out.push(topic_error(
+                &want,
+                version,
+                ResponseError::UnknownTopicOrPartition.code(),
+            ));
+            continue;
+        }
+        created += 1;
+        let req = CreateTopicRequest {
+            name: name.clone(),
+            topic_id: fastrand::u128(1..),
+            partitions: usize::try_from(shard.config.default_partitions).unwrap_or(1),
+            replication_factor: None,
+            configs: Vec::new(),
+        };
+        let code = match port.create_topic(req, false).await {
+            Ok(()) => {
+                tracing::info!(topic = %name, "auto-created topic");
+                None
+            }
+            // Created concurrently by another request: describe that one.
+            Err(e) if e.code == ResponseError::TopicAlreadyExists.code() => None,
+            Err(e) => {
+                tracing::info!(topic = %name, code = e.code, msg = e.message, "refused to auto-create topic");
+                Some(e.code)
+            }
+        };
+        // The controller answers once the topic is applied on this node; a view published a
+        // moment later than that is answered as Kafka answers a topic being created.
+        let now = port.view();
+        match (code, now.metadata.topics.get(&name)) {
+            (None, Some(t)) => out.push(describe_replicated(&name, t, &now.metadata, version)),
+            (None, None) => out.push(topic_error(
+                &want,
+                version,
+                ResponseError::LeaderNotAvailable.code(),
+            )),
+            (Some(code), _) if code == ResponseError::RequestTimedOut.code() => out.push(
+                topic_error(&want, version, ResponseError::LeaderNotAvailable.code()),
+            ),
+            (Some(code), _) => out.push(topic_error(&want, version, code)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_cluster::{endpoint, state, view_of};
+    use kafka_protocol::protocol::{Decodable, Encodable};
+    use spate_replication::controller::view::{BrokerView, ClusterView};
+
+    const LEADER_NOT_AVAILABLE: i16 = 5;
+
+    fn ids(v: &[BrokerId]) -> Vec<i32> {
+        v.iter().map(|b| b.0).collect()
+    }
+
+    #[test]
+    fn a_replicated_topic_lists_leaders_epochs_replicas_isr_and_offline_replicas() {
+        let s = state();
+        let t = describe_replicated("orders", &s.topics["orders"], &s, 12);
+        assert_eq!(t.error_code, 0);
+        assert_eq!(t.topic_id, Uuid::from_u128(0xabc));
+        assert!(!t.is_internal);
+        let p = &t.partitions;
+        assert_eq!(p.len(), 3);
+
+        assert_eq!((p[0].partition_index, p[0].error_code), (0, 0));
+        assert_eq!((p[0].leader_id.0, p[0].leader_epoch), (1, 4));
+        assert_eq!(ids(&p[0].replica_nodes), [1, 2, 3]);
+        assert_eq!(ids(&p[0].isr_nodes), [1, 2, 3]);
+        assert_eq!(ids(&p[0].offline_replicas), [3]);
+
+        assert_eq!((p[1].leader_id.0, p[1].leader_epoch), (2, 1));
+        assert_eq!(ids(&p[1].replica_nodes), [2, 3, 1]);
+        assert_eq!(ids(&p[1].isr_nodes), [2, 1]);
+
+        assert_eq!(p[2].error_code, LEADER_NOT_AVAILABLE);
+        assert_eq!((p[2].leader_id.0, p[2].leader_epoch), (-1, 2));
+        assert_eq!(ids(&p[2].isr_nodes), [3]);
+        assert_eq!(ids(&p[2].offline_replicas), [3]);
+    }
+
+    #[test]
+    fn every_version_encodes_what_it_has() {
+        let s = state();
+        for v in 0..=12 {
+            let mut resp = MetadataResponse::default();
+            resp.topics = vec![describe_replicated("orders", &s.topics["orders"], &s, v)];
+            let mut buf = bytes::BytesMut::new();
+            resp.encode(&mut buf, v)
+                .unwrap_or_else(|e| panic!("v{v}: {e}"));
+            let back = MetadataResponse::decode(&mut buf.freeze(), v).unwrap();
+            let p = &back.topics[0].partitions[0];
+            assert_eq!(ids(&p.replica_nodes), [1, 2, 3], "v{v}");
+            assert_eq!(p.leader_epoch, if v >= 7 { 4 } else { -1 }, "v{v}");
+            let offline: &[i32] = if v >= 5 { &[3] } else { &[] };
+            assert_eq!(ids(&p.offline_replicas), offline, "v{v}");
+        }
+    }
+
+    #[test]
+    fn leader_hints_come_from_the_view() {
+        let view = view_of(state());
+        use crate::leader_hint::{endpoints_of, leader_hint, LeaderHint};
+        let h0 = leader_hint(&view, "orders", 0).unwrap();
+        assert_eq!(
+            h0,
+            LeaderHint {
+                leader_id: 1,
+                leader_epoch: 4
+            }
+        );
+        let h2 = leader_hint(&view, "orders", 2).unwrap();
+        assert_eq!((h2.leader_id, h2.leader_epoch), (-1, 2));
+        assert_eq!(leader_hint(&view, "orders", 3), None);
+        assert_eq!(leader_hint(&view, "orders", -1), None);
+        assert_eq!(leader_hint(&view, "other", 0), None);
+        let h1 = leader_hint(&view, "orders", 1).unwrap();
+        let eps = endpoints_of(&view, [h1, h0, h2, h0]);
+        assert_eq!(
+            eps.iter().map(|e| (e.node_id, e.port)).collect::<Vec<_>>(),
+            [(1, 9091), (2, 9092)],
+            "each leader once, in id order; none for a leaderless partition"
+        );
+        // A fenced broker has no endpoint to offer.
+        assert_eq!(crate::leader_hint::endpoint(&view, 3), None);
+    }
+
+    #[test]
+    fn every_group_meets_on_the_lowest_live_broker() {
+        use crate::leader_hint::group_coordinator;
+        let s = state();
+        let broker = |node: NodeId, fenced: bool| BrokerView {
+            node,
+            kafka: endpoint(9090 + node as u16),
+            rpc: endpoint(9190 + node as u16),
+            fenced,
+            voter: true,
+        };
+        let mut view = ClusterView {
+            brokers: vec![broker(2, false), broker(1, false), broker(3, false)],
+            metadata: std::sync::Arc::new(s),
+            ..ClusterView::default()
+        };
+        let c = group_coordinator(&view).unwrap();
+        assert_eq!((c.node_id, c.port), (1, 9091));
+        view.brokers[1].fenced = true;
+        assert_eq!(group_coordinator(&view).unwrap().node_id, 2);
+        view.brokers.clear();
+        assert_eq!(group_coordinator(&view), None, "no live broker known yet");
+    }
 }

@@ -6,17 +6,22 @@
 //! (the connection reads large frames into buffers of their own, see `server.rs`), so it is split
 //! at the batch boundaries into uniquely owned pieces the log stamps in place. A frame still
 //! shared (a small one, cut from the connection's receive buffer) is copied once, as a whole.
+//!
+//! In a cluster a partition's batches go to its consensus group on the owning shard, which
+//! takes them only as the writable leader; anything else is NOT_LEADER_OR_FOLLOWER, answered
+//! from v10 on with the leader and its endpoint as this node knows them (KIP-951).
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::produce_response::{
-    BatchIndexAndErrorMessage, PartitionProduceResponse, TopicProduceResponse,
+    BatchIndexAndErrorMessage, NodeEndpoint, PartitionProduceResponse, TopicProduceResponse,
 };
-use kafka_protocol::messages::{ProduceRequest, ProduceResponse, TopicName};
+use kafka_protocol::messages::{BrokerId, ProduceRequest, ProduceResponse, TopicName};
 use kafka_protocol::protocol::{Decodable, StrBytes};
 use kafka_protocol::ResponseError;
+use spate_replication::controller::view::ClusterView;
 use spate_replication::partition::{
     Acks, BatchHeader, Completion, ProduceOutcome, VerifiedBatch, BATCH_HEADER_BYTES,
 };
@@ -260,6 +265,7 @@ pub async fn handle(
             }
         }
     }
+    add_leader_hints(shard, &mut resp, api_version);
     let first_error = resp
         .responses
         .iter()
@@ -271,6 +277,43 @@ pub async fn handle(
         return Ok(None);
     }
     encode_response(correlation_id, api_version, &resp).map(Some)
+}
+
+/// Produce v10+ (KIP-951): the leader hints of a cluster node's answer.
+fn add_leader_hints(shard: &Shard, resp: &mut ProduceResponse, version: i16) {
+    if let Some(port) = shard.config.cluster.as_ref().filter(|_| version >= 10) {
+        hint_leaders(&port.view(), resp);
+    }
+}
+
+/// Each partition refused with NOT_LEADER_OR_FOLLOWER names the leader and epoch `view`
+/// knows, and the response lists those leaders' endpoints (KIP-951).
+pub(crate) fn hint_leaders(view: &ClusterView, resp: &mut ProduceResponse) {
+    let not_leader = ResponseError::NotLeaderOrFollower.code();
+    let mut hints = Vec::new();
+    for t in &mut resp.responses {
+        for p in t
+            .partition_responses
+            .iter_mut()
+            .filter(|p| p.error_code == not_leader)
+        {
+            if let Some(h) = crate::leader_hint::leader_hint(view, &t.name, p.index) {
+                p.current_leader.leader_id = BrokerId(h.leader_id);
+                p.current_leader.leader_epoch = h.leader_epoch;
+                hints.push(h);
+            }
+        }
+    }
+    resp.node_endpoints = crate::leader_hint::endpoints_of(view, hints)
+        .into_iter()
+        .map(|e| {
+            let mut n = NodeEndpoint::default();
+            n.node_id = BrokerId(e.node_id);
+            n.host = StrBytes::from_string(e.host);
+            n.port = i32::from(e.port);
+            n
+        })
+        .collect();
 }
 
 /// Appends every partition's batches (concurrently), reports that through `appended`, then
@@ -286,13 +329,8 @@ async fn produce_on_owner(
         .map(|(ti, pi, tp, batches)| {
             let shard = shard.clone();
             glommio::spawn_local(async move {
-                match shard.partition(&tp) {
-                    Ok(p) => {
-                        let (o, completion) = p.append(batches, acks).await;
-                        (ti, pi, completion, o)
-                    }
-                    Err(code) => (ti, pi, Completion::done(), ProduceOutcome::error(code)),
-                }
+                let (o, completion) = append_on_owner(&shard, &tp, batches, acks).await;
+                (ti, pi, completion, o)
             })
         })
         .collect();
@@ -320,6 +358,29 @@ async fn produce_on_owner(
         out.push(t.await);
     }
     out
+}
+
+/// One partition's append on its owner: alone, to its replica; in a cluster, through its
+/// consensus group (which refuses unless it is the writable leader).
+async fn append_on_owner(
+    shard: &Shard,
+    tp: &TopicPartition,
+    batches: Vec<VerifiedBatch>,
+    acks: Acks,
+) -> (ProduceOutcome, Completion) {
+    if shard.in_cluster() {
+        return match shard.replicas.group(tp) {
+            Some(group) => group.produce(batches, acks).await,
+            None => (
+                ProduceOutcome::error(ResponseError::NotLeaderOrFollower.code()),
+                Completion::done(),
+            ),
+        };
+    }
+    match shard.partition(tp) {
+        Ok(p) => p.append(batches, acks).await,
+        Err(code) => (ProduceOutcome::error(code), Completion::done()),
+    }
 }
 
 /// Produce v0-v2 are advertised (librdkafka keeps compression on only if they are) but not
@@ -394,4 +455,84 @@ fn checked_count(b: &mut Bytes, min_element_bytes: usize) -> Result<usize, NetEr
         )));
     }
     Ok(n as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_cluster::{state, view_of};
+    use kafka_protocol::protocol::Encodable;
+
+    fn partition(index: i32, error_code: i16) -> PartitionProduceResponse {
+        let mut p = PartitionProduceResponse::default();
+        p.index = index;
+        p.error_code = error_code;
+        p.base_offset = -1;
+        p
+    }
+
+    #[test]
+    fn not_leader_answers_carry_the_leader_and_its_endpoint_from_v10() {
+        let view = view_of(state());
+        let not_leader = ResponseError::NotLeaderOrFollower.code();
+        let mut t = TopicProduceResponse::default();
+        t.name = TopicName(StrBytes::from_static_str("orders"));
+        t.partition_responses = vec![
+            partition(0, not_leader),
+            partition(1, 0),
+            partition(2, not_leader),
+        ];
+        let mut resp = ProduceResponse::default();
+        resp.responses = vec![t];
+        hint_leaders(&view, &mut resp);
+        let p = &resp.responses[0].partition_responses;
+        assert_eq!(
+            (
+                p[0].current_leader.leader_id.0,
+                p[0].current_leader.leader_epoch
+            ),
+            (1, 4)
+        );
+        assert_eq!(
+            p[1].current_leader.leader_id.0, -1,
+            "a success names no leader"
+        );
+        assert_eq!(
+            (
+                p[2].current_leader.leader_id.0,
+                p[2].current_leader.leader_epoch
+            ),
+            (-1, 2),
+            "leaderless: the epoch, no leader"
+        );
+        assert_eq!(resp.node_endpoints.len(), 1);
+        let e = &resp.node_endpoints[0];
+        assert_eq!(
+            (e.node_id.0, e.host.as_str(), e.port),
+            (1, "127.0.0.1", 9091)
+        );
+
+        // v10 carries them, as tagged fields.
+        let back = encode_decode(&resp, 10);
+        assert_eq!(
+            back.responses[0].partition_responses[0]
+                .current_leader
+                .leader_id
+                .0,
+            1
+        );
+        assert_eq!(
+            back.responses[0].partition_responses[2]
+                .current_leader
+                .leader_epoch,
+            2
+        );
+        assert_eq!(back.node_endpoints, resp.node_endpoints);
+    }
+
+    fn encode_decode(resp: &ProduceResponse, version: i16) -> ProduceResponse {
+        let mut buf = bytes::BytesMut::new();
+        resp.encode(&mut buf, version).unwrap();
+        ProduceResponse::decode(&mut buf.freeze(), version).unwrap()
+    }
 }

@@ -22,7 +22,7 @@ pub fn handle(shard: &Shard, req: &Request) -> Result<Bytes, NetError> {
     let r: DescribeQuorumRequest = decode_body(req)?;
     let mut resp = DescribeQuorumResponse::default();
     let me = shard.config.node_id;
-    let view = shard.config.cluster.as_ref().map(|c| c.get());
+    let view = shard.config.cluster.as_ref().map(|c| c.view());
     let (leader, epoch, hw, voters): (i32, i32, i64, Vec<(i32, i64)>) = match &view {
         Some(v) => (
             v.controller.map_or(-1, |c| c as i32),

@@ -113,7 +113,7 @@ pub struct ShardLink {
 
 /// The Kafka layer's handle on the cluster: the applied view, and calls to the controller.
 /// Cheap to clone; `Send + Sync`.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct ClusterPort {
     view: SharedClusterView,
     calls: flume::Sender<ControllerCall>,
