@@ -19,6 +19,7 @@ use spate_net::metrics::Metrics;
 use spate_net::metrics_http::MetricsServer;
 use spate_net::server::{accept_loop, OpenConnections};
 use spate_net::shard::{Job, Router, Shard};
+use spate_replication::cluster::ShardLink;
 
 /// How often a shard that finished draining checks whether the others have too.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(10);
@@ -36,11 +37,17 @@ const ALLOCATOR_TRIM_CHECK_INTERVAL_MS: u64 = 1_000;
 /// How often changed producer state is snapshotted (bounds the log replay after a crash).
 const PRODUCER_SNAPSHOT_INTERVAL_MS: u64 = 60_000;
 
+/// What a cluster node's shards take from its cluster service (src/cluster.rs): the node-local
+/// topic store the service mirrors the controller's topics into, and each shard's link.
+pub struct ClusterWiring {
+    pub mirror: Arc<MetadataStore>,
+    /// One per shard, in shard order.
+    pub links: Vec<ShardLink>,
+}
+
 pub struct Broker {
     handles: Vec<ExecutorJoinHandle<()>>,
     shutdown: ShutdownHandle,
-    /// The Kafka address the shards bound (the port resolved when listening on port 0).
-    pub local_addr: SocketAddr,
     metrics_server: Option<MetricsServer>,
 }
 
@@ -66,14 +73,33 @@ impl ShutdownHandle {
 }
 
 impl Broker {
-    pub fn start(mut config: BrokerConfig) -> Result<Broker, NetError> {
+    pub fn start(
+        mut config: BrokerConfig,
+        cluster: Option<ClusterWiring>,
+    ) -> Result<Broker, NetError> {
         if config.cores == 0 {
             return Err(NetError::Config("cores must be at least 1".into()));
         }
         claim_listen_port(&mut config)?;
         std::fs::create_dir_all(&config.data_dir)?;
-        let metadata = MetadataStore::open(&config.data_dir)?;
-        // Before any shard opens a log: every partition gets its shard among these cores.
+        let (metadata, mut links) = match cluster {
+            Some(w) => {
+                if w.links.len() != config.cores {
+                    return Err(NetError::Config(format!(
+                        "{} cluster links for {} shards",
+                        w.links.len(),
+                        config.cores
+                    )));
+                }
+                (w.mirror, w.links.into_iter().map(Some).collect())
+            }
+            None => (
+                MetadataStore::open(&config.data_dir)?,
+                (0..config.cores).map(|_| None).collect::<Vec<_>>(),
+            ),
+        };
+        // Before any shard opens a log: every partition gets its shard among these cores (a
+        // cluster node's placement is the controller's; its mirror settles nothing).
         let settled = metadata.settle_placement(config.cores)?;
         if settled.filled > 0 {
             tracing::info!(
@@ -109,6 +135,7 @@ impl Broker {
         for (id, inbox) in receivers.into_iter().enumerate() {
             let (config, metadata, router) = (config.clone(), metadata.clone(), router.clone());
             let metrics = metrics.clone();
+            let link = links[id].take();
             let (open, drained, ready) =
                 (open_connections.clone(), drained.clone(), ready_tx.clone());
             let handle = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
@@ -116,7 +143,7 @@ impl Broker {
                 .io_memory(config.io_memory_bytes)
                 .spawn(move || async move {
                     run_shard(
-                        id, config, metadata, router, inbox, open, drained, ready, metrics,
+                        id, config, metadata, router, inbox, open, drained, ready, metrics, link,
                     )
                     .await
                 })
@@ -124,16 +151,14 @@ impl Broker {
             handles.push(handle);
         }
         drop(ready_tx);
-        let mut local_addr = None;
         for _ in 0..config.cores {
             match ready_rx.recv() {
                 // Each shard logs the address it listens on (the port resolved from 0).
-                Ok(Ok(addr)) => local_addr = Some(addr),
+                Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
                     let broker = Broker {
                         handles,
                         shutdown: ShutdownHandle { router },
-                        local_addr: config.listen,
                         metrics_server,
                     };
                     broker.shutdown.shutdown();
@@ -146,7 +171,6 @@ impl Broker {
         Ok(Broker {
             handles,
             shutdown: ShutdownHandle { router },
-            local_addr: local_addr.unwrap_or(config.listen),
             metrics_server,
         })
     }
@@ -177,7 +201,7 @@ impl Broker {
 /// would also let this broker share it silently with another process that set it too (another
 /// broker, say), splitting clients between them. A bind without the option first fails if anyone
 /// holds the port. Port 0 is resolved here once, so that every shard listens on the same port.
-fn claim_listen_port(config: &mut BrokerConfig) -> Result<(), NetError> {
+pub fn claim_listen_port(config: &mut BrokerConfig) -> Result<(), NetError> {
     let deadline = std::time::Instant::now() + Duration::from_millis(LISTEN_RETRY_MS);
     let probe = loop {
         match std::net::TcpListener::bind(config.listen) {
@@ -246,6 +270,7 @@ async fn run_shard(
     drained: Arc<AtomicUsize>,
     ready: flume::Sender<Result<SocketAddr, String>>,
     metrics: Arc<Metrics>,
+    link: Option<ShardLink>,
 ) {
     let shard = Shard::new(id, router.clone(), config.clone(), metadata, &metrics);
     {
@@ -254,8 +279,12 @@ async fn run_shard(
             fsync.observe(took.as_secs_f64())
         });
     }
-    // Every replica this shard owns is opened (and recovered) before it serves clients.
-    shard.open_owned_partitions(None).await;
+    // Every replica this shard owns is opened (and recovered) before it serves clients. A
+    // cluster node's replicas are opened by its hosting runtime instead, as the applied
+    // controller metadata names them.
+    if link.is_none() {
+        shard.open_owned_partitions(None).await;
+    }
     spate_net::group::start_shard(&shard);
     // Jobs from other shards run as tasks of this shard, so a slow one never blocks the queue.
     let jobs = {

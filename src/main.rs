@@ -154,13 +154,6 @@ fn serve(args: config::ServeConfig) -> anyhow::Result<()> {
     let view = cluster
         .as_ref()
         .map(|_| spate_replication::controller::view::SharedClusterView::default());
-    // The controller calls of the Kafka layer. Nothing serves them yet: with the receiver
-    // dropped they fail at once with REQUEST_TIMED_OUT (the cluster service takes `calls` once
-    // it answers them).
-    config.cluster = view.clone().map(|v| {
-        let (calls, _unserved) = flume::bounded(spate_replication::cluster::CONTROLLER_CALL_QUEUE);
-        spate_replication::cluster::ClusterPort::new(v, calls)
-    });
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
@@ -181,37 +174,41 @@ fn serve(args: config::ServeConfig) -> anyhow::Result<()> {
     );
     spate_net::alloc::retain_freed_memory();
     let data_dir = config.data_dir.clone();
-    let (advertised_host, advertised_port, cores) = (
-        config.advertised_host.clone(),
-        config.advertised_port,
-        config.cores,
-    );
-    let broker = Broker::start(config).context("starting the broker")?;
-    let handle = broker.shutdown_handle();
-    let service = match (&cluster, identity, view) {
+    // A cluster node's Kafka endpoint is part of its registration, and its shards need the
+    // service's links and mirrored topic store: the port is resolved (port 0) and the cluster
+    // service started before the shards.
+    let (service, wiring) = match (&cluster, identity, view) {
         (Some(c), Some(identity), Some(view)) => {
+            broker::claim_listen_port(&mut config).context("starting the broker")?;
             let kafka = spate_replication::controller::Endpoint {
-                host: advertised_host,
-                // Listening on port 0: the port the broker bound.
-                port: if advertised_port == 0 {
-                    broker.local_addr.port()
-                } else {
-                    advertised_port
-                },
+                host: config.advertised_host.clone(),
+                port: config.advertised_port,
             };
-            // Interim until the broker reads the mirror and serves the links (lead's wiring).
             let mirror = spate_replication::metadata::MetadataStore::mirrored(&identity.cluster_id);
-            match cluster::start(c, identity, &data_dir, kafka, cores, view, mirror) {
-                Ok((s, _links, _port)) => Some(s),
-                Err(e) => {
-                    handle.shutdown();
-                    let _ = broker.wait();
-                    return Err(e);
-                }
-            }
+            let (service, links, port) = cluster::start(
+                c,
+                identity,
+                &data_dir,
+                kafka,
+                config.cores,
+                view,
+                mirror.clone(),
+            )?;
+            config.cluster = Some(port);
+            (Some(service), Some(broker::ClusterWiring { mirror, links }))
         }
-        _ => None,
+        _ => (None, None),
     };
+    let broker = match Broker::start(config, wiring) {
+        Ok(b) => b,
+        Err(e) => {
+            if let Some(s) = service {
+                s.stop();
+            }
+            return Err(e).context("starting the broker");
+        }
+    };
+    let handle = broker.shutdown_handle();
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             tracing::info!(signal = sig, "shutting down: finishing in-flight requests");
