@@ -119,6 +119,35 @@ pub fn cluster_id_from_seeds(seeds: &[(NodeId, String)]) -> String {
     format!("spate-{h:016x}")
 }
 
+/// Stops a cluster node started on the data directory of a single-node broker that holds
+/// topics: a cluster node serves the controller's topics only, so those would silently vanish
+/// for clients (their files stay untouched either way). Nothing is written before this check.
+pub fn refuse_single_node_topics(data_dir: &Path) -> anyhow::Result<()> {
+    let names = spate_replication::metadata::stored_topic_names(data_dir)
+        .context("reading the data directory's single-node topics")?;
+    if !names.is_empty() {
+        const SHOWN: usize = 5;
+        let mut listed = names
+            .iter()
+            .take(SHOWN)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if names.len() > SHOWN {
+            listed.push_str(&format!(" and {} more", names.len() - SHOWN));
+        }
+        bail!(
+            "{} holds {} topics of a single-node broker ({listed}); a cluster node would not \
+             serve them. Start it without --seeds (a one-node broker, as before), or start the \
+             cluster node on a new data directory (moving single-node topics into a cluster is \
+             not supported yet)",
+            data_dir.display(),
+            names.len()
+        );
+    }
+    Ok(())
+}
+
 /// Opens this node's identity (creating it on first start with the id derived from the seeds;
 /// a stored id wins, so a later change to the seed list does not change the cluster).
 pub fn open_identity(

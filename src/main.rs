@@ -148,7 +148,10 @@ fn serve(args: config::ServeConfig) -> anyhow::Result<()> {
     // The identity is checked before anything else opens the data directory: a node of
     // another cluster stops here.
     let identity = match &cluster {
-        Some(c) => Some(cluster::open_identity(&config.data_dir, config.node_id, c)?),
+        Some(c) => {
+            cluster::refuse_single_node_topics(&config.data_dir)?;
+            Some(cluster::open_identity(&config.data_dir, config.node_id, c)?)
+        }
         None => None,
     };
     let view = cluster

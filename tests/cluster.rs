@@ -146,9 +146,9 @@ fn a_node_of_another_cluster_is_refused() {
     nodes[0].seeds = stranger.seeds.clone();
     nodes[0].spawn();
     assert!(nodes[0].log().contains("stored cluster id differs"));
-    // A cluster node stops cleanly on SIGTERM, controller thread included.
+    // A cluster node stops cleanly on SIGTERM, cluster service thread included.
     nodes[0].terminate();
-    assert!(nodes[0].log().contains("controller driver stopped"));
+    assert!(nodes[0].log().contains("cluster service stopped"));
 }
 
 #[test]

@@ -72,6 +72,9 @@ fn the_last_value_of_every_key_survives_sigkill_during_cleaning() {
     assert_success("spate topic create", &out);
     let mut cleaned_total = 0.0;
     for round in 0..ROUNDS {
+        // Counted before the round's data goes in: a pass over it may finish while it is
+        // still being produced.
+        let before = cleaner_runs(&broker);
         let out = python(
             "compaction_crash.py",
             &[
@@ -87,7 +90,6 @@ fn the_last_value_of_every_key_survives_sigkill_during_cleaning() {
         // Even rounds: kill at once (a pass over the new data may be starting or midway);
         // odd rounds: once a pass finished (the cleaner may be writing the next, or idle).
         let passes = (round % 2) as f64;
-        let before = cleaner_runs(&broker);
         let deadline = Instant::now() + CLEAN_BOUND;
         while cleaner_runs(&broker) < before + passes {
             assert!(

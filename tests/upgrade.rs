@@ -1,7 +1,7 @@
 //! A data directory written by `spate` before the cluster wiring (tests/fixtures/
 //! upgrade-main-13f6d1d, see its README) opens unchanged: without `--seeds` the broker serves
-//! its records and writes no cluster files; with `--seeds` the same directory joins a one-node
-//! cluster and still serves them.
+//! its records and writes no cluster files; with `--seeds` a cluster node refuses it (it would
+//! not serve its single-node topics) and writes nothing.
 
 mod common;
 
@@ -80,12 +80,41 @@ fn a_data_dir_from_before_the_cluster_opens_unchanged() {
 }
 
 #[test]
-fn a_data_dir_from_before_the_cluster_joins_a_one_node_cluster() {
+fn a_data_dir_from_before_the_cluster_is_refused_by_a_cluster_node_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    copy_dir(Path::new(FIXTURE), &data);
+    let before = std::fs::read(data.join("spate-metadata.json")).ok();
     let rpc = common::free_port();
-    let seeds = format!("0@127.0.0.1:{rpc}");
-    let rpc_listen = format!("127.0.0.1:{rpc}");
-    let b = start_on_fixture(&["--seeds", &seeds, "--rpc-listen", &rpc_listen]);
+    let out = Command::new(env!("CARGO_BIN_EXE_spate"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "off",
+        ])
+        .args(["--seeds", &format!("0@127.0.0.1:{rpc}")])
+        .args(["--rpc-listen", &format!("127.0.0.1:{rpc}")])
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .expect("run spate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a cluster node started: {stderr}");
+    assert!(
+        stderr.contains("holds 1 topics of a single-node broker (upgrade)")
+            && stderr.contains("without --seeds"),
+        "{stderr}"
+    );
+    assert!(
+        !data.join("node.identity").exists(),
+        "refused, yet wrote an identity"
+    );
+    assert!(!data.join("__cluster_metadata").exists());
+    assert_eq!(std::fs::read(data.join("spate-metadata.json")).ok(), before);
+    // And it still opens unchanged without --seeds.
+    let mut b = start_on_fixture(&[]);
     assert_eq!(read_back(&b), expected());
-    assert!(b.data_dir().join("node.identity").exists());
-    assert!(b.data_dir().join("__cluster_metadata").exists());
+    b.terminate();
 }

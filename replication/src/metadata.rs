@@ -283,6 +283,25 @@ fn check_create_partitions(
     Ok((topic.partitions, placed))
 }
 
+/// The topics a single-node broker stored in `data_dir`, read without writing anything (none
+/// when it has no metadata file). A cluster node checks this before it starts: it would not
+/// serve them.
+pub fn stored_topic_names(data_dir: &Path) -> Result<Vec<String>, ReplicaError> {
+    let path = data_dir.join(METADATA_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(decode_file(&bytes)
+            .map_err(|reason| ReplicaError::Metadata {
+                path: path.display().to_string(),
+                reason,
+            })?
+            .topics
+            .into_keys()
+            .collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 impl MetadataStore {
     /// Loads the store from `data_dir`, creating an empty one if there is none. A file whose
     /// checksum does not match is an error, never silently replaced.
