@@ -147,7 +147,9 @@ impl ShardGroups {
                 epoch: g.epoch(),
                 isr: g.in_sync_voter_ids(),
             })
-            .filter(|r| acked.get(&r.group) != Some(r))
+            // The controller may have answered with a newer epoch: nothing to say until
+            // this group leads in a newer one still.
+            .filter(|r| acked.get(&r.group).is_none_or(|a| a != r && a.epoch <= r.epoch))
             .collect()
     }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use glommio::sync::Semaphore;
 use kafka_protocol::ResponseError;
 
-use super::incarnation::{claim_for_topic, remove_partition_files};
+use super::incarnation::{claim_for_topic, read_topic_id, remove_partition_files};
 use super::table::ShardTable;
 use crate::cluster::HostedPartition;
 use crate::metadata::{MetadataStore, Topics};
@@ -364,9 +364,20 @@ impl ReplicaSet {
         }
     }
 
-    /// Stops the group of `tp` (if open) and removes every file of the partition: its topic
-    /// was deleted.
-    pub async fn delete_group(&self, tp: &TopicPartition) {
+    /// Stops the group of `tp` (if open) and removes every file of the partition: its topic,
+    /// with id `topic_id`, was deleted. Files already claimed by a newer incarnation (opened
+    /// on another shard first) are left to it: the group is only closed.
+    pub async fn delete_group(&self, tp: &TopicPartition, topic_id: u128) {
+        let dir = self.partition_dir(tp);
+        match read_topic_id(&dir) {
+            Ok(Some(id)) if id != topic_id => {
+                tracing::info!(topic = %tp.topic, partition = tp.partition,
+                    "the partition's files belong to a newer incarnation: kept");
+                self.close_group(tp).await;
+                return;
+            }
+            _ => {}
+        }
         self.failed_opens.borrow_mut().remove(tp);
         let g = self.groups.borrow_mut().remove(tp);
         if let Some(g) = g {
@@ -376,7 +387,6 @@ impl ReplicaSet {
                     "deleting replicated partition");
             }
         }
-        let dir = self.partition_dir(tp);
         let state_path = producer_state_path(&self.settings.data_dir, tp);
         if let Err(e) = remove_partition_files(&dir, &state_path) {
             tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %e,
