@@ -15,6 +15,7 @@
 //! Everything sent goes to [`ShardLink::to_service`] with `try_send`: a full channel drops
 //! (counted) rather than stalls the shard; consensus retransmits and reports repeat.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::rc::Rc;
@@ -53,6 +54,8 @@ pub struct RuntimeConfig {
     pub node: NodeId,
     pub ticks: TickSource,
     pub report_interval: Duration,
+    /// Kept current while the runtime runs (for metrics and tests).
+    pub stats: Rc<RefCell<RuntimeStats>>,
 }
 
 impl RuntimeConfig {
@@ -62,6 +65,7 @@ impl RuntimeConfig {
             node,
             ticks: TickSource::Every(Duration::from_millis(PARTITION_TICK_MS)),
             report_interval: Duration::from_millis(REPORT_INTERVAL_MS),
+            stats: Rc::default(),
         }
     }
 }
@@ -69,6 +73,7 @@ impl RuntimeConfig {
 /// What a runtime did, returned when it stops (and logged).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RuntimeStats {
+    /// Ticks fully handled (their messages sent).
     pub ticks: u64,
     /// Node messages handed to the service, and dropped on a full or closed channel.
     pub messages_sent: u64,
@@ -116,7 +121,7 @@ pub async fn run(
         leadership_seen: 0,
         last_reported: None,
         reported: BTreeMap::new(),
-        stats: RuntimeStats::default(),
+        stats: config.stats.clone(),
     };
     let mut stop = std::pin::pin!(stop);
     let (mut timer, manual) = match config.ticks {
@@ -195,11 +200,11 @@ pub async fn run(
                     *at = (*at + *every).max(Instant::now());
                 }
                 rt.check_view(&link).await;
-                rt.stats.ticks += 1;
-                rt.outbox_seen = rt.groups.outbox_signal().generation();
+                                rt.outbox_seen = rt.groups.outbox_signal().generation();
                 let out = rt.groups.tick().await;
                 rt.send(&link, out);
                 rt.report(&link, false);
+                rt.stats.borrow_mut().ticks += 1;
             }
             Event::Inbox(msg) => {
                 rt.outbox_seen = rt.groups.outbox_signal().generation();
@@ -207,7 +212,7 @@ pub async fn run(
                 rt.send(&link, out);
             }
             Event::Outbox => {
-                rt.stats.signalled_flushes += 1;
+                rt.stats.borrow_mut().signalled_flushes += 1;
                 rt.outbox_seen = rt.groups.outbox_signal().generation();
                 let out = rt.groups.take_outgoing().await;
                 rt.send(&link, out);
@@ -225,9 +230,10 @@ pub async fn run(
         rt.groups.remove(g);
     }
     rt.replicas.close_groups().await;
-    tracing::info!(node = rt.node, shard = link.shard, stats = ?rt.stats,
+    let stats = rt.stats.borrow().clone();
+    tracing::info!(node = rt.node, shard = link.shard, ?stats,
         "replicated partitions of the shard stopped");
-    rt.stats
+    stats
 }
 
 struct Runtime {
@@ -248,15 +254,15 @@ struct Runtime {
     last_reported: Option<Instant>,
     /// The last report sent per group: a new epoch is sent at once, a repeat at the interval.
     reported: BTreeMap<GroupId, LeaderReport>,
-    stats: RuntimeStats,
+    stats: Rc<RefCell<RuntimeStats>>,
 }
 
 impl Runtime {
     fn send(&mut self, link: &ShardLink, out: Vec<NodeMessage>) {
         for m in out {
             match link.to_service.try_send(ShardEvent::Send(m)) {
-                Ok(()) => self.stats.messages_sent += 1,
-                Err(_) => self.stats.messages_dropped += 1,
+                Ok(()) => self.stats.borrow_mut().messages_sent += 1,
+                Err(_) => self.stats.borrow_mut().messages_dropped += 1,
             }
         }
     }
@@ -282,8 +288,8 @@ impl Runtime {
             sent_any = true;
             self.reported.insert(r.group, r.clone());
             match link.to_service.try_send(ShardEvent::Report(r)) {
-                Ok(()) => self.stats.reports_sent += 1,
-                Err(_) => self.stats.reports_dropped += 1,
+                Ok(()) => self.stats.borrow_mut().reports_sent += 1,
+                Err(_) => self.stats.borrow_mut().reports_dropped += 1,
             }
         }
         if due || sent_any {
@@ -297,7 +303,7 @@ impl Runtime {
             return;
         }
         self.generation = Some(view.generation);
-        self.stats.views += 1;
+        self.stats.borrow_mut().views += 1;
         self.apply_view(link.shard, &view).await;
     }
 
@@ -347,7 +353,7 @@ impl Runtime {
                     self.groups.insert(group);
                     self.plan.groups.insert(g, h);
                 }
-                Err(_) => self.stats.open_failures += 1,
+                Err(_) => self.stats.borrow_mut().open_failures += 1,
             }
         }
         let hosted: BTreeMap<&str, ()> = self
