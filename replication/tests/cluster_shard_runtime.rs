@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use spate_replication::cluster::{
-    partition_group_id, plan_hosting, run_shard_runtime, split_by_shard, ClusterPort,
-    LeaderReport, RuntimeConfig, RuntimeStats, ShardEvent, ShardLink, TickSource,
+    partition_group_id, plan_hosting, run_shard_runtime, split_by_shard, ClusterPort, LeaderReport,
+    RuntimeConfig, RuntimeStats, ShardEvent, ShardLink, TickSource,
 };
 use spate_replication::controller::view::{ClusterView, SharedClusterView};
 use spate_replication::controller::{
@@ -30,8 +30,7 @@ use spate_replication::controller::{
 };
 use spate_replication::metadata::MetadataStore;
 use spate_replication::partition::{
-    hard_state_path, Acks, FlushPolicy, LogConfig, PartitionGroup, ReplicaObserver,
-    TopicPartition,
+    hard_state_path, Acks, FlushPolicy, LogConfig, PartitionGroup, ReplicaObserver, TopicPartition,
 };
 use spate_replication::shard::incarnation::topic_id_path;
 use spate_replication::shard::{
@@ -173,7 +172,14 @@ impl Cluster {
 
     /// The replica of partition `p` on `node`: its shard's group, if open.
     fn group(&self, node: NodeId, p: u32) -> Option<Rc<PartitionGroup>> {
-        let shard = self.state.borrow().partition(TOPIC, p)?.replicas.iter().find(|r| r.node == node)?.shard;
+        let shard = self
+            .state
+            .borrow()
+            .partition(TOPIC, p)?
+            .replicas
+            .iter()
+            .find(|r| r.node == node)?
+            .shard;
         self.node(node).shards[shard as usize]
             .replicas
             .group(&tp(p))
@@ -194,7 +200,10 @@ impl Cluster {
     async fn until(&self, what: &str, cond: impl Fn(&Cluster) -> bool) {
         let end = Instant::now() + DEADLINE;
         while !cond(self) {
-            assert!(Instant::now() < end, "not reached within {DEADLINE:?}: {what}");
+            assert!(
+                Instant::now() < end,
+                "not reached within {DEADLINE:?}: {what}"
+            );
             glommio::timer::sleep(Duration::from_millis(2)).await;
         }
     }
@@ -432,7 +441,13 @@ fn shards_host_replicated_partitions_through_leader_loss_and_topic_deletion() {
         })
         .await;
         for p in 0..PARTITIONS {
-            let assignment = c.state.borrow().partition(TOPIC, p).unwrap().replicas.clone();
+            let assignment = c
+                .state
+                .borrow()
+                .partition(TOPIC, p)
+                .unwrap()
+                .replicas
+                .clone();
             for r in assignment {
                 let node = c.node(r.node);
                 for (s, shard) in node.shards.iter().enumerate() {
@@ -464,7 +479,11 @@ fn shards_host_replicated_partitions_through_leader_loss_and_topic_deletion() {
         })
         .await;
         for p in 0..PARTITIONS {
-            let leaders: Vec<_> = c.groups(p).into_iter().filter(|(_, g)| g.is_leader()).collect();
+            let leaders: Vec<_> = c
+                .groups(p)
+                .into_iter()
+                .filter(|(_, g)| g.is_leader())
+                .collect();
             assert_eq!(leaders.len(), 1, "partition {p}: one leader");
             let (n, g) = &leaders[0];
             let last = c
@@ -487,8 +506,10 @@ fn shards_host_replicated_partitions_through_leader_loss_and_topic_deletion() {
         c.accept_reports.set(true);
         // The next repeat is accepted; then nothing more for a stable leadership.
         let seen = c.reports.borrow().len();
-        c.until("a report after accepting", |c| c.reports.borrow().len() > seen)
-            .await;
+        c.until("a report after accepting", |c| {
+            c.reports.borrow().len() > seen
+        })
+        .await;
         c.ticks(10).await;
         let quiet_from = c.reports.borrow().len();
         let start = Instant::now();
@@ -520,8 +541,11 @@ fn shards_host_replicated_partitions_through_leader_loss_and_topic_deletion() {
         c.until("acks=all answered without a tick", |_| done.get().is_some())
             .await;
         assert_eq!(done.get(), Some(Ok(())));
-        assert_eq!(c.total(|s| s.ticks), sent * c.nodes.len() as u64 * u64::from(SHARDS),
-            "no tick was handled");
+        assert_eq!(
+            c.total(|s| s.ticks),
+            sent * c.nodes.len() as u64 * u64::from(SHARDS),
+            "no tick was handled"
+        );
         assert!(c.total(|s| s.signalled_flushes) > flushes_before);
         let committed_end = lg.high_watermark();
         assert_eq!(committed_end, lg.replica().log_end_offset());
@@ -530,8 +554,7 @@ fn shards_host_replicated_partitions_through_leader_loss_and_topic_deletion() {
         c.until("every replica's high watermark and fetch wake-up", |c| {
             c.groups(0).iter().all(|(n, g)| {
                 g.replica().high_watermark() == committed_end
-                    && c.committed.borrow().get(&(*n, format!("{TOPIC}-0")))
-                        == Some(&committed_end)
+                    && c.committed.borrow().get(&(*n, format!("{TOPIC}-0"))) == Some(&committed_end)
             })
         })
         .await;
@@ -571,11 +594,15 @@ fn shards_host_replicated_partitions_through_leader_loss_and_topic_deletion() {
         // Healed: the old leader learns of the new epoch, its waiter fails, it truncates its
         // uncommitted suffix and catches up.
         c.cut.borrow_mut().clear();
-        c.until("the old leader's acks=all waiter fails", |_| failed.get().is_some())
-            .await;
+        c.until("the old leader's acks=all waiter fails", |_| {
+            failed.get().is_some()
+        })
+        .await;
         assert_eq!(
             failed.get(),
-            Some(Err(kafka_protocol::ResponseError::NotLeaderOrFollower.code()))
+            Some(Err(
+                kafka_protocol::ResponseError::NotLeaderOrFollower.code()
+            ))
         );
         c.until("the old leader caught up", |c| {
             let (og, ng) = (c.group(leader, 0).unwrap(), c.group(new_leader, 0).unwrap());
@@ -591,7 +618,10 @@ fn shards_host_replicated_partitions_through_leader_loss_and_topic_deletion() {
         assert_eq!(e, old_epoch);
         assert_eq!(end, committed_end);
         assert!(end < stranded_end);
-        assert_eq!(ng.end_offset_for_epoch(old_epoch), (old_epoch, committed_end));
+        assert_eq!(
+            ng.end_offset_for_epoch(old_epoch),
+            (old_epoch, committed_end)
+        );
         assert!(og.epoch_history().iter().any(|&(e, _)| e == new_epoch));
 
         // Deleting the topic closes every group and removes every file of it.

@@ -149,7 +149,11 @@ impl ShardGroups {
             })
             // The controller may have answered with a newer epoch: nothing to say until
             // this group leads in a newer one still.
-            .filter(|r| acked.get(&r.group).is_none_or(|a| a != r && a.epoch <= r.epoch))
+            .filter(|r| {
+                acked
+                    .get(&r.group)
+                    .is_none_or(|a| a != r && a.epoch <= r.epoch)
+            })
             .collect()
     }
 

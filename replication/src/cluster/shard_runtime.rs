@@ -200,7 +200,7 @@ pub async fn run(
                     *at = (*at + *every).max(Instant::now());
                 }
                 rt.check_view(&link).await;
-                                rt.outbox_seen = rt.groups.outbox_signal().generation();
+                rt.outbox_seen = rt.groups.outbox_signal().generation();
                 let out = rt.groups.tick().await;
                 rt.send(&link, out);
                 rt.report(&link, false);
@@ -231,8 +231,12 @@ pub async fn run(
     }
     rt.replicas.close_groups().await;
     let stats = rt.stats.borrow().clone();
-    tracing::info!(node = rt.node, shard = link.shard, ?stats,
-        "replicated partitions of the shard stopped");
+    tracing::info!(
+        node = rt.node,
+        shard = link.shard,
+        ?stats,
+        "replicated partitions of the shard stopped"
+    );
     stats
 }
 

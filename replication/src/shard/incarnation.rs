@@ -133,15 +133,15 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("t-0");
         let state = tmp.path().join("t-0.json");
-        assert_eq!(claim_for_topic(&dir, &state, 7).unwrap(), false);
+        assert!(!claim_for_topic(&dir, &state, 7).unwrap());
         assert_eq!(read_topic_id(&dir).unwrap(), Some(7));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("segment"), b"old").unwrap();
         std::fs::write(hard_state_path(&dir), b"hs").unwrap();
         std::fs::write(&state, b"ps").unwrap();
-        assert_eq!(claim_for_topic(&dir, &state, 7).unwrap(), false);
+        assert!(!claim_for_topic(&dir, &state, 7).unwrap());
         assert!(dir.join("segment").exists(), "same incarnation kept");
-        assert_eq!(claim_for_topic(&dir, &state, 8).unwrap(), true);
+        assert!(claim_for_topic(&dir, &state, 8).unwrap());
         assert!(!dir.exists() && !hard_state_path(&dir).exists() && !state.exists());
         assert_eq!(read_topic_id(&dir).unwrap(), Some(8));
         // A directory nobody recorded an id for.

@@ -291,7 +291,10 @@ impl ReplicaSet {
                 "partition open as a single node's on a cluster shard: not replicated");
             return Err(ResponseError::KafkaStorageError.code());
         }
-        match self.open_group_files(node, group, hosted, &tp, configs).await {
+        match self
+            .open_group_files(node, group, hosted, &tp, configs)
+            .await
+        {
             Ok(g) => {
                 self.failed_opens.borrow_mut().remove(&tp);
                 self.partitions
