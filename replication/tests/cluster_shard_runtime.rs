@@ -224,7 +224,8 @@ impl Cluster {
     }
 }
 
-async fn start() -> (Cluster, tempfile::TempDir) {
+/// Starts the nodes; `timer`: the runtimes tick on the shipped timer, not the test's ticker.
+async fn start(timer: bool) -> (Cluster, tempfile::TempDir) {
     let tmp = tempfile::tempdir().unwrap();
     let state = Rc::new(RefCell::new(MetadataState::new()));
     let cut: Rc<RefCell<Vec<NodeId>>> = Rc::default();
@@ -275,15 +276,23 @@ async fn start() -> (Cluster, tempfile::TempDir) {
                 port: port.clone(),
             };
             let stop = stop.clone();
-            let task = glommio::spawn_local(run_shard_runtime(
-                replicas.clone(),
-                link,
+            let config = if timer {
+                RuntimeConfig {
+                    stats: stats.clone(),
+                    ..RuntimeConfig::new(id)
+                }
+            } else {
                 RuntimeConfig {
                     node: id,
                     ticks: TickSource::Manual(ticks),
                     report_interval: REPORT_INTERVAL,
                     stats: stats.clone(),
-                },
+                }
+            };
+            let task = glommio::spawn_local(run_shard_runtime(
+                replicas.clone(),
+                link,
+                config,
                 async move { stop.changed(0).await },
             ));
             service_ends.push((id, from_shard));
@@ -431,7 +440,7 @@ async fn start() -> (Cluster, tempfile::TempDir) {
 #[test]
 fn shards_host_replicated_partitions_through_leader_loss_and_topic_deletion() {
     batches::run(async {
-        let (mut c, _tmp) = start().await;
+        let (mut c, _tmp) = start(false).await;
         assert_eq!(c.state.borrow().live_brokers().len(), NODES as usize);
         c.create_topic(FIRST_TOPIC_ID);
 
@@ -624,6 +633,22 @@ fn shards_host_replicated_partitions_through_leader_loss_and_topic_deletion() {
         );
         assert!(og.epoch_history().iter().any(|&(e, _)| e == new_epoch));
 
+        // A changed topic config reaches the open groups.
+        c.commit(vec![Record::SetTopicConfig {
+            topic: TOPIC.into(),
+            key: "min.insync.replicas".into(),
+            value: Some("3".into()),
+        }]);
+        c.publish();
+        c.until("min.insync.replicas 3 everywhere", |c| {
+            (0..PARTITIONS).all(|p| {
+                c.groups(p)
+                    .iter()
+                    .all(|(_, g)| g.min_insync_replicas() == 3)
+            })
+        })
+        .await;
+
         // Deleting the topic closes every group and removes every file of it.
         c.ticks(5).await;
         c.state.borrow_mut().topics.remove(TOPIC);
@@ -682,7 +707,41 @@ fn shards_host_replicated_partitions_through_leader_loss_and_topic_deletion() {
         assert!(all.signalled_flushes > 0);
         assert_eq!(all.open_failures, 0);
         assert_eq!(all.reports_dropped, 0);
-        // The first, the topic's creation, deletion and re-creation.
-        assert_eq!(all.views, 4 * NODES * u64::from(SHARDS));
+        // The first, the topic's creation, its config change, deletion and re-creation.
+        assert_eq!(all.views, 5 * NODES * u64::from(SHARDS));
+    });
+}
+
+/// The shipped cadence (a `PARTITION_TICK_MS` timer): every partition elects a leader, which
+/// reports, and an acks=all produce commits.
+#[test]
+fn the_shipped_tick_elects_and_commits() {
+    batches::run(async {
+        let (mut c, _tmp) = start(true).await;
+        c.accept_reports.set(true);
+        c.create_topic(FIRST_TOPIC_ID);
+        c.until("every partition's leader reported", |c| {
+            (0..PARTITIONS).all(|p| {
+                c.writable_leader(p).is_some_and(|(n, g)| {
+                    c.reports
+                        .borrow()
+                        .iter()
+                        .any(|(from, r)| *from == n && r.group == g.group() && r.epoch == g.epoch())
+                })
+            })
+        })
+        .await;
+        let (_, g) = c.writable_leader(1).unwrap();
+        let (outcome, completion) = g.produce(vec![batch(9, 0, 2)], Acks::All).await;
+        assert_eq!(outcome.error_code, 0);
+        assert_eq!(completion.wait().await, Ok(()));
+        c.stop.notify();
+        for n in &mut c.nodes {
+            for s in &mut n.shards {
+                let stats = s.task.take().unwrap().await;
+                assert!(stats.ticks > 0);
+                assert_eq!(stats.messages_dropped, 0);
+            }
+        }
     });
 }

@@ -113,12 +113,18 @@ impl ShardGroups {
     /// Steps a peer's message into its groups (entries for groups not hosted here are
     /// dropped: closed, or not opened yet; consensus resends), then everything to send.
     pub async fn deliver(&self, msg: NodeMessage) -> Vec<NodeMessage> {
+        self.step(msg).await;
+        self.take_outgoing().await
+    }
+
+    /// Steps a peer's message into its groups without taking what they have to send (a
+    /// caller stepping several messages flushes once after them).
+    pub async fn step(&self, msg: NodeMessage) {
         for (g, m) in msg.items {
             if let Some(group) = self.get(g) {
                 group.step(msg.from, m).await;
             }
         }
-        self.take_outgoing().await
     }
 
     /// What every group has to send since the last call, one message per peer.

@@ -40,6 +40,10 @@ pub const PARTITION_TICK_MS: u64 = 50;
 /// leadership is reported at once; this bounds the AlterIsr traffic of in-sync-set changes.
 pub const REPORT_INTERVAL_MS: u64 = 200;
 
+/// Incoming node messages stepped before their groups' replies are flushed: batches a burst
+/// (a peer's per-tick messages arrive together) without holding replies back for long.
+pub const MAX_MESSAGES_PER_FLUSH: usize = 32;
+
 /// Where a runtime's ticks come from.
 pub enum TickSource {
     /// A timer (production: [`PARTITION_TICK_MS`]).
@@ -208,7 +212,16 @@ pub async fn run(
             }
             Event::Inbox(msg) => {
                 rt.outbox_seen = rt.groups.outbox_signal().generation();
-                let out = rt.groups.deliver(msg).await;
+                rt.groups.step(msg).await;
+                // What else has arrived is stepped before the flush: one pass over the groups
+                // and one message per peer for all of it.
+                for _ in 1..MAX_MESSAGES_PER_FLUSH {
+                    let Ok(msg) = link.inbox.try_recv() else {
+                        break;
+                    };
+                    rt.groups.step(msg).await;
+                }
+                let out = rt.groups.take_outgoing().await;
                 rt.send(&link, out);
             }
             Event::Outbox => {
