@@ -200,8 +200,13 @@ pub async fn run(
             Event::TicksEnded => manual_open = false,
             Event::Tick => {
                 if let Some((every, at)) = &mut timer {
-                    // A late tick is not made up for: the groups' clocks are ticks, not time.
-                    *at = (*at + *every).max(Instant::now());
+                    // A late tick is not made up for (no burst of ticks after a stall): the
+                    // groups' clocks are ticks, not time.
+                    let now = Instant::now();
+                    *at += *every;
+                    if *at <= now {
+                        *at = now + *every;
+                    }
                 }
                 rt.check_view(&link).await;
                 rt.outbox_seen = rt.groups.outbox_signal().generation();
