@@ -7,6 +7,7 @@
 mod hosting;
 mod link;
 mod shard_host;
+pub mod shard_runtime;
 
 pub use hosting::{
     gather_outgoing, partition_group_id, plan_hosting, split_by_shard, HostedPartition,
@@ -16,3 +17,7 @@ pub use link::{
     CallError, ClusterPort, ControllerCall, Reply, ShardEvent, ShardLink, CONTROLLER_CALL_QUEUE,
 };
 pub use shard_host::{LeaderReport, ShardGroups};
+pub use shard_runtime::{
+    run as run_shard_runtime, RuntimeConfig, RuntimeStats, TickSource, PARTITION_TICK_MS,
+    REPORT_INTERVAL_MS,
+};

@@ -8,7 +8,8 @@ use std::rc::Rc;
 
 use crate::cluster::gather_outgoing;
 use crate::node::NodeMessage;
-use crate::partition::{PartitionGroup, ReplicaError};
+use crate::partition::{GroupSignals, PartitionGroup, ReplicaError};
+use crate::shard::Signal;
 use crate::types::{Epoch, GroupId, NodeId};
 
 /// What a group leader tells the controller: it leads in `epoch` with these voters in sync.
@@ -25,6 +26,8 @@ pub struct ShardGroups {
     groups: RefCell<BTreeMap<GroupId, Rc<PartitionGroup>>>,
     /// The last report per group the controller accepted.
     acknowledged: RefCell<BTreeMap<GroupId, LeaderReport>>,
+    /// Every hosted group notifies these (see [`GroupSignals`]).
+    signals: GroupSignals,
 }
 
 impl ShardGroups {
@@ -33,7 +36,21 @@ impl ShardGroups {
             node,
             groups: RefCell::default(),
             acknowledged: RefCell::default(),
+            signals: GroupSignals {
+                outbox: Rc::new(Signal::default()),
+                leadership: Rc::new(Signal::default()),
+            },
         }
+    }
+
+    /// Notified when a hosted group has messages to send: the runtime flushes at once.
+    pub fn outbox_signal(&self) -> &Signal {
+        &self.signals.outbox
+    }
+
+    /// Notified when a hosted group becomes a writable leader: its report goes out at once.
+    pub fn leadership_signal(&self) -> &Signal {
+        &self.signals.leadership
     }
 
     pub fn node(&self) -> NodeId {
@@ -43,6 +60,7 @@ impl ShardGroups {
     /// Hosts an opened group (replacing nothing: the caller closes a group before reopening).
     pub fn insert(&self, group: Rc<PartitionGroup>) {
         assert_eq!(group.node(), self.node);
+        group.set_signals(self.signals.clone());
         let prev = self.groups.borrow_mut().insert(group.group(), group);
         assert!(prev.is_none(), "a group hosted twice on one shard");
     }
@@ -57,6 +75,17 @@ impl ShardGroups {
 
     pub fn is_empty(&self) -> bool {
         self.groups.borrow().is_empty()
+    }
+
+    /// Stops hosting `group` without closing it (its owner closes or deletes it).
+    pub fn remove(&self, group: GroupId) -> Option<Rc<PartitionGroup>> {
+        self.acknowledged.borrow_mut().remove(&group);
+        self.groups.borrow_mut().remove(&group)
+    }
+
+    /// The hosted groups' ids, ascending.
+    pub fn ids(&self) -> Vec<GroupId> {
+        self.groups.borrow().keys().copied().collect()
     }
 
     /// Stops hosting `group` and closes it (its files stay).
@@ -84,12 +113,18 @@ impl ShardGroups {
     /// Steps a peer's message into its groups (entries for groups not hosted here are
     /// dropped: closed, or not opened yet; consensus resends), then everything to send.
     pub async fn deliver(&self, msg: NodeMessage) -> Vec<NodeMessage> {
+        self.step(msg).await;
+        self.take_outgoing().await
+    }
+
+    /// Steps a peer's message into its groups without taking what they have to send (a
+    /// caller stepping several messages flushes once after them).
+    pub async fn step(&self, msg: NodeMessage) {
         for (g, m) in msg.items {
             if let Some(group) = self.get(g) {
                 group.step(msg.from, m).await;
             }
         }
-        self.take_outgoing().await
     }
 
     /// What every group has to send since the last call, one message per peer.
@@ -118,7 +153,13 @@ impl ShardGroups {
                 epoch: g.epoch(),
                 isr: g.in_sync_voter_ids(),
             })
-            .filter(|r| acked.get(&r.group) != Some(r))
+            // The controller may have answered with a newer epoch: nothing to say until
+            // this group leads in a newer one still.
+            .filter(|r| {
+                acked
+                    .get(&r.group)
+                    .is_none_or(|a| a != r && a.epoch <= r.epoch)
+            })
             .collect()
     }
 

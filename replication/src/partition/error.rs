@@ -19,6 +19,10 @@ pub enum ReplicaError {
     /// match its log.
     #[error("replica hard state {path}: {reason}")]
     HardState { path: String, reason: String },
+    /// A replicated partition's log directory cannot be tied to its topic's incarnation (the
+    /// topic id recorded beside it is missing, damaged or cannot be written).
+    #[error("partition incarnation {path}: {reason}")]
+    Incarnation { path: String, reason: String },
 }
 
 impl ReplicaError {
@@ -29,7 +33,9 @@ impl ReplicaError {
             ReplicaError::Io(_) | ReplicaError::Encode(_) | ReplicaError::Metadata { .. } => {
                 ResponseError::UnknownServerError.code()
             }
-            ReplicaError::HardState { .. } => ResponseError::KafkaStorageError.code(),
+            ReplicaError::HardState { .. } | ReplicaError::Incarnation { .. } => {
+                ResponseError::KafkaStorageError.code()
+            }
         }
     }
 }

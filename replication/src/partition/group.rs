@@ -40,6 +40,7 @@ use spate_engine::validate::validate_batch;
 use super::error::ReplicaError;
 use super::replica::{Acks, Completion, PartitionReplica, ProduceOutcome};
 use crate::replica::{Config, Persisted, Replica};
+use crate::shard::Signal;
 use crate::types::{
     Action, AppendRequest, Batch, Epoch, GroupId, HardState, Membership, Message, NodeId, Offset,
 };
@@ -116,6 +117,21 @@ pub struct PartitionGroup {
     /// A storage failure left the log and the core apart: the group takes no further part.
     failed: Cell<bool>,
     refused_batches: Cell<u64>,
+    /// `min.insync.replicas`: from the config at open, changed with the topic's configs.
+    min_insync_replicas: Cell<usize>,
+    /// The shard's wake-ups (see [`GroupSignals`]); none until the group is hosted.
+    signals: RefCell<Option<GroupSignals>>,
+}
+
+/// How a group tells its shard's runtime that something is to be done now rather than at the
+/// next tick: acks=all latency is a network round trip, not a tick.
+#[derive(Clone)]
+pub struct GroupSignals {
+    /// Notified when the outbox goes from empty to non-empty (a produce proposed, a durability
+    /// report or a step queued messages).
+    pub outbox: Rc<Signal>,
+    /// Notified when the group becomes a writable leader (its report goes out at once).
+    pub leadership: Rc<Signal>,
 }
 
 impl PartitionGroup {
@@ -153,6 +169,7 @@ impl PartitionGroup {
         };
         let core = Replica::new(cfg.node, cfg.core, cfg.seed, persisted);
         replica.set_leader_epoch(hard.epoch);
+        let min_insync = cfg.min_insync_replicas;
         let group = Rc::new(PartitionGroup {
             cfg,
             replica: replica.clone(),
@@ -164,6 +181,8 @@ impl PartitionGroup {
             writable: Cell::new(false),
             failed: Cell::new(false),
             refused_batches: Cell::new(0),
+            min_insync_replicas: Cell::new(min_insync),
+            signals: RefCell::new(None),
         });
         // The log tells its listener of each group commit with its own state borrowed; the
         // core is stepped from a task instead, under the group's lock. One pending wake-up is
@@ -194,6 +213,10 @@ impl PartitionGroup {
     pub fn group(&self) -> GroupId {
         self.cfg.group
     }
+    /// The partition's replicas (the group's voters at open).
+    pub fn voters(&self) -> &[NodeId] {
+        &self.cfg.voters
+    }
     pub fn is_leader(&self) -> bool {
         self.core.borrow().is_leader()
     }
@@ -214,6 +237,41 @@ impl PartitionGroup {
     /// A storage failure stopped the group.
     pub fn has_failed(&self) -> bool {
         self.failed.get()
+    }
+    /// The committed offset: consumers read below it.
+    pub fn high_watermark(&self) -> Offset {
+        self.core.borrow().high_watermark()
+    }
+    /// (leader epoch, first offset) of each epoch in this replica's log, ascending.
+    pub fn epoch_history(&self) -> Vec<(Epoch, Offset)> {
+        self.replica.epoch_history()
+    }
+    /// OffsetForLeaderEpoch (KIP-101/279) from this replica's log: the largest epoch at or
+    /// below `epoch` that has batches here, and where it ends (the first offset of the next
+    /// epoch, or the log end for the last one). `(NO_EPOCH, 0)` (-1, 0) when the log holds no
+    /// epoch at or below it.
+    pub fn end_offset_for_epoch(&self, epoch: Epoch) -> (Epoch, Offset) {
+        self.core.borrow().end_offset_for_epoch(epoch)
+    }
+    pub fn min_insync_replicas(&self) -> usize {
+        self.min_insync_replicas.get()
+    }
+    /// A changed `min.insync.replicas` (topic config), for the next acks=all produce.
+    pub fn set_min_insync_replicas(&self, n: usize) {
+        self.min_insync_replicas.set(n.max(1));
+    }
+    /// Where this group tells its shard of work to do now (set when a shard hosts it).
+    pub fn set_signals(&self, signals: GroupSignals) {
+        let queued = !self.outbox.borrow().is_empty();
+        let writable = self.is_writable_leader();
+        *self.signals.borrow_mut() = Some(signals.clone());
+        // What happened before the group was hosted is not lost.
+        if queued {
+            signals.outbox.notify();
+        }
+        if writable {
+            signals.leadership.notify();
+        }
     }
 
     /// Voters caught up to the high watermark, this one included (the leader's view; a
@@ -302,7 +360,7 @@ impl PartitionGroup {
             }
             core.epoch()
         };
-        if acks == Acks::All && self.in_sync_voters() < self.cfg.min_insync_replicas {
+        if acks == Acks::All && self.in_sync_voters() < self.min_insync_replicas.get() {
             return refuse(ResponseError::NotEnoughReplicas.code());
         }
         let mut appended = Vec::new();
@@ -378,9 +436,27 @@ impl PartitionGroup {
     /// Stops the group (failing acks=all waiters) and closes the log.
     pub async fn close(&self) -> Result<(), ReplicaError> {
         let _guard = self.lock.acquire_permit(1).await;
+        self.stop();
+        self.replica.close().await
+    }
+
+    /// Stops the group (failing acks=all waiters) and deletes its log, producer state and hard
+    /// state: its topic is gone.
+    pub async fn delete(&self) -> Result<(), ReplicaError> {
+        let _guard = self.lock.acquire_permit(1).await;
+        self.stop();
+        self.replica.delete().await?;
+        match std::fs::remove_file(&self.hard_state_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    fn stop(&self) {
         self.fail_waiters();
         self.failed.set(true);
-        self.replica.close().await
+        self.writable.set(false);
+        self.outbox.borrow_mut().clear();
     }
 
     // ---- internals -----------------------------------------------------------------------
@@ -482,7 +558,15 @@ impl PartitionGroup {
                 Action::MembershipChanged(m) => {
                     tracing::debug!(group = self.cfg.group, ?m, "membership changed");
                 }
-                Action::Send { to, msg } => self.outbox.borrow_mut().push((to, msg)),
+                Action::Send { to, msg } => {
+                    let was_empty = self.outbox.borrow().is_empty();
+                    self.outbox.borrow_mut().push((to, msg));
+                    if was_empty {
+                        if let Some(s) = &*self.signals.borrow() {
+                            s.outbox.notify();
+                        }
+                    }
+                }
             }
             queue.extend(out);
         }
@@ -551,6 +635,9 @@ impl PartitionGroup {
             "became leader"
         );
         self.writable.set(true);
+        if let Some(s) = &*self.signals.borrow() {
+            s.leadership.notify();
+        }
         Ok(())
     }
 

@@ -11,12 +11,28 @@ use std::sync::Arc;
 use glommio::sync::Semaphore;
 use kafka_protocol::ResponseError;
 
+use super::incarnation::{claim_for_topic, read_topic_id, remove_partition_files};
 use super::table::ShardTable;
+use crate::cluster::HostedPartition;
 use crate::metadata::{MetadataStore, Topics};
 use crate::partition::{
-    apply_topic_configs, LiveLimits, LogConfig, PartitionGroup, PartitionReplica, ReplicaConfig,
-    ReplicaObserver, TopicPartition, TopicPolicy,
+    apply_topic_configs, hard_state_path, GroupConfig, LiveLimits, LogConfig, PartitionGroup,
+    PartitionReplica, ReplicaConfig, ReplicaError, ReplicaObserver, TopicPartition, TopicPolicy,
 };
+use crate::types::{GroupId, NodeId};
+
+/// The topic config naming how many voters must be caught up for acks=all.
+pub const MIN_INSYNC_REPLICAS_CONFIG: &str = "min.insync.replicas";
+
+/// `min.insync.replicas` of a partition with `voters` replicas: the topic's config if it is set
+/// to a positive number, else a majority of the voters.
+pub fn min_insync_replicas(configs: &BTreeMap<String, String>, voters: usize) -> usize {
+    configs
+        .get(MIN_INSYNC_REPLICAS_CONFIG)
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(voters / 2 + 1)
+}
 
 /// What every replica of a shard is opened with.
 pub struct ReplicaSettings {
@@ -240,10 +256,173 @@ impl ReplicaSet {
         Ok(())
     }
 
+    /// Opens the replicated partition `hosted` (in `<data>/<topic>-<partition>`, producer
+    /// state beside it as on a single node, hard state at [`hard_state_path`]) and starts its
+    /// consensus group `group` among `hosted.voters`, as `node`, with the topic's `configs`
+    /// (`min.insync.replicas`, else a majority). Files of another incarnation of the topic
+    /// (another topic id) are removed first. The replica is served like any other (reads,
+    /// retention, snapshots) and the group is [`Self::group`]'s. An open failure is logged and
+    /// kept for requests; the error is its Kafka code.
+    pub async fn open_group(
+        &self,
+        node: NodeId,
+        group: GroupId,
+        hosted: &HostedPartition,
+        configs: &BTreeMap<String, String>,
+    ) -> Result<Rc<PartitionGroup>, i16> {
+        let tp = TopicPartition::new(&hosted.topic, hosted.partition as i32);
+        let not_leader = ResponseError::NotLeaderOrFollower.code();
+        let _guard = self
+            .open_lock
+            .acquire_permit(1)
+            .await
+            .map_err(|_| not_leader)?;
+        if self.closing.get() {
+            return Err(not_leader);
+        }
+        if let Some(g) = self.groups.borrow().get(&tp) {
+            // The caller closes a group before opening its partition's next one.
+            assert_eq!(g.group(), group, "{tp:?} open in another group");
+            return Ok(g.clone());
+        }
+        if self.partitions.borrow().contains_key(&tp) {
+            // `open_owned` is for a single node; a cluster shard's replicas open here only.
+            tracing::error!(topic = %tp.topic, partition = tp.partition,
+                "partition open as a single node's on a cluster shard: not replicated");
+            return Err(ResponseError::KafkaStorageError.code());
+        }
+        match self
+            .open_group_files(node, group, hosted, &tp, configs)
+            .await
+        {
+            Ok(g) => {
+                self.failed_opens.borrow_mut().remove(&tp);
+                self.partitions
+                    .borrow_mut()
+                    .insert(tp.clone(), g.replica().clone());
+                self.groups.borrow_mut().insert(tp, g.clone());
+                Ok(g)
+            }
+            Err(e) => {
+                tracing::error!(topic = %tp.topic, partition = tp.partition, group, error = %e,
+                    "cannot open replicated partition");
+                self.failed_opens.borrow_mut().insert(tp, e.code());
+                Err(e.code())
+            }
+        }
+    }
+
+    async fn open_group_files(
+        &self,
+        node: NodeId,
+        group: GroupId,
+        hosted: &HostedPartition,
+        tp: &TopicPartition,
+        configs: &BTreeMap<String, String>,
+    ) -> Result<Rc<PartitionGroup>, ReplicaError> {
+        let dir = self.partition_dir(tp);
+        let state_path = producer_state_path(&self.settings.data_dir, tp);
+        claim_for_topic(&dir, &state_path, hosted.topic_id)?;
+        let mut log = self.settings.log.clone();
+        apply_topic_configs(&mut log, configs);
+        let config = ReplicaConfig {
+            log,
+            high_watermark_cap: self.settings.high_watermark_cap,
+        };
+        let replica = PartitionReplica::open_replicated(
+            tp.clone(),
+            dir.clone(),
+            Some(state_path),
+            config,
+            (self.observers)(tp),
+        )
+        .await?;
+        replica.set_policy(TopicPolicy::of(configs));
+        let replica = Rc::new(replica);
+        let mut cfg = GroupConfig::new(group, node, hosted.voters.clone());
+        cfg.min_insync_replicas = min_insync_replicas(configs, hosted.voters.len());
+        match PartitionGroup::open(replica.clone(), hard_state_path(&dir), cfg).await {
+            Ok(g) => Ok(g),
+            Err(e) => {
+                if let Err(ce) = replica.close().await {
+                    tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %ce,
+                        "closing a replica whose group did not open");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops the group of `tp` and closes its replica (its files stay: the partition moved or
+    /// the node stops hosting it for now).
+    pub async fn close_group(&self, tp: &TopicPartition) {
+        self.failed_opens.borrow_mut().remove(tp);
+        let Some(g) = self.groups.borrow_mut().remove(tp) else {
+            return;
+        };
+        self.partitions.borrow_mut().remove(tp);
+        if let Err(e) = g.close().await {
+            tracing::error!(topic = %tp.topic, partition = tp.partition, error = %e,
+                "closing replicated partition");
+        }
+    }
+
+    /// Stops the group of `tp` (if open) and removes every file of the partition: its topic,
+    /// with id `topic_id`, was deleted. Files already claimed by a newer incarnation (opened
+    /// on another shard first) are left to it: the group is only closed.
+    pub async fn delete_group(&self, tp: &TopicPartition, topic_id: u128) {
+        let dir = self.partition_dir(tp);
+        match read_topic_id(&dir) {
+            Ok(Some(id)) if id != topic_id => {
+                tracing::info!(topic = %tp.topic, partition = tp.partition,
+                    "the partition's files belong to a newer incarnation: kept");
+                self.close_group(tp).await;
+                return;
+            }
+            _ => {}
+        }
+        self.failed_opens.borrow_mut().remove(tp);
+        let g = self.groups.borrow_mut().remove(tp);
+        if let Some(g) = g {
+            self.partitions.borrow_mut().remove(tp);
+            if let Err(e) = g.delete().await {
+                tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %e,
+                    "deleting replicated partition");
+            }
+        }
+        let state_path = producer_state_path(&self.settings.data_dir, tp);
+        if let Err(e) = remove_partition_files(&dir, &state_path) {
+            tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %e,
+                "removing replicated partition files");
+        }
+    }
+
+    /// The consensus groups open on this shard (a snapshot).
+    pub fn open_groups(&self) -> Vec<(TopicPartition, Rc<PartitionGroup>)> {
+        self.groups
+            .borrow()
+            .iter()
+            .map(|(tp, g)| (tp.clone(), g.clone()))
+            .collect()
+    }
+
+    /// Stops and closes every consensus group of this shard (the shard is stopping).
+    pub async fn close_groups(&self) {
+        let all: Vec<TopicPartition> = self.groups.borrow().keys().cloned().collect();
+        for tp in all {
+            self.close_group(&tp).await;
+        }
+    }
+
     /// Applies a topic's changed configs to its replicas open on this shard. Only the live
-    /// limits change now (retention, max batch size); segment size applies when a log is next
-    /// opened.
+    /// limits change now (retention, max batch size, `min.insync.replicas`); segment size
+    /// applies when a log is next opened.
     pub fn reconfigure_topic(&self, topic: &str, configs: &BTreeMap<String, String>) {
+        for (tp, g) in self.groups.borrow().iter() {
+            if &*tp.topic == topic {
+                g.set_min_insync_replicas(min_insync_replicas(configs, g.voters().len()));
+            }
+        }
         let mut lc = self.settings.log.clone();
         apply_topic_configs(&mut lc, configs);
         let limits = LiveLimits::of(&lc);
@@ -320,8 +499,9 @@ impl ReplicaSet {
         self.closing.set(true);
     }
 
-    /// Flushes and closes every replica of this shard.
+    /// Flushes and closes every replica of this shard (replicated ones through their group).
     pub async fn close_all(&self) {
+        self.close_groups().await;
         let all: Vec<_> = self.partitions.borrow_mut().drain().collect();
         for (tp, p) in all {
             if let Err(e) = p.close().await {

@@ -1,0 +1,402 @@
+//! The task that drives one shard's replicated partitions on a cluster node: it opens and closes
+//! the shard's groups as the applied metadata changes, ticks them, carries their consensus
+//! traffic to and from the cluster service thread, and sends their leaders' reports.
+//!
+//! One task per shard, one event at a time:
+//! - a tick every [`PARTITION_TICK_MS`] (elections, heartbeats), and on it a look at the
+//!   cluster view's generation (a new view: open, close, delete and reconfigure groups);
+//! - a message from the service ([`ShardLink::inbox`]): delivered to its groups;
+//! - a group queued messages outside a tick or a delivery (a produce, a durability report):
+//!   flushed at once, so acks=all waits for the network and the disks, never for a tick;
+//! - a group became writable leader: its report goes out at once; reports not yet accepted
+//!   are repeated every [`REPORT_INTERVAL_MS`];
+//! - the controller accepted a report ([`ShardLink::accepted`]): it is not repeated.
+//!
+//! Everything sent goes to [`ShardLink::to_service`] with `try_send`: a full channel drops
+//! (counted) rather than stalls the shard; consensus retransmits and reports repeat.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use futures_lite::future::or;
+
+use crate::cluster::{
+    plan_hosting, HostedPartition, HostingPlan, LeaderReport, ShardEvent, ShardGroups, ShardLink,
+};
+use crate::controller::view::ClusterView;
+use crate::node::NodeMessage;
+use crate::partition::TopicPartition;
+use crate::shard::{cross_wake, ReplicaSet};
+use crate::types::{GroupId, NodeId};
+
+/// The partition groups' unit of logical time. The core's election timeout is 10 to 20 ticks
+/// (0.5 to 1 s) and its heartbeat 2 ticks (100 ms): a failed leader is replaced in about a
+/// second.
+pub const PARTITION_TICK_MS: u64 = 50;
+/// How often a leader's report the controller has not accepted yet is sent again. A new
+/// leadership is reported at once; this bounds the AlterIsr traffic of in-sync-set changes.
+pub const REPORT_INTERVAL_MS: u64 = 200;
+
+/// Incoming node messages stepped before their groups' replies are flushed: batches a burst
+/// (a peer's per-tick messages arrive together) without holding replies back for long.
+pub const MAX_MESSAGES_PER_FLUSH: usize = 32;
+
+/// Where a runtime's ticks come from.
+pub enum TickSource {
+    /// A timer (production: [`PARTITION_TICK_MS`]).
+    Every(Duration),
+    /// One tick per message (tests that must know exactly when groups tick). A closed channel
+    /// ticks no more.
+    Manual(flume::Receiver<()>),
+}
+
+pub struct RuntimeConfig {
+    /// This node.
+    pub node: NodeId,
+    pub ticks: TickSource,
+    pub report_interval: Duration,
+    /// Kept current while the runtime runs (for metrics and tests).
+    pub stats: Rc<RefCell<RuntimeStats>>,
+}
+
+impl RuntimeConfig {
+    /// The shipped cadence: [`PARTITION_TICK_MS`], [`REPORT_INTERVAL_MS`].
+    pub fn new(node: NodeId) -> Self {
+        RuntimeConfig {
+            node,
+            ticks: TickSource::Every(Duration::from_millis(PARTITION_TICK_MS)),
+            report_interval: Duration::from_millis(REPORT_INTERVAL_MS),
+            stats: Rc::default(),
+        }
+    }
+}
+
+/// What a runtime did, returned when it stops (and logged).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuntimeStats {
+    /// Ticks fully handled (their messages sent).
+    pub ticks: u64,
+    /// Node messages handed to the service, and dropped on a full or closed channel.
+    pub messages_sent: u64,
+    pub messages_dropped: u64,
+    /// Flushes caused by a group's outbox signal (not a tick or a delivery).
+    pub signalled_flushes: u64,
+    pub reports_sent: u64,
+    pub reports_dropped: u64,
+    /// Cluster views acted on.
+    pub views: u64,
+    /// Groups that could not be opened (retried at the next view).
+    pub open_failures: u64,
+}
+
+enum Event {
+    Stop,
+    Tick,
+    TicksEnded,
+    Inbox(NodeMessage),
+    InboxClosed,
+    Accepted(LeaderReport),
+    AcceptedClosed,
+    Outbox,
+    Leadership,
+}
+
+/// Drives the replicated partitions of `replicas`' shard until `stop` resolves, then closes
+/// every group (their files stay). Spawned once per shard on a cluster node, on that shard's
+/// executor, with the shard's end of the service channels.
+pub async fn run(
+    replicas: Rc<ReplicaSet>,
+    link: ShardLink,
+    config: RuntimeConfig,
+    stop: impl Future<Output = ()>,
+) -> RuntimeStats {
+    let mut rt = Runtime {
+        groups: ShardGroups::new(config.node),
+        replicas,
+        node: config.node,
+        report_interval: config.report_interval,
+        plan: HostingPlan::default(),
+        configs: BTreeMap::new(),
+        generation: None,
+        outbox_seen: 0,
+        leadership_seen: 0,
+        last_reported: None,
+        reported: BTreeMap::new(),
+        stats: config.stats.clone(),
+    };
+    let mut stop = std::pin::pin!(stop);
+    let (mut timer, manual) = match config.ticks {
+        TickSource::Every(d) => (Some((d, Instant::now() + d)), None),
+        TickSource::Manual(rx) => (None, Some(rx)),
+    };
+    let (mut inbox_open, mut accepted_open, mut manual_open) = (true, true, manual.is_some());
+    rt.check_view(&link).await;
+    loop {
+        let outbox = rt.groups.outbox_signal();
+        let leadership = rt.groups.leadership_signal();
+        let (outbox_seen, leadership_seen) = (rt.outbox_seen, rt.leadership_seen);
+        let event = or(
+            async {
+                stop.as_mut().await;
+                Event::Stop
+            },
+            or(
+                async {
+                    match (&timer, &manual) {
+                        (Some((_, at)), _) => {
+                            let now = Instant::now();
+                            if *at > now {
+                                glommio::timer::sleep(*at - now).await;
+                            }
+                            Event::Tick
+                        }
+                        (None, Some(rx)) if manual_open => match cross_wake::recv(rx).await {
+                            Ok(()) => Event::Tick,
+                            Err(_) => Event::TicksEnded,
+                        },
+                        _ => std::future::pending().await,
+                    }
+                },
+                or(
+                    async {
+                        outbox.changed(outbox_seen).await;
+                        Event::Outbox
+                    },
+                    or(
+                        async {
+                            leadership.changed(leadership_seen).await;
+                            Event::Leadership
+                        },
+                        or(
+                            async {
+                                if !inbox_open {
+                                    return std::future::pending().await;
+                                }
+                                match cross_wake::recv(&link.inbox).await {
+                                    Ok(m) => Event::Inbox(m),
+                                    Err(_) => Event::InboxClosed,
+                                }
+                            },
+                            async {
+                                if !accepted_open {
+                                    return std::future::pending().await;
+                                }
+                                match cross_wake::recv(&link.accepted).await {
+                                    Ok(r) => Event::Accepted(r),
+                                    Err(_) => Event::AcceptedClosed,
+                                }
+                            },
+                        ),
+                    ),
+                ),
+            ),
+        )
+        .await;
+        match event {
+            Event::Stop => break,
+            Event::TicksEnded => manual_open = false,
+            Event::Tick => {
+                if let Some((every, at)) = &mut timer {
+                    // A late tick is not made up for (no burst of ticks after a stall): the
+                    // groups' clocks are ticks, not time.
+                    let now = Instant::now();
+                    *at += *every;
+                    if *at <= now {
+                        *at = now + *every;
+                    }
+                }
+                rt.check_view(&link).await;
+                rt.outbox_seen = rt.groups.outbox_signal().generation();
+                let out = rt.groups.tick().await;
+                rt.send(&link, out);
+                rt.report(&link, false);
+                rt.stats.borrow_mut().ticks += 1;
+            }
+            Event::Inbox(msg) => {
+                rt.outbox_seen = rt.groups.outbox_signal().generation();
+                rt.groups.step(msg).await;
+                // What else has arrived is stepped before the flush: one pass over the groups
+                // and one message per peer for all of it.
+                for _ in 1..MAX_MESSAGES_PER_FLUSH {
+                    let Ok(msg) = link.inbox.try_recv() else {
+                        break;
+                    };
+                    rt.groups.step(msg).await;
+                }
+                let out = rt.groups.take_outgoing().await;
+                rt.send(&link, out);
+            }
+            Event::Outbox => {
+                rt.stats.borrow_mut().signalled_flushes += 1;
+                rt.outbox_seen = rt.groups.outbox_signal().generation();
+                let out = rt.groups.take_outgoing().await;
+                rt.send(&link, out);
+            }
+            Event::Leadership => rt.report(&link, true),
+            Event::Accepted(r) => rt.groups.acknowledge(r),
+            Event::InboxClosed => {
+                tracing::warn!(node = rt.node, shard = link.shard, "consensus inbox closed");
+                inbox_open = false;
+            }
+            Event::AcceptedClosed => accepted_open = false,
+        }
+    }
+    for g in rt.groups.ids() {
+        rt.groups.remove(g);
+    }
+    rt.replicas.close_groups().await;
+    let stats = rt.stats.borrow().clone();
+    tracing::info!(
+        node = rt.node,
+        shard = link.shard,
+        ?stats,
+        "replicated partitions of the shard stopped"
+    );
+    stats
+}
+
+struct Runtime {
+    groups: ShardGroups,
+    replicas: Rc<ReplicaSet>,
+    node: NodeId,
+    report_interval: Duration,
+    /// The groups open on this shard, as the plan named them.
+    plan: HostingPlan,
+    /// The configs last applied, per topic with a group open here.
+    configs: BTreeMap<String, BTreeMap<String, String>>,
+    /// The cluster view last acted on.
+    generation: Option<u64>,
+    /// The signals' generations before the last flush and report (a notify after them is
+    /// acted on).
+    outbox_seen: u64,
+    leadership_seen: u64,
+    last_reported: Option<Instant>,
+    /// The last report sent per group: a new epoch is sent at once, a repeat at the interval.
+    reported: BTreeMap<GroupId, LeaderReport>,
+    stats: Rc<RefCell<RuntimeStats>>,
+}
+
+impl Runtime {
+    fn send(&mut self, link: &ShardLink, out: Vec<NodeMessage>) {
+        for m in out {
+            match link.to_service.try_send(ShardEvent::Send(m)) {
+                Ok(()) => self.stats.borrow_mut().messages_sent += 1,
+                Err(_) => self.stats.borrow_mut().messages_dropped += 1,
+            }
+        }
+    }
+
+    /// Sends the reports the controller has not accepted: a group's first in its epoch at once,
+    /// the others when the report interval has passed (`leadership`: only new epochs).
+    fn report(&mut self, link: &ShardLink, leadership: bool) {
+        self.leadership_seen = self.groups.leadership_signal().generation();
+        let now = Instant::now();
+        let due = !leadership
+            && self
+                .last_reported
+                .is_none_or(|t| now.duration_since(t) >= self.report_interval);
+        let mut sent_any = false;
+        for r in self.groups.pending_reports() {
+            let new_epoch = self
+                .reported
+                .get(&r.group)
+                .is_none_or(|last| last.epoch != r.epoch);
+            if !(new_epoch || due) {
+                continue;
+            }
+            sent_any = true;
+            self.reported.insert(r.group, r.clone());
+            match link.to_service.try_send(ShardEvent::Report(r)) {
+                Ok(()) => self.stats.borrow_mut().reports_sent += 1,
+                Err(_) => self.stats.borrow_mut().reports_dropped += 1,
+            }
+        }
+        if due || sent_any {
+            self.last_reported = Some(now);
+        }
+    }
+
+    async fn check_view(&mut self, link: &ShardLink) {
+        let view = link.port.view();
+        if self.generation == Some(view.generation) {
+            return;
+        }
+        self.generation = Some(view.generation);
+        self.stats.borrow_mut().views += 1;
+        self.apply_view(link.shard, &view).await;
+    }
+
+    /// Opens, closes, deletes and reconfigures this shard's groups to match `view`.
+    async fn apply_view(&mut self, shard: usize, view: &ClusterView) {
+        self.replicas.refresh_table();
+        let state = &view.metadata;
+        let (plan, conflicts) = plan_hosting(state, self.node);
+        for c in conflicts {
+            tracing::error!(error = %c, "partitions not hosted");
+        }
+        let mine = HostingPlan {
+            groups: plan
+                .groups
+                .into_iter()
+                .filter(|(_, h)| h.shard as usize == shard)
+                .collect(),
+        };
+        let changes = self.plan.changes_to(&mine);
+        for (g, h) in changes.close {
+            self.groups.remove(g);
+            self.reported.remove(&g);
+            self.plan.groups.remove(&g);
+            let tp = topic_partition(&h);
+            let gone = state
+                .topics
+                .get(&h.topic)
+                .is_none_or(|t| t.topic_id != h.topic_id);
+            if gone {
+                tracing::info!(topic = %h.topic, partition = h.partition, group = g,
+                    "topic deleted: removing its replicated partition");
+                self.replicas.delete_group(&tp, h.topic_id).await;
+            } else {
+                self.replicas.close_group(&tp).await;
+            }
+        }
+        for (g, h) in changes.open {
+            let configs = state
+                .topics
+                .get(&h.topic)
+                .map(|t| t.configs.clone())
+                .unwrap_or_default();
+            match self.replicas.open_group(self.node, g, &h, &configs).await {
+                Ok(group) => {
+                    tracing::info!(topic = %h.topic, partition = h.partition, group = g,
+                        voters = ?h.voters, "hosting replicated partition");
+                    self.groups.insert(group);
+                    self.plan.groups.insert(g, h);
+                }
+                Err(_) => self.stats.borrow_mut().open_failures += 1,
+            }
+        }
+        let hosted: BTreeMap<&str, ()> = self
+            .plan
+            .groups
+            .values()
+            .map(|h| (h.topic.as_str(), ()))
+            .collect();
+        self.configs.retain(|t, _| hosted.contains_key(t.as_str()));
+        for topic in hosted.keys() {
+            let Some(t) = state.topics.get(*topic) else {
+                continue;
+            };
+            if self.configs.get(*topic) != Some(&t.configs) {
+                self.replicas.reconfigure_topic(topic, &t.configs);
+                self.configs.insert(topic.to_string(), t.configs.clone());
+            }
+        }
+    }
+}
+
+fn topic_partition(h: &HostedPartition) -> TopicPartition {
+    TopicPartition::new(&h.topic, h.partition as i32)
+}
