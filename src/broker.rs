@@ -19,7 +19,7 @@ use spate_net::metrics::Metrics;
 use spate_net::metrics_http::MetricsServer;
 use spate_net::server::{accept_loop, OpenConnections};
 use spate_net::shard::{Job, Router, Shard};
-use spate_replication::cluster::ShardLink;
+use spate_replication::cluster::{run_shard_runtime, RuntimeConfig, ShardLink};
 
 /// How often a shard that finished draining checks whether the others have too.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(10);
@@ -282,9 +282,25 @@ async fn run_shard(
     // Every replica this shard owns is opened (and recovered) before it serves clients. A
     // cluster node's replicas are opened by its hosting runtime instead, as the applied
     // controller metadata names them.
-    if link.is_none() {
-        shard.open_owned_partitions(None).await;
-    }
+    let hosting = match link {
+        None => {
+            shard.open_owned_partitions(None).await;
+            None
+        }
+        Some(link) => {
+            let node = config.node_id as spate_replication::NodeId;
+            let stop = {
+                let shard = shard.clone();
+                async move { shard.shutdown.changed(0).await }
+            };
+            Some(glommio::spawn_local(run_shard_runtime(
+                shard.replicas.clone(),
+                link,
+                RuntimeConfig::new(node),
+                stop,
+            )))
+        }
+    };
     spate_net::group::start_shard(&shard);
     // Jobs from other shards run as tasks of this shard, so a slow one never blocks the queue.
     let jobs = {
@@ -342,6 +358,10 @@ async fn run_shard(
     trims.await;
     snapshots.await;
     cleaner.await;
+    // The groups close before the replicas: their last messages and reports are dropped.
+    if let Some(h) = hosting {
+        h.await;
+    }
     finish(&shard, &drained, router.shards()).await;
     drop(jobs);
     Shard::clear_current();

@@ -26,7 +26,10 @@ pub fn leader_hint(view: &ClusterView, topic: &str, partition: i32) -> Option<Le
         .metadata
         .partition(topic, u32::try_from(partition).ok()?)?;
     Some(LeaderHint {
-        leader_id: p.leader.and_then(|n| i32::try_from(n).ok()).unwrap_or(-1),
+        leader_id: p
+            .elected_leader()
+            .and_then(|n| i32::try_from(n).ok())
+            .unwrap_or(-1),
         leader_epoch: p.leader_epoch,
     })
 }

@@ -109,7 +109,7 @@ pub struct Shard {
     pub config: Arc<BrokerConfig>,
     pub metadata: Arc<MetadataStore>,
     /// The partition replicas this shard owns, and its view of the placement.
-    pub replicas: ReplicaSet,
+    pub replicas: Rc<ReplicaSet>,
     /// Notified when a high watermark on this shard advances; long-polling fetches wait on it.
     pub data_arrived: Signal,
     /// Notified once when the broker starts shutting down.
@@ -163,7 +163,13 @@ impl Shard {
                     as Box<dyn spate_replication::partition::ReplicaObserver>
             })
         };
-        let replicas = ReplicaSet::new(id, router.shards(), settings, metadata.clone(), observers);
+        let replicas = Rc::new(ReplicaSet::new(
+            id,
+            router.shards(),
+            settings,
+            metadata.clone(),
+            observers,
+        ));
         let shard = Rc::new(Shard {
             id,
             router,

@@ -40,7 +40,10 @@ pub(crate) struct ListedBroker {
 
 pub(crate) struct BrokersView {
     pub cluster_id: String,
-    /// -1 while no controller is known (an election in progress).
+    /// The node clients send admin requests to: the active controller when it is known and
+    /// listed, else this node. Any node takes admin requests and forwards them to the active
+    /// controller (as KRaft brokers do), and librdkafka's admin client, told -1, waits for its
+    /// next periodic metadata refresh (minutes) before it sends anything.
     pub controller_id: i32,
     pub brokers: Vec<ListedBroker>,
 }
@@ -76,14 +79,17 @@ pub(crate) fn brokers_view(shard: &Shard, include_fenced: bool) -> BrokersView {
             fenced: b.fenced,
         })
         .collect();
+    let me_id = me.node_id;
     brokers.push(me);
     brokers.sort_by_key(|b| b.node_id);
+    let controller_id = v
+        .controller
+        .and_then(|c| i32::try_from(c).ok())
+        .filter(|c| brokers.iter().any(|b| b.node_id == *c && !b.fenced))
+        .unwrap_or(me_id);
     BrokersView {
         cluster_id: v.cluster_id.clone(),
-        controller_id: v
-            .controller
-            .and_then(|c| i32::try_from(c).ok())
-            .unwrap_or(-1),
+        controller_id,
         brokers,
     }
 }
@@ -254,7 +260,7 @@ pub(crate) fn describe_replicated(
         .map(|(i, p)| {
             let mut part = MetadataResponsePartition::default();
             part.partition_index = i as i32;
-            match p.leader {
+            match p.elected_leader() {
                 Some(leader) => part.leader_id = broker_id(leader),
                 None => {
                     part.leader_id = BrokerId(-1);

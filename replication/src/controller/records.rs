@@ -65,7 +65,19 @@ pub struct PartitionState {
     pub leader_epoch: Epoch,
 }
 
+/// Leader epochs of partition groups start here: an epoch below it is the placement's
+/// preferred leader, recorded at creation, not yet elected by the partition's group.
+pub const FIRST_ELECTED_EPOCH: Epoch = 1;
+
 impl PartitionState {
+    /// The leader its consensus group elected and reported, if any. At creation the state
+    /// names the preferred replica in epoch 0 (the controller's placement), but the group
+    /// elects its own leader in epoch 1 or later: clients are told of that one only.
+    pub fn elected_leader(&self) -> Option<NodeId> {
+        self.leader
+            .filter(|_| self.leader_epoch >= FIRST_ELECTED_EPOCH)
+    }
+
     pub fn has_replica(&self, node: NodeId) -> bool {
         self.replicas.iter().any(|r| r.node == node)
     }

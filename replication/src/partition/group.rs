@@ -311,6 +311,24 @@ impl PartitionGroup {
         self.perform(out).await;
     }
 
+    /// The group's preferred replica (its first voter, the leader the placement chose) starts
+    /// an election at once when the group has never had one, instead of waiting out an
+    /// election timeout (0.5-1 s); every other case is left to the timers.
+    pub async fn campaign_if_preferred(&self) {
+        if self.cfg.voters.first() != Some(&self.cfg.node) {
+            return;
+        }
+        let Ok(_guard) = self.lock.acquire_permit(1).await else {
+            return;
+        };
+        if self.failed.get() || self.core.borrow().epoch() != 0 {
+            return;
+        }
+        let mut out = Vec::new();
+        self.core.borrow_mut().campaign_now(&mut out);
+        self.perform(out).await;
+    }
+
     /// A message from the peer `from`.
     pub async fn step(&self, from: NodeId, msg: Message) {
         if let Message::Append(req) = &msg {

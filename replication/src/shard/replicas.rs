@@ -342,7 +342,10 @@ impl ReplicaSet {
         let mut cfg = GroupConfig::new(group, node, hosted.voters.clone());
         cfg.min_insync_replicas = min_insync_replicas(configs, hosted.voters.len());
         match PartitionGroup::open(replica.clone(), hard_state_path(&dir), cfg).await {
-            Ok(g) => Ok(g),
+            Ok(g) => {
+                g.campaign_if_preferred().await;
+                Ok(g)
+            }
             Err(e) => {
                 if let Err(ce) = replica.close().await {
                     tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %ce,
