@@ -5,8 +5,10 @@ Anomaly kinds (each is a broken guarantee; any one fails the run):
   changed           one offset was seen holding two different values (reads, or read vs. ack)
   duplicate         one value was seen at two different offsets
   non_monotonic     a consumer's stream of one partition went back or repeated an offset
-  skipped           a consumer's stream jumped over offsets (rule `gaps_are_anomalies`: Spate has
-                    no compaction or transaction markers yet, so every offset holds a record)
+  skipped           a consumer's stream jumped over offsets (rule `gaps_are_anomalies`, on for a
+                    single node, whose topic here has no compaction or control batches, so
+                    every offset holds a record; off for a cluster: each new partition leader
+                    writes a control batch)
   commit_backwards  a successful commit is below one that completed before it was sent, or a
                     committed offset read back is below a commit acknowledged before the read
   aborted_read      a value was read, never acknowledged, and is gone from the final read

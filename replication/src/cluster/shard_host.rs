@@ -163,6 +163,13 @@ impl ShardGroups {
             .collect()
     }
 
+    /// The controller's record no longer shows what it accepted for `group` (fencing this
+    /// broker dropped its leadership and took replicas out of the ISR): its report is pending
+    /// again.
+    pub fn forget_acknowledged(&self, group: GroupId) {
+        self.acknowledged.borrow_mut().remove(&group);
+    }
+
     /// The controller accepted `report` (or has a newer epoch: nothing more to say for it).
     pub fn acknowledge(&self, report: LeaderReport) {
         self.acknowledged.borrow_mut().insert(report.group, report);

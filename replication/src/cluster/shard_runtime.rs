@@ -394,6 +394,29 @@ impl Runtime {
                 self.configs.insert(topic.to_string(), t.configs.clone());
             }
         }
+        // The controller's record can move away from a report it accepted: fencing this
+        // broker (a pause longer than its session) drops its leaderships and takes replicas
+        // out of ISRs, and nothing else puts them back. A writable leader whose partition the
+        // view does not show as led by it, in its epoch, with its in-sync voters, reports again.
+        for (g, h) in &self.plan.groups {
+            let Some(group) = self.groups.get(*g) else {
+                continue;
+            };
+            if !group.is_writable_leader() {
+                continue;
+            }
+            let mut isr = group.in_sync_voter_ids();
+            isr.sort_unstable();
+            let shown = state.partition(&h.topic, h.partition).is_some_and(|p| {
+                let mut recorded = p.isr.clone();
+                recorded.sort_unstable();
+                p.leader == Some(self.node) && p.leader_epoch == group.epoch() && recorded == isr
+            });
+            if !shown {
+                self.groups.forget_acknowledged(*g);
+                self.reported.remove(g);
+            }
+        }
     }
 }
 

@@ -42,6 +42,13 @@ pub const MAX_CONFIG_CHANGES_PER_CALL: usize = 2 * MAX_CONFIGS_PER_TOPIC;
 pub struct ControllerConfig {
     pub broker_session_timeout_ms: u64,
     pub producer_id_block_len: u32,
+    /// Replicas of a topic created without a count (`--default-replication-factor`);
+    /// `None`: three, or every node of a smaller cluster (see [`Self::cluster_nodes`]).
+    pub default_replication_factor: Option<usize>,
+    /// The metadata voters: the cluster has at least these nodes, registered or not yet, so a
+    /// topic created while some are still starting gets the cluster's replication factor
+    /// (refused until enough are live, clients retry) rather than a smaller one for good.
+    pub voters: usize,
 }
 
 impl Default for ControllerConfig {
@@ -49,6 +56,8 @@ impl Default for ControllerConfig {
         ControllerConfig {
             broker_session_timeout_ms: DEFAULT_BROKER_SESSION_TIMEOUT_MS,
             producer_id_block_len: DEFAULT_PRODUCER_ID_BLOCK_LEN,
+            default_replication_factor: None,
+            voters: 1,
         }
     }
 }
@@ -153,6 +162,12 @@ impl ActiveController {
             state: committed,
             last_heartbeat_ms,
         }
+    }
+
+    /// The nodes of the cluster as far as the default replication factor goes: registered
+    /// brokers, fenced or not, and at least every voter.
+    fn cluster_nodes(&self) -> usize {
+        self.state.brokers.len().max(self.cfg.voters)
     }
 
     /// The committed state plus everything this controller decided since.
@@ -386,7 +401,8 @@ impl ActiveController {
         let mut placer = Placer::from_state(&self.state);
         let rf = req
             .replication_factor
-            .unwrap_or_else(|| default_replication_factor(placer.live_nodes()));
+            .or(self.cfg.default_replication_factor)
+            .unwrap_or_else(|| default_replication_factor(self.cluster_nodes()));
         let partitions = placer
             .place(req.partitions, rf)?
             .into_iter()

@@ -86,9 +86,7 @@ pub struct DriverConfig {
     pub call_deadline_ms: u64,
     pub heartbeat_interval_ms: u64,
     pub controller: ControllerConfig,
-    /// Replicas of a topic created without a count; `None`: min(3, live brokers). Topic
-    /// creation does not go through the controller yet (partitions are single-node), so only
-    /// the setting travels this far.
+    /// Replicas of a topic created without a count; `None`: min(3, nodes of the cluster).
     pub default_replication_factor: Option<usize>,
     /// Seeds the election-timeout jitter.
     pub seed: u64,
@@ -591,8 +589,13 @@ impl<R: Clone> Driver<R> {
             && r.high_watermark() == r.log_end()
         {
             let epoch = r.epoch();
+            let controller = ControllerConfig {
+                default_replication_factor: self.cfg.default_replication_factor,
+                voters: self.cfg.voters.len(),
+                ..self.cfg.controller
+            };
             self.active = Some(ActiveController::new(
-                self.cfg.controller,
+                controller,
                 self.state.clone(),
                 self.now_ms,
             ));
