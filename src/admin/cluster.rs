@@ -7,8 +7,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use kafka_protocol::messages::describe_quorum_request::{PartitionData, TopicData};
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsRequest, BrokerId, DescribeClusterRequest, DescribeQuorumRequest,
-    TopicName, UnregisterBrokerRequest,
+    ApiKey, ApiVersionsRequest, BrokerId, DescribeClusterRequest, DescribeQuorumRequest, TopicName,
+    UnregisterBrokerRequest,
 };
 use kafka_protocol::protocol::StrBytes;
 use serde_json::{json, Value};

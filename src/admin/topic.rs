@@ -478,7 +478,13 @@ fn describe(a: DescribeArgs) -> Result<()> {
         ]);
         for p in &topic.partitions {
             let (start, end) = offsets.get(&p.partition).copied().unwrap_or((-1, -1));
-            let or_none = |v: i32| if v < 0 { "-".to_string() } else { v.to_string() };
+            let or_none = |v: i32| {
+                if v < 0 {
+                    "-".to_string()
+                } else {
+                    v.to_string()
+                }
+            };
             table.row(vec![
                 p.partition.to_string(),
                 or_none(p.leader),

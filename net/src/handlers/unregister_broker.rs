@@ -24,8 +24,7 @@ pub async fn handle(shard: &Shard, req: &Request) -> Result<Bytes, NetError> {
     let resp = match (&shard.config.cluster, u64::try_from(node)) {
         (None, _) => refused(
             ResponseError::InvalidRequest,
-            "not a cluster: this node runs without --seeds and has no brokers to unregister"
-                .into(),
+            "not a cluster: this node runs without --seeds and has no brokers to unregister".into(),
         ),
         (Some(_), Err(_)) => refused(
             ResponseError::BrokerIdNotRegistered,

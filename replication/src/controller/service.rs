@@ -314,9 +314,7 @@ impl Ctx {
                 (CallReply::Unit(r), Ok(_)) => drop(r.try_send(Ok(()))),
                 (CallReply::Unit(r), Err(e)) => drop(r.try_send(Err(call_error(&e)))),
                 (CallReply::Unregister(r), Ok(_)) => drop(r.try_send(Ok(()))),
-                (CallReply::Unregister(r), Err(e)) => {
-                    drop(r.try_send(Err(unregister_error(&e))))
-                }
+                (CallReply::Unregister(r), Err(e)) => drop(r.try_send(Err(unregister_error(&e)))),
                 (CallReply::ProducerIds(r), Ok(CallAnswer::ProducerIds { first, len })) => {
                     drop(r.try_send(Ok((first, len))))
                 }
@@ -369,7 +367,10 @@ impl Ctx {
         for node in gone {
             self.peer_uuids.remove(&node);
             if !state.brokers.contains_key(&node) {
-                tracing::info!(node, "broker unregistered: its id may join with a new node UUID");
+                tracing::info!(
+                    node,
+                    "broker unregistered: its id may join with a new node UUID"
+                );
             }
             self.transport.forget_peer_uuid(node);
         }
