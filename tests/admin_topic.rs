@@ -144,6 +144,10 @@ fn topics_are_created_listed_described_and_deleted() {
         .collect();
     assert_eq!(ends, [0, 25, 0]);
     assert_eq!(parts[1]["leader"], 0);
+    assert_eq!(
+        (&parts[1]["leader_epoch"], &parts[1]["offline_replicas"]),
+        (&0.into(), &serde_json::json!([]))
+    );
     assert_eq!(d[0]["configs"]["retention.ms"]["source"], "default");
     let d = json(b, &["topic", "describe", "logs", "--json"]);
     assert_eq!(d[0]["configs"]["retention.ms"]["value"], "3600000");
@@ -156,7 +160,9 @@ fn topics_are_created_listed_described_and_deleted() {
     assert!(
         described
             .lines()
-            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["1", "0", "0", "0", "0", "25"]),
+            // Partition, leader, epoch, replicas, ISR, offline, log start and end.
+            .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                == ["1", "0", "0", "0", "0", "-", "0", "25"]),
         "{described}"
     );
     let err = fails(b, &["topic", "describe", "nosuch"]);

@@ -1,8 +1,9 @@
 //! Three real `spate serve` nodes on loopback form a cluster: every node's Metadata (and
 //! `kcat -L`) lists all three brokers and one controller; SIGKILL of the controller leader gets
 //! a new controller within a bound; the dead broker leaves Metadata after its session times
-//! out and comes back when restarted. A node started with another seed list (so another
-//! cluster id) is refused by the rpc handshake with a clear log line.
+//! out and comes back when restarted. A wiped node is refused until `spate cluster unregister`
+//! (refused for a live broker) and then joins as a new node. A node started with another seed
+//! list (so another cluster id) is refused by the rpc handshake with a clear log line.
 
 mod common;
 
@@ -114,6 +115,107 @@ fn three_nodes_form_a_cluster_fail_over_and_take_a_node_back() {
         assert_eq!(listed, others, "a wiped node must not be listed");
         std::thread::sleep(POLL);
     }
+
+    // The operator's way in. A live broker is refused (stop it first), an unknown id too.
+    let (a, b) = (survivors[0], survivors[1]);
+    let out = common::spate_cli(&a.addr(), &["cluster", "unregister", &b.id.to_string()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a live broker was unregistered");
+    assert!(
+        err.contains("INVALID_REQUEST") && err.contains("stop it first"),
+        "{err}"
+    );
+    let out = common::spate_cli(&a.addr(), &["cluster", "unregister", "42"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an unknown id was unregistered");
+    assert!(err.contains("BROKER_ID_NOT_REGISTERED"), "{err}");
+    // The wiped node's old incarnation is fenced (it left Metadata above): unregistering it
+    // through a node that is not the controller succeeds, and the wiped node then registers
+    // with its new node UUID and is listed again by every node.
+    let registrations = |n: &Node| n.log().matches("registered with the controller").count();
+    let before = registrations(&nodes[victim]);
+    let out = common::spate_cli(
+        &b.addr(),
+        &["cluster", "unregister", &controller.to_string()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("Unregistered broker {controller}")),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let refs: Vec<&Node> = nodes.iter().collect();
+    wait_for(&refs, &all, &all, "wiped node joined as a new node");
+    assert!(
+        registrations(&nodes[victim]) > before,
+        "{}",
+        nodes[victim].log()
+    );
+    // Now live again, it cannot be unregistered.
+    let out = common::spate_cli(
+        &nodes[0].addr(),
+        &["cluster", "unregister", &controller.to_string()],
+    );
+    assert!(!out.status.success(), "the rejoined node was unregistered");
+
+    // `spate topic describe` on a replicated topic: every partition led in an elected epoch,
+    // three replicas, all in sync, none offline.
+    let out = common::spate_cli(
+        &nodes[0].addr(),
+        &[
+            "topic",
+            "create",
+            "replicated",
+            "--partitions",
+            "2",
+            "--replication-factor",
+            "3",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + CLUSTER_DEADLINE;
+    loop {
+        let out = common::spate_cli(
+            &nodes[1].addr(),
+            &["topic", "describe", "replicated", "--json"],
+        );
+        let doc: Option<serde_json::Value> = out
+            .status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten();
+        let settled = doc.as_ref().is_some_and(|d| {
+            let parts = d[0]["partitions"].as_array().cloned().unwrap_or_default();
+            parts.len() == 2
+                && parts.iter().all(|p| {
+                    p["leader"].as_i64().is_some_and(|l| l >= 1)
+                        && p["leader_epoch"].as_i64().is_some_and(|e| e >= 1)
+                        && p["replicas"].as_array().is_some_and(|r| r.len() == 3)
+                        && p["isr"].as_array().is_some_and(|r| r.len() == 3)
+                        && p["offline_replicas"] == serde_json::json!([])
+                })
+        });
+        if settled {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicated topic not described as settled: {doc:?} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(POLL);
+    }
+    let text = common::spate_cli(&nodes[1].addr(), &["topic", "describe", "replicated"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("EPOCH") && text.contains("OFFLINE"), "{text}");
 }
 
 #[test]

@@ -13,6 +13,7 @@ use kafka_protocol::protocol::StrBytes;
 const INVALID_TOPIC_EXCEPTION: i16 = 17;
 const INVALID_PARTITIONS: i16 = 37;
 const UNSUPPORTED_VERSION: i16 = 35;
+const INVALID_REQUEST: i16 = 42;
 
 fn name(s: &str) -> TopicName {
     TopicName(StrBytes::from_string(s.to_string()))
@@ -296,8 +297,21 @@ fn every_advertised_version_is_served() {
                 ApiKey::ListGroups => probe(&addr, v, &ListGroupsRequest::default()),
                 ApiKey::DeleteGroups => probe(&addr, v, &DeleteGroupsRequest::default()),
                 ApiKey::OffsetDelete => probe(&addr, v, &OffsetDeleteRequest::default()),
+                ApiKey::UnregisterBroker => probe(
+                    &addr,
+                    v,
+                    &UnregisterBrokerRequest::default().with_broker_id(BrokerId(1)),
+                ),
                 other => panic!("{other:?} is advertised: add a probe for it"),
             }
         }
     }
+    // A single node has no cluster to unregister from, and says so.
+    let r = raw.call(
+        0,
+        &UnregisterBrokerRequest::default().with_broker_id(BrokerId(0)),
+    );
+    assert_eq!(r.error_code, INVALID_REQUEST, "{r:?}");
+    let message = r.error_message.map(|m| m.to_string()).unwrap_or_default();
+    assert!(message.contains("not a cluster"), "{message}");
 }

@@ -79,6 +79,9 @@ async fn dispatch_reporting(
         ApiKey::DescribeCluster => handlers::admin::describe_cluster(&shard, &req).map(Some),
         ApiKey::DescribeQuorum => handlers::quorum::handle(&shard, &req).map(Some),
         ApiKey::AlterConfigs => handlers::admin::alter_configs(&shard, &req).await.map(Some),
+        ApiKey::UnregisterBroker => handlers::unregister_broker::handle(&shard, &req)
+            .await
+            .map(Some),
         key if crate::group::GROUP_API_KEYS.contains(&key) => {
             crate::group::handle(&shard, &req).await.map(Some)
         }
@@ -197,6 +200,7 @@ pub fn decode_only(req: &Request) -> Result<(), NetError> {
         ApiKey::DescribeCluster => decode_body::<DescribeClusterRequest>(req).map(drop),
         ApiKey::DescribeQuorum => decode_body::<DescribeQuorumRequest>(req).map(drop),
         ApiKey::AlterConfigs => decode_body::<AlterConfigsRequest>(req).map(drop),
+        ApiKey::UnregisterBroker => decode_body::<UnregisterBrokerRequest>(req).map(drop),
         _ => Err(NetError::Malformed("not served".into())),
     }
 }

@@ -45,6 +45,8 @@ pub const SUPPORTED: &[Supported] = &[
     api(ApiKey::CreatePartitions, 0, 3),
     api(ApiKey::DescribeCluster, 0, 2),
     api(ApiKey::DescribeQuorum, 0, 2),
+    // A node without `--seeds` answers it INVALID_REQUEST ("not a cluster") in its layout.
+    api(ApiKey::UnregisterBroker, 0, 0),
     // Consumer groups (net/src/group/).
     api(ApiKey::FindCoordinator, 0, 4),
     api(ApiKey::JoinGroup, 0, 9),

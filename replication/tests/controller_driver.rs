@@ -345,3 +345,75 @@ fn calls_finish_once_applied_here_and_fail_at_the_deadline_without_a_quorum() {
         "{got:?}"
     );
 }
+
+#[test]
+fn an_operator_unregisters_a_fenced_broker_and_its_id_rejoins_with_a_new_uuid() {
+    use spate_replication::controller::driver::{AdminCall, CallAnswer};
+    use spate_replication::rpc::RpcErrorCode;
+
+    let mut net = Net::new(&[1, 2, 3, 4]);
+    net.until(5_000, "cluster formed", |n| {
+        n.controllers().len() == 1 && n.all_see_live(&[1, 2, 3, 4])
+    });
+    let call = |net: &mut Net, on: NodeId, id: u64, node: NodeId| {
+        net.nodes
+            .get_mut(&on)
+            .unwrap()
+            .submit_call(id, AdminCall::UnregisterBroker { node })
+            .unwrap();
+        net.until(2_000, "unregister answered", |n| {
+            n.nodes[&on].calls_in_flight() == 0
+        });
+        let mut got = net.nodes.get_mut(&on).unwrap().take_finished_calls();
+        assert_eq!(got.len(), 1, "{got:?}");
+        got.pop().unwrap().1
+    };
+    // A live broker: refused, with what to do.
+    let e = call(&mut net, 1, 1, 4).unwrap_err();
+    assert_eq!(e.code, RpcErrorCode::InvalidRequest, "{e:?}");
+    assert!(e.message.contains("stop it first"), "{e:?}");
+    // An unknown id: refused as such, and the asking node does not take it for its own
+    // registration's loss (it stays registered, still live).
+    let epoch = net.nodes[&1].broker_epoch();
+    let e = call(&mut net, 1, 2, 99).unwrap_err();
+    assert_eq!(e.code, RpcErrorCode::UnknownBroker, "{e:?}");
+    assert_eq!(net.nodes[&1].broker_epoch(), epoch);
+
+    // Node 4 dies and its directory is wiped: the new incarnation (a new UUID) is refused
+    // while the old one is registered.
+    net.kill(4);
+    net.until(
+        DEFAULT_BROKER_SESSION_TIMEOUT_MS + 2_000,
+        "dead broker fenced",
+        |n| n.all_see_live(&[1, 2, 3]),
+    );
+    net.dirs.insert(4, tempfile::tempdir().unwrap());
+    let mut wiped = cfg(4);
+    wiped.node_uuid ^= 0xFFFF;
+    let store = MetadataStore::open(&net.dir(4)).unwrap();
+    net.nodes.insert(4, Driver::new(wiped, store, net.now_ms));
+    net.down.remove(&4);
+    for _ in 0..40 {
+        net.step();
+        for v in VOTERS {
+            let live: Vec<NodeId> = net.nodes[&v]
+                .view()
+                .live_brokers()
+                .map(|b| b.node)
+                .collect();
+            assert_eq!(live, [1, 2, 3], "a wiped node joined");
+        }
+    }
+    // Unregistered through a voter that need not be the controller: answered once applied
+    // there; the id then registers with its new UUID on every node.
+    assert_eq!(call(&mut net, 2, 3, 4), Ok(CallAnswer::Done));
+    net.until(3_000, "wiped node joined", |n| {
+        n.all_see_live(&[1, 2, 3, 4])
+            && n.nodes.values().all(|d| {
+                d.state().brokers.get(&4).map(|b| b.node_uuid) == Some(cfg(4).node_uuid ^ 0xFFFF)
+            })
+    });
+    // Live again: refused.
+    let e = call(&mut net, 3, 4, 4).unwrap_err();
+    assert_eq!(e.code, RpcErrorCode::InvalidRequest, "{e:?}");
+}

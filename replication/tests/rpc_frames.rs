@@ -8,6 +8,7 @@ use std::cell::Cell;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use proptest::prelude::*;
+use spate_replication::controller::records::MAX_NODE_ID;
 use spate_replication::controller::{
     AlterIsrRequest, CreateTopicRequest, Endpoint, HeartbeatRequest, RegisterRequest,
 };
@@ -328,6 +329,7 @@ fn rpc_message() -> impl Strategy<Value = RpcMessage> {
             .prop_map(|(topic, changes)| RpcMessage::SetTopicConfigs { topic, changes }),
         1 => prop_oneof![any::<u64>().prop_map(Ok), error_reply().prop_map(Err)]
             .prop_map(RpcMessage::AdminResponse),
+        1 => (0..=MAX_NODE_ID).prop_map(|node| RpcMessage::UnregisterBroker { node }),
     ]
 }
 
@@ -599,4 +601,35 @@ fn hostile_counts_inside_a_frame_are_refused_without_allocating_for_them() {
     let (res, bytes) = allocated_by(|| FrameCodec::default().decode(&mut raw));
     assert!(matches!(res, Err(RpcError::Decode(_))), "{res:?}");
     assert!(bytes < 1024, "{bytes} bytes allocated");
+}
+
+#[test]
+fn an_unregistration_outside_the_broker_id_range_is_refused() {
+    let codec = FrameCodec::default();
+    let message = RpcMessage::UnregisterBroker {
+        node: MAX_NODE_ID + 1,
+    };
+    assert!(matches!(
+        codec.encode(&Frame {
+            correlation_id: 1,
+            message
+        }),
+        Err(RpcError::FieldTooLarge("node id"))
+    ));
+    // The same frame written by hand: kind 19, a correlation id, the node.
+    let mut body = BytesMut::new();
+    body.put_u8(19);
+    body.put_u64(7);
+    body.put_u64(MAX_NODE_ID + 1);
+    let mut raw = BytesMut::new();
+    raw.put_u32(body.len() as u32);
+    raw.put_slice(&body);
+    assert!(matches!(codec.decode(&mut raw), Err(RpcError::Decode(_))));
+    // And the largest id in range goes through.
+    let f = Frame {
+        correlation_id: 7,
+        message: RpcMessage::UnregisterBroker { node: MAX_NODE_ID },
+    };
+    let mut raw = BytesMut::from(&encode(&f)[..]);
+    assert_eq!(codec.decode(&mut raw).unwrap(), Some(f));
 }

@@ -1,23 +1,44 @@
 //! `spate cluster info`: cluster id, controller (and its epoch), nodes (alive, voter), topic
 //! and partition counts, and the API versions the bootstrap broker speaks.
+//! `spate cluster unregister ID`: declares a stopped broker gone for good (its data directory
+//! wiped), so its id may join again as a new node (Kafka's UnregisterBroker, KIP-631).
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use kafka_protocol::messages::describe_quorum_request::{PartitionData, TopicData};
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsRequest, DescribeClusterRequest, DescribeQuorumRequest, TopicName,
+    ApiKey, ApiVersionsRequest, BrokerId, DescribeClusterRequest, DescribeQuorumRequest, TopicName,
+    UnregisterBrokerRequest,
 };
 use kafka_protocol::protocol::StrBytes;
 use serde_json::{json, Value};
 
-use super::client::{check, Client, ConnectArgs};
+use super::client::{check, kafka_error, Client, ConnectArgs};
 use super::table::{out, print_json, say, Table};
 
 #[derive(Subcommand, Debug)]
 pub enum ClusterCommand {
     /// Show the cluster id, controller, brokers and what the brokers speak.
     Info(InfoArgs),
+    /// Forget a stopped broker whose data directory is gone: it leaves every ISR, and its id
+    /// may join again with a new (empty) data directory. A live broker is refused.
+    Unregister(UnregisterArgs),
 }
+
+#[derive(Args, Debug)]
+pub struct UnregisterArgs {
+    /// The broker (node) id to unregister.
+    #[arg(value_parser = clap::value_parser!(i32).range(0..))]
+    pub id: i32,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// UnregisterBroker versions this command speaks (KIP-631 defines only v0).
+const UNREGISTER_BROKER_VERSIONS: std::ops::RangeInclusive<i16> = 0..=0;
 
 #[derive(Args, Debug)]
 pub struct InfoArgs {
@@ -34,7 +55,33 @@ pub struct InfoArgs {
 pub fn run(cmd: ClusterCommand) -> Result<()> {
     match cmd {
         ClusterCommand::Info(a) => info(a),
+        ClusterCommand::Unregister(a) => unregister(a),
     }
+}
+
+fn unregister(a: UnregisterArgs) -> Result<()> {
+    let mut client = Client::connect(&a.connect)?;
+    let req = UnregisterBrokerRequest::default().with_broker_id(BrokerId(a.id));
+    let (_, reply) = client
+        .call(ApiKey::UnregisterBroker, UNREGISTER_BROKER_VERSIONS, &req)
+        .context("UnregisterBroker request")?;
+    if reply.error_code != 0 {
+        return Err(kafka_error(
+            reply.error_code,
+            reply.error_message.as_deref(),
+            format!("unregistering broker {}", a.id),
+        ));
+    }
+    if a.json {
+        print_json(&json!({"unregistered": a.id}));
+    } else {
+        say!(
+            "Unregistered broker {}: it is in no ISR now, and its id may join again with a new \
+             data directory.",
+            a.id
+        );
+    }
+    Ok(())
 }
 
 fn info(a: InfoArgs) -> Result<()> {

@@ -260,8 +260,20 @@ fn create(a: CreateArgs) -> Result<()> {
     Ok(())
 }
 
-/// (partition, leader, replicas, isr, error code) of one partition.
-type PartitionRow = (i32, i32, Vec<i32>, Vec<i32>, i16);
+/// One partition as a metadata reply shows it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct PartitionRow {
+    partition: i32,
+    /// -1: no leader (an election is under way, or every in-sync replica is offline).
+    leader: i32,
+    /// -1 when the broker's Metadata version has no epochs (before v7).
+    leader_epoch: i32,
+    replicas: Vec<i32>,
+    isr: Vec<i32>,
+    /// Replicas on brokers that are fenced or gone (Metadata v5+).
+    offline: Vec<i32>,
+    error: i16,
+}
 
 /// One topic as a metadata reply shows it.
 struct TopicInfo {
@@ -279,14 +291,14 @@ fn topics_of(meta: &MetadataResponse) -> Vec<(TopicInfo, i16)> {
             let mut partitions: Vec<_> = t
                 .partitions
                 .iter()
-                .map(|p| {
-                    (
-                        p.partition_index,
-                        p.leader_id.0,
-                        p.replica_nodes.iter().map(|b| b.0).collect(),
-                        p.isr_nodes.iter().map(|b| b.0).collect(),
-                        p.error_code,
-                    )
+                .map(|p| PartitionRow {
+                    partition: p.partition_index,
+                    leader: p.leader_id.0,
+                    leader_epoch: p.leader_epoch,
+                    replicas: p.replica_nodes.iter().map(|b| b.0).collect(),
+                    isr: p.isr_nodes.iter().map(|b| b.0).collect(),
+                    offline: p.offline_replicas.iter().map(|b| b.0).collect(),
+                    error: p.error_code,
                 })
                 .collect();
             partitions.sort();
@@ -342,10 +354,11 @@ fn list(a: ListArgs) -> Result<()> {
 }
 
 fn replication_factor(t: &TopicInfo) -> usize {
-    t.partitions.first().map_or(0, |p| p.2.len())
+    t.partitions.first().map_or(0, |p| p.replicas.len())
 }
 
-/// Earliest and latest offset of every partition, asked of each partition's leader.
+/// Earliest and latest offset of every partition that has a leader, asked of the leader (a
+/// leaderless partition has none to tell: it is left out rather than failing the describe).
 fn log_offsets(
     client: &mut Client,
     meta: &MetadataResponse,
@@ -353,11 +366,14 @@ fn log_offsets(
 ) -> Result<BTreeMap<i32, (i64, i64)>> {
     let addrs = Client::broker_addrs(meta);
     let mut by_leader: BTreeMap<String, Vec<i32>> = BTreeMap::new();
-    for p in &topic.partitions {
-        let addr = addrs
-            .get(&p.1)
-            .with_context(|| format!("{}/{} has no leader", topic.name, p.0))?;
-        by_leader.entry(addr.clone()).or_default().push(p.0);
+    for p in topic.partitions.iter().filter(|p| p.leader >= 0) {
+        let addr = addrs.get(&p.leader).with_context(|| {
+            format!(
+                "{}/{}: leader {} is not among the brokers listed",
+                topic.name, p.partition, p.leader
+            )
+        })?;
+        by_leader.entry(addr.clone()).or_default().push(p.partition);
     }
     let mut out = BTreeMap::new();
     for (addr, parts) in by_leader {
@@ -425,12 +441,14 @@ fn describe(a: DescribeArgs) -> Result<()> {
                 "topic_id": topic.id,
                 "internal": topic.internal,
                 "partitions": topic.partitions.iter().map(|p| {
-                    let (start, end) = offsets.get(&p.0).copied().unwrap_or((-1, -1));
+                    let (start, end) = offsets.get(&p.partition).copied().unwrap_or((-1, -1));
                     json!({
-                        "partition": p.0,
-                        "leader": p.1,
-                        "replicas": p.2,
-                        "isr": p.3,
+                        "partition": p.partition,
+                        "leader": p.leader,
+                        "leader_epoch": p.leader_epoch,
+                        "replicas": p.replicas,
+                        "isr": p.isr,
+                        "offline_replicas": p.offline,
                         "log_start_offset": start,
                         "log_end_offset": end,
                     })
@@ -451,18 +469,33 @@ fn describe(a: DescribeArgs) -> Result<()> {
         let mut table = Table::new(&[
             "PARTITION",
             "LEADER",
+            "EPOCH",
             "REPLICAS",
             "ISR",
+            "OFFLINE",
             "LOG-START-OFFSET",
             "LOG-END-OFFSET",
         ]);
         for p in &topic.partitions {
-            let (start, end) = offsets.get(&p.0).copied().unwrap_or((-1, -1));
+            let (start, end) = offsets.get(&p.partition).copied().unwrap_or((-1, -1));
+            let or_none = |v: i32| {
+                if v < 0 {
+                    "-".to_string()
+                } else {
+                    v.to_string()
+                }
+            };
             table.row(vec![
-                p.0.to_string(),
-                p.1.to_string(),
-                ids(&p.2),
-                ids(&p.3),
+                p.partition.to_string(),
+                or_none(p.leader),
+                or_none(p.leader_epoch),
+                ids(&p.replicas),
+                ids(&p.isr),
+                if p.offline.is_empty() {
+                    "-".to_string()
+                } else {
+                    ids(&p.offline)
+                },
                 start.to_string(),
                 end.to_string(),
             ]);

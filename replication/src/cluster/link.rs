@@ -19,6 +19,7 @@ use crate::controller::active::CreateTopicRequest;
 use crate::controller::view::{ClusterView, SharedClusterView};
 use crate::node::NodeMessage;
 use crate::shard::cross_wake;
+use crate::types::NodeId;
 
 /// Calls from the Kafka layer waiting for the service thread at most (each is one admin or
 /// InitProducerId request; a full queue answers "controller busy" rather than queueing).
@@ -84,6 +85,12 @@ pub enum ControllerCall {
     /// A block of producer ids for this node: `(first, len)`.
     AllocateProducerIds {
         reply: Reply<(u64, u32)>,
+    },
+    /// An operator declares broker `node` gone (its data directory wiped), so its id may
+    /// register again with a new node UUID (Kafka's UnregisterBroker, KIP-631).
+    UnregisterBroker {
+        node: NodeId,
+        reply: Reply<()>,
     },
 }
 
@@ -194,6 +201,14 @@ impl ClusterPort {
             reply,
         })
         .await
+    }
+
+    /// Unregisters broker `node`: it leaves every ISR and its id may register again with a new
+    /// node UUID. Refused for an unknown id (`BROKER_ID_NOT_REGISTERED`) and for a live,
+    /// unfenced broker (`INVALID_REQUEST`: stop it first). Answered once applied here.
+    pub async fn unregister_broker(&self, node: NodeId) -> Result<(), CallError> {
+        self.call(|reply| ControllerCall::UnregisterBroker { node, reply })
+            .await
     }
 
     /// A producer id unique in the cluster and never handed out before: from this node's

@@ -168,6 +168,10 @@ pub enum AdminCall {
         changes: Vec<(String, Option<String>)>,
     },
     AllocateProducerIds,
+    /// An operator declares `node` gone (its data directory wiped); refused while it is live.
+    UnregisterBroker {
+        node: NodeId,
+    },
 }
 
 /// What a finished admin call answers.
@@ -489,7 +493,8 @@ impl<R: Clone> Driver<R> {
             m @ (RpcMessage::CreateTopic { .. }
             | RpcMessage::CreatePartitions { .. }
             | RpcMessage::DeleteTopic { .. }
-            | RpcMessage::SetTopicConfigs { .. }) => self.handle_admin(dest, corr, m)?,
+            | RpcMessage::SetTopicConfigs { .. }
+            | RpcMessage::UnregisterBroker { .. }) => self.handle_admin(dest, corr, m)?,
             RpcMessage::RegisterBrokerResponse(_)
             | RpcMessage::HeartbeatResponse(_)
             | RpcMessage::FetchMetadataResponse(_)
@@ -765,6 +770,14 @@ impl<R: Clone> Driver<R> {
             RpcMessage::SetTopicConfigs { topic, changes } => {
                 run_admin(active, false, |c| c.set_topic_configs(&topic, &changes))
             }
+            RpcMessage::UnregisterBroker { node } => {
+                if let Some(e) = refuse_unregistering(active.state(), node) {
+                    self.send_reply(dest, corr, RpcMessage::AdminResponse(Err(e)));
+                    return Ok(());
+                }
+                tracing::info!(node, "unregistering broker (operator request)");
+                active.unregister(node)
+            }
             other => unreachable!("not an admin request: {other:?}"),
         };
         match decided {
@@ -890,7 +903,10 @@ impl<R: Clone> Driver<R> {
                 m @ (RpcMessage::CreateTopic { .. }
                 | RpcMessage::CreatePartitions { .. }
                 | RpcMessage::DeleteTopic { .. }
-                | RpcMessage::SetTopicConfigs { .. }) => self.handle_admin(Dest::Local, corr, m)?,
+                | RpcMessage::SetTopicConfigs { .. }
+                | RpcMessage::UnregisterBroker { .. }) => {
+                    self.handle_admin(Dest::Local, corr, m)?
+                }
                 other => unreachable!("broker side sent {other:?}"),
             }
         } else {
@@ -1146,6 +1162,9 @@ impl<R: Clone> Driver<R> {
                     topic: topic.clone(),
                     changes: changes.clone(),
                 },
+                AdminCall::UnregisterBroker { node } => {
+                    RpcMessage::UnregisterBroker { node: *node }
+                }
                 AdminCall::AllocateProducerIds => {
                     // Blocks are granted to a registered broker only.
                     let Some(broker_epoch) = self.agent.broker_epoch else {
@@ -1292,6 +1311,15 @@ impl<R: Clone> Driver<R> {
                 return;
             }
         };
+        let unregistering = matches!(
+            self.calls.get(&id).map(|c| &c.call),
+            Some(AdminCall::UnregisterBroker { .. })
+        );
+        if unregistering && refusal.code == RpcErrorCode::UnknownBroker {
+            // The broker named is unknown, not this node: the answer, not a cue to re-register.
+            self.finish_call(id, Err(refusal));
+            return;
+        }
         match refusal.code {
             RpcErrorCode::NotController
             | RpcErrorCode::Unavailable
@@ -1350,6 +1378,22 @@ fn run_admin(
     } else {
         f(active)
     }
+}
+
+/// Why the operator may not unregister `node` now, if so: a live (unfenced) broker would keep
+/// serving and heartbeating while the cluster forgets it, so it must be stopped first; the
+/// controller fences it once its session runs out. An unknown id is left to
+/// [`ActiveController::unregister`], which refuses it with `UnknownBroker`.
+fn refuse_unregistering(state: &MetadataState, node: NodeId) -> Option<RpcErrorReply> {
+    let b = state.brokers.get(&node)?;
+    (!b.fenced).then(|| RpcErrorReply {
+        code: RpcErrorCode::InvalidRequest,
+        leader_hint: None,
+        message: format!(
+            "broker {node} is live (registered and not fenced): stop it first; once its \
+             session runs out the controller fences it, and it can then be unregistered"
+        ),
+    })
 }
 
 /// The node a controller request acts for.

@@ -259,6 +259,8 @@ impl ClusterService {
 /// Where a finished call's answer goes.
 enum CallReply {
     Unit(Reply<()>),
+    /// An unregistration: an unknown broker is `BROKER_ID_NOT_REGISTERED`, not a generic refusal.
+    Unregister(Reply<()>),
     ProducerIds(Reply<(u64, u32)>),
 }
 
@@ -281,6 +283,8 @@ struct Ctx {
     mirrored: BTreeMap<String, TopicMeta>,
     /// Where the transport dials each broker (from the seeds, then the registrations).
     peers: BTreeMap<NodeId, String>,
+    /// The node UUID of each registered broker as last told to the transport's handshake.
+    peer_uuids: BTreeMap<NodeId, u128>,
     /// The newest report per group handed to the driver, with the hosting shard.
     reports: BTreeMap<GroupId, (usize, LeaderReport)>,
     replies: BTreeMap<CallId, CallReply>,
@@ -309,6 +313,8 @@ impl Ctx {
             match (reply, res) {
                 (CallReply::Unit(r), Ok(_)) => drop(r.try_send(Ok(()))),
                 (CallReply::Unit(r), Err(e)) => drop(r.try_send(Err(call_error(&e)))),
+                (CallReply::Unregister(r), Ok(_)) => drop(r.try_send(Ok(()))),
+                (CallReply::Unregister(r), Err(e)) => drop(r.try_send(Err(unregister_error(&e)))),
                 (CallReply::ProducerIds(r), Ok(CallAnswer::ProducerIds { first, len })) => {
                     drop(r.try_send(Ok((first, len))))
                 }
@@ -350,13 +356,34 @@ impl Ctx {
         // Reports for groups no longer here are not answered any more.
         let plan = &self.plan;
         self.reports.retain(|g, _| plan.groups.contains_key(g));
+        // An unregistered broker's id may come back with a new node UUID: the handshake
+        // forgets the old one (a wiped node is refused until then).
+        let gone: Vec<NodeId> = self
+            .peer_uuids
+            .iter()
+            .filter(|(n, u)| state.brokers.get(n).is_none_or(|b| b.node_uuid != **u))
+            .map(|(&n, _)| n)
+            .collect();
+        for node in gone {
+            self.peer_uuids.remove(&node);
+            if !state.brokers.contains_key(&node) {
+                tracing::info!(
+                    node,
+                    "broker unregistered: its id may join with a new node UUID"
+                );
+            }
+            self.transport.forget_peer_uuid(node);
+        }
         for (&node, b) in &state.brokers {
             if node == self.node {
                 continue;
             }
+            if self.peer_uuids.get(&node) != Some(&b.node_uuid) {
+                self.transport.learn_peer_uuid(node, b.node_uuid);
+                self.peer_uuids.insert(node, b.node_uuid);
+            }
             let addr = format!("{}:{}", b.rpc.host, b.rpc.port);
             if self.peers.get(&node) != Some(&addr) {
-                self.transport.learn_peer_uuid(node, b.node_uuid);
                 self.transport.add_peer(node, addr.clone());
                 self.peers.insert(node, addr);
             }
@@ -522,6 +549,10 @@ impl Ctx {
                 AdminCall::AllocateProducerIds,
                 CallReply::ProducerIds(reply),
             ),
+            ControllerCall::UnregisterBroker { node, reply } => (
+                AdminCall::UnregisterBroker { node },
+                CallReply::Unregister(reply),
+            ),
         };
         self.replies.insert(id, reply);
         self.driver.submit_call(id, admin)
@@ -548,6 +579,15 @@ pub fn call_error(e: &RpcErrorReply) -> CallError {
         | RpcErrorCode::InvalidRequest => K::InvalidRequest,
     };
     CallError::new(code.code(), e.message.clone())
+}
+
+/// An unregistration's refusal: an unknown id has Kafka's own code.
+fn unregister_error(e: &RpcErrorReply) -> CallError {
+    if e.code == RpcErrorCode::UnknownBroker {
+        let code = kafka_protocol::ResponseError::BrokerIdNotRegistered.code();
+        return CallError::new(code, e.message.clone());
+    }
+    call_error(e)
 }
 
 /// The controller's topics as this node's store holds them: `shards[p]` is the shard of this
@@ -657,6 +697,7 @@ async fn run(
         conflicts_logged: BTreeSet::new(),
         mirrored: BTreeMap::new(),
         peers,
+        peer_uuids: BTreeMap::new(),
         reports: BTreeMap::new(),
         replies: BTreeMap::new(),
         next_call: 0,

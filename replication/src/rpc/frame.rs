@@ -14,7 +14,7 @@ use crate::controller::active::MAX_CONFIG_CHANGES_PER_CALL;
 use crate::controller::placement::PlacementError;
 use crate::controller::records::{
     Endpoint, MAX_CONFIGS_PER_TOPIC, MAX_CONFIG_KEY_BYTES, MAX_CONFIG_VALUE_BYTES, MAX_HOST_BYTES,
-    MAX_REPLICAS_PER_PARTITION, MAX_SHARDS_PER_BROKER, MAX_TOPIC_NAME_BYTES,
+    MAX_NODE_ID, MAX_REPLICAS_PER_PARTITION, MAX_SHARDS_PER_BROKER, MAX_TOPIC_NAME_BYTES,
 };
 use crate::controller::{
     AlterIsrRequest, ControllerError, CreateTopicRequest, HeartbeatRequest, RegisterRequest,
@@ -216,6 +216,11 @@ pub enum RpcMessage {
         topic: String,
         changes: Vec<(String, Option<String>)>,
     },
+    /// An operator declares `node` gone (its data directory wiped): its id may register again
+    /// with a new node UUID. The controller refuses a live (unfenced) broker.
+    UnregisterBroker {
+        node: NodeId,
+    },
     /// The metadata-log offset after which the decision is applied (0 for validate_only):
     /// the requester answers its client once it has applied that far.
     AdminResponse(Result<u64, RpcErrorReply>),
@@ -240,6 +245,7 @@ mod kind {
     pub const DELETE_TOPIC: u8 = 16;
     pub const SET_TOPIC_CONFIGS: u8 = 17;
     pub const ADMIN_RESPONSE: u8 = 18;
+    pub const UNREGISTER_BROKER: u8 = 19;
 }
 
 mod msg_tag {
@@ -463,6 +469,17 @@ impl FrameCodec {
             kind::ADMIN_RESPONSE => {
                 RpcMessage::AdminResponse(decode_result(&mut r, |r| r.u64("applied at"))?)
             }
+            kind::UNREGISTER_BROKER => {
+                let node = r.u64("node")?;
+                if node > MAX_NODE_ID {
+                    return Err(DecodeError::Invalid {
+                        what: "node",
+                        reason: "outside Kafka's broker id range",
+                    }
+                    .into());
+                }
+                RpcMessage::UnregisterBroker { node }
+            }
             tag => {
                 return Err(DecodeError::UnknownTag {
                     what: "frame kind",
@@ -582,6 +599,7 @@ impl FrameCodec {
                 }
             }
             RpcMessage::AdminResponse(res) => encode_result(&mut p, res, |p, at| p.w().u64(*at)),
+            RpcMessage::UnregisterBroker { node } => p.w().u64(*node),
         }
         let mut parts = p.finish();
         let body: usize = parts.iter().map(Bytes::len).sum();
@@ -649,6 +667,7 @@ fn check_sendable(m: &RpcMessage) -> Result<(), RpcError> {
                 "config key or value",
             )
         }
+        RpcMessage::UnregisterBroker { node } => fits(*node <= MAX_NODE_ID, "node id"),
         RpcMessage::CreatePartitions { topic, .. } | RpcMessage::DeleteTopic { topic } => {
             fits(topic.len() <= MAX_TOPIC_NAME_BYTES, "topic name")
         }
@@ -701,6 +720,7 @@ fn kind_of(m: &RpcMessage) -> u8 {
         RpcMessage::DeleteTopic { .. } => kind::DELETE_TOPIC,
         RpcMessage::SetTopicConfigs { .. } => kind::SET_TOPIC_CONFIGS,
         RpcMessage::AdminResponse(_) => kind::ADMIN_RESPONSE,
+        RpcMessage::UnregisterBroker { .. } => kind::UNREGISTER_BROKER,
     }
 }
 

@@ -325,6 +325,12 @@ impl Transport {
         }
     }
 
+    /// The operator unregistered `node`: its id may connect with a new UUID (see
+    /// [`PeerDirectory::forget`]).
+    pub fn forget_peer_uuid(&self, node: NodeId) {
+        self.inner.directory.borrow_mut().forget(node);
+    }
+
     /// Queues `frame` for `to` (dialing it if needed). Never waits.
     pub fn send(&self, to: NodeId, frame: &Frame) -> Result<(), TransportError> {
         let peer = self
