@@ -777,9 +777,20 @@ mod tests {
         ] {
             assert!(!text.contains(&series(gone)), "{gone} still in\n{text}");
         }
+        // Closed here: no replication series left (the partition's others are not ours).
         p.replication_stopped();
         let text = m.render(vec![]);
-        assert!(!text.contains("topic=\"r\""), "{text}");
+        for gone in [
+            "spate_partition_leader",
+            "spate_partition_leader_epoch",
+            "spate_partition_replicas",
+        ] {
+            assert!(!text.contains(&series(gone)), "{gone} still in\n{text}");
+        }
+        assert!(
+            text.contains(&series("spate_partition_log_end_offset")),
+            "{text}"
+        );
 
         let runtime = shard.cluster_runtime();
         let dropped = |reason: &str| {
