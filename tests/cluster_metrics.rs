@@ -4,7 +4,7 @@
 //! under-replicated and no lag, and every replica agrees on the epoch; when a follower is
 //! SIGKILLed and the leaders take writes, each leader reports two in-sync replicas, the
 //! partition under-replicated and the dead follower's lag; when it comes back, all of that
-//! clears.
+//! clears; when the topic is deleted, its series go from every node.
 
 mod common;
 
@@ -18,7 +18,7 @@ use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProdu
 use kafka_protocol::messages::ProduceRequest;
 
 use common::cluster::{cluster_with_metrics, wait_for, Node, POLL};
-use common::{assert_success, python, record_batch, topic_name, Raw};
+use common::{assert_success, python, record_batch, spate_cli, topic_name, Raw};
 
 const TOPIC: &str = "watched";
 const PARTITIONS: i32 = 2;
@@ -253,4 +253,26 @@ fn leaders_report_isr_under_replication_and_lag_as_a_follower_dies_and_returns()
         leader_views(&nodes).filter(|vs| vs.iter().all(full))
     });
     eprintln!("healed: {healed:?}");
+
+    // Deleted: its groups close on every node and their replication series go with them.
+    let out = spate_cli(&nodes[0].addr(), &["topic", "delete", TOPIC]);
+    assert_success("spate topic delete", &out);
+    wait_until(
+        "the topic's replication series are gone",
+        CHANGE_BOUND,
+        || {
+            let texts: Vec<String> = nodes
+                .iter()
+                .map(|n| scrape_text(n.metrics_port.unwrap()))
+                .collect::<Option<_>>()?;
+            let topic = format!("topic=\"{TOPIC}\"");
+            texts
+                .iter()
+                .all(|t| {
+                    !t.lines()
+                        .any(|l| l.starts_with("spate_partition_") && l.contains(&topic))
+                })
+                .then_some(())
+        },
+    );
 }
