@@ -4,7 +4,9 @@
 //! under-replicated and no lag, and every replica agrees on the epoch; when a follower is
 //! SIGKILLed and the leaders take writes, each leader reports two in-sync replicas, the
 //! partition under-replicated and the dead follower's lag; when it comes back, all of that
-//! clears; when the topic is deleted, its series go from every node.
+//! clears; when a leader is killed, one survivor reports itself leader in a later epoch with
+//! the old leader out of sync, until it returns; when the topic is deleted, its series go from
+//! every node.
 
 mod common;
 
@@ -253,6 +255,40 @@ fn leaders_report_isr_under_replication_and_lag_as_a_follower_dies_and_returns()
         leader_views(&nodes).filter(|vs| vs.iter().all(full))
     });
     eprintln!("healed: {healed:?}");
+
+    // The leader of partition 0 dies: a survivor takes over in a later epoch and is the only
+    // one to say so; the dead replica is out of its ISR once writes move past it.
+    let dead = healed[0].leader;
+    let dead_at = nodes.iter().position(|n| n.id == dead).unwrap();
+    nodes[dead_at].kill();
+    let failed_over = wait_until(
+        "a new leader reports the old one out of sync",
+        CHANGE_BOUND,
+        || {
+            let vs = leader_views(&nodes)?;
+            for (p, v) in vs.iter().enumerate() {
+                let leader = nodes.iter().find(|n| n.id == v.leader)?;
+                if v.isr != 2.0 && produce(&leader.addr(), p as i32) != 0 {
+                    return None;
+                }
+            }
+            vs.iter()
+                .zip(&healed)
+                .all(|(now, before)| {
+                    now.leader != dead
+                        && (before.leader != dead || now.epoch > before.epoch)
+                        && now.isr == 2.0
+                        && now.under_replicated == 1.0
+                        && now.lag > 0.0
+                })
+                .then_some(vs)
+        },
+    );
+    eprintln!("leader {dead} down: {failed_over:?}");
+    nodes[dead_at].spawn();
+    wait_until("the old leader is back in sync", CHANGE_BOUND, || {
+        leader_views(&nodes).filter(|vs| vs.iter().all(full))
+    });
 
     // Deleted: its groups close on every node and their replication series go with them.
     let out = spate_cli(&nodes[0].addr(), &["topic", "delete", TOPIC]);

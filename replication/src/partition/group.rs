@@ -294,7 +294,7 @@ impl PartitionGroup {
     }
 
     /// This replica's view of the group's replication (for metrics): role, epoch and replicas
-    /// always; on a leader also the in-sync set's size and the furthest follower's lag below
+    /// always; on a writable leader also the in-sync set's size and the furthest follower's lag below
     /// the high watermark (a follower whose progress the leader does not know yet counts as
     /// lacking all of it).
     pub fn replication_gauges(&self) -> ReplicationGauges {
@@ -308,7 +308,9 @@ impl PartitionGroup {
             in_sync_replicas: None,
             lag_records: None,
         };
-        if core.is_leader() {
+        // A leader not yet writable is about to commit its epoch or lose it: it reports as a
+        // follower until then, so only the one leader clients see reports the ISR.
+        if writable_leader {
             let hw = core.high_watermark();
             let me = self.cfg.node;
             let (mut in_sync, mut lag) = (0, 0);

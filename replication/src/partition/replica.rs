@@ -60,7 +60,8 @@ pub trait ReplicaObserver {
 }
 
 /// One replica's view of its partition's replication. Every replica knows its own role and
-/// epoch; only a leader knows how far its followers are, so the follower leaves those `None`.
+/// epoch; only a leader knows how far its followers are, so the others (a leader not yet
+/// writable included) leave those `None`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReplicationGauges {
     /// The replica leads and takes writes in its epoch.
