@@ -293,10 +293,14 @@ async fn run_shard(
                 let shard = shard.clone();
                 async move { shard.shutdown.changed(0).await }
             };
+            let runtime = RuntimeConfig {
+                observer: Some(Box::new(shard.metrics.cluster_runtime())),
+                ..RuntimeConfig::new(node)
+            };
             Some(glommio::spawn_local(run_shard_runtime(
                 shard.replicas.clone(),
                 link,
-                RuntimeConfig::new(node),
+                runtime,
                 stop,
             )))
         }

@@ -4,7 +4,7 @@
 //! atomic add. The scrape thread reads them; what is cheaper to gather than to keep
 //! (consumer group lag) it asks the shards for at scrape time (see [`crate::metrics_http`]).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -43,6 +43,18 @@ pub struct PartitionLabels {
     pub topic: String,
     pub partition: i32,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabels {
+    pub shard: u32,
+    pub reason: String,
+}
+
+/// Why a cluster node's shard dropped a message for the cluster service (the label of
+/// `spate_cluster_dropped_messages_total`): the shard never waits on the channel, it drops
+/// and relies on consensus retransmits and repeated reports.
+pub const DROP_CONSENSUS_CHANNEL_FULL: &str = "consensus_channel_full";
+pub const DROP_REPORT_CHANNEL_FULL: &str = "report_channel_full";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GroupLabels {
@@ -94,6 +106,13 @@ pub struct Metrics {
     cleaner_bytes_read: Family<PartitionLabels, Counter>,
     cleaner_bytes_reclaimed: Family<PartitionLabels, Counter>,
     dirty_ratio: Family<PartitionLabels, Gauge<f64, AtomicU64>>,
+    replica_leader: Family<PartitionLabels, Gauge>,
+    leader_epoch: Family<PartitionLabels, Gauge>,
+    replicas: Family<PartitionLabels, Gauge>,
+    in_sync_replicas: Family<PartitionLabels, Gauge>,
+    under_replicated: Family<PartitionLabels, Gauge>,
+    replication_lag: Family<PartitionLabels, Gauge>,
+    cluster_dropped: Family<DropLabels, Counter>,
     scrape: Arc<ScrapeTime>,
 }
 
@@ -132,6 +151,13 @@ impl Metrics {
             cleaner_bytes_read: Family::default(),
             cleaner_bytes_reclaimed: Family::default(),
             dirty_ratio: Family::default(),
+            replica_leader: Family::default(),
+            leader_epoch: Family::default(),
+            replicas: Family::default(),
+            in_sync_replicas: Family::default(),
+            under_replicated: Family::default(),
+            replication_lag: Family::default(),
+            cluster_dropped: Family::default(),
             scrape: Arc::default(),
         };
         let mut r = Registry::default();
@@ -224,6 +250,41 @@ impl Metrics {
             "spate_partition_dirty_ratio",
             "Dirty bytes over cleanable bytes of a compacted partition, when the cleaner last looked",
             m.dirty_ratio.clone(),
+        );
+        r.register(
+            "spate_partition_leader",
+            "1 if this node's replica of the partition is its leader and takes writes, else 0 (cluster nodes)",
+            m.replica_leader.clone(),
+        );
+        r.register(
+            "spate_partition_leader_epoch",
+            "The leader epoch this node's replica of the partition is in (cluster nodes)",
+            m.leader_epoch.clone(),
+        );
+        r.register(
+            "spate_partition_replicas",
+            "Replicas (voters) of the partition (cluster nodes)",
+            m.replicas.clone(),
+        );
+        r.register(
+            "spate_partition_in_sync_replicas",
+            "Replicas caught up to the high watermark, the leader included (reported by the leader only)",
+            m.in_sync_replicas.clone(),
+        );
+        r.register(
+            "spate_partition_under_replicated",
+            "1 if fewer replicas are in sync than the partition has (reported by the leader only)",
+            m.under_replicated.clone(),
+        );
+        r.register(
+            "spate_partition_replication_lag_records",
+            "Records below the high watermark the furthest-behind follower has not written (reported by the leader only)",
+            m.replication_lag.clone(),
+        );
+        r.register(
+            "spate_cluster_dropped_messages",
+            "Messages a shard dropped instead of waiting for the cluster service's channel, by reason (consensus retransmits, reports repeat)",
+            m.cluster_dropped.clone(),
         );
         r.register_collector(Box::new(m.scrape.clone()));
         Metrics { registry: r, ..m }
@@ -407,6 +468,24 @@ impl ShardMetrics {
         r.inc_by(records);
     }
 
+    /// The counters of this shard's replication runtime (cluster nodes), for
+    /// [`spate_replication::cluster::RuntimeConfig::observer`].
+    pub fn cluster_runtime(&self) -> ClusterRuntimeMetrics {
+        let counter = |reason: &str| {
+            self.metrics
+                .cluster_dropped
+                .get_or_create_owned(&DropLabels {
+                    shard: self.shard,
+                    reason: reason.to_string(),
+                })
+        };
+        ClusterRuntimeMetrics {
+            messages_dropped: counter(DROP_CONSENSUS_CHANNEL_FULL),
+            reports_dropped: counter(DROP_REPORT_CHANNEL_FULL),
+            seen: Cell::default(),
+        }
+    }
+
     pub fn observe_latency(&self, api: ApiKey, took: Duration) {
         match api {
             ApiKey::Produce => self.produce_latency.observe(took.as_secs_f64()),
@@ -431,6 +510,46 @@ impl ShardMetrics {
             no_space_refusals: m.no_space_refusals.get_or_create_owned(&labels),
             labels,
             metrics: m.clone(),
+        }
+    }
+}
+
+/// A shard's replication runtime counters. The runtime keeps running totals; these counters
+/// are moved by what the totals gained since the last look.
+pub struct ClusterRuntimeMetrics {
+    messages_dropped: Counter,
+    reports_dropped: Counter,
+    /// (messages_dropped, reports_dropped) at the last look.
+    seen: Cell<(u64, u64)>,
+}
+
+impl spate_replication::cluster::shard_runtime::RuntimeObserver for ClusterRuntimeMetrics {
+    fn stats(&self, stats: &spate_replication::cluster::RuntimeStats) {
+        let (messages, reports) = self.seen.get();
+        assert!(
+            stats.messages_dropped >= messages && stats.reports_dropped >= reports,
+            "runtime counters only grow"
+        );
+        self.messages_dropped
+            .inc_by(stats.messages_dropped - messages);
+        self.reports_dropped.inc_by(stats.reports_dropped - reports);
+        self.seen
+            .set((stats.messages_dropped, stats.reports_dropped));
+    }
+}
+
+/// Sets the gauge of `labels` in `family` to `value`, or removes it when there is none.
+fn set_or_remove(
+    family: &Family<PartitionLabels, Gauge>,
+    labels: &PartitionLabels,
+    value: Option<i64>,
+) {
+    match value {
+        Some(v) => {
+            family.get_or_create(labels).set(v);
+        }
+        None => {
+            family.remove(labels);
         }
     }
 }
@@ -476,6 +595,27 @@ impl spate_replication::partition::ReplicaObserver for PartitionMetrics {
             .get_or_create(&self.labels)
             .inc_by(stats.bytes_reclaimed);
     }
+    fn replication(&self, state: &spate_replication::partition::ReplicationGauges) {
+        let (m, l) = (&self.metrics, &self.labels);
+        m.replica_leader
+            .get_or_create(l)
+            .set(i64::from(state.writable_leader));
+        m.leader_epoch
+            .get_or_create(l)
+            .set(i64::from(state.leader_epoch));
+        m.replicas.get_or_create(l).set(state.replicas as i64);
+        let isr = state.in_sync_replicas.map(|n| n as i64);
+        set_or_remove(&m.in_sync_replicas, l, isr);
+        let under = state.under_replicated().map(i64::from);
+        set_or_remove(&m.under_replicated, l, under);
+        let lag = state
+            .lag_records
+            .map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+        set_or_remove(&m.replication_lag, l, lag);
+    }
+    fn replication_stopped(&self) {
+        self.remove_replication();
+    }
     fn committed(&self, _high_watermark: u64) {
         // Long-polling fetches wait on their shard's signal; the replica runs on that shard.
         if let Some(shard) = crate::shard::Shard::current() {
@@ -502,6 +642,22 @@ impl PartitionMetrics {
         m.cleaner_bytes_read.remove(&self.labels);
         m.cleaner_bytes_reclaimed.remove(&self.labels);
         m.dirty_ratio.remove(&self.labels);
+        self.remove_replication();
+    }
+
+    /// Drops the partition's replication series (its group closed on this node).
+    pub fn remove_replication(&self) {
+        let m = &self.metrics;
+        for family in [
+            &m.replica_leader,
+            &m.leader_epoch,
+            &m.replicas,
+            &m.in_sync_replicas,
+            &m.under_replicated,
+            &m.replication_lag,
+        ] {
+            family.remove(&self.labels);
+        }
     }
 }
 
@@ -566,6 +722,103 @@ mod tests {
         }
         assert!(!text.contains("lag{group=\"g\",topic=\"gone\""), "{text}");
         assert!(text.contains("spate_memory_resident_bytes "), "{text}");
+    }
+
+    #[test]
+    fn replication_series_follow_the_role_and_go_when_the_group_closes() {
+        use spate_replication::cluster::shard_runtime::RuntimeObserver;
+        use spate_replication::cluster::RuntimeStats;
+        use spate_replication::partition::{ReplicaObserver, ReplicationGauges};
+        let m = Arc::new(Metrics::new());
+        let shard = m.for_shard(2);
+        let p = shard.partition(&TopicPartition::new("r", 0));
+        let series = |name: &str| format!("{name}{{shard=\"2\",topic=\"r\",partition=\"0\"}}");
+        let leader = ReplicationGauges {
+            writable_leader: true,
+            leader_epoch: 4,
+            replicas: 3,
+            in_sync_replicas: Some(2),
+            lag_records: Some(17),
+        };
+        p.replication(&leader);
+        let text = m.render(vec![]);
+        for (name, value) in [
+            ("spate_partition_leader", 1),
+            ("spate_partition_leader_epoch", 4),
+            ("spate_partition_replicas", 3),
+            ("spate_partition_in_sync_replicas", 2),
+            ("spate_partition_under_replicated", 1),
+            ("spate_partition_replication_lag_records", 17),
+        ] {
+            let line = format!("{} {value}\n", series(name));
+            assert!(text.contains(&line), "{line} missing from\n{text}");
+        }
+        // Demoted: the leader-only series go, the others stay.
+        p.replication(&ReplicationGauges {
+            writable_leader: false,
+            leader_epoch: 5,
+            replicas: 3,
+            in_sync_replicas: None,
+            lag_records: None,
+        });
+        let text = m.render(vec![]);
+        assert!(
+            text.contains(&format!("{} 0\n", series("spate_partition_leader"))),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{} 5\n", series("spate_partition_leader_epoch"))),
+            "{text}"
+        );
+        for gone in [
+            "spate_partition_in_sync_replicas",
+            "spate_partition_under_replicated",
+            "spate_partition_replication_lag_records",
+        ] {
+            assert!(!text.contains(&series(gone)), "{gone} still in\n{text}");
+        }
+        // Closed here: no replication series left (the partition's others are not ours).
+        p.replication_stopped();
+        let text = m.render(vec![]);
+        for gone in [
+            "spate_partition_leader",
+            "spate_partition_leader_epoch",
+            "spate_partition_replicas",
+        ] {
+            assert!(!text.contains(&series(gone)), "{gone} still in\n{text}");
+        }
+        assert!(
+            text.contains(&series("spate_partition_log_end_offset")),
+            "{text}"
+        );
+
+        let runtime = shard.cluster_runtime();
+        let dropped = |reason: &str| {
+            format!("spate_cluster_dropped_messages_total{{shard=\"2\",reason=\"{reason}\"}}")
+        };
+        let text = m.render(vec![]);
+        assert!(
+            text.contains(&format!("{} 0\n", dropped(DROP_CONSENSUS_CHANNEL_FULL))),
+            "{text}"
+        );
+        let mut stats = RuntimeStats {
+            messages_dropped: 3,
+            reports_dropped: 1,
+            ..RuntimeStats::default()
+        };
+        runtime.stats(&stats);
+        runtime.stats(&stats);
+        stats.messages_dropped = 5;
+        runtime.stats(&stats);
+        let text = m.render(vec![]);
+        assert!(
+            text.contains(&format!("{} 5\n", dropped(DROP_CONSENSUS_CHANNEL_FULL))),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("{} 1\n", dropped(DROP_REPORT_CHANNEL_FULL))),
+            "{text}"
+        );
     }
 
     #[test]

@@ -287,6 +287,7 @@ async fn start(timer: bool) -> (Cluster, tempfile::TempDir) {
                     ticks: TickSource::Manual(ticks),
                     report_interval: REPORT_INTERVAL,
                     stats: stats.clone(),
+                    observer: None,
                 }
             };
             let task = glommio::spawn_local(run_shard_runtime(

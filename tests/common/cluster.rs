@@ -27,6 +27,8 @@ pub struct Node {
     /// Arguments added to `spate serve`'s.
     pub extra_args: Vec<String>,
     pub child: Option<Child>,
+    /// Where the node serves GET /metrics; `None` (the default): no endpoint.
+    pub metrics_port: Option<u16>,
 }
 
 impl Node {
@@ -39,6 +41,7 @@ impl Node {
             seeds: String::new(),
             extra_args: Vec::new(),
             child: None,
+            metrics_port: None,
         }
     }
 
@@ -80,7 +83,12 @@ impl Node {
             ])
             .args(["--cores", "1"])
             .args(["--segment-bytes", &super::TEST_SEGMENT_BYTES.to_string()])
-            .args(["--metrics-listen", "off"])
+            .args([
+                "--metrics-listen",
+                &self
+                    .metrics_port
+                    .map_or("off".to_string(), |p| format!("127.0.0.1:{p}")),
+            ])
             .args(&self.extra_args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -179,7 +187,23 @@ pub fn wait_for(nodes: &[&Node], want: &[i32], controllers: &[i32], what: &str) 
 }
 
 pub fn cluster(n: u64) -> Vec<Node> {
-    let mut nodes: Vec<Node> = (1..=n).map(Node::new).collect();
+    cluster_of((1..=n).map(Node::new).collect())
+}
+
+/// As [`cluster`], each node also serving GET /metrics on a port of its own.
+pub fn cluster_with_metrics(n: u64) -> Vec<Node> {
+    cluster_of(
+        (1..=n)
+            .map(|id| {
+                let mut node = Node::new(id);
+                node.metrics_port = Some(free_port());
+                node
+            })
+            .collect(),
+    )
+}
+
+fn cluster_of(mut nodes: Vec<Node>) -> Vec<Node> {
     let seeds: Vec<String> = nodes.iter().map(Node::seed).collect();
     for node in &mut nodes {
         node.seeds = seeds.join(",");

@@ -14,6 +14,10 @@
 //!
 //! Everything sent goes to [`ShardLink::to_service`] with `try_send`: a full channel drops
 //! (counted) rather than stalls the shard; consensus retransmits and reports repeat.
+//!
+//! On each tick the runtime also hands each group's replication view to its replica's
+//! observer (only when it changed) and its own counters to the [`RuntimeObserver`]: that is
+//! how metrics see replication without this crate knowing of them.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -28,7 +32,7 @@ use crate::cluster::{
 };
 use crate::controller::view::ClusterView;
 use crate::node::NodeMessage;
-use crate::partition::TopicPartition;
+use crate::partition::{ReplicationGauges, TopicPartition};
 use crate::shard::{cross_wake, ReplicaSet};
 use crate::types::{GroupId, NodeId};
 
@@ -60,6 +64,14 @@ pub struct RuntimeConfig {
     pub report_interval: Duration,
     /// Kept current while the runtime runs (for metrics and tests).
     pub stats: Rc<RefCell<RuntimeStats>>,
+    /// Told the stats after every tick (metrics); none by default.
+    pub observer: Option<Box<dyn RuntimeObserver>>,
+}
+
+/// Sees a runtime's counters as they move (the broker's metrics). Called on the shard's
+/// thread after each tick, so it must be cheap.
+pub trait RuntimeObserver {
+    fn stats(&self, stats: &RuntimeStats);
 }
 
 impl RuntimeConfig {
@@ -70,6 +82,7 @@ impl RuntimeConfig {
             ticks: TickSource::Every(Duration::from_millis(PARTITION_TICK_MS)),
             report_interval: Duration::from_millis(REPORT_INTERVAL_MS),
             stats: Rc::default(),
+            observer: None,
         }
     }
 }
@@ -125,6 +138,7 @@ pub async fn run(
         leadership_seen: 0,
         last_reported: None,
         reported: BTreeMap::new(),
+        published: BTreeMap::new(),
         stats: config.stats.clone(),
     };
     let mut stop = std::pin::pin!(stop);
@@ -213,7 +227,11 @@ pub async fn run(
                 let out = rt.groups.tick().await;
                 rt.send(&link, out);
                 rt.report(&link, false);
+                rt.publish_replication();
                 rt.stats.borrow_mut().ticks += 1;
+                if let Some(o) = &config.observer {
+                    o.stats(&rt.stats.borrow());
+                }
             }
             Event::Inbox(msg) => {
                 rt.outbox_seen = rt.groups.outbox_signal().generation();
@@ -245,7 +263,9 @@ pub async fn run(
         }
     }
     for g in rt.groups.ids() {
-        rt.groups.remove(g);
+        if let Some(group) = rt.groups.remove(g) {
+            group.replica().observe_replication(None);
+        }
     }
     rt.replicas.close_groups().await;
     let stats = rt.stats.borrow().clone();
@@ -276,6 +296,8 @@ struct Runtime {
     last_reported: Option<Instant>,
     /// The last report sent per group: a new epoch is sent at once, a repeat at the interval.
     reported: BTreeMap<GroupId, LeaderReport>,
+    /// The replication view last handed to each group's observer: only changes are handed on.
+    published: BTreeMap<GroupId, ReplicationGauges>,
     stats: Rc<RefCell<RuntimeStats>>,
 }
 
@@ -285,6 +307,21 @@ impl Runtime {
             match link.to_service.try_send(ShardEvent::Send(m)) {
                 Ok(()) => self.stats.borrow_mut().messages_sent += 1,
                 Err(_) => self.stats.borrow_mut().messages_dropped += 1,
+            }
+        }
+    }
+
+    /// Hands each group's replication view to its replica's observer if it changed since the
+    /// last tick.
+    fn publish_replication(&mut self) {
+        for g in self.groups.ids() {
+            let Some(group) = self.groups.get(g) else {
+                continue;
+            };
+            let now = group.replication_gauges();
+            if self.published.get(&g) != Some(&now) {
+                group.replica().observe_replication(Some(&now));
+                self.published.insert(g, now);
             }
         }
     }
@@ -346,7 +383,10 @@ impl Runtime {
         };
         let changes = self.plan.changes_to(&mine);
         for (g, h) in changes.close {
-            self.groups.remove(g);
+            if let Some(group) = self.groups.remove(g) {
+                group.replica().observe_replication(None);
+            }
+            self.published.remove(&g);
             self.reported.remove(&g);
             self.plan.groups.remove(&g);
             let tp = topic_partition(&h);

@@ -38,7 +38,7 @@ use spate_engine::batch::{BatchHeader, VerifiedBatch};
 use spate_engine::validate::validate_batch;
 
 use super::error::ReplicaError;
-use super::replica::{Acks, Completion, PartitionReplica, ProduceOutcome};
+use super::replica::{Acks, Completion, PartitionReplica, ProduceOutcome, ReplicationGauges};
 use crate::replica::{Config, Persisted, Replica};
 use crate::shard::Signal;
 use crate::types::{
@@ -291,6 +291,44 @@ impl PartitionGroup {
             .copied()
             .filter(|&v| v == me || core.peer_progress(v).is_some_and(|(m, _)| m >= hw))
             .collect()
+    }
+
+    /// This replica's view of the group's replication (for metrics): role, epoch and replicas
+    /// always; on a writable leader also the in-sync set's size and the furthest follower's lag below
+    /// the high watermark (a follower whose progress the leader does not know yet counts as
+    /// lacking all of it).
+    pub fn replication_gauges(&self) -> ReplicationGauges {
+        let writable_leader = self.is_writable_leader();
+        let core = self.core.borrow();
+        let voters = &core.membership().voters;
+        let mut gauges = ReplicationGauges {
+            writable_leader,
+            leader_epoch: core.epoch(),
+            replicas: voters.len(),
+            in_sync_replicas: None,
+            lag_records: None,
+        };
+        // A leader not yet writable is about to commit its epoch or lose it: it reports as a
+        // follower until then, so only the one leader clients see reports the ISR.
+        if writable_leader {
+            let hw = core.high_watermark();
+            let me = self.cfg.node;
+            let (mut in_sync, mut lag) = (0, 0);
+            for &v in voters.iter().filter(|&&v| v != me) {
+                // The same test as `in_sync_voter_ids`, so the gauge is the ISR reported.
+                match core.peer_progress(v) {
+                    Some((matched, _)) if matched >= hw => in_sync += 1,
+                    Some((matched, _)) => lag = lag.max(hw - matched),
+                    None => lag = lag.max(hw),
+                }
+            }
+            if voters.contains(&me) {
+                in_sync += 1;
+            }
+            gauges.in_sync_replicas = Some(in_sync);
+            gauges.lag_records = Some(lag);
+        }
+        gauges
     }
 
     /// The group leads and takes writes in its epoch (producer state rebuilt).

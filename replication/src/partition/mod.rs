@@ -30,7 +30,7 @@ pub use producer_state::{
 pub use record_check::{RecordError, MAX_RECORD_ERRORS};
 pub use replica::{
     Acks, Completion, NoObserver, PartitionReplica, ProduceOutcome, ReplicaConfig, ReplicaObserver,
-    ReplicaRead, LEADER_EPOCH,
+    ReplicaRead, ReplicationGauges, LEADER_EPOCH,
 };
 pub use spate_engine::clean::{CleanStats, CleanerConfig, DEFAULT_DEDUPE_BUFFER_BYTES};
 pub use spate_engine::topic_config::{

@@ -51,6 +51,36 @@ pub trait ReplicaObserver {
     fn dirty_ratio(&self, _ratio: f64) {}
     /// The cleaner cleaned the log.
     fn cleaned(&self, _stats: &CleanStats) {}
+    /// This replica's view of its group's replication changed (reported by its shard's
+    /// runtime, at most once a tick and only on a change).
+    fn replication(&self, _state: &ReplicationGauges) {}
+    /// The replica's group closed on this node (moved away, deleted, or the node is stopping):
+    /// its replication view is no longer this node's to report.
+    fn replication_stopped(&self) {}
+}
+
+/// One replica's view of its partition's replication. Every replica knows its own role and
+/// epoch; only a leader knows how far its followers are, so the others (a leader not yet
+/// writable included) leave those `None`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplicationGauges {
+    /// The replica leads and takes writes in its epoch.
+    pub writable_leader: bool,
+    pub leader_epoch: i32,
+    /// The partition's replicas (voters).
+    pub replicas: usize,
+    /// Leader only: voters caught up to the high watermark, the leader included (the ISR).
+    pub in_sync_replicas: Option<usize>,
+    /// Leader only: records below the high watermark that the furthest-behind follower has
+    /// not written (0 when every follower is caught up).
+    pub lag_records: Option<u64>,
+}
+
+impl ReplicationGauges {
+    /// Leader only: fewer replicas in sync than the partition has.
+    pub fn under_replicated(&self) -> Option<bool> {
+        self.in_sync_replicas.map(|isr| isr < self.replicas)
+    }
 }
 
 /// For replicas whose metrics nobody exports (the broker's internal partitions).
@@ -1064,6 +1094,14 @@ impl PartitionReplica {
         let _permit = self.write_lock.acquire_permit(1).await;
         self.log.close().await?;
         self.write_snapshot()
+    }
+
+    /// Hands the replica's replication view to its observer (metrics).
+    pub fn observe_replication(&self, state: Option<&ReplicationGauges>) {
+        match state {
+            Some(s) => self.watermark.observer.replication(s),
+            None => self.watermark.observer.replication_stopped(),
+        }
     }
 
     pub async fn delete(&self) -> Result<(), ReplicaError> {
