@@ -221,12 +221,37 @@ impl Shard {
 
     /// The shard owning a partition; the error is a Kafka error code.
     pub fn owner(&self, topic: &str, partition: i32) -> Result<usize, i16> {
-        self.replicas.owner(topic, partition)
+        self.replicas
+            .owner(topic, partition)
+            .map_err(|c| self.unknown_while_catching_up(c))
     }
 
     /// Error code if the topic or partition does not exist.
     pub fn check_exists(&self, topic: &str, partition: i32) -> Result<(), i16> {
-        self.replicas.check_exists(topic, partition)
+        self.replicas
+            .check_exists(topic, partition)
+            .map_err(|c| self.unknown_while_catching_up(c))
+    }
+
+    /// A cluster node that has not caught up with the controller yet (not registered and
+    /// unfenced in the metadata it applied: it just started and is still replaying or
+    /// fetching the metadata log) may not know a topic that exists. Kafka clients take
+    /// UNKNOWN_TOPIC_OR_PARTITION from a ListOffsets or Fetch as final (librdkafka resets the
+    /// consumer's offset), so until then it is answered as NOT_LEADER_OR_FOLLOWER, which they
+    /// retry after refreshing their metadata (from any node).
+    pub fn unknown_while_catching_up(&self, code: i16) -> i16 {
+        let unknown = kafka_protocol::ResponseError::UnknownTopicOrPartition.code();
+        let Some(port) = &self.config.cluster else {
+            return code;
+        };
+        if code != unknown {
+            return code;
+        }
+        if port.view().caught_up {
+            code
+        } else {
+            kafka_protocol::ResponseError::NotLeaderOrFollower.code()
+        }
     }
 
     pub fn begin_shutdown(&self) {
@@ -241,7 +266,9 @@ impl Shard {
 
     /// The open replica of a partition this shard owns: a getter, see [`ReplicaSet::partition`].
     pub fn partition(&self, tp: &TopicPartition) -> Result<Rc<PartitionReplica>, i16> {
-        self.replicas.partition(tp)
+        self.replicas
+            .partition(tp)
+            .map_err(|c| self.unknown_while_catching_up(c))
     }
 
     /// True in a cluster (`--seeds`): partitions are replicated, served by their leaders.
@@ -332,5 +359,8 @@ pub fn owner_in(
     topic: &str,
     partition: i32,
 ) -> Result<usize, i16> {
-    shard.replicas.owner_in(table, topic, partition)
+    shard
+        .replicas
+        .owner_in(table, topic, partition)
+        .map_err(|c| shard.unknown_while_catching_up(c))
 }

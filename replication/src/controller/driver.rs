@@ -403,6 +403,12 @@ impl<R: Clone> Driver<R> {
             high_watermark: self.applied,
             voter_progress,
             metadata: self.metadata(),
+            caught_up: self.agent.broker_epoch.is_some_and(|e| {
+                self.state
+                    .brokers
+                    .get(&self.cfg.node_id)
+                    .is_some_and(|b| b.broker_epoch == e && !b.fenced)
+            }),
             generation: self.generation,
         }
     }

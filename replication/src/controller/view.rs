@@ -37,6 +37,11 @@ pub struct ClusterView {
     /// The applied metadata: topics, their partitions' replicas (node and shard), leaders,
     /// leader epochs and ISRs. What Metadata answers from and what the shards host.
     pub metadata: Arc<MetadataState>,
+    /// This node's current incarnation is registered and unfenced in the applied metadata:
+    /// it has applied the log at least past its own registration (the controller unfences a
+    /// broker only then), so a topic it does not know does not exist as of then. A node that
+    /// just started replays or fetches the log first and may not know topics yet.
+    pub caught_up: bool,
     pub generation: u64,
 }
 
