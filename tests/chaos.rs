@@ -1,7 +1,9 @@
 //! The fault harness in tests/chaos/ (Python): the checker's own tests (every anomaly kind
 //! planted in a synthetic history is flagged, a clean history passes), the namespace toolkit on
-//! the real kernel, and a bounded single-node run of the release `spate` under SIGKILL and
-//! SIGSTOP faults with real confluent-kafka clients, which must find no anomaly.
+//! the real kernel, and bounded runs of the release `spate` with real confluent-kafka clients,
+//! which must find no anomaly: a single node under SIGKILL and SIGSTOP, and a three-node
+//! cluster under the mixed nemesis (leader and random kills, pauses, restarts, slow links and,
+//! in namespaces, cuts).
 //! `SPATE_CHAOS_SEED` replays a run's fault schedule; a failing run keeps its directory
 //! (history.jsonl, summary.json, timeline.svg, node logs) and prints where it is.
 
@@ -12,6 +14,10 @@ use std::process::{Command, Output};
 /// is 6.5-7.5 s, a gap 1-2.5 s) the schedule holds at least `MIN_FAULTS`.
 const SINGLE_NODE_RUN_SECONDS: u32 = 60;
 const MIN_FAULTS: u32 = 6;
+/// Seconds during which faults start in the bounded three-node run (mixed faults: kills of the
+/// leader and of random nodes, pauses, restarts, slow links, and with namespaces cuts).
+const CLUSTER_RUN_SECONDS: u32 = 45;
+const CLUSTER_MIN_FAULTS: u32 = 5;
 
 /// Seconds past its duration after which the planted-loss run's watchdog ends it as hung
 /// (every phase after the faults is bounded well below this; see tests/chaos/run.py).
@@ -103,31 +109,56 @@ fn namespace_toolkit_cuts_slows_and_heals_links() {
     assert!(out.status.success(), "{}", text(&out));
 }
 
+/// A three-node cluster (each node in its own network namespace when run as root, as CI is)
+/// under the seeded mixed nemesis, with idempotent producers, a consumer group and a reader:
+/// every acknowledged write read back once at its offset, no anomaly.
+#[test]
+fn three_node_cluster_under_mixed_faults_has_no_anomalies() {
+    judged_run(&[
+        "--nodes",
+        "3",
+        "--nemesis",
+        "mixed",
+        "--network",
+        "auto",
+        "--duration",
+        &CLUSTER_RUN_SECONDS.to_string(),
+        "--min-faults",
+        &CLUSTER_MIN_FAULTS.to_string(),
+    ]);
+}
+
 #[test]
 fn single_node_under_kill_and_pause_has_no_anomalies() {
-    let dir = tempfile::Builder::new()
-        .prefix("spate-chaos-")
-        .tempdir()
-        .expect("tempdir");
-    let out_dir = dir.path().to_str().expect("utf-8 path").to_string();
-    let duration = SINGLE_NODE_RUN_SECONDS.to_string();
-    let min_faults = MIN_FAULTS.to_string();
-    let mut args = vec![
-        "-m",
-        "chaos.run",
-        "--binary",
-        env!("CARGO_BIN_EXE_spate"),
+    judged_run(&[
         "--nodes",
         "1",
         "--nemesis",
         "kill,pause",
         "--duration",
-        &duration,
+        &SINGLE_NODE_RUN_SECONDS.to_string(),
         "--min-faults",
-        &min_faults,
+        &MIN_FAULTS.to_string(),
+    ]);
+}
+
+/// One bounded run of the harness with `extra` arguments, which must find no anomaly;
+/// `SPATE_CHAOS_SEED` replays a schedule. A failed run keeps its directory.
+fn judged_run(extra: &[&str]) {
+    let dir = tempfile::Builder::new()
+        .prefix("spate-chaos-")
+        .tempdir()
+        .expect("tempdir");
+    let out_dir = dir.path().to_str().expect("utf-8 path").to_string();
+    let mut args = vec![
+        "-m",
+        "chaos.run",
+        "--binary",
+        env!("CARGO_BIN_EXE_spate"),
         "--out",
         &out_dir,
     ];
+    args.extend_from_slice(extra);
     let seed = std::env::var("SPATE_CHAOS_SEED").ok();
     if let Some(seed) = seed.as_deref() {
         args.extend(["--seed", seed]);
