@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::cluster::{cluster, partitions_seen, wait_for, Node, PartitionSeen, POLL};
+use common::cluster::{cluster, partitions_seen, wait_for, wait_until, Node, PartitionSeen, POLL};
 use common::{assert_success, python};
 
 const TOPIC: &str = "replicated";
@@ -38,18 +38,6 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
-}
-
-/// Polls `f` until it gives a value; fails the test after `bound`.
-fn wait_until<T>(what: &str, bound: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + bound;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {bound:?}");
-        std::thread::sleep(POLL);
-    }
 }
 
 /// One delivery report of the producer.

@@ -5,89 +5,15 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::{api_versions_answered, free_port, topic_name, Raw, START_TIMEOUT};
+use common::cluster::{cluster, CLUSTER_DEADLINE, POLL};
+use common::{topic_name, Raw};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
 
-const POLL: Duration = Duration::from_millis(50);
-/// Bound on forming the cluster (a controller elected, both brokers registered and unfenced).
-const CLUSTER_DEADLINE: Duration = Duration::from_secs(20);
 const NOT_COORDINATOR: i16 = 16;
 const TOPIC_AUTHORIZATION_FAILED: i16 = 29;
-
-struct Node {
-    id: u64,
-    kafka_port: u16,
-    rpc_port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl Node {
-    fn new(id: u64) -> Node {
-        Node {
-            id,
-            kafka_port: free_port(),
-            rpc_port: free_port(),
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-        }
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.kafka_port)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("spate.log")).unwrap_or_default()
-    }
-
-    fn spawn(&mut self, seeds: &str) {
-        let log = std::fs::File::create(self.dir.path().join("spate.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_spate"))
-            .arg("serve")
-            .args(["--node-id", &self.id.to_string()])
-            .args(["--listen", &self.addr()])
-            .args(["--rpc-listen", &format!("127.0.0.1:{}", self.rpc_port)])
-            .args(["--seeds", seeds])
-            .args([
-                "--data-dir",
-                &self.dir.path().join("data").to_string_lossy(),
-            ])
-            .args(["--cores", "1"])
-            .args(["--segment-bytes", &common::TEST_SEGMENT_BYTES.to_string()])
-            .args(["--metrics-listen", "off"])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + START_TIMEOUT;
-        while !api_versions_answered(&self.addr()) {
-            if let Some(s) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("node {} exited ({s}); log:\n{}", self.id, self.log());
-            }
-            assert!(Instant::now() < deadline, "node {} did not start", self.id);
-            std::thread::sleep(POLL);
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- node {} log ---\n{}", self.id, self.log());
-        }
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// FindCoordinator (v3) for `group`: (error, node id, port).
 fn find_coordinator(addr: &str, group: &str) -> (i16, i32, i32) {
@@ -110,15 +36,7 @@ fn join_group(addr: &str, group: &str) -> i16 {
 
 #[test]
 fn groups_meet_on_the_lowest_live_broker_and_replica_fetches_are_refused() {
-    let mut nodes = [Node::new(1), Node::new(2)];
-    let seeds = nodes
-        .iter()
-        .map(|n| format!("{}@127.0.0.1:{}", n.id, n.rpc_port))
-        .collect::<Vec<_>>()
-        .join(",");
-    for n in &mut nodes {
-        n.spawn(&seeds);
-    }
+    let nodes = cluster(2);
     // Both nodes name node 1 once they see it live (before that: COORDINATOR_NOT_AVAILABLE
     // or, for a moment, the lowest broker they know).
     let deadline = Instant::now() + CLUSTER_DEADLINE;

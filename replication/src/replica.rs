@@ -85,6 +85,8 @@ struct Progress {
     active: bool,
     /// Acknowledged something since the last heartbeat (else the next heartbeat retransmits).
     acked: bool,
+    /// The leader's tick count when the peer last answered (or when it became leader).
+    heard_at: u64,
 }
 
 pub struct Replica {
@@ -107,6 +109,8 @@ pub struct Replica {
     election_timeout: u32,
     heartbeat_elapsed: u32,
     quorum_elapsed: u32,
+    /// Ticks since the replica was made: the clock of `Progress::heard_at`.
+    ticks: u64,
     rng: u64,
     /// Candidate / pre-candidate: (voter, granted).
     votes: Vec<(NodeId, bool)>,
@@ -146,6 +150,7 @@ impl Replica {
             election_timeout: cfg.election_timeout_ticks,
             heartbeat_elapsed: 0,
             quorum_elapsed: 0,
+            ticks: 0,
             // splitmix64 state: any seed, including 0, gives a usable stream.
             rng: seed ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15),
             votes: Vec::new(),
@@ -212,6 +217,14 @@ impl Replica {
             .find(|p| p.node == peer)
             .map(|p| (p.matched, p.durable))
     }
+    /// Ticks since the leader last heard from `peer` (an answer to anything it sent); `None`
+    /// when not leading or not a peer. A live follower answers every heartbeat.
+    pub fn peer_silent_ticks(&self, peer: NodeId) -> Option<u64> {
+        self.progress
+            .iter()
+            .find(|p| p.node == peer)
+            .map(|p| self.ticks.saturating_sub(p.heard_at))
+    }
     /// Nothing to do until the next heartbeat: a leader whose followers hold everything, or a
     /// follower with a leader. Used by the multiplexer to keep idle groups cheap.
     pub fn is_idle(&self) -> bool {
@@ -229,6 +242,7 @@ impl Replica {
 
     /// One unit of logical time.
     pub fn tick(&mut self, out: &mut Vec<Action>) {
+        self.ticks += 1;
         match self.role {
             Role::Leader => {
                 self.heartbeat_elapsed += 1;
@@ -682,6 +696,7 @@ impl Replica {
                     probing: true,
                     active: true,
                     acked: false,
+                    heard_at: self.ticks,
                 });
             }
         }
@@ -738,9 +753,11 @@ impl Replica {
             return;
         };
         let log_end = self.log_end;
+        let ticks = self.ticks;
         let p = &mut self.progress[i];
         p.active = true;
         p.acked = true;
+        p.heard_at = ticks;
         if resp.success {
             assert!(
                 resp.log_end <= log_end,

@@ -313,11 +313,24 @@ fn a_missed_session_fences_the_broker_and_its_partitions_wait_for_their_group_le
         }),
         Err(ControllerError::FencedBroker(1))
     ));
+    // The default replication factor is the cluster's (three nodes: three), not the live
+    // brokers': with one fenced, a topic created without a count is refused (clients retry)
+    // rather than created under-replicated for good.
+    assert!(matches!(
+        h.ctl.create_topic(CreateTopicRequest {
+            name: "u".into(),
+            topic_id: 99,
+            partitions: 4,
+            replication_factor: None,
+            configs: Vec::new(),
+        }),
+        Err(ControllerError::Placement(_))
+    ));
     // Fenced brokers get no new partitions.
-    h.create("u", 4, None);
+    h.create("u", 4, Some(2));
     for i in 0..4 {
         let p = h.p("u", i);
-        assert_eq!(p.replicas.len(), 2, "default rf follows the live brokers");
+        assert_eq!(p.replicas.len(), 2);
         assert!(!p.has_replica(1));
     }
 }

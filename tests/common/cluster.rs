@@ -214,6 +214,18 @@ fn cluster_of(mut nodes: Vec<Node>) -> Vec<Node> {
     nodes
 }
 
+/// Polls `f` until it gives a value; fails the test after `bound`.
+pub fn wait_until<T>(what: &str, bound: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + bound;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {bound:?}");
+        std::thread::sleep(POLL);
+    }
+}
+
 /// Node `id`'s process id while it runs.
 impl Node {
     pub fn pid(&self) -> Option<u32> {

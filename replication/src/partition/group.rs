@@ -49,6 +49,12 @@ use crate::types::{
 /// sent, however large): bounds the message and the read behind it. A follower further behind
 /// catches up over several round trips.
 pub const MAX_APPEND_FILL_BYTES: usize = 1 << 20;
+/// A follower silent for longer than this many ticks (1 s at the shipped 50 ms tick: ten
+/// missed heartbeats) leaves the in-sync voters even when it holds everything, as Kafka's
+/// `replica.lag.time.max.ms` does: an idle partition does not keep a dead follower in its ISR.
+/// Kafka's default is 30 s; failover here is judged in about a second, and the ISR is what
+/// `min.insync.replicas` and under-replication are judged by.
+pub const REPLICA_LAG_MAX_TICKS: u64 = 20;
 /// Appended to a partition's log directory name for its hard-state file.
 pub const HARD_STATE_SUFFIX: &str = ".hard-state";
 /// Kafka's control record type for KRaft's LeaderChange, the record a new leader writes first.
@@ -88,6 +94,15 @@ impl GroupConfig {
             min_insync_replicas,
         }
     }
+}
+
+/// A leader's follower `v` is in sync: it holds everything up to the high watermark `hw` and
+/// answered within [`REPLICA_LAG_MAX_TICKS`].
+fn peer_in_sync(core: &Replica, v: NodeId, hw: Offset) -> bool {
+    core.peer_progress(v).is_some_and(|(m, _)| m >= hw)
+        && core
+            .peer_silent_ticks(v)
+            .is_some_and(|t| t <= REPLICA_LAG_MAX_TICKS)
 }
 
 /// Where a partition whose log is in `log_dir` keeps its hard state: beside the directory, so
@@ -274,7 +289,8 @@ impl PartitionGroup {
         }
     }
 
-    /// Voters caught up to the high watermark, this one included (the leader's view; a
+    /// Voters caught up to the high watermark and heard from within [`REPLICA_LAG_MAX_TICKS`],
+    /// this one included (the leader's view; a
     /// follower counts only itself). What `min.insync.replicas` is checked against.
     pub fn in_sync_voters(&self) -> usize {
         self.in_sync_voter_ids().len()
@@ -289,7 +305,7 @@ impl PartitionGroup {
             .voters
             .iter()
             .copied()
-            .filter(|&v| v == me || core.peer_progress(v).is_some_and(|(m, _)| m >= hw))
+            .filter(|&v| v == me || peer_in_sync(&core, v, hw))
             .collect()
     }
 
@@ -316,11 +332,11 @@ impl PartitionGroup {
             let (mut in_sync, mut lag) = (0, 0);
             for &v in voters.iter().filter(|&&v| v != me) {
                 // The same test as `in_sync_voter_ids`, so the gauge is the ISR reported.
-                match core.peer_progress(v) {
-                    Some((matched, _)) if matched >= hw => in_sync += 1,
-                    Some((matched, _)) => lag = lag.max(hw - matched),
-                    None => lag = lag.max(hw),
+                if peer_in_sync(&core, v, hw) {
+                    in_sync += 1;
                 }
+                let matched = core.peer_progress(v).map_or(0, |(m, _)| m);
+                lag = lag.max(hw.saturating_sub(matched));
             }
             if voters.contains(&me) {
                 in_sync += 1;
