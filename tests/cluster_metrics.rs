@@ -213,13 +213,17 @@ fn leaders_report_isr_under_replication_and_lag_as_a_follower_dies_and_returns()
 
     // A follower silent past the lag bound leaves the ISR with no write at all (an idle
     // partition does not keep a dead follower in sync).
-    wait_until("the idle leaders drop the dead follower", CHANGE_BOUND, || {
-        leader_views(&nodes).filter(|vs| {
-            vs.iter().zip(&views).all(|(now, before)| {
-                now.leader == before.leader && now.isr == 2.0 && now.under_replicated == 1.0
+    wait_until(
+        "the idle leaders drop the dead follower",
+        CHANGE_BOUND,
+        || {
+            leader_views(&nodes).filter(|vs| {
+                vs.iter().zip(&views).all(|(now, before)| {
+                    now.leader == before.leader && now.isr == 2.0 && now.under_replicated == 1.0
+                })
             })
-        })
-    });
+        },
+    );
 
     // Writes move the high watermark past the dead follower: the lag shows. Two of three
     // replicas still make acks=all.
