@@ -391,8 +391,8 @@ fn replicated_topic_keeps_every_acknowledged_write_across_leader_kills_and_resta
     producer.wait_more_acks(ACKS_BEFORE_FAULTS, "acks after the faults");
     let reports = producer.stop();
 
-    let out = python("cluster_consume.py", &[&bootstrap, TOPIC]);
-    assert_success("cluster_consume.py", &out);
+    let out = python("consume_all.py", &[&bootstrap, TOPIC, "--offsets"]);
+    assert_success("consume_all.py", &out);
     check_history(&reports, &String::from_utf8_lossy(&out.stdout));
     windows.sort();
     eprintln!(

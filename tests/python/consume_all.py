@@ -1,7 +1,8 @@
-"""Reads every message of every partition of TOPIC from the start and prints the values, one
-per line, once no partition has anything left up to its end offset at start.
+"""Reads every message of every partition of TOPIC from the start up to its end offset (taken
+at start) and prints the values, one per line; with --offsets each line is
+"PARTITION OFFSET VALUE".
 
-usage: consume_all.py BOOTSTRAP TOPIC
+usage: consume_all.py BOOTSTRAP TOPIC [--offsets]
 """
 import sys
 import time
@@ -9,6 +10,8 @@ import time
 from confluent_kafka import Consumer, TopicPartition
 
 BOOTSTRAP, TOPIC = sys.argv[1], sys.argv[2]
+WITH_OFFSETS = "--offsets" in sys.argv[3:]
+DEADLINE_S = 120
 c = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": "unused", "enable.auto.commit": False})
 md = c.list_topics(TOPIC, timeout=10)
 parts = list(md.topics[TOPIC].partitions)
@@ -16,12 +19,20 @@ ends = {p: c.get_watermark_offsets(TopicPartition(TOPIC, p), timeout=10)[1] for 
 c.assign([TopicPartition(TOPIC, p, 0) for p in parts])
 pos = {p: 0 for p in parts}
 out = []
-deadline = time.time() + 60
+deadline = time.time() + DEADLINE_S
+# Control records (a cluster's new leader writes one) take offsets but are never delivered, so
+# a partition is done when the position passes its end.
 while any(pos[p] < ends[p] for p in parts) and time.time() < deadline:
     m = c.poll(0.5)
-    if m is None or m.error():
+    if m is None:
+        for p in parts:
+            if pos[p] < ends[p]:
+                pos[p] = max(pos[p], c.position([TopicPartition(TOPIC, p)])[0].offset)
         continue
-    out.append(m.value().decode())
+    if m.error():
+        continue
+    value = m.value().decode()
+    out.append(f"{m.partition()} {m.offset()} {value}" if WITH_OFFSETS else value)
     pos[m.partition()] = m.offset() + 1
 c.close()
 if any(pos[p] < ends[p] for p in parts):
