@@ -472,23 +472,6 @@ impl<R: Clone> Driver<R> {
                     self.drive()?;
                 }
             }
-            RpcMessage::RegisterBroker(req) => self.handle_register(dest, corr, req)?,
-            RpcMessage::Heartbeat(req) => self.handle_heartbeat(dest, corr, req)?,
-            RpcMessage::AllocateProducerIds { node, broker_epoch } => self.decide(
-                dest,
-                corr,
-                |c| {
-                    c.allocate_producer_ids(node, broker_epoch)
-                        .map(|(r, first, len)| (r, (first, len)))
-                },
-                RpcMessage::AllocateProducerIdsResponse,
-            )?,
-            RpcMessage::AlterIsr(req) => self.decide(
-                dest,
-                corr,
-                |c| c.alter_isr(req).map(|r| (r, ())),
-                RpcMessage::AlterIsrResponse,
-            )?,
             RpcMessage::FetchMetadata {
                 from_offset,
                 max_bytes,
@@ -496,11 +479,15 @@ impl<R: Clone> Driver<R> {
                 let msg = self.answer_fetch(from_offset, max_bytes);
                 self.send_reply(dest, corr, msg);
             }
-            m @ (RpcMessage::CreateTopic { .. }
+            m @ (RpcMessage::RegisterBroker(_)
+            | RpcMessage::Heartbeat(_)
+            | RpcMessage::AllocateProducerIds { .. }
+            | RpcMessage::AlterIsr(_)
+            | RpcMessage::CreateTopic { .. }
             | RpcMessage::CreatePartitions { .. }
             | RpcMessage::DeleteTopic { .. }
             | RpcMessage::SetTopicConfigs { .. }
-            | RpcMessage::UnregisterBroker { .. }) => self.handle_admin(dest, corr, m)?,
+            | RpcMessage::UnregisterBroker { .. }) => self.handle_request(dest, corr, m)?,
             RpcMessage::RegisterBrokerResponse(_)
             | RpcMessage::HeartbeatResponse(_)
             | RpcMessage::FetchMetadataResponse(_)
@@ -512,6 +499,41 @@ impl<R: Clone> Driver<R> {
             }
         }
         Ok(())
+    }
+
+    /// A request for the active controller, from a peer (`dest` its connection) or from this
+    /// node's own broker side (`Dest::Local`): decided here, answered to `dest`.
+    fn handle_request(
+        &mut self,
+        dest: Dest<R>,
+        corr: u64,
+        message: RpcMessage,
+    ) -> Result<(), StoreError> {
+        match message {
+            RpcMessage::RegisterBroker(req) => self.handle_register(dest, corr, req),
+            RpcMessage::Heartbeat(req) => self.handle_heartbeat(dest, corr, req),
+            RpcMessage::AllocateProducerIds { node, broker_epoch } => self.decide(
+                dest,
+                corr,
+                |c| {
+                    c.allocate_producer_ids(node, broker_epoch)
+                        .map(|(r, first, len)| (r, (first, len)))
+                },
+                RpcMessage::AllocateProducerIdsResponse,
+            ),
+            RpcMessage::AlterIsr(req) => self.decide(
+                dest,
+                corr,
+                |c| c.alter_isr(req).map(|r| (r, ())),
+                RpcMessage::AlterIsrResponse,
+            ),
+            m @ (RpcMessage::CreateTopic { .. }
+            | RpcMessage::CreatePartitions { .. }
+            | RpcMessage::DeleteTopic { .. }
+            | RpcMessage::SetTopicConfigs { .. }
+            | RpcMessage::UnregisterBroker { .. }) => self.handle_admin(dest, corr, m),
+            other => unreachable!("not a controller request: {other:?}"),
+        }
     }
 
     // ---- the metadata group --------------------------------------------------------------------
@@ -886,34 +908,10 @@ impl<R: Clone> Driver<R> {
         let to = self.agent_target();
         self.agent.outstanding.insert(corr, (req, self.now_ms, to));
         if to == self.cfg.node_id {
-            let frame = reply_frame(corr, message);
-            match frame.message {
-                RpcMessage::RegisterBroker(r) => self.handle_register(Dest::Local, corr, r)?,
-                RpcMessage::Heartbeat(r) => self.handle_heartbeat(Dest::Local, corr, r)?,
+            match message {
+                // A voter applies the log itself; it fetches nothing from itself.
                 RpcMessage::FetchMetadata { .. } => {}
-                RpcMessage::AllocateProducerIds { node, broker_epoch } => self.decide(
-                    Dest::Local,
-                    corr,
-                    |c| {
-                        c.allocate_producer_ids(node, broker_epoch)
-                            .map(|(r, first, len)| (r, (first, len)))
-                    },
-                    RpcMessage::AllocateProducerIdsResponse,
-                )?,
-                RpcMessage::AlterIsr(req) => self.decide(
-                    Dest::Local,
-                    corr,
-                    |c| c.alter_isr(req).map(|r| (r, ())),
-                    RpcMessage::AlterIsrResponse,
-                )?,
-                m @ (RpcMessage::CreateTopic { .. }
-                | RpcMessage::CreatePartitions { .. }
-                | RpcMessage::DeleteTopic { .. }
-                | RpcMessage::SetTopicConfigs { .. }
-                | RpcMessage::UnregisterBroker { .. }) => {
-                    self.handle_admin(Dest::Local, corr, m)?
-                }
-                other => unreachable!("broker side sent {other:?}"),
+                m => self.handle_request(Dest::Local, corr, m)?,
             }
         } else {
             self.out.push(Outgoing::Peer {
