@@ -87,13 +87,7 @@ pub(crate) fn view_of(state: MetadataState) -> ClusterView {
         brokers: state
             .brokers
             .iter()
-            .map(|(&node, b)| BrokerView {
-                node,
-                kafka: b.kafka.clone(),
-                rpc: b.rpc.clone(),
-                fenced: b.fenced,
-                voter: true,
-            })
+            .map(|(&node, b)| BrokerView::of(node, b, true))
             .collect(),
         metadata: Arc::new(state),
         ..ClusterView::default()

@@ -369,13 +369,7 @@ impl<R: Clone> Driver<R> {
             .state
             .brokers
             .iter()
-            .map(|(&node, b)| BrokerView {
-                node,
-                kafka: b.kafka.clone(),
-                rpc: b.rpc.clone(),
-                fenced: b.fenced,
-                voter: self.cfg.voters.contains(&node),
-            })
+            .map(|(&node, b)| BrokerView::of(node, b, self.cfg.voters.contains(&node)))
             .collect();
         let voter_progress = match self.replica() {
             Some(r) if r.is_leader() => self

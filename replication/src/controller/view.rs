@@ -5,7 +5,7 @@
 use std::sync::{Arc, RwLock};
 
 use crate::controller::records::Endpoint;
-use crate::controller::MetadataState;
+use crate::controller::{BrokerInfo, MetadataState};
 use crate::types::{Epoch, NodeId, Offset};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,6 +17,19 @@ pub struct BrokerView {
     pub fenced: bool,
     /// A metadata voter (one of the seeds).
     pub voter: bool,
+}
+
+impl BrokerView {
+    /// Broker `node` as its registration in the applied metadata shows it.
+    pub fn of(node: NodeId, info: &BrokerInfo, voter: bool) -> Self {
+        BrokerView {
+            node,
+            kafka: info.kafka.clone(),
+            rpc: info.rpc.clone(),
+            fenced: info.fenced,
+            voter,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
