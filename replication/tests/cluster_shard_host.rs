@@ -11,14 +11,14 @@ use std::time::Duration;
 
 use spate_replication::cluster::{partition_group_id, ShardGroups};
 use spate_replication::partition::{
-    hard_state_path, Acks, FlushPolicy, GroupConfig, LogConfig, NoObserver, PartitionGroup,
-    PartitionReplica, ReplicaConfig, TopicPartition,
+    hard_state_path, Acks, FlushPolicy, GroupConfig, NoObserver, PartitionGroup, PartitionReplica,
+    ReplicaConfig, TopicPartition,
 };
 use spate_replication::{NodeId, NodeMessage};
 
 #[path = "support/batches.rs"]
 mod batches;
-use batches::batch;
+use batches::{batch, small_log_config};
 
 /// Rounds (a tick of every host, then every message delivered) a condition may take: an
 /// election takes 10 to 20 ticks.
@@ -29,15 +29,7 @@ const TOPIC_ID: u128 = 0x5fa7e;
 
 async fn open_group(dir: &Path, node: NodeId, partition: u32) -> Rc<PartitionGroup> {
     let config = ReplicaConfig {
-        log: LogConfig {
-            segment_bytes: 1 << 20,
-            segment_ms: None,
-            index_interval_bytes: 1024,
-            max_batch_bytes: 64 << 10,
-            retention_bytes: None,
-            retention_ms: None,
-            flush: FlushPolicy::Always,
-        },
+        log: small_log_config(FlushPolicy::Always),
         high_watermark_cap: None,
     };
     let log_dir = dir.join(format!("t-{partition}"));

@@ -40,7 +40,7 @@ use spate_replication::{NodeId, NodeMessage};
 
 #[path = "support/batches.rs"]
 mod batches;
-use batches::batch;
+use batches::{batch, small_log_config};
 
 const NODES: u64 = 3;
 const SHARDS: u32 = 2;
@@ -114,15 +114,7 @@ fn endpoint(port: u16) -> Endpoint {
 }
 
 fn log_config() -> LogConfig {
-    LogConfig {
-        segment_bytes: 1 << 20,
-        segment_ms: None,
-        index_interval_bytes: 1024,
-        max_batch_bytes: 64 << 10,
-        retention_bytes: None,
-        retention_ms: None,
-        flush: FlushPolicy::Always,
-    }
+    small_log_config(FlushPolicy::Always)
 }
 
 fn tp(p: u32) -> TopicPartition {

@@ -8,13 +8,13 @@ use std::rc::Rc;
 
 use kafka_protocol::ResponseError;
 use spate_replication::partition::{
-    Acks, BatchHeader, FlushPolicy, LogConfig, PartitionReplica, ReplicaConfig, ReplicaObserver,
+    Acks, BatchHeader, FlushPolicy, PartitionReplica, ReplicaConfig, ReplicaObserver,
     TopicPartition,
 };
 
 #[path = "support/batches.rs"]
 mod batches;
-use batches::{batch, run};
+use batches::{batch, run, small_log_config};
 
 /// Records every high watermark the replica reports as committed, and refusals for lack of
 /// space.
@@ -35,15 +35,7 @@ impl ReplicaObserver for Seen {
 
 async fn open(dir: &std::path::Path, flush: FlushPolicy, seen: Seen) -> Rc<PartitionReplica> {
     let config = ReplicaConfig {
-        log: LogConfig {
-            segment_bytes: 1 << 20,
-            segment_ms: None,
-            index_interval_bytes: 1024,
-            max_batch_bytes: 64 << 10,
-            retention_bytes: None,
-            retention_ms: None,
-            flush,
-        },
+        log: small_log_config(flush),
         high_watermark_cap: None,
     };
     Rc::new(

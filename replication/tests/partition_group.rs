@@ -12,14 +12,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use kafka_protocol::ResponseError;
 use spate_replication::partition::{
-    hard_state_path, Acks, BatchHeader, Completion, FlushPolicy, GroupConfig, LogConfig,
-    NoObserver, PartitionGroup, PartitionReplica, ReplicaConfig, TopicPartition,
+    hard_state_path, Acks, BatchHeader, Completion, FlushPolicy, GroupConfig, NoObserver,
+    PartitionGroup, PartitionReplica, ReplicaConfig, TopicPartition,
 };
 use spate_replication::{Message, NodeId};
 
 #[path = "support/batches.rs"]
 mod batches;
-use batches::{batch, run};
+use batches::{batch, run, small_log_config};
 
 /// Rounds (one tick each, then every message delivered) a condition may take: elections take
 /// 10 to 20 ticks, so this bounds a test to a few elections' worth of rounds.
@@ -238,15 +238,7 @@ async fn open_group(
     min_insync: usize,
 ) -> Rc<PartitionGroup> {
     let config = ReplicaConfig {
-        log: LogConfig {
-            segment_bytes: 1 << 20,
-            segment_ms: None,
-            index_interval_bytes: 1024,
-            max_batch_bytes: 64 << 10,
-            retention_bytes: None,
-            retention_ms: None,
-            flush: FlushPolicy::Always,
-        },
+        log: small_log_config(FlushPolicy::Always),
         high_watermark_cap: None,
     };
     let log_dir = dir.join("t-0");

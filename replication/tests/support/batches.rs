@@ -1,4 +1,5 @@
-//! What the partition tests share: an executor to run one on, and idempotent producers' batches.
+//! What the partition tests share: an executor to run one on, their log settings, and
+//! idempotent producers' batches.
 
 // Each test binary that includes this uses part of it.
 #![allow(dead_code)]
@@ -7,7 +8,20 @@ use bytes::{Bytes, BytesMut};
 use kafka_protocol::records::{
     Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
 };
-use spate_replication::partition::VerifiedBatch;
+use spate_replication::partition::{FlushPolicy, LogConfig, VerifiedBatch};
+
+/// Small segments and batches, nothing retained away: the logs of the partition tests.
+pub fn small_log_config(flush: FlushPolicy) -> LogConfig {
+    LogConfig {
+        segment_bytes: 1 << 20,
+        segment_ms: None,
+        index_interval_bytes: 1024,
+        max_batch_bytes: 64 << 10,
+        retention_bytes: None,
+        retention_ms: None,
+        flush,
+    }
+}
 
 pub fn run<T>(f: impl std::future::Future<Output = T>) -> T {
     glommio::LocalExecutorBuilder::default()
