@@ -280,9 +280,19 @@ pub async fn handle(
 }
 
 /// Produce v10+ (KIP-951): the leader hints of a cluster node's answer.
+/// Only a refused partition costs anything: the cluster view is not read otherwise.
 fn add_leader_hints(shard: &Shard, resp: &mut ProduceResponse, version: i16) {
+    let not_leader = ResponseError::NotLeaderOrFollower.code();
+    let refused = || {
+        resp.responses
+            .iter()
+            .flat_map(|t| &t.partition_responses)
+            .any(|p| p.error_code == not_leader)
+    };
     if let Some(port) = shard.config.cluster.as_ref().filter(|_| version >= 10) {
-        hint_leaders(&port.view(), resp);
+        if refused() {
+            hint_leaders(&port.view(), resp);
+        }
     }
 }
 
