@@ -282,8 +282,16 @@ impl Shard {
     /// may lack committed data or hold an uncommitted suffix, and a leader that has not yet
     /// rebuilt its state in its epoch may still be truncated): anything else is
     /// NOT_LEADER_OR_FOLLOWER, so the client refreshes its metadata and goes to the leader.
+    /// A leader that has not yet committed in its epoch answers `not_ready` instead: its high
+    /// watermark is not known until then (after a restart it reads 0, and a ListOffsets for the
+    /// latest offset would send a reader back to the start). That lasts one round trip to a
+    /// majority; a leader that cannot reach one steps down.
     /// A getter: must run on the owning shard.
-    pub fn leader_replica(&self, tp: &TopicPartition) -> Result<(Rc<PartitionReplica>, i32), i16> {
+    pub fn leader_replica(
+        &self,
+        tp: &TopicPartition,
+        not_ready: i16,
+    ) -> Result<(Rc<PartitionReplica>, i32), i16> {
         if !self.in_cluster() {
             let p = self.partition(tp)?;
             let epoch = p.leader_epoch();
@@ -291,7 +299,13 @@ impl Shard {
         }
         self.check_exists(&tp.topic, tp.partition)?;
         match self.replicas.group(tp) {
-            Some(g) if g.is_writable_leader() => Ok((g.replica().clone(), g.epoch())),
+            Some(g) if g.is_writable_leader() => {
+                if g.is_ready_leader() {
+                    Ok((g.replica().clone(), g.epoch()))
+                } else {
+                    Err(not_ready)
+                }
+            }
             _ => Err(kafka_protocol::ResponseError::NotLeaderOrFollower.code()),
         }
     }

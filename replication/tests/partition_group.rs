@@ -55,6 +55,11 @@ struct Cluster {
     drop_percent: u32,
     rng: fastrand::Rng,
     min_insync: usize,
+    /// Committed before the current incarnations started: a leader that serves reads must
+    /// show a high watermark at least this high.
+    read_floor: u64,
+    /// Seen at some check: a writable leader whose high watermark is below `read_floor`.
+    saw_lagging_writable_leader: bool,
 }
 
 impl Cluster {
@@ -68,6 +73,8 @@ impl Cluster {
             drop_percent: 0,
             rng: fastrand::Rng::with_seed(0x5eed),
             min_insync,
+            read_floor: 0,
+            saw_lagging_writable_leader: false,
         };
         for id in 1..=nodes {
             c.slots.push(Slot {
@@ -161,6 +168,17 @@ impl Cluster {
                 s.last_hw
             );
             s.last_hw = hw;
+            if g.is_writable_leader() && hw < self.read_floor {
+                self.saw_lagging_writable_leader = true;
+            }
+            if g.is_ready_leader() {
+                assert!(
+                    hw >= self.read_floor,
+                    "node {}: serves reads with high watermark {hw} below the committed {}",
+                    s.id,
+                    self.read_floor
+                );
+            }
         }
     }
 
@@ -666,5 +684,35 @@ fn every_acknowledged_write_is_in_the_log_once_after_drops_and_failovers() {
             "each acknowledged batch exactly once, in order"
         );
         assert!(c.group(l).epoch() >= 3, "the writes went through failovers");
+    });
+}
+
+#[test]
+fn a_leader_after_a_full_restart_serves_reads_only_once_its_watermark_covers_the_committed_log() {
+    run(async {
+        let mut c = Cluster::new(3, 2).await;
+        let l = c.elect().await;
+        for seq in [0, 3, 6] {
+            let (code, a) = produce(&c, l, 1, seq, Acks::All).await;
+            assert_eq!(code, 0);
+            c.run_until("committed", |_| a.get().is_some()).await;
+        }
+        c.run_until("all caught up", Cluster::all_caught_up).await;
+        let committed = c.group(l).replica().high_watermark();
+        for id in c.voters() {
+            c.kill(id).await;
+        }
+        // The high watermark is not persisted: every restarted replica starts at 0, and so
+        // does a new leader until its own epoch commits.
+        c.read_floor = committed;
+        for id in c.voters() {
+            c.start(id).await;
+        }
+        let l = c.elect().await;
+        assert!(c.group(l).replica().high_watermark() > committed);
+        assert!(
+            c.saw_lagging_writable_leader,
+            "the window this guards (writable, watermark not yet known) was never seen"
+        );
     });
 }

@@ -17,6 +17,7 @@ Event types (fields beside t/type):
   offset_reset proc, partition, error              a reader's fetch was refused as out of range
   consumer_error, committed_error  proc, error     client errors, recorded, not judged
   final_hwm    partition, low, high                watermarks the final reader reads up to
+  final_retry  partition, error                    the final reader asks a partition's watermarks again
   final_missing partition, error                   a partition the final reader cannot find
   final_done   complete, reason?                   the final reader finished (or gave up)
   recovered    ok                                  acks resumed after the last fault (or not)

@@ -42,7 +42,7 @@ MIN_FREE_DISK_BYTES = 2 << 30
 # Workers stop on their own within the producers' flush timeout; past this they are stuck.
 WORKER_JOIN_TIMEOUT_S = workload.FLUSH_TIMEOUT_S + 30
 # The final read's own deadline plus slack for its client calls (watermarks, close).
-FINAL_READ_JOIN_TIMEOUT_S = workload.FINAL_READ_TIMEOUT_S + 60
+FINAL_READ_JOIN_TIMEOUT_S = workload.FINAL_READ_TIMEOUT_S + workload.WATERMARK_RETRY_S + 60
 
 
 def record_stuck(h, proc, thread):

@@ -31,6 +31,10 @@ CONSUME_BATCH = 500
 CONSUME_TIMEOUT_S = 0.2
 CLIENT_CALL_TIMEOUT_S = 10.0
 FINAL_READ_TIMEOUT_S = 120.0
+# How long the final reader keeps asking for a partition's watermarks (a cluster that just
+# healed may still be electing its leader).
+WATERMARK_RETRY_S = 30.0
+WATERMARK_RETRY_BACKOFF_S = 0.2
 FLUSH_TIMEOUT_S = 60.0
 FATAL_FLUSH_TIMEOUT_S = 5.0
 
@@ -299,15 +303,29 @@ def final_read(bootstrap, topic, partitions, history, proc="final"):
     consumer = Consumer(conf)
     try:
         marks, missing = {}, []
+        # A cluster may still be electing when the faults end (the last one healed a moment
+        # ago): a partition without a leader now is asked again until WATERMARK_RETRY_S has
+        # passed, and only then judged missing.
+        retry_deadline = time.monotonic() + WATERMARK_RETRY_S
         for p in range(partitions):
-            try:
-                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p),
-                                                           timeout=CLIENT_CALL_TIMEOUT_S)
-            except KafkaException as e:
-                # The partition is gone (e.g. its data dir was lost and the topic came back
-                # with fewer partitions): what was acknowledged there is judged lost.
-                history.record("final_missing", partition=p, error=e.args[0].str())
-                missing.append(p)
+            while True:
+                try:
+                    low, high = consumer.get_watermark_offsets(TopicPartition(topic, p),
+                                                               timeout=CLIENT_CALL_TIMEOUT_S)
+                    break
+                except KafkaException as e:
+                    if time.monotonic() < retry_deadline:
+                        history.record("final_retry", partition=p, error=e.args[0].str())
+                        time.sleep(WATERMARK_RETRY_BACKOFF_S)
+                        continue
+                    # The partition is gone (e.g. its data dir was lost and the topic came
+                    # back with fewer partitions) or never got a leader again: what was
+                    # acknowledged there is judged lost.
+                    history.record("final_missing", partition=p, error=e.args[0].str())
+                    missing.append(p)
+                    low = None
+                    break
+            if low is None:
                 continue
             marks[p] = (low, high)
             history.record("final_hwm", partition=p, low=low, high=high)

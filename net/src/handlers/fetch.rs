@@ -382,9 +382,11 @@ async fn read_partition(shard: &Shard, w: &ReadWork, limit: usize) -> PartitionR
         records: None,
         diverging: None,
     };
-    let p = match shard.leader_replica(&w.tp).and_then(|(p, epoch)| {
-        check_current_epoch(w.current_leader_epoch, epoch).map(|()| (p, epoch))
-    }) {
+    let p = match shard
+        .leader_replica(&w.tp, ResponseError::NotLeaderOrFollower.code())
+        .and_then(|(p, epoch)| {
+            check_current_epoch(w.current_leader_epoch, epoch).map(|()| (p, epoch))
+        }) {
         Ok((p, epoch)) => {
             if w.last_fetched_epoch >= 0 {
                 let history = p.epoch_history();

@@ -9,6 +9,7 @@ use kafka_protocol::messages::list_offsets_response::{
     ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
 };
 use kafka_protocol::messages::{ListOffsetsRequest, ListOffsetsResponse};
+use kafka_protocol::ResponseError;
 
 use crate::dispatch::encode_response;
 use crate::error::NetError;
@@ -48,7 +49,8 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
             let res = shard
                 .router
                 .run_on(owner, move |s| async move {
-                    let (part, epoch) = s.leader_replica(&tp)?;
+                    let (part, epoch) =
+                        s.leader_replica(&tp, ResponseError::OffsetNotAvailable.code())?;
                     check_current_epoch(current_epoch, epoch)?;
                     // Latest is the high watermark: consumers never see past it.
                     let (start, end) = (part.log_start_offset(), part.high_watermark());

@@ -33,7 +33,7 @@ fn answer_on_owner(
     current: i32,
     asked: i32,
 ) -> Result<(i32, i64), i16> {
-    let (p, epoch) = shard.leader_replica(tp)?;
+    let (p, epoch) = shard.leader_replica(tp, ResponseError::NotLeaderOrFollower.code())?;
     check_current_epoch(current, epoch)?;
     let history = p.epoch_history();
     let log = EpochLog {

@@ -352,6 +352,13 @@ impl PartitionGroup {
         self.writable.get() && self.core.borrow().is_leader()
     }
 
+    /// A writable leader whose epoch has committed (`LeaderReady`): its high watermark covers
+    /// everything committed before it, so reads may be served. Until then the watermark may
+    /// lag (after a restart it starts at 0).
+    pub fn is_ready_leader(&self) -> bool {
+        self.is_writable_leader() && self.replica.leader_epoch() == self.epoch()
+    }
+
     /// One unit of logical time (the shard's tick: elections, heartbeats).
     pub async fn tick(&self) {
         let Ok(_guard) = self.lock.acquire_permit(1).await else {
