@@ -31,11 +31,15 @@ pub async fn clean_logs(
             return;
         }
         glommio::yield_if_needed().await;
+        let started = std::time::Instant::now();
         match r.clean(config, now_ms()).await {
             Ok(Some(stats)) => tracing::info!(
                 topic = %r.tp.topic,
                 partition = r.tp.partition,
                 passes = stats.passes,
+                bytes_read = stats.bytes_read,
+                bytes_written = stats.bytes_written,
+                elapsed_ms = started.elapsed().as_millis() as u64,
                 bytes_reclaimed = stats.bytes_reclaimed,
                 records_removed = stats.records_removed,
                 tombstones_removed = stats.tombstones_removed,
