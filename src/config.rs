@@ -174,7 +174,11 @@ pub struct ServeConfig {
     #[arg(long, env = "SPATE_AUTO_LEADER_REBALANCE_ENABLE", value_name = "BOOL")]
     pub auto_leader_rebalance_enable: Option<bool>,
     /// With --seeds: how often the leader balancer runs, in seconds [default: 30].
-    #[arg(long, env = "SPATE_LEADER_IMBALANCE_CHECK_INTERVAL_SECONDS", value_name = "SECONDS")]
+    #[arg(
+        long,
+        env = "SPATE_LEADER_IMBALANCE_CHECK_INTERVAL_SECONDS",
+        value_name = "SECONDS"
+    )]
     pub leader_imbalance_check_interval_seconds: Option<u64>,
     /// Memory of the log cleaner's key -> offset map over all cores (each gets an equal share,
     /// at least 1 MiB); compacted logs with more keys are cleaned in passes [default:

@@ -63,7 +63,10 @@ fn start(extra: &[&str]) -> Vec<Node> {
 }
 
 fn cli(nodes: &[Node], args: &[&str]) -> Output {
-    let live = nodes.iter().find(|n| n.child.is_some()).expect("a live node");
+    let live = nodes
+        .iter()
+        .find(|n| n.child.is_some())
+        .expect("a live node");
     spate_cli(&live.addr(), args)
 }
 
@@ -114,7 +117,15 @@ fn wait_preferred(nodes: &[Node], what: &str) -> Duration {
 fn create_topic(nodes: &[Node]) {
     let out = cli(
         nodes,
-        &["topic", "create", TOPIC, "-p", &PARTITIONS.to_string(), "-r", "3"],
+        &[
+            "topic",
+            "create",
+            TOPIC,
+            "-p",
+            &PARTITIONS.to_string(),
+            "-r",
+            "3",
+        ],
     );
     assert_success("spate topic create", &out);
     wait_until("topic settled", CHANGE_BOUND, || settled(nodes));
@@ -144,21 +155,38 @@ fn elect(client: &str, nodes: &[Node], kind: &str, partitions: &[i32]) -> BTreeM
 
 #[test]
 fn preferred_leaders_come_back_through_kafka_admin_clients_and_the_cli() {
-    let _one = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
     // The balancer is off: only the elections asked for move leaders.
     let mut nodes = start(&["--auto-leader-rebalance-enable", "false"]);
     create_topic(&nodes);
 
     // Node 1 is killed: its partitions fail over. While it is down, no node may restart.
     nodes[0].kill();
-    wait_for(&[&nodes[1], &nodes[2]], &[2, 3], &[1, 2, 3], "node 1 fenced");
+    wait_for(
+        &[&nodes[1], &nodes[2]],
+        &[2, 3],
+        &[1, 2, 3],
+        "node 1 fenced",
+    );
     wait_until("node 1's leaders replaced", CHANGE_BOUND, || {
         let ps = partitions_seen(&nodes[1].addr(), TOPIC)?;
-        ps.iter().all(|p| p.leader == 2 || p.leader == 3).then_some(())
+        ps.iter()
+            .all(|p| p.leader == 2 || p.leader == 3)
+            .then_some(())
     });
     let out = cli(&nodes, &["cluster", "restart-check", "3"]);
-    assert!(!out.status.success(), "restart-check with a node down: {}", stdout(&out));
-    assert!(stdout(&out).contains("NOT safe to restart node 3"), "{}", stdout(&out));
+    assert!(
+        !out.status.success(),
+        "restart-check with a node down: {}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains("NOT safe to restart node 3"),
+        "{}",
+        stdout(&out)
+    );
     assert!(stdout(&out).contains("node 1 is down"), "{}", stdout(&out));
     nodes[0].spawn();
     let ps = wait_until("node 1 back in every ISR", CHANGE_BOUND, || settled(&nodes));
@@ -167,10 +195,17 @@ fn preferred_leaders_come_back_through_kafka_admin_clients_and_the_cli() {
         .filter(|p| p.leader != p.replicas[0])
         .map(|p| p.partition)
         .collect();
-    assert!(!off.is_empty(), "the restart moved no preferred leader: {ps:?}");
+    assert!(
+        !off.is_empty(),
+        "the restart moved no preferred leader: {ps:?}"
+    );
     let out = cli(&nodes, &["cluster", "restart-check", "3"]);
     assert_success("restart-check with every ISR full", &out);
-    assert!(stdout(&out).contains("safe to restart node 3"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("safe to restart node 3"),
+        "{}",
+        stdout(&out)
+    );
 
     // UNCLEAN elections are refused, per partition.
     let unclean = elect("confluent", &nodes, "unclean", &[0, 1]);
@@ -186,7 +221,11 @@ fn preferred_leaders_come_back_through_kafka_admin_clients_and_the_cli() {
     codes.extend(elect("kafka-python", &nodes, "preferred", &second));
     assert_eq!(codes.len(), PARTITIONS, "{codes:?}");
     for (p, code) in &codes {
-        let want = if off.contains(p) { NONE } else { ELECTION_NOT_NEEDED };
+        let want = if off.contains(p) {
+            NONE
+        } else {
+            ELECTION_NOT_NEEDED
+        };
         assert_eq!(*code, want, "partition {p}: {codes:?}");
     }
     let took = wait_preferred(&nodes, "preferred leaders back");
@@ -195,8 +234,22 @@ fn preferred_leaders_come_back_through_kafka_admin_clients_and_the_cli() {
     // Nothing left to do: the CLI says so (a null list leaves out ELECTION_NOT_NEEDED).
     let out = cli(&nodes, &["partition", "elect-leaders"]);
     assert_success("spate partition elect-leaders", &out);
-    assert!(stdout(&out).contains("no election needed"), "{}", stdout(&out));
-    let out = cli(&nodes, &["partition", "elect-leaders", "--topic", TOPIC, "--partition", "0"]);
+    assert!(
+        stdout(&out).contains("no election needed"),
+        "{}",
+        stdout(&out)
+    );
+    let out = cli(
+        &nodes,
+        &[
+            "partition",
+            "elect-leaders",
+            "--topic",
+            TOPIC,
+            "--partition",
+            "0",
+        ],
+    );
     assert_success("elect-leaders one partition", &out);
     assert!(stdout(&out).contains("not needed"), "{}", stdout(&out));
     let out = cli(&nodes, &["partition", "elect-leaders", "--topic", "nope"]);
@@ -223,10 +276,18 @@ fn preferred_leaders_come_back_through_kafka_admin_clients_and_the_cli() {
     assert_success("restart-check of the node in maintenance", &out);
     let out = cli(&nodes, &["cluster", "restart-check", "3"]);
     assert!(!out.status.success());
-    assert!(stdout(&out).contains("node 2 is in maintenance mode"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("node 2 is in maintenance mode"),
+        "{}",
+        stdout(&out)
+    );
     // Another broker cannot go in maintenance meanwhile.
     let out = cli(&nodes, &["node", "maintenance", "3", "on"]);
-    assert!(!out.status.success(), "two in maintenance: {}", stdout(&out));
+    assert!(
+        !out.status.success(),
+        "two in maintenance: {}",
+        stdout(&out)
+    );
 
     // Off, and the CLI's election (the balancer is off here) brings node 2's leaders back.
     let out = cli(&nodes, &["node", "maintenance", "2", "off"]);
@@ -368,7 +429,9 @@ fn check_history(reports: &[Report], records: &str) {
 
 #[test]
 fn maintenance_drains_a_node_under_a_producer_and_the_balancer_brings_its_leaders_back() {
-    let _one = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
     // The balancer every 2 s (the shipped 30 s would make this test slow, not different).
     let mut nodes = start(&["--leader-imbalance-check-interval-seconds", "2"]);
     create_topic(&nodes);
@@ -384,14 +447,23 @@ fn maintenance_drains_a_node_under_a_producer_and_the_balancer_brings_its_leader
     wait_until("node 2 drained", CHANGE_BOUND, || {
         nodes
             .iter()
-            .all(|n| partitions_seen(&n.addr(), TOPIC).is_some_and(|ps| ps.iter().all(|p| p.leader != 2)))
+            .all(|n| {
+                partitions_seen(&n.addr(), TOPIC).is_some_and(|ps| ps.iter().all(|p| p.leader != 2))
+            })
             .then_some(())
     });
-    eprintln!("node 2 drained {:?} after maintenance on", started.elapsed());
+    eprintln!(
+        "node 2 drained {:?} after maintenance on",
+        started.elapsed()
+    );
     producer.wait_more(200, "acks with node 2 drained");
     let out = cli(&nodes, &["cluster", "restart-check", "2"]);
     assert_success("restart-check 2", &out);
-    assert!(stdout(&out).contains("safe to restart node 2"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("safe to restart node 2"),
+        "{}",
+        stdout(&out)
+    );
 
     // The restart: node 2 rejoins every ISR but leads nothing while in maintenance, though
     // the balancer runs every 2 s.
@@ -401,7 +473,10 @@ fn maintenance_drains_a_node_under_a_producer_and_the_balancer_brings_its_leader
     let watch = Instant::now();
     while watch.elapsed() < Duration::from_secs(5) {
         let ps = partitions_seen(&nodes[0].addr(), TOPIC).expect("metadata");
-        assert!(ps.iter().all(|p| p.leader != 2), "node 2 leads in maintenance: {ps:?}");
+        assert!(
+            ps.iter().all(|p| p.leader != 2),
+            "node 2 leads in maintenance: {ps:?}"
+        );
         std::thread::sleep(POLL);
     }
     producer.wait_more(200, "acks after the restart");

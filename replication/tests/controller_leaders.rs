@@ -11,7 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use spate_replication::controller::active::DEFAULT_LEADER_BALANCE_INTERVAL_MS;
-use spate_replication::controller::driver::{AdminCall, CallAnswer, Driver, DriverConfig, Outgoing};
+use spate_replication::controller::driver::{
+    AdminCall, CallAnswer, Driver, DriverConfig, Outgoing,
+};
 use spate_replication::controller::leadership::{
     balance_wishes, leaders_of, preferred_election, transfer_target, PreferredElection,
 };
@@ -188,7 +190,10 @@ fn a_preferred_election_is_recorded_once_and_cleared_when_the_preferred_replica_
         transfer_target(&h.follower, "t", 0, second, &everyone()),
         Some(pref)
     );
-    assert_eq!(transfer_target(&h.follower, "t", 0, second, &[second]), None);
+    assert_eq!(
+        transfer_target(&h.follower, "t", 0, second, &[second]),
+        None
+    );
     assert_eq!(
         transfer_target(&h.follower, "t", 1, h.preferred(1), &everyone()),
         None
@@ -250,7 +255,11 @@ fn a_preferred_replica_down_out_of_sync_or_in_maintenance_is_not_available() {
         let recs = h.ctl.tick(now);
         h.commit(recs);
     }
-    assert_eq!(h.follower.leader_wish("t", 0), None, "a fenced target's wish");
+    assert_eq!(
+        h.follower.leader_wish("t", 0),
+        None,
+        "a fenced target's wish"
+    );
     assert!(matches!(
         preferred_election(&h.follower, "t", 0),
         PreferredElection::NotAvailable(_)
@@ -260,7 +269,11 @@ fn a_preferred_replica_down_out_of_sync_or_in_maintenance_is_not_available() {
 #[test]
 fn maintenance_moves_leaders_away_one_broker_at_a_time_and_is_idempotent() {
     let mut h = Harness::three_nodes(ControllerConfig::default(), 6);
-    assert_eq!(leaders_of(&h.follower, 2), 2, "placement: two leaders per node");
+    assert_eq!(
+        leaders_of(&h.follower, 2),
+        2,
+        "placement: two leaders per node"
+    );
     let recs = h.ctl.set_maintenance(2, true).unwrap();
     assert_eq!(recs, vec![Record::SetMaintenance { node: 2, on: true }]);
     h.commit(recs);
@@ -298,7 +311,12 @@ fn maintenance_moves_leaders_away_one_broker_at_a_time_and_is_idempotent() {
     // Node 2's partitions move; neither an election nor the balancer names node 2.
     for i in 0..6 {
         if h.p("t", i).leader == Some(2) {
-            let to = h.p("t", i).replicas.iter().map(|r| r.node).find(|&n| n != 2);
+            let to = h
+                .p("t", i)
+                .replicas
+                .iter()
+                .map(|r| r.node)
+                .find(|&n| n != 2);
             h.elected("t", i, to.unwrap(), 2);
         }
     }
@@ -381,7 +399,10 @@ fn wishes_go_with_their_topic_and_records_round_trip() {
         let bytes = RecordBatch::new(vec![r.clone()]).encode();
         assert_eq!(RecordBatch::decode(bytes.clone()).unwrap().records, vec![r]);
         for cut in 0..bytes.len() {
-            assert!(RecordBatch::decode(bytes.slice(..cut)).is_err(), "prefix {cut}");
+            assert!(
+                RecordBatch::decode(bytes.slice(..cut)).is_err(),
+                "prefix {cut}"
+            );
         }
     }
 }
@@ -470,7 +491,10 @@ impl Net {
     fn until(&mut self, max_ms: u64, what: &str, f: impl Fn(&Net) -> bool) {
         let start = self.now_ms;
         while !f(self) {
-            assert!(self.now_ms - start <= max_ms, "{what}: not within {max_ms} ms");
+            assert!(
+                self.now_ms - start <= max_ms,
+                "{what}: not within {max_ms} ms"
+            );
             self.step();
         }
     }
@@ -484,8 +508,14 @@ impl Net {
     }
 
     fn call(&mut self, on: NodeId, id: u64, call: AdminCall) -> Result<CallAnswer, RpcErrorCode> {
-        self.nodes.get_mut(&on).unwrap().submit_call(id, call).unwrap();
-        self.until(3_000, "call answered", |n| n.nodes[&on].calls_in_flight() == 0);
+        self.nodes
+            .get_mut(&on)
+            .unwrap()
+            .submit_call(id, call)
+            .unwrap();
+        self.until(3_000, "call answered", |n| {
+            n.nodes[&on].calls_in_flight() == 0
+        });
         let mut got = self.nodes.get_mut(&on).unwrap().take_finished_calls();
         assert_eq!(got.len(), 1, "{got:?}");
         got.pop().unwrap().1.map_err(|e| e.code)
@@ -534,7 +564,10 @@ fn elections_and_maintenance_survive_a_controller_failover_and_repeat_as_no_ops(
     let parts: Vec<PartitionState> = (0..3)
         .map(|i| net.nodes[&1].state().partition("t", i).unwrap().clone())
         .collect();
-    let moved = parts.iter().position(|p| p.replicas[0].node != ctl).unwrap();
+    let moved = parts
+        .iter()
+        .position(|p| p.replicas[0].node != ctl)
+        .unwrap();
     for (i, p) in parts.iter().enumerate() {
         let leader = p.replicas[usize::from(i == moved)].node;
         let req = AlterIsrRequest {
@@ -561,13 +594,14 @@ fn elections_and_maintenance_survive_a_controller_failover_and_repeat_as_no_ops(
     });
     let pref0 = parts[moved].replicas[0].node;
     let moved = moved as u32;
-    let elect = || AdminCall::ElectLeaders {
-        partitions: all(3),
-    };
+    let elect = || AdminCall::ElectLeaders { partitions: all(3) };
     // From a node that need not be the controller: answered once applied there.
     let asker = *VOTERS.iter().find(|&&v| v != net.controllers()[0]).unwrap();
     assert_eq!(net.call(asker, 2, elect()), Ok(CallAnswer::Done));
-    assert_eq!(net.nodes[&asker].state().leader_wish("t", moved), Some(pref0));
+    assert_eq!(
+        net.nodes[&asker].state().leader_wish("t", moved),
+        Some(pref0)
+    );
     let node = *VOTERS.iter().find(|&&v| v != ctl && v != pref0).unwrap();
     let maint = |on| AdminCall::SetMaintenance { node, on };
     assert_eq!(net.call(asker, 3, maint(true)), Ok(CallAnswer::Done));
@@ -599,7 +633,11 @@ fn elections_and_maintenance_survive_a_controller_failover_and_repeat_as_no_ops(
     for _ in 0..10 {
         net.step();
     }
-    assert_eq!(net.nodes[&to_ask].applied(), quiet, "a repeated request was recorded");
+    assert_eq!(
+        net.nodes[&to_ask].applied(),
+        quiet,
+        "a repeated request was recorded"
+    );
     let s = net.nodes[&to_ask].state();
     assert_eq!(s.maintenance, [node].into_iter().collect());
     assert_eq!(s.leader_wish("t", moved), Some(pref0));

@@ -90,7 +90,10 @@ fn maintenance(a: MaintenanceArgs) -> Result<()> {
         print_json(&json!({"node": a.id, "maintenance": on, "leaders": leads}));
     } else {
         let mode = if on { "on" } else { "off" };
-        say!("Node {}: maintenance {mode}, leads {leads} partition(s).", a.id);
+        say!(
+            "Node {}: maintenance {mode}, leads {leads} partition(s).",
+            a.id
+        );
         if on && leads > 0 {
             say!("Its leaders are moving to other in-sync replicas; ask again to see progress.");
         } else if on {
@@ -102,12 +105,11 @@ fn maintenance(a: MaintenanceArgs) -> Result<()> {
 
 /// Whether node `id` is in maintenance mode, as the answering node has applied it.
 pub fn maintenance_of(client: &mut Client, id: i32) -> Result<bool> {
-    let req = DescribeConfigsRequest::default().with_resources(vec![
-        DescribeConfigsResource::default()
+    let req =
+        DescribeConfigsRequest::default().with_resources(vec![DescribeConfigsResource::default()
             .with_resource_type(RESOURCE_BROKER)
             .with_resource_name(StrBytes::from_string(id.to_string()))
-            .with_configuration_keys(Some(vec![StrBytes::from_static_str(MAINTENANCE_CONFIG)])),
-    ]);
+            .with_configuration_keys(Some(vec![StrBytes::from_static_str(MAINTENANCE_CONFIG)]))]);
     let (_, reply) = client.call(ApiKey::DescribeConfigs, DESCRIBE_CONFIGS_VERSIONS, &req)?;
     let result = reply
         .results

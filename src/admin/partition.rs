@@ -80,7 +80,11 @@ fn elect_leaders(a: ElectLeadersArgs) -> Result<()> {
         }));
     let (_, reply) = client.call(ApiKey::ElectLeaders, ELECT_LEADERS_VERSIONS, &req)?;
     if reply.error_code != 0 {
-        return Err(kafka_error(reply.error_code, None, "electing preferred leaders"));
+        return Err(kafka_error(
+            reply.error_code,
+            None,
+            "electing preferred leaders",
+        ));
     }
     let mut rows = Vec::new();
     for t in &reply.replica_election_results {

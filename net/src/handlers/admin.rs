@@ -390,8 +390,7 @@ pub async fn incremental_alter_configs(
         out.resource_name = res.resource_name.clone();
         if res.resource_type == RESOURCE_BROKER {
             // Maintenance mode is the one broker setting changed at run time.
-            if let Err((code, msg)) = super::maintenance::alter(shard, res, r.validate_only).await
-            {
+            if let Err((code, msg)) = super::maintenance::alter(shard, res, r.validate_only).await {
                 out.error_code = code;
                 out.error_message = Some(str_bytes(&msg));
             }

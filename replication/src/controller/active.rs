@@ -173,7 +173,9 @@ impl ActiveController {
         );
         let last_heartbeat_ms = committed.brokers.keys().map(|&n| (n, now_ms)).collect();
         ActiveController {
-            next_balance_ms: cfg.leader_balance_interval_ms.map(|i| now_ms.saturating_add(i)),
+            next_balance_ms: cfg
+                .leader_balance_interval_ms
+                .map(|i| now_ms.saturating_add(i)),
             cfg,
             state: committed,
             last_heartbeat_ms,
@@ -307,7 +309,8 @@ impl ActiveController {
     /// for every partition whose preferred replica could lead but does not
     /// ([`leadership::balance_wishes`]).
     pub fn balance_leaders(&mut self, now_ms: u64) -> Vec<Record> {
-        let (Some(at), Some(interval)) = (self.next_balance_ms, self.cfg.leader_balance_interval_ms)
+        let (Some(at), Some(interval)) =
+            (self.next_balance_ms, self.cfg.leader_balance_interval_ms)
         else {
             return Vec::new();
         };
@@ -320,7 +323,10 @@ impl ActiveController {
             self.push(&mut out, r);
         }
         if !out.is_empty() {
-            tracing::info!(moves = out.len(), "leader balancer: moving leaders to preferred replicas");
+            tracing::info!(
+                moves = out.len(),
+                "leader balancer: moving leaders to preferred replicas"
+            );
         }
         out
     }
@@ -335,7 +341,9 @@ impl ActiveController {
         partitions: &[(String, u32)],
     ) -> Result<Vec<Record>, ControllerError> {
         if partitions.len() > MAX_PARTITIONS_PER_ELECTION {
-            return Err(ControllerError::Invalid("too many partitions in one election"));
+            return Err(ControllerError::Invalid(
+                "too many partitions in one election",
+            ));
         }
         let mut out = Vec::new();
         for (topic, partition) in partitions {
@@ -358,7 +366,11 @@ impl ActiveController {
     /// to other in-sync replicas and nothing elects it; one broker at a time (two would leave
     /// a replication factor of 3 with a single leader candidate). Setting what is already set
     /// records nothing.
-    pub fn set_maintenance(&mut self, node: NodeId, on: bool) -> Result<Vec<Record>, ControllerError> {
+    pub fn set_maintenance(
+        &mut self,
+        node: NodeId,
+        on: bool,
+    ) -> Result<Vec<Record>, ControllerError> {
         if !self.state.brokers.contains_key(&node) {
             return Err(ControllerError::UnknownBroker(node));
         }
