@@ -18,6 +18,7 @@ use spate_replication::controller::leadership::{
     balance_wishes, leaders_of, preferred_election, transfer_target, PreferredElection,
 };
 use spate_replication::controller::store::MetadataStore;
+use spate_replication::controller::DEFAULT_BROKER_SESSION_TIMEOUT_MS as DEFAULT_SESSION;
 use spate_replication::controller::{
     ActiveController, AlterIsrRequest, ControllerConfig, ControllerError, CreateTopicRequest,
     Endpoint, HeartbeatRequest, MetadataState, PartitionState, Record, RecordBatch,
@@ -651,4 +652,214 @@ fn elections_and_maintenance_survive_a_controller_failover_and_repeat_as_no_ops(
         net.call(to_ask, 7, AdminCall::SetMaintenance { node: 99, on: true }),
         Err(RpcErrorCode::UnknownBroker)
     );
+}
+
+// ---- randomized: decisions, faults and the runtime's transfers interleaved -----------------
+
+/// SplitMix64: a seed fixes a run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+const RANDOM_SEEDS: u64 = 48;
+const RANDOM_STEPS: usize = 300;
+const RANDOM_PARTITIONS: u32 = 8;
+
+/// What every node's state must satisfy after every applied decision.
+fn check_leadership_invariants(s: &MetadataState) {
+    assert!(s.maintenance.len() <= 1, "{:?}", s.maintenance);
+    for n in &s.maintenance {
+        assert!(
+            s.brokers.contains_key(n),
+            "maintenance of unknown broker {n}"
+        );
+    }
+    for ((topic, partition), &target) in &s.leader_wishes {
+        let p = s
+            .partition(topic, *partition)
+            .expect("a wish for a known partition");
+        assert!(
+            p.has_replica(target),
+            "wish for a non-replica: {topic}/{partition}"
+        );
+        assert!(
+            s.is_leader_candidate(target),
+            "wish for {target}, fenced or in maintenance: {topic}/{partition}"
+        );
+        assert_ne!(
+            p.leader,
+            Some(target),
+            "a wish already done stays: {topic}/{partition}"
+        );
+    }
+    for (topic, t) in &s.topics {
+        for (i, p) in t.partitions.iter().enumerate() {
+            let Some(leader) = p.leader else { continue };
+            let in_sync = p.isr.clone();
+            if let Some(to) = transfer_target(s, topic, i as u32, leader, &in_sync) {
+                assert_ne!(to, leader);
+                assert!(s.is_leader_candidate(to), "transfer to {to}: {topic}/{i}");
+                assert!(p.isr.contains(&to), "transfer to {to} out of the ISR");
+            }
+        }
+    }
+}
+
+/// The runtime's part: each leader the state wants moved hands over (the transfer succeeds,
+/// the target's group wins the next epoch and reports). Returns whether anything moved.
+fn run_transfers(h: &mut Harness) -> bool {
+    let mut moved = false;
+    for i in 0..RANDOM_PARTITIONS {
+        let p = h.p("t", i);
+        let Some(leader) = p.leader else { continue };
+        let Some(to) = transfer_target(&h.follower, "t", i, leader, &p.isr) else {
+            continue;
+        };
+        let recs = h
+            .ctl
+            .alter_isr(AlterIsrRequest {
+                topic: "t".into(),
+                partition: i,
+                leader: to,
+                leader_epoch: p.leader_epoch + 1,
+                isr: p.isr.clone(),
+            })
+            .unwrap();
+        h.commit(recs);
+        check_leadership_invariants(&h.follower);
+        moved = true;
+    }
+    moved
+}
+
+#[test]
+fn random_elections_maintenance_faults_and_transfers_keep_the_invariants_and_settle() {
+    for seed in 0..RANDOM_SEEDS {
+        let mut rng = Rng(seed);
+        let interval = 1_000;
+        let cfg = ControllerConfig {
+            leader_balance_interval_ms: Some(interval),
+            ..ControllerConfig::default()
+        };
+        let mut h = Harness::three_nodes(cfg, RANDOM_PARTITIONS as usize);
+        let mut now = 0u64;
+        for _ in 0..RANDOM_STEPS {
+            now += 100;
+            let node = 1 + rng.below(3);
+            match rng.below(7) {
+                0 => {
+                    let n = 1 + rng.below(u64::from(RANDOM_PARTITIONS)) as u32;
+                    let recs = h.ctl.elect_preferred(&all(n)).unwrap();
+                    h.commit(recs);
+                }
+                1 => {
+                    let on = rng.below(2) == 0;
+                    if let Ok(recs) = h.ctl.set_maintenance(node, on) {
+                        h.commit(recs);
+                    }
+                }
+                2 => {
+                    // A group election: a live replica wins a newer epoch with the live
+                    // replicas in sync.
+                    let i = rng.below(u64::from(RANDOM_PARTITIONS)) as u32;
+                    let p = h.p("t", i);
+                    let live: Vec<NodeId> = p
+                        .replicas
+                        .iter()
+                        .map(|r| r.node)
+                        .filter(|&n| h.follower.is_live(n))
+                        .collect();
+                    if !live.is_empty() {
+                        let leader = live[rng.below(live.len() as u64) as usize];
+                        let recs = h
+                            .ctl
+                            .alter_isr(AlterIsrRequest {
+                                topic: "t".into(),
+                                partition: i,
+                                leader,
+                                leader_epoch: p.leader_epoch + 1,
+                                isr: live,
+                            })
+                            .unwrap();
+                        h.commit(recs);
+                    }
+                }
+                3 => {
+                    // `node` goes silent for a session: fenced.
+                    let until = now + DEFAULT_SESSION + 100;
+                    while now < until {
+                        now += 250;
+                        for n in everyone().into_iter().filter(|&n| n != node) {
+                            h.heartbeat(n, now);
+                        }
+                        let recs = h.ctl.tick(now);
+                        h.commit(recs);
+                    }
+                }
+                4 => h.heartbeat(node, now), // back (unfenced), or a plain heartbeat
+                5 => {
+                    let recs = h.ctl.balance_leaders(now);
+                    h.commit(recs);
+                }
+                _ => {
+                    run_transfers(&mut h);
+                }
+            }
+            check_leadership_invariants(&h.follower);
+        }
+        // Fault-free: everyone back and in sync, maintenance off, the balancer and the
+        // runtime's transfers run until nothing moves: every partition led by its preferred
+        // replica.
+        for n in everyone() {
+            h.heartbeat(n, now);
+            if let Ok(recs) = h.ctl.set_maintenance(n, false) {
+                h.commit(recs);
+            }
+        }
+        for i in 0..RANDOM_PARTITIONS {
+            let p = h.p("t", i);
+            let leader = p.leader.unwrap_or(p.replicas[0].node);
+            let recs = h
+                .ctl
+                .alter_isr(AlterIsrRequest {
+                    topic: "t".into(),
+                    partition: i,
+                    leader,
+                    leader_epoch: p.leader_epoch + 1,
+                    isr: everyone(),
+                })
+                .unwrap();
+            h.commit(recs);
+        }
+        for round in 0.. {
+            assert!(round < 10, "seed {seed}: leadership did not settle");
+            now += interval;
+            let recs = h.ctl.balance_leaders(now);
+            h.commit(recs);
+            if !run_transfers(&mut h) {
+                break;
+            }
+        }
+        for i in 0..RANDOM_PARTITIONS {
+            let p = h.p("t", i);
+            assert_eq!(
+                p.leader,
+                Some(p.replicas[0].node),
+                "seed {seed}: partition {i}"
+            );
+        }
+        assert!(h.follower.leader_wishes.is_empty(), "seed {seed}");
+    }
 }
