@@ -863,3 +863,62 @@ fn random_elections_maintenance_faults_and_transfers_keep_the_invariants_and_set
         assert!(h.follower.leader_wishes.is_empty(), "seed {seed}");
     }
 }
+
+#[test]
+fn election_and_maintenance_frames_round_trip_and_hostile_counts_are_refused() {
+    use spate_replication::controller::active::MAX_PARTITIONS_PER_ELECTION;
+    use spate_replication::rpc::RpcMessage;
+
+    let codec = FrameCodec::default();
+    for message in [
+        RpcMessage::ElectLeaders {
+            partitions: vec![("a".into(), 0), ("b.c".into(), 9_999)],
+        },
+        RpcMessage::ElectLeaders {
+            partitions: Vec::new(),
+        },
+        RpcMessage::SetMaintenance { node: 2, on: true },
+        RpcMessage::SetMaintenance { node: 0, on: false },
+    ] {
+        let frame = Frame {
+            correlation_id: 17,
+            message,
+        };
+        let bytes = codec.encode(&frame).unwrap().to_bytes();
+        let mut buf = bytes::BytesMut::from(&bytes[..]);
+        assert_eq!(codec.decode(&mut buf).unwrap(), Some(frame.clone()));
+        // Every strict prefix of the body is refused (the frame itself waits for more).
+        let body = bytes.slice(4..);
+        for cut in 0..body.len() {
+            assert!(
+                codec.decode_body(body.slice(..cut)).is_err(),
+                "{frame:?} cut {cut}"
+            );
+        }
+    }
+    // More partitions than the cap, or a node outside Kafka's id range, cannot be sent.
+    let too_many = RpcMessage::ElectLeaders {
+        partitions: vec![(String::new(), 0); MAX_PARTITIONS_PER_ELECTION + 1],
+    };
+    let frame = |message| Frame {
+        correlation_id: 1,
+        message,
+    };
+    assert!(codec.encode(&frame(too_many)).is_err());
+    let foreign = RpcMessage::SetMaintenance {
+        node: u64::MAX,
+        on: true,
+    };
+    assert!(codec.encode(&frame(foreign)).is_err());
+    // A claimed count above the cap is refused before anything is allocated for it.
+    let ok = codec
+        .encode(&frame(RpcMessage::ElectLeaders {
+            partitions: vec![("a".into(), 1)],
+        }))
+        .unwrap()
+        .to_bytes();
+    let mut body = bytes::BytesMut::from(&ok[4..]);
+    // Kind (1 byte) and correlation id (8), then the count.
+    body[9..13].copy_from_slice(&u32::MAX.to_be_bytes());
+    assert!(codec.decode_body(body.freeze()).is_err());
+}
