@@ -34,7 +34,8 @@ use std::time::{Duration, Instant};
 use futures_lite::future::or;
 
 use crate::cluster::{
-    plan_hosting, HostedPartition, HostingPlan, LeaderReport, ShardEvent, ShardGroups, ShardLink,
+    partition_group_id, plan_hosting, HostedPartition, HostingPlan, LeaderReport, ShardEvent,
+    ShardGroups, ShardLink,
 };
 use crate::controller::leadership::transfer_target;
 use crate::controller::view::ClusterView;
@@ -341,9 +342,25 @@ impl Runtime {
         }
         let now = Instant::now();
         let retry = Duration::from_millis(LEADERSHIP_TRANSFER_RETRY_MS);
+        // Only groups the metadata names: every one led here when this node is in
+        // maintenance, else those with a wish (looked up by their group id, so an idle shard
+        // with thousands of groups does not scan them all every tick).
+        let candidates: Vec<GroupId> = if state.maintenance.contains(&self.node) {
+            self.plan.groups.keys().copied().collect()
+        } else {
+            state
+                .leader_wishes
+                .keys()
+                .filter_map(|(topic, partition)| {
+                    let t = state.topics.get(topic)?;
+                    let g = partition_group_id(t.topic_id, *partition);
+                    self.plan.groups.contains_key(&g).then_some(g)
+                })
+                .collect()
+        };
         let mut moves = Vec::new();
-        for (g, h) in &self.plan.groups {
-            let Some(group) = self.groups.get(*g) else {
+        for g in candidates {
+            let (Some(group), Some(h)) = (self.groups.get(g), self.plan.groups.get(&g)) else {
                 continue;
             };
             if !group.is_writable_leader() {
@@ -356,10 +373,10 @@ impl Runtime {
             };
             let recent = self
                 .transfers
-                .get(g)
+                .get(&g)
                 .is_some_and(|(t, at)| *t == target && now.duration_since(*at) < retry);
             if !recent {
-                moves.push((*g, group, target, h.topic.clone(), h.partition));
+                moves.push((g, group, target, h.topic.clone(), h.partition));
             }
         }
         for (g, group, target, topic, partition) in moves {
