@@ -23,6 +23,8 @@ pub const DEFAULT_RPC_LISTEN: &str = "127.0.0.1:9192";
 pub const MAX_SEEDS: usize = 64;
 /// Longest `--seeds` value accepted.
 const MAX_SEEDS_TEXT_BYTES: usize = 64 * 1024;
+/// Longest leader-balancer interval accepted (a day; turn the balancer off instead).
+const MAX_LEADER_IMBALANCE_CHECK_INTERVAL_SECONDS: u64 = 86_400;
 
 #[derive(Debug, Clone)]
 pub struct ClusterArgs {
@@ -30,6 +32,8 @@ pub struct ClusterArgs {
     pub advertised_rpc: Option<Endpoint>,
     pub seeds: Vec<(NodeId, String)>,
     pub default_replication_factor: Option<usize>,
+    /// The leader balancer's interval; `None`: off.
+    pub leader_balance_interval_ms: Option<u64>,
 }
 
 impl ClusterArgs {
@@ -53,11 +57,25 @@ impl ClusterArgs {
         if c.default_replication_factor == Some(0) {
             bail!("--default-replication-factor must be at least 1");
         }
+        let interval_s = c.leader_imbalance_check_interval_seconds.unwrap_or(
+            spate_replication::controller::active::DEFAULT_LEADER_BALANCE_INTERVAL_MS / 1000,
+        );
+        if !(1..=MAX_LEADER_IMBALANCE_CHECK_INTERVAL_SECONDS).contains(&interval_s) {
+            bail!(
+                "--leader-imbalance-check-interval-seconds must be 1 to \
+                 {MAX_LEADER_IMBALANCE_CHECK_INTERVAL_SECONDS}"
+            );
+        }
+        let leader_balance_interval_ms = c
+            .auto_leader_rebalance_enable
+            .unwrap_or(true)
+            .then_some(interval_s * 1000);
         Ok(Some(ClusterArgs {
             rpc_listen,
             advertised_rpc,
             seeds,
             default_replication_factor: c.default_replication_factor,
+            leader_balance_interval_ms,
         }))
     }
 }
@@ -207,6 +225,7 @@ pub fn start(
     );
     cfg.advertised_rpc = args.advertised_rpc.clone();
     cfg.default_replication_factor = args.default_replication_factor;
+    cfg.leader_balance_interval_ms = args.leader_balance_interval_ms;
     let (svc, links, port) =
         ClusterService::start(cfg, view, mirror).context("starting the cluster service")?;
     tracing::info!(rpc = %svc.rpc_addr(), "rpc port listening");

@@ -168,6 +168,18 @@ pub struct ServeConfig {
     /// Replicas of new topics [default: min(3, brokers in the cluster)].
     #[arg(long, env = "SPATE_DEFAULT_REPLICATION_FACTOR", value_name = "N")]
     pub default_replication_factor: Option<usize>,
+    /// With --seeds: the leader balancer moves partition leadership back to preferred replicas
+    /// (skipping nodes in maintenance) every --leader-imbalance-check-interval-seconds
+    /// [default: true].
+    #[arg(long, env = "SPATE_AUTO_LEADER_REBALANCE_ENABLE", value_name = "BOOL")]
+    pub auto_leader_rebalance_enable: Option<bool>,
+    /// With --seeds: how often the leader balancer runs, in seconds [default: 30].
+    #[arg(
+        long,
+        env = "SPATE_LEADER_IMBALANCE_CHECK_INTERVAL_SECONDS",
+        value_name = "SECONDS"
+    )]
+    pub leader_imbalance_check_interval_seconds: Option<u64>,
     /// Memory of the log cleaner's key -> offset map over all cores (each gets an equal share,
     /// at least 1 MiB); compacted logs with more keys are cleaned in passes [default:
     /// 134217728].
@@ -226,6 +238,8 @@ macro_rules! each_setting {
             advertised_rpc,
             seeds,
             default_replication_factor,
+            auto_leader_rebalance_enable,
+            leader_imbalance_check_interval_seconds,
             cleaner_dedupe_buffer_bytes,
             cleaner_io_bytes_per_sec,
             cleaner_backoff_ms
@@ -283,6 +297,10 @@ impl ServeConfig {
             advertised_rpc: None,
             seeds: None,
             default_replication_factor: None,
+            auto_leader_rebalance_enable: Some(true),
+            leader_imbalance_check_interval_seconds: Some(
+                spate_replication::controller::active::DEFAULT_LEADER_BALANCE_INTERVAL_MS / 1000,
+            ),
             cleaner_dedupe_buffer_bytes: Some(
                 spate_net::config::DEFAULT_CLEANER_DEDUPE_BUFFER_BYTES as u64,
             ),

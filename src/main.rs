@@ -89,9 +89,15 @@ enum Command {
     Produce(admin::ProduceArgs),
     /// Print a topic's records on stdout.
     Consume(admin::ConsumeArgs),
-    /// Show the cluster: id, controller, brokers, supported APIs.
+    /// Show the cluster: id, controller, brokers, supported APIs; check a node can restart.
     #[command(subcommand)]
     Cluster(admin::ClusterCommand),
+    /// Partition leadership: preferred-leader elections.
+    #[command(subcommand)]
+    Partition(admin::PartitionCommand),
+    /// Node operations: maintenance mode before a restart.
+    #[command(subcommand)]
+    Node(admin::NodeCommand),
     /// Check every stored batch of a data directory offline (read-only); exits 1 if any is bad.
     Verify {
         /// The broker's data directory (the broker should not be running on it).
@@ -128,6 +134,8 @@ fn main() {
         Command::Produce(a) => admin::finish(admin::produce::run(a)),
         Command::Consume(a) => admin::finish(admin::consume::run(a)),
         Command::Cluster(c) => admin::finish(admin::cluster::run(c)),
+        Command::Partition(c) => admin::finish(admin::partition::run(c)),
+        Command::Node(c) => admin::finish(admin::node::run(c)),
         Command::Verify { data_dir } => verify::run(&data_dir).map(|s| {
             if s.bad > 0 {
                 std::process::exit(1);

@@ -302,6 +302,7 @@ fn every_advertised_version_is_served() {
                     v,
                     &UnregisterBrokerRequest::default().with_broker_id(BrokerId(1)),
                 ),
+                ApiKey::ElectLeaders => probe(&addr, v, &ElectLeadersRequest::default()),
                 other => panic!("{other:?} is advertised: add a probe for it"),
             }
         }

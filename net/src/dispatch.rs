@@ -82,6 +82,9 @@ async fn dispatch_reporting(
         ApiKey::UnregisterBroker => handlers::unregister_broker::handle(&shard, &req)
             .await
             .map(Some),
+        ApiKey::ElectLeaders => handlers::elect_leaders::handle(&shard, &req)
+            .await
+            .map(Some),
         key if crate::group::GROUP_API_KEYS.contains(&key) => {
             crate::group::handle(&shard, &req).await.map(Some)
         }
@@ -201,6 +204,7 @@ pub fn decode_only(req: &Request) -> Result<(), NetError> {
         ApiKey::DescribeQuorum => decode_body::<DescribeQuorumRequest>(req).map(drop),
         ApiKey::AlterConfigs => decode_body::<AlterConfigsRequest>(req).map(drop),
         ApiKey::UnregisterBroker => decode_body::<UnregisterBrokerRequest>(req).map(drop),
+        ApiKey::ElectLeaders => decode_body::<ElectLeadersRequest>(req).map(drop),
         _ => Err(NetError::Malformed("not served".into())),
     }
 }

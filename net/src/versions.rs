@@ -47,6 +47,8 @@ pub const SUPPORTED: &[Supported] = &[
     api(ApiKey::DescribeQuorum, 0, 2),
     // A node without `--seeds` answers it INVALID_REQUEST ("not a cluster") in its layout.
     api(ApiKey::UnregisterBroker, 0, 0),
+    // Preferred-leader elections; UNCLEAN (v1+) is answered ELIGIBLE_LEADERS_NOT_AVAILABLE.
+    api(ApiKey::ElectLeaders, 0, 2),
     // Consumer groups (net/src/group/).
     api(ApiKey::FindCoordinator, 0, 4),
     api(ApiKey::JoinGroup, 0, 9),

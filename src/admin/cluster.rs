@@ -2,6 +2,8 @@
 //! and partition counts, and the API versions the bootstrap broker speaks.
 //! `spate cluster unregister ID`: declares a stopped broker gone for good (its data directory
 //! wiped), so its id may join again as a new node (Kafka's UnregisterBroker, KIP-631).
+//! `spate cluster restart-check ID`: whether node ID can be restarted now without leaving a
+//! partition short of replicas (a rolling upgrade runs it before each node).
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -23,6 +25,22 @@ pub enum ClusterCommand {
     /// Forget a stopped broker whose data directory is gone: it leaves every ISR, and its id
     /// may join again with a new (empty) data directory. A live broker is refused.
     Unregister(UnregisterArgs),
+    /// Exit 0 ("safe to restart node ID") only when every partition has its full ISR (ISR =
+    /// replicas), every node is up, and no node other than ID is in maintenance; otherwise
+    /// exit 1 naming what is not.
+    RestartCheck(RestartCheckArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RestartCheckArgs {
+    /// The node (broker) id about to be restarted.
+    #[arg(value_parser = clap::value_parser!(i32).range(0..))]
+    pub id: i32,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -56,7 +74,103 @@ pub fn run(cmd: ClusterCommand) -> Result<()> {
     match cmd {
         ClusterCommand::Info(a) => info(a),
         ClusterCommand::Unregister(a) => unregister(a),
+        ClusterCommand::RestartCheck(a) => restart_check(a),
     }
+}
+
+/// Partitions listed at most in the text output of restart-check (the count is always given).
+const MAX_LISTED_PARTITIONS: usize = 50;
+
+fn restart_check(a: RestartCheckArgs) -> Result<()> {
+    let mut client = Client::connect(&a.connect)?;
+    let (_, described) = client.call(
+        ApiKey::DescribeCluster,
+        0..=2,
+        &DescribeClusterRequest::default().with_include_fenced_brokers(true),
+    )?;
+    check(
+        described.error_code,
+        described.error_message.as_deref(),
+        "DescribeCluster",
+    )?;
+    let mut problems: Vec<String> = Vec::new();
+    if !described.brokers.iter().any(|b| b.broker_id.0 == a.id) {
+        anyhow::bail!("node {} is not a registered broker of this cluster", a.id);
+    }
+    let mut brokers: Vec<(i32, bool)> = described
+        .brokers
+        .iter()
+        .map(|b| (b.broker_id.0, b.is_fenced))
+        .collect();
+    brokers.sort();
+    for &(id, fenced) in &brokers {
+        if fenced && id != a.id {
+            problems.push(format!("node {id} is down (fenced)"));
+        }
+        if id != a.id && super::node::maintenance_of(&mut client, id)? {
+            problems.push(format!("node {id} is in maintenance mode"));
+        }
+    }
+    let meta = client.metadata(None)?;
+    let mut short: Vec<(String, i32, Vec<i32>, Vec<i32>)> = Vec::new();
+    for t in &meta.topics {
+        let name = t.name.as_ref().map(|n| n.to_string()).unwrap_or_default();
+        for p in &t.partitions {
+            let mut replicas: Vec<i32> = p.replica_nodes.iter().map(|b| b.0).collect();
+            let mut isr: Vec<i32> = p.isr_nodes.iter().map(|b| b.0).collect();
+            replicas.sort_unstable();
+            isr.sort_unstable();
+            if replicas != isr || p.leader_id.0 < 0 {
+                short.push((name.clone(), p.partition_index, replicas, isr));
+            }
+        }
+    }
+    short.sort();
+    if !short.is_empty() {
+        problems.push(format!(
+            "{} partition(s) not fully replicated (ISR short of its replicas, or no leader)",
+            short.len()
+        ));
+    }
+    let safe = problems.is_empty();
+    if a.json {
+        print_json(&json!({
+            "node": a.id,
+            "safe": safe,
+            "problems": problems,
+            "under_replicated": short.iter().map(|(t, p, r, i)| json!({
+                "topic": t, "partition": p, "replicas": r, "isr": i,
+            })).collect::<Vec<_>>(),
+        }));
+    } else if safe {
+        say!("safe to restart node {}", a.id);
+    } else {
+        say!("NOT safe to restart node {}:", a.id);
+        for p in &problems {
+            say!("  {p}");
+        }
+        if !short.is_empty() {
+            out("\n");
+            let mut table = Table::new(&["TOPIC", "PARTITION", "REPLICAS", "ISR"]);
+            let list = |v: &[i32]| {
+                v.iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            for (t, p, r, i) in short.iter().take(MAX_LISTED_PARTITIONS) {
+                table.row(vec![t.clone(), p.to_string(), list(r), list(i)]);
+            }
+            out(&table.render());
+            if short.len() > MAX_LISTED_PARTITIONS {
+                say!("... and {} more", short.len() - MAX_LISTED_PARTITIONS);
+            }
+        }
+    }
+    if !safe {
+        anyhow::bail!("not safe to restart node {} yet", a.id);
+    }
+    Ok(())
 }
 
 fn unregister(a: UnregisterArgs) -> Result<()> {

@@ -6,6 +6,8 @@ pub mod client;
 pub mod cluster;
 pub mod consume;
 pub mod group;
+pub mod node;
+pub mod partition;
 pub mod partitioner;
 pub mod produce;
 pub mod table;
@@ -14,6 +16,8 @@ pub mod topic;
 pub use cluster::ClusterCommand;
 pub use consume::ConsumeArgs;
 pub use group::GroupCommand;
+pub use node::NodeCommand;
+pub use partition::PartitionCommand;
 pub use produce::ProduceArgs;
 pub use topic::TopicCommand;
 

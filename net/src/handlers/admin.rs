@@ -39,6 +39,8 @@ const RESOURCE_TOPIC: i8 = 2;
 const RESOURCE_BROKER: i8 = 4;
 const SOURCE_TOPIC: i8 = 1;
 const SOURCE_STATIC_BROKER: i8 = 4;
+/// DescribeConfigs' DYNAMIC_BROKER_CONFIG source (maintenance mode).
+const SOURCE_DYNAMIC_BROKER: i8 = 2;
 const SOURCE_DEFAULT: i8 = 5;
 /// DescribeConfigs v3+ config types (Kafka's `ConfigType` codes).
 const fn config_type_code(ty: ConfigType) -> i8 {
@@ -386,6 +388,15 @@ pub async fn incremental_alter_configs(
         let mut out = AlterConfigsResourceResponse::default();
         out.resource_type = res.resource_type;
         out.resource_name = res.resource_name.clone();
+        if res.resource_type == RESOURCE_BROKER {
+            // Maintenance mode is the one broker setting changed at run time.
+            if let Err((code, msg)) = super::maintenance::alter(shard, res, r.validate_only).await {
+                out.error_code = code;
+                out.error_message = Some(str_bytes(&msg));
+            }
+            resp.responses.push(out);
+            continue;
+        }
         let next = topic_resource(shard, res.resource_type, &res.resource_name)
             .and_then(|current| alter_ops(&current, res));
         if let Err((code, msg)) =
@@ -556,7 +567,14 @@ pub fn describe_configs(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetEr
                     Vec::new()
                 }
             },
-            RESOURCE_BROKER => broker_configs(&shard.config),
+            RESOURCE_BROKER => {
+                let mut configs = broker_configs(&shard.config);
+                if let Some(v) = super::maintenance::describe(shard, res.resource_name.as_str()) {
+                    let name = super::maintenance::MAINTENANCE_CONFIG.to_string();
+                    configs.push((name, v, SOURCE_DYNAMIC_BROKER, ConfigType::Boolean));
+                }
+                configs
+            }
             _ => {
                 out.error_code = ResponseError::InvalidRequest.code();
                 out.error_message = Some(str_bytes("only topic and broker resources"));
@@ -571,7 +589,8 @@ pub fn describe_configs(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetEr
                 let mut c = DescribeConfigsResourceResult::default();
                 c.name = str_bytes(&k);
                 c.value = Some(str_bytes(&v));
-                c.read_only = res.resource_type == RESOURCE_BROKER;
+                c.read_only = res.resource_type == RESOURCE_BROKER
+                    && k != super::maintenance::MAINTENANCE_CONFIG;
                 c.config_source = source;
                 if req.api_version >= 3 {
                     c.config_type = config_type_code(ty);

@@ -2,9 +2,11 @@
 
 pub mod admin;
 pub mod api_versions;
+pub mod elect_leaders;
 pub mod fetch;
 pub mod init_producer_id;
 pub mod list_offsets;
+pub mod maintenance;
 pub mod metadata;
 pub mod offset_for_leader_epoch;
 pub mod produce;

@@ -92,6 +92,17 @@ pub enum ControllerCall {
         node: NodeId,
         reply: Reply<()>,
     },
+    /// A preferred-leader election of these partitions (Kafka's ElectLeaders, PREFERRED).
+    ElectPreferredLeaders {
+        partitions: Vec<(String, u32)>,
+        reply: Reply<()>,
+    },
+    /// Broker `node`'s maintenance mode, on or off.
+    SetMaintenance {
+        node: NodeId,
+        on: bool,
+        reply: Reply<()>,
+    },
 }
 
 /// What a shard sends the service thread.
@@ -208,6 +219,27 @@ impl ClusterPort {
     /// unfenced broker (`INVALID_REQUEST`: stop it first). Answered once applied here.
     pub async fn unregister_broker(&self, node: NodeId) -> Result<(), CallError> {
         self.call(|reply| ControllerCall::UnregisterBroker { node, reply })
+            .await
+    }
+
+    /// Records a preferred-leader election of `partitions` in the metadata log: the current
+    /// leader of each whose preferred replica could lead (live, in the ISR, not in maintenance)
+    /// but does not transfers leadership to it. Answered once applied here (the election is
+    /// initiated, not finished); the caller judges each partition's outcome on the view then
+    /// ([`crate::controller::leadership::preferred_election`]).
+    pub async fn elect_preferred_leaders(
+        &self,
+        partitions: Vec<(String, u32)>,
+    ) -> Result<(), CallError> {
+        self.call(|reply| ControllerCall::ElectPreferredLeaders { partitions, reply })
+            .await
+    }
+
+    /// Turns broker `node`'s maintenance mode on or off (answered once applied here). Refused
+    /// for an unknown id (`BROKER_ID_NOT_REGISTERED`) and, when turning it on, while another
+    /// broker is in maintenance (`INVALID_REQUEST`).
+    pub async fn set_maintenance(&self, node: NodeId, on: bool) -> Result<(), CallError> {
+        self.call(|reply| ControllerCall::SetMaintenance { node, on, reply })
             .await
     }
 

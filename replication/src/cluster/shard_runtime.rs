@@ -15,6 +15,12 @@
 //! Everything sent goes to [`ShardLink::to_service`] with `try_send`: a full channel drops
 //! (counted) rather than stalls the shard; consensus retransmits and reports repeat.
 //!
+//! On each tick the runtime also moves leadership the applied metadata wants elsewhere: a
+//! group it leads whose partition has a wished leader (a preferred-leader election or the
+//! balancer), or whose node is in maintenance mode, transfers leadership by consensus
+//! ([`crate::controller::leadership::transfer_target`] picks the node), at most once per
+//! [`LEADERSHIP_TRANSFER_RETRY_MS`] per group and target.
+//!
 //! On each tick the runtime also hands each group's replication view to its replica's
 //! observer (only when it changed) and its own counters to the [`RuntimeObserver`]: that is
 //! how metrics see replication without this crate knowing of them.
@@ -28,8 +34,10 @@ use std::time::{Duration, Instant};
 use futures_lite::future::or;
 
 use crate::cluster::{
-    plan_hosting, HostedPartition, HostingPlan, LeaderReport, ShardEvent, ShardGroups, ShardLink,
+    partition_group_id, plan_hosting, HostedPartition, HostingPlan, LeaderReport, ShardEvent,
+    ShardGroups, ShardLink,
 };
+use crate::controller::leadership::transfer_target;
 use crate::controller::view::ClusterView;
 use crate::node::NodeMessage;
 use crate::partition::{ReplicationGauges, TopicPartition};
@@ -43,6 +51,11 @@ pub const PARTITION_TICK_MS: u64 = 50;
 /// How often a leader's report the controller has not accepted yet is sent again. A new
 /// leadership is reported at once; this bounds the AlterIsr traffic of in-sync-set changes.
 pub const REPORT_INTERVAL_MS: u64 = 200;
+/// How long a leader waits before asking again to hand leadership to the same node (a
+/// preferred-leader election, the balancer or maintenance mode wants it elsewhere). The core
+/// abandons a transfer that has not finished within an election timeout (0.5-1 s); this is
+/// longer, so a transfer is never asked for while one is under way.
+pub const LEADERSHIP_TRANSFER_RETRY_MS: u64 = 1_500;
 
 /// Incoming node messages stepped before their groups' replies are flushed: batches a burst
 /// (a peer's per-tick messages arrive together) without holding replies back for long.
@@ -103,6 +116,8 @@ pub struct RuntimeStats {
     pub views: u64,
     /// Groups that could not be opened (retried at the next view).
     pub open_failures: u64,
+    /// Leadership transfers started (to a wished leader, or away from a node in maintenance).
+    pub leadership_transfers: u64,
 }
 
 enum Event {
@@ -139,6 +154,7 @@ pub async fn run(
         last_reported: None,
         reported: BTreeMap::new(),
         published: BTreeMap::new(),
+        transfers: BTreeMap::new(),
         stats: config.stats.clone(),
     };
     let mut stop = std::pin::pin!(stop);
@@ -227,6 +243,7 @@ pub async fn run(
                 let out = rt.groups.tick().await;
                 rt.send(&link, out);
                 rt.report(&link, false);
+                rt.move_leadership(&link).await;
                 rt.publish_replication();
                 rt.stats.borrow_mut().ticks += 1;
                 if let Some(o) = &config.observer {
@@ -298,6 +315,8 @@ struct Runtime {
     reported: BTreeMap<GroupId, LeaderReport>,
     /// The replication view last handed to each group's observer: only changes are handed on.
     published: BTreeMap<GroupId, ReplicationGauges>,
+    /// The last leadership transfer asked of each group: to whom, and when.
+    transfers: BTreeMap<GroupId, (NodeId, Instant)>,
     stats: Rc<RefCell<RuntimeStats>>,
 }
 
@@ -309,6 +328,71 @@ impl Runtime {
                 Err(_) => self.stats.borrow_mut().messages_dropped += 1,
             }
         }
+    }
+
+    /// Groups this shard leads whose partition the applied metadata wants led elsewhere (a
+    /// wished leader, or this node in maintenance) transfer leadership to that node, each at
+    /// most once per [`LEADERSHIP_TRANSFER_RETRY_MS`] for the same target.
+    async fn move_leadership(&mut self, link: &ShardLink) {
+        let view = link.port.view();
+        let state = &view.metadata;
+        if state.leader_wishes.is_empty() && !state.maintenance.contains(&self.node) {
+            self.transfers.clear();
+            return;
+        }
+        let now = Instant::now();
+        let retry = Duration::from_millis(LEADERSHIP_TRANSFER_RETRY_MS);
+        // Only groups the metadata names: every one led here when this node is in
+        // maintenance, else those with a wish (looked up by their group id, so an idle shard
+        // with thousands of groups does not scan them all every tick).
+        let candidates: Vec<GroupId> = if state.maintenance.contains(&self.node) {
+            self.plan.groups.keys().copied().collect()
+        } else {
+            state
+                .leader_wishes
+                .keys()
+                .filter_map(|(topic, partition)| {
+                    let t = state.topics.get(topic)?;
+                    let g = partition_group_id(t.topic_id, *partition);
+                    self.plan.groups.contains_key(&g).then_some(g)
+                })
+                .collect()
+        };
+        let mut moves = Vec::new();
+        for g in candidates {
+            let (Some(group), Some(h)) = (self.groups.get(g), self.plan.groups.get(&g)) else {
+                continue;
+            };
+            if !group.is_writable_leader() {
+                continue;
+            }
+            let in_sync = group.in_sync_voter_ids();
+            let Some(target) = transfer_target(state, &h.topic, h.partition, self.node, &in_sync)
+            else {
+                continue;
+            };
+            let recent = self
+                .transfers
+                .get(&g)
+                .is_some_and(|(t, at)| *t == target && now.duration_since(*at) < retry);
+            if !recent {
+                moves.push((g, group, target, h.topic.clone(), h.partition));
+            }
+        }
+        for (g, group, target, topic, partition) in moves {
+            self.transfers.insert(g, (target, now));
+            match group.transfer_leadership(target).await {
+                Ok(()) => {
+                    self.stats.borrow_mut().leadership_transfers += 1;
+                    tracing::info!(%topic, partition, group = g, to = target,
+                        "transferring partition leadership");
+                }
+                Err(e) => tracing::debug!(%topic, partition, group = g, to = target, error = %e,
+                    "leadership transfer not started"),
+            }
+        }
+        let plan = &self.plan;
+        self.transfers.retain(|g, _| plan.groups.contains_key(g));
     }
 
     /// Hands each group's replication view to its replica's observer if it changed since the

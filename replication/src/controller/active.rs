@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::controller::leadership::{self, PreferredElection};
 use crate::controller::placement::{default_replication_factor, PlacementError, Placer};
 use crate::controller::records::{
     BrokerRegistration, Endpoint, PartitionState, Record, MAX_CONFIGS_PER_TOPIC,
@@ -37,6 +38,13 @@ pub const INTERNAL_TOPIC_PREFIX: &str = "__";
 /// Config changes one SetTopicConfigs call may carry (a topic holds at most
 /// [`MAX_CONFIGS_PER_TOPIC`] keys; twice that covers removing all and setting all).
 pub const MAX_CONFIG_CHANGES_PER_CALL: usize = 2 * MAX_CONFIGS_PER_TOPIC;
+/// How often the leader balancer moves leadership back to preferred replicas (Kafka's
+/// `leader.imbalance.check.interval.seconds`, 300 s there). 30 s: a node restarted for an
+/// upgrade is back in its ISRs within seconds and gets its leaders back within half a minute,
+/// while a node that flaps faster than that is not handed leadership on every return.
+pub const DEFAULT_LEADER_BALANCE_INTERVAL_MS: u64 = 30_000;
+/// Partitions one preferred-leader election request may name.
+pub const MAX_PARTITIONS_PER_ELECTION: usize = 65_536;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ControllerConfig {
@@ -49,6 +57,9 @@ pub struct ControllerConfig {
     /// topic created while some are still starting gets the cluster's replication factor
     /// (refused until enough are live, clients retry) rather than a smaller one for good.
     pub voters: usize,
+    /// The leader balancer's interval (`--leader-imbalance-check-interval-seconds`); `None`:
+    /// off (`--auto-leader-rebalance-enable false`).
+    pub leader_balance_interval_ms: Option<u64>,
 }
 
 impl Default for ControllerConfig {
@@ -58,6 +69,7 @@ impl Default for ControllerConfig {
             producer_id_block_len: DEFAULT_PRODUCER_ID_BLOCK_LEN,
             default_replication_factor: None,
             voters: 1,
+            leader_balance_interval_ms: Some(DEFAULT_LEADER_BALANCE_INTERVAL_MS),
         }
     }
 }
@@ -148,6 +160,9 @@ pub struct ActiveController {
     cfg: ControllerConfig,
     state: MetadataState,
     last_heartbeat_ms: BTreeMap<NodeId, u64>,
+    /// When the leader balancer runs next: a full interval after activation, so brokers
+    /// restarting with a controller failover are back in their ISRs first.
+    next_balance_ms: Option<u64>,
 }
 
 impl ActiveController {
@@ -158,6 +173,9 @@ impl ActiveController {
         );
         let last_heartbeat_ms = committed.brokers.keys().map(|&n| (n, now_ms)).collect();
         ActiveController {
+            next_balance_ms: cfg
+                .leader_balance_interval_ms
+                .map(|i| now_ms.saturating_add(i)),
             cfg,
             state: committed,
             last_heartbeat_ms,
@@ -285,6 +303,89 @@ impl ActiveController {
             self.fence(node, &mut out);
         }
         out
+    }
+
+    /// The leader balancer, when its interval has passed at `now_ms` (else nothing): a wish
+    /// for every partition whose preferred replica could lead but does not
+    /// ([`leadership::balance_wishes`]).
+    pub fn balance_leaders(&mut self, now_ms: u64) -> Vec<Record> {
+        let (Some(at), Some(interval)) =
+            (self.next_balance_ms, self.cfg.leader_balance_interval_ms)
+        else {
+            return Vec::new();
+        };
+        if now_ms < at {
+            return Vec::new();
+        }
+        self.next_balance_ms = Some(now_ms.saturating_add(interval));
+        let mut out = Vec::new();
+        for r in leadership::balance_wishes(&self.state) {
+            self.push(&mut out, r);
+        }
+        if !out.is_empty() {
+            tracing::info!(
+                moves = out.len(),
+                "leader balancer: moving leaders to preferred replicas"
+            );
+        }
+        out
+    }
+
+    /// A preferred-leader election (Kafka's ElectLeaders, PREFERRED): a wish naming the
+    /// preferred replica for each partition of `partitions` whose preferred replica could lead
+    /// but does not and has no such wish yet. The others are left as they are (the requester
+    /// tells its client why, from [`leadership::preferred_election`] on the applied state), so
+    /// asking again changes nothing.
+    pub fn elect_preferred(
+        &mut self,
+        partitions: &[(String, u32)],
+    ) -> Result<Vec<Record>, ControllerError> {
+        if partitions.len() > MAX_PARTITIONS_PER_ELECTION {
+            return Err(ControllerError::Invalid(
+                "too many partitions in one election",
+            ));
+        }
+        let mut out = Vec::new();
+        for (topic, partition) in partitions {
+            let outcome = leadership::preferred_election(&self.state, topic, *partition);
+            if let PreferredElection::Eligible(leader) = outcome {
+                if self.state.leader_wish(topic, *partition) != Some(leader) {
+                    let record = Record::ElectLeader {
+                        topic: topic.clone(),
+                        partition: *partition,
+                        leader,
+                    };
+                    self.push(&mut out, record);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Maintenance mode of broker `node`, on or off. On: its partition leaders hand leadership
+    /// to other in-sync replicas and nothing elects it; one broker at a time (two would leave
+    /// a replication factor of 3 with a single leader candidate). Setting what is already set
+    /// records nothing.
+    pub fn set_maintenance(
+        &mut self,
+        node: NodeId,
+        on: bool,
+    ) -> Result<Vec<Record>, ControllerError> {
+        if !self.state.brokers.contains_key(&node) {
+            return Err(ControllerError::UnknownBroker(node));
+        }
+        if self.state.maintenance.contains(&node) == on {
+            return Ok(Vec::new());
+        }
+        if on && !self.state.maintenance.is_empty() {
+            return Err(ControllerError::Invalid(
+                "another broker is in maintenance mode: turn it off first (one broker at a time)",
+            ));
+        }
+        tracing::info!(node, on, "broker maintenance mode (operator request)");
+        let mut out = Vec::new();
+        self.push(&mut out, Record::SetMaintenance { node, on });
+        Ok(out)
     }
 
     /// An operator declared `node` gone (its disk wiped): it leaves every ISR, even as the last

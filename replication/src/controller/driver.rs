@@ -172,6 +172,16 @@ pub enum AdminCall {
     UnregisterBroker {
         node: NodeId,
     },
+    /// A preferred-leader election of these partitions: the controller records a wish for
+    /// each one whose preferred replica could lead but does not.
+    ElectLeaders {
+        partitions: Vec<(String, u32)>,
+    },
+    /// Broker `node`'s maintenance mode.
+    SetMaintenance {
+        node: NodeId,
+        on: bool,
+    },
 }
 
 /// What a finished admin call answers.
@@ -423,6 +433,12 @@ impl<R: Clone> Driver<R> {
                 self.propose_decision(records)?;
             }
         }
+        if let Some(active) = self.active.as_mut() {
+            let records = active.balance_leaders(now_ms);
+            if !records.is_empty() {
+                self.propose_decision(records)?;
+            }
+        }
         self.agent_tick()
     }
 
@@ -481,7 +497,9 @@ impl<R: Clone> Driver<R> {
             | RpcMessage::CreatePartitions { .. }
             | RpcMessage::DeleteTopic { .. }
             | RpcMessage::SetTopicConfigs { .. }
-            | RpcMessage::UnregisterBroker { .. }) => self.handle_request(dest, corr, m)?,
+            | RpcMessage::UnregisterBroker { .. }
+            | RpcMessage::ElectLeaders { .. }
+            | RpcMessage::SetMaintenance { .. }) => self.handle_request(dest, corr, m)?,
             RpcMessage::RegisterBrokerResponse(_)
             | RpcMessage::HeartbeatResponse(_)
             | RpcMessage::FetchMetadataResponse(_)
@@ -525,7 +543,9 @@ impl<R: Clone> Driver<R> {
             | RpcMessage::CreatePartitions { .. }
             | RpcMessage::DeleteTopic { .. }
             | RpcMessage::SetTopicConfigs { .. }
-            | RpcMessage::UnregisterBroker { .. }) => self.handle_admin(dest, corr, m),
+            | RpcMessage::UnregisterBroker { .. }
+            | RpcMessage::ElectLeaders { .. }
+            | RpcMessage::SetMaintenance { .. }) => self.handle_admin(dest, corr, m),
             other => unreachable!("not a controller request: {other:?}"),
         }
     }
@@ -800,6 +820,8 @@ impl<R: Clone> Driver<R> {
                 tracing::info!(node, "unregistering broker (operator request)");
                 active.unregister(node)
             }
+            RpcMessage::ElectLeaders { partitions } => active.elect_preferred(&partitions),
+            RpcMessage::SetMaintenance { node, on } => active.set_maintenance(node, on),
             other => unreachable!("not an admin request: {other:?}"),
         };
         match decided {
@@ -1163,6 +1185,13 @@ impl<R: Clone> Driver<R> {
                 AdminCall::UnregisterBroker { node } => {
                     RpcMessage::UnregisterBroker { node: *node }
                 }
+                AdminCall::ElectLeaders { partitions } => RpcMessage::ElectLeaders {
+                    partitions: partitions.clone(),
+                },
+                AdminCall::SetMaintenance { node, on } => RpcMessage::SetMaintenance {
+                    node: *node,
+                    on: *on,
+                },
                 AdminCall::AllocateProducerIds => {
                     // Blocks are granted to a registered broker only.
                     let Some(broker_epoch) = self.agent.broker_epoch else {
@@ -1311,7 +1340,7 @@ impl<R: Clone> Driver<R> {
         };
         let unregistering = matches!(
             self.calls.get(&id).map(|c| &c.call),
-            Some(AdminCall::UnregisterBroker { .. })
+            Some(AdminCall::UnregisterBroker { .. } | AdminCall::SetMaintenance { .. })
         );
         if unregistering && refusal.code == RpcErrorCode::UnknownBroker {
             // The broker named is unknown, not this node: the answer, not a cue to re-register.
@@ -1413,6 +1442,9 @@ fn log_effect(e: &Effect) {
         Effect::BrokerFenced { node } => tracing::info!(node, "broker fenced"),
         Effect::BrokerUnfenced { node } => tracing::info!(node, "broker unfenced"),
         Effect::BrokerUnregistered { node } => tracing::info!(node, "broker unregistered"),
+        Effect::MaintenanceChanged { node, on } => {
+            tracing::info!(node, on, "broker maintenance mode changed")
+        }
         _ => tracing::debug!(effect = ?e, "metadata applied"),
     }
 }

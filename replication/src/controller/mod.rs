@@ -7,6 +7,8 @@
 //! - [`active`]: [`ActiveController`], the leader's logic from events (registration,
 //!   heartbeats, missed sessions, ISR changes, topic creation) to records. Time is passed in.
 //! - [`placement`]: where replicas, leaders and their shards go.
+//! - [`leadership`]: who should lead (preferred-leader elections, the leader balancer,
+//!   maintenance mode), recorded by the controller and carried out by partition leaders.
 //! - [`store`]: the metadata log and hard state on disk.
 //! - [`driver`]: the metadata group, the active controller on its leader, and every node's
 //!   broker side, as decisions over frames and ticks (no sockets).
@@ -17,6 +19,7 @@
 
 pub mod active;
 pub mod driver;
+pub mod leadership;
 pub mod placement;
 pub mod records;
 pub mod service;

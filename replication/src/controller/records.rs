@@ -152,6 +152,22 @@ pub enum Record {
         name: String,
         topic_id: u128,
     },
+    /// Leadership of one partition should move to `leader` (a preferred-leader election, or the
+    /// leader balancer): the partition's current leader transfers to it by consensus once it is
+    /// caught up. Cleared when `leader` leads, when its broker is fenced or put in maintenance,
+    /// and with the topic. Recording it again is a no-op.
+    ElectLeader {
+        topic: String,
+        partition: u32,
+        leader: NodeId,
+    },
+    /// Maintenance mode of broker `node` (before a restart): on, every partition it leads
+    /// transfers leadership to another in-sync replica and no election or balancing chooses it;
+    /// off, it is a leader candidate again.
+    SetMaintenance {
+        node: NodeId,
+        on: bool,
+    },
 }
 
 /// The records of one controller decision, applied together.
@@ -171,6 +187,8 @@ mod tag {
     pub const SET_CONFIG: u8 = 8;
     pub const PRODUCER_IDS: u8 = 9;
     pub const DELETE_TOPIC: u8 = 10;
+    pub const ELECT_LEADER: u8 = 11;
+    pub const SET_MAINTENANCE: u8 = 12;
 }
 
 /// `NodeId` on the wire for "no leader" (Kafka's -1).
@@ -404,6 +422,21 @@ fn encode_record(w: &mut Writer<'_>, rec: &Record) {
             w.string(name, MAX_TOPIC_NAME_BYTES);
             w.u128(*topic_id);
         }
+        Record::ElectLeader {
+            topic,
+            partition,
+            leader,
+        } => {
+            w.u8(tag::ELECT_LEADER);
+            w.string(topic, MAX_TOPIC_NAME_BYTES);
+            w.u32(*partition);
+            w.u64(*leader);
+        }
+        Record::SetMaintenance { node, on } => {
+            w.u8(tag::SET_MAINTENANCE);
+            w.u64(*node);
+            w.bool(*on);
+        }
     }
 }
 
@@ -476,6 +509,15 @@ fn decode_record(r: &mut Reader) -> Result<Record, DecodeError> {
         tag::DELETE_TOPIC => Record::DeleteTopic {
             name: r.string("topic name", MAX_TOPIC_NAME_BYTES)?,
             topic_id: r.u128("topic id")?,
+        },
+        tag::ELECT_LEADER => Record::ElectLeader {
+            topic: r.string("topic name", MAX_TOPIC_NAME_BYTES)?,
+            partition: r.u32("partition")?,
+            leader: r.u64("leader")?,
+        },
+        tag::SET_MAINTENANCE => Record::SetMaintenance {
+            node: r.u64("node")?,
+            on: r.bool("maintenance on")?,
         },
         tag => {
             return Err(DecodeError::UnknownTag {

@@ -68,6 +68,8 @@ pub struct ServiceConfig {
     pub shards: u32,
     /// `--default-replication-factor`; `None`: min(3, live brokers).
     pub default_replication_factor: Option<usize>,
+    /// The leader balancer's interval; `None`: off.
+    pub leader_balance_interval_ms: Option<u64>,
     pub tick: Duration,
     pub transport: TransportConfig,
 }
@@ -90,6 +92,9 @@ impl ServiceConfig {
             kafka,
             shards,
             default_replication_factor: None,
+            leader_balance_interval_ms: Some(
+                crate::controller::active::DEFAULT_LEADER_BALANCE_INTERVAL_MS,
+            ),
             tick: Duration::from_millis(DEFAULT_CONTROLLER_TICK_MS),
             transport: TransportConfig::default(),
         }
@@ -259,7 +264,8 @@ impl ClusterService {
 /// Where a finished call's answer goes.
 enum CallReply {
     Unit(Reply<()>),
-    /// An unregistration: an unknown broker is `BROKER_ID_NOT_REGISTERED`, not a generic refusal.
+    /// An unregistration or maintenance change: an unknown broker is `BROKER_ID_NOT_REGISTERED`,
+    /// not a generic refusal.
     Unregister(Reply<()>),
     ProducerIds(Reply<(u64, u32)>),
 }
@@ -553,6 +559,14 @@ impl Ctx {
                 AdminCall::UnregisterBroker { node },
                 CallReply::Unregister(reply),
             ),
+            ControllerCall::ElectPreferredLeaders { partitions, reply } => (
+                AdminCall::ElectLeaders { partitions },
+                CallReply::Unit(reply),
+            ),
+            ControllerCall::SetMaintenance { node, on, reply } => (
+                AdminCall::SetMaintenance { node, on },
+                CallReply::Unregister(reply),
+            ),
         };
         self.replies.insert(id, reply);
         self.driver.submit_call(id, admin)
@@ -666,6 +680,7 @@ async fn run(
         cfg.shards,
     );
     dcfg.default_replication_factor = cfg.default_replication_factor;
+    dcfg.controller.leader_balance_interval_ms = cfg.leader_balance_interval_ms;
     let start = Instant::now();
     let now_ms = move || start.elapsed().as_millis() as u64;
     let driver = Driver::new(dcfg, store, now_ms());

@@ -5,7 +5,7 @@
 //! controller never proposes, so it means a bug or a damaged log) is refused with an error and
 //! changes nothing; every node refuses it the same way.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::controller::records::{
     BrokerRegistration, Endpoint, PartitionState, Record, RecordBatch, MAX_CONFIG_KEY_BYTES,
@@ -78,6 +78,16 @@ pub enum Effect {
         topic: String,
         topic_id: u128,
     },
+    /// Leadership of the partition should move to `leader` (its current leader acts on it).
+    LeaderWished {
+        topic: String,
+        partition: u32,
+        leader: NodeId,
+    },
+    MaintenanceChanged {
+        node: NodeId,
+        on: bool,
+    },
 }
 
 /// Why a record was refused. The state is unchanged when one is returned.
@@ -113,6 +123,12 @@ pub struct MetadataState {
     pub last_broker_epoch: u64,
     /// The first producer id not yet handed out; blocks are granted from here up.
     pub next_producer_id: u64,
+    /// Partitions whose leadership should move, and where to (`Record::ElectLeader`): the
+    /// current leader transfers to it. An entry goes when that node leads, when it is fenced or
+    /// put in maintenance, and with its topic.
+    pub leader_wishes: BTreeMap<(String, u32), NodeId>,
+    /// Brokers in maintenance mode: they lead nothing that another in-sync replica can lead.
+    pub maintenance: BTreeSet<NodeId>,
 }
 
 impl MetadataState {
@@ -128,6 +144,25 @@ impl MetadataState {
 
     pub fn is_live(&self, node: NodeId) -> bool {
         self.brokers.get(&node).is_some_and(|b| !b.fenced)
+    }
+
+    /// A node elections and the balancer may choose: live and not in maintenance.
+    pub fn is_leader_candidate(&self, node: NodeId) -> bool {
+        self.is_live(node) && !self.maintenance.contains(&node)
+    }
+
+    /// The node leadership of `topic`/`partition` should move to, if any.
+    pub fn leader_wish(&self, topic: &str, partition: u32) -> Option<NodeId> {
+        if self.leader_wishes.is_empty() {
+            return None;
+        }
+        self.leader_wishes
+            .get(&(topic.to_string(), partition))
+            .copied()
+    }
+
+    fn drop_wishes_for(&mut self, node: NodeId) {
+        self.leader_wishes.retain(|_, &mut n| n != node);
     }
 
     /// Unfenced brokers in id order, with their shard counts.
@@ -181,6 +216,7 @@ impl MetadataState {
                     return Err(ApplyError::Invalid("fencing a broker that still leads"));
                 }
                 self.broker_mut(*node).fenced = true;
+                self.drop_wishes_for(*node);
                 Ok(Effect::BrokerFenced { node: *node })
             }
             Record::UnfenceBroker { node, broker_epoch } => {
@@ -211,6 +247,8 @@ impl MetadataState {
                     ));
                 }
                 self.brokers.remove(node);
+                self.maintenance.remove(node);
+                self.drop_wishes_for(*node);
                 Ok(Effect::BrokerUnregistered { node: *node })
             }
             Record::CreateTopic {
@@ -312,6 +350,10 @@ impl MetadataState {
                 p.leader = *leader;
                 p.leader_epoch = *leader_epoch;
                 p.isr = isr.clone();
+                if leader.is_some() && self.leader_wish(topic, *partition) == *leader {
+                    // The move asked for happened.
+                    self.leader_wishes.remove(&(topic.clone(), *partition));
+                }
                 Ok(Effect::PartitionChanged {
                     topic: topic.clone(),
                     partition: *partition,
@@ -379,9 +421,47 @@ impl MetadataState {
                     ));
                 }
                 self.topics.remove(name);
+                self.leader_wishes.retain(|(t, _), _| t != name);
                 Ok(Effect::TopicDeleted {
                     topic: name.clone(),
                     topic_id: *topic_id,
+                })
+            }
+            Record::ElectLeader {
+                topic,
+                partition,
+                leader,
+            } => {
+                let p = self.partition(topic, *partition).ok_or_else(|| {
+                    ApplyError::UnknownPartition {
+                        topic: topic.clone(),
+                        partition: *partition,
+                    }
+                })?;
+                if !p.has_replica(*leader) {
+                    return Err(ApplyError::Invalid("wished leader is not a replica"));
+                }
+                self.leader_wishes
+                    .insert((topic.clone(), *partition), *leader);
+                Ok(Effect::LeaderWished {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    leader: *leader,
+                })
+            }
+            Record::SetMaintenance { node, on } => {
+                if !self.brokers.contains_key(node) {
+                    return Err(ApplyError::UnknownBroker(*node));
+                }
+                if *on {
+                    self.maintenance.insert(*node);
+                    self.drop_wishes_for(*node);
+                } else {
+                    self.maintenance.remove(node);
+                }
+                Ok(Effect::MaintenanceChanged {
+                    node: *node,
+                    on: *on,
                 })
             }
         }

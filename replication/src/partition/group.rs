@@ -757,6 +757,23 @@ impl PartitionGroup {
         }
         Ok(())
     }
+
+    /// Leader only: hands leadership to voter `target` by a consensus transfer (the target
+    /// catches up, then gets TimeoutNow and campaigns at once). Proposals are refused until it
+    /// takes over or an election timeout passes. An error says why nothing was started (not
+    /// the leader, a transfer already under way, not a voter, the group failed).
+    pub async fn transfer_leadership(&self, target: NodeId) -> Result<(), String> {
+        let Ok(_guard) = self.lock.acquire_permit(1).await else {
+            return Err("the group is closed".into());
+        };
+        if self.failed.get() {
+            return Err("the group has failed".into());
+        }
+        let mut out = Vec::new();
+        let res = self.core.borrow_mut().transfer_leadership(target, &mut out);
+        self.perform(out).await;
+        res.map_err(|e| e.to_string())
+    }
 }
 
 /// A batch from a peer is stored only if it is what the append says it is and what a producer

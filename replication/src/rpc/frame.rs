@@ -10,7 +10,7 @@
 use bytes::{Buf, Bytes, BytesMut};
 
 use crate::codec::{DecodeError, Reader, Writer};
-use crate::controller::active::MAX_CONFIG_CHANGES_PER_CALL;
+use crate::controller::active::{MAX_CONFIG_CHANGES_PER_CALL, MAX_PARTITIONS_PER_ELECTION};
 use crate::controller::placement::PlacementError;
 use crate::controller::records::{
     Endpoint, MAX_CONFIGS_PER_TOPIC, MAX_CONFIG_KEY_BYTES, MAX_CONFIG_VALUE_BYTES, MAX_HOST_BYTES,
@@ -221,6 +221,15 @@ pub enum RpcMessage {
     UnregisterBroker {
         node: NodeId,
     },
+    /// A preferred-leader election of these partitions (topic, partition).
+    ElectLeaders {
+        partitions: Vec<(String, u32)>,
+    },
+    /// Broker `node`'s maintenance mode, on or off.
+    SetMaintenance {
+        node: NodeId,
+        on: bool,
+    },
     /// The metadata-log offset after which the decision is applied (0 for validate_only):
     /// the requester answers its client once it has applied that far.
     AdminResponse(Result<u64, RpcErrorReply>),
@@ -246,6 +255,8 @@ mod kind {
     pub const SET_TOPIC_CONFIGS: u8 = 17;
     pub const ADMIN_RESPONSE: u8 = 18;
     pub const UNREGISTER_BROKER: u8 = 19;
+    pub const ELECT_LEADERS: u8 = 20;
+    pub const SET_MAINTENANCE: u8 = 21;
 }
 
 mod msg_tag {
@@ -480,6 +491,32 @@ impl FrameCodec {
                 }
                 RpcMessage::UnregisterBroker { node }
             }
+            kind::ELECT_LEADERS => {
+                // Smallest entry: an empty topic name and a partition.
+                let n = r.count("partitions", MAX_PARTITIONS_PER_ELECTION, 6)?;
+                let mut partitions = Vec::with_capacity(n);
+                for _ in 0..n {
+                    partitions.push((
+                        r.string("topic", MAX_TOPIC_NAME_BYTES)?,
+                        r.u32("partition")?,
+                    ));
+                }
+                RpcMessage::ElectLeaders { partitions }
+            }
+            kind::SET_MAINTENANCE => {
+                let node = r.u64("node")?;
+                if node > MAX_NODE_ID {
+                    return Err(DecodeError::Invalid {
+                        what: "node",
+                        reason: "outside Kafka's broker id range",
+                    }
+                    .into());
+                }
+                RpcMessage::SetMaintenance {
+                    node,
+                    on: r.bool("maintenance on")?,
+                }
+            }
             tag => {
                 return Err(DecodeError::UnknownTag {
                     what: "frame kind",
@@ -600,6 +637,19 @@ impl FrameCodec {
             }
             RpcMessage::AdminResponse(res) => encode_result(&mut p, res, |p, at| p.w().u64(*at)),
             RpcMessage::UnregisterBroker { node } => p.w().u64(*node),
+            RpcMessage::ElectLeaders { partitions } => {
+                let mut w = p.w();
+                w.count(partitions.len(), MAX_PARTITIONS_PER_ELECTION);
+                for (topic, partition) in partitions {
+                    w.string(topic, MAX_TOPIC_NAME_BYTES);
+                    w.u32(*partition);
+                }
+            }
+            RpcMessage::SetMaintenance { node, on } => {
+                let mut w = p.w();
+                w.u64(*node);
+                w.bool(*on);
+            }
         }
         let mut parts = p.finish();
         let body: usize = parts.iter().map(Bytes::len).sum();
@@ -667,7 +717,16 @@ fn check_sendable(m: &RpcMessage) -> Result<(), RpcError> {
                 "config key or value",
             )
         }
-        RpcMessage::UnregisterBroker { node } => fits(*node <= MAX_NODE_ID, "node id"),
+        RpcMessage::UnregisterBroker { node } | RpcMessage::SetMaintenance { node, .. } => {
+            fits(*node <= MAX_NODE_ID, "node id")
+        }
+        RpcMessage::ElectLeaders { partitions } => fits(
+            partitions.len() <= MAX_PARTITIONS_PER_ELECTION
+                && partitions
+                    .iter()
+                    .all(|(t, _)| t.len() <= MAX_TOPIC_NAME_BYTES),
+            "partitions",
+        ),
         RpcMessage::CreatePartitions { topic, .. } | RpcMessage::DeleteTopic { topic } => {
             fits(topic.len() <= MAX_TOPIC_NAME_BYTES, "topic name")
         }
@@ -721,6 +780,8 @@ fn kind_of(m: &RpcMessage) -> u8 {
         RpcMessage::SetTopicConfigs { .. } => kind::SET_TOPIC_CONFIGS,
         RpcMessage::AdminResponse(_) => kind::ADMIN_RESPONSE,
         RpcMessage::UnregisterBroker { .. } => kind::UNREGISTER_BROKER,
+        RpcMessage::ElectLeaders { .. } => kind::ELECT_LEADERS,
+        RpcMessage::SetMaintenance { .. } => kind::SET_MAINTENANCE,
     }
 }
 
