@@ -432,10 +432,13 @@ fn isr_changes_come_only_from_the_current_leader_in_its_epoch() {
     let recs = h.ctl.tick(SESSION);
     assert!(matches!(recs.as_slice(), [Record::FenceBroker { node, .. }] if *node == follower));
     h.commit(recs);
-    assert!(matches!(
-        h.ctl.alter_isr(req(leader, 0, p.isr.clone())),
-        Err(ControllerError::FencedBroker(n)) if n == follower
-    ));
+    // A fenced follower is left out of the reported ISR (the rest of the report stands):
+    // nothing changes, so nothing is written.
+    assert_eq!(
+        h.ctl.alter_isr(req(leader, 0, p.isr.clone())).unwrap(),
+        vec![]
+    );
+    assert_eq!(h.p("t", 0).isr, shrunk);
     h.heartbeat(follower, SESSION + 1);
     let recs = h.ctl.alter_isr(req(leader, 0, p.isr.clone())).unwrap();
     h.commit(recs);
@@ -822,4 +825,71 @@ proptest! {
         let spread = leaders.values().max().unwrap() - leaders.values().min().unwrap();
         prop_assert!(spread <= 1, "leaders {:?}", leaders);
     }
+}
+
+#[test]
+fn a_new_leader_reporting_a_fenced_follower_in_sync_is_recorded_without_it() {
+    let mut h = Harness::new();
+    h.join(1, 1, 0);
+    h.join(2, 1, 0);
+    h.join(3, 1, 0);
+    h.create("t", 1, Some(3));
+    let recs = h
+        .ctl
+        .alter_isr(AlterIsrRequest {
+            topic: "t".into(),
+            partition: 0,
+            leader: 1,
+            leader_epoch: 1,
+            isr: vec![1, 2, 3],
+        })
+        .unwrap();
+    h.commit(recs);
+    // Node 3 loses the controller but not its peers (a one-way cut): fenced, out of the ISR.
+    h.heartbeat(1, SESSION - 1);
+    h.heartbeat(2, SESSION - 1);
+    let recs = h.ctl.tick(SESSION);
+    h.commit(recs);
+    assert!(!h.p("t", 0).isr.contains(&3));
+    // Node 2 wins epoch 2 and still hears node 3: its leadership is recorded, node 3 is not
+    // let back in while fenced. Before, the whole report was refused and clients never
+    // learned the new leader while the cut lasted (a 40 s no-ack window in a soak).
+    let report = AlterIsrRequest {
+        topic: "t".into(),
+        partition: 0,
+        leader: 2,
+        leader_epoch: 2,
+        isr: vec![2, 1, 3],
+    };
+    let recs = h.ctl.alter_isr(report.clone()).unwrap();
+    h.commit(recs);
+    assert_eq!(h.p("t", 0).leader, Some(2));
+    assert_eq!(h.p("t", 0).leader_epoch, 2);
+    assert_eq!(h.p("t", 0).isr, vec![2, 1]);
+    // Reported again while node 3 is fenced: nothing new is written.
+    assert_eq!(h.ctl.alter_isr(report.clone()).unwrap(), vec![]);
+    // A fenced leader's claim is still refused.
+    assert!(matches!(
+        h.ctl.alter_isr(AlterIsrRequest {
+            leader: 3,
+            leader_epoch: 3,
+            isr: vec![3, 2],
+            ..report.clone()
+        }),
+        Err(ControllerError::FencedBroker(3))
+    ));
+    // Node 2 is fenced in turn: its leadership is dropped but epoch 2 stays its own. A claim
+    // to epoch 2 by node 1 (a stale view) is refused; node 2's own report reinstates it.
+    h.heartbeat(1, 2 * SESSION - 1);
+    let recs = h.ctl.tick(2 * SESSION);
+    h.commit(recs);
+    assert_eq!(h.p("t", 0).leader, None);
+    assert!(matches!(
+        h.ctl.alter_isr(AlterIsrRequest {
+            leader: 1,
+            isr: vec![1],
+            ..report.clone()
+        }),
+        Err(ControllerError::NotLeader { node: 1 })
+    ));
 }

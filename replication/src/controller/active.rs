@@ -442,6 +442,13 @@ impl ActiveController {
         if req.leader_epoch == p.leader_epoch && p.leader.is_some_and(|l| l != req.leader) {
             return Err(ControllerError::NotLeader { node: req.leader });
         }
+        // The epoch's leader was dropped (fenced): only it may be reinstated in that epoch.
+        let key = (req.topic.clone(), req.partition);
+        if let Some(&(epoch, l)) = self.state.epoch_leaders.get(&key) {
+            if req.leader_epoch == epoch && l != req.leader {
+                return Err(ControllerError::NotLeader { node: req.leader });
+            }
+        }
         if !p.has_replica(req.leader) {
             return Err(ControllerError::NotLeader { node: req.leader });
         }
@@ -454,16 +461,30 @@ impl ActiveController {
                     "ISR members must be distinct replicas",
                 ));
             }
-            if (n == req.leader || !p.isr.contains(&n)) && !self.state.is_live(n) {
-                return Err(ControllerError::FencedBroker(n));
-            }
+        }
+        if !self.state.is_live(req.leader) {
+            return Err(ControllerError::FencedBroker(req.leader));
+        }
+        // A fenced broker does not join an ISR (KIP-841), but the rest of the report stands:
+        // refusing it whole would also refuse the leadership it reports, and a leader that
+        // still hears a follower the controller has fenced (a one-way cut) would stay unknown
+        // to clients for as long as that lasts. The leader reports again while the record
+        // differs from its view; an unchanged record is not written again.
+        let isr: Vec<NodeId> = req
+            .isr
+            .iter()
+            .copied()
+            .filter(|&n| n == req.leader || p.isr.contains(&n) || self.state.is_live(n))
+            .collect();
+        if p.leader == Some(req.leader) && p.leader_epoch == req.leader_epoch && p.isr == isr {
+            return Ok(Vec::new());
         }
         let record = Record::PartitionChange {
             topic: req.topic,
             partition: req.partition,
             leader: Some(req.leader),
             leader_epoch: req.leader_epoch,
-            isr: req.isr,
+            isr,
         };
         let mut out = Vec::new();
         self.push(&mut out, record);

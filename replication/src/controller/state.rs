@@ -129,6 +129,10 @@ pub struct MetadataState {
     pub leader_wishes: BTreeMap<(String, u32), NodeId>,
     /// Brokers in maintenance mode: they lead nothing that another in-sync replica can lead.
     pub maintenance: BTreeSet<NodeId>,
+    /// The last elected leader of each partition and its epoch, kept when fencing drops the
+    /// leader: within that epoch only it may be reinstated (one epoch, one leader), which the
+    /// partition's own `leader` cannot say once it is `None`. Derived from the records.
+    pub epoch_leaders: BTreeMap<(String, u32), (Epoch, NodeId)>,
 }
 
 impl MetadataState {
@@ -350,6 +354,10 @@ impl MetadataState {
                 p.leader = *leader;
                 p.leader_epoch = *leader_epoch;
                 p.isr = isr.clone();
+                if let Some(l) = leader {
+                    self.epoch_leaders
+                        .insert((topic.clone(), *partition), (*leader_epoch, *l));
+                }
                 if leader.is_some() && self.leader_wish(topic, *partition) == *leader {
                     // The move asked for happened.
                     self.leader_wishes.remove(&(topic.clone(), *partition));
@@ -422,6 +430,7 @@ impl MetadataState {
                 }
                 self.topics.remove(name);
                 self.leader_wishes.retain(|(t, _), _| t != name);
+                self.epoch_leaders.retain(|(t, _), _| t != name);
                 Ok(Effect::TopicDeleted {
                     topic: name.clone(),
                     topic_id: *topic_id,
