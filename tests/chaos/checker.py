@@ -273,6 +273,12 @@ def check(events, rules=None):
             "commits_failed": counts["commit"] - sum(len(v) for v in commits.values()),
         },
         "faults": {k: len(v) for k, v in sorted(by_kind.items())},
+        # Replica moves the nemesis asked for: refused, finished in time, still running.
+        "moves": {
+            "asked": sum(1 for e in events if e["type"] == "move"),
+            "refused": sum(1 for e in events if e["type"] == "move" and e.get("error")),
+            "done": sum(1 for e in events if e["type"] == "move_end" and e.get("done")),
+        },
         "unavailability": unavailability,
         "per_fault": per_fault,
         "anomalies": anomalies,
@@ -338,6 +344,9 @@ def describe(summary):
         f"commits ok {c['commits_ok']} failed {c['commits_failed']}",
         "faults: " + (", ".join(f"{k} {v}" for k, v in summary["faults"].items()) or "none"),
     ]
+    m = summary.get("moves") or {}
+    if m.get("asked"):
+        lines.append(f"moves: asked {m['asked']}, refused {m['refused']}, done {m['done']}")
     for kind, u in summary["unavailability"].items():
         lines.append(f"  unavailable during {kind}: median {u['median_s']} s, "
                      f"max {u['max_s']} s over {u['faults']}")

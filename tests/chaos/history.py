@@ -14,6 +14,8 @@ Event types (fields beside t/type):
   committed    proc, group, partition, offset, t0  a committed offset read back from the broker
   fault_start  id, kind, targets, params
   fault_end    id, kind
+  move         partition, replicas, error          a move (reassignment) was asked for
+  move_end     partition, done                     it finished (done) or the wait ended
   offset_reset proc, partition, error              a reader's fetch was refused as out of range
   consumer_error, committed_error  proc, error     client errors, recorded, not judged
   final_hwm    partition, low, high                watermarks the final reader reads up to

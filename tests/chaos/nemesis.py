@@ -14,6 +14,10 @@ Kinds:
   partition_oneway  one node's packets to the others are dropped, theirs still arrive
   partition_bridge  two sides that cannot see each other, and one node that sees both
   slow              one node's egress limited by tbf (namespaces)
+  move              move a partition's replicas to another set of nodes (AlterPartition-
+                    Reassignments) and wait for it (needs more nodes than replicas)
+  move_kill         the same, and SIGKILL a node of the old or new replica set while it moves
+                    (where Jepsen found Redpanda losing writes)
 """
 import random
 import shutil
@@ -26,7 +30,8 @@ NETWORK_KINDS = ("partition", "partition_split", "partition_oneway", "partition_
 # kill_wipe kills a node and deletes its data dir before the restart (a lost disk on one node
 # with no replica must lose acknowledged writes).
 PLANTED_KINDS = ("kill_wipe",)
-ALL_KINDS = CLUSTER_KINDS + NETWORK_KINDS
+MOVE_KINDS = ("move", "move_kill")
+ALL_KINDS = CLUSTER_KINDS + NETWORK_KINDS + MOVE_KINDS
 
 # Time between the end of one fault and the start of the next.
 GAP_MIN_S = 1.0
@@ -43,6 +48,17 @@ SLOW_RATE_KBIT = 256
 # Kinds that need more than one node, and kinds that need namespaces.
 NEEDS_CLUSTER = ("kill_majority", "partition_split", "partition_oneway", "partition_bridge")
 NEEDS_NETNS = NETWORK_KINDS
+# Replicas of the harness's topic (the cluster default: min(3, nodes)); a move needs a node
+# outside them.
+TOPIC_REPLICAS_MAX = 3
+# A move is waited for this long at most (it is a fault: the next one starts after it).
+MOVE_WAIT_MAX_S = 30.0
+MOVE_KILL_AFTER_MIN_S = 0.2
+MOVE_KILL_AFTER_MAX_S = 2.0
+
+
+def replicas_for(nodes):
+    return min(TOPIC_REPLICAS_MAX, nodes)
 
 
 @dataclass
@@ -57,7 +73,8 @@ class Fault:
 
 def available_kinds(nodes, netns):
     kinds = [k for k in ALL_KINDS if (nodes > 1 or k not in NEEDS_CLUSTER)
-             and (netns or k not in NEEDS_NETNS)]
+             and (netns or k not in NEEDS_NETNS)
+             and (nodes > replicas_for(nodes) or k not in MOVE_KINDS)]
     return tuple(kinds)
 
 
@@ -107,6 +124,17 @@ def schedule(seed, duration_s, kinds, nodes):
             targets = [rng.choice(ids)]
             dur = rng.uniform(PARTITION_MIN_S, PARTITION_MAX_S)
             params = {"rate_kbit": SLOW_RATE_KBIT}
+        elif kind in MOVE_KINDS:
+            targets = sorted(rng.sample(ids, replicas_for(nodes)))  # the new replica set
+            dur = MOVE_WAIT_MAX_S
+            # Picks resolved at run time against what the cluster has then (partition count,
+            # the old replica set), so the schedule stays a function of the seed alone.
+            params = {"partition_pick": rng.randrange(1 << 16)}
+            if kind == "move_kill":
+                params.update(kill_after_s=round(rng.uniform(MOVE_KILL_AFTER_MIN_S,
+                                                             MOVE_KILL_AFTER_MAX_S), 3),
+                              down_s=round(rng.uniform(0.0, KILL_DOWN_MAX_S), 3),
+                              victim_pick=rng.randrange(1 << 16))
         else:
             raise ValueError(f"unknown fault kind {kind!r}")
         faults.append(Fault(len(faults) + 1, round(t, 3), kind, round(dur, 3), targets, params))
@@ -118,18 +146,25 @@ class Nemesis:
     """Applies faults to `nodes` (nodes.Nodes) and, for network kinds, to `net` (netns.Network).
     `leader_of` resolves the "leader" target (a callable returning a node id), for clusters."""
 
-    def __init__(self, nodes, history, net=None, leader_of=None):
+    def __init__(self, nodes, history, net=None, leader_of=None, mover=None, partitions=1,
+                 replicas_of=None):
         self.nodes = nodes
         self.history = history
         self.net = net
         self.leader_of = leader_of
+        self.mover = mover
+        self.partitions = partitions
+        self.replicas_of = replicas_of
 
     def _node(self, target):
         if target == "leader":
-            target = self.leader_of() if self.leader_of else 1
+            target = (self.leader_of() if self.leader_of else None) or 1
         return self.nodes[int(target) - 1]
 
     def apply(self, fault, stop_event):
+        if fault.kind in MOVE_KINDS:
+            self._move(fault, stop_event)
+            return
         nodes = [self._node(t) for t in fault.targets]
         targets = [n.node_id for n in nodes]
         self.history.record("fault_start", id=fault.id, kind=fault.kind, targets=targets,
@@ -182,3 +217,35 @@ class Nemesis:
                     self.net.cut(a, b, both_ways=True)
         elif fault.kind == "slow":
             self.net.slow(targets[0], fault.params["rate_kbit"])
+
+    def _move(self, fault, stop_event):
+        """Moves one partition to the fault's replica set; move_kill also kills a node of the
+        old or new set while it moves. Waits (bounded) for the move to finish."""
+        import time
+        assert self.mover is not None, f"{fault.kind} needs a mover"
+        partition = fault.params["partition_pick"] % self.partitions
+        old = (self.replicas_of(partition) if self.replicas_of else None) or []
+        self.history.record("fault_start", id=fault.id, kind=fault.kind, targets=fault.targets,
+                            params=dict(fault.params, partition=partition, old=old),
+                            planned_s=fault.duration_s)
+        deadline = time.monotonic() + fault.duration_s
+        victim = None
+        try:
+            error = self.mover.move(partition, fault.targets)
+            self.history.record("move", partition=partition, replicas=fault.targets,
+                                error=error)
+            if fault.kind == "move_kill":
+                union = sorted(set(old) | set(fault.targets))
+                victim = self.nodes[union[fault.params["victim_pick"] % len(union)] - 1]
+                stop_event.wait(fault.params["kill_after_s"])
+                victim.kill()
+                stop_event.wait(fault.params["down_s"])
+                victim.start()
+                victim = None
+            done = error is None and self.mover.wait(partition, deadline)
+            self.history.record("move_end", partition=partition, done=done)
+        finally:
+            if victim is not None:
+                victim.start()
+            self.history.record("fault_end", id=fault.id, kind=fault.kind)
+

@@ -23,7 +23,7 @@ import time
 import traceback
 from dataclasses import asdict
 
-from . import checker, history, nemesis, netns, nodes, workload
+from . import admin, checker, history, nemesis, netns, nodes, workload
 
 TOPIC = "chaos"
 GROUP = "chaos-group"
@@ -217,7 +217,12 @@ def main(argv=None):
         for w in workers:
             w.start()
 
-        nem = nemesis.Nemesis(cluster, h, net=net)
+        bootstrap = cluster.bootstrap
+        nem = nemesis.Nemesis(
+            cluster, h, net=net, partitions=args.partitions,
+            leader_of=(lambda: admin.leader_of(bootstrap, TOPIC)) if args.nodes > 1 else None,
+            replicas_of=lambda p: admin.replicas_of(bootstrap, TOPIC, p),
+            mover=admin.Mover(bootstrap, TOPIC))
         t_start = time.monotonic()
         never = threading.Event()
         for fault in faults:
