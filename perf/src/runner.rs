@@ -721,10 +721,50 @@ mod tests {
     }
 
     #[test]
-    fn mixed_leaders_on_one_connection_are_refused() {
+    fn every_leader_gets_a_connection_even_when_fewer_are_asked_for() {
         let l = vec![(0, "a:1".to_string()), (1, "b:1".to_string())];
-        assert!(assign(&l, 1).is_err());
-        let plan = assign(&l, 2).unwrap();
-        assert_eq!(plan[1].addr, "b:1");
+        for n in [1, 2] {
+            let plan = assign(&l, n).unwrap();
+            assert_eq!(plan.len(), 2);
+            assert_eq!((plan[0].addr.as_str(), &plan[0].partitions[..]), ("a:1", &[0][..]));
+            assert_eq!((plan[1].addr.as_str(), &plan[1].partitions[..]), ("b:1", &[1][..]));
+        }
+    }
+
+    #[test]
+    fn extra_connections_go_to_the_leaders_with_most_partitions_each() {
+        // a leads 4 partitions, b 2, c 1: the two extra connections go to a (4 per connection),
+        // then, at a tie of 2 per connection, to a again (the first leader).
+        let l: Vec<(i32, String)> = [(0, "a"), (1, "b"), (2, "a"), (3, "c"), (4, "a"), (5, "b"), (6, "a")]
+            .iter()
+            .map(|(p, a)| (*p, a.to_string()))
+            .collect();
+        let plan = assign(&l, 5).unwrap();
+        let of = |addr: &str| -> Vec<Vec<i32>> {
+            plan.iter()
+                .filter(|a| a.addr == addr)
+                .map(|a| a.partitions.clone())
+                .collect()
+        };
+        assert_eq!(of("a"), vec![vec![0, 6], vec![2], vec![4]]);
+        assert_eq!(of("b"), vec![vec![1, 5]]);
+        assert_eq!(of("c"), vec![vec![3]]);
+        // Every partition is served, and a connection's partitions share a leader.
+        let mut all: Vec<i32> = plan.iter().flat_map(|a| a.partitions.clone()).collect();
+        all.sort();
+        assert_eq!(all, (0..7).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn failing_time_is_the_union_of_overlapping_failovers() {
+        let t0 = Instant::now();
+        let ms = |m: u64| t0 + Duration::from_millis(m);
+        let e = |a: u64, b: u64| Episode {
+            start: ms(a),
+            first_ack: ms(b),
+        };
+        let total = failing_ms(&[e(0, 100), e(50, 150), e(300, 400)]);
+        assert!((total - 250.0).abs() < 1e-6, "{total}");
+        assert_eq!(failing_ms(&[]), 0.0);
     }
 }
