@@ -30,7 +30,8 @@ use crate::runner::{nanos, sleep_until, tighten_timer_slack, wall_ms, Handoff, M
 use crate::schedule::Schedule;
 use crate::stats::Latency;
 use crate::wire::{
-    decode_response, set_correlation_id, Connection, FrameReader, FrameWriter, MAX_CONTROL_FRAME_BYTES,
+    decode_response, set_correlation_id, Connection, FrameReader, FrameWriter,
+    MAX_CONTROL_FRAME_BYTES,
 };
 
 /// Produce versions spate-perf speaks (v10 and later carry KIP-951 leader hints).
@@ -374,7 +375,14 @@ fn run_inner(
     let mut open_failure: Option<Instant> = None;
     let mut send_lag = Latency::default();
     loop {
-        let ends = run_epoch(&run, &mut routes, &schedule, &mut unit, max_units, &mut send_lag)?;
+        let ends = run_epoch(
+            &run,
+            &mut routes,
+            &schedule,
+            &mut unit,
+            max_units,
+            &mut send_lag,
+        )?;
         let mut pending = Vec::new();
         let mut hinted = Vec::new();
         let mut first_fail: Option<Instant> = None;
@@ -445,7 +453,14 @@ fn run_inner(
                 thread::sleep(Duration::from_millis(RETRY_BACKOFF_MS));
                 continue;
             }
-            match resend(&run, &mut pending, &leaders, &mut links, &mut out, &mut open_failure) {
+            match resend(
+                &run,
+                &mut pending,
+                &leaders,
+                &mut links,
+                &mut out,
+                &mut open_failure,
+            ) {
                 Ok(true) => break leaders,
                 Ok(false) => {
                     router.rotate();
@@ -624,7 +639,9 @@ fn run_epoch(
         for route in routes.iter_mut() {
             let (slot_tx, slot_rx) = sync_channel::<()>(window);
             for _ in 0..window {
-                slot_tx.send(()).expect("the window channel has room for every slot");
+                slot_tx
+                    .send(())
+                    .expect("the window channel has room for every slot");
             }
             let (tx, rx) = channel::<InFlight>();
             senders.push((tx, slot_rx));
@@ -664,7 +681,8 @@ fn run_epoch(
             }
             // A unit goes out on every route, even if one fails meanwhile: the reader of a
             // failed route turns what it cannot deliver into pending batches.
-            for ((tx, slot_rx), (writer, template, next_id)) in senders.iter().zip(writers.iter_mut())
+            for ((tx, slot_rx), (writer, template, next_id)) in
+                senders.iter().zip(writers.iter_mut())
             {
                 if slot_rx.recv().is_err() {
                     break 'units; // the reader ended with an error; reported below
@@ -724,7 +742,10 @@ fn sleep_until_or(t: Instant, stop: &AtomicBool, failing: &AtomicBool) {
         if now >= t || failing.load(Ordering::Relaxed) {
             return;
         }
-        sleep_until(t.min(now + Duration::from_millis(crate::runner::STOP_POLL_MS)), stop);
+        sleep_until(
+            t.min(now + Duration::from_millis(crate::runner::STOP_POLL_MS)),
+            stop,
+        );
         if stop.load(Ordering::Relaxed) {
             return;
         }
@@ -751,11 +772,9 @@ fn read_replies(
         let reply = if end.broken {
             None
         } else {
-            match reader
-                .read_frame(MAX_CONTROL_FRAME_BYTES)
-                .and_then(|f| {
-                    decode_response::<ProduceResponse>(f, ApiKey::Produce, version, item.correlation_id)
-                }) {
+            match reader.read_frame(MAX_CONTROL_FRAME_BYTES).and_then(|f| {
+                decode_response::<ProduceResponse>(f, ApiKey::Produce, version, item.correlation_id)
+            }) {
                 Ok(r) => Some(r),
                 Err(PerfError::Io { .. }) => {
                     end.broken = true;
@@ -768,11 +787,12 @@ fn read_replies(
         match reply {
             None => {
                 fail(&mut end, now);
-                end.failed.extend(partitions.iter().map(|&partition| Pending {
-                    unit: item.unit,
-                    due: item.due,
-                    partition,
-                }));
+                end.failed
+                    .extend(partitions.iter().map(|&partition| Pending {
+                        unit: item.unit,
+                        due: item.due,
+                        partition,
+                    }));
             }
             Some(reply) => {
                 let mut seen = 0;

@@ -230,9 +230,41 @@ fn leaders_of(cluster: &Cluster, topic: &str) -> Vec<(i32, String)> {
                 }
             }
         }
-        assert!(Instant::now() < deadline, "{topic} has no leader for every partition");
+        assert!(
+            Instant::now() < deadline,
+            "{topic} has no leader for every partition"
+        );
         std::thread::sleep(POLL);
     }
+}
+
+/// Creates `topic` with replication factor 3 by producing one record to each partition;
+/// returns the records acknowledged.
+fn create(bootstrap: &str, topic: &str, partitions: u32, dir: &Path) -> u64 {
+    let json = dir.join(format!("{topic}-create.json"));
+    let out = run_perf(&[
+        "produce",
+        "-b",
+        bootstrap,
+        "-t",
+        topic,
+        "-p",
+        &partitions.to_string(),
+        "--replication-factor",
+        "3",
+        "-n",
+        &partitions.to_string(),
+        "-s",
+        "10",
+        "--batch-bytes",
+        "10",
+        "--acks",
+        "all",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code, Some(0), "create: {}{}", out.stdout, out.stderr);
+    summary(&json)["records"].as_u64().unwrap()
 }
 
 /// Reads the whole topic back with spate-perf; returns the records it saw.
@@ -263,11 +295,7 @@ fn produce_to_rf3_through_a_bootstrap_that_does_not_lead_every_partition() {
     let dir = tempfile::tempdir().unwrap();
     let only = cluster.nodes[0].addr.clone();
     // Create the topic first (through node 1), so the layout can be checked before the run.
-    let out = run_perf(&[
-        "produce", "-b", &only, "-t", "rf3", "-p", "6", "--replication-factor", "3", "-n", "6",
-        "-s", "10", "--acks", "all",
-    ]);
-    assert_eq!(out.code, Some(0), "create: {}{}", out.stdout, out.stderr);
+    let created = create(&only, "rf3", 6, dir.path());
     let leaders = leaders_of(&cluster, "rf3");
     assert!(
         leaders.iter().any(|(_, a)| *a != only),
@@ -302,11 +330,15 @@ fn produce_to_rf3_through_a_bootstrap_that_does_not_lead_every_partition() {
     // With one connection asked for, one per leader was opened.
     let distinct: std::collections::HashSet<&String> = leaders.iter().map(|(_, a)| a).collect();
     if distinct.len() > 1 {
-        assert!(out.stderr.contains("at least one per leader"), "{}", out.stderr);
+        assert!(
+            out.stderr.contains("at least one per leader"),
+            "{}",
+            out.stderr
+        );
     }
-    // Every acknowledged record is in the topic, once (the 6 of the creating run besides).
+    // Every acknowledged record is in the topic, once.
     let consumed = consume_all(&cluster.bootstrap(), "rf3", dir.path());
-    assert_eq!(consumed, acked + 6);
+    assert_eq!(consumed, acked + created);
 }
 
 #[test]
@@ -318,11 +350,7 @@ fn a_leader_killed_mid_run_is_followed_and_not_counted_as_a_failure() {
     let mut cluster = start_cluster(&bin);
     let dir = tempfile::tempdir().unwrap();
     let bootstrap = cluster.bootstrap();
-    let out = run_perf(&[
-        "produce", "-b", &bootstrap, "-t", "kill", "-p", "3", "--replication-factor", "3", "-n",
-        "3", "-s", "10", "--acks", "all",
-    ]);
-    assert_eq!(out.code, Some(0), "create: {}{}", out.stdout, out.stderr);
+    let created = create(&bootstrap, "kill", 3, dir.path());
     let victim_addr = leaders_of(&cluster, "kill")[0].1.clone();
     let json = dir.path().join("kill.json");
     let json_arg = json.to_str().unwrap().to_string();
@@ -372,5 +400,5 @@ fn a_leader_killed_mid_run_is_followed_and_not_counted_as_a_failure() {
     assert!(out.stdout.contains("retries"), "{}", out.stdout);
     // Idempotent re-sends: every acknowledged record is stored once.
     let consumed = consume_all(&cluster.bootstrap(), "kill", dir.path());
-    assert_eq!(consumed, acked + 3);
+    assert_eq!(consumed, acked + created);
 }

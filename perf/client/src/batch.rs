@@ -19,6 +19,8 @@ const BATCH_LENGTH_AT: usize = 8;
 const MAGIC_AT: usize = 16;
 const CRC_AT: usize = 17;
 const ATTRIBUTES_AT: usize = 21;
+/// The control-batch bit of the attributes.
+const CONTROL_ATTRIBUTE: i16 = 0x20;
 const LAST_OFFSET_DELTA_AT: usize = 23;
 const FIRST_TIMESTAMP_AT: usize = 27;
 const MAX_TIMESTAMP_AT: usize = 35;
@@ -124,6 +126,9 @@ pub struct BatchView {
     pub last_offset_delta: i32,
     pub record_count: i32,
     pub compressed: bool,
+    /// A control batch (transaction markers, a replicated log's leader-change marker): it
+    /// carries no producer's records.
+    pub control: bool,
     /// Bytes of the batch including its offset and length fields.
     pub total_bytes: usize,
 }
@@ -144,6 +149,7 @@ impl BatchView {
             last_offset_delta: be_i32(buf, LAST_OFFSET_DELTA_AT),
             record_count: be_i32(buf, RECORD_COUNT_AT),
             compressed: be_i16(buf, ATTRIBUTES_AT) & 0x7 != 0,
+            control: be_i16(buf, ATTRIBUTES_AT) & CONTROL_ATTRIBUTE != 0,
             total_bytes: total,
         })
     }

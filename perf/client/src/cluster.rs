@@ -143,9 +143,14 @@ pub fn leaders(conn: &mut Connection, topic: &str) -> Result<Leaders> {
         .topics
         .iter()
         .find(|t| t.name.as_ref().map(|n| n.0.as_str()) == Some(topic))
-        .ok_or_else(|| ClientError::broker(format!("Metadata for {topic}"), UNKNOWN_TOPIC_OR_PARTITION))?;
+        .ok_or_else(|| {
+            ClientError::broker(format!("Metadata for {topic}"), UNKNOWN_TOPIC_OR_PARTITION)
+        })?;
     if !matches!(t.error_code, 0 | LEADER_NOT_AVAILABLE) {
-        return Err(ClientError::broker(format!("Metadata for {topic}"), t.error_code));
+        return Err(ClientError::broker(
+            format!("Metadata for {topic}"),
+            t.error_code,
+        ));
     }
     let mut partitions: Vec<(i32, Option<String>)> = t
         .partitions
