@@ -360,23 +360,28 @@ describe() {
     | jq -c '(if type == "array" then .[0] else . end).partitions[] | {partition, leader, isr}'
 }
 
-# wait_topic TOPIC ISR: until every partition has a leader and ISR members.
+# wait_topic TOPIC ISR [SECS]: until every partition has a leader and ISR members (at most SECS,
+# default CLUSTER_READY_SECS).
 wait_topic() {
-  local topic=$1 isr=$2 deadline=$((SECONDS + CLUSTER_READY_SECS)) lines bad
+  local topic=$1 isr=$2 deadline=$((SECONDS + ${3:-$CLUSTER_READY_SECS})) lines bad
   while :; do
     lines=$(describe "$topic" || true)
     bad=$(printf '%s\n' "$lines" | jq -s --argjson n "$isr" \
       'if length == 0 then 1 else map(select(.leader < 0 or (.isr | length) < $n)) | length end')
     [ "$bad" = 0 ] && return 0
-    [ $SECONDS -lt $deadline ] || { log "$topic: not every partition led with $isr in sync after ${CLUSTER_READY_SECS}s"; return 1; }
+    [ $SECONDS -lt $deadline ] || { log "$topic: not every partition led with $isr in sync after ${3:-$CLUSTER_READY_SECS}s"; return 1; }
     sleep 0.2
   done
 }
 
+# create_topic TOPIC PARTITIONS [SECS]
 create_topic() {
   "$SPATE" topic create "$1" --partitions "$2" --replication-factor 3 -b "$CADDR" \
-    > /dev/null && wait_topic "$1" 3
+    > /dev/null && wait_topic "$1" 3 "${3:-}"
 }
+
+# Many partitions take longer to elect than a few: the bound for the 1,000 and 3,000 ones.
+MANY_READY_SECS=${BENCH_MANY_READY_SECS:-300}
 
 # cluster_produce NAME ADDR ACKS [ARGS...]: the 1 KiB flush-always produce row, C_PARTITIONS
 # partitions over C_CONNECTIONS connections.
@@ -447,10 +452,11 @@ idle_run() {
   sleep 5
   idle_cpu cluster-idle-empty 20
   log "cluster-idle: creating 3,000 partitions, replication factor 3"
-  local t0=$SECONDS
-  create_topic cluster-idle 3000 || { FAILED+=("cluster-idle (topic)"); stop_cluster; return; }
-  log "cluster-idle: every partition led with 3 in sync after $((SECONDS - t0))s"
-  echo "{\"ready_secs\": $((SECONDS - t0))}" > "$OUT/cluster-idle-create.json"
+  local t0=$SECONDS ready=true
+  # Measured even if the partitions are not all led by then: that cost is what 3,000 cost.
+  create_topic cluster-idle 3000 "$MANY_READY_SECS" || { ready=false; FAILED+=("cluster-idle (not all led)"); }
+  log "cluster-idle: all led with 3 in sync: $ready, after $((SECONDS - t0))s"
+  echo "{\"ready\": $ready, \"secs\": $((SECONDS - t0))}" > "$OUT/cluster-idle-create.json"
   sleep 10
   idle_cpu cluster-idle-3000 20
   stop_cluster
@@ -462,7 +468,8 @@ many_partitions_run() {
   local n
   for n in 6 1000; do
     start_cluster || { FAILED+=("cluster-p$n (cluster)"); continue; }
-    create_topic "cluster-p$n" "$n" || { FAILED+=("cluster-p$n (topic)"); stop_cluster; continue; }
+    create_topic "cluster-p$n" "$n" "$MANY_READY_SECS" \
+      || { FAILED+=("cluster-p$n (topic)"); stop_cluster; continue; }
     enough_space "cluster-produce-p$n" || { stop_cluster; continue; }
     perf "cluster-produce-p$n" produce -b "$CADDR" -t "cluster-p$n" -c 3 -s 1024 \
       --batch-bytes $([ "$n" = 6 ] && batch_bytes 1024 || echo 6000) --acks all \

@@ -287,6 +287,7 @@ mod tests {
                 latency: h.summary(),
                 send_lag: None,
                 retries: 0,
+                retry_causes: Default::default(),
                 failover_time_ms: 0.0,
                 failovers: Vec::new(),
             };

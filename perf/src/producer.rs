@@ -13,7 +13,7 @@
 //! instead of appending it twice. Without it a re-send of a batch the old leader did append may
 //! store it twice; the counts are of acknowledged batches either way.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::thread;
@@ -53,6 +53,8 @@ const RETRIABLE: [i16; 8] = [
     74, // FENCED_LEADER_EPOCH
     75, // UNKNOWN_LEADER_EPOCH
 ];
+/// The refusal cause counted for a batch lost with its connection.
+pub const CONNECTION_LOST: i16 = -1;
 /// OUT_OF_ORDER_SEQUENCE_NUMBER: retriable only behind an earlier refusal of the same producer
 /// (the batches after a refused one are refused for the gap), an error otherwise.
 const OUT_OF_ORDER_SEQUENCE: i16 = 45;
@@ -183,6 +185,8 @@ pub struct Episode {
 pub(crate) struct ProducerOutcome {
     pub(crate) measured: Measured,
     pub retries: u64,
+    /// Refused or lost batches by Kafka error code ([`CONNECTION_LOST`]: the connection).
+    pub causes: BTreeMap<i16, u64>,
     pub episodes: Vec<Episode>,
 }
 
@@ -223,6 +227,7 @@ struct RouteEnd {
     failed: Vec<Pending>,
     hints: Vec<(i32, String)>,
     broken: bool,
+    causes: BTreeMap<i16, u64>,
     first_fail: Option<Instant>,
     first_ok: Option<Instant>,
 }
@@ -369,6 +374,7 @@ fn run_inner(
     let mut out = ProducerOutcome {
         measured: Measured::default(),
         retries: 0,
+        causes: BTreeMap::new(),
         episodes: Vec::new(),
     };
     let mut unit: u64 = 0;
@@ -391,6 +397,9 @@ fn run_inner(
         for (route, end) in routes.iter().zip(ends) {
             out.measured.merge(end.measured);
             pending.extend(end.failed);
+            for (code, n) in end.causes {
+                *out.causes.entry(code).or_default() += n;
+            }
             hinted.extend(end.hints);
             first_fail = min_opt(first_fail, end.first_fail);
             first_ok = min_opt(first_ok, end.first_ok);
@@ -569,6 +578,7 @@ fn resend(
             let reply = match reply {
                 Ok(r) => r,
                 Err(PerfError::Io { .. }) => {
+                    *out.causes.entry(CONNECTION_LOST).or_default() += group.len() as u64;
                     links.swap_remove(i);
                     return Ok(false);
                 }
@@ -596,6 +606,7 @@ fn resend(
                             });
                         }
                     } else if retriable(p.error_code) {
+                        *out.causes.entry(p.error_code).or_default() += 1;
                         refused = true;
                     } else {
                         return Err(PerfError::broker(
@@ -787,6 +798,7 @@ fn read_replies(
         match reply {
             None => {
                 fail(&mut end, now);
+                *end.causes.entry(CONNECTION_LOST).or_default() += partitions.len() as u64;
                 end.failed
                     .extend(partitions.iter().map(|&partition| Pending {
                         unit: item.unit,
@@ -807,6 +819,7 @@ fn read_replies(
                             || (code == OUT_OF_ORDER_SEQUENCE && failing.load(Ordering::Relaxed))
                         {
                             fail(&mut end, now);
+                            *end.causes.entry(code).or_default() += 1;
                             end.failed.push(Pending {
                                 unit: item.unit,
                                 due: item.due,

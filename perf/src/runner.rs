@@ -61,6 +61,8 @@ pub(crate) struct Measured {
     retries: u64,
     /// Producers' failovers: first refusal to first acknowledgement after it.
     episodes: Vec<Episode>,
+    /// Refused or lost batches by cause.
+    causes: std::collections::BTreeMap<i16, u64>,
 }
 
 impl Measured {
@@ -74,6 +76,9 @@ impl Measured {
     pub(crate) fn merge(&mut self, other: Measured) {
         self.latency.merge(&other.latency);
         self.retries += other.retries;
+        for (code, n) in other.causes {
+            *self.causes.entry(code).or_default() += n;
+        }
         self.episodes.extend(other.episodes);
         self.send_lag.merge(&other.send_lag);
         self.records += other.records;
@@ -267,6 +272,7 @@ fn run_producer(
     let mut m = out.measured;
     m.retries = out.retries;
     m.episodes = out.episodes;
+    m.causes = out.causes;
     Ok(m)
 }
 
@@ -513,6 +519,18 @@ fn summarize(cfg: &RunConfig, shared: &Shared, parts: Vec<Measured>) -> RunSumma
         latency: all.latency.summary(),
         send_lag: a.rate.map(|_| all.send_lag.summary()),
         retries: all.retries,
+        retry_causes: all
+            .causes
+            .iter()
+            .map(|(&code, &n)| {
+                let name = if code == producer::CONNECTION_LOST {
+                    "CONNECTION_LOST".to_string()
+                } else {
+                    crate::error::kafka_error_name(code)
+                };
+                (name, n)
+            })
+            .collect(),
         failover_time_ms: failing_ms(&all.episodes),
         failovers: {
             let mut f: Vec<Failover> = all
@@ -694,6 +712,7 @@ fn run_e2e(cfg: &RunConfig, plan: &[Assignment], layout: &TopicLayout) -> Result
                 send_lag: m.send_lag,
                 retries: m.retries,
                 episodes: m.episodes,
+                causes: m.causes,
                 ..Measured::default()
             })
         }));

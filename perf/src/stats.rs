@@ -200,6 +200,10 @@ pub struct RunSummary {
     /// leader, not enough replicas, timed out) or a lost connection. Not failures.
     #[serde(default)]
     pub retries: u64,
+    /// What the producers followed: refused batches by Kafka error name, and batches lost with
+    /// their connection (CONNECTION_LOST).
+    #[serde(default)]
+    pub retry_causes: std::collections::BTreeMap<String, u64>,
     /// Milliseconds during which at least one producer was failing over: from a refusal or lost
     /// connection to the first acknowledgement after it.
     #[serde(default)]
@@ -254,7 +258,16 @@ impl RunSummary {
             l.p9999_ms,
             self.retries,
             self.failover_time_ms
-        )
+        ) + &if self.retry_causes.is_empty() {
+            String::new()
+        } else {
+            let causes: Vec<String> = self
+                .retry_causes
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            format!(" Refused: {}.", causes.join(", "))
+        }
     }
 }
 
