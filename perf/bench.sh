@@ -22,6 +22,8 @@
 #   BENCH_SPATE, BENCH_PERF  the broker and load-generator binaries (default: target/release/),
 #             so that two builds can be compared in one session
 #   BENCH_E2E_RUNS  how many spate e2e runs, each on a fresh broker (default 3)
+#   BENCH_CLUSTER_PARTS   which parts of the replicated section run (default "rows e2e failover
+#             idle many catchup"); with --out of an earlier run, its fio result is reused
 #   BENCH_FAILOVER_KILLS  leader kills in the failover run (default 20)
 #   BENCH_FAILOVER_RATE   its fixed rate, records/s of 1 KiB (default 20000)
 #   BENCH_CATCHUP_GB      what the restarted follower misses, GB of record values (default 5)
@@ -300,7 +302,8 @@ start_node() {
   mkdir -p "$WORK/cluster/n$i"
   "$SPATE" serve --node-id "$i" --listen "127.0.0.1:${NODE_PORT[$i]}" \
     --rpc-listen "127.0.0.1:${NODE_RPC[$i]}" --seeds "$SEEDS" --data-dir "$WORK/cluster/n$i" \
-    --cores 1 --flush always --segment-bytes "$NODE_SEGMENT_BYTES" --metrics-listen off \
+    --cores 1 --flush always --segment-bytes "$NODE_SEGMENT_BYTES" \
+    --max-batch-bytes "$NODE_MAX_BATCH_BYTES" --metrics-listen off \
     >> "$OUT/cluster-node$i.log" 2>&1 &
   NODE_PID[$i]=$!
 }
@@ -327,10 +330,12 @@ wait_alive() {
   done
 }
 
-# start_cluster [SEGMENT_BYTES]: a fresh cluster (segment size default SEGMENT_BYTES).
+# start_cluster [SEGMENT_BYTES MAX_BATCH_BYTES]: a fresh cluster (default: SEGMENT_BYTES and
+# the broker's default largest batch, 8 MiB).
 start_cluster() {
   stop_cluster
   NODE_SEGMENT_BYTES=${1:-$SEGMENT_BYTES}
+  NODE_MAX_BATCH_BYTES=${2:-8388608}
   remove "$WORK/cluster"
   local i seeds=() addrs=()
   for i in 1 2 3; do
@@ -384,10 +389,14 @@ create_topic() {
 
 # Each replica pre-allocates up to 16 MiB of its segment (the engine's PREALLOCATE_AHEAD_BYTES,
 # capped at the segment size): 3,000 partitions x 3 replicas would take 141 GiB of this disk
-# at the default segment size, 1,000 x 3 47 GiB. The idle run uses 1 MiB segments, the 6 vs
-# 1,000 partitions pair 4 MiB segments (both rows, so they compare).
+# at the default segment size, 1,000 x 3 47 GiB. A segment must hold the largest batch
+# (--max-batch-bytes, 8 MiB by default), so the idle run uses 1 MiB segments and batches (it
+# produces nothing), the 6 vs 1,000 partitions pair 4 MiB segments and 2 MiB batches (both
+# rows, so they compare; spate-perf's batches here are at most 1 MB).
 IDLE_SEGMENT_BYTES=1048576
+IDLE_MAX_BATCH_BYTES=1048576
 MANY_SEGMENT_BYTES=4194304
+MANY_MAX_BATCH_BYTES=2097152
 # Many partitions take longer to elect than a few: the bound for the 1,000 and 3,000 ones.
 MANY_READY_SECS=${BENCH_MANY_READY_SECS:-300}
 
@@ -456,7 +465,7 @@ failover_run() {
 }
 
 idle_run() {
-  start_cluster $IDLE_SEGMENT_BYTES || { FAILED+=("cluster-idle (cluster)"); return; }
+  start_cluster $IDLE_SEGMENT_BYTES $IDLE_MAX_BATCH_BYTES || { FAILED+=("cluster-idle (cluster)"); return; }
   sleep 5
   idle_cpu cluster-idle-empty 20
   log "cluster-idle: creating 3,000 partitions, replication factor 3"
@@ -475,7 +484,7 @@ many_partitions_run() {
   # partitions: two 1 MB batches; 1,000: 333 batches of 5 records).
   local n
   for n in 6 1000; do
-    start_cluster $MANY_SEGMENT_BYTES || { FAILED+=("cluster-p$n (cluster)"); continue; }
+    start_cluster $MANY_SEGMENT_BYTES $MANY_MAX_BATCH_BYTES || { FAILED+=("cluster-p$n (cluster)"); continue; }
     create_topic "cluster-p$n" "$n" "$MANY_READY_SECS" \
       || { FAILED+=("cluster-p$n (topic)"); stop_cluster; continue; }
     enough_space "cluster-produce-p$n" || { stop_cluster; continue; }
@@ -546,14 +555,15 @@ cluster_section() {
     FAILED+=("cluster (no --seeds)")
     return
   fi
+  local parts=" ${BENCH_CLUSTER_PARTS:-rows e2e failover idle many catchup} "
   # The single-node rows of the same shape, in the same run.
   local acks
-  for acks in 1 -1; do
+  [[ "$parts" == *" rows "* ]] && for acks in 1 -1; do
     start_spate always
     produce_row "single-produce-1024B-acks$acks-always" "$ADDR" "$acks"
     stop_broker
   done
-  for acks in 1 -1; do
+  [[ "$parts" == *" rows "* ]] && for acks in 1 -1; do
     start_cluster || { FAILED+=("cluster (start)"); return; }
     produce_row "cluster-produce-1024B-acks$acks-always" "$CADDR" "$acks" --replication-factor 3
     stop_cluster
@@ -561,7 +571,7 @@ cluster_section() {
   local max rate i
   max=$(records_per_sec cluster-produce-1024B-acks-1-always)
   rate=$(jq -n --argjson m "${max:-0}" '($m / 2) | floor')
-  for i in $(seq "$E2E_RUNS"); do
+  [[ "$parts" == *" e2e "* ]] && for i in $(seq "$E2E_RUNS"); do
     if [ "${rate:-0}" -lt 1 ]; then FAILED+=("cluster-e2e"); break; fi
     start_cluster || { FAILED+=("cluster-e2e (cluster)"); continue; }
     perf "cluster-e2e$([ "$i" -gt 1 ] && echo "-$i")" e2e -b "$CADDR" -t e2e \
@@ -570,17 +580,21 @@ cluster_section() {
       --warmup-secs $WARMUP --fetch-max-wait-ms 100
     stop_cluster
   done
-  failover_run
-  idle_run
-  many_partitions_run
-  catchup_run
+  [[ "$parts" != *" failover "* ]] || failover_run
+  [[ "$parts" != *" idle "* ]] || idle_run
+  [[ "$parts" != *" many "* ]] || many_partitions_run
+  [[ "$parts" != *" catchup "* ]] || catchup_run
   remove "$WORK/cluster"
 }
 
 log "building spate and spate-perf (release)"
 cargo build --release -p spate -p spate-perf --bins >&2
 machine
-run_fio
+if [ -n "${BENCH_CLUSTER_PARTS:-}" ] && [ -s "$OUT/fio-seqwrite.json" ]; then
+  log "fio: reusing $OUT/fio-seqwrite.json"
+else
+  run_fio
+fi
 
 if [ "$RUN_SPATE" = 1 ]; then
   if "$SPATE" serve --help >/dev/null 2>&1; then
