@@ -117,7 +117,9 @@ cleanup() {
   stop_cluster
   if [ -z "${BENCH_DIR:-}" ]; then rm -rf "$WORK"; fi
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+# A signal ends the suite (the EXIT trap cleans up); without the exit the script would go on.
+trap 'exit 130' INT TERM
 
 wait_port() {
   local port=$1 deadline=$((SECONDS + START_TIMEOUT_SECS))
@@ -390,10 +392,11 @@ create_topic() {
 # Each replica pre-allocates up to 16 MiB of its segment (the engine's PREALLOCATE_AHEAD_BYTES,
 # capped at the segment size): 3,000 partitions x 3 replicas would take 141 GiB of this disk
 # at the default segment size, 1,000 x 3 47 GiB. A segment must hold the largest batch
-# (--max-batch-bytes, 8 MiB by default), so the idle run uses 1 MiB segments and batches (it
-# produces nothing), the 6 vs 1,000 partitions pair 4 MiB segments and 2 MiB batches (both
-# rows, so they compare; spate-perf's batches here are at most 1 MB).
-IDLE_SEGMENT_BYTES=1048576
+# (--max-batch-bytes, 8 MiB by default) with room to spare, so the idle run uses 2 MiB
+# segments and 1 MiB batches (it produces nothing; 18 GiB pre-allocated), the 6 vs 1,000
+# partitions pair 4 MiB segments and 2 MiB batches (both rows, so they compare; spate-perf's
+# batches here are at most 1 MB).
+IDLE_SEGMENT_BYTES=2097152
 IDLE_MAX_BATCH_BYTES=1048576
 MANY_SEGMENT_BYTES=4194304
 MANY_MAX_BATCH_BYTES=2097152
