@@ -217,12 +217,12 @@ def cluster_section(out, runs, seq_mb, add):
         base = runs.get("cluster-catchup-baseline")
         during = [runs[n] for n in sorted(runs) if n.startswith("cluster-catchup-during-")]
         if base and during:
-            worst = max(d["latency"]["p99_ms"] for d in during)
-            first = during[0]["latency"]["p99_ms"]
+            p99s = [d["latency"]["p99_ms"] for d in during]
+            b99 = base["latency"]["p99_ms"]
             add(
-                f"| producer p99 during catch-up (first 5 s piece / worst piece) | {ms(first)} / {ms(worst)} ms"
-                f" | without {ms(base['latency']['p99_ms'])} ms"
-                f" | {ratio(first, base['latency']['p99_ms'])} / {ratio(worst, base['latency']['p99_ms'])} | <= 2x |"
+                f"| producer p99 during catch-up, {len(p99s)} pieces of 5 s (median / worst)"
+                f" | {ms(median(p99s))} / {ms(max(p99s))} ms | without {ms(b99)} ms"
+                f" | {ratio(median(p99s), b99)} / {ratio(max(p99s), b99)} | <= 2x |"
             )
 
 
