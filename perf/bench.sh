@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The benchmark suite (issue 6): disk limit (fio), spate produce / consume / e2e, and the same
-# produce and e2e runs against the peer broker (Tansu) when it is installed.
+# produce and e2e runs against the peer broker (Tansu) when it is installed; then the replicated
+# section (issue 17): three `spate serve --cores 1` nodes on 127.0.0.1.
 #
-#   perf/bench.sh [--quick] [--secs N] [--out DIR] [--no-peer] [--no-spate]
+#   perf/bench.sh [--quick] [--secs N] [--out DIR] [--no-peer] [--no-spate] [--no-cluster]
+#   perf/bench.sh cluster [--secs N] [--out DIR]     # fio and the replicated section alone
 #
 # Every load runs against 127.0.0.1 and is bounded in time (--secs per run, default 10; --quick
 # is 3). Results: DIR/*.json (one per run, spate-perf --json), DIR/results.md (the table, with
@@ -20,6 +22,13 @@
 #   BENCH_SPATE, BENCH_PERF  the broker and load-generator binaries (default: target/release/),
 #             so that two builds can be compared in one session
 #   BENCH_E2E_RUNS  how many spate e2e runs, each on a fresh broker (default 3)
+#   BENCH_CLUSTER_PARTS   which parts of the replicated section run (default "rows e2e failover
+#             idle many catchup"); with --out of an earlier run, its fio result is reused
+#   BENCH_FAILOVER_KILLS  leader kills in the failover run (default 20)
+#   BENCH_FAILOVER_RATE   its fixed rate, records/s of 1 KiB (default 20000)
+#   BENCH_CATCHUP_GB      what the restarted follower misses, GB of record values (default 5)
+#   BENCH_CATCHUP_RATE    the fixed rate whose p99 is compared with and without the catch-up,
+#             records/s of 1 KiB (default 20000)
 #   BENCH_MAX_BYTES_PER_RUN  a produce run also stops after this many bytes of record values
 #             (default 12000000000, or a third of the free space if less), so a fast broker
 #             cannot fill the disk, yet measures a few seconds; each spate run gets a
@@ -33,14 +42,17 @@ QUICK=0
 OUT=""
 RUN_PEER=1
 RUN_SPATE=1
+RUN_CLUSTER=1
 while [ $# -gt 0 ]; do
   case "$1" in
+    cluster) RUN_SPATE=0; RUN_PEER=0; RUN_CLUSTER=1 ;;
+    --no-cluster) RUN_CLUSTER=0 ;;
     --quick) QUICK=1; SECS=3 ;;
     --secs) SECS="${2:?--secs needs a number}"; shift ;;
     --out) OUT="${2:?--out needs a directory}"; shift ;;
     --no-peer) RUN_PEER=0 ;;
     --no-spate) RUN_SPATE=0 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -102,9 +114,12 @@ stop_broker() {
 
 cleanup() {
   stop_broker
+  stop_cluster
   if [ -z "${BENCH_DIR:-}" ]; then rm -rf "$WORK"; fi
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+# A signal ends the suite (the EXIT trap cleans up); without the exit the script would go on.
+trap 'exit 130' INT TERM
 
 wait_port() {
   local port=$1 deadline=$((SECONDS + START_TIMEOUT_SECS))
@@ -128,7 +143,7 @@ FAILED=()
 perf() {
   local name=$1; shift
   log "$name: spate-perf $*"
-  if timeout $((SECS * 3 + 60)) "$PERF" "$@" --label "$name" --json "$OUT/$name.json" \
+  if timeout "${PERF_TIMEOUT:-$((SECS * 3 + 60))}" "$PERF" "$@" --label "$name" --json "$OUT/$name.json" \
       > "$OUT/$name.txt" 2>&1; then
     tail -n 1 "$OUT/$name.txt" >&2
   else
@@ -264,10 +279,325 @@ e2e_at_half() {
     --records $((MAX_BYTES_PER_RUN / E2E_RECORD_BYTES))
 }
 
+# ---- The replicated section: three nodes on this machine ----------------------------------
+
+# Three `spate serve --cores 1` nodes (3 nodes on 2 cores: each node's shard is one thread, as
+# a one-core node of a real cluster; the cluster service thread is unpinned), flush `always`,
+# data under $WORK/cluster/n<ID> on the same disk as the single-node runs.
+C_PARTITIONS=6
+C_CONNECTIONS=6
+FAILOVER_KILLS=${BENCH_FAILOVER_KILLS:-20}
+FAILOVER_RATE=${BENCH_FAILOVER_RATE:-20000}
+CATCHUP_GB=${BENCH_CATCHUP_GB:-5}
+CATCHUP_RATE=${BENCH_CATCHUP_RATE:-20000}
+for v in FAILOVER_KILLS FAILOVER_RATE CATCHUP_GB CATCHUP_RATE; do
+  case "${!v}" in ''|*[!0-9]*) echo "bench.sh: BENCH_$v must be a whole number" >&2; exit 2 ;; esac
+done
+# How long a node may take to rejoin, and a partition to get a leader and a full ISR.
+CLUSTER_READY_SECS=60
+declare -a NODE_PID NODE_PORT NODE_RPC
+CADDR=""
+SEEDS=""
+
+start_node() {
+  local i=$1
+  mkdir -p "$WORK/cluster/n$i"
+  "$SPATE" serve --node-id "$i" --listen "127.0.0.1:${NODE_PORT[$i]}" \
+    --rpc-listen "127.0.0.1:${NODE_RPC[$i]}" --seeds "$SEEDS" --data-dir "$WORK/cluster/n$i" \
+    --cores 1 --flush always --segment-bytes "$NODE_SEGMENT_BYTES" \
+    --max-batch-bytes "$NODE_MAX_BATCH_BYTES" --metrics-listen off \
+    >> "$OUT/cluster-node$i.log" 2>&1 &
+  NODE_PID[$i]=$!
+}
+
+kill_node() {
+  local i=$1
+  [ -n "${NODE_PID[$i]:-}" ] || return 0
+  kill -9 "${NODE_PID[$i]}" 2>/dev/null || true
+  wait "${NODE_PID[$i]}" 2>/dev/null || true
+  NODE_PID[$i]=""
+}
+
+# alive_nodes: how many brokers the cluster lists as alive (0 if nobody answers).
+alive_nodes() {
+  "$SPATE" cluster info -b "$CADDR" --json 2>/dev/null \
+    | jq '[.brokers[] | select(.alive)] | length' 2>/dev/null || echo 0
+}
+
+wait_alive() {
+  local want=$1 deadline=$((SECONDS + CLUSTER_READY_SECS))
+  while [ "$(alive_nodes)" != "$want" ]; do
+    [ $SECONDS -lt $deadline ] || { log "cluster: $want nodes not alive after ${CLUSTER_READY_SECS}s"; return 1; }
+    sleep 0.2
+  done
+}
+
+# start_cluster [SEGMENT_BYTES MAX_BATCH_BYTES]: a fresh cluster (default: SEGMENT_BYTES and
+# the broker's default largest batch, 8 MiB).
+start_cluster() {
+  stop_cluster
+  NODE_SEGMENT_BYTES=${1:-$SEGMENT_BYTES}
+  NODE_MAX_BATCH_BYTES=${2:-8388608}
+  remove "$WORK/cluster"
+  local i seeds=() addrs=()
+  for i in 1 2 3; do
+    NODE_PORT[$i]=$(free_port); NODE_RPC[$i]=$(free_port)
+    seeds+=("$i@127.0.0.1:${NODE_RPC[$i]}"); addrs+=("127.0.0.1:${NODE_PORT[$i]}")
+  done
+  SEEDS=$(IFS=,; echo "${seeds[*]}")
+  CADDR=$(IFS=,; echo "${addrs[*]}")
+  for i in 1 2 3; do start_node "$i"; done
+  wait_alive 3
+}
+
+stop_cluster() {
+  local i
+  for i in 1 2 3; do
+    [ -n "${NODE_PID[$i]:-}" ] || continue
+    kill "${NODE_PID[$i]}" 2>/dev/null || true
+  done
+  for i in 1 2 3; do
+    [ -n "${NODE_PID[$i]:-}" ] || continue
+    for _ in $(seq 50); do kill -0 "${NODE_PID[$i]}" 2>/dev/null || break; sleep 0.1; done
+    kill_node "$i"
+  done
+}
+
+# describe TOPIC: the topic's partitions as JSON lines {partition, leader, isr}.
+describe() {
+  "$SPATE" topic describe "$1" -b "$CADDR" --json 2>/dev/null \
+    | jq -c '(if type == "array" then .[0] else . end).partitions[] | {partition, leader, isr}'
+}
+
+# wait_topic TOPIC ISR [SECS]: until every partition has a leader and ISR members (at most SECS,
+# default CLUSTER_READY_SECS).
+wait_topic() {
+  local topic=$1 isr=$2 deadline=$((SECONDS + ${3:-$CLUSTER_READY_SECS})) lines bad
+  while :; do
+    lines=$(describe "$topic" || true)
+    bad=$(printf '%s\n' "$lines" | jq -s --argjson n "$isr" \
+      'if length == 0 then 1 else map(select(.leader < 0 or (.isr | length) < $n)) | length end')
+    [ "$bad" = 0 ] && return 0
+    [ $SECONDS -lt $deadline ] || { log "$topic: not every partition led with $isr in sync after ${3:-$CLUSTER_READY_SECS}s"; return 1; }
+    sleep 0.2
+  done
+}
+
+# create_topic TOPIC PARTITIONS [SECS]
+create_topic() {
+  "$SPATE" topic create "$1" --partitions "$2" --replication-factor 3 -b "$CADDR" \
+    > /dev/null && wait_topic "$1" 3 "${3:-}"
+}
+
+# Each replica pre-allocates up to 16 MiB of its segment (the engine's PREALLOCATE_AHEAD_BYTES,
+# capped at the segment size): 3,000 partitions x 3 replicas would take 141 GiB of this disk
+# at the default segment size, 1,000 x 3 47 GiB. A segment must hold the largest batch
+# (--max-batch-bytes, 8 MiB by default) with room to spare, so the idle run uses 2 MiB
+# segments and 1 MiB batches (it produces nothing; 18 GiB pre-allocated), the 6 vs 1,000
+# partitions pair 4 MiB segments and 2 MiB batches (both rows, so they compare; spate-perf's
+# batches here are at most 1 MB).
+IDLE_SEGMENT_BYTES=2097152
+IDLE_MAX_BATCH_BYTES=1048576
+MANY_SEGMENT_BYTES=4194304
+MANY_MAX_BATCH_BYTES=2097152
+# Many partitions take longer to elect than a few: the bound for the 1,000 and 3,000 ones.
+MANY_READY_SECS=${BENCH_MANY_READY_SECS:-300}
+
+# cluster_produce NAME ADDR ACKS [ARGS...]: the 1 KiB flush-always produce row, C_PARTITIONS
+# partitions over C_CONNECTIONS connections.
+produce_row() {
+  local name=$1 addr=$2 acks=$3; shift 3
+  enough_space "$name" || return 0
+  fio_near "$name"
+  perf "$name" produce -b "$addr" -t "$name" -p $C_PARTITIONS -c $C_CONNECTIONS -s 1024 \
+    --batch-bytes "$(batch_bytes 1024)" --acks "$acks" --duration-secs "$SECS" \
+    --warmup-secs $WARMUP --records $((MAX_BYTES_PER_RUN / 3 / 1024)) "$@"
+}
+
+# cpu_ticks PID: user + system clock ticks of a process so far.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# idle_cpu NAME SECS: each node's CPU, % of one core, over SECS seconds, to $OUT/NAME.json.
+idle_cpu() {
+  local name=$1 secs=$2 i hz before=() after=()
+  hz=$(getconf CLK_TCK)
+  for i in 1 2 3; do before[$i]=$(cpu_ticks "${NODE_PID[$i]}"); done
+  sleep "$secs"
+  for i in 1 2 3; do after[$i]=$(cpu_ticks "${NODE_PID[$i]}"); done
+  jq -n --argjson secs "$secs" --argjson hz "$hz" \
+    --argjson d "[$((after[1] - before[1])), $((after[2] - before[2])), $((after[3] - before[3]))]" \
+    '{secs: $secs, cpu_pct_of_one_core: [$d[] / $hz / $secs * 100]}' > "$OUT/$name.json"
+  log "$name: $(jq -c .cpu_pct_of_one_core "$OUT/$name.json") % of one core per node"
+}
+
+# node_of_leader TOPIC PARTITION: the id of the node leading it (-1: none).
+node_of_leader() {
+  describe "$1" | jq -r --argjson p "$2" 'select(.partition == $p) | .leader'
+}
+
+failover_run() {
+  local name=cluster-failover k leader t_kill secs pid
+  start_cluster || { FAILED+=("$name (cluster)"); return; }
+  create_topic "$name" 1 || { FAILED+=("$name (topic)"); stop_cluster; return; }
+  : > "$OUT/$name-kills.txt"
+  # A kill cycle: 3 s steady, kill, 2 s, restart, back in the ISR, ~10 s in all.
+  secs=$((FAILOVER_KILLS * 12 + 10))
+  log "$name: $FAILOVER_KILLS leader kills under a fixed-rate idempotent producer, at most ${secs}s"
+  timeout $((secs + 120)) "$PERF" produce -b "$CADDR" -t "$name" -c 1 -s 1024 --acks all \
+    --idempotent --rate "$FAILOVER_RATE" --duration-secs "$secs" --label "$name" \
+    --json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1 &
+  pid=$!
+  SECONDS_START_FAILOVER=$SECONDS
+  for k in $(seq "$FAILOVER_KILLS"); do
+    sleep 3
+    if [ $((SECONDS + 12)) -ge $((SECONDS_START_FAILOVER + secs)) ]; then
+      log "$name: stopping after $((k - 1)) kills (the run is ending)"; break
+    fi
+    leader=$(node_of_leader "$name" 0)
+    case "$leader" in 1|2|3) ;; *) log "$name: no leader to kill ($leader)"; continue ;; esac
+    t_kill=$(date +%s%3N)
+    kill_node "$leader"
+    echo "$t_kill $leader" >> "$OUT/$name-kills.txt"
+    sleep 2
+    start_node "$leader"
+    wait_topic "$name" 3 || break
+  done
+  wait "$pid" || { log "$name FAILED: $(tail -n 2 "$OUT/$name.txt" | tr '\n' ' ')"; FAILED+=("$name"); }
+  tail -n 1 "$OUT/$name.txt" >&2
+  stop_cluster
+}
+
+idle_run() {
+  start_cluster $IDLE_SEGMENT_BYTES $IDLE_MAX_BATCH_BYTES || { FAILED+=("cluster-idle (cluster)"); return; }
+  sleep 5
+  idle_cpu cluster-idle-empty 20
+  log "cluster-idle: creating 3,000 partitions, replication factor 3"
+  local t0=$SECONDS ready=true
+  # Measured even if the partitions are not all led by then: that cost is what 3,000 cost.
+  create_topic cluster-idle 3000 "$MANY_READY_SECS" || { ready=false; FAILED+=("cluster-idle (not all led)"); }
+  log "cluster-idle: all led with 3 in sync: $ready, after $((SECONDS - t0))s"
+  echo "{\"ready\": $ready, \"secs\": $((SECONDS - t0))}" > "$OUT/cluster-idle-create.json"
+  sleep 10
+  idle_cpu cluster-idle-3000 20
+  stop_cluster
+}
+
+many_partitions_run() {
+  # Both rows: three connections (one per leader), about 2 MB of values per request (6
+  # partitions: two 1 MB batches; 1,000: 333 batches of 5 records).
+  local n
+  for n in 6 1000; do
+    start_cluster $MANY_SEGMENT_BYTES $MANY_MAX_BATCH_BYTES || { FAILED+=("cluster-p$n (cluster)"); continue; }
+    create_topic "cluster-p$n" "$n" "$MANY_READY_SECS" \
+      || { FAILED+=("cluster-p$n (topic)"); stop_cluster; continue; }
+    enough_space "cluster-produce-p$n" || { stop_cluster; continue; }
+    perf "cluster-produce-p$n" produce -b "$CADDR" -t "cluster-p$n" -c 3 -s 1024 \
+      --batch-bytes $([ "$n" = 6 ] && batch_bytes 1024 || echo 6000) --acks all \
+      --duration-secs "$SECS" --warmup-secs $WARMUP --records $((MAX_BYTES_PER_RUN / 3 / 1024))
+    stop_cluster
+  done
+}
+
+catchup_run() {
+  local name=cluster-catchup victim t0 size0 chunk=0 deadline poller
+  start_cluster || { FAILED+=("$name (cluster)"); return; }
+  create_topic "$name" 3 || { FAILED+=("$name (topic)"); stop_cluster; return; }
+  perf "$name-baseline" produce -b "$CADDR" -t "$name" -c 3 -s 1024 --acks all --idempotent \
+    --rate "$CATCHUP_RATE" --duration-secs "$SECS" --warmup-secs $WARMUP
+  victim=3
+  log "$name: SIGKILL node $victim, then ${CATCHUP_GB} GB it misses"
+  kill_node $victim
+  sleep 3
+  PERF_TIMEOUT=900 perf "$name-fill" produce -b "$CADDR" -t "$name" -c 3 -s 1024 \
+    --batch-bytes "$(batch_bytes 1024)" --acks all --idempotent \
+    --records $((CATCHUP_GB * 1000000000 / 1024)) --duration-secs 800
+  sync -f "$WORK"
+  size0=$(du -sb "$WORK/cluster/n$victim" | cut -f1)
+  rm -f "$OUT/$name-caught.txt"
+  t0=$(date +%s%3N)
+  start_node $victim
+  # The moment every partition has three in-sync replicas again, and the follower's size then.
+  (
+    deadline=$((SECONDS + 900))
+    while [ $SECONDS -lt $deadline ]; do
+      lines=$(describe "$name" || true)
+      if [ -n "$lines" ] && [ -z "$(printf '%s\n' "$lines" | jq -c 'select((.isr | length) < 3)')" ]; then
+        echo "$(date +%s%3N) $(du -sb "$WORK/cluster/n$victim" | cut -f1)" > "$OUT/$name-caught.txt"
+        exit 0
+      fi
+      sleep 0.2
+    done
+  ) &
+  poller=$!
+  # Fixed-rate produce in 5 s pieces while the follower catches up (unthrottled: there is no
+  # catch-up throttle setting yet).
+  deadline=$((SECONDS + 900))
+  while [ $SECONDS -lt $deadline ] && [ ! -s "$OUT/$name-caught.txt" ]; do
+    chunk=$((chunk + 1))
+    perf "$name-during-$chunk" produce -b "$CADDR" -t "$name" -c 3 -s 1024 --acks all \
+      --idempotent --rate "$CATCHUP_RATE" --duration-secs 5
+  done
+  kill "$poller" 2>/dev/null || true
+  wait "$poller" 2>/dev/null || true
+  if [ -s "$OUT/$name-caught.txt" ]; then
+    read -r t1 size1 < "$OUT/$name-caught.txt"
+    jq -n --argjson gb "$CATCHUP_GB" --argjson ms "$((t1 - t0))" --argjson b0 "$size0" \
+      --argjson b1 "$size1" --argjson pieces "$chunk" \
+      '{missed_gb: $gb, ms: $ms, bytes: ($b1 - $b0), pieces: $pieces,
+        mb_per_sec: (($b1 - $b0) / 1e6 / ($ms / 1000))}' > "$OUT/$name-result.json"
+    log "$name: $(jq -c . "$OUT/$name-result.json")"
+  else
+    log "$name: the follower did not catch up within 900 s"; FAILED+=("$name")
+  fi
+  stop_cluster
+}
+
+cluster_section() {
+  if ! "$SPATE" serve --help 2>/dev/null | grep -q -- --seeds; then
+    log "the spate binary cannot form a cluster (no --seeds): replicated section skipped"
+    FAILED+=("cluster (no --seeds)")
+    return
+  fi
+  local parts=" ${BENCH_CLUSTER_PARTS:-rows e2e failover idle many catchup} "
+  # The single-node rows of the same shape, in the same run.
+  local acks
+  [[ "$parts" == *" rows "* ]] && for acks in 1 -1; do
+    start_spate always
+    produce_row "single-produce-1024B-acks$acks-always" "$ADDR" "$acks"
+    stop_broker
+  done
+  [[ "$parts" == *" rows "* ]] && for acks in 1 -1; do
+    start_cluster || { FAILED+=("cluster (start)"); return; }
+    produce_row "cluster-produce-1024B-acks$acks-always" "$CADDR" "$acks" --replication-factor 3
+    stop_cluster
+  done
+  local max rate i
+  max=$(records_per_sec cluster-produce-1024B-acks-1-always)
+  rate=$(jq -n --argjson m "${max:-0}" '($m / 2) | floor')
+  [[ "$parts" == *" e2e "* ]] && for i in $(seq "$E2E_RUNS"); do
+    if [ "${rate:-0}" -lt 1 ]; then FAILED+=("cluster-e2e"); break; fi
+    start_cluster || { FAILED+=("cluster-e2e (cluster)"); continue; }
+    perf "cluster-e2e$([ "$i" -gt 1 ] && echo "-$i")" e2e -b "$CADDR" -t e2e \
+      -p $C_PARTITIONS -c $C_CONNECTIONS --replication-factor 3 -s 1024 \
+      --batch-bytes "$(batch_bytes 1024)" --acks -1 --rate "$rate" --duration-secs "$SECS" \
+      --warmup-secs $WARMUP --fetch-max-wait-ms 100
+    stop_cluster
+  done
+  [[ "$parts" != *" failover "* ]] || failover_run
+  [[ "$parts" != *" idle "* ]] || idle_run
+  [[ "$parts" != *" many "* ]] || many_partitions_run
+  [[ "$parts" != *" catchup "* ]] || catchup_run
+  remove "$WORK/cluster"
+}
+
 log "building spate and spate-perf (release)"
 cargo build --release -p spate -p spate-perf --bins >&2
 machine
-run_fio
+if [ -n "${BENCH_CLUSTER_PARTS:-}" ] && [ -s "$OUT/fio-seqwrite.json" ]; then
+  log "fio: reusing $OUT/fio-seqwrite.json"
+else
+  run_fio
+fi
 
 if [ "$RUN_SPATE" = 1 ]; then
   if "$SPATE" serve --help >/dev/null 2>&1; then
@@ -325,6 +655,10 @@ if [ "$RUN_PEER" = 1 ]; then
   else
     log "tansu not installed (cargo install tansu --features libsql): peer rows skipped"
   fi
+fi
+
+if [ "$RUN_CLUSTER" = 1 ]; then
+  cluster_section
 fi
 
 e2e_runs=()

@@ -133,7 +133,97 @@ def main():
         " that returned the record. MB/s counts record values (produce) or batch bytes (consume,"
         " e2e). Percentiles come from hdrhistogram histograms merged across connections."
     )
+    cluster_section(out, runs, seq_mb, add)
     print("\n".join(lines))
+
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    if n == 0:
+        return None
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def cluster_section(out, runs, seq_mb, add):
+    """The replicated section (perf/bench.sh cluster): ratios against the single-node rows of the
+    same run and the disk, and the figures of issue 17 against their targets."""
+    if not any(n.startswith("cluster-") for n in runs):
+        return
+    rps = lambda n: (runs.get(n) or {}).get("records_per_sec")
+    add("")
+    add("### Replicated (3 nodes, replication factor 3)")
+    add("")
+    add("| figure | value | against | ratio | target |")
+    add("|---|---|---|---|---|")
+    for acks, target in (("1", ""), ("-1", ">= 0.30x")):
+        c, s1 = f"cluster-produce-1024B-acks{acks}-always", f"single-produce-1024B-acks{acks}-always"
+        if c in runs:
+            add(
+                f"| produce 1 KiB acks={acks} always, RF 3 | {rps(c):,.0f} rec/s,"
+                f" {runs[c]['mb_per_sec']:.1f} MB/s | single node {rps(s1) or 0:,.0f} rec/s"
+                f" | {ratio(rps(c), rps(s1))} | {target} |"
+            )
+            if seq_mb:
+                add(
+                    f"| the same, bytes written (x3) against fio | {3 * runs[c]['mb_per_sec']:.1f} MB/s"
+                    f" | fio {seq_mb:.1f} MB/s | {ratio(3 * runs[c]['mb_per_sec'], seq_mb)} | |"
+                )
+    for name in sorted(n for n in runs if n.startswith("cluster-e2e")):
+        lat = runs[name]["latency"]
+        add(
+            f"| {name} at {runs[name]['records_per_sec']:,.0f} rec/s | p99 {ms(lat['p99_ms'])} ms,"
+            f" p99.9 {ms(lat['p999_ms'])} ms, max {ms(lat['max_ms'])} ms | | | p99 <= 2, p99.9 <= 10 |"
+        )
+    fo = runs.get("cluster-failover")
+    kills_path = os.path.join(out, "cluster-failover-kills.txt")
+    if fo and os.path.exists(kills_path):
+        kills = [int(l.split()[0]) for l in open(kills_path) if l.strip()]
+        acks = sorted(f["first_ack_unix_ms"] for f in fo.get("failovers", []))
+        recov = []
+        for k in kills:
+            after = [a for a in acks if a > k]
+            if after:
+                recov.append(after[0] - k)
+        if recov:
+            add(
+                f"| failover: kill to first ack, {len(recov)} kills | median {median(recov) / 1e3:.2f} s,"
+                f" max {max(recov) / 1e3:.2f} s | | | <= 1 s median, <= 2 s max |"
+            )
+        lat = fo["latency"]
+        add(
+            f"| failover run: latency at {fo['config'].get('rate', 0):,.0f} rec/s, {fo.get('retries', 0)}"
+            f" retries, {fo.get('failover_time_ms', 0) / 1e3:.1f} s failing | p50 {ms(lat['p50_ms'])},"
+            f" p99 {ms(lat['p99_ms'])}, p99.9 {ms(lat['p999_ms'])}, max {ms(lat['max_ms'])} ms | | | |"
+        )
+    for name, label in (("cluster-idle-empty", "idle, no topics"), ("cluster-idle-3000", "idle, 3,000 partitions RF 3")):
+        r = load(os.path.join(out, name + ".json"))
+        if r:
+            cpu = ", ".join(f"{c:.1f}" for c in r["cpu_pct_of_one_core"])
+            add(f"| {label}: CPU % of one core, nodes 1-3, {r['secs']} s | {cpu} | | | <= 5 each |")
+    p6, p1000 = rps("cluster-produce-p6"), rps("cluster-produce-p1000")
+    if p6 or p1000:
+        add(
+            f"| produce to 1,000 partitions vs 6 (acks=all) | {p1000 or 0:,.0f} vs {p6 or 0:,.0f} rec/s"
+            f" | 6 partitions | {ratio(p1000, p6)} | >= 0.7x |"
+        )
+    cu = load(os.path.join(out, "cluster-catchup-result.json"))
+    if cu:
+        add(
+            f"| catch-up of {cu['missed_gb']} GB (unthrottled) | {cu['mb_per_sec']:.1f} MB/s,"
+            f" {cu['ms'] / 1e3:.1f} s | fio {seq_mb or 0:.1f} MB/s | {ratio(cu['mb_per_sec'], seq_mb)}"
+            f" | >= 0.5x |"
+        )
+        base = runs.get("cluster-catchup-baseline")
+        during = [runs[n] for n in sorted(runs) if n.startswith("cluster-catchup-during-")]
+        if base and during:
+            p99s = [d["latency"]["p99_ms"] for d in during]
+            b99 = base["latency"]["p99_ms"]
+            add(
+                f"| producer p99 during catch-up, {len(p99s)} pieces of 5 s (median / worst)"
+                f" | {ms(median(p99s))} / {ms(max(p99s))} ms | without {ms(b99)} ms"
+                f" | {ratio(median(p99s), b99)} / {ratio(max(p99s), b99)} | <= 2x |"
+            )
 
 
 if __name__ == "__main__":

@@ -118,6 +118,10 @@ pub struct RunArgs {
     /// Fixed total rate in records/s; latency is then measured from each batch's intended time.
     #[arg(short, long)]
     pub rate: Option<f64>,
+    /// Idempotent producer (one producer id per connection): a batch re-sent after a failover
+    /// is stored once.
+    #[arg(long)]
+    pub idempotent: bool,
     /// Produce requests in flight per connection.
     #[arg(long, default_value_t = 5)]
     pub max_in_flight: usize,

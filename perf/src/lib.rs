@@ -7,6 +7,7 @@
 pub mod config;
 pub mod error;
 pub mod plot;
+pub mod producer;
 pub mod runner;
 pub mod schedule;
 pub mod stats;

@@ -286,6 +286,10 @@ mod tests {
                 mb_per_sec: 0.001,
                 latency: h.summary(),
                 send_lag: None,
+                retries: 0,
+                retry_causes: Default::default(),
+                failover_time_ms: 0.0,
+                failovers: Vec::new(),
             };
             let path = dir.path().join(format!("run{i}.json"));
             std::fs::write(&path, serde_json::to_string(&run).unwrap()).unwrap();

@@ -2,24 +2,22 @@
 //! printing a line a second, and histograms merged at the end.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{channel, sync_channel};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
-use kafka_protocol::messages::{ApiKey, FetchRequest, FetchResponse, ProduceResponse, TopicName};
+use kafka_protocol::messages::{ApiKey, FetchRequest, FetchResponse, TopicName};
 use kafka_protocol::protocol::StrBytes;
 
-use crate::batch::{batches, encode_batch, read_stamp, record_values, ProduceTemplate};
+use crate::batch::{batches, encode_batch, read_stamp, record_values};
 use crate::cluster::{self, OffsetSpec, TopicLayout};
 use crate::config::{Mode, RunConfig, StartFrom};
 use crate::error::{PerfError, Result};
-use crate::schedule::{RatePlan, Schedule};
-use crate::stats::{IntervalStats, Latency, RunSummary};
-use crate::wire::{decode_response, encode_request, set_correlation_id, Connection};
-
-const PRODUCE_VERSIONS: std::ops::RangeInclusive<i16> = 3..=12;
+use crate::producer::{self, Episode, ProducerSpec, PRODUCE_VERSIONS};
+use crate::schedule::RatePlan;
+use crate::stats::{Failover, IntervalStats, Latency, RunSummary};
+use crate::wire::{decode_response, encode_request, Connection};
 // v11 is the last version without tagged fields: some brokers (Tansu 0.6) send tags that are
 // not valid for the version they answer, which a strict decoder refuses.
 const FETCH_VERSIONS: std::ops::RangeInclusive<i16> = 4..=11;
@@ -28,47 +26,60 @@ const FETCH_REPLY_SLACK_BYTES: usize = 1 << 20;
 /// How long e2e consumers may take, after the producers stop, to receive what was acked.
 pub const E2E_DRAIN_TIMEOUT_MS: u64 = 10_000;
 /// How often waiting threads look at the stop flag.
-const STOP_POLL_MS: u64 = 20;
+pub(crate) const STOP_POLL_MS: u64 = 20;
 /// Seconds between progress lines.
 const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// State every worker of a run shares.
-struct Shared {
+pub(crate) struct Shared {
     /// Origin of e2e stamps (nanoseconds since it).
-    epoch: Instant,
+    pub(crate) epoch: Instant,
+    /// The wall clock at `epoch`, to report failovers in Unix time.
+    epoch_unix_ms: i64,
     /// Samples due before this are warm-up.
-    measure_from: Instant,
-    stop: AtomicBool,
-    interval: IntervalStats,
+    pub(crate) measure_from: Instant,
+    pub(crate) stop: AtomicBool,
+    pub(crate) interval: IntervalStats,
 }
 
 impl Shared {
-    fn stopped(&self) -> bool {
+    pub(crate) fn stopped(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
 }
 
 /// What one worker measured after warm-up.
 #[derive(Default)]
-struct Measured {
+pub(crate) struct Measured {
     latency: Latency,
     records: u64,
     bytes: u64,
     last: Option<Instant>,
     /// Fixed rate: per batch, how late it went on the wire.
-    send_lag: Latency,
+    pub(crate) send_lag: Latency,
+    /// Batches sent again after a refusal or a lost connection.
+    retries: u64,
+    /// Producers' failovers: first refusal to first acknowledgement after it.
+    episodes: Vec<Episode>,
+    /// Refused or lost batches by cause.
+    causes: std::collections::BTreeMap<i16, u64>,
 }
 
 impl Measured {
-    fn add(&mut self, records: u64, bytes: u64, latency_ns: u64, at: Instant) {
+    pub(crate) fn add(&mut self, records: u64, bytes: u64, latency_ns: u64, at: Instant) {
         self.latency.record_n(latency_ns, records);
         self.records += records;
         self.bytes += bytes;
         self.last = Some(self.last.map_or(at, |l| l.max(at)));
     }
 
-    fn merge(&mut self, other: Measured) {
+    pub(crate) fn merge(&mut self, other: Measured) {
         self.latency.merge(&other.latency);
+        self.retries += other.retries;
+        for (code, n) in other.causes {
+            *self.causes.entry(code).or_default() += n;
+        }
+        self.episodes.extend(other.episodes);
         self.send_lag.merge(&other.send_lag);
         self.records += other.records;
         self.bytes += other.bytes;
@@ -86,50 +97,67 @@ pub struct Assignment {
     pub partitions: Vec<i32>,
 }
 
-/// Spreads partitions over connections. With at least as many connections as partitions each
-/// connection serves one partition (several may share it); otherwise partitions go round-robin,
-/// and a connection's partitions must share a leader.
+/// Spreads partitions over connections so that each connection's partitions share a leader.
+/// Every leader gets at least one connection (so a run may open more than `connections`); the
+/// rest go one by one to the leader with the most partitions per connection so far. Within a
+/// leader, with at least as many connections as partitions each connection serves one partition
+/// (several may share it); otherwise its partitions go round-robin over its connections.
 pub fn assign(leaders: &[(i32, String)], connections: usize) -> Result<Vec<Assignment>> {
     assert!(connections > 0);
     if leaders.is_empty() {
         return Err(PerfError::Protocol("topic has no partitions".into()));
     }
-    let mut out = Vec::with_capacity(connections);
-    for c in 0..connections {
-        let mine: Vec<&(i32, String)> = if connections >= leaders.len() {
-            vec![&leaders[c % leaders.len()]]
-        } else {
-            leaders.iter().skip(c).step_by(connections).collect()
-        };
-        let addr = mine[0].1.clone();
-        if mine.iter().any(|(_, a)| *a != addr) {
-            return Err(PerfError::Args(format!(
-                "connection {c} would serve partitions led by different brokers; use \
-                 --connections >= the topic's {} partitions",
-                leaders.len()
-            )));
+    let mut groups: Vec<(String, Vec<i32>)> = Vec::new();
+    for (p, addr) in leaders {
+        match groups.iter_mut().find(|(a, _)| a == addr) {
+            Some((_, ps)) => ps.push(*p),
+            None => groups.push((addr.clone(), vec![*p])),
         }
-        out.push(Assignment {
-            addr,
-            partitions: mine.iter().map(|(p, _)| *p).collect(),
-        });
+    }
+    let mut per_group = vec![1usize; groups.len()];
+    for _ in groups.len()..connections {
+        // Most partitions per connection first (ties: the first leader), compared exactly.
+        let (best, _) = groups
+            .iter()
+            .enumerate()
+            .max_by(|(i, (_, a)), (j, (_, b))| {
+                (a.len() * per_group[*j])
+                    .cmp(&(b.len() * per_group[*i]))
+                    .then(j.cmp(i))
+            })
+            .expect("at least one leader");
+        per_group[best] += 1;
+    }
+    let mut out = Vec::with_capacity(connections.max(groups.len()));
+    for ((addr, parts), &n) in groups.iter().zip(&per_group) {
+        for c in 0..n {
+            let mine: Vec<i32> = if n >= parts.len() {
+                vec![parts[c % parts.len()]]
+            } else {
+                parts.iter().skip(c).step_by(n).copied().collect()
+            };
+            out.push(Assignment {
+                addr: addr.clone(),
+                partitions: mine,
+            });
+        }
     }
     Ok(out)
 }
 
-fn wall_ms() -> i64 {
+pub(crate) fn wall_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-fn nanos(d: Duration) -> u64 {
+pub(crate) fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Lets this thread's timed sleeps end within a microsecond of their deadline: the default
 /// timer slack (50 µs) would otherwise be added to every batch's latency in fixed-rate mode.
-fn tighten_timer_slack() {
+pub(crate) fn tighten_timer_slack() {
     const SLACK_NS: libc::c_ulong = 1_000;
     // SAFETY: PR_SET_TIMERSLACK takes plain integers and changes only the calling thread.
     let rc = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, SLACK_NS, 0, 0, 0) };
@@ -140,7 +168,7 @@ fn tighten_timer_slack() {
 }
 
 /// Sleeps until `t` unless the run stops first.
-fn sleep_until(t: Instant, stop: &AtomicBool) {
+pub(crate) fn sleep_until(t: Instant, stop: &AtomicBool) {
     loop {
         let now = Instant::now();
         if now >= t || stop.load(Ordering::Relaxed) {
@@ -163,6 +191,16 @@ pub fn run(cfg: &RunConfig) -> Result<RunSummary> {
         );
     }
     let plan = assign(&layout.leaders, a.connections)?;
+    if plan.len() > a.connections {
+        eprintln!(
+            "note: {} partition leaders: using {} connections (at least one per leader)",
+            plan.iter()
+                .map(|p| p.addr.as_str())
+                .collect::<std::collections::HashSet<_>>()
+                .len(),
+            plan.len()
+        );
+    }
     // Closed before the load starts: an idle connection would count on a broker that spreads
     // connections by count (spate does), and unbalance the ones that carry the load.
     drop(meta);
@@ -173,23 +211,11 @@ pub fn run(cfg: &RunConfig) -> Result<RunSummary> {
     }
 }
 
-/// Per connection: requests to send, schedule, batch template.
-struct ProducerSetup {
-    conn: Connection,
-    template: ProduceTemplate,
-    schedule_interval_ns: Option<f64>,
-    max_requests: Option<u64>,
-}
-
-fn producer_setups(
-    cfg: &RunConfig,
-    plan: &[Assignment],
-    layout: &TopicLayout,
-) -> Result<Vec<ProducerSetup>> {
+fn producer_setups(cfg: &RunConfig, plan: &[Assignment]) -> Result<Vec<ProducerSpec>> {
     let a = &cfg.args;
     let mut setups = Vec::with_capacity(plan.len());
     for assignment in plan {
-        let conn = Connection::connect(&assignment.addr, cfg.request_timeout)?;
+        let mut conn = Connection::connect(&assignment.addr, cfg.request_timeout)?;
         let version = conn.versions.pick(ApiKey::Produce, PRODUCE_VERSIONS)?;
         let parts = assignment.partitions.len();
         let (records_per_batch, interval) = match a.rate {
@@ -202,24 +228,25 @@ fn producer_setups(
         };
         let values = record_values(records_per_batch, a.record_size, 0x5EED);
         let batch = encode_batch(&values, a.compression.codec(), wall_ms())?;
-        let template = ProduceTemplate::build(
-            &layout.topic,
-            &assignment.partitions,
-            &batch,
-            (records_per_batch * a.record_size) as u64,
-            a.acks,
-            i32::try_from(a.request_timeout_ms).unwrap_or(i32::MAX),
-            version,
-        )?;
-        let max_requests = a.records.map(|n| {
+        let producer = if a.idempotent {
+            Some(cluster::init_producer_id(&mut conn)?)
+        } else {
+            None
+        };
+        let records_per_unit = (records_per_batch * parts) as u64;
+        let max_units = a.records.map(|n| {
             let per_conn = n.div_ceil(plan.len() as u64);
-            per_conn.div_ceil(template.records).max(1)
+            per_conn.div_ceil(records_per_unit).max(1)
         });
-        setups.push(ProducerSetup {
+        setups.push(ProducerSpec {
+            partitions: assignment.partitions.clone(),
             conn,
-            template,
-            schedule_interval_ns: interval,
-            max_requests,
+            version,
+            batch,
+            value_bytes_per_batch: (records_per_batch * a.record_size) as u64,
+            interval_ns: interval,
+            max_units,
+            producer,
         });
     }
     Ok(setups)
@@ -227,143 +254,26 @@ fn producer_setups(
 
 /// What an e2e consumer needs to know about its producer to tell when it has seen everything.
 #[derive(Default)]
-struct Handoff {
-    acked_records: AtomicU64,
-    done: AtomicBool,
+pub(crate) struct Handoff {
+    pub(crate) acked_records: AtomicU64,
+    pub(crate) done: AtomicBool,
 }
 
-struct InFlight {
-    correlation_id: i32,
-    due: Instant,
-}
-
+/// Runs one producer slot; its retries and failovers go with what it measured.
 fn run_producer(
-    setup: ProducerSetup,
+    spec: ProducerSpec,
     cfg: &RunConfig,
     shared: &Shared,
+    topic: &str,
     stamp: bool,
     handoff: Option<&Handoff>,
 ) -> Result<Measured> {
-    let ProducerSetup {
-        conn,
-        mut template,
-        schedule_interval_ns,
-        max_requests,
-    } = setup;
-    let Connection {
-        mut reader,
-        mut writer,
-        ..
-    } = conn;
-    if schedule_interval_ns.is_some() {
-        tighten_timer_slack();
-    }
-    let start = Instant::now().max(shared.epoch);
-    let schedule = match schedule_interval_ns {
-        Some(i) => Schedule::fixed(start, i),
-        None => Schedule::unthrottled(start),
-    };
-    let records = template.records;
-    let value_bytes = template.value_bytes;
-    let version = template.version;
-    // The in-flight window: the sender takes a slot before each request, the receiver returns it
-    // with the reply. Unthrottled, the clock starts once a slot is taken, so latency is the
-    // broker's, not the time spent queued behind our own window.
-    let (slot_tx, slot_rx) = sync_channel::<()>(cfg.args.max_in_flight);
-    for _ in 0..cfg.args.max_in_flight {
-        slot_tx
-            .send(())
-            .expect("the window channel has room for every slot");
-    }
-    let (tx, rx) = channel::<InFlight>();
-    thread::scope(|s| {
-        let reader_thread = s.spawn(move || -> Result<Measured> {
-            let mut measured = Measured::default();
-            for item in rx {
-                let frame = reader.read_frame(crate::wire::MAX_CONTROL_FRAME_BYTES)?;
-                let reply: ProduceResponse =
-                    decode_response(frame, ApiKey::Produce, version, item.correlation_id)?;
-                let now = Instant::now();
-                for t in &reply.responses {
-                    for p in &t.partition_responses {
-                        if p.error_code != 0 {
-                            return Err(PerfError::broker(
-                                format!("Produce to partition {}", p.index),
-                                p.error_code,
-                            ));
-                        }
-                    }
-                }
-                let latency = nanos(now - item.due);
-                if !stamp {
-                    // In e2e the consumers report; acks would double count.
-                    shared.interval.add(records, value_bytes, latency);
-                }
-                if item.due >= shared.measure_from {
-                    measured.add(records, value_bytes, latency, now);
-                }
-                if let Some(h) = handoff {
-                    h.acked_records.fetch_add(records, Ordering::Relaxed);
-                }
-                // The sender may have stopped already; a lost slot no longer matters then.
-                let _ = slot_tx.send(());
-            }
-            Ok(measured)
-        });
-        let mut correlation_id: i32 = 0;
-        let mut sent: u64 = 0;
-        let mut send_lag = Latency::default();
-        let write_result = loop {
-            if shared.stopped() || max_requests.is_some_and(|m| sent >= m) {
-                break Ok(());
-            }
-            let intended = schedule.intended(sent);
-            if let Some(t) = intended {
-                sleep_until(t, &shared.stop);
-                if shared.stopped() {
-                    break Ok(());
-                }
-            }
-            if slot_rx.recv().is_err() {
-                break Ok(()); // the reader failed; its error is reported below
-            }
-            let due = intended.unwrap_or_else(Instant::now);
-            if intended.is_some() && due >= shared.measure_from {
-                send_lag.record_n(nanos(Instant::now().saturating_duration_since(due)), 1);
-            }
-            if stamp {
-                let ok = template.stamp(nanos(due - shared.epoch), wall_ms());
-                assert!(ok, "e2e validation keeps batches uncompressed");
-            }
-            correlation_id = correlation_id.wrapping_add(1).max(1);
-            set_correlation_id(&mut template.frame, correlation_id);
-            if tx
-                .send(InFlight {
-                    correlation_id,
-                    due,
-                })
-                .is_err()
-            {
-                break Ok(()); // the reader failed; its error is reported below
-            }
-            if let Err(e) = writer.write_frame(&template.frame) {
-                break Err(e);
-            }
-            sent += 1;
-        };
-        drop(tx);
-        let read_result = reader_thread.join().expect("reader thread panicked");
-        if let Some(h) = handoff {
-            h.done.store(true, Ordering::Release);
-        }
-        if read_result.is_err() || write_result.is_err() {
-            shared.stop.store(true, Ordering::Relaxed);
-        }
-        write_result?;
-        let mut measured = read_result?;
-        measured.send_lag = send_lag;
-        Ok(measured)
-    })
+    let out = producer::run(spec, cfg, shared, topic, stamp, handoff)?;
+    let mut m = out.measured;
+    m.retries = out.retries;
+    m.episodes = out.episodes;
+    m.causes = out.causes;
+    Ok(m)
 }
 
 struct ConsumerPlan {
@@ -474,7 +384,17 @@ fn run_consumer(
                     if next <= offsets[i] {
                         continue; // a batch before the fetch offset
                     }
-                    let n = u64::try_from(next - view.base_offset.max(offsets[i])).unwrap_or(0);
+                    if view.control {
+                        // A replicated log's leader marks its epoch with a control batch: it
+                        // takes offsets but holds no produced record.
+                        offsets[i] = next;
+                        continue;
+                    }
+                    let n = if view.base_offset >= offsets[i] {
+                        u64::try_from(view.record_count).unwrap_or(0)
+                    } else {
+                        u64::try_from(next - offsets[i]).unwrap_or(0)
+                    };
                     offsets[i] = next;
                     fetched_records += n;
                     fetched_bytes += bytes.len() as u64;
@@ -598,13 +518,71 @@ fn summarize(cfg: &RunConfig, shared: &Shared, parts: Vec<Measured>) -> RunSumma
         mb_per_sec: per_sec(all.bytes) / 1e6,
         latency: all.latency.summary(),
         send_lag: a.rate.map(|_| all.send_lag.summary()),
+        retries: all.retries,
+        retry_causes: all
+            .causes
+            .iter()
+            .map(|(&code, &n)| {
+                let name = if code == producer::CONNECTION_LOST {
+                    "CONNECTION_LOST".to_string()
+                } else {
+                    crate::error::kafka_error_name(code)
+                };
+                (name, n)
+            })
+            .collect(),
+        failover_time_ms: failing_ms(&all.episodes),
+        failovers: {
+            let mut f: Vec<Failover> = all
+                .episodes
+                .iter()
+                .map(|e| {
+                    let unix = |t: Instant| {
+                        shared.epoch_unix_ms
+                            + i64::try_from(t.saturating_duration_since(shared.epoch).as_millis())
+                                .unwrap_or(i64::MAX / 2)
+                    };
+                    Failover {
+                        start_unix_ms: unix(e.start),
+                        first_ack_unix_ms: unix(e.first_ack),
+                        ms: (e.first_ack.saturating_duration_since(e.start)).as_secs_f64() * 1e3,
+                    }
+                })
+                .collect();
+            f.sort_by_key(|x| x.start_unix_ms);
+            f
+        },
     }
+}
+
+/// Milliseconds during which at least one producer was failing over (the union of episodes).
+fn failing_ms(episodes: &[Episode]) -> f64 {
+    let mut spans: Vec<(Instant, Instant)> =
+        episodes.iter().map(|e| (e.start, e.first_ack)).collect();
+    spans.sort();
+    let mut total = Duration::ZERO;
+    let mut current: Option<(Instant, Instant)> = None;
+    for (s, e) in spans {
+        current = match current {
+            Some((cs, ce)) if s <= ce => Some((cs, ce.max(e))),
+            Some((cs, ce)) => {
+                total += ce.saturating_duration_since(cs);
+                Some((s, e))
+            }
+            None => Some((s, e)),
+        };
+    }
+    if let Some((cs, ce)) = current {
+        total += ce.saturating_duration_since(cs);
+    }
+    total.as_secs_f64() * 1e3
 }
 
 fn new_shared(cfg: &RunConfig) -> Shared {
     let epoch = Instant::now();
     Shared {
         epoch,
+        epoch_unix_ms: wall_ms(),
         measure_from: epoch + cfg.warmup,
         stop: AtomicBool::new(false),
         interval: IntervalStats::default(),
@@ -612,13 +590,14 @@ fn new_shared(cfg: &RunConfig) -> Shared {
 }
 
 fn run_produce(cfg: &RunConfig, plan: &[Assignment], layout: &TopicLayout) -> Result<RunSummary> {
-    let setups = producer_setups(cfg, plan, layout)?;
+    let setups = producer_setups(cfg, plan)?;
     let shared = new_shared(cfg);
     let shared_ref = &shared;
+    let topic = layout.topic.as_str();
     let workers: Vec<Box<dyn FnOnce() -> Result<Measured> + Send + '_>> = setups
         .into_iter()
         .map(|s| {
-            Box::new(move || run_producer(s, cfg, shared_ref, false, None))
+            Box::new(move || run_producer(s, cfg, shared_ref, topic, false, None))
                 as Box<dyn FnOnce() -> Result<Measured> + Send + '_>
         })
         .collect();
@@ -719,7 +698,7 @@ fn run_e2e(cfg: &RunConfig, plan: &[Assignment], layout: &TopicLayout) -> Result
             max_records: None,
         });
     }
-    let producers = producer_setups(cfg, plan, layout)?;
+    let producers = producer_setups(cfg, plan)?;
     let handoffs: Vec<Handoff> = plan.iter().map(|_| Handoff::default()).collect();
     let shared = new_shared(cfg);
     let shared_ref = &shared;
@@ -728,9 +707,12 @@ fn run_e2e(cfg: &RunConfig, plan: &[Assignment], layout: &TopicLayout) -> Result
     let mut workers: Vec<Box<dyn FnOnce() -> Result<Measured> + Send + '_>> = Vec::new();
     for ((p, c), h) in producers.into_iter().zip(consumers).zip(&handoffs) {
         workers.push(Box::new(move || {
-            // Only the send lag: the rest counts acks, which e2e does not report.
-            run_producer(p, cfg, shared_ref, true, Some(h)).map(|m| Measured {
+            // Only the send lag and retries: the rest counts acks, which e2e does not report.
+            run_producer(p, cfg, shared_ref, topic, true, Some(h)).map(|m| Measured {
                 send_lag: m.send_lag,
+                retries: m.retries,
+                episodes: m.episodes,
+                causes: m.causes,
                 ..Measured::default()
             })
         }));
@@ -765,10 +747,64 @@ mod tests {
     }
 
     #[test]
-    fn mixed_leaders_on_one_connection_are_refused() {
+    fn every_leader_gets_a_connection_even_when_fewer_are_asked_for() {
         let l = vec![(0, "a:1".to_string()), (1, "b:1".to_string())];
-        assert!(assign(&l, 1).is_err());
-        let plan = assign(&l, 2).unwrap();
-        assert_eq!(plan[1].addr, "b:1");
+        for n in [1, 2] {
+            let plan = assign(&l, n).unwrap();
+            assert_eq!(plan.len(), 2);
+            assert_eq!(
+                (plan[0].addr.as_str(), &plan[0].partitions[..]),
+                ("a:1", &[0][..])
+            );
+            assert_eq!(
+                (plan[1].addr.as_str(), &plan[1].partitions[..]),
+                ("b:1", &[1][..])
+            );
+        }
+    }
+
+    #[test]
+    fn extra_connections_go_to_the_leaders_with_most_partitions_each() {
+        // a leads 4 partitions, b 2, c 1: the two extra connections go to a (4 per connection),
+        // then, at a tie of 2 per connection, to a again (the first leader).
+        let l: Vec<(i32, String)> = [
+            (0, "a"),
+            (1, "b"),
+            (2, "a"),
+            (3, "c"),
+            (4, "a"),
+            (5, "b"),
+            (6, "a"),
+        ]
+        .iter()
+        .map(|(p, a)| (*p, a.to_string()))
+        .collect();
+        let plan = assign(&l, 5).unwrap();
+        let of = |addr: &str| -> Vec<Vec<i32>> {
+            plan.iter()
+                .filter(|a| a.addr == addr)
+                .map(|a| a.partitions.clone())
+                .collect()
+        };
+        assert_eq!(of("a"), vec![vec![0, 6], vec![2], vec![4]]);
+        assert_eq!(of("b"), vec![vec![1, 5]]);
+        assert_eq!(of("c"), vec![vec![3]]);
+        // Every partition is served, and a connection's partitions share a leader.
+        let mut all: Vec<i32> = plan.iter().flat_map(|a| a.partitions.clone()).collect();
+        all.sort();
+        assert_eq!(all, (0..7).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn failing_time_is_the_union_of_overlapping_failovers() {
+        let t0 = Instant::now();
+        let ms = |m: u64| t0 + Duration::from_millis(m);
+        let e = |a: u64, b: u64| Episode {
+            start: ms(a),
+            first_ack: ms(b),
+        };
+        let total = failing_ms(&[e(0, 100), e(50, 150), e(300, 400)]);
+        assert!((total - 250.0).abs() < 1e-6, "{total}");
+        assert_eq!(failing_ms(&[]), 0.0);
     }
 }

@@ -196,6 +196,30 @@ pub struct RunSummary {
     /// late wake-up, a full in-flight window) shows here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub send_lag: Option<LatencySummary>,
+    /// Produced batches sent again after a refusal the producer follows (not a leader, no
+    /// leader, not enough replicas, timed out) or a lost connection. Not failures.
+    #[serde(default)]
+    pub retries: u64,
+    /// What the producers followed: refused batches by Kafka error name, and batches lost with
+    /// their connection (CONNECTION_LOST).
+    #[serde(default)]
+    pub retry_causes: std::collections::BTreeMap<String, u64>,
+    /// Milliseconds during which at least one producer was failing over: from a refusal or lost
+    /// connection to the first acknowledgement after it.
+    #[serde(default)]
+    pub failover_time_ms: f64,
+    /// Each producer's failovers, in Unix time.
+    #[serde(default)]
+    pub failovers: Vec<Failover>,
+}
+
+/// One producer's failover: its first refusal (or lost connection) and the first
+/// acknowledgement after it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Failover {
+    pub start_unix_ms: i64,
+    pub first_ack_unix_ms: i64,
+    pub ms: f64,
 }
 
 impl RunSummary {
@@ -220,7 +244,8 @@ impl RunSummary {
         };
         format!(
             "{} records {verb}, {:.1} records/sec ({:.2} MB/sec), {:.3} ms avg latency, {:.3} ms max \
-             latency, {:.3} ms 50th, {:.3} ms 90th, {:.3} ms 99th, {:.3} ms 99.9th, {:.3} ms 99.99th.",
+             latency, {:.3} ms 50th, {:.3} ms 90th, {:.3} ms 99th, {:.3} ms 99.9th, {:.3} ms 99.99th, \
+             {} retries, {:.1} ms failing over.",
             self.records,
             self.records_per_sec,
             self.mb_per_sec,
@@ -230,8 +255,19 @@ impl RunSummary {
             l.p90_ms,
             l.p99_ms,
             l.p999_ms,
-            l.p9999_ms
-        )
+            l.p9999_ms,
+            self.retries,
+            self.failover_time_ms
+        ) + &if self.retry_causes.is_empty() {
+            String::new()
+        } else {
+            let causes: Vec<String> = self
+                .retry_causes
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            format!(" Refused: {}.", causes.join(", "))
+        }
     }
 }
 

@@ -99,15 +99,20 @@ fn wait_listening(child: &mut Child, addr: &str) {
     panic!("broker not listening on {addr} after {START_TIMEOUT:?}");
 }
 
+/// The spate binary built next to spate-perf, or `SPATE_BIN`.
 fn spate_bin() -> Option<PathBuf> {
-    let bin = perf_bin().with_file_name("spate");
-    let serves = Command::new(&bin)
-        .args(["serve", "--help"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    serves.then_some(bin)
+    let candidates = [
+        std::env::var_os("SPATE_BIN").map(PathBuf::from),
+        Some(perf_bin().with_file_name("spate")),
+    ];
+    candidates.into_iter().flatten().find(|bin| {
+        Command::new(bin)
+            .args(["serve", "--help"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
 }
 
 fn tansu_bin() -> Option<PathBuf> {

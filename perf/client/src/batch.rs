@@ -19,9 +19,14 @@ const BATCH_LENGTH_AT: usize = 8;
 const MAGIC_AT: usize = 16;
 const CRC_AT: usize = 17;
 const ATTRIBUTES_AT: usize = 21;
+/// The control-batch bit of the attributes.
+const CONTROL_ATTRIBUTE: i16 = 0x20;
 const LAST_OFFSET_DELTA_AT: usize = 23;
 const FIRST_TIMESTAMP_AT: usize = 27;
 const MAX_TIMESTAMP_AT: usize = 35;
+const PRODUCER_ID_AT: usize = 43;
+const PRODUCER_EPOCH_AT: usize = 51;
+const BASE_SEQUENCE_AT: usize = 53;
 const RECORD_COUNT_AT: usize = 57;
 /// Bytes of the send-time stamp at the start of a record value in e2e mode.
 pub const STAMP_BYTES: usize = 8;
@@ -121,6 +126,9 @@ pub struct BatchView {
     pub last_offset_delta: i32,
     pub record_count: i32,
     pub compressed: bool,
+    /// A control batch (transaction markers, a replicated log's leader-change marker): it
+    /// carries no producer's records.
+    pub control: bool,
     /// Bytes of the batch including its offset and length fields.
     pub total_bytes: usize,
 }
@@ -141,6 +149,7 @@ impl BatchView {
             last_offset_delta: be_i32(buf, LAST_OFFSET_DELTA_AT),
             record_count: be_i32(buf, RECORD_COUNT_AT),
             compressed: be_i16(buf, ATTRIBUTES_AT) & 0x7 != 0,
+            control: be_i16(buf, ATTRIBUTES_AT) & CONTROL_ATTRIBUTE != 0,
             total_bytes: total,
         })
     }
@@ -213,42 +222,60 @@ fn write_stamp(batch: &mut [u8], value_at: usize, stamp: u64, timestamp_ms: i64)
     batch[MAX_TIMESTAMP_AT..MAX_TIMESTAMP_AT + 8].copy_from_slice(&timestamp_ms.to_be_bytes());
 }
 
-/// A batch's CRC-32C with the parts [`stamp_batch`] leaves alone computed once: restamping then
-/// costs a few combines instead of a pass over the whole batch (a megabyte, just before the send
-/// whose latency is measured).
+/// A batch's CRC-32C with the parts a re-send leaves alone computed once: resealing after a new
+/// stamp or sequence then costs a few combines instead of a pass over the whole batch (a
+/// megabyte, just before the send whose latency is measured). What changes per send: the
+/// timestamps and producer fields of the header (bytes 27..57) and, in uncompressed batches,
+/// the stamp in the first record's value.
 #[derive(Debug, Clone, Copy)]
-struct StampCrc {
-    value_at: usize,
-    /// CRC of the bytes from the attributes to the first timestamp.
+struct SiteCrc {
+    /// CRC of the attributes and last offset delta (the bytes before the first timestamp).
     head: u32,
-    /// CRC and length of the bytes from after the max timestamp to the stamp.
+    /// CRC and length of the bytes from the record count to the stamp (to the end without one).
     middle: (u32, usize),
-    /// CRC and length of the bytes after the stamp.
-    tail: (u32, usize),
+    /// Where the stamp starts, and the CRC and length of the bytes after it; None: compressed.
+    stamp: Option<(usize, u32, usize)>,
 }
 
-impl StampCrc {
-    fn new(batch: &[u8], value_at: usize) -> StampCrc {
-        assert!(value_at >= MAX_TIMESTAMP_AT + 8 && value_at + STAMP_BYTES <= batch.len());
-        let middle = &batch[MAX_TIMESTAMP_AT + 8..value_at];
-        let tail = &batch[value_at + STAMP_BYTES..];
-        StampCrc {
-            value_at,
+impl SiteCrc {
+    fn new(batch: &[u8], value_at: Option<usize>) -> SiteCrc {
+        let middle_end = match value_at {
+            Some(at) => {
+                assert!(at >= RECORD_COUNT_AT && at + STAMP_BYTES <= batch.len());
+                at
+            }
+            None => batch.len(),
+        };
+        let middle = &batch[RECORD_COUNT_AT..middle_end];
+        SiteCrc {
             head: crc32c::crc32c(&batch[ATTRIBUTES_AT..FIRST_TIMESTAMP_AT]),
             middle: (crc32c::crc32c(middle), middle.len()),
-            tail: (crc32c::crc32c(tail), tail.len()),
+            stamp: value_at.map(|at| {
+                let tail = &batch[at + STAMP_BYTES..];
+                (at, crc32c::crc32c(tail), tail.len())
+            }),
         }
     }
 
-    /// Same result as [`stamp_batch`] on the batch this was computed from.
-    fn stamp(&self, batch: &mut [u8], stamp: u64, timestamp_ms: i64) {
-        write_stamp(batch, self.value_at, stamp, timestamp_ms);
-        let crc =
-            crc32c::crc32c_append(self.head, &batch[FIRST_TIMESTAMP_AT..MAX_TIMESTAMP_AT + 8]);
-        let crc = crc32c::crc32c_combine(crc, self.middle.0, self.middle.1);
-        let crc = crc32c::crc32c_append(crc, &batch[self.value_at..self.value_at + STAMP_BYTES]);
-        let crc = crc32c::crc32c_combine(crc, self.tail.0, self.tail.1);
+    /// Writes the CRC of `batch` as it is now; same result as a full pass.
+    fn seal(&self, batch: &mut [u8]) {
+        let crc = crc32c::crc32c_append(self.head, &batch[FIRST_TIMESTAMP_AT..RECORD_COUNT_AT]);
+        let mut crc = crc32c::crc32c_combine(crc, self.middle.0, self.middle.1);
+        if let Some((at, tail_crc, tail_len)) = self.stamp {
+            crc = crc32c::crc32c_append(crc, &batch[at..at + STAMP_BYTES]);
+            crc = crc32c::crc32c_combine(crc, tail_crc, tail_len);
+        }
         batch[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
+    }
+
+    /// Same result as [`stamp_batch`] on the batch this was computed from.
+    fn stamp(&self, batch: &mut [u8], stamp: u64, timestamp_ms: i64) -> bool {
+        let Some((at, _, _)) = self.stamp else {
+            return false;
+        };
+        write_stamp(batch, at, stamp, timestamp_ms);
+        self.seal(batch);
+        true
     }
 }
 
@@ -275,10 +302,11 @@ pub fn read_stamp(batch: &[u8], compressed: bool) -> Option<u64> {
 /// stamp in each batch).
 pub struct ProduceTemplate {
     pub frame: BytesMut,
-    /// Per batch: where it starts in `frame`, its length, and how to restamp it (uncompressed
-    /// batches only).
-    sites: Vec<(usize, usize, Option<StampCrc>)>,
+    /// Per batch: where it starts in `frame`, its length, and how to reseal it.
+    sites: Vec<(usize, usize, SiteCrc)>,
     pub records: u64,
+    /// Records of each partition's batch.
+    pub records_per_partition: u64,
     /// Record value bytes per request (what MB/s counts, as kafka-producer-perf-test does).
     pub value_bytes: u64,
     pub version: i16,
@@ -328,14 +356,14 @@ impl ProduceTemplate {
                 .position(|w| w == &batch[..BATCH_HEADER_BYTES])
                 .ok_or_else(|| ClientError::Protocol("batch not found in produce frame".into()))?
                 + from;
-            let crc = value_at.map(|at| StampCrc::new(batch, at));
-            sites.push((pos, batch.len(), crc));
+            sites.push((pos, batch.len(), SiteCrc::new(batch, value_at)));
             from = pos + batch.len();
         }
         Ok(ProduceTemplate {
             frame,
             sites,
             records: view.record_count as u64 * partitions.len() as u64,
+            records_per_partition: view.record_count as u64,
             value_bytes: value_bytes_per_batch * partitions.len() as u64,
             version,
         })
@@ -344,12 +372,34 @@ impl ProduceTemplate {
     /// Stamps every batch of the request (e2e mode). False if a batch is compressed.
     pub fn stamp(&mut self, stamp: u64, timestamp_ms: i64) -> bool {
         for (start, len, crc) in &self.sites {
-            let Some(crc) = crc else {
+            if !crc.stamp(&mut self.frame[*start..*start + *len], stamp, timestamp_ms) {
                 return false;
-            };
-            crc.stamp(&mut self.frame[*start..*start + *len], stamp, timestamp_ms);
+            }
         }
         true
+    }
+
+    /// Makes every batch of the request an idempotent producer's: its id and epoch (the base
+    /// sequence is set per send, [`ProduceTemplate::set_sequence`]).
+    pub fn set_producer(&mut self, producer_id: i64, producer_epoch: i16) {
+        for (start, len, crc) in &self.sites {
+            let batch = &mut self.frame[*start..*start + *len];
+            batch[PRODUCER_ID_AT..PRODUCER_ID_AT + 8].copy_from_slice(&producer_id.to_be_bytes());
+            batch[PRODUCER_EPOCH_AT..PRODUCER_EPOCH_AT + 2]
+                .copy_from_slice(&producer_epoch.to_be_bytes());
+            crc.seal(batch);
+        }
+    }
+
+    /// Sets every batch's base sequence (each partition's batch carries the same one: a
+    /// producer that sends one batch per partition per request numbers them alike).
+    pub fn set_sequence(&mut self, base_sequence: i32) {
+        for (start, len, crc) in &self.sites {
+            let batch = &mut self.frame[*start..*start + *len];
+            batch[BASE_SEQUENCE_AT..BASE_SEQUENCE_AT + 4]
+                .copy_from_slice(&base_sequence.to_be_bytes());
+            crc.seal(batch);
+        }
     }
 }
 
@@ -416,14 +466,14 @@ mod tests {
         let values = record_values(200, 100, 9);
         let batch = encode_batch(&values, Compression::None, 5).unwrap();
         let (at, _) = first_value_span(&batch).unwrap();
-        let plan = StampCrc::new(&batch, at);
+        let plan = SiteCrc::new(&batch, Some(at));
         let (mut fast, mut full) = (batch.to_vec(), batch.to_vec());
         for (stamp, ts) in [
             (1u64, 2i64),
             (u64::MAX, -1),
             (0x0123_4567_89AB_CDEF, 1_700_000_000_000),
         ] {
-            plan.stamp(&mut fast, stamp, ts);
+            assert!(plan.stamp(&mut fast, stamp, ts));
             stamp_batch(&mut full, at, stamp, ts);
             assert_eq!(fast, full);
             RecordBatchDecoder::decode(&mut Bytes::from(fast.clone())).unwrap();
@@ -451,6 +501,39 @@ mod tests {
             let records = p.records.as_ref().unwrap();
             assert_eq!(read_stamp(records, false), Some(42));
             RecordBatchDecoder::decode(&mut records.clone()).unwrap();
+        }
+    }
+
+    #[test]
+    fn producer_fields_and_sequence_reseal_a_valid_batch() {
+        for compression in [Compression::None, Compression::Lz4] {
+            let values = record_values(20, 40, 11);
+            let batch = encode_batch(&values, compression, 0).unwrap();
+            let mut t = ProduceTemplate::build("t", &[4, 5], &batch, 800, -1, 30_000, 9).unwrap();
+            assert_eq!(t.records_per_partition, 20);
+            t.set_producer(77, 3);
+            t.set_sequence(1_000);
+            if compression == Compression::None {
+                assert!(t.stamp(9, 10));
+            } else {
+                assert!(!t.stamp(9, 10));
+            }
+            let mut frame = t.frame.clone().freeze().split_off(4);
+            kafka_protocol::messages::RequestHeader::decode(
+                &mut frame,
+                ProduceRequest::header_version(9),
+            )
+            .unwrap();
+            let req = ProduceRequest::decode(&mut frame, 9).unwrap();
+            for p in &req.topic_data[0].partition_data {
+                // The decoder checks the CRC-32C: a stale one fails here.
+                let set =
+                    RecordBatchDecoder::decode(&mut p.records.as_ref().unwrap().clone()).unwrap();
+                let r = &set.records[3];
+                assert_eq!((r.producer_id, r.producer_epoch), (77, 3));
+                assert_eq!(r.sequence, 1_003);
+                assert_eq!(r.value.as_ref().unwrap(), &values[3]);
+            }
         }
     }
 

@@ -7,8 +7,8 @@ use kafka_protocol::messages::create_topics_request::CreatableTopic;
 use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::{
-    ApiKey, BrokerId, CreateTopicsRequest, ListOffsetsRequest, MetadataRequest, MetadataResponse,
-    TopicName,
+    ApiKey, BrokerId, CreateTopicsRequest, InitProducerIdRequest, ListOffsetsRequest,
+    MetadataRequest, MetadataResponse, ProducerId, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 
@@ -19,6 +19,7 @@ use crate::wire::Connection;
 const METADATA_VERSIONS: std::ops::RangeInclusive<i16> = 1..=12;
 const CREATE_TOPICS_VERSIONS: std::ops::RangeInclusive<i16> = 2..=7;
 const LIST_OFFSETS_VERSIONS: std::ops::RangeInclusive<i16> = 1..=7;
+const INIT_PRODUCER_ID_VERSIONS: std::ops::RangeInclusive<i16> = 0..=4;
 /// How long a created topic may take to get a leader for every partition.
 pub const TOPIC_READY_TIMEOUT_MS: u64 = 10_000;
 /// Pause between metadata polls while waiting for leaders.
@@ -108,6 +109,83 @@ fn topic_state(reply: &MetadataResponse, topic: &str) -> Result<TopicState> {
         topic: topic.to_string(),
         leaders,
     }))
+}
+
+/// Where a topic's partitions are led now, as one Metadata answer says, ready or not.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Leaders {
+    /// Partition index → leader address, None while it has none; sorted by partition.
+    pub partitions: Vec<(i32, Option<String>)>,
+    /// Every broker the answer lists (host:port), for the next refresh to ask.
+    pub brokers: Vec<String>,
+}
+
+impl Leaders {
+    /// The leader of `partition`, if it has one.
+    pub fn of(&self, partition: i32) -> Option<&str> {
+        self.partitions
+            .binary_search_by_key(&partition, |(p, _)| *p)
+            .ok()
+            .and_then(|i| self.partitions[i].1.as_deref())
+    }
+}
+
+/// The topic's partition leaders now; a partition without one (an election under way) has None.
+/// A topic that does not exist is an error.
+pub fn leaders(conn: &mut Connection, topic: &str) -> Result<Leaders> {
+    let reply = metadata(conn, topic)?;
+    let brokers: HashMap<BrokerId, String> = reply
+        .brokers
+        .iter()
+        .map(|b| (b.node_id, format!("{}:{}", b.host.as_str(), b.port)))
+        .collect();
+    let t = reply
+        .topics
+        .iter()
+        .find(|t| t.name.as_ref().map(|n| n.0.as_str()) == Some(topic))
+        .ok_or_else(|| {
+            ClientError::broker(format!("Metadata for {topic}"), UNKNOWN_TOPIC_OR_PARTITION)
+        })?;
+    if !matches!(t.error_code, 0 | LEADER_NOT_AVAILABLE) {
+        return Err(ClientError::broker(
+            format!("Metadata for {topic}"),
+            t.error_code,
+        ));
+    }
+    let mut partitions: Vec<(i32, Option<String>)> = t
+        .partitions
+        .iter()
+        .map(|p| {
+            let leader = (p.error_code == 0 || p.error_code == LEADER_NOT_AVAILABLE)
+                .then(|| brokers.get(&p.leader_id).cloned())
+                .flatten();
+            (p.partition_index, leader)
+        })
+        .collect();
+    partitions.sort();
+    let mut all: Vec<String> = brokers.into_values().collect();
+    all.sort();
+    Ok(Leaders {
+        partitions,
+        brokers: all,
+    })
+}
+
+/// A new idempotent producer's id and epoch (InitProducerId without a transactional id).
+pub fn init_producer_id(conn: &mut Connection) -> Result<(i64, i16)> {
+    let version = conn
+        .versions
+        .pick(ApiKey::InitProducerId, INIT_PRODUCER_ID_VERSIONS)?;
+    let req = InitProducerIdRequest::default()
+        .with_transactional_id(None)
+        .with_transaction_timeout_ms(-1)
+        .with_producer_id(ProducerId(-1))
+        .with_producer_epoch(-1);
+    let reply = conn.call(ApiKey::InitProducerId, version, &req)?;
+    if reply.error_code != 0 {
+        return Err(ClientError::broker("InitProducerId", reply.error_code));
+    }
+    Ok((reply.producer_id.0, reply.producer_epoch))
 }
 
 /// Finds the topic's partition leaders, creating the topic with `partitions` partitions if it

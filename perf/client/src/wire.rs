@@ -171,6 +171,17 @@ impl FrameWriter {
                 source,
             })
     }
+
+    /// Closes both directions of the socket, so a reader blocked on it returns at once (a
+    /// writer that failed mid-frame leaves the stream unusable).
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// The broker this writes to.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
 }
 
 /// A negotiated connection to one broker, used for request/reply calls; split it for pipelining.
