@@ -179,3 +179,47 @@ fn rolls_segments_and_reads_across_them() {
         set_shard_cache_bytes(spate_engine::DEFAULT_SHARD_CACHE_BYTES);
     });
 }
+
+/// A log that took one small batch reserves a small run ahead, and a busy one reserves more as
+/// its segment grows (up to PREALLOCATE_AHEAD_BYTES): thousands of barely used partitions must
+/// not each hold 16 MiB of disk.
+#[test]
+fn preallocation_grows_with_the_segment() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let config = LogConfig {
+            segment_bytes: 1 << 30,
+            ..small_config()
+        };
+        let log = PartitionLog::open(dir.path(), config.clone())
+            .await
+            .unwrap();
+        let b = batch(0, 100, 1, 1000);
+        log.append(VerifiedBatch::from_bytes(b).unwrap(), 1)
+            .await
+            .unwrap();
+        log.sync_to(1).await.unwrap();
+        let seg = dir.path().join("00000000000000000000.log");
+        let allocated = || std::fs::metadata(&seg).unwrap().blocks() * 512;
+        let small = allocated();
+        assert!(
+            small <= 128 << 10, // twice PREALLOCATE_AHEAD_MIN_BYTES
+            "one small batch reserved {small} bytes"
+        );
+        let mut offset = 1;
+        while allocated() < 4 << 20 {
+            let b = batch(offset, 60_000, 1, 1000);
+            log.append(VerifiedBatch::from_bytes(b).unwrap(), 1)
+                .await
+                .unwrap();
+            offset += 1;
+            assert!(
+                offset < 10_000,
+                "never reserved more than {} bytes",
+                allocated()
+            );
+        }
+        log.close().await.unwrap();
+    });
+}

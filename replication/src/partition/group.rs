@@ -11,7 +11,7 @@
 //!   producer checks and the offset assignment see one log).
 //! - `Truncate`: the log and producer state go back together.
 //! - `HighWatermark`: consumers read to it; acks=all produces below it complete.
-//! - `BecomeLeader`: producer state is rebuilt from the log, then a one-record control batch
+//! - `BecomeLeader`: producer state is brought in line with the log, then a one-record control batch
 //!   (as KRaft's LeaderChange) is proposed so the epoch commits without client writes.
 //! - `LeaderReady`: the epoch is published to clients. `BecomeFollower`: acks=all waiters fail
 //!   with NOT_LEADER_OR_FOLLOWER.
@@ -690,10 +690,10 @@ impl PartitionGroup {
 
     async fn become_leader(&self, epoch: Epoch, out: &mut Vec<Action>) -> Result<(), String> {
         self.writable.set(false);
-        self.replica
-            .rebuild_producers()
-            .await
-            .map_err(|e| format!("rebuilding producer state: {e}"))?;
+        // Producer state needs no rebuild: a follower records every batch it appends, and a
+        // truncation brings the table back with the log (`settle_producers`, which the
+        // leader-change append below runs). Rebuilding from the last snapshot instead made a
+        // failover read everything written since (a minute of writes: seconds at speed).
         let batch = leader_change_batch(self.cfg.node, &self.core.borrow().membership().voters);
         let info = self
             .replica

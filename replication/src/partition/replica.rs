@@ -823,21 +823,6 @@ impl PartitionReplica {
         self.settle_producers().await
     }
 
-    /// Rebuilds producer state from the log (snapshot, if consistent, then the batches after
-    /// it): a new leader does this before it takes writes.
-    pub(crate) async fn rebuild_producers(&self) -> Result<(), ReplicaError> {
-        let _permit = self
-            .write_lock
-            .acquire_permit(1)
-            .await
-            .map_err(|_| EngineError::Closed)?;
-        self.log.drop_unwritten().await?;
-        *self.producers.borrow_mut() = ProducerTable::default();
-        self.recover_producers().await?;
-        self.producers_at.set(self.log.truncations());
-        Ok(())
-    }
-
     /// Holds the log's group commits back while `paused`: appends go on, nothing new becomes
     /// durable (for tests of what consumers see meanwhile).
     #[doc(hidden)]
