@@ -98,6 +98,13 @@ impl Broker {
                 (0..config.cores).map(|_| None).collect::<Vec<_>>(),
             ),
         };
+        if links.iter().all(Option::is_none) {
+            spate_net::group::check_legacy_offsets(
+                &config.data_dir,
+                config.groups.offsets_topic_partitions,
+            )
+            .map_err(NetError::Config)?;
+        }
         // Before any shard opens a log: every partition gets its shard among these cores (a
         // cluster node's placement is the controller's; its mirror settles nothing).
         let settled = metadata.settle_placement(config.cores)?;
@@ -458,6 +465,7 @@ async fn finish(shard: &Rc<Shard>, drained: &AtomicUsize, shards: usize) {
     while drained.load(Ordering::Acquire) < shards {
         glommio::timer::sleep(SHUTDOWN_POLL).await;
     }
-    shard.close_partitions().await;
+    // The coordinator's queued writes go to partitions of the shard: they finish first.
     spate_net::group::close_shard().await;
+    shard.close_partitions().await;
 }

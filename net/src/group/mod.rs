@@ -24,7 +24,6 @@
 //! - after every call, drain [`GroupCoordinator::take_effects`].
 
 mod api;
-mod compaction;
 mod config;
 mod coordinator;
 #[allow(clippy::module_inception)]
@@ -35,7 +34,8 @@ mod service;
 mod tests;
 
 pub use api::{
-    close_shard, committed_offsets, handle, offsets_partition_dir, start_shard, GROUP_API_KEYS,
+    check_legacy_offsets, close_shard, committed_offsets, handle, legacy_offsets_dir,
+    start_shard, GROUP_API_KEYS,
 };
 pub use config::GroupConfig;
 pub use coordinator::{
@@ -46,7 +46,8 @@ pub use coordinator::{
 pub use group::GroupState;
 pub use records::{partition_for, GroupRecordError, OffsetsRecord, OFFSETS_TOPIC};
 pub use service::{
-    offsets_log_config, wall_clock_ms, GroupShard, DEFAULT_TICK_INTERVAL_MS, MAX_RECORDS_PER_BATCH,
+    offsets_topic_configs, wall_clock_ms, GroupShard, OffsetsLog, DEFAULT_TICK_INTERVAL_MS,
+    MAX_RECORDS_PER_BATCH, OFFSETS_MAX_BATCH_BYTES, OFFSETS_SEGMENT_BYTES,
 };
 
 use kafka_protocol::messages::join_group_response::JoinGroupResponse;
