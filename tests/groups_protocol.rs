@@ -614,7 +614,10 @@ fn offsets_of_the_previous_layout_are_migrated_into_the_topic() {
         for f in std::fs::read_dir(&from).unwrap() {
             let f = f.unwrap();
             let name = f.file_name().to_string_lossy().into_owned();
-            if [".log", ".index", ".timeindex"].iter().any(|e| name.ends_with(e)) {
+            if [".log", ".index", ".timeindex"]
+                .iter()
+                .any(|e| name.ends_with(e))
+            {
                 std::fs::copy(f.path(), to.join(&name)).unwrap();
             }
         }
@@ -639,7 +642,10 @@ fn offsets_of_the_previous_layout_are_migrated_into_the_topic() {
             (3, 8, "m3".to_owned())
         ]
     );
-    assert!(!old.join("__consumer_offsets").exists(), "old layout removed");
+    assert!(
+        !old.join("__consumer_offsets").exists(),
+        "old layout removed"
+    );
     // And they stay after another restart, now from the topic alone.
     drop(conn);
     broker.kill();

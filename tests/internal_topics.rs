@@ -59,9 +59,7 @@ fn consumer_offsets_is_an_internal_topic_clients_cannot_write_delete_or_grow() {
     use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
     use kafka_protocol::messages::find_coordinator_request::FindCoordinatorRequest;
     use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
-    use kafka_protocol::messages::{
-        CreatePartitionsRequest, DeleteTopicsRequest, ProduceRequest,
-    };
+    use kafka_protocol::messages::{CreatePartitionsRequest, DeleteTopicsRequest, ProduceRequest};
     let broker = common::Broker::start();
     let mut raw = common::Raw::connect(&broker.addr());
     let found = raw.call(
@@ -74,7 +72,11 @@ fn consumer_offsets_is_an_internal_topic_clients_cannot_write_delete_or_grow() {
     let offsets = all
         .topics
         .iter()
-        .find(|t| t.name.as_ref().is_some_and(|n| n.as_str() == "__consumer_offsets"))
+        .find(|t| {
+            t.name
+                .as_ref()
+                .is_some_and(|n| n.as_str() == "__consumer_offsets")
+        })
         .expect("__consumer_offsets listed once created");
     assert!(offsets.is_internal);
     assert_eq!(offsets.partitions.len(), 8, "--offsets-topic-partitions");
@@ -121,7 +123,11 @@ fn consumer_offsets_is_an_internal_topic_clients_cannot_write_delete_or_grow() {
     let offsets = again
         .topics
         .iter()
-        .find(|t| t.name.as_ref().is_some_and(|n| n.as_str() == "__consumer_offsets"))
+        .find(|t| {
+            t.name
+                .as_ref()
+                .is_some_and(|n| n.as_str() == "__consumer_offsets")
+        })
         .unwrap();
     assert_eq!(offsets.partitions.len(), 8);
 }

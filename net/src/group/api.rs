@@ -25,9 +25,9 @@ use super::{
     find_coordinator_response, offset_fetch_response, offsets_topic_configs, ClientInfo,
     GroupOffsets, GroupShard, DEFAULT_TICK_INTERVAL_MS,
 };
-use crate::leader_hint::Endpoint;
 use crate::dispatch::encode_response;
 use crate::error::NetError;
+use crate::leader_hint::Endpoint;
 use crate::request::{decode_body, Request};
 use crate::shard::Shard;
 
@@ -200,7 +200,11 @@ async fn ensure_offsets_topic(shard: &Rc<Shard>) -> bool {
                     true
                 }
                 Ok(Err(refused)) => {
-                    tracing::error!(code = refused.code, msg = refused.message, "cannot create the __consumer_offsets topic");
+                    tracing::error!(
+                        code = refused.code,
+                        msg = refused.message,
+                        "cannot create the __consumer_offsets topic"
+                    );
                     false
                 }
                 Err(e) => {
@@ -238,7 +242,11 @@ async fn ensure_offsets_topic(shard: &Rc<Shard>) -> bool {
                     Ok(()) => tracing::info!("created the __consumer_offsets topic"),
                     Err(e) if e.code == ResponseError::TopicAlreadyExists.code() => {}
                     Err(e) => {
-                        tracing::info!(code = e.code, msg = e.message, "cannot create the __consumer_offsets topic yet")
+                        tracing::info!(
+                            code = e.code,
+                            msg = e.message,
+                            "cannot create the __consumer_offsets topic yet"
+                        )
                     }
                 }
                 CREATING.with(|c| c.set(false));

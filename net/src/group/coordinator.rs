@@ -1147,13 +1147,23 @@ pub fn find_coordinator_response(
 ) -> FindCoordinatorResponse {
     let answer = |key: &str| -> (i16, i32, String, i32) {
         if req.key_type != 0 {
-            (ResponseError::CoordinatorNotAvailable.code(), -1, String::new(), -1)
+            (
+                ResponseError::CoordinatorNotAvailable.code(),
+                -1,
+                String::new(),
+                -1,
+            )
         } else if key.len() > MAX_STRING_BYTES {
             (ResponseError::InvalidGroupId.code(), -1, String::new(), -1)
         } else {
             match locate(key) {
                 Some(e) => (0, e.node_id, e.host, i32::from(e.port)),
-                None => (ResponseError::CoordinatorNotAvailable.code(), -1, String::new(), -1),
+                None => (
+                    ResponseError::CoordinatorNotAvailable.code(),
+                    -1,
+                    String::new(),
+                    -1,
+                ),
             }
         }
     };

@@ -34,8 +34,8 @@ mod service;
 mod tests;
 
 pub use api::{
-    check_legacy_offsets, close_shard, committed_offsets, handle, legacy_offsets_dir,
-    start_shard, GROUP_API_KEYS,
+    check_legacy_offsets, close_shard, committed_offsets, handle, legacy_offsets_dir, start_shard,
+    GROUP_API_KEYS,
 };
 pub use config::GroupConfig;
 pub use coordinator::{

@@ -162,6 +162,9 @@ impl OffsetsLog {
     }
 }
 
+/// A partition's write queue and the task draining it.
+type Writer = (Rc<WriteQueue>, glommio::Task<()>);
+
 /// A partition this shard coordinates: which leadership it was loaded for, and the load's
 /// generation (a load started for an earlier leadership stops when it sees a newer one).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,7 +187,7 @@ pub struct GroupShard {
     legacy_dir: Option<PathBuf>,
     held: RefCell<BTreeMap<i32, Held>>,
     next_generation: Cell<u64>,
-    writers: RefCell<BTreeMap<i32, (Rc<WriteQueue>, glommio::Task<()>)>>,
+    writers: RefCell<BTreeMap<i32, Writer>>,
     waiters: RefCell<HashMap<ReplyId, Waiter>>,
     next_reply: Cell<ReplyId>,
     /// Set at shutdown: nothing is loaded any more.
@@ -263,7 +266,10 @@ impl GroupShard {
                 continue;
             }
             if held.is_some() {
-                tracing::info!(partition, "no longer coordinating __consumer_offsets partition");
+                tracing::info!(
+                    partition,
+                    "no longer coordinating __consumer_offsets partition"
+                );
                 self.unload_partition(partition);
             }
             if let Some((log, leader_epoch)) = wanted {
@@ -668,7 +674,10 @@ impl GroupShard {
 /// share one sync (a single node) or one commit round (a cluster).
 async fn write_loop(partition: i32, log: OffsetsLog, queue: Rc<WriteQueue>) {
     while let Some(jobs) = queue.take_all().await {
-        let batches: Vec<Bytes> = jobs.iter().flat_map(|j| j.batches.iter().cloned()).collect();
+        let batches: Vec<Bytes> = jobs
+            .iter()
+            .flat_map(|j| j.batches.iter().cloned())
+            .collect();
         let result = match &log {
             OffsetsLog::Local(replica) => append_local(replica, batches).await,
             OffsetsLog::Replicated(group) => append_replicated(group, batches).await,
@@ -686,7 +695,10 @@ async fn write_loop(partition: i32, log: OffsetsLog, queue: Rc<WriteQueue>) {
 
 /// Appends batches this broker built to a single node's replica and syncs them, whatever
 /// the flush policy: a commit is answered once it is on disk.
-async fn append_local(replica: &PartitionReplica, batches: Vec<Bytes>) -> Result<(), ResponseError> {
+async fn append_local(
+    replica: &PartitionReplica,
+    batches: Vec<Bytes>,
+) -> Result<(), ResponseError> {
     let mut end = None;
     for batch in batches {
         let verified = VerifiedBatch::from_bytes(batch).map_err(|e| storage_error(&e.into()))?;
@@ -696,7 +708,10 @@ async fn append_local(replica: &PartitionReplica, batches: Vec<Bytes>) -> Result
         }
     }
     if let Some(end) = end {
-        replica.wait_durable(end).await.map_err(|e| storage_error(&e))?;
+        replica
+            .wait_durable(end)
+            .await
+            .map_err(|e| storage_error(&e))?;
     }
     Ok(())
 }

@@ -149,7 +149,10 @@ pub async fn create_topics(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, Ne
             // group coordinator is first looked for); the controller takes the name from it.
             error = Some((
                 ResponseError::InvalidTopicException.code(),
-                format!("Topic name '{}' is reserved for the broker's internal use", &*t.name),
+                format!(
+                    "Topic name '{}' is reserved for the broker's internal use",
+                    &*t.name
+                ),
             ));
         }
         if partitions < 1 || partitions > shard.config.max_partitions_per_topic {
