@@ -82,6 +82,15 @@ impl Broker {
         }
         claim_listen_port(&mut config)?;
         std::fs::create_dir_all(&config.data_dir)?;
+        if cluster.is_none() {
+            // Before anything is written: offsets of the layout before `__consumer_offsets`
+            // was a topic are migrated on start, or refused here with what to do.
+            spate_net::group::check_legacy_offsets(
+                &config.data_dir,
+                config.groups.offsets_topic_partitions,
+            )
+            .map_err(NetError::Config)?;
+        }
         let (metadata, mut links) = match cluster {
             Some(w) => {
                 if w.links.len() != config.cores {
@@ -98,13 +107,6 @@ impl Broker {
                 (0..config.cores).map(|_| None).collect::<Vec<_>>(),
             ),
         };
-        if links.iter().all(Option::is_none) {
-            spate_net::group::check_legacy_offsets(
-                &config.data_dir,
-                config.groups.offsets_topic_partitions,
-            )
-            .map_err(NetError::Config)?;
-        }
         // Before any shard opens a log: every partition gets its shard among these cores (a
         // cluster node's placement is the controller's; its mirror settles nothing).
         let settled = metadata.settle_placement(config.cores)?;

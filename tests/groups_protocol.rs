@@ -642,14 +642,47 @@ fn offsets_of_the_previous_layout_are_migrated_into_the_topic() {
             (3, 8, "m3".to_owned())
         ]
     );
-    assert!(
-        !old.join("__consumer_offsets").exists(),
-        "old layout removed"
-    );
+    // Each partition migrates as it loads; the old directory goes with the last one.
+    let deadline = Instant::now() + LOAD_TIMEOUT;
+    while old.join("__consumer_offsets").exists() {
+        assert!(Instant::now() < deadline, "old layout not removed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // And they stay after another restart, now from the topic alone.
     drop(conn);
     broker.kill();
     broker.spawn();
     let mut conn = Raw::connect(&broker.addr());
     assert_eq!(offsets_of(&fetch_loaded(&mut conn, "migrated")).len(), 3);
+}
+
+/// A partition of the previous layout that the configured partition count would not migrate
+/// (written with another `--offsets-topic-partitions`) is refused at start with what to do,
+/// and nothing is written.
+#[test]
+fn offsets_of_the_previous_layout_with_another_partition_count_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("__consumer_offsets").join("12")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spate"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "off",
+        ])
+        .args(["--offsets-topic-partitions", "8"])
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .expect("run spate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started: {stderr}");
+    assert!(
+        stderr.contains("--offsets-topic-partitions these offsets were written with"),
+        "{stderr}"
+    );
+    assert!(data.join("__consumer_offsets").join("12").exists());
+    assert!(!data.join("spate-metadata.json").exists(), "wrote metadata");
 }
