@@ -301,4 +301,9 @@ fn a_group_follows_its_coordinator_to_the_new_leader_and_keeps_its_commits() {
         commits_before,
         commits()
     );
+    // A node coordinating groups stops cleanly on SIGTERM (its pending writes do not hold the
+    // shutdown).
+    for n in nodes.iter_mut().filter(|n| n.child.is_some()) {
+        n.terminate();
+    }
 }

@@ -38,6 +38,8 @@ use super::{
 pub const MAX_RECORDS_PER_BATCH: usize = 100;
 /// Bytes asked for per read while loading a partition.
 const LOAD_READ_BYTES: usize = 1 << 20;
+/// How long a stopping broker waits for a partition's queued writes to finish.
+const SHUTDOWN_WRITE_WAIT_MS: u64 = 2_000;
 /// How often the coordinator's timers (sessions, rebalances, retention) are checked.
 pub const DEFAULT_TICK_INTERVAL_MS: u64 = 100;
 
@@ -417,13 +419,28 @@ impl GroupShard {
         }
     }
 
-    /// Lets queued writes finish (the partitions' logs are the shard's to close).
+    /// Lets queued writes finish (the partitions' logs are the shard's to close), each within
+    /// [`SHUTDOWN_WRITE_WAIT_MS`]: a replicated write waits for a commit that peers may never
+    /// give a stopping node, and a shutdown must not hang on it (its commit was not answered).
     pub async fn close(&self) {
         self.stop_serving();
         let writers = std::mem::take(&mut *self.writers.borrow_mut());
-        for (queue, writer) in writers.into_values() {
+        for (partition, (queue, writer)) in writers {
             queue.close();
-            writer.await;
+            let drained = async {
+                writer.await;
+                true
+            };
+            let waited = async {
+                glommio::timer::sleep(Duration::from_millis(SHUTDOWN_WRITE_WAIT_MS)).await;
+                false
+            };
+            if !futures_lite::future::or(drained, waited).await {
+                tracing::warn!(
+                    partition,
+                    "__consumer_offsets writes still waiting at shutdown were abandoned"
+                );
+            }
         }
     }
 
