@@ -82,6 +82,15 @@ impl Broker {
         }
         claim_listen_port(&mut config)?;
         std::fs::create_dir_all(&config.data_dir)?;
+        if cluster.is_none() {
+            // Before anything is written: offsets of the layout before `__consumer_offsets`
+            // was a topic are migrated on start, or refused here with what to do.
+            spate_net::group::check_legacy_offsets(
+                &config.data_dir,
+                config.groups.offsets_topic_partitions,
+            )
+            .map_err(NetError::Config)?;
+        }
         let (metadata, mut links) = match cluster {
             Some(w) => {
                 if w.links.len() != config.cores {
@@ -458,6 +467,7 @@ async fn finish(shard: &Rc<Shard>, drained: &AtomicUsize, shards: usize) {
     while drained.load(Ordering::Acquire) < shards {
         glommio::timer::sleep(SHUTDOWN_POLL).await;
     }
-    shard.close_partitions().await;
+    // The coordinator's queued writes go to partitions of the shard: they finish first.
     spate_net::group::close_shard().await;
+    shard.close_partitions().await;
 }

@@ -123,11 +123,10 @@ pub struct ServeConfig {
     /// How long committed offsets of an empty group are kept [default: 604800000, 7 days].
     #[arg(long, env = "SPATE_OFFSETS_RETENTION_MS", value_name = "MS")]
     pub offsets_retention_ms: Option<i64>,
-    /// A `__consumer_offsets` partition rewrites its live records and drops older segments
-    /// after this many bytes were appended (and at least twice its live size) [default:
-    /// 33554432].
-    #[arg(long, env = "SPATE_OFFSETS_SNAPSHOT_MIN_BYTES", value_name = "BYTES")]
-    pub offsets_snapshot_min_bytes: Option<u64>,
+    /// Replicas of each __consumer_offsets partition in a cluster, capped at the live
+    /// brokers when the topic is created [default: 3].
+    #[arg(long, env = "SPATE_OFFSETS_TOPIC_REPLICATION_FACTOR", value_name = "N")]
+    pub offsets_topic_replication_factor: Option<u16>,
     /// How often old segments are checked against the retention limits [default: 300000].
     #[arg(long, env = "SPATE_RETENTION_CHECK_INTERVAL_MS", value_name = "MS")]
     pub retention_check_interval_ms: Option<u64>,
@@ -226,7 +225,7 @@ macro_rules! each_setting {
             group_min_session_timeout_ms,
             group_max_session_timeout_ms,
             offsets_retention_ms,
-            offsets_snapshot_min_bytes,
+            offsets_topic_replication_factor,
             retention_check_interval_ms,
             metrics_listen,
             max_partitions_per_shard,
@@ -285,7 +284,7 @@ impl ServeConfig {
             group_min_session_timeout_ms: Some(groups.min_session_timeout_ms),
             group_max_session_timeout_ms: Some(groups.max_session_timeout_ms),
             offsets_retention_ms: Some(groups.offsets_retention_ms),
-            offsets_snapshot_min_bytes: Some(groups.offsets_snapshot_min_bytes),
+            offsets_topic_replication_factor: Some(groups.offsets_topic_replication_factor),
             retention_check_interval_ms: Some(300_000),
             metrics_listen: Some(DEFAULT_METRICS_LISTEN.into()),
             max_partitions_per_shard: Some(spate_net::config::DEFAULT_MAX_PARTITIONS_PER_SHARD),
@@ -434,7 +433,7 @@ impl ServeConfig {
         g.min_session_timeout_ms = set(&self.group_min_session_timeout_ms);
         g.max_session_timeout_ms = set(&self.group_max_session_timeout_ms);
         g.offsets_retention_ms = set(&self.offsets_retention_ms);
-        g.offsets_snapshot_min_bytes = set(&self.offsets_snapshot_min_bytes);
+        g.offsets_topic_replication_factor = set(&self.offsets_topic_replication_factor);
         if let Err(e) = g.validate() {
             bail!("consumer groups: {e}");
         }

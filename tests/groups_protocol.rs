@@ -492,31 +492,53 @@ fn stale_generation_and_unknown_member_get_errors_then_recover() {
     );
 }
 
-/// `.log` segment files under `dir`, recursively (all `__consumer_offsets` partitions).
-fn segment_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(segment_files(&path));
-        } else if path.extension().is_some_and(|e| e == "log") {
-            out.push(path);
-        }
-    }
-    out.sort();
+/// The Prometheus text of the broker's metrics endpoint.
+fn http_get_metrics(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
     out
 }
 
+/// Bytes the log cleaner reclaimed from `__consumer_offsets`, over its partitions.
+fn offsets_bytes_reclaimed(metrics_port: u16) -> f64 {
+    http_get_metrics(metrics_port)
+        .lines()
+        .filter(|l| {
+            l.starts_with("spate_cleaner_bytes_reclaimed_total{")
+                && l.contains("topic=\"__consumer_offsets\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until the group's offsets are loaded again after a restart.
+fn fetch_loaded(conn: &mut Raw, group: &str) -> OffsetFetchResponse {
+    let deadline = Instant::now() + LOAD_TIMEOUT;
+    loop {
+        let r = fetch_all(conn, group);
+        let retry = [
+            code(ResponseError::CoordinatorLoadInProgress),
+            code(ResponseError::NotCoordinator),
+            code(ResponseError::CoordinatorNotAvailable),
+        ];
+        if !retry.contains(&r.error_code) {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "coordinator never loaded");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
-fn consumer_offsets_are_compacted_and_survive_sigkill() {
+fn consumer_offsets_are_compacted_by_the_cleaner_and_survive_sigkill() {
     const PARTITIONS: i32 = 50;
     const ROUNDS: i64 = 200;
-    let mut broker = Broker::start_with(&[
-        "--flush",
-        "always",
-        "--offsets-snapshot-min-bytes",
-        "1048576",
-    ]);
+    let mut broker = Broker::start_with(&["--flush", "always", "--cleaner-backoff-ms", "100"]);
     let _log = LogOnPanic(broker.dir.path().join("spate.log"));
     let out = spate_cli(
         &broker.addr(),
@@ -533,38 +555,134 @@ fn consumer_offsets_are_compacted_and_survive_sigkill() {
         let errors = commit_with(&mut conn, "compacted", "", -1, &commits, metadata(round));
         assert!(errors.iter().all(|e| *e == 0), "round {round}: {errors:?}");
     }
-    let offsets_dir = broker.data_dir().join("__consumer_offsets");
-    let segments = segment_files(&offsets_dir);
-    let first_bases: Vec<String> = segments
-        .iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-        .filter(|n| n != "00000000000000000000.log")
-        .collect();
+    // One mechanism: the topic's partitions, kept small by the log cleaner.
     assert!(
-        !first_bases.is_empty(),
-        "no segment of the group's partition was dropped: {segments:?}"
+        !broker.data_dir().join("__consumer_offsets").exists(),
+        "a log of the coordinator's own"
     );
-    // 8 partitions with one segment each, plus at most two of the group's partition (the
-    // snapshot may straddle a roll).
-    assert!(segments.len() <= 9, "{segments:?}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let reclaimed = offsets_bytes_reclaimed(broker.metrics_port);
+        if reclaimed > 10_000_000.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cleaner reclaimed only {reclaimed} bytes of __consumer_offsets"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // Every commit was acknowledged: kill without a flush; the replay of what remains (the
-    // tail and the latest snapshot) must give back the last round.
+    // cleaned segments and the active one) must give back the last round.
     drop(conn);
     broker.kill();
     broker.spawn();
     let mut conn = Raw::connect(&broker.addr());
-    let deadline = Instant::now() + LOAD_TIMEOUT;
-    let fetched = loop {
-        let r = fetch_all(&mut conn, "compacted");
-        if r.error_code != code(ResponseError::CoordinatorLoadInProgress) {
-            break r;
-        }
-        assert!(Instant::now() < deadline, "coordinator never loaded");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let fetched = fetch_loaded(&mut conn, "compacted");
     let expected: Vec<(i32, i64, String)> = (0..PARTITIONS)
         .map(|p| (p, ROUNDS - 1, metadata(ROUNDS - 1)(p)))
         .collect();
     assert_eq!(offsets_of(&fetched), expected);
+}
+
+/// A data dir of the layout before `__consumer_offsets` became a topic kept each partition's
+/// log in `<data>/__consumer_offsets/<p>` (the same log format). Such a dir is migrated on
+/// start: its records go into the topic's partition of the same number, the old dir goes.
+#[test]
+fn offsets_of_the_previous_layout_are_migrated_into_the_topic() {
+    let mut broker = Broker::start();
+    let _log = LogOnPanic(broker.dir.path().join("spate.log"));
+    let out = spate_cli(&broker.addr(), &["topic", "create", "events", "-p", "4"]);
+    assert_success("spate topic create events", &out);
+    let mut conn = Raw::connect(&broker.addr());
+    let commits = [(0, 5), (1, 6), (3, 8)];
+    let errors = commit_with(&mut conn, "migrated", "", -1, &commits, |p| format!("m{p}"));
+    assert_eq!(errors, vec![0, 0, 0]);
+    drop(conn);
+    assert!(broker.terminate().success());
+
+    // The old layout: the same partitions' logs under `__consumer_offsets/<p>`, in a data dir
+    // that knows no `__consumer_offsets` topic.
+    let old = broker.data_dir();
+    let moved = tempfile::tempdir().unwrap();
+    let legacy = moved.path().join("__consumer_offsets");
+    for p in 0..8 {
+        let from = old.join(format!("__consumer_offsets-{p}"));
+        let to = legacy.join(p.to_string());
+        std::fs::create_dir_all(&to).unwrap();
+        for f in std::fs::read_dir(&from).unwrap() {
+            let f = f.unwrap();
+            let name = f.file_name().to_string_lossy().into_owned();
+            if [".log", ".index", ".timeindex"]
+                .iter()
+                .any(|e| name.ends_with(e))
+            {
+                std::fs::copy(f.path(), to.join(&name)).unwrap();
+            }
+        }
+    }
+    std::fs::remove_dir_all(&old).unwrap();
+    std::fs::create_dir_all(&old).unwrap();
+    // The topic "events" again, then the old offsets.
+    broker.spawn();
+    let out = spate_cli(&broker.addr(), &["topic", "create", "events", "-p", "4"]);
+    assert_success("spate topic create events", &out);
+    assert!(broker.terminate().success());
+    std::fs::rename(&legacy, old.join("__consumer_offsets")).unwrap();
+    broker.spawn();
+
+    let mut conn = Raw::connect(&broker.addr());
+    let fetched = fetch_loaded(&mut conn, "migrated");
+    assert_eq!(
+        offsets_of(&fetched),
+        vec![
+            (0, 5, "m0".to_owned()),
+            (1, 6, "m1".to_owned()),
+            (3, 8, "m3".to_owned())
+        ]
+    );
+    // Each partition migrates as it loads; the old directory goes with the last one.
+    let deadline = Instant::now() + LOAD_TIMEOUT;
+    while old.join("__consumer_offsets").exists() {
+        assert!(Instant::now() < deadline, "old layout not removed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // And they stay after another restart, now from the topic alone.
+    drop(conn);
+    broker.kill();
+    broker.spawn();
+    let mut conn = Raw::connect(&broker.addr());
+    assert_eq!(offsets_of(&fetch_loaded(&mut conn, "migrated")).len(), 3);
+}
+
+/// A partition of the previous layout that the configured partition count would not migrate
+/// (written with another `--offsets-topic-partitions`) is refused at start with what to do,
+/// and nothing is written.
+#[test]
+fn offsets_of_the_previous_layout_with_another_partition_count_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("__consumer_offsets").join("12")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spate"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "off",
+        ])
+        .args(["--offsets-topic-partitions", "8"])
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .expect("run spate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started: {stderr}");
+    assert!(
+        stderr.contains("--offsets-topic-partitions these offsets were written with"),
+        "{stderr}"
+    );
+    assert!(data.join("__consumer_offsets").join("12").exists());
+    assert!(!data.join("spate-metadata.json").exists(), "wrote metadata");
 }

@@ -1,7 +1,7 @@
-//! The Kafka surface of a two-node cluster that needs no replicated data: FindCoordinator on
-//! either node names the same coordinator (the lowest live broker id) and the other node
-//! answers group requests with NOT_COORDINATOR; a Fetch claiming to be a replica is refused in
-//! a cluster too.
+//! The Kafka surface of a two-node cluster: FindCoordinator on either node names the same
+//! coordinator for a group (the leader of its `__consumer_offsets` partition) and the other
+//! node answers its group requests with NOT_COORDINATOR; a Fetch claiming to be a replica is
+//! refused in a cluster too.
 
 mod common;
 
@@ -34,33 +34,54 @@ fn join_group(addr: &str, group: &str) -> i16 {
     Raw::connect(addr).call(5, &req).error_code
 }
 
+const COORDINATOR_LOAD_IN_PROGRESS: i16 = 14;
+
 #[test]
-fn groups_meet_on_the_lowest_live_broker_and_replica_fetches_are_refused() {
+fn groups_meet_on_their_offsets_partition_leader_and_replica_fetches_are_refused() {
     let nodes = cluster(2);
-    // Both nodes name node 1 once they see it live (before that: COORDINATOR_NOT_AVAILABLE
-    // or, for a moment, the lowest broker they know).
-    let deadline = Instant::now() + CLUSTER_DEADLINE;
-    loop {
-        let answers: Vec<_> = nodes
-            .iter()
-            .map(|n| find_coordinator(&n.addr(), "g1"))
-            .collect();
-        let expected = (0, 1, i32::from(nodes[0].kafka_port));
-        if answers.iter().all(|a| *a == expected) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no agreement on the coordinator: {answers:?}"
-        );
-        std::thread::sleep(POLL);
-    }
-    // Every group goes to node 1; node 2 sends members back to FindCoordinator.
     for group in ["g1", "another-group", "x"] {
-        assert_eq!(find_coordinator(&nodes[1].addr(), group).1, 1);
-        assert_eq!(join_group(&nodes[1].addr(), group), NOT_COORDINATOR);
-        // Node 1 coordinates it: a new member is asked to join again with its member id.
-        assert_ne!(join_group(&nodes[0].addr(), group), NOT_COORDINATOR);
+        // Both nodes name the same coordinator once `__consumer_offsets` (created by the
+        // first FindCoordinator) has a leader for the group's partition; until then
+        // COORDINATOR_NOT_AVAILABLE.
+        let deadline = Instant::now() + CLUSTER_DEADLINE;
+        let coordinator = loop {
+            let answers: Vec<_> = nodes
+                .iter()
+                .map(|n| find_coordinator(&n.addr(), group))
+                .collect();
+            let agreed = answers
+                .iter()
+                .all(|a| a.0 == 0 && (a.1, a.2) == (answers[0].1, answers[0].2));
+            if agreed {
+                break answers[0].1;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no agreement on the coordinator of {group}: {answers:?}"
+            );
+            std::thread::sleep(POLL);
+        };
+        let (at, other) = if coordinator == 1 {
+            (&nodes[0], &nodes[1])
+        } else {
+            (&nodes[1], &nodes[0])
+        };
+        assert_eq!(at.id as i32, coordinator);
+        assert_eq!(join_group(&other.addr(), group), NOT_COORDINATOR);
+        // The coordinator takes the group once it loaded the partition: a new member is
+        // asked to join again with its member id.
+        let deadline = Instant::now() + CLUSTER_DEADLINE;
+        loop {
+            let code = join_group(&at.addr(), group);
+            if code != COORDINATOR_LOAD_IN_PROGRESS && code != NOT_COORDINATOR {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{group}: JoinGroup answered {code}"
+            );
+            std::thread::sleep(POLL);
+        }
     }
 
     // A Fetch claiming a replica id is refused on every node's Kafka port.

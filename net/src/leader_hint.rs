@@ -63,13 +63,11 @@ pub fn endpoints_of(
         .collect()
 }
 
-/// The coordinator of every group in a cluster: the live broker with the lowest id, so that
-/// all members of a group, whichever node they ask, meet on one coordinator. A stopgap until
-/// `__consumer_offsets` is replicated: the coordinator's offsets live on that node alone (lost
-/// with its disk, unreadable while it is down), and when it fails the groups move to the next
-/// lowest live node and start there without their committed offsets. `None` while this node
-/// knows no live broker (it has applied no metadata yet): clients retry.
-pub fn group_coordinator(view: &ClusterView) -> Option<Endpoint> {
-    let node = view.live_brokers().map(|b| b.node).min()?;
-    endpoint(view, i32::try_from(node).ok()?)
+/// The coordinator of the groups of `__consumer_offsets` partition `partition` in a
+/// cluster: that partition's elected leader, as Kafka places coordinators, if it is a live
+/// broker. `None` while it has no leader or this node does not know the topic yet: clients
+/// retry (COORDINATOR_NOT_AVAILABLE).
+pub fn group_coordinator(view: &ClusterView, partition: i32) -> Option<Endpoint> {
+    let hint = leader_hint(view, crate::group::OFFSETS_TOPIC, partition)?;
+    endpoint(view, hint.leader_id)
 }

@@ -85,9 +85,12 @@ pub fn valid_topic_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
-/// Names the broker keeps for itself (Kafka's internal topics). Clients may not create them:
-/// `__consumer_offsets` is the group coordinator's log, outside the topic table.
-pub const RESERVED_TOPIC_NAMES: [&str; 2] = ["__consumer_offsets", "__transaction_state"];
+/// The group coordinator's internal topic, created by the broker when first needed.
+pub const CONSUMER_OFFSETS_TOPIC: &str = "__consumer_offsets";
+
+/// Names the broker keeps for itself (Kafka's internal topics). Clients may not create them
+/// nor write to them: `__consumer_offsets` is the group coordinator's compacted topic.
+pub const RESERVED_TOPIC_NAMES: [&str; 2] = [CONSUMER_OFFSETS_TOPIC, "__transaction_state"];
 
 pub fn is_reserved_topic_name(name: &str) -> bool {
     RESERVED_TOPIC_NAMES.contains(&name)

@@ -2,8 +2,10 @@
 //! coordinator owns the group (the shard of the group's `__consumer_offsets` partition), and
 //! encodes the answer. Also starts and stops each shard's coordinator.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use bytes::Bytes;
@@ -15,16 +17,17 @@ use kafka_protocol::messages::{
     ListGroupsResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetDeleteRequest,
     OffsetDeleteResponse, OffsetFetchRequest, SyncGroupRequest, SyncGroupResponse,
 };
-use spate_replication::partition::{NoObserver, PartitionReplica, ReplicaConfig, TopicPartition};
-use spate_replication::shard::shard_of;
+use spate_replication::controller::CreateTopicRequest;
 
+use super::config::DEFAULT_OFFSETS_TOPIC_REPLICATION_FACTOR;
 use super::records::{partition_for, OFFSETS_TOPIC};
 use super::{
-    find_coordinator_response, offset_fetch_response, offsets_log_config, ClientInfo, GroupOffsets,
-    GroupShard, DEFAULT_TICK_INTERVAL_MS,
+    find_coordinator_response, offset_fetch_response, offsets_topic_configs, ClientInfo,
+    GroupOffsets, GroupShard, DEFAULT_TICK_INTERVAL_MS,
 };
 use crate::dispatch::encode_response;
 use crate::error::NetError;
+use crate::leader_hint::Endpoint;
 use crate::request::{decode_body, Request};
 use crate::shard::Shard;
 
@@ -78,11 +81,14 @@ pub fn committed_offsets() -> Vec<crate::metrics::CommittedOffset> {
         .collect()
 }
 
-/// Starts this shard's group coordinator: marks its `__consumer_offsets` partitions as
-/// loading, then opens and replays each in the background, and starts the ticker.
+/// Starts this shard's group coordinator and its ticker, which loads the `__consumer_offsets`
+/// partitions this shard leads (alone: owns) and unloads those it stops leading.
 pub fn start_shard(shard: &Rc<Shard>) {
     let config = shard.config.groups.clone();
-    let groups = match GroupShard::new(config) {
+    let clustered = shard.in_cluster();
+    let legacy = (!clustered).then(|| legacy_offsets_dir(&shard.config.data_dir));
+    let groups = match GroupShard::new(config, shard.replicas.clone(), shard.id, clustered, legacy)
+    {
         Ok(g) => g,
         Err(e) => {
             tracing::error!(error = %e, "invalid group coordinator configuration; groups disabled");
@@ -90,6 +96,7 @@ pub fn start_shard(shard: &Rc<Shard>) {
         }
     };
     GROUPS.with(|g| *g.borrow_mut() = Some(groups.clone()));
+    groups.follow_leadership();
     groups.start_ticker(DEFAULT_TICK_INTERVAL_MS);
     {
         // Pending JoinGroups would otherwise hold their connections (and the shutdown, which
@@ -101,64 +108,168 @@ pub fn start_shard(shard: &Rc<Shard>) {
         })
         .detach();
     }
-    for partition in 0..groups.partitions() {
-        if offsets_owner(shard, partition) != shard.id {
-            continue;
-        }
-        groups.begin_loading(partition);
-        let dir = offsets_partition_dir(&shard.config.data_dir, partition);
-        let mut log_config = offsets_log_config();
-        log_config.flush = shard.config.flush;
-        let groups = groups.clone();
+    // A data dir of the layout before `__consumer_offsets` was a topic: create the topic now,
+    // so its partitions load (and migrate the old logs) before groups are asked for.
+    if shard.id == 0 && !clustered && legacy_offsets_dir(&shard.config.data_dir).exists() {
+        let shard = shard.clone();
         glommio::spawn_local(async move {
-            // A replica like any partition's; its producer state stays empty (only this broker
-            // writes it) and nothing exports its metrics.
-            let config = ReplicaConfig {
-                log: log_config,
-                high_watermark_cap: None,
-            };
-            let tp = TopicPartition::new(OFFSETS_TOPIC, partition);
-            let opened = PartitionReplica::open(tp, dir, None, config, Box::new(NoObserver)).await;
-            let log = match opened {
-                Ok(replica) => Rc::new(replica),
-                Err(e) => {
-                    tracing::error!(partition, error = %e, "cannot open __consumer_offsets partition; its groups stay unavailable");
-                    return;
-                }
-            };
-            if let Err(e) = groups.load_partition(partition, log).await {
-                tracing::error!(partition, error = %e, "cannot load __consumer_offsets partition; its groups stay unavailable");
-            }
+            ensure_offsets_topic(&shard).await;
         })
         .detach();
     }
 }
 
-/// The shard coordinating the groups of a `__consumer_offsets` partition. These partitions are
-/// not in the topic table (their count is fixed by configuration), so they keep the hash rule
-/// rather than a stored placement.
-pub fn offsets_owner(shard: &Shard, partition: i32) -> usize {
-    shard_of(OFFSETS_TOPIC, partition, shard.router.shards())
+/// Where the layout before `__consumer_offsets` became a topic kept its partitions
+/// (`<data>/__consumer_offsets/<partition>`). Topics live in `<data>/<topic>-<partition>`,
+/// so this never names a topic's directory.
+pub fn legacy_offsets_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join(OFFSETS_TOPIC)
 }
 
-/// Where a `__consumer_offsets` partition lives: `<data>/__consumer_offsets/<partition>`. User
-/// topics live in `<data>/<topic>-<partition>`, so no topic name can ever share these
-/// directories (not even a user topic called `__consumer_offsets`).
-pub fn offsets_partition_dir(data_dir: &std::path::Path, partition: i32) -> std::path::PathBuf {
-    data_dir.join(OFFSETS_TOPIC).join(partition.to_string())
+/// Checks a single node's data dir before it starts: partitions of the previous
+/// `__consumer_offsets` layout are migrated into the topic's partitions of the same number,
+/// which needs the same partition count; anything else is refused with what to do.
+pub fn check_legacy_offsets(data_dir: &Path, partitions: i32) -> Result<(), String> {
+    let dir = legacy_offsets_dir(data_dir);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        match name.parse::<i32>() {
+            Ok(p) if (0..partitions).contains(&p) => {}
+            _ => {
+                return Err(format!(
+                    "{} holds {name}, which is not a partition below --offsets-topic-partitions \
+                     ({partitions}): start with the --offsets-topic-partitions these offsets \
+                     were written with, so they are migrated into the __consumer_offsets topic",
+                    dir.display()
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
-/// Flushes and closes this shard's `__consumer_offsets` logs (at shutdown).
+thread_local! {
+    /// A controller call creating `__consumer_offsets` is in flight from this shard.
+    static CREATING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Makes sure `__consumer_offsets` exists, creating it when first needed (Kafka creates it
+/// on the first FindCoordinator too). Returns whether it exists in what this node knows.
+/// Alone, it is created in the metadata store with `offsets.topic.partitions` partitions and
+/// opened on its owners, whose coordinators then load it. In a cluster, the controller is
+/// asked (in the background: the answer is COORDINATOR_NOT_AVAILABLE until the partition has
+/// a leader) with `offsets.topic.replication.factor` replicas, at most the live brokers;
+/// TOPIC_ALREADY_EXISTS means another node was first.
+async fn ensure_offsets_topic(shard: &Rc<Shard>) -> bool {
+    let groups = &shard.config.groups;
+    match &shard.config.cluster {
+        None => {
+            if shard.topics().contains_key(OFFSETS_TOPIC) {
+                return true;
+            }
+            let limit = crate::handlers::admin::shard_limit(shard);
+            let created = shard.metadata.create_topic(
+                OFFSETS_TOPIC,
+                groups.offsets_topic_partitions,
+                offsets_topic_configs(),
+                true,
+                limit,
+            );
+            match created {
+                Ok(Ok(_)) => {
+                    tracing::info!(
+                        partitions = groups.offsets_topic_partitions,
+                        "created the __consumer_offsets topic"
+                    );
+                    shard.open_topic_on_owners(OFFSETS_TOPIC).await;
+                    let _ = shard
+                        .router
+                        .broadcast(|_| async {
+                            if let Some(g) = current() {
+                                g.follow_leadership();
+                                g.wait_loaded().await;
+                            }
+                        })
+                        .await;
+                    true
+                }
+                Ok(Err(refused)) if refused.code == ResponseError::TopicAlreadyExists.code() => {
+                    true
+                }
+                Ok(Err(refused)) => {
+                    tracing::error!(
+                        code = refused.code,
+                        msg = refused.message,
+                        "cannot create the __consumer_offsets topic"
+                    );
+                    false
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot create the __consumer_offsets topic");
+                    false
+                }
+            }
+        }
+        Some(port) => {
+            let view = port.view();
+            if view.metadata.topics.contains_key(OFFSETS_TOPIC) {
+                return true;
+            }
+            if CREATING.with(|c| c.replace(true)) {
+                return false;
+            }
+            let live = view.live_brokers().count().max(1);
+            let factor = usize::from(groups.offsets_topic_replication_factor);
+            // The default leaves the count to the controller, which counts every metadata
+            // voter whether registered yet or not: a topic asked for while nodes are still
+            // starting is refused until enough are live, rather than made smaller for good.
+            let replication_factor = (groups.offsets_topic_replication_factor
+                != DEFAULT_OFFSETS_TOPIC_REPLICATION_FACTOR)
+                .then(|| factor.min(live));
+            let create = CreateTopicRequest {
+                name: OFFSETS_TOPIC.to_string(),
+                topic_id: fastrand::u128(1..),
+                partitions: usize::try_from(groups.offsets_topic_partitions).unwrap_or(1),
+                replication_factor,
+                configs: offsets_topic_configs().into_iter().collect(),
+            };
+            let port = port.clone();
+            glommio::spawn_local(async move {
+                match port.create_topic(create, false).await {
+                    Ok(()) => tracing::info!("created the __consumer_offsets topic"),
+                    Err(e) if e.code == ResponseError::TopicAlreadyExists.code() => {}
+                    Err(e) => {
+                        tracing::info!(
+                            code = e.code,
+                            msg = e.message,
+                            "cannot create the __consumer_offsets topic yet"
+                        )
+                    }
+                }
+                CREATING.with(|c| c.set(false));
+            })
+            .detach();
+            false
+        }
+    }
+}
+
+/// Flushes the coordinator's queued writes (at shutdown, before the shard closes its
+/// partitions).
 pub async fn close_shard() {
     if let Some(groups) = GROUPS.with(|g| g.borrow_mut().take()) {
         groups.close().await;
     }
 }
 
-/// Runs `f` with the coordinator of the shard owning `group_id`; `err` builds the answer when
-/// that coordinator cannot be reached. In a cluster, a node other than the one FindCoordinator
-/// names answers NOT_COORDINATOR, so a member that asked a stale node finds the coordinator
-/// again instead of forming a second group there.
+/// Runs `f` with the coordinator of the shard holding `group_id`'s `__consumer_offsets`
+/// partition; `err` builds the answer when that coordinator cannot be reached. A node where
+/// that partition is not led (in a cluster: not its ready leader) answers NOT_COORDINATOR, so
+/// a member that asked a stale node finds the coordinator again instead of forming a second
+/// group there.
 async fn on_owner<T, F, Fut>(
     shard: &Rc<Shard>,
     group_id: &str,
@@ -170,15 +281,13 @@ where
     F: FnOnce(Rc<GroupShard>) -> Fut + Send + 'static,
     Fut: Future<Output = T> + 'static,
 {
-    if let Some(port) = &shard.config.cluster {
-        let me = shard.config.node_id;
-        let coordinator = crate::leader_hint::group_coordinator(&port.view());
-        if coordinator.is_none_or(|c| c.node_id != me) {
-            return err(ResponseError::NotCoordinator.code());
-        }
+    if !ensure_offsets_topic(shard).await {
+        return err(ResponseError::CoordinatorNotAvailable.code());
     }
     let partition = partition_for(group_id, shard.config.groups.offsets_topic_partitions);
-    let owner = offsets_owner(shard, partition);
+    let Ok(owner) = shard.replicas.owner(OFFSETS_TOPIC, partition) else {
+        return err(ResponseError::NotCoordinator.code());
+    };
     let result = shard
         .router
         .run_on(owner, move |_| async move {
@@ -195,6 +304,28 @@ where
     }
 }
 
+/// Where FindCoordinator sends the members of group `key`: alone, this node; in a cluster,
+/// the leader of the group's `__consumer_offsets` partition as the applied metadata names
+/// it (`None`, COORDINATOR_NOT_AVAILABLE, while it has none or the topic is being created).
+async fn locate_coordinators(shard: &Rc<Shard>, keys: &[&str]) -> Vec<Option<Endpoint>> {
+    let c = &shard.config;
+    let exists = ensure_offsets_topic(shard).await;
+    keys.iter()
+        .map(|key| match &c.cluster {
+            None => Some(Endpoint {
+                node_id: c.node_id,
+                host: c.advertised_host.clone(),
+                port: c.advertised_port,
+            }),
+            Some(port) if exists => {
+                let partition = partition_for(key, c.groups.offsets_topic_partitions);
+                crate::leader_hint::group_coordinator(&port.view(), partition)
+            }
+            Some(_) => None,
+        })
+        .collect()
+}
+
 /// Answers one group API request.
 pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError> {
     let v = req.api_version;
@@ -202,28 +333,23 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
     match req.api_key {
         ApiKey::FindCoordinator => {
             let r: FindCoordinatorRequest = decode_body(req)?;
-            let c = &shard.config;
-            let resp = match &c.cluster {
-                None => find_coordinator_response(
-                    v,
-                    &r,
-                    c.node_id,
-                    &c.advertised_host,
-                    i32::from(c.advertised_port),
-                    true,
-                ),
-                Some(port) => match crate::leader_hint::group_coordinator(&port.view()) {
-                    Some(e) => find_coordinator_response(
-                        v,
-                        &r,
-                        e.node_id,
-                        &e.host,
-                        i32::from(e.port),
-                        true,
-                    ),
-                    None => find_coordinator_response(v, &r, -1, "", -1, false),
-                },
+            let keys: Vec<&str> = if v >= 4 {
+                r.coordinator_keys.iter().map(|k| k.as_str()).collect()
+            } else {
+                vec![r.key.as_str()]
             };
+            // Transaction coordinators are not offered (key type 1): no lookup.
+            let located = if r.key_type == 0 {
+                locate_coordinators(shard, &keys).await
+            } else {
+                vec![None; keys.len()]
+            };
+            let found: HashMap<&str, Endpoint> = keys
+                .iter()
+                .zip(located)
+                .filter_map(|(k, e)| Some((*k, e?)))
+                .collect();
+            let resp = find_coordinator_response(v, &r, |key| found.get(key).cloned());
             encode_response(cid, v, &resp)
         }
         ApiKey::JoinGroup => {

@@ -3,9 +3,8 @@
 /// Kafka's default `offset.metadata.max.bytes`.
 pub const DEFAULT_OFFSET_METADATA_MAX_BYTES: usize = 4096;
 
-/// Default of [`GroupConfig::offsets_snapshot_min_bytes`]: a few segments of
-/// `__consumer_offsets` (8 MiB each) between rewrites.
-pub const DEFAULT_OFFSETS_SNAPSHOT_MIN_BYTES: u64 = 32 << 20;
+/// Kafka's default `offsets.topic.replication.factor`.
+pub const DEFAULT_OFFSETS_TOPIC_REPLICATION_FACTOR: u16 = 3;
 
 /// Settings of the group coordinator. Defaults follow the Kafka broker's, except the number of
 /// `__consumer_offsets` partitions (Kafka: 50), which is kept small because each partition is a
@@ -36,10 +35,10 @@ pub struct GroupConfig {
     pub offsets_retention_check_interval_ms: i64,
     /// Most topics plus partitions accepted in one OffsetCommit or OffsetFetch request.
     pub max_partitions_per_request: usize,
-    /// A `__consumer_offsets` partition rewrites its live records and drops the older segments
-    /// once this many bytes (and at least twice its live records' size) were appended since
-    /// its last rewrite. Kafka compacts this topic in the background instead.
-    pub offsets_snapshot_min_bytes: u64,
+    /// Replicas of each `__consumer_offsets` partition in a cluster
+    /// (`offsets.topic.replication.factor`), capped at the live brokers when the topic is
+    /// created. A single node keeps one.
+    pub offsets_topic_replication_factor: u16,
 }
 
 impl Default for GroupConfig {
@@ -55,7 +54,7 @@ impl Default for GroupConfig {
             offsets_retention_ms: 7 * 24 * 60 * 60 * 1_000,
             offsets_retention_check_interval_ms: 600_000,
             max_partitions_per_request: 100_000,
-            offsets_snapshot_min_bytes: DEFAULT_OFFSETS_SNAPSHOT_MIN_BYTES,
+            offsets_topic_replication_factor: DEFAULT_OFFSETS_TOPIC_REPLICATION_FACTOR,
         }
     }
 }
@@ -77,8 +76,8 @@ impl GroupConfig {
         if self.max_group_members < 1 || self.max_groups < 1 {
             return Err("max_group_members and max_groups must be at least 1".into());
         }
-        if self.offsets_snapshot_min_bytes < 1 {
-            return Err("offsets_snapshot_min_bytes must be at least 1".into());
+        if self.offsets_topic_replication_factor < 1 {
+            return Err("offsets_topic_replication_factor must be at least 1".into());
         }
         if self.offsets_retention_ms < 1 || self.offsets_retention_check_interval_ms < 1 {
             return Err("offsets_retention_ms and its check interval must be positive".into());

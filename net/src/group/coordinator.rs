@@ -1143,20 +1143,28 @@ pub fn offset_fetch_response(version: i16, groups: Vec<GroupOffsets>) -> OffsetF
 pub fn find_coordinator_response(
     version: i16,
     req: &FindCoordinatorRequest,
-    node_id: i32,
-    host: &str,
-    port: i32,
-    available: bool,
+    locate: impl Fn(&str) -> Option<crate::leader_hint::Endpoint>,
 ) -> FindCoordinatorResponse {
-    let answer = |key: &str| -> (i16, i32, &str, i32) {
+    let answer = |key: &str| -> (i16, i32, String, i32) {
         if req.key_type != 0 {
-            (ResponseError::CoordinatorNotAvailable.code(), -1, "", -1)
+            (
+                ResponseError::CoordinatorNotAvailable.code(),
+                -1,
+                String::new(),
+                -1,
+            )
         } else if key.len() > MAX_STRING_BYTES {
-            (ResponseError::InvalidGroupId.code(), -1, "", -1)
-        } else if !available {
-            (ResponseError::CoordinatorNotAvailable.code(), -1, "", -1)
+            (ResponseError::InvalidGroupId.code(), -1, String::new(), -1)
         } else {
-            (0, node_id, host, port)
+            match locate(key) {
+                Some(e) => (0, e.node_id, e.host, i32::from(e.port)),
+                None => (
+                    ResponseError::CoordinatorNotAvailable.code(),
+                    -1,
+                    String::new(),
+                    -1,
+                ),
+            }
         }
     };
     let mut response = FindCoordinatorResponse::default();
@@ -1169,7 +1177,7 @@ pub fn find_coordinator_response(
                 Coordinator::default()
                     .with_key(k.clone())
                     .with_node_id(BrokerId(node))
-                    .with_host(str_bytes(host))
+                    .with_host(str_bytes(&host))
                     .with_port(port)
                     .with_error_code(error)
             })
@@ -1178,7 +1186,7 @@ pub fn find_coordinator_response(
         let (error, node, host, port) = answer(req.key.as_str());
         response.error_code = error;
         response.node_id = BrokerId(node);
-        response.host = str_bytes(host);
+        response.host = str_bytes(&host);
         response.port = port;
         if version >= 1 && error != 0 {
             response.error_message = Some(str_bytes("the coordinator is not available"));

@@ -1,22 +1,33 @@
 //! Consumer groups (the classic group protocol) and committed offsets.
 //!
-//! [`GroupCoordinator`] is a sans-IO state machine: one per shard, owning the groups whose
-//! `__consumer_offsets` partitions that shard owns. Its inputs are decoded Kafka requests, the
-//! current time (`now_ms`) and the records replayed from its partitions at startup; its outputs
-//! are responses, deferred responses and records to persist ([`Effect`]). It never reads a clock
+//! `__consumer_offsets` is an ordinary compacted topic (`cleanup.policy=compact`, created by
+//! the broker when a coordinator is first looked for), hosted like any topic: alone, each
+//! partition's replica on its shard; in a cluster, a consensus group of its replicas. The
+//! coordinator of a group is the leader of partition [`partition_for`]`(group)`, as in Kafka;
+//! the log cleaner keeps the partitions small, and a coordinator that takes a partition over
+//! replays only what the cleaned log still holds.
+//!
+//! [`GroupCoordinator`] is a sans-IO state machine: one per shard, owning the groups of the
+//! `__consumer_offsets` partitions that shard leads. Its inputs are decoded Kafka requests, the
+//! current time (`now_ms`) and the records replayed from its partitions; its outputs are
+//! responses, deferred responses and records to persist ([`Effect`]). It never reads a clock
 //! and never does I/O, so multi-member scenarios can be driven deterministically in tests.
 //!
-//! How a caller (the shard) drives it:
-//! - at startup, per owned partition: [`GroupCoordinator::begin_loading`], then
-//!   [`GroupCoordinator::replay`] every record read back from the log (see
-//!   [`records::decode_batches`]), then [`GroupCoordinator::finish_loading`]. Requests for a
-//!   loading partition are answered with COORDINATOR_LOAD_IN_PROGRESS.
+//! How a caller (the shard, `service.rs`) drives it:
+//! - on every tick it compares where each partition is led with what it holds: a partition
+//!   whose replica here became the ready leader (alone: that this shard owns) is loaded with
+//!   [`GroupCoordinator::begin_loading`], [`GroupCoordinator::replay`] of every record up to
+//!   the high watermark (see [`records::decode_batches`]), then
+//!   [`GroupCoordinator::finish_loading`]; one it no longer leads is
+//!   [`GroupCoordinator::unload`]ed. Requests for a loading partition are answered with
+//!   COORDINATOR_LOAD_IN_PROGRESS, for one not held with NOT_COORDINATOR.
 //! - JoinGroup and SyncGroup take a [`ReplyId`] chosen by the caller; their answers (immediate
 //!   or after the rebalance) come out as [`Effect::Join`] / [`Effect::Sync`]. Every reply id
 //!   gets exactly one answer, unless the partition is unloaded, which answers them all.
-//! - OffsetCommit returns an [`OffsetCommitOutcome`]: append its records to the partition's log,
-//!   wait until durable, then call [`GroupCoordinator::finish_offset_commit`] (which makes the
-//!   offsets visible) and send the response it returns.
+//! - OffsetCommit returns an [`OffsetCommitOutcome`]: append its records to the partition
+//!   (alone: append and sync; in a cluster: propose through the partition's group and wait for
+//!   the commit, as acks=all), then call [`GroupCoordinator::finish_offset_commit`] (which makes
+//!   the offsets visible) and send the response it returns.
 //! - [`Effect::Persist`] records (group metadata after a rebalance, tombstones) are appended to
 //!   the named partition in the order they come out.
 //! - call [`GroupCoordinator::tick`] every few hundred ms: it expires sessions, ends overdue
@@ -24,7 +35,6 @@
 //! - after every call, drain [`GroupCoordinator::take_effects`].
 
 mod api;
-mod compaction;
 mod config;
 mod coordinator;
 #[allow(clippy::module_inception)]
@@ -35,7 +45,8 @@ mod service;
 mod tests;
 
 pub use api::{
-    close_shard, committed_offsets, handle, offsets_partition_dir, start_shard, GROUP_API_KEYS,
+    check_legacy_offsets, close_shard, committed_offsets, handle, legacy_offsets_dir, start_shard,
+    GROUP_API_KEYS,
 };
 pub use config::GroupConfig;
 pub use coordinator::{
@@ -46,7 +57,8 @@ pub use coordinator::{
 pub use group::GroupState;
 pub use records::{partition_for, GroupRecordError, OffsetsRecord, OFFSETS_TOPIC};
 pub use service::{
-    offsets_log_config, wall_clock_ms, GroupShard, DEFAULT_TICK_INTERVAL_MS, MAX_RECORDS_PER_BATCH,
+    offsets_topic_configs, wall_clock_ms, GroupShard, OffsetsLog, DEFAULT_TICK_INTERVAL_MS,
+    MAX_RECORDS_PER_BATCH, OFFSETS_MAX_BATCH_BYTES, OFFSETS_SEGMENT_BYTES,
 };
 
 use kafka_protocol::messages::join_group_response::JoinGroupResponse;

@@ -7,6 +7,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -22,11 +23,12 @@ use kafka_protocol::messages::{
     OffsetDeleteResponse, SyncGroupRequest, SyncGroupResponse,
 };
 use spate_replication::partition::{
-    BatchHeader, EngineError, FlushPolicy, LogConfig, PartitionReplica, ReplicaError, VerifiedBatch,
+    Acks, BatchHeader, EngineError, FlushPolicy, LogConfig, NoObserver, PartitionGroup,
+    PartitionReplica, ReplicaConfig, ReplicaError, TopicPartition, VerifiedBatch,
 };
+use spate_replication::shard::{ReplicaSet, Signal};
 
-use super::compaction::LiveRecords;
-use super::records::{decode_raw_batches, encode_raw_batch, RawRecord};
+use super::records::{decode_raw_batches, encode_raw_batch, OFFSETS_TOPIC};
 use super::{
     ClientInfo, Effect, GroupConfig, GroupCoordinator, GroupOffsets, OffsetsRecord, ReplyId,
 };
@@ -36,20 +38,36 @@ use super::{
 pub const MAX_RECORDS_PER_BATCH: usize = 100;
 /// Bytes asked for per read while loading a partition.
 const LOAD_READ_BYTES: usize = 1 << 20;
+/// How long a stopping broker waits for a partition's queued writes to finish.
+const SHUTDOWN_WRITE_WAIT_MS: u64 = 2_000;
 /// How often the coordinator's timers (sessions, rebalances, retention) are checked.
 pub const DEFAULT_TICK_INTERVAL_MS: u64 = 100;
 
 /// Segment size of `__consumer_offsets` partitions. Their records are small, and the engine
 /// preallocates whole segments, so user-topic sized (1 GiB) segments would cost every broker
-/// gigabytes of disk for a few kilobytes of offsets.
+/// gigabytes of disk for a few kilobytes of offsets; small segments also close sooner, and
+/// only closed segments are cleaned.
 pub const OFFSETS_SEGMENT_BYTES: u64 = 8 << 20;
 /// Largest `__consumer_offsets` batch (a group metadata snapshot of a big group).
 pub const OFFSETS_MAX_BATCH_BYTES: u32 = 2 << 20;
 
-/// The log settings of a `__consumer_offsets` partition: small segments, durable on every
-/// commit, and never trimmed by time or size: retention would lose offsets. The partition's
-/// writer compacts it instead (`compaction.rs`).
-pub fn offsets_log_config() -> LogConfig {
+/// The topic configs `__consumer_offsets` is created with: compacted (the log cleaner keeps
+/// the latest record of every group and offset key, and drops tombstones once
+/// `delete.retention.ms` passed), small segments, and room for a big group's metadata.
+pub fn offsets_topic_configs() -> std::collections::BTreeMap<String, String> {
+    [
+        ("cleanup.policy", "compact".to_string()),
+        ("segment.bytes", OFFSETS_SEGMENT_BYTES.to_string()),
+        ("max.message.bytes", OFFSETS_MAX_BATCH_BYTES.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// The log settings of a `__consumer_offsets` partition of the layout before it became a
+/// topic (`<data>/__consumer_offsets/<p>`), to read it once for the migration.
+fn legacy_offsets_log_config() -> LogConfig {
     LogConfig {
         segment_bytes: OFFSETS_SEGMENT_BYTES,
         max_batch_bytes: OFFSETS_MAX_BATCH_BYTES,
@@ -75,8 +93,6 @@ enum Waiter {
 
 struct WriteJob {
     batches: Vec<Bytes>,
-    /// The records of `batches`, for the writer's live-record map.
-    records: Vec<RawRecord>,
     done: Option<oneshot::Sender<Result<(), ResponseError>>>,
 }
 
@@ -119,27 +135,90 @@ impl WriteQueue {
     }
 }
 
-/// A partition log and the task appending to it.
-type OpenLog = (Rc<PartitionReplica>, glommio::Task<()>);
+/// Where a `__consumer_offsets` partition's records are written.
+#[derive(Clone)]
+pub enum OffsetsLog {
+    /// A single node's replica: appended here and synced before a commit is answered.
+    Local(Rc<PartitionReplica>),
+    /// A replicated partition this node leads: proposed through its consensus group and
+    /// answered once committed (acks=all).
+    Replicated(Rc<PartitionGroup>),
+}
+
+impl OffsetsLog {
+    fn replica(&self) -> &Rc<PartitionReplica> {
+        match self {
+            OffsetsLog::Local(r) => r,
+            OffsetsLog::Replicated(g) => g.replica(),
+        }
+    }
+
+    /// Where loading stops: everything a single node has in its log, or what a ready leader's
+    /// high watermark covers (everything committed before its epoch; nothing of its own is
+    /// written before the partition is loaded).
+    fn load_end(&self) -> u64 {
+        match self {
+            OffsetsLog::Local(r) => r.log_end_offset(),
+            OffsetsLog::Replicated(g) => g.replica().high_watermark(),
+        }
+    }
+}
+
+/// A partition's write queue and the task draining it.
+type Writer = (Rc<WriteQueue>, glommio::Task<()>);
+
+/// A partition this shard coordinates: which leadership it was loaded for, and the load's
+/// generation (a load started for an earlier leadership stops when it sees a newer one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Held {
+    leader_epoch: i32,
+    generation: u64,
+}
 
 /// The group coordinator of one shard with its I/O.
 pub struct GroupShard {
     coordinator: RefCell<GroupCoordinator>,
-    writers: RefCell<BTreeMap<i32, Rc<WriteQueue>>>,
-    /// The partition logs and their writer tasks, for an orderly close.
-    logs: RefCell<BTreeMap<i32, OpenLog>>,
+    /// The shard's replicas: `__consumer_offsets` partitions are hosted like any partition.
+    replicas: Rc<ReplicaSet>,
+    shard: usize,
+    /// In a cluster a partition is coordinated where its replica is the ready leader; alone,
+    /// where it is owned.
+    clustered: bool,
+    /// Where the layout before `__consumer_offsets` was a topic kept its partitions
+    /// (`<data>/__consumer_offsets`), migrated once when a partition is first loaded.
+    legacy_dir: Option<PathBuf>,
+    held: RefCell<BTreeMap<i32, Held>>,
+    next_generation: Cell<u64>,
+    writers: RefCell<BTreeMap<i32, Writer>>,
     waiters: RefCell<HashMap<ReplyId, Waiter>>,
     next_reply: Cell<ReplyId>,
+    /// Set at shutdown: nothing is loaded any more.
+    stopped: Cell<bool>,
+    /// Notified whenever a partition's load ends (loaded or given up).
+    load_ended: Signal,
 }
 
 impl GroupShard {
-    pub fn new(config: GroupConfig) -> Result<Rc<Self>, String> {
+    pub fn new(
+        config: GroupConfig,
+        replicas: Rc<ReplicaSet>,
+        shard: usize,
+        clustered: bool,
+        legacy_dir: Option<PathBuf>,
+    ) -> Result<Rc<Self>, String> {
         Ok(Rc::new(GroupShard {
             coordinator: RefCell::new(GroupCoordinator::new(config)?),
+            replicas,
+            shard,
+            clustered,
+            legacy_dir,
+            held: RefCell::new(BTreeMap::new()),
+            next_generation: Cell::new(1),
             writers: RefCell::new(BTreeMap::new()),
-            logs: RefCell::new(BTreeMap::new()),
             waiters: RefCell::new(HashMap::new()),
             next_reply: Cell::new(1),
+            stopped: Cell::new(false),
+            load_ended: Signal::default(),
         }))
     }
 
@@ -155,27 +234,126 @@ impl GroupShard {
         self.coordinator.borrow().is_loaded(partition)
     }
 
+    /// The log this shard should coordinate `partition` from, with the leader epoch it holds
+    /// it in: alone, the replica it owns; in a cluster, the replica whose group is the ready
+    /// leader (writable, its epoch committed, so its high watermark covers every commit).
+    fn wanted(&self, partition: i32) -> Option<(OffsetsLog, i32)> {
+        let tp = TopicPartition::new(OFFSETS_TOPIC, partition);
+        if self.clustered {
+            let group = self.replicas.group(&tp)?;
+            if group.has_failed() || !group.is_ready_leader() {
+                return None;
+            }
+            let epoch = group.epoch();
+            return Some((OffsetsLog::Replicated(group), epoch));
+        }
+        if self.replicas.table().owner(OFFSETS_TOPIC, partition) != Some(self.shard) {
+            return None;
+        }
+        let replica = self.replicas.partition(&tp).ok()?;
+        Some((OffsetsLog::Local(replica), 0))
+    }
+
+    /// Compares what this shard coordinates with where the `__consumer_offsets` partitions
+    /// are led (cheap: a few getters per partition), loading those it now leads and
+    /// unloading those it no longer does. Runs on every tick and after the topic is created.
+    pub fn follow_leadership(self: &Rc<Self>) {
+        if self.stopped.get() {
+            return;
+        }
+        for partition in 0..self.partitions() {
+            let wanted = self.wanted(partition);
+            let held = self.held.borrow().get(&partition).copied();
+            if held.map(|h| h.leader_epoch) == wanted.as_ref().map(|(_, e)| *e) {
+                continue;
+            }
+            if held.is_some() {
+                tracing::info!(
+                    partition,
+                    "no longer coordinating __consumer_offsets partition"
+                );
+                self.unload_partition(partition);
+            }
+            if let Some((log, leader_epoch)) = wanted {
+                let generation = self.next_generation.get();
+                self.next_generation.set(generation + 1);
+                self.held.borrow_mut().insert(
+                    partition,
+                    Held {
+                        leader_epoch,
+                        generation,
+                    },
+                );
+                // Its groups get COORDINATOR_LOAD_IN_PROGRESS (retriable) until loaded.
+                self.coordinator.borrow_mut().begin_loading(partition);
+                let this = self.clone();
+                glommio::spawn_local(async move {
+                    if let Err(e) = this.load_partition(partition, log, generation).await {
+                        tracing::error!(partition, error = %e, "cannot load __consumer_offsets partition; its groups stay unavailable");
+                        // Retried by the next tick's look at the leadership.
+                        if this.is_current(partition, generation) {
+                            this.unload_partition(partition);
+                        }
+                    }
+                    this.load_ended.notify();
+                })
+                .detach();
+            }
+        }
+    }
+
+    /// Waits until no partition this shard holds is still loading (the topic was just
+    /// created: its first requests should not be told to retry).
+    pub async fn wait_loaded(&self) {
+        loop {
+            let seen = self.load_ended.generation();
+            let loading = {
+                let c = self.coordinator.borrow();
+                self.held.borrow().keys().any(|p| c.is_loading(*p))
+            };
+            if !loading || self.stopped.get() {
+                return;
+            }
+            self.load_ended.changed(seen).await;
+        }
+    }
+
+    fn is_current(&self, partition: i32, generation: u64) -> bool {
+        self.held
+            .borrow()
+            .get(&partition)
+            .is_some_and(|h| h.generation == generation)
+            && self.coordinator.borrow().is_loading(partition)
+    }
+
     /// Replays `partition`'s log into the coordinator, then starts the partition's writer task
-    /// and serves its groups. The partition must have been handed over with
-    /// [`Self::begin_loading`]; if it was given up meanwhile (shutdown), the log is closed and
-    /// nothing is served.
-    pub async fn load_partition(
+    /// and serves its groups. If the partition was given up meanwhile (leadership moved,
+    /// shutdown), nothing is served.
+    async fn load_partition(
         self: &Rc<Self>,
         partition: i32,
-        log: Rc<PartitionReplica>,
+        log: OffsetsLog,
+        generation: u64,
     ) -> Result<(), ReplicaError> {
-        let mut offset = log.log_start_offset();
-        let end = log.log_end_offset();
+        if let (OffsetsLog::Local(replica), Some(dir)) = (&log, &self.legacy_dir) {
+            migrate_legacy_partition(dir, partition, replica).await?;
+        }
+        let replica = log.replica().clone();
+        let mut offset = replica.log_start_offset();
+        let end = log.load_end();
         let mut records = 0usize;
-        let mut live = LiveRecords::default();
-        while offset < end && self.coordinator.borrow().is_loading(partition) {
-            let read = log.read_local(offset, LOAD_READ_BYTES).await?;
-            if read.batches.is_empty() || !self.coordinator.borrow().is_loading(partition) {
+        while offset < end && self.is_current(partition, generation) {
+            let read = replica.read_local(offset, LOAD_READ_BYTES).await?;
+            if read.batches.is_empty() || !self.is_current(partition, generation) {
                 break;
             }
             let now = wall_clock_ms();
             for batch in read.batches {
                 let header = BatchHeader::parse(&batch).map_err(ReplicaError::from)?;
+                if u64::try_from(header.base_offset()).unwrap_or(u64::MAX) >= end {
+                    offset = end;
+                    break;
+                }
                 let next = u64::try_from(header.last_offset() + 1).unwrap_or(u64::MAX);
                 if next <= offset {
                     tracing::error!(
@@ -188,25 +366,16 @@ impl GroupShard {
                     break;
                 }
                 offset = next;
-                live.note_appended(batch.len() as u64);
-                let decoded = decode_raw_batches(batch.clone()).and_then(|raw| {
-                    let typed = raw
-                        .iter()
+                let decoded = decode_raw_batches(batch).and_then(|raw| {
+                    raw.iter()
                         .map(|(k, v)| OffsetsRecord::decode(k, v.as_deref()))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    Ok((raw, typed))
+                        .collect::<Result<Vec<_>, _>>()
                 });
                 match decoded {
-                    Ok((raw, typed)) => {
+                    Ok(typed) => {
                         let mut c = self.coordinator.borrow_mut();
-                        for ((key, value), record) in raw.into_iter().zip(typed) {
+                        for record in typed {
                             records += 1;
-                            // Owned copies: the decoded key and value are slices of the
-                            // read buffer, which they would otherwise keep alive whole.
-                            live.apply(
-                                Bytes::copy_from_slice(&key),
-                                value.map(|v| Bytes::copy_from_slice(&v)),
-                            );
                             c.replay(partition, record, now);
                         }
                     }
@@ -218,95 +387,86 @@ impl GroupShard {
                 }
             }
         }
-        if !self.coordinator.borrow().is_loading(partition) {
+        if !self.is_current(partition, generation) {
             tracing::info!(
                 partition,
                 "__consumer_offsets partition given up while loading"
             );
-            return log.close().await;
+            return Ok(());
         }
         let queue = Rc::new(WriteQueue::default());
-        let compact = Compaction {
-            min_bytes: self
-                .coordinator
-                .borrow()
-                .config()
-                .offsets_snapshot_min_bytes,
-            live,
-        };
-        let writer =
-            glommio::spawn_local(write_loop(partition, log.clone(), queue.clone(), compact));
-        if let Some(old) = self.writers.borrow_mut().insert(partition, queue) {
+        let writer = glommio::spawn_local(write_loop(partition, log, queue.clone()));
+        if let Some((old, _)) = self.writers.borrow_mut().insert(partition, (queue, writer)) {
             old.close();
         }
-        self.logs.borrow_mut().insert(partition, (log, writer));
         self.coordinator
             .borrow_mut()
             .finish_loading(partition, wall_clock_ms());
-        tracing::debug!(partition, records, "consumer offsets loaded");
+        tracing::info!(partition, records, "consumer offsets loaded");
         self.dispatch_effects().await;
         Ok(())
-    }
-
-    /// Marks a partition as this shard's before its log is even open, so its groups get
-    /// COORDINATOR_LOAD_IN_PROGRESS (retriable) rather than NOT_COORDINATOR meanwhile.
-    pub fn begin_loading(&self, partition: i32) {
-        self.coordinator.borrow_mut().begin_loading(partition);
     }
 
     /// Stops serving groups (broker shutdown): every pending JoinGroup and SyncGroup is
     /// answered with NOT_COORDINATOR at once, so connections can drain without waiting for a
     /// rebalance timeout, and later requests get NOT_COORDINATOR. Writes already queued still
-    /// complete; [`Self::close`] closes the logs afterwards.
+    /// complete; [`Self::close`] waits for them.
     pub fn stop_serving(&self) {
-        let partitions = self.coordinator.borrow().owned_partitions();
+        self.stopped.set(true);
+        let partitions: Vec<i32> = self.held.borrow().keys().copied().collect();
         for partition in partitions {
-            self.coordinator.borrow_mut().unload(partition);
+            self.unload_partition(partition);
         }
-        self.dispatch_effects_now();
     }
 
-    /// Lets queued writes finish, then closes every partition log (flush and recovery point).
+    /// Lets queued writes finish (the partitions' logs are the shard's to close), each within
+    /// [`SHUTDOWN_WRITE_WAIT_MS`]: a replicated write waits for a commit that peers may never
+    /// give a stopping node, and a shutdown must not hang on it (its commit was not answered).
     pub async fn close(&self) {
-        for queue in std::mem::take(&mut *self.writers.borrow_mut()).into_values() {
+        self.stop_serving();
+        let writers = std::mem::take(&mut *self.writers.borrow_mut());
+        for (partition, (queue, writer)) in writers {
             queue.close();
-        }
-        let logs = std::mem::take(&mut *self.logs.borrow_mut());
-        for (partition, (log, writer)) in logs {
-            writer.await;
-            if let Err(e) = log.close().await {
-                tracing::error!(partition, error = %e, "closing __consumer_offsets log");
+            let drained = async {
+                writer.await;
+                true
+            };
+            let waited = async {
+                glommio::timer::sleep(Duration::from_millis(SHUTDOWN_WRITE_WAIT_MS)).await;
+                false
+            };
+            if !futures_lite::future::or(drained, waited).await {
+                tracing::warn!(
+                    partition,
+                    "__consumer_offsets writes still waiting at shutdown were abandoned"
+                );
             }
         }
     }
 
-    /// Gives `partition` up (another node or shard takes it): pending replies of its groups
-    /// get NOT_COORDINATOR and its writer stops after the queued writes.
+    /// Gives `partition` up (its leadership moved): pending replies of its groups get
+    /// NOT_COORDINATOR (members find the new coordinator and rejoin there) and its writer
+    /// stops after the queued writes.
     pub fn unload_partition(&self, partition: i32) {
+        self.held.borrow_mut().remove(&partition);
         self.coordinator.borrow_mut().unload(partition);
-        if let Some(queue) = self.writers.borrow_mut().remove(&partition) {
+        if let Some((queue, writer)) = self.writers.borrow_mut().remove(&partition) {
             queue.close();
-        }
-        if let Some((log, writer)) = self.logs.borrow_mut().remove(&partition) {
-            glommio::spawn_local(async move {
-                writer.await;
-                if let Err(e) = log.close().await {
-                    tracing::error!(partition, error = %e, "closing __consumer_offsets log");
-                }
-            })
-            .detach();
+            writer.detach();
         }
         self.dispatch_effects_now();
     }
 
-    /// Starts the timer task that ticks the coordinator every `interval_ms`; it lives as long
-    /// as the shard's executor.
+    /// Starts the timer task that ticks the coordinator every `interval_ms`, and follows the
+    /// leadership of the `__consumer_offsets` partitions; it lives as long as the shard's
+    /// executor.
     pub fn start_ticker(self: &Rc<Self>, interval_ms: u64) {
         let weak = Rc::downgrade(self);
         glommio::spawn_local(async move {
             loop {
                 glommio::timer::sleep(Duration::from_millis(interval_ms)).await;
                 let Some(shard) = weak.upgrade() else { break };
+                shard.follow_leadership();
                 shard.coordinator.borrow_mut().tick(wall_clock_ms());
                 shard.dispatch_effects().await;
             }
@@ -391,19 +551,15 @@ impl GroupShard {
         done: Option<oneshot::Sender<Result<(), ResponseError>>>,
     ) {
         let now = wall_clock_ms();
-        let records: Vec<RawRecord> = records.iter().map(OffsetsRecord::to_raw).collect();
+        let records: Vec<_> = records.iter().map(OffsetsRecord::to_raw).collect();
         let batches = records
             .chunks(MAX_RECORDS_PER_BATCH)
             .map(|chunk| encode_raw_batch(chunk, now))
             .collect();
-        let job = WriteJob {
-            batches,
-            records,
-            done,
-        };
+        let job = WriteJob { batches, done };
         let writers = self.writers.borrow();
         match writers.get(&partition) {
-            Some(queue) => queue.push(job),
+            Some((queue, _)) => queue.push(job),
             None => {
                 tracing::warn!(partition, "no writer for __consumer_offsets partition");
                 if let Some(done) = job.done {
@@ -532,101 +688,138 @@ impl GroupShard {
 }
 
 /// Appends a partition's records in submission order. Jobs queued while a write is in flight
-/// share one sync (group commit).
-/// A partition writer's compaction state: its live records and when to rewrite them.
-struct Compaction {
-    min_bytes: u64,
-    live: LiveRecords,
-}
-
-async fn write_loop(
-    partition: i32,
-    log: Rc<PartitionReplica>,
-    queue: Rc<WriteQueue>,
-    mut compact: Compaction,
-) {
+/// share one sync (a single node) or one commit round (a cluster).
+async fn write_loop(partition: i32, log: OffsetsLog, queue: Rc<WriteQueue>) {
     while let Some(jobs) = queue.take_all().await {
-        let mut result: Result<(), ResponseError> = Ok(());
-        let mut end = None;
-        for job in &jobs {
-            for batch in &job.batches {
-                match append_built(&log, batch.clone()).await {
-                    Ok(next) => {
-                        end = Some(next);
-                        compact.live.note_appended(batch.len() as u64);
-                    }
-                    Err(e) => {
-                        tracing::error!(partition, error = %e, "__consumer_offsets append failed");
-                        result = Err(storage_error(&e));
-                    }
-                }
-            }
-        }
-        if let (Ok(()), Some(end)) = (&result, end) {
-            if let Err(e) = log.wait_durable(end).await {
-                tracing::error!(partition, error = %e, "__consumer_offsets sync failed");
-                result = Err(storage_error(&e));
-            }
-        }
-        // Only what is durable enters the live set: a failed job's records were refused.
-        if result.is_ok() {
-            for job in &jobs {
-                for (key, value) in &job.records {
-                    compact.live.apply(key.clone(), value.clone());
-                }
-            }
+        let batches: Vec<Bytes> = jobs
+            .iter()
+            .flat_map(|j| j.batches.iter().cloned())
+            .collect();
+        let result = match &log {
+            OffsetsLog::Local(replica) => append_local(replica, batches).await,
+            OffsetsLog::Replicated(group) => append_replicated(group, batches).await,
+        };
+        if let Err(e) = &result {
+            tracing::warn!(partition, error = ?e, "__consumer_offsets write failed");
         }
         for job in jobs {
             if let Some(done) = job.done {
                 let _ = done.send(result);
             }
         }
-        if result.is_ok() && compact.live.should_snapshot(compact.min_bytes) {
-            rewrite_live_records(partition, &log, &mut compact.live).await;
-        }
     }
 }
 
-/// Appends a batch this broker built, returning the offset after it. The check is what lets
-/// the log take it (the log only accepts batches whose CRC was verified).
-async fn append_built(log: &PartitionReplica, batch: Bytes) -> Result<u64, ReplicaError> {
-    let batch = VerifiedBatch::from_bytes(batch).map_err(ReplicaError::from)?;
-    Ok(log.append_internal(batch).await?.last_offset + 1)
+/// Appends batches this broker built to a single node's replica and syncs them, whatever
+/// the flush policy: a commit is answered once it is on disk.
+async fn append_local(
+    replica: &PartitionReplica,
+    batches: Vec<Bytes>,
+) -> Result<(), ResponseError> {
+    let mut end = None;
+    for batch in batches {
+        let verified = VerifiedBatch::from_bytes(batch).map_err(|e| storage_error(&e.into()))?;
+        match replica.append_internal(verified).await {
+            Ok(info) => end = Some(info.last_offset + 1),
+            Err(e) => return Err(storage_error(&e)),
+        }
+    }
+    if let Some(end) = end {
+        replica
+            .wait_durable(end)
+            .await
+            .map_err(|e| storage_error(&e))?;
+    }
+    Ok(())
 }
 
-/// Appends every live record again, makes it durable, then drops the whole segments below it.
-/// Runs in the writer's loop, so nothing else is appended in between. A failure leaves the log
-/// longer than it needs to be, never shorter.
-async fn rewrite_live_records(partition: i32, log: &PartitionReplica, live: &mut LiveRecords) {
-    let start = log.log_end_offset();
-    let now = wall_clock_ms();
-    let batches = live.snapshot(MAX_RECORDS_PER_BATCH, OFFSETS_MAX_BATCH_BYTES as usize);
-    let mut end = start;
-    for records in &batches {
-        match append_built(log, encode_raw_batch(records, now)).await {
-            Ok(next) => end = next,
-            Err(e) => {
-                tracing::error!(partition, error = %e, "__consumer_offsets snapshot append failed");
-                return;
+/// Proposes batches this broker built through the partition's consensus group, as an
+/// acks=all produce: done once committed (durable on a majority as the flush policy says).
+async fn append_replicated(
+    group: &Rc<PartitionGroup>,
+    batches: Vec<Bytes>,
+) -> Result<(), ResponseError> {
+    let verified = batches
+        .into_iter()
+        .map(VerifiedBatch::from_bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| storage_error(&e.into()))?;
+    let (outcome, completion) = group.produce(verified, Acks::All).await;
+    if outcome.error_code != 0 {
+        return Err(commit_error(outcome.error_code));
+    }
+    completion.wait().await.map_err(commit_error)
+}
+
+/// How a partition's refusal of the coordinator's write is answered, as Kafka maps them for
+/// commits: leadership gone means another coordinator.
+fn commit_error(code: i16) -> ResponseError {
+    match ResponseError::try_from_code(code) {
+        Some(ResponseError::NotLeaderOrFollower) => ResponseError::NotCoordinator,
+        Some(ResponseError::MessageTooLarge | ResponseError::RecordListTooLarge) => {
+            ResponseError::InvalidCommitOffsetSize
+        }
+        _ => ResponseError::CoordinatorNotAvailable,
+    }
+}
+
+/// Moves one partition of the layout before `__consumer_offsets` was a topic
+/// (`<legacy>/<partition>`) into the topic's partition of the same number (the same count
+/// puts every group on the same number): appends every batch of the old log, syncs, then
+/// removes the old directory. A crash before the removal copies again on the next start;
+/// replaying a record twice in order ends in the same state, so that is harmless.
+async fn migrate_legacy_partition(
+    legacy: &Path,
+    partition: i32,
+    into: &PartitionReplica,
+) -> Result<(), ReplicaError> {
+    let dir = legacy.join(partition.to_string());
+    if !dir.exists() {
+        return Ok(());
+    }
+    let config = ReplicaConfig {
+        log: legacy_offsets_log_config(),
+        high_watermark_cap: None,
+    };
+    let tp = TopicPartition::new(OFFSETS_TOPIC, partition);
+    let old = PartitionReplica::open(tp, dir.clone(), None, config, Box::new(NoObserver)).await?;
+    let (mut offset, end) = (old.log_start_offset(), old.log_end_offset());
+    let mut batches = 0usize;
+    let mut written = None;
+    while offset < end {
+        let read = old.read_local(offset, LOAD_READ_BYTES).await?;
+        if read.batches.is_empty() {
+            break;
+        }
+        for batch in read.batches {
+            let header = BatchHeader::parse(&batch).map_err(ReplicaError::from)?;
+            let next = u64::try_from(header.last_offset() + 1).unwrap_or(u64::MAX);
+            if next <= offset {
+                offset = end;
+                break;
             }
+            offset = next;
+            let verified = VerifiedBatch::from_bytes(batch).map_err(ReplicaError::from)?;
+            written = Some(into.append_internal(verified).await?.last_offset + 1);
+            batches += 1;
         }
     }
-    if let Err(e) = log.wait_durable(end).await {
-        tracing::error!(partition, error = %e, "__consumer_offsets snapshot sync failed");
-        return;
+    if let Some(end) = written {
+        into.wait_durable(end).await?;
     }
-    match log.delete_segments_below(start).await {
-        Ok(new_start) => tracing::debug!(
-            partition,
-            live = live.live_keys(),
-            snapshot_start = start,
-            log_start = new_start,
-            "__consumer_offsets compacted"
-        ),
-        Err(e) => {
-            tracing::error!(partition, error = %e, "__consumer_offsets segment removal failed")
-        }
+    old.close().await?;
+    std::fs::remove_dir_all(&dir)?;
+    // The parent goes with its last partition.
+    if std::fs::read_dir(legacy).is_ok_and(|mut d| d.next().is_none()) {
+        let _ = std::fs::remove_dir(legacy);
     }
+    tracing::info!(
+        partition,
+        batches,
+        from = %dir.display(),
+        "migrated __consumer_offsets partition of the previous layout into the topic"
+    );
+    Ok(())
 }
 
 /// How a failed write is reported to the client, as Kafka maps log errors for commits.

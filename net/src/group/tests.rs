@@ -929,23 +929,35 @@ fn offsets_of_empty_groups_expire_after_retention() {
 }
 
 #[test]
-fn find_coordinator_answers_this_node_for_groups() {
+fn find_coordinator_answers_each_group_its_coordinator() {
     for v in 0..=6i16 {
         let req = if v >= 4 {
             FindCoordinatorRequest::default().with_coordinator_keys(vec![s("a"), s("b")])
         } else {
             FindCoordinatorRequest::default().with_key(s("a"))
         };
-        let r = find_coordinator_response(v, &req, 7, "127.0.0.1", 9092, true);
+        // Group "b" has no coordinator yet (its partition has no leader).
+        let locate = |key: &str| {
+            (key == "a").then(|| crate::leader_hint::Endpoint {
+                node_id: 7,
+                host: "127.0.0.1".into(),
+                port: 9092,
+            })
+        };
+        let r = find_coordinator_response(v, &req, locate);
         r.encode(&mut BytesMut::new(), v).unwrap();
         if v >= 4 {
             assert_eq!(r.coordinators.len(), 2);
-            assert_eq!(r.coordinators[1].port, 9092);
+            assert_eq!(r.coordinators[0].port, 9092);
+            assert_eq!(
+                r.coordinators[1].error_code,
+                ResponseError::CoordinatorNotAvailable.code()
+            );
         } else {
             assert_eq!(r.node_id.0, 7);
         }
         let txn = req.clone().with_key_type(1);
-        let r = find_coordinator_response(v, &txn, 7, "127.0.0.1", 9092, true);
+        let r = find_coordinator_response(v, &txn, locate);
         r.encode(&mut BytesMut::new(), v).unwrap();
     }
 }

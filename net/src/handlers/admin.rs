@@ -146,6 +146,17 @@ pub async fn create_topics(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, Ne
         if let Some(refused) = check_replication(shard, &t) {
             error = Some(refused);
         }
+        if crate::metadata::is_reserved_topic_name(&t.name) {
+            // The broker creates its internal topics itself (`__consumer_offsets` when a
+            // group coordinator is first looked for); the controller takes the name from it.
+            error = Some((
+                ResponseError::InvalidTopicException.code(),
+                format!(
+                    "Topic name '{}' is reserved for the broker's internal use",
+                    &*t.name
+                ),
+            ));
+        }
         if partitions < 1 || partitions > shard.config.max_partitions_per_topic {
             error = Some((
                 ResponseError::InvalidPartitions.code(),
@@ -268,6 +279,17 @@ pub async fn delete_topics(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, Ne
             resp.responses.push(res);
             continue;
         };
+        if crate::metadata::is_reserved_topic_name(&resolved) {
+            // `__consumer_offsets` holds every group's committed offsets.
+            res.error_code = ResponseError::InvalidRequest.code();
+            if v >= 5 {
+                res.error_message = Some(str_bytes(&format!(
+                    "{resolved} is an internal topic and cannot be deleted"
+                )));
+            }
+            resp.responses.push(res);
+            continue;
+        }
         if let Some(port) = &shard.config.cluster {
             let topic_id = port
                 .view()
@@ -320,6 +342,16 @@ pub async fn create_partitions(shard: &Rc<Shard>, req: &Request) -> Result<Bytes
     for t in r.topics {
         let mut res = CreatePartitionsTopicResult::default();
         res.name = t.name.clone();
+        if crate::metadata::is_reserved_topic_name(&t.name) {
+            // A group's partition is its id's hash modulo the count: the count never changes.
+            res.error_code = ResponseError::InvalidRequest.code();
+            res.error_message = Some(str_bytes(&format!(
+                "{} is an internal topic: its partition count is --offsets-topic-partitions",
+                &*t.name
+            )));
+            resp.results.push(res);
+            continue;
+        }
         if let Some(port) = &shard.config.cluster {
             let outcome = if t.assignments.as_ref().is_some_and(|a| !a.is_empty()) {
                 Err(CallError::new(

@@ -402,9 +402,8 @@ async fn cluster_topics(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_cluster::{endpoint, state, view_of};
+    use crate::test_cluster::{state, view_of};
     use kafka_protocol::protocol::{Decodable, Encodable};
-    use spate_replication::controller::view::{BrokerView, ClusterView};
 
     const LEADER_NOT_AVAILABLE: i16 = 5;
 
@@ -485,26 +484,22 @@ mod tests {
     }
 
     #[test]
-    fn every_group_meets_on_the_lowest_live_broker() {
+    fn a_group_coordinator_is_the_leader_of_its_offsets_partition() {
         use crate::leader_hint::group_coordinator;
-        let s = state();
-        let broker = |node: NodeId, fenced: bool| BrokerView {
-            node,
-            kafka: endpoint(9090 + node as u16),
-            rpc: endpoint(9190 + node as u16),
-            fenced,
-            voter: true,
-        };
-        let mut view = ClusterView {
-            brokers: vec![broker(2, false), broker(1, false), broker(3, false)],
-            metadata: std::sync::Arc::new(s),
-            ..ClusterView::default()
-        };
-        let c = group_coordinator(&view).unwrap();
+        let mut s = state();
+        assert_eq!(
+            group_coordinator(&view_of(s.clone()), 0),
+            None,
+            "no __consumer_offsets topic yet"
+        );
+        let mut offsets = s.topics["orders"].clone();
+        offsets.topic_id = 0xdef;
+        s.topics.insert(crate::group::OFFSETS_TOPIC.into(), offsets);
+        let view = view_of(s);
+        let c = group_coordinator(&view, 0).unwrap();
         assert_eq!((c.node_id, c.port), (1, 9091));
-        view.brokers[1].fenced = true;
-        assert_eq!(group_coordinator(&view).unwrap().node_id, 2);
-        view.brokers.clear();
-        assert_eq!(group_coordinator(&view), None, "no live broker known yet");
+        assert_eq!(group_coordinator(&view, 1).unwrap().node_id, 2);
+        assert_eq!(group_coordinator(&view, 2), None, "a leaderless partition");
+        assert_eq!(group_coordinator(&view, 3), None, "no such partition");
     }
 }

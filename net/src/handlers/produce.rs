@@ -120,6 +120,10 @@ fn plan(
                 Err(ResponseError::TransactionalIdAuthorizationFailed.code())
             } else if !matches!(acks, -1..=1) {
                 Err(ResponseError::InvalidRequiredAcks.code())
+            } else if crate::metadata::is_reserved_topic_name(&topic.name) {
+                // Kafka's "Cannot append to internal topic": `__consumer_offsets` is written
+                // by the group coordinator only.
+                Err(ResponseError::InvalidTopicException.code())
             } else {
                 let records = pd.records.ok_or(ResponseError::CorruptMessage.code());
                 shard

@@ -22,7 +22,7 @@ use crate::controller::records::{
     MAX_PARTITIONS_PER_TOPIC, MAX_PRODUCER_ID_BLOCK_LEN, MAX_SHARDS_PER_BROKER,
 };
 use crate::controller::state::{check_topic_name, MetadataState};
-use crate::metadata::{is_reserved_topic_name, topic_names_collide};
+use crate::metadata::{is_reserved_topic_name, topic_names_collide, CONSUMER_OFFSETS_TOPIC};
 use crate::types::{Epoch, NodeId};
 
 /// A broker not heard from for this long is fenced and leaves the ISRs and leaderships. Four
@@ -495,7 +495,11 @@ impl ActiveController {
         &mut self,
         req: CreateTopicRequest,
     ) -> Result<Vec<Record>, ControllerError> {
-        if check_topic_name(&req.name).is_err() || is_reserved_topic_name(&req.name) {
+        // `__consumer_offsets` is created by the brokers' group coordinators (clients'
+        // CreateTopics of reserved names are refused by the Kafka layer before this).
+        if check_topic_name(&req.name).is_err()
+            || (is_reserved_topic_name(&req.name) && req.name != CONSUMER_OFFSETS_TOPIC)
+        {
             return Err(ControllerError::InvalidTopicName(req.name));
         }
         if self.state.topics.contains_key(&req.name) {

@@ -1,0 +1,309 @@
+//! Consumer groups in a three-node cluster: a group's coordinator is the leader of its
+//! `__consumer_offsets` partition, whose commits are replicated like data. Real confluent-kafka
+//! consumers commit after every message; the coordinator's node is SIGKILLed; the group finds
+//! the new coordinator (the partition's new leader), its committed offsets are all there, and
+//! consumption goes on from them without reading again what was committed.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::cluster::{cluster, wait_for, Node, POLL};
+use common::{assert_success, python, Raw};
+use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
+use kafka_protocol::messages::{
+    FindCoordinatorRequest, GroupId, OffsetFetchRequest, OffsetFetchResponse, TopicName,
+};
+use kafka_protocol::protocol::StrBytes;
+
+const TOPIC: &str = "events";
+const GROUP: &str = "failover";
+const PARTITIONS: i32 = 3;
+/// Commits the group must make before the kill, and again after it.
+const COMMITS_EACH_SIDE: usize = 30;
+/// Bound on the group committing again after its coordinator's node was killed: the
+/// partition's new leader is elected in about a second, the members' sessions (6 s) may run
+/// out and they rejoin.
+const RECOVERY_BOUND: Duration = Duration::from_secs(60);
+
+/// A client process killed when dropped, so a failing test leaves nothing behind.
+struct Client {
+    child: Child,
+    name: String,
+}
+
+impl Client {
+    fn python(name: &str, script: &str, args: &[&str], log: &Path) -> Client {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/python")
+            .join(script);
+        let log = std::fs::File::create(log).expect("client log");
+        let child = Command::new("python3")
+            .arg(path)
+            .args(args)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn python3");
+        Client {
+            child,
+            name: name.to_owned(),
+        }
+    }
+
+    fn wait_success(&mut self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "{} exited with {status}", self.name);
+                return;
+            }
+            assert!(Instant::now() < deadline, "{} did not exit", self.name);
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One consumer's events (tests/python/groups_consumer.py), complete lines only.
+#[derive(Debug, Default)]
+struct Events {
+    /// (partition, offset) of every message consumed, in order.
+    consumed: Vec<(i32, i64)>,
+    /// (partition, next offset) of every acknowledged commit, in order.
+    commits: Vec<(i32, i64)>,
+}
+
+fn read_events(path: &Path) -> Events {
+    let mut text = std::fs::read_to_string(path).unwrap_or_default();
+    text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
+    let mut e = Events::default();
+    for line in text.lines() {
+        let parts: Vec<&str> = line.split(' ').collect();
+        match parts.as_slice() {
+            ["M", p, o, _] => e.consumed.push((p.parse().unwrap(), o.parse().unwrap())),
+            ["C", p, o] => e.commits.push((p.parse().unwrap(), o.parse().unwrap())),
+            _ => {}
+        }
+    }
+    e
+}
+
+fn s(v: &str) -> StrBytes {
+    StrBytes::from_string(v.to_owned())
+}
+
+/// The node `addr` names as the group's coordinator, if it names one.
+fn find_coordinator(addr: &str) -> Option<i32> {
+    let mut raw = Raw::connect(addr);
+    let r = raw.call(2, &FindCoordinatorRequest::default().with_key(s(GROUP)));
+    (r.error_code == 0).then_some(r.node_id.0)
+}
+
+fn fetch_offsets(addr: &str) -> OffsetFetchResponse {
+    let mut raw = Raw::connect(addr);
+    raw.call(
+        5,
+        &OffsetFetchRequest::default()
+            .with_group_id(GroupId(s(GROUP)))
+            .with_topics(Some(vec![OffsetFetchRequestTopic::default()
+                .with_name(TopicName(s(TOPIC)))
+                .with_partition_indexes((0..PARTITIONS).collect())])),
+    )
+}
+
+/// partition -> highest acknowledged commit over `events`.
+fn highest_commits<'a>(events: impl Iterator<Item = &'a Events>) -> BTreeMap<i32, i64> {
+    let mut out = BTreeMap::new();
+    for e in events {
+        for &(p, o) in &e.commits {
+            let c = out.entry(p).or_insert(o);
+            *c = (*c).max(o);
+        }
+    }
+    out
+}
+
+fn logs(nodes: &[Node]) -> String {
+    nodes
+        .iter()
+        .map(|n| format!("--- node {} ---\n{}", n.id, n.log()))
+        .collect()
+}
+
+#[test]
+fn a_group_follows_its_coordinator_to_the_new_leader_and_keeps_its_commits() {
+    let mut nodes = cluster(3);
+    let all = [1, 2, 3];
+    {
+        let refs: Vec<&Node> = nodes.iter().collect();
+        wait_for(&refs, &all, &all, "cluster formed");
+    }
+    let bootstrap = nodes.iter().map(Node::addr).collect::<Vec<_>>().join(",");
+    let out = python(
+        "cluster_admin.py",
+        &[&bootstrap, TOPIC, &PARTITIONS.to_string(), "3"],
+    );
+    assert_success("cluster_admin.py", &out);
+
+    let work = tempfile::tempdir().unwrap();
+    let file = |name: &str| -> PathBuf { work.path().join(name) };
+    let stop = file("stop");
+    let stop_s = stop.to_string_lossy().into_owned();
+    let mut producer = Client::python(
+        "producer",
+        "groups_producer.py",
+        &[
+            &bootstrap,
+            TOPIC,
+            &PARTITIONS.to_string(),
+            "100000",
+            "20",
+            &file("produced").to_string_lossy(),
+            &stop_s,
+        ],
+        &file("producer.log"),
+    );
+    let members: Vec<PathBuf> = (0..2).map(|i| file(&format!("member{i}"))).collect();
+    let mut consumers: Vec<Client> = members
+        .iter()
+        .enumerate()
+        .map(|(i, out)| {
+            Client::python(
+                &format!("member{i}"),
+                "groups_consumer.py",
+                &[
+                    &bootstrap,
+                    TOPIC,
+                    GROUP,
+                    &out.to_string_lossy(),
+                    &stop_s,
+                    "180",
+                ],
+                &file(&format!("member{i}.log")),
+            )
+        })
+        .collect();
+    let events = || members.iter().map(|m| read_events(m)).collect::<Vec<_>>();
+    let commits = || events().iter().map(|e| e.commits.len()).sum::<usize>();
+    let context = |nodes: &[Node]| {
+        let clients: String = ["producer.log", "member0.log", "member1.log"]
+            .iter()
+            .map(|f| {
+                format!(
+                    "--- {f} ---\n{}\n",
+                    std::fs::read_to_string(file(f)).unwrap_or_default()
+                )
+            })
+            .collect();
+        format!("{clients}{}", logs(nodes))
+    };
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while commits() < COMMITS_EACH_SIDE {
+        assert!(
+            Instant::now() < deadline,
+            "the group never committed\n{}",
+            context(&nodes)
+        );
+        std::thread::sleep(POLL);
+    }
+    // The coordinator every node names is the leader of the group's offsets partition.
+    let coordinator = common::cluster::wait_until("a coordinator", Duration::from_secs(10), || {
+        let named: Vec<Option<i32>> = nodes.iter().map(|n| find_coordinator(&n.addr())).collect();
+        (named.iter().all(|c| c.is_some() && *c == named[0])).then(|| named[0].unwrap())
+    });
+    let victim = nodes
+        .iter()
+        .position(|n| n.id as i32 == coordinator)
+        .expect("a node of the cluster");
+    let before = events();
+    let acked_before = highest_commits(before.iter());
+    let consumed_before: Vec<usize> = before.iter().map(|e| e.consumed.len()).collect();
+    let commits_before = commits();
+    nodes[victim].kill();
+
+    // The survivors name a new coordinator, and the group commits again through it.
+    let survivor = nodes[(victim + 1) % nodes.len()].addr();
+    let moved = common::cluster::wait_until("a new coordinator", RECOVERY_BOUND, || {
+        find_coordinator(&survivor).filter(|&c| c != coordinator)
+    });
+    let deadline = Instant::now() + RECOVERY_BOUND;
+    while commits() < commits_before + COMMITS_EACH_SIDE {
+        assert!(
+            Instant::now() < deadline,
+            "the group did not commit again after its coordinator {coordinator} was killed \
+             (new coordinator {moved})\n{}",
+            context(&nodes)
+        );
+        std::thread::sleep(POLL);
+    }
+    std::fs::write(&stop, b"").unwrap();
+    producer.wait_success(Duration::from_secs(60));
+    for c in &mut consumers {
+        c.wait_success(Duration::from_secs(60));
+    }
+
+    let after = events();
+    // Committed offsets read back from the new coordinator never went backwards: each is at
+    // least every commit acknowledged for its partition, before the kill or after.
+    let acked = highest_commits(after.iter());
+    let now = find_coordinator(&survivor).expect("a coordinator");
+    let now_addr = nodes.iter().find(|n| n.id as i32 == now).unwrap().addr();
+    let fetched = fetch_offsets(&now_addr);
+    // Any other node is not the coordinator and says so.
+    let other = nodes
+        .iter()
+        .find(|n| n.id as i32 != now && n.id as i32 != coordinator)
+        .unwrap();
+    assert_eq!(
+        fetch_offsets(&other.addr()).error_code,
+        kafka_protocol::ResponseError::NotCoordinator.code()
+    );
+    assert_eq!(fetched.error_code, 0, "{fetched:?}");
+    for p in &fetched.topics[0].partitions {
+        assert_eq!(p.error_code, 0);
+        let want = acked.get(&p.partition_index).copied().unwrap_or(-1);
+        assert!(
+            p.committed_offset >= want,
+            "partition {}: committed {} read back, but {want} was acknowledged",
+            p.partition_index,
+            p.committed_offset
+        );
+        let before = acked_before.get(&p.partition_index).copied().unwrap_or(-1);
+        assert!(p.committed_offset >= before);
+    }
+    // Nothing committed before the kill was read again after it: the group went on from its
+    // commits, not from an older position (or the start, had the offsets been lost).
+    for (e, &seen) in after.iter().zip(&consumed_before) {
+        for &(p, o) in &e.consumed[seen..] {
+            let committed = acked_before.get(&p).copied().unwrap_or(0);
+            assert!(
+                o >= committed,
+                "partition {p}: offset {o} read again after the failover, below the commit \
+                 {committed} acknowledged before it\n{}",
+                context(&nodes)
+            );
+        }
+    }
+    println!(
+        "coordinator {coordinator} killed, new coordinator {moved}; commits before {}, after {}",
+        commits_before,
+        commits()
+    );
+    // A node coordinating groups stops cleanly on SIGTERM (its pending writes do not hold the
+    // shutdown).
+    for n in nodes.iter_mut().filter(|n| n.child.is_some()) {
+        n.terminate();
+    }
+}
