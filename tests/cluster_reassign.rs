@@ -5,7 +5,9 @@
 //! partition move` moves partition 1 onto node 4 away from its own leader (which hands
 //! leadership over first). Afterwards Metadata on every node shows the targets with full ISRs,
 //! node 4 holds both partitions' logs, the removed replicas' files are gone, a cancel of a
-//! finished move is refused, and every acknowledged write is read back once at its offset.
+//! finished move is refused, node 4 restarts and rejoins both ISRs (its membership recovered
+//! from its log), and every acknowledged write is read back once at its offset. Catch-up
+//! traffic runs under `--replication-throttle-bytes-per-sec`.
 //!
 //! Every wait is a bounded poll.
 
@@ -54,6 +56,11 @@ fn make_nodes() -> Vec<Node> {
     let seeds: Vec<String> = nodes[..3].iter().map(Node::seed).collect();
     for n in &mut nodes {
         n.seeds = seeds.join(",");
+        // Catch-up traffic throttled (well above what this test writes, so it only paces).
+        n.extra_args = vec![
+            "--replication-throttle-bytes-per-sec".into(),
+            "4000000".into(),
+        ];
     }
     nodes
 }
@@ -183,6 +190,15 @@ fn replicas_move_onto_a_new_node_under_an_idempotent_producer() {
     );
 
     producer.wait_more(300, "acks after the moves");
+    // Node 4 restarts: its groups' membership comes back from its log (the membership batches
+    // listed beside it), and it rejoins both ISRs as a voter.
+    nodes[3].terminate();
+    nodes[3].spawn();
+    wait_until("node 4 back in both ISRs", CHANGE_BOUND, || {
+        let ps = settled(&nodes)?;
+        (ps[0].replicas == target0 && ps[1].replicas == target1).then_some(())
+    });
+    producer.wait_more(300, "acks after node 4's restart");
     let reports = producer.stop();
     let all = nodes.iter().map(Node::addr).collect::<Vec<_>>().join(",");
     let out = python("consume_all.py", &[&all, TOPIC, "--offsets"]);
