@@ -19,6 +19,7 @@ use spate_net::metrics::Metrics;
 use spate_net::metrics_http::MetricsServer;
 use spate_net::server::{accept_loop, OpenConnections};
 use spate_net::shard::{Job, Router, Shard};
+use spate_replication::cluster::throttle::ReplicationThrottle;
 use spate_replication::cluster::{run_shard_runtime, RuntimeConfig, ShardLink};
 
 /// How often a shard that finished draining checks whether the others have too.
@@ -43,6 +44,8 @@ pub struct ClusterWiring {
     pub mirror: Arc<MetadataStore>,
     /// One per shard, in shard order.
     pub links: Vec<ShardLink>,
+    /// The node's catch-up replication throttle, shared by its shards; `None`: off.
+    pub throttle: Option<Arc<ReplicationThrottle>>,
 }
 
 pub struct Broker {
@@ -91,6 +94,7 @@ impl Broker {
             )
             .map_err(NetError::Config)?;
         }
+        let throttle = cluster.as_ref().and_then(|w| w.throttle.clone());
         let (metadata, mut links) = match cluster {
             Some(w) => {
                 if w.links.len() != config.cores {
@@ -144,7 +148,7 @@ impl Broker {
         for (id, inbox) in receivers.into_iter().enumerate() {
             let (config, metadata, router) = (config.clone(), metadata.clone(), router.clone());
             let metrics = metrics.clone();
-            let link = links[id].take();
+            let link = links[id].take().map(|l| (l, throttle.clone()));
             let (open, drained, ready) =
                 (open_connections.clone(), drained.clone(), ready_tx.clone());
             let handle = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
@@ -279,7 +283,7 @@ async fn run_shard(
     drained: Arc<AtomicUsize>,
     ready: flume::Sender<Result<SocketAddr, String>>,
     metrics: Arc<Metrics>,
-    link: Option<ShardLink>,
+    link: Option<(ShardLink, Option<Arc<ReplicationThrottle>>)>,
 ) {
     let shard = Shard::new(id, router.clone(), config.clone(), metadata, &metrics);
     {
@@ -296,7 +300,7 @@ async fn run_shard(
             shard.open_owned_partitions(None).await;
             None
         }
-        Some(link) => {
+        Some((link, throttle)) => {
             let node = config.node_id as spate_replication::NodeId;
             let stop = {
                 let shard = shard.clone();
@@ -304,6 +308,7 @@ async fn run_shard(
             };
             let runtime = RuntimeConfig {
                 observer: Some(Box::new(shard.metrics.cluster_runtime())),
+                throttle,
                 ..RuntimeConfig::new(node)
             };
             Some(glommio::spawn_local(run_shard_runtime(

@@ -34,6 +34,8 @@ pub struct ClusterArgs {
     pub default_replication_factor: Option<usize>,
     /// The leader balancer's interval; `None`: off.
     pub leader_balance_interval_ms: Option<u64>,
+    /// `--replication-throttle-bytes-per-sec`; `None`: off (0).
+    pub replication_throttle_bytes_per_sec: Option<u64>,
 }
 
 impl ClusterArgs {
@@ -76,6 +78,9 @@ impl ClusterArgs {
             seeds,
             default_replication_factor: c.default_replication_factor,
             leader_balance_interval_ms,
+            replication_throttle_bytes_per_sec: c
+                .replication_throttle_bytes_per_sec
+                .filter(|&r| r > 0),
         }))
     }
 }

@@ -179,6 +179,15 @@ pub struct ServeConfig {
         value_name = "SECONDS"
     )]
     pub leader_imbalance_check_interval_seconds: Option<u64>,
+    /// With --seeds: bytes per second this node sends to replicas catching up (a replica
+    /// joining during a move, a follower far behind), over all its partitions; 0 = unthrottled
+    /// (Kafka's leader.replication.throttled.rate) [default: 0].
+    #[arg(
+        long,
+        env = "SPATE_REPLICATION_THROTTLE_BYTES_PER_SEC",
+        value_name = "BYTES"
+    )]
+    pub replication_throttle_bytes_per_sec: Option<u64>,
     /// Memory of the log cleaner's key -> offset map over all cores (each gets an equal share,
     /// at least 1 MiB); compacted logs with more keys are cleaned in passes [default:
     /// 134217728].
@@ -239,6 +248,7 @@ macro_rules! each_setting {
             default_replication_factor,
             auto_leader_rebalance_enable,
             leader_imbalance_check_interval_seconds,
+            replication_throttle_bytes_per_sec,
             cleaner_dedupe_buffer_bytes,
             cleaner_io_bytes_per_sec,
             cleaner_backoff_ms
@@ -300,6 +310,7 @@ impl ServeConfig {
             leader_imbalance_check_interval_seconds: Some(
                 spate_replication::controller::active::DEFAULT_LEADER_BALANCE_INTERVAL_MS / 1000,
             ),
+            replication_throttle_bytes_per_sec: Some(0),
             cleaner_dedupe_buffer_bytes: Some(
                 spate_net::config::DEFAULT_CLEANER_DEDUPE_BUFFER_BYTES as u64,
             ),

@@ -92,7 +92,7 @@ enum Command {
     /// Show the cluster: id, controller, brokers, supported APIs; check a node can restart.
     #[command(subcommand)]
     Cluster(admin::ClusterCommand),
-    /// Partition leadership: preferred-leader elections.
+    /// Partition leadership and placement: preferred-leader elections, replica moves.
     #[command(subcommand)]
     Partition(admin::PartitionCommand),
     /// Node operations: maintenance mode before a restart.
@@ -206,7 +206,17 @@ fn serve(args: config::ServeConfig) -> anyhow::Result<()> {
                 mirror.clone(),
             )?;
             config.cluster = Some(port);
-            (Some(service), Some(broker::ClusterWiring { mirror, links }))
+            let throttle = c.replication_throttle_bytes_per_sec.map(|rate| {
+                std::sync::Arc::new(
+                    spate_replication::cluster::throttle::ReplicationThrottle::new(rate),
+                )
+            });
+            let wiring = broker::ClusterWiring {
+                mirror,
+                links,
+                throttle,
+            };
+            (Some(service), Some(wiring))
         }
         _ => (None, None),
     };

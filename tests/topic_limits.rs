@@ -303,6 +303,12 @@ fn every_advertised_version_is_served() {
                     &UnregisterBrokerRequest::default().with_broker_id(BrokerId(1)),
                 ),
                 ApiKey::ElectLeaders => probe(&addr, v, &ElectLeadersRequest::default()),
+                ApiKey::AlterPartitionReassignments => {
+                    probe(&addr, v, &AlterPartitionReassignmentsRequest::default())
+                }
+                ApiKey::ListPartitionReassignments => {
+                    probe(&addr, v, &ListPartitionReassignmentsRequest::default())
+                }
                 other => panic!("{other:?} is advertised: add a probe for it"),
             }
         }

@@ -85,6 +85,10 @@ async fn dispatch_reporting(
         ApiKey::ElectLeaders => handlers::elect_leaders::handle(&shard, &req)
             .await
             .map(Some),
+        ApiKey::AlterPartitionReassignments => {
+            handlers::reassignments::alter(&shard, &req).await.map(Some)
+        }
+        ApiKey::ListPartitionReassignments => handlers::reassignments::list(&shard, &req).map(Some),
         key if crate::group::GROUP_API_KEYS.contains(&key) => {
             crate::group::handle(&shard, &req).await.map(Some)
         }
@@ -205,6 +209,12 @@ pub fn decode_only(req: &Request) -> Result<(), NetError> {
         ApiKey::AlterConfigs => decode_body::<AlterConfigsRequest>(req).map(drop),
         ApiKey::UnregisterBroker => decode_body::<UnregisterBrokerRequest>(req).map(drop),
         ApiKey::ElectLeaders => decode_body::<ElectLeadersRequest>(req).map(drop),
+        ApiKey::AlterPartitionReassignments => {
+            decode_body::<AlterPartitionReassignmentsRequest>(req).map(drop)
+        }
+        ApiKey::ListPartitionReassignments => {
+            decode_body::<ListPartitionReassignmentsRequest>(req).map(drop)
+        }
         _ => Err(NetError::Malformed("not served".into())),
     }
 }

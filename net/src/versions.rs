@@ -49,6 +49,9 @@ pub const SUPPORTED: &[Supported] = &[
     api(ApiKey::UnregisterBroker, 0, 0),
     // Preferred-leader elections; UNCLEAN (v1+) is answered ELIGIBLE_LEADERS_NOT_AVAILABLE.
     api(ApiKey::ElectLeaders, 0, 2),
+    // Replica moves (KIP-455); a node without `--seeds` refuses Alter with INVALID_REQUEST.
+    api(ApiKey::AlterPartitionReassignments, 0, 0),
+    api(ApiKey::ListPartitionReassignments, 0, 0),
     // Consumer groups (net/src/group/).
     api(ApiKey::FindCoordinator, 0, 4),
     api(ApiKey::JoinGroup, 0, 9),

@@ -280,6 +280,7 @@ async fn start(timer: bool) -> (Cluster, tempfile::TempDir) {
                     report_interval: REPORT_INTERVAL,
                     stats: stats.clone(),
                     observer: None,
+                    throttle: None,
                 }
             };
             let task = glommio::spawn_local(run_shard_runtime(

@@ -11,6 +11,7 @@ pub mod metadata;
 pub mod offset_for_leader_epoch;
 pub mod produce;
 pub mod quorum;
+pub mod reassignments;
 pub mod unregister_broker;
 
 use kafka_protocol::messages::TopicName;

@@ -43,7 +43,11 @@ pub struct HostedPartition {
     pub partition: u32,
     /// The shard the assignment names for this node's replica.
     pub shard: u32,
-    /// Every replica of the partition: the group's voters.
+    /// The group's voters for a replica whose log holds no membership batch: the partition's
+    /// replicas, or while they move, the replicas before the move (a replica joining as a
+    /// learner must not count itself a voter; it learns the membership from the log). Not part
+    /// of what decides whether a group is reopened ([`HostingPlan::changes_to`]): a move
+    /// changes the membership by consensus, not by reopening.
     pub voters: Vec<NodeId>,
 }
 
@@ -84,12 +88,15 @@ pub fn plan_hosting(state: &MetadataState, node: NodeId) -> (HostingPlan, Vec<Pl
             };
             let partition = i as u32;
             let group = partition_group_id(t.topic_id, partition);
+            let bootstrap = state
+                .reassignment(name, partition)
+                .map_or(&p.replicas, |r| &r.original);
             let hosted = HostedPartition {
                 topic: name.clone(),
                 topic_id: t.topic_id,
                 partition,
                 shard: mine.shard,
-                voters: p.replicas.iter().map(|r| r.node).collect(),
+                voters: bootstrap.iter().map(|r| r.node).collect(),
             };
             if let Some(other) = groups.get(&group) {
                 conflicts.push(PlanConflict {
@@ -115,17 +122,22 @@ impl HostingPlan {
         self.groups.get(&group).map(|h| h.shard)
     }
 
-    /// From `self` to `next`. A group whose shard or voters changed is closed and reopened (a
-    /// membership change is not wired yet, so voters change only with a new topic incarnation).
+    /// From `self` to `next`. A group whose partition incarnation or shard changed is closed
+    /// and reopened; one whose bootstrap voters changed (a move started or ended) is not: its
+    /// membership is the group's own, changed by consensus.
     pub fn changes_to(&self, next: &HostingPlan) -> HostingChanges {
+        let same = |a: &HostedPartition, b: &HostedPartition| {
+            (&a.topic, a.topic_id, a.partition, a.shard)
+                == (&b.topic, b.topic_id, b.partition, b.shard)
+        };
         let mut c = HostingChanges::default();
         for (g, h) in &self.groups {
-            if next.groups.get(g) != Some(h) {
+            if !next.groups.get(g).is_some_and(|n| same(n, h)) {
                 c.close.push((*g, h.clone()));
             }
         }
         for (g, h) in &next.groups {
-            if self.groups.get(g) != Some(h) {
+            if !self.groups.get(g).is_some_and(|o| same(o, h)) {
                 c.open.push((*g, h.clone()));
             }
         }

@@ -103,6 +103,18 @@ pub enum ControllerCall {
         on: bool,
         reply: Reply<()>,
     },
+    /// Moves of partitions' replicas to target nodes, or cancels (`None`).
+    Reassign {
+        moves: Vec<(String, u32, Option<Vec<NodeId>>)>,
+        reply: Reply<()>,
+    },
+    /// This node leads the partition and its group's voters are the move's target.
+    FinishReassignment {
+        topic: String,
+        partition: u32,
+        replicas: Vec<NodeId>,
+        reply: Reply<()>,
+    },
 }
 
 /// What a shard sends the service thread.
@@ -241,6 +253,36 @@ impl ClusterPort {
     pub async fn set_maintenance(&self, node: NodeId, on: bool) -> Result<(), CallError> {
         self.call(|reply| ControllerCall::SetMaintenance { node, on, reply })
             .await
+    }
+
+    /// Records moves of partitions' replicas (Kafka's AlterPartitionReassignments): each
+    /// `(topic, partition, Some(target nodes))` starts or changes a move, `None` cancels one.
+    /// Partitions [`crate::controller::reassignment::check_request`] refuses on the controller's
+    /// state, and repeats, record nothing; the caller judges each partition on its view.
+    /// Answered once applied here (the move is started, not finished).
+    pub async fn reassign(
+        &self,
+        moves: Vec<(String, u32, Option<Vec<NodeId>>)>,
+    ) -> Result<(), CallError> {
+        self.call(|reply| ControllerCall::Reassign { moves, reply })
+            .await
+    }
+
+    /// Reports, as the partition's leader, that its group's voters are the move's target
+    /// `replicas`: the move ends (answered once applied here).
+    pub async fn finish_reassignment(
+        &self,
+        topic: String,
+        partition: u32,
+        replicas: Vec<NodeId>,
+    ) -> Result<(), CallError> {
+        self.call(|reply| ControllerCall::FinishReassignment {
+            topic,
+            partition,
+            replicas,
+            reply,
+        })
+        .await
     }
 
     /// A producer id unique in the cluster and never handed out before: from this node's

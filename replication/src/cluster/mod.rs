@@ -8,6 +8,7 @@ mod hosting;
 mod link;
 mod shard_host;
 pub mod shard_runtime;
+pub mod throttle;
 
 pub use hosting::{
     gather_outgoing, partition_group_id, plan_hosting, split_by_shard, HostedPartition,

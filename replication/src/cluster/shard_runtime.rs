@@ -21,6 +21,14 @@
 //! ([`crate::controller::leadership::transfer_target`] picks the node), at most once per
 //! [`LEADERSHIP_TRANSFER_RETRY_MS`] per group and target.
 //!
+//! On each tick the runtime also carries out replica moves
+//! ([`crate::controller::reassignment`]): a group it leads whose partition is moving takes the
+//! next membership step (a learner added, a caught-up learner promoted, a replica outside the
+//! target removed, leadership handed to a target voter before the leader removes itself), and
+//! once its voters are the target and that change has committed, reports the end to the
+//! controller (at most once per [`REASSIGNMENT_RETRY_MS`]). A node no longer among a
+//! partition's replicas once the move ended closes the partition and deletes its files.
+//!
 //! On each tick the runtime also hands each group's replication view to its replica's
 //! observer (only when it changed) and its own counters to the [`RuntimeObserver`]: that is
 //! how metrics see replication without this crate knowing of them.
@@ -29,15 +37,18 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_lite::future::or;
 
+use crate::cluster::throttle::ReplicationThrottle;
 use crate::cluster::{
     partition_group_id, plan_hosting, HostedPartition, HostingPlan, LeaderReport, ShardEvent,
     ShardGroups, ShardLink,
 };
 use crate::controller::leadership::transfer_target;
+use crate::controller::reassignment::{apply_step, next_step, Step};
 use crate::controller::view::ClusterView;
 use crate::node::NodeMessage;
 use crate::partition::{ReplicationGauges, TopicPartition};
@@ -56,6 +67,10 @@ pub const REPORT_INTERVAL_MS: u64 = 200;
 /// abandons a transfer that has not finished within an election timeout (0.5-1 s); this is
 /// longer, so a transfer is never asked for while one is under way.
 pub const LEADERSHIP_TRANSFER_RETRY_MS: u64 = 1_500;
+
+/// How long a partition leader waits before asking the controller again to end a finished
+/// move, or to hand leadership away before removing itself.
+pub const REASSIGNMENT_RETRY_MS: u64 = 1_000;
 
 /// Incoming node messages stepped before their groups' replies are flushed: batches a burst
 /// (a peer's per-tick messages arrive together) without holding replies back for long.
@@ -79,6 +94,8 @@ pub struct RuntimeConfig {
     pub stats: Rc<RefCell<RuntimeStats>>,
     /// Told the stats after every tick (metrics); none by default.
     pub observer: Option<Box<dyn RuntimeObserver>>,
+    /// The node's replication throttle for catch-up traffic (shared by its shards); none: off.
+    pub throttle: Option<Arc<ReplicationThrottle>>,
 }
 
 /// Sees a runtime's counters as they move (the broker's metrics). Called on the shard's
@@ -96,6 +113,7 @@ impl RuntimeConfig {
             report_interval: Duration::from_millis(REPORT_INTERVAL_MS),
             stats: Rc::default(),
             observer: None,
+            throttle: None,
         }
     }
 }
@@ -118,6 +136,9 @@ pub struct RuntimeStats {
     pub open_failures: u64,
     /// Leadership transfers started (to a wished leader, or away from a node in maintenance).
     pub leadership_transfers: u64,
+    /// Membership changes proposed for replica moves, and moves reported finished.
+    pub membership_changes: u64,
+    pub reassignments_finished: u64,
 }
 
 enum Event {
@@ -155,6 +176,8 @@ pub async fn run(
         reported: BTreeMap::new(),
         published: BTreeMap::new(),
         transfers: BTreeMap::new(),
+        finishing: BTreeMap::new(),
+        throttle: config.throttle.clone(),
         stats: config.stats.clone(),
     };
     let mut stop = std::pin::pin!(stop);
@@ -244,6 +267,7 @@ pub async fn run(
                 rt.send(&link, out);
                 rt.report(&link, false);
                 rt.move_leadership(&link).await;
+                rt.move_replicas(&link).await;
                 rt.publish_replication();
                 rt.stats.borrow_mut().ticks += 1;
                 if let Some(o) = &config.observer {
@@ -317,6 +341,9 @@ struct Runtime {
     published: BTreeMap<GroupId, ReplicationGauges>,
     /// The last leadership transfer asked of each group: to whom, and when.
     transfers: BTreeMap<GroupId, (NodeId, Instant)>,
+    /// When each group last reported its move finished.
+    finishing: BTreeMap<GroupId, Instant>,
+    throttle: Option<Arc<ReplicationThrottle>>,
     stats: Rc<RefCell<RuntimeStats>>,
 }
 
@@ -393,6 +420,104 @@ impl Runtime {
         }
         let plan = &self.plan;
         self.transfers.retain(|g, _| plan.groups.contains_key(g));
+    }
+
+    /// Groups this shard leads whose partition is moving take the next step of the move
+    /// ([`next_step`]): one membership change, a leadership hand-over, or the report of the end
+    /// once the voters are the target and that change has committed.
+    async fn move_replicas(&mut self, link: &ShardLink) {
+        let view = link.port.view();
+        let state = &view.metadata;
+        if state.reassignments.is_empty() {
+            self.finishing.clear();
+            return;
+        }
+        let now = Instant::now();
+        let retry = Duration::from_millis(REASSIGNMENT_RETRY_MS);
+        let mut work = Vec::new();
+        for ((topic, partition), r) in &state.reassignments {
+            let Some(t) = state.topics.get(topic) else {
+                continue;
+            };
+            let g = partition_group_id(t.topic_id, *partition);
+            let Some(group) = self.groups.get(g).filter(|g| g.is_writable_leader()) else {
+                continue;
+            };
+            work.push((g, group, topic.clone(), *partition, r.target_nodes()));
+        }
+        for (g, group, topic, partition, target) in work {
+            if !group.membership_committed() {
+                continue;
+            }
+            let membership = group.membership();
+            match next_step(&membership, &target, self.node) {
+                Step::Finish => {
+                    if self
+                        .finishing
+                        .get(&g)
+                        .is_some_and(|at| now.duration_since(*at) < retry)
+                    {
+                        continue;
+                    }
+                    self.finishing.insert(g, now);
+                    let port = link.port.clone();
+                    let stats = self.stats.clone();
+                    glommio::spawn_local(async move {
+                        let res = port
+                            .finish_reassignment(topic.clone(), partition, target)
+                            .await;
+                        match res {
+                            Ok(()) => stats.borrow_mut().reassignments_finished += 1,
+                            Err(e) => tracing::debug!(%topic, partition, error = %e,
+                                "reassignment end not recorded yet"),
+                        }
+                    })
+                    .detach();
+                }
+                Step::TransferAway => {
+                    let in_sync = group.in_sync_voter_ids();
+                    let Some(to) = target
+                        .iter()
+                        .copied()
+                        .find(|n| in_sync.contains(n) && state.is_leader_candidate(*n))
+                    else {
+                        continue;
+                    };
+                    let recent = self
+                        .transfers
+                        .get(&g)
+                        .is_some_and(|(t, at)| *t == to && now.duration_since(*at) < retry);
+                    if recent {
+                        continue;
+                    }
+                    self.transfers.insert(g, (to, now));
+                    match group.transfer_leadership(to).await {
+                        Ok(()) => {
+                            self.stats.borrow_mut().leadership_transfers += 1;
+                            tracing::info!(%topic, partition, group = g, to,
+                                "moving replicas: handing leadership to a target replica");
+                        }
+                        Err(e) => tracing::debug!(%topic, partition, group = g, to, error = %e,
+                            "leadership transfer not started"),
+                    }
+                }
+                step => {
+                    let next = apply_step(&membership, &step).expect("a membership change");
+                    match group.propose_membership(next).await {
+                        Ok(()) => {
+                            self.stats.borrow_mut().membership_changes += 1;
+                            tracing::info!(%topic, partition, group = g, ?step,
+                                "moving replicas: membership change proposed");
+                        }
+                        // A learner not caught up yet, an uncommitted epoch: the next tick.
+                        Err(e) => tracing::debug!(%topic, partition, group = g, ?step,
+                            error = %e, "membership change not proposed yet"),
+                    }
+                }
+            }
+        }
+        let plan = &self.plan;
+        self.finishing.retain(|g, _| plan.groups.contains_key(g));
     }
 
     /// Hands each group's replication view to its replica's observer if it changed since the
@@ -474,13 +599,23 @@ impl Runtime {
             self.reported.remove(&g);
             self.plan.groups.remove(&g);
             let tp = topic_partition(&h);
-            let gone = state
+            let topic_gone = state
                 .topics
                 .get(&h.topic)
                 .is_none_or(|t| t.topic_id != h.topic_id);
-            if gone {
-                tracing::info!(topic = %h.topic, partition = h.partition, group = g,
-                    "topic deleted: removing its replicated partition");
+            // A move ended without this node: its replica is no longer the cluster's.
+            let moved_away = !topic_gone
+                && state
+                    .partition(&h.topic, h.partition)
+                    .is_some_and(|p| !p.has_replica(self.node));
+            if topic_gone || moved_away {
+                let why = if topic_gone {
+                    "topic deleted"
+                } else {
+                    "replica moved away"
+                };
+                tracing::info!(topic = %h.topic, partition = h.partition, group = g, why,
+                    "removing the replicated partition and its files");
                 self.replicas.delete_group(&tp, h.topic_id).await;
             } else {
                 self.replicas.close_group(&tp).await;
@@ -496,10 +631,19 @@ impl Runtime {
                 Ok(group) => {
                     tracing::info!(topic = %h.topic, partition = h.partition, group = g,
                         voters = ?h.voters, "hosting replicated partition");
+                    if let Some(t) = &self.throttle {
+                        group.set_throttle(t.clone());
+                    }
                     self.groups.insert(group);
                     self.plan.groups.insert(g, h);
                 }
                 Err(_) => self.stats.borrow_mut().open_failures += 1,
+            }
+        }
+        // A move started or ended: the bootstrap voters changed, the group stays open.
+        for (g, h) in mine.groups {
+            if let Some(kept) = self.plan.groups.get_mut(&g) {
+                *kept = h;
             }
         }
         let hosted: BTreeMap<&str, ()> = self

@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 
 use crate::controller::leadership::{self, PreferredElection};
 use crate::controller::placement::{default_replication_factor, PlacementError, Placer};
+use crate::controller::reassignment;
 use crate::controller::records::{
     BrokerRegistration, Endpoint, PartitionState, Record, MAX_CONFIGS_PER_TOPIC,
     MAX_CONFIG_KEY_BYTES, MAX_CONFIG_VALUE_BYTES, MAX_HOST_BYTES, MAX_NODE_ID,
@@ -385,6 +386,107 @@ impl ActiveController {
         tracing::info!(node, on, "broker maintenance mode (operator request)");
         let mut out = Vec::new();
         self.push(&mut out, Record::SetMaintenance { node, on });
+        Ok(out)
+    }
+
+    /// Moves of partitions' replicas (Kafka's AlterPartitionReassignments): for each
+    /// `(topic, partition, target)` a [`Record::Reassign`] to the target nodes (new replicas get
+    /// a shard by load), or a cancel for `None`. A partition the request refuses
+    /// ([`reassignment::check_request`]; the requester tells its client why, from the applied
+    /// state), a target already recorded, or a cancel of a partition not moving records nothing,
+    /// so asking again changes nothing.
+    pub fn reassign(
+        &mut self,
+        moves: &[(String, u32, Option<Vec<NodeId>>)],
+    ) -> Result<Vec<Record>, ControllerError> {
+        if moves.len() > reassignment::MAX_PARTITIONS_PER_REASSIGNMENT {
+            return Err(ControllerError::Invalid(
+                "too many partitions in one reassignment",
+            ));
+        }
+        let mut out = Vec::new();
+        for (topic, partition, target) in moves {
+            if reassignment::check_request(&self.state, topic, *partition, target.as_deref())
+                .is_err()
+            {
+                continue;
+            }
+            let record = match target {
+                None => Record::Reassign {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    target: None,
+                },
+                Some(nodes) => {
+                    let target = reassignment::assign_shards(&self.state, topic, *partition, nodes);
+                    let p = self.state.partition(topic, *partition).expect("checked");
+                    let unchanged = match self.state.reassignment(topic, *partition) {
+                        Some(r) => r.target == target,
+                        None => p.replicas == target,
+                    };
+                    if unchanged {
+                        continue;
+                    }
+                    Record::Reassign {
+                        topic: topic.clone(),
+                        partition: *partition,
+                        target: Some(target),
+                    }
+                }
+            };
+            tracing::info!(%topic, partition, ?target, "partition reassignment (operator request)");
+            self.push(&mut out, record);
+        }
+        Ok(out)
+    }
+
+    /// The leader `node` of `topic`/`partition` reports that its group's voters are the
+    /// move's target `replicas`: the move ends. A repeat after the end records nothing; a
+    /// report for another target (the move changed meanwhile) or from a node that is not the
+    /// recorded leader is refused.
+    pub fn finish_reassignment(
+        &mut self,
+        node: NodeId,
+        topic: &str,
+        partition: u32,
+        replicas: &[NodeId],
+    ) -> Result<Vec<Record>, ControllerError> {
+        let Some(p) = self.state.partition(topic, partition) else {
+            return Err(ControllerError::UnknownPartition {
+                topic: topic.to_string(),
+                partition,
+            });
+        };
+        let Some(r) = self.state.reassignment(topic, partition) else {
+            let done = p
+                .replicas
+                .iter()
+                .map(|r| r.node)
+                .eq(replicas.iter().copied());
+            return if done {
+                Ok(Vec::new())
+            } else {
+                Err(ControllerError::Invalid("no such reassignment under way"))
+            };
+        };
+        if r.target_nodes() != replicas {
+            return Err(ControllerError::Invalid(
+                "the reassignment's target changed",
+            ));
+        }
+        if p.leader != Some(node) {
+            return Err(ControllerError::NotLeader { node });
+        }
+        tracing::info!(%topic, partition, ?replicas, "partition reassignment finished");
+        let mut out = Vec::new();
+        self.push(
+            &mut out,
+            Record::FinishReassignment {
+                topic: topic.to_string(),
+                partition,
+                replicas: replicas.to_vec(),
+            },
+        );
         Ok(out)
     }
 

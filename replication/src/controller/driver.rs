@@ -182,6 +182,16 @@ pub enum AdminCall {
         node: NodeId,
         on: bool,
     },
+    /// Moves of partitions' replicas, or cancels (`None`).
+    Reassign {
+        moves: Vec<(String, u32, Option<Vec<NodeId>>)>,
+    },
+    /// This node, leading the partition, reports the end of its move.
+    FinishReassignment {
+        topic: String,
+        partition: u32,
+        replicas: Vec<NodeId>,
+    },
 }
 
 /// What a finished admin call answers.
@@ -465,6 +475,7 @@ impl<R: Clone> Driver<R> {
                     RpcMessage::AllocateProducerIds { .. } => {
                         RpcMessage::AllocateProducerIdsResponse(Err(e))
                     }
+                    RpcMessage::FinishReassignment { .. } => RpcMessage::AdminResponse(Err(e)),
                     _ => RpcMessage::AlterIsrResponse(Err(e)),
                 };
                 self.send_reply(dest, corr, msg);
@@ -499,7 +510,9 @@ impl<R: Clone> Driver<R> {
             | RpcMessage::SetTopicConfigs { .. }
             | RpcMessage::UnregisterBroker { .. }
             | RpcMessage::ElectLeaders { .. }
-            | RpcMessage::SetMaintenance { .. }) => self.handle_request(dest, corr, m)?,
+            | RpcMessage::SetMaintenance { .. }
+            | RpcMessage::AlterReassignments { .. }
+            | RpcMessage::FinishReassignment { .. }) => self.handle_request(dest, corr, m)?,
             RpcMessage::RegisterBrokerResponse(_)
             | RpcMessage::HeartbeatResponse(_)
             | RpcMessage::FetchMetadataResponse(_)
@@ -545,7 +558,9 @@ impl<R: Clone> Driver<R> {
             | RpcMessage::SetTopicConfigs { .. }
             | RpcMessage::UnregisterBroker { .. }
             | RpcMessage::ElectLeaders { .. }
-            | RpcMessage::SetMaintenance { .. }) => self.handle_admin(dest, corr, m),
+            | RpcMessage::SetMaintenance { .. }
+            | RpcMessage::AlterReassignments { .. }
+            | RpcMessage::FinishReassignment { .. }) => self.handle_admin(dest, corr, m),
             other => unreachable!("not a controller request: {other:?}"),
         }
     }
@@ -822,6 +837,13 @@ impl<R: Clone> Driver<R> {
             }
             RpcMessage::ElectLeaders { partitions } => active.elect_preferred(&partitions),
             RpcMessage::SetMaintenance { node, on } => active.set_maintenance(node, on),
+            RpcMessage::AlterReassignments { moves } => active.reassign(&moves),
+            RpcMessage::FinishReassignment {
+                leader,
+                topic,
+                partition,
+                replicas,
+            } => active.finish_reassignment(leader, &topic, partition, &replicas),
             other => unreachable!("not an admin request: {other:?}"),
         };
         match decided {
@@ -1192,6 +1214,19 @@ impl<R: Clone> Driver<R> {
                     node: *node,
                     on: *on,
                 },
+                AdminCall::Reassign { moves } => RpcMessage::AlterReassignments {
+                    moves: moves.clone(),
+                },
+                AdminCall::FinishReassignment {
+                    topic,
+                    partition,
+                    replicas,
+                } => RpcMessage::FinishReassignment {
+                    leader: self.cfg.node_id,
+                    topic: topic.clone(),
+                    partition: *partition,
+                    replicas: replicas.clone(),
+                },
                 AdminCall::AllocateProducerIds => {
                     // Blocks are granted to a registered broker only.
                     let Some(broker_epoch) = self.agent.broker_epoch else {
@@ -1430,6 +1465,7 @@ fn claimed_node(m: &RpcMessage) -> Option<NodeId> {
         RpcMessage::Heartbeat(r) => Some(r.node),
         RpcMessage::AllocateProducerIds { node, .. } => Some(*node),
         RpcMessage::AlterIsr(r) => Some(r.leader),
+        RpcMessage::FinishReassignment { leader, .. } => Some(*leader),
         _ => None,
     }
 }
@@ -1445,6 +1481,14 @@ fn log_effect(e: &Effect) {
         Effect::MaintenanceChanged { node, on } => {
             tracing::info!(node, on, "broker maintenance mode changed")
         }
+        Effect::ReassignmentChanged { topic, partition } => {
+            tracing::info!(%topic, partition, "partition reassignment recorded")
+        }
+        Effect::ReassignmentFinished {
+            topic,
+            partition,
+            replicas,
+        } => tracing::info!(%topic, partition, ?replicas, "partition reassignment finished"),
         _ => tracing::debug!(effect = ?e, "metadata applied"),
     }
 }

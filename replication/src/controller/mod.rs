@@ -9,6 +9,8 @@
 //! - [`placement`]: where replicas, leaders and their shards go.
 //! - [`leadership`]: who should lead (preferred-leader elections, the leader balancer,
 //!   maintenance mode), recorded by the controller and carried out by partition leaders.
+//! - [`reassignment`]: moving a partition's replicas (learners, promotion, removal), recorded
+//!   by the controller and carried out by partition leaders.
 //! - [`store`]: the metadata log and hard state on disk.
 //! - [`driver`]: the metadata group, the active controller on its leader, and every node's
 //!   broker side, as decisions over frames and ticks (no sockets).
@@ -21,6 +23,7 @@ pub mod active;
 pub mod driver;
 pub mod leadership;
 pub mod placement;
+pub mod reassignment;
 pub mod records;
 pub mod service;
 pub mod state;

@@ -168,6 +168,24 @@ pub enum Record {
         node: NodeId,
         on: bool,
     },
+    /// Moves one partition's replicas to `target` (Kafka's AlterPartitionReassignments), or
+    /// cancels its move (`None`: back to the replicas it had before the move started). While a
+    /// move is under way the partition's replicas are the union of the target and every replica
+    /// it had; its leader carries the move out by membership changes of the partition's group
+    /// (learners first) and reports the end with [`Record::FinishReassignment`]. Recording the
+    /// same target again is a no-op.
+    Reassign {
+        topic: String,
+        partition: u32,
+        target: Option<Vec<ReplicaAssignment>>,
+    },
+    /// The partition's group has exactly the move's target as voters: its replicas become the
+    /// target (`replicas`, the target's nodes, guard against finishing another move).
+    FinishReassignment {
+        topic: String,
+        partition: u32,
+        replicas: Vec<NodeId>,
+    },
 }
 
 /// The records of one controller decision, applied together.
@@ -189,6 +207,8 @@ mod tag {
     pub const DELETE_TOPIC: u8 = 10;
     pub const ELECT_LEADER: u8 = 11;
     pub const SET_MAINTENANCE: u8 = 12;
+    pub const REASSIGN: u8 = 13;
+    pub const FINISH_REASSIGNMENT: u8 = 14;
 }
 
 /// `NodeId` on the wire for "no leader" (Kafka's -1).
@@ -297,18 +317,15 @@ fn decode_leader(r: &mut Reader) -> Result<Option<NodeId>, DecodeError> {
     Ok((v != NO_LEADER).then_some(v))
 }
 
-fn encode_partition(w: &mut Writer<'_>, p: &PartitionState) {
-    w.count(p.replicas.len(), MAX_REPLICAS_PER_PARTITION);
-    for a in &p.replicas {
+fn encode_assignments(w: &mut Writer<'_>, replicas: &[ReplicaAssignment]) {
+    w.count(replicas.len(), MAX_REPLICAS_PER_PARTITION);
+    for a in replicas {
         w.u64(a.node);
         w.u32(a.shard);
     }
-    w.u64_list(&p.isr, MAX_REPLICAS_PER_PARTITION);
-    encode_leader(w, p.leader);
-    w.i32(p.leader_epoch);
 }
 
-fn decode_partition(r: &mut Reader) -> Result<PartitionState, DecodeError> {
+fn decode_assignments(r: &mut Reader) -> Result<Vec<ReplicaAssignment>, DecodeError> {
     let n = r.count("replicas", MAX_REPLICAS_PER_PARTITION, 12)?;
     let mut replicas = Vec::with_capacity(n);
     for _ in 0..n {
@@ -317,8 +334,19 @@ fn decode_partition(r: &mut Reader) -> Result<PartitionState, DecodeError> {
             shard: r.u32("replica shard")?,
         });
     }
+    Ok(replicas)
+}
+
+fn encode_partition(w: &mut Writer<'_>, p: &PartitionState) {
+    encode_assignments(w, &p.replicas);
+    w.u64_list(&p.isr, MAX_REPLICAS_PER_PARTITION);
+    encode_leader(w, p.leader);
+    w.i32(p.leader_epoch);
+}
+
+fn decode_partition(r: &mut Reader) -> Result<PartitionState, DecodeError> {
     Ok(PartitionState {
-        replicas,
+        replicas: decode_assignments(r)?,
         isr: r.u64_list("isr", MAX_REPLICAS_PER_PARTITION)?,
         leader: decode_leader(r)?,
         leader_epoch: r.i32("leader epoch")?,
@@ -437,6 +465,29 @@ fn encode_record(w: &mut Writer<'_>, rec: &Record) {
             w.u64(*node);
             w.bool(*on);
         }
+        Record::Reassign {
+            topic,
+            partition,
+            target,
+        } => {
+            w.u8(tag::REASSIGN);
+            w.string(topic, MAX_TOPIC_NAME_BYTES);
+            w.u32(*partition);
+            w.bool(target.is_some());
+            if let Some(target) = target {
+                encode_assignments(w, target);
+            }
+        }
+        Record::FinishReassignment {
+            topic,
+            partition,
+            replicas,
+        } => {
+            w.u8(tag::FINISH_REASSIGNMENT);
+            w.string(topic, MAX_TOPIC_NAME_BYTES);
+            w.u32(*partition);
+            w.u64_list(replicas, MAX_REPLICAS_PER_PARTITION);
+        }
     }
 }
 
@@ -518,6 +569,20 @@ fn decode_record(r: &mut Reader) -> Result<Record, DecodeError> {
         tag::SET_MAINTENANCE => Record::SetMaintenance {
             node: r.u64("node")?,
             on: r.bool("maintenance on")?,
+        },
+        tag::REASSIGN => Record::Reassign {
+            topic: r.string("topic name", MAX_TOPIC_NAME_BYTES)?,
+            partition: r.u32("partition")?,
+            target: if r.bool("reassignment target present")? {
+                Some(decode_assignments(r)?)
+            } else {
+                None
+            },
+        },
+        tag::FINISH_REASSIGNMENT => Record::FinishReassignment {
+            topic: r.string("topic name", MAX_TOPIC_NAME_BYTES)?,
+            partition: r.u32("partition")?,
+            replicas: r.u64_list("replicas", MAX_REPLICAS_PER_PARTITION)?,
         },
         tag => {
             return Err(DecodeError::UnknownTag {

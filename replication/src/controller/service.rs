@@ -567,6 +567,22 @@ impl Ctx {
                 AdminCall::SetMaintenance { node, on },
                 CallReply::Unregister(reply),
             ),
+            ControllerCall::Reassign { moves, reply } => {
+                (AdminCall::Reassign { moves }, CallReply::Unit(reply))
+            }
+            ControllerCall::FinishReassignment {
+                topic,
+                partition,
+                replicas,
+                reply,
+            } => (
+                AdminCall::FinishReassignment {
+                    topic,
+                    partition,
+                    replicas,
+                },
+                CallReply::Unit(reply),
+            ),
         };
         self.replies.insert(id, reply);
         self.driver.submit_call(id, admin)

@@ -7,10 +7,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::controller::reassignment::{same_nodes, union_replicas, Reassignment};
 use crate::controller::records::{
-    BrokerRegistration, Endpoint, PartitionState, Record, RecordBatch, MAX_CONFIG_KEY_BYTES,
-    MAX_NODE_ID, MAX_PARTITIONS_PER_TOPIC, MAX_PRODUCER_ID_BLOCK_LEN, MAX_REPLICAS_PER_PARTITION,
-    MAX_SHARDS_PER_BROKER, MAX_TOPIC_NAME_BYTES,
+    BrokerRegistration, Endpoint, PartitionState, Record, RecordBatch, ReplicaAssignment,
+    MAX_CONFIG_KEY_BYTES, MAX_NODE_ID, MAX_PARTITIONS_PER_TOPIC, MAX_PRODUCER_ID_BLOCK_LEN,
+    MAX_REPLICAS_PER_PARTITION, MAX_SHARDS_PER_BROKER, MAX_TOPIC_NAME_BYTES,
 };
 use crate::types::{Epoch, NodeId};
 
@@ -88,6 +89,18 @@ pub enum Effect {
         node: NodeId,
         on: bool,
     },
+    /// A move of the partition's replicas started, changed or was cancelled (its replicas are
+    /// now the union while it runs).
+    ReassignmentChanged {
+        topic: String,
+        partition: u32,
+    },
+    /// The move ended: the partition's replicas are its target.
+    ReassignmentFinished {
+        topic: String,
+        partition: u32,
+        replicas: Vec<NodeId>,
+    },
 }
 
 /// Why a record was refused. The state is unchanged when one is returned.
@@ -133,6 +146,9 @@ pub struct MetadataState {
     /// leader: within that epoch only it may be reinstated (one epoch, one leader), which the
     /// partition's own `leader` cannot say once it is `None`. Derived from the records.
     pub epoch_leaders: BTreeMap<(String, u32), (Epoch, NodeId)>,
+    /// Partitions whose replicas are moving (`Record::Reassign`), until their leader reports
+    /// the end (`Record::FinishReassignment`); they go with their topic.
+    pub reassignments: BTreeMap<(String, u32), Reassignment>,
 }
 
 impl MetadataState {
@@ -163,6 +179,14 @@ impl MetadataState {
         self.leader_wishes
             .get(&(topic.to_string(), partition))
             .copied()
+    }
+
+    /// The move under way of `topic`/`partition`, if any.
+    pub fn reassignment(&self, topic: &str, partition: u32) -> Option<&Reassignment> {
+        if self.reassignments.is_empty() {
+            return None;
+        }
+        self.reassignments.get(&(topic.to_string(), partition))
     }
 
     fn drop_wishes_for(&mut self, node: NodeId) {
@@ -431,6 +455,7 @@ impl MetadataState {
                 self.topics.remove(name);
                 self.leader_wishes.retain(|(t, _), _| t != name);
                 self.epoch_leaders.retain(|(t, _), _| t != name);
+                self.reassignments.retain(|(t, _), _| t != name);
                 Ok(Effect::TopicDeleted {
                     topic: name.clone(),
                     topic_id: *topic_id,
@@ -473,7 +498,141 @@ impl MetadataState {
                     on: *on,
                 })
             }
+            Record::Reassign {
+                topic,
+                partition,
+                target,
+            } => self.apply_reassign(topic, *partition, target.as_deref()),
+            Record::FinishReassignment {
+                topic,
+                partition,
+                replicas,
+            } => self.apply_finish_reassignment(topic, *partition, replicas),
         }
+    }
+
+    fn apply_reassign(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        target: Option<&[ReplicaAssignment]>,
+    ) -> Result<Effect, ApplyError> {
+        let unknown = || ApplyError::UnknownPartition {
+            topic: topic.to_string(),
+            partition,
+        };
+        let p = self.partition(topic, partition).ok_or_else(unknown)?;
+        let key = (topic.to_string(), partition);
+        let running = self.reassignments.get(&key);
+        let original = running.map_or_else(|| p.replicas.clone(), |r| r.original.clone());
+        let target = match target {
+            Some(t) => t.to_vec(),
+            None if running.is_some() => original.clone(),
+            None => {
+                return Err(ApplyError::Invalid(
+                    "cancelling a partition that is not moving",
+                ))
+            }
+        };
+        if target.is_empty() || target.len() > MAX_REPLICAS_PER_PARTITION {
+            return Err(ApplyError::Invalid("reassignment target size out of range"));
+        }
+        for (i, r) in target.iter().enumerate() {
+            let b = self
+                .brokers
+                .get(&r.node)
+                .ok_or(ApplyError::UnknownBroker(r.node))?;
+            if r.shard >= b.shards {
+                return Err(ApplyError::Invalid("replica on a shard the broker lacks"));
+            }
+            if target[..i].iter().any(|o| o.node == r.node) {
+                return Err(ApplyError::Invalid("two replicas on one node"));
+            }
+            if p.replicas
+                .iter()
+                .any(|c| c.node == r.node && c.shard != r.shard)
+            {
+                return Err(ApplyError::Invalid(
+                    "a reassignment moves no replica between shards",
+                ));
+            }
+        }
+        let union = union_replicas(&p.replicas, &target);
+        if union.len() > MAX_REPLICAS_PER_PARTITION {
+            return Err(ApplyError::Invalid("replicas while moving exceed the cap"));
+        }
+        let nodes = |v: &[ReplicaAssignment]| v.iter().map(|r| r.node).collect::<Vec<_>>();
+        // Nothing was ever added: the group's membership is the original one, so a target of
+        // the same nodes (a reorder, or a cancel before anything ran) takes effect at once.
+        let instant = same_nodes(&nodes(&target), &nodes(&original))
+            && same_nodes(&nodes(&p.replicas), &nodes(&original));
+        let p = &mut self
+            .topics
+            .get_mut(topic)
+            .expect("checked above")
+            .partitions[partition as usize];
+        if instant {
+            p.replicas = target;
+            self.reassignments.remove(&key);
+        } else {
+            p.replicas = union;
+            self.reassignments
+                .insert(key, Reassignment { original, target });
+        }
+        Ok(Effect::ReassignmentChanged {
+            topic: topic.to_string(),
+            partition,
+        })
+    }
+
+    fn apply_finish_reassignment(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        replicas: &[NodeId],
+    ) -> Result<Effect, ApplyError> {
+        let key = (topic.to_string(), partition);
+        let Some(r) = self.reassignments.get(&key) else {
+            return Err(ApplyError::Invalid(
+                "finishing a partition that is not moving",
+            ));
+        };
+        if r.target_nodes() != replicas {
+            return Err(ApplyError::Invalid(
+                "finishing another move than the one recorded",
+            ));
+        }
+        let target = r.target.clone();
+        let p = self
+            .partition(topic, partition)
+            .ok_or_else(|| ApplyError::UnknownPartition {
+                topic: topic.to_string(),
+                partition,
+            })?;
+        if p.leader.is_some_and(|l| !replicas.contains(&l)) {
+            return Err(ApplyError::Invalid(
+                "finishing a move with a leader outside the target",
+            ));
+        }
+        let p = &mut self
+            .topics
+            .get_mut(topic)
+            .expect("checked above")
+            .partitions[partition as usize];
+        p.replicas = target;
+        p.isr.retain(|n| replicas.contains(n));
+        self.reassignments.remove(&key);
+        if self
+            .leader_wish(topic, partition)
+            .is_some_and(|w| !replicas.contains(&w))
+        {
+            self.leader_wishes.remove(&key);
+        }
+        Ok(Effect::ReassignmentFinished {
+            topic: topic.to_string(),
+            partition,
+            replicas: replicas.to_vec(),
+        })
     }
 
     fn apply_register(&mut self, reg: &BrokerRegistration) -> Result<Effect, ApplyError> {

@@ -26,6 +26,7 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use glommio::channels::local_channel::{self, LocalSender};
@@ -39,6 +40,7 @@ use spate_engine::validate::validate_batch;
 
 use super::error::ReplicaError;
 use super::replica::{Acks, Completion, PartitionReplica, ProduceOutcome, ReplicationGauges};
+use crate::cluster::throttle::{ReplicationThrottle, THROTTLE_LAG_OFFSETS};
 use crate::replica::{Config, Persisted, Replica};
 use crate::shard::Signal;
 use crate::types::{
@@ -59,8 +61,24 @@ pub const REPLICA_LAG_MAX_TICKS: u64 = 20;
 pub const HARD_STATE_SUFFIX: &str = ".hard-state";
 /// Kafka's control record type for KRaft's LeaderChange, the record a new leader writes first.
 pub const LEADER_CHANGE_CONTROL_TYPE: i16 = 2;
+/// The control record type of Spate's membership batches (a partition group's voters and
+/// learners, written by its leader when replicas move). Outside the types Kafka assigns (0-6),
+/// so Kafka tools see an unknown control record, which consumers skip like any control batch.
+pub const MEMBERSHIP_CONTROL_TYPE: i16 = 0x5350;
+/// Appended to a partition's log directory name for the file listing where its log holds
+/// membership batches.
+pub const MEMBERSHIP_SUFFIX: &str = ".membership";
+/// Membership batches a replica keeps track of (the newest). Only the newest matters once
+/// committed, and a leader proposes a change only after the previous one committed, so at most
+/// one is above the commit point (the only ones a truncation can remove); 16 leaves margin.
+pub const MAX_TRACKED_MEMBERSHIP_BATCHES: usize = 16;
+/// Nodes one membership batch may name (voters plus learners): the controller's cap on a
+/// partition's replicas while moving.
+const MAX_MEMBERSHIP_NODES: usize = crate::controller::records::MAX_REPLICAS_PER_PARTITION;
 
 const HARD_STATE_MAGIC: &[u8; 4] = b"SPHS";
+const MEMBERSHIP_FILE_MAGIC: &[u8; 4] = b"SPMB";
+const MEMBERSHIP_FILE_VERSION: u8 = 1;
 const HARD_STATE_VERSION: u8 = 1;
 /// magic, version, epoch, has-vote flag, vote, CRC-32C of what precedes it.
 const HARD_STATE_BYTES: usize = 4 + 1 + 4 + 1 + 8 + 4;
@@ -136,6 +154,14 @@ pub struct PartitionGroup {
     min_insync_replicas: Cell<usize>,
     /// The shard's wake-ups (see [`GroupSignals`]); none until the group is hosted.
     signals: RefCell<Option<GroupSignals>>,
+    /// Where the log holds membership batches (ascending), and the file listing them
+    /// (written before such a batch is, so it never misses one the log holds; entries the log
+    /// does not hold are dropped at open).
+    membership_offsets: RefCell<Vec<Offset>>,
+    membership_path: PathBuf,
+    /// Bytes per second a leader sends to learners and lagging followers (shared by the
+    /// shard's groups); none: unthrottled.
+    throttle: RefCell<Option<Arc<ReplicationThrottle>>>,
 }
 
 /// How a group tells its shard's runtime that something is to be done now rather than at the
@@ -175,12 +201,15 @@ impl PartitionGroup {
                 });
             }
         }
+        let membership_path = hard_state_path.with_extension(&MEMBERSHIP_SUFFIX[1..]);
+        let memberships = read_memberships(&replica, &membership_path).await?;
+        let membership_offsets = memberships.iter().map(|m| m.0).collect();
         let persisted = Persisted {
             hard,
             epochs,
             log_end: replica.log_end_offset(),
             bootstrap: Membership::voters(&cfg.voters),
-            memberships: Vec::new(),
+            memberships,
         };
         let core = Replica::new(cfg.node, cfg.core, cfg.seed, persisted);
         replica.set_leader_epoch(hard.epoch);
@@ -198,6 +227,9 @@ impl PartitionGroup {
             refused_batches: Cell::new(0),
             min_insync_replicas: Cell::new(min_insync),
             signals: RefCell::new(None),
+            membership_offsets: RefCell::new(membership_offsets),
+            membership_path,
+            throttle: RefCell::new(None),
         });
         // The log tells its listener of each group commit with its own state borrowed; the
         // core is stepped from a task instead, under the group's lock. One pending wake-up is
@@ -499,7 +531,7 @@ impl PartitionGroup {
                     if !current {
                         continue;
                     }
-                    match self.fill(&mut req).await {
+                    match self.fill(to, &mut req).await {
                         Ok(()) => ready.push((to, Message::Append(req))),
                         // The next heartbeat retransmits from what the follower holds.
                         Err(e) => tracing::warn!(group = self.cfg.group, to, error = %e,
@@ -525,10 +557,13 @@ impl PartitionGroup {
         let _guard = self.lock.acquire_permit(1).await;
         self.stop();
         self.replica.delete().await?;
-        match std::fs::remove_file(&self.hard_state_path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-            _ => Ok(()),
+        for f in [&self.hard_state_path, &self.membership_path] {
+            match std::fs::remove_file(f) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
         }
+        Ok(())
     }
 
     fn stop(&self) {
@@ -595,6 +630,10 @@ impl PartitionGroup {
                     }
                 }
                 Action::Append { batches } => {
+                    if let Err(e) = self.track_memberships(&batches) {
+                        self.fail(&format!("membership batch list not persisted: {e}"));
+                        return;
+                    }
                     if let Err(e) = self.append(batches, &mut out).await {
                         self.fail(&e);
                         return;
@@ -604,6 +643,15 @@ impl PartitionGroup {
                     if let Err(e) = self.replica.truncate_to(end).await {
                         self.fail(&format!("truncate to {end}: {e}"));
                         return;
+                    }
+                    let before = self.membership_offsets.borrow().len();
+                    self.membership_offsets.borrow_mut().retain(|&o| o < end);
+                    if self.membership_offsets.borrow().len() != before {
+                        let offsets = self.membership_offsets.borrow().clone();
+                        if let Err(e) = write_membership_offsets(&self.membership_path, &offsets) {
+                            self.fail(&format!("membership batch list not persisted: {e}"));
+                            return;
+                        }
                     }
                 }
                 Action::HighWatermark(hw) => {
@@ -635,7 +683,9 @@ impl PartitionGroup {
                     }
                 }
                 Action::MembershipChanged(m) => {
-                    tracing::debug!(group = self.cfg.group, ?m, "membership changed");
+                    tracing::info!(group = self.cfg.group, topic = %self.replica.tp.topic,
+                        partition = self.replica.tp.partition, voters = ?m.voters,
+                        learners = ?m.learners, "membership changed");
                 }
                 Action::Send { to, msg } => {
                     let was_empty = self.outbox.borrow().is_empty();
@@ -722,13 +772,17 @@ impl PartitionGroup {
 
     /// Attaches whole batches `prev_offset..fill_end` from the log, up to
     /// [`MAX_APPEND_FILL_BYTES`] (at least one).
-    async fn fill(&self, req: &mut AppendRequest) -> Result<(), String> {
+    async fn fill(&self, to: NodeId, req: &mut AppendRequest) -> Result<(), String> {
         let mut at = req.prev_offset;
         let mut bytes = 0usize;
-        'read: while at < req.fill_end && bytes < MAX_APPEND_FILL_BYTES {
+        let throttle = self.throttle_for(to, req);
+        let limit = throttle
+            .as_ref()
+            .map_or(MAX_APPEND_FILL_BYTES, |t| t.grant(MAX_APPEND_FILL_BYTES));
+        'read: while at < req.fill_end && bytes < limit {
             let read = self
                 .replica
-                .read_local(at, MAX_APPEND_FILL_BYTES - bytes)
+                .read_local(at, limit - bytes)
                 .await
                 .map_err(|e| e.to_string())?;
             if read.batches.is_empty() {
@@ -741,19 +795,27 @@ impl PartitionGroup {
                     return Err(format!("batch at {base} where {at} was expected"));
                 }
                 let end = h.last_offset() as u64 + 1;
-                if end > req.fill_end || (bytes > 0 && bytes + raw.len() > MAX_APPEND_FILL_BYTES) {
+                if end > req.fill_end || (bytes > 0 && bytes + raw.len() > limit) {
                     break 'read;
                 }
                 bytes += raw.len();
+                let membership = if h.is_control() {
+                    decode_membership_batch(&raw)
+                } else {
+                    None
+                };
                 req.batches.push(Batch {
                     base,
                     count: (end - base) as u32,
                     epoch: h.partition_leader_epoch(),
                     bytes: raw,
-                    membership: None,
+                    membership,
                 });
                 at = end;
             }
+        }
+        if let Some(t) = throttle {
+            t.charge(bytes);
         }
         Ok(())
     }
@@ -773,6 +835,95 @@ impl PartitionGroup {
         let res = self.core.borrow_mut().transfer_leadership(target, &mut out);
         self.perform(out).await;
         res.map_err(|e| e.to_string())
+    }
+
+    // ---- membership changes (replica moves) -------------------------------------------------
+
+    /// The group's membership as this replica's log has it (the last membership batch, else
+    /// the voters it was opened with).
+    pub fn membership(&self) -> Membership {
+        self.core.borrow().membership().clone()
+    }
+
+    /// Leader only: makes `next` the group's membership by a membership batch (one change at a
+    /// time: add a learner, promote a caught-up learner, remove a member other than the
+    /// leader; the core refuses anything else, and any change before the previous one
+    /// committed). The batch goes to the log at the offset the core gives it and replicates
+    /// like any other; it takes effect when appended.
+    pub async fn propose_membership(&self, next: Membership) -> Result<(), String> {
+        let Ok(_guard) = self.lock.acquire_permit(1).await else {
+            return Err("the group is closed".into());
+        };
+        if self.failed.get() {
+            return Err("the group has failed".into());
+        }
+        if !self.writable.get() {
+            return Err("not a writable leader".into());
+        }
+        let bytes = Bytes::copy_from_slice(membership_batch(&next).header().as_bytes());
+        let mut out = Vec::new();
+        let res = self
+            .core
+            .borrow_mut()
+            .propose_membership(next, bytes, &mut out);
+        self.perform(out).await;
+        res.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// The last membership batch this replica holds is committed (or there is none): the
+    /// next change may be proposed, and a finished move may be reported.
+    pub fn membership_committed(&self) -> bool {
+        let hw = self.high_watermark();
+        self.membership_offsets
+            .borrow()
+            .last()
+            .is_none_or(|&o| o < hw)
+    }
+
+    /// How far `peer` is behind this leader's log end, in offsets (`None`: not a leader, or
+    /// not a member).
+    pub fn peer_lag(&self, peer: NodeId) -> Option<Offset> {
+        let core = self.core.borrow();
+        if !core.is_leader() {
+            return None;
+        }
+        let (matched, _) = core.peer_progress(peer)?;
+        Some(core.log_end().saturating_sub(matched))
+    }
+
+    /// The shard's replication throttle: appends for learners and followers far behind draw
+    /// on it ([`crate::cluster::throttle`]).
+    pub fn set_throttle(&self, throttle: Arc<ReplicationThrottle>) {
+        *self.throttle.borrow_mut() = Some(throttle);
+    }
+
+    /// Records the offsets of membership batches about to be written, before they are.
+    fn track_memberships(&self, batches: &[Batch]) -> std::io::Result<()> {
+        if batches.iter().all(|b| b.membership.is_none()) {
+            return Ok(());
+        }
+        let mut offsets = self.membership_offsets.borrow().clone();
+        for b in batches.iter().filter(|b| b.membership.is_some()) {
+            if !offsets.contains(&b.base) {
+                offsets.push(b.base);
+            }
+        }
+        offsets.sort_unstable();
+        let keep = offsets.len().saturating_sub(MAX_TRACKED_MEMBERSHIP_BATCHES);
+        offsets.drain(..keep);
+        write_membership_offsets(&self.membership_path, &offsets)?;
+        *self.membership_offsets.borrow_mut() = offsets;
+        Ok(())
+    }
+
+    /// The throttle an append to `to` draws on: the shard's, when `to` is a learner or more
+    /// than [`THROTTLE_LAG_OFFSETS`] behind the high watermark (catch-up traffic).
+    fn throttle_for(&self, to: NodeId, req: &AppendRequest) -> Option<Arc<ReplicationThrottle>> {
+        let t = self.throttle.borrow().clone()?;
+        let core = self.core.borrow();
+        let catching_up = core.membership().is_learner(to)
+            || core.high_watermark().saturating_sub(req.prev_offset) > THROTTLE_LAG_OFFSETS;
+        catching_up.then_some(t)
     }
 }
 
@@ -803,11 +954,18 @@ fn check_peer_batch(b: &Batch, max_batch_bytes: usize) -> Result<(), String> {
     }
     if h.is_control() {
         // The produce validator refuses control batches (clients may not write them); a
-        // leader's are checked for shape only.
+        // leader's are checked for shape only, and a membership batch must say what the
+        // append says it does (the core acts on the decoded membership, the log keeps bytes).
         if h.records_count() != h.last_offset_delta() + 1 {
             return Err("control batch record count mismatch".into());
         }
+        if decode_membership_batch(&b.bytes) != b.membership {
+            return Err("membership batch and the append's membership differ".into());
+        }
         return Ok(());
+    }
+    if b.membership.is_some() {
+        return Err("a membership in an append of a data batch".into());
     }
     validate_batch(&b.bytes, max_batch_bytes)
         .map(|_| ())
@@ -817,9 +975,6 @@ fn check_peer_batch(b: &Batch, max_batch_bytes: usize) -> Result<(), String> {
 /// The control batch a new leader writes first (Kafka's LeaderChange record: version 0, the
 /// leader and the voters), so its epoch commits without client writes.
 fn leader_change_batch(leader: NodeId, voters: &[NodeId]) -> VerifiedBatch {
-    let mut key = Vec::with_capacity(4);
-    key.extend_from_slice(&0i16.to_be_bytes());
-    key.extend_from_slice(&LEADER_CHANGE_CONTROL_TYPE.to_be_bytes());
     // LeaderChangeMessage v0 (flexible): version, leader id, voters, granting voters (empty),
     // each struct and the message with an empty tagged-field section.
     let mut value = Vec::new();
@@ -832,6 +987,14 @@ fn leader_change_batch(leader: NodeId, voters: &[NodeId]) -> VerifiedBatch {
     }
     value.push(1);
     value.push(0);
+    control_batch(LEADER_CHANGE_CONTROL_TYPE, value)
+}
+
+/// A one-record control batch of `control_type` (key: version 0 and the type, as Kafka's).
+fn control_batch(control_type: i16, value: Vec<u8>) -> VerifiedBatch {
+    let mut key = Vec::with_capacity(4);
+    key.extend_from_slice(&0i16.to_be_bytes());
+    key.extend_from_slice(&control_type.to_be_bytes());
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);
@@ -861,6 +1024,127 @@ fn leader_change_batch(leader: NodeId, voters: &[NodeId]) -> VerifiedBatch {
     )
     .expect("a one-record batch encodes");
     VerifiedBatch::new(buf).expect("an encoded batch is valid")
+}
+
+/// A membership batch: one control record of [`MEMBERSHIP_CONTROL_TYPE`] whose value is a
+/// version (0), then the voters and the learners, each a count and big-endian i32 ids.
+fn membership_batch(m: &Membership) -> VerifiedBatch {
+    let mut value = Vec::with_capacity(2 + 8 + 4 * (m.voters.len() + m.learners.len()));
+    value.extend_from_slice(&0i16.to_be_bytes());
+    for list in [&m.voters, &m.learners] {
+        value.extend_from_slice(&(list.len() as u32).to_be_bytes());
+        for &n in list {
+            value.extend_from_slice(&(n as i32).to_be_bytes());
+        }
+    }
+    control_batch(MEMBERSHIP_CONTROL_TYPE, value)
+}
+
+/// The membership a batch carries, if it is a well-formed membership batch.
+fn decode_membership_batch(raw: &Bytes) -> Option<Membership> {
+    let h = BatchHeader::parse(raw).ok()?;
+    if !h.is_control() || h.records_count() != 1 {
+        return None;
+    }
+    let mut buf = raw.clone();
+    let set = kafka_protocol::records::RecordBatchDecoder::decode(&mut buf).ok()?;
+    let record = set.records.first()?;
+    let key = record.key.as_ref()?;
+    if key.len() != 4 || key[2..4] != MEMBERSHIP_CONTROL_TYPE.to_be_bytes() {
+        return None;
+    }
+    let v = record.value.as_ref()?;
+    if v.len() < 2 || v[0..2] != [0, 0] {
+        return None;
+    }
+    let mut at = 2;
+    let mut lists = [Vec::new(), Vec::new()];
+    for list in &mut lists {
+        let n = u32::from_be_bytes(v.get(at..at + 4)?.try_into().ok()?) as usize;
+        at += 4;
+        if n > MAX_MEMBERSHIP_NODES {
+            return None;
+        }
+        for _ in 0..n {
+            let id = i32::from_be_bytes(v.get(at..at + 4)?.try_into().ok()?);
+            at += 4;
+            list.push(NodeId::try_from(id).ok()?);
+        }
+    }
+    if at != v.len() {
+        return None;
+    }
+    let [voters, learners] = lists;
+    Some(Membership { voters, learners })
+}
+
+/// The membership batches of `replica`'s log, from the list at `path` (a missing file: none),
+/// each checked against the log: an offset at or past the log end, or where the log holds no
+/// membership batch (the list is written before the batch, and a crash may come between), is
+/// dropped.
+async fn read_memberships(
+    replica: &PartitionReplica,
+    path: &Path,
+) -> Result<Vec<(Offset, Membership)>, ReplicaError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(hard_state_error(path, e)),
+    };
+    let offsets = decode_membership_offsets(&bytes).map_err(|r| hard_state_error(path, r))?;
+    let log_end = replica.log_end_offset();
+    let mut out = Vec::with_capacity(offsets.len());
+    for o in offsets.into_iter().filter(|&o| o < log_end) {
+        // A membership batch is one small record; the first batch read at its offset is it.
+        let read = replica.read_local(o, 4096).await?;
+        let Some(raw) = read.batches.first() else {
+            continue;
+        };
+        let at = BatchHeader::parse(raw).map(|h| h.base_offset() as u64);
+        if at.ok() != Some(o) {
+            continue;
+        }
+        if let Some(m) = decode_membership_batch(raw) {
+            out.push((o, m));
+        }
+    }
+    Ok(out)
+}
+
+fn encode_membership_offsets(offsets: &[Offset]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(4 + 1 + 4 + 8 * offsets.len() + 4);
+    b.extend_from_slice(MEMBERSHIP_FILE_MAGIC);
+    b.push(MEMBERSHIP_FILE_VERSION);
+    b.extend_from_slice(&(offsets.len() as u32).to_be_bytes());
+    for o in offsets {
+        b.extend_from_slice(&o.to_be_bytes());
+    }
+    let crc = crc32c::crc32c(&b);
+    b.extend_from_slice(&crc.to_be_bytes());
+    b
+}
+
+fn decode_membership_offsets(b: &[u8]) -> Result<Vec<Offset>, String> {
+    if b.len() < 13 || &b[0..4] != MEMBERSHIP_FILE_MAGIC || b[4] != MEMBERSHIP_FILE_VERSION {
+        return Err("not a membership list of this version".into());
+    }
+    let n = u32::from_be_bytes(b[5..9].try_into().expect("4 bytes")) as usize;
+    if n > MAX_TRACKED_MEMBERSHIP_BATCHES || b.len() != 9 + 8 * n + 4 {
+        return Err(format!("{} bytes for {n} entries", b.len()));
+    }
+    let crc = u32::from_be_bytes(b[b.len() - 4..].try_into().expect("4 bytes"));
+    if crc != crc32c::crc32c(&b[..b.len() - 4]) {
+        return Err("checksum mismatch".into());
+    }
+    Ok(b[9..9 + 8 * n]
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+        .collect())
+}
+
+/// Replaces the membership list at `path` whole (temp, fsync, rename, directory fsync).
+fn write_membership_offsets(path: &Path, offsets: &[Offset]) -> std::io::Result<()> {
+    write_atomically(path, &encode_membership_offsets(offsets))
 }
 
 fn hard_state_error(path: &Path, reason: impl std::fmt::Display) -> ReplicaError {
@@ -916,12 +1200,16 @@ fn decode_hard_state(b: &[u8]) -> Result<HardState, String> {
 /// Writes the hard state so that a crash leaves the old or the new one whole: temp file,
 /// fsync, rename, directory fsync.
 fn write_hard_state(path: &Path, hard: HardState) -> std::io::Result<()> {
+    write_atomically(path, &encode_hard_state(hard))
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&encode_hard_state(hard))?;
+        f.write_all(bytes)?;
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;
@@ -957,6 +1245,53 @@ mod tests {
             }
             assert!(decode_hard_state(&b[..b.len() - 1]).is_err());
         }
+    }
+
+    #[test]
+    fn membership_batches_round_trip_and_others_are_not_memberships() {
+        let m = Membership {
+            voters: vec![1, 2, 3],
+            learners: vec![4],
+        };
+        let b = membership_batch(&m);
+        let raw = Bytes::copy_from_slice(b.header().as_bytes());
+        assert_eq!(decode_membership_batch(&raw), Some(m.clone()));
+        // The append must say the same membership as the bytes, and a data batch none.
+        let mut batch = Batch {
+            base: 0,
+            count: 1,
+            epoch: 0,
+            bytes: raw.clone(),
+            membership: Some(m),
+        };
+        assert_eq!(check_peer_batch(&batch, 1 << 20), Ok(()));
+        batch.membership = Some(Membership::voters(&[1, 2]));
+        assert!(check_peer_batch(&batch, 1 << 20).is_err());
+        batch.membership = None;
+        assert!(check_peer_batch(&batch, 1 << 20).is_err());
+        let lc = leader_change_batch(2, &[1, 2, 3]);
+        let lc = Bytes::copy_from_slice(lc.header().as_bytes());
+        assert_eq!(decode_membership_batch(&lc), None);
+        // Damaged values are not memberships (nor panics).
+        for cut in 1..raw.len() {
+            let _ = decode_membership_batch(&raw.slice(..cut));
+        }
+    }
+
+    #[test]
+    fn the_membership_list_round_trips_and_damage_is_refused() {
+        for offsets in [vec![], vec![0, 17, 1 << 40]] {
+            let b = encode_membership_offsets(&offsets);
+            assert_eq!(decode_membership_offsets(&b), Ok(offsets.clone()));
+            for i in 0..b.len() {
+                let mut bad = b.clone();
+                bad[i] ^= 0x20;
+                assert!(decode_membership_offsets(&bad).is_err(), "flip at {i}");
+            }
+            assert!(decode_membership_offsets(&b[..b.len() - 1]).is_err());
+        }
+        let too_many = vec![0; MAX_TRACKED_MEMBERSHIP_BATCHES + 1];
+        assert!(decode_membership_offsets(&encode_membership_offsets(&too_many)).is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::controller::active::{MAX_CONFIG_CHANGES_PER_CALL, MAX_PARTITIONS_PER_ELECTION};
 use crate::controller::placement::PlacementError;
+use crate::controller::reassignment::MAX_PARTITIONS_PER_REASSIGNMENT;
 use crate::controller::records::{
     Endpoint, MAX_CONFIGS_PER_TOPIC, MAX_CONFIG_KEY_BYTES, MAX_CONFIG_VALUE_BYTES, MAX_HOST_BYTES,
     MAX_NODE_ID, MAX_REPLICAS_PER_PARTITION, MAX_SHARDS_PER_BROKER, MAX_TOPIC_NAME_BYTES,
@@ -230,6 +231,19 @@ pub enum RpcMessage {
         node: NodeId,
         on: bool,
     },
+    /// Moves of partitions' replicas to target nodes, or cancels (`None`): Kafka's
+    /// AlterPartitionReassignments.
+    AlterReassignments {
+        moves: Vec<(String, u32, Option<Vec<NodeId>>)>,
+    },
+    /// Partition leader `leader` reports that its group's voters are the move's target
+    /// `replicas`: the move ends.
+    FinishReassignment {
+        leader: NodeId,
+        topic: String,
+        partition: u32,
+        replicas: Vec<NodeId>,
+    },
     /// The metadata-log offset after which the decision is applied (0 for validate_only):
     /// the requester answers its client once it has applied that far.
     AdminResponse(Result<u64, RpcErrorReply>),
@@ -257,6 +271,8 @@ mod kind {
     pub const UNREGISTER_BROKER: u8 = 19;
     pub const ELECT_LEADERS: u8 = 20;
     pub const SET_MAINTENANCE: u8 = 21;
+    pub const ALTER_REASSIGNMENTS: u8 = 22;
+    pub const FINISH_REASSIGNMENT: u8 = 23;
 }
 
 mod msg_tag {
@@ -517,6 +533,28 @@ impl FrameCodec {
                     on: r.bool("maintenance on")?,
                 }
             }
+            kind::ALTER_REASSIGNMENTS => {
+                // Smallest entry: an empty topic name, a partition and an absent target.
+                let n = r.count("reassignments", MAX_PARTITIONS_PER_REASSIGNMENT, 7)?;
+                let mut moves = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let topic = r.string("topic", MAX_TOPIC_NAME_BYTES)?;
+                    let partition = r.u32("partition")?;
+                    let target = if r.bool("target present")? {
+                        Some(r.u64_list("target replicas", MAX_REPLICAS_PER_PARTITION)?)
+                    } else {
+                        None
+                    };
+                    moves.push((topic, partition, target));
+                }
+                RpcMessage::AlterReassignments { moves }
+            }
+            kind::FINISH_REASSIGNMENT => RpcMessage::FinishReassignment {
+                leader: r.u64("leader")?,
+                topic: r.string("topic", MAX_TOPIC_NAME_BYTES)?,
+                partition: r.u32("partition")?,
+                replicas: r.u64_list("replicas", MAX_REPLICAS_PER_PARTITION)?,
+            },
             tag => {
                 return Err(DecodeError::UnknownTag {
                     what: "frame kind",
@@ -650,6 +688,30 @@ impl FrameCodec {
                 w.u64(*node);
                 w.bool(*on);
             }
+            RpcMessage::AlterReassignments { moves } => {
+                let mut w = p.w();
+                w.count(moves.len(), MAX_PARTITIONS_PER_REASSIGNMENT);
+                for (topic, partition, target) in moves {
+                    w.string(topic, MAX_TOPIC_NAME_BYTES);
+                    w.u32(*partition);
+                    w.bool(target.is_some());
+                    if let Some(t) = target {
+                        w.u64_list(t, MAX_REPLICAS_PER_PARTITION);
+                    }
+                }
+            }
+            RpcMessage::FinishReassignment {
+                leader,
+                topic,
+                partition,
+                replicas,
+            } => {
+                let mut w = p.w();
+                w.u64(*leader);
+                w.string(topic, MAX_TOPIC_NAME_BYTES);
+                w.u32(*partition);
+                w.u64_list(replicas, MAX_REPLICAS_PER_PARTITION);
+            }
         }
         let mut parts = p.finish();
         let body: usize = parts.iter().map(Bytes::len).sum();
@@ -727,6 +789,22 @@ fn check_sendable(m: &RpcMessage) -> Result<(), RpcError> {
                     .all(|(t, _)| t.len() <= MAX_TOPIC_NAME_BYTES),
             "partitions",
         ),
+        RpcMessage::AlterReassignments { moves } => fits(
+            moves.len() <= MAX_PARTITIONS_PER_REASSIGNMENT
+                && moves.iter().all(|(t, _, target)| {
+                    t.len() <= MAX_TOPIC_NAME_BYTES
+                        && target
+                            .as_ref()
+                            .is_none_or(|v| v.len() <= MAX_REPLICAS_PER_PARTITION)
+                }),
+            "reassignments",
+        ),
+        RpcMessage::FinishReassignment {
+            topic, replicas, ..
+        } => fits(
+            topic.len() <= MAX_TOPIC_NAME_BYTES && replicas.len() <= MAX_REPLICAS_PER_PARTITION,
+            "topic name or replicas",
+        ),
         RpcMessage::CreatePartitions { topic, .. } | RpcMessage::DeleteTopic { topic } => {
             fits(topic.len() <= MAX_TOPIC_NAME_BYTES, "topic name")
         }
@@ -782,6 +860,8 @@ fn kind_of(m: &RpcMessage) -> u8 {
         RpcMessage::UnregisterBroker { .. } => kind::UNREGISTER_BROKER,
         RpcMessage::ElectLeaders { .. } => kind::ELECT_LEADERS,
         RpcMessage::SetMaintenance { .. } => kind::SET_MAINTENANCE,
+        RpcMessage::AlterReassignments { .. } => kind::ALTER_REASSIGNMENTS,
+        RpcMessage::FinishReassignment { .. } => kind::FINISH_REASSIGNMENT,
     }
 }
 

@@ -1,0 +1,335 @@
+//! Replica moves on four real `spate serve --cores 1` nodes (issue 18, "Move replicas"): three
+//! nodes hold a topic of replication factor 3, a fourth joins, and while an idempotent acks=all
+//! confluent-kafka producer writes, kafka-python's KafkaAdminClient moves partition 0 onto
+//! node 4 (alter_partition_reassignments, listed by list_partition_reassignments) and `spate
+//! partition move` moves partition 1 onto node 4 away from its own leader (which hands
+//! leadership over first). Afterwards Metadata on every node shows the targets with full ISRs,
+//! node 4 holds both partitions' logs, the removed replicas' files are gone, a cancel of a
+//! finished move is refused, node 4 restarts and rejoins both ISRs (its membership recovered
+//! from its log), and every acknowledged write is read back once at its offset. Catch-up
+//! traffic runs under `--replication-throttle-bytes-per-sec`.
+//!
+//! Every wait is a bounded poll.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::cluster::{partitions_seen, wait_for, wait_until, Node, PartitionSeen};
+use common::{assert_success, python, spate_cli};
+
+const TOPIC: &str = "moves";
+const PARTITIONS: usize = 2;
+/// Bound on each wait for the cluster to change (a move, a replica in the ISR). A move copies
+/// a few thousand small records; this is what a loaded 2-core machine is allowed.
+const CHANGE_BOUND: Duration = Duration::from_secs(60);
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn cli(nodes: &[Node], args: &[&str]) -> Output {
+    let live = nodes
+        .iter()
+        .find(|n| n.child.is_some())
+        .expect("a live node");
+    spate_cli(&live.addr(), args)
+}
+
+/// Four nodes: the first three the metadata voters and started first; the fourth (a broker
+/// only) is made but not started. Every port distinct.
+fn make_nodes() -> Vec<Node> {
+    let mut nodes: Vec<Node> = Vec::new();
+    while nodes.len() < 4 {
+        let n = Node::new(nodes.len() as u64 + 1);
+        let taken = nodes.iter().any(|o| {
+            [o.kafka_port, o.rpc_port].contains(&n.kafka_port)
+                || [o.kafka_port, o.rpc_port].contains(&n.rpc_port)
+        });
+        if !taken && n.kafka_port != n.rpc_port {
+            nodes.push(n);
+        }
+    }
+    let seeds: Vec<String> = nodes[..3].iter().map(Node::seed).collect();
+    for n in &mut nodes {
+        n.seeds = seeds.join(",");
+        // Catch-up traffic throttled (well above what this test writes, so it only paces).
+        n.extra_args = vec![
+            "--replication-throttle-bytes-per-sec".into(),
+            "4000000".into(),
+        ];
+    }
+    nodes
+}
+
+/// The partitions as every running node shows them, when they all agree that each is led by
+/// a running node with every replica in sync.
+fn settled(nodes: &[Node]) -> Option<Vec<PartitionSeen>> {
+    let mut first: Option<Vec<PartitionSeen>> = None;
+    for n in nodes.iter().filter(|n| n.child.is_some()) {
+        let ps = partitions_seen(&n.addr(), TOPIC)?;
+        let ok = ps.len() == PARTITIONS
+            && ps
+                .iter()
+                .all(|p| p.error == 0 && p.leader > 0 && p.isr.len() == p.replicas.len());
+        if !ok || first.as_ref().is_some_and(|f| *f != ps) {
+            return None;
+        }
+        first.get_or_insert(ps);
+    }
+    first
+}
+
+fn log_dir(n: &Node, partition: usize) -> std::path::PathBuf {
+    n.dir
+        .path()
+        .join("data")
+        .join(format!("{TOPIC}-{partition}"))
+}
+
+#[test]
+fn replicas_move_onto_a_new_node_under_an_idempotent_producer() {
+    let mut nodes = make_nodes();
+    for n in &mut nodes[..3] {
+        n.spawn();
+    }
+    let refs: Vec<&Node> = nodes[..3].iter().collect();
+    wait_for(&refs, &[1, 2, 3], &[1, 2, 3], "three nodes formed");
+    let out = cli(&nodes, &["topic", "create", TOPIC, "-p", "2", "-r", "3"]);
+    assert_success("spate topic create", &out);
+    let before = wait_until("topic settled", CHANGE_BOUND, || settled(&nodes));
+    nodes[3].spawn();
+    let refs: Vec<&Node> = nodes.iter().collect();
+    wait_for(&refs, &[1, 2, 3, 4], &[1, 2, 3], "node 4 joined");
+
+    let bootstrap = nodes[..3]
+        .iter()
+        .map(Node::addr)
+        .collect::<Vec<_>>()
+        .join(",");
+    let dir = tempfile::tempdir().unwrap();
+    let mut producer = Producer::start(dir.path(), &bootstrap);
+    producer.wait_more(300, "acks before the moves");
+
+    // Partition 0: its leader and one follower stay, the other follower moves to node 4.
+    let p0 = &before[0];
+    let dropped0 = *p0.replicas.iter().find(|&&n| n != p0.leader).unwrap();
+    let target0: Vec<i32> = p0
+        .replicas
+        .iter()
+        .map(|&n| if n == dropped0 { 4 } else { n })
+        .collect();
+    let t0 = target0
+        .iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let started = Instant::now();
+    let out = python("reassign.py", &[&bootstrap, "alter", TOPIC, "0", &t0]);
+    assert_success("reassign.py alter", &out);
+    assert_eq!(stdout(&out).trim(), "0 None", "{}", stdout(&out));
+    // Listed while it runs (or already finished: the data is small).
+    let out = python("reassign.py", &[&bootstrap, "list"]);
+    assert_success("reassign.py list", &out);
+    for line in stdout(&out).lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        assert_eq!(f[..2], [TOPIC, "0"], "{line}");
+        assert_eq!(f[3], "4", "adding: {line}");
+        assert_eq!(f[4], dropped0.to_string(), "removing: {line}");
+    }
+
+    // Partition 1: its leader itself moves away, to node 4 (leadership is handed over first).
+    let p1 = &before[1];
+    let dropped1 = p1.leader;
+    let target1: Vec<i32> = p1
+        .replicas
+        .iter()
+        .map(|&n| if n == dropped1 { 4 } else { n })
+        .collect();
+    let t1 = target1
+        .iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = cli(&nodes, &["partition", "move", TOPIC, "1", "--to", &t1]);
+    assert_success("spate partition move", &out);
+    assert!(stdout(&out).contains("moving"), "{}", stdout(&out));
+
+    let after = wait_until("both moves done", CHANGE_BOUND, || {
+        let ps = settled(&nodes)?;
+        (ps[0].replicas == target0 && ps[1].replicas == target1).then_some(ps)
+    });
+    eprintln!(
+        "both moves done {:?} after the first was asked for",
+        started.elapsed()
+    );
+    assert_ne!(after[1].leader, dropped1, "{after:?}");
+    let out = cli(&nodes, &["partition", "reassignments"]);
+    assert_success("spate partition reassignments", &out);
+    assert!(
+        stdout(&out).contains("No replica moves under way"),
+        "{}",
+        stdout(&out)
+    );
+    // The removed replicas close and delete their files; node 4 holds both partitions.
+    wait_until("removed replicas' files gone", CHANGE_BOUND, || {
+        let gone = |n: i32, p: usize| !log_dir(&nodes[n as usize - 1], p).exists();
+        (gone(dropped0, 0) && gone(dropped1, 1)).then_some(())
+    });
+    assert!(log_dir(&nodes[3], 0).is_dir() && log_dir(&nodes[3], 1).is_dir());
+    // Cancelling a move that ended is refused (NO_REASSIGNMENT_IN_PROGRESS).
+    let out = python("reassign.py", &[&bootstrap, "alter", TOPIC, "0", "cancel"]);
+    assert_success("reassign.py cancel", &out);
+    assert!(
+        stdout(&out).contains("NoReassignmentInProgress"),
+        "{}",
+        stdout(&out)
+    );
+
+    producer.wait_more(300, "acks after the moves");
+    // Node 4 restarts: its groups' membership comes back from its log (the membership batches
+    // listed beside it), and it rejoins both ISRs as a voter.
+    nodes[3].terminate();
+    nodes[3].spawn();
+    wait_until("node 4 back in both ISRs", CHANGE_BOUND, || {
+        let ps = settled(&nodes)?;
+        (ps[0].replicas == target0 && ps[1].replicas == target1).then_some(())
+    });
+    producer.wait_more(300, "acks after node 4's restart");
+    let reports = producer.stop();
+    let all = nodes.iter().map(Node::addr).collect::<Vec<_>>().join(",");
+    let out = python("consume_all.py", &[&all, TOPIC, "--offsets"]);
+    assert_success("consume_all.py", &out);
+    check_history(&reports, &stdout(&out));
+}
+
+enum Report {
+    Ack {
+        partition: usize,
+        offset: i64,
+        value: u64,
+    },
+    Err(String),
+}
+
+struct Producer {
+    child: Child,
+    stop_file: std::path::PathBuf,
+    out_file: std::path::PathBuf,
+}
+
+impl Producer {
+    fn start(dir: &Path, bootstrap: &str) -> Producer {
+        let stop_file = dir.join("stop");
+        let out_file = dir.join("acks.txt");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/cluster_produce.py");
+        let child = Command::new("python3")
+            .arg(script)
+            .args([
+                bootstrap,
+                TOPIC,
+                &PARTITIONS.to_string(),
+                "200",
+                &stop_file.to_string_lossy(),
+                &out_file.to_string_lossy(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run python3");
+        Producer {
+            child,
+            stop_file,
+            out_file,
+        }
+    }
+
+    fn reports(&self) -> Vec<Report> {
+        let text = std::fs::read_to_string(&self.out_file).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                match f[0] {
+                    "ack" if f.len() == 5 && !f[4].is_empty() => Some(Report::Ack {
+                        partition: f[1].parse().ok()?,
+                        offset: f[2].parse().ok()?,
+                        value: f[3].parse().ok()?,
+                    }),
+                    "err" => Some(Report::Err(l.to_string())),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
+    fn acks(&self) -> usize {
+        self.reports()
+            .iter()
+            .filter(|r| matches!(r, Report::Ack { .. }))
+            .count()
+    }
+
+    /// Waits until `n` more writes are acknowledged.
+    fn wait_more(&mut self, n: usize, what: &str) {
+        let base = self.acks();
+        wait_until(what, CHANGE_BOUND, || {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                panic!("producer exited early ({s})");
+            }
+            (self.acks() >= base + n).then_some(())
+        });
+    }
+
+    fn stop(mut self) -> Vec<Report> {
+        std::fs::write(&self.stop_file, b"").unwrap();
+        let status = wait_until("producer finished", Duration::from_secs(120), || {
+            self.child.try_wait().unwrap()
+        });
+        let reports = self.reports();
+        let out = self.child.wait_with_output().unwrap();
+        assert!(
+            status.success(),
+            "producer: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        reports
+    }
+}
+
+/// Every acknowledged value is read back once, at its acknowledged partition and offset, and
+/// the application saw no error.
+fn check_history(reports: &[Report], records: &str) {
+    let mut at: HashMap<(usize, i64), u64> = HashMap::new();
+    let mut values: HashMap<u64, (usize, i64)> = HashMap::new();
+    for line in records.lines() {
+        let f: Vec<u64> = line.split(' ').map(|x| x.parse().unwrap()).collect();
+        let (p, o, v) = (f[0] as usize, f[1] as i64, f[2]);
+        assert!(at.insert((p, o), v).is_none(), "offset {p}/{o} read twice");
+        if let Some(first) = values.insert(v, (p, o)) {
+            panic!("value {v} read twice: at {first:?} and {p}/{o}");
+        }
+    }
+    let mut acked = 0;
+    for r in reports {
+        match r {
+            Report::Ack {
+                partition,
+                offset,
+                value,
+            } => {
+                acked += 1;
+                assert_eq!(
+                    at.get(&(*partition, *offset)),
+                    Some(value),
+                    "acknowledged value {value} at {partition}/{offset}"
+                );
+            }
+            Report::Err(line) => panic!("the producer saw an error: {line}"),
+        }
+    }
+    eprintln!("history: {acked} acknowledged, {} records read", at.len());
+    assert!(acked > 0);
+}

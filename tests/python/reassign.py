@@ -1,0 +1,35 @@
+"""kafka-python's KafkaAdminClient moving replicas (AlterPartitionReassignments) and listing
+moves (ListPartitionReassignments) on a Spate cluster.
+
+usage: reassign.py BOOTSTRAP alter TOPIC PARTITION REPLICAS|cancel
+         prints "PARTITION ERROR" (ERROR: the error class name, or None)
+       reassign.py BOOTSTRAP list
+         prints "TOPIC PARTITION REPLICAS ADDING REMOVING" per move (lists comma-joined, - if empty)
+"""
+import sys
+
+from kafka import TopicPartition
+from kafka.admin import KafkaAdminClient
+
+BOOTSTRAP, WHAT = sys.argv[1], sys.argv[2]
+admin = KafkaAdminClient(bootstrap_servers=BOOTSTRAP, request_timeout_ms=30000)
+
+
+def joined(ids):
+    return ",".join(str(i) for i in ids) or "-"
+
+
+if WHAT == "alter":
+    topic, partition, target = sys.argv[3], int(sys.argv[4]), sys.argv[5]
+    replicas = None if target == "cancel" else [int(x) for x in target.split(",")]
+    result = admin.alter_partition_reassignments({TopicPartition(topic, partition): replicas})
+    for tp, err in sorted(result.items()):
+        print(tp.partition, None if err is None else err.__name__)
+elif WHAT == "list":
+    moves = admin.list_partition_reassignments()
+    for tp, m in sorted(moves.items()):
+        print(tp.topic, tp.partition, joined(m["replicas"]), joined(m["adding_replicas"]),
+              joined(m["removing_replicas"]))
+else:
+    sys.exit("unknown command " + WHAT)
+admin.close()
