@@ -53,6 +53,10 @@ NEEDS_NETNS = NETWORK_KINDS
 TOPIC_REPLICAS_MAX = 3
 # A move is waited for this long at most (it is a fault: the next one starts after it).
 MOVE_WAIT_MAX_S = 30.0
+# The time a move fault is planned to take (the schedule's spacing): a move of a few MB with a
+# kill in it takes 1-5 s here. Planning MOVE_WAIT_MAX_S would leave a 150 s run five faults; a
+# move that takes longer than planned only delays the next fault.
+MOVE_PLANNED_S = 6.0
 MOVE_KILL_AFTER_MIN_S = 0.2
 MOVE_KILL_AFTER_MAX_S = 2.0
 
@@ -126,7 +130,7 @@ def schedule(seed, duration_s, kinds, nodes):
             params = {"rate_kbit": SLOW_RATE_KBIT}
         elif kind in MOVE_KINDS:
             targets = sorted(rng.sample(ids, replicas_for(nodes)))  # the new replica set
-            dur = MOVE_WAIT_MAX_S
+            dur = MOVE_PLANNED_S
             # Picks resolved at run time against what the cluster has then (partition count,
             # the old replica set), so the schedule stays a function of the seed alone.
             params = {"partition_pick": rng.randrange(1 << 16)}
@@ -228,7 +232,7 @@ class Nemesis:
         self.history.record("fault_start", id=fault.id, kind=fault.kind, targets=fault.targets,
                             params=dict(fault.params, partition=partition, old=old),
                             planned_s=fault.duration_s)
-        deadline = time.monotonic() + fault.duration_s
+        deadline = time.monotonic() + MOVE_WAIT_MAX_S
         victim = None
         try:
             error = self.mover.move(partition, fault.targets)

@@ -37,6 +37,9 @@ RECOVERY_POLL_S = 0.05
 WATCHDOG_SLACK_S = float(os.environ.get("SPATE_CHAOS_WATCHDOG_SLACK_S", "600"))
 # Per node at least: a run must not fill a shared test disk.
 MIN_FREE_DISK_BYTES = 2 << 30
+# A run that asked for this many replica moves and saw none finish did not test moves (a
+# client library that refuses the call, a cluster that refuses every move): it fails.
+MOVES_FOR_A_VERDICT = 3
 
 
 # Workers stop on their own within the producers' flush timeout; past this they are stuck.
@@ -282,6 +285,10 @@ def main(argv=None):
     injected = sum(summary["faults"].values())
     if injected < args.min_faults:
         failures.append(f"only {injected} faults injected, --min-faults {args.min_faults}")
+    moves = summary.get("moves") or {}
+    if moves.get("asked", 0) >= MOVES_FOR_A_VERDICT and moves.get("done", 0) == 0:
+        failures.append(f"{moves['asked']} replica moves asked, none finished: the move "
+                        "nemeses tested nothing")
     if not any(e["type"] == "recovered" and e["ok"] for e in events):
         failures.append(f"no ack within {RECOVERY_TIMEOUT_S} s after the faults ended")
     if failures:
