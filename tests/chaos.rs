@@ -3,7 +3,7 @@
 //! the real kernel, and bounded runs of the release `spate` with real confluent-kafka clients,
 //! which must find no anomaly: a single node under SIGKILL and SIGSTOP, and a three-node
 //! cluster under the mixed nemesis (leader and random kills, pauses, restarts, slow links and,
-//! in namespaces, cuts).
+//! in namespaces, cuts), and a four-node cluster whose partitions move while nodes are killed.
 //! `SPATE_CHAOS_SEED` replays a run's fault schedule; a failing run keeps its directory
 //! (history.jsonl, summary.json, timeline.svg, node logs) and prints where it is.
 
@@ -18,6 +18,10 @@ const MIN_FAULTS: u32 = 6;
 /// leader and of random nodes, pauses, restarts, slow links, and with namespaces cuts).
 const CLUSTER_RUN_SECONDS: u32 = 45;
 const CLUSTER_MIN_FAULTS: u32 = 5;
+/// The four-node move run: a move is planned at 6 s and a gap is 1-2.5 s, so 40 s hold at
+/// least four faults.
+const MOVE_RUN_SECONDS: u32 = 40;
+const MOVE_MIN_FAULTS: u32 = 4;
 
 /// Seconds past its duration after which the planted-loss run's watchdog ends it as hung
 /// (every phase after the faults is bounded well below this; see tests/chaos/run.py).
@@ -133,6 +137,27 @@ fn three_node_cluster_under_mixed_faults_has_no_anomalies() {
         &CLUSTER_RUN_SECONDS.to_string(),
         "--min-faults",
         &CLUSTER_MIN_FAULTS.to_string(),
+    ]);
+}
+
+/// Four nodes, replication factor 3: partitions moved onto other replica sets by kafka-python's
+/// AlterPartitionReassignments while a node of the old or the new set is SIGKILLed in the
+/// middle of the move (the fault mix where Jepsen found Redpanda losing messages), and plain
+/// kills. The run fails if no move finished (a harness that asks and is always refused tests
+/// nothing).
+#[test]
+fn four_node_cluster_under_replica_moves_and_kills_has_no_anomalies() {
+    judged_run(&[
+        "--nodes",
+        "4",
+        "--nemesis",
+        "move,move_kill,kill",
+        "--network",
+        "auto",
+        "--duration",
+        &MOVE_RUN_SECONDS.to_string(),
+        "--min-faults",
+        &MOVE_MIN_FAULTS.to_string(),
     ]);
 }
 
