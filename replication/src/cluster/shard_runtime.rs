@@ -30,8 +30,8 @@
 //! controller (at most once per [`REASSIGNMENT_RETRY_MS`]). A node no longer among a
 //! partition's replicas once the move ended closes the partition and deletes its files.
 //!
-//! On each tick the runtime also hands each group's replication view to its replica's
-//! observer (only when it changed) and its own counters to the [`RuntimeObserver`]: that is
+//! Every [`REPLICATION_VIEW_EVERY_TICKS`] ticks the runtime also hands each group's replication
+//! view to its replica's observer (only when it changed), and on each tick its own counters to the [`RuntimeObserver`]: that is
 //! how metrics see replication without this crate knowing of them.
 
 use std::cell::RefCell;
@@ -84,6 +84,11 @@ pub const MAX_OPEN_MS_PER_PASS: u64 = 20;
 /// Groups a pass opens whatever the time they take, so a handful of new partitions open in
 /// one pass even on a slow disk.
 pub const MIN_OPENS_PER_PASS: usize = 8;
+
+/// Every how many ticks each group's replication view is compared with what its observer last
+/// saw (metrics: leader, ISR size, lag). Every tick cost a pass over every group (thousands on
+/// a shard) for gauges a scrape reads every few seconds; ten ticks is half a second.
+pub const REPLICATION_VIEW_EVERY_TICKS: u64 = 10;
 
 /// Incoming node messages stepped before their groups' replies are flushed: batches a burst
 /// (a peer's per-tick messages arrive together) without holding replies back for long.
@@ -282,7 +287,9 @@ pub async fn run(
                 rt.report(&link, false);
                 rt.move_leadership(&link).await;
                 rt.move_replicas(&link).await;
-                rt.publish_replication();
+                if rt.stats.borrow().ticks % REPLICATION_VIEW_EVERY_TICKS == 0 {
+                    rt.publish_replication();
+                }
                 rt.stats.borrow_mut().ticks += 1;
                 if let Some(o) = &config.observer {
                     o.stats(&rt.stats.borrow());
@@ -554,12 +561,17 @@ impl Runtime {
     /// Sends the reports the controller has not accepted: a group's first in its epoch at once,
     /// the others when the report interval has passed (`leadership`: only new epochs).
     fn report(&mut self, link: &ShardLink, leadership: bool) {
-        self.leadership_seen = self.groups.leadership_signal().generation();
         let now = Instant::now();
         let due = !leadership
             && self
                 .last_reported
                 .is_none_or(|t| now.duration_since(t) >= self.report_interval);
+        // Between intervals only new epochs go out, and each raised the leadership signal
+        // (handled as `leadership`, left unseen here): no pass over every group every tick.
+        if !leadership && !due {
+            return;
+        }
+        self.leadership_seen = self.groups.leadership_signal().generation();
         let mut sent_any = false;
         for r in self.groups.pending_reports() {
             let new_epoch = self

@@ -510,6 +510,11 @@ impl PartitionGroup {
         (outcome, completion)
     }
 
+    /// Whether the group has queued messages to send (the shard skips the others' locks).
+    pub fn has_messages(&self) -> bool {
+        !self.outbox.borrow().is_empty()
+    }
+
     /// Takes the messages to send, a leader's appends filled with batches from its log.
     /// Appends of an epoch this replica no longer leads are dropped (their batches may be gone).
     pub async fn take_messages(&self) -> Vec<(NodeId, Message)> {
