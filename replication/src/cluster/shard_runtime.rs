@@ -287,7 +287,12 @@ pub async fn run(
                 rt.report(&link, false);
                 rt.move_leadership(&link).await;
                 rt.move_replicas(&link).await;
-                if rt.stats.borrow().ticks % REPLICATION_VIEW_EVERY_TICKS == 0 {
+                if rt
+                    .stats
+                    .borrow()
+                    .ticks
+                    .is_multiple_of(REPLICATION_VIEW_EVERY_TICKS)
+                {
                     rt.publish_replication();
                 }
                 rt.stats.borrow_mut().ticks += 1;
