@@ -131,6 +131,11 @@ impl ShardGroups {
     pub async fn take_outgoing(&self) -> Vec<NodeMessage> {
         let mut per_group = Vec::new();
         for g in self.all() {
+            // Most groups have nothing queued on most calls (an idle one, a heartbeat every
+            // other tick): no lock taken for them. A message queued later signals the outbox.
+            if !g.has_messages() {
+                continue;
+            }
             let msgs = g.take_messages().await;
             if !msgs.is_empty() {
                 per_group.push((g.group(), msgs));

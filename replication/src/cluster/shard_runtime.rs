@@ -4,7 +4,8 @@
 //!
 //! One task per shard, one event at a time:
 //! - a tick every [`PARTITION_TICK_MS`] (elections, heartbeats), and on it a look at the
-//!   cluster view's generation (a new view: open, close, delete and reconfigure groups);
+//!   cluster view's generation (a new view: open, close, delete and reconfigure groups; the
+//!   opening of many groups is spread over ticks, [`MAX_OPEN_MS_PER_PASS`] at a time);
 //! - a message from the service ([`ShardLink::inbox`]): delivered to its groups;
 //! - a group queued messages outside a tick or a delivery (a produce, a durability report):
 //!   flushed at once, so acks=all waits for the network and the disks, never for a tick;
@@ -29,8 +30,8 @@
 //! controller (at most once per [`REASSIGNMENT_RETRY_MS`]). A node no longer among a
 //! partition's replicas once the move ended closes the partition and deletes its files.
 //!
-//! On each tick the runtime also hands each group's replication view to its replica's
-//! observer (only when it changed) and its own counters to the [`RuntimeObserver`]: that is
+//! Every [`REPLICATION_VIEW_EVERY_TICKS`] ticks the runtime also hands each group's replication
+//! view to its replica's observer (only when it changed), and on each tick its own counters to the [`RuntimeObserver`]: that is
 //! how metrics see replication without this crate knowing of them.
 
 use std::cell::RefCell;
@@ -71,6 +72,23 @@ pub const LEADERSHIP_TRANSFER_RETRY_MS: u64 = 1_500;
 /// How long a partition leader waits before asking the controller again to end a finished
 /// move, or to hand leadership away before removing itself.
 pub const REASSIGNMENT_RETRY_MS: u64 = 1_000;
+
+/// How long one pass over a new cluster view may spend opening groups before the shard goes
+/// back to its ticks and messages; the rest open on the next ticks. Opening a replica (its
+/// files, its hard state, the preferred replica's first vote) takes milliseconds of disk work,
+/// so a topic of thousands of partitions opened in one go held the shard for seconds: no
+/// heartbeat of its open groups went out, their peers started elections, and the elections'
+/// vote fsyncs held every node further. Opened a few at a time on every node in the same
+/// (group id) order, the groups also elect in waves instead of all at once.
+pub const MAX_OPEN_MS_PER_PASS: u64 = 20;
+/// Groups a pass opens whatever the time they take, so a handful of new partitions open in
+/// one pass even on a slow disk.
+pub const MIN_OPENS_PER_PASS: usize = 8;
+
+/// Every how many ticks each group's replication view is compared with what its observer last
+/// saw (metrics: leader, ISR size, lag). Every tick cost a pass over every group (thousands on
+/// a shard) for gauges a scrape reads every few seconds; ten ticks is half a second.
+pub const REPLICATION_VIEW_EVERY_TICKS: u64 = 10;
 
 /// Incoming node messages stepped before their groups' replies are flushed: batches a burst
 /// (a peer's per-tick messages arrive together) without holding replies back for long.
@@ -170,6 +188,7 @@ pub async fn run(
         plan: HostingPlan::default(),
         configs: BTreeMap::new(),
         generation: None,
+        opens_pending: false,
         outbox_seen: 0,
         leadership_seen: 0,
         last_reported: None,
@@ -268,7 +287,14 @@ pub async fn run(
                 rt.report(&link, false);
                 rt.move_leadership(&link).await;
                 rt.move_replicas(&link).await;
-                rt.publish_replication();
+                if rt
+                    .stats
+                    .borrow()
+                    .ticks
+                    .is_multiple_of(REPLICATION_VIEW_EVERY_TICKS)
+                {
+                    rt.publish_replication();
+                }
                 rt.stats.borrow_mut().ticks += 1;
                 if let Some(o) = &config.observer {
                     o.stats(&rt.stats.borrow());
@@ -330,6 +356,8 @@ struct Runtime {
     configs: BTreeMap<String, BTreeMap<String, String>>,
     /// The cluster view last acted on.
     generation: Option<u64>,
+    /// Groups of that view are still to open (the last pass ran out of its time budget).
+    opens_pending: bool,
     /// The signals' generations before the last flush and report (a notify after them is
     /// acted on).
     outbox_seen: u64,
@@ -538,12 +566,17 @@ impl Runtime {
     /// Sends the reports the controller has not accepted: a group's first in its epoch at once,
     /// the others when the report interval has passed (`leadership`: only new epochs).
     fn report(&mut self, link: &ShardLink, leadership: bool) {
-        self.leadership_seen = self.groups.leadership_signal().generation();
         let now = Instant::now();
         let due = !leadership
             && self
                 .last_reported
                 .is_none_or(|t| now.duration_since(t) >= self.report_interval);
+        // Between intervals only new epochs go out, and each raised the leadership signal
+        // (handled as `leadership`, left unseen here): no pass over every group every tick.
+        if !leadership && !due {
+            return;
+        }
+        self.leadership_seen = self.groups.leadership_signal().generation();
         let mut sent_any = false;
         for r in self.groups.pending_reports() {
             let new_epoch = self
@@ -567,11 +600,13 @@ impl Runtime {
 
     async fn check_view(&mut self, link: &ShardLink) {
         let view = link.port.view();
-        if self.generation == Some(view.generation) {
+        if self.generation == Some(view.generation) && !self.opens_pending {
             return;
         }
-        self.generation = Some(view.generation);
-        self.stats.borrow_mut().views += 1;
+        if self.generation != Some(view.generation) {
+            self.generation = Some(view.generation);
+            self.stats.borrow_mut().views += 1;
+        }
         self.apply_view(link.shard, &view).await;
     }
 
@@ -621,7 +656,15 @@ impl Runtime {
                 self.replicas.close_group(&tp).await;
             }
         }
-        for (g, h) in changes.open {
+        let started = Instant::now();
+        let budget = Duration::from_millis(MAX_OPEN_MS_PER_PASS);
+        self.opens_pending = false;
+        for (opened, (g, h)) in changes.open.into_iter().enumerate() {
+            if opened >= MIN_OPENS_PER_PASS && started.elapsed() >= budget {
+                // The next tick goes on from here (the plan lacks the rest).
+                self.opens_pending = true;
+                break;
+            }
             let configs = state
                 .topics
                 .get(&h.topic)

@@ -282,6 +282,14 @@ impl ActiveController {
         Ok((out, self.state.brokers[&req.node].fenced))
     }
 
+    /// The controller was not running for `ms` (its thread held): no broker's session counts
+    /// that time, since heartbeats sent meanwhile have not been read yet.
+    pub fn extend_sessions(&mut self, ms: u64) {
+        for t in self.last_heartbeat_ms.values_mut() {
+            *t = t.saturating_add(ms);
+        }
+    }
+
     /// Fences every live broker whose session expired at `now_ms`, dropping its leadership.
     pub fn tick(&mut self, now_ms: u64) -> Vec<Record> {
         let timeout = self.cfg.broker_session_timeout_ms;

@@ -49,6 +49,11 @@ pub const DEFAULT_CONTROLLER_ELECTION_TIMEOUT_TICKS: u32 = 10;
 /// A request to the controller not answered within this long is sent again to the next voter:
 /// longer than a commit round trip on any sane network, short against the 1 s session timeout.
 pub const DEFAULT_CONTROLLER_REQUEST_TIMEOUT_MS: u64 = 500;
+/// A gap between two ticks longer than this means the driver's thread was held (a slow
+/// metadata fsync on a loaded disk, a burst of work): heartbeats that arrived meanwhile wait
+/// unread, so the active controller does not count that time against brokers' sessions. Two
+/// heartbeat intervals: an ordinary late tick is not a stall.
+pub const CONTROLLER_STALL_MS: u64 = 2 * DEFAULT_BROKER_HEARTBEAT_INTERVAL_MS;
 /// Batch bytes attached to one append (or one metadata fetch answer).
 pub const MAX_METADATA_APPEND_BYTES: usize = 1 << 20;
 /// A decision is proposed as batches of about this size.
@@ -432,7 +437,20 @@ impl<R: Clone> Driver<R> {
     /// One tick at `now_ms`: the metadata group's timers, the active controller's session
     /// checks, and the broker side's requests.
     pub fn tick(&mut self, now_ms: u64) -> Result<(), StoreError> {
+        let gap = now_ms.saturating_sub(self.now_ms);
         self.now_ms = now_ms;
+        if gap > CONTROLLER_STALL_MS {
+            if let Some(active) = self.active.as_mut() {
+                // Fencing a broker whose heartbeats sit unread in our own queue would drop
+                // its leaderships for our stall, not its; under load that feeds itself (the
+                // leaders report again, more work for the same thread).
+                tracing::info!(
+                    stalled_ms = gap,
+                    "controller ticked late: brokers' sessions extended"
+                );
+                active.extend_sessions(gap);
+            }
+        }
         if let Some(node) = self.node.as_mut() {
             node.tick();
             self.drive()?;
