@@ -1161,12 +1161,87 @@ fn hard_state_error(path: &Path, reason: impl std::fmt::Display) -> ReplicaError
 
 /// The persisted epoch and vote; a missing file is a new replica (epoch 0, no vote).
 fn read_hard_state(path: &Path) -> Result<HardState, ReplicaError> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HardState::default()),
         Err(e) => return Err(hard_state_error(path, e)),
     };
-    decode_hard_state(&bytes).map_err(|reason| hard_state_error(path, reason))
+    let slots = read_hard_state_slots(&file).map_err(|e| hard_state_error(path, e))?;
+    newest_hard_state(&slots).map_err(|reason| hard_state_error(path, reason))
+}
+
+/// Byte offsets of the hard-state file's two slots. A write goes to the slot that does not
+/// hold the newest state, so a write torn by a crash damages only a state that was never
+/// acted on (the vote is sent after its fdatasync returns) and the other slot still holds the
+/// one before it. The slots are a page apart so that no device writes them in one sector.
+const HARD_STATE_SLOTS: [u64; 2] = [0, 4096];
+
+/// Each slot's bytes: `None` where the file ends before the slot (a file of one slot is what
+/// the first write, and releases before two slots, leave).
+fn read_hard_state_slots(file: &std::fs::File) -> std::io::Result<[Option<Vec<u8>>; 2]> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata()?.len();
+    let mut slots = [None, None];
+    for (i, &at) in HARD_STATE_SLOTS.iter().enumerate() {
+        if len > at {
+            // Never more than a slot, whatever the file's length claims.
+            let n = (len - at).min(HARD_STATE_BYTES as u64) as usize;
+            let mut b = vec![0u8; n];
+            file.read_exact_at(&mut b, at)?;
+            slots[i] = Some(b);
+        }
+    }
+    Ok(slots)
+}
+
+/// Orders hard states as consensus produces them: the epoch never goes back, and within an
+/// epoch the vote is cast at most once.
+fn hard_state_order(h: &HardState) -> (Epoch, bool) {
+    (h.epoch, h.voted_for.is_some())
+}
+
+/// The newest valid slot. One damaged slot is a write torn by a crash (its state was never
+/// acted on); both damaged, or two different votes in one epoch, is a file that cannot be
+/// trusted, and the group refuses to open rather than vote again.
+fn newest_hard_state(slots: &[Option<Vec<u8>>; 2]) -> Result<HardState, String> {
+    let mut valid = Vec::with_capacity(2);
+    let mut errors = Vec::new();
+    for (i, b) in slots.iter().enumerate() {
+        if let Some(b) = b {
+            match decode_hard_state(b) {
+                Ok(h) => valid.push((i, h)),
+                Err(e) => errors.push(format!("slot {i}: {e}")),
+            }
+        }
+    }
+    match valid.as_slice() {
+        [] => Err(errors.join("; ")),
+        [(_, h)] => Ok(*h),
+        [(_, a), (_, b)] => {
+            if hard_state_order(a) == hard_state_order(b) && a != b {
+                return Err(format!("two votes in epoch {}: {a:?} and {b:?}", a.epoch));
+            }
+            Ok(if hard_state_order(b) > hard_state_order(a) {
+                *b
+            } else {
+                *a
+            })
+        }
+        _ => unreachable!("two slots"),
+    }
+}
+
+/// The slot a new state goes to: the one not holding the newest valid state.
+fn hard_state_target_slot(slots: &[Option<Vec<u8>>; 2]) -> usize {
+    let decoded: Vec<Option<HardState>> = slots
+        .iter()
+        .map(|b| b.as_deref().and_then(|b| decode_hard_state(b).ok()))
+        .collect();
+    match (decoded[0], decoded[1]) {
+        (Some(a), Some(b)) if hard_state_order(&b) > hard_state_order(&a) => 0,
+        (Some(_), _) => 1,
+        _ => 0,
+    }
 }
 
 fn encode_hard_state(hard: HardState) -> [u8; HARD_STATE_BYTES] {
@@ -1204,18 +1279,29 @@ fn decode_hard_state(b: &[u8]) -> Result<HardState, String> {
 
 /// Writes the hard state so that a crash leaves the old or the new one whole. The first write
 /// creates the file with temp file, fsync, rename and directory fsync; later ones overwrite
-/// its [`HARD_STATE_BYTES`] in place and fdatasync. A write that small at the start of a file
-/// lies within one 512-byte sector, which disks write whole (what PostgreSQL's pg_control
-/// relies on), and were one torn anyway its CRC would refuse it at open rather than read it.
-/// One device flush per vote instead of two journal commits and a directory entry: with
-/// thousands of partitions electing at once (a topic created, a node restarted) those
-/// synchronous commits held a shard for seconds, long enough for its leaders to be deposed.
+/// the older of its two slots in place and fdatasync ([`HARD_STATE_SLOTS`]): a torn write
+/// leaves the previous state readable in the other slot. One device flush per vote instead of
+/// two journal commits and a directory entry: with thousands of partitions electing at once
+/// (a topic created, a node restarted) those synchronous commits held a shard for seconds,
+/// long enough for its leaders to be deposed.
 fn write_hard_state(path: &Path, hard: HardState) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     let bytes = encode_hard_state(hard);
-    match std::fs::OpenOptions::new().write(true).open(path) {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
         Ok(f) => {
-            f.write_all_at(&bytes, 0)?;
+            let slots = read_hard_state_slots(&f)?;
+            if let Ok(current) = newest_hard_state(&slots) {
+                debug_assert!(
+                    hard_state_order(&hard) >= hard_state_order(&current),
+                    "hard state went back: {current:?} -> {hard:?}"
+                );
+            }
+            let slot = hard_state_target_slot(&slots);
+            f.write_all_at(&bytes, HARD_STATE_SLOTS[slot])?;
             f.sync_data()
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => write_atomically(path, &bytes),
@@ -1277,11 +1363,89 @@ mod tests {
             write_hard_state(&path, hard).unwrap();
             assert_eq!(read_hard_state(&path).unwrap(), hard);
             let len = std::fs::metadata(&path).unwrap().len();
-            assert_eq!(len, HARD_STATE_BYTES as u64, "overwritten, not appended to");
+            assert!(
+                len <= HARD_STATE_SLOTS[1] + HARD_STATE_BYTES as u64,
+                "overwritten, not appended to"
+            );
         }
         // Only the creation goes through a temp file, and none is left behind.
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1);
+    }
+
+    /// A crash in the middle of any write leaves the state before it or the new one, never
+    /// neither: every prefix of the slot being written (and garbage in it) is tried.
+    #[test]
+    fn a_torn_hard_state_write_leaves_the_previous_state() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t-0.hard-state");
+        let states = [
+            HardState {
+                epoch: 1,
+                voted_for: Some(1),
+            },
+            HardState {
+                epoch: 2,
+                voted_for: None,
+            },
+            HardState {
+                epoch: 2,
+                voted_for: Some(3),
+            },
+            HardState {
+                epoch: 5,
+                voted_for: Some(2),
+            },
+        ];
+        let mut before = HardState::default();
+        for next in states {
+            if path.exists() {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .unwrap();
+                let slots = read_hard_state_slots(&f).unwrap();
+                let slot = hard_state_target_slot(&slots);
+                let at = HARD_STATE_SLOTS[slot];
+                let saved = std::fs::read(&path).unwrap();
+                let bytes = encode_hard_state(next);
+                for cut in 0..bytes.len() {
+                    f.write_all_at(&bytes[..cut], at).unwrap();
+                    f.write_all_at(&[0xA5u8; 3][..(bytes.len() - cut).min(3)], at + cut as u64)
+                        .unwrap();
+                    let got = read_hard_state(&path).unwrap();
+                    assert!(got == before || got == next, "cut {cut}: {got:?}");
+                    std::fs::write(&path, &saved).unwrap();
+                }
+            }
+            write_hard_state(&path, next).unwrap();
+            assert_eq!(read_hard_state(&path).unwrap(), next);
+            before = next;
+        }
+    }
+
+    #[test]
+    fn a_hard_state_file_of_one_slot_still_opens() {
+        // What the first write, and releases before the second slot, leave.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t-0.hard-state");
+        let old = HardState {
+            epoch: 4,
+            voted_for: Some(2),
+        };
+        std::fs::write(&path, encode_hard_state(old)).unwrap();
+        assert_eq!(read_hard_state(&path).unwrap(), old);
+        let new = HardState {
+            epoch: 5,
+            voted_for: None,
+        };
+        write_hard_state(&path, new).unwrap();
+        assert_eq!(read_hard_state(&path).unwrap(), new);
+        // Both slots damaged: refused, never read as "no vote".
+        std::fs::write(&path, [0u8; 5000]).unwrap();
+        assert!(read_hard_state(&path).is_err());
     }
 
     #[test]
