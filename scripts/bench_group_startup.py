@@ -148,6 +148,41 @@ def fetch_answer(resp):
     return r.take(">h"), parts
 
 
+def find_coordinator_request(corr, group):
+    return frame(header(10, 0, corr) + kstr(group))
+
+
+def coordinators_ready(bootstrap, groups, partitions):
+    """Waits until every group has a loaded coordinator (FindCoordinator creates
+    `__consumer_offsets` on first use, as clients send it before committing)."""
+    host, port = bootstrap.split(":")
+    sock = socket.create_connection((host, int(port)), timeout=SOCKET_TIMEOUT_S)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    try:
+        for g in range(groups):
+            while True:
+                sock.sendall(find_coordinator_request(g, group_name(g)))
+                r = Reader(recv_frame(sock))
+                r.take(">i")
+                err = r.take(">h")
+                if err == 0:
+                    break
+                if err not in RETRIABLE or time.monotonic() > deadline:
+                    raise SystemExit(f"FindCoordinator for group {g}: error {err}")
+                time.sleep(LOADING_RETRY_S)
+            while True:
+                sock.sendall(fetch_request(g, group_name(g), partitions))
+                err, parts = fetch_answer(recv_frame(sock))
+                errs = {e for _, e in parts.values()} | {err}
+                if not errs & RETRIABLE:
+                    break
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"group {g}: coordinator not loaded")
+                time.sleep(LOADING_RETRY_S)
+    finally:
+        sock.close()
+
+
 def round_blob(rnd, partitions):
     """The partitions of one commit round: partition p at offset rnd * partitions + p."""
     return b"".join(struct.pack(">iqh", p, rnd * partitions + p, 0) for p in range(partitions))
@@ -195,6 +230,7 @@ def generate(bootstrap, groups, partitions, commits, connections):
         raise SystemExit("--commits must be at least --groups x --partitions")
     admin = AdminClient({"bootstrap.servers": bootstrap})
     admin.create_topics([NewTopic(TOPIC, partitions, 1)])[TOPIC].result(timeout=60)
+    coordinators_ready(bootstrap, groups, partitions)
     errors = []
     threads = [threading.Thread(target=commit_worker, args=(
         bootstrap, list(range(i, groups, connections)), rounds, partitions, errors))

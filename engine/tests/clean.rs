@@ -410,6 +410,39 @@ fn the_throttle_bounds_the_cleaners_io_rate() {
 }
 
 #[test]
+fn the_cleaner_defers_each_disk_request_to_foreground_work_but_still_finishes() {
+    use spate_engine::clean::{CLEANER_MAX_DEFER_MS, CLEANER_READ_CHUNK_BYTES};
+    use spate_engine::foreground::{foreground_in_flight, ForegroundIo};
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let log = PartitionLog::open(dir.path(), config()).await.unwrap();
+        let model = write_updates(&log, 200, 6).await;
+        assert_eq!(
+            foreground_in_flight(),
+            0,
+            "appends and group commits end their marks"
+        );
+        let mut cleaner = LogCleaner::open(&log, CleanerConfig::default());
+        // A foreground operation that never ends: every request waits the whole bound.
+        let busy = ForegroundIo::begin();
+        let stats = cleaner
+            .clean(&log, &request(NOW_MS))
+            .await
+            .unwrap()
+            .unwrap();
+        drop(busy);
+        let requests = stats.bytes_read.div_ceil(CLEANER_READ_CHUNK_BYTES as u64);
+        assert!(
+            stats.deferred_ms >= requests * CLEANER_MAX_DEFER_MS,
+            "{} ms deferred over at least {requests} reads",
+            stats.deferred_ms
+        );
+        assert_eq!(latest(&read_all(&log).await.0), model);
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
 fn time_lookups_answer_records_also_across_compacted_gaps() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
