@@ -357,7 +357,7 @@ fn a_small_map_cleans_in_passes_to_the_same_result() {
                 &log,
                 CleanerConfig {
                     dedupe_buffer_bytes: map_bytes,
-                    io_bytes_per_sec: None,
+                    ..CleanerConfig::default()
                 },
             );
             let stats: CleanStats = cleaner

@@ -147,6 +147,7 @@ impl BrokerConfig {
             io_bytes_per_sec: self
                 .cleaner_io_bytes_per_sec
                 .map(|b| (b / cores as u64).max(1)),
+            ..spate_replication::partition::CleanerConfig::default()
         }
     }
 
