@@ -12,8 +12,8 @@ One single-node broker (`--cores 1`), on the disk that holds --dir:
    ..._reclaimed_total); the broker's fdatasync latency histogram gives the group commits' p99
    over each spate-perf run, and /proc/loadavg the machine's load;
 4. a read of each cleaned topic: exactly one record per key, each the last value written.
-Steps 2-4 run once per --throttles entry (`--cleaner-io-bytes-per-sec`, 0 = the broker's
-default), each on a fresh broker.
+Steps 2-4 run once per --throttles entry (`default`: the broker's own; a number: that many
+MB/s as `--cleaner-io-bytes-per-sec`, 0 meaning no byte limit), each on a fresh broker.
 
 Prints a JSON summary (and writes it with --json). Usage: scripts/bench-cleaner.sh [options].
 """
@@ -73,7 +73,7 @@ class Broker:
         args = [binary, "serve", "--data-dir", data_dir, "--listen", self.bootstrap,
                 "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--cores", "1",
                 "--cleaner-backoff-ms", str(CLEANER_BACKOFF_MS)]
-        if throttle_bytes:
+        if throttle_bytes is not None:
             args += ["--cleaner-io-bytes-per-sec", str(throttle_bytes)]
         self.log_path = os.path.join(data_dir, "..", "spate.log")
         self.log = open(self.log_path, "ab")
@@ -339,9 +339,9 @@ def main():
     ap.add_argument("--value-bytes", type=int, default=1024)
     ap.add_argument("--rate", type=int, default=5000, help="spate-perf records/s (1 KiB)")
     ap.add_argument("--seconds", type=int, default=30, help="each spate-perf run")
-    ap.add_argument("--throttles", default="0,50",
-                    help="comma-separated cleaner I/O limits in MB/s, one broker each; 0 = the "
-                         "broker's default")
+    ap.add_argument("--throttles", default="default,0",
+                    help="comma-separated cleaner I/O limits in MB/s, one broker each: "
+                         "'default' for the broker's own, 0 for no byte limit")
     ap.add_argument("--rounds", type=int, default=2,
                     help="baseline/cleaning alternations per broker (one filled topic each)")
     ap.add_argument("--json", default=None)
@@ -351,8 +351,12 @@ def main():
         disk = fio_write_mb_s(root)
         runs = {}
         for mb in args.throttles.split(","):
-            label = "default" if float(mb) == 0 else f"limit-{mb}MB/s"
-            runs[label] = one_run(args, label.replace("/", "_"), int(float(mb) * 1e6), root)
+            if mb == "default":
+                label, limit = "default", None
+            else:
+                limit = int(float(mb) * 1e6)
+                label = f"limit-{mb}MB/s" if limit else "no-byte-limit"
+            runs[label] = one_run(args, label.replace("/", "_"), limit, root)
             for r in runs[label]["rounds"]:
                 r["cleaner_vs_disk_write"] = round(r["cleaner_mb_s"] / disk, 2)
                 r["cleaner_io_vs_disk_write"] = round(r["cleaner_io_mb_s"] / disk, 2)

@@ -10,7 +10,10 @@ One single-node broker (`--cores 1`):
    last commit was acknowledged, then once it answered), restarted, and timed from process
    start until every group answers an OffsetFetch (v2) with exactly its last committed offsets
    (COORDINATOR_LOAD_IN_PROGRESS is retried);
-3. the same after a clean shutdown (SIGTERM), --runs times.
+3. the broker is left running until its log cleaner has gone quiet on `__consumer_offsets`
+   (its Prometheus bytes-read counter unchanged for longer than the cleaner's backoff; skipped
+   for a binary without that series, such as one with the snapshot mechanism before it);
+4. the same as 2 after a clean shutdown (SIGTERM), --runs times.
 Each start-up reports the records the coordinator replayed (its "consumer offsets loaded"
 lines) and the bytes of `__consumer_offsets` segments on disk before the start.
 
@@ -30,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -37,6 +41,10 @@ START_TIMEOUT_S = 30.0
 # A start-up that takes longer than this is reported as failed, not waited for.
 READY_TIMEOUT_S = 900.0
 STOP_TIMEOUT_S = 120.0
+# The cleaner is done once its bytes-read counter stood still this long (longer than the
+# broker's default cleaner backoff of 15 s), waited for at most SETTLE_TIMEOUT_S.
+SETTLE_QUIET_S = 20.0
+SETTLE_TIMEOUT_S = 600.0
 SOCKET_TIMEOUT_S = 60.0
 # Requests in flight per connection (the broker's default allows 32).
 PIPELINE_DEPTH = 16
@@ -248,10 +256,10 @@ def generate(bootstrap, groups, partitions, commits, connections):
 
 class Broker:
     def __init__(self, binary, data_dir, log_path, extra):
-        self.port = free_port()
+        self.port, self.metrics_port = free_port(), free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
         args = [binary, "serve", "--data-dir", data_dir, "--listen", self.bootstrap,
-                "--metrics-listen", f"127.0.0.1:{free_port()}", "--cores", "1"] + extra
+                "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--cores", "1"] + extra
         self.log = open(log_path, "wb")
         env = dict(os.environ, SPATE_LOG_LEVEL="spate_net::group=debug,info",
                    SPATE_LOG_FORMAT="text", NO_COLOR="1")
@@ -270,6 +278,34 @@ class Broker:
                     raise SystemExit(f"spate exited with {self.proc.returncode}")
                 time.sleep(0.01)
         raise SystemExit("spate did not start listening")
+
+    def cleaner_bytes_read(self):
+        """The cleaner's bytes read from `__consumer_offsets`, None without that series."""
+        body = urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        lines = [ln for ln in body.splitlines()
+                 if ln.startswith("spate_cleaner_bytes_read_total{")
+                 and 'topic="__consumer_offsets"' in ln]
+        if not lines:
+            return None
+        return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
+
+    def settle(self):
+        """Waits until the cleaner went quiet; returns the seconds waited (None: no cleaner
+        series)."""
+        start = time.monotonic()
+        last, changed = None, start
+        while time.monotonic() - start < SETTLE_TIMEOUT_S:
+            now_read = self.cleaner_bytes_read()
+            now = time.monotonic()
+            if now_read is None and now - start > SETTLE_QUIET_S:
+                return None
+            if now_read != last:
+                last, changed = now_read, now
+            elif now - changed >= SETTLE_QUIET_S:
+                return round(changed - start, 1)
+            time.sleep(1.0)
+        raise SystemExit("the cleaner did not go quiet in time")
 
     def stop(self, sig):
         self.proc.send_signal(sig)
@@ -381,6 +417,8 @@ def main():
                    "commits_per_sec": round(commits / gen_s),
                    "load_after_generate": load1(), "starts": []}
         for how, sig in (("sigkill", signal.SIGKILL), ("clean", signal.SIGTERM)):
+            if how == "clean":
+                summary["cleaner_settled_after_s"] = broker.settle()
             for i in range(args.runs):
                 broker.stop(sig)
                 size = offsets_bytes(data)

@@ -58,6 +58,14 @@ pub const DEFAULT_DEDUPE_BUFFER_BYTES: usize = 128 << 20;
 /// reaches the disk just after one of these waits behind it, so it is kept small: 512 KiB is
 /// well under a millisecond on an SSD, and still large enough for sequential throughput.
 pub const CLEANER_READ_CHUNK_BYTES: usize = 512 << 10;
+/// A read asks for at least this many of the largest frames seen so far: a frame is only used
+/// whole, so the partial one at the end of each read is read again by the next, and with
+/// frames near the chunk size (1 MiB producer batches) that re-reading would cost half again
+/// the log's bytes.
+pub const CLEANER_READ_MIN_FRAMES: usize = 4;
+/// Largest read sized by [`CLEANER_READ_MIN_FRAMES`] (a single bigger frame is still read
+/// whole, in a read of its own size).
+pub const CLEANER_READ_MAX_BYTES: usize = 4 << 20;
 /// Write-behind buffer of the cleaned segment being written (one write request each), small
 /// for the same reason.
 pub const CLEANER_WRITE_BUFFER_BYTES: usize = 512 << 10;
@@ -248,6 +256,8 @@ pub struct LogCleaner {
     /// Tests stop the cleaner after this many file operations, to crash it at every step.
     stop_after_steps: Option<u32>,
     steps: u32,
+    /// Largest frame read so far (sizes the reads, see [`CLEANER_READ_MIN_FRAMES`]).
+    largest_frame: usize,
 }
 
 /// The file operations of cleaning, in order: a test may stop the cleaner after any of them.
@@ -278,6 +288,7 @@ impl LogCleaner {
             counters: CleanerCounters::default(),
             stop_after_steps: None,
             steps: 0,
+            largest_frame: 0,
         }
     }
 
@@ -508,7 +519,10 @@ impl LogCleaner {
         cap: usize,
         stats: &mut CleanStats,
     ) -> Result<(glommio::io::ReadResult, Vec<ChunkFrame>, u64), EngineError> {
-        let mut want = CLEANER_READ_CHUNK_BYTES;
+        let mut want = self
+            .largest_frame
+            .saturating_mul(CLEANER_READ_MIN_FRAMES)
+            .clamp(CLEANER_READ_CHUNK_BYTES, CLEANER_READ_MAX_BYTES);
         loop {
             let len = (want as u64).min(seg.size - pos) as usize;
             stats.deferred_ms += give_way(&mut self.throttle).await;
@@ -530,6 +544,7 @@ impl LogCleaner {
             while p < rr.len() {
                 match decode_frame(&rr[p..], None, cap) {
                     Ok(f) => {
+                        self.largest_frame = self.largest_frame.max(f.len);
                         frames.push(ChunkFrame {
                             start: p,
                             len: f.len,
