@@ -102,7 +102,10 @@ mod tests {
                 glommio::executor().yield_task_queue_now().await;
                 assert!(!woke.get(), "one operation is still in flight");
                 drop(b);
-                assert!(waiter.await, "the end of the last operation wakes the waiter");
+                assert!(
+                    waiter.await,
+                    "the end of the last operation wakes the waiter"
+                );
                 assert_eq!(foreground_in_flight(), 0);
             })
             .expect("executor")

@@ -107,7 +107,10 @@ mod tests {
         let start = Instant::now();
         let mut t = Throttle::new(None, 20);
         let slice = Duration::from_millis(CLEANER_BUSY_SLICE_MS);
-        assert!(t.busy_pause(start + slice / 2).is_zero(), "within its slice");
+        assert!(
+            t.busy_pause(start + slice / 2).is_zero(),
+            "within its slice"
+        );
         // 5 ms of work at 20 %: 20 ms of pause, so work is a fifth of the cycle.
         assert_eq!(t.busy_pause(start + slice), slice * 4);
         assert_eq!(t.busy_pause(start + slice * 2), slice * 8);
