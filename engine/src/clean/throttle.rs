@@ -106,6 +106,7 @@ mod tests {
     fn the_cleaner_pauses_for_its_share_of_time() {
         let start = Instant::now();
         let mut t = Throttle::new(None, 20);
+        t.rested(start);
         let slice = Duration::from_millis(CLEANER_BUSY_SLICE_MS);
         assert!(
             t.busy_pause(start + slice / 2).is_zero(),
