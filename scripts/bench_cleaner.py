@@ -3,15 +3,17 @@ fixed-rate producer's latency while the cleaner runs against the same producer w
 
 One single-node broker (`--cores 1`), on the disk that holds --dir:
 1. the disk's sequential write bandwidth (fio, direct I/O, 1 MiB blocks), as the reference;
-2. a topic filled with --records keyed updates over --keys keys (confluent-kafka), created with
-   `cleanup.policy=delete` so nothing cleans it yet;
-3. spate-perf at a fixed rate (acks=all, 1 KiB) on another topic: the baseline;
-4. the same spate-perf run while the filled topic is switched to `cleanup.policy=compact`
-   (IncrementalAlterConfigs): the cleaner rewrites it meanwhile. Its progress comes from the
-   broker's Prometheus series (spate_cleaner_bytes_read_total, ..._reclaimed_total);
-5. a read of the cleaned topic: exactly one record per key, each the last value written.
-Steps 3-4 run once without a cleaner throttle and once with --throttle-mb-s
-(`--cleaner-io-bytes-per-sec`), each on a fresh broker and topic.
+2. --rounds topics, each filled with --records keyed updates over --keys keys
+   (confluent-kafka), created with `cleanup.policy=delete` so nothing cleans them yet;
+3. per round, alternating: spate-perf at a fixed rate (acks=all, 1 KiB) on another topic (the
+   baseline), then the same spate-perf run while that round's filled topic is switched to
+   `cleanup.policy=compact` (IncrementalAlterConfigs): the cleaner rewrites it meanwhile. Its
+   progress comes from the broker's Prometheus series (spate_cleaner_bytes_read_total,
+   ..._reclaimed_total); the broker's fdatasync latency histogram gives the group commits' p99
+   over each spate-perf run, and /proc/loadavg the machine's load;
+4. a read of each cleaned topic: exactly one record per key, each the last value written.
+Steps 2-4 run once per --throttles entry (`default`: the broker's own; a number: that many
+MB/s as `--cleaner-io-bytes-per-sec`, 0 meaning no byte limit), each on a fresh broker.
 
 Prints a JSON summary (and writes it with --json). Usage: scripts/bench-cleaner.sh [options].
 """
@@ -70,8 +72,9 @@ class Broker:
         self.bootstrap = f"127.0.0.1:{self.port}"
         args = [binary, "serve", "--data-dir", data_dir, "--listen", self.bootstrap,
                 "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--cores", "1",
-                "--cleaner-backoff-ms", str(CLEANER_BACKOFF_MS),
-                "--cleaner-io-bytes-per-sec", str(throttle_bytes)]
+                "--cleaner-backoff-ms", str(CLEANER_BACKOFF_MS)]
+        if throttle_bytes is not None:
+            args += ["--cleaner-io-bytes-per-sec", str(throttle_bytes)]
         self.log_path = os.path.join(data_dir, "..", "spate.log")
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
@@ -86,15 +89,27 @@ class Broker:
                 time.sleep(0.1)
         raise SystemExit("spate did not start listening")
 
+    def scrape(self):
+        return urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+
     def metric(self, name, topic):
         """Sum of a counter over the partitions of `topic`."""
-        body = urllib.request.urlopen(
-            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
         total = 0.0
-        for line in body.splitlines():
+        for line in self.scrape().splitlines():
             if line.startswith(name + "{") and f'topic="{topic}"' in line:
                 total += float(line.rsplit(" ", 1)[1])
         return total
+
+    def fsync_buckets(self):
+        """The fdatasync latency histogram: {upper bound in s: cumulative count}."""
+        out = {}
+        for line in self.scrape().splitlines():
+            if line.startswith("spate_fsync_latency_seconds_bucket{"):
+                le = re.search(r'le="([^"]+)"', line).group(1)
+                bound = float("inf") if le == "+Inf" else float(le)
+                out[bound] = out.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
+        return out
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
@@ -104,6 +119,23 @@ class Broker:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+
+def fsync_p99_ms(before, after):
+    """Upper bucket bound (ms) of the 99th percentile of the fdatasyncs between two scrapes."""
+    bounds = sorted(after)
+    delta = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not delta or delta[-1] <= 0:
+        return None
+    for b, c in zip(bounds, delta):
+        if c >= 0.99 * delta[-1]:
+            return round(b * 1000, 2)
+    return None
+
+
+def load1():
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
 
 
 def fill(bootstrap, topic, records, keys, value_bytes):
@@ -230,51 +262,68 @@ def read_back(bootstrap, topic, expect):
             "high_watermark": high}
 
 
+def timed_perf(args, broker, json_path, during=None):
+    """One spate-perf run, with the machine's load and the broker's fdatasync p99 over it;
+    `during` runs meanwhile (the cleaning) and its result is returned too."""
+    load = load1()
+    fs = broker.fsync_buckets()
+    perf = perf_run(args.perf, broker.bootstrap, "perf", args.rate, args.seconds, json_path)
+    extra = during() if during else None
+    res = perf_result(perf, json_path)
+    res["fsync_p99_ms"] = fsync_p99_ms(fs, broker.fsync_buckets())
+    res["load1_before"] = load
+    return res, extra
+
+
 def one_run(args, label, throttle_bytes, root):
     data = os.path.join(root, label, "data")
     os.makedirs(data)
     broker = Broker(args.spate, data, throttle_bytes)
     try:
-        topic = "compacted"
+        topics = [f"compacted-{i}" for i in range(args.rounds)]
         t0 = time.monotonic()
-        expect = fill(broker.bootstrap, topic, args.records, args.keys, args.value_bytes)
+        expect = {t: fill(broker.bootstrap, t, args.records, args.keys, args.value_bytes)
+                  for t in topics}
         fill_s = time.monotonic() - t0
-        base_json = os.path.join(root, label, "base.json")
-        base = perf_result(perf_run(args.perf, broker.bootstrap, "perf", args.rate,
-                                    args.seconds, base_json), base_json)
-        with_json = os.path.join(root, label, "with.json")
-        perf = perf_run(args.perf, broker.bootstrap, "perf", args.rate, args.seconds, with_json)
-        time.sleep(1.0)
-        log_bytes = log_size(data, topic)
-        compact(broker.bootstrap, topic)
-        read, reclaimed = watch_cleaning(broker, topic)
-        during = perf_result(perf, with_json)
-        # The cleaner's own timing of each cleaning (the metrics only bound it by their poll).
-        runs = cleaned_lines(broker.log_path, topic)
-        if not runs:
-            raise SystemExit("no 'log cleaned' line in the broker's log")
-        clean_s = sum(r["elapsed_ms"] for r in runs) / 1000.0
-        check = read_back(broker.bootstrap, topic, expect)
-        return {
-            "throttle_bytes_per_sec": throttle_bytes,
-            "fill_seconds": round(fill_s, 1),
-            "cleanings": len(runs),
-            "cleaned_bytes_read": int(read),
-            "cleaned_bytes_written": int(sum(r["bytes_written"] for r in runs)),
-            "cleaned_bytes_reclaimed": int(reclaimed),
-            "cleaning_seconds": round(clean_s, 2),
-            "log_bytes_before": log_bytes,
-            # The log's bytes cleaned per second (the cleaner reads the dirty part twice: once
-            # for the key map, once to copy) and its disk traffic per second.
-            "cleaner_mb_s": round(log_bytes / 1e6 / max(clean_s, 1e-9), 1),
-            "cleaner_io_mb_s": round((read + sum(r["bytes_written"] for r in runs)) / 1e6
-                                     / max(clean_s, 1e-9), 1),
-            "producer_without_cleaner": base,
-            "producer_with_cleaner": during,
-            "p99_ratio": round(during["p99_ms"] / max(base["p99_ms"], 1e-9), 2),
-            "cleaning_within_producer_run": clean_s + 1.0 <= args.seconds,
-            "read_back": check,
-        }
+        rounds = []
+        for i, topic in enumerate(topics):
+            base, _ = timed_perf(args, broker, os.path.join(root, label, f"base-{i}.json"))
+            log_bytes = log_size(data, topic)
+            seen = len(cleaned_lines(broker.log_path, topic))
+
+            def clean():
+                time.sleep(1.0)
+                compact(broker.bootstrap, topic)
+                return watch_cleaning(broker, topic)
+            during, (read, reclaimed) = timed_perf(
+                args, broker, os.path.join(root, label, f"with-{i}.json"), clean)
+            # The cleaner's own timing of each cleaning (the metrics only bound it by their
+            # poll).
+            runs = cleaned_lines(broker.log_path, topic)[seen:]
+            if not runs:
+                raise SystemExit("no 'log cleaned' line in the broker's log")
+            clean_s = sum(r["elapsed_ms"] for r in runs) / 1000.0
+            written = sum(r["bytes_written"] for r in runs)
+            rounds.append({
+                "cleanings": len(runs),
+                "cleaned_bytes_read": int(read),
+                "cleaned_bytes_written": int(written),
+                "cleaned_bytes_reclaimed": int(reclaimed),
+                "cleaning_seconds": round(clean_s, 2),
+                "deferred_seconds": round(sum(r.get("deferred_ms", 0) for r in runs) / 1000, 2),
+                "log_bytes_before": log_bytes,
+                # The log's bytes cleaned per second (the cleaner reads the dirty part twice:
+                # once for the key map, once to copy) and its disk traffic per second.
+                "cleaner_mb_s": round(log_bytes / 1e6 / max(clean_s, 1e-9), 1),
+                "cleaner_io_mb_s": round((read + written) / 1e6 / max(clean_s, 1e-9), 1),
+                "producer_without_cleaner": base,
+                "producer_with_cleaner": during,
+                "p99_ratio": round(during["p99_ms"] / max(base["p99_ms"], 1e-9), 2),
+                "cleaning_within_producer_run": clean_s + 1.0 <= args.seconds,
+                "read_back": read_back(broker.bootstrap, topic, expect[topic]),
+            })
+        return {"throttle_bytes_per_sec": throttle_bytes, "fill_seconds": round(fill_s, 1),
+                "rounds": rounds}
     finally:
         broker.stop()
 
@@ -282,6 +331,7 @@ def one_run(args, label, throttle_bytes, root):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--spate", required=True)
+    ap.add_argument("--label", default="", help="recorded in the summary (which binary)")
     ap.add_argument("--perf", required=True)
     ap.add_argument("--dir", default=None, help="where the data dirs go (default: a temp dir)")
     ap.add_argument("--records", type=int, default=2_000_000)
@@ -289,18 +339,29 @@ def main():
     ap.add_argument("--value-bytes", type=int, default=1024)
     ap.add_argument("--rate", type=int, default=5000, help="spate-perf records/s (1 KiB)")
     ap.add_argument("--seconds", type=int, default=30, help="each spate-perf run")
-    ap.add_argument("--throttle-mb-s", type=float, default=50.0)
+    ap.add_argument("--throttles", default="default,0",
+                    help="comma-separated cleaner I/O limits in MB/s, one broker each: "
+                         "'default' for the broker's own, 0 for no byte limit")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="baseline/cleaning alternations per broker (one filled topic each)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     root = tempfile.mkdtemp(prefix="spate-bench-cleaner-", dir=args.dir)
     try:
         disk = fio_write_mb_s(root)
-        runs = {"unthrottled": one_run(args, "unthrottled", 0, root),
-                "throttled": one_run(args, "throttled", int(args.throttle_mb_s * 1e6), root)}
-        for r in runs.values():
-            r["cleaner_vs_disk_write"] = round(r["cleaner_mb_s"] / disk, 2)
-            r["cleaner_io_vs_disk_write"] = round(r["cleaner_io_mb_s"] / disk, 2)
-        summary = {"disk_write_mb_s": round(disk, 1), "records": args.records,
+        runs = {}
+        for mb in args.throttles.split(","):
+            if mb == "default":
+                label, limit = "default", None
+            else:
+                limit = int(float(mb) * 1e6)
+                label = f"limit-{mb}MB/s" if limit else "no-byte-limit"
+            runs[label] = one_run(args, label.replace("/", "_"), limit, root)
+            for r in runs[label]["rounds"]:
+                r["cleaner_vs_disk_write"] = round(r["cleaner_mb_s"] / disk, 2)
+                r["cleaner_io_vs_disk_write"] = round(r["cleaner_io_mb_s"] / disk, 2)
+        summary = {"label": args.label, "disk_write_mb_s": round(disk, 1),
+                   "records": args.records,
                    "keys": args.keys, "value_bytes": args.value_bytes,
                    "producer_rate": args.rate, "runs": runs}
         text = json.dumps(summary, indent=1)
@@ -308,7 +369,8 @@ def main():
         if args.json:
             with open(args.json, "w") as f:
                 f.write(text + "\n")
-        bad = [n for n, r in runs.items() if r["read_back"]["wrong_or_missing"]]
+        bad = [n for n, r in runs.items()
+               if any(x["read_back"]["wrong_or_missing"] for x in r["rounds"])]
         return 1 if bad else 0
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -37,6 +37,10 @@ const LISTEN_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const ALLOCATOR_TRIM_CHECK_INTERVAL_MS: u64 = 1_000;
 /// How often changed producer state is snapshotted (bounds the log replay after a crash).
 const PRODUCER_SNAPSHOT_INTERVAL_MS: u64 = 60_000;
+/// CPU shares of the log cleaner's task queue; the shard's default queue (requests, replication)
+/// has glommio's default of 1000, so when both are runnable the cleaner gets about 1/11 of the
+/// core. Its work is all background: it only has to finish eventually.
+const CLEANER_TASK_QUEUE_SHARES: usize = 100;
 
 /// What a cluster node's shards take from its cluster service (src/cluster.rs): the node-local
 /// topic store the service mirrors the controller's topics into, and each shard's link.
@@ -404,11 +408,12 @@ async fn sleep_or_shutdown(shard: &Shard, every: Duration) -> bool {
 }
 
 /// The shard's log cleaner: a round over its compacted partitions every `backoff_ms`, in a
-/// task queue of its own whose latency does not matter, so the shard's requests come first.
+/// task queue of its own whose latency does not matter and with a tenth of the default
+/// queue's CPU shares, so the shard's requests come first whenever both have work.
 fn spawn_cleaner(shard: Rc<Shard>, backoff_ms: u64) -> glommio::Task<()> {
     let every = Duration::from_millis(backoff_ms.max(1));
     let queue = glommio::executor().create_task_queue(
-        glommio::Shares::default(),
+        glommio::Shares::Static(CLEANER_TASK_QUEUE_SHARES),
         glommio::Latency::NotImportant,
         "log-cleaner",
     );

@@ -194,7 +194,7 @@ pub struct ServeConfig {
     #[arg(long, env = "SPATE_CLEANER_DEDUPE_BUFFER_BYTES", value_name = "BYTES")]
     pub cleaner_dedupe_buffer_bytes: Option<u64>,
     /// Disk bytes (read plus written) per second the log cleaner may use over all cores; 0 for
-    /// no limit [default: 0].
+    /// no limit [default: 50000000].
     #[arg(long, env = "SPATE_CLEANER_IO_BYTES_PER_SEC", value_name = "BYTES")]
     pub cleaner_io_bytes_per_sec: Option<u64>,
     /// How often each core's log cleaner looks for compacted partitions dirty enough to clean
@@ -314,7 +314,7 @@ impl ServeConfig {
             cleaner_dedupe_buffer_bytes: Some(
                 spate_net::config::DEFAULT_CLEANER_DEDUPE_BUFFER_BYTES as u64,
             ),
-            cleaner_io_bytes_per_sec: Some(0),
+            cleaner_io_bytes_per_sec: Some(spate_net::config::DEFAULT_CLEANER_IO_BYTES_PER_SEC),
             cleaner_backoff_ms: Some(spate_net::config::DEFAULT_CLEANER_BACKOFF_MS),
         }
     }

@@ -9,7 +9,8 @@
 //! sparse indexes), `recovery.rs` (open), `truncate.rs` (truncation and retention),
 //! `checkpoint.rs` (the recovery-point file), `checkpointer.rs` (background recovery-point
 //! writes and the finishing of sealed segments), `cache.rs` (the per-shard batch cache), `crc.rs`
-//! (CRC-32C combination), `validate.rs` (full validation of a produced batch's insides).
+//! (CRC-32C combination), `validate.rs` (full validation of a produced batch's insides),
+//! `foreground.rs` (the shard's foreground disk work, which the cleaner stays out of the way of).
 
 pub mod batch;
 mod cache;
@@ -22,6 +23,7 @@ mod error;
 pub mod frame;
 // Replica support: reads bounded by an offset, follower appends, durability waits.
 mod follower;
+pub mod foreground;
 mod index;
 mod log;
 pub mod observe;

@@ -450,6 +450,7 @@ impl Inner {
                 .await;
         }
         let len = job.buf.len();
+        let _foreground = crate::foreground::ForegroundIo::begin();
         // Appends reserve their space before they are accepted (`reserve`), so this write is
         // not expected to need any; if it still fails for lack of space (a filesystem without
         // fallocate), the unsynced batches are dropped rather than the log failed.
@@ -502,6 +503,7 @@ impl Inner {
     /// (with the segments and directory entry a roll left unsynced, concurrently). Caller holds
     /// `lock`.
     async fn sync_once(self: &Rc<Self>) -> Result<(), EngineError> {
+        let _foreground = crate::foreground::ForegroundIo::begin();
         let (target_offset, target_base, target_pos, file, path, sealed, dir_mark) = {
             let mut st = self.state.borrow_mut();
             self.check(&st)?;

@@ -357,7 +357,7 @@ fn a_small_map_cleans_in_passes_to_the_same_result() {
                 &log,
                 CleanerConfig {
                     dedupe_buffer_bytes: map_bytes,
-                    io_bytes_per_sec: None,
+                    ..CleanerConfig::default()
                 },
             );
             let stats: CleanStats = cleaner
@@ -405,6 +405,43 @@ fn the_throttle_bounds_the_cleaners_io_rate() {
             elapsed >= floor,
             "{io} bytes in {elapsed:.3}s at {rate} B/s"
         );
+        log.close().await.unwrap();
+    });
+}
+
+#[test]
+fn the_cleaner_defers_each_disk_request_to_foreground_work_but_still_finishes() {
+    use spate_engine::clean::{CLEANER_MAX_DEFER_MS, CLEANER_READ_MAX_BYTES};
+    use spate_engine::foreground::{foreground_in_flight, ForegroundIo};
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let log = PartitionLog::open(dir.path(), config()).await.unwrap();
+        let model = write_updates(&log, 200, 6).await;
+        assert_eq!(
+            foreground_in_flight(),
+            0,
+            "appends and group commits end their marks"
+        );
+        let mut cleaner = LogCleaner::open(&log, CleanerConfig::default());
+        // A foreground operation that never ends: every request waits the whole bound.
+        let busy = ForegroundIo::begin();
+        let stats = cleaner
+            .clean(&log, &request(NOW_MS))
+            .await
+            .unwrap()
+            .unwrap();
+        drop(busy);
+        // At least one read for the key map and one for the rewrite.
+        let requests = stats
+            .bytes_read
+            .div_ceil(CLEANER_READ_MAX_BYTES as u64)
+            .max(2);
+        assert!(
+            stats.deferred_ms >= requests * CLEANER_MAX_DEFER_MS,
+            "{} ms deferred over at least {requests} reads",
+            stats.deferred_ms
+        );
+        assert_eq!(latest(&read_all(&log).await.0), model);
         log.close().await.unwrap();
     });
 }

@@ -221,7 +221,7 @@ async fn run_ops(dir: &Path, ops: Vec<Op>) {
                             dedupe_buffer_bytes: 6
                                 * spate_engine::clean::OffsetMap::entry_bytes(8)
                                 * 8,
-                            io_bytes_per_sec: None,
+                            ..CleanerConfig::default()
                         },
                     );
                 }

@@ -44,6 +44,7 @@ pub async fn clean_logs(
                 records_removed = stats.records_removed,
                 tombstones_removed = stats.tombstones_removed,
                 dirty_ratio = stats.dirty_ratio_before,
+                deferred_ms = stats.deferred_ms,
                 "log cleaned"
             ),
             Ok(None) => {}
