@@ -145,7 +145,7 @@ fn grow_rebalance_decommission_maintenance_under_producer_and_group() {
         .join(",");
     let dir = tempfile::tempdir().unwrap();
     let mut producer = Producer::start(dir.path(), &bootstrap);
-    let mut consumer = GroupConsumer::start(dir.path(), &bootstrap);
+    let consumer = GroupConsumer::start(dir.path(), &bootstrap);
     producer.wait_more(200, "acks before the fourth node");
 
     // Grow: node 4 joins empty; the rebalance moves replicas onto it.

@@ -271,9 +271,6 @@ fn nodes(p: &PartitionState) -> Vec<NodeId> {
     p.replicas.iter().map(|r| r.node).collect()
 }
 
-fn nodes(p: &PartitionState) -> Vec<NodeId> {
-    p.replicas.iter().map(|r| r.node).collect()
-}
 
 impl Harness {
     fn topic(&mut self, name: &str, id: u128, partitions: usize, rf: usize) {
@@ -478,10 +475,12 @@ fn too_few_brokers_left_is_refused_with_a_message_and_records_nothing() {
 #[test]
 fn recommission_stops_new_moves_and_lets_recorded_ones_finish() {
     let mut h = four(40);
-    h.commit(h.ctl.set_decommission(3, true).unwrap());
+    let recs = h.ctl.set_decommission(3, true).unwrap();
+    h.commit(recs);
     assert_eq!(h.tick(), MAX_DECOMMISSION_MOVES_IN_FLIGHT);
     let under_way = h.follower.reassignments.clone();
-    h.commit(h.ctl.set_decommission(3, false).unwrap());
+    let recs = h.ctl.set_decommission(3, false).unwrap();
+    h.commit(recs);
     assert_eq!(h.tick(), 0);
     assert_eq!(h.follower.reassignments, under_way, "recorded moves stay");
     h.finish_moves();

@@ -28,7 +28,7 @@ use crate::admin::node::broker_flags;
 use crate::admin::table::{out, print_json, say, Table};
 
 /// Replica moves one plan makes unless told otherwise (`--max-moves`): one request's worth.
-const DEFAULT_MAX_MOVES: usize = 10_000;
+const DEFAULT_MAX_MOVES: u64 = 10_000;
 /// How often `--execute` asks whether the moves have ended.
 const POLL: Duration = Duration::from_millis(500);
 /// ELECTION_NOT_NEEDED: the preferred replica already leads (not a failure).
