@@ -145,8 +145,9 @@ fn grow_rebalance_decommission_maintenance_under_producer_and_group() {
         .join(",");
     let dir = tempfile::tempdir().unwrap();
     let mut producer = Producer::start(dir.path(), &bootstrap);
-    let consumer = GroupConsumer::start(dir.path(), &bootstrap);
+    let mut consumer = GroupConsumer::start(dir.path(), &bootstrap);
     producer.wait_more(200, "acks before the fourth node");
+    consumer.wait_more(100, "the group reads before the fourth node");
 
     // Grow: node 4 joins empty; the rebalance moves replicas onto it.
     nodes[3].spawn();
@@ -239,12 +240,16 @@ fn grow_rebalance_decommission_maintenance_under_producer_and_group() {
         let l = settled(&nodes)?;
         l.values().all(|(leader, _)| *leader != 2).then_some(())
     });
-    wait_until("restart-check says node 2 may restart", CHANGE_BOUND, || {
-        cli(&nodes, 2, &["cluster", "restart-check", "2"])
-            .status
-            .success()
-            .then_some(())
-    });
+    wait_until(
+        "restart-check says node 2 may restart",
+        CHANGE_BOUND,
+        || {
+            cli(&nodes, 2, &["cluster", "restart-check", "2"])
+                .status
+                .success()
+                .then_some(())
+        },
+    );
     nodes[1].terminate();
     nodes[1].spawn();
     wait_until("node 2 back in every ISR", CHANGE_BOUND, || settled(&nodes));
@@ -253,7 +258,9 @@ fn grow_rebalance_decommission_maintenance_under_producer_and_group() {
     producer.wait_more(200, "acks after node 2's restart");
 
     // Preferred leaders: every partition ends led by its preferred replica.
-    wait_until("settled before the election", CHANGE_BOUND, || settled(&nodes));
+    wait_until("settled before the election", CHANGE_BOUND, || {
+        settled(&nodes)
+    });
     let out = cli(&nodes, 1, &["partition", "elect-leaders"]);
     assert_success("spate partition elect-leaders", &out);
     wait_until("preferred replicas lead", CHANGE_BOUND, || {
@@ -266,6 +273,7 @@ fn grow_rebalance_decommission_maintenance_under_producer_and_group() {
     // Node 1 holds nothing: stopping it changes nothing for clients.
     nodes[0].terminate();
     producer.wait_more(200, "acks with node 1 stopped");
+    consumer.wait_more(100, "the group reads at the end");
     let reports = producer.stop();
     let events = consumer.stop();
     let all = nodes[1..]
@@ -413,6 +421,25 @@ impl GroupConsumer {
         }
     }
 
+    /// Messages the member has read so far.
+    fn read(&self) -> usize {
+        std::fs::read_to_string(&self.out_file)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("M "))
+            .count()
+    }
+
+    fn wait_more(&mut self, n: usize, what: &str) {
+        let base = self.read();
+        wait_until(what, CHANGE_BOUND, || {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                panic!("group consumer exited early ({s})");
+            }
+            (self.read() >= base + n).then_some(())
+        });
+    }
+
     fn stop(mut self) -> Events {
         std::fs::write(&self.stop_file, b"").unwrap();
         let status = wait_until("group consumer finished", Duration::from_secs(60), || {
@@ -490,7 +517,10 @@ fn check_group(events: &Events, log: &HashMap<(usize, i64), u64>) {
     let mut last: BTreeMap<usize, i64> = BTreeMap::new();
     for &(p, o) in &events.commits {
         let prev = last.entry(p).or_insert(o);
-        assert!(o >= *prev, "partition {p}: commit went back from {prev} to {o}");
+        assert!(
+            o >= *prev,
+            "partition {p}: commit went back from {prev} to {o}"
+        );
         *prev = o;
     }
     eprintln!(

@@ -271,7 +271,6 @@ fn nodes(p: &PartitionState) -> Vec<NodeId> {
     p.replicas.iter().map(|r| r.node).collect()
 }
 
-
 impl Harness {
     fn topic(&mut self, name: &str, id: u128, partitions: usize, rf: usize) {
         let recs = self

@@ -350,9 +350,16 @@ mod tests {
             })
             .collect();
         let nodes = |t: &Option<Vec<ReplicaAssignment>>| {
-            t.as_ref().unwrap().iter().map(|a| a.node).collect::<Vec<_>>()
+            t.as_ref()
+                .unwrap()
+                .iter()
+                .map(|a| a.node)
+                .collect::<Vec<_>>()
         };
-        assert_eq!(targets.iter().map(nodes).collect::<Vec<_>>(), [[4, 2, 3], [3, 2, 4]]);
+        assert_eq!(
+            targets.iter().map(nodes).collect::<Vec<_>>(),
+            [[4, 2, 3], [3, 2, 4]]
+        );
         s.apply(&Record::SetDecommission { node: 1, on: false })
             .unwrap();
         assert!(plan_moves(&s).is_empty());
