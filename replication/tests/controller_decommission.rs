@@ -109,31 +109,6 @@ impl Harness {
             .unwrap();
         self.commit(recs);
     }
-
-    /// Three live brokers and topic `t` of `n` partitions, replication factor 3, each led by
-    /// its preferred replica in epoch 1.
-    fn three_nodes(cfg: ControllerConfig, n: usize) -> Self {
-        let mut h = Harness::new(cfg);
-        for node in 1..=3 {
-            h.join(node, 0);
-        }
-        let recs = h
-            .ctl
-            .create_topic(CreateTopicRequest {
-                name: "t".into(),
-                topic_id: 7,
-                partitions: n,
-                replication_factor: Some(3),
-                configs: Vec::new(),
-            })
-            .unwrap();
-        h.commit(recs);
-        for i in 0..n as u32 {
-            let preferred = h.p("t", i).replicas[0].node;
-            h.elected("t", i, preferred, 1);
-        }
-        h
-    }
 }
 
 // ---- the driver: across a controller failover ----------------------------------------------
@@ -413,7 +388,7 @@ fn a_drain_moves_every_replica_off_in_bounded_rounds_and_ends_empty() {
     }
     assert!(rounds >= 2, "{rounds} rounds");
     assert_eq!(progress(&h.follower, 2), (0, 0));
-    for (_, t) in &h.follower.topics {
+    for t in h.follower.topics.values() {
         for p in &t.partitions {
             assert_eq!(p.replicas.len(), 3);
             assert!(!p.has_replica(2) && p.leader != Some(2));
