@@ -95,7 +95,7 @@ enum Command {
     /// Partition leadership and placement: preferred-leader elections, replica moves.
     #[command(subcommand)]
     Partition(admin::PartitionCommand),
-    /// Node operations: maintenance mode before a restart.
+    /// Node operations: maintenance mode before a restart, decommissioning before retiring.
     #[command(subcommand)]
     Node(admin::NodeCommand),
     /// Check every stored batch of a data directory offline (read-only); exits 1 if any is bad.

@@ -102,6 +102,7 @@ fn record() -> impl Strategy<Value = Record> {
         (any::<u64>(), any::<u64>(), any::<u32>())
             .prop_map(|(node, first, len)| Record::ProducerIdBlock { node, first, len }),
         (name(), any::<u128>()).prop_map(|(name, topic_id)| Record::DeleteTopic { name, topic_id }),
+        (any::<u64>(), any::<bool>()).prop_map(|(node, on)| Record::SetDecommission { node, on }),
     ]
 }
 

@@ -1,9 +1,13 @@
-//! `spate cluster info`: cluster id, controller (and its epoch), nodes (alive, voter), topic
-//! and partition counts, and the API versions the bootstrap broker speaks.
+//! `spate cluster info`: cluster id, controller (and its epoch), nodes (alive, voter, replicas,
+//! leaders, maintenance, decommissioning), topic and partition counts, and the API versions the
+//! bootstrap broker speaks.
 //! `spate cluster unregister ID`: declares a stopped broker gone for good (its data directory
 //! wiped), so its id may join again as a new node (Kafka's UnregisterBroker, KIP-631).
 //! `spate cluster restart-check ID`: whether node ID can be restarted now without leaving a
 //! partition short of replicas (a rolling upgrade runs it before each node).
+//! `spate cluster rebalance`: see [`rebalance`].
+
+pub mod rebalance;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -29,6 +33,10 @@ pub enum ClusterCommand {
     /// replicas), every node is up, and no node other than ID is in maintenance; otherwise
     /// exit 1 naming what is not.
     RestartCheck(RestartCheckArgs),
+    /// Even out replicas, then preferred leaders, across the brokers (after adding one):
+    /// prints the fewest moves that do it; --execute submits them, waits for them to end and
+    /// elects the preferred leaders.
+    Rebalance(rebalance::RebalanceArgs),
 }
 
 #[derive(Args, Debug)]
@@ -75,6 +83,7 @@ pub fn run(cmd: ClusterCommand) -> Result<()> {
         ClusterCommand::Info(a) => info(a),
         ClusterCommand::Unregister(a) => unregister(a),
         ClusterCommand::RestartCheck(a) => restart_check(a),
+        ClusterCommand::Rebalance(a) => rebalance::run(a),
     }
 }
 
@@ -253,6 +262,12 @@ fn info(a: InfoArgs) -> Result<()> {
         }
     }
     brokers.sort();
+    let ids: Vec<i32> = brokers.iter().map(|b| b.0).collect();
+    // A single node (no --seeds) has neither mode: shown as off.
+    let flags = super::node::broker_flags(&mut client, &ids).unwrap_or_default();
+    let loads = super::node::node_loads(&mut client).unwrap_or_default();
+    let load = |id: &i32| loads.get(id).copied().unwrap_or_default();
+    let flag = |id: &i32| flags.get(id).copied().unwrap_or_default();
     let quorum = describe_quorum(&mut client);
     let voters: Vec<i32> = quorum.as_ref().map(|q| q.2.clone()).unwrap_or_default();
     let (controller, controller_epoch) = match &quorum {
@@ -277,7 +292,9 @@ fn info(a: InfoArgs) -> Result<()> {
             "controller_epoch": controller_epoch,
             "brokers": brokers.iter().map(|(id, host, port, rack, alive)| {
                 json!({"id": id, "host": host, "port": port, "rack": rack, "alive": alive,
-                       "voter": voters.contains(id)})
+                       "voter": voters.contains(id), "replicas": load(id).replicas,
+                       "leaders": load(id).leaders, "maintenance": flag(id).0,
+                       "decommissioning": flag(id).1})
             }).collect::<Vec<_>>(),
             "topics": user_topics.len(),
             "partitions": partitions,
@@ -300,7 +317,18 @@ fn info(a: InfoArgs) -> Result<()> {
     say!("Topics:      {}", user_topics.len());
     say!("Partitions:  {partitions}");
     out("\n");
-    let mut table = Table::new(&["BROKER", "HOST", "PORT", "RACK", "ALIVE", "VOTER"]);
+    let mut table = Table::new(&[
+        "BROKER",
+        "HOST",
+        "PORT",
+        "RACK",
+        "ALIVE",
+        "VOTER",
+        "REPLICAS",
+        "LEADERS",
+        "MAINTENANCE",
+        "DECOMMISSIONING",
+    ]);
     for (id, host, port, rack, alive) in &brokers {
         let yes_no = |b: bool| if b { "yes" } else { "no" }.to_string();
         table.row(vec![
@@ -310,6 +338,10 @@ fn info(a: InfoArgs) -> Result<()> {
             rack.clone().unwrap_or_else(|| "-".into()),
             yes_no(*alive),
             yes_no(voters.contains(id)),
+            load(id).replicas.to_string(),
+            load(id).leaders.to_string(),
+            yes_no(flag(id).0),
+            yes_no(flag(id).1),
         ]);
     }
     out(&table.render());

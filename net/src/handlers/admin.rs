@@ -39,7 +39,7 @@ const RESOURCE_TOPIC: i8 = 2;
 const RESOURCE_BROKER: i8 = 4;
 const SOURCE_TOPIC: i8 = 1;
 const SOURCE_STATIC_BROKER: i8 = 4;
-/// DescribeConfigs' DYNAMIC_BROKER_CONFIG source (maintenance mode).
+/// DescribeConfigs' DYNAMIC_BROKER_CONFIG source (maintenance mode, decommissioning).
 const SOURCE_DYNAMIC_BROKER: i8 = 2;
 const SOURCE_DEFAULT: i8 = 5;
 /// DescribeConfigs v3+ config types (Kafka's `ConfigType` codes).
@@ -421,7 +421,7 @@ pub async fn incremental_alter_configs(
         out.resource_type = res.resource_type;
         out.resource_name = res.resource_name.clone();
         if res.resource_type == RESOURCE_BROKER {
-            // Maintenance mode is the one broker setting changed at run time.
+            // Maintenance mode and decommissioning are the broker settings changed at run time.
             if let Err((code, msg)) = super::maintenance::alter(shard, res, r.validate_only).await {
                 out.error_code = code;
                 out.error_message = Some(str_bytes(&msg));
@@ -601,8 +601,8 @@ pub fn describe_configs(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetEr
             },
             RESOURCE_BROKER => {
                 let mut configs = broker_configs(&shard.config);
-                if let Some(v) = super::maintenance::describe(shard, res.resource_name.as_str()) {
-                    let name = super::maintenance::MAINTENANCE_CONFIG.to_string();
+                for (name, v) in super::maintenance::describe(shard, res.resource_name.as_str()) {
+                    let name = name.to_string();
                     configs.push((name, v, SOURCE_DYNAMIC_BROKER, ConfigType::Boolean));
                 }
                 configs
@@ -621,8 +621,8 @@ pub fn describe_configs(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetEr
                 let mut c = DescribeConfigsResourceResult::default();
                 c.name = str_bytes(&k);
                 c.value = Some(str_bytes(&v));
-                c.read_only = res.resource_type == RESOURCE_BROKER
-                    && k != super::maintenance::MAINTENANCE_CONFIG;
+                c.read_only =
+                    res.resource_type == RESOURCE_BROKER && !super::maintenance::is_dynamic(&k);
                 c.config_source = source;
                 if req.api_version >= 3 {
                     c.config_type = config_type_code(ty);

@@ -103,6 +103,12 @@ pub enum ControllerCall {
         on: bool,
         reply: Reply<()>,
     },
+    /// Broker `node`'s decommissioning, on or off.
+    SetDecommission {
+        node: NodeId,
+        on: bool,
+        reply: Reply<()>,
+    },
     /// Moves of partitions' replicas to target nodes, or cancels (`None`).
     Reassign {
         moves: Vec<(String, u32, Option<Vec<NodeId>>)>,
@@ -252,6 +258,16 @@ impl ClusterPort {
     /// broker is in maintenance (`INVALID_REQUEST`).
     pub async fn set_maintenance(&self, node: NodeId, on: bool) -> Result<(), CallError> {
         self.call(|reply| ControllerCall::SetMaintenance { node, on, reply })
+            .await
+    }
+
+    /// Starts (`on`) or stops decommissioning broker `node`: the controller moves every
+    /// replica off it, a bounded number at a time (answered once the flag is applied here, not
+    /// when the drain ends). Refused for an unknown id (`BROKER_ID_NOT_REGISTERED`) and when
+    /// the brokers left could not hold a partition's replication factor
+    /// (`INVALID_REPLICATION_FACTOR`, with a message naming the partition).
+    pub async fn set_decommission(&self, node: NodeId, on: bool) -> Result<(), CallError> {
+        self.call(|reply| ControllerCall::SetDecommission { node, on, reply })
             .await
     }
 

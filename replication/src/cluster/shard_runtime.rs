@@ -386,12 +386,13 @@ impl Runtime {
     }
 
     /// Groups this shard leads whose partition the applied metadata wants led elsewhere (a
-    /// wished leader, or this node in maintenance) transfer leadership to that node, each at
-    /// most once per [`LEADERSHIP_TRANSFER_RETRY_MS`] for the same target.
+    /// wished leader, or this node in maintenance or being decommissioned) transfer leadership
+    /// to that node, each at most once per [`LEADERSHIP_TRANSFER_RETRY_MS`] for the same target.
     async fn move_leadership(&mut self, link: &ShardLink) {
         let view = link.port.view();
         let state = &view.metadata;
-        if state.leader_wishes.is_empty() && !state.maintenance.contains(&self.node) {
+        let draining = state.is_draining(self.node);
+        if state.leader_wishes.is_empty() && !draining {
             self.transfers.clear();
             return;
         }
@@ -400,7 +401,7 @@ impl Runtime {
         // Only groups the metadata names: every one led here when this node is in
         // maintenance, else those with a wish (looked up by their group id, so an idle shard
         // with thousands of groups does not scan them all every tick).
-        let candidates: Vec<GroupId> = if state.maintenance.contains(&self.node) {
+        let candidates: Vec<GroupId> = if draining {
             self.plan.groups.keys().copied().collect()
         } else {
             state

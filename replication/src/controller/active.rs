@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::controller::decommission;
 use crate::controller::leadership::{self, PreferredElection};
 use crate::controller::placement::{default_replication_factor, PlacementError, Placer};
 use crate::controller::reassignment;
@@ -116,6 +117,9 @@ pub enum ControllerError {
     InternalTopic(String),
     #[error("invalid request: {0}")]
     Invalid(&'static str),
+    /// Decommissioning would leave fewer brokers than a partition's replication factor.
+    #[error("{0}")]
+    CannotDecommission(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -395,6 +399,51 @@ impl ActiveController {
         let mut out = Vec::new();
         self.push(&mut out, Record::SetMaintenance { node, on });
         Ok(out)
+    }
+
+    /// Decommissioning of broker `node`, on or off. On is refused while the live brokers not
+    /// being decommissioned, without this one, are fewer than the replication factor of a
+    /// partition it (or another decommissioning broker) holds; the moves themselves are
+    /// planned on the tick ([`Self::drain_decommissioned`]). Off stops new moves; moves
+    /// already recorded run to their end. Setting what is already set records nothing.
+    pub fn set_decommission(
+        &mut self,
+        node: NodeId,
+        on: bool,
+    ) -> Result<Vec<Record>, ControllerError> {
+        if !self.state.brokers.contains_key(&node) {
+            return Err(ControllerError::UnknownBroker(node));
+        }
+        if self.state.decommissioning.contains(&node) == on {
+            return Ok(Vec::new());
+        }
+        if on {
+            decommission::check_request(&self.state, node)
+                .map_err(ControllerError::CannotDecommission)?;
+        }
+        tracing::info!(node, on, "broker decommission (operator request)");
+        let mut out = Vec::new();
+        self.push(&mut out, Record::SetDecommission { node, on });
+        Ok(out)
+    }
+
+    /// The next moves draining decommissioning brokers, as old ones finish
+    /// ([`decommission::plan_moves`]): nothing when no broker is being decommissioned or the
+    /// moves under way are at the cap.
+    pub fn drain_decommissioned(&mut self) -> Vec<Record> {
+        let mut out = Vec::new();
+        for r in decommission::plan_moves(&self.state) {
+            if let Record::Reassign {
+                topic,
+                partition,
+                target,
+            } = &r
+            {
+                tracing::info!(%topic, partition, ?target, "decommission: moving a replica off");
+            }
+            self.push(&mut out, r);
+        }
+        out
     }
 
     /// Moves of partitions' replicas (Kafka's AlterPartitionReassignments): for each

@@ -187,6 +187,11 @@ pub enum AdminCall {
         node: NodeId,
         on: bool,
     },
+    /// Broker `node`'s decommissioning (its replicas drained to other brokers), on or off.
+    SetDecommission {
+        node: NodeId,
+        on: bool,
+    },
     /// Moves of partitions' replicas, or cancels (`None`).
     Reassign {
         moves: Vec<(String, u32, Option<Vec<NodeId>>)>,
@@ -467,6 +472,12 @@ impl<R: Clone> Driver<R> {
                 self.propose_decision(records)?;
             }
         }
+        if let Some(active) = self.active.as_mut() {
+            let records = active.drain_decommissioned();
+            if !records.is_empty() {
+                self.propose_decision(records)?;
+            }
+        }
         self.agent_tick()
     }
 
@@ -529,6 +540,7 @@ impl<R: Clone> Driver<R> {
             | RpcMessage::UnregisterBroker { .. }
             | RpcMessage::ElectLeaders { .. }
             | RpcMessage::SetMaintenance { .. }
+            | RpcMessage::SetDecommission { .. }
             | RpcMessage::AlterReassignments { .. }
             | RpcMessage::FinishReassignment { .. }) => self.handle_request(dest, corr, m)?,
             RpcMessage::RegisterBrokerResponse(_)
@@ -577,6 +589,7 @@ impl<R: Clone> Driver<R> {
             | RpcMessage::UnregisterBroker { .. }
             | RpcMessage::ElectLeaders { .. }
             | RpcMessage::SetMaintenance { .. }
+            | RpcMessage::SetDecommission { .. }
             | RpcMessage::AlterReassignments { .. }
             | RpcMessage::FinishReassignment { .. }) => self.handle_admin(dest, corr, m),
             other => unreachable!("not a controller request: {other:?}"),
@@ -855,6 +868,7 @@ impl<R: Clone> Driver<R> {
             }
             RpcMessage::ElectLeaders { partitions } => active.elect_preferred(&partitions),
             RpcMessage::SetMaintenance { node, on } => active.set_maintenance(node, on),
+            RpcMessage::SetDecommission { node, on } => active.set_decommission(node, on),
             RpcMessage::AlterReassignments { moves } => active.reassign(&moves),
             RpcMessage::FinishReassignment {
                 leader,
@@ -1232,6 +1246,10 @@ impl<R: Clone> Driver<R> {
                     node: *node,
                     on: *on,
                 },
+                AdminCall::SetDecommission { node, on } => RpcMessage::SetDecommission {
+                    node: *node,
+                    on: *on,
+                },
                 AdminCall::Reassign { moves } => RpcMessage::AlterReassignments {
                     moves: moves.clone(),
                 },
@@ -1393,7 +1411,11 @@ impl<R: Clone> Driver<R> {
         };
         let unregistering = matches!(
             self.calls.get(&id).map(|c| &c.call),
-            Some(AdminCall::UnregisterBroker { .. } | AdminCall::SetMaintenance { .. })
+            Some(
+                AdminCall::UnregisterBroker { .. }
+                    | AdminCall::SetMaintenance { .. }
+                    | AdminCall::SetDecommission { .. }
+            )
         );
         if unregistering && refusal.code == RpcErrorCode::UnknownBroker {
             // The broker named is unknown, not this node: the answer, not a cue to re-register.
@@ -1498,6 +1520,9 @@ fn log_effect(e: &Effect) {
         Effect::BrokerUnregistered { node } => tracing::info!(node, "broker unregistered"),
         Effect::MaintenanceChanged { node, on } => {
             tracing::info!(node, on, "broker maintenance mode changed")
+        }
+        Effect::DecommissionChanged { node, on } => {
+            tracing::info!(node, on, "broker decommission changed")
         }
         Effect::ReassignmentChanged { topic, partition } => {
             tracing::info!(%topic, partition, "partition reassignment recorded")

@@ -70,6 +70,9 @@ pub fn preferred_election(state: &MetadataState, topic: &str, partition: u32) ->
     if state.maintenance.contains(&preferred) {
         return PreferredElection::NotAvailable("is in maintenance mode");
     }
+    if state.decommissioning.contains(&preferred) {
+        return PreferredElection::NotAvailable("is being decommissioned");
+    }
     if !p.isr.contains(&preferred) {
         return PreferredElection::NotAvailable("is not in the ISR");
     }
@@ -90,7 +93,7 @@ pub fn transfer_target(
     me: NodeId,
     in_sync: &[NodeId],
 ) -> Option<NodeId> {
-    let draining = state.maintenance.contains(&me);
+    let draining = state.is_draining(me);
     let wish = state.leader_wish(topic, partition);
     if !draining && wish.is_none() {
         return None;

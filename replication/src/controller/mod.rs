@@ -11,6 +11,10 @@
 //!   maintenance mode), recorded by the controller and carried out by partition leaders.
 //! - [`reassignment`]: moving a partition's replicas (learners, promotion, removal), recorded
 //!   by the controller and carried out by partition leaders.
+//! - [`decommission`]: draining every replica off a broker before it is retired, planned by
+//!   the controller as bounded batches of moves.
+//! - [`rebalance`]: the fewest replica moves and preferred-leader changes that even out
+//!   replicas and leaders across brokers (run by the CLI on Metadata).
 //! - [`store`]: the metadata log and hard state on disk.
 //! - [`driver`]: the metadata group, the active controller on its leader, and every node's
 //!   broker side, as decisions over frames and ticks (no sockets).
@@ -20,10 +24,12 @@
 //! nodes; each committed batch of that group is one encoded [`RecordBatch`].
 
 pub mod active;
+pub mod decommission;
 pub mod driver;
 pub mod leadership;
 pub mod placement;
 pub mod reassignment;
+pub mod rebalance;
 pub mod records;
 pub mod service;
 pub mod state;

@@ -101,10 +101,11 @@ impl Placer {
         Placer { nodes }
     }
 
-    /// The live brokers of `state`, loaded with every existing partition (the current leader,
-    /// or the preferred one when there is none, counts as the leader).
+    /// The live brokers of `state` that are not being decommissioned, loaded with every
+    /// existing partition (the current leader, or the preferred one when there is none, counts
+    /// as the leader).
     pub fn from_state(state: &MetadataState) -> Self {
-        let mut p = Placer::new(&state.live_brokers());
+        let mut p = Placer::new(&state.placement_brokers());
         let index: BTreeMap<NodeId, usize> = p
             .nodes
             .iter()

@@ -119,6 +119,9 @@ pub fn check_request(
         if !state.brokers.contains_key(n) {
             return invalid(format!("broker {n} is not registered"));
         }
+        if state.decommissioning.contains(n) && !p.has_replica(*n) {
+            return invalid(format!("broker {n} is being decommissioned"));
+        }
     }
     let mut union: Vec<NodeId> = target.to_vec();
     for r in &p.replicas {

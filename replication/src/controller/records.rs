@@ -186,6 +186,14 @@ pub enum Record {
         partition: u32,
         replicas: Vec<NodeId>,
     },
+    /// Decommissioning of broker `node` (before it is retired): on, the active controller
+    /// moves every replica it holds to other brokers (a bounded number of moves at a time) and
+    /// nothing places a replica on it or chooses it to lead; off (recommission), no new moves
+    /// start. Recording what is already set is a no-op.
+    SetDecommission {
+        node: NodeId,
+        on: bool,
+    },
 }
 
 /// The records of one controller decision, applied together.
@@ -209,6 +217,7 @@ mod tag {
     pub const SET_MAINTENANCE: u8 = 12;
     pub const REASSIGN: u8 = 13;
     pub const FINISH_REASSIGNMENT: u8 = 14;
+    pub const SET_DECOMMISSION: u8 = 15;
 }
 
 /// `NodeId` on the wire for "no leader" (Kafka's -1).
@@ -488,6 +497,11 @@ fn encode_record(w: &mut Writer<'_>, rec: &Record) {
             w.u32(*partition);
             w.u64_list(replicas, MAX_REPLICAS_PER_PARTITION);
         }
+        Record::SetDecommission { node, on } => {
+            w.u8(tag::SET_DECOMMISSION);
+            w.u64(*node);
+            w.bool(*on);
+        }
     }
 }
 
@@ -583,6 +597,10 @@ fn decode_record(r: &mut Reader) -> Result<Record, DecodeError> {
             topic: r.string("topic name", MAX_TOPIC_NAME_BYTES)?,
             partition: r.u32("partition")?,
             replicas: r.u64_list("replicas", MAX_REPLICAS_PER_PARTITION)?,
+        },
+        tag::SET_DECOMMISSION => Record::SetDecommission {
+            node: r.u64("node")?,
+            on: r.bool("decommission on")?,
         },
         tag => {
             return Err(DecodeError::UnknownTag {

@@ -264,7 +264,7 @@ impl ClusterService {
 /// Where a finished call's answer goes.
 enum CallReply {
     Unit(Reply<()>),
-    /// An unregistration or maintenance change: an unknown broker is `BROKER_ID_NOT_REGISTERED`,
+    /// An unregistration, maintenance or decommission change: an unknown broker is `BROKER_ID_NOT_REGISTERED`,
     /// not a generic refusal.
     Unregister(Reply<()>),
     ProducerIds(Reply<(u64, u32)>),
@@ -565,6 +565,10 @@ impl Ctx {
             ),
             ControllerCall::SetMaintenance { node, on, reply } => (
                 AdminCall::SetMaintenance { node, on },
+                CallReply::Unregister(reply),
+            ),
+            ControllerCall::SetDecommission { node, on, reply } => (
+                AdminCall::SetDecommission { node, on },
                 CallReply::Unregister(reply),
             ),
             ControllerCall::Reassign { moves, reply } => {

@@ -89,6 +89,10 @@ pub enum Effect {
         node: NodeId,
         on: bool,
     },
+    DecommissionChanged {
+        node: NodeId,
+        on: bool,
+    },
     /// A move of the partition's replicas started, changed or was cancelled (its replicas are
     /// now the union while it runs).
     ReassignmentChanged {
@@ -149,6 +153,9 @@ pub struct MetadataState {
     /// Partitions whose replicas are moving (`Record::Reassign`), until their leader reports
     /// the end (`Record::FinishReassignment`); they go with their topic.
     pub reassignments: BTreeMap<(String, u32), Reassignment>,
+    /// Brokers being decommissioned (`Record::SetDecommission`): the active controller moves
+    /// their replicas away; nothing places a replica on them or chooses them to lead.
+    pub decommissioning: BTreeSet<NodeId>,
 }
 
 impl MetadataState {
@@ -166,9 +173,27 @@ impl MetadataState {
         self.brokers.get(&node).is_some_and(|b| !b.fenced)
     }
 
-    /// A node elections and the balancer may choose: live and not in maintenance.
+    /// A node elections and the balancer may choose: live, not in maintenance and not being
+    /// decommissioned.
     pub fn is_leader_candidate(&self, node: NodeId) -> bool {
-        self.is_live(node) && !self.maintenance.contains(&node)
+        self.is_live(node) && !self.is_draining(node)
+    }
+
+    /// Whether `node`'s leaderships should move to other replicas: it is in maintenance mode
+    /// or being decommissioned.
+    pub fn is_draining(&self, node: NodeId) -> bool {
+        self.maintenance.contains(&node) || self.decommissioning.contains(&node)
+    }
+
+    /// Brokers that may receive new replicas (placement of new topics and partitions,
+    /// decommission targets, rebalance): unfenced and not being decommissioned, in id order,
+    /// with their shard counts.
+    pub fn placement_brokers(&self) -> Vec<(NodeId, u32)> {
+        self.brokers
+            .iter()
+            .filter(|(n, b)| !b.fenced && !self.decommissioning.contains(n))
+            .map(|(&n, b)| (n, b.shards))
+            .collect()
     }
 
     /// The node leadership of `topic`/`partition` should move to, if any.
@@ -276,6 +301,7 @@ impl MetadataState {
                 }
                 self.brokers.remove(node);
                 self.maintenance.remove(node);
+                self.decommissioning.remove(node);
                 self.drop_wishes_for(*node);
                 Ok(Effect::BrokerUnregistered { node: *node })
             }
@@ -508,6 +534,21 @@ impl MetadataState {
                 partition,
                 replicas,
             } => self.apply_finish_reassignment(topic, *partition, replicas),
+            Record::SetDecommission { node, on } => {
+                if !self.brokers.contains_key(node) {
+                    return Err(ApplyError::UnknownBroker(*node));
+                }
+                if *on {
+                    self.decommissioning.insert(*node);
+                    self.drop_wishes_for(*node);
+                } else {
+                    self.decommissioning.remove(node);
+                }
+                Ok(Effect::DecommissionChanged {
+                    node: *node,
+                    on: *on,
+                })
+            }
         }
     }
 

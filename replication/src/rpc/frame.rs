@@ -148,6 +148,7 @@ impl From<&ControllerError> for RpcErrorReply {
                 | PlacementError::InvalidReplicationFactor { .. },
             ) => RpcErrorCode::InvalidReplicationFactor,
             ControllerError::InvalidConfig(_) => RpcErrorCode::InvalidConfig,
+            ControllerError::CannotDecommission(_) => RpcErrorCode::InvalidReplicationFactor,
             ControllerError::FencedBroker(_)
             | ControllerError::InternalTopic(_)
             | ControllerError::Invalid(_) => RpcErrorCode::InvalidRequest,
@@ -231,6 +232,11 @@ pub enum RpcMessage {
         node: NodeId,
         on: bool,
     },
+    /// Broker `node`'s decommissioning, on or off.
+    SetDecommission {
+        node: NodeId,
+        on: bool,
+    },
     /// Moves of partitions' replicas to target nodes, or cancels (`None`): Kafka's
     /// AlterPartitionReassignments.
     AlterReassignments {
@@ -273,6 +279,7 @@ mod kind {
     pub const SET_MAINTENANCE: u8 = 21;
     pub const ALTER_REASSIGNMENTS: u8 = 22;
     pub const FINISH_REASSIGNMENT: u8 = 23;
+    pub const SET_DECOMMISSION: u8 = 24;
 }
 
 mod msg_tag {
@@ -533,6 +540,20 @@ impl FrameCodec {
                     on: r.bool("maintenance on")?,
                 }
             }
+            kind::SET_DECOMMISSION => {
+                let node = r.u64("node")?;
+                if node > MAX_NODE_ID {
+                    return Err(DecodeError::Invalid {
+                        what: "node",
+                        reason: "outside Kafka's broker id range",
+                    }
+                    .into());
+                }
+                RpcMessage::SetDecommission {
+                    node,
+                    on: r.bool("decommission on")?,
+                }
+            }
             kind::ALTER_REASSIGNMENTS => {
                 // Smallest entry: an empty topic name, a partition and an absent target.
                 let n = r.count("reassignments", MAX_PARTITIONS_PER_REASSIGNMENT, 7)?;
@@ -683,7 +704,7 @@ impl FrameCodec {
                     w.u32(*partition);
                 }
             }
-            RpcMessage::SetMaintenance { node, on } => {
+            RpcMessage::SetMaintenance { node, on } | RpcMessage::SetDecommission { node, on } => {
                 let mut w = p.w();
                 w.u64(*node);
                 w.bool(*on);
@@ -779,9 +800,9 @@ fn check_sendable(m: &RpcMessage) -> Result<(), RpcError> {
                 "config key or value",
             )
         }
-        RpcMessage::UnregisterBroker { node } | RpcMessage::SetMaintenance { node, .. } => {
-            fits(*node <= MAX_NODE_ID, "node id")
-        }
+        RpcMessage::UnregisterBroker { node }
+        | RpcMessage::SetMaintenance { node, .. }
+        | RpcMessage::SetDecommission { node, .. } => fits(*node <= MAX_NODE_ID, "node id"),
         RpcMessage::ElectLeaders { partitions } => fits(
             partitions.len() <= MAX_PARTITIONS_PER_ELECTION
                 && partitions
@@ -860,6 +881,7 @@ fn kind_of(m: &RpcMessage) -> u8 {
         RpcMessage::UnregisterBroker { .. } => kind::UNREGISTER_BROKER,
         RpcMessage::ElectLeaders { .. } => kind::ELECT_LEADERS,
         RpcMessage::SetMaintenance { .. } => kind::SET_MAINTENANCE,
+        RpcMessage::SetDecommission { .. } => kind::SET_DECOMMISSION,
         RpcMessage::AlterReassignments { .. } => kind::ALTER_REASSIGNMENTS,
         RpcMessage::FinishReassignment { .. } => kind::FINISH_REASSIGNMENT,
     }
