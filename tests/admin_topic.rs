@@ -256,8 +256,9 @@ fn cluster_info_shows_the_broker_and_its_apis() {
     assert_eq!(info["brokers"][0]["voter"], true);
     assert_eq!(info["brokers"][0]["alive"], true);
     assert!(
+        // The first six columns; replicas, leaders, maintenance and decommissioning follow.
         text.lines()
-            .any(|l| l.split_whitespace().collect::<Vec<_>>()
+            .any(|l| l.split_whitespace().take(6).collect::<Vec<_>>()
                 == [
                     "0",
                     "127.0.0.1",
@@ -266,6 +267,12 @@ fn cluster_info_shows_the_broker_and_its_apis() {
                     "yes",
                     "yes"
                 ]),
+        "{text}"
+    );
+    // One node holds and leads all four partitions; no maintenance, no decommission.
+    assert!(
+        text.lines()
+            .any(|l| l.split_whitespace().skip(6).collect::<Vec<_>>() == ["4", "4", "no", "no"]),
         "{text}"
     );
 }
