@@ -355,6 +355,7 @@ impl PartitionGroup {
             replicas: voters.len(),
             in_sync_replicas: None,
             lag_records: None,
+            reassignment_bytes_behind: Vec::new(),
         };
         // A leader not yet writable is about to commit its epoch or lose it: it reports as a
         // follower until then, so only the one leader clients see reports the ISR.
@@ -889,6 +890,18 @@ impl PartitionGroup {
         }
         let (matched, _) = core.peer_progress(peer)?;
         Some(core.log_end().saturating_sub(matched))
+    }
+
+    /// Leader only: how many bytes of this leader's log `peer` has not written (from its match
+    /// offset to the log end, see [`PartitionReplica::bytes_from`]); a peer whose progress
+    /// the leader does not know yet lacks the whole log. `None`: not a leader, or not a member.
+    pub fn peer_bytes_behind(&self, peer: NodeId) -> Option<u64> {
+        let core = self.core.borrow();
+        if !core.is_leader() || !core.membership().contains(peer) {
+            return None;
+        }
+        let matched = core.peer_progress(peer).map_or(0, |(m, _)| m);
+        Some(self.replica.bytes_from(matched))
     }
 
     /// The shard's replication throttle: appends for learners and followers far behind draw
