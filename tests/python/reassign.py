@@ -5,6 +5,8 @@ usage: reassign.py BOOTSTRAP alter TOPIC PARTITION REPLICAS|cancel
          prints "PARTITION ERROR" (ERROR: the error class name, or None)
        reassign.py BOOTSTRAP list
          prints "TOPIC PARTITION REPLICAS ADDING REMOVING" per move (lists comma-joined, - if empty)
+       reassign.py BOOTSTRAP logdirs TOPIC
+         prints "BROKER PARTITION SIZE" per partition of TOPIC each broker holds (DescribeLogDirs)
 """
 import sys
 
@@ -30,6 +32,12 @@ elif WHAT == "list":
     for tp, m in sorted(moves.items()):
         print(tp.topic, tp.partition, joined(m["replicas"]), joined(m["adding_replicas"]),
               joined(m["removing_replicas"]))
+elif WHAT == "logdirs":
+    topic = sys.argv[3]
+    for node in sorted(b.nodeId for b in admin._client.cluster.brokers()):
+        for reply in admin.describe_log_dirs(topic_partitions=[topic], brokers=[node]):
+            for d in reply["log_dirs"] if isinstance(reply, dict) and "log_dirs" in reply else [reply]:
+                print("RAW", node, d)
 else:
     sys.exit("unknown command " + WHAT)
 admin.close()

@@ -131,6 +131,14 @@ pub fn hard_state_path(log_dir: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// Where a partition whose log is in `log_dir` lists its membership batches (what
+/// [`PartitionGroup::open`] derives from the hard-state path).
+pub fn membership_path(log_dir: &Path) -> PathBuf {
+    let mut p = log_dir.as_os_str().to_owned();
+    p.push(MEMBERSHIP_SUFFIX);
+    PathBuf::from(p)
+}
+
 /// Where an acks=all produce is answered: Ok, or a Kafka error code.
 type CommitAnswer = LocalSender<Result<(), i16>>;
 

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::partition::{hard_state_path, ReplicaError};
+use crate::partition::{hard_state_path, membership_path, ReplicaError};
 
 /// Appended to a partition's log directory name for the file holding its topic id.
 pub const TOPIC_ID_SUFFIX: &str = ".topic-id";
@@ -86,8 +86,9 @@ pub fn write_topic_id(log_dir: &Path, topic_id: u128) -> Result<(), ReplicaError
     write().map_err(|e| incarnation_error(&path, e))
 }
 
-/// Removes every file of a replicated partition: its log directory, hard state, producer
-/// state (`state_path`) and recorded topic id (last, so a crash part-way is redone).
+/// Removes every file of a replicated partition: its log directory, hard state, membership
+/// list, producer state (`state_path`) and recorded topic id (last, so a crash part-way is
+/// redone).
 pub fn remove_partition_files(log_dir: &Path, state_path: &Path) -> Result<(), ReplicaError> {
     match std::fs::remove_dir_all(log_dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
@@ -95,6 +96,7 @@ pub fn remove_partition_files(log_dir: &Path, state_path: &Path) -> Result<(), R
     }
     for f in [
         hard_state_path(log_dir),
+        membership_path(log_dir),
         state_path.to_path_buf(),
         topic_id_path(log_dir),
     ] {
@@ -216,11 +218,13 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("segment"), b"old").unwrap();
         std::fs::write(hard_state_path(&dir), b"hs").unwrap();
+        std::fs::write(membership_path(&dir), b"ms").unwrap();
         std::fs::write(&state, b"ps").unwrap();
         assert!(!claim_for_topic(&dir, &state, 7).unwrap());
         assert!(dir.join("segment").exists(), "same incarnation kept");
         assert!(claim_for_topic(&dir, &state, 8).unwrap());
         assert!(!dir.exists() && !hard_state_path(&dir).exists() && !state.exists());
+        assert!(!membership_path(&dir).exists(), "an old incarnation's membership list");
         assert_eq!(read_topic_id(&dir).unwrap(), Some(8));
         // A directory nobody recorded an id for.
         let foreign = tmp.path().join("u-0");
