@@ -52,7 +52,7 @@ pub struct ReassignmentLabels {
     pub shard: u32,
     pub topic: String,
     pub partition: i32,
-    pub replica: u32,
+    pub replica: u64,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
