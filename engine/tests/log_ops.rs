@@ -543,7 +543,7 @@ fn bytes_from_counts_the_suffix_of_the_log() {
         assert_eq!((log.size_bytes(), log.bytes_from(0)), (0, 0));
         // (base offset, bytes of the log from it), exact.
         let mut starts = Vec::new();
-        for i in 0..60u64 {
+        for i in 0..150u64 {
             let b = batch(i, 3_000 + (i as usize % 7) * 500, 2, i as i64);
             let before = log.size_bytes();
             let info = log

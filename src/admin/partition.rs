@@ -97,7 +97,7 @@ pub struct ElectLeadersArgs {
 }
 
 /// DescribeLogDirs versions this command speaks (v2 is flexible, v4 adds volume sizes).
-const DESCRIBE_LOG_DIRS_VERSIONS: std::ops::RangeInclusive<i16> = 0..=4;
+const DESCRIBE_LOG_DIRS_VERSIONS: std::ops::RangeInclusive<i16> = 1..=4;
 
 /// ElectLeaders versions this command speaks (v1 adds the election type, v2 is flexible).
 const ELECT_LEADERS_VERSIONS: std::ops::RangeInclusive<i16> = 0..=2;

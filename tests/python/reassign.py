@@ -34,10 +34,14 @@ elif WHAT == "list":
               joined(m["removing_replicas"]))
 elif WHAT == "logdirs":
     topic = sys.argv[3]
-    for node in sorted(b.nodeId for b in admin._client.cluster.brokers()):
-        for reply in admin.describe_log_dirs(topic_partitions=[topic], brokers=[node]):
-            for d in reply["log_dirs"] if isinstance(reply, dict) and "log_dirs" in reply else [reply]:
-                print("RAW", node, d)
+    for reply in sorted(admin.describe_log_dirs(topic_partitions=[topic]),
+                        key=lambda r: r["broker"]):
+        for d in reply["log_dirs"]:
+            for t in d["topics"]:
+                if t["name"] != topic:
+                    continue
+                for p in t["partitions"]:
+                    print(reply["broker"], p["partition_index"], p["partition_size"])
 else:
     sys.exit("unknown command " + WHAT)
 admin.close()

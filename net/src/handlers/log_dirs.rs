@@ -1,4 +1,4 @@
-//! DescribeLogDirs (API 35, v0-v4): the partitions this node holds in its one log directory
+//! DescribeLogDirs (API 35, v1-v4): the partitions this node holds in its one log directory
 //! (the data dir), each with its size in bytes and Kafka's offset lag (how far this replica's
 //! log end is below the high watermark it knows: 0 for every log here, as for Kafka's current
 //! logs; Spate has no future logs).
