@@ -97,7 +97,9 @@ fn settled(nodes: &[Node]) -> Option<Vec<PartitionSeen>> {
 fn targets(ps: &[PartitionSeen], drop: impl Fn(&PartitionSeen) -> i32) -> Vec<Vec<i32>> {
     ps.iter()
         .map(|p| {
-            let out = (1..=4).find(|n| !p.replicas.contains(n)).expect("RF 3 of 4");
+            let out = (1..=4)
+                .find(|n| !p.replicas.contains(n))
+                .expect("RF 3 of 4");
             let gone = drop(p);
             p.replicas
                 .iter()
@@ -170,7 +172,15 @@ fn moves_finish_and_lose_nothing_when_nodes_are_killed_mid_move() {
     wait_for(&refs, &[1, 2, 3], &[1, 2, 3], "three nodes formed");
     let out = spate_cli(
         &nodes[0].addr(),
-        &["topic", "create", TOPIC, "-p", &PARTITIONS.to_string(), "-r", "3"],
+        &[
+            "topic",
+            "create",
+            TOPIC,
+            "-p",
+            &PARTITIONS.to_string(),
+            "-r",
+            "3",
+        ],
     );
     assert_success("spate topic create", &out);
     let mut ps = wait_until("topic settled", ROUND_BOUND, || settled(&nodes));
@@ -197,16 +207,24 @@ fn moves_finish_and_lose_nothing_when_nodes_are_killed_mid_move() {
     producer.wait_more(200, "acks before the moves");
 
     // (a) The controller leader dies while the moves run.
-    let t = targets(&ps, |p| *p.replicas.iter().find(|&&n| n != p.leader).unwrap());
+    let t = targets(&ps, |p| {
+        *p.replicas.iter().find(|&&n| n != p.leader).unwrap()
+    });
     start_moves(&nodes, dir.path(), &t);
     let (controller, _) = metadata(&live_addr(&nodes)).expect("metadata");
     assert!((1..=3).contains(&controller), "controller {controller}");
     kill_mid_move(&mut nodes, controller, "(a) controller leader");
-    ps = wait_moved(&nodes, &t, "(a) moves done after the controller leader's kill");
+    ps = wait_moved(
+        &nodes,
+        &t,
+        "(a) moves done after the controller leader's kill",
+    );
     producer.wait_more(200, "acks after (a)");
 
     // (b) A node being added dies in the middle of its catch-up.
-    let t = targets(&ps, |p| *p.replicas.iter().find(|&&n| n != p.leader).unwrap());
+    let t = targets(&ps, |p| {
+        *p.replicas.iter().find(|&&n| n != p.leader).unwrap()
+    });
     let adding = *t[0].iter().find(|n| !ps[0].replicas.contains(n)).unwrap();
     start_moves(&nodes, dir.path(), &t);
     kill_mid_move(&mut nodes, adding, "(b) adding replica of partition 0");
@@ -214,7 +232,9 @@ fn moves_finish_and_lose_nothing_when_nodes_are_killed_mid_move() {
     producer.wait_more(200, "acks after (b)");
 
     // (c) Partition 0's leader dies mid-move (the leader carries the move out).
-    let t = targets(&ps, |p| *p.replicas.iter().find(|&&n| n != p.leader).unwrap());
+    let t = targets(&ps, |p| {
+        *p.replicas.iter().find(|&&n| n != p.leader).unwrap()
+    });
     let leader = ps[0].leader;
     start_moves(&nodes, dir.path(), &t);
     kill_mid_move(&mut nodes, leader, "(c) partition 0's leader");
@@ -232,7 +252,11 @@ fn moves_finish_and_lose_nothing_when_nodes_are_killed_mid_move() {
             .iter()
             .all(|n| {
                 ps.iter().all(|p| {
-                    let dir = n.dir.path().join("data").join(format!("{TOPIC}-{}", p.partition));
+                    let dir = n
+                        .dir
+                        .path()
+                        .join("data")
+                        .join(format!("{TOPIC}-{}", p.partition));
                     dir.exists() == p.replicas.contains(&(n.id as i32))
                 })
             })
@@ -337,8 +361,17 @@ fn files_of_a_partition_moved_away_or_deleted_are_removed_at_restart() {
     let gone = *ps[0].replicas.iter().find(|&&n| n != ps[0].leader).unwrap();
     let x = gone as usize - 1;
     nodes[x].kill();
-    let target: Vec<i32> = ps[0].replicas.iter().copied().filter(|&n| n != gone).collect();
-    let t = target.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",");
+    let target: Vec<i32> = ps[0]
+        .replicas
+        .iter()
+        .copied()
+        .filter(|&n| n != gone)
+        .collect();
+    let t = target
+        .iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     let live = live_addr(&nodes);
     let out = spate_cli(&live, &["partition", "move", ORPHANS, "0", "--to", &t]);
     assert_success("spate partition move", &out);
@@ -384,7 +417,12 @@ fn files_of_a_partition_moved_away_or_deleted_are_removed_at_restart() {
     let out = spate_cli(&addr, &["topic", "delete", ORPHANS]);
     assert_success("spate topic delete", &out);
     wait_until("topic gone", ROUND_BOUND, || {
-        partitions_seen(&addr, ORPHANS).is_none().then_some(())
+        let out = spate_cli(&addr, &["topic", "list"]);
+        (out.status.success()
+            && !stdout(&out)
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(ORPHANS)))
+        .then_some(())
     });
     let out = spate_cli(&addr, &["topic", "create", ORPHANS, "-p", "1", "-r", "3"]);
     assert_success("spate topic create again", &out);
@@ -397,16 +435,27 @@ fn files_of_a_partition_moved_away_or_deleted_are_removed_at_restart() {
     nodes[x].kill();
     restore(&nodes[x], backup.path());
     nodes[x].spawn();
-    wait_until("the node back in the new incarnation's ISR", ROUND_BOUND, || {
-        let ps = partitions_seen(&addr, ORPHANS)?;
-        (ps[0].leader > 0 && ps[0].isr.len() == 3).then_some(())
-    });
+    wait_until(
+        "the node back in the new incarnation's ISR",
+        ROUND_BOUND,
+        || {
+            let ps = partitions_seen(&addr, ORPHANS)?;
+            (ps[0].leader > 0 && ps[0].isr.len() == 3).then_some(())
+        },
+    );
     // Lead it from the node, so what is read is what the node holds.
-    let out = spate_cli(&addr, &["partition", "move", ORPHANS, "0", "--to", &{
-        let mut order = vec![gone];
-        order.extend((1..=3).filter(|&n| n != gone));
-        order.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",")
-    }]);
+    let out = spate_cli(
+        &addr,
+        &["partition", "move", ORPHANS, "0", "--to", &{
+            let mut order = vec![gone];
+            order.extend((1..=3).filter(|&n| n != gone));
+            order
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        }],
+    );
     assert_success("spate partition move (reorder)", &out);
     let out = spate_cli(&addr, &["partition", "elect-leaders", "--topic", ORPHANS]);
     assert_success("spate partition elect-leaders", &out);

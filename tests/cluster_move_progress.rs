@@ -199,7 +199,12 @@ fn bytes_behind_of_each_new_replica_fall_to_zero_in_the_cli_and_in_prometheus() 
         ),
         ("Prometheus", prom.clone()),
     ] {
-        let of = |n: i32| series.iter().filter_map(|s| s.get(&n).copied()).collect::<Vec<u64>>();
+        let of = |n: i32| {
+            series
+                .iter()
+                .filter_map(|s| s.get(&n).copied())
+                .collect::<Vec<u64>>()
+        };
         let (a, b) = (of(first), of(second));
         assert!(
             a.first().is_some_and(|&x| x > data_bytes / 4),
@@ -230,11 +235,13 @@ fn bytes_behind_of_each_new_replica_fall_to_zero_in_the_cli_and_in_prometheus() 
 
     // The move ended: the series are gone, and every node holds the same bytes.
     wait_until("bytes-behind series gone", MOVE_BOUND, || {
-        nodes.iter().all(|n| {
-            scrape(n.metrics_port.unwrap())
-                .is_some_and(|t| !t.contains("spate_reassignment_bytes_behind{"))
-        })
-        .then_some(())
+        nodes
+            .iter()
+            .all(|n| {
+                scrape(n.metrics_port.unwrap())
+                    .is_some_and(|t| !t.contains("spate_reassignment_bytes_behind{"))
+            })
+            .then_some(())
     });
     let sizes = wait_until("equal sizes on all three nodes", MOVE_BOUND, || {
         let out = python("reassign.py", &[&all, "logdirs", TOPIC]);

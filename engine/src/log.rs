@@ -1257,7 +1257,13 @@ impl PartitionLog {
     /// Bytes of the log's segments (what it holds on disk once written; appended batches not
     /// yet written count). A getter: no I/O.
     pub fn size_bytes(&self) -> u64 {
-        self.inner.state.borrow().segments.values().map(|s| s.size).sum()
+        self.inner
+            .state
+            .borrow()
+            .segments
+            .values()
+            .map(|s| s.size)
+            .sum()
     }
 
     /// Bytes of the log from `offset` to its end: 0 at or past the log end, every byte below
@@ -1271,11 +1277,7 @@ impl PartitionLog {
         let Some((&base, seg)) = st.segments.range(..=offset).next_back() else {
             return st.segments.values().map(|s| s.size).sum();
         };
-        let later: u64 = st
-            .segments
-            .range(base + 1..)
-            .map(|(_, s)| s.size)
-            .sum();
+        let later: u64 = st.segments.range(base + 1..).map(|(_, s)| s.size).sum();
         let start = u64::from(seg.index.position_for(offset)).min(seg.size);
         seg.size - start + later
     }

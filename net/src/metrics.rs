@@ -678,7 +678,10 @@ impl PartitionMetrics {
             replica,
         };
         let mut moving = self.moving.borrow_mut();
-        for gone in moving.iter().filter(|n| !behind.iter().any(|(b, _)| b == *n)) {
+        for gone in moving
+            .iter()
+            .filter(|n| !behind.iter().any(|(b, _)| b == *n))
+        {
             family.remove(&labels(*gone));
         }
         moving.clear();

@@ -18,8 +18,8 @@ use kafka_protocol::messages::{
     AlterPartitionReassignmentsRequest, ApiKey, BrokerId, DescribeLogDirsRequest,
     ElectLeadersRequest, ListPartitionReassignmentsRequest,
 };
-use std::collections::BTreeMap;
 use serde_json::json;
+use std::collections::BTreeMap;
 
 use super::client::{call_on, error_name, kafka_error, topic_name, Client, ConnectArgs};
 use super::table::{out, print_json, say, Table};
@@ -356,7 +356,10 @@ type Sizes = BTreeMap<(String, i32, i32), u64>;
 /// them on both brokers (Kafka's schema has no progress in ListPartitionReassignments; its
 /// tools compare log dir sizes the same way). `None` for a replica whose figure is unknown (no
 /// leader now, a broker that did not answer).
-fn bytes_behind(client: &mut Client, moving: &[(String, i32, Vec<i32>)]) -> BTreeMap<(String, i32, i32), Option<u64>> {
+fn bytes_behind(
+    client: &mut Client,
+    moving: &[(String, i32, Vec<i32>)],
+) -> BTreeMap<(String, i32, i32), Option<u64>> {
     let mut out = BTreeMap::new();
     if moving.is_empty() {
         return out;
@@ -404,9 +407,14 @@ fn bytes_behind(client: &mut Client, moving: &[(String, i32, Vec<i32>)]) -> BTre
                 })
                 .collect(),
         ));
-        let reply = client
-            .broker(addr)
-            .and_then(|conn| call_on(conn, ApiKey::DescribeLogDirs, DESCRIBE_LOG_DIRS_VERSIONS, &req));
+        let reply = client.broker(addr).and_then(|conn| {
+            call_on(
+                conn,
+                ApiKey::DescribeLogDirs,
+                DESCRIBE_LOG_DIRS_VERSIONS,
+                &req,
+            )
+        });
         // A broker that is down or refuses leaves its replicas' figures unknown ("?").
         let reply = match reply {
             Ok((_, r)) if r.error_code == 0 => r,

@@ -24,7 +24,7 @@ def on_delivery(err, msg):
 
 for i in range(COUNT):
     # Different bytes per message, so nothing on the way compresses them.
-    value = (b"%08d" % i) * (SIZE // 8 + 1)
+    value = (b"bulk%08d" % i) * (SIZE // 12 + 1)
     while True:
         try:
             producer.produce(TOPIC, value=value[:SIZE], partition=PARTITION,

@@ -31,7 +31,10 @@ type Held = (String, i32, i64, i64);
 pub async fn handle(shard: &Shard, req: &Request) -> Result<Bytes, NetError> {
     let r: DescribeLogDirsRequest = decode_body(req)?;
     let mut resp = DescribeLogDirsResponse::default();
-    if r.topics.as_ref().is_some_and(|t| t.len() > MAX_DESCRIBED_TOPICS) {
+    if r.topics
+        .as_ref()
+        .is_some_and(|t| t.len() > MAX_DESCRIBED_TOPICS)
+    {
         resp.error_code = kafka_protocol::ResponseError::InvalidRequest.code();
         return encode_response(req.correlation_id, req.api_version, &resp);
     }

@@ -224,7 +224,10 @@ mod tests {
         assert!(dir.join("segment").exists(), "same incarnation kept");
         assert!(claim_for_topic(&dir, &state, 8).unwrap());
         assert!(!dir.exists() && !hard_state_path(&dir).exists() && !state.exists());
-        assert!(!membership_path(&dir).exists(), "an old incarnation's membership list");
+        assert!(
+            !membership_path(&dir).exists(),
+            "an old incarnation's membership list"
+        );
         assert_eq!(read_topic_id(&dir).unwrap(), Some(8));
         // A directory nobody recorded an id for.
         let foreign = tmp.path().join("u-0");
