@@ -457,11 +457,15 @@ fn files_of_a_partition_moved_away_or_deleted_are_removed_at_restart() {
         }],
     );
     assert_success("spate partition move (reorder)", &out);
-    let out = spate_cli(&addr, &["partition", "elect-leaders", "--topic", ORPHANS]);
-    assert_success("spate partition elect-leaders", &out);
+    // The election is refused (retriable) until the reordering has ended: asked again.
     wait_until("the node leads", ROUND_BOUND, || {
         let ps = partitions_seen(&addr, ORPHANS)?;
-        (ps[0].leader == gone && ps[0].isr.len() == 3).then_some(())
+        if ps[0].leader == gone && ps[0].isr.len() == 3 {
+            return Some(());
+        }
+        spate_cli(&addr, &["partition", "elect-leaders", "--topic", ORPHANS]);
+        std::thread::sleep(Duration::from_millis(200));
+        None
     });
     let after = read_all(&nodes);
     assert_eq!(after.len(), 20, "the new incarnation holds 20 records");
