@@ -309,6 +309,7 @@ fn every_advertised_version_is_served() {
                 ApiKey::ListPartitionReassignments => {
                     probe(&addr, v, &ListPartitionReassignmentsRequest::default())
                 }
+                ApiKey::DescribeLogDirs => probe(&addr, v, &DescribeLogDirsRequest::default()),
                 other => panic!("{other:?} is advertised: add a probe for it"),
             }
         }

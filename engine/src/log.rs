@@ -1256,6 +1256,34 @@ impl PartitionLog {
         self.inner.state.borrow().log_end
     }
 
+    /// Bytes of the log's segments (what it holds on disk once written; appended batches not
+    /// yet written count). A getter: no I/O.
+    pub fn size_bytes(&self) -> u64 {
+        self.inner
+            .state
+            .borrow()
+            .segments
+            .values()
+            .map(|s| s.size)
+            .sum()
+    }
+
+    /// Bytes of the log from `offset` to its end: 0 at or past the log end, every byte below
+    /// the log start. Within a segment the count starts at the sparse index point at or before
+    /// `offset`, so it may be over by up to `index_interval_bytes`. A getter: no I/O.
+    pub fn bytes_from(&self, offset: u64) -> u64 {
+        let st = self.inner.state.borrow();
+        if offset >= st.log_end {
+            return 0;
+        }
+        let Some((&base, seg)) = st.segments.range(..=offset).next_back() else {
+            return st.segments.values().map(|s| s.size).sum();
+        };
+        let later: u64 = st.segments.range(base + 1..).map(|(_, s)| s.size).sum();
+        let start = u64::from(seg.index.position_for(offset)).min(seg.size);
+        seg.size - start + later
+    }
+
     /// Every offset below this is on disk.
     pub fn durable_offset(&self) -> u64 {
         self.inner.state.borrow().durable

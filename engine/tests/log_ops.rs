@@ -529,3 +529,44 @@ fn live_limits_change_retention_and_the_batch_limit_of_an_open_log() {
         log.close().await.unwrap();
     });
 }
+
+/// Sizes for replica-move progress: the whole log, nothing at the end, never more than the
+/// bytes from an earlier offset, and within one index interval of the exact suffix.
+#[test]
+fn bytes_from_counts_the_suffix_of_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        set_shard_cache_bytes(0);
+        let config = small_config();
+        let interval = u64::from(config.index_interval_bytes);
+        let log = PartitionLog::open(dir.path(), config).await.unwrap();
+        assert_eq!((log.size_bytes(), log.bytes_from(0)), (0, 0));
+        // (base offset, bytes of the log from it), exact.
+        let mut starts = Vec::new();
+        for i in 0..150u64 {
+            let b = batch(i, 3_000 + (i as usize % 7) * 500, 2, i as i64);
+            let before = log.size_bytes();
+            let info = log
+                .append(VerifiedBatch::from_bytes(b).unwrap(), 1)
+                .await
+                .unwrap();
+            starts.push((info.base_offset, before));
+        }
+        assert!(count_segments(dir.path()) > 2);
+        let total = log.size_bytes();
+        assert_eq!(log.bytes_from(0), total);
+        assert_eq!(log.bytes_from(log.log_end_offset()), 0);
+        assert_eq!(log.bytes_from(log.log_end_offset() + 10), 0);
+        let mut last = u64::MAX;
+        for (base, before) in starts {
+            let exact = total - before;
+            let got = log.bytes_from(base);
+            assert!(
+                got >= exact && got <= exact + interval + 8_000,
+                "from {base}: {got}, exact {exact}"
+            );
+            assert!(got <= last, "never grows with the offset");
+            last = got;
+        }
+    });
+}

@@ -89,6 +89,7 @@ async fn dispatch_reporting(
             handlers::reassignments::alter(&shard, &req).await.map(Some)
         }
         ApiKey::ListPartitionReassignments => handlers::reassignments::list(&shard, &req).map(Some),
+        ApiKey::DescribeLogDirs => handlers::log_dirs::handle(&shard, &req).await.map(Some),
         key if crate::group::GROUP_API_KEYS.contains(&key) => {
             crate::group::handle(&shard, &req).await.map(Some)
         }
@@ -215,6 +216,7 @@ pub fn decode_only(req: &Request) -> Result<(), NetError> {
         ApiKey::ListPartitionReassignments => {
             decode_body::<ListPartitionReassignmentsRequest>(req).map(drop)
         }
+        ApiKey::DescribeLogDirs => decode_body::<DescribeLogDirsRequest>(req).map(drop),
         _ => Err(NetError::Malformed("not served".into())),
     }
 }

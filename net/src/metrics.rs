@@ -19,6 +19,8 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use spate_replication::NodeId;
+
 use crate::shard::TopicPartition;
 
 /// Latency buckets: 50 µs doubling up to about 6.5 s.
@@ -42,6 +44,15 @@ pub struct PartitionLabels {
     pub shard: u32,
     pub topic: String,
     pub partition: i32,
+}
+
+/// One replica a move adds to a partition (`spate_reassignment_bytes_behind`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReassignmentLabels {
+    pub shard: u32,
+    pub topic: String,
+    pub partition: i32,
+    pub replica: u64,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -112,6 +123,7 @@ pub struct Metrics {
     in_sync_replicas: Family<PartitionLabels, Gauge>,
     under_replicated: Family<PartitionLabels, Gauge>,
     replication_lag: Family<PartitionLabels, Gauge>,
+    reassignment_bytes_behind: Family<ReassignmentLabels, Gauge>,
     cluster_dropped: Family<DropLabels, Counter>,
     scrape: Arc<ScrapeTime>,
 }
@@ -157,6 +169,7 @@ impl Metrics {
             in_sync_replicas: Family::default(),
             under_replicated: Family::default(),
             replication_lag: Family::default(),
+            reassignment_bytes_behind: Family::default(),
             cluster_dropped: Family::default(),
             scrape: Arc::default(),
         };
@@ -280,6 +293,11 @@ impl Metrics {
             "spate_partition_replication_lag_records",
             "Records below the high watermark the furthest-behind follower has not written (reported by the leader only)",
             m.replication_lag.clone(),
+        );
+        r.register(
+            "spate_reassignment_bytes_behind",
+            "Bytes of the leader's log a replica being added by a move has not written yet (reported by the partition's leader while the move is under way)",
+            m.reassignment_bytes_behind.clone(),
         );
         r.register(
             "spate_cluster_dropped_messages",
@@ -508,6 +526,7 @@ impl ShardMetrics {
             log_end_offset: m.log_end_offset.get_or_create_owned(&labels),
             high_watermark: m.high_watermark.get_or_create_owned(&labels),
             no_space_refusals: m.no_space_refusals.get_or_create_owned(&labels),
+            moving: RefCell::default(),
             labels,
             metrics: m.clone(),
         }
@@ -561,6 +580,8 @@ pub struct PartitionMetrics {
     log_end_offset: Gauge,
     high_watermark: Gauge,
     no_space_refusals: Counter,
+    /// The replicas whose `spate_reassignment_bytes_behind` series this partition set.
+    moving: RefCell<Vec<NodeId>>,
     labels: PartitionLabels,
     metrics: Arc<Metrics>,
 }
@@ -612,6 +633,7 @@ impl spate_replication::partition::ReplicaObserver for PartitionMetrics {
             .lag_records
             .map(|n| i64::try_from(n).unwrap_or(i64::MAX));
         set_or_remove(&m.replication_lag, l, lag);
+        self.set_reassignment(&state.reassignment_bytes_behind);
     }
     fn replication_stopped(&self) {
         self.remove_replication();
@@ -645,8 +667,35 @@ impl PartitionMetrics {
         self.remove_replication();
     }
 
+    /// Sets the bytes behind of each replica a move adds and drops the series of replicas no
+    /// longer listed (the move ended, or this node no longer leads it).
+    fn set_reassignment(&self, behind: &[(NodeId, u64)]) {
+        let family = &self.metrics.reassignment_bytes_behind;
+        let labels = |replica: NodeId| ReassignmentLabels {
+            shard: self.labels.shard,
+            topic: self.labels.topic.clone(),
+            partition: self.labels.partition,
+            replica,
+        };
+        let mut moving = self.moving.borrow_mut();
+        for gone in moving
+            .iter()
+            .filter(|n| !behind.iter().any(|(b, _)| b == *n))
+        {
+            family.remove(&labels(*gone));
+        }
+        moving.clear();
+        for &(n, bytes) in behind {
+            family
+                .get_or_create(&labels(n))
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            moving.push(n);
+        }
+    }
+
     /// Drops the partition's replication series (its group closed on this node).
     pub fn remove_replication(&self) {
+        self.set_reassignment(&[]);
         let m = &self.metrics;
         for family in [
             &m.replica_leader,
@@ -739,6 +788,7 @@ mod tests {
             replicas: 3,
             in_sync_replicas: Some(2),
             lag_records: Some(17),
+            reassignment_bytes_behind: vec![(4, 5_000), (5, 0)],
         };
         p.replication(&leader);
         let text = m.render(vec![]);
@@ -753,6 +803,19 @@ mod tests {
             let line = format!("{} {value}\n", series(name));
             assert!(text.contains(&line), "{line} missing from\n{text}");
         }
+        let behind = |replica: u32| {
+            format!("spate_reassignment_bytes_behind{{shard=\"2\",topic=\"r\",partition=\"0\",replica=\"{replica}\"}}")
+        };
+        assert!(text.contains(&format!("{} 5000\n", behind(4))), "{text}");
+        assert!(text.contains(&format!("{} 0\n", behind(5))), "{text}");
+        // Node 5 is no longer being added (the move changed): its series goes.
+        p.replication(&ReplicationGauges {
+            reassignment_bytes_behind: vec![(4, 10)],
+            ..leader.clone()
+        });
+        let text = m.render(vec![]);
+        assert!(text.contains(&format!("{} 10\n", behind(4))), "{text}");
+        assert!(!text.contains(&behind(5)), "{text}");
         // Demoted: the leader-only series go, the others stay.
         p.replication(&ReplicationGauges {
             writable_leader: false,
@@ -760,6 +823,7 @@ mod tests {
             replicas: 3,
             in_sync_replicas: None,
             lag_records: None,
+            reassignment_bytes_behind: Vec::new(),
         });
         let text = m.render(vec![]);
         assert!(
@@ -777,6 +841,7 @@ mod tests {
         ] {
             assert!(!text.contains(&series(gone)), "{gone} still in\n{text}");
         }
+        assert!(!text.contains("spate_reassignment_bytes_behind{"), "{text}");
         // Closed here: no replication series left (the partition's others are not ours).
         p.replication_stopped();
         let text = m.render(vec![]);

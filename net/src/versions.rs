@@ -52,6 +52,9 @@ pub const SUPPORTED: &[Supported] = &[
     // Replica moves (KIP-455); a node without `--seeds` refuses Alter with INVALID_REQUEST.
     api(ApiKey::AlterPartitionReassignments, 0, 0),
     api(ApiKey::ListPartitionReassignments, 0, 0),
+    // Partition sizes per node (what a move's progress is read from; one log dir, no futures).
+    // v0 is not in the message definitions this build decodes with.
+    api(ApiKey::DescribeLogDirs, 1, 4),
     // Consumer groups (net/src/group/).
     api(ApiKey::FindCoordinator, 0, 4),
     api(ApiKey::JoinGroup, 0, 9),

@@ -12,14 +12,16 @@ use clap::{Args, Subcommand};
 use kafka_protocol::messages::alter_partition_reassignments_request::{
     ReassignablePartition, ReassignableTopic,
 };
+use kafka_protocol::messages::describe_log_dirs_request::DescribableLogDirTopic;
 use kafka_protocol::messages::elect_leaders_request::TopicPartitions;
 use kafka_protocol::messages::{
-    AlterPartitionReassignmentsRequest, ApiKey, BrokerId, ElectLeadersRequest,
-    ListPartitionReassignmentsRequest,
+    AlterPartitionReassignmentsRequest, ApiKey, BrokerId, DescribeLogDirsRequest,
+    ElectLeadersRequest, ListPartitionReassignmentsRequest,
 };
 use serde_json::json;
+use std::collections::BTreeMap;
 
-use super::client::{error_name, kafka_error, topic_name, Client, ConnectArgs};
+use super::client::{call_on, error_name, kafka_error, topic_name, Client, ConnectArgs};
 use super::table::{out, print_json, say, Table};
 
 #[derive(Subcommand, Debug)]
@@ -33,7 +35,8 @@ pub enum PartitionCommand {
     /// learners and catch up before they vote; the command returns once the move is recorded
     /// (`spate partition reassignments` shows it until it ends).
     Move(MoveArgs),
-    /// List the replica moves under way: replicas, adding and removing replicas.
+    /// List the replica moves under way: replicas, adding and removing replicas, and how many
+    /// bytes each adding replica is behind the leader (from DescribeLogDirs on their brokers).
     Reassignments(ReassignmentsArgs),
 }
 
@@ -92,6 +95,9 @@ pub struct ElectLeadersArgs {
     #[arg(long)]
     pub json: bool,
 }
+
+/// DescribeLogDirs versions this command speaks (v2 is flexible, v4 adds volume sizes).
+const DESCRIBE_LOG_DIRS_VERSIONS: std::ops::RangeInclusive<i16> = 1..=4;
 
 /// ElectLeaders versions this command speaks (v1 adds the election type, v2 is flexible).
 const ELECT_LEADERS_VERSIONS: std::ops::RangeInclusive<i16> = 0..=2;
@@ -285,11 +291,20 @@ fn reassignments(a: ReassignmentsArgs) -> Result<()> {
         }
     }
     rows.sort_by(|x, y| (&x.0, x.1).cmp(&(&y.0, y.1)));
+    let moving: Vec<(String, i32, Vec<i32>)> = rows
+        .iter()
+        .filter(|r| !r.3.is_empty())
+        .map(|r| (r.0.clone(), r.1, r.3.clone()))
+        .collect();
+    let behind = bytes_behind(&mut client, &moving);
+    let behind_of = |t: &str, p: i32, n: i32| behind.get(&(t.to_string(), p, n)).copied().flatten();
     if a.json {
         print_json(&json!({
             "reassignments": rows.iter().map(|(t, p, r, add, rm)| json!({
                 "topic": t, "partition": p, "replicas": r, "adding_replicas": add,
                 "removing_replicas": rm,
+                "bytes_behind": add.iter().map(|n| (n.to_string(), json!(behind_of(t, *p, *n))))
+                    .collect::<serde_json::Map<_, _>>(),
             })).collect::<Vec<_>>(),
         }));
     } else if rows.is_empty() {
@@ -301,13 +316,138 @@ fn reassignments(a: ReassignmentsArgs) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(",")
         };
-        let mut table = Table::new(&["TOPIC", "PARTITION", "REPLICAS", "ADDING", "REMOVING"]);
+        let mut table = Table::new(&[
+            "TOPIC",
+            "PARTITION",
+            "REPLICAS",
+            "ADDING",
+            "REMOVING",
+            "BEHIND",
+        ]);
         for (t, p, r, add, rm) in &rows {
-            table.row(vec![t.clone(), p.to_string(), list(r), list(add), list(rm)]);
+            let behind = add
+                .iter()
+                .map(|n| match behind_of(t, *p, *n) {
+                    Some(b) => format!("{n}:{b}"),
+                    None => format!("{n}:?"),
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            table.row(vec![
+                t.clone(),
+                p.to_string(),
+                list(r),
+                list(add),
+                list(rm),
+                behind,
+            ]);
         }
         out(&table.render());
     }
     Ok(())
+}
+
+/// A partition's size on each broker asked, by (topic, partition, broker); a broker that
+/// answered without the partition holds none of it yet (0 bytes).
+type Sizes = BTreeMap<(String, i32, i32), u64>;
+
+/// How many bytes each adding replica of `moving` (topic, partition, adding replicas) is behind
+/// its partition's leader: the leader's size minus the replica's, as DescribeLogDirs reports
+/// them on both brokers (Kafka's schema has no progress in ListPartitionReassignments; its
+/// tools compare log dir sizes the same way). `None` for a replica whose figure is unknown (no
+/// leader now, a broker that did not answer).
+fn bytes_behind(
+    client: &mut Client,
+    moving: &[(String, i32, Vec<i32>)],
+) -> BTreeMap<(String, i32, i32), Option<u64>> {
+    let mut out = BTreeMap::new();
+    if moving.is_empty() {
+        return out;
+    }
+    let mut topics: Vec<String> = moving.iter().map(|m| m.0.clone()).collect();
+    topics.dedup();
+    // Without metadata no figure is known: every replica shows as unknown.
+    let Ok(meta) = client.metadata(Some(&topics)) else {
+        return out;
+    };
+    let addrs = Client::broker_addrs(&meta);
+    let leader_of = |t: &str, p: i32| {
+        meta.topics
+            .iter()
+            .filter(|x| x.name.as_ref().is_some_and(|n| n.as_str() == t))
+            .flat_map(|x| x.partitions.iter())
+            .find(|x| x.partition_index == p)
+            .map(|x| x.leader_id.0)
+            .filter(|&l| l >= 0)
+    };
+    // Every broker to ask, with the partitions to ask it about.
+    let mut ask: BTreeMap<i32, BTreeMap<String, Vec<i32>>> = BTreeMap::new();
+    for (t, p, adding) in moving {
+        let brokers = leader_of(t, *p).into_iter().chain(adding.iter().copied());
+        for b in brokers {
+            let ps = ask.entry(b).or_default().entry(t.clone()).or_default();
+            if !ps.contains(p) {
+                ps.push(*p);
+            }
+        }
+    }
+    let mut sizes: Sizes = BTreeMap::new();
+    let mut answered: Vec<i32> = Vec::new();
+    for (broker, wanted) in ask {
+        let Some(addr) = addrs.get(&broker) else {
+            continue;
+        };
+        let req = DescribeLogDirsRequest::default().with_topics(Some(
+            wanted
+                .iter()
+                .map(|(t, ps)| {
+                    DescribableLogDirTopic::default()
+                        .with_topic(topic_name(t))
+                        .with_partitions(ps.clone())
+                })
+                .collect(),
+        ));
+        let reply = client.broker(addr).and_then(|conn| {
+            call_on(
+                conn,
+                ApiKey::DescribeLogDirs,
+                DESCRIBE_LOG_DIRS_VERSIONS,
+                &req,
+            )
+        });
+        // A broker that is down or refuses leaves its replicas' figures unknown ("?").
+        let reply = match reply {
+            Ok((_, r)) if r.error_code == 0 => r,
+            _ => continue,
+        };
+        answered.push(broker);
+        for dir in reply.results.iter().filter(|d| d.error_code == 0) {
+            for t in &dir.topics {
+                for p in &t.partitions {
+                    let size = u64::try_from(p.partition_size).unwrap_or(0);
+                    *sizes
+                        .entry((t.name.to_string(), p.partition_index, broker))
+                        .or_default() += size;
+                }
+            }
+        }
+    }
+    let size_on = |t: &str, p: i32, b: i32| {
+        answered
+            .contains(&b)
+            .then(|| sizes.get(&(t.to_string(), p, b)).copied().unwrap_or(0))
+    };
+    for (t, p, adding) in moving {
+        let leader = leader_of(t, *p).and_then(|l| size_on(t, *p, l));
+        for &n in adding {
+            let behind = match (leader, size_on(t, *p, n)) {
+                (Some(l), Some(r)) => Some(l.saturating_sub(r)),
+                _ => None,
+            };
+            out.insert((t.clone(), *p, n), behind);
+        }
+    }
+    out
 }
 
 fn elect_leaders(a: ElectLeadersArgs) -> Result<()> {

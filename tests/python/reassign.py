@@ -5,6 +5,8 @@ usage: reassign.py BOOTSTRAP alter TOPIC PARTITION REPLICAS|cancel
          prints "PARTITION ERROR" (ERROR: the error class name, or None)
        reassign.py BOOTSTRAP list
          prints "TOPIC PARTITION REPLICAS ADDING REMOVING" per move (lists comma-joined, - if empty)
+       reassign.py BOOTSTRAP logdirs TOPIC
+         prints "BROKER PARTITION SIZE" per partition of TOPIC each broker holds (DescribeLogDirs)
 """
 import sys
 
@@ -30,6 +32,16 @@ elif WHAT == "list":
     for tp, m in sorted(moves.items()):
         print(tp.topic, tp.partition, joined(m["replicas"]), joined(m["adding_replicas"]),
               joined(m["removing_replicas"]))
+elif WHAT == "logdirs":
+    topic = sys.argv[3]
+    for reply in sorted(admin.describe_log_dirs(topic_partitions=[topic]),
+                        key=lambda r: r["broker"]):
+        for d in reply["log_dirs"]:
+            for t in d["topics"]:
+                if t["name"] != topic:
+                    continue
+                for p in t["partitions"]:
+                    print(reply["broker"], p["partition_index"], p["partition_size"])
 else:
     sys.exit("unknown command " + WHAT)
 admin.close()

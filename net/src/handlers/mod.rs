@@ -6,6 +6,7 @@ pub mod elect_leaders;
 pub mod fetch;
 pub mod init_producer_id;
 pub mod list_offsets;
+pub mod log_dirs;
 pub mod maintenance;
 pub mod metadata;
 pub mod offset_for_leader_epoch;

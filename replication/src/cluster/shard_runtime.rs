@@ -89,6 +89,9 @@ pub const MIN_OPENS_PER_PASS: usize = 8;
 /// saw (metrics: leader, ISR size, lag). Every tick cost a pass over every group (thousands on
 /// a shard) for gauges a scrape reads every few seconds; ten ticks is half a second.
 pub const REPLICATION_VIEW_EVERY_TICKS: u64 = 10;
+/// Partition files in the data dir looked at by the one sweep for files of partitions the node
+/// no longer holds (see [`Runtime::remove_orphans`]); a data dir with more is swept in part.
+pub const MAX_ORPHAN_SCAN_PARTITIONS: usize = 1_000_000;
 
 /// Incoming node messages stepped before their groups' replies are flushed: batches a burst
 /// (a peer's per-tick messages arrive together) without holding replies back for long.
@@ -157,6 +160,8 @@ pub struct RuntimeStats {
     /// Membership changes proposed for replica moves, and moves reported finished.
     pub membership_changes: u64,
     pub reassignments_finished: u64,
+    /// Partitions whose files were removed at start because this node no longer holds them.
+    pub orphans_removed: u64,
 }
 
 enum Event {
@@ -196,6 +201,7 @@ pub async fn run(
         published: BTreeMap::new(),
         transfers: BTreeMap::new(),
         finishing: BTreeMap::new(),
+        orphans_swept: false,
         throttle: config.throttle.clone(),
         stats: config.stats.clone(),
     };
@@ -293,7 +299,7 @@ pub async fn run(
                     .ticks
                     .is_multiple_of(REPLICATION_VIEW_EVERY_TICKS)
                 {
-                    rt.publish_replication();
+                    rt.publish_replication(&link);
                 }
                 rt.stats.borrow_mut().ticks += 1;
                 if let Some(o) = &config.observer {
@@ -371,6 +377,9 @@ struct Runtime {
     transfers: BTreeMap<GroupId, (NodeId, Instant)>,
     /// When each group last reported its move finished.
     finishing: BTreeMap<GroupId, Instant>,
+    /// The data dir was swept for files of partitions this node no longer holds (once per
+    /// start, by shard 0).
+    orphans_swept: bool,
     throttle: Option<Arc<ReplicationThrottle>>,
     stats: Rc<RefCell<RuntimeStats>>,
 }
@@ -550,13 +559,33 @@ impl Runtime {
     }
 
     /// Hands each group's replication view to its replica's observer if it changed since the
-    /// last tick.
-    fn publish_replication(&mut self) {
+    /// last tick; a leader of a moving partition adds how far behind each replica the move
+    /// adds is, in bytes (a replica not yet a learner lacks the whole log).
+    fn publish_replication(&mut self, link: &ShardLink) {
+        let view = link.port.view();
+        let state = &view.metadata;
         for g in self.groups.ids() {
             let Some(group) = self.groups.get(g) else {
                 continue;
             };
-            let now = group.replication_gauges();
+            let mut now = group.replication_gauges();
+            let moving = self
+                .plan
+                .groups
+                .get(&g)
+                .and_then(|h| state.reassignment(&h.topic, h.partition));
+            if let Some(r) = moving.filter(|_| now.writable_leader) {
+                now.reassignment_bytes_behind = r
+                    .adding()
+                    .into_iter()
+                    .map(|n| {
+                        let behind = group
+                            .peer_bytes_behind(n)
+                            .unwrap_or_else(|| group.replica().size_bytes());
+                        (n, behind)
+                    })
+                    .collect();
+            }
             if self.published.get(&g) != Some(&now) {
                 group.replica().observe_replication(Some(&now));
                 self.published.insert(g, now);
@@ -609,6 +638,32 @@ impl Runtime {
             self.stats.borrow_mut().views += 1;
         }
         self.apply_view(link.shard, &view).await;
+        if view.caught_up && !self.orphans_swept && link.shard == 0 {
+            self.orphans_swept = true;
+            self.remove_orphans(link);
+        }
+    }
+
+    /// Once the node has caught up with the metadata (so a partition it does not know of does
+    /// not exist), removes the files of every partition it no longer holds: a node down when a
+    /// move took its replica away (or its topic was deleted), or killed while it was removing
+    /// them, finds them here at its next start, and nothing else would ever open or delete
+    /// them. Shard 0 looks at the whole data dir (partition directories do not depend on the
+    /// shard); a partition open in a group anywhere in the process is left alone.
+    fn remove_orphans(&mut self, link: &ShardLink) {
+        let node = self.node;
+        let port = link.port.clone();
+        let removed =
+            self.replicas
+                .remove_orphans(MAX_ORPHAN_SCAN_PARTITIONS, |topic, partition, id| {
+                    let view = port.view();
+                    let state = &view.metadata;
+                    state.topics.get(topic).is_some_and(|t| t.topic_id == id)
+                        && state
+                            .partition(topic, partition)
+                            .is_some_and(|p| p.has_replica(node))
+                });
+        self.stats.borrow_mut().orphans_removed += removed as u64;
     }
 
     /// Opens, closes, deletes and reconfigures this shard's groups to match `view`.

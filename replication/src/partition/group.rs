@@ -131,6 +131,14 @@ pub fn hard_state_path(log_dir: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// Where a partition whose log is in `log_dir` lists its membership batches (what
+/// [`PartitionGroup::open`] derives from the hard-state path).
+pub fn membership_path(log_dir: &Path) -> PathBuf {
+    let mut p = log_dir.as_os_str().to_owned();
+    p.push(MEMBERSHIP_SUFFIX);
+    PathBuf::from(p)
+}
+
 /// Where an acks=all produce is answered: Ok, or a Kafka error code.
 type CommitAnswer = LocalSender<Result<(), i16>>;
 
@@ -355,6 +363,7 @@ impl PartitionGroup {
             replicas: voters.len(),
             in_sync_replicas: None,
             lag_records: None,
+            reassignment_bytes_behind: Vec::new(),
         };
         // A leader not yet writable is about to commit its epoch or lose it: it reports as a
         // follower until then, so only the one leader clients see reports the ISR.
@@ -894,6 +903,18 @@ impl PartitionGroup {
         }
         let (matched, _) = core.peer_progress(peer)?;
         Some(core.log_end().saturating_sub(matched))
+    }
+
+    /// Leader only: how many bytes of this leader's log `peer` has not written (from its match
+    /// offset to the log end, see [`PartitionReplica::bytes_from`]); a peer whose progress
+    /// the leader does not know yet lacks the whole log. `None`: not a leader, or not a member.
+    pub fn peer_bytes_behind(&self, peer: NodeId) -> Option<u64> {
+        let core = self.core.borrow();
+        if !core.is_leader() || !core.membership().contains(peer) {
+            return None;
+        }
+        let matched = core.peer_progress(peer).map_or(0, |(m, _)| m);
+        Some(self.replica.bytes_from(matched))
     }
 
     /// The shard's replication throttle: appends for learners and followers far behind draw

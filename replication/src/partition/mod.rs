@@ -20,7 +20,7 @@ pub use clean::clean_logs;
 pub use config::{apply_topic_configs, parse_topic_configs, TopicPolicy};
 pub use error::{engine_error_code, ReplicaError};
 pub use group::{
-    hard_state_path, GroupConfig, GroupSignals, PartitionGroup, HARD_STATE_SUFFIX,
+    hard_state_path, membership_path, GroupConfig, GroupSignals, PartitionGroup, HARD_STATE_SUFFIX,
     LEADER_CHANGE_CONTROL_TYPE, MAX_APPEND_FILL_BYTES,
 };
 pub use producer_state::{

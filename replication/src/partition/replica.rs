@@ -25,6 +25,7 @@ use super::error::{engine_error_code, ReplicaError};
 use super::producer_state::{last_seq, BatchMeta, ProducerTable, Verdict};
 use super::record_check::{check_records, RecordError, RecordRules};
 use super::topic_partition::TopicPartition;
+use crate::types::NodeId;
 
 /// Bytes read per step while rebuilding producer state from the log.
 const RECOVERY_READ_BYTES: usize = 1 << 20;
@@ -74,6 +75,10 @@ pub struct ReplicationGauges {
     /// Leader only: records below the high watermark that the furthest-behind follower has
     /// not written (0 when every follower is caught up).
     pub lag_records: Option<u64>,
+    /// Leader of a partition whose replicas are moving: each replica the move adds, with the
+    /// bytes of the leader's log it has not written yet (0 once caught up); empty otherwise.
+    /// Filled by the shard runtime, which knows the move.
+    pub reassignment_bytes_behind: Vec<(NodeId, u64)>,
 }
 
 impl ReplicationGauges {
@@ -853,6 +858,16 @@ impl PartitionReplica {
     /// One past the last offset in the local log (committed or not).
     pub fn log_end_offset(&self) -> u64 {
         self.log.log_end_offset()
+    }
+
+    /// Bytes of the local log's segments (DescribeLogDirs' partition size). A getter.
+    pub fn size_bytes(&self) -> u64 {
+        self.log.size_bytes()
+    }
+
+    /// Bytes of the local log from `offset` to its end (see [`PartitionLog::bytes_from`]).
+    pub fn bytes_from(&self, offset: u64) -> u64 {
+        self.log.bytes_from(offset)
     }
 
     /// Whole batches from the one containing `offset`, up to `max_bytes` (at least one batch

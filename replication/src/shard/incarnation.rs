@@ -4,15 +4,33 @@
 //! directory tells an old incarnation's files (left behind by a node that was down or
 //! crashed during the delete) from the new one's, so the new topic never starts from them.
 
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-use crate::partition::{hard_state_path, ReplicaError};
+use crate::partition::{hard_state_path, membership_path, ReplicaError};
 
 /// Appended to a partition's log directory name for the file holding its topic id.
 pub const TOPIC_ID_SUFFIX: &str = ".topic-id";
 /// The file's size: the id in 32 hex digits and a newline.
 const TOPIC_ID_FILE_BYTES: usize = 33;
+
+/// The log directories of replicated partitions open in this process (each claimed by
+/// [`claim_for_topic`] for a group until [`release`]). The lock also serialises claiming with
+/// [`remove_unless_held`]: a node's shards run on their own threads, and one of them removing
+/// the files of a partition the node no longer holds must never race another opening it
+/// (a move that adds the node back). Both are rare and short (no log is opened under it).
+static CLAIMED: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+fn claimed() -> std::sync::MutexGuard<'static, BTreeSet<PathBuf>> {
+    CLAIMED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The group using `log_dir` closed (or never opened): its files may be removed again.
+pub fn release(log_dir: &Path) {
+    claimed().remove(log_dir);
+}
 
 /// Where the topic id of the partition whose log is in `log_dir` is recorded.
 pub fn topic_id_path(log_dir: &Path) -> PathBuf {
@@ -68,8 +86,9 @@ pub fn write_topic_id(log_dir: &Path, topic_id: u128) -> Result<(), ReplicaError
     write().map_err(|e| incarnation_error(&path, e))
 }
 
-/// Removes every file of a replicated partition: its log directory, hard state, producer
-/// state (`state_path`) and recorded topic id (last, so a crash part-way is redone).
+/// Removes every file of a replicated partition: its log directory, hard state, membership
+/// list, producer state (`state_path`) and recorded topic id (last, so a crash part-way is
+/// redone).
 pub fn remove_partition_files(log_dir: &Path, state_path: &Path) -> Result<(), ReplicaError> {
     match std::fs::remove_dir_all(log_dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
@@ -77,6 +96,7 @@ pub fn remove_partition_files(log_dir: &Path, state_path: &Path) -> Result<(), R
     }
     for f in [
         hard_state_path(log_dir),
+        membership_path(log_dir),
         state_path.to_path_buf(),
         topic_id_path(log_dir),
     ] {
@@ -99,6 +119,13 @@ pub fn claim_for_topic(
     state_path: &Path,
     topic_id: u128,
 ) -> Result<bool, ReplicaError> {
+    let mut claims = claimed();
+    let removed = claim_locked(log_dir, state_path, topic_id)?;
+    claims.insert(log_dir.to_path_buf());
+    Ok(removed)
+}
+
+fn claim_locked(log_dir: &Path, state_path: &Path, topic_id: u128) -> Result<bool, ReplicaError> {
     match read_topic_id(log_dir)? {
         Some(id) if id == topic_id => Ok(false),
         Some(old) => {
@@ -124,6 +151,59 @@ pub fn claim_for_topic(
     }
 }
 
+/// The replicated partitions whose files are in `data_dir`, as (topic, partition), found by
+/// their topic-id files (`<topic>-<partition>.topic-id`); a directory without one was never
+/// this layer's and is not listed. At most `max` are returned.
+pub fn partitions_with_files(data_dir: &Path, max: usize) -> std::io::Result<Vec<(String, u32)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(data_dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(TOPIC_ID_SUFFIX)) else {
+            continue;
+        };
+        let Some((topic, partition)) = stem.rsplit_once('-') else {
+            continue;
+        };
+        let Ok(partition) = partition.parse::<u32>() else {
+            continue;
+        };
+        if topic.is_empty() || !entry.file_type()?.is_file() {
+            continue;
+        }
+        out.push((topic.to_string(), partition));
+        if out.len() >= max {
+            break;
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Removes every file of the replicated partition in `log_dir` unless a group has it open in
+/// this process or `held(topic id recorded beside it)` says the node still holds it; `held` is
+/// asked under the claims lock, so it must read the newest metadata then. Returns whether
+/// files were removed. A directory without a recorded id is left alone.
+pub fn remove_unless_held(
+    log_dir: &Path,
+    state_path: &Path,
+    held: impl FnOnce(u128) -> bool,
+) -> Result<bool, ReplicaError> {
+    let claims = claimed();
+    if claims.contains(log_dir) {
+        return Ok(false);
+    }
+    let Some(id) = read_topic_id(log_dir)? else {
+        return Ok(false);
+    };
+    if held(id) {
+        return Ok(false);
+    }
+    remove_partition_files(log_dir, state_path)?;
+    drop(claims);
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,11 +218,16 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("segment"), b"old").unwrap();
         std::fs::write(hard_state_path(&dir), b"hs").unwrap();
+        std::fs::write(membership_path(&dir), b"ms").unwrap();
         std::fs::write(&state, b"ps").unwrap();
         assert!(!claim_for_topic(&dir, &state, 7).unwrap());
         assert!(dir.join("segment").exists(), "same incarnation kept");
         assert!(claim_for_topic(&dir, &state, 8).unwrap());
         assert!(!dir.exists() && !hard_state_path(&dir).exists() && !state.exists());
+        assert!(
+            !membership_path(&dir).exists(),
+            "an old incarnation's membership list"
+        );
         assert_eq!(read_topic_id(&dir).unwrap(), Some(8));
         // A directory nobody recorded an id for.
         let foreign = tmp.path().join("u-0");
@@ -152,5 +237,34 @@ mod tests {
         // A damaged id file is an error, not a reason to delete.
         std::fs::write(topic_id_path(&dir), b"zz").unwrap();
         assert!(claim_for_topic(&dir, &state, 8).is_err());
+        release(&dir);
+    }
+
+    #[test]
+    fn files_no_longer_held_are_removed_unless_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("my-topic-3");
+        let state = tmp.path().join("my-topic-3.json");
+        claim_for_topic(&dir, &state, 9).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(&state, b"ps").unwrap();
+        std::fs::create_dir_all(tmp.path().join("single-0")).unwrap();
+        std::fs::write(tmp.path().join("x-1.topic-id.tmp"), b"").unwrap();
+        assert_eq!(
+            partitions_with_files(tmp.path(), 100).unwrap(),
+            vec![("my-topic".to_string(), 3)]
+        );
+        // Open in a group: never removed, whatever the metadata says.
+        assert!(!remove_unless_held(&dir, &state, |_| false).unwrap());
+        release(&dir);
+        assert!(!remove_unless_held(&dir, &state, |id| id == 9).unwrap());
+        assert!(dir.exists());
+        assert!(remove_unless_held(&dir, &state, |id| id == 10).unwrap());
+        assert!(!dir.exists() && !state.exists() && !topic_id_path(&dir).exists());
+        assert!(partitions_with_files(tmp.path(), 100).unwrap().is_empty());
+        // A directory nobody recorded an id for is not this layer's.
+        let foreign = tmp.path().join("single-0");
+        assert!(!remove_unless_held(&foreign, &state, |_| false).unwrap());
+        assert!(foreign.exists());
     }
 }

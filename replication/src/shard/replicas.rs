@@ -11,7 +11,10 @@ use std::sync::Arc;
 use glommio::sync::Semaphore;
 use kafka_protocol::ResponseError;
 
-use super::incarnation::{claim_for_topic, read_topic_id, remove_partition_files};
+use super::incarnation::{
+    claim_for_topic, partitions_with_files, read_topic_id, release, remove_partition_files,
+    remove_unless_held,
+};
 use super::table::ShardTable;
 use crate::cluster::HostedPartition;
 use crate::metadata::{MetadataStore, Topics};
@@ -323,6 +326,25 @@ impl ReplicaSet {
         let dir = self.partition_dir(tp);
         let state_path = producer_state_path(&self.settings.data_dir, tp);
         claim_for_topic(&dir, &state_path, hosted.topic_id)?;
+        let opened = self.open_claimed(node, group, hosted, tp, configs, &dir, state_path);
+        let res = opened.await;
+        if res.is_err() {
+            release(&dir);
+        }
+        res
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn open_claimed(
+        &self,
+        node: NodeId,
+        group: GroupId,
+        hosted: &HostedPartition,
+        tp: &TopicPartition,
+        configs: &BTreeMap<String, String>,
+        dir: &Path,
+        state_path: PathBuf,
+    ) -> Result<Rc<PartitionGroup>, ReplicaError> {
         let mut log = self.settings.log.clone();
         apply_topic_configs(&mut log, configs);
         let config = ReplicaConfig {
@@ -331,7 +353,7 @@ impl ReplicaSet {
         };
         let replica = PartitionReplica::open_replicated(
             tp.clone(),
-            dir.clone(),
+            dir.to_path_buf(),
             Some(state_path),
             config,
             (self.observers)(tp),
@@ -341,7 +363,7 @@ impl ReplicaSet {
         let replica = Rc::new(replica);
         let mut cfg = GroupConfig::new(group, node, hosted.voters.clone());
         cfg.min_insync_replicas = min_insync_replicas(configs, hosted.voters.len());
-        match PartitionGroup::open(replica.clone(), hard_state_path(&dir), cfg).await {
+        match PartitionGroup::open(replica.clone(), hard_state_path(dir), cfg).await {
             Ok(g) => {
                 g.campaign_if_preferred().await;
                 Ok(g)
@@ -368,6 +390,7 @@ impl ReplicaSet {
             tracing::error!(topic = %tp.topic, partition = tp.partition, error = %e,
                 "closing replicated partition");
         }
+        release(&self.partition_dir(tp));
     }
 
     /// Stops the group of `tp` (if open) and removes every file of the partition: its topic,
@@ -398,6 +421,43 @@ impl ReplicaSet {
             tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %e,
                 "removing replicated partition files");
         }
+        release(&dir);
+    }
+
+    /// Removes the files of every replicated partition in the data dir that no group of this
+    /// process has open and that `held(topic, partition, recorded topic id)` says this node no
+    /// longer holds: what a node left behind when it was down, or killed part-way through a
+    /// delete, while a move took a replica off it or its topic was deleted. `held` is asked
+    /// under the claims lock (see [`remove_unless_held`]) and must read the newest metadata.
+    /// At most `max` partitions are looked at; returns how many were removed.
+    pub fn remove_orphans(&self, max: usize, held: impl Fn(&str, u32, u128) -> bool) -> usize {
+        let found = match partitions_with_files(&self.settings.data_dir, max) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing the data dir for orphaned partitions");
+                return 0;
+            }
+        };
+        let mut removed = 0;
+        for (topic, partition) in found {
+            let Ok(index) = i32::try_from(partition) else {
+                continue;
+            };
+            let tp = TopicPartition::new(&topic, index);
+            let dir = self.partition_dir(&tp);
+            let state_path = producer_state_path(&self.settings.data_dir, &tp);
+            match remove_unless_held(&dir, &state_path, |id| held(&topic, partition, id)) {
+                Ok(true) => {
+                    removed += 1;
+                    tracing::info!(%topic, partition,
+                        "removed the files of a partition this node no longer holds");
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(%topic, partition, error = %e,
+                    "removing the files of a partition this node no longer holds"),
+            }
+        }
+        removed
     }
 
     /// The consensus groups open on this shard (a snapshot).
