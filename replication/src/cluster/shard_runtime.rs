@@ -293,11 +293,14 @@ pub async fn run(
                 rt.report(&link, false);
                 rt.move_leadership(&link).await;
                 rt.move_replicas(&link).await;
+                // Every tick while a move shows its bytes behind: a scrape must see a new
+                // replica's catch-up from its start. Otherwise every REPLICATION_VIEW_EVERY_TICKS.
                 if rt
                     .stats
                     .borrow()
                     .ticks
                     .is_multiple_of(REPLICATION_VIEW_EVERY_TICKS)
+                    || rt.any_move_under_way(&link)
                 {
                     rt.publish_replication(&link);
                 }
@@ -561,6 +564,11 @@ impl Runtime {
     /// Hands each group's replication view to its replica's observer if it changed since the
     /// last tick; a leader of a moving partition adds how far behind each replica the move
     /// adds is, in bytes (a replica not yet a learner lacks the whole log).
+    /// Whether any partition of the cluster is moving (cheap: the applied state's move map).
+    fn any_move_under_way(&self, link: &ShardLink) -> bool {
+        !link.port.view().metadata.reassignments.is_empty()
+    }
+
     fn publish_replication(&mut self, link: &ShardLink) {
         let view = link.port.view();
         let state = &view.metadata;
