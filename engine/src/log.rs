@@ -1277,7 +1277,8 @@ impl PartitionLog {
             return 0;
         }
         let Some((&base, seg)) = st.segments.range(..=offset).next_back() else {
-            return st.segments.values().map(|s| s.size).sum();
+            drop(st);
+            return self.size_bytes();
         };
         let later: u64 = st.segments.range(base + 1..).map(|(_, s)| s.size).sum();
         let start = u64::from(seg.index.position_for(offset)).min(seg.size);

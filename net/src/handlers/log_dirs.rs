@@ -9,6 +9,9 @@
 //! `spate partition reassignments` does the same (the leader also exports its exact figure as
 //! `spate_reassignment_bytes_behind`).
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
 use bytes::Bytes;
 use kafka_protocol::messages::describe_log_dirs_response::{
     DescribeLogDirsPartition, DescribeLogDirsResult, DescribeLogDirsTopic,
@@ -38,10 +41,16 @@ pub async fn handle(shard: &Shard, req: &Request) -> Result<Bytes, NetError> {
         resp.error_code = kafka_protocol::ResponseError::InvalidRequest.code();
         return encode_response(req.correlation_id, req.api_version, &resp);
     }
-    let wanted: Option<Vec<(String, Vec<i32>)>> = r.topics.map(|ts| {
-        ts.into_iter()
-            .map(|t| (t.topic.to_string(), t.partitions))
-            .collect()
+    // One set for every shard to look partitions up in (a list scanned per partition was the
+    // request's topics times the node's partitions).
+    let wanted: Option<Arc<HashMap<String, HashSet<i32>>>> = r.topics.map(|ts| {
+        let mut m: HashMap<String, HashSet<i32>> = HashMap::with_capacity(ts.len());
+        for t in ts {
+            m.entry(t.topic.to_string())
+                .or_default()
+                .extend(t.partitions);
+        }
+        Arc::new(m)
     });
     let mut held: Vec<Held> = Vec::new();
     for part in shard
@@ -54,8 +63,8 @@ pub async fn handle(shard: &Shard, req: &Request) -> Result<Bytes, NetError> {
                     .into_iter()
                     .filter(|p| {
                         wanted.as_ref().is_none_or(|w| {
-                            w.iter()
-                                .any(|(t, ps)| **t == *p.tp.topic && ps.contains(&p.tp.partition))
+                            w.get(&*p.tp.topic)
+                                .is_some_and(|ps| ps.contains(&p.tp.partition))
                         })
                     })
                     .map(|p| {

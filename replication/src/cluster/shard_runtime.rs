@@ -35,7 +35,7 @@
 //! how metrics see replication without this crate knowing of them.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -49,7 +49,7 @@ use crate::cluster::{
     ShardGroups, ShardLink,
 };
 use crate::controller::leadership::transfer_target;
-use crate::controller::reassignment::{apply_step, next_step, Step};
+use crate::controller::reassignment::{apply_step, next_step, Reassignment, Step};
 use crate::controller::view::ClusterView;
 use crate::node::NodeMessage;
 use crate::partition::{ReplicationGauges, TopicPartition};
@@ -293,17 +293,15 @@ pub async fn run(
                 rt.report(&link, false);
                 rt.move_leadership(&link).await;
                 rt.move_replicas(&link).await;
-                // Every tick while a move shows its bytes behind: a scrape must see a new
-                // replica's catch-up from its start. Otherwise every REPLICATION_VIEW_EVERY_TICKS.
-                if rt
+                // Every group every REPLICATION_VIEW_EVERY_TICKS; the groups of moving
+                // partitions every tick, so a scrape sees a new replica's catch-up from its
+                // start.
+                let every = rt
                     .stats
                     .borrow()
                     .ticks
-                    .is_multiple_of(REPLICATION_VIEW_EVERY_TICKS)
-                    || rt.any_move_under_way(&link)
-                {
-                    rt.publish_replication(&link);
-                }
+                    .is_multiple_of(REPLICATION_VIEW_EVERY_TICKS);
+                rt.publish_replication(&link, every);
                 rt.stats.borrow_mut().ticks += 1;
                 if let Some(o) = &config.observer {
                     o.stats(&rt.stats.borrow());
@@ -561,27 +559,36 @@ impl Runtime {
         self.finishing.retain(|g, _| plan.groups.contains_key(g));
     }
 
-    /// Hands each group's replication view to its replica's observer if it changed since the
-    /// last tick; a leader of a moving partition adds how far behind each replica the move
-    /// adds is, in bytes (a replica not yet a learner lacks the whole log).
-    /// Whether any partition of the cluster is moving (cheap: the applied state's move map).
-    fn any_move_under_way(&self, link: &ShardLink) -> bool {
-        !link.port.view().metadata.reassignments.is_empty()
-    }
-
-    fn publish_replication(&mut self, link: &ShardLink) {
+    /// Hands each group's replication view to its replica's observer if it changed since it
+    /// was last handed; a leader of a moving partition adds how far behind each replica the move
+    /// adds is, in bytes (a replica not yet a learner lacks the whole log). `every`: all groups;
+    /// otherwise only those of moving partitions (none, at the cost of one look, when nothing
+    /// moves).
+    fn publish_replication(&mut self, link: &ShardLink, every: bool) {
         let view = link.port.view();
         let state = &view.metadata;
+        if !every && state.reassignments.is_empty() {
+            return;
+        }
+        // Looked up by borrowed names: `MetadataState::reassignment` builds an owned key.
+        let moves: HashMap<(&str, u32), &Reassignment> = state
+            .reassignments
+            .iter()
+            .map(|((t, p), r)| ((t.as_str(), *p), r))
+            .collect();
         for g in self.groups.ids() {
             let Some(group) = self.groups.get(g) else {
                 continue;
             };
-            let mut now = group.replication_gauges();
             let moving = self
                 .plan
                 .groups
                 .get(&g)
-                .and_then(|h| state.reassignment(&h.topic, h.partition));
+                .and_then(|h| moves.get(&(h.topic.as_str(), h.partition)).copied());
+            if !every && moving.is_none() {
+                continue;
+            }
+            let mut now = group.replication_gauges();
             if let Some(r) = moving.filter(|_| now.writable_leader) {
                 now.reassignment_bytes_behind = r
                     .adding()
