@@ -14,12 +14,12 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::collections::BTreeMap;
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::cluster::{partitions_seen, wait_for, wait_until, Node, PartitionSeen, POLL};
+use common::history::{check_history, Producer};
 use common::{assert_success, python, spate_cli};
 
 const TOPIC: &str = "leaders";
@@ -298,135 +298,6 @@ fn preferred_leaders_come_back_through_kafka_admin_clients_and_the_cli() {
     wait_preferred(&nodes, "node 2's leaders back");
 }
 
-/// One delivery report of cluster_produce.py.
-enum Report {
-    Ack {
-        partition: usize,
-        offset: i64,
-        value: u64,
-    },
-    Err(String),
-}
-
-struct Producer {
-    child: Child,
-    stop_file: std::path::PathBuf,
-    out_file: std::path::PathBuf,
-}
-
-impl Producer {
-    fn start(dir: &Path, bootstrap: &str) -> Producer {
-        let stop_file = dir.join("stop");
-        let out_file = dir.join("acks.txt");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/cluster_produce.py");
-        let child = Command::new("python3")
-            .arg(script)
-            .args([
-                bootstrap,
-                TOPIC,
-                &PARTITIONS.to_string(),
-                "200",
-                &stop_file.to_string_lossy(),
-                &out_file.to_string_lossy(),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run python3");
-        Producer {
-            child,
-            stop_file,
-            out_file,
-        }
-    }
-
-    fn reports(&self) -> Vec<Report> {
-        let text = std::fs::read_to_string(&self.out_file).unwrap_or_default();
-        text.lines()
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split(' ').collect();
-                match f[0] {
-                    "ack" if f.len() == 5 && !f[4].is_empty() => Some(Report::Ack {
-                        partition: f[1].parse().ok()?,
-                        offset: f[2].parse().ok()?,
-                        value: f[3].parse().ok()?,
-                    }),
-                    "err" => Some(Report::Err(l.to_string())),
-                    _ => None,
-                }
-            })
-            .collect()
-    }
-
-    fn acks(&self) -> usize {
-        self.reports()
-            .iter()
-            .filter(|r| matches!(r, Report::Ack { .. }))
-            .count()
-    }
-
-    /// Waits until `n` more writes are acknowledged.
-    fn wait_more(&mut self, n: usize, what: &str) {
-        let base = self.acks();
-        wait_until(what, CHANGE_BOUND, || {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                panic!("producer exited early ({s})");
-            }
-            (self.acks() >= base + n).then_some(())
-        });
-    }
-
-    fn stop(mut self) -> Vec<Report> {
-        std::fs::write(&self.stop_file, b"").unwrap();
-        let status = wait_until("producer finished", Duration::from_secs(120), || {
-            self.child.try_wait().unwrap()
-        });
-        let reports = self.reports();
-        let out = self.child.wait_with_output().unwrap();
-        assert!(
-            status.success(),
-            "producer: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        reports
-    }
-}
-
-/// Every acknowledged value is read back once, at its acknowledged partition and offset, and
-/// the application saw no error.
-fn check_history(reports: &[Report], records: &str) {
-    let mut at: HashMap<(usize, i64), u64> = HashMap::new();
-    let mut values: HashMap<u64, (usize, i64)> = HashMap::new();
-    for line in records.lines() {
-        let f: Vec<u64> = line.split(' ').map(|x| x.parse().unwrap()).collect();
-        let (p, o, v) = (f[0] as usize, f[1] as i64, f[2]);
-        assert!(at.insert((p, o), v).is_none(), "offset {p}/{o} read twice");
-        if let Some(first) = values.insert(v, (p, o)) {
-            panic!("value {v} read twice: at {first:?} and {p}/{o}");
-        }
-    }
-    let mut acked = 0;
-    for r in reports {
-        match r {
-            Report::Ack {
-                partition,
-                offset,
-                value,
-            } => {
-                acked += 1;
-                assert_eq!(
-                    at.get(&(*partition, *offset)),
-                    Some(value),
-                    "acknowledged value {value} at {partition}/{offset}"
-                );
-            }
-            Report::Err(line) => panic!("the producer saw an error: {line}"),
-        }
-    }
-    eprintln!("history: {acked} acknowledged, {} records read", at.len());
-    assert!(acked > 0);
-}
-
 #[test]
 fn maintenance_drains_a_node_under_a_producer_and_the_balancer_brings_its_leaders_back() {
     let _one = ONE_CLUSTER_AT_A_TIME
@@ -438,7 +309,7 @@ fn maintenance_drains_a_node_under_a_producer_and_the_balancer_brings_its_leader
     wait_preferred(&nodes, "placement's leaders");
     let work = tempfile::tempdir().unwrap();
     let bootstrap = nodes.iter().map(Node::addr).collect::<Vec<_>>().join(",");
-    let mut producer = Producer::start(work.path(), &bootstrap);
+    let mut producer = Producer::start(work.path(), &bootstrap, TOPIC, PARTITIONS, 200);
     producer.wait_more(200, "acks before maintenance");
 
     let started = Instant::now();

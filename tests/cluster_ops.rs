@@ -22,6 +22,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::cluster::{metadata_full, wait_for, wait_until, Node};
+use common::history::{check_history, Producer};
 use common::{assert_success, python, spate_cli};
 
 const TOPIC: &str = "ops";
@@ -144,7 +145,7 @@ fn grow_rebalance_decommission_maintenance_under_producer_and_group() {
         .collect::<Vec<_>>()
         .join(",");
     let dir = tempfile::tempdir().unwrap();
-    let mut producer = Producer::start(dir.path(), &bootstrap);
+    let mut producer = Producer::start(dir.path(), &bootstrap, TOPIC, PARTITIONS, 200);
     let mut consumer = GroupConsumer::start(dir.path(), &bootstrap);
     producer.wait_more(200, "acks before the fourth node");
     consumer.wait_more(100, "the group reads before the fourth node");
@@ -288,98 +289,6 @@ fn grow_rebalance_decommission_maintenance_under_producer_and_group() {
     eprintln!("whole scenario: {:?}", started.elapsed());
 }
 
-enum Report {
-    Ack {
-        partition: usize,
-        offset: i64,
-        value: u64,
-    },
-    Err(String),
-}
-
-struct Producer {
-    child: Child,
-    stop_file: std::path::PathBuf,
-    out_file: std::path::PathBuf,
-}
-
-impl Producer {
-    fn start(dir: &Path, bootstrap: &str) -> Producer {
-        let stop_file = dir.join("stop-producer");
-        let out_file = dir.join("acks.txt");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/cluster_produce.py");
-        let child = Command::new("python3")
-            .arg(script)
-            .args([
-                bootstrap,
-                TOPIC,
-                &PARTITIONS.to_string(),
-                "200",
-                &stop_file.to_string_lossy(),
-                &out_file.to_string_lossy(),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run python3");
-        Producer {
-            child,
-            stop_file,
-            out_file,
-        }
-    }
-
-    fn reports(&self) -> Vec<Report> {
-        let text = std::fs::read_to_string(&self.out_file).unwrap_or_default();
-        text.lines()
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split(' ').collect();
-                match f[0] {
-                    "ack" if f.len() == 5 && !f[4].is_empty() => Some(Report::Ack {
-                        partition: f[1].parse().ok()?,
-                        offset: f[2].parse().ok()?,
-                        value: f[3].parse().ok()?,
-                    }),
-                    "err" => Some(Report::Err(l.to_string())),
-                    _ => None,
-                }
-            })
-            .collect()
-    }
-
-    fn acks(&self) -> usize {
-        self.reports()
-            .iter()
-            .filter(|r| matches!(r, Report::Ack { .. }))
-            .count()
-    }
-
-    fn wait_more(&mut self, n: usize, what: &str) {
-        let base = self.acks();
-        wait_until(what, CHANGE_BOUND, || {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                panic!("producer exited early ({s})");
-            }
-            (self.acks() >= base + n).then_some(())
-        });
-    }
-
-    fn stop(mut self) -> Vec<Report> {
-        std::fs::write(&self.stop_file, b"").unwrap();
-        let status = wait_until("producer finished", Duration::from_secs(120), || {
-            self.child.try_wait().unwrap()
-        });
-        let reports = self.reports();
-        let out = self.child.wait_with_output().unwrap();
-        assert!(
-            status.success(),
-            "producer: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        reports
-    }
-}
-
 struct GroupConsumer {
     child: Child,
     stop_file: std::path::PathBuf,
@@ -469,42 +378,6 @@ impl Drop for GroupConsumer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Every acknowledged value is read back once, at its acknowledged partition and offset (so in
-/// order per partition), and the application saw no error. Returns what is at each offset.
-fn check_history(reports: &[Report], records: &str) -> HashMap<(usize, i64), u64> {
-    let mut at: HashMap<(usize, i64), u64> = HashMap::new();
-    let mut values: HashMap<u64, (usize, i64)> = HashMap::new();
-    for line in records.lines() {
-        let f: Vec<u64> = line.split(' ').map(|x| x.parse().unwrap()).collect();
-        let (p, o, v) = (f[0] as usize, f[1] as i64, f[2]);
-        assert!(at.insert((p, o), v).is_none(), "offset {p}/{o} read twice");
-        if let Some(first) = values.insert(v, (p, o)) {
-            panic!("value {v} read twice: at {first:?} and {p}/{o}");
-        }
-    }
-    let mut acked = 0;
-    for r in reports {
-        match r {
-            Report::Ack {
-                partition,
-                offset,
-                value,
-            } => {
-                acked += 1;
-                assert_eq!(
-                    at.get(&(*partition, *offset)),
-                    Some(value),
-                    "acknowledged value {value} at {partition}/{offset}"
-                );
-            }
-            Report::Err(line) => panic!("the producer saw an error: {line}"),
-        }
-    }
-    eprintln!("history: {acked} acknowledged, {} records read", at.len());
-    assert!(acked > 0);
-    at
 }
 
 /// What the group read at each offset is what the log holds there, it read something from

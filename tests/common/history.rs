@@ -112,9 +112,10 @@ impl Producer {
     }
 }
 
-/// Every acknowledged value is read back once, at its acknowledged partition and offset, and
-/// the application saw no error.
-pub fn check_history(reports: &[Report], records: &str) {
+/// Every acknowledged value is read back once, at its acknowledged partition and offset (so in
+/// order per partition), and the application saw no error. Returns the producer's value at each
+/// offset read.
+pub fn check_history(reports: &[Report], records: &str) -> HashMap<(usize, i64), u64> {
     let mut at: HashMap<(usize, i64), u64> = HashMap::new();
     let mut values: HashMap<u64, (usize, i64)> = HashMap::new();
     let mut offsets: std::collections::HashSet<(usize, i64)> = Default::default();
@@ -151,4 +152,5 @@ pub fn check_history(reports: &[Report], records: &str) {
     }
     eprintln!("history: {acked} acknowledged, {} records read", at.len());
     assert!(acked > 0);
+    at
 }
