@@ -18,7 +18,9 @@ use std::collections::BTreeMap;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::cluster::{partitions_seen, wait_for, wait_until, Node, PartitionSeen, POLL};
+use common::cluster::{
+    partitions_seen, unstarted_nodes, wait_for, wait_until, Node, PartitionSeen, POLL,
+};
 use common::history::{check_history, Producer};
 use common::{assert_success, python, spate_cli};
 
@@ -38,22 +40,7 @@ static ONE_CLUSTER_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Three nodes started with `extra` flags, formed into a cluster; every port distinct.
 fn start(extra: &[&str]) -> Vec<Node> {
-    let mut nodes: Vec<Node> = Vec::new();
-    while nodes.len() < 3 {
-        let n = Node::new(nodes.len() as u64 + 1);
-        let taken = nodes.iter().any(|o| {
-            [o.kafka_port, o.rpc_port].contains(&n.kafka_port)
-                || [o.kafka_port, o.rpc_port].contains(&n.rpc_port)
-        });
-        if !taken && n.kafka_port != n.rpc_port {
-            nodes.push(n);
-        }
-    }
-    let seeds: Vec<String> = nodes.iter().map(Node::seed).collect();
-    for n in &mut nodes {
-        n.seeds = seeds.join(",");
-        n.extra_args = extra.iter().map(|s| s.to_string()).collect();
-    }
+    let mut nodes = unstarted_nodes(3, 3, false, extra);
     for n in &mut nodes {
         n.spawn();
     }

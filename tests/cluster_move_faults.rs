@@ -20,7 +20,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::cluster::{metadata, partitions_seen, wait_for, wait_until, Node, PartitionSeen};
+use common::cluster::{
+    metadata, partitions_seen, unstarted_nodes, wait_for, wait_until, Node, PartitionSeen,
+};
 use common::history::{check_history, Producer};
 use common::{assert_success, python, spate_cli};
 
@@ -42,26 +44,13 @@ fn stdout(o: &std::process::Output) -> String {
 
 /// Four nodes, the first three the metadata voters. Every port distinct.
 fn make_nodes() -> Vec<Node> {
-    let mut nodes: Vec<Node> = Vec::new();
-    while nodes.len() < 4 {
-        let n = Node::new(nodes.len() as u64 + 1);
-        let taken = nodes.iter().any(|o| {
-            [o.kafka_port, o.rpc_port].contains(&n.kafka_port)
-                || [o.kafka_port, o.rpc_port].contains(&n.rpc_port)
-        });
-        if !taken && n.kafka_port != n.rpc_port {
-            nodes.push(n);
-        }
-    }
-    let seeds: Vec<String> = nodes[..3].iter().map(Node::seed).collect();
-    for n in &mut nodes {
-        n.seeds = seeds.join(",");
-        n.extra_args = vec![
-            "--replication-throttle-bytes-per-sec".into(),
-            THROTTLE_BYTES_PER_SEC.to_string(),
-        ];
-    }
-    nodes
+    let throttle = THROTTLE_BYTES_PER_SEC.to_string();
+    unstarted_nodes(
+        4,
+        3,
+        false,
+        &["--replication-throttle-bytes-per-sec", &throttle],
+    )
 }
 
 fn live_addr(nodes: &[Node]) -> String {

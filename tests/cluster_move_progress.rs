@@ -17,8 +17,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::cluster::{partitions_seen, wait_for, wait_until, Node};
-use common::{assert_success, free_port, python, spate_cli};
+use common::cluster::{partitions_seen, unstarted_nodes, wait_for, wait_until, Node};
+use common::{assert_success, python, spate_cli};
 
 const TOPIC: &str = "progress";
 /// What the leader sends to learners, per second: the move takes seconds, so it is sampled
@@ -36,30 +36,13 @@ fn stdout(o: &std::process::Output) -> String {
 }
 
 fn nodes() -> Vec<Node> {
-    let mut nodes: Vec<Node> = Vec::new();
-    while nodes.len() < 3 {
-        let mut n = Node::new(nodes.len() as u64 + 1);
-        n.metrics_port = Some(free_port());
-        let mut ports = vec![n.kafka_port, n.rpc_port, n.metrics_port.unwrap()];
-        for o in &nodes {
-            ports.extend([o.kafka_port, o.rpc_port, o.metrics_port.unwrap()]);
-        }
-        let mut unique = ports.clone();
-        unique.sort_unstable();
-        unique.dedup();
-        if unique.len() == ports.len() {
-            nodes.push(n);
-        }
-    }
-    let seeds: Vec<String> = nodes.iter().map(Node::seed).collect();
-    for n in &mut nodes {
-        n.seeds = seeds.join(",");
-        n.extra_args = vec![
-            "--replication-throttle-bytes-per-sec".into(),
-            THROTTLE_BYTES_PER_SEC.to_string(),
-        ];
-    }
-    nodes
+    let throttle = THROTTLE_BYTES_PER_SEC.to_string();
+    unstarted_nodes(
+        3,
+        3,
+        true,
+        &["--replication-throttle-bytes-per-sec", &throttle],
+    )
 }
 
 /// GET /metrics from `port`: the body, or `None` if the node does not answer.

@@ -21,7 +21,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::cluster::{metadata_full, wait_for, wait_until, Node};
+use common::cluster::{metadata_full, unstarted_nodes, wait_for, wait_until, Node};
 use common::history::{check_history, Producer};
 use common::{assert_success, python, spate_cli};
 
@@ -46,22 +46,7 @@ fn cli(nodes: &[Node], avoid: u64, args: &[&str]) -> Output {
 }
 
 fn make_nodes() -> Vec<Node> {
-    let mut nodes: Vec<Node> = Vec::new();
-    while nodes.len() < 4 {
-        let n = Node::new(nodes.len() as u64 + 1);
-        let taken = nodes.iter().any(|o| {
-            [o.kafka_port, o.rpc_port].contains(&n.kafka_port)
-                || [o.kafka_port, o.rpc_port].contains(&n.rpc_port)
-        });
-        if !taken && n.kafka_port != n.rpc_port {
-            nodes.push(n);
-        }
-    }
-    let seeds: Vec<String> = nodes[..3].iter().map(Node::seed).collect();
-    for n in &mut nodes {
-        n.seeds = seeds.join(",");
-    }
-    nodes
+    unstarted_nodes(4, 3, false, &[])
 }
 
 /// Every partition of every topic as all running nodes show it, when they agree and each is

@@ -16,7 +16,9 @@ mod common;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::cluster::{partitions_seen, wait_for, wait_until, Node, PartitionSeen};
+use common::cluster::{
+    partitions_seen, unstarted_nodes, wait_for, wait_until, Node, PartitionSeen,
+};
 use common::history::{check_history, Producer};
 use common::{assert_success, python, spate_cli};
 
@@ -41,27 +43,13 @@ fn cli(nodes: &[Node], args: &[&str]) -> Output {
 /// Four nodes: the first three the metadata voters and started first; the fourth (a broker
 /// only) is made but not started. Every port distinct.
 fn make_nodes() -> Vec<Node> {
-    let mut nodes: Vec<Node> = Vec::new();
-    while nodes.len() < 4 {
-        let n = Node::new(nodes.len() as u64 + 1);
-        let taken = nodes.iter().any(|o| {
-            [o.kafka_port, o.rpc_port].contains(&n.kafka_port)
-                || [o.kafka_port, o.rpc_port].contains(&n.rpc_port)
-        });
-        if !taken && n.kafka_port != n.rpc_port {
-            nodes.push(n);
-        }
-    }
-    let seeds: Vec<String> = nodes[..3].iter().map(Node::seed).collect();
-    for n in &mut nodes {
-        n.seeds = seeds.join(",");
-        // Catch-up traffic throttled (well above what this test writes, so it only paces).
-        n.extra_args = vec![
-            "--replication-throttle-bytes-per-sec".into(),
-            "4000000".into(),
-        ];
-    }
-    nodes
+    // Catch-up traffic throttled (well above what this test writes, so it only paces).
+    unstarted_nodes(
+        4,
+        3,
+        false,
+        &["--replication-throttle-bytes-per-sec", "4000000"],
+    )
 }
 
 /// The partitions as every running node shows them, when they all agree that each is led by

@@ -214,6 +214,36 @@ fn cluster_of(mut nodes: Vec<Node>) -> Vec<Node> {
     nodes
 }
 
+/// `count` nodes, not started: every port distinct (Kafka, rpc and, with `metrics`, a metrics
+/// port of its own), the first `voters` the metadata voters (the rest join as brokers), each
+/// run with the flags `extra`.
+pub fn unstarted_nodes(count: u64, voters: usize, metrics: bool, extra: &[&str]) -> Vec<Node> {
+    assert!(voters >= 1 && voters as u64 <= count);
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut taken: Vec<u16> = Vec::new();
+    while (nodes.len() as u64) < count {
+        let mut n = Node::new(nodes.len() as u64 + 1);
+        if metrics {
+            n.metrics_port = Some(free_port());
+        }
+        let mut ports = vec![n.kafka_port, n.rpc_port];
+        ports.extend(n.metrics_port);
+        let mut unique = ports.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        if unique.len() == ports.len() && !ports.iter().any(|p| taken.contains(p)) {
+            taken.extend(ports);
+            nodes.push(n);
+        }
+    }
+    let seeds: Vec<String> = nodes[..voters].iter().map(Node::seed).collect();
+    for n in &mut nodes {
+        n.seeds = seeds.join(",");
+        n.extra_args = extra.iter().map(|s| s.to_string()).collect();
+    }
+    nodes
+}
+
 /// Polls `f` until it gives a value; fails the test after `bound`.
 pub fn wait_until<T>(what: &str, bound: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + bound;
