@@ -504,14 +504,7 @@ impl FrameCodec {
                 RpcMessage::AdminResponse(decode_result(&mut r, |r| r.u64("applied at"))?)
             }
             kind::UNREGISTER_BROKER => {
-                let node = r.u64("node")?;
-                if node > MAX_NODE_ID {
-                    return Err(DecodeError::Invalid {
-                        what: "node",
-                        reason: "outside Kafka's broker id range",
-                    }
-                    .into());
-                }
+                let node = broker_node(&mut r)?;
                 RpcMessage::UnregisterBroker { node }
             }
             kind::ELECT_LEADERS => {
@@ -527,28 +520,14 @@ impl FrameCodec {
                 RpcMessage::ElectLeaders { partitions }
             }
             kind::SET_MAINTENANCE => {
-                let node = r.u64("node")?;
-                if node > MAX_NODE_ID {
-                    return Err(DecodeError::Invalid {
-                        what: "node",
-                        reason: "outside Kafka's broker id range",
-                    }
-                    .into());
-                }
+                let node = broker_node(&mut r)?;
                 RpcMessage::SetMaintenance {
                     node,
                     on: r.bool("maintenance on")?,
                 }
             }
             kind::SET_DECOMMISSION => {
-                let node = r.u64("node")?;
-                if node > MAX_NODE_ID {
-                    return Err(DecodeError::Invalid {
-                        what: "node",
-                        reason: "outside Kafka's broker id range",
-                    }
-                    .into());
-                }
+                let node = broker_node(&mut r)?;
                 RpcMessage::SetDecommission {
                     node,
                     on: r.bool("decommission on")?,
@@ -970,6 +949,18 @@ fn encode_result<T>(
             );
         }
     }
+}
+
+/// A broker id an admin request names: refused outside Kafka's broker id range.
+fn broker_node(r: &mut Reader) -> Result<NodeId, DecodeError> {
+    let node = r.u64("node")?;
+    if node > MAX_NODE_ID {
+        return Err(DecodeError::Invalid {
+            what: "node",
+            reason: "outside Kafka's broker id range",
+        });
+    }
+    Ok(node)
 }
 
 fn decode_result<T>(
