@@ -149,6 +149,13 @@ impl Loads {
             shard: shard as u32,
         })
     }
+
+    /// Undoes a [`Self::take`] whose partition was not moved after all.
+    fn give_back(&mut self, a: ReplicaAssignment) {
+        let (count, shards) = self.nodes.get_mut(&a.node).expect("taken from here");
+        *count -= 1;
+        shards[a.shard as usize] -= 1;
+    }
 }
 
 /// The next drain moves: for partitions holding a replica on a decommissioning node and not
@@ -169,17 +176,20 @@ pub fn plan_moves(state: &MetadataState) -> Vec<Record> {
     let mut loads = Loads::of(state);
     let mut out = Vec::new();
     for (topic, t) in &state.topics {
+        // This topic's moving partitions, found once (a lookup per partition builds a key).
+        let moving: Vec<u32> = state
+            .reassignments
+            .range((topic.clone(), 0)..=(topic.clone(), u32::MAX))
+            .map(|((_, p), _)| *p)
+            .collect();
         for (i, p) in t.partitions.iter().enumerate() {
             let partition = i as u32;
-            if !holds_draining(state, &p.replicas) || state.reassignment(topic, partition).is_some()
-            {
+            if !holds_draining(state, &p.replicas) || moving.contains(&partition) {
                 continue;
             }
             let mut taken: Vec<NodeId> = p.replicas.iter().map(|r| r.node).collect();
             let mut target = Vec::with_capacity(p.replicas.len());
             let mut complete = true;
-            // Loads change only once the whole target is found: undone if it is not.
-            let saved = loads.nodes.clone();
             for r in &p.replicas {
                 if !state.decommissioning.contains(&r.node) {
                     target.push(*r);
@@ -197,7 +207,13 @@ pub fn plan_moves(state: &MetadataState) -> Vec<Record> {
                 }
             }
             if !complete {
-                loads.nodes = saved;
+                // No broker is free for one of its replicas (one is down): what the others
+                // took is given back.
+                for a in &target[..] {
+                    if !p.replicas.contains(a) {
+                        loads.give_back(*a);
+                    }
+                }
                 continue;
             }
             out.push(Record::Reassign {
