@@ -10,7 +10,10 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use kafka_protocol::messages::find_coordinator_request::FindCoordinatorRequest;
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
-use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse, TopicName};
+use kafka_protocol::messages::{
+    ApiKey, DescribeClusterRequest, DescribeClusterResponse, ListPartitionReassignmentsRequest,
+    ListPartitionReassignmentsResponse, MetadataRequest, MetadataResponse, TopicName,
+};
 use kafka_protocol::protocol::{Request, StrBytes};
 use spate_client::wire::Connection;
 
@@ -95,6 +98,33 @@ impl Client {
             }))
             .with_allow_auto_topic_creation(false);
         Ok(self.call(ApiKey::Metadata, METADATA_VERSIONS, &req)?.1)
+    }
+
+    /// Every partition being moved (ListPartitionReassignments v0), the broker's refusal as an
+    /// error; the broker waits at most this client's request timeout for the controller.
+    pub fn list_reassignments(&mut self) -> Result<ListPartitionReassignmentsResponse> {
+        let timeout_ms = i32::try_from(self.timeout.as_millis()).unwrap_or(i32::MAX);
+        let req = ListPartitionReassignmentsRequest::default().with_timeout_ms(timeout_ms);
+        let (_, reply) = self.call(ApiKey::ListPartitionReassignments, 0..=0, &req)?;
+        check(
+            reply.error_code,
+            reply.error_message.as_deref(),
+            "listing replica moves",
+        )?;
+        Ok(reply)
+    }
+
+    /// Every broker, fenced ones included (DescribeCluster v0-2), the broker's refusal as an
+    /// error.
+    pub fn describe_cluster(&mut self) -> Result<DescribeClusterResponse> {
+        let req = DescribeClusterRequest::default().with_include_fenced_brokers(true);
+        let (_, described) = self.call(ApiKey::DescribeCluster, 0..=2, &req)?;
+        check(
+            described.error_code,
+            described.error_message.as_deref(),
+            "DescribeCluster",
+        )?;
+        Ok(described)
     }
 
     /// HOST:PORT of every broker in a metadata reply, by node id.

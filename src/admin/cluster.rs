@@ -92,16 +92,7 @@ const MAX_LISTED_PARTITIONS: usize = 50;
 
 fn restart_check(a: RestartCheckArgs) -> Result<()> {
     let mut client = Client::connect(&a.connect)?;
-    let (_, described) = client.call(
-        ApiKey::DescribeCluster,
-        0..=2,
-        &DescribeClusterRequest::default().with_include_fenced_brokers(true),
-    )?;
-    check(
-        described.error_code,
-        described.error_message.as_deref(),
-        "DescribeCluster",
-    )?;
+    let described = client.describe_cluster()?;
     let mut problems: Vec<String> = Vec::new();
     if !described.brokers.iter().any(|b| b.broker_id.0 == a.id) {
         anyhow::bail!("node {} is not a registered broker of this cluster", a.id);

@@ -21,10 +21,7 @@ use kafka_protocol::messages::describe_configs_request::DescribeConfigsResource;
 use kafka_protocol::messages::incremental_alter_configs_request::{
     AlterConfigsResource, AlterableConfig,
 };
-use kafka_protocol::messages::{
-    ApiKey, DescribeConfigsRequest, IncrementalAlterConfigsRequest,
-    ListPartitionReassignmentsRequest,
-};
+use kafka_protocol::messages::{ApiKey, DescribeConfigsRequest, IncrementalAlterConfigsRequest};
 use kafka_protocol::protocol::StrBytes;
 use serde_json::json;
 
@@ -169,13 +166,7 @@ pub fn node_loads(client: &mut Client) -> Result<BTreeMap<i32, NodeLoad>> {
             loads.entry(p.leader_id.0).or_default().leaders += 1;
         }
     }
-    let req = ListPartitionReassignmentsRequest::default().with_timeout_ms(10_000);
-    let (_, reply) = client.call(ApiKey::ListPartitionReassignments, 0..=0, &req)?;
-    check(
-        reply.error_code,
-        reply.error_message.as_deref(),
-        "listing replica moves",
-    )?;
+    let reply = client.list_reassignments()?;
     for p in reply.topics.iter().flat_map(|t| t.partitions.iter()) {
         for r in &p.removing_replicas {
             loads.entry(r.0).or_default().leaving += 1;

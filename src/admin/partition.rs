@@ -16,7 +16,7 @@ use kafka_protocol::messages::describe_log_dirs_request::DescribableLogDirTopic;
 use kafka_protocol::messages::elect_leaders_request::TopicPartitions;
 use kafka_protocol::messages::{
     AlterPartitionReassignmentsRequest, ApiKey, BrokerId, DescribeLogDirsRequest,
-    ElectLeadersRequest, ListPartitionReassignmentsRequest,
+    ElectLeadersRequest,
 };
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -267,16 +267,7 @@ fn move_replicas(a: MoveArgs) -> Result<()> {
 
 fn reassignments(a: ReassignmentsArgs) -> Result<()> {
     let mut client = Client::connect(&a.connect)?;
-    let req = ListPartitionReassignmentsRequest::default()
-        .with_timeout_ms(i32::try_from(a.connect.request_timeout_ms).unwrap_or(i32::MAX));
-    let (_, reply) = client.call(ApiKey::ListPartitionReassignments, 0..=0, &req)?;
-    if reply.error_code != 0 {
-        return Err(kafka_error(
-            reply.error_code,
-            reply.error_message.as_ref().map(|m| m.as_str()),
-            "listing replica moves",
-        ));
-    }
+    let reply = client.list_reassignments()?;
     let ids = |v: &[BrokerId]| v.iter().map(|b| b.0).collect::<Vec<i32>>();
     let mut rows = Vec::new();
     for t in &reply.topics {

@@ -16,8 +16,7 @@ use kafka_protocol::messages::alter_partition_reassignments_request::{
     ReassignablePartition, ReassignableTopic,
 };
 use kafka_protocol::messages::{
-    AlterPartitionReassignmentsRequest, ApiKey, BrokerId, DescribeClusterRequest,
-    ElectLeadersRequest, ListPartitionReassignmentsRequest,
+    AlterPartitionReassignmentsRequest, ApiKey, BrokerId, ElectLeadersRequest,
 };
 use serde_json::json;
 use spate_replication::controller::rebalance::{self, Broker, PartitionReplicas};
@@ -58,13 +57,7 @@ pub struct RebalanceArgs {
 
 /// Partitions being moved, from ListPartitionReassignments.
 fn moving(client: &mut Client) -> Result<BTreeSet<(String, u32)>> {
-    let req = ListPartitionReassignmentsRequest::default().with_timeout_ms(10_000);
-    let (_, reply) = client.call(ApiKey::ListPartitionReassignments, 0..=0, &req)?;
-    check(
-        reply.error_code,
-        reply.error_message.as_deref(),
-        "listing replica moves",
-    )?;
+    let reply = client.list_reassignments()?;
     Ok(reply
         .topics
         .iter()
@@ -85,16 +78,7 @@ fn ids(v: &[ReplicaAssignment]) -> String {
 
 pub fn run(a: RebalanceArgs) -> Result<()> {
     let mut client = Client::connect(&a.connect)?;
-    let (_, described) = client.call(
-        ApiKey::DescribeCluster,
-        0..=2,
-        &DescribeClusterRequest::default().with_include_fenced_brokers(true),
-    )?;
-    check(
-        described.error_code,
-        described.error_message.as_deref(),
-        "DescribeCluster",
-    )?;
+    let described = client.describe_cluster()?;
     let all: Vec<(i32, bool)> = described
         .brokers
         .iter()
