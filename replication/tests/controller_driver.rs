@@ -3,143 +3,15 @@
 //! cluster forms, survives the loss of its controller, fences the dead broker, and takes the
 //! node back after a restart that replays its log.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+#[path = "support/controller.rs"]
+mod controller_support;
+use controller_support::*;
 
-use spate_replication::controller::driver::{Driver, DriverConfig, Outgoing};
+use spate_replication::controller::driver::{Driver, Outgoing};
 use spate_replication::controller::store::MetadataStore;
-use spate_replication::controller::{Endpoint, DEFAULT_BROKER_SESSION_TIMEOUT_MS};
-use spate_replication::rpc::{Frame, FrameCodec};
+use spate_replication::controller::DEFAULT_BROKER_SESSION_TIMEOUT_MS;
+use spate_replication::rpc::Frame;
 use spate_replication::NodeId;
-
-const TICK_MS: u64 = 50;
-const VOTERS: [NodeId; 3] = [1, 2, 3];
-
-struct Net {
-    dirs: BTreeMap<NodeId, tempfile::TempDir>,
-    nodes: BTreeMap<NodeId, Driver<NodeId>>,
-    down: BTreeSet<NodeId>,
-    now_ms: u64,
-    codec: FrameCodec,
-}
-
-fn cfg(id: NodeId) -> DriverConfig {
-    let ep = |port| Endpoint {
-        host: "127.0.0.1".into(),
-        port,
-    };
-    let mut c = DriverConfig::new(
-        id,
-        0xC0DE_0000 + u128::from(id),
-        "test-cluster".into(),
-        VOTERS.to_vec(),
-        ep(9100 + id as u16),
-        ep(9000 + id as u16),
-        1,
-    );
-    c.seed = id * 7919;
-    c
-}
-
-impl Net {
-    fn new(ids: &[NodeId]) -> Self {
-        let mut n = Net {
-            dirs: BTreeMap::new(),
-            nodes: BTreeMap::new(),
-            down: BTreeSet::new(),
-            now_ms: 0,
-            codec: FrameCodec::default(),
-        };
-        for &id in ids {
-            n.dirs.insert(id, tempfile::tempdir().unwrap());
-            n.start(id);
-        }
-        n
-    }
-
-    fn dir(&self, id: NodeId) -> PathBuf {
-        self.dirs[&id].path().to_path_buf()
-    }
-
-    fn start(&mut self, id: NodeId) {
-        let store = MetadataStore::open(&self.dir(id)).unwrap();
-        self.nodes
-            .insert(id, Driver::new(cfg(id), store, self.now_ms));
-        self.down.remove(&id);
-    }
-
-    fn kill(&mut self, id: NodeId) {
-        self.nodes.remove(&id);
-        self.down.insert(id);
-    }
-
-    /// One tick on every node, then messages delivered until none are left.
-    fn step(&mut self) {
-        self.now_ms += TICK_MS;
-        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
-        let mut queue: Vec<(NodeId, NodeId, Frame)> = Vec::new();
-        for id in &ids {
-            let d = self.nodes.get_mut(id).unwrap();
-            d.tick(self.now_ms).unwrap();
-            collect(*id, d, &mut queue);
-        }
-        for _ in 0..10_000 {
-            if queue.is_empty() {
-                return;
-            }
-            for (from, to, frame) in std::mem::take(&mut queue) {
-                // Every frame crosses the real codec.
-                let bytes = self.codec.encode(&frame).unwrap().to_bytes();
-                let mut buf = bytes::BytesMut::from(&bytes[..]);
-                let frame = self.codec.decode(&mut buf).unwrap().unwrap();
-                if let Some(d) = self.nodes.get_mut(&to) {
-                    d.receive(from, frame, from).unwrap();
-                    collect(to, d, &mut queue);
-                }
-            }
-        }
-        panic!("messages did not settle");
-    }
-
-    /// Steps until `f` holds, for at most `max_ms` simulated; returns the time taken.
-    fn until(&mut self, max_ms: u64, what: &str, f: impl Fn(&Net) -> bool) -> u64 {
-        let start = self.now_ms;
-        while !f(self) {
-            assert!(
-                self.now_ms - start <= max_ms,
-                "{what}: not within {max_ms} ms"
-            );
-            self.step();
-        }
-        self.now_ms - start
-    }
-
-    fn controllers(&self) -> Vec<NodeId> {
-        self.nodes
-            .iter()
-            .filter(|(_, d)| d.is_active_controller())
-            .map(|(&id, _)| id)
-            .collect()
-    }
-
-    /// Every running node sees exactly `live` as the unfenced brokers.
-    fn all_see_live(&self, live: &[NodeId]) -> bool {
-        self.nodes.values().all(|d| {
-            let v = d.view();
-            let seen: Vec<NodeId> = v.live_brokers().map(|b| b.node).collect();
-            seen == live
-        })
-    }
-}
-
-fn collect(from: NodeId, d: &mut Driver<NodeId>, queue: &mut Vec<(NodeId, NodeId, Frame)>) {
-    for o in d.take_outgoing() {
-        match o {
-            Outgoing::Peer { to, frame } => queue.push((from, to, frame)),
-            Outgoing::Reply { to, frame } => queue.push((from, to, frame)),
-        }
-    }
-}
 
 #[test]
 fn the_cluster_forms_fails_over_and_takes_a_restarted_node_back() {

@@ -124,7 +124,7 @@ pub fn cfg(id: NodeId) -> DriverConfig {
         1,
     );
     c.seed = id * 7919;
-    // The balancer stays out of this test: it is about explicit requests.
+    // The balancer stays out of these tests: they are about explicit requests and failover.
     c.controller.leader_balance_interval_ms = None;
     c
 }
@@ -140,10 +140,17 @@ impl Net {
         };
         for &id in ids {
             n.dirs.insert(id, tempfile::tempdir().unwrap());
-            let store = MetadataStore::open(&n.dir(id)).unwrap();
-            n.nodes.insert(id, Driver::new(cfg(id), store, 0));
+            n.start(id);
         }
         n
+    }
+
+    /// Starts (or restarts) a node from its directory: its metadata log replays.
+    pub fn start(&mut self, id: NodeId) {
+        let store = MetadataStore::open(&self.dir(id)).unwrap();
+        self.nodes
+            .insert(id, Driver::new(cfg(id), store, self.now_ms));
+        self.down.remove(&id);
     }
 
     pub fn dir(&self, id: NodeId) -> PathBuf {
@@ -155,6 +162,7 @@ impl Net {
         self.down.insert(id);
     }
 
+    /// One tick on every node, then messages delivered until none are left.
     pub fn step(&mut self) {
         self.now_ms += TICK_MS;
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
@@ -169,6 +177,7 @@ impl Net {
                 return;
             }
             for (from, to, frame) in std::mem::take(&mut queue) {
+                // Every frame crosses the real codec.
                 let bytes = self.codec.encode(&frame).unwrap().to_bytes();
                 let mut buf = bytes::BytesMut::from(&bytes[..]);
                 let frame = self.codec.decode(&mut buf).unwrap().unwrap();
@@ -181,7 +190,8 @@ impl Net {
         panic!("messages did not settle");
     }
 
-    pub fn until(&mut self, max_ms: u64, what: &str, f: impl Fn(&Net) -> bool) {
+    /// Steps until `f` holds, for at most `max_ms` simulated; returns the time taken.
+    pub fn until(&mut self, max_ms: u64, what: &str, f: impl Fn(&Net) -> bool) -> u64 {
         let start = self.now_ms;
         while !f(self) {
             assert!(
@@ -190,6 +200,16 @@ impl Net {
             );
             self.step();
         }
+        self.now_ms - start
+    }
+
+    /// Every running node sees exactly `live` as the unfenced brokers.
+    pub fn all_see_live(&self, live: &[NodeId]) -> bool {
+        self.nodes.values().all(|d| {
+            let v = d.view();
+            let seen: Vec<NodeId> = v.live_brokers().map(|b| b.node).collect();
+            seen == live
+        })
     }
 
     pub fn controllers(&self) -> Vec<NodeId> {
