@@ -996,14 +996,16 @@ mod tests {
         });
         let good = std::fs::read(&path).unwrap();
         let next = encode_batch(2, &[(1, Change::Set(hs(4, None)))]);
-        for cut in (0..next.len()).step_by(7) {
-            let mut torn = good.clone();
-            torn.extend_from_slice(&next[..cut]);
-            std::fs::write(&path, &torn).unwrap();
-            let p = path.clone();
-            run(move || async move {
-                let store = HardStateStore::open(&p).await.unwrap();
-                let want = if cut >= HEADER_BYTES + RECORD_BYTES + CRC_BYTES {
+        let whole = HEADER_BYTES + RECORD_BYTES + CRC_BYTES;
+        // Every cut through the header and record, then a few through the padding.
+        let cuts: Vec<usize> = (0..=whole).chain([whole + 1, 2048, next.len() - 1]).collect();
+        run(move || async move {
+            for cut in cuts {
+                let mut torn = good.clone();
+                torn.extend_from_slice(&next[..cut]);
+                std::fs::write(&path, &torn).unwrap();
+                let store = HardStateStore::open(&path).await.unwrap();
+                let want = if cut >= whole {
                     hs(4, None)
                 } else {
                     hs(3, Some(1))
@@ -1013,11 +1015,11 @@ mod tests {
                 store.record(2, hs(2, Some(2))).unwrap();
                 store.sync().await.unwrap();
                 drop(store);
-                let store = HardStateStore::open(&p).await.unwrap();
+                let store = HardStateStore::open(&path).await.unwrap();
                 assert_eq!(store.get(1), Some(want), "cut {cut}");
                 assert_eq!(store.get(2), Some(hs(2, Some(2))), "cut {cut}");
-            });
-        }
+            }
+        });
     }
 
     #[test]
