@@ -50,9 +50,14 @@ async fn open_group(
     .expect("open replica");
     let mut cfg = GroupConfig::new(partition_group_id(TOPIC_ID, partition), node, vec![1, 2, 3]);
     cfg.seed = 0x5eed ^ node ^ (u64::from(partition) << 8);
-    PartitionGroup::open(Rc::new(replica), hard_state_path(&log_dir), store.clone(), cfg)
-        .await
-        .expect("open group")
+    PartitionGroup::open(
+        Rc::new(replica),
+        hard_state_path(&log_dir),
+        store.clone(),
+        cfg,
+    )
+    .await
+    .expect("open group")
 }
 
 struct Net {

@@ -48,8 +48,13 @@ async fn open_group(
     let replica = Rc::new(replica);
     let mut cfg = GroupConfig::new(group_id(p), node, VOTERS.to_vec());
     cfg.seed = 7 + u64::from(p);
-    let opened = PartitionGroup::open(replica.clone(), hard_state_path(&log_dir), store.clone(), cfg)
-        .await;
+    let opened = PartitionGroup::open(
+        replica.clone(),
+        hard_state_path(&log_dir),
+        store.clone(),
+        cfg,
+    )
+    .await;
     if opened.is_err() {
         replica.close().await?;
     }

@@ -700,8 +700,11 @@ impl Runtime {
             .replicas
             .prune_hard_states(|g| plan.groups.contains_key(&g) || colliding.contains(&g));
         if dropped > 0 {
-            tracing::info!(node = self.node, dropped,
-                "hard state of groups this node no longer hosts forgotten");
+            tracing::info!(
+                node = self.node,
+                dropped,
+                "hard state of groups this node no longer hosts forgotten"
+            );
         }
     }
 

@@ -218,7 +218,9 @@ impl PartitionGroup {
         let stored = store.get(cfg.group);
         let legacy = read_hard_state(&hard_state_path)?;
         let mut hard = match (stored, legacy) {
-            (Some(a), Some(b)) => newest_of(a, b).map_err(|r| hard_state_error(&hard_state_path, r))?,
+            (Some(a), Some(b)) => {
+                newest_of(a, b).map_err(|r| hard_state_error(&hard_state_path, r))?
+            }
             (a, b) => a.or(b).unwrap_or_default(),
         };
         let epochs = replica.epoch_history();
@@ -240,8 +242,12 @@ impl PartitionGroup {
                 // store (log writes do not wait for the store's flush). No vote in that epoch
                 // was revealed (votes leave only once durable), and none can be granted in it:
                 // every candidate of the epoch has an older log than ours.
-                tracing::info!(group = cfg.group, stored = hard.epoch, log = last,
-                    "hard state behind the log after a crash: taking the log's epoch");
+                tracing::info!(
+                    group = cfg.group,
+                    stored = hard.epoch,
+                    log = last,
+                    "hard state behind the log after a crash: taking the log's epoch"
+                );
                 hard = HardState {
                     epoch: last,
                     voted_for: None,
@@ -1464,7 +1470,10 @@ mod tests {
     fn hard_state_is_created_then_overwritten_in_place() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t-0.hard-state");
-        assert_eq!(read_hard_state(&path).unwrap().unwrap_or_default(), HardState::default());
+        assert_eq!(
+            read_hard_state(&path).unwrap().unwrap_or_default(),
+            HardState::default()
+        );
         for (epoch, voted_for) in [(1, Some(1)), (2, None), (2, Some(3)), (9, Some(2))] {
             let hard = HardState { epoch, voted_for };
             write_hard_state(&path, hard).unwrap();

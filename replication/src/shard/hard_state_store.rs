@@ -128,7 +128,9 @@ pub fn decode_batch(b: &[u8]) -> Result<DecodedBatch, String> {
     let seq = u64::from_be_bytes(b[8..16].try_into().expect("8 bytes"));
     let count = u32::from_be_bytes(b[16..20].try_into().expect("4 bytes")) as usize;
     if count > MAX_BATCH_RECORDS {
-        return Err(format!("{count} records, over the bound of {MAX_BATCH_RECORDS}"));
+        return Err(format!(
+            "{count} records, over the bound of {MAX_BATCH_RECORDS}"
+        ));
     }
     let len = HEADER_BYTES + RECORD_BYTES * count + CRC_BYTES;
     if b.len() < len {
@@ -576,8 +578,7 @@ impl HardStateStore {
         let (seq, records, rewrite) = {
             let mut book = self.book.borrow_mut();
             let fs = self.file.borrow();
-            let rewrite =
-                fs.file.is_none() || book.should_compact(fs.bytes, book.dirty.len());
+            let rewrite = fs.file.is_none() || book.should_compact(fs.bytes, book.dirty.len());
             let (seq, records) = if rewrite {
                 book.take_all()
             } else {
@@ -640,9 +641,7 @@ impl HardStateStore {
             .await
             .map_err(|e| format!("creating {}: {e}", tmp.display()))?;
         write_all(&f, bytes, 0).await?;
-        f.fdatasync()
-            .await
-            .map_err(|e| format!("fdatasync: {e}"))?;
+        f.fdatasync().await.map_err(|e| format!("fdatasync: {e}"))?;
         f.rename(&self.path)
             .await
             .map_err(|e| format!("renaming {}: {e}", tmp.display()))?;
@@ -807,7 +806,10 @@ mod tests {
         let mut file = encode_batch(0, &[(1, Change::Set(hs(1, Some(1))))]);
         file.extend(encode_batch(
             1,
-            &[(1, Change::Set(hs(2, None))), (2, Change::Set(hs(1, Some(3))))],
+            &[
+                (1, Change::Set(hs(2, None))),
+                (2, Change::Set(hs(1, Some(3)))),
+            ],
         ));
         file.extend(encode_batch(2, &[(2, Change::Removed)]));
         let r = replay(&file).unwrap();
@@ -850,7 +852,10 @@ mod tests {
                 let r = replay(&torn).unwrap_or_else(|e| panic!("cut {cut}: {e}"));
                 if r.entries == new {
                     // Only the whole batch (its padding cut) reads as the new states.
-                    assert!(cut >= HEADER_BYTES + 3 * RECORD_BYTES + CRC_BYTES, "cut {cut}");
+                    assert!(
+                        cut >= HEADER_BYTES + 3 * RECORD_BYTES + CRC_BYTES,
+                        "cut {cut}"
+                    );
                 } else {
                     assert_eq!(r.entries, old, "cut {cut}");
                     assert!(r.torn || torn.len() == file.len(), "cut {cut}");
@@ -998,7 +1003,9 @@ mod tests {
         let next = encode_batch(2, &[(1, Change::Set(hs(4, None)))]);
         let whole = HEADER_BYTES + RECORD_BYTES + CRC_BYTES;
         // Every cut through the header and record, then a few through the padding.
-        let cuts: Vec<usize> = (0..=whole).chain([whole + 1, 2048, next.len() - 1]).collect();
+        let cuts: Vec<usize> = (0..=whole)
+            .chain([whole + 1, 2048, next.len() - 1])
+            .collect();
         run(move || async move {
             for cut in cuts {
                 let mut torn = good.clone();

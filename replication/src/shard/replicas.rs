@@ -369,7 +369,9 @@ impl ReplicaSet {
         let mut cfg = GroupConfig::new(group, node, hosted.voters.clone());
         cfg.min_insync_replicas = min_insync_replicas(configs, hosted.voters.len());
         let opened = match self.hard_state_store().await {
-            Ok(store) => PartitionGroup::open(replica.clone(), hard_state_path(dir), store, cfg).await,
+            Ok(store) => {
+                PartitionGroup::open(replica.clone(), hard_state_path(dir), store, cfg).await
+            }
             Err(e) => Err(e),
         };
         match opened {
@@ -394,12 +396,13 @@ impl ReplicaSet {
             return Ok(s.clone());
         }
         let path = hard_state_store_path(&self.settings.data_dir, self.shard);
-        let store = HardStateStore::open(&path)
-            .await
-            .map_err(|reason| ReplicaError::HardState {
-                path: path.display().to_string(),
-                reason,
-            })?;
+        let store =
+            HardStateStore::open(&path)
+                .await
+                .map_err(|reason| ReplicaError::HardState {
+                    path: path.display().to_string(),
+                    reason,
+                })?;
         tracing::info!(shard = self.shard, groups = store.len(), path = %path.display(),
             "hard-state store opened");
         *self.hard_states.borrow_mut() = Some(store.clone());
