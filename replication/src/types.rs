@@ -159,8 +159,10 @@ impl Message {
 /// are performed before any message produced in the same call is sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Write the epoch and vote durably before performing any later action or sending any
-    /// message of this call.
+    /// Write the epoch and vote durably before sending any message of this call. A caller
+    /// may write the log ahead of it if, after a crash, it restarts in the log's last epoch
+    /// when that is newer (with no vote: a replica holding an epoch's batches never grants a
+    /// vote in it).
     PersistHardState(HardState),
     /// Write these contiguous batches at `batches[0].base` (each carries its epoch). The log's
     /// epoch history (epoch -> first offset) follows from the batches; persist it with them.

@@ -14,6 +14,7 @@ use spate_replication::partition::{
     hard_state_path, Acks, FlushPolicy, GroupConfig, NoObserver, PartitionGroup, PartitionReplica,
     ReplicaConfig, TopicPartition,
 };
+use spate_replication::shard::{hard_state_store_path, HardStateStore};
 use spate_replication::{NodeId, NodeMessage};
 
 #[path = "support/batches.rs"]
@@ -27,7 +28,12 @@ const MAX_ROUNDS: usize = 400;
 const MAX_DELIVERY_PASSES: usize = 64;
 const TOPIC_ID: u128 = 0x5fa7e;
 
-async fn open_group(dir: &Path, node: NodeId, partition: u32) -> Rc<PartitionGroup> {
+async fn open_group(
+    dir: &Path,
+    store: &Rc<HardStateStore>,
+    node: NodeId,
+    partition: u32,
+) -> Rc<PartitionGroup> {
     let config = ReplicaConfig {
         log: small_log_config(FlushPolicy::Always),
         high_watermark_cap: None,
@@ -44,9 +50,14 @@ async fn open_group(dir: &Path, node: NodeId, partition: u32) -> Rc<PartitionGro
     .expect("open replica");
     let mut cfg = GroupConfig::new(partition_group_id(TOPIC_ID, partition), node, vec![1, 2, 3]);
     cfg.seed = 0x5eed ^ node ^ (u64::from(partition) << 8);
-    PartitionGroup::open(Rc::new(replica), hard_state_path(&log_dir), cfg)
-        .await
-        .expect("open group")
+    PartitionGroup::open(
+        Rc::new(replica),
+        hard_state_path(&log_dir),
+        store.clone(),
+        cfg,
+    )
+    .await
+    .expect("open group")
 }
 
 struct Net {
@@ -109,9 +120,12 @@ fn groups_on_three_hosts_elect_report_and_commit() {
             let mut net = Net { hosts: Vec::new() };
             for node in 1..=3u64 {
                 let host = ShardGroups::new(node);
+                let dir = tmp.path().join(format!("node-{node}"));
+                let store = HardStateStore::open(&hard_state_store_path(&dir, 0))
+                    .await
+                    .expect("open hard-state store");
                 for p in 0..2 {
-                    let dir = tmp.path().join(format!("node-{node}"));
-                    host.insert(open_group(&dir, node, p).await);
+                    host.insert(open_group(&dir, &store, node, p).await);
                 }
                 net.hosts.push(host);
             }

@@ -503,7 +503,16 @@ fn shards_host_replicated_partitions_through_leader_loss_and_topic_deletion() {
             for (other, og) in c.groups(p) {
                 assert_eq!(og.leader(), Some(*n), "node {other} knows the leader");
                 let dir = c.node(other).dir.join(format!("{TOPIC}-{p}"));
-                assert!(hard_state_path(&dir).exists() && topic_id_path(&dir).exists());
+                assert!(topic_id_path(&dir).exists());
+                // The vote is in the shard's store, durable (reports wait for it), and no
+                // per-partition file is written any more.
+                assert!(!hard_state_path(&dir).exists());
+                let stored = c.node(other).shards.iter().find_map(|s| {
+                    s.replicas.group(&tp(p))?;
+                    s.replicas.hard_states()?.get(og.group())
+                });
+                assert_eq!(stored, Some(og.hard_state()), "node {other} partition {p}");
+                assert!(og.hard_state_durable());
             }
         }
         c.accept_reports.set(true);
@@ -664,6 +673,14 @@ fn shards_host_replicated_partitions_through_leader_loss_and_topic_deletion() {
                 assert!(!dir.exists(), "{dir:?}");
                 assert!(!hard_state_path(&dir).exists());
                 assert!(!topic_id_path(&dir).exists());
+                let g = partition_group_id(FIRST_TOPIC_ID, p);
+                assert!(
+                    n.shards
+                        .iter()
+                        .all(|s| s.replicas.hard_states().is_none_or(|h| h.get(g).is_none())),
+                    "node {} keeps the hard state of deleted partition {p}",
+                    n.id
+                );
                 assert!(!producer_state_path(&n.dir, &tp(p)).exists());
             }
         }

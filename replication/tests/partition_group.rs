@@ -15,6 +15,7 @@ use spate_replication::partition::{
     hard_state_path, Acks, BatchHeader, Completion, FlushPolicy, GroupConfig, NoObserver,
     PartitionGroup, PartitionReplica, ReplicaConfig, TopicPartition,
 };
+use spate_replication::shard::{hard_state_store_path, HardStateStore};
 use spate_replication::{Message, NodeId};
 
 #[path = "support/batches.rs"]
@@ -274,7 +275,11 @@ async fn open_group(
     let mut cfg = GroupConfig::new(1, id, voters);
     cfg.seed = 0x5eed ^ id;
     cfg.min_insync_replicas = min_insync;
-    PartitionGroup::open(Rc::new(replica), hard_state_path(&log_dir), cfg)
+    // The node's shard store, opened afresh: a restarted node reads what was flushed.
+    let store = HardStateStore::open(&hard_state_store_path(dir, 0))
+        .await
+        .expect("open hard-state store");
+    PartitionGroup::open(Rc::new(replica), hard_state_path(&log_dir), store, cfg)
         .await
         .expect("open group")
 }

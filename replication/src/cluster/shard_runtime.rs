@@ -16,6 +16,14 @@
 //! Everything sent goes to [`ShardLink::to_service`] with `try_send`: a full channel drops
 //! (counted) rather than stalls the shard; consensus retransmits and reports repeat.
 //!
+//! Hard state (epochs and votes) goes to the shard's [`crate::shard::HardStateStore`]: the
+//! groups record it in memory as they are stepped, and the first group handing out messages
+//! after that waits for one write and one fdatasync covering every group of the pass (the
+//! others find theirs durable). So a pass of thousands of votes costs one device flush, and
+//! the shard's other tasks run while it is under way. The runtime also syncs the store after
+//! opening groups and on every tick (states nothing is sent for), and reports only leaders
+//! whose hard state is durable.
+//!
 //! On each tick the runtime also moves leadership the applied metadata wants elsewhere: a
 //! group it leads whose partition has a wished leader (a preferred-leader election or the
 //! balancer), or whose node is in maintenance mode, transfers leadership by consensus
@@ -290,6 +298,7 @@ pub async fn run(
                 rt.outbox_seen = rt.groups.outbox_signal().generation();
                 let out = rt.groups.tick().await;
                 rt.send(&link, out);
+                rt.sync_hard_states().await;
                 rt.report(&link, false);
                 rt.move_leadership(&link).await;
                 rt.move_replicas(&link).await;
@@ -379,13 +388,21 @@ struct Runtime {
     /// When each group last reported its move finished.
     finishing: BTreeMap<GroupId, Instant>,
     /// The data dir was swept for files of partitions this node no longer holds (once per
-    /// start, by shard 0).
+    /// start, by shard 0), and the shard's hard-state store for their groups.
     orphans_swept: bool,
     throttle: Option<Arc<ReplicationThrottle>>,
     stats: Rc<RefCell<RuntimeStats>>,
 }
 
 impl Runtime {
+    /// Flushes hard states recorded with nothing to send (a failure is the store's: every
+    /// group needing it stops when it next sends).
+    async fn sync_hard_states(&self) {
+        if let Err(e) = self.replicas.sync_hard_states().await {
+            tracing::error!(node = self.node, error = %e, "hard-state store flush failed");
+        }
+    }
+
     fn send(&mut self, link: &ShardLink, out: Vec<NodeMessage>) {
         for m in out {
             match link.to_service.try_send(ShardEvent::Send(m)) {
@@ -624,6 +641,15 @@ impl Runtime {
         self.leadership_seen = self.groups.leadership_signal().generation();
         let mut sent_any = false;
         for r in self.groups.pending_reports() {
+            // A leadership the controller may publish rests on a durable vote (a leader of
+            // one voter records its epoch with no message to wait for it).
+            if !self
+                .groups
+                .get(r.group)
+                .is_some_and(|g| g.hard_state_durable())
+            {
+                continue;
+            }
             let new_epoch = self
                 .reported
                 .get(&r.group)
@@ -653,9 +679,32 @@ impl Runtime {
             self.stats.borrow_mut().views += 1;
         }
         self.apply_view(link.shard, &view).await;
-        if view.caught_up && !self.orphans_swept && link.shard == 0 {
+        if view.caught_up && !self.orphans_swept {
             self.orphans_swept = true;
-            self.remove_orphans(link);
+            if link.shard == 0 {
+                self.remove_orphans(link);
+            }
+            self.prune_hard_states(&view);
+        }
+    }
+
+    /// Once the node has caught up with the metadata, forgets the hard state of groups it no
+    /// longer hosts (their partitions deleted or moved away while it was down; a delete seen
+    /// while running removes its entry itself). A replica never moves between shards of a
+    /// node (the controller refuses such a move), so this shard's entries are its groups'.
+    fn prune_hard_states(&self, view: &ClusterView) {
+        let (plan, conflicts) = plan_hosting(&view.metadata, self.node);
+        // Colliding groups are not hosted, but their partitions still exist.
+        let colliding: Vec<GroupId> = conflicts.iter().map(|c| c.group).collect();
+        let dropped = self
+            .replicas
+            .prune_hard_states(|g| plan.groups.contains_key(&g) || colliding.contains(&g));
+        if dropped > 0 {
+            tracing::info!(
+                node = self.node,
+                dropped,
+                "hard state of groups this node no longer hosts forgotten"
+            );
         }
     }
 
@@ -754,6 +803,9 @@ impl Runtime {
                 Err(_) => self.stats.borrow_mut().open_failures += 1,
             }
         }
+        // The groups opened record their hard state; one flush for the pass makes it durable
+        // before any of them takes a batch (see `PartitionGroup::open`).
+        self.sync_hard_states().await;
         // A move started or ended: the bootstrap voters changed, the group stays open.
         for (g, h) in mine.groups {
             if let Some(kept) = self.plan.groups.get_mut(&g) {

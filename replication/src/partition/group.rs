@@ -4,8 +4,13 @@
 //! The core decides; this performs its actions in order, one call at a time (a lock serialises
 //! every event: a message, a tick, a produce, a durability report), so the log always matches
 //! what the core ordered:
-//! - `PersistHardState`: a small checksummed file beside the log, written (temp, fsync, rename,
-//!   directory fsync) before the next action of the call.
+//! - `PersistHardState`: recorded in the shard's [`HardStateStore`] (memory); the messages the
+//!   group hands out wait until the store has made it durable, one fdatasync for every group
+//!   of the shard that changed (see [`PartitionGroup::take_messages`]). Log writes do not
+//!   wait: a crash can leave batches of an epoch whose hard state was not flushed, and
+//!   [`PartitionGroup::open`] then takes the log's last epoch, with no vote (safe: a replica
+//!   holding batches of an epoch never grants a vote in it, every candidate of that epoch
+//!   having an older log).
 //! - `Append`: a follower's batches go to the log at the leader's offsets and epochs; the
 //!   leader's own batches are already there (it writes a batch, then proposes it, so the
 //!   producer checks and the offset assignment see one log).
@@ -42,7 +47,8 @@ use super::error::ReplicaError;
 use super::replica::{Acks, Completion, PartitionReplica, ProduceOutcome, ReplicationGauges};
 use crate::cluster::throttle::{ReplicationThrottle, THROTTLE_LAG_OFFSETS};
 use crate::replica::{Config, Persisted, Replica};
-use crate::shard::Signal;
+use crate::shard::hard_state_store::hard_state_order;
+use crate::shard::{HardStateStore, Signal};
 use crate::types::{
     Action, AppendRequest, Batch, Epoch, GroupId, HardState, Membership, Message, NodeId, Offset,
 };
@@ -148,7 +154,16 @@ pub struct PartitionGroup {
     core: RefCell<Replica>,
     /// Held while an event is stepped into the core and its actions performed.
     lock: Semaphore,
+    /// The per-partition hard-state file of releases before the shard store (read at open,
+    /// removed once migrated).
     hard_state_path: PathBuf,
+    /// The shard's hard-state store, and the sequence number of this group's newest record in
+    /// it: messages are handed out only once that is durable.
+    store: Rc<HardStateStore>,
+    hard_seq: Cell<u64>,
+    /// The record made at open: durable before the log takes a batch (so a log holding
+    /// batches always has a store entry beside it; see [`Self::open`]).
+    open_seq: u64,
     /// Messages the core asked to send, not yet taken.
     outbox: RefCell<Vec<(NodeId, Message)>>,
     /// acks=all produces: (end offset, answer) until the high watermark reaches the end.
@@ -185,29 +200,65 @@ pub struct GroupSignals {
 
 impl PartitionGroup {
     /// Starts the group of `replica` (opened with [`PartitionReplica::open_replicated`]) from its
-    /// persisted hard state and its log.
+    /// persisted hard state and its log. The hard state is the newer of the shard store's entry
+    /// and the file at `hard_state_path` (what releases before the store wrote; it is removed
+    /// once the store holds its state durably). The group's state is recorded in `store`
+    /// (durable before its log takes a batch); a caller opening many groups syncs the store
+    /// once after them.
     pub async fn open(
         replica: Rc<PartitionReplica>,
         hard_state_path: PathBuf,
+        store: Rc<HardStateStore>,
         cfg: GroupConfig,
     ) -> Result<Rc<PartitionGroup>, ReplicaError> {
         assert!(
             replica.is_replicated(),
             "a consensus group drives a replica opened as replicated"
         );
-        let hard = read_hard_state(&hard_state_path)?;
+        let stored = store.get(cfg.group);
+        let legacy = read_hard_state(&hard_state_path)?;
+        let mut hard = match (stored, legacy) {
+            (Some(a), Some(b)) => {
+                newest_of(a, b).map_err(|r| hard_state_error(&hard_state_path, r))?
+            }
+            (a, b) => a.or(b).unwrap_or_default(),
+        };
         let epochs = replica.epoch_history();
         if let Some(&(last, _)) = epochs.last() {
             if last > hard.epoch {
-                // Voting again in an epoch whose batches we hold could elect a second leader.
-                return Err(ReplicaError::HardState {
-                    path: hard_state_path.display().to_string(),
-                    reason: format!(
-                        "epoch {} is older than the log's last epoch {last} (hard state lost?)",
-                        hard.epoch
-                    ),
-                });
+                if stored.is_none() {
+                    // No record of any vote beside a log that has epochs: voting again in an
+                    // epoch whose batches we hold could elect a second leader.
+                    return Err(ReplicaError::HardState {
+                        path: store.path().display().to_string(),
+                        reason: format!(
+                            "group {}: epoch {} is older than the log's last epoch {last} \
+                             (hard state lost?)",
+                            cfg.group, hard.epoch
+                        ),
+                    });
+                }
+                // The log took batches of an epoch whose hard state a crash kept from the
+                // store (log writes do not wait for the store's flush). No vote in that epoch
+                // was revealed (votes leave only once durable), and none can be granted in it:
+                // every candidate of the epoch has an older log than ours.
+                tracing::info!(
+                    group = cfg.group,
+                    stored = hard.epoch,
+                    log = last,
+                    "hard state behind the log after a crash: taking the log's epoch"
+                );
+                hard = HardState {
+                    epoch: last,
+                    voted_for: None,
+                };
             }
+        }
+        let open_seq = store
+            .record(cfg.group, hard)
+            .map_err(|r| hard_state_error(store.path(), r))?;
+        if legacy.is_some() {
+            store.remove_when_durable(open_seq, hard_state_path.clone());
         }
         let membership_path = hard_state_path.with_extension(&MEMBERSHIP_SUFFIX[1..]);
         let memberships = read_memberships(&replica, &membership_path).await?;
@@ -228,6 +279,9 @@ impl PartitionGroup {
             core: RefCell::new(core),
             lock: Semaphore::new(1),
             hard_state_path,
+            store,
+            hard_seq: Cell::new(open_seq),
+            open_seq,
             outbox: RefCell::default(),
             waiters: RefCell::default(),
             writable: Cell::new(false),
@@ -530,10 +584,23 @@ impl PartitionGroup {
         let Ok(_guard) = self.lock.acquire_permit(1).await else {
             return Vec::new();
         };
-        let queued = std::mem::take(&mut *self.outbox.borrow_mut());
         if self.failed.get() {
+            self.outbox.borrow_mut().clear();
             return Vec::new();
         }
+        // Nothing the core said after a hard-state change leaves before the change is durable
+        // (a vote cast twice elects two leaders). Under the lock nothing is queued meanwhile;
+        // the flush writes every group's pending state, so the shard's other groups find
+        // theirs durable.
+        let seq = self.hard_seq.get();
+        if !self.store.is_durable(seq) {
+            if let Err(e) = self.store.wait_durable(seq).await {
+                self.fail(&format!("hard state not persisted: {e}"));
+                self.outbox.borrow_mut().clear();
+                return Vec::new();
+            }
+        }
+        let queued = std::mem::take(&mut *self.outbox.borrow_mut());
         let mut ready = Vec::with_capacity(queued.len());
         for (to, msg) in queued {
             match msg {
@@ -565,11 +632,18 @@ impl PartitionGroup {
         self.replica.close().await
     }
 
+    /// Whether this group's newest hard state is durable (what it reports as a leader may be
+    /// told).
+    pub fn hard_state_durable(&self) -> bool {
+        self.store.is_durable(self.hard_seq.get())
+    }
+
     /// Stops the group (failing acks=all waiters) and deletes its log, producer state and hard
     /// state: its topic is gone.
     pub async fn delete(&self) -> Result<(), ReplicaError> {
         let _guard = self.lock.acquire_permit(1).await;
         self.stop();
+        self.store.remove(self.cfg.group);
         self.replica.delete().await?;
         for f in [&self.hard_state_path, &self.membership_path] {
             match std::fs::remove_file(f) {
@@ -636,12 +710,25 @@ impl PartitionGroup {
             }
             let mut out = Vec::new();
             match action {
-                Action::PersistHardState(hard) => {
-                    if let Err(e) = write_hard_state(&self.hard_state_path, hard) {
-                        // Nothing after it may happen: a vote not on disk can be cast twice.
+                Action::PersistHardState(hard) => match self.store.record(self.cfg.group, hard) {
+                    Ok(seq) => self.hard_seq.set(seq),
+                    Err(e) => {
+                        // Never durable: nothing after it may be sent.
                         self.fail(&format!("hard state not persisted: {e}"));
                         return;
                     }
+                },
+                Action::Append { .. } | Action::BecomeLeader { .. }
+                    if !self.store.is_durable(self.open_seq) =>
+                {
+                    // The log's first batch waits for the group's first store record (see
+                    // `open`); in a shard the runtime has synced it already.
+                    if let Err(e) = self.store.wait_durable(self.open_seq).await {
+                        self.fail(&format!("hard state not persisted: {e}"));
+                        return;
+                    }
+                    queue.push_front(action);
+                    continue;
                 }
                 Action::Append { batches } => {
                     if let Err(e) = self.track_memberships(&batches) {
@@ -1180,15 +1267,31 @@ fn hard_state_error(path: &Path, reason: impl std::fmt::Display) -> ReplicaError
     }
 }
 
-/// The persisted epoch and vote; a missing file is a new replica (epoch 0, no vote).
-fn read_hard_state(path: &Path) -> Result<HardState, ReplicaError> {
+/// The epoch and vote in a partition's own hard-state file (what releases before the shard
+/// store wrote), `None` if there is none.
+fn read_hard_state(path: &Path) -> Result<Option<HardState>, ReplicaError> {
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HardState::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(hard_state_error(path, e)),
     };
     let slots = read_hard_state_slots(&file).map_err(|e| hard_state_error(path, e))?;
-    newest_hard_state(&slots).map_err(|reason| hard_state_error(path, reason))
+    newest_hard_state(&slots)
+        .map(Some)
+        .map_err(|reason| hard_state_error(path, reason))
+}
+
+/// The newer of two persisted states of one group; two different votes in one epoch is a
+/// record that cannot be trusted.
+fn newest_of(a: HardState, b: HardState) -> Result<HardState, String> {
+    if hard_state_order(&a) == hard_state_order(&b) && a != b {
+        return Err(format!("two votes in epoch {}: {a:?} and {b:?}", a.epoch));
+    }
+    Ok(if hard_state_order(&b) > hard_state_order(&a) {
+        b
+    } else {
+        a
+    })
 }
 
 /// Byte offsets of the hard-state file's two slots. A write goes to the slot that does not
@@ -1215,12 +1318,6 @@ fn read_hard_state_slots(file: &std::fs::File) -> std::io::Result<[Option<Vec<u8
     Ok(slots)
 }
 
-/// Orders hard states as consensus produces them: the epoch never goes back, and within an
-/// epoch the vote is cast at most once.
-fn hard_state_order(h: &HardState) -> (Epoch, bool) {
-    (h.epoch, h.voted_for.is_some())
-}
-
 /// The newest valid slot. One damaged slot is a write torn by a crash (its state was never
 /// acted on); both damaged, or two different votes in one epoch, is a file that cannot be
 /// trusted, and the group refuses to open rather than vote again.
@@ -1238,21 +1335,13 @@ fn newest_hard_state(slots: &[Option<Vec<u8>>; 2]) -> Result<HardState, String> 
     match valid.as_slice() {
         [] => Err(errors.join("; ")),
         [(_, h)] => Ok(*h),
-        [(_, a), (_, b)] => {
-            if hard_state_order(a) == hard_state_order(b) && a != b {
-                return Err(format!("two votes in epoch {}: {a:?} and {b:?}", a.epoch));
-            }
-            Ok(if hard_state_order(b) > hard_state_order(a) {
-                *b
-            } else {
-                *a
-            })
-        }
+        [(_, a), (_, b)] => newest_of(*a, *b),
         _ => unreachable!("two slots"),
     }
 }
 
 /// The slot a new state goes to: the one not holding the newest valid state.
+#[cfg(test)]
 fn hard_state_target_slot(slots: &[Option<Vec<u8>>; 2]) -> usize {
     let decoded: Vec<Option<HardState>> = slots
         .iter()
@@ -1265,6 +1354,7 @@ fn hard_state_target_slot(slots: &[Option<Vec<u8>>; 2]) -> usize {
     }
 }
 
+#[cfg(test)]
 fn encode_hard_state(hard: HardState) -> [u8; HARD_STATE_BYTES] {
     let mut b = [0u8; HARD_STATE_BYTES];
     b[0..4].copy_from_slice(HARD_STATE_MAGIC);
@@ -1298,14 +1388,16 @@ fn decode_hard_state(b: &[u8]) -> Result<HardState, String> {
     Ok(HardState { epoch, voted_for })
 }
 
-/// Writes the hard state so that a crash leaves the old or the new one whole. The first write
+/// How releases before the shard store wrote a partition's hard state (kept to write the
+/// files the upgrade tests read): so that a crash leaves the old or the new one whole. The first write
 /// creates the file with temp file, fsync, rename and directory fsync; later ones overwrite
 /// the older of its two slots in place and fdatasync ([`HARD_STATE_SLOTS`]): a torn write
 /// leaves the previous state readable in the other slot. One device flush per vote instead of
 /// two journal commits and a directory entry: with thousands of partitions electing at once
 /// (a topic created, a node restarted) those synchronous commits held a shard for seconds,
 /// long enough for its leaders to be deposed.
-fn write_hard_state(path: &Path, hard: HardState) -> std::io::Result<()> {
+#[cfg(test)]
+pub(crate) fn write_hard_state(path: &Path, hard: HardState) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     let bytes = encode_hard_state(hard);
     match std::fs::OpenOptions::new()
@@ -1378,11 +1470,14 @@ mod tests {
     fn hard_state_is_created_then_overwritten_in_place() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t-0.hard-state");
-        assert_eq!(read_hard_state(&path).unwrap(), HardState::default());
+        assert_eq!(
+            read_hard_state(&path).unwrap().unwrap_or_default(),
+            HardState::default()
+        );
         for (epoch, voted_for) in [(1, Some(1)), (2, None), (2, Some(3)), (9, Some(2))] {
             let hard = HardState { epoch, voted_for };
             write_hard_state(&path, hard).unwrap();
-            assert_eq!(read_hard_state(&path).unwrap(), hard);
+            assert_eq!(read_hard_state(&path).unwrap().unwrap_or_default(), hard);
             let len = std::fs::metadata(&path).unwrap().len();
             assert!(
                 len <= HARD_STATE_SLOTS[1] + HARD_STATE_BYTES as u64,
@@ -1436,13 +1531,13 @@ mod tests {
                     f.write_all_at(&bytes[..cut], at).unwrap();
                     f.write_all_at(&[0xA5u8; 3][..(bytes.len() - cut).min(3)], at + cut as u64)
                         .unwrap();
-                    let got = read_hard_state(&path).unwrap();
+                    let got = read_hard_state(&path).unwrap().unwrap_or_default();
                     assert!(got == before || got == next, "cut {cut}: {got:?}");
                     std::fs::write(&path, &saved).unwrap();
                 }
             }
             write_hard_state(&path, next).unwrap();
-            assert_eq!(read_hard_state(&path).unwrap(), next);
+            assert_eq!(read_hard_state(&path).unwrap().unwrap_or_default(), next);
             before = next;
         }
     }
@@ -1457,13 +1552,13 @@ mod tests {
             voted_for: Some(2),
         };
         std::fs::write(&path, encode_hard_state(old)).unwrap();
-        assert_eq!(read_hard_state(&path).unwrap(), old);
+        assert_eq!(read_hard_state(&path).unwrap().unwrap_or_default(), old);
         let new = HardState {
             epoch: 5,
             voted_for: None,
         };
         write_hard_state(&path, new).unwrap();
-        assert_eq!(read_hard_state(&path).unwrap(), new);
+        assert_eq!(read_hard_state(&path).unwrap().unwrap_or_default(), new);
         // Both slots damaged: refused, never read as "no vote".
         std::fs::write(&path, [0u8; 5000]).unwrap();
         assert!(read_hard_state(&path).is_err());

@@ -4,12 +4,14 @@
 //! over the [`Router`], whose cross-thread waits go through [`cross_wake`].
 
 pub mod cross_wake;
+pub mod hard_state_store;
 pub mod incarnation;
 pub mod replicas;
 pub mod router;
 pub mod signal;
 pub mod table;
 
+pub use hard_state_store::{hard_state_store_path, HardStateStore};
 pub use replicas::{producer_state_path, ObserverFactory, ReplicaSet, ReplicaSettings};
 pub use router::{Job, Router, ShardState, ShardUnavailable, SHARD_QUEUE_DEPTH};
 pub use signal::Signal;

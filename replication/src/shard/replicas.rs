@@ -11,6 +11,7 @@ use std::sync::Arc;
 use glommio::sync::Semaphore;
 use kafka_protocol::ResponseError;
 
+use super::hard_state_store::{hard_state_store_path, HardStateStore};
 use super::incarnation::{
     claim_for_topic, partitions_with_files, read_topic_id, release, remove_partition_files,
     remove_unless_held,
@@ -68,6 +69,9 @@ pub struct ReplicaSet {
     groups: RefCell<HashMap<TopicPartition, Rc<PartitionGroup>>>,
     /// Replicas whose open failed, with the error code requests for them get.
     failed_opens: RefCell<HashMap<TopicPartition, i16>>,
+    /// The epoch and vote of every consensus group of this shard (cluster nodes only; opened
+    /// with the first group).
+    hard_states: RefCell<Option<Rc<HardStateStore>>>,
     /// Serialises opening partitions (rare) so two tasks never open one log twice.
     open_lock: Semaphore,
     /// Set when the shard stops: nothing more is opened.
@@ -96,6 +100,7 @@ impl ReplicaSet {
             partitions: RefCell::default(),
             groups: RefCell::default(),
             failed_opens: RefCell::default(),
+            hard_states: RefCell::default(),
             open_lock: Semaphore::new(1),
             closing: Cell::new(false),
         }
@@ -363,7 +368,13 @@ impl ReplicaSet {
         let replica = Rc::new(replica);
         let mut cfg = GroupConfig::new(group, node, hosted.voters.clone());
         cfg.min_insync_replicas = min_insync_replicas(configs, hosted.voters.len());
-        match PartitionGroup::open(replica.clone(), hard_state_path(dir), cfg).await {
+        let opened = match self.hard_state_store().await {
+            Ok(store) => {
+                PartitionGroup::open(replica.clone(), hard_state_path(dir), store, cfg).await
+            }
+            Err(e) => Err(e),
+        };
+        match opened {
             Ok(g) => {
                 g.campaign_if_preferred().await;
                 Ok(g)
@@ -376,6 +387,52 @@ impl ReplicaSet {
                 Err(e)
             }
         }
+    }
+
+    /// This shard's hard-state store, opened (and its file replayed) on first use. Called
+    /// under the open lock.
+    async fn hard_state_store(&self) -> Result<Rc<HardStateStore>, ReplicaError> {
+        if let Some(s) = &*self.hard_states.borrow() {
+            return Ok(s.clone());
+        }
+        let path = hard_state_store_path(&self.settings.data_dir, self.shard);
+        let store =
+            HardStateStore::open(&path)
+                .await
+                .map_err(|reason| ReplicaError::HardState {
+                    path: path.display().to_string(),
+                    reason,
+                })?;
+        tracing::info!(shard = self.shard, groups = store.len(), path = %path.display(),
+            "hard-state store opened");
+        *self.hard_states.borrow_mut() = Some(store.clone());
+        Ok(store)
+    }
+
+    /// Makes every hard state the shard's groups recorded durable (one write, one fdatasync;
+    /// nothing when none is pending). Messages wait for this on their own; the runtime calls
+    /// it after opening groups and on its ticks so that states nothing is sent for (a group of
+    /// one voter, a migrated file) are not left in memory.
+    pub async fn sync_hard_states(&self) -> Result<(), String> {
+        let store = self.hard_states.borrow().clone();
+        match store {
+            Some(s) if s.has_pending() => s.sync().await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Forgets the hard state of every group `keep` rejects: groups whose partitions this
+    /// node no longer holds (their topic deleted, their replica moved away) while it was down.
+    /// Returns how many were dropped.
+    pub fn prune_hard_states(&self, keep: impl Fn(GroupId) -> bool) -> usize {
+        let store = self.hard_states.borrow().clone();
+        let open: Vec<GroupId> = self.groups.borrow().values().map(|g| g.group()).collect();
+        store.map_or(0, |s| s.retain(|g| keep(g) || open.contains(&g)))
+    }
+
+    /// This shard's hard-state store, if a group has opened it.
+    pub fn hard_states(&self) -> Option<Rc<HardStateStore>> {
+        self.hard_states.borrow().clone()
     }
 
     /// Stops the group of `tp` and closes its replica (its files stay: the partition moved or
@@ -469,11 +526,18 @@ impl ReplicaSet {
             .collect()
     }
 
-    /// Stops and closes every consensus group of this shard (the shard is stopping).
+    /// Stops and closes every consensus group of this shard (the shard is stopping), then
+    /// the hard-state store.
     pub async fn close_groups(&self) {
         let all: Vec<TopicPartition> = self.groups.borrow().keys().cloned().collect();
         for tp in all {
             self.close_group(&tp).await;
+        }
+        let store = self.hard_states.borrow_mut().take();
+        if let Some(s) = store {
+            if let Err(e) = s.close().await {
+                tracing::error!(shard = self.shard, error = %e, "closing the hard-state store");
+            }
         }
     }
 
