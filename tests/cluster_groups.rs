@@ -25,8 +25,8 @@ use kafka_protocol::messages::{
     FindCoordinatorRequest, GroupId, MetadataRequest, MetadataResponse, OffsetFetchRequest,
     OffsetFetchResponse, TopicName,
 };
-use kafka_protocol::ResponseError;
 use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::ResponseError;
 
 const TOPIC: &str = "events";
 const GROUP: &str = "failover";
