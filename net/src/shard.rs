@@ -149,6 +149,9 @@ impl Shard {
     ) -> Rc<Shard> {
         let request_budget = crate::budget::RequestBudget::new(config.shard_request_memory_bytes());
         let shard_metrics = metrics.for_shard(id);
+        if let Some(port) = &config.cluster {
+            metrics.watch_cluster_service(port);
+        }
         request_budget.export_to(
             shard_metrics.request_memory_used.clone(),
             shard_metrics.request_memory_waits.clone(),
