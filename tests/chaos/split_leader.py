@@ -229,8 +229,8 @@ def scenario(binary, base_dir):
             summary["new_leader"] = new[0]
             summary["new_leader_seen_after_s"] = round(time.monotonic() - cut_at, 3)
             # A new producer's first request (InitProducerId) may go to any broker it is told
-            # of; the isolated one cannot reach the controller and answers after the call
-            # deadline, which librdkafka retries there. Clients see the isolated broker gone
+            # of; the isolated one knows no controller and answers COORDINATOR_NOT_AVAILABLE,
+            # which librdkafka retries, maybe there again. Clients see the isolated broker gone
             # once its session expired: produce from then on, as a new client would.
             #
             # Each majority node is asked itself, by a client that knows only it. One long-lived
