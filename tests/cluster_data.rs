@@ -434,3 +434,64 @@ fn an_isolated_leader_acknowledges_nothing_and_truncates_after_healing() {
     assert_eq!(summary["ok"], true, "{summary}");
     eprintln!("split leader: {summary}");
 }
+
+/// Longest an InitProducerId may take on a broker that knows no active controller: an answer,
+/// not the controller call deadline (5 s) spent waiting for one that cannot come.
+const CUT_OFF_ANSWER_BOUND: Duration = Duration::from_secs(1);
+
+/// InitProducerId (idempotent, no transactional id) on `addr`: error code, producer id, and
+/// how long the answer took.
+fn init_producer_id(addr: &str) -> (i16, i64, Duration) {
+    use kafka_protocol::messages::{InitProducerIdRequest, ProducerId};
+    let mut raw = common::Raw::connect(addr);
+    let req = InitProducerIdRequest::default()
+        .with_transaction_timeout_ms(60_000)
+        .with_producer_id(ProducerId(-1))
+        .with_producer_epoch(-1);
+    let at = Instant::now();
+    let resp = raw.call(4, &req);
+    (resp.error_code, resp.producer_id.0, at.elapsed())
+}
+
+fn signal(node: &Node, sig: &str) {
+    let pid = node.pid().expect("running").to_string();
+    let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
+    assert!(ok.success(), "kill {sig} {pid}");
+}
+
+/// A broker cut off from the only metadata voter (SIGSTOPped: its connections stay open, it
+/// answers nothing) answers InitProducerId at once with COORDINATOR_NOT_AVAILABLE, which
+/// clients retry, instead of holding the request for the controller call deadline; once the
+/// voter runs again the broker hands out a producer id.
+#[test]
+fn a_broker_cut_off_from_the_controller_answers_init_producer_id_at_once() {
+    let mut nodes = common::cluster::unstarted_nodes(2, 1, false, &[]);
+    for n in &mut nodes {
+        n.spawn();
+    }
+    let (voter, broker) = (&nodes[0], &nodes[1]);
+    wait_for(&[voter, broker], &[1, 2], &[1], "both nodes registered");
+
+    signal(voter, "-STOP");
+    // The broker's Metadata names itself the controller once it knows none (its heartbeat
+    // to the voter timed out).
+    wait_until("the broker to know no controller", CHANGE_BOUND, || {
+        common::cluster::metadata(&broker.addr()).filter(|(controller, _)| *controller == 2)
+    });
+    let (code, id, took) = init_producer_id(&broker.addr());
+    let unavailable = kafka_protocol::ResponseError::CoordinatorNotAvailable.code();
+    assert_eq!(
+        (code, id),
+        (unavailable, -1),
+        "cut off, answered in {took:?}"
+    );
+    assert!(took < CUT_OFF_ANSWER_BOUND, "cut off, answered in {took:?}");
+
+    signal(voter, "-CONT");
+    let (id, took) = wait_until("a producer id from the broker", CHANGE_BOUND, || {
+        let (code, id, took) = init_producer_id(&broker.addr());
+        (code == 0).then_some((id, took))
+    });
+    assert!(id >= 0, "producer id {id}");
+    eprintln!("producer id {id} after the voter resumed, answered in {took:?}");
+}

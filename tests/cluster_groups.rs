@@ -3,6 +3,12 @@
 //! consumers commit after every message; the coordinator's node is SIGKILLed; the group finds
 //! the new coordinator (the partition's new leader), its committed offsets are all there, and
 //! consumption goes on from them without reading again what was committed.
+//!
+//! A node that restarts tells clients about the cluster only once it knows it: a restarted
+//! node's Metadata named an existing topic UNKNOWN_TOPIC_OR_PARTITION and itself as the only
+//! broker, which librdkafka takes as the topic deleted and every other broker (the group
+//! coordinator's included) gone; after a rolling restart in a chaos soak both group consumers
+//! then hung in close().
 
 mod common;
 
@@ -13,11 +19,14 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{cluster, wait_for, Node, POLL};
 use common::{assert_success, python, Raw};
+use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
 use kafka_protocol::messages::{
-    FindCoordinatorRequest, GroupId, OffsetFetchRequest, OffsetFetchResponse, TopicName,
+    FindCoordinatorRequest, GroupId, MetadataRequest, MetadataResponse, OffsetFetchRequest,
+    OffsetFetchResponse, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::ResponseError;
 
 const TOPIC: &str = "events";
 const GROUP: &str = "failover";
@@ -134,6 +143,45 @@ fn highest_commits<'a>(events: impl Iterator<Item = &'a Events>) -> BTreeMap<i32
     out
 }
 
+/// Metadata v9 about `topics` as a consumer asks for it (no auto-creation).
+fn consumer_metadata(addr: &str, topics: &[&str]) -> MetadataResponse {
+    let mut raw = Raw::connect(addr);
+    raw.call(
+        9,
+        &MetadataRequest::default()
+            .with_topics(Some(
+                topics
+                    .iter()
+                    .map(|t| MetadataRequestTopic::default().with_name(Some(TopicName(s(t)))))
+                    .collect(),
+            ))
+            .with_allow_auto_topic_creation(false),
+    )
+}
+
+/// (broker ids, topic error code, partition count) of a Metadata answer about one topic.
+fn seen(r: &MetadataResponse) -> (Vec<i32>, i16, usize) {
+    let mut brokers: Vec<i32> = r.brokers.iter().map(|b| b.node_id.0).collect();
+    brokers.sort_unstable();
+    let t = r.topics.first().expect("the topic asked about");
+    (brokers, t.error_code, t.partitions.len())
+}
+
+/// A three-node cluster with TOPIC created (replication factor 3), every node agreeing.
+fn cluster_with_topic() -> Vec<Node> {
+    let nodes = cluster(3);
+    let all = [1, 2, 3];
+    let refs: Vec<&Node> = nodes.iter().collect();
+    wait_for(&refs, &all, &all, "cluster formed");
+    let bootstrap = nodes.iter().map(Node::addr).collect::<Vec<_>>().join(",");
+    let out = python(
+        "cluster_admin.py",
+        &[&bootstrap, TOPIC, &PARTITIONS.to_string(), "3"],
+    );
+    assert_success("cluster_admin.py", &out);
+    nodes
+}
+
 fn logs(nodes: &[Node]) -> String {
     nodes
         .iter()
@@ -143,18 +191,8 @@ fn logs(nodes: &[Node]) -> String {
 
 #[test]
 fn a_group_follows_its_coordinator_to_the_new_leader_and_keeps_its_commits() {
-    let mut nodes = cluster(3);
-    let all = [1, 2, 3];
-    {
-        let refs: Vec<&Node> = nodes.iter().collect();
-        wait_for(&refs, &all, &all, "cluster formed");
-    }
+    let mut nodes = cluster_with_topic();
     let bootstrap = nodes.iter().map(Node::addr).collect::<Vec<_>>().join(",");
-    let out = python(
-        "cluster_admin.py",
-        &[&bootstrap, TOPIC, &PARTITIONS.to_string(), "3"],
-    );
-    assert_success("cluster_admin.py", &out);
 
     let work = tempfile::tempdir().unwrap();
     let file = |name: &str| -> PathBuf { work.path().join(name) };
@@ -306,4 +344,59 @@ fn a_group_follows_its_coordinator_to_the_new_leader_and_keeps_its_commits() {
     for n in nodes.iter_mut().filter(|n| n.child.is_some()) {
         n.terminate();
     }
+}
+
+/// Bound on a restarted node's first Metadata answer: it waits for the cluster metadata at most
+/// the broker's METADATA_CATCH_UP_WAIT_MS (3 s); slack for a loaded test machine.
+const FIRST_ANSWER_BOUND: Duration = Duration::from_secs(10);
+
+#[test]
+fn a_restarted_node_answers_metadata_once_it_knows_the_brokers_and_topics() {
+    let mut nodes = cluster_with_topic();
+    let all: Vec<i32> = vec![1, 2, 3];
+    assert_eq!(
+        seen(&consumer_metadata(&nodes[0].addr(), &[TOPIC])),
+        (all.clone(), 0, PARTITIONS as usize)
+    );
+    nodes[0].terminate();
+    nodes[0].spawn();
+    // The first request right after the node answers ApiVersions: it has not applied the
+    // cluster metadata yet, and must not answer from the empty view it starts with.
+    let asked = Instant::now();
+    let first = consumer_metadata(&nodes[0].addr(), &[TOPIC]);
+    let took = asked.elapsed();
+    assert_eq!(
+        seen(&first),
+        (all, 0, PARTITIONS as usize),
+        "a restarted node's first Metadata answer (after {took:?}) must name every broker \
+         and the topic's partitions\n{}",
+        logs(&nodes)
+    );
+    assert!(took < FIRST_ANSWER_BOUND, "answered after {took:?}");
+}
+
+#[test]
+fn a_node_that_cannot_catch_up_calls_no_topic_unknown() {
+    let mut nodes = cluster_with_topic();
+    for n in &mut nodes {
+        n.kill();
+    }
+    // Alone it cannot reach a quorum, so it never applies the cluster metadata: it knows
+    // neither the topic nor the other brokers, and says so with a retriable error.
+    nodes[0].spawn();
+    let asked = Instant::now();
+    let r = consumer_metadata(&nodes[0].addr(), &[TOPIC, "never-created"]);
+    let took = asked.elapsed();
+    assert!(took < FIRST_ANSWER_BOUND, "answered after {took:?}");
+    for t in &r.topics {
+        assert_eq!(
+            t.error_code,
+            ResponseError::LeaderNotAvailable.code(),
+            "{:?} from a node that has not caught up (UNKNOWN_TOPIC_OR_PARTITION is {})\n{}",
+            t,
+            ResponseError::UnknownTopicOrPartition.code(),
+            logs(&nodes)
+        );
+    }
+    assert_eq!(r.topics.len(), 2);
 }

@@ -29,6 +29,17 @@ const REPLICATION_FACTOR: usize = 3;
 /// metrics show it); a loaded 2-core machine is allowed this much.
 const CHANGE_BOUND: Duration = Duration::from_secs(30);
 const RECORDS_PER_PRODUCE: i32 = 5;
+/// The `reason`s of `spate_cluster_service_dropped_total`, what the cluster service thread
+/// drops.
+const SERVICE_DROP_REASONS: [&str; 7] = [
+    "consensus_unhosted",
+    "consensus_inbox_full",
+    "shard_send_failed",
+    "report_unplaced",
+    "report_ack_queue_full",
+    "rpc_send_queue_full",
+    "rpc_send_failed",
+];
 
 /// GET /metrics from `port`: the body, or `None` if the node does not answer.
 fn scrape_text(port: u16) -> Option<String> {
@@ -202,6 +213,18 @@ fn leaders_report_isr_under_replication_and_lag_as_a_follower_dies_and_returns()
             text.contains("spate_cluster_dropped_messages_total{shard=\"0\",reason=\"consensus_channel_full\"}"),
             "{text}"
         );
+        // The cluster service thread's own drops, one series per reason.
+        let samples = parse(&text);
+        for reason in SERVICE_DROP_REASONS {
+            let key = (
+                "spate_cluster_service_dropped_total".to_string(),
+                BTreeMap::from([("reason".to_string(), reason.to_string())]),
+            );
+            let n = samples
+                .get(&key)
+                .unwrap_or_else(|| panic!("{key:?} missing:\n{text}"));
+            assert!(*n >= 0.0, "{key:?} = {n}");
+        }
     }
 
     // A node leading nothing (three nodes, two partitions) is killed: only followers die.

@@ -7,7 +7,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use kafka_protocol::messages::ApiKey;
@@ -19,6 +19,8 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use spate_replication::cluster::ClusterPort;
+use spate_replication::controller::service::ServiceStats;
 use spate_replication::NodeId;
 
 use crate::shard::TopicPartition;
@@ -66,6 +68,13 @@ pub struct DropLabels {
 /// and relies on consensus retransmits and repeated reports.
 pub const DROP_CONSENSUS_CHANNEL_FULL: &str = "consensus_channel_full";
 pub const DROP_REPORT_CHANNEL_FULL: &str = "report_channel_full";
+
+/// Why the cluster service thread dropped something (`spate_cluster_service_dropped_total`;
+/// the reasons are [`ServiceStats::by_reason`]'s).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceDropLabels {
+    pub reason: String,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GroupLabels {
@@ -125,6 +134,8 @@ pub struct Metrics {
     replication_lag: Family<PartitionLabels, Gauge>,
     reassignment_bytes_behind: Family<ReassignmentLabels, Gauge>,
     cluster_dropped: Family<DropLabels, Counter>,
+    /// A cluster node's port, whose service-thread counters are read at each scrape.
+    cluster_port: OnceLock<ClusterPort>,
     scrape: Arc<ScrapeTime>,
 }
 
@@ -171,6 +182,7 @@ impl Metrics {
             replication_lag: Family::default(),
             reassignment_bytes_behind: Family::default(),
             cluster_dropped: Family::default(),
+            cluster_port: OnceLock::new(),
             scrape: Arc::default(),
         };
         let mut r = Registry::default();
@@ -308,6 +320,12 @@ impl Metrics {
         Metrics { registry: r, ..m }
     }
 
+    /// Exports the counters of `port`'s cluster service thread from now on (a cluster node has
+    /// one service thread; every shard holds the same port, the first call wins).
+    pub fn watch_cluster_service(&self, port: &ClusterPort) {
+        let _ = self.cluster_port.set(port.clone());
+    }
+
     /// This shard's handles; call once per shard, on its thread.
     pub fn for_shard(self: &Arc<Self>, shard: usize) -> ShardMetrics {
         let labels = ShardLabels {
@@ -352,6 +370,7 @@ impl Metrics {
         *snapshot = Snapshot {
             lag,
             rss_bytes: resident_bytes(),
+            cluster_service: self.cluster_port.get().map(ClusterPort::service_stats),
         };
         drop(snapshot);
         let mut out = String::new();
@@ -367,6 +386,8 @@ struct Snapshot {
     /// Committed offset and the partition's log end, if the partition is open.
     lag: Vec<(CommittedOffset, Option<i64>)>,
     rss_bytes: Option<u64>,
+    /// The cluster service thread's counters (cluster nodes).
+    cluster_service: Option<ServiceStats>,
 }
 
 /// Metrics computed at scrape time. The lock is taken only by the scrape thread.
@@ -415,6 +436,23 @@ impl Collector for ScrapeTime {
             lag.metric_type(),
         )?;
         lag.encode(m)?;
+        if let Some(stats) = &snap.cluster_service {
+            let dropped: Family<ServiceDropLabels, Counter> = Family::default();
+            for (reason, n) in stats.by_reason() {
+                dropped
+                    .get_or_create(&ServiceDropLabels {
+                        reason: reason.to_string(),
+                    })
+                    .inc_by(n);
+            }
+            let m = encoder.encode_descriptor(
+                "spate_cluster_service_dropped",
+                "What the cluster service thread dropped, by reason: consensus entries for groups not hosted here or for a full shard inbox (consensus resends), shard consensus messages and controller frames the rpc transport refused or dropped from a full send queue, leader reports for groups not placed here and their acknowledgements to a full shard queue (reports repeat)",
+                None,
+                dropped.metric_type(),
+            )?;
+            dropped.encode(m)?;
+        }
         Ok(())
     }
 }

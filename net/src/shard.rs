@@ -126,6 +126,8 @@ pub struct Shard {
     pub requests_read: Cell<u64>,
     /// Connections of this shard closed so far.
     pub connections_closed: Cell<u64>,
+    /// Latched by [`Self::has_caught_up`] the first time this node's view was caught up.
+    caught_up_once: Cell<bool>,
 }
 
 impl ShardState for Shard {
@@ -147,6 +149,9 @@ impl Shard {
     ) -> Rc<Shard> {
         let request_budget = crate::budget::RequestBudget::new(config.shard_request_memory_bytes());
         let shard_metrics = metrics.for_shard(id);
+        if let Some(port) = &config.cluster {
+            metrics.watch_cluster_service(port);
+        }
         request_budget.export_to(
             shard_metrics.request_memory_used.clone(),
             shard_metrics.request_memory_waits.clone(),
@@ -185,6 +190,7 @@ impl Shard {
             request_budget,
             requests_read: Cell::new(0),
             connections_closed: Cell::new(0),
+            caught_up_once: Cell::new(false),
         });
         CURRENT.with(|c| *c.borrow_mut() = Some(shard.clone()));
         shard
@@ -252,6 +258,24 @@ impl Shard {
         } else {
             kafka_protocol::ResponseError::NotLeaderOrFollower.code()
         }
+    }
+
+    /// Whether this node has applied the cluster metadata at least once since it started
+    /// (alone: always). Until then its view may lack every topic and every other broker, so
+    /// what it could tell clients about the cluster would be wrong, not merely stale: librdkafka
+    /// takes a topic missing from a Metadata answer as deleted, and a broker missing from one
+    /// as gone from the cluster. Once caught up, a node that is fenced later (cut off from the
+    /// controller) keeps the metadata it applied, as a Kafka broker keeps its metadata cache.
+    pub fn has_caught_up(&self) -> bool {
+        if self.caught_up_once.get() {
+            return true;
+        }
+        let Some(port) = &self.config.cluster else {
+            return true;
+        };
+        let now = port.view().caught_up;
+        self.caught_up_once.set(now);
+        now
     }
 
     pub fn begin_shutdown(&self) {

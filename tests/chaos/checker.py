@@ -282,10 +282,23 @@ def check(events, rules=None):
             "refused": sum(1 for e in events if e["type"] == "move" and e.get("error")),
             "done": sum(1 for e in events if e["type"] == "move_end" and e.get("done")),
         },
+        "closes": _closes(events),
         "unavailability": unavailability,
         "per_fault": per_fault,
         "anomalies": anomalies,
         "examples": {k: f.examples[k] for k in anomalies},
+    }
+
+
+def _closes(events):
+    """Consumers' close() calls (workload close_start/close_end): how many, the longest, and
+    the processes whose close never returned."""
+    started = {e["proc"] for e in events if e["type"] == "close_start"}
+    ended = [e for e in events if e["type"] == "close_end"]
+    return {
+        "started": len(started),
+        "max_s": max((e["duration_s"] for e in ended), default=None),
+        "unfinished": sorted(started - {e["proc"] for e in ended}),
     }
 
 
@@ -350,6 +363,11 @@ def describe(summary):
     m = summary.get("moves") or {}
     if m.get("asked"):
         lines.append(f"moves: asked {m['asked']}, refused {m['refused']}, done {m['done']}")
+    cl = summary.get("closes") or {}
+    if cl.get("started"):
+        lines.append(f"consumer closes: {cl['started']}, longest {cl['max_s']} s"
+                     + (f", NEVER RETURNED: {', '.join(cl['unfinished'])}"
+                        if cl["unfinished"] else ""))
     for kind, u in summary["unavailability"].items():
         lines.append(f"  unavailable during {kind}: median {u['median_s']} s, "
                      f"max {u['max_s']} s over {u['faults']}")

@@ -198,6 +198,9 @@ def main(argv=None):
     cluster = None
     stop = threading.Event()
     workers = []
+    # Workers still in a client call WORKER_JOIN_TIMEOUT_S after the stop, with a healthy
+    # cluster (every node running, acks resumed): a finding, never a pass.
+    stuck = []
     harness_error = None
     try:
         if use_netns:
@@ -262,6 +265,7 @@ def main(argv=None):
         for w in workers:
             if w.is_alive():
                 record_stuck(h, w.proc, w)
+                stuck.append(w.proc)
         if harness_error is None and cluster is not None:
             bounded_final_read(cluster.bootstrap, args.partitions, h)
         if cluster is not None:
@@ -289,6 +293,9 @@ def main(argv=None):
     if moves.get("asked", 0) >= MOVES_FOR_A_VERDICT and moves.get("done", 0) == 0:
         failures.append(f"{moves['asked']} replica moves asked, none finished: the move "
                         "nemeses tested nothing")
+    for proc in stuck:
+        failures.append(f"{proc} still in a client call {WORKER_JOIN_TIMEOUT_S:.0f} s after "
+                        "the stop (its stack is a harness_error in history.jsonl)")
     if not any(e["type"] == "recovered" and e["ok"] for e in events):
         failures.append(f"no ack within {RECOVERY_TIMEOUT_S} s after the faults ended")
     if failures:

@@ -300,6 +300,18 @@ class CheckerTest(unittest.TestCase):
                     fh.write(json.dumps(e) + "\n")
             self.assertEqual(checker.main([clean, "--out", d]), 0)
 
+    def test_a_close_that_never_returned_is_reported(self):
+        s = Synth()
+        s.clean()
+        s.ev("close_start", proc="g0")
+        s.ev("close_start", proc="g1")
+        s.ev("close_end", proc="g0", duration_s=0.25)
+        summary = checker.check(s.events)
+        self.assertEqual(summary["closes"],
+                         {"started": 2, "max_s": 0.25, "unfinished": ["g1"]})
+        self.assertIn("NEVER RETURNED: g1", checker.describe(summary))
+        self.assertEqual(checker.check(Synth().clean())["closes"]["unfinished"], [])
+
     def test_history_round_trip(self):
         with tempfile.TemporaryDirectory() as d:
             h = history.History(os.path.join(d, "h.jsonl"))

@@ -95,6 +95,15 @@ class Worker(threading.Thread):
             self.history.record("worker_error", proc=self.proc, error=repr(e),
                                 traceback=traceback.format_exc())
 
+    def close_consumer(self, consumer):
+        """consumer.close() between close_start and close_end (with its duration): a close
+        that never returns leaves a close_start alone, which the runner reports."""
+        t0 = time.monotonic()
+        self.history.record("close_start", proc=self.proc)
+        consumer.close()
+        self.history.record("close_end", proc=self.proc,
+                            duration_s=round(time.monotonic() - t0, 3))
+
 
 class ProducerWorker(Worker):
     def __init__(self, name, bootstrap, topic, history, stop_event, rate_per_s):
@@ -236,7 +245,7 @@ class GroupConsumer(Worker):
                 if next_offsets:
                     self._commit(consumer, next_offsets)
         finally:
-            consumer.close()
+            self.close_consumer(consumer)
 
     def _commit(self, consumer, next_offsets):
         tps = [TopicPartition(self.topic, p, o) for p, o in sorted(next_offsets.items())]
@@ -291,7 +300,7 @@ class AssignedReader(Worker):
                     self.history.record("poll", proc=self.proc, partition=m.partition(),
                                         offset=m.offset(), value=m.value().decode())
         finally:
-            consumer.close()
+            self.close_consumer(consumer)
 
 
 def final_read(bootstrap, topic, partitions, history, proc="final"):

@@ -2,6 +2,12 @@
 //! metadata store, which reserves them on disk so they are never reused after a restart; in a
 //! cluster, from this node's block of ids granted by the controller (KIP-730), unique across
 //! the cluster.
+//!
+//! A new block takes a call to the active controller, which waits up to the controller call
+//! deadline (seconds) for an answer. A node that knows it cannot get one (it knows no active
+//! controller: its metadata quorum lost, or it is cut off from the voters; or the applied
+//! metadata has it fenced or unregistered) answers at once COORDINATOR_NOT_AVAILABLE, which
+//! Kafka clients retry, usually on another broker.
 
 use std::rc::Rc;
 
@@ -27,6 +33,11 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
         resp.producer_id = r.producer_id;
         resp.producer_epoch = r.producer_epoch + 1;
     } else if let Some(port) = &shard.config.cluster {
+        let view = port.view();
+        if view.controller.is_none() || !view.caught_up {
+            resp.error_code = ResponseError::CoordinatorNotAvailable.code();
+            return encode_response(req.correlation_id, req.api_version, &resp);
+        }
         match port.allocate_producer_id().await {
             Ok(id) => {
                 resp.producer_id = ProducerId(id);

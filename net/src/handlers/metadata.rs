@@ -3,9 +3,19 @@
 //! partition's leader (or LEADER_NOT_AVAILABLE), leader epoch, replicas, in-sync replicas and
 //! offline replicas, the same from any node. Unknown topics are created when auto-creation is
 //! on and the client allows it (in a cluster, by the controller).
+//!
+//! A cluster node that has not applied the cluster metadata since it started (it is replaying
+//! or fetching the metadata log) does not know the topics and the other brokers yet. Kafka
+//! brokers do not serve clients before they caught up; here a Metadata request waits for it,
+//! at most [`METADATA_CATCH_UP_WAIT_MS`], and a topic the node still does not know then is
+//! answered LEADER_NOT_AVAILABLE (retried), never UNKNOWN_TOPIC_OR_PARTITION: librdkafka takes
+//! that as the topic deleted (the partition count drops to 0, group consumers revoke their
+//! partitions) and a broker missing from the list as removed from the cluster (it decommissions
+//! the handle, the group coordinator's included). Nor is such a topic auto-created.
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
@@ -29,6 +39,13 @@ use crate::shard::Shard;
 
 /// Topic names one Metadata request may auto-create (a request cannot create thousands).
 pub const MAX_AUTO_CREATE_PER_REQUEST: usize = 100;
+/// Longest a Metadata request to a cluster node that has not caught up with the cluster
+/// metadata since it started waits for it (a restarted node usually needs well under a
+/// second; one that cannot reach a quorum answers with what it has after this). Far below the
+/// clients' request timeouts (librdkafka 60 s, the Java client 30 s).
+pub const METADATA_CATCH_UP_WAIT_MS: u64 = 3_000;
+/// How often the waiting request looks at the node's view again.
+const CATCH_UP_POLL_MS: u64 = 20;
 
 /// A broker as Metadata and DescribeCluster list it.
 pub(crate) struct ListedBroker {
@@ -97,6 +114,7 @@ pub(crate) fn brokers_view(shard: &Shard, include_fenced: bool) -> BrokersView {
 pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError> {
     let r: MetadataRequest = decode_body(req)?;
     let node = shard.config.node_id;
+    let caught_up = wait_for_catch_up(shard).await;
     let mut resp = MetadataResponse::default();
     let cluster = brokers_view(shard, false);
     for b in &cluster.brokers {
@@ -123,7 +141,7 @@ pub async fn handle(shard: &Rc<Shard>, req: &Request) -> Result<Bytes, NetError>
     let allow_create =
         (req.api_version < 4 || r.allow_auto_topic_creation) && shard.config.auto_create_topics;
     if let Some(port) = &shard.config.cluster {
-        resp.topics = cluster_topics(shard, port, requested, allow_create, v).await;
+        resp.topics = cluster_topics(shard, port, requested, allow_create, caught_up, v).await;
         return encode_response(req.correlation_id, req.api_version, &resp);
     }
     let mut created = 0usize;
@@ -301,13 +319,30 @@ fn topic_error(
     entry
 }
 
+/// Waits (bounded) until this node has caught up with the cluster metadata since it started,
+/// or the broker stops; returns whether it has. Alone, at once.
+async fn wait_for_catch_up(shard: &Shard) -> bool {
+    let deadline = Instant::now() + Duration::from_millis(METADATA_CATCH_UP_WAIT_MS);
+    loop {
+        if shard.has_caught_up() {
+            return true;
+        }
+        if shard.is_shutting_down() || Instant::now() >= deadline {
+            return false;
+        }
+        glommio::timer::sleep(Duration::from_millis(CATCH_UP_POLL_MS)).await;
+    }
+}
+
 /// The topics of a cluster's Metadata answer: all of them, or those requested (by id or name),
-/// auto-creating unknown names through the controller.
+/// auto-creating unknown names through the controller. A node that has not `caught_up` answers
+/// a topic it does not know LEADER_NOT_AVAILABLE and creates nothing.
 async fn cluster_topics(
     shard: &Shard,
     port: &ClusterPort,
     requested: Option<Vec<MetadataRequestTopic>>,
     allow_create: bool,
+    caught_up: bool,
     version: i16,
 ) -> Vec<MetadataResponseTopic> {
     let view = port.view();
@@ -336,12 +371,15 @@ async fn cluster_topics(
             out.push(describe_replicated(n, t, state, version));
             continue;
         }
+        // Not known here yet is not unknown to the cluster.
+        let not_caught_up = ResponseError::LeaderNotAvailable.code();
         let Some(name) = name else {
-            out.push(topic_error(
-                &want,
-                version,
-                ResponseError::UnknownTopicId.code(),
-            ));
+            let code = if caught_up {
+                ResponseError::UnknownTopicId.code()
+            } else {
+                not_caught_up
+            };
+            out.push(topic_error(&want, version, code));
             continue;
         };
         if !valid_topic_name(&name) || is_reserved_topic_name(&name) {
@@ -350,6 +388,10 @@ async fn cluster_topics(
                 version,
                 ResponseError::InvalidTopicException.code(),
             ));
+            continue;
+        }
+        if !caught_up {
+            out.push(topic_error(&want, version, not_caught_up));
             continue;
         }
         if !allow_create || created >= MAX_AUTO_CREATE_PER_REQUEST {

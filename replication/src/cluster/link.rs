@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::cluster::LeaderReport;
 use crate::controller::active::CreateTopicRequest;
+use crate::controller::service::{ServiceStats, StatCells};
 use crate::controller::view::{ClusterView, SharedClusterView};
 use crate::node::NodeMessage;
 use crate::shard::cross_wake;
@@ -155,6 +156,8 @@ pub struct ClusterPort {
     calls: flume::Sender<ControllerCall>,
     /// The unused rest of this node's producer-id block: `(next, end)`.
     producer_ids: Arc<Mutex<(u64, u64)>>,
+    /// The service thread's counters (what it dropped), for the Kafka layer's metrics.
+    service_stats: Arc<StatCells>,
 }
 
 impl ClusterPort {
@@ -163,7 +166,18 @@ impl ClusterPort {
             view,
             calls,
             producer_ids: Arc::new(Mutex::new((0, 0))),
+            service_stats: Arc::default(),
         }
+    }
+
+    /// The cluster service thread's counters so far (all zero without a service thread).
+    pub fn service_stats(&self) -> ServiceStats {
+        self.service_stats.snapshot()
+    }
+
+    /// The cells the service thread counts into.
+    pub(crate) fn service_stat_cells(&self) -> Arc<StatCells> {
+        self.service_stats.clone()
     }
 
     /// The cluster as this node has applied it (brokers, topics, partitions).

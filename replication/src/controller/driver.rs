@@ -1000,8 +1000,12 @@ impl<R: Clone> Driver<R> {
             .outstanding
             .retain(|_, (_, at, _)| now.saturating_sub(*at) < timeout);
         if self.agent.outstanding.len() < before {
-            // The controller we asked is gone or cut off: ask the next voter.
-            self.agent.hint = None;
+            // The controller we asked is gone or cut off: ask the next voter. The view says
+            // so too (a broker knows no controller until one answers), which the Kafka layer
+            // reads to answer controller calls at once instead of after their deadline.
+            if self.agent.hint.take().is_some() {
+                self.generation += 1;
+            }
             self.agent.rotate += 1;
         }
         let pending = |a: &Agent, r: Req| a.outstanding.values().any(|x| x.0 == r);
@@ -1054,7 +1058,10 @@ impl<R: Clone> Driver<R> {
     fn agent_refused(&mut self, e: &RpcErrorReply) {
         match e.code {
             RpcErrorCode::NotController | RpcErrorCode::Unavailable => {
-                self.agent.hint = e.leader_hint.filter(|h| self.cfg.voters.contains(h));
+                let hint = e.leader_hint.filter(|h| self.cfg.voters.contains(h));
+                if std::mem::replace(&mut self.agent.hint, hint) != hint {
+                    self.generation += 1;
+                }
                 if self.agent.hint.is_none() {
                     self.agent.rotate += 1;
                 }

@@ -128,14 +128,43 @@ pub struct ServiceStats {
     pub shard_sends_failed: u64,
     /// Leader reports for groups the applied metadata does not place on this node.
     pub reports_unplaced: u64,
+    /// Acknowledgements of accepted leader reports dropped because their shard's queue was
+    /// full (the shard re-sends the report and it is acknowledged again).
+    pub report_acks_dropped: u64,
+    /// Frames the rpc transport dropped from a full send queue (the oldest go first).
+    pub rpc_frames_dropped: u64,
+    /// The controller driver's frames (metadata consensus, broker requests, answers) the
+    /// transport refused (unknown peer, oversized, connection gone).
+    pub rpc_sends_failed: u64,
 }
 
-#[derive(Default)]
-struct StatCells {
+impl ServiceStats {
+    /// Every counter with a short name (the `reason` label of the Prometheus series).
+    pub fn by_reason(&self) -> [(&'static str, u64); 7] {
+        [
+            ("consensus_unhosted", self.consensus_unhosted),
+            ("consensus_inbox_full", self.consensus_inbox_full),
+            ("shard_send_failed", self.shard_sends_failed),
+            ("report_unplaced", self.reports_unplaced),
+            ("report_ack_queue_full", self.report_acks_dropped),
+            ("rpc_send_queue_full", self.rpc_frames_dropped),
+            ("rpc_send_failed", self.rpc_sends_failed),
+        ]
+    }
+}
+
+/// The service thread's counters, shared with the [`ClusterPort`] (the Kafka layer exports
+/// them) and [`ClusterService::stats`].
+#[derive(Debug, Default)]
+pub(crate) struct StatCells {
     consensus_unhosted: AtomicU64,
     consensus_inbox_full: AtomicU64,
     shard_sends_failed: AtomicU64,
     reports_unplaced: AtomicU64,
+    report_acks_dropped: AtomicU64,
+    /// A copy of the transport's own running total, taken every tick.
+    rpc_frames_dropped: AtomicU64,
+    rpc_sends_failed: AtomicU64,
 }
 
 impl StatCells {
@@ -145,12 +174,15 @@ impl StatCells {
         }
     }
 
-    fn snapshot(&self) -> ServiceStats {
+    pub(crate) fn snapshot(&self) -> ServiceStats {
         ServiceStats {
             consensus_unhosted: self.consensus_unhosted.load(Ordering::Relaxed),
             consensus_inbox_full: self.consensus_inbox_full.load(Ordering::Relaxed),
             shard_sends_failed: self.shard_sends_failed.load(Ordering::Relaxed),
             reports_unplaced: self.reports_unplaced.load(Ordering::Relaxed),
+            report_acks_dropped: self.report_acks_dropped.load(Ordering::Relaxed),
+            rpc_frames_dropped: self.rpc_frames_dropped.load(Ordering::Relaxed),
+            rpc_sends_failed: self.rpc_sends_failed.load(Ordering::Relaxed),
         }
     }
 }
@@ -191,6 +223,7 @@ impl ClusterService {
         let (calls_tx, calls_rx) = flume::bounded(CONTROLLER_CALL_QUEUE);
         let (events_tx, events_rx) = flume::bounded(SHARD_EVENT_QUEUE);
         let port = ClusterPort::new(view.clone(), calls_tx);
+        let stats = port.service_stat_cells();
         let mut ends = ShardEnds {
             inboxes: Vec::with_capacity(shards),
             accepted: Vec::with_capacity(shards),
@@ -213,7 +246,6 @@ impl ClusterService {
         }
         drop(events_tx);
         let stop = Arc::new(AtomicBool::new(false));
-        let stats = Arc::new(StatCells::default());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (view2, stop2, stats2) = (view.clone(), stop.clone(), stats.clone());
         let handle = LocalExecutorBuilder::new(Placement::Unbound)
@@ -302,7 +334,8 @@ impl Ctx {
     /// After every event: frames out, then (when the applied metadata moved) the plan, peers
     /// and mirror, then the view, then the answers and acknowledgements this allows.
     fn publish(&mut self) {
-        flush(&mut self.driver, &self.transport);
+        let unsent = flush(&mut self.driver, &self.transport);
+        StatCells::add(&self.stats.rpc_sends_failed, unsent);
         if self.plan_at != Some(self.driver.applied()) {
             self.plan_at = Some(self.driver.applied());
             self.refresh_applied();
@@ -339,6 +372,7 @@ impl Ctx {
             }
             let (shard, report) = self.reports.remove(&group).expect("present");
             if self.accepted[shard].try_send(report).is_err() {
+                StatCells::add(&self.stats.report_acks_dropped, 1);
                 tracing::debug!(
                     group,
                     shard,
@@ -794,6 +828,9 @@ async fn run(
         let c = &mut *ctx.borrow_mut();
         fatal_on_error(c.driver.tick(now_ms()));
         c.publish();
+        c.stats
+            .rpc_frames_dropped
+            .store(c.transport.stats().frames_dropped, Ordering::Relaxed);
     }
     transport.stop();
     drop(receiver);
@@ -804,16 +841,20 @@ async fn run(
     tracing::info!("cluster service stopped");
 }
 
-fn flush(d: &mut Driver<ReplyTo>, transport: &Transport) {
+/// Hands the driver's frames to the transport; returns how many it refused.
+fn flush(d: &mut Driver<ReplyTo>, transport: &Transport) -> u64 {
+    let mut unsent = 0;
     for o in d.take_outgoing() {
         let res = match o {
             Outgoing::Peer { to, frame } => transport.send(to, &frame).map_err(|e| e.to_string()),
             Outgoing::Reply { to, frame } => to.send(&frame).map_err(|e| e.to_string()),
         };
         if let Err(e) = res {
+            unsent += 1;
             tracing::warn!(error = %e, "rpc frame not sent");
         }
     }
+    unsent
 }
 
 /// The metadata log could not be written: the node cannot keep its promises to the quorum
