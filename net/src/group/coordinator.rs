@@ -2,6 +2,7 @@
 //! its `__consumer_offsets` partitions, and turns requests into responses and records.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound::{Included, Unbounded};
 
 use bytes::{Buf, Bytes};
 use kafka_protocol::error::ResponseError;
@@ -177,17 +178,16 @@ impl GroupCoordinator {
         now_ms: i64,
     ) -> Result<usize, GroupRecordError> {
         let owned;
-        let raw = match uncompressed_records(batch)? {
-            Some(raw) => raw,
+        let views = match uncompressed_records(batch, RecordView::decode)? {
+            Some(views) => views,
             None => {
                 owned = decode_raw_batches(batch.clone())?;
-                owned.iter().map(|(k, v)| (&k[..], v.as_deref())).collect()
+                owned
+                    .iter()
+                    .map(|(k, v)| RecordView::decode(k, v.as_deref()))
+                    .collect::<Result<Vec<_>, _>>()?
             }
         };
-        let views = raw
-            .into_iter()
-            .map(|(k, v)| RecordView::decode(k, v))
-            .collect::<Result<Vec<_>, _>>()?;
         // A batch holds one commit request: a run of offsets of one group, applied with one
         // look-up of the group.
         let mut rest = &views[..];
@@ -260,11 +260,11 @@ impl GroupCoordinator {
 
     /// Replays offset records of one group, in log order. Start-up runs this for every commit
     /// in the log, so replacing an offset the group holds allocates nothing.
-    fn replay_offsets(
+    fn replay_offsets<'a>(
         &mut self,
         partition: i32,
         group_id: &str,
-        records: &[RecordView<'_>],
+        records: &[RecordView<'a>],
         now_ms: i64,
     ) {
         if !self.replays_here(partition, group_id) {
@@ -282,31 +282,46 @@ impl GroupCoordinator {
         }
         let offsets = &mut self.groups.get_mut(group_id).expect("held").offsets;
         let key = &mut self.replay_key;
-        for record in records {
-            let RecordView::Offset {
-                group_id: g,
+        let fields = |r: &RecordView<'a>| match *r {
+            RecordView::Offset {
                 topic,
-                partition: p,
+                partition,
                 value,
-            } = record
-            else {
-                unreachable!("offset records only");
-            };
-            debug_assert_eq!(*g, group_id);
+                ..
+            } => (topic, partition, value),
+            RecordView::Group { .. } => unreachable!("offset records only"),
+        };
+        let mut rest = records;
+        while let Some(first) = rest.first() {
+            let (topic, p, value) = fields(first);
             key.0.clear();
             key.0.push_str(topic);
-            key.1 = *p;
-            match value {
-                Some(v) => match offsets.get_mut(key) {
-                    Some(held) => *held = v.to_value(),
-                    None => {
+            key.1 = p;
+            // A commit request lists its offsets in the order the map keeps them (topic, then
+            // partition), so after one is found the next is tried just after it, not searched.
+            let mut replaced = 0;
+            let mut held = offsets.range_mut::<(String, i32), _>((Included(&*key), Unbounded));
+            for record in rest {
+                let (topic, p, value) = fields(record);
+                let Some(v) = value else { break };
+                match held.next() {
+                    Some(((t, hp), slot)) if t == topic && *hp == p => *slot = v.to_value(),
+                    _ => break,
+                }
+                replaced += 1;
+            }
+            if replaced == 0 {
+                match value {
+                    Some(v) => {
                         offsets.insert(key.clone(), v.to_value());
                     }
-                },
-                None => {
-                    offsets.remove(key);
+                    None => {
+                        offsets.remove(key);
+                    }
                 }
+                replaced = 1;
             }
+            rest = &rest[replaced..];
         }
     }
 

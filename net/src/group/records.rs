@@ -432,17 +432,16 @@ const ATTR_CONTROL: i16 = 0x20;
 /// lengths, header count): bounds the allocation a batch's stored record count can ask for.
 const MIN_RECORD_BYTES: usize = 7;
 
-/// A record's key and value borrowed from the batch it is stored in (`None`: a tombstone).
-pub type RecordSlices<'a> = (&'a [u8], Option<&'a [u8]>);
-
-/// The keys and values of the records of one stored RecordBatch v2 (its whole bytes, as a log
-/// read returns them), borrowed from it; none for a control batch. `Ok(None)` for a compressed
+/// `decode` of the key and value (`None`: a tombstone) of every record of one stored
+/// RecordBatch v2 (its whole bytes, as a log read returns them), borrowed from it; none for a
+/// control batch. `Ok(None)` for a compressed
 /// batch, which [`decode_raw_batches`] decodes instead (the coordinator never writes one). The
 /// batch CRC is not checked again: the log checked its frame's CRC-32C, which covers the whole
 /// batch, when it read it (and replay checks every record's bounds and fields regardless).
-pub fn uncompressed_records(
-    batch: &[u8],
-) -> Result<Option<Vec<RecordSlices<'_>>>, GroupRecordError> {
+pub fn uncompressed_records<'a, T>(
+    batch: &'a [u8],
+    mut decode: impl FnMut(&'a [u8], Option<&'a [u8]>) -> Result<T, GroupRecordError>,
+) -> Result<Option<Vec<T>>, GroupRecordError> {
     let bad = |what: &str| GroupRecordError::Batch(what.to_string());
     if batch.len() < BATCH_HEADER_BYTES {
         return Err(bad("shorter than a batch header"));
@@ -488,7 +487,7 @@ pub fn uncompressed_records(
         if headers < 0 || !r.is_empty() {
             return Err(bad("record length does not match its fields"));
         }
-        out.push((key, value));
+        out.push(decode(key, value)?);
     }
     if !rest.is_empty() {
         return Err(GroupRecordError::TrailingBytes(rest.len()));
