@@ -720,6 +720,39 @@ mod tests {
         prop_oneof![offset, group]
     }
 
+    #[test]
+    fn compressed_and_control_batches_are_recognised() {
+        let record = OffsetsRecord::Group {
+            group_id: "g".into(),
+            value: None,
+        };
+        let batch = encode_batch(&[record], 0).to_vec();
+        let decode = |k: &[u8], v: Option<&[u8]>| OffsetsRecord::decode(k, v);
+        // The attributes' low bits name the codec (1: gzip); the walk leaves such a batch to
+        // the decoder.
+        let mut gzip = batch.clone();
+        gzip[22] |= 1;
+        assert_eq!(uncompressed_records(&gzip, decode), Ok(None));
+        let mut control = batch.clone();
+        control[22] |= 0x20;
+        assert_eq!(uncompressed_records(&control, decode), Ok(Some(Vec::new())));
+        let mut v1 = batch;
+        v1[16] = 1;
+        assert!(uncompressed_records(&v1, decode).is_err());
+    }
+
+    #[test]
+    fn varints_decode_as_kafka_writes_them() {
+        let mut b: &[u8] = &[0x01];
+        assert_eq!(varint(&mut b), Ok(-1));
+        let mut b: &[u8] = &[0xac, 0x02];
+        assert_eq!(varint(&mut b), Ok(150));
+        let mut b: &[u8] = &[0xff; 11];
+        assert!(varint(&mut b).is_err());
+        let mut b: &[u8] = &[0x80];
+        assert!(varint(&mut b).is_err());
+    }
+
     proptest! {
         #[test]
         fn record_roundtrip(record in arb_record()) {
@@ -738,6 +771,29 @@ mod tests {
             prop_assert_eq!(header.base_sequence(), -1);
             prop_assert_eq!(header.records_count() as usize, records.len());
             prop_assert_eq!(decode_batches(batch).unwrap(), records);
+        }
+
+        /// The in-place walk of a stored batch reads exactly what the kafka_protocol decoder
+        /// reads.
+        #[test]
+        fn uncompressed_walk_matches_the_decoder(records in proptest::collection::vec(arb_record(), 1..8), ts in 0i64..i64::MAX / 2) {
+            let batch = encode_batch(&records, ts);
+            let walked = uncompressed_records(&batch, |k, v| OffsetsRecord::decode(k, v)).unwrap();
+            prop_assert_eq!(walked, Some(records));
+        }
+
+        /// A damaged batch is an error (or, where the damage lands in a field the walk does
+        /// not read, the same records), never a panic.
+        #[test]
+        fn damaged_batches_never_panic(records in proptest::collection::vec(arb_record(), 1..4),
+                                       at in any::<prop::sample::Index>(), byte in any::<u8>(),
+                                       cut in any::<prop::sample::Index>()) {
+            let batch = encode_batch(&records, 0).to_vec();
+            let short = &batch[..cut.index(batch.len())];
+            prop_assert!(uncompressed_records(short, |k, v| OffsetsRecord::decode(k, v)).is_err());
+            let mut bent = batch.clone();
+            bent[at.index(batch.len())] = byte;
+            let _ = uncompressed_records(&bent, |k, v| OffsetsRecord::decode(k, v));
         }
 
         #[test]
