@@ -45,6 +45,10 @@ STOP_TIMEOUT_S = 120.0
 # broker's default cleaner backoff of 15 s), waited for at most SETTLE_TIMEOUT_S.
 SETTLE_QUIET_S = 20.0
 SETTLE_TIMEOUT_S = 600.0
+# The series appears once the cleaner finished its first log (its first round starts a backoff
+# after the start, and a paced pass over a dirty 80 MB partition takes seconds, more on a loaded
+# machine); a binary still without it after this long has no such series.
+SETTLE_SERIES_WAIT_S = 120.0
 SOCKET_TIMEOUT_S = 60.0
 # Requests in flight per connection (the broker's default allows 32).
 PIPELINE_DEPTH = 16
@@ -298,9 +302,10 @@ class Broker:
         while time.monotonic() - start < SETTLE_TIMEOUT_S:
             now_read = self.cleaner_bytes_read()
             now = time.monotonic()
-            if now_read is None and now - start > SETTLE_QUIET_S:
-                return None
-            if now_read != last:
+            if now_read is None:
+                if now - start > SETTLE_SERIES_WAIT_S:
+                    return None
+            elif now_read != last:
                 last, changed = now_read, now
             elif now - changed >= SETTLE_QUIET_S:
                 return round(changed - start, 1)

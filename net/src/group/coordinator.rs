@@ -2,6 +2,7 @@
 //! its `__consumer_offsets` partitions, and turns requests into responses and records.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound::{Included, Unbounded};
 
 use bytes::{Buf, Bytes};
 use kafka_protocol::error::ResponseError;
@@ -34,7 +35,10 @@ use kafka_protocol::protocol::{Decodable, Message};
 
 use super::config::GroupConfig;
 use super::group::{join_error, str_bytes, sync_error, Group, GroupState, JoinParams, Member};
-use super::records::{partition_for, OffsetValue, OffsetsRecord, MAX_STRING_BYTES, OFFSETS_TOPIC};
+use super::records::{
+    decode_raw_batches, partition_for, uncompressed_records, GroupRecordError, OffsetValue,
+    OffsetsRecord, RecordView, MAX_STRING_BYTES, OFFSETS_TOPIC,
+};
 use super::{Effect, PendingReply, ReplyId};
 
 /// Most protocols one member may offer in a JoinGroup.
@@ -88,6 +92,9 @@ pub struct GroupCoordinator {
     effects: Vec<Effect>,
     member_seq: u64,
     next_retention_check_ms: i64,
+    /// The (topic, partition) key of the offset being replayed, reused so that looking up a
+    /// held offset needs no allocation.
+    replay_key: (String, i32),
 }
 
 impl GroupCoordinator {
@@ -100,6 +107,7 @@ impl GroupCoordinator {
             effects: Vec::new(),
             member_seq: 0,
             next_retention_check_ms: i64::MIN,
+            replay_key: (String::new(), 0),
         })
     }
 
@@ -136,49 +144,184 @@ impl GroupCoordinator {
 
     /// Applies one record read back from a loading partition, in log order.
     pub fn replay(&mut self, partition: i32, record: OffsetsRecord, now_ms: i64) {
+        match record {
+            OffsetsRecord::Offset {
+                group_id,
+                topic,
+                partition: p,
+                value,
+            } => {
+                let view = RecordView::Offset {
+                    group_id: &group_id,
+                    topic: &topic,
+                    partition: p,
+                    value: value.as_ref().map(OffsetValue::view),
+                };
+                self.replay_view(partition, view, now_ms)
+            }
+            OffsetsRecord::Group { group_id, value } => {
+                let view = RecordView::Group {
+                    group_id: &group_id,
+                    value,
+                };
+                self.replay_view(partition, view, now_ms)
+            }
+        }
+    }
+
+    /// Applies every record of one stored batch of a loading partition, in log order, and
+    /// returns how many; a batch that does not decode whole is applied not at all.
+    pub fn replay_batch(
+        &mut self,
+        partition: i32,
+        batch: &Bytes,
+        now_ms: i64,
+    ) -> Result<usize, GroupRecordError> {
+        let owned;
+        let views = match uncompressed_records(batch, RecordView::decode)? {
+            Some(views) => views,
+            None => {
+                owned = decode_raw_batches(batch.clone())?;
+                owned
+                    .iter()
+                    .map(|(k, v)| RecordView::decode(k, v.as_deref()))
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+        };
+        // A batch holds one commit request: a run of offsets of one group, applied with one
+        // look-up of the group.
+        let mut rest = &views[..];
+        while let Some(first) = rest.first() {
+            let run = match first {
+                RecordView::Offset { group_id, .. } => rest
+                    .iter()
+                    .take_while(
+                        |v| matches!(v, RecordView::Offset { group_id: g, .. } if g == group_id),
+                    )
+                    .count(),
+                RecordView::Group { .. } => 1,
+            };
+            let (records, after) = rest.split_at(run);
+            match first {
+                RecordView::Offset { group_id, .. } => {
+                    self.replay_offsets(partition, group_id, records, now_ms)
+                }
+                RecordView::Group { .. } => self.replay_view(partition, first.clone(), now_ms),
+            }
+            rest = after;
+        }
+        Ok(views.len())
+    }
+
+    /// [`Self::replay`] of a record borrowed from the bytes it was read in.
+    pub fn replay_view(&mut self, partition: i32, record: RecordView<'_>, now_ms: i64) {
+        match record {
+            RecordView::Offset { group_id, .. } => {
+                self.replay_offsets(partition, group_id, std::slice::from_ref(&record), now_ms)
+            }
+            RecordView::Group { group_id, value } => {
+                if !self.replays_here(partition, group_id) {
+                    return;
+                }
+                match value {
+                    Some(v) => self
+                        .groups
+                        .entry(group_id.to_owned())
+                        .or_insert_with(|| Group::new(group_id.to_owned(), partition, now_ms))
+                        .restore(v, now_ms),
+                    None => {
+                        // The group was deleted or expired; offsets written after this record
+                        // (if any) start a fresh group.
+                        self.groups.remove(group_id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether a record of `group_id` read from `partition` belongs there (a group held was
+    /// placed by its id's hash when it was created; only a new one is hashed here).
+    fn replays_here(&self, partition: i32, group_id: &str) -> bool {
         assert_eq!(
             self.partitions.get(&partition),
             Some(&LoadState::Loading),
             "replay only while loading"
         );
-        let group_id = record.group_id().to_owned();
-        if self.partition_for(&group_id) != partition {
+        let home = match self.groups.get(group_id) {
+            Some(g) => g.partition,
+            None => self.partition_for(group_id),
+        };
+        if home != partition {
             // Only possible if the partition count changed, which the config forbids.
             tracing::warn!(group = %group_id, partition, "record of a group that hashes elsewhere; skipped");
+        }
+        home == partition
+    }
+
+    /// Replays offset records of one group, in log order. Start-up runs this for every commit
+    /// in the log, so replacing an offset the group holds allocates nothing.
+    fn replay_offsets<'a>(
+        &mut self,
+        partition: i32,
+        group_id: &str,
+        records: &[RecordView<'a>],
+        now_ms: i64,
+    ) {
+        if !self.replays_here(partition, group_id) {
             return;
         }
-        match record {
-            OffsetsRecord::Offset {
+        if !self.groups.contains_key(group_id) {
+            let commits = records
+                .iter()
+                .any(|r| matches!(r, RecordView::Offset { value: Some(_), .. }));
+            if !commits {
+                return;
+            }
+            let group = Group::new(group_id.to_owned(), partition, now_ms);
+            self.groups.insert(group_id.to_owned(), group);
+        }
+        let offsets = &mut self.groups.get_mut(group_id).expect("held").offsets;
+        let key = &mut self.replay_key;
+        let fields = |r: &RecordView<'a>| match *r {
+            RecordView::Offset {
                 topic,
-                partition: p,
+                partition,
                 value,
                 ..
-            } => match value {
-                Some(v) => {
-                    self.groups
-                        .entry(group_id.clone())
-                        .or_insert_with(|| Group::new(group_id, partition, now_ms))
-                        .offsets
-                        .insert((topic, p), v);
+            } => (topic, partition, value),
+            RecordView::Group { .. } => unreachable!("offset records only"),
+        };
+        let mut rest = records;
+        while let Some(first) = rest.first() {
+            let (topic, p, value) = fields(first);
+            key.0.clear();
+            key.0.push_str(topic);
+            key.1 = p;
+            // A commit request lists its offsets in the order the map keeps them (topic, then
+            // partition), so after one is found the next is tried just after it, not searched.
+            let mut replaced = 0;
+            let mut held = offsets.range_mut::<(String, i32), _>((Included(&*key), Unbounded));
+            for record in rest {
+                let (topic, p, value) = fields(record);
+                let Some(v) = value else { break };
+                match held.next() {
+                    Some(((t, hp), slot)) if t == topic && *hp == p => *slot = v.to_value(),
+                    _ => break,
                 }
-                None => {
-                    if let Some(g) = self.groups.get_mut(&group_id) {
-                        g.offsets.remove(&(topic, p));
+                replaced += 1;
+            }
+            if replaced == 0 {
+                match value {
+                    Some(v) => {
+                        offsets.insert(key.clone(), v.to_value());
+                    }
+                    None => {
+                        offsets.remove(key);
                     }
                 }
-            },
-            OffsetsRecord::Group { value, .. } => match value {
-                Some(v) => self
-                    .groups
-                    .entry(group_id.clone())
-                    .or_insert_with(|| Group::new(group_id, partition, now_ms))
-                    .restore(v, now_ms),
-                None => {
-                    // The group was deleted or expired; offsets written after this record (if
-                    // any) start a fresh group.
-                    self.groups.remove(&group_id);
-                }
-            },
+                replaced = 1;
+            }
+            rest = &rest[replaced..];
         }
     }
 

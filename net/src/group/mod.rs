@@ -16,8 +16,9 @@
 //! How a caller (the shard, `service.rs`) drives it:
 //! - on every tick it compares where each partition is led with what it holds: a partition
 //!   whose replica here became the ready leader (alone: that this shard owns) is loaded with
-//!   [`GroupCoordinator::begin_loading`], [`GroupCoordinator::replay`] of every record up to
-//!   the high watermark (see [`records::decode_batches`]), then
+//!   [`GroupCoordinator::begin_loading`], [`GroupCoordinator::replay_batch`] of every stored
+//!   batch up to the high watermark (records read in place, see
+//!   [`records::uncompressed_records`]), then
 //!   [`GroupCoordinator::finish_loading`]; one it no longer leads is
 //!   [`GroupCoordinator::unload`]ed. Requests for a loading partition are answered with
 //!   COORDINATOR_LOAD_IN_PROGRESS, for one not held with NOT_COORDINATOR.

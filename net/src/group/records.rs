@@ -160,15 +160,71 @@ impl OffsetsRecord {
 
     /// Decodes one record from its key and value bytes.
     pub fn decode(key: &[u8], value: Option<&[u8]>) -> Result<Self, GroupRecordError> {
+        RecordView::decode(key, value).map(RecordView::into_owned)
+    }
+}
+
+/// A record of `__consumer_offsets` borrowing its strings from the bytes it was decoded from:
+/// start-up replays every record of the log, most of them commits of an offset that a later
+/// record replaces, so copying their strings would be most of the work.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordView<'a> {
+    Offset {
+        group_id: &'a str,
+        topic: &'a str,
+        partition: i32,
+        value: Option<OffsetValueView<'a>>,
+    },
+    /// Group metadata records are rare (one per rebalance) and decoded whole.
+    Group {
+        group_id: &'a str,
+        value: Option<GroupMetadataValue>,
+    },
+}
+
+/// [`OffsetValue`] borrowing its metadata string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OffsetValueView<'a> {
+    pub offset: i64,
+    pub leader_epoch: i32,
+    pub metadata: &'a str,
+    pub commit_timestamp_ms: i64,
+}
+
+impl OffsetValueView<'_> {
+    pub fn to_value(self) -> OffsetValue {
+        OffsetValue {
+            offset: self.offset,
+            leader_epoch: self.leader_epoch,
+            metadata: self.metadata.to_owned(),
+            commit_timestamp_ms: self.commit_timestamp_ms,
+        }
+    }
+}
+
+impl OffsetValue {
+    pub fn view(&self) -> OffsetValueView<'_> {
+        OffsetValueView {
+            offset: self.offset,
+            leader_epoch: self.leader_epoch,
+            metadata: &self.metadata,
+            commit_timestamp_ms: self.commit_timestamp_ms,
+        }
+    }
+}
+
+impl<'a> RecordView<'a> {
+    /// Decodes one record from its key and value bytes.
+    pub fn decode(key: &'a [u8], value: Option<&'a [u8]>) -> Result<Self, GroupRecordError> {
         let mut k = key;
         let version = get_i16(&mut k, "key version")?;
         let record = match version {
             0 | 1 => {
-                let group_id = get_string(&mut k, "group id")?;
-                let topic = get_string(&mut k, "topic")?;
+                let group_id = get_str(&mut k, "group id")?;
+                let topic = get_str(&mut k, "topic")?;
                 let partition = get_i32(&mut k, "partition")?;
                 let value = value.map(decode_offset_value).transpose()?;
-                OffsetsRecord::Offset {
+                RecordView::Offset {
                     group_id,
                     topic,
                     partition,
@@ -176,9 +232,9 @@ impl OffsetsRecord {
                 }
             }
             GROUP_KEY_VERSION => {
-                let group_id = get_string(&mut k, "group id")?;
+                let group_id = get_str(&mut k, "group id")?;
                 let value = value.map(decode_group_value).transpose()?;
-                OffsetsRecord::Group { group_id, value }
+                RecordView::Group { group_id, value }
             }
             version => {
                 return Err(GroupRecordError::UnknownVersion {
@@ -192,9 +248,35 @@ impl OffsetsRecord {
         }
         Ok(record)
     }
+
+    pub fn group_id(&self) -> &'a str {
+        match self {
+            RecordView::Offset { group_id, .. } | RecordView::Group { group_id, .. } => group_id,
+        }
+    }
+
+    pub fn into_owned(self) -> OffsetsRecord {
+        match self {
+            RecordView::Offset {
+                group_id,
+                topic,
+                partition,
+                value,
+            } => OffsetsRecord::Offset {
+                group_id: group_id.to_owned(),
+                topic: topic.to_owned(),
+                partition,
+                value: value.map(OffsetValueView::to_value),
+            },
+            RecordView::Group { group_id, value } => OffsetsRecord::Group {
+                group_id: group_id.to_owned(),
+                value,
+            },
+        }
+    }
 }
 
-fn decode_offset_value(mut v: &[u8]) -> Result<OffsetValue, GroupRecordError> {
+fn decode_offset_value(mut v: &[u8]) -> Result<OffsetValueView<'_>, GroupRecordError> {
     let version = get_i16(&mut v, "offset value version")?;
     if version != OFFSET_VALUE_VERSION {
         return Err(GroupRecordError::UnknownVersion {
@@ -202,10 +284,10 @@ fn decode_offset_value(mut v: &[u8]) -> Result<OffsetValue, GroupRecordError> {
             version,
         });
     }
-    let value = OffsetValue {
+    let value = OffsetValueView {
         offset: get_i64(&mut v, "offset")?,
         leader_epoch: get_i32(&mut v, "leader epoch")?,
-        metadata: get_string(&mut v, "metadata")?,
+        metadata: get_str(&mut v, "metadata")?,
         commit_timestamp_ms: get_i64(&mut v, "commit timestamp")?,
     };
     if !v.is_empty() {
@@ -341,6 +423,114 @@ pub fn decode_raw_batches(bytes: Bytes) -> Result<Vec<RawRecord>, GroupRecordErr
     Ok(out)
 }
 
+/// Bytes of a RecordBatch v2 header, up to its first record.
+const BATCH_HEADER_BYTES: usize = 61;
+/// The batch attributes' compression codec bits and control flag.
+const ATTR_COMPRESSION: i16 = 0x07;
+const ATTR_CONTROL: i16 = 0x20;
+/// Fewest bytes a record takes (length, attributes, timestamp and offset deltas, key and value
+/// lengths, header count): bounds the allocation a batch's stored record count can ask for.
+const MIN_RECORD_BYTES: usize = 7;
+
+/// `decode` of the key and value (`None`: a tombstone) of every record of one stored
+/// RecordBatch v2 (its whole bytes, as a log read returns them), borrowed from it; none for a
+/// control batch. `Ok(None)` for a compressed
+/// batch, which [`decode_raw_batches`] decodes instead (the coordinator never writes one). The
+/// batch CRC is not checked again: the log checked its frame's CRC-32C, which covers the whole
+/// batch, when it read it (and replay checks every record's bounds and fields regardless).
+pub fn uncompressed_records<'a, T>(
+    batch: &'a [u8],
+    mut decode: impl FnMut(&'a [u8], Option<&'a [u8]>) -> Result<T, GroupRecordError>,
+) -> Result<Option<Vec<T>>, GroupRecordError> {
+    let bad = |what: &str| GroupRecordError::Batch(what.to_string());
+    if batch.len() < BATCH_HEADER_BYTES {
+        return Err(bad("shorter than a batch header"));
+    }
+    let be_i32 = |at: usize| i32::from_be_bytes(batch[at..at + 4].try_into().expect("4 bytes"));
+    if usize::try_from(be_i32(8))
+        .ok()
+        .and_then(|n| n.checked_add(12))
+        != Some(batch.len())
+    {
+        return Err(bad("batch length does not match its bytes"));
+    }
+    if batch[16] != 2 {
+        return Err(bad("not a v2 record batch"));
+    }
+    let attributes = i16::from_be_bytes([batch[21], batch[22]]);
+    if attributes & ATTR_COMPRESSION != 0 {
+        return Ok(None);
+    }
+    if attributes & ATTR_CONTROL != 0 {
+        return Ok(Some(Vec::new()));
+    }
+    let count = usize::try_from(be_i32(57)).map_err(|_| bad("negative record count"))?;
+    let mut rest = &batch[BATCH_HEADER_BYTES..];
+    let mut out = Vec::with_capacity(count.min(rest.len() / MIN_RECORD_BYTES));
+    for _ in 0..count {
+        let len = usize::try_from(varint(&mut rest)?).map_err(|_| bad("negative record length"))?;
+        if rest.len() < len {
+            return Err(GroupRecordError::Truncated("record"));
+        }
+        let (mut r, after) = rest.split_at(len);
+        rest = after;
+        let _attributes = take(&mut r, 1)?;
+        let _timestamp_delta = varint(&mut r)?;
+        let _offset_delta = varint(&mut r)?;
+        let key = nullable_bytes(&mut r)?.ok_or(GroupRecordError::MissingKey)?;
+        let value = nullable_bytes(&mut r)?;
+        let headers = varint(&mut r)?;
+        for _ in 0..headers.max(0) {
+            nullable_bytes(&mut r)?.ok_or_else(|| bad("null header key"))?;
+            nullable_bytes(&mut r)?;
+        }
+        if headers < 0 || !r.is_empty() {
+            return Err(bad("record length does not match its fields"));
+        }
+        out.push(decode(key, value)?);
+    }
+    if !rest.is_empty() {
+        return Err(GroupRecordError::TrailingBytes(rest.len()));
+    }
+    Ok(Some(out))
+}
+
+/// A zigzag varint of up to 64 bits (Kafka's varint and varlong).
+fn varint(b: &mut &[u8]) -> Result<i64, GroupRecordError> {
+    let mut raw = 0u64;
+    for i in 0..10 {
+        let Some((&byte, rest)) = b.split_first() else {
+            return Err(GroupRecordError::Truncated("varint"));
+        };
+        *b = rest;
+        raw |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Ok((raw >> 1) as i64 ^ -((raw & 1) as i64));
+        }
+    }
+    Err(GroupRecordError::Invalid("varint longer than 10 bytes"))
+}
+
+fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], GroupRecordError> {
+    if b.len() < n {
+        return Err(GroupRecordError::Truncated("record field"));
+    }
+    let (head, rest) = b.split_at(n);
+    *b = rest;
+    Ok(head)
+}
+
+/// A varint length (-1: null) and that many bytes.
+fn nullable_bytes<'a>(b: &mut &'a [u8]) -> Result<Option<&'a [u8]>, GroupRecordError> {
+    match varint(b)? {
+        -1 => Ok(None),
+        n => {
+            let n = usize::try_from(n).map_err(|_| GroupRecordError::Invalid("length"))?;
+            take(b, n).map(Some)
+        }
+    }
+}
+
 /// The `__consumer_offsets` partition of a group: Kafka's own choice
 /// (`abs(groupId.hashCode) % partitions` with Java's `String.hashCode`), so that a group lands on
 /// the same partition number as it would on a Kafka cluster with the same partition count.
@@ -395,10 +585,10 @@ fn get_i64(b: &mut &[u8], what: &'static str) -> Result<i64, GroupRecordError> {
     Ok(b.get_i64())
 }
 
-fn get_nullable_string(
-    b: &mut &[u8],
+fn get_nullable_str<'a>(
+    b: &mut &'a [u8],
     what: &'static str,
-) -> Result<Option<String>, GroupRecordError> {
+) -> Result<Option<&'a str>, GroupRecordError> {
     let len = get_i16(b, what)?;
     if len < 0 {
         return if len == -1 {
@@ -408,17 +598,28 @@ fn get_nullable_string(
         };
     }
     let len = len as usize;
-    if b.remaining() < len {
+    if b.len() < len {
         return Err(GroupRecordError::Truncated(what));
     }
-    let s = std::str::from_utf8(&b[..len]).map_err(|_| GroupRecordError::Invalid(what))?;
-    let s = s.to_owned();
-    b.advance(len);
+    let (s, rest) = b.split_at(len);
+    let s = std::str::from_utf8(s).map_err(|_| GroupRecordError::Invalid(what))?;
+    *b = rest;
     Ok(Some(s))
 }
 
+fn get_str<'a>(b: &mut &'a [u8], what: &'static str) -> Result<&'a str, GroupRecordError> {
+    get_nullable_str(b, what)?.ok_or(GroupRecordError::Invalid(what))
+}
+
+fn get_nullable_string(
+    b: &mut &[u8],
+    what: &'static str,
+) -> Result<Option<String>, GroupRecordError> {
+    Ok(get_nullable_str(b, what)?.map(str::to_owned))
+}
+
 fn get_string(b: &mut &[u8], what: &'static str) -> Result<String, GroupRecordError> {
-    get_nullable_string(b, what)?.ok_or(GroupRecordError::Invalid(what))
+    Ok(get_str(b, what)?.to_owned())
 }
 
 fn get_bytes(b: &mut &[u8], what: &'static str) -> Result<Bytes, GroupRecordError> {
@@ -519,6 +720,39 @@ mod tests {
         prop_oneof![offset, group]
     }
 
+    #[test]
+    fn compressed_and_control_batches_are_recognised() {
+        let record = OffsetsRecord::Group {
+            group_id: "g".into(),
+            value: None,
+        };
+        let batch = encode_batch(&[record], 0).to_vec();
+        let decode = |k: &[u8], v: Option<&[u8]>| OffsetsRecord::decode(k, v);
+        // The attributes' low bits name the codec (1: gzip); the walk leaves such a batch to
+        // the decoder.
+        let mut gzip = batch.clone();
+        gzip[22] |= 1;
+        assert_eq!(uncompressed_records(&gzip, decode), Ok(None));
+        let mut control = batch.clone();
+        control[22] |= 0x20;
+        assert_eq!(uncompressed_records(&control, decode), Ok(Some(Vec::new())));
+        let mut v1 = batch;
+        v1[16] = 1;
+        assert!(uncompressed_records(&v1, decode).is_err());
+    }
+
+    #[test]
+    fn varints_decode_as_kafka_writes_them() {
+        let mut b: &[u8] = &[0x01];
+        assert_eq!(varint(&mut b), Ok(-1));
+        let mut b: &[u8] = &[0xac, 0x02];
+        assert_eq!(varint(&mut b), Ok(150));
+        let mut b: &[u8] = &[0xff; 11];
+        assert!(varint(&mut b).is_err());
+        let mut b: &[u8] = &[0x80];
+        assert!(varint(&mut b).is_err());
+    }
+
     proptest! {
         #[test]
         fn record_roundtrip(record in arb_record()) {
@@ -537,6 +771,29 @@ mod tests {
             prop_assert_eq!(header.base_sequence(), -1);
             prop_assert_eq!(header.records_count() as usize, records.len());
             prop_assert_eq!(decode_batches(batch).unwrap(), records);
+        }
+
+        /// The in-place walk of a stored batch reads exactly what the kafka_protocol decoder
+        /// reads.
+        #[test]
+        fn uncompressed_walk_matches_the_decoder(records in proptest::collection::vec(arb_record(), 1..8), ts in 0i64..i64::MAX / 2) {
+            let batch = encode_batch(&records, ts);
+            let walked = uncompressed_records(&batch, |k, v| OffsetsRecord::decode(k, v)).unwrap();
+            prop_assert_eq!(walked, Some(records));
+        }
+
+        /// A damaged batch is an error (or, where the damage lands in a field the walk does
+        /// not read, the same records), never a panic.
+        #[test]
+        fn damaged_batches_never_panic(records in proptest::collection::vec(arb_record(), 1..4),
+                                       at in any::<prop::sample::Index>(), byte in any::<u8>(),
+                                       cut in any::<prop::sample::Index>()) {
+            let batch = encode_batch(&records, 0).to_vec();
+            let short = &batch[..cut.index(batch.len())];
+            prop_assert!(uncompressed_records(short, |k, v| OffsetsRecord::decode(k, v)).is_err());
+            let mut bent = batch.clone();
+            bent[at.index(batch.len())] = byte;
+            let _ = uncompressed_records(&bent, |k, v| OffsetsRecord::decode(k, v));
         }
 
         #[test]

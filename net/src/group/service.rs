@@ -28,7 +28,7 @@ use spate_replication::partition::{
 };
 use spate_replication::shard::{ReplicaSet, Signal};
 
-use super::records::{decode_raw_batches, encode_raw_batch, OFFSETS_TOPIC};
+use super::records::{encode_raw_batch, OFFSETS_TOPIC};
 use super::{
     ClientInfo, Effect, GroupConfig, GroupCoordinator, GroupOffsets, OffsetsRecord, ReplyId,
 };
@@ -339,16 +339,18 @@ impl GroupShard {
             migrate_legacy_partition(dir, partition, replica).await?;
         }
         let replica = log.replica().clone();
-        let mut offset = replica.log_start_offset();
+        let started = std::time::Instant::now();
+        let start = replica.log_start_offset();
         let end = log.load_end();
         let mut records = 0usize;
+        let mut offset = start;
         while offset < end && self.is_current(partition, generation) {
-            let read = replica.read_local(offset, LOAD_READ_BYTES).await?;
-            if read.batches.is_empty() || !self.is_current(partition, generation) {
+            let batches = replica.read_local(offset, LOAD_READ_BYTES).await?.batches;
+            if batches.is_empty() || !self.is_current(partition, generation) {
                 break;
             }
             let now = wall_clock_ms();
-            for batch in read.batches {
+            for batch in batches {
                 let header = BatchHeader::parse(&batch).map_err(ReplicaError::from)?;
                 if u64::try_from(header.base_offset()).unwrap_or(u64::MAX) >= end {
                     offset = end;
@@ -366,19 +368,12 @@ impl GroupShard {
                     break;
                 }
                 offset = next;
-                let decoded = decode_raw_batches(batch).and_then(|raw| {
-                    raw.iter()
-                        .map(|(k, v)| OffsetsRecord::decode(k, v.as_deref()))
-                        .collect::<Result<Vec<_>, _>>()
-                });
-                match decoded {
-                    Ok(typed) => {
-                        let mut c = self.coordinator.borrow_mut();
-                        for record in typed {
-                            records += 1;
-                            c.replay(partition, record, now);
-                        }
-                    }
+                match self
+                    .coordinator
+                    .borrow_mut()
+                    .replay_batch(partition, &batch, now)
+                {
+                    Ok(n) => records += n,
                     // A batch this coordinator cannot read was not written by it: skip it
                     // loudly rather than refuse to serve every group of the partition.
                     Err(e) => {
@@ -402,7 +397,13 @@ impl GroupShard {
         self.coordinator
             .borrow_mut()
             .finish_loading(partition, wall_clock_ms());
-        tracing::info!(partition, records, "consumer offsets loaded");
+        tracing::info!(
+            partition,
+            records,
+            from_offset = start,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "consumer offsets loaded"
+        );
         self.dispatch_effects().await;
         Ok(())
     }

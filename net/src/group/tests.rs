@@ -22,7 +22,7 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::{Encodable, StrBytes};
 use proptest::prelude::*;
 
-use super::records::{decode_batches, encode_batch};
+use super::records::{encode_batch, OffsetValue};
 use super::*;
 
 const SESSION_MS: i32 = 10_000;
@@ -976,9 +976,7 @@ fn restart(h: &Harness, now: i64) -> GroupCoordinator {
             .map(|(_, r)| r.clone())
             .collect();
         for chunk in records.chunks(3) {
-            for r in decode_batches(encode_batch(chunk, now)).unwrap() {
-                c.replay(p, r, now);
-            }
+            c.replay_batch(p, &encode_batch(chunk, now), now).unwrap();
         }
         c.finish_loading(p, now);
     }
@@ -1092,6 +1090,55 @@ proptest! {
             let group = format!("g{g}");
             prop_assert_eq!(c.fetch_offsets(&group, None), h.c.fetch_offsets(&group, None));
             prop_assert_eq!(c.group_state(&group), h.c.group_state(&group));
+        }
+    }
+}
+
+fn arb_replayed() -> impl Strategy<Value = OffsetsRecord> {
+    let value = |offset| OffsetValue {
+        offset,
+        leader_epoch: -1,
+        metadata: String::new(),
+        commit_timestamp_ms: 0,
+    };
+    prop_oneof![
+        8 => (0u8..3, 0u8..2, 0i32..4, proptest::option::of(0i64..1_000)).prop_map(move |(g, t, p, o)| OffsetsRecord::Offset {
+            group_id: format!("g{g}"),
+            topic: format!("t{t}"),
+            partition: p,
+            value: o.map(value),
+        }),
+        1 => (0u8..3).prop_map(|g| OffsetsRecord::Group { group_id: format!("g{g}"), value: None }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    /// Replaying whole batches (runs of one group's offsets applied together, each looked for
+    /// just after the previous one) ends in the same offsets as replaying record by record,
+    /// whatever the order, repeats and tombstones in a batch.
+    #[test]
+    fn batch_replay_matches_record_replay(records in proptest::collection::vec(arb_replayed(), 1..80),
+                                          per_batch in 1usize..20) {
+        let cfg = GroupConfig { offsets_topic_partitions: 1, ..config(0) };
+        let mut by_record = GroupCoordinator::new(cfg.clone()).unwrap();
+        let mut by_batch = GroupCoordinator::new(cfg).unwrap();
+        by_record.begin_loading(0);
+        by_batch.begin_loading(0);
+        let mut replayed = 0;
+        for chunk in records.chunks(per_batch) {
+            for r in chunk {
+                by_record.replay(0, r.clone(), 0);
+            }
+            replayed += by_batch.replay_batch(0, &encode_batch(chunk, 0), 0).unwrap();
+        }
+        prop_assert_eq!(replayed, records.len());
+        by_record.finish_loading(0, 0);
+        by_batch.finish_loading(0, 0);
+        for g in 0..3 {
+            let group = format!("g{g}");
+            prop_assert_eq!(by_batch.fetch_offsets(&group, None), by_record.fetch_offsets(&group, None));
+            prop_assert_eq!(by_batch.group_state(&group), by_record.group_state(&group));
         }
     }
 }
