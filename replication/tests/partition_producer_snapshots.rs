@@ -200,6 +200,7 @@ fn a_snapshot_of_other_batches_at_the_same_offsets_is_not_trusted() {
         let end = rb.log_end_offset() as i64;
         let log_bytes = 8 * batch(8, 0).len() as u64;
         drop(rb);
+        std::fs::create_dir_all(state_path(b.path()).parent().unwrap()).unwrap();
         std::fs::copy(state_path(a.path()), state_path(b.path())).unwrap();
 
         let rb = open(b.path()).await;
