@@ -130,14 +130,27 @@ impl Inner {
         Ok(permit)
     }
 
-    /// Writes the recovery point at the durable end. Caller holds `ckpt_lock`.
+    /// Writes the recovery point at the durable end, after the active segment's index files
+    /// below it: recovery after a crash then reads only the bytes past the last index point
+    /// (at most about one checkpoint interval of writes), not the whole active segment (up to
+    /// `segment_bytes`, 1 GiB by default). Caller holds `ckpt_lock`.
     pub(crate) async fn checkpoint_now(&self) -> Result<(), EngineError> {
         self.finish_sealed().await?;
-        let (offset, base, pos) = {
+        let (offset, base, pos, index) = {
             let st = self.state.borrow();
             self.check(&st)?;
-            (st.durable, st.durable_base, st.durable_pos)
+            let active = st.active();
+            let index = (active.base == st.durable_base)
+                .then(|| active.index_files_below(st.durable_pos))
+                .flatten();
+            (st.durable, st.durable_base, st.durable_pos, index)
         };
+        // Index files never cover more than the recovery point that follows them: written first,
+        // a crash between the two leaves files that cover more than the older recovery point on
+        // disk, which recovery ignores (it scans from the segment start then).
+        if let Some(index) = index {
+            index.write_index_files(&self.dir).await?;
+        }
         self.write_checkpoint(offset, base, pos).await
     }
 

@@ -37,7 +37,7 @@ pub mod validate;
 mod writer;
 
 pub use cache::{set_shard_cache_bytes, shard_cache_used_bytes, DEFAULT_SHARD_CACHE_BYTES};
-pub use checkpoint::RECOVERY_POINT_FILE;
+pub use checkpoint::{write_file_atomic, RECOVERY_POINT_FILE};
 pub use config::{FlushPolicy, LogConfig, DEFAULT_MAX_BATCH_BYTES};
 pub use error::{is_no_space_io, EngineError};
 pub use follower::LogListener;

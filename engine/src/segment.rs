@@ -123,6 +123,34 @@ impl Segment {
         }
     }
 
+    /// Index files for the part of the segment below `position` (a durable point inside it),
+    /// ending at its last index point at or below `position`: that point's offset and
+    /// "max timestamp before" are exact, where the segment's own maximum may count batches past
+    /// `position`. `None` if no index point lies there (the segment's start is cheap to scan).
+    /// Recovery trusts them below the recovery point they were written with, and scans on from
+    /// their end.
+    pub fn index_files_below(&self, position: u64) -> Option<IndexFiles> {
+        let n = self
+            .index
+            .entries
+            .partition_point(|e| e.position as u64 <= position);
+        let end = *self.index.entries.get(n.checked_sub(1)?)?;
+        let prefix = SegmentIndex {
+            entries: self.index.entries[..n - 1].to_vec(),
+        };
+        let cov = IndexCoverage {
+            covered_position: end.position as u64,
+            next_offset: end.offset,
+            max_timestamp: end.max_timestamp_before,
+        };
+        let (off, time) = prefix.encode(self.base, &cov);
+        Some(IndexFiles {
+            base: self.base,
+            off,
+            time,
+        })
+    }
+
     pub fn remove_index_files(dir: &Path, base: u64) {
         // Missing index files are rebuilt on open; failing to remove one is harmless because its
         // coverage trailer no longer matches the segment.

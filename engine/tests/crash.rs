@@ -191,6 +191,9 @@ fn flipped_bytes_in_the_tail_cut_the_log_there() {
     });
 }
 
+/// Below the recovery point, the active segment is trusted up to the end of the index files
+/// written with it (damage there fails the read, as in a sealed segment) and scanned past them
+/// (damage there fails the open); neither ever reads back as different data.
 #[test]
 fn flipped_bytes_below_the_recovery_point_are_corruption() {
     let src = tempfile::tempdir().unwrap();
@@ -199,17 +202,71 @@ fn flipped_bytes_below_the_recovery_point_are_corruption() {
     run(async {
         set_shard_cache_bytes(0);
         for pos in (0..rp_pos).step_by(7) {
-            if covering_batch(&w, pos).is_none() {
+            let Some(hit) = covering_batch(&w, pos) else {
                 continue;
-            }
+            };
             let dir = scratch();
             copy_dir(src.path(), dir.path());
             flip(dir.path(), pos);
-            match PartitionLog::open(dir.path(), config()).await {
-                Err(EngineError::Corrupt { position, .. }) => assert!(position < rp_pos),
+            let log = match PartitionLog::open(dir.path(), config()).await {
+                Err(EngineError::Corrupt { position, .. }) => {
+                    assert!(position < rp_pos);
+                    continue;
+                }
                 Err(e) => panic!("flip at {pos}: unexpected {e}"),
-                Ok(_) => panic!("flip at {pos} below the recovery point went unnoticed"),
+                Ok(log) => log,
+            };
+            match log.read(base_of(&w.batches[hit].1), 1).await {
+                Err(EngineError::Corrupt { .. }) => {}
+                Ok(r) => panic!("flip at {pos} read back as {} batches", r.batches.len()),
+                Err(e) => panic!("flip at {pos}: {e}"),
             }
+            log.close().await.unwrap();
+        }
+    });
+}
+
+/// Recovery after a crash reads the active segment only past the index files its last recovery
+/// point was written with, not from the segment start: a flipped byte in the first batch goes
+/// unread by the open (it fails the read of that batch), one in the last batch below the
+/// recovery point is found by it.
+#[test]
+fn recovery_after_a_crash_scans_only_past_the_checkpointed_index() {
+    let src = tempfile::tempdir().unwrap();
+    let w = write_log(src.path(), 40, 2);
+    let rp_pos = w.batches[w.below_rp].0;
+    run(async {
+        set_shard_cache_bytes(0);
+        let first = w.batches[0].0 + FRAME_HEADER_BYTES as u64 + 1;
+        let dir = scratch();
+        copy_dir(src.path(), dir.path());
+        flip(dir.path(), first);
+        let log = PartitionLog::open(dir.path(), config())
+            .await
+            .expect("the first batch is below the index: not read at open");
+        assert_eq!(
+            log.log_end_offset(),
+            base_of(&w.batches.last().unwrap().1) + 2
+        );
+        match log.read(0, 1).await {
+            Err(EngineError::Corrupt { .. }) => {}
+            Ok(r) => panic!(
+                "the damaged first batch read back as {} batches",
+                r.batches.len()
+            ),
+            Err(e) => panic!("reading the damaged first batch: {e}"),
+        }
+        log.close().await.unwrap();
+
+        let last_below = w.batches[w.below_rp - 1].0 + FRAME_HEADER_BYTES as u64 + 1;
+        assert!(last_below < rp_pos);
+        let dir = scratch();
+        copy_dir(src.path(), dir.path());
+        flip(dir.path(), last_below);
+        match PartitionLog::open(dir.path(), config()).await {
+            Err(EngineError::Corrupt { position, .. }) => assert!(position < rp_pos),
+            Err(e) => panic!("unexpected {e}"),
+            Ok(_) => panic!("damage past the index and below the recovery point went unnoticed"),
         }
     });
 }

@@ -25,12 +25,13 @@ pub use group::{
 };
 pub use producer_state::{
     last_seq, next_seq, BatchMeta, ProducerEntry, ProducerTable, Verdict,
-    CACHED_BATCHES_PER_PRODUCER, MAX_PRODUCERS_PER_PARTITION,
+    CACHED_BATCHES_PER_PRODUCER, MAX_PRODUCERS_PER_PARTITION, MAX_SNAPSHOT_FILE_BYTES,
+    SNAPSHOTS_KEPT,
 };
 pub use record_check::{RecordError, MAX_RECORD_ERRORS};
 pub use replica::{
     Acks, Completion, NoObserver, PartitionReplica, ProduceOutcome, ReplicaConfig, ReplicaObserver,
-    ReplicaRead, ReplicationGauges, LEADER_EPOCH,
+    ReplicaRead, ReplicationGauges, LEADER_EPOCH, PRODUCER_SNAPSHOT_EVERY_BYTES,
 };
 pub use spate_engine::clean::{CleanStats, CleanerConfig, DEFAULT_DEDUPE_BUFFER_BYTES};
 pub use spate_engine::topic_config::{

@@ -4,15 +4,13 @@
 //! it, and it decides how long an append waits for durability (acks and the flush policy).
 
 use std::cell::{Cell, RefCell};
-use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use bytes::Bytes;
 use glommio::channels::local_channel::LocalReceiver;
 use glommio::sync::Semaphore;
 use kafka_protocol::ResponseError;
-use serde::{Deserialize, Serialize};
 use spate_engine::batch::{BatchHeader, VerifiedBatch};
 use spate_engine::clean::{CleanRequest, CleanStats, CleanerConfig, LogCleaner};
 use spate_engine::validate::{validate_batch, Refusal};
@@ -22,13 +20,23 @@ use spate_engine::{
 
 use super::config::TopicPolicy;
 use super::error::{engine_error_code, ReplicaError};
-use super::producer_state::{last_seq, BatchMeta, ProducerTable, Verdict};
+use super::producer_state::{
+    decode_snapshots, encode_snapshots, last_seq, Anchor, BatchMeta, ProducerTable, Snapshot,
+    Verdict, MAX_SNAPSHOT_FILE_BYTES,
+};
 use super::record_check::{check_records, RecordError, RecordRules};
 use super::topic_partition::TopicPartition;
 use crate::types::NodeId;
 
 /// Bytes read per step while rebuilding producer state from the log.
 const RECOVERY_READ_BYTES: usize = 1 << 20;
+/// Log bytes appended between two producer-state snapshots: what a restart after a crash
+/// replays at most (besides a snapshot being written), about 0.1 s of reading. Without it the
+/// replay was the whole log (a broker killed before its periodic snapshot replayed gigabytes).
+pub const PRODUCER_SNAPSHOT_EVERY_BYTES: u64 = 32 << 20;
+/// A snapshot waits for at least this many times its own size of log, so a partition with very
+/// many producers does not spend more writing its table than its log.
+pub const PRODUCER_SNAPSHOT_SIZE_MULTIPLE: u64 = 8;
 /// Leader epoch stamped into batches until replication assigns real epochs.
 pub const LEADER_EPOCH: i32 = 0;
 /// Kafka's "no error" code.
@@ -304,8 +312,12 @@ pub struct PartitionReplica {
     write_lock: Semaphore,
     /// Where producer state is snapshotted; `None` for partitions only the broker writes.
     state_path: Option<PathBuf>,
-    /// Log end covered by the last snapshot written.
-    snapshot_end: Cell<Option<u64>>,
+    snapshots: Rc<Snapshots>,
+    /// The last batch in the log, when known (after an append or a replay; not after a
+    /// truncation): what a snapshot taken now is anchored to.
+    last_batch: Cell<Option<Anchor>>,
+    /// Bytes of log replayed to rebuild producer state when the replica opened.
+    replayed_at_open: Cell<u64>,
     /// The leader epoch published to clients: [`LEADER_EPOCH`] on a single node; on a
     /// replicated partition, set by its consensus group.
     leader_epoch: Cell<i32>,
@@ -350,11 +362,59 @@ impl ProduceOutcome {
     }
 }
 
-#[derive(Serialize, Deserialize)]
-struct Snapshot {
-    /// The table covers every batch below this offset.
-    end_offset: u64,
-    table: ProducerTable,
+/// A replica's producer-state snapshots, shared with the task that writes one in the
+/// background (see [`PartitionReplica::note_appended`]).
+struct Snapshots {
+    /// The newest snapshot on disk that matched the log: the older generation of the next file.
+    kept: RefCell<Option<Rc<Snapshot>>>,
+    /// Log bytes appended since the last snapshot was taken.
+    bytes_since: Cell<u64>,
+    /// Size of the last snapshot file written.
+    file_bytes: Cell<u64>,
+    /// Held while a snapshot file is written: one at a time, and close and delete wait for it.
+    writing: Semaphore,
+    /// Set by close and delete: nothing is written after them.
+    stopped: Cell<bool>,
+}
+
+impl Snapshots {
+    fn new() -> Snapshots {
+        Snapshots {
+            kept: RefCell::new(None),
+            bytes_since: Cell::new(0),
+            file_bytes: Cell::new(0),
+            writing: Semaphore::new(1),
+            stopped: Cell::new(false),
+        }
+    }
+
+    /// Writes `snap` (with the newest older snapshot on disk as the second generation) over
+    /// the file at `path`, atomically and durably. Caller holds `writing`.
+    async fn write(&self, path: &Path, snap: Snapshot) -> Result<(), ReplicaError> {
+        if self.stopped.get() {
+            return Ok(());
+        }
+        let snap = Rc::new(snap);
+        let older = self
+            .kept
+            .borrow()
+            .clone()
+            .filter(|k| k.end_offset < snap.end_offset);
+        let generations: Vec<&Snapshot> = std::iter::once(&*snap).chain(older.as_deref()).collect();
+        let body = encode_snapshots(&generations).map_err(ReplicaError::Encode)?;
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str()))
+        else {
+            return Err(ReplicaError::Encode(format!(
+                "snapshot path {}",
+                path.display()
+            )));
+        };
+        std::fs::create_dir_all(dir)?;
+        self.file_bytes.set(body.len() as u64);
+        spate_engine::write_file_atomic(dir, name, body).await?;
+        *self.kept.borrow_mut() = Some(snap);
+        Ok(())
+    }
 }
 
 impl PartitionReplica {
@@ -391,7 +451,9 @@ impl PartitionReplica {
         replicated: bool,
     ) -> Result<PartitionReplica, ReplicaError> {
         let flush = config.log.flush;
+        let started = std::time::Instant::now();
         let log = PartitionLog::open(&dir, config.log).await?;
+        let log_opened = started.elapsed();
         let watermark = Rc::new(Watermark {
             tp: tp.clone(),
             value: Cell::new(0),
@@ -411,55 +473,66 @@ impl PartitionReplica {
             producers: RefCell::default(),
             write_lock: Semaphore::new(1),
             state_path,
-            snapshot_end: Cell::new(None),
+            snapshots: Rc::new(Snapshots::new()),
+            last_batch: Cell::new(None),
+            replayed_at_open: Cell::new(0),
             leader_epoch: Cell::new(LEADER_EPOCH),
             policy: Cell::new(TopicPolicy::default()),
             cleaner: RefCell::new(None),
             clean_lock: Semaphore::new(1),
             last_clean_ms: Cell::new(None),
         };
-        partition.recover_producers().await?;
+        let replayed = partition.recover_producers().await?;
+        partition.replayed_at_open.set(replayed);
+        tracing::info!(topic = %partition.tp.topic, partition = partition.tp.partition,
+            log_end = partition.log.log_end_offset(), log_open_ms = log_opened.as_millis() as u64,
+            producers_ms = (started.elapsed() - log_opened).as_millis() as u64,
+            replayed_bytes = replayed, "replica opened");
+        if replayed >= PRODUCER_SNAPSHOT_EVERY_BYTES {
+            // So that the next restart does not replay this again.
+            partition.snapshot_now().await?;
+        }
         // A single node holds every copy there is: whatever recovery kept is committed.
         partition.commit_local();
         Ok(partition)
     }
 
-    /// Loads the last snapshot (if it is consistent with the log) and replays the batches
-    /// written after it.
-    async fn recover_producers(&self) -> Result<(), ReplicaError> {
+    /// Rebuilds the producer table: from the newest snapshot that still matches the log (see
+    /// [`super::producer_state`]), replaying the batches written after it; from the log start
+    /// when none does. Returns the bytes replayed.
+    async fn recover_producers(&self) -> Result<u64, ReplicaError> {
         let (log_start, log_end) = (self.log.log_start_offset(), self.log.log_end_offset());
-        let mut from = log_start;
+        *self.producers.borrow_mut() = ProducerTable::default();
+        self.last_batch.set(None);
         let Some(state_path) = &self.state_path else {
-            return Ok(());
+            return Ok(0);
         };
-        match std::fs::read(state_path) {
-            Ok(bytes) => match serde_json::from_slice::<Snapshot>(&bytes) {
-                Ok(s) if s.end_offset <= log_end && s.end_offset >= log_start => {
-                    *self.producers.borrow_mut() = s.table;
-                    from = s.end_offset;
-                    // So that a truncation below it removes it (see `settle_producers`).
-                    self.snapshot_end.set(Some(s.end_offset));
-                }
-                Ok(_) => {
-                    tracing::info!(topic = %self.tp.topic, partition = self.tp.partition,
-                        "producer snapshot does not match the log; rebuilding from the log");
-                    // Past the log end it describes batches that are gone: once the log grows
-                    // past it again, it would describe other batches.
-                    let _ = std::fs::remove_file(state_path);
-                }
-                Err(e) => tracing::warn!(topic = %self.tp.topic, partition = self.tp.partition,
-                    error = %e, "unreadable producer snapshot; rebuilding from the log"),
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e.into()),
+        let mut from = log_start;
+        for snap in self.read_snapshots(state_path)? {
+            if snap.end_offset < log_start || snap.end_offset > log_end {
+                continue;
+            }
+            if !self.anchor_holds(&snap).await {
+                tracing::info!(topic = %self.tp.topic, partition = self.tp.partition,
+                    end_offset = snap.end_offset,
+                    "producer snapshot does not match the log (cut or rewritten since)");
+                continue;
+            }
+            from = snap.end_offset;
+            self.last_batch.set(snap.anchor);
+            *self.producers.borrow_mut() = snap.table.clone();
+            *self.snapshots.kept.borrow_mut() = Some(Rc::new(snap));
+            break;
         }
         let mut offset = from;
+        let mut replayed = 0u64;
         while offset < log_end {
             let read = self.log.read(offset, RECOVERY_READ_BYTES).await?;
             if read.batches.is_empty() {
                 break;
             }
             for batch in &read.batches {
+                replayed += batch.len() as u64;
                 let h = BatchHeader::parse(batch)?;
                 if (h.last_offset() as u64) < offset {
                     continue;
@@ -471,10 +544,129 @@ impl PartitionReplica {
                         batch_meta(&h),
                     );
                 }
+                self.last_batch.set(Some(anchor_of(&h)));
                 offset = h.last_offset() as u64 + 1;
             }
         }
-        Ok(())
+        Ok(replayed)
+    }
+
+    /// The snapshot file's generations, newest first; none if it is missing, too large or
+    /// damaged (the table is then rebuilt from the log).
+    fn read_snapshots(&self, path: &Path) -> Result<Vec<Snapshot>, ReplicaError> {
+        let unreadable = |reason: String| {
+            tracing::warn!(topic = %self.tp.topic, partition = self.tp.partition,
+                path = %path.display(), %reason,
+                "unreadable producer snapshot; rebuilding from the log");
+            Ok(Vec::new())
+        };
+        match std::fs::metadata(path) {
+            Ok(m) if m.len() > MAX_SNAPSHOT_FILE_BYTES => {
+                return unreadable(format!("{} bytes", m.len()))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        }
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        decode_snapshots(&bytes).or_else(unreadable)
+    }
+
+    /// Whether the log still holds the batch `snap` ends with, as it was.
+    async fn anchor_holds(&self, snap: &Snapshot) -> bool {
+        let Some(anchor) = snap.anchor else {
+            return snap.end_offset == 0;
+        };
+        if anchor.last_offset < self.log.log_start_offset() {
+            // Gone to retention: the batch cannot be compared, so the snapshot is not trusted.
+            return false;
+        }
+        let read = match self.log.read(anchor.last_offset, 1).await {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::warn!(topic = %self.tp.topic, partition = self.tp.partition, error = %e,
+                    "reading the batch a producer snapshot ends with");
+                return false;
+            }
+        };
+        read.batches
+            .first()
+            .and_then(|b| BatchHeader::parse(b).ok())
+            .is_some_and(|h| anchor_of(&h) == anchor)
+    }
+
+    /// The producer table as of the log end, if both describe the same batches and the batch
+    /// ending there is known. Caller holds `write_lock` (or has the replica to itself).
+    fn capture_snapshot(&self) -> Option<Snapshot> {
+        self.state_path.as_ref()?;
+        if self.producers_at.get() != self.log.truncations() {
+            return None;
+        }
+        let end = self.log.log_end_offset();
+        let anchor = match self.last_batch.get() {
+            Some(a) if a.last_offset + 1 == end => Some(a),
+            None if end == 0 => None,
+            _ => return None,
+        };
+        Some(Snapshot {
+            end_offset: end,
+            anchor,
+            table: self.producers.borrow().clone(),
+        })
+    }
+
+    /// Counts `bytes` of batches just appended (caller holds `write_lock`), and once enough
+    /// log has grown since the last snapshot, takes one and writes it in the background: the
+    /// append does not wait for the file.
+    fn note_appended(&self, bytes: u64) {
+        let snaps = &self.snapshots;
+        snaps.bytes_since.set(snaps.bytes_since.get() + bytes);
+        let due = PRODUCER_SNAPSHOT_EVERY_BYTES
+            .max(PRODUCER_SNAPSHOT_SIZE_MULTIPLE * snaps.file_bytes.get());
+        if snaps.bytes_since.get() < due || snaps.writing.available() == 0 {
+            return;
+        }
+        let (Some(snap), Some(path)) = (self.capture_snapshot(), self.state_path.clone()) else {
+            return;
+        };
+        snaps.bytes_since.set(0);
+        let snaps = snaps.clone();
+        let tp = self.tp.clone();
+        glommio::spawn_local(async move {
+            let Ok(_writing) = snaps.writing.acquire_permit(1).await else {
+                return;
+            };
+            if let Err(e) = snaps.write(&path, snap).await {
+                tracing::warn!(topic = %tp.topic, partition = tp.partition, error = %e,
+                    "producer snapshot failed");
+            }
+        })
+        .detach();
+    }
+
+    /// Takes a snapshot now and waits for its file.
+    async fn snapshot_now(&self) -> Result<(), ReplicaError> {
+        let Some(path) = &self.state_path else {
+            return Ok(());
+        };
+        let Ok(_writing) = self.snapshots.writing.acquire_permit(1).await else {
+            return Ok(());
+        };
+        let snap = {
+            let Ok(_permit) = self.write_lock.acquire_permit(1).await else {
+                return Ok(());
+            };
+            self.capture_snapshot()
+        };
+        let Some(snap) = snap else {
+            return Ok(());
+        };
+        self.snapshots.bytes_since.set(0);
+        self.snapshots.write(path, snap).await
     }
 
     /// Appends a Produce request's verified batches for this partition after validating their
@@ -612,6 +804,7 @@ impl PartitionReplica {
                 batch.set_log_append_time(now);
                 outcome.log_append_time_ms = now;
             }
+            let crc = batch.crc();
             let info = match self.log.append(batch, leader_epoch).await {
                 Ok(info) => info,
                 Err(e) => {
@@ -643,6 +836,9 @@ impl PartitionReplica {
                 meta.last_offset = info.last_offset as i64;
                 self.producers.borrow_mut().record(pid, epoch, meta);
             }
+            self.last_batch
+                .set(Some(appended_anchor(&info, leader_epoch, crc)));
+            self.note_appended(batch_bytes);
             if outcome.base_offset < 0 {
                 outcome.base_offset = info.base_offset as i64;
             }
@@ -713,16 +909,25 @@ impl PartitionReplica {
             // log (rare: only after a rewind that took all of a producer's recent batches).
             tracing::info!(topic = %self.tp.topic, partition = self.tp.partition, log_end = end,
                 "rebuilding producer state after the log end moved back");
-            *self.producers.borrow_mut() = ProducerTable::default();
-            self.recover_producers().await?;
+            let started = std::time::Instant::now();
+            let replayed = self.recover_producers().await?;
+            tracing::info!(topic = %self.tp.topic, partition = self.tp.partition,
+                replayed_bytes = replayed, took_ms = started.elapsed().as_millis() as u64,
+                "producer state rebuilt");
         }
-        if self.snapshot_end.get().is_some_and(|e| e > end) {
-            // It describes batches that are gone; once the log grows past its end again, it
-            // would describe others.
-            self.snapshot_end.set(None);
-            if let Some(state_path) = &self.state_path {
-                let _ = std::fs::remove_file(state_path);
-            }
+        if self.last_batch.get().is_some_and(|a| a.last_offset >= end) {
+            self.last_batch.set(None);
+        }
+        if self
+            .snapshots
+            .kept
+            .borrow()
+            .as_ref()
+            .is_some_and(|k| k.end_offset > end)
+        {
+            // It describes batches that are gone: not the older generation of the next file
+            // (on disk it is harmless: its anchor no longer matches).
+            *self.snapshots.kept.borrow_mut() = None;
         }
         self.producers_at.set(truncations);
         Ok(())
@@ -790,6 +995,7 @@ impl PartitionReplica {
         let h = batch.header();
         let (pid, pepoch, mut meta) = (h.producer_id(), h.producer_epoch(), batch_meta(&h));
         let (batch_bytes, records) = (batch.len() as u64, h.records_count().max(0) as u64);
+        let crc = batch.crc();
         let info = self.log.append_at(batch, base, epoch).await?;
         self.watermark.observer.appended(batch_bytes, records);
         if pid >= 0 {
@@ -797,6 +1003,9 @@ impl PartitionReplica {
             meta.last_offset = info.last_offset as i64;
             self.producers.borrow_mut().record(pid, pepoch, meta);
         }
+        self.last_batch
+            .set(Some(appended_anchor(&info, epoch, crc)));
+        self.note_appended(batch_bytes);
         Ok(info)
     }
 
@@ -813,7 +1022,12 @@ impl PartitionReplica {
             .await
             .map_err(|_| EngineError::Closed)?;
         self.settle_producers().await?;
-        Ok(self.log.append(batch, epoch).await?)
+        let (batch_bytes, crc) = (batch.len() as u64, batch.crc());
+        let info = self.log.append(batch, epoch).await?;
+        self.last_batch
+            .set(Some(appended_anchor(&info, epoch, crc)));
+        self.note_appended(batch_bytes);
+        Ok(info)
     }
 
     /// Removes every batch at or after `end` (a follower repairing its log to its leader's);
@@ -826,6 +1040,18 @@ impl PartitionReplica {
             .map_err(|_| EngineError::Closed)?;
         self.log.truncate_to(end).await?;
         self.settle_producers().await
+    }
+
+    /// Bytes of log replayed to rebuild producer state when the replica opened (the rest came
+    /// from a snapshot).
+    pub fn replayed_at_open(&self) -> u64 {
+        self.replayed_at_open.get()
+    }
+
+    /// Waits until no producer snapshot is being written (for tests that crash right after).
+    #[doc(hidden)]
+    pub async fn snapshot_written(&self) {
+        let _writing = self.snapshots.writing.acquire_permit(1).await;
     }
 
     /// Holds the log's group commits back while `paused`: appends go on, nothing new becomes
@@ -1051,49 +1277,35 @@ impl PartitionReplica {
     }
 
     /// Snapshots producer state if it changed since the last snapshot, so recovery after a
-    /// crash replays only the log written since. Taken under the write lock: the table and the
-    /// log end must describe the same batches.
+    /// crash replays only the log written since (the periodic backstop of the snapshots taken
+    /// every [`PRODUCER_SNAPSHOT_EVERY_BYTES`] of log).
     pub async fn snapshot_producers(&self) -> Result<(), ReplicaError> {
-        let Ok(_permit) = self.write_lock.acquire_permit(1).await else {
-            return Ok(());
-        };
         let end = self.log.log_end_offset();
-        if self.producers.borrow().is_empty() || self.snapshot_end.get() == Some(end) {
+        let unchanged = self
+            .snapshots
+            .kept
+            .borrow()
+            .as_ref()
+            .is_some_and(|k| k.end_offset == end);
+        if self.producers.borrow().is_empty() || unchanged {
             return Ok(());
         }
-        self.write_snapshot()
-    }
-
-    /// Writes the producer snapshot atomically (temp file, fsync, rename).
-    fn write_snapshot(&self) -> Result<(), ReplicaError> {
-        let Some(state_path) = &self.state_path else {
-            return Ok(());
-        };
-        let snap = Snapshot {
-            end_offset: self.log.log_end_offset(),
-            table: self.producers.borrow().clone(),
-        };
-        self.snapshot_end.set(Some(snap.end_offset));
-        let body = serde_json::to_vec(&snap).map_err(|e| ReplicaError::Encode(e.to_string()))?;
-        if let Some(dir) = state_path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let tmp = state_path.with_extension("tmp");
-        {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, state_path)?;
-        Ok(())
+        self.snapshot_now().await
     }
 
     /// Flushes the log, snapshots producer state, closes.
     pub async fn close(&self) -> Result<(), ReplicaError> {
         let _cleaning = self.clean_lock.acquire_permit(1).await;
+        let _writing = self.snapshots.writing.acquire_permit(1).await;
         let _permit = self.write_lock.acquire_permit(1).await;
+        let snap = self.capture_snapshot();
         self.log.close().await?;
-        self.write_snapshot()
+        let written = match (snap, &self.state_path) {
+            (Some(snap), Some(path)) => self.snapshots.write(path, snap).await,
+            _ => Ok(()),
+        };
+        self.snapshots.stopped.set(true);
+        written
     }
 
     /// Hands the replica's replication view to its observer (metrics).
@@ -1106,6 +1318,8 @@ impl PartitionReplica {
 
     pub async fn delete(&self) -> Result<(), ReplicaError> {
         let _cleaning = self.clean_lock.acquire_permit(1).await;
+        let _writing = self.snapshots.writing.acquire_permit(1).await;
+        self.snapshots.stopped.set(true);
         let _permit = self.write_lock.acquire_permit(1).await;
         self.watermark.observer.removed();
         self.log.delete().await?;
@@ -1129,6 +1343,27 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The anchor of a stored batch, read back from the log.
+fn anchor_of(h: &BatchHeader<'_>) -> Anchor {
+    Anchor {
+        base_offset: h.base_offset() as u64,
+        last_offset: h.last_offset() as u64,
+        leader_epoch: h.partition_leader_epoch(),
+        crc: h.crc(),
+    }
+}
+
+/// The anchor of a batch just appended in `epoch` with checksum `crc` (stamping the offset and
+/// the epoch leaves the checksummed bytes alone).
+fn appended_anchor(info: &AppendInfo, epoch: i32, crc: u32) -> Anchor {
+    Anchor {
+        base_offset: info.base_offset,
+        last_offset: info.last_offset,
+        leader_epoch: epoch,
+        crc,
+    }
 }
 
 fn batch_meta(h: &BatchHeader<'_>) -> BatchMeta {
