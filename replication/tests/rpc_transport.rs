@@ -243,7 +243,10 @@ fn appends_of_every_size_cross_intact_and_in_order() {
                     }
                 };
                 assert_eq!(got.from, 1);
-                assert!(&got.frame == want, "a frame arrived changed or out of order");
+                assert!(
+                    &got.frame == want,
+                    "a frame arrived changed or out of order"
+                );
             }
             assert_eq!(a.stats().frames_dropped, 0);
 

@@ -23,7 +23,7 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::AsyncWriteExt;
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::net::{TcpListener, TcpStream};
 
@@ -199,6 +199,7 @@ impl SendQueue {
         dropped
     }
 
+    #[cfg(test)]
     fn pop(&self) -> Option<EncodedFrame> {
         let f = self.frames.borrow_mut().pop_front()?;
         self.bytes.set(self.bytes.get() - f.len());
@@ -531,7 +532,10 @@ impl SocketReader {
     ) -> Result<Option<usize>, TransportError> {
         let fd = self.stream.as_raw_fd();
         let spare = buf.spare_capacity_mut();
-        assert!(want > 0 && spare.len() >= want, "read_window reserved the read");
+        assert!(
+            want > 0 && spare.len() >= want,
+            "read_window reserved the read"
+        );
         loop {
             // SAFETY: the kernel writes at most `want` bytes at `spare`, which is writable,
             // owned by `buf` and at least that long; nothing reads those bytes before `recv`
