@@ -1,12 +1,13 @@
 //! Node-to-node transport: the frame codec and messages of the rpc port (`--rpc-listen`) and
 //! the handshake that opens every connection (both sans-IO), and [`transport`], the glommio
 //! TCP around them. The caller owns the
-//! sockets: it reads into a `BytesMut`, calls [`FrameCodec::decode`] until it returns `None`,
-//! and writes each [`EncodedFrame`]'s parts with one vectored write. Any error closes that
-//! connection and nothing else.
+//! sockets: it reads into a `BytesMut` (sized by [`recv::read_window`]), calls
+//! [`FrameCodec::decode`] until it returns `None`, and writes [`EncodedFrame`]s' parts with
+//! vectored writes. Any error closes that connection and nothing else.
 
 pub mod frame;
 pub mod handshake;
+pub mod recv;
 pub mod transport;
 
 pub use frame::{

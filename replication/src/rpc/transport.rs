@@ -15,6 +15,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd};
 use std::rc::Rc;
@@ -22,13 +23,14 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::AsyncWriteExt;
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::net::{TcpListener, TcpStream};
 
 use crate::identity::NodeIdentity;
 use crate::rpc::frame::{EncodedFrame, Frame, FrameCodec, RpcError, RpcMessage};
 use crate::rpc::handshake::{Hello, PeerDirectory};
+use crate::rpc::recv::{read_window, MAX_HANDSHAKE_FRAME_BYTES};
 use crate::types::NodeId;
 
 /// Bytes of frames queued for one peer (or one inbound connection's replies). When a frame
@@ -52,8 +54,12 @@ pub const DEFAULT_RPC_RECONNECT_BACKOFF_MAX: Duration = Duration::from_millis(50
 /// Frames read and not yet taken by the owner: a fast peer waits (TCP backpressure) rather than
 /// queueing without bound.
 pub const DEFAULT_RPC_INBOX_FRAMES: usize = 1024;
-/// Bytes read from a socket at a time.
-const READ_CHUNK_BYTES: usize = 64 << 10;
+/// Slices one vectored write takes at most (the kernel's `IOV_MAX`).
+const MAX_IOVECS_PER_WRITE: usize = 1024;
+/// Queued frames gathered into one vectored write, in bytes at most (a larger frame goes
+/// alone): small frames share a syscall, and frames taken off the queue, where a full queue
+/// can no longer drop them, stay bounded.
+const MAX_GATHER_BYTES: usize = 4 << 20;
 
 #[derive(Debug, Clone)]
 pub struct TransportConfig {
@@ -193,10 +199,30 @@ impl SendQueue {
         dropped
     }
 
+    #[cfg(test)]
     fn pop(&self) -> Option<EncodedFrame> {
         let f = self.frames.borrow_mut().pop_front()?;
         self.bytes.set(self.bytes.get() - f.len());
         Some(f)
+    }
+
+    /// Moves the oldest frames into `out` (empty) for one vectored write: as many as stay
+    /// within `max_slices` parts and `max_bytes`, and at least one if any is queued.
+    fn pop_gather(&self, out: &mut Vec<EncodedFrame>, max_slices: usize, max_bytes: usize) {
+        debug_assert!(out.is_empty());
+        let (mut slices, mut bytes) = (0, 0);
+        let mut frames = self.frames.borrow_mut();
+        while let Some(f) = frames.front() {
+            let fits = slices + f.parts().len() <= max_slices && bytes + f.len() <= max_bytes;
+            if !out.is_empty() && !fits {
+                break;
+            }
+            let f = frames.pop_front().expect("a front frame");
+            slices += f.parts().len();
+            bytes += f.len();
+            self.bytes.set(self.bytes.get() - f.len());
+            out.push(f);
+        }
     }
 
     fn is_empty(&self) -> bool {
@@ -391,7 +417,7 @@ async fn accept_loop(inner: Rc<Inner>, listener: TcpListener) {
 async fn serve_inbound(inner: Rc<Inner>, stream: TcpStream) -> Result<(), TransportError> {
     stream.set_nodelay(true).map_err(glommio_io)?;
     let peer_addr = stream.peer_addr().ok();
-    let mut reader = dup_stream(&stream)?;
+    let mut reader = SocketReader::new(dup_stream(&stream)?);
     let mut writer = stream;
     writer
         .set_write_timeout(Some(inner.cfg.read_timeout))
@@ -409,7 +435,7 @@ async fn serve_inbound(inner: Rc<Inner>, stream: TcpStream) -> Result<(), Transp
                 reason: e.to_string(),
             },
         };
-        let _ = write_frame(&mut writer, &inner.codec.encode(&refusal)?).await;
+        let _ = write_frames(&mut writer, &[inner.codec.encode(&refusal)?]).await;
         let _ = writer.close().await;
         return Ok(());
     }
@@ -417,7 +443,7 @@ async fn serve_inbound(inner: Rc<Inner>, stream: TcpStream) -> Result<(), Transp
         correlation_id: 0,
         message: RpcMessage::Hello(inner.local.clone()),
     };
-    write_frame(&mut writer, &inner.codec.encode(&ours)?).await?;
+    write_frames(&mut writer, &[inner.codec.encode(&ours)?]).await?;
     tracing::debug!(peer = ?peer_addr, peer_node = hello.node_id, "rpc peer connected");
     let queue = Rc::new(SendQueue::new(inner.cfg.send_queue_bytes));
     let result = run_connection(&inner, hello.node_id, &queue, reader, writer, buf).await;
@@ -428,15 +454,17 @@ async fn serve_inbound(inner: Rc<Inner>, stream: TcpStream) -> Result<(), Transp
 /// Reads the first frame, which must be a hello, within the handshake timeout.
 async fn read_hello(
     inner: &Inner,
-    reader: &mut TcpStream,
+    reader: &mut SocketReader,
     buf: &mut BytesMut,
 ) -> Result<Hello, TransportError> {
     let deadline = Instant::now() + inner.cfg.handshake_timeout;
+    // The peer is not admitted yet: only a hello-sized frame is read, or reserved for.
+    let codec = FrameCodec::new(MAX_HANDSHAKE_FRAME_BYTES);
     let frame = loop {
-        if let Some(f) = inner.codec.decode(buf)? {
+        if let Some(f) = codec.decode(buf)? {
             break f;
         }
-        if read_some(reader, buf, deadline).await? == 0 {
+        if reader.read_some(buf, &codec, deadline).await? == 0 {
             return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
         }
     };
@@ -447,24 +475,90 @@ async fn read_hello(
     }
 }
 
-/// Appends what arrives before `deadline` to `buf`; 0 means the peer closed.
-async fn read_some(
-    reader: &mut TcpStream,
-    buf: &mut BytesMut,
-    deadline: Instant,
-) -> Result<usize, TransportError> {
-    let mut chunk = [0u8; READ_CHUNK_BYTES];
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(TransportError::ReadTimeout);
-    }
-    match glommio::future::timeout(left, reader.read(&mut chunk)).await {
-        Ok(Ok(n)) => {
-            buf.extend_from_slice(&chunk[..n]);
-            Ok(n)
+/// The read half of a connection. Safe reads need initialised bytes, and zeroing a buffer
+/// only for the kernel to overwrite it costs a pass over every byte, as does copying out of a
+/// bounce buffer: so what is waiting is taken with a non-blocking `recv` straight into the
+/// receive buffer's spare capacity, and only an empty socket is waited on, with a peek that
+/// takes nothing.
+struct SocketReader {
+    stream: TcpStream,
+    /// The last `recv` emptied the socket: wait before the next.
+    drained: bool,
+}
+
+impl SocketReader {
+    fn new(stream: TcpStream) -> Self {
+        SocketReader {
+            stream,
+            drained: false,
         }
-        Ok(Err(e)) => Err(e.into()),
-        Err(_) => Err(TransportError::ReadTimeout),
+    }
+
+    /// Appends what arrives before `deadline` to `buf`, at most what [`read_window`] asks for
+    /// under `codec`'s frame cap; 0 means the peer closed.
+    async fn read_some(
+        &mut self,
+        buf: &mut BytesMut,
+        codec: &FrameCodec,
+        deadline: Instant,
+    ) -> Result<usize, TransportError> {
+        let want = read_window(buf, codec.max_frame_bytes())?;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(TransportError::ReadTimeout);
+            }
+            if !self.drained {
+                if let Some(n) = self.recv_available(buf, want)? {
+                    return Ok(n);
+                }
+            }
+            let mut probe = [0u8; 1];
+            match glommio::future::timeout(left, self.stream.peek(&mut probe)).await {
+                // Readable: data, or the end of the stream (the next `recv` returns 0).
+                Ok(Ok(_)) => self.drained = false,
+                Ok(Err(e)) => return Err(glommio_io(e).into()),
+                Err(_) => return Err(TransportError::ReadTimeout),
+            }
+        }
+    }
+
+    /// One non-blocking `recv` of at most `want` bytes into `buf`'s spare capacity; None if
+    /// nothing is waiting.
+    fn recv_available(
+        &mut self,
+        buf: &mut BytesMut,
+        want: usize,
+    ) -> Result<Option<usize>, TransportError> {
+        let fd = self.stream.as_raw_fd();
+        let spare = buf.spare_capacity_mut();
+        assert!(
+            want > 0 && spare.len() >= want,
+            "read_window reserved the read"
+        );
+        loop {
+            // SAFETY: the kernel writes at most `want` bytes at `spare`, which is writable,
+            // owned by `buf` and at least that long; nothing reads those bytes before `recv`
+            // reports them written, and `set_len` below covers exactly those.
+            let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), want, libc::MSG_DONTWAIT) };
+            if n >= 0 {
+                let n = n as usize;
+                assert!(n <= want, "recv wrote at most what it was given");
+                // SAFETY: the first `n` spare bytes were just written by the kernel.
+                unsafe { buf.set_len(buf.len() + n) };
+                self.drained = n < want;
+                return Ok(Some(n));
+            }
+            let err = std::io::Error::last_os_error();
+            match err.kind() {
+                std::io::ErrorKind::Interrupted => continue,
+                std::io::ErrorKind::WouldBlock => {
+                    self.drained = true;
+                    return Ok(None);
+                }
+                _ => return Err(err.into()),
+            }
+        }
     }
 }
 
@@ -515,7 +609,7 @@ async fn dial(
         .await
         .map_err(glommio_io)?;
     stream.set_nodelay(true).map_err(glommio_io)?;
-    let mut reader = dup_stream(&stream)?;
+    let mut reader = SocketReader::new(dup_stream(&stream)?);
     let mut writer = stream;
     writer
         .set_write_timeout(Some(inner.cfg.read_timeout))
@@ -524,7 +618,7 @@ async fn dial(
         correlation_id: 0,
         message: RpcMessage::Hello(inner.local.clone()),
     };
-    write_frame(&mut writer, &inner.codec.encode(&ours)?).await?;
+    write_frames(&mut writer, &[inner.codec.encode(&ours)?]).await?;
     let mut buf = BytesMut::new();
     let hello = read_hello(inner, &mut reader, &mut buf).await?;
     let admitted = inner.directory.borrow_mut().admit(&hello, Some(node));
@@ -543,7 +637,7 @@ async fn run_connection(
     inner: &Rc<Inner>,
     node: NodeId,
     queue: &Rc<SendQueue>,
-    mut reader: TcpStream,
+    mut reader: SocketReader,
     mut writer: TcpStream,
     mut buf: BytesMut,
 ) -> Result<(), TransportError> {
@@ -576,7 +670,7 @@ async fn run_connection(
             } else {
                 *frame_deadline.get_or_insert_with(|| Instant::now() + inner.cfg.read_timeout)
             };
-            match read_some(&mut reader, &mut buf, deadline).await {
+            match reader.read_some(&mut buf, &inner.codec, deadline).await {
                 Ok(0) => return Ok(()),
                 Ok(_) => {}
                 Err(TransportError::ReadTimeout) if buf.is_empty() => {
@@ -591,11 +685,18 @@ async fn run_connection(
         }
     };
     let write = async {
+        let mut gathered = Vec::new();
         loop {
-            while let Some(f) = queue.pop() {
-                write_frame(&mut writer, &f).await?;
+            loop {
+                queue.pop_gather(&mut gathered, MAX_IOVECS_PER_WRITE, MAX_GATHER_BYTES);
+                if gathered.is_empty() {
+                    break;
+                }
+                write_frames(&mut writer, &gathered).await?;
                 last_active.set(Instant::now());
-                inner.stat(|s| s.frames_sent += 1);
+                let n = gathered.len() as u64;
+                inner.stat(|s| s.frames_sent += n);
+                gathered.clear();
             }
             if inner.stopped.get() || queue.closed.get() {
                 return Ok(());
@@ -613,15 +714,23 @@ async fn run_connection(
     result
 }
 
-/// Frames below this are written from one buffer: a write per part costs more than the copy.
-const COALESCE_FRAME_BYTES: usize = 64 << 10;
-
-async fn write_frame(writer: &mut TcpStream, f: &EncodedFrame) -> std::io::Result<()> {
-    if f.parts().len() > 1 && f.len() <= COALESCE_FRAME_BYTES {
-        return writer.write_all(&f.to_bytes()).await;
-    }
-    for part in f.parts() {
-        writer.write_all(part).await?;
+/// Writes `frames` in order with vectored writes: batch bytes go from where they are to the
+/// socket, and small frames share a syscall.
+async fn write_frames(writer: &mut TcpStream, frames: &[EncodedFrame]) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = frames
+        .iter()
+        .flat_map(|f| f.parts())
+        .filter(|p| !p.is_empty())
+        .map(|p| IoSlice::new(p))
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = rest.len().min(MAX_IOVECS_PER_WRITE);
+        let written = writer.write_vectored(&rest[..n]).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, written);
     }
     Ok(())
 }
@@ -689,5 +798,47 @@ mod tests {
         tiny.close();
         assert_eq!(tiny.push(frame(7)), 1);
         assert!(tiny.is_empty());
+    }
+
+    #[test]
+    fn a_write_gathers_queued_frames_within_its_limits() {
+        let one = frame(0);
+        let (len, parts) = (one.len(), one.parts().len());
+        let q = SendQueue::new(1 << 20);
+        for e in 0..10 {
+            q.push(frame(e));
+        }
+        let mut out = Vec::new();
+        // Bounded by bytes: three whole frames.
+        q.pop_gather(&mut out, usize::MAX, 3 * len + len / 2);
+        assert_eq!(out.len(), 3);
+        assert_eq!(q.bytes.get(), 7 * len);
+        out.clear();
+        // Bounded by slices.
+        q.pop_gather(&mut out, 2 * parts, usize::MAX);
+        assert_eq!(out.len(), 2);
+        out.clear();
+        // A frame above both limits still goes, alone.
+        q.pop_gather(&mut out, 0, 0);
+        assert_eq!(out.len(), 1);
+        out.clear();
+        // The rest, oldest first; then nothing.
+        q.pop_gather(&mut out, usize::MAX, usize::MAX);
+        let codec = FrameCodec::default();
+        let epochs: Vec<i32> = out
+            .iter()
+            .map(|f| {
+                let mut b = BytesMut::from(&f.to_bytes()[..]);
+                match codec.decode(&mut b).unwrap().unwrap().message {
+                    RpcMessage::Consensus(m) => m.items[0].1.epoch(),
+                    other => panic!("{other:?}"),
+                }
+            })
+            .collect();
+        assert_eq!(epochs, [6, 7, 8, 9]);
+        assert_eq!(q.bytes.get(), 0);
+        out.clear();
+        q.pop_gather(&mut out, usize::MAX, usize::MAX);
+        assert!(out.is_empty());
     }
 }
