@@ -165,12 +165,31 @@ impl<'a> BatchHeader<'a> {
 }
 
 /// A RecordBatch v2 whose header was checked ([`BatchHeader::parse`]) and whose CRC-32C was
-/// verified, in a buffer the holder alone may write. The log only appends these: it stamps base
-/// offset and leader epoch in place (no copy), and derives its frame CRC from the verified batch
-/// CRC instead of reading the batch a second time.
+/// verified. The log only appends these: it stamps base offset and leader epoch in place (no
+/// copy), and derives its frame CRC from the verified batch CRC instead of reading the batch a
+/// second time. A batch held in a buffer other handles share (a slice of a follower's received
+/// frame) is kept shared: it is copied only if stamping would change its bytes, which a
+/// follower's batch, already carrying its leader's offset and epoch, never needs.
 #[derive(Debug)]
 pub struct VerifiedBatch {
-    bytes: BytesMut,
+    bytes: BatchBytes,
+}
+
+#[derive(Debug)]
+enum BatchBytes {
+    /// The holder alone may write these.
+    Owned(BytesMut),
+    /// Other handles may see these: never written in place.
+    Shared(Bytes),
+}
+
+impl BatchBytes {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            BatchBytes::Owned(b) => b,
+            BatchBytes::Shared(b) => b,
+        }
+    }
 }
 
 impl VerifiedBatch {
@@ -178,29 +197,48 @@ impl VerifiedBatch {
     pub fn new(bytes: BytesMut) -> Result<Self, EngineError> {
         let header = BatchHeader::parse(&bytes)?;
         header.verify_crc()?;
-        Ok(VerifiedBatch { bytes })
+        Ok(VerifiedBatch {
+            bytes: BatchBytes::Owned(bytes),
+        })
     }
 
-    /// [`Self::new`] for a `Bytes`: used in place when no other handle shares its buffer,
-    /// copied once otherwise (stamping must not change bytes another handle can see).
+    /// [`Self::new`] for a `Bytes`: used in place, shared or not (see the type's comment).
     pub fn from_bytes(bytes: Bytes) -> Result<Self, EngineError> {
-        Self::new(
-            bytes
-                .try_into_mut()
-                .unwrap_or_else(|shared| BytesMut::from(&shared[..])),
-        )
+        match bytes.try_into_mut() {
+            Ok(unique) => Self::new(unique),
+            Err(shared) => {
+                BatchHeader::parse(&shared)?.verify_crc()?;
+                Ok(VerifiedBatch {
+                    bytes: BatchBytes::Shared(shared),
+                })
+            }
+        }
+    }
+
+    /// A batch whose CRC-32C the caller has verified on exactly these bytes (a follower checks
+    /// each batch when its leader's append arrives, and appends it moments later): the header
+    /// is checked again, the CRC only in debug builds, which saves reading the batch twice on
+    /// the replication path.
+    pub fn already_verified(bytes: Bytes) -> Result<Self, EngineError> {
+        let header = BatchHeader::parse(&bytes)?;
+        debug_assert!(header.verify_crc().is_ok(), "the caller verified the CRC");
+        Ok(VerifiedBatch {
+            bytes: BatchBytes::Shared(bytes),
+        })
     }
 
     pub fn header(&self) -> BatchHeader<'_> {
-        BatchHeader { bytes: &self.bytes }
+        BatchHeader {
+            bytes: self.bytes.as_slice(),
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.bytes.len()
+        self.bytes.as_slice().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.bytes.as_slice().is_empty()
     }
 
     /// The CRC-32C the batch carries (verified): it covers bytes [`CRC_COVERED_START`]`..`.
@@ -208,18 +246,38 @@ impl VerifiedBatch {
         self.header().crc()
     }
 
+    /// The bytes to write in place, copied first if they are shared.
+    fn owned(&mut self) -> &mut BytesMut {
+        if let BatchBytes::Shared(b) = &self.bytes {
+            self.bytes = BatchBytes::Owned(BytesMut::from(&b[..]));
+        }
+        match &mut self.bytes {
+            BatchBytes::Owned(b) => b,
+            BatchBytes::Shared(_) => unreachable!("made owned above"),
+        }
+    }
+
     /// LogAppendTime: the one header rewrite a leader makes (attributes bit, max timestamp,
     /// CRC), as Kafka does; the records stay untouched.
     pub fn set_log_append_time(&mut self, append_time_ms: i64) {
-        crate::records::set_log_append_time(&mut self.bytes, append_time_ms)
+        crate::records::set_log_append_time(self.owned(), append_time_ms)
             .expect("a verified batch has a header");
     }
 
     /// Stamps base offset and leader epoch (outside the CRC-covered bytes, so [`Self::crc`]
     /// stays valid) and hands the batch out for storing.
     pub(crate) fn stamp_into(mut self, base_offset: i64, leader_epoch: i32) -> Bytes {
-        stamp(&mut self.bytes, base_offset, leader_epoch);
-        self.bytes.freeze()
+        if let BatchBytes::Shared(b) = &self.bytes {
+            let h = BatchHeader { bytes: b };
+            if h.base_offset() == base_offset && h.partition_leader_epoch() == leader_epoch {
+                return b.clone();
+            }
+        }
+        stamp(self.owned(), base_offset, leader_epoch);
+        match self.bytes {
+            BatchBytes::Owned(b) => b.freeze(),
+            BatchBytes::Shared(_) => unreachable!("made owned by the stamp"),
+        }
     }
 }
 
@@ -280,6 +338,43 @@ mod tests {
             0,
             "not written through"
         );
+
+        // A shared batch already carrying the offset and epoch (a follower's) stays shared.
+        let mut b = build_batch(&[7u8; 300], 2, 0, 0);
+        stamp(&mut b, 42, 3);
+        let shared = Bytes::from(b);
+        let other = shared.clone();
+        let stored = VerifiedBatch::from_bytes(shared).unwrap().stamp_into(42, 3);
+        assert_eq!(
+            stored.as_ptr(),
+            other.as_ptr(),
+            "no copy of a follower's batch"
+        );
+        let stored = VerifiedBatch::already_verified(other.clone())
+            .unwrap()
+            .stamp_into(42, 3);
+        assert_eq!(stored.as_ptr(), other.as_ptr());
+        // LogAppendTime on a shared batch writes a copy, not through the other handle.
+        let mut v = VerifiedBatch::from_bytes(other.clone()).unwrap();
+        v.set_log_append_time(99);
+        let stamped = v.stamp_into(42, 3);
+        assert_ne!(stamped.as_ptr(), other.as_ptr());
+        BatchHeader::parse(&stamped).unwrap().verify_crc().unwrap();
+        assert_eq!(BatchHeader::parse(&other).unwrap().max_timestamp(), 0);
+    }
+
+    #[test]
+    fn a_shared_batch_is_checked_and_a_short_one_refused_unverified() {
+        let mut b = build_batch(&[7u8; 300], 2, 0, 0);
+        b[CRC_COVERED_START + 20] ^= 1;
+        let shared = Bytes::from(b);
+        let _keep = shared.clone();
+        assert!(
+            VerifiedBatch::from_bytes(shared).is_err(),
+            "CRC checked when shared"
+        );
+        let short = Bytes::from(vec![0u8; 10]);
+        assert!(VerifiedBatch::already_verified(short).is_err());
     }
 
     #[test]
