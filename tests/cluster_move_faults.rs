@@ -371,7 +371,9 @@ fn files_of_a_partition_moved_away_or_deleted_are_removed_at_restart() {
     });
     let backup = tempfile::tempdir().unwrap();
     let files = partition_files(&nodes[x]);
-    assert!(files.len() >= 3, "the downed node's files: {files:?}");
+    // At least the log directory and its topic-id claim (the hard state lives in the shard's
+    // store, which prunes the entries of groups the node no longer hosts).
+    assert!(files.len() >= 2, "the downed node's files: {files:?}");
     back_up(&nodes[x], backup.path());
 
     // (1) Down when the move ended: its files go when it comes back.
