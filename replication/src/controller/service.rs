@@ -305,21 +305,23 @@ impl Ctx {
     /// After every event: frames out, then (when the applied placement changed) the plan,
     /// peers and mirror, then the view, then the answers and acknowledgements this allows.
     ///
-    /// The view (a copy of the whole applied metadata) is made again on a tick, or when a call
-    /// finishes (its caller must find what it did), not after every event: a burst of leader
+    /// The view (a copy of the whole applied metadata) is made again on a tick, with the mirror,
+    /// or when a call finishes (its caller must find what it did), not after every event: a burst of leader
     /// reports applies a metadata batch every few events, and a copy per batch of a state with
     /// thousands of partitions held this thread for seconds. Leaders and ISRs reach the view
     /// within a tick.
     fn publish(&mut self, tick: bool) {
         flush(&mut self.driver, &self.transport);
         let placement = self.driver.placement_version();
-        if self.plan_at != Some(placement) {
+        let placed = self.plan_at != Some(placement);
+        if placed {
             self.plan_at = Some(placement);
             self.refresh_applied();
         }
         let finished = self.driver.take_finished_calls();
         let stale = self.driver.generation() != self.last_generation;
-        if stale && (tick || !finished.is_empty()) {
+        // A topic the mirror holds is in the view too.
+        if stale && (tick || placed || !finished.is_empty()) {
             self.last_generation = self.driver.generation();
             self.view.set(self.driver.view());
         }
