@@ -1291,7 +1291,9 @@ impl<R: Clone> Driver<R> {
                 state: CallState::Unsent,
             },
         );
-        self.send_reports()
+        // This report only: a scan of every report in flight per report made a burst of
+        // thousands quadratic; the tick re-sends any other left unsent.
+        self.send_report(group)
     }
 
     /// Reports the controller accepted, or refused as older than what it has (the group's
@@ -1388,15 +1390,21 @@ impl<R: Clone> Driver<R> {
             .map(|(&g, _)| g)
             .collect();
         for group in ready {
-            let req = self.reports[&group].req.clone();
-            if let Some(r) = self.reports.get_mut(&group) {
-                r.state = CallState::Sending;
-            }
-            let corr = self.agent_request(Req::Report(group), RpcMessage::AlterIsr(req))?;
-            if let Some(r) = self.reports.get_mut(&group) {
-                if r.state == CallState::Sending {
-                    r.state = CallState::Sent { corr };
-                }
+            self.send_report(group)?;
+        }
+        Ok(())
+    }
+
+    fn send_report(&mut self, group: GroupId) -> Result<(), StoreError> {
+        let Some(r) = self.reports.get_mut(&group) else {
+            return Ok(());
+        };
+        r.state = CallState::Sending;
+        let req = r.req.clone();
+        let corr = self.agent_request(Req::Report(group), RpcMessage::AlterIsr(req))?;
+        if let Some(r) = self.reports.get_mut(&group) {
+            if r.state == CallState::Sending {
+                r.state = CallState::Sent { corr };
             }
         }
         Ok(())
