@@ -425,6 +425,8 @@ fn a_wave_of_leader_reports_is_one_metadata_decision_answered_report_by_report()
     use spate_replication::controller::{AlterIsrRequest, CreateTopicRequest};
 
     const PARTITIONS: usize = 600;
+    // One tick's queue holds the wave.
+    const _: () = assert!(PARTITIONS <= MAX_QUEUED_ALTER_ISR);
     let mut net = Net::new(&VOTERS);
     net.until(5_000, "cluster formed", |n| {
         n.controllers().len() == 1 && n.all_see_live(&VOTERS)
@@ -476,10 +478,6 @@ fn a_wave_of_leader_reports_is_one_metadata_decision_answered_report_by_report()
         let d = net.nodes.get_mut(&leader).unwrap();
         d.report_leader(group, req).unwrap();
     }
-    assert!(
-        PARTITIONS <= MAX_QUEUED_ALTER_ISR,
-        "one tick's queue holds the wave"
-    );
     let mut accepted: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
     net.until(2_000, "every valid report applied everywhere", |n| {
         n.nodes.values().all(|d| {
