@@ -3,6 +3,8 @@
 //! cluster forms, survives the loss of its controller, fences the dead broker, and takes the
 //! node back after a restart that replays its log.
 
+use std::collections::BTreeMap;
+
 #[path = "support/controller.rs"]
 mod controller_support;
 use controller_support::*;
@@ -288,4 +290,106 @@ fn an_operator_unregisters_a_fenced_broker_and_its_id_rejoins_with_a_new_uuid() 
     // Live again: refused.
     let e = call(&mut net, 3, 4, 4).unwrap_err();
     assert_eq!(e.code, RpcErrorCode::InvalidRequest, "{e:?}");
+}
+
+#[test]
+fn a_wave_of_leader_reports_is_one_metadata_decision_answered_report_by_report() {
+    use spate_replication::controller::driver::{AdminCall, MAX_QUEUED_ALTER_ISR};
+    use spate_replication::controller::records::FIRST_ELECTED_EPOCH;
+    use spate_replication::controller::{AlterIsrRequest, CreateTopicRequest};
+
+    const PARTITIONS: usize = 600;
+    // One tick's queue holds the wave.
+    const _: () = assert!(PARTITIONS <= MAX_QUEUED_ALTER_ISR);
+    let mut net = Net::new(&VOTERS);
+    net.until(5_000, "cluster formed", |n| {
+        n.controllers().len() == 1 && n.all_see_live(&VOTERS)
+    });
+    let create = AdminCall::CreateTopic {
+        req: CreateTopicRequest {
+            name: "t".into(),
+            topic_id: 7,
+            partitions: PARTITIONS,
+            replication_factor: Some(3),
+            configs: Vec::new(),
+        },
+        validate_only: false,
+    };
+    net.nodes
+        .get_mut(&1)
+        .unwrap()
+        .submit_call(1, create)
+        .unwrap();
+    net.until(2_000, "topic created", |n| {
+        n.nodes.values().all(|d| d.state().topics.contains_key("t"))
+    });
+    let c = net.controllers()[0];
+    let applied_before = net.nodes[&c].applied();
+
+    // Every partition's preferred replica reports its leadership in the first elected epoch,
+    // the controller's own broker side among them; one report per node is invalid (an ISR
+    // without its leader) and must be refused alone.
+    let partitions = net.nodes[&c].state().topics["t"].partitions.clone();
+    let mut expected: BTreeMap<NodeId, usize> = BTreeMap::new();
+    let mut invalid: BTreeMap<NodeId, u64> = BTreeMap::new();
+    for (i, p) in partitions.iter().enumerate() {
+        let leader = p.replicas[0].node;
+        let isr: Vec<NodeId> = p.replicas.iter().map(|r| r.node).collect();
+        let bad = !invalid.contains_key(&leader);
+        let req = AlterIsrRequest {
+            topic: "t".into(),
+            partition: i as u32,
+            leader,
+            leader_epoch: FIRST_ELECTED_EPOCH,
+            isr: if bad { isr[1..].to_vec() } else { isr },
+        };
+        let group = 1_000 + i as u64;
+        if bad {
+            invalid.insert(leader, group);
+        } else {
+            *expected.entry(leader).or_default() += 1;
+        }
+        let d = net.nodes.get_mut(&leader).unwrap();
+        d.report_leader(group, req).unwrap();
+    }
+    let mut accepted: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
+    net.until(2_000, "every valid report applied everywhere", |n| {
+        n.nodes.values().all(|d| {
+            let led = &d.state().topics["t"].partitions;
+            led.iter()
+                .filter(|p| p.leader_epoch == FIRST_ELECTED_EPOCH)
+                .count()
+                == PARTITIONS - invalid.len()
+        })
+    });
+    for (&id, d) in net.nodes.iter_mut() {
+        let got: Vec<u64> = d.take_accepted_reports().into_iter().map(|r| r.0).collect();
+        accepted.insert(id, got);
+    }
+    for (node, n) in &expected {
+        assert_eq!(accepted[node].len(), *n, "node {node}'s reports accepted");
+        assert!(
+            !accepted[node].contains(&invalid[node]),
+            "node {node}'s invalid report was accepted"
+        );
+    }
+    // The three nodes' reports arrive in the same tick or the next: a handful of decisions
+    // (each a few 64 KiB batches at most), not one metadata batch per report.
+    let batches = net.nodes[&c].applied() - applied_before;
+    assert!(
+        batches <= 12,
+        "{} reports took {batches} metadata batches",
+        PARTITIONS - invalid.len()
+    );
+    for d in net.nodes.values() {
+        let t = &d.state().topics["t"];
+        for (i, p) in t.partitions.iter().enumerate() {
+            let was_invalid = invalid.values().any(|&g| g == 1_000 + i as u64);
+            assert_eq!(
+                p.leader_epoch == FIRST_ELECTED_EPOCH,
+                !was_invalid,
+                "partition {i}"
+            );
+        }
+    }
 }

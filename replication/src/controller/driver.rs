@@ -63,6 +63,12 @@ const FETCH_INTERVAL_MS: u64 = 100;
 /// Bound on replies waiting for their decision to commit: a leader that cannot commit (no
 /// quorum) does not collect requests forever; the senders time out and retry.
 const MAX_PENDING_REPLIES: usize = 4096;
+/// AlterIsr requests waiting for the active controller's next tick at most: a wave of new
+/// partition leaders (thousands after a failover or a topic creation) is decided together and
+/// proposed as one append and one fsync of the metadata log, not one each. When the queue is
+/// full it is decided at once. Within [`MAX_PENDING_REPLIES`], so a full queue's answers all
+/// wait for their commit.
+pub const MAX_QUEUED_ALTER_ISR: usize = 2048;
 /// Output loops of the core settle in a few rounds; more is a bug.
 const MAX_DRIVE_ROUNDS: usize = 1000;
 /// An admin call (CreateTopics, ...) not decided and applied on this node within this long is
@@ -283,6 +289,12 @@ pub struct Driver<R> {
     /// The newest leader report per group not yet accepted by the controller.
     reports: BTreeMap<GroupId, PendingReport>,
     accepted: Vec<(GroupId, AlterIsrRequest)>,
+    /// AlterIsr requests for the active controller, decided together on the next tick.
+    alter_isr_queue: Vec<(Dest<R>, u64, AlterIsrRequest)>,
+    /// Bumped when an applied record may change what a node hosts or mirrors (topics,
+    /// partitions, replicas, configs, brokers' registrations), not for leadership and ISR
+    /// changes, so the caller rebuilds its hosting plan and topic mirror only then.
+    placement_version: u64,
 }
 
 fn reply_frame(corr: u64, message: RpcMessage) -> Frame {
@@ -333,6 +345,8 @@ impl<R: Clone> Driver<R> {
             finished: Vec::new(),
             reports: BTreeMap::new(),
             accepted: Vec::new(),
+            alter_isr_queue: Vec::new(),
+            placement_version: 1,
         }
     }
 
@@ -373,6 +387,17 @@ impl<R: Clone> Driver<R> {
 
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Changes when the applied metadata's placement may have changed (see
+    /// [`Effect::changes_placement`]); stays the same over leadership and ISR changes.
+    pub fn placement_version(&self) -> u64 {
+        self.placement_version
+    }
+
+    /// AlterIsr requests queued for the next tick's decision.
+    pub fn alter_isr_queued(&self) -> usize {
+        self.alter_isr_queue.len()
     }
 
     fn replica(&self) -> Option<&Replica> {
@@ -460,6 +485,7 @@ impl<R: Clone> Driver<R> {
             node.tick();
             self.drive()?;
         }
+        self.decide_alter_isr()?;
         if let Some(active) = self.active.as_mut() {
             let records = active.tick(now_ms);
             if !records.is_empty() {
@@ -576,12 +602,18 @@ impl<R: Clone> Driver<R> {
                 },
                 RpcMessage::AllocateProducerIdsResponse,
             ),
-            RpcMessage::AlterIsr(req) => self.decide(
-                dest,
-                corr,
-                |c| c.alter_isr(req).map(|r| (r, ())),
-                RpcMessage::AlterIsrResponse,
-            ),
+            RpcMessage::AlterIsr(req) => {
+                if self.active.is_none() {
+                    let e = self.not_controller();
+                    self.send_reply(dest, corr, RpcMessage::AlterIsrResponse(Err(e)));
+                    return Ok(());
+                }
+                self.alter_isr_queue.push((dest, corr, req));
+                if self.alter_isr_queue.len() >= MAX_QUEUED_ALTER_ISR {
+                    self.decide_alter_isr()?;
+                }
+                Ok(())
+            }
             m @ (RpcMessage::CreateTopic { .. }
             | RpcMessage::CreatePartitions { .. }
             | RpcMessage::DeleteTopic { .. }
@@ -720,6 +752,9 @@ impl<R: Clone> Driver<R> {
                     // Deterministic on every node, so every node skips the same record.
                     tracing::error!(offset = base, error = %e, "committed metadata record refused");
                 }
+                if effects.iter().any(Effect::changes_placement) {
+                    self.placement_version += 1;
+                }
                 for e in effects {
                     log_effect(&e);
                 }
@@ -810,6 +845,64 @@ impl<R: Clone> Driver<R> {
                 } else {
                     let e = RpcErrorReply::not_controller(None);
                     self.send_reply(dest, corr, reply(Err(e)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Decides the queued AlterIsr requests in arrival order, each validated and answered on
+    /// its own, and proposes the records of all that change something as one decision: one
+    /// metadata append and fsync (per quorum member) for the lot. A report refused, or with
+    /// nothing to change, is answered at once; the others once the decision commits.
+    fn decide_alter_isr(&mut self) -> Result<(), StoreError> {
+        if self.alter_isr_queue.is_empty() {
+            return Ok(());
+        }
+        let queued = std::mem::take(&mut self.alter_isr_queue);
+        let Some(active) = self.active.as_mut() else {
+            let e = self.not_controller();
+            for (dest, corr, _) in queued {
+                let msg = RpcMessage::AlterIsrResponse(Err(e.clone()));
+                self.send_reply(dest, corr, msg);
+            }
+            return Ok(());
+        };
+        let mut records = Vec::new();
+        let mut answered = Vec::new();
+        let mut waiting = Vec::new();
+        for (dest, corr, req) in queued {
+            match active.alter_isr(req) {
+                Err(e) => answered.push((dest, corr, Err(RpcErrorReply::from(&e)))),
+                Ok(r) if r.is_empty() => answered.push((dest, corr, Ok(()))),
+                Ok(r) => {
+                    records.extend(r);
+                    waiting.push((dest, corr));
+                }
+            }
+        }
+        for (dest, corr, res) in answered {
+            self.send_reply(dest, corr, RpcMessage::AlterIsrResponse(res));
+        }
+        if records.is_empty() {
+            return Ok(());
+        }
+        match self.propose_decision(records)? {
+            Some(end) => {
+                for (dest, corr) in waiting {
+                    // Over the bound the sender times out and reports again.
+                    if self.pending.len() < MAX_PENDING_REPLIES {
+                        let msg = RpcMessage::AlterIsrResponse(Ok(()));
+                        self.pending.push((end, dest, corr, msg));
+                    }
+                }
+                self.release_pending();
+            }
+            None => {
+                let e = RpcErrorReply::not_controller(None);
+                for (dest, corr) in waiting {
+                    let msg = RpcMessage::AlterIsrResponse(Err(e.clone()));
+                    self.send_reply(dest, corr, msg);
                 }
             }
         }
@@ -1205,7 +1298,9 @@ impl<R: Clone> Driver<R> {
                 state: CallState::Unsent,
             },
         );
-        self.send_reports()
+        // This report only: a scan of every report in flight per report made a burst of
+        // thousands quadratic; the tick re-sends any other left unsent.
+        self.send_report(group)
     }
 
     /// Reports the controller accepted, or refused as older than what it has (the group's
@@ -1302,15 +1397,21 @@ impl<R: Clone> Driver<R> {
             .map(|(&g, _)| g)
             .collect();
         for group in ready {
-            let req = self.reports[&group].req.clone();
-            if let Some(r) = self.reports.get_mut(&group) {
-                r.state = CallState::Sending;
-            }
-            let corr = self.agent_request(Req::Report(group), RpcMessage::AlterIsr(req))?;
-            if let Some(r) = self.reports.get_mut(&group) {
-                if r.state == CallState::Sending {
-                    r.state = CallState::Sent { corr };
-                }
+            self.send_report(group)?;
+        }
+        Ok(())
+    }
+
+    fn send_report(&mut self, group: GroupId) -> Result<(), StoreError> {
+        let Some(r) = self.reports.get_mut(&group) else {
+            return Ok(());
+        };
+        r.state = CallState::Sending;
+        let req = r.req.clone();
+        let corr = self.agent_request(Req::Report(group), RpcMessage::AlterIsr(req))?;
+        if let Some(r) = self.reports.get_mut(&group) {
+            if r.state == CallState::Sending {
+                r.state = CallState::Sent { corr };
             }
         }
         Ok(())

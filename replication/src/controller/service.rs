@@ -43,12 +43,15 @@ use crate::node::NodeMessage;
 use crate::rpc::frame::{Frame, RpcErrorCode, RpcErrorReply, RpcMessage};
 use crate::rpc::transport::{Incoming, ReplyTo, Transport, TransportConfig};
 use crate::shard::cross_wake;
-use crate::types::{GroupId, NodeId, Offset};
+use crate::types::{GroupId, NodeId};
 
 /// Events all shards together may have waiting for the service thread (consensus sends and
 /// leader reports). A few ticks' worth for a busy node; a shard drops on full (consensus
 /// resends, reports repeat).
 pub const SHARD_EVENT_QUEUE: usize = 4 * SHARD_CONSENSUS_CHANNEL_CAPACITY;
+/// A tick of the service thread (the driver's tick and the publishing after it) taking this
+/// long is logged: heartbeats and consensus crossing the thread wait for it.
+const SLOW_TICK: Duration = Duration::from_millis(200);
 /// Accepted leader reports waiting for one shard; on full the acknowledgement is dropped and
 /// the shard's next re-send is accepted again.
 pub const ACCEPTED_REPORT_QUEUE: usize = SHARD_CONSENSUS_CHANNEL_CAPACITY;
@@ -313,9 +316,9 @@ struct Ctx {
     stats: Arc<StatCells>,
     inboxes: Vec<flume::Sender<NodeMessage>>,
     accepted: Vec<flume::Sender<LeaderReport>>,
-    /// The groups this node hosts, from the applied metadata at `plan_at`.
+    /// The groups this node hosts, from the applied metadata at placement version `plan_at`.
     plan: HostingPlan,
-    plan_at: Option<Offset>,
+    plan_at: Option<u64>,
     conflicts_logged: BTreeSet<GroupId>,
     /// What the mirror holds.
     mirrored: BTreeMap<String, TopicMeta>,
@@ -331,20 +334,31 @@ struct Ctx {
 }
 
 impl Ctx {
-    /// After every event: frames out, then (when the applied metadata moved) the plan, peers
-    /// and mirror, then the view, then the answers and acknowledgements this allows.
-    fn publish(&mut self) {
+    /// After every event: frames out, then (when the applied placement changed) the plan,
+    /// peers and mirror, then the view, then the answers and acknowledgements this allows.
+    ///
+    /// The view (a copy of the whole applied metadata) is made again on a tick, with the mirror,
+    /// or when a call finishes (its caller must find what it did), not after every event: a burst of leader
+    /// reports applies a metadata batch every few events, and a copy per batch of a state with
+    /// thousands of partitions held this thread for seconds. Leaders and ISRs reach the view
+    /// within a tick.
+    fn publish(&mut self, tick: bool) {
         let unsent = flush(&mut self.driver, &self.transport);
         StatCells::add(&self.stats.rpc_sends_failed, unsent);
-        if self.plan_at != Some(self.driver.applied()) {
-            self.plan_at = Some(self.driver.applied());
+        let placement = self.driver.placement_version();
+        let placed = self.plan_at != Some(placement);
+        if placed {
+            self.plan_at = Some(placement);
             self.refresh_applied();
         }
-        if self.driver.generation() != self.last_generation {
+        let finished = self.driver.take_finished_calls();
+        let stale = self.driver.generation() != self.last_generation;
+        // A topic the mirror holds is in the view too.
+        if stale && (tick || placed || !finished.is_empty()) {
             self.last_generation = self.driver.generation();
             self.view.set(self.driver.view());
         }
-        for (id, res) in self.driver.take_finished_calls() {
+        for (id, res) in finished {
             let Some(reply) = self.replies.remove(&id) else {
                 continue;
             };
@@ -382,7 +396,7 @@ impl Ctx {
         }
     }
 
-    /// The applied metadata changed: recompute the hosting plan, dial new brokers, and mirror
+    /// The applied placement changed: recompute the hosting plan, dial new brokers, and mirror
     /// the topics (before the view is published).
     fn refresh_applied(&mut self) {
         let state = self.driver.state();
@@ -772,7 +786,7 @@ async fn run(
         next_call: 0,
         last_generation: 0,
     }));
-    ctx.borrow_mut().publish();
+    ctx.borrow_mut().publish(true);
     let _ = ready.send(Ok(bound));
 
     let receiver = {
@@ -782,7 +796,7 @@ async fn run(
                 let c = &mut *ctx.borrow_mut();
                 // Partition traffic only passes through: nothing to publish after it.
                 if fatal_on_error(c.incoming(m)) {
-                    c.publish();
+                    c.publish(false);
                 }
             }
         })
@@ -800,7 +814,7 @@ async fn run(
                     fatal_on_error(c.shard_event(ev));
                 }
                 if reports {
-                    c.publish();
+                    c.publish(false);
                 }
             }
         })
@@ -811,7 +825,7 @@ async fn run(
             while let Ok(call) = cross_wake::recv(&calls).await {
                 let c = &mut *ctx.borrow_mut();
                 fatal_on_error(c.call(call));
-                c.publish();
+                c.publish(false);
             }
         })
     };
@@ -826,11 +840,20 @@ async fn run(
             glommio::timer::sleep(wait).await;
         }
         let c = &mut *ctx.borrow_mut();
+        let started = Instant::now();
         fatal_on_error(c.driver.tick(now_ms()));
-        c.publish();
+        c.publish(true);
         c.stats
             .rpc_frames_dropped
             .store(c.transport.stats().frames_dropped, Ordering::Relaxed);
+        let took = started.elapsed();
+        if took >= SLOW_TICK {
+            tracing::info!(
+                took_ms = took.as_millis() as u64,
+                applied = c.driver.applied(),
+                "cluster service tick was slow"
+            );
+        }
     }
     transport.stop();
     drop(receiver);

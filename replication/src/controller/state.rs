@@ -107,6 +107,26 @@ pub enum Effect {
     },
 }
 
+impl Effect {
+    /// Whether the record may change what a node hosts, mirrors or dials: topics, partitions,
+    /// replicas and their shards, configs, moves, brokers' registrations. Leadership, ISR,
+    /// fencing, wishes, modes and producer-id blocks do not, and they are nearly every record
+    /// in a burst of leader reports: a node's hosting plan and topic mirror (a pass over every
+    /// partition) are rebuilt only after a record that does.
+    pub fn changes_placement(&self) -> bool {
+        !matches!(
+            self,
+            Effect::PartitionChanged { .. }
+                | Effect::BrokerFenced { .. }
+                | Effect::BrokerUnfenced { .. }
+                | Effect::ProducerIdsGranted { .. }
+                | Effect::LeaderWished { .. }
+                | Effect::MaintenanceChanged { .. }
+                | Effect::DecommissionChanged { .. }
+        )
+    }
+}
+
 /// Why a record was refused. The state is unchanged when one is returned.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApplyError {
