@@ -20,6 +20,8 @@ use glommio::Task;
 
 use kafka_protocol::messages::ApiKey;
 
+use spate_replication::rpc::transport::recv_into_spare;
+
 use crate::budget::Charge;
 use crate::dispatch::{dispatch_frame, RequestContext};
 use crate::error::NetError;
@@ -552,32 +554,10 @@ impl Socket {
         max: usize,
     ) -> Result<Option<usize>, NetError> {
         buf.reserve(max);
-        let fd = self.stream.as_raw_fd();
-        let spare = buf.spare_capacity_mut();
-        let want = spare.len().min(max);
-        loop {
-            // SAFETY: the kernel writes at most `want` bytes at `spare`, which is writable,
-            // owned by `buf` and at least that long; nothing reads those bytes before `recv`
-            // reports them written, and `set_len` below covers exactly those.
-            let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), want, libc::MSG_DONTWAIT) };
-            if n >= 0 {
-                let n = n as usize;
-                assert!(n <= want, "recv wrote at most what it was given");
-                // SAFETY: the first `n` spare bytes were just written by the kernel.
-                unsafe { buf.set_len(buf.len() + n) };
-                self.drained = n < want;
-                return Ok(Some(n));
-            }
-            let err = std::io::Error::last_os_error();
-            match err.kind() {
-                std::io::ErrorKind::Interrupted => continue,
-                std::io::ErrorKind::WouldBlock => {
-                    self.drained = true;
-                    return Ok(None);
-                }
-                _ => return Err(err.into()),
-            }
-        }
+        let want = buf.spare_capacity_mut().len().min(max);
+        let got = recv_into_spare(self.stream.as_raw_fd(), buf, want)?;
+        self.drained = got.is_none_or(|n| n < want);
+        Ok(got)
     }
 }
 

@@ -530,34 +530,43 @@ impl SocketReader {
         buf: &mut BytesMut,
         want: usize,
     ) -> Result<Option<usize>, TransportError> {
-        let fd = self.stream.as_raw_fd();
-        let spare = buf.spare_capacity_mut();
-        assert!(
-            want > 0 && spare.len() >= want,
-            "read_window reserved the read"
-        );
-        loop {
-            // SAFETY: the kernel writes at most `want` bytes at `spare`, which is writable,
-            // owned by `buf` and at least that long; nothing reads those bytes before `recv`
-            // reports them written, and `set_len` below covers exactly those.
-            let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), want, libc::MSG_DONTWAIT) };
-            if n >= 0 {
-                let n = n as usize;
-                assert!(n <= want, "recv wrote at most what it was given");
-                // SAFETY: the first `n` spare bytes were just written by the kernel.
-                unsafe { buf.set_len(buf.len() + n) };
-                self.drained = n < want;
-                return Ok(Some(n));
-            }
-            let err = std::io::Error::last_os_error();
-            match err.kind() {
-                std::io::ErrorKind::Interrupted => continue,
-                std::io::ErrorKind::WouldBlock => {
-                    self.drained = true;
-                    return Ok(None);
-                }
-                _ => return Err(err.into()),
-            }
+        let got = recv_into_spare(self.stream.as_raw_fd(), buf, want)?;
+        self.drained = got.is_none_or(|n| n < want);
+        Ok(got)
+    }
+}
+
+/// One non-blocking `recv(2)` of at most `want` bytes on the socket `fd`, written straight into
+/// `buf`'s spare capacity (no bounce buffer): `Some(n)` bytes appended (0: the peer closed),
+/// `None` if nothing is waiting. The caller reserved at least `want` bytes (asserted). Shared by
+/// the rpc port and the Kafka port (`net/src/server.rs`).
+pub fn recv_into_spare(
+    fd: std::os::fd::RawFd,
+    buf: &mut BytesMut,
+    want: usize,
+) -> std::io::Result<Option<usize>> {
+    let spare = buf.spare_capacity_mut();
+    assert!(
+        want > 0 && spare.len() >= want,
+        "the caller reserved the read"
+    );
+    loop {
+        // SAFETY: the kernel writes at most `want` bytes at `spare`, which is writable, owned
+        // by `buf` and at least that long; nothing reads those bytes before `recv` reports them
+        // written, and `set_len` below covers exactly those.
+        let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), want, libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            let n = n as usize;
+            assert!(n <= want, "recv wrote at most what it was given");
+            // SAFETY: the first `n` spare bytes were just written by the kernel.
+            unsafe { buf.set_len(buf.len() + n) };
+            return Ok(Some(n));
+        }
+        let err = std::io::Error::last_os_error();
+        match err.kind() {
+            std::io::ErrorKind::Interrupted => continue,
+            std::io::ErrorKind::WouldBlock => return Ok(None),
+            _ => return Err(err),
         }
     }
 }
