@@ -6,10 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use bytes::{Bytes, BytesMut};
-use kafka_protocol::records::{
-    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-};
+use bytes::Bytes;
 use kafka_protocol::ResponseError;
 use spate_replication::partition::{
     Acks, FlushPolicy, LogConfig, NoObserver, PartitionReplica, ReplicaConfig, TopicPartition,
@@ -18,7 +15,7 @@ use spate_replication::partition::{
 
 #[path = "support/batches.rs"]
 mod batches;
-use batches::run;
+use batches::{batch_of, run};
 
 /// Records of this many bytes of value, so that a test log reaches tens of MiB in a few hundred
 /// batches.
@@ -61,37 +58,9 @@ async fn open(dir: &Path) -> Rc<PartitionReplica> {
 
 /// An idempotent producer's batch of RECORDS_PER_BATCH records of VALUE_BYTES from `first_seq`.
 fn batch(producer_id: i64, first_seq: i32) -> VerifiedBatch {
-    let records: Vec<Record> = (0..RECORDS_PER_BATCH)
-        .map(|i| Record {
-            transactional: false,
-            control: false,
-            delete_horizon: false,
-            partition_leader_epoch: 0,
-            producer_id,
-            producer_epoch: 0,
-            timestamp_type: TimestampType::Creation,
-            offset: i as i64,
-            sequence: first_seq + i,
-            timestamp: 1_000 + i as i64,
-            key: None,
-            value: Some(Bytes::from(vec![
-                b'a' + (first_seq % 26) as u8;
-                VALUE_BYTES
-            ])),
-            headers: Default::default(),
-        })
-        .collect();
-    let mut buf = BytesMut::new();
-    RecordBatchEncoder::encode(
-        &mut buf,
-        &records,
-        &RecordEncodeOptions {
-            version: 2,
-            compression: Compression::None,
-        },
-    )
-    .expect("encode");
-    VerifiedBatch::from_bytes(buf.freeze()).expect("a valid batch")
+    batch_of(producer_id, first_seq, RECORDS_PER_BATCH, |_| {
+        Bytes::from(vec![b'a' + (first_seq % 26) as u8; VALUE_BYTES])
+    })
 }
 
 /// Appends `batches` batches of `producer_id` from sequence `first_seq`, each acknowledged

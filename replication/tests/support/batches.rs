@@ -32,6 +32,18 @@ pub fn run<T>(f: impl std::future::Future<Output = T>) -> T {
 
 /// An idempotent producer's batch of `records` records with sequences from `first_seq`.
 pub fn batch(producer_id: i64, first_seq: i32, records: i32) -> VerifiedBatch {
+    batch_of(producer_id, first_seq, records, |seq| {
+        Bytes::from(format!("value {producer_id}/{seq}"))
+    })
+}
+
+/// [`batch`] with the value of each record made from its sequence by `value`.
+pub fn batch_of(
+    producer_id: i64,
+    first_seq: i32,
+    records: i32,
+    value: impl Fn(i32) -> Bytes,
+) -> VerifiedBatch {
     let records: Vec<Record> = (0..records)
         .map(|i| Record {
             transactional: false,
@@ -45,10 +57,7 @@ pub fn batch(producer_id: i64, first_seq: i32, records: i32) -> VerifiedBatch {
             sequence: first_seq + i,
             timestamp: 1_000 + i as i64,
             key: None,
-            value: Some(Bytes::from(format!(
-                "value {producer_id}/{}",
-                first_seq + i
-            ))),
+            value: Some(value(first_seq + i)),
             headers: Default::default(),
         })
         .collect();
