@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ " $* " != *" --spate "* || " $* " != *" --perf "* ]]; then
-  cargo build --release --bin spate -p spate-perf
+  cargo build --release -p spate -p spate-perf
   target_dir=$(cd "${CARGO_TARGET_DIR:-target}" && pwd)
   [[ " $* " == *" --spate "* ]] || set -- --spate "$target_dir/release/spate" "$@"
   [[ " $* " == *" --perf "* ]] || set -- --perf "$target_dir/release/spate-perf" "$@"
