@@ -43,7 +43,7 @@ pub const FAILOVER_GIVE_UP_MS: u64 = 30_000;
 pub const RETRY_BACKOFF_MS: u64 = 20;
 
 /// Kafka error codes that mean "not now, not here": refresh the leaders and send again.
-const RETRIABLE: [i16; 8] = [
+pub(crate) const RETRIABLE: [i16; 8] = [
     3,  // UNKNOWN_TOPIC_OR_PARTITION: a restarted replica that has not applied the topic yet
     5,  // LEADER_NOT_AVAILABLE
     6,  // NOT_LEADER_OR_FOLLOWER
@@ -124,8 +124,8 @@ struct Route {
     template: ProduceTemplate,
 }
 
-/// Finds partition leaders for one producer, asking the brokers it knows in turn.
-struct Router {
+/// Finds partition leaders for one producer (or consumer), asking the brokers it knows in turn.
+pub(crate) struct Router {
     topic: String,
     known: Vec<String>,
     next: usize,
@@ -134,7 +134,17 @@ struct Router {
 }
 
 impl Router {
-    fn refresh(&mut self) -> Result<Leaders> {
+    pub(crate) fn new(topic: &str, known: Vec<String>, timeout: Duration) -> Router {
+        Router {
+            topic: topic.to_string(),
+            known,
+            next: 0,
+            conn: None,
+            timeout,
+        }
+    }
+
+    pub(crate) fn refresh(&mut self) -> Result<Leaders> {
         let mut last = None;
         for _ in 0..self.known.len() {
             if self.conn.is_none() {
@@ -168,7 +178,7 @@ impl Router {
     }
 
     /// The next refresh asks another broker (this one's view may be stale).
-    fn rotate(&mut self) {
+    pub(crate) fn rotate(&mut self) {
         self.conn = None;
     }
 }

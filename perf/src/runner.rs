@@ -73,6 +73,12 @@ impl Measured {
         self.last = Some(self.last.map_or(at, |l| l.max(at)));
     }
 
+    /// A consumer's fetch refused with a retriable error, or its connection lost.
+    pub(crate) fn count_refusal(&mut self, cause: i16) {
+        self.retries += 1;
+        *self.causes.entry(cause).or_default() += 1;
+    }
+
     pub(crate) fn merge(&mut self, other: Measured) {
         self.latency.merge(&other.latency);
         self.retries += other.retries;
@@ -285,6 +291,64 @@ struct ConsumerPlan {
     max_records: Option<u64>,
 }
 
+/// The partitions (indexes into the consumer's lists) one connection fetches: those its
+/// broker leads.
+struct FetchLink {
+    conn: Connection,
+    version: i16,
+    members: Vec<usize>,
+}
+
+/// Groups the consumer's partitions by leader, reusing the links it has to those brokers; waits
+/// (bounded by [`producer::FAILOVER_GIVE_UP_MS`]) while a partition has no leader or its
+/// leader, as the metadata still names it, cannot be reached (a killed broker not yet replaced).
+fn regroup(
+    mut old: Vec<FetchLink>,
+    partitions: &[i32],
+    router: &mut producer::Router,
+    cfg: &RunConfig,
+) -> Result<Vec<FetchLink>> {
+    let give_up = Instant::now() + Duration::from_millis(producer::FAILOVER_GIVE_UP_MS);
+    loop {
+        let attempt = router.refresh().and_then(|leaders| {
+            let mut out: Vec<FetchLink> = Vec::new();
+            for (i, &p) in partitions.iter().enumerate() {
+                let Some(addr) = leaders.of(p) else {
+                    return Err(PerfError::Protocol(format!("partition {p} has no leader")));
+                };
+                if let Some(l) = out.iter_mut().find(|l| l.conn.writer.addr() == addr) {
+                    l.members.push(i);
+                    continue;
+                }
+                let conn = match old.iter().position(|l| l.conn.writer.addr() == addr) {
+                    Some(k) => old.swap_remove(k).conn,
+                    None => Connection::connect(addr, cfg.request_timeout)?,
+                };
+                let version = conn.versions.pick(ApiKey::Fetch, FETCH_VERSIONS)?;
+                out.push(FetchLink {
+                    conn,
+                    version,
+                    members: vec![i],
+                });
+            }
+            Ok(out)
+        });
+        match attempt {
+            Ok(links) => return Ok(links),
+            Err(e) if Instant::now() >= give_up => {
+                return Err(PerfError::Protocol(format!(
+                    "partitions {partitions:?} not readable for {} ms: {e}",
+                    producer::FAILOVER_GIVE_UP_MS
+                )))
+            }
+            Err(_) => {
+                router.rotate();
+                thread::sleep(Duration::from_millis(producer::RETRY_BACKOFF_MS));
+            }
+        }
+    }
+}
+
 fn run_consumer(
     plan: ConsumerPlan,
     cfg: &RunConfig,
@@ -294,13 +358,21 @@ fn run_consumer(
 ) -> Result<Measured> {
     let a = &cfg.args;
     let ConsumerPlan {
-        mut conn,
+        conn,
         partitions,
         mut offsets,
         ends,
         max_records,
     } = plan;
     let version = conn.versions.pick(ApiKey::Fetch, FETCH_VERSIONS)?;
+    // A partition's leader can move mid-run (a failover, the cluster's leader balancer): the
+    // consumer then fetches each partition from its new leader, one request per leader.
+    let mut links = vec![FetchLink {
+        conn,
+        version,
+        members: (0..partitions.len()).collect(),
+    }];
+    let mut router = producer::Router::new(topic, a.bootstrap_servers.clone(), cfg.request_timeout);
     let e2e = handoff.is_some();
     let mut measured = Measured::default();
     let mut received: u64 = 0;
@@ -336,82 +408,123 @@ fn run_consumer(
             None if shared.stopped() => break,
             None => {}
         }
-        let fetch_partitions = partitions
-            .iter()
-            .zip(&offsets)
-            .map(|(&p, &o)| {
-                FetchPartition::default()
-                    .with_partition(p)
-                    .with_fetch_offset(o)
-                    .with_partition_max_bytes(max_bytes)
-            })
-            .collect();
-        let req = FetchRequest::default()
-            .with_max_wait_ms(a.fetch_max_wait_ms)
-            .with_min_bytes(1)
-            .with_max_bytes(max_bytes)
-            .with_topics(vec![FetchTopic::default()
-                .with_topic(topic_name.clone())
-                .with_partitions(fetch_partitions)]);
-        let id = conn.next_correlation_id();
-        encode_request(&mut frame, ApiKey::Fetch, version, id, &req)?;
+        // Every leader's request goes out before any reply is read, so one long poll does not
+        // hold the others back.
+        let mut sent_ids = Vec::with_capacity(links.len());
+        let mut stale = false;
         let sent = Instant::now();
-        conn.writer.write_frame(&frame)?;
-        let reply_frame = conn
-            .reader
-            .read_frame(a.fetch_max_bytes + FETCH_REPLY_SLACK_BYTES)?;
-        let now = Instant::now();
-        let reply: FetchResponse = decode_response(reply_frame, ApiKey::Fetch, version, id)?;
-        if reply.error_code != 0 {
-            return Err(PerfError::broker("Fetch", reply.error_code));
+        for link in &mut links {
+            let fetch_partitions = link
+                .members
+                .iter()
+                .map(|&i| {
+                    FetchPartition::default()
+                        .with_partition(partitions[i])
+                        .with_fetch_offset(offsets[i])
+                        .with_partition_max_bytes(max_bytes)
+                })
+                .collect();
+            let req = FetchRequest::default()
+                .with_max_wait_ms(a.fetch_max_wait_ms)
+                .with_min_bytes(1)
+                .with_max_bytes(max_bytes)
+                .with_topics(vec![FetchTopic::default()
+                    .with_topic(topic_name.clone())
+                    .with_partitions(fetch_partitions)]);
+            let id = link.conn.next_correlation_id();
+            encode_request(&mut frame, ApiKey::Fetch, link.version, id, &req)?;
+            match link.conn.writer.write_frame(&frame) {
+                Ok(()) => sent_ids.push(Some(id)),
+                Err(_) => {
+                    stale = true;
+                    sent_ids.push(None);
+                }
+            }
         }
         let mut fetched_records = 0u64;
         let mut fetched_bytes = 0u64;
-        for t in &reply.responses {
-            for p in &t.partitions {
-                if p.error_code != 0 {
-                    return Err(PerfError::broker(
-                        format!("Fetch partition {}", p.partition_index),
-                        p.error_code,
-                    ));
-                }
-                let Some(i) = partitions.iter().position(|&x| x == p.partition_index) else {
+        let mut broken: Vec<bool> = sent_ids.iter().map(Option::is_none).collect();
+        for ((link, id), broken) in links.iter_mut().zip(&sent_ids).zip(&mut broken) {
+            let Some(id) = *id else { continue };
+            let reply_frame = match link
+                .conn
+                .reader
+                .read_frame(a.fetch_max_bytes + FETCH_REPLY_SLACK_BYTES)
+            {
+                Ok(f) => f,
+                Err(_) => {
+                    // The connection is gone (a killed broker): find the leaders again.
+                    *broken = true;
+                    stale = true;
+                    measured.count_refusal(producer::CONNECTION_LOST);
                     continue;
-                };
-                let Some(records) = &p.records else { continue };
-                for (view, bytes) in batches(records) {
-                    let next = view.next_offset();
-                    if next <= offsets[i] {
-                        continue; // a batch before the fetch offset
+                }
+            };
+            let now = Instant::now();
+            let reply: FetchResponse =
+                decode_response(reply_frame, ApiKey::Fetch, link.version, id)?;
+            if reply.error_code != 0 {
+                if producer::RETRIABLE.contains(&reply.error_code) {
+                    stale = true;
+                    measured.count_refusal(reply.error_code);
+                    continue;
+                }
+                return Err(PerfError::broker("Fetch", reply.error_code));
+            }
+            for t in &reply.responses {
+                for p in &t.partitions {
+                    if p.error_code != 0 {
+                        if producer::RETRIABLE.contains(&p.error_code) {
+                            stale = true;
+                            measured.count_refusal(p.error_code);
+                            continue;
+                        }
+                        return Err(PerfError::broker(
+                            format!("Fetch partition {}", p.partition_index),
+                            p.error_code,
+                        ));
                     }
-                    if view.control {
-                        // A replicated log's leader marks its epoch with a control batch: it
-                        // takes offsets but holds no produced record.
-                        offsets[i] = next;
+                    let Some(i) = partitions.iter().position(|&x| x == p.partition_index) else {
                         continue;
-                    }
-                    let n = if view.base_offset >= offsets[i] {
-                        u64::try_from(view.record_count).unwrap_or(0)
-                    } else {
-                        u64::try_from(next - offsets[i]).unwrap_or(0)
                     };
-                    offsets[i] = next;
-                    fetched_records += n;
-                    fetched_bytes += bytes.len() as u64;
-                    if e2e {
-                        let stamp = read_stamp(bytes, view.compressed).ok_or_else(|| {
-                            PerfError::Protocol("fetched batch carries no send-time stamp".into())
-                        })?;
-                        let sent_at = shared.epoch + Duration::from_nanos(stamp);
-                        let latency = nanos(now.saturating_duration_since(sent_at));
-                        shared.interval.add(n, bytes.len() as u64, latency);
-                        if sent_at >= shared.measure_from {
-                            measured.add(n, bytes.len() as u64, latency, now);
+                    let Some(records) = &p.records else { continue };
+                    for (view, bytes) in batches(records) {
+                        let next = view.next_offset();
+                        if next <= offsets[i] {
+                            continue; // a batch before the fetch offset
+                        }
+                        if view.control {
+                            // A replicated log's leader marks its epoch with a control batch:
+                            // it takes offsets but holds no produced record.
+                            offsets[i] = next;
+                            continue;
+                        }
+                        let n = if view.base_offset >= offsets[i] {
+                            u64::try_from(view.record_count).unwrap_or(0)
+                        } else {
+                            u64::try_from(next - offsets[i]).unwrap_or(0)
+                        };
+                        offsets[i] = next;
+                        fetched_records += n;
+                        fetched_bytes += bytes.len() as u64;
+                        if e2e {
+                            let stamp = read_stamp(bytes, view.compressed).ok_or_else(|| {
+                                PerfError::Protocol(
+                                    "fetched batch carries no send-time stamp".into(),
+                                )
+                            })?;
+                            let sent_at = shared.epoch + Duration::from_nanos(stamp);
+                            let latency = nanos(now.saturating_duration_since(sent_at));
+                            shared.interval.add(n, bytes.len() as u64, latency);
+                            if sent_at >= shared.measure_from {
+                                measured.add(n, bytes.len() as u64, latency, now);
+                            }
                         }
                     }
                 }
             }
         }
+        let now = Instant::now();
         received += fetched_records;
         if !e2e && fetched_records > 0 {
             let latency = nanos(now - sent);
@@ -419,6 +532,17 @@ fn run_consumer(
             if sent >= shared.measure_from {
                 measured.add(fetched_records, fetched_bytes, latency, now);
             }
+        }
+        if stale {
+            // A link whose request or reply failed is dropped (its socket may hold a reply
+            // not read); the others are kept for their leaders.
+            let kept: Vec<FetchLink> = links
+                .into_iter()
+                .zip(&broken)
+                .filter(|(_, broken)| !**broken)
+                .map(|(l, _)| l)
+                .collect();
+            links = regroup(kept, &partitions, &mut router, cfg)?;
         }
     }
     Ok(measured)

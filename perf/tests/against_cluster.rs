@@ -402,3 +402,63 @@ fn a_leader_killed_mid_run_is_followed_and_not_counted_as_a_failure() {
     let consumed = consume_all(&cluster.bootstrap(), "kill", dir.path());
     assert_eq!(consumed, acked + created);
 }
+
+/// An e2e run's consumers follow a partition's leader too: after a SIGKILL of the leader
+/// mid-run, they fetch from the new one, and every acknowledged record is seen (the run ends
+/// only once they have all been fetched).
+#[test]
+fn e2e_consumers_follow_a_killed_leader() {
+    let Some(bin) = spate_bin() else {
+        eprintln!("SKIPPED: no spate binary with `serve` (build it, or set SPATE_BIN)");
+        return;
+    };
+    let mut cluster = start_cluster(&bin);
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = cluster.bootstrap();
+    create(&bootstrap, "e2e-kill", 3, dir.path());
+    let victim_addr = leaders_of(&cluster, "e2e-kill")[0].1.clone();
+    let json = dir.path().join("e2e-kill.json");
+    let json_arg = json.to_str().unwrap().to_string();
+    let b = bootstrap.clone();
+    let runner = std::thread::spawn(move || {
+        run_perf(&[
+            "e2e",
+            "-b",
+            &b,
+            "-t",
+            "e2e-kill",
+            "-c",
+            "1",
+            "-s",
+            "100",
+            "--acks",
+            "all",
+            "--idempotent",
+            "--rate",
+            "2000",
+            "--duration-secs",
+            "6",
+            "--warmup-secs",
+            "0",
+            "--fetch-max-wait-ms",
+            "50",
+            "--json",
+            &json_arg,
+        ])
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let victim = cluster
+        .nodes
+        .iter_mut()
+        .find(|n| n.addr == victim_addr)
+        .expect("the leader is one of the nodes");
+    victim.kill();
+    let out = runner.join().unwrap();
+    assert_eq!(out.code, Some(0), "e2e: {}{}", out.stdout, out.stderr);
+    let s = summary(&json);
+    assert!(s["records"].as_u64().unwrap() >= 6_000, "{s}");
+    assert!(
+        s["retries"].as_u64().unwrap() > 0,
+        "a leader was killed, yet nothing was retried: {s}"
+    );
+}
