@@ -1,0 +1,182 @@
+//! Timers that register with the executor once, however often they are polled.
+//!
+//! glommio-ng 0.12's `Timer` inserts a new entry into the reactor's timer table every time it
+//! is polled while pending and remembers only the newest; the older entries stay until their
+//! deadline passes. Every poll of the reactor then looks for the earliest deadline by walking
+//! that whole table. A timer raced against other futures (`or`, a `timeout` beside a read) is
+//! polled again at every wake-up of its task: the rpc connection's read timeout (30 s when
+//! idle) was polled at each frame the same task wrote, so the cluster service thread held
+//! about a hundred thousand stale entries at 20,000 records/s and spent half of its time
+//! walking them. [`Deadline`] polls its timer only on its first poll, or when the task's waker
+//! changed, so a timer is one entry for its whole life and is removed when it is dropped.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use glommio::timer::Timer;
+
+/// Resolves at `at`. Must be polled on a glommio executor.
+pub struct Deadline {
+    at: Instant,
+    /// The timer registered on the last poll that needed one, and the waker it holds.
+    armed: Option<(Timer, Waker)>,
+}
+
+impl Deadline {
+    pub fn at(at: Instant) -> Self {
+        Deadline { at, armed: None }
+    }
+
+    pub fn after(wait: Duration) -> Self {
+        Self::at(Instant::now() + wait)
+    }
+}
+
+impl Future for Deadline {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let now = Instant::now();
+        if now >= this.at {
+            this.armed = None;
+            return Poll::Ready(());
+        }
+        if let Some((_, waker)) = &this.armed {
+            if waker.will_wake(cx.waker()) {
+                // Its entry will wake this task at `at`.
+                return Poll::Pending;
+            }
+        }
+        // First poll, or another waker: a fresh timer, and the old one (dropped here) takes
+        // its single entry with it.
+        let mut timer = Timer::new(this.at - now);
+        match Pin::new(&mut timer).poll(cx) {
+            Poll::Ready(_) => {
+                this.armed = None;
+                Poll::Ready(())
+            }
+            Poll::Pending => {
+                this.armed = Some((timer, cx.waker().clone()));
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// `glommio::timer::sleep` with one timer entry.
+pub async fn sleep(wait: Duration) {
+    Deadline::after(wait).await
+}
+
+/// The deadline of [`timeout`] passed first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("timed out")]
+pub struct TimedOut;
+
+/// `fut`, unless `wait` passes first (a future ready at the deadline wins): as
+/// `glommio::future::timeout`, with one timer entry.
+pub async fn timeout<F: Future>(wait: Duration, fut: F) -> Result<F::Output, TimedOut> {
+    futures_lite::future::or(async { Ok(fut.await) }, async {
+        Deadline::after(wait).await;
+        Err(TimedOut)
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::Wake;
+
+    struct CountWakes(AtomicUsize);
+
+    impl Wake for CountWakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Polls `fut` `polls` times with one counting waker (as a task re-polled by its other
+    /// futures' wake-ups), lets the deadline pass on the executor, and returns how many
+    /// wake-ups the timer table delivered: one per entry the polls left in it.
+    async fn entries_left_by<F: Future + Unpin>(mut fut: F, polls: usize, wait: Duration) -> usize {
+        let count = Arc::new(CountWakes(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        for _ in 0..polls {
+            assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
+        }
+        // The reactor fires every entry due before this later one.
+        glommio::timer::sleep(wait * 2).await;
+        assert!(Pin::new(&mut fut).poll(&mut cx).is_ready());
+        count.0.load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn a_deadline_polled_many_times_is_one_timer_entry() {
+        const POLLS: usize = 100;
+        // Long enough that the polls all happen before it (they take microseconds).
+        const WAIT: Duration = Duration::from_millis(100);
+        let (glommio_entries, deadline_entries) =
+            glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+                .make()
+                .expect("executor")
+                .run(async {
+                    let glommio_entries =
+                        entries_left_by(Box::pin(glommio::timer::sleep(WAIT)), POLLS, WAIT).await;
+                    let deadline_entries =
+                        entries_left_by(Deadline::after(WAIT), POLLS, WAIT).await;
+                    (glommio_entries, deadline_entries)
+                });
+        // The library's timer: an entry per poll (what this module works around; if this
+        // fails, glommio was fixed and the module can go).
+        assert_eq!(glommio_entries, POLLS);
+        assert_eq!(deadline_entries, 1);
+    }
+
+    #[test]
+    fn a_new_waker_moves_the_single_entry() {
+        const WAIT: Duration = Duration::from_millis(50);
+        let (first, second) = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .make()
+            .expect("executor")
+            .run(async {
+                let first = Arc::new(CountWakes(AtomicUsize::new(0)));
+                let second = Arc::new(CountWakes(AtomicUsize::new(0)));
+                let mut d = Deadline::after(WAIT);
+                for w in [&first, &second] {
+                    let waker = Waker::from(w.clone());
+                    assert!(Pin::new(&mut d)
+                        .poll(&mut Context::from_waker(&waker))
+                        .is_pending());
+                }
+                glommio::timer::sleep(WAIT * 2).await;
+                (
+                    first.0.load(Ordering::SeqCst),
+                    second.0.load(Ordering::SeqCst),
+                )
+            });
+        assert_eq!((first, second), (0, 1));
+    }
+
+    #[test]
+    fn timeout_prefers_the_future_and_times_out_without_it() {
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .make()
+            .expect("executor")
+            .run(async {
+                assert_eq!(timeout(Duration::ZERO, async { 7 }).await, Ok(7));
+                let never = std::future::pending::<()>();
+                assert_eq!(
+                    timeout(Duration::from_millis(1), never).await,
+                    Err(TimedOut)
+                );
+                sleep(Duration::from_millis(1)).await;
+            });
+    }
+}
