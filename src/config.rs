@@ -615,6 +615,19 @@ mod tests {
     }
 
     #[test]
+    fn shards_are_pinned_unless_thread_affinity_is_off() {
+        assert!(ServeConfig::default().resolve().unwrap().pin_shards);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spate.toml");
+        std::fs::write(&path, "thread-affinity = false\n").unwrap();
+        let cli = ServeConfig {
+            config: Some(path),
+            ..ServeConfig::default()
+        };
+        assert!(!cli.with_file().unwrap().resolve().unwrap().pin_shards);
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("spate.toml");
