@@ -5,9 +5,9 @@
 //! deadline passes. Every poll of the reactor then looks for the earliest deadline by walking
 //! that whole table. A timer raced against other futures (`or`, a `timeout` beside a read) is
 //! polled again at every wake-up of its task: the rpc connection's read timeout (30 s when
-//! idle) was polled at each frame the same task wrote, so the cluster service thread held
-//! about a hundred thousand stale entries at 20,000 records/s and spent half of its time
-//! walking them. [`Deadline`] polls its timer only on its first poll, or when the task's waker
+//! idle) was polled at each frame the same task wrote, so at 20,000 records/s the cluster
+//! service thread held tens of thousands of stale entries (frames a second times 30 s) and
+//! walking them took half of the three nodes' CPU. [`Deadline`] polls its timer only on its first poll, or when the task's waker
 //! changed, so a timer is one entry for its whole life and is removed when it is dropped.
 
 use std::future::Future;
@@ -16,6 +16,13 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use glommio::timer::Timer;
+
+/// Added to every registration: glommio's timing wheel (in use once an executor holds 256
+/// timers) keeps deadlines in whole milliseconds rounded down, so an entry can fire up to a
+/// millisecond before its instant. glommio's `Timer` then registers again; a [`Deadline`] woken
+/// early would find its deadline not passed and its entry gone, and never wake again. Padded
+/// by this much, an entry never fires before the deadline.
+pub const TIMER_WHEEL_SLACK: Duration = Duration::from_millis(1);
 
 /// Resolves at `at`. Must be polled on a glommio executor.
 pub struct Deadline {
@@ -52,7 +59,7 @@ impl Future for Deadline {
         }
         // First poll, or another waker: a fresh timer, and the old one (dropped here) takes
         // its single entry with it.
-        let mut timer = Timer::new(this.at - now);
+        let mut timer = Timer::new(this.at - now + TIMER_WHEEL_SLACK);
         match Pin::new(&mut timer).poll(cx) {
             Poll::Ready(_) => {
                 this.armed = None;
@@ -171,6 +178,67 @@ mod tests {
                 )
             });
         assert_eq!((first, second), (0, 1));
+    }
+
+    /// With 256 timers or more the executor's wheel rounds deadlines down to the millisecond
+    /// and can fire an entry early: the deadline must still resolve (raced against a much
+    /// later glommio sleep, so a lost wake-up shows as a loss, not a hang). Repeated, since a
+    /// round is only at risk when the wheel fires inside the rounded-off fraction. With no
+    /// slack, 2 of 20 rounds were lost.
+    #[test]
+    fn a_deadline_resolves_when_the_wheel_fires_early() {
+        const WHEEL_TIMERS: usize = 300;
+        const ROUNDS: usize = 20;
+        const WAIT: Duration = Duration::from_millis(7);
+        const LOST: Duration = Duration::from_secs(2);
+        let lost = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .make()
+            .expect("executor")
+            .run(async {
+                // Long timers, polled once each, that put the reactor in its wheel stage.
+                let mut parked: Vec<_> = (0..WHEEL_TIMERS)
+                    .map(|_| Box::pin(glommio::timer::sleep(Duration::from_secs(600))))
+                    .collect();
+                let mut cx = Context::from_waker(Waker::noop());
+                for t in &mut parked {
+                    assert!(t.as_mut().poll(&mut cx).is_pending());
+                }
+                // Keeps the executor polling its reactor (short sleeps, which the wheel rounds
+                // to "due"), so entries are fired as soon as their rounded-down millisecond
+                // comes (an idle executor sleeps to the exact instant).
+                let spinning = std::rc::Rc::new(std::cell::Cell::new(true));
+                let spinner = glommio::spawn_local({
+                    let spinning = spinning.clone();
+                    async move {
+                        while spinning.get() {
+                            glommio::timer::sleep(Duration::from_micros(200)).await;
+                        }
+                    }
+                });
+                let mut lost = 0;
+                for _ in 0..ROUNDS {
+                    // The late sleep is polled first: once it fires, a deadline that was
+                    // not woken loses even though its instant has passed by then.
+                    let deadline = Deadline::after(WAIT);
+                    let resolved = futures_lite::future::or(
+                        async {
+                            glommio::timer::sleep(LOST).await;
+                            false
+                        },
+                        async {
+                            deadline.await;
+                            true
+                        },
+                    )
+                    .await;
+                    lost += usize::from(!resolved);
+                }
+                spinning.set(false);
+                spinner.await;
+                drop(parked);
+                lost
+            });
+        assert_eq!(lost, 0, "deadlines that never woke");
     }
 
     #[test]
