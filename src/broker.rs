@@ -1,5 +1,6 @@
-//! Starting and stopping the broker: one pinned glommio executor per core (a shard), each
-//! listening on the same port, sharing only the metadata store and the cross-shard queues.
+//! Starting and stopping the broker: one glommio executor per core (a shard, pinned to a CPU
+//! unless `pin_shards` is off), each listening on the same port, sharing only the metadata
+//! store and the cross-shard queues.
 //! The wiring of the layers: the metadata store and placement (spate-replication), the shards'
 //! replicas, and the Kafka serving of each shard (spate-net).
 
@@ -155,7 +156,12 @@ impl Broker {
             let link = links[id].take().map(|l| (l, throttle.clone()));
             let (open, drained, ready) =
                 (open_connections.clone(), drained.clone(), ready_tx.clone());
-            let handle = LocalExecutorBuilder::new(Placement::Fixed(id % cpus))
+            let placement = if config.pin_shards {
+                Placement::Fixed(id % cpus)
+            } else {
+                Placement::Unbound
+            };
+            let handle = LocalExecutorBuilder::new(placement)
                 .name(&format!("spate-shard-{id}"))
                 .io_memory(config.io_memory_bytes)
                 .spawn(move || async move {

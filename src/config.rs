@@ -45,6 +45,12 @@ pub struct ServeConfig {
     /// Number of cores (shards) to run on, one pinned executor each [default: all cores].
     #[arg(long, env = "SPATE_CORES", value_name = "N")]
     pub cores: Option<usize>,
+    /// Pin each shard's thread to one CPU (shard N on CPU N modulo the CPUs); `false` leaves
+    /// their placement to the kernel, for brokers that share cores with others (several on one
+    /// machine, as Redpanda's --overprovisioned), where pinned shards of every broker would
+    /// all land on the same first CPUs [default: true].
+    #[arg(long, env = "SPATE_THREAD_AFFINITY", value_name = "BOOL")]
+    pub thread_affinity: Option<bool>,
     /// This broker's node id in Metadata responses [default: 0].
     #[arg(long, env = "SPATE_NODE_ID", value_name = "N")]
     pub node_id: Option<i32>,
@@ -214,6 +220,7 @@ macro_rules! each_setting {
             advertised_listener,
             data_dir,
             cores,
+            thread_affinity,
             node_id,
             flush,
             flush_interval_ms,
@@ -274,6 +281,7 @@ impl ServeConfig {
             advertised_listener: None,
             data_dir: Some(PathBuf::from("spate-data")),
             cores: Some(std::thread::available_parallelism().map_or(1, |n| n.get())),
+            thread_affinity: Some(true),
             node_id: Some(0),
             flush: Some(FlushMode::Always),
             flush_interval_ms: Some(1000),
@@ -419,6 +427,7 @@ impl ServeConfig {
         c.advertised_host = advertised_host;
         c.advertised_port = advertised_port;
         c.cores = cores;
+        c.pin_shards = set(&self.thread_affinity);
         c.node_id = set(&self.node_id);
         c.flush = flush;
         c.default_partitions = default_partitions;
@@ -603,6 +612,19 @@ mod tests {
         assert_eq!(c.cores, 1);
         assert_eq!(c.flush, FlushPolicy::Never);
         assert_eq!(c.retention_ms, None);
+    }
+
+    #[test]
+    fn shards_are_pinned_unless_thread_affinity_is_off() {
+        assert!(ServeConfig::default().resolve().unwrap().pin_shards);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spate.toml");
+        std::fs::write(&path, "thread-affinity = false\n").unwrap();
+        let cli = ServeConfig {
+            config: Some(path),
+            ..ServeConfig::default()
+        };
+        assert!(!cli.with_file().unwrap().resolve().unwrap().pin_shards);
     }
 
     #[test]

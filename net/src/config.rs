@@ -19,6 +19,9 @@ pub struct BrokerConfig {
     pub advertised_port: u16,
     pub data_dir: PathBuf,
     pub cores: usize,
+    /// Each shard's executor pinned to one CPU (shard N on CPU N modulo the CPUs); otherwise
+    /// the kernel places them.
+    pub pin_shards: bool,
     pub node_id: i32,
     pub flush: FlushPolicy,
     pub default_partitions: i32,
@@ -110,6 +113,7 @@ impl BrokerConfig {
             advertised_port: 9092,
             data_dir,
             cores: 1,
+            pin_shards: true,
             node_id: 0,
             flush: FlushPolicy::Always,
             default_partitions: 1,

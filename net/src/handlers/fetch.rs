@@ -26,6 +26,7 @@ use crate::request::{decode_body, Request};
 use crate::shard::{Shard, TopicPartition};
 use spate_replication::controller::view::ClusterView;
 use spate_replication::partition::BatchHeader;
+use spate_replication::shard::deadline::Deadline;
 
 /// One partition's read on its owner.
 #[derive(Clone, Debug)]
@@ -340,7 +341,7 @@ async fn long_poll_on_owner(
         }
         let changed = shard.data_arrived.changed(generation);
         let stop = shard.shutdown.changed(shard.shutdown.generation());
-        let timeout = glommio::timer::sleep(deadline.saturating_duration_since(Instant::now()));
+        let timeout = Deadline::at(deadline);
         futures_lite::future::or(changed, futures_lite::future::or(stop, timeout)).await;
     }
 }
@@ -445,9 +446,7 @@ async fn wait_for_data(
                     .run_on(owner, move |s| async move {
                         let changed = s.data_arrived.changed(seen);
                         let stop = s.shutdown.changed(s.shutdown.generation());
-                        let timeout = glommio::timer::sleep(
-                            deadline.saturating_duration_since(Instant::now()),
-                        );
+                        let timeout = Deadline::at(deadline);
                         futures_lite::future::or(changed, futures_lite::future::or(stop, timeout))
                             .await;
                     })
@@ -457,7 +456,7 @@ async fn wait_for_data(
         })
         .collect();
     drop(tx);
-    let timeout = glommio::timer::sleep(deadline.saturating_duration_since(Instant::now()));
+    let timeout = Deadline::at(deadline);
     futures_lite::future::or(
         async {
             let _ = cross_wake::recv(&rx).await;

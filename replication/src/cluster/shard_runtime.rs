@@ -61,6 +61,7 @@ use crate::controller::reassignment::{apply_step, next_step, Reassignment, Step}
 use crate::controller::view::ClusterView;
 use crate::node::NodeMessage;
 use crate::partition::{ReplicationGauges, TopicPartition};
+use crate::shard::deadline::Deadline;
 use crate::shard::{cross_wake, ReplicaSet};
 use crate::types::{GroupId, NodeId};
 
@@ -235,7 +236,9 @@ pub async fn run(
                         (Some((_, at)), _) => {
                             let now = Instant::now();
                             if *at > now {
-                                glommio::timer::sleep(*at - now).await;
+                                // Re-polled at every other event of the loop: one timer
+                                // entry, not one per poll (see `shard::deadline`).
+                                Deadline::at(*at).await;
                             }
                             Event::Tick
                         }

@@ -514,7 +514,9 @@ impl SocketReader {
                 }
             }
             let mut probe = [0u8; 1];
-            match glommio::future::timeout(left, self.stream.peek(&mut probe)).await {
+            // Polled again at each wake-up of the connection's writer (same task): a glommio
+            // timeout would add a timer entry each time (see `shard::deadline`).
+            match crate::shard::deadline::timeout(left, self.stream.peek(&mut probe)).await {
                 // Readable: data, or the end of the stream (the next `recv` returns 0).
                 Ok(Ok(_)) => self.drained = false,
                 Ok(Err(e)) => return Err(glommio_io(e).into()),

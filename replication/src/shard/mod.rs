@@ -4,6 +4,7 @@
 //! over the [`Router`], whose cross-thread waits go through [`cross_wake`].
 
 pub mod cross_wake;
+pub mod deadline;
 pub mod hard_state_store;
 pub mod incarnation;
 pub mod replicas;
