@@ -368,14 +368,15 @@ impl Shard {
         self.replicas.apply_retention().await
     }
 
-    /// One round of the log cleaner over this shard's compacted partitions, dirtiest first.
-    pub async fn clean_logs(&self) {
+    /// One round of the log cleaner over this shard's compacted partitions, dirtiest first;
+    /// returns how many logs it cleaned.
+    pub async fn clean_logs(&self) -> usize {
         spate_replication::partition::clean_logs(
             &self.replicas.open_partitions(),
             &self.config.shard_cleaner_config(),
             || self.is_shutting_down(),
         )
-        .await;
+        .await
     }
 
     /// Writes producer-state snapshots of partitions whose state changed.

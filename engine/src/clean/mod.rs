@@ -66,6 +66,11 @@ pub const CLEANER_READ_MIN_FRAMES: usize = 4;
 /// Largest read sized by [`CLEANER_READ_MIN_FRAMES`] (a single bigger frame is still read
 /// whole, in a read of its own size).
 pub const CLEANER_READ_MAX_BYTES: usize = 4 << 20;
+/// Most bytes of a pass's reads kept in memory, from building the map to rewriting the
+/// segments, so those are not read from the disk twice: a log cleaned as it grows
+/// (`__consumer_offsets`) has passes of a segment or two and a small clean part, which then
+/// cost one read of the log instead of two. Reads past this bound are read again.
+pub const CLEANER_REUSE_MAX_BYTES: usize = 32 << 20;
 /// Write-behind buffer of the cleaned segment being written (one write request each), small
 /// for the same reason.
 pub const CLEANER_WRITE_BUFFER_BYTES: usize = 512 << 10;
@@ -232,6 +237,44 @@ struct ChunkFrame {
     payload_len: usize,
 }
 
+/// The bytes of one read of a segment: fresh from the disk, or kept from the map's pass.
+enum Chunk {
+    Read(glommio::io::ReadResult),
+    Held(Vec<u8>),
+}
+
+impl std::ops::Deref for Chunk {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Chunk::Read(rr) => rr,
+            Chunk::Held(v) => v,
+        }
+    }
+}
+
+/// Reads of the current pass kept for its rewrite, by (segment base, position): the bytes,
+/// their frames and the position after them. At most [`CLEANER_REUSE_MAX_BYTES`].
+#[derive(Default)]
+struct HeldChunks {
+    chunks: HashMap<(u64, u64), (Vec<u8>, Vec<ChunkFrame>, u64)>,
+    bytes: usize,
+}
+
+impl HeldChunks {
+    fn clear(&mut self) {
+        self.chunks.clear();
+        self.bytes = 0;
+    }
+
+    fn hold(&mut self, base: u64, pos: u64, bytes: &[u8], frames: Vec<ChunkFrame>, next: u64) {
+        if self.bytes + bytes.len() <= CLEANER_REUSE_MAX_BYTES {
+            self.bytes += bytes.len();
+            self.chunks.insert((base, pos), (bytes.to_vec(), frames, next));
+        }
+    }
+}
+
 /// A run of offsets whose batches were all dropped, not yet covered by a frame.
 struct Gap {
     start: u64,
@@ -258,6 +301,7 @@ pub struct LogCleaner {
     steps: u32,
     /// Largest frame read so far (sizes the reads, see [`CLEANER_READ_MIN_FRAMES`]).
     largest_frame: usize,
+    held: HeldChunks,
 }
 
 /// The file operations of cleaning, in order: a test may stop the cleaner after any of them.
@@ -289,6 +333,7 @@ impl LogCleaner {
             stop_after_steps: None,
             steps: 0,
             largest_frame: 0,
+            held: HeldChunks::default(),
         }
     }
 
@@ -453,6 +498,7 @@ impl LogCleaner {
         // Producer id -> last offset of its last batch below the map's end.
         let mut producers: HashMap<i64, u64> = HashMap::new();
         let mut map_end = plan.clean_end;
+        self.held.clear();
         'segments: for seg in &plan.segments {
             let mut pos = 0;
             while pos < seg.size {
@@ -491,6 +537,7 @@ impl LogCleaner {
                         producers.insert(h.producer_id(), h.last_offset() as u64);
                     }
                 }
+                self.held.hold(seg.base, pos, &rr, frames, next);
                 pos = next;
             }
         }
@@ -498,8 +545,13 @@ impl LogCleaner {
             if seg.size == 0 {
                 continue;
             }
-            self.clean_segment(log, seg, &map, &producers, map_end, req, stats)
-                .await?;
+            let cleaned = self
+                .clean_segment(log, seg, &map, &producers, map_end, req, stats)
+                .await;
+            if cleaned.is_err() {
+                self.held.clear();
+            }
+            cleaned?;
             if seg.next_offset <= map_end {
                 self.state
                     .first_cleaned_ms
@@ -507,6 +559,7 @@ impl LogCleaner {
                     .or_insert(req.now_ms);
             }
         }
+        self.held.clear();
         Ok(map_end)
     }
 
@@ -526,11 +579,13 @@ impl LogCleaner {
         loop {
             let len = (want as u64).min(seg.size - pos) as usize;
             stats.deferred_ms += give_way(&mut self.throttle).await;
+            let asked = std::time::Instant::now();
             let rr = seg
                 .file
                 .read_at(pos, len)
                 .await
                 .map_err(io_err(&seg.path))?;
+            self.throttle.waited(asked, std::time::Instant::now());
             stats.bytes_read += rr.len() as u64;
             self.counters.bytes_read += rr.len() as u64;
             self.throttle.account(rr.len() as u64).await;
@@ -606,7 +661,13 @@ impl LogCleaner {
         let mut removed = (0u64, 0u64);
         let mut pos = 0;
         while pos < seg.size {
-            let (rr, frames, next) = self.read_chunk(seg, pos, cap, stats).await?;
+            let (rr, frames, next) = match self.held.chunks.remove(&(seg.base, pos)) {
+                Some((bytes, frames, next)) => (Chunk::Held(bytes), frames, next),
+                None => {
+                    let (rr, frames, next) = self.read_chunk(seg, pos, cap, stats).await?;
+                    (Chunk::Read(rr), frames, next)
+                }
+            };
             let mut acts = Vec::with_capacity(frames.len());
             for f in &frames {
                 let payload = &rr[f.start + FRAME_HEADER_BYTES..][..f.payload_len];
@@ -935,10 +996,12 @@ impl Output {
             // This frame fills the buffer: the writer sends it to the disk.
             stats.deferred_ms += give_way(&mut cleaner.throttle).await;
         }
+        let asked = std::time::Instant::now();
         self.writer
             .write_all(frame)
             .await
             .map_err(std_io_err(&self.path))?;
+        cleaner.throttle.waited(asked, std::time::Instant::now());
         self.written += frame.len() as u64;
         cleaner.throttle.account(frame.len() as u64).await;
         self.seg.record_frame(
@@ -964,11 +1027,13 @@ impl Output {
         while pos < end {
             let len = (CLEANER_READ_CHUNK_BYTES as u64).min(end - pos) as usize;
             stats.deferred_ms += give_way(&mut cleaner.throttle).await;
+            let asked = std::time::Instant::now();
             let rr = old
                 .file
                 .read_at(pos, len)
                 .await
                 .map_err(io_err(&old.path))?;
+            cleaner.throttle.waited(asked, std::time::Instant::now());
             if rr.is_empty() {
                 return Err(EngineError::Corrupt {
                     path: old.path.clone(),
@@ -980,10 +1045,12 @@ impl Output {
             cleaner.counters.bytes_read += rr.len() as u64;
             cleaner.throttle.account(rr.len() as u64).await;
             stats.deferred_ms += give_way(&mut cleaner.throttle).await;
+            let asked = std::time::Instant::now();
             self.writer
                 .write_all(&rr)
                 .await
                 .map_err(std_io_err(&self.path))?;
+            cleaner.throttle.waited(asked, std::time::Instant::now());
             cleaner.throttle.account(rr.len() as u64).await;
             pos += rr.len() as u64;
         }
