@@ -471,7 +471,9 @@ impl LogCleaner {
                     .first_cleaned_ms
                     .retain(|base, _| st.segments.contains_key(base));
             }
+            let asked = std::time::Instant::now();
             self.state.write(log.dir()).await?;
+            self.throttle.waited(asked, std::time::Instant::now());
             self.step(Step::StateWritten)?;
             stats.passes += 1;
             self.counters.passes += 1;
@@ -779,11 +781,16 @@ impl LogCleaner {
         let Some(out) = out else {
             return Ok(());
         };
+        // Closing, syncing and swapping the files is waiting for the disk (and for the
+        // checkpointer), not the cleaner's work.
+        let asked = std::time::Instant::now();
         let (new_seg, written) = out.finish(seg).await?;
         self.step(Step::CleanedWritten)?;
         stats.bytes_written += written;
         self.counters.bytes_written += written;
-        if self.swap(log, seg, new_seg).await? {
+        let swapped = self.swap(log, seg, new_seg).await?;
+        self.throttle.waited(asked, std::time::Instant::now());
+        if swapped {
             let reclaimed = seg.size.saturating_sub(written);
             stats.bytes_reclaimed += reclaimed;
             stats.segments_rewritten += 1;
@@ -885,6 +892,12 @@ async fn give_way(throttle: &mut Throttle) -> u64 {
     let now = std::time::Instant::now();
     if !pause.is_zero() || !quiet {
         throttle.rested(now);
+    } else {
+        // The shard's other tasks ran meanwhile (the cleaner's queue has a tenth of the
+        // shares): their time is not the cleaner's. Counted as its work, a shard busy with
+        // requests made the cleaner pause four times as long as they ran, and under a burst of
+        // commits it cleaned a megabyte a second while `__consumer_offsets` grew twenty.
+        throttle.waited(started, now);
     }
     now.saturating_duration_since(started).as_millis() as u64
 }
