@@ -425,11 +425,32 @@ fn spawn_cleaner(shard: Rc<Shard>, backoff_ms: u64) -> glommio::Task<()> {
 }
 
 /// The cleaner's rounds. It backs off only after a round that found nothing to clean, as
-/// Kafka's cleaner does: a compacted log written faster than one segment per backoff
+/// Kafka's cleaner does, and its backoff ends early when the group coordinator wakes it
+/// ([`Shard::cleaner_wake`]): a compacted log written faster than one segment per backoff
 /// (`__consumer_offsets` under many commits) would otherwise gather a whole backoff of dirty
 /// segments between rounds, and a coordinator that loads it replays every one of them.
 async fn cleaner_rounds(shard: Rc<Shard>, every: Duration) {
-    while !sleep_or_shutdown(&shard, every).await {
+    loop {
+        let seen = shard.cleaner_wake.generation();
+        let stop = shard.shutdown.changed(0);
+        let stopped = futures_lite::future::or(
+            async {
+                futures_lite::future::or(
+                    glommio::timer::sleep(every),
+                    shard.cleaner_wake.changed(seen),
+                )
+                .await;
+                false
+            },
+            async {
+                stop.await;
+                true
+            },
+        )
+        .await;
+        if stopped || shard.is_shutting_down() {
+            return;
+        }
         while !shard.is_shutting_down() && shard.clean_logs().await > 0 {
             glommio::yield_if_needed().await;
         }

@@ -114,6 +114,10 @@ pub struct Shard {
     pub data_arrived: Signal,
     /// Notified once when the broker starts shutting down.
     pub shutdown: Signal,
+    /// Wakes the shard's log cleaner before its backoff ends: the group coordinator rings it
+    /// each time it has written about a segment to a `__consumer_offsets` partition, so those
+    /// are cleaned as they grow (see `group::service`).
+    pub cleaner_wake: Rc<Signal>,
     shutting_down: Cell<bool>,
     /// Open connections accepted by this shard.
     pub connections: Cell<usize>,
@@ -183,6 +187,7 @@ impl Shard {
             replicas,
             data_arrived: Signal::default(),
             shutdown: Signal::default(),
+            cleaner_wake: Rc::default(),
             shutting_down: Cell::new(false),
             connections: Cell::new(0),
             connections_changed: Signal::default(),
