@@ -366,10 +366,8 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
     // segment files and their names were synced): syncing it again and rewriting the same
     // recovery point would cost four disk flushes per partition for nothing, which a broker
     // with thousands of idle partitions pays on every start before it listens.
-    let unchanged = !changed
-        && log_end == rp.offset
-        && active_base == rp.segment_base
-        && size == rp.position;
+    let unchanged =
+        !changed && log_end == rp.offset && active_base == rp.segment_base && size == rp.position;
     if !unchanged {
         active_file
             .fdatasync()

@@ -343,7 +343,10 @@ fn an_unchanged_log_keeps_its_recovery_point_file_at_open() {
         let log = PartitionLog::open(src.path(), config()).await.unwrap();
         assert_eq!(log.recovery_point(), end);
         let moved = recovery_point_inode(src.path());
-        assert_ne!(moved, crashed, "data past the recovery point: it moves at open");
+        assert_ne!(
+            moved, crashed,
+            "data past the recovery point: it moves at open"
+        );
         // Abandoned again with nothing new: the log ends where its recovery point says.
         std::mem::forget(log);
         let log = PartitionLog::open(src.path(), config()).await.unwrap();

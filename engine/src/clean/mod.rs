@@ -257,9 +257,12 @@ impl std::ops::Deref for Chunk {
 /// their frames and the position after them. At most [`CLEANER_REUSE_MAX_BYTES`].
 #[derive(Default)]
 struct HeldChunks {
-    chunks: HashMap<(u64, u64), (Vec<u8>, Vec<ChunkFrame>, u64)>,
+    chunks: HashMap<(u64, u64), HeldChunk>,
     bytes: usize,
 }
+
+/// A kept read: its bytes, their frames and the position after them.
+type HeldChunk = (Vec<u8>, Vec<ChunkFrame>, u64);
 
 impl HeldChunks {
     fn clear(&mut self) {
@@ -270,7 +273,8 @@ impl HeldChunks {
     fn hold(&mut self, base: u64, pos: u64, bytes: &[u8], frames: Vec<ChunkFrame>, next: u64) {
         if self.bytes + bytes.len() <= CLEANER_REUSE_MAX_BYTES {
             self.bytes += bytes.len();
-            self.chunks.insert((base, pos), (bytes.to_vec(), frames, next));
+            self.chunks
+                .insert((base, pos), (bytes.to_vec(), frames, next));
         }
     }
 }
