@@ -5,7 +5,9 @@ One single-node broker (`--cores 1`):
    written as OffsetCommit v2 requests of one group and every partition each (generation -1:
    standalone consumers, as Kafka allows for an empty group), pipelined on --connections
    connections. Round r commits offset r * partitions + p to partition p of every group, so the
-   last round's offsets are known exactly;
+   last round's offsets are known exactly. The requests' latencies (send to response, with
+   PIPELINE_DEPTH in flight per connection) are reported as percentiles: what the log
+   cleaner working on `__consumer_offsets` meanwhile costs the commits;
 2. start-up after SIGKILL, --runs times: the broker is killed (the first time right after the
    last commit was acknowledged, then once it answered), restarted, and timed from process
    start until every group answers an OffsetFetch (v2) with exactly its last committed offsets
@@ -21,6 +23,7 @@ Prints a JSON summary (and writes it with --json). Usage: scripts/bench-group-st
 [options]; --spate picks the binary (another build, e.g. an older commit, to compare).
 """
 import argparse
+import collections
 import json
 import os
 import re
@@ -200,7 +203,10 @@ def round_blob(rnd, partitions):
     return b"".join(struct.pack(">iqh", p, rnd * partitions + p, 0) for p in range(partitions))
 
 
-def commit_worker(bootstrap, groups, rounds, partitions, errors):
+def commit_worker(bootstrap, groups, rounds, partitions, errors, latencies):
+    """Commits every round of `groups`; appends each request's latency (seconds from its send
+    to its response; with PIPELINE_DEPTH requests in flight, so it includes queueing) to
+    `latencies`."""
     host, port = bootstrap.split(":")
     sock = socket.create_connection((host, int(port)), timeout=SOCKET_TIMEOUT_S)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -208,6 +214,7 @@ def commit_worker(bootstrap, groups, rounds, partitions, errors):
         work = ((rnd, g) for rnd in range(rounds) for g in groups)
         blobs = {}
         in_flight = 0
+        sent = collections.deque()
         corr = 0
         done = False
         while True:
@@ -221,11 +228,13 @@ def commit_worker(bootstrap, groups, rounds, partitions, errors):
                     blobs.clear()
                     blobs[rnd] = round_blob(rnd, partitions)
                 corr += 1
+                sent.append(time.monotonic())
                 sock.sendall(commit_request(corr, group_name(g), blobs[rnd], partitions))
                 in_flight += 1
             if in_flight == 0:
                 return
             bad = [e for e in commit_errors(recv_frame(sock)) if e != 0]
+            latencies.append(time.monotonic() - sent.popleft())
             if bad:
                 errors.append(f"commit refused: error {bad[0]}")
                 return
@@ -244,8 +253,9 @@ def generate(bootstrap, groups, partitions, commits, connections):
     admin.create_topics([NewTopic(TOPIC, partitions, 1)])[TOPIC].result(timeout=60)
     coordinators_ready(bootstrap, groups, partitions)
     errors = []
+    latencies = []
     threads = [threading.Thread(target=commit_worker, args=(
-        bootstrap, list(range(i, groups, connections)), rounds, partitions, errors))
+        bootstrap, list(range(i, groups, connections)), rounds, partitions, errors, latencies))
         for i in range(connections)]
     t0 = time.monotonic()
     for t in threads:
@@ -255,7 +265,19 @@ def generate(bootstrap, groups, partitions, commits, connections):
     took = time.monotonic() - t0
     if errors:
         raise SystemExit(f"generator failed: {errors[:3]}")
-    return rounds, rounds * groups * partitions, took
+    return rounds, rounds * groups * partitions, took, latency_summary(latencies)
+
+
+def latency_summary(latencies):
+    """Milliseconds at the 50th, 99th and 99.9th percentiles and the maximum."""
+    if not latencies:
+        return {}
+    ls = sorted(latencies)
+
+    def at(q):
+        return round(ls[min(len(ls) - 1, int(q * len(ls)))] * 1000, 2)
+    return {"p50_ms": at(0.50), "p99_ms": at(0.99), "p999_ms": at(0.999),
+            "max_ms": round(ls[-1] * 1000, 2), "requests": len(ls)}
 
 
 class Broker:
@@ -412,14 +434,16 @@ def main():
     try:
         broker, _ = start()
         broker.connect().close()
-        rounds, commits, gen_s = generate(broker.bootstrap, args.groups, args.partitions,
-                                          args.commits, args.connections)
+        rounds, commits, gen_s, latency = generate(broker.bootstrap, args.groups,
+                                                   args.partitions, args.commits,
+                                                   args.connections)
         last = rounds - 1
         summary = {"label": args.label, "spate": args.spate, "commits": commits,
                    "groups": args.groups, "partitions_per_group": args.partitions,
                    "live_offsets": args.groups * args.partitions,
                    "generate_seconds": round(gen_s, 1),
                    "commits_per_sec": round(commits / gen_s),
+                   "commit_request_latency": latency,
                    "load_after_generate": load1(), "starts": []}
         for how, sig in (("sigkill", signal.SIGKILL), ("clean", signal.SIGTERM)):
             if how == "clean":

@@ -423,22 +423,44 @@ fn spawn_cleaner(shard: Rc<Shard>, backoff_ms: u64) -> glommio::Task<()> {
         glommio::Latency::NotImportant,
         "log-cleaner",
     );
-    let run = {
-        let shard = shard.clone();
-        async move {
-            while !sleep_or_shutdown(&shard, every).await {
-                shard.clean_logs().await;
-            }
-        }
-    };
+    let run = cleaner_rounds(shard.clone(), every);
     glommio::spawn_local_into(run, queue).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "no task queue for the log cleaner; running it beside requests");
-        glommio::spawn_local(async move {
-            while !sleep_or_shutdown(&shard, every).await {
-                shard.clean_logs().await;
-            }
-        })
+        glommio::spawn_local(cleaner_rounds(shard, every))
     })
+}
+
+/// The cleaner's rounds. It backs off only after a round that found nothing to clean, as
+/// Kafka's cleaner does, and its backoff ends early when the group coordinator wakes it
+/// ([`Shard::cleaner_wake`]): a compacted log written faster than one segment per backoff
+/// (`__consumer_offsets` under many commits) would otherwise gather a whole backoff of dirty
+/// segments between rounds, and a coordinator that loads it replays every one of them.
+async fn cleaner_rounds(shard: Rc<Shard>, every: Duration) {
+    loop {
+        let seen = shard.cleaner_wake.generation();
+        let stop = shard.shutdown.changed(0);
+        let stopped = futures_lite::future::or(
+            async {
+                futures_lite::future::or(
+                    glommio::timer::sleep(every),
+                    shard.cleaner_wake.changed(seen),
+                )
+                .await;
+                false
+            },
+            async {
+                stop.await;
+                true
+            },
+        )
+        .await;
+        if stopped || shard.is_shutting_down() {
+            return;
+        }
+        while !shard.is_shutting_down() && shard.clean_logs().await > 0 {
+            glommio::yield_if_needed().await;
+        }
+    }
 }
 
 async fn housekeeping(shard: Rc<Shard>, every: Duration) {

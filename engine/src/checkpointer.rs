@@ -16,6 +16,9 @@
 //!   flight, drops the request not yet started (it may name data about to go), and finishes the
 //!   sealed segments; then the operation writes its own recovery point as before. So the file on
 //!   disk never names data that is not durable, was truncated, or a deleted segment.
+//! - The log cleaner swaps a cleaned closed segment holding `ckpt_lock` alone: that keeps every
+//!   remover out until the swap is done, while appends and group commits (which take `lock`
+//!   and touch only the active segment) go on through the swap's directory syncs.
 //! - A crash before a sealed segment is trimmed leaves its file longer than its data (zeros from
 //!   pre-allocation). Recovery scans it up to the first invalid frame and keeps the following
 //!   segment when that segment's base continues the offsets exactly (see `recovery.rs`).

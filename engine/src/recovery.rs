@@ -162,6 +162,8 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
     }
     bases.sort_unstable();
     let stored_rp = checkpoint::read(dir)?;
+    // Whether opening changed anything the recovery point on disk stands for (see below).
+    let mut changed = stored_rp.is_none();
     if bases.is_empty() {
         if let Some(rp) = &stored_rp {
             if rp.offset > 0 {
@@ -214,6 +216,7 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
         if cut {
             tracing::warn!(?path, "removing segment after a torn tail");
             remove_segment_files(dir, base)?;
+            changed = true;
             continue;
         }
         // Bytes of this segment below the recovery point must be valid.
@@ -234,6 +237,7 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
                 tracing::warn!(?path, "removing a segment that does not continue the log");
                 remove_segment_files(dir, base)?;
                 cut = true;
+                changed = true;
                 continue;
             }
         }
@@ -301,6 +305,7 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
             if stop_pos < file_size {
                 tracing::debug!(?path, position = stop_pos, %reason, "log ends here");
                 file.truncate(stop_pos).await.map_err(io_err(&path))?;
+                changed = true;
                 // The recovery point written below may name a later segment: this one must
                 // end at its data on disk before it does.
                 file.fdatasync().await.map_err(io_err(&path))?;
@@ -351,17 +356,25 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
             "short read of the last page",
         ));
     }
-    active_file
-        .fdatasync()
-        .await
-        .map_err(io_err(&active_path))?;
-    checkpoint::sync_dir(dir).await?;
-
     let log_start = *segments.keys().next().expect("at least one segment");
     let (active_base, log_end) = {
         let a = segments.values().next_back().expect("active");
         (a.base, a.next_offset)
     };
+    // A log that ends exactly at its recovery point, with nothing cut or removed, is already
+    // as durable as that recovery point says (it was written after the data below it, its
+    // segment files and their names were synced): syncing it again and rewriting the same
+    // recovery point would cost four disk flushes per partition for nothing, which a broker
+    // with thousands of idle partitions pays on every start before it listens.
+    let unchanged =
+        !changed && log_end == rp.offset && active_base == rp.segment_base && size == rp.position;
+    if !unchanged {
+        active_file
+            .fdatasync()
+            .await
+            .map_err(io_err(&active_path))?;
+        checkpoint::sync_dir(dir).await?;
+    }
     epochs.retain(|(_, s)| *s < log_end);
     let state = State {
         segments,
@@ -412,7 +425,12 @@ pub(crate) async fn open(dir: &Path, config: LogConfig) -> Result<PartitionLog, 
         ckpt_lock: Semaphore::new(1),
         listener: RefCell::new(None),
     });
-    match inner.write_checkpoint(log_end, active_base, size).await {
+    let written = if unchanged {
+        Ok(())
+    } else {
+        inner.write_checkpoint(log_end, active_base, size).await
+    };
+    match written {
         Ok(()) => {}
         // A full disk must not keep a partition from opening: the recovery point on disk is
         // an older, lower one (recovery just scans more), and the background retries it.

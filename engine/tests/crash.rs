@@ -320,3 +320,47 @@ fn damage_below_the_recovery_point_of_a_clean_log_fails_reads() {
         }
     });
 }
+
+/// The inode of the recovery-point file: it is replaced (a new file renamed over it) whenever
+/// it is written.
+fn recovery_point_inode(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir.join(spate_engine::RECOVERY_POINT_FILE))
+        .unwrap()
+        .ino()
+}
+
+/// A log that ends at its recovery point is opened without rewriting it (and without the
+/// syncs that go with it: a broker with many idle partitions paid them all before listening);
+/// one with data past it after a crash still moves the recovery point to its end at open.
+#[test]
+fn an_unchanged_log_keeps_its_recovery_point_file_at_open() {
+    let src = tempfile::tempdir().unwrap();
+    let w = write_log(src.path(), 6, 3);
+    run(async {
+        let end = base_of(&w.batches.last().unwrap().1) + 2;
+        let crashed = recovery_point_inode(src.path());
+        let log = PartitionLog::open(src.path(), config()).await.unwrap();
+        assert_eq!(log.recovery_point(), end);
+        let moved = recovery_point_inode(src.path());
+        assert_ne!(
+            moved, crashed,
+            "data past the recovery point: it moves at open"
+        );
+        // Abandoned again with nothing new: the log ends where its recovery point says.
+        std::mem::forget(log);
+        let log = PartitionLog::open(src.path(), config()).await.unwrap();
+        assert_eq!((log.log_end_offset(), log.recovery_point()), (end, end));
+        assert_eq!(
+            recovery_point_inode(src.path()),
+            moved,
+            "nothing changed: not rewritten"
+        );
+        log.close().await.unwrap();
+        let closed = recovery_point_inode(src.path());
+        let log = PartitionLog::open(src.path(), config()).await.unwrap();
+        assert_eq!(log.log_end_offset(), end);
+        assert_eq!(recovery_point_inode(src.path()), closed);
+        log.close().await.unwrap();
+    });
+}

@@ -114,6 +114,10 @@ pub struct Shard {
     pub data_arrived: Signal,
     /// Notified once when the broker starts shutting down.
     pub shutdown: Signal,
+    /// Wakes the shard's log cleaner before its backoff ends: the group coordinator rings it
+    /// each time it has written about a segment to a `__consumer_offsets` partition, so those
+    /// are cleaned as they grow (see `group::service`).
+    pub cleaner_wake: Rc<Signal>,
     shutting_down: Cell<bool>,
     /// Open connections accepted by this shard.
     pub connections: Cell<usize>,
@@ -183,6 +187,7 @@ impl Shard {
             replicas,
             data_arrived: Signal::default(),
             shutdown: Signal::default(),
+            cleaner_wake: Rc::default(),
             shutting_down: Cell::new(false),
             connections: Cell::new(0),
             connections_changed: Signal::default(),
@@ -368,14 +373,15 @@ impl Shard {
         self.replicas.apply_retention().await
     }
 
-    /// One round of the log cleaner over this shard's compacted partitions, dirtiest first.
-    pub async fn clean_logs(&self) {
+    /// One round of the log cleaner over this shard's compacted partitions, dirtiest first;
+    /// returns how many logs it cleaned.
+    pub async fn clean_logs(&self) -> usize {
         spate_replication::partition::clean_logs(
             &self.replicas.open_partitions(),
             &self.config.shard_cleaner_config(),
             || self.is_shutting_down(),
         )
-        .await;
+        .await
     }
 
     /// Writes producer-state snapshots of partitions whose state changed.

@@ -201,3 +201,35 @@ fn a_snapshot_of_other_batches_at_the_same_offsets_is_not_trusted() {
         rb.close().await.unwrap();
     });
 }
+
+/// A log the broker writes itself (`__consumer_offsets`, through `append_internal`) holds no
+/// producer, but a restart after a crash still reads every batch above the last snapshot to
+/// rebuild the (empty) table: without snapshots taken as it grows, that was the whole log, read
+/// before the broker listened (most of the start-up time after 10 million commits).
+#[test]
+fn a_log_written_by_the_broker_is_snapshotted_as_it_grows() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let r = open(dir.path()).await;
+        for _ in 0..BATCHES {
+            r.append_internal(batch(-1, -1)).await.expect("append");
+        }
+        r.wait_durable(r.log_end_offset()).await.expect("durable");
+        let log_bytes = r.size_bytes();
+        assert!(
+            log_bytes > 3 * PRODUCER_SNAPSHOT_EVERY_BYTES,
+            "a log of {log_bytes} bytes"
+        );
+        r.snapshot_written().await;
+        // A crash: no close, no final snapshot.
+        drop(r);
+
+        let r = open(dir.path()).await;
+        let replayed = r.replayed_at_open();
+        assert!(
+            replayed <= PRODUCER_SNAPSHOT_EVERY_BYTES,
+            "replayed {replayed} bytes of a {log_bytes}-byte log"
+        );
+        r.close().await.unwrap();
+    });
+}

@@ -66,6 +66,11 @@ pub const CLEANER_READ_MIN_FRAMES: usize = 4;
 /// Largest read sized by [`CLEANER_READ_MIN_FRAMES`] (a single bigger frame is still read
 /// whole, in a read of its own size).
 pub const CLEANER_READ_MAX_BYTES: usize = 4 << 20;
+/// Most bytes of a pass's reads kept in memory, from building the map to rewriting the
+/// segments, so those are not read from the disk twice: a log cleaned as it grows
+/// (`__consumer_offsets`) has passes of a segment or two and a small clean part, which then
+/// cost one read of the log instead of two. Reads past this bound are read again.
+pub const CLEANER_REUSE_MAX_BYTES: usize = 32 << 20;
 /// Write-behind buffer of the cleaned segment being written (one write request each), small
 /// for the same reason.
 pub const CLEANER_WRITE_BUFFER_BYTES: usize = 512 << 10;
@@ -232,6 +237,48 @@ struct ChunkFrame {
     payload_len: usize,
 }
 
+/// The bytes of one read of a segment: fresh from the disk, or kept from the map's pass.
+enum Chunk {
+    Read(glommio::io::ReadResult),
+    Held(Vec<u8>),
+}
+
+impl std::ops::Deref for Chunk {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Chunk::Read(rr) => rr,
+            Chunk::Held(v) => v,
+        }
+    }
+}
+
+/// Reads of the current pass kept for its rewrite, by (segment base, position): the bytes,
+/// their frames and the position after them. At most [`CLEANER_REUSE_MAX_BYTES`].
+#[derive(Default)]
+struct HeldChunks {
+    chunks: HashMap<(u64, u64), HeldChunk>,
+    bytes: usize,
+}
+
+/// A kept read: its bytes, their frames and the position after them.
+type HeldChunk = (Vec<u8>, Vec<ChunkFrame>, u64);
+
+impl HeldChunks {
+    fn clear(&mut self) {
+        self.chunks.clear();
+        self.bytes = 0;
+    }
+
+    fn hold(&mut self, base: u64, pos: u64, bytes: &[u8], frames: Vec<ChunkFrame>, next: u64) {
+        if self.bytes + bytes.len() <= CLEANER_REUSE_MAX_BYTES {
+            self.bytes += bytes.len();
+            self.chunks
+                .insert((base, pos), (bytes.to_vec(), frames, next));
+        }
+    }
+}
+
 /// A run of offsets whose batches were all dropped, not yet covered by a frame.
 struct Gap {
     start: u64,
@@ -258,6 +305,7 @@ pub struct LogCleaner {
     steps: u32,
     /// Largest frame read so far (sizes the reads, see [`CLEANER_READ_MIN_FRAMES`]).
     largest_frame: usize,
+    held: HeldChunks,
 }
 
 /// The file operations of cleaning, in order: a test may stop the cleaner after any of them.
@@ -289,6 +337,7 @@ impl LogCleaner {
             stop_after_steps: None,
             steps: 0,
             largest_frame: 0,
+            held: HeldChunks::default(),
         }
     }
 
@@ -426,7 +475,9 @@ impl LogCleaner {
                     .first_cleaned_ms
                     .retain(|base, _| st.segments.contains_key(base));
             }
+            let asked = std::time::Instant::now();
             self.state.write(log.dir()).await?;
+            self.throttle.waited(asked, std::time::Instant::now());
             self.step(Step::StateWritten)?;
             stats.passes += 1;
             self.counters.passes += 1;
@@ -453,6 +504,7 @@ impl LogCleaner {
         // Producer id -> last offset of its last batch below the map's end.
         let mut producers: HashMap<i64, u64> = HashMap::new();
         let mut map_end = plan.clean_end;
+        self.held.clear();
         'segments: for seg in &plan.segments {
             let mut pos = 0;
             while pos < seg.size {
@@ -491,6 +543,7 @@ impl LogCleaner {
                         producers.insert(h.producer_id(), h.last_offset() as u64);
                     }
                 }
+                self.held.hold(seg.base, pos, &rr, frames, next);
                 pos = next;
             }
         }
@@ -498,8 +551,13 @@ impl LogCleaner {
             if seg.size == 0 {
                 continue;
             }
-            self.clean_segment(log, seg, &map, &producers, map_end, req, stats)
-                .await?;
+            let cleaned = self
+                .clean_segment(log, seg, &map, &producers, map_end, req, stats)
+                .await;
+            if cleaned.is_err() {
+                self.held.clear();
+            }
+            cleaned?;
             if seg.next_offset <= map_end {
                 self.state
                     .first_cleaned_ms
@@ -507,6 +565,7 @@ impl LogCleaner {
                     .or_insert(req.now_ms);
             }
         }
+        self.held.clear();
         Ok(map_end)
     }
 
@@ -526,11 +585,13 @@ impl LogCleaner {
         loop {
             let len = (want as u64).min(seg.size - pos) as usize;
             stats.deferred_ms += give_way(&mut self.throttle).await;
+            let asked = std::time::Instant::now();
             let rr = seg
                 .file
                 .read_at(pos, len)
                 .await
                 .map_err(io_err(&seg.path))?;
+            self.throttle.waited(asked, std::time::Instant::now());
             stats.bytes_read += rr.len() as u64;
             self.counters.bytes_read += rr.len() as u64;
             self.throttle.account(rr.len() as u64).await;
@@ -606,7 +667,13 @@ impl LogCleaner {
         let mut removed = (0u64, 0u64);
         let mut pos = 0;
         while pos < seg.size {
-            let (rr, frames, next) = self.read_chunk(seg, pos, cap, stats).await?;
+            let (rr, frames, next) = match self.held.chunks.remove(&(seg.base, pos)) {
+                Some((bytes, frames, next)) => (Chunk::Held(bytes), frames, next),
+                None => {
+                    let (rr, frames, next) = self.read_chunk(seg, pos, cap, stats).await?;
+                    (Chunk::Read(rr), frames, next)
+                }
+            };
             let mut acts = Vec::with_capacity(frames.len());
             for f in &frames {
                 let payload = &rr[f.start + FRAME_HEADER_BYTES..][..f.payload_len];
@@ -718,11 +785,16 @@ impl LogCleaner {
         let Some(out) = out else {
             return Ok(());
         };
+        // Closing, syncing and swapping the files is waiting for the disk (and for the
+        // checkpointer), not the cleaner's work.
+        let asked = std::time::Instant::now();
         let (new_seg, written) = out.finish(seg).await?;
         self.step(Step::CleanedWritten)?;
         stats.bytes_written += written;
         self.counters.bytes_written += written;
-        if self.swap(log, seg, new_seg).await? {
+        let swapped = self.swap(log, seg, new_seg).await?;
+        self.throttle.waited(asked, std::time::Instant::now());
+        if swapped {
             let reclaimed = seg.size.saturating_sub(written);
             stats.bytes_reclaimed += reclaimed;
             stats.segments_rewritten += 1;
@@ -746,12 +818,17 @@ impl LogCleaner {
         let inner = &log.inner;
         let dir = inner.dir.clone();
         let cleaned = swap::cleaned_path(&dir, old.base);
+        // Segments go away (truncation, retention, deletion, close) only under `ckpt_lock`,
+        // which those take after `lock`; appends and group commits take `lock` alone and touch
+        // only the active segment, which is never cleaned. So `ckpt_lock` alone keeps this
+        // segment in place until it is swapped, without holding the partition's group
+        // commits back through the directory syncs below (under `lock`, cleaning
+        // `__consumer_offsets` as it grew raised the commits' p99 sevenfold).
         let _permit = inner
-            .lock
+            .ckpt_lock
             .acquire_permit(1)
             .await
             .map_err(|_| EngineError::Closed)?;
-        let _quiet = inner.quiesce_checkpointer().await?;
         let unchanged = {
             let st = inner.state.borrow();
             inner.check(&st)?;
@@ -790,7 +867,7 @@ impl LogCleaner {
             let slot = st
                 .segments
                 .get_mut(&old.base)
-                .expect("checked under the lock");
+                .expect("checked under ckpt_lock");
             new_seg.opened_ms = slot.opened_ms;
             assert_eq!(
                 (new_seg.base, new_seg.next_offset),
@@ -824,6 +901,12 @@ async fn give_way(throttle: &mut Throttle) -> u64 {
     let now = std::time::Instant::now();
     if !pause.is_zero() || !quiet {
         throttle.rested(now);
+    } else {
+        // The shard's other tasks ran meanwhile (the cleaner's queue has a tenth of the
+        // shares): their time is not the cleaner's. Counted as its work, a shard busy with
+        // requests made the cleaner pause four times as long as they ran, and under a burst of
+        // commits it cleaned a megabyte a second while `__consumer_offsets` grew twenty.
+        throttle.waited(started, now);
     }
     now.saturating_duration_since(started).as_millis() as u64
 }
@@ -935,10 +1018,12 @@ impl Output {
             // This frame fills the buffer: the writer sends it to the disk.
             stats.deferred_ms += give_way(&mut cleaner.throttle).await;
         }
+        let asked = std::time::Instant::now();
         self.writer
             .write_all(frame)
             .await
             .map_err(std_io_err(&self.path))?;
+        cleaner.throttle.waited(asked, std::time::Instant::now());
         self.written += frame.len() as u64;
         cleaner.throttle.account(frame.len() as u64).await;
         self.seg.record_frame(
@@ -964,11 +1049,13 @@ impl Output {
         while pos < end {
             let len = (CLEANER_READ_CHUNK_BYTES as u64).min(end - pos) as usize;
             stats.deferred_ms += give_way(&mut cleaner.throttle).await;
+            let asked = std::time::Instant::now();
             let rr = old
                 .file
                 .read_at(pos, len)
                 .await
                 .map_err(io_err(&old.path))?;
+            cleaner.throttle.waited(asked, std::time::Instant::now());
             if rr.is_empty() {
                 return Err(EngineError::Corrupt {
                     path: old.path.clone(),
@@ -980,10 +1067,12 @@ impl Output {
             cleaner.counters.bytes_read += rr.len() as u64;
             cleaner.throttle.account(rr.len() as u64).await;
             stats.deferred_ms += give_way(&mut cleaner.throttle).await;
+            let asked = std::time::Instant::now();
             self.writer
                 .write_all(&rr)
                 .await
                 .map_err(std_io_err(&self.path))?;
+            cleaner.throttle.waited(asked, std::time::Instant::now());
             cleaner.throttle.account(rr.len() as u64).await;
             pos += rr.len() as u64;
         }

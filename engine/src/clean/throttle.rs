@@ -58,6 +58,15 @@ impl Throttle {
         self.busy_since = now;
     }
 
+    /// The cleaner waited from `since` until `now` (for the disk, or for its byte rate)
+    /// without using its thread: that is not work its share of time has to pay for. Counted
+    /// as work, every wait was paid again four times over at 20 %, so a cleaner on a slow or
+    /// busy disk, or at its byte rate, cleaned far slower than either limit asks.
+    pub fn waited(&mut self, since: Instant, now: Instant) {
+        let waited = now.saturating_duration_since(since);
+        self.busy_since = (self.busy_since + waited).min(now);
+    }
+
     /// How long to pause after `bytes` more of I/O to stay under the rate (zero if none).
     pub fn charge(&mut self, bytes: u64, now: Instant) -> Duration {
         let Some(rate) = self.bytes_per_sec else {
@@ -76,9 +85,11 @@ impl Throttle {
 
     /// [`Self::charge`], then the pause on the executor's timer (other tasks of the shard run).
     pub async fn account(&mut self, bytes: u64) {
-        let pause = self.charge(bytes, Instant::now());
+        let started = Instant::now();
+        let pause = self.charge(bytes, started);
         if !pause.is_zero() {
             glommio::timer::sleep(pause).await;
+            self.waited(started, Instant::now());
         }
     }
 }
@@ -119,5 +130,19 @@ mod tests {
         assert!(t.busy_pause(start + slice * 10).is_zero());
         let all = Throttle::new(None, 100);
         assert!(all.busy_pause(start + slice * 1000).is_zero());
+    }
+
+    #[test]
+    fn waiting_is_not_work() {
+        let start = Instant::now();
+        let slice = Duration::from_millis(CLEANER_BUSY_SLICE_MS);
+        let mut t = Throttle::new(None, 20);
+        t.rested(start);
+        // One slice of work, then nine slices waiting for a read: still one slice of work.
+        t.waited(start + slice, start + slice * 10);
+        assert_eq!(t.busy_pause(start + slice * 10), slice * 4);
+        // A wait never makes work negative.
+        t.waited(start, start + slice * 20);
+        assert!(t.busy_pause(start + slice * 10).is_zero());
     }
 }

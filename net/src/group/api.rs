@@ -87,8 +87,14 @@ pub fn start_shard(shard: &Rc<Shard>) {
     let config = shard.config.groups.clone();
     let clustered = shard.in_cluster();
     let legacy = (!clustered).then(|| legacy_offsets_dir(&shard.config.data_dir));
-    let groups = match GroupShard::new(config, shard.replicas.clone(), shard.id, clustered, legacy)
-    {
+    let groups = match GroupShard::new(
+        config,
+        shard.replicas.clone(),
+        shard.id,
+        clustered,
+        legacy,
+        shard.cleaner_wake.clone(),
+    ) {
         Ok(g) => g,
         Err(e) => {
             tracing::error!(error = %e, "invalid group coordinator configuration; groups disabled");

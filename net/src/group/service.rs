@@ -196,6 +196,8 @@ pub struct GroupShard {
     stopped: Cell<bool>,
     /// Notified whenever a partition's load ends (loaded or given up).
     load_ended: Signal,
+    /// The shard's log cleaner, woken after every segment's worth of writes to a partition.
+    cleaner_wake: Rc<Signal>,
 }
 
 impl GroupShard {
@@ -205,6 +207,7 @@ impl GroupShard {
         shard: usize,
         clustered: bool,
         legacy_dir: Option<PathBuf>,
+        cleaner_wake: Rc<Signal>,
     ) -> Result<Rc<Self>, String> {
         Ok(Rc::new(GroupShard {
             coordinator: RefCell::new(GroupCoordinator::new(config)?),
@@ -219,6 +222,7 @@ impl GroupShard {
             next_reply: Cell::new(1),
             stopped: Cell::new(false),
             load_ended: Signal::default(),
+            cleaner_wake,
         }))
     }
 
@@ -390,7 +394,12 @@ impl GroupShard {
             return Ok(());
         }
         let queue = Rc::new(WriteQueue::default());
-        let writer = glommio::spawn_local(write_loop(partition, log, queue.clone()));
+        let writer = glommio::spawn_local(write_loop(
+            partition,
+            log,
+            queue.clone(),
+            self.cleaner_wake.clone(),
+        ));
         if let Some((old, _)) = self.writers.borrow_mut().insert(partition, (queue, writer)) {
             old.close();
         }
@@ -690,12 +699,29 @@ impl GroupShard {
 
 /// Appends a partition's records in submission order. Jobs queued while a write is in flight
 /// share one sync (a single node) or one commit round (a cluster).
-async fn write_loop(partition: i32, log: OffsetsLog, queue: Rc<WriteQueue>) {
+/// After writing each segment's worth of a partition's writes, it wakes the shard's log
+/// cleaner: only closed segments are cleaned, and waiting for the cleaner's backoff (15 s by
+/// default) after a quiet spell let a burst of commits pile up hundreds of MB of dirty log,
+/// all replayed by the next coordinator of the partition. Woken as segments close, the cleaner
+/// keeps what a load replays to the live groups' records, the active segment and what it has
+/// not yet reached (see docs/architecture.md, "Group coordinator").
+async fn write_loop(
+    partition: i32,
+    log: OffsetsLog,
+    queue: Rc<WriteQueue>,
+    cleaner_wake: Rc<Signal>,
+) {
+    let mut since_wake = 0u64;
     while let Some(jobs) = queue.take_all().await {
         let batches: Vec<Bytes> = jobs
             .iter()
             .flat_map(|j| j.batches.iter().cloned())
             .collect();
+        since_wake += batches.iter().map(|b| b.len() as u64).sum::<u64>();
+        if since_wake >= OFFSETS_SEGMENT_BYTES {
+            since_wake = 0;
+            cleaner_wake.notify();
+        }
         let result = match &log {
             OffsetsLog::Local(replica) => append_local(replica, batches).await,
             OffsetsLog::Replicated(group) => append_replicated(group, batches).await,

@@ -11,12 +11,12 @@ use super::replica::PartitionReplica;
 
 /// Cleans every partition of `replicas` that is due (see [`PartitionReplica::cleaning_due`]),
 /// the dirtiest first; stops early once `stop` says so (shutdown). Errors are logged: a log
-/// the cleaner fails on is tried again next round.
+/// the cleaner fails on is tried again next round. Returns how many logs it cleaned.
 pub async fn clean_logs(
     replicas: &[Rc<PartitionReplica>],
     config: &CleanerConfig,
     stop: impl Fn() -> bool,
-) {
+) -> usize {
     let now = now_ms();
     let mut due: Vec<(f64, &Rc<PartitionReplica>)> = replicas
         .iter()
@@ -26,14 +26,17 @@ pub async fn clean_logs(
         })
         .collect();
     due.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let mut cleaned = 0;
     for (_, r) in due {
         if stop() {
-            return;
+            return cleaned;
         }
         glommio::yield_if_needed().await;
         let started = std::time::Instant::now();
         match r.clean(config, now_ms()).await {
-            Ok(Some(stats)) => tracing::info!(
+            Ok(Some(stats)) => {
+                cleaned += 1;
+                tracing::info!(
                 topic = %r.tp.topic,
                 partition = r.tp.partition,
                 passes = stats.passes,
@@ -46,12 +49,14 @@ pub async fn clean_logs(
                 dirty_ratio = stats.dirty_ratio_before,
                 deferred_ms = stats.deferred_ms,
                 "log cleaned"
-            ),
+                )
+            }
             Ok(None) => {}
             Err(e) => tracing::warn!(topic = %r.tp.topic, partition = r.tp.partition,
                 error = %e, "log cleaning failed"),
         }
     }
+    cleaned
 }
 
 fn now_ms() -> i64 {

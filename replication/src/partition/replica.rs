@@ -1244,9 +1244,11 @@ impl PartitionReplica {
 
     /// Appends a batch the broker built itself (the group coordinator's `__consumer_offsets`
     /// records): no client validation and no producer checks. The caller appends one batch at
-    /// a time; durability is awaited with [`Self::wait_durable`].
+    /// a time; durability is awaited with [`Self::wait_durable`]. Counted towards the producer
+    /// snapshots like any append: a restart after a crash otherwise rebuilds the (empty)
+    /// producer table from the whole log before the broker listens.
     pub async fn append_internal(&self, batch: VerifiedBatch) -> Result<AppendInfo, ReplicaError> {
-        let info = self.log.append(batch, LEADER_EPOCH).await?;
+        let info = self.append_leader_batch(batch, LEADER_EPOCH).await?;
         self.commit_local();
         Ok(info)
     }
