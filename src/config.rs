@@ -422,7 +422,13 @@ impl ServeConfig {
         }
         // Kafka's convention: a negative retention means no limit.
         let non_negative = |v: i64| (v >= 0).then_some(v as u64);
-        let mut c = BrokerConfig::for_dir(set(&self.data_dir));
+        // Absolute from here on: glommio opens directories by path from its own threads, and a
+        // relative one failed every partition with data at the next start ("Bad file
+        // descriptor" opening its directory).
+        let data_dir = set(&self.data_dir);
+        let data_dir = std::path::absolute(&data_dir)
+            .with_context(|| format!("--data-dir {}: not a usable path", data_dir.display()))?;
+        let mut c = BrokerConfig::for_dir(data_dir);
         c.listen = listen;
         c.advertised_host = advertised_host;
         c.advertised_port = advertised_port;
@@ -612,6 +618,16 @@ mod tests {
         assert_eq!(c.cores, 1);
         assert_eq!(c.flush, FlushPolicy::Never);
         assert_eq!(c.retention_ms, None);
+    }
+
+    #[test]
+    fn a_relative_data_dir_is_made_absolute() {
+        let c = ServeConfig::default().resolve().unwrap();
+        assert!(c.data_dir.is_absolute(), "{}", c.data_dir.display());
+        assert_eq!(
+            c.data_dir,
+            std::env::current_dir().unwrap().join("spate-data")
+        );
     }
 
     #[test]
