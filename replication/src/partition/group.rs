@@ -194,6 +194,9 @@ pub struct GroupSignals {
     /// Notified when the outbox goes from empty to non-empty (a produce proposed, a durability
     /// report or a step queued messages).
     pub outbox: Rc<Signal>,
+    /// The groups whose outbox went from empty to non-empty since the shard last took them:
+    /// the shard visits these, not every group it hosts.
+    pub queued: Rc<RefCell<Vec<GroupId>>>,
     /// Notified when the group becomes a writable leader (its report goes out at once).
     pub leadership: Rc<Signal>,
 }
@@ -376,6 +379,7 @@ impl PartitionGroup {
         *self.signals.borrow_mut() = Some(signals.clone());
         // What happened before the group was hosted is not lost.
         if queued {
+            signals.queued.borrow_mut().push(self.cfg.group);
             signals.outbox.notify();
         }
         if writable {
@@ -793,6 +797,7 @@ impl PartitionGroup {
                     self.outbox.borrow_mut().push((to, msg));
                     if was_empty {
                         if let Some(s) = &*self.signals.borrow() {
+                            s.queued.borrow_mut().push(self.cfg.group);
                             s.outbox.notify();
                         }
                     }

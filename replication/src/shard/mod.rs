@@ -4,6 +4,7 @@
 //! over the [`Router`], whose cross-thread waits go through [`cross_wake`].
 
 pub mod cross_wake;
+pub mod deadline;
 pub mod hard_state_store;
 pub mod incarnation;
 pub mod replicas;
@@ -11,6 +12,7 @@ pub mod router;
 pub mod signal;
 pub mod table;
 
+pub use deadline::Deadline;
 pub use hard_state_store::{hard_state_store_path, HardStateStore};
 pub use replicas::{producer_state_path, ObserverFactory, ReplicaSet, ReplicaSettings};
 pub use router::{Job, Router, ShardState, ShardUnavailable, SHARD_QUEUE_DEPTH};
