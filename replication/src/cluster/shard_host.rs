@@ -28,6 +28,9 @@ pub struct ShardGroups {
     /// Every hosted group in ascending id order, for the passes over all of them (a tick);
     /// rebuilt on the next pass after a group comes or goes, not on every tick.
     ordered: RefCell<Option<Rc<[Rc<PartitionGroup>]>>>,
+    /// The buffer the groups queue their ids in next, swapped with theirs on each flush so
+    /// neither is allocated again.
+    spare: RefCell<Vec<GroupId>>,
     /// The last report per group the controller accepted.
     acknowledged: RefCell<BTreeMap<GroupId, LeaderReport>>,
     /// Every hosted group notifies these (see [`GroupSignals`]).
@@ -40,6 +43,7 @@ impl ShardGroups {
             node,
             groups: RefCell::default(),
             ordered: RefCell::default(),
+            spare: RefCell::default(),
             acknowledged: RefCell::default(),
             signals: GroupSignals {
                 outbox: Rc::new(Signal::default()),
@@ -155,11 +159,12 @@ impl ShardGroups {
         // Only the groups that queued something since the last call (each says so when its
         // outbox stops being empty): most of thousands of idle groups have nothing on most
         // calls, and this runs after every delivery. Ascending, as a pass over all would be.
-        let mut queued = std::mem::take(&mut *self.signals.queued.borrow_mut());
+        let spare = std::mem::take(&mut *self.spare.borrow_mut());
+        let mut queued = std::mem::replace(&mut *self.signals.queued.borrow_mut(), spare);
         queued.sort_unstable();
         queued.dedup();
         let mut per_group = Vec::with_capacity(queued.len());
-        for id in queued {
+        for &id in &queued {
             // Gone (closed since), or taken by a call that ran while this one awaited.
             let Some(g) = self.get(id) else {
                 continue;
@@ -172,6 +177,8 @@ impl ShardGroups {
                 per_group.push((g.group(), msgs));
             }
         }
+        queued.clear();
+        *self.spare.borrow_mut() = queued;
         gather_outgoing(self.node, per_group)
     }
 

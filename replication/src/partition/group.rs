@@ -35,7 +35,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use glommio::channels::local_channel::{self, LocalSender};
-use glommio::sync::Semaphore;
+use glommio::sync::{Permit, Semaphore};
 use kafka_protocol::records::{
     Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
 };
@@ -458,9 +458,18 @@ impl PartitionGroup {
         self.is_writable_leader() && self.replica.leader_epoch() == self.epoch()
     }
 
+    /// The group's lock, without the asynchronous acquire when it is free (it almost always
+    /// is: a shard steps thousands of groups' heartbeats a second); `None`: closed.
+    async fn lock_fast(&self) -> Option<Permit<'_>> {
+        match self.lock.try_acquire_permit(1) {
+            Ok(p) => Some(p),
+            Err(_) => self.lock.acquire_permit(1).await.ok(),
+        }
+    }
+
     /// One unit of logical time (the shard's tick: elections, heartbeats).
     pub async fn tick(&self) {
-        let Ok(_guard) = self.lock.acquire_permit(1).await else {
+        let Some(_guard) = self.lock_fast().await else {
             return;
         };
         if self.failed.get() {
@@ -468,7 +477,10 @@ impl PartitionGroup {
         }
         let mut out = Vec::new();
         self.core.borrow_mut().tick(&mut out);
-        self.perform(out).await;
+        // Most ticks of most groups do nothing (no heartbeat due, no election).
+        if !out.is_empty() {
+            self.perform(out).await;
+        }
     }
 
     /// The group's preferred replica (its first voter, the leader the placement chose) starts
@@ -502,7 +514,7 @@ impl PartitionGroup {
                 }
             }
         }
-        let Ok(_guard) = self.lock.acquire_permit(1).await else {
+        let Some(_guard) = self.lock_fast().await else {
             return;
         };
         if self.failed.get() {
@@ -525,7 +537,7 @@ impl PartitionGroup {
     ) -> (ProduceOutcome, Completion) {
         let refuse = |code: i16| (ProduceOutcome::error(code), Completion::done());
         let not_leader = ResponseError::NotLeaderOrFollower.code();
-        let Ok(_guard) = self.lock.acquire_permit(1).await else {
+        let Some(_guard) = self.lock_fast().await else {
             return refuse(not_leader);
         };
         if self.failed.get() {
@@ -585,7 +597,7 @@ impl PartitionGroup {
     /// Takes the messages to send, a leader's appends filled with batches from its log.
     /// Appends of an epoch this replica no longer leads are dropped (their batches may be gone).
     pub async fn take_messages(&self) -> Vec<(NodeId, Message)> {
-        let Ok(_guard) = self.lock.acquire_permit(1).await else {
+        let Some(_guard) = self.lock_fast().await else {
             return Vec::new();
         };
         if self.failed.get() {
