@@ -130,11 +130,16 @@ impl ShardGroups {
         self.take_outgoing().await
     }
 
-    /// One tick of every group; what they queue is left for [`Self::take_outgoing`].
-    pub async fn tick_all(&self) {
+    /// One tick of every group not busy (see [`PartitionGroup::tick_unless_busy`]); what they
+    /// queue is left for [`Self::take_outgoing`]. Returns how many were skipped as busy.
+    pub async fn tick_all(&self) -> usize {
+        let mut busy = 0;
         for g in self.all().iter() {
-            g.tick().await;
+            if !g.tick_unless_busy().await {
+                busy += 1;
+            }
         }
+        busy
     }
 
     /// Steps a peer's message into its groups (entries for groups not hosted here are
