@@ -130,16 +130,11 @@ impl ShardGroups {
         self.take_outgoing().await
     }
 
-    /// One tick of every group not busy (see [`PartitionGroup::tick_unless_busy`]); what they
-    /// queue is left for [`Self::take_outgoing`]. Returns how many were skipped as busy.
-    pub async fn tick_all(&self) -> usize {
-        let mut busy = 0;
+    /// One tick of every group; what they queue is left for [`Self::take_outgoing`].
+    pub async fn tick_all(&self) {
         for g in self.all().iter() {
-            if !g.tick_unless_busy().await {
-                busy += 1;
-            }
+            g.tick().await;
         }
-        busy
     }
 
     /// Steps a peer's message into its groups (entries for groups not hosted here are

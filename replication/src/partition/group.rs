@@ -483,26 +483,6 @@ impl PartitionGroup {
         }
     }
 
-    /// [`Self::tick`] unless the group is busy (a produce appending under its lock, a step
-    /// waiting for the disk): then the tick is skipped, so one busy group does not hold back
-    /// every other group's tick (and heartbeats) on the shard. A skipped tick only delays the
-    /// group's own timers (an election later, not sooner); a busy leader is sending anyway.
-    /// Returns whether it ticked.
-    pub async fn tick_unless_busy(&self) -> bool {
-        let Ok(_guard) = self.lock.try_acquire_permit(1) else {
-            return false;
-        };
-        if self.failed.get() {
-            return true;
-        }
-        let mut out = Vec::new();
-        self.core.borrow_mut().tick(&mut out);
-        if !out.is_empty() {
-            self.perform(out).await;
-        }
-        true
-    }
-
     /// The group's preferred replica (its first voter, the leader the placement chose) starts
     /// an election at once when the group has never had one, instead of waiting out an
     /// election timeout (0.5-1 s); every other case is left to the timers.
