@@ -1,4 +1,4 @@
-//! A timer that registers with the executor's reactor once.
+//! A timer that never leaves a dead registration behind in the executor's reactor.
 //!
 //! glommio-ng 0.12's `Timer` registers a new reactor timer on every poll that finds it pending
 //! and keeps only the newest registration's id: the earlier ones stay in the reactor until they
@@ -6,11 +6,9 @@
 //! any of them, so a read timeout of 10 s polled a few hundred times a second kept thousands of
 //! dead registrations alive, and the reactor scans all of them on every turn (its next-expiry
 //! lookup is a pass over a hash map): on an idle node of 3,000 partitions that scan was a tenth
-//! of the cluster thread's time. [`Deadline`] polls its timer once and afterwards compares the
-//! clock itself; dropping it removes the one registration.
-//!
-//! The waker is the first poll's: a `Deadline` must be awaited by one task (as every future
-//! raced with `or` inside one task is).
+//! of the cluster thread's time. [`Deadline`] polls each `Timer` it makes once and replaces it
+//! (dropping it removes its one registration) when polled again before the deadline: the wheel
+//! may wake it a little early, so a registration cannot be assumed to still be there.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,7 +19,7 @@ use glommio::timer::Timer;
 
 pub struct Deadline {
     at: Instant,
-    /// Registered on the first pending poll; dropped (deregistered) once the deadline passed.
+    /// The wake-up registered by the last pending poll (its only registration).
     timer: Option<Timer>,
 }
 
@@ -48,14 +46,14 @@ impl Future for Deadline {
             self.timer = None;
             return Poll::Ready(());
         }
-        if self.timer.is_none() {
-            let mut timer = Timer::new(self.at - now);
-            // Pending (the deadline is ahead): registers the wake-up, once.
-            if Pin::new(&mut timer).poll(cx).is_ready() {
-                return Poll::Ready(());
-            }
-            self.timer = Some(timer);
+        // The previous timer (if any) is dropped first, which removes its registration.
+        self.timer = None;
+        let mut timer = Timer::new(self.at - now);
+        // Pending (the deadline is ahead): registers this one wake-up.
+        if Pin::new(&mut timer).poll(cx).is_ready() {
+            return Poll::Ready(());
         }
+        self.timer = Some(timer);
         Poll::Pending
     }
 }
