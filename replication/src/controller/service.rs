@@ -503,7 +503,10 @@ impl Ctx {
     fn route_to_shards(&mut self, msg: NodeMessage) {
         // Usually every entry is for one shard (a peer's shard sends its own groups): pass the
         // message on whole.
-        let first = msg.items.first().and_then(|(g, _)| self.routes.shard_of(*g));
+        let first = msg
+            .items
+            .first()
+            .and_then(|(g, _)| self.routes.shard_of(*g));
         let whole = first.filter(|&s| {
             msg.items
                 .iter()
