@@ -65,16 +65,9 @@ use crate::shard::{cross_wake, Deadline, ReplicaSet};
 use crate::types::{GroupId, NodeId};
 
 /// The partition groups' unit of logical time. The core's election timeout is 10 to 20 ticks
-/// (0.5 to 1 s) and a partition leader's heartbeat [`PARTITION_HEARTBEAT_TICKS`]: a failed
-/// leader is replaced in about a second.
+/// (0.5 to 1 s) and its heartbeat 2 ticks (100 ms): a failed leader is replaced in about a
+/// second.
 pub const PARTITION_TICK_MS: u64 = 50;
-/// Ticks between a partition leader's heartbeats (150 ms): at least three fall within the
-/// shortest election timeout (10 ticks), as with the core's default of 2 for the metadata
-/// group, whose single group costs nothing. Heartbeats and their answers are most of what an
-/// idle node does (3,000 partitions of 3 replicas: 40,000 consensus messages a second at
-/// 100 ms), so the third fewer at 150 ms is a third less of that work. Redpanda's default is
-/// 150 ms too.
-pub const PARTITION_HEARTBEAT_TICKS: u32 = 3;
 /// How often a leader's report the controller has not accepted yet is sent again. A new
 /// leadership is reported at once; this bounds the AlterIsr traffic of in-sync-set changes.
 pub const REPORT_INTERVAL_MS: u64 = 200;

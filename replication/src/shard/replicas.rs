@@ -367,8 +367,6 @@ impl ReplicaSet {
         replica.set_policy(TopicPolicy::of(configs));
         let replica = Rc::new(replica);
         let mut cfg = GroupConfig::new(group, node, hosted.voters.clone());
-        cfg.core.heartbeat_interval_ticks =
-            crate::cluster::shard_runtime::PARTITION_HEARTBEAT_TICKS;
         cfg.min_insync_replicas = min_insync_replicas(configs, hosted.voters.len());
         let opened = match self.hard_state_store().await {
             Ok(store) => {
