@@ -24,6 +24,8 @@
 #   BENCH_E2E_RUNS  how many spate e2e runs, each on a fresh broker (default 3)
 #   BENCH_CLUSTER_PARTS   which parts of the replicated section run (default "rows e2e failover
 #             idle many catchup"); with --out of an earlier run, its fio result is reused
+#   BENCH_MANY_SHAPES     batch shapes of the 6 vs 1,000 partitions pair (default "mixed 16384
+#             65536": the 1 MB vs 6 KB batches pair, then both rows at 16 KiB and at 64 KiB)
 #   BENCH_FAILOVER_KILLS  leader kills in the failover run (default 20)
 #   BENCH_FAILOVER_RATE   its fixed rate, records/s of 1 KiB (default 20000)
 #   BENCH_CATCHUP_GB      what the restarted follower misses, GB of record values (default 5)
@@ -52,7 +54,7 @@ while [ $# -gt 0 ]; do
     --out) OUT="${2:?--out needs a directory}"; shift ;;
     --no-peer) RUN_PEER=0 ;;
     --no-spate) RUN_SPATE=0 ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -383,6 +385,19 @@ wait_topic() {
   done
 }
 
+# wait_preferred TOPIC SECS: until every partition is led by its first (preferred) replica.
+wait_preferred() {
+  local topic=$1 deadline=$((SECONDS + $2)) off
+  while :; do
+    off=$("$SPATE" topic describe "$topic" -b "$CADDR" --json 2>/dev/null \
+      | jq '[(if type == "array" then .[0] else . end).partitions[]
+             | select(.leader != .replicas[0])] | length' 2>/dev/null || echo -1)
+    [ "$off" = 0 ] && return 0
+    [ $SECONDS -lt $deadline ] || { log "$topic: $off partitions not on their preferred leader after $2s"; return 1; }
+    sleep 1
+  done
+}
+
 # create_topic TOPIC PARTITIONS [SECS]
 create_topic() {
   "$SPATE" topic create "$1" --partitions "$2" --replication-factor 3 -b "$CADDR" \
@@ -475,26 +490,45 @@ idle_run() {
   local t0=$SECONDS ready=true
   # Measured even if the partitions are not all led by then: that cost is what 3,000 cost.
   create_topic cluster-idle 3000 "$MANY_READY_SECS" || { ready=false; FAILED+=("cluster-idle (not all led)"); }
-  log "cluster-idle: all led with 3 in sync: $ready, after $((SECONDS - t0))s"
-  echo "{\"ready\": $ready, \"secs\": $((SECONDS - t0))}" > "$OUT/cluster-idle-create.json"
+  local ready_secs=$((SECONDS - t0)) balanced=true
+  log "cluster-idle: all led with 3 in sync: $ready, after ${ready_secs}s"
+  # The leader balancer moves leaders to their preferred replicas in rounds (every 30 s):
+  # leadership moves are not the steady state, so the measurement starts once it is done.
+  wait_preferred cluster-idle "$MANY_READY_SECS" || balanced=false
+  log "cluster-idle: every partition led by its preferred replica: $balanced, after $((SECONDS - t0))s"
+  echo "{\"ready\": $ready, \"secs\": $ready_secs, \"balanced\": $balanced, \"balanced_secs\": $((SECONDS - t0))}" \
+    > "$OUT/cluster-idle-create.json"
   sleep 10
   idle_cpu cluster-idle-3000 20
   stop_cluster
 }
 
 many_partitions_run() {
-  # Both rows: three connections (one per leader), about 2 MB of values per request (6
-  # partitions: two 1 MB batches; 1,000: 333 batches of 5 records).
-  local n
-  for n in 6 1000; do
-    start_cluster $MANY_SEGMENT_BYTES $MANY_MAX_BATCH_BYTES || { FAILED+=("cluster-p$n (cluster)"); continue; }
-    create_topic "cluster-p$n" "$n" "$MANY_READY_SECS" \
-      || { FAILED+=("cluster-p$n (topic)"); stop_cluster; continue; }
-    enough_space "cluster-produce-p$n" || { stop_cluster; continue; }
-    perf "cluster-produce-p$n" produce -b "$CADDR" -t "cluster-p$n" -c 3 -s 1024 \
-      --batch-bytes $([ "$n" = 6 ] && batch_bytes 1024 || echo 6000) --acks all \
-      --duration-secs "$SECS" --warmup-secs $WARMUP --records $((MAX_BYTES_PER_RUN / 3 / 1024))
-    stop_cluster
+  # Three connections (one per leader) in every row. Shapes (BENCH_MANY_SHAPES):
+  #   mixed: about 2 MB of values per request in both rows (6 partitions: two 1 MB batches;
+  #          1,000: 333 batches of 5 records), so the rows differ in batch size as well;
+  #   BYTES: both rows with batches of BYTES (16384 is Kafka's default batch.size; a producer
+  #          with the sticky partitioner, KIP-480, fills one partition's batch at a time, so
+  #          1,000 partitions need not mean small batches). Rows cluster-produce-p6-bBYTES.
+  local n shape bb name
+  for shape in ${BENCH_MANY_SHAPES:-mixed 16384 65536}; do
+    for n in 6 1000; do
+      if [ "$shape" = mixed ]; then
+        name=cluster-produce-p$n
+        bb=$([ "$n" = 6 ] && batch_bytes 1024 || echo 6000)
+      else
+        name=cluster-produce-p$n-b$shape
+        bb=$shape
+      fi
+      start_cluster $MANY_SEGMENT_BYTES $MANY_MAX_BATCH_BYTES || { FAILED+=("$name (cluster)"); continue; }
+      create_topic "cluster-p$n" "$n" "$MANY_READY_SECS" \
+        || { FAILED+=("$name (topic)"); stop_cluster; continue; }
+      enough_space "$name" || { stop_cluster; continue; }
+      perf "$name" produce -b "$CADDR" -t "cluster-p$n" -c 3 -s 1024 --batch-bytes "$bb" \
+        --acks all --duration-secs "$SECS" --warmup-secs $WARMUP \
+        --records $((MAX_BYTES_PER_RUN / 3 / 1024))
+      stop_cluster
+    done
   done
 }
 

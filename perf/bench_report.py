@@ -204,9 +204,19 @@ def cluster_section(out, runs, seq_mb, add):
     p6, p1000 = rps("cluster-produce-p6"), rps("cluster-produce-p1000")
     if p6 or p1000:
         add(
-            f"| produce to 1,000 partitions vs 6 (acks=all) | {p1000 or 0:,.0f} vs {p6 or 0:,.0f} rec/s"
-            f" | 6 partitions | {ratio(p1000, p6)} | >= 0.7x |"
+            f"| produce to 1,000 partitions vs 6 (acks=all), 6 KB vs 1 MB batches | {p1000 or 0:,.0f}"
+            f" vs {p6 or 0:,.0f} rec/s | 6 partitions | {ratio(p1000, p6)} | >= 0.7x |"
         )
+    # The same pair with the same batch size in both rows (BENCH_MANY_SHAPES).
+    sizes = sorted({int(n.rsplit("-b", 1)[1]) for n in runs if n.startswith("cluster-produce-p6-b")})
+    for b in sizes:
+        q6, q1000 = rps(f"cluster-produce-p6-b{b}"), rps(f"cluster-produce-p1000-b{b}")
+        if q6 or q1000:
+            add(
+                f"| produce to 1,000 partitions vs 6 (acks=all), {b // 1024} KiB batches in both"
+                f" | {q1000 or 0:,.0f} vs {q6 or 0:,.0f} rec/s | 6 partitions | {ratio(q1000, q6)}"
+                f" | >= 0.7x |"
+            )
     cu = load(os.path.join(out, "cluster-catchup-result.json"))
     if cu:
         add(

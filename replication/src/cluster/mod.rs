@@ -11,8 +11,9 @@ pub mod shard_runtime;
 pub mod throttle;
 
 pub use hosting::{
-    gather_outgoing, partition_group_id, plan_hosting, split_by_shard, HostedPartition,
-    HostingChanges, HostingPlan, PlanConflict, SHARD_CONSENSUS_CHANNEL_CAPACITY,
+    gather_outgoing, partition_group_id, plan_hosting, split_by_shard, GroupIdHasher, GroupMap,
+    HostedPartition, HostingChanges, HostingPlan, PlanConflict, RouteTable, ShardRoutes,
+    SHARD_CONSENSUS_CHANNEL_CAPACITY,
 };
 pub use link::{
     CallError, ClusterPort, ControllerCall, Reply, ShardEvent, ShardLink, CONTROLLER_CALL_QUEUE,

@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use crate::cluster::gather_outgoing;
+use crate::cluster::{gather_outgoing, GroupMap};
 use crate::node::NodeMessage;
 use crate::partition::{GroupSignals, PartitionGroup, ReplicaError};
 use crate::shard::Signal;
@@ -23,7 +23,14 @@ pub struct LeaderReport {
 
 pub struct ShardGroups {
     node: NodeId,
-    groups: RefCell<BTreeMap<GroupId, Rc<PartitionGroup>>>,
+    /// Looked up once per incoming message entry: hashed, not ordered.
+    groups: RefCell<GroupMap<Rc<PartitionGroup>>>,
+    /// Every hosted group in ascending id order, for the passes over all of them (a tick);
+    /// rebuilt on the next pass after a group comes or goes, not on every tick.
+    ordered: RefCell<Option<Rc<[Rc<PartitionGroup>]>>>,
+    /// The buffer the groups queue their ids in next, swapped with theirs on each flush so
+    /// neither is allocated again.
+    spare: RefCell<Vec<GroupId>>,
     /// The last report per group the controller accepted.
     acknowledged: RefCell<BTreeMap<GroupId, LeaderReport>>,
     /// Every hosted group notifies these (see [`GroupSignals`]).
@@ -35,9 +42,12 @@ impl ShardGroups {
         ShardGroups {
             node,
             groups: RefCell::default(),
+            ordered: RefCell::default(),
+            spare: RefCell::default(),
             acknowledged: RefCell::default(),
             signals: GroupSignals {
                 outbox: Rc::new(Signal::default()),
+                queued: Rc::default(),
                 leadership: Rc::new(Signal::default()),
             },
         }
@@ -63,6 +73,7 @@ impl ShardGroups {
         group.set_signals(self.signals.clone());
         let prev = self.groups.borrow_mut().insert(group.group(), group);
         assert!(prev.is_none(), "a group hosted twice on one shard");
+        self.ordered.take();
     }
 
     pub fn get(&self, group: GroupId) -> Option<Rc<PartitionGroup>> {
@@ -80,17 +91,19 @@ impl ShardGroups {
     /// Stops hosting `group` without closing it (its owner closes or deletes it).
     pub fn remove(&self, group: GroupId) -> Option<Rc<PartitionGroup>> {
         self.acknowledged.borrow_mut().remove(&group);
+        self.ordered.take();
         self.groups.borrow_mut().remove(&group)
     }
 
     /// The hosted groups' ids, ascending.
     pub fn ids(&self) -> Vec<GroupId> {
-        self.groups.borrow().keys().copied().collect()
+        self.all().iter().map(|g| g.group()).collect()
     }
 
     /// Stops hosting `group` and closes it (its files stay).
     pub async fn close(&self, group: GroupId) -> Result<(), ReplicaError> {
         let g = self.groups.borrow_mut().remove(&group);
+        self.ordered.take();
         self.acknowledged.borrow_mut().remove(&group);
         match g {
             Some(g) => g.close().await,
@@ -98,16 +111,30 @@ impl ShardGroups {
         }
     }
 
-    fn all(&self) -> Vec<Rc<PartitionGroup>> {
-        self.groups.borrow().values().cloned().collect()
+    /// Every hosted group, ascending by id (a snapshot: groups added or removed meanwhile are
+    /// not in it).
+    pub fn all(&self) -> Rc<[Rc<PartitionGroup>]> {
+        if let Some(all) = &*self.ordered.borrow() {
+            return all.clone();
+        }
+        let mut all: Vec<Rc<PartitionGroup>> = self.groups.borrow().values().cloned().collect();
+        all.sort_unstable_by_key(|g| g.group());
+        let all: Rc<[Rc<PartitionGroup>]> = all.into();
+        *self.ordered.borrow_mut() = Some(all.clone());
+        all
     }
 
     /// One tick of every group, then everything they have to send.
     pub async fn tick(&self) -> Vec<NodeMessage> {
-        for g in self.all() {
+        self.tick_all().await;
+        self.take_outgoing().await
+    }
+
+    /// One tick of every group; what they queue is left for [`Self::take_outgoing`].
+    pub async fn tick_all(&self) {
+        for g in self.all().iter() {
             g.tick().await;
         }
-        self.take_outgoing().await
     }
 
     /// Steps a peer's message into its groups (entries for groups not hosted here are
@@ -129,10 +156,19 @@ impl ShardGroups {
 
     /// What every group has to send since the last call, one message per peer.
     pub async fn take_outgoing(&self) -> Vec<NodeMessage> {
-        let mut per_group = Vec::new();
-        for g in self.all() {
-            // Most groups have nothing queued on most calls (an idle one, a heartbeat every
-            // other tick): no lock taken for them. A message queued later signals the outbox.
+        // Only the groups that queued something since the last call (each says so when its
+        // outbox stops being empty): most of thousands of idle groups have nothing on most
+        // calls, and this runs after every delivery. Ascending, as a pass over all would be.
+        let spare = std::mem::take(&mut *self.spare.borrow_mut());
+        let mut queued = std::mem::replace(&mut *self.signals.queued.borrow_mut(), spare);
+        queued.sort_unstable();
+        queued.dedup();
+        let mut per_group = Vec::with_capacity(queued.len());
+        for &id in &queued {
+            // Gone (closed since), or taken by a call that ran while this one awaited.
+            let Some(g) = self.get(id) else {
+                continue;
+            };
             if !g.has_messages() {
                 continue;
             }
@@ -141,6 +177,8 @@ impl ShardGroups {
                 per_group.push((g.group(), msgs));
             }
         }
+        queued.clear();
+        *self.spare.borrow_mut() = queued;
         gather_outgoing(self.node, per_group)
     }
 
@@ -148,9 +186,8 @@ impl ShardGroups {
     /// in its epoch) whose epoch or in-sync voters differ from its last accepted report.
     pub fn pending_reports(&self) -> Vec<LeaderReport> {
         let acked = self.acknowledged.borrow();
-        self.groups
-            .borrow()
-            .values()
+        self.all()
+            .iter()
             .filter(|g| g.is_writable_leader())
             .map(|g| LeaderReport {
                 group: g.group(),

@@ -61,8 +61,7 @@ use crate::controller::reassignment::{apply_step, next_step, Reassignment, Step}
 use crate::controller::view::ClusterView;
 use crate::node::NodeMessage;
 use crate::partition::{ReplicationGauges, TopicPartition};
-use crate::shard::deadline::Deadline;
-use crate::shard::{cross_wake, ReplicaSet};
+use crate::shard::{cross_wake, Deadline, ReplicaSet};
 use crate::types::{GroupId, NodeId};
 
 /// The partition groups' unit of logical time. The core's election timeout is 10 to 20 ticks
@@ -219,6 +218,9 @@ pub async fn run(
         TickSource::Every(d) => (Some((d, Instant::now() + d)), None),
         TickSource::Manual(rx) => (None, Some(rx)),
     };
+    // One reactor timer per tick, kept across the events between ticks (a timer made per
+    // event, or polled on every wake-up, would be registered again each time: see `Deadline`).
+    let mut next_tick = timer.map(|(_, at)| Box::pin(Deadline::at(at)));
     let (mut inbox_open, mut accepted_open, mut manual_open) = (true, true, manual.is_some());
     rt.check_view(&link).await;
     loop {
@@ -232,14 +234,9 @@ pub async fn run(
             },
             or(
                 async {
-                    match (&timer, &manual) {
-                        (Some((_, at)), _) => {
-                            let now = Instant::now();
-                            if *at > now {
-                                // Re-polled at every other event of the loop: one timer
-                                // entry, not one per poll (see `shard::deadline`).
-                                Deadline::at(*at).await;
-                            }
+                    match (&mut next_tick, &manual) {
+                        (Some(deadline), _) => {
+                            deadline.as_mut().await;
                             Event::Tick
                         }
                         (None, Some(rx)) if manual_open => match cross_wake::recv(rx).await {
@@ -296,10 +293,13 @@ pub async fn run(
                     if *at <= now {
                         *at = now + *every;
                     }
+                    next_tick = Some(Box::pin(Deadline::at(*at)));
                 }
                 rt.check_view(&link).await;
+                rt.groups.tick_all().await;
+                // What the ticks queued is taken now: seen, so no second flush for it.
                 rt.outbox_seen = rt.groups.outbox_signal().generation();
-                let out = rt.groups.tick().await;
+                let out = rt.groups.take_outgoing().await;
                 rt.send(&link, out);
                 rt.sync_hard_states().await;
                 rt.report(&link, false);
@@ -320,7 +320,6 @@ pub async fn run(
                 }
             }
             Event::Inbox(msg) => {
-                rt.outbox_seen = rt.groups.outbox_signal().generation();
                 rt.groups.step(msg).await;
                 // What else has arrived is stepped before the flush: one pass over the groups
                 // and one message per peer for all of it.
@@ -330,6 +329,8 @@ pub async fn run(
                     };
                     rt.groups.step(msg).await;
                 }
+                // What the steps queued is taken now: seen, so no second flush for it.
+                rt.outbox_seen = rt.groups.outbox_signal().generation();
                 let out = rt.groups.take_outgoing().await;
                 rt.send(&link, out);
             }
@@ -596,10 +597,8 @@ impl Runtime {
             .iter()
             .map(|((t, p), r)| ((t.as_str(), *p), r))
             .collect();
-        for g in self.groups.ids() {
-            let Some(group) = self.groups.get(g) else {
-                continue;
-            };
+        for group in self.groups.all().iter() {
+            let g = group.group();
             let moving = self
                 .plan
                 .groups

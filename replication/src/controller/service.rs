@@ -27,7 +27,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::cluster::{
     plan_hosting, split_by_shard, CallError, ClusterPort, ControllerCall, HostingPlan,
-    LeaderReport, Reply, ShardEvent, ShardLink, CONTROLLER_CALL_QUEUE,
+    LeaderReport, Reply, RouteTable, ShardEvent, ShardLink, ShardRoutes, CONTROLLER_CALL_QUEUE,
     SHARD_CONSENSUS_CHANNEL_CAPACITY,
 };
 use crate::controller::driver::{
@@ -318,6 +318,8 @@ struct Ctx {
     accepted: Vec<flume::Sender<LeaderReport>>,
     /// The groups this node hosts, from the applied metadata at placement version `plan_at`.
     plan: HostingPlan,
+    /// The plan's group-to-shard routes, for the consensus traffic.
+    routes: RouteTable,
     plan_at: Option<u64>,
     conflicts_logged: BTreeSet<GroupId>,
     /// What the mirror holds.
@@ -406,6 +408,7 @@ impl Ctx {
                 tracing::error!(error = %c, "partition group id collision");
             }
         }
+        self.routes = RouteTable::of(&plan);
         self.plan = plan;
         // Reports for groups no longer here are not answered any more.
         let plan = &self.plan;
@@ -500,17 +503,20 @@ impl Ctx {
     fn route_to_shards(&mut self, msg: NodeMessage) {
         // Usually every entry is for one shard (a peer's shard sends its own groups): pass the
         // message on whole.
-        let first = msg.items.first().and_then(|(g, _)| self.plan.shard_of(*g));
+        let first = msg
+            .items
+            .first()
+            .and_then(|(g, _)| self.routes.shard_of(*g));
         let whole = first.filter(|&s| {
             msg.items
                 .iter()
-                .all(|(g, _)| self.plan.shard_of(*g) == Some(s))
+                .all(|(g, _)| self.routes.shard_of(*g) == Some(s))
         });
         if let Some(s) = whole {
             self.deliver(s, msg);
             return;
         }
-        let (parts, dropped) = split_by_shard(msg, &self.plan);
+        let (parts, dropped) = split_by_shard(msg, &self.routes);
         StatCells::add(&self.stats.consensus_unhosted, dropped as u64);
         for (s, part) in parts {
             self.deliver(s, part);
@@ -776,6 +782,7 @@ async fn run(
         inboxes,
         accepted,
         plan: HostingPlan::default(),
+        routes: RouteTable::default(),
         plan_at: None,
         conflicts_logged: BTreeSet::new(),
         mirrored: BTreeMap::new(),

@@ -35,7 +35,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use glommio::channels::local_channel::{self, LocalSender};
-use glommio::sync::Semaphore;
+use glommio::sync::{Permit, Semaphore};
 use kafka_protocol::records::{
     Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
 };
@@ -194,6 +194,9 @@ pub struct GroupSignals {
     /// Notified when the outbox goes from empty to non-empty (a produce proposed, a durability
     /// report or a step queued messages).
     pub outbox: Rc<Signal>,
+    /// The groups whose outbox went from empty to non-empty since the shard last took them:
+    /// the shard visits these, not every group it hosts.
+    pub queued: Rc<RefCell<Vec<GroupId>>>,
     /// Notified when the group becomes a writable leader (its report goes out at once).
     pub leadership: Rc<Signal>,
 }
@@ -376,6 +379,7 @@ impl PartitionGroup {
         *self.signals.borrow_mut() = Some(signals.clone());
         // What happened before the group was hosted is not lost.
         if queued {
+            signals.queued.borrow_mut().push(self.cfg.group);
             signals.outbox.notify();
         }
         if writable {
@@ -454,9 +458,18 @@ impl PartitionGroup {
         self.is_writable_leader() && self.replica.leader_epoch() == self.epoch()
     }
 
+    /// The group's lock, without the asynchronous acquire when it is free (it almost always
+    /// is: a shard steps thousands of groups' heartbeats a second); `None`: closed.
+    async fn lock_fast(&self) -> Option<Permit<'_>> {
+        match self.lock.try_acquire_permit(1) {
+            Ok(p) => Some(p),
+            Err(_) => self.lock.acquire_permit(1).await.ok(),
+        }
+    }
+
     /// One unit of logical time (the shard's tick: elections, heartbeats).
     pub async fn tick(&self) {
-        let Ok(_guard) = self.lock.acquire_permit(1).await else {
+        let Some(_guard) = self.lock_fast().await else {
             return;
         };
         if self.failed.get() {
@@ -464,7 +477,10 @@ impl PartitionGroup {
         }
         let mut out = Vec::new();
         self.core.borrow_mut().tick(&mut out);
-        self.perform(out).await;
+        // Most ticks of most groups do nothing (no heartbeat due, no election).
+        if !out.is_empty() {
+            self.perform(out).await;
+        }
     }
 
     /// The group's preferred replica (its first voter, the leader the placement chose) starts
@@ -498,7 +514,7 @@ impl PartitionGroup {
                 }
             }
         }
-        let Ok(_guard) = self.lock.acquire_permit(1).await else {
+        let Some(_guard) = self.lock_fast().await else {
             return;
         };
         if self.failed.get() {
@@ -521,7 +537,7 @@ impl PartitionGroup {
     ) -> (ProduceOutcome, Completion) {
         let refuse = |code: i16| (ProduceOutcome::error(code), Completion::done());
         let not_leader = ResponseError::NotLeaderOrFollower.code();
-        let Ok(_guard) = self.lock.acquire_permit(1).await else {
+        let Some(_guard) = self.lock_fast().await else {
             return refuse(not_leader);
         };
         if self.failed.get() {
@@ -581,7 +597,7 @@ impl PartitionGroup {
     /// Takes the messages to send, a leader's appends filled with batches from its log.
     /// Appends of an epoch this replica no longer leads are dropped (their batches may be gone).
     pub async fn take_messages(&self) -> Vec<(NodeId, Message)> {
-        let Ok(_guard) = self.lock.acquire_permit(1).await else {
+        let Some(_guard) = self.lock_fast().await else {
             return Vec::new();
         };
         if self.failed.get() {
@@ -793,6 +809,7 @@ impl PartitionGroup {
                     self.outbox.borrow_mut().push((to, msg));
                     if was_empty {
                         if let Some(s) = &*self.signals.borrow() {
+                            s.queued.borrow_mut().push(self.cfg.group);
                             s.outbox.notify();
                         }
                     }

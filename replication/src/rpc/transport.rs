@@ -31,6 +31,7 @@ use crate::identity::NodeIdentity;
 use crate::rpc::frame::{EncodedFrame, Frame, FrameCodec, RpcError, RpcMessage};
 use crate::rpc::handshake::{Hello, PeerDirectory};
 use crate::rpc::recv::{read_window, MAX_HANDSHAKE_FRAME_BYTES};
+use crate::shard::Deadline;
 use crate::types::NodeId;
 
 /// Bytes of frames queued for one peer (or one inbound connection's replies). When a frame
@@ -514,13 +515,20 @@ impl SocketReader {
                 }
             }
             let mut probe = [0u8; 1];
-            // Polled again at each wake-up of the connection's writer (same task): a glommio
-            // timeout would add a timer entry each time (see `shard::deadline`).
-            match crate::shard::deadline::timeout(left, self.stream.peek(&mut probe)).await {
+            // Not `glommio::future::timeout`: its timer registers again on every wake-up of
+            // this task (each frame written), see `Deadline`.
+            let readable = futures_lite::future::or(
+                async { Some(self.stream.peek(&mut probe).await) },
+                async {
+                    Deadline::after(left).await;
+                    None
+                },
+            );
+            match readable.await {
                 // Readable: data, or the end of the stream (the next `recv` returns 0).
-                Ok(Ok(_)) => self.drained = false,
-                Ok(Err(e)) => return Err(glommio_io(e).into()),
-                Err(_) => return Err(TransportError::ReadTimeout),
+                Some(Ok(_)) => self.drained = false,
+                Some(Err(e)) => return Err(glommio_io(e).into()),
+                None => return Err(TransportError::ReadTimeout),
             }
         }
     }

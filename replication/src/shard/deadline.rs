@@ -1,18 +1,20 @@
-//! Timers that register with the executor once, however often they are polled.
+//! Timers that never leave a dead registration behind in the executor's reactor.
 //!
 //! glommio-ng 0.12's `Timer` inserts a new entry into the reactor's timer table every time it
 //! is polled while pending and remembers only the newest; the older entries stay until their
 //! deadline passes. Every poll of the reactor then looks for the earliest deadline by walking
 //! that whole table. A timer raced against other futures (`or`, a `timeout` beside a read) is
-//! polled again at every wake-up of its task: the rpc connection's read timeout (30 s when
-//! idle) was polled at each frame the same task wrote, so at 20,000 records/s the cluster
-//! service thread held tens of thousands of stale entries (frames a second times 30 s) and
-//! walking them took half of the three nodes' CPU. [`Deadline`] polls its timer only on its first poll, or when the task's waker
-//! changed, so a timer is one entry for its whole life and is removed when it is dropped.
+//! polled again at every wake-up of its task: the rpc connection's read timeout was polled at
+//! each frame the same task wrote, so at 20,000 records/s the cluster service thread held tens
+//! of thousands of stale entries and walking them took half of the three nodes' CPU (and a
+//! tenth of an idle 3,000-partition node's service thread). [`Deadline`] polls each `Timer` it
+//! makes once and replaces it (dropping it removes its one registration) when polled again
+//! before the deadline, so it holds one entry at a time, and an entry that fired early (below)
+//! cannot leave it without a wake-up.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use glommio::timer::Timer;
@@ -27,49 +29,42 @@ pub const TIMER_WHEEL_SLACK: Duration = Duration::from_millis(1);
 /// Resolves at `at`. Must be polled on a glommio executor.
 pub struct Deadline {
     at: Instant,
-    /// The timer registered on the last poll that needed one, and the waker it holds.
-    armed: Option<(Timer, Waker)>,
+    /// The wake-up registered by the last pending poll (its only registration).
+    timer: Option<Timer>,
 }
 
 impl Deadline {
     pub fn at(at: Instant) -> Self {
-        Deadline { at, armed: None }
+        Deadline { at, timer: None }
     }
 
     pub fn after(wait: Duration) -> Self {
         Self::at(Instant::now() + wait)
+    }
+
+    pub fn when(&self) -> Instant {
+        self.at
     }
 }
 
 impl Future for Deadline {
     type Output = ();
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.get_mut();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let now = Instant::now();
-        if now >= this.at {
-            this.armed = None;
+        if now >= self.at {
+            self.timer = None;
             return Poll::Ready(());
         }
-        if let Some((_, waker)) = &this.armed {
-            if waker.will_wake(cx.waker()) {
-                // Its entry will wake this task at `at`.
-                return Poll::Pending;
-            }
+        // The previous timer (if any) is dropped first, which removes its registration.
+        self.timer = None;
+        let mut timer = Timer::new(self.at - now + TIMER_WHEEL_SLACK);
+        // Pending (the deadline is ahead): registers this one wake-up.
+        if Pin::new(&mut timer).poll(cx).is_ready() {
+            return Poll::Ready(());
         }
-        // First poll, or another waker: a fresh timer, and the old one (dropped here) takes
-        // its single entry with it.
-        let mut timer = Timer::new(this.at - now + TIMER_WHEEL_SLACK);
-        match Pin::new(&mut timer).poll(cx) {
-            Poll::Ready(_) => {
-                this.armed = None;
-                Poll::Ready(())
-            }
-            Poll::Pending => {
-                this.armed = Some((timer, cx.waker().clone()));
-                Poll::Pending
-            }
-        }
+        self.timer = Some(timer);
+        Poll::Pending
     }
 }
 
@@ -96,6 +91,7 @@ pub async fn timeout<F: Future>(wait: Duration, fut: F) -> Result<F::Output, Tim
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::task::Waker;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::task::Wake;
@@ -255,5 +251,52 @@ mod tests {
                 );
                 sleep(Duration::from_millis(1)).await;
             });
+    }
+
+    #[test]
+    fn fires_once_the_deadline_passes_however_often_polled() {
+        glommio::LocalExecutorBuilder::default()
+            .spawn(|| async {
+                let start = Instant::now();
+                let wait = Duration::from_millis(30);
+                let mut d = std::pin::pin!(Deadline::after(wait));
+                // Raced against a future that wakes the task often: the deadline still fires.
+                let mut polls = 0u32;
+                loop {
+                    let ticked = futures_lite::future::or(
+                        async {
+                            d.as_mut().await;
+                            true
+                        },
+                        async {
+                            glommio::timer::sleep(Duration::from_millis(1)).await;
+                            false
+                        },
+                    )
+                    .await;
+                    polls += 1;
+                    if ticked {
+                        break;
+                    }
+                    assert!(polls < 10_000, "the deadline never fired");
+                }
+                assert!(start.elapsed() >= wait);
+                assert!(polls > 1, "raced: polled more than once");
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
+    fn a_past_deadline_is_ready_at_once() {
+        glommio::LocalExecutorBuilder::default()
+            .spawn(|| async {
+                Deadline::at(Instant::now() - Duration::from_millis(1)).await;
+                Deadline::after(Duration::ZERO).await;
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 }

@@ -12,6 +12,7 @@ pub mod router;
 pub mod signal;
 pub mod table;
 
+pub use deadline::Deadline;
 pub use hard_state_store::{hard_state_store_path, HardStateStore};
 pub use replicas::{producer_state_path, ObserverFactory, ReplicaSet, ReplicaSettings};
 pub use router::{Job, Router, ShardState, ShardUnavailable, SHARD_QUEUE_DEPTH};
