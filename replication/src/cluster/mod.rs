@@ -12,7 +12,8 @@ pub mod throttle;
 
 pub use hosting::{
     gather_outgoing, partition_group_id, plan_hosting, split_by_shard, HostedPartition,
-    HostingChanges, HostingPlan, PlanConflict, SHARD_CONSENSUS_CHANNEL_CAPACITY,
+    HostingChanges, HostingPlan, PlanConflict, MAX_GATHERED_BATCH_BYTES,
+    SHARD_CONSENSUS_CHANNEL_CAPACITY,
 };
 pub use link::{
     CallError, ClusterPort, ControllerCall, Reply, ShardEvent, ShardLink, CONTROLLER_CALL_QUEUE,
