@@ -919,15 +919,15 @@ impl PartitionGroup {
         let limit = throttle
             .as_ref()
             .map_or(MAX_APPEND_FILL_BYTES, |t| t.grant(MAX_APPEND_FILL_BYTES));
-        'read: while at < req.fill_end && bytes < limit {
+        // One read: the log gathers whole batches up to the limit itself (at least one). A
+        // second read for what is left under the limit would fetch a whole batch from disk
+        // only to drop it when it does not fit (with 1 MB batches, every read twice over).
+        if limit > 0 && at < req.fill_end {
             let read = self
                 .replica
-                .read_local(at, limit - bytes)
+                .read_local(at, limit)
                 .await
                 .map_err(|e| e.to_string())?;
-            if read.batches.is_empty() {
-                break;
-            }
             for raw in read.batches {
                 let h = BatchHeader::parse(&raw).map_err(|e| e.to_string())?;
                 let base = h.base_offset() as u64;
@@ -936,7 +936,7 @@ impl PartitionGroup {
                 }
                 let end = h.last_offset() as u64 + 1;
                 if end > req.fill_end || (bytes > 0 && bytes + raw.len() > limit) {
-                    break 'read;
+                    break;
                 }
                 bytes += raw.len();
                 let membership = if h.is_control() {

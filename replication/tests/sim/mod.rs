@@ -64,6 +64,9 @@ pub struct SimConfig {
     /// Client proposals and crashes, per mille of steps.
     pub propose_weight: u64,
     pub crash_weight: u64,
+    /// Batches a leader attaches to one append at most (the real sender's byte limit): a
+    /// follower further behind gets a window of appends (`Replica::on_append_filled`).
+    pub max_fill_batches: usize,
 }
 
 impl SimConfig {
@@ -81,6 +84,7 @@ impl SimConfig {
             leader_start_batch: 500,
             propose_weight: 100,
             crash_weight: 4,
+            max_fill_batches: 3,
         }
     }
     pub fn five_nodes(steps: u64) -> Self {
@@ -479,8 +483,12 @@ impl Sim {
             self.crash(id);
             return Ok(());
         }
+        let mut short = Vec::new();
         for m in out.messages {
-            self.send(m);
+            short.extend(self.send(m));
+        }
+        for (g, to, epoch, prev, fill_end, filled) in short {
+            self.with_node(id, |n| n.on_append_filled(g, to, epoch, prev, fill_end, filled))?;
         }
         for g in appended {
             let end = self.nodes[i].disks[g as usize].end();
@@ -497,26 +505,45 @@ impl Sim {
         Ok(())
     }
 
-    fn send(&mut self, mut m: NodeMessage) {
+    /// Sends `m` with its appends filled, at most `max_fill_batches` each; returns the appends
+    /// filled short, (group, to, epoch, prev offset, fill end, filled end), for the sender to
+    /// report. The appends after a short one to the same group are dropped, as the real
+    /// sender does: they start past what was sent.
+    fn send(&mut self, mut m: NodeMessage) -> Vec<(GroupId, NodeId, Epoch, Offset, Offset, Offset)> {
         let from = Self::idx(m.from);
-        for (g, item) in &mut m.items {
-            if let Message::Append(req) = item {
-                if req.fill_end > req.prev_offset {
-                    let disk = &self.nodes[from].disks[*g as usize];
-                    let start = disk.batches.partition_point(|b| b.base < req.prev_offset);
-                    req.batches = disk.batches[start..]
-                        .iter()
-                        .take_while(|b| b.end() <= req.fill_end)
-                        .cloned()
-                        .collect();
+        let (to, max) = (m.to, self.cfg.max_fill_batches);
+        let disks = &self.nodes[from].disks;
+        let mut short = Vec::new();
+        let mut cut: Vec<GroupId> = Vec::new();
+        m.items.retain_mut(|(g, item)| {
+            let Message::Append(req) = item else {
+                return true;
+            };
+            if cut.contains(g) {
+                return false;
+            }
+            if req.fill_end > req.prev_offset {
+                let disk = &disks[*g as usize];
+                let start = disk.batches.partition_point(|b| b.base < req.prev_offset);
+                req.batches = disk.batches[start..]
+                    .iter()
+                    .take_while(|b| b.end() <= req.fill_end)
+                    .take(max)
+                    .cloned()
+                    .collect();
+                let filled = req.batches.last().map_or(req.prev_offset, |b| b.end());
+                if filled < req.fill_end {
+                    cut.push(*g);
+                    short.push((*g, to, req.epoch, req.prev_offset, req.fill_end, filled));
                 }
             }
-        }
+            true
+        });
         self.stats.messages += 1;
         if self.blocked.contains(&(m.from, m.to))
             || (self.faults && self.rng.per_mille(self.cfg.drop))
         {
-            return;
+            return short;
         }
         let copies = if self.faults && self.rng.per_mille(self.cfg.duplicate) {
             2
@@ -527,6 +554,7 @@ impl Sim {
             let at = self.now + 1 + self.rng.below(self.cfg.max_delay_steps);
             self.net.push(InFlight { at, msg: m.clone() });
         }
+        short
     }
 
     fn deliver(&mut self) -> Check {
