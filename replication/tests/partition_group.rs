@@ -12,14 +12,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kafka_protocol::ResponseError;
-use spate_replication::partition::{
-    hard_state_path, Acks, BatchHeader, Completion, FlushPolicy, GroupConfig, NoObserver,
-    PartitionGroup, PartitionReplica, ReplicaConfig, TopicPartition,
-};
 use spate_replication::cluster::throttle::{
     ReplicationThrottle, THROTTLE_BURST_MS, THROTTLE_LAG_OFFSETS,
 };
 use spate_replication::partition::MAX_APPEND_FILL_BYTES;
+use spate_replication::partition::{
+    hard_state_path, Acks, BatchHeader, Completion, FlushPolicy, GroupConfig, NoObserver,
+    PartitionGroup, PartitionReplica, ReplicaConfig, TopicPartition,
+};
 use spate_replication::replica::MAX_CATCHUP_APPENDS_IN_FLIGHT;
 use spate_replication::shard::{hard_state_store_path, HardStateStore};
 use spate_replication::{Message, NodeId};
@@ -847,8 +847,7 @@ fn the_throttle_bounds_a_catch_up_and_never_holds_back_the_in_sync_follower() {
                 rounds += 1;
             }
             assert_eq!(a.get(), Some(Ok(())));
-            let lag = c.group(l).replica().high_watermark()
-                - c.group(f).replica().log_end_offset();
+            let lag = c.group(l).replica().high_watermark() - c.group(f).replica().log_end_offset();
             if lag <= THROTTLE_LAG_OFFSETS {
                 // Close enough to count as tailing: no longer throttled.
                 break;

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
 
 use bytes::Bytes;
+use spate_replication::replica::MAX_CATCHUP_APPENDS_IN_FLIGHT;
 use spate_replication::{
     Action, Batch, Config, Epoch, GroupId, HardState, Membership, Message, Node, NodeId,
     NodeMessage, Offset, Output, Persisted, Replica,
@@ -483,12 +484,34 @@ impl Sim {
             self.crash(id);
             return Ok(());
         }
-        let mut short = Vec::new();
-        for m in out.messages {
-            short.extend(self.send(m));
+        // As the real sender: appends filled short are reported at once, and the next
+        // appends of the window the core then asks for travel in the same message.
+        let mut messages: Vec<(NodeMessage, usize)> =
+            out.messages.into_iter().map(|m| (m, 0)).collect();
+        for _ in 0..=MAX_CATCHUP_APPENDS_IN_FLIGHT {
+            let mut short = Vec::new();
+            for (m, done) in &mut messages {
+                short.extend(self.fill(m, *done));
+                *done = m.items.len();
+            }
+            if short.is_empty() {
+                break;
+            }
+            let node = self.nodes[i].node.as_mut().expect("a node sending is live");
+            for (g, to, epoch, prev, fill_end, filled) in short {
+                node.on_append_filled(g, to, epoch, prev, fill_end, filled);
+            }
+            let more = node.take_output();
+            assert!(more.actions.is_empty(), "a short fill only sends");
+            for m in more.messages {
+                match messages.iter_mut().find(|(q, _)| q.to == m.to) {
+                    Some((q, _)) => q.items.extend(m.items),
+                    None => messages.push((m, 0)),
+                }
+            }
         }
-        for (g, to, epoch, prev, fill_end, filled) in short {
-            self.with_node(id, |n| n.on_append_filled(g, to, epoch, prev, fill_end, filled))?;
+        for (m, _) in messages {
+            self.send(m);
         }
         for g in appended {
             let end = self.nodes[i].disks[g as usize].end();
@@ -505,17 +528,22 @@ impl Sim {
         Ok(())
     }
 
-    /// Sends `m` with its appends filled, at most `max_fill_batches` each; returns the appends
-    /// filled short, (group, to, epoch, prev offset, fill end, filled end), for the sender to
-    /// report. The appends after a short one to the same group are dropped, as the real
-    /// sender does: they start past what was sent.
-    fn send(&mut self, mut m: NodeMessage) -> Vec<(GroupId, NodeId, Epoch, Offset, Offset, Offset)> {
-        let from = Self::idx(m.from);
+    /// Fills the appends of `m` from item `from` on, at most `max_fill_batches` each; returns
+    /// the appends filled short, (group, to, epoch, prev offset, fill end, filled end), for
+    /// the sender to report. The appends after a short one to the same group are dropped, as
+    /// the real sender does: they start past what was sent.
+    #[allow(clippy::type_complexity)]
+    fn fill(
+        &self,
+        m: &mut NodeMessage,
+        from: usize,
+    ) -> Vec<(GroupId, NodeId, Epoch, Offset, Offset, Offset)> {
+        let disks = &self.nodes[Self::idx(m.from)].disks;
         let (to, max) = (m.to, self.cfg.max_fill_batches);
-        let disks = &self.nodes[from].disks;
         let mut short = Vec::new();
         let mut cut: Vec<GroupId> = Vec::new();
-        m.items.retain_mut(|(g, item)| {
+        let mut tail = m.items.split_off(from);
+        tail.retain_mut(|(g, item)| {
             let Message::Append(req) = item else {
                 return true;
             };
@@ -539,11 +567,16 @@ impl Sim {
             }
             true
         });
+        m.items.extend(tail);
+        short
+    }
+
+    fn send(&mut self, m: NodeMessage) {
         self.stats.messages += 1;
         if self.blocked.contains(&(m.from, m.to))
             || (self.faults && self.rng.per_mille(self.cfg.drop))
         {
-            return short;
+            return;
         }
         let copies = if self.faults && self.rng.per_mille(self.cfg.duplicate) {
             2
@@ -554,7 +587,6 @@ impl Sim {
             let at = self.now + 1 + self.rng.below(self.cfg.max_delay_steps);
             self.net.push(InFlight { at, msg: m.clone() });
         }
-        short
     }
 
     fn deliver(&mut self) -> Check {
