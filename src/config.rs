@@ -181,7 +181,7 @@ pub struct ServeConfig {
     pub leader_imbalance_check_interval_seconds: Option<u64>,
     /// With --seeds: bytes per second this node sends to replicas catching up (a replica
     /// joining during a move, a follower far behind), over all its partitions; 0 = unthrottled
-    /// (Kafka's leader.replication.throttled.rate) [default: 100000000].
+    /// (Kafka's leader.replication.throttled.rate) [default: 25000000].
     #[arg(
         long,
         env = "SPATE_REPLICATION_THROTTLE_BYTES_PER_SEC",
