@@ -220,6 +220,7 @@ fn a_peer_gets_more_than_one_message_only_when_the_batches_pass_the_gathered_lim
     let to_2: Vec<&NodeMessage> = out.iter().filter(|m| m.to == 2).collect();
     let to_3: Vec<&NodeMessage> = out.iter().filter(|m| m.to == 3).collect();
     assert_eq!(to_3.len(), 1, "small messages still share one");
+    const { assert!(MAX_GATHERED_BATCH_BYTES < DEFAULT_MAX_RPC_FRAME_BYTES) };
     assert_eq!(to_2.len(), 3, "40 MiB in messages of at most 16 MiB");
     let mut seen = Vec::new();
     for m in &to_2 {
@@ -231,7 +232,10 @@ fn a_peer_gets_more_than_one_message_only_when_the_batches_pass_the_gathered_lim
                 _ => 0,
             })
             .sum();
-        assert!(bytes <= MAX_GATHERED_BATCH_BYTES && bytes < DEFAULT_MAX_RPC_FRAME_BYTES);
+        assert!(
+            bytes <= MAX_GATHERED_BATCH_BYTES,
+            "{bytes} bytes of batches in one message"
+        );
         seen.extend(m.items.iter().map(|(g, msg)| match msg {
             Message::Append(a) => (*g, a.prev_offset),
             _ => unreachable!(),
