@@ -102,8 +102,8 @@ struct Progress {
 }
 
 impl Progress {
-    /// Whether another append with batches may go to this peer now: an append is not
-    /// answered, or the window of catch-up appends is full, or the throttle paused it.
+    /// Whether another append with batches may go to this peer now: not while a probe is
+    /// unanswered, the window of catch-up appends is full, or the throttle paused it.
     fn may_stream(&self) -> bool {
         !self.probing && !self.paused && self.in_flight.len() < MAX_CATCHUP_APPENDS_IN_FLIGHT
     }
