@@ -31,6 +31,8 @@
 #   BENCH_CATCHUP_GB      what the restarted follower misses, GB of record values (default 5)
 #   BENCH_CATCHUP_RATE    the fixed rate whose p99 is compared with and without the catch-up,
 #             records/s of 1 KiB (default 20000)
+#   BENCH_CATCHUP_THROTTLE  the nodes' --replication-throttle-bytes-per-sec in the catch-up run
+#             (default: the broker's default; 0 = unthrottled)
 #   BENCH_MAX_BYTES_PER_RUN  a produce run also stops after this many bytes of record values
 #             (default 12000000000, or a third of the free space if less), so a fast broker
 #             cannot fill the disk, yet measures a few seconds; each spate run gets a
@@ -292,12 +294,15 @@ FAILOVER_KILLS=${BENCH_FAILOVER_KILLS:-20}
 FAILOVER_RATE=${BENCH_FAILOVER_RATE:-20000}
 CATCHUP_GB=${BENCH_CATCHUP_GB:-5}
 CATCHUP_RATE=${BENCH_CATCHUP_RATE:-20000}
+CATCHUP_THROTTLE=${BENCH_CATCHUP_THROTTLE:-}
 for v in FAILOVER_KILLS FAILOVER_RATE CATCHUP_GB CATCHUP_RATE; do
   case "${!v}" in ''|*[!0-9]*) echo "bench.sh: BENCH_$v must be a whole number" >&2; exit 2 ;; esac
 done
 # How long a node may take to rejoin, and a partition to get a leader and a full ISR.
 CLUSTER_READY_SECS=60
 declare -a NODE_PID NODE_PORT NODE_RPC
+# Settings added to every node's command line (the catch-up run's throttle).
+NODE_EXTRA_ARGS=()
 CADDR=""
 SEEDS=""
 
@@ -308,7 +313,7 @@ start_node() {
     --rpc-listen "127.0.0.1:${NODE_RPC[$i]}" --seeds "$SEEDS" --data-dir "$WORK/cluster/n$i" \
     --cores 1 --flush always --segment-bytes "$NODE_SEGMENT_BYTES" \
     --max-batch-bytes "$NODE_MAX_BATCH_BYTES" --metrics-listen off \
-    >> "$OUT/cluster-node$i.log" 2>&1 &
+    ${NODE_EXTRA_ARGS[@]+"${NODE_EXTRA_ARGS[@]}"} >> "$OUT/cluster-node$i.log" 2>&1 &
   NODE_PID[$i]=$!
 }
 
@@ -533,8 +538,11 @@ many_partitions_run() {
 }
 
 catchup_run() {
-  local name=cluster-catchup victim t0 size0 chunk=0 deadline poller
-  start_cluster || { FAILED+=("$name (cluster)"); return; }
+  local name=cluster-catchup victim t0 size0 chunk=0 deadline poller throttle
+  throttle=${CATCHUP_THROTTLE:-default}
+  NODE_EXTRA_ARGS=()
+  [ -z "$CATCHUP_THROTTLE" ] || NODE_EXTRA_ARGS=(--replication-throttle-bytes-per-sec "$CATCHUP_THROTTLE")
+  start_cluster || { FAILED+=("$name (cluster)"); NODE_EXTRA_ARGS=(); return; }
   create_topic "$name" 3 || { FAILED+=("$name (topic)"); stop_cluster; return; }
   perf "$name-baseline" produce -b "$CADDR" -t "$name" -c 3 -s 1024 --acks all --idempotent \
     --rate "$CATCHUP_RATE" --duration-secs "$SECS" --warmup-secs $WARMUP
@@ -563,8 +571,8 @@ catchup_run() {
     done
   ) &
   poller=$!
-  # Fixed-rate produce in 5 s pieces while the follower catches up (unthrottled: there is no
-  # catch-up throttle setting yet).
+  # Fixed-rate produce in 5 s pieces while the follower catches up (throttled as the nodes
+  # are: BENCH_CATCHUP_THROTTLE, else the broker's default).
   deadline=$((SECONDS + 900))
   while [ $SECONDS -lt $deadline ] && [ ! -s "$OUT/$name-caught.txt" ]; do
     chunk=$((chunk + 1))
@@ -576,14 +584,15 @@ catchup_run() {
   if [ -s "$OUT/$name-caught.txt" ]; then
     read -r t1 size1 < "$OUT/$name-caught.txt"
     jq -n --argjson gb "$CATCHUP_GB" --argjson ms "$((t1 - t0))" --argjson b0 "$size0" \
-      --argjson b1 "$size1" --argjson pieces "$chunk" \
-      '{missed_gb: $gb, ms: $ms, bytes: ($b1 - $b0), pieces: $pieces,
+      --argjson b1 "$size1" --argjson pieces "$chunk" --arg throttle "$throttle" \
+      '{missed_gb: $gb, ms: $ms, bytes: ($b1 - $b0), pieces: $pieces, throttle: $throttle,
         mb_per_sec: (($b1 - $b0) / 1e6 / ($ms / 1000))}' > "$OUT/$name-result.json"
     log "$name: $(jq -c . "$OUT/$name-result.json")"
   else
     log "$name: the follower did not catch up within 900 s"; FAILED+=("$name")
   fi
   stop_cluster
+  NODE_EXTRA_ARGS=()
 }
 
 cluster_section() {

@@ -220,7 +220,7 @@ def cluster_section(out, runs, seq_mb, add):
     cu = load(os.path.join(out, "cluster-catchup-result.json"))
     if cu:
         add(
-            f"| catch-up of {cu['missed_gb']} GB (unthrottled) | {cu['mb_per_sec']:.1f} MB/s,"
+            f"| catch-up of {cu['missed_gb']} GB (throttle {throttle_label(cu)}) | {cu['mb_per_sec']:.1f} MB/s,"
             f" {cu['ms'] / 1e3:.1f} s | fio {seq_mb or 0:.1f} MB/s | {ratio(cu['mb_per_sec'], seq_mb)}"
             f" | >= 0.5x |"
         )
@@ -234,6 +234,14 @@ def cluster_section(out, runs, seq_mb, add):
                 f" | {ms(median(p99s))} / {ms(max(p99s))} ms | without {ms(b99)} ms"
                 f" | {ratio(median(p99s), b99)} / {ratio(max(p99s), b99)} | <= 2x |"
             )
+
+
+def throttle_label(cu):
+    """The catch-up run's --replication-throttle-bytes-per-sec as the report names it."""
+    t = cu.get("throttle", "0")
+    if t == "default":
+        return "default"
+    return "off" if t == "0" else f"{int(t) / 1e6:.0f} MB/s"
 
 
 if __name__ == "__main__":

@@ -78,9 +78,11 @@ impl ClusterArgs {
             seeds,
             default_replication_factor: c.default_replication_factor,
             leader_balance_interval_ms,
-            replication_throttle_bytes_per_sec: c
-                .replication_throttle_bytes_per_sec
-                .filter(|&r| r > 0),
+            // Unset means the default (these settings are read before `resolve` fills them).
+            replication_throttle_bytes_per_sec: Some(c.replication_throttle_bytes_per_sec.unwrap_or(
+                spate_replication::cluster::throttle::DEFAULT_REPLICATION_THROTTLE_BYTES_PER_SEC,
+            ))
+            .filter(|&r| r > 0),
         }))
     }
 }
@@ -269,5 +271,25 @@ mod tests {
         assert_eq!(cluster_id_from_seeds(&a), cluster_id_from_seeds(&b));
         assert_ne!(cluster_id_from_seeds(&a), cluster_id_from_seeds(&c));
         spate_replication::identity::check_cluster_id(&cluster_id_from_seeds(&a)).unwrap();
+    }
+
+    #[test]
+    fn the_replication_throttle_is_on_by_default_and_zero_turns_it_off() {
+        use spate_replication::cluster::throttle::DEFAULT_REPLICATION_THROTTLE_BYTES_PER_SEC;
+        let with = |rate: Option<u64>| {
+            let c = ServeConfig {
+                seeds: Some("1@127.0.0.1:9192".into()),
+                rpc_listen: Some("127.0.0.1:0".into()),
+                replication_throttle_bytes_per_sec: rate,
+                ..ServeConfig::default()
+            };
+            ClusterArgs::from_serve(&c)
+                .unwrap()
+                .unwrap()
+                .replication_throttle_bytes_per_sec
+        };
+        assert_eq!(with(None), Some(DEFAULT_REPLICATION_THROTTLE_BYTES_PER_SEC));
+        assert_eq!(with(Some(0)), None);
+        assert_eq!(with(Some(7)), Some(7));
     }
 }

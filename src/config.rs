@@ -187,7 +187,7 @@ pub struct ServeConfig {
     pub leader_imbalance_check_interval_seconds: Option<u64>,
     /// With --seeds: bytes per second this node sends to replicas catching up (a replica
     /// joining during a move, a follower far behind), over all its partitions; 0 = unthrottled
-    /// (Kafka's leader.replication.throttled.rate) [default: 0].
+    /// (Kafka's leader.replication.throttled.rate) [default: 25000000].
     #[arg(
         long,
         env = "SPATE_REPLICATION_THROTTLE_BYTES_PER_SEC",
@@ -318,7 +318,9 @@ impl ServeConfig {
             leader_imbalance_check_interval_seconds: Some(
                 spate_replication::controller::active::DEFAULT_LEADER_BALANCE_INTERVAL_MS / 1000,
             ),
-            replication_throttle_bytes_per_sec: Some(0),
+            replication_throttle_bytes_per_sec: Some(
+                spate_replication::cluster::throttle::DEFAULT_REPLICATION_THROTTLE_BYTES_PER_SEC,
+            ),
             cleaner_dedupe_buffer_bytes: Some(
                 spate_net::config::DEFAULT_CLEANER_DEDUPE_BUFFER_BYTES as u64,
             ),

@@ -121,6 +121,24 @@ impl Node {
         }
     }
 
+    /// The sender of `group`'s append to `to` attached only the batches below `filled_end`
+    /// of the `prev_offset..fill_end` asked for ([`Replica::on_append_filled`]).
+    pub fn on_append_filled(
+        &mut self,
+        group: GroupId,
+        to: NodeId,
+        epoch: crate::types::Epoch,
+        prev_offset: Offset,
+        fill_end: Offset,
+        filled_end: Offset,
+    ) {
+        if self.groups.contains_key(&group) {
+            self.with_group(group, |r, out| {
+                r.on_append_filled(to, epoch, prev_offset, fill_end, filled_end, out)
+            });
+        }
+    }
+
     /// Everything produced since the last call: local actions, then one message per peer.
     pub fn take_output(&mut self) -> Output {
         let from = self.id;

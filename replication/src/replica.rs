@@ -18,6 +18,12 @@ pub const DEFAULT_ELECTION_TIMEOUT_TICKS: u32 = 10;
 pub const DEFAULT_HEARTBEAT_INTERVAL_TICKS: u32 = 2;
 /// Batches one proposal may carry; bounds the work and the Append action of one call.
 pub const DEFAULT_MAX_BATCHES_PER_PROPOSAL: usize = 1024;
+/// Catch-up appends (ones the sender filled short of what was asked, at its byte limit: a
+/// follower far behind) the leader keeps in flight to one follower. One at a time, a follower
+/// behind by gigabytes would get one fill per round trip, and the leader's read, the link and
+/// the follower's write would take turns; a window keeps all three busy. The bytes in flight
+/// are at most this many times the sender's fill limit.
+pub const MAX_CATCHUP_APPENDS_IN_FLIGHT: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
@@ -87,6 +93,20 @@ struct Progress {
     acked: bool,
     /// The leader's tick count when the peer last answered (or when it became leader).
     heard_at: u64,
+    /// Ends of the catch-up appends sent and not yet acknowledged, ascending: the window,
+    /// at most [`MAX_CATCHUP_APPENDS_IN_FLIGHT`] (one more per heartbeat while it is full).
+    in_flight: Vec<Offset>,
+    /// The sender attached nothing to the last catch-up append (its throttle had no budget
+    /// left): nothing more is asked for until the next tick.
+    paused: bool,
+}
+
+impl Progress {
+    /// Whether another append with batches may go to this peer now: not while a probe is
+    /// unanswered, the window of catch-up appends is full, or the throttle paused it.
+    fn may_stream(&self) -> bool {
+        !self.probing && !self.paused && self.in_flight.len() < MAX_CATCHUP_APPENDS_IN_FLIGHT
+    }
 }
 
 pub struct Replica {
@@ -271,6 +291,8 @@ impl Replica {
                 if self.heartbeat_elapsed >= self.cfg.heartbeat_interval_ticks {
                     self.heartbeat_elapsed = 0;
                     self.broadcast_heartbeat(out);
+                } else {
+                    self.resume_paused(out);
                 }
             }
             Role::Follower | Role::PreCandidate | Role::Candidate => {
@@ -418,7 +440,7 @@ impl Replica {
         self.written_end = end;
         if self.role == Role::Leader {
             for i in 0..self.progress.len() {
-                if !self.progress[i].probing && self.progress[i].next < self.written_end {
+                if self.progress[i].may_stream() && self.progress[i].next < self.written_end {
                     self.send_append(i, out);
                 }
             }
@@ -439,6 +461,49 @@ impl Replica {
             self.maybe_commit(out);
         } else {
             self.report_to_leader(out);
+        }
+    }
+
+    /// Leader: the sender of an append to `to` in `epoch`, asked to attach the batches of
+    /// `prev_offset..fill_end`, attached only those below `filled_end` (its byte limit, or
+    /// the throttle's grant: nothing at all). It must drop the appends queued after it for
+    /// `to` (they start past what was sent); the core goes on from `filled_end`, keeping up
+    /// to [`MAX_CATCHUP_APPENDS_IN_FLIGHT`] such appends in flight, or pauses until the next
+    /// tick when nothing was attached.
+    pub fn on_append_filled(
+        &mut self,
+        to: NodeId,
+        epoch: Epoch,
+        prev_offset: Offset,
+        fill_end: Offset,
+        filled_end: Offset,
+        out: &mut Vec<Action>,
+    ) {
+        assert!(
+            prev_offset <= filled_end && filled_end < fill_end,
+            "filled {prev_offset}..{filled_end} of {prev_offset}..{fill_end}"
+        );
+        if self.role != Role::Leader || epoch != self.hard.epoch {
+            return;
+        }
+        let Some(i) = self.progress_index(to) else {
+            return;
+        };
+        let p = &mut self.progress[i];
+        // A probe or a retransmission since (they restart from the follower's end) leaves
+        // nothing of this stream to correct.
+        if p.probing || p.next < fill_end {
+            return;
+        }
+        p.next = filled_end;
+        if filled_end == prev_offset {
+            p.paused = true;
+            return;
+        }
+        debug_assert!(p.in_flight.last().is_none_or(|&e| e <= prev_offset));
+        p.in_flight.push(filled_end);
+        if p.may_stream() && p.next < self.written_end {
+            self.send_append(i, out);
         }
     }
 
@@ -697,6 +762,8 @@ impl Replica {
                     active: true,
                     acked: false,
                     heard_at: self.ticks,
+                    in_flight: Vec::new(),
+                    paused: false,
                 });
             }
         }
@@ -735,9 +802,26 @@ impl Replica {
                 // Nothing acknowledged for a whole heartbeat interval: resend from the last
                 // offset the follower is known to hold.
                 p.next = p.matched;
+                p.in_flight.clear();
             }
             p.acked = false;
+            p.paused = false;
             self.send_append(i, out);
+        }
+    }
+
+    /// Peers whose catch-up the throttle paused get their next append (a tick without a
+    /// heartbeat; a heartbeat sends one anyway).
+    fn resume_paused(&mut self, out: &mut Vec<Action>) {
+        for i in 0..self.progress.len() {
+            let p = &mut self.progress[i];
+            if !p.paused {
+                continue;
+            }
+            p.paused = false;
+            if p.may_stream() && p.next < self.written_end {
+                self.send_append(i, out);
+            }
         }
     }
 
@@ -767,7 +851,8 @@ impl Replica {
             p.durable = p.durable.max(resp.durable_end);
             p.next = p.next.max(resp.log_end);
             p.probing = false;
-            if p.next < self.written_end {
+            p.in_flight.retain(|&end| end > resp.log_end);
+            if p.may_stream() && p.next < self.written_end {
                 self.send_append(i, out);
             }
             self.maybe_commit(out);
@@ -790,6 +875,7 @@ impl Replica {
             p.next = next;
             p.matched = p.matched.min(next);
             p.probing = true;
+            p.in_flight.clear();
             self.send_append(i, out);
         }
     }

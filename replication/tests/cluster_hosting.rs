@@ -186,3 +186,65 @@ fn incoming_traffic_is_split_per_shard_and_outgoing_gathered_per_peer() {
         assert_eq!(m.items.len(), 8);
     }
 }
+
+#[test]
+fn a_peer_gets_more_than_one_message_only_when_the_batches_pass_the_gathered_limit() {
+    use bytes::Bytes;
+    use spate_replication::cluster::MAX_GATHERED_BATCH_BYTES;
+    use spate_replication::rpc::frame::DEFAULT_MAX_RPC_FRAME_BYTES;
+    use spate_replication::{AppendRequest, Batch};
+    // Ten groups catching up at once, each with a window of four 1 MiB appends to node 2 (40
+    // MiB: over the frame cap in one message), and a heartbeat each to node 3.
+    let append = |base: u64| {
+        Message::Append(AppendRequest {
+            epoch: 1,
+            prev_offset: base,
+            prev_epoch: 1,
+            commit: 0,
+            batches: vec![Batch {
+                base,
+                count: 1,
+                epoch: 1,
+                bytes: Bytes::from(vec![0u8; 1 << 20]),
+                membership: None,
+            }],
+            fill_end: base + 1,
+        })
+    };
+    let per_group = (0..10u64).map(|g| {
+        let mut msgs: Vec<_> = (0..4).map(|i| (2, append(i))).collect();
+        msgs.push((3, heartbeat(1)));
+        (g, msgs)
+    });
+    let out = gather_outgoing(1, per_group);
+    let to_2: Vec<&NodeMessage> = out.iter().filter(|m| m.to == 2).collect();
+    let to_3: Vec<&NodeMessage> = out.iter().filter(|m| m.to == 3).collect();
+    assert_eq!(to_3.len(), 1, "small messages still share one");
+    const { assert!(MAX_GATHERED_BATCH_BYTES < DEFAULT_MAX_RPC_FRAME_BYTES) };
+    assert_eq!(to_2.len(), 3, "40 MiB in messages of at most 16 MiB");
+    let mut seen = Vec::new();
+    for m in &to_2 {
+        let bytes: usize = m
+            .items
+            .iter()
+            .map(|(_, msg)| match msg {
+                Message::Append(a) => a.batches.iter().map(|b| b.bytes.len()).sum(),
+                _ => 0,
+            })
+            .sum();
+        assert!(
+            bytes <= MAX_GATHERED_BATCH_BYTES,
+            "{bytes} bytes of batches in one message"
+        );
+        seen.extend(m.items.iter().map(|(g, msg)| match msg {
+            Message::Append(a) => (*g, a.prev_offset),
+            _ => unreachable!(),
+        }));
+    }
+    // Every append once, each group's in order.
+    assert_eq!(seen.len(), 40);
+    for g in 0..10u64 {
+        let mine: Vec<u64> = seen.iter().filter(|s| s.0 == g).map(|s| s.1).collect();
+        assert_eq!(mine, vec![0, 1, 2, 3]);
+    }
+}

@@ -7,20 +7,26 @@ use std::cell::Cell;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kafka_protocol::ResponseError;
+use spate_replication::cluster::throttle::{
+    ReplicationThrottle, THROTTLE_BURST_MS, THROTTLE_LAG_OFFSETS,
+};
+use spate_replication::partition::MAX_APPEND_FILL_BYTES;
 use spate_replication::partition::{
     hard_state_path, Acks, BatchHeader, Completion, FlushPolicy, GroupConfig, NoObserver,
     PartitionGroup, PartitionReplica, ReplicaConfig, TopicPartition,
 };
+use spate_replication::replica::MAX_CATCHUP_APPENDS_IN_FLIGHT;
 use spate_replication::shard::{hard_state_store_path, HardStateStore};
 use spate_replication::{Message, NodeId};
 
 #[path = "support/batches.rs"]
 mod batches;
-use batches::{batch, run, small_log_config};
+use batches::{batch, batch_of, run, small_log_config};
 
 /// Rounds (one tick each, then every message delivered) a condition may take: elections take
 /// 10 to 20 ticks, but a round waits only 1 ms for the logs' fdatasyncs, and on a loaded disk
@@ -63,6 +69,8 @@ struct Cluster {
     read_floor: u64,
     /// Seen at some check: a writable leader whose high watermark is below `read_floor`.
     saw_lagging_writable_leader: bool,
+    /// The most appends with batches one `take_messages` call gave for one peer.
+    most_appends_per_take: usize,
 }
 
 impl Cluster {
@@ -78,6 +86,7 @@ impl Cluster {
             min_insync,
             read_floor: 0,
             saw_lagging_writable_leader: false,
+            most_appends_per_take: 0,
         };
         for id in 1..=nodes {
             c.slots.push(Slot {
@@ -189,7 +198,17 @@ impl Cluster {
         for _ in 0..MAX_DELIVERY_PASSES {
             let mut any = false;
             for (from, g) in self.live() {
-                for (to, msg) in g.take_messages().await {
+                let msgs = g.take_messages().await;
+                for peer in self.voters() {
+                    let appends = msgs
+                        .iter()
+                        .filter(|(to, m)| {
+                            *to == peer && matches!(m, Message::Append(a) if !a.batches.is_empty())
+                        })
+                        .count();
+                    self.most_appends_per_take = self.most_appends_per_take.max(appends);
+                }
+                for (to, msg) in msgs {
                     any = true;
                     if self.down.contains(&(from, to)) || self.rng.u32(0..100) < self.drop_percent {
                         continue;
@@ -318,6 +337,39 @@ async fn assert_logs_identical(c: &Cluster) {
             assert_eq!(a, b, "node {id}: batch {i} differs");
         }
     }
+}
+
+/// Records of [`big_batch`], and the bytes of each record's value.
+const BIG_BATCH_RECORDS: i32 = 50;
+const BIG_VALUE_BYTES: usize = 1_000;
+
+/// An idempotent producer's batch of about 50 KB (under the tests' 64 KiB batch limit).
+fn big_batch(pid: i64, first_seq: i32) -> spate_replication::partition::VerifiedBatch {
+    batch_of(pid, first_seq, BIG_BATCH_RECORDS, |_| {
+        Bytes::from(vec![b'x'; BIG_VALUE_BYTES])
+    })
+}
+
+/// Cuts follower `f` off and has the leader `l` write `batches` big batches (acks=1), committed
+/// by the leader and the other follower; returns the next sequence of producer 1.
+async fn leave_behind(c: &mut Cluster, l: NodeId, f: NodeId, batches: i32) -> i32 {
+    c.isolate(f);
+    let mut seq = 0;
+    for _ in 0..batches / 10 {
+        let list = (0..10)
+            .map(|i| big_batch(1, seq + i * BIG_BATCH_RECORDS))
+            .collect();
+        let (o, _) = c.group(l).produce(list, Acks::Leader).await;
+        assert_eq!(o.error_code, 0);
+        seq += 10 * BIG_BATCH_RECORDS;
+        c.round().await;
+    }
+    c.run_until("committed on two", |c| {
+        let r = c.group(l).replica();
+        r.high_watermark() == r.log_end_offset()
+    })
+    .await;
+    seq
 }
 
 /// Produces one batch on `leader` and returns the completion's answer cell.
@@ -721,5 +773,106 @@ fn a_leader_after_a_full_restart_serves_reads_only_once_its_watermark_covers_the
             c.saw_lagging_writable_leader,
             "the window this guards (writable, watermark not yet known) was never seen"
         );
+    });
+}
+
+#[test]
+fn a_follower_far_behind_gets_a_window_of_appends_and_catches_up_in_a_few_rounds() {
+    // About 12 MB behind: a dozen fills of MAX_APPEND_FILL_BYTES, more than one window.
+    const BATCHES: i32 = 250;
+    // Rounds (ticks) the catch-up may take after the link heals: the first heartbeat
+    // restarts the stream (two ticks), then windows of appends go as fast as answers come.
+    // One fill per heartbeat, as before the window, took more than twenty.
+    const MAX_CATCHUP_ROUNDS: usize = 6;
+    run(async {
+        let mut c = Cluster::new(3, 2).await;
+        let l = c.elect().await;
+        c.run_until("all caught up", Cluster::all_caught_up).await;
+        let f = c.voters().into_iter().find(|&n| n != l).unwrap();
+        leave_behind(&mut c, l, f, BATCHES).await;
+        let behind = c.group(l).replica().log_end_offset() - c.group(f).replica().log_end_offset();
+        assert!(behind >= (BATCHES * BIG_BATCH_RECORDS) as u64);
+        c.heal();
+        c.most_appends_per_take = 0;
+        let mut rounds = 0;
+        while !c.all_caught_up() {
+            assert!(
+                rounds < MAX_CATCHUP_ROUNDS,
+                "not caught up in {MAX_CATCHUP_ROUNDS} rounds: {} of {} offsets",
+                c.group(f).replica().log_end_offset(),
+                c.group(l).replica().log_end_offset()
+            );
+            c.round().await;
+            rounds += 1;
+        }
+        assert_eq!(
+            c.most_appends_per_take, MAX_CATCHUP_APPENDS_IN_FLIGHT,
+            "a full window of appends leaves at once"
+        );
+        assert_logs_identical(&c).await;
+    });
+}
+
+#[test]
+fn the_throttle_bounds_a_catch_up_and_never_holds_back_the_in_sync_follower() {
+    // About 20 MB behind: 20,000 offsets, so the follower stays more than
+    // THROTTLE_LAG_OFFSETS behind (throttled) for seconds at RATE.
+    const BATCHES: i32 = 400;
+    const RATE: u64 = 1_000_000;
+    // Rounds an acks=all write may wait: the leader and the in-sync follower, each an
+    // fdatasync away, commit it in one or two; the throttle must not add to that.
+    const MAX_TAIL_ROUNDS: usize = 20;
+    run(async {
+        let mut c = Cluster::new(3, 2).await;
+        let l = c.elect().await;
+        c.run_until("all caught up", Cluster::all_caught_up).await;
+        let f = c.voters().into_iter().find(|&n| n != l).unwrap();
+        leave_behind(&mut c, l, f, BATCHES).await;
+        let bytes_before = c.group(f).replica().bytes_from(0);
+        c.group(l)
+            .set_throttle(Arc::new(ReplicationThrottle::new(RATE)));
+        let started = Instant::now();
+        c.heal();
+        let mut checked = 0;
+        for i in 0..20 {
+            let (code, a) = produce(&c, l, 2, i * 3, Acks::All).await;
+            assert_eq!(code, 0);
+            let mut rounds = 0;
+            while a.get().is_none() {
+                assert!(
+                    rounds < MAX_TAIL_ROUNDS,
+                    "an acks=all write waited {rounds} rounds beside the throttled catch-up"
+                );
+                c.round().await;
+                rounds += 1;
+            }
+            assert_eq!(a.get(), Some(Ok(())));
+            let lag = c.group(l).replica().high_watermark() - c.group(f).replica().log_end_offset();
+            if lag <= THROTTLE_LAG_OFFSETS {
+                // Close enough to count as tailing: no longer throttled.
+                break;
+            }
+            let sent = c.group(f).replica().bytes_from(0) - bytes_before;
+            // The full bucket, what refilled since, and one fill over the grant.
+            let allowed = RATE * THROTTLE_BURST_MS / 1_000
+                + (RATE as f64 * started.elapsed().as_secs_f64()) as u64
+                + MAX_APPEND_FILL_BYTES as u64;
+            assert!(
+                sent <= allowed,
+                "the follower got {sent} bytes in {:?}, the throttle allows {allowed}",
+                started.elapsed()
+            );
+            checked += 1;
+        }
+        assert!(checked > 0, "the throttled catch-up was never measured");
+        assert!(
+            c.group(f).replica().bytes_from(0) > bytes_before,
+            "nothing was sent to the follower catching up"
+        );
+        // Unthrottled, it catches up.
+        c.group(l)
+            .set_throttle(Arc::new(ReplicationThrottle::new(u64::MAX / 2)));
+        c.run_until("all caught up", Cluster::all_caught_up).await;
+        assert_logs_identical(&c).await;
     });
 }

@@ -230,20 +230,48 @@ pub fn split_by_shard(
     (out, dropped)
 }
 
+/// Bytes of batches one gathered [`NodeMessage`] carries at most (one append larger than this
+/// goes alone): half the rpc frame cap
+/// ([`crate::rpc::frame::DEFAULT_MAX_RPC_FRAME_BYTES`]), so that groups catching up at once,
+/// each with its window of appends, never make a frame the transport refuses.
+pub const MAX_GATHERED_BATCH_BYTES: usize = crate::rpc::frame::DEFAULT_MAX_RPC_FRAME_BYTES / 2;
+
 /// Gathers what a shard's groups produced in one round (each group's `(peer, message)` list)
 /// into one [`NodeMessage`] per peer, so the per-tick message count between two nodes does not
-/// grow with the number of groups.
+/// grow with the number of groups; a peer gets more than one only when the batches to it pass
+/// [`MAX_GATHERED_BATCH_BYTES`]. A group's messages to a peer stay in order.
 pub fn gather_outgoing(
     from: NodeId,
     per_group: impl IntoIterator<Item = (GroupId, Vec<(NodeId, Message)>)>,
 ) -> Vec<NodeMessage> {
-    let mut per: BTreeMap<NodeId, Vec<(GroupId, Message)>> = BTreeMap::new();
+    // Per peer: the messages so far, the last one's batch bytes.
+    let mut per: BTreeMap<NodeId, (Vec<NodeMessage>, usize)> = BTreeMap::new();
     for (g, msgs) in per_group {
         for (to, m) in msgs {
-            per.entry(to).or_default().push((g, m));
+            let bytes = batch_bytes(&m);
+            let (out, filled) = per.entry(to).or_default();
+            match out.last_mut() {
+                Some(last) if *filled + bytes <= MAX_GATHERED_BATCH_BYTES || bytes == 0 => {
+                    last.items.push((g, m));
+                    *filled += bytes;
+                }
+                _ => {
+                    out.push(NodeMessage {
+                        from,
+                        to,
+                        items: vec![(g, m)],
+                    });
+                    *filled = bytes;
+                }
+            }
         }
     }
-    per.into_iter()
-        .map(|(to, items)| NodeMessage { from, to, items })
-        .collect()
+    per.into_values().flat_map(|(out, _)| out).collect()
+}
+
+fn batch_bytes(m: &Message) -> usize {
+    match m {
+        Message::Append(a) => a.batches.iter().map(|b| b.bytes.len()).sum(),
+        _ => 0,
+    }
 }

@@ -13,7 +13,7 @@ pub mod throttle;
 pub use hosting::{
     gather_outgoing, partition_group_id, plan_hosting, split_by_shard, GroupIdHasher, GroupMap,
     HostedPartition, HostingChanges, HostingPlan, PlanConflict, RouteTable, ShardRoutes,
-    SHARD_CONSENSUS_CHANNEL_CAPACITY,
+    MAX_GATHERED_BATCH_BYTES, SHARD_CONSENSUS_CHANNEL_CAPACITY,
 };
 pub use link::{
     CallError, ClusterPort, ControllerCall, Reply, ShardEvent, ShardLink, CONTROLLER_CALL_QUEUE,

@@ -46,7 +46,7 @@ use spate_engine::validate::validate_batch;
 use super::error::ReplicaError;
 use super::replica::{Acks, Completion, PartitionReplica, ProduceOutcome, ReplicationGauges};
 use crate::cluster::throttle::{ReplicationThrottle, THROTTLE_LAG_OFFSETS};
-use crate::replica::{Config, Persisted, Replica};
+use crate::replica::{Config, Persisted, Replica, MAX_CATCHUP_APPENDS_IN_FLIGHT};
 use crate::shard::hard_state_store::hard_state_order;
 use crate::shard::{HardStateStore, Signal};
 use crate::types::{
@@ -616,29 +616,7 @@ impl PartitionGroup {
                 return Vec::new();
             }
         }
-        let queued = std::mem::take(&mut *self.outbox.borrow_mut());
-        let mut ready = Vec::with_capacity(queued.len());
-        for (to, msg) in queued {
-            match msg {
-                Message::Append(mut req) if req.fill_end > req.prev_offset => {
-                    let current = {
-                        let core = self.core.borrow();
-                        core.is_leader() && core.epoch() == req.epoch
-                    };
-                    if !current {
-                        continue;
-                    }
-                    match self.fill(to, &mut req).await {
-                        Ok(()) => ready.push((to, Message::Append(req))),
-                        // The next heartbeat retransmits from what the follower holds.
-                        Err(e) => tracing::warn!(group = self.cfg.group, to, error = %e,
-                            "cannot read batches for a follower"),
-                    }
-                }
-                msg => ready.push((to, msg)),
-            }
-        }
-        ready
+        self.fill_outbox().await
     }
 
     /// Stops the group (failing acks=all waiters) and closes the log.
@@ -890,24 +868,83 @@ impl PartitionGroup {
         Ok(())
     }
 
+    /// Takes the outbox (the caller holds the lock), a leader's appends filled with batches
+    /// from its log. Appends of an epoch this replica no longer leads are dropped (their
+    /// batches may be gone).
+    async fn fill_outbox(&self) -> Vec<(NodeId, Message)> {
+        let mut ready = Vec::new();
+        // A short fill (a follower far behind) makes the core queue the next append of its
+        // window at once: those are filled here too, so the window leaves in this message.
+        // Each pass adds at most one append per follower; what the bound leaves waits for
+        // the next call (the outbox signal asks for it).
+        for _ in 0..MAX_CATCHUP_APPENDS_IN_FLIGHT + 1 {
+            let queued = std::mem::take(&mut *self.outbox.borrow_mut());
+            if queued.is_empty() {
+                break;
+            }
+            // Followers whose append was filled short in this pass: the appends queued after
+            // it start past what was sent, so they are dropped (the core went back to the end
+            // of what was sent; the short append carries the commit they would have).
+            let mut cut: Vec<NodeId> = Vec::new();
+            for (to, msg) in queued {
+                match msg {
+                    Message::Append(_) if cut.contains(&to) => {}
+                    Message::Append(mut req) if req.fill_end > req.prev_offset => {
+                        let current = {
+                            let core = self.core.borrow();
+                            core.is_leader() && core.epoch() == req.epoch
+                        };
+                        if !current {
+                            continue;
+                        }
+                        match self.fill(to, &mut req).await {
+                            Ok(filled_end) => {
+                                if filled_end < req.fill_end {
+                                    cut.push(to);
+                                    let mut out = Vec::new();
+                                    self.core.borrow_mut().on_append_filled(
+                                        to,
+                                        req.epoch,
+                                        req.prev_offset,
+                                        req.fill_end,
+                                        filled_end,
+                                        &mut out,
+                                    );
+                                    self.perform(out).await;
+                                }
+                                ready.push((to, Message::Append(req)));
+                            }
+                            // The next heartbeat retransmits from what the follower holds.
+                            Err(e) => tracing::warn!(group = self.cfg.group, to, error = %e,
+                                "cannot read batches for a follower"),
+                        }
+                    }
+                    msg => ready.push((to, msg)),
+                }
+            }
+        }
+        ready
+    }
+
     /// Attaches whole batches `prev_offset..fill_end` from the log, up to
-    /// [`MAX_APPEND_FILL_BYTES`] (at least one).
-    async fn fill(&self, to: NodeId, req: &mut AppendRequest) -> Result<(), String> {
+    /// [`MAX_APPEND_FILL_BYTES`] (at least one, unless the throttle grants nothing); returns
+    /// the end of what it attached.
+    async fn fill(&self, to: NodeId, req: &mut AppendRequest) -> Result<Offset, String> {
         let mut at = req.prev_offset;
         let mut bytes = 0usize;
         let throttle = self.throttle_for(to, req);
         let limit = throttle
             .as_ref()
             .map_or(MAX_APPEND_FILL_BYTES, |t| t.grant(MAX_APPEND_FILL_BYTES));
-        'read: while at < req.fill_end && bytes < limit {
+        // One read: the log gathers whole batches up to the limit itself (at least one). A
+        // second read for what is left under the limit would fetch a whole batch from disk
+        // only to drop it when it does not fit (with 1 MB batches, every read twice over).
+        if limit > 0 && at < req.fill_end {
             let read = self
                 .replica
-                .read_local(at, limit - bytes)
+                .read_local(at, limit)
                 .await
                 .map_err(|e| e.to_string())?;
-            if read.batches.is_empty() {
-                break;
-            }
             for raw in read.batches {
                 let h = BatchHeader::parse(&raw).map_err(|e| e.to_string())?;
                 let base = h.base_offset() as u64;
@@ -916,7 +953,7 @@ impl PartitionGroup {
                 }
                 let end = h.last_offset() as u64 + 1;
                 if end > req.fill_end || (bytes > 0 && bytes + raw.len() > limit) {
-                    break 'read;
+                    break;
                 }
                 bytes += raw.len();
                 let membership = if h.is_control() {
@@ -937,7 +974,7 @@ impl PartitionGroup {
         if let Some(t) = throttle {
             t.charge(bytes);
         }
-        Ok(())
+        Ok(at)
     }
 
     /// Leader only: hands leadership to voter `target` by a consensus transfer (the target

@@ -91,10 +91,10 @@ pub async fn timeout<F: Future>(wait: Duration, fut: F) -> Result<F::Output, Tim
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::task::Waker;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::task::Wake;
+    use std::task::Waker;
 
     struct CountWakes(AtomicUsize);
 

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
 
 use bytes::Bytes;
+use spate_replication::replica::MAX_CATCHUP_APPENDS_IN_FLIGHT;
 use spate_replication::{
     Action, Batch, Config, Epoch, GroupId, HardState, Membership, Message, Node, NodeId,
     NodeMessage, Offset, Output, Persisted, Replica,
@@ -64,6 +65,9 @@ pub struct SimConfig {
     /// Client proposals and crashes, per mille of steps.
     pub propose_weight: u64,
     pub crash_weight: u64,
+    /// Batches a leader attaches to one append at most (the real sender's byte limit): a
+    /// follower further behind gets a window of appends (`Replica::on_append_filled`).
+    pub max_fill_batches: usize,
 }
 
 impl SimConfig {
@@ -81,6 +85,7 @@ impl SimConfig {
             leader_start_batch: 500,
             propose_weight: 100,
             crash_weight: 4,
+            max_fill_batches: 3,
         }
     }
     pub fn five_nodes(steps: u64) -> Self {
@@ -479,7 +484,33 @@ impl Sim {
             self.crash(id);
             return Ok(());
         }
-        for m in out.messages {
+        // As the real sender: appends filled short are reported at once, and the next
+        // appends of the window the core then asks for travel in the same message.
+        let mut messages: Vec<(NodeMessage, usize)> =
+            out.messages.into_iter().map(|m| (m, 0)).collect();
+        for _ in 0..=MAX_CATCHUP_APPENDS_IN_FLIGHT {
+            let mut short = Vec::new();
+            for (m, done) in &mut messages {
+                short.extend(self.fill(m, *done));
+                *done = m.items.len();
+            }
+            if short.is_empty() {
+                break;
+            }
+            let node = self.nodes[i].node.as_mut().expect("a node sending is live");
+            for (g, to, epoch, prev, fill_end, filled) in short {
+                node.on_append_filled(g, to, epoch, prev, fill_end, filled);
+            }
+            let more = node.take_output();
+            assert!(more.actions.is_empty(), "a short fill only sends");
+            for m in more.messages {
+                match messages.iter_mut().find(|(q, _)| q.to == m.to) {
+                    Some((q, _)) => q.items.extend(m.items),
+                    None => messages.push((m, 0)),
+                }
+            }
+        }
+        for (m, _) in messages {
             self.send(m);
         }
         for g in appended {
@@ -497,21 +528,50 @@ impl Sim {
         Ok(())
     }
 
-    fn send(&mut self, mut m: NodeMessage) {
-        let from = Self::idx(m.from);
-        for (g, item) in &mut m.items {
-            if let Message::Append(req) = item {
-                if req.fill_end > req.prev_offset {
-                    let disk = &self.nodes[from].disks[*g as usize];
-                    let start = disk.batches.partition_point(|b| b.base < req.prev_offset);
-                    req.batches = disk.batches[start..]
-                        .iter()
-                        .take_while(|b| b.end() <= req.fill_end)
-                        .cloned()
-                        .collect();
+    /// Fills the appends of `m` from item `from` on, at most `max_fill_batches` each; returns
+    /// the appends filled short, (group, to, epoch, prev offset, fill end, filled end), for
+    /// the sender to report. The appends after a short one to the same group are dropped, as
+    /// the real sender does: they start past what was sent.
+    #[allow(clippy::type_complexity)]
+    fn fill(
+        &self,
+        m: &mut NodeMessage,
+        from: usize,
+    ) -> Vec<(GroupId, NodeId, Epoch, Offset, Offset, Offset)> {
+        let disks = &self.nodes[Self::idx(m.from)].disks;
+        let (to, max) = (m.to, self.cfg.max_fill_batches);
+        let mut short = Vec::new();
+        let mut cut: Vec<GroupId> = Vec::new();
+        let mut tail = m.items.split_off(from);
+        tail.retain_mut(|(g, item)| {
+            let Message::Append(req) = item else {
+                return true;
+            };
+            if cut.contains(g) {
+                return false;
+            }
+            if req.fill_end > req.prev_offset {
+                let disk = &disks[*g as usize];
+                let start = disk.batches.partition_point(|b| b.base < req.prev_offset);
+                req.batches = disk.batches[start..]
+                    .iter()
+                    .take_while(|b| b.end() <= req.fill_end)
+                    .take(max)
+                    .cloned()
+                    .collect();
+                let filled = req.batches.last().map_or(req.prev_offset, |b| b.end());
+                if filled < req.fill_end {
+                    cut.push(*g);
+                    short.push((*g, to, req.epoch, req.prev_offset, req.fill_end, filled));
                 }
             }
-        }
+            true
+        });
+        m.items.extend(tail);
+        short
+    }
+
+    fn send(&mut self, m: NodeMessage) {
         self.stats.messages += 1;
         if self.blocked.contains(&(m.from, m.to))
             || (self.faults && self.rng.per_mille(self.cfg.drop))
