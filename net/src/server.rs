@@ -21,6 +21,7 @@ use glommio::Task;
 use kafka_protocol::messages::ApiKey;
 
 use spate_replication::rpc::transport::recv_into_spare;
+use spate_replication::shard::Deadline;
 
 use crate::budget::Charge;
 use crate::dispatch::{dispatch_frame, RequestContext};
@@ -530,7 +531,9 @@ impl Socket {
                     Err(Received::Stopped)
                 },
                 async {
-                    glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
+                    // Not `glommio::timer::sleep`: raced here, each wake-up of this future would
+                    // leave another timer entry alive until the deadline (see `Deadline`).
+                    Deadline::at(deadline).await;
                     Err(Received::TimedOut)
                 },
             ),
