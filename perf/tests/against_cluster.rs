@@ -285,6 +285,23 @@ fn consume_all(bootstrap: &str, topic: &str, dir: &Path) -> u64 {
     summary(&json)["records"].as_u64().unwrap()
 }
 
+/// Lets the spate-perf run in `runner` get going, SIGKILLs the node at `victim_addr` (a
+/// partition's leader), and waits for the run's end.
+fn kill_mid_run(
+    cluster: &mut Cluster,
+    victim_addr: &str,
+    runner: std::thread::JoinHandle<Output>,
+) -> Output {
+    std::thread::sleep(Duration::from_millis(1500));
+    cluster
+        .nodes
+        .iter_mut()
+        .find(|n| n.addr == victim_addr)
+        .expect("the leader is one of the nodes")
+        .kill();
+    runner.join().unwrap()
+}
+
 #[test]
 fn produce_to_rf3_through_a_bootstrap_that_does_not_lead_every_partition() {
     let Some(bin) = spate_bin() else {
@@ -376,14 +393,7 @@ fn a_leader_killed_mid_run_is_followed_and_not_counted_as_a_failure() {
             &json_arg,
         ])
     });
-    std::thread::sleep(Duration::from_millis(1500));
-    let victim = cluster
-        .nodes
-        .iter_mut()
-        .find(|n| n.addr == victim_addr)
-        .expect("the leader is one of the nodes");
-    victim.kill();
-    let out = runner.join().unwrap();
+    let out = kill_mid_run(&mut cluster, &victim_addr, runner);
     assert_eq!(out.code, Some(0), "produce: {}{}", out.stdout, out.stderr);
     let s = summary(&json);
     let acked = s["records"].as_u64().unwrap();
@@ -446,14 +456,7 @@ fn e2e_consumers_follow_a_killed_leader() {
             &json_arg,
         ])
     });
-    std::thread::sleep(Duration::from_millis(1500));
-    let victim = cluster
-        .nodes
-        .iter_mut()
-        .find(|n| n.addr == victim_addr)
-        .expect("the leader is one of the nodes");
-    victim.kill();
-    let out = runner.join().unwrap();
+    let out = kill_mid_run(&mut cluster, &victim_addr, runner);
     assert_eq!(out.code, Some(0), "e2e: {}{}", out.stdout, out.stderr);
     let s = summary(&json);
     assert!(s["records"].as_u64().unwrap() >= 6_000, "{s}");
