@@ -796,15 +796,8 @@ mod tests {
         assert_eq!(q.push(frame(3)), 1);
         assert_eq!(q.push(frame(4)), 1);
         assert_eq!(q.bytes.get(), 3 * one);
-        let codec = FrameCodec::default();
         let epochs: Vec<i32> = std::iter::from_fn(|| q.pop())
-            .map(|f| {
-                let mut b = BytesMut::from(&f.to_bytes()[..]);
-                match codec.decode(&mut b).unwrap().unwrap().message {
-                    RpcMessage::Consensus(m) => m.items[0].1.epoch(),
-                    other => panic!("{other:?}"),
-                }
-            })
+            .map(|f| epoch_of(&f))
             .collect();
         assert_eq!(epochs, [2, 3, 4]);
         assert_eq!(q.bytes.get(), 0);
@@ -817,6 +810,20 @@ mod tests {
         tiny.close();
         assert_eq!(tiny.push(frame(7)), 1);
         assert!(tiny.is_empty());
+    }
+
+    /// The epoch of the one consensus entry `frame(e)` carries, decoded back from the wire.
+    fn epoch_of(f: &EncodedFrame) -> i32 {
+        let mut b = BytesMut::from(&f.to_bytes()[..]);
+        match FrameCodec::default()
+            .decode(&mut b)
+            .unwrap()
+            .unwrap()
+            .message
+        {
+            RpcMessage::Consensus(m) => m.items[0].1.epoch(),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -843,17 +850,7 @@ mod tests {
         out.clear();
         // The rest, oldest first; then nothing.
         q.pop_gather(&mut out, usize::MAX, usize::MAX);
-        let codec = FrameCodec::default();
-        let epochs: Vec<i32> = out
-            .iter()
-            .map(|f| {
-                let mut b = BytesMut::from(&f.to_bytes()[..]);
-                match codec.decode(&mut b).unwrap().unwrap().message {
-                    RpcMessage::Consensus(m) => m.items[0].1.epoch(),
-                    other => panic!("{other:?}"),
-                }
-            })
-            .collect();
+        let epochs: Vec<i32> = out.iter().map(epoch_of).collect();
         assert_eq!(epochs, [6, 7, 8, 9]);
         assert_eq!(q.bytes.get(), 0);
         out.clear();
