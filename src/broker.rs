@@ -402,7 +402,8 @@ async fn sleep_or_shutdown(shard: &Shard, every: Duration) -> bool {
     let stop = shard.shutdown.changed(0);
     futures_lite::future::or(
         async {
-            glommio::timer::sleep(every).await;
+            // Raced: glommio's own sleep would leave a timer entry per wake-up (`Deadline`).
+            spate_replication::shard::deadline::sleep(every).await;
             false
         },
         async {
@@ -442,7 +443,7 @@ async fn cleaner_rounds(shard: Rc<Shard>, every: Duration) {
         let stopped = futures_lite::future::or(
             async {
                 futures_lite::future::or(
-                    glommio::timer::sleep(every),
+                    spate_replication::shard::deadline::sleep(every),
                     shard.cleaner_wake.changed(seen),
                 )
                 .await;

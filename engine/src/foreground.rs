@@ -67,7 +67,8 @@ pub async fn wait_until_quiet(max_wait: Duration) -> bool {
             true
         },
         async {
-            glommio::timer::sleep(max_wait).await;
+            // Raced: glommio's own sleep would leave a timer entry per wake-up (see `Deadline`).
+            crate::deadline::sleep(max_wait).await;
             false
         },
     )

@@ -19,6 +19,7 @@ mod checkpointer;
 pub mod clean;
 mod config;
 mod crc;
+pub mod deadline;
 mod error;
 pub mod frame;
 // Replica support: reads bounded by an offset, follower appends, durability waits.
