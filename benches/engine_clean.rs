@@ -113,6 +113,7 @@ fn clean_copy(source: &Path) -> Duration {
             max_clean_offset: u64::MAX,
             policy: CompactionPolicy::default(),
             force: true,
+            keep_batches: Default::default(),
         };
         let start = Instant::now();
         let stats = cleaner.clean(&log, &req).await.expect("clean");

@@ -146,6 +146,7 @@ fn request(now_ms: i64) -> CleanRequest {
         max_clean_offset: u64::MAX,
         policy: CompactionPolicy::default(),
         force: true,
+        keep_batches: Default::default(),
     }
 }
 
@@ -591,11 +592,13 @@ fn a_cleaner_stopped_after_any_file_operation_leaves_old_or_new_segments() {
             .await
             .unwrap()
             .unwrap();
+        let (seen, _) = read_all(&log).await;
         log.close().await.unwrap();
-        cleaner.steps_taken()
+        (cleaner.steps_taken(), seen)
     });
+    let (steps_needed, cleaned_records) = steps_needed;
     let new = segment_files(reference.path());
-    assert!(old.keys().eq(new.keys()));
+    assert!(old.keys().eq(new.keys()), "a first clean merges nothing");
     assert!(old != new);
     assert!(steps_needed > 10, "{steps_needed} steps");
 
@@ -629,16 +632,21 @@ fn a_cleaner_stopped_after_any_file_operation_leaves_old_or_new_segments() {
             .filter(|n| n.ends_with(".swap") || n.ends_with(".cleaned"))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
-        // Cleaning again finishes the job: the same segments as the uninterrupted clean.
+        // Cleaning again finishes the job: the same records as the uninterrupted clean (in
+        // fewer segments when the segments cleaned before the stop are merged now).
         run(async {
             let log = PartitionLog::open(dir.path(), config()).await.unwrap();
             let mut cleaner = LogCleaner::open(&log, CleanerConfig::default());
             cleaner.clean(&log, &request(NOW_MS)).await.unwrap();
+            let (seen, _) = read_all(&log).await;
+            assert!(
+                seen == cleaned_records,
+                "stop after step {stop}, then a clean: other records than one clean keeps"
+            );
             log.close().await.unwrap();
         });
-        assert_eq!(
-            segment_files(dir.path()),
-            new,
+        assert!(
+            segment_files(dir.path()).len() <= new.len(),
             "stop after step {stop}, then a clean"
         );
     }
@@ -656,6 +664,7 @@ fn the_dirty_ratio_the_lags_and_the_high_watermark_decide_what_is_cleaned() {
             max_clean_offset,
             policy,
             force: false,
+            keep_batches: Default::default(),
         };
         let default = CompactionPolicy::default();
         // Records younger than min.compaction.lag.ms are not cleanable.
@@ -846,4 +855,281 @@ fn a_pass_reads_a_small_log_from_the_disk_once() {
         assert_eq!(latest(&seen), model);
         log.close().await.unwrap();
     });
+}
+
+/// Writes `rounds` updates of `keys` keys in batches of 10 (the codecs in turn), the record at
+/// offset `o` stamped `NOW_MS - DAY_MS + o` (rising timestamps), then checkpoints.
+async fn write_stamped(
+    log: &PartitionLog,
+    keys: usize,
+    rounds: usize,
+    model: &mut BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+) {
+    let mut batch_no = 0;
+    for round in 0..rounds {
+        for chunk in (0..keys).collect::<Vec<_>>().chunks(10) {
+            let recs: Vec<Rec> = chunk
+                .iter()
+                .map(|&i| (key(i), Some(value(i, round))))
+                .collect();
+            for (k, v) in &recs {
+                model.insert(k.clone(), v.clone());
+            }
+            let ts = NOW_MS - DAY_MS + log.log_end_offset() as i64;
+            let codec = (batch_no % 5) as u8;
+            append(log, keyed(ts, &recs, codec)).await;
+            batch_no += 1;
+        }
+    }
+    log.checkpoint().await.unwrap();
+}
+
+/// Fetch at every offset and a time lookup for every record's timestamp answer what the
+/// records `seen` (the whole log as read from its start) say they must.
+async fn check_reads(log: &PartitionLog, seen: &[Seen], context: &str) {
+    for o in log.log_start_offset()..log.log_end_offset() {
+        let r = log.read(o, 1).await.unwrap();
+        let b = r
+            .batches
+            .first()
+            .expect("a batch at every offset below the end");
+        let h = BatchHeader::parse(b).unwrap();
+        assert!(
+            h.base_offset() as u64 <= o && o <= h.last_offset() as u64,
+            "{context}: fetch at {o} answered offsets {}..={}",
+            h.base_offset(),
+            h.last_offset()
+        );
+    }
+    let t0 = NOW_MS - DAY_MS;
+    for o in log.log_start_offset()..log.log_end_offset() {
+        let want = seen
+            .iter()
+            .find(|s| s.offset as u64 >= o)
+            .map(|s| (s.offset as u64, s.timestamp));
+        assert_eq!(
+            log.offset_for_timestamp(t0 + o as i64).await.unwrap(),
+            want,
+            "{context}: time lookup for offset {o}'s timestamp"
+        );
+    }
+}
+
+fn remove_index_files(dir: &Path) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension()
+            .is_some_and(|x| x == "index" || x == "timeindex")
+        {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+}
+
+/// Once cleaned, the segments of a compacted log are mostly empty; the next clean merges runs
+/// of them into single segments (Kafka's groupSegmentsBySize), and fetches at every offset,
+/// time lookups and recovery (with its index files and without) are right across them.
+#[test]
+fn cleaning_merges_small_segments_and_reads_stay_right_across_them() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let log = PartitionLog::open(dir.path(), config()).await.unwrap();
+        let mut model = BTreeMap::new();
+        write_stamped(&log, 200, 14, &mut model).await;
+        let written = segment_count(dir.path());
+        assert!(written > 5, "{written} segments");
+        let (before, _) = read_all(&log).await;
+        let end = log.log_end_offset();
+
+        let mut cleaner = LogCleaner::open(&log, CleanerConfig::default());
+        let first = cleaner
+            .clean(&log, &request(NOW_MS))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            first.segments_merged, 0,
+            "full segments are not merged before they are cleaned"
+        );
+        assert_eq!(segment_count(dir.path()), written);
+        let second = cleaner
+            .clean(&log, &request(NOW_MS))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(second.segments_merged > 0, "{second:?}");
+        assert_eq!(
+            cleaner.counters().segments_merged,
+            u64::from(second.segments_merged)
+        );
+        let merged = segment_count(dir.path());
+        // The cleaned part (200 live keys) fits one segment; the active one is never cleaned.
+        assert_eq!(merged, 2, "{written} segments before, {merged} after");
+        assert_eq!(
+            written - merged,
+            second.segments_merged as usize,
+            "each merged segment's file went away"
+        );
+        assert_eq!(log.log_end_offset(), end, "offsets never change");
+
+        let (after, _) = read_all(&log).await;
+        assert_eq!(latest(&after), model);
+        let by_offset: BTreeMap<i64, &Seen> = before.iter().map(|s| (s.offset, s)).collect();
+        for s in &after {
+            assert_eq!(by_offset[&s.offset], s);
+        }
+        check_reads(&log, &after, "after the merge").await;
+        // A third clean finds nothing left to merge or change.
+        let third = cleaner
+            .clean(&log, &request(NOW_MS))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((third.segments_merged, third.segments_rewritten), (0, 0));
+        log.close().await.unwrap();
+
+        // Reopened with the merged segment's index files, then with none (rebuilt by recovery).
+        let log = PartitionLog::open(dir.path(), config()).await.unwrap();
+        assert_eq!(read_all(&log).await.0, after);
+        check_reads(&log, &after, "reopened").await;
+        log.close().await.unwrap();
+        remove_index_files(dir.path());
+        let log = PartitionLog::open(dir.path(), config()).await.unwrap();
+        assert_eq!(read_all(&log).await.0, after);
+        check_reads(&log, &after, "reopened without index files").await;
+        log.close().await.unwrap();
+    });
+}
+
+/// The step-by-step crash test of a clean that merges segments: stopped after any file
+/// operation, recovery leaves each run of segments old or merged (the files are the old ones or
+/// the new ones, the log reads contiguously from its start to its end with the latest value of
+/// every key), and nothing half-swapped.
+#[test]
+fn a_cleaner_stopped_after_any_file_operation_of_a_merge_leaves_old_or_merged_segments() {
+    let original = scratch();
+    let (model, end) = run(async {
+        let log = PartitionLog::open(original.path(), config()).await.unwrap();
+        // Every key once, then four keys in five again: after a first clean each segment of
+        // the first round keeps a fifth of its records, so the second clean merges them in
+        // several runs of a segment's size.
+        let mut model = BTreeMap::new();
+        for round in 0..2 {
+            let keys: Vec<usize> = (0..4000).filter(|i| round == 0 || i % 5 != 0).collect();
+            for chunk in keys.chunks(10) {
+                let recs: Vec<Rec> = chunk
+                    .iter()
+                    .map(|&i| (key(i), Some(value(i, round))))
+                    .collect();
+                for (k, v) in &recs {
+                    model.insert(k.clone(), v.clone());
+                }
+                append(&log, keyed(NOW_MS - DAY_MS, &recs, (round % 5) as u8)).await;
+            }
+        }
+        log.checkpoint().await.unwrap();
+        let mut cleaner = LogCleaner::open(&log, CleanerConfig::default());
+        cleaner
+            .clean(&log, &request(NOW_MS))
+            .await
+            .unwrap()
+            .unwrap();
+        let end = log.log_end_offset();
+        log.close().await.unwrap();
+        (model, end)
+    });
+    let old = segment_files(original.path());
+
+    let reference = scratch();
+    copy_dir(original.path(), reference.path());
+    let steps_needed = run(async {
+        let log = PartitionLog::open(reference.path(), config())
+            .await
+            .unwrap();
+        let mut cleaner = LogCleaner::open(&log, CleanerConfig::default());
+        let stats = cleaner
+            .clean(&log, &request(NOW_MS))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(stats.segments_merged >= 3, "{stats:?}");
+        log.close().await.unwrap();
+        cleaner.steps_taken()
+    });
+    let new = segment_files(reference.path());
+    let merged_runs = new.iter().filter(|(n, b)| old.get(*n) != Some(b)).count();
+    assert!(
+        merged_runs >= 2 && new.len() + 3 <= old.len(),
+        "{} segments -> {}, {merged_runs} rewritten",
+        old.len(),
+        new.len()
+    );
+
+    for stop in 1..steps_needed {
+        let dir = scratch();
+        copy_dir(original.path(), dir.path());
+        run(async {
+            let log = PartitionLog::open(dir.path(), config()).await.unwrap();
+            let mut cleaner = LogCleaner::open(&log, CleanerConfig::default());
+            cleaner.stop_after_steps(Some(stop));
+            assert!(cleaner.clean(&log, &request(NOW_MS)).await.is_err());
+            std::mem::forget(log);
+        });
+        let recovered = run(async {
+            let log = PartitionLog::open(dir.path(), config()).await.unwrap();
+            assert_eq!(
+                (log.log_start_offset(), log.log_end_offset()),
+                (0, end),
+                "stop after step {stop}"
+            );
+            let (seen, _) = read_all(&log).await;
+            assert_eq!(latest(&seen), model, "stop after step {stop}");
+            log.close().await.unwrap();
+            segment_files(dir.path())
+        });
+        for (name, bytes) in &recovered {
+            assert!(
+                old.get(name) == Some(bytes) || new.get(name) == Some(bytes),
+                "stop after step {stop}: {name} is neither an old nor a merged segment"
+            );
+        }
+        // Every merged segment present means all the old ones it replaced are gone.
+        let bases: Vec<u64> = recovered
+            .keys()
+            .map(|n| n.trim_end_matches(".log").parse().unwrap())
+            .collect();
+        for w in bases.windows(2) {
+            let name = format!("{:020}.log", w[0]);
+            if new.get(&name) == recovered.get(&name) && old.get(&name) != recovered.get(&name) {
+                let next_new = new
+                    .keys()
+                    .map(|n| n.trim_end_matches(".log").parse::<u64>().unwrap())
+                    .find(|b| *b > w[0]);
+                assert_eq!(
+                    Some(w[1]),
+                    next_new,
+                    "stop after step {stop}: {name} overlaps"
+                );
+            }
+        }
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_str().unwrap().to_owned())
+            .filter(|n| n.ends_with(".swap") || n.ends_with(".cleaned"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        // Cleaning again finishes the job.
+        run(async {
+            let log = PartitionLog::open(dir.path(), config()).await.unwrap();
+            let mut cleaner = LogCleaner::open(&log, CleanerConfig::default());
+            cleaner.clean(&log, &request(NOW_MS)).await.unwrap();
+            let (seen, _) = read_all(&log).await;
+            assert_eq!(latest(&seen), model, "stop after step {stop}, then a clean");
+            log.close().await.unwrap();
+        });
+        assert!(
+            segment_files(dir.path()).len() <= new.len(),
+            "stop after step {stop}, then a clean: merged as far"
+        );
+    }
 }

@@ -234,6 +234,7 @@ async fn run_ops(dir: &Path, ops: Vec<Op>) {
                         ..CompactionPolicy::default()
                     },
                     force,
+                    keep_batches: Default::default(),
                 };
                 cleaner.clean(&log, &req).await.unwrap();
                 check(&log, &produced, cleaner.first_dirty_offset()).await;

@@ -51,6 +51,10 @@ pub use offset_map::{OffsetMap, MAP_ENTRY_OVERHEAD_BYTES};
 pub use swap::{finish_interrupted_swaps, CleanerState, CLEANER_STATE_FILE};
 pub use throttle::{Throttle, CLEANER_BUSY_SLICE_MS, THROTTLE_WINDOW_MS};
 
+/// Most batches one clean keeps whole for [`CleanRequest::keep_batches`]: the anchors of the
+/// two snapshot generations on disk, of one being written and of the one a snapshot taken now
+/// would get.
+pub const CLEANER_KEEP_BATCHES_MAX: usize = 4;
 /// Default memory for the key -> offset map of one cleaning pass (Kafka's
 /// `log.cleaner.dedupe.buffer.size`).
 pub const DEFAULT_DEDUPE_BUFFER_BYTES: usize = 128 << 20;
@@ -147,6 +151,10 @@ pub struct CleanRequest {
     /// Clean even below `min_cleanable_dirty_ratio`, and a log with no dirty part (which is
     /// how tombstones past `delete.retention.ms` in an otherwise clean log are removed).
     pub force: bool,
+    /// The batches holding these offsets are kept byte for byte: the batches producer
+    /// snapshots are anchored to (a snapshot is trusted only while the log still holds its
+    /// anchor batch exactly, so one the cleaner rewrote would make a restart replay the log).
+    pub keep_batches: [Option<u64>; CLEANER_KEEP_BATCHES_MAX],
 }
 
 /// What [`LogCleaner::plan`] found, without I/O.
@@ -180,6 +188,8 @@ pub struct CleanStats {
     /// Segment bytes before minus after, over the rewritten segments.
     pub bytes_reclaimed: u64,
     pub segments_rewritten: u32,
+    /// Segments that went away by being merged into the one before them.
+    pub segments_merged: u32,
     pub records_removed: u64,
     pub tombstones_removed: u64,
     pub dirty_ratio_before: f64,
@@ -195,6 +205,7 @@ pub struct CleanerCounters {
     pub bytes_written: u64,
     pub bytes_reclaimed: u64,
     pub segments_rewritten: u64,
+    pub segments_merged: u64,
     pub passes: u64,
     /// Dirty ratio at the last plan.
     pub dirty_ratio: f64,
@@ -208,6 +219,63 @@ pub(crate) struct SegInfo {
     max_timestamp: i64,
     file: Rc<DmaFile>,
     path: PathBuf,
+}
+
+impl SegInfo {
+    fn span(&self) -> SegSpan {
+        SegSpan {
+            base: self.base,
+            next_offset: self.next_offset,
+            size: self.size,
+        }
+    }
+}
+
+/// What [`merge_groups`] needs to know of a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegSpan {
+    pub base: u64,
+    pub next_offset: u64,
+    pub size: u64,
+}
+
+/// Splits consecutive segments to clean into runs, each rewritten as one segment (Kafka's
+/// `groupSegmentsBySize`): without it a compacted log keeps one mostly empty segment per
+/// `segment.bytes` ever written. A run holds segments that follow each other without a gap,
+/// whose bytes before cleaning add up to at most `max_bytes` (so the merged segment cannot
+/// outgrow a segment, and its index positions fit u32), whose last offset lies within
+/// `i32::MAX` of the first's base (the index stores offsets relative to the base), and that
+/// the map covers whole (`next_offset <= map_end`); the segment the map ends inside is cleaned
+/// on its own, so the tombstone clock of a merged segment starts only once all of it is clean.
+pub fn merge_groups(segs: &[SegSpan], max_bytes: u64, map_end: u64) -> Vec<std::ops::Range<usize>> {
+    let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut bytes = 0u64;
+    for (i, s) in segs.iter().enumerate() {
+        let joins = groups.last().is_some_and(|g| {
+            let (first, prev) = (&segs[g.start], &segs[i - 1]);
+            prev.next_offset == s.base
+                && prev.next_offset <= map_end
+                && s.next_offset <= map_end
+                && bytes.saturating_add(s.size) <= max_bytes
+                && s.next_offset.saturating_sub(first.base) <= i32::MAX as u64 + 1
+        });
+        if joins {
+            groups.last_mut().expect("joined a group").end = i + 1;
+            bytes += s.size;
+        } else {
+            groups.push(i..i + 1);
+            bytes = s.size;
+        }
+    }
+    groups
+}
+
+/// The cleaned segment of a group as it is being decided: not yet opened while every frame of
+/// a single segment is kept whole (those are only noted), then written.
+struct Rewrite {
+    out: Option<Output>,
+    prefix: Vec<FrameInfo>,
+    prefix_end: u64,
 }
 
 impl std::fmt::Debug for SegInfo {
@@ -315,6 +383,8 @@ enum Step {
     CleanedWritten,
     RenamedToSwap,
     SwapDirSynced,
+    MergedPartRemoved,
+    MergedPartsDirSynced,
     OldIndexRemoved,
     RenamedToLog,
     LogDirSynced,
@@ -388,7 +458,11 @@ impl LogCleaner {
         let first_dirty = self.state.first_dirty.clamp(st.log_start, st.log_end);
         let mut segments = Vec::new();
         for seg in st.segments.values() {
+            // The segment the recovery point names keeps the bytes it names (recovery checks
+            // that the log reaches that position there): it is not rewritten, let alone merged
+            // away, until the recovery point has moved past it.
             if seg.base == active
+                || seg.base >= st.checkpoint.segment_base
                 || st.sealed.iter().any(|s| s.base == seg.base)
                 || seg.next_offset > limit
                 || (seg.max_timestamp != NO_TIMESTAMP && seg.max_timestamp > min_lag_cutoff)
@@ -547,22 +621,50 @@ impl LogCleaner {
                 pos = next;
             }
         }
-        for seg in plan.segments.iter().take_while(|s| s.base < map_end) {
-            if seg.size == 0 {
+        let to_clean: Vec<SegInfo> = plan
+            .segments
+            .iter()
+            .take_while(|s| s.base < map_end)
+            .cloned()
+            .collect();
+        let spans: Vec<SegSpan> = to_clean.iter().map(SegInfo::span).collect();
+        for range in merge_groups(&spans, log.inner.config.segment_bytes, map_end) {
+            let group = &to_clean[range];
+            if group.len() == 1 && group[0].size == 0 {
                 continue;
             }
             let cleaned = self
-                .clean_segment(log, seg, &map, &producers, map_end, req, stats)
+                .clean_group(log, group, &map, &producers, map_end, req, stats)
                 .await;
             if cleaned.is_err() {
                 self.held.clear();
             }
-            cleaned?;
-            if seg.next_offset <= map_end {
-                self.state
-                    .first_cleaned_ms
-                    .entry(seg.base)
-                    .or_insert(req.now_ms);
+            let merged = cleaned?;
+            if merged {
+                // The merged segment's tombstones wait as long as the most recently cleaned
+                // of its parts' would have (never less).
+                let clock = group
+                    .iter()
+                    .map(|s| {
+                        self.state
+                            .first_cleaned_ms
+                            .get(&s.base)
+                            .copied()
+                            .unwrap_or(req.now_ms)
+                    })
+                    .max()
+                    .unwrap_or(req.now_ms);
+                for s in &group[1..] {
+                    self.state.first_cleaned_ms.remove(&s.base);
+                }
+                self.state.first_cleaned_ms.insert(group[0].base, clock);
+            } else {
+                for seg in group.iter().filter(|s| s.next_offset <= map_end) {
+                    self.state
+                        .first_cleaned_ms
+                        .entry(seg.base)
+                        .or_insert(req.now_ms);
+                }
             }
         }
         self.held.clear();
@@ -635,193 +737,245 @@ impl LogCleaner {
         }
     }
 
-    /// Rewrites one segment against the map and swaps it in if anything changed.
+    /// Rewrites a run of segments against the map as one segment (see [`merge_groups`]) and
+    /// swaps it in: a run of several always, a single segment only if anything changed.
+    /// Returns whether several segments were merged into one.
     #[allow(clippy::too_many_arguments)]
-    async fn clean_segment(
+    async fn clean_group(
         &mut self,
         log: &PartitionLog,
-        seg: &SegInfo,
+        group: &[SegInfo],
         map: &OffsetMap,
         producers: &HashMap<i64, u64>,
         map_end: u64,
         req: &CleanRequest,
         stats: &mut CleanStats,
-    ) -> Result<(), EngineError> {
+    ) -> Result<bool, EngineError> {
         let dir = log.dir().to_path_buf();
         let cap = max_payload(&log.inner.config);
-        let first_cleaned = self
-            .state
-            .first_cleaned_ms
-            .get(&seg.base)
-            .copied()
-            .unwrap_or(req.now_ms);
         let retention = i64::try_from(req.policy.delete_retention_ms).unwrap_or(i64::MAX);
-        let tombstones_expired = first_cleaned.saturating_add(retention) <= req.now_ms;
         let expiration = i64::try_from(req.policy.producer_id_expiration_ms).unwrap_or(i64::MAX);
         let producer_cutoff = req.now_ms.saturating_sub(expiration);
+        let merge = group.len() > 1;
+        let first = &group[0];
+        let last = group.last().expect("a group holds a segment");
 
-        let mut out: Option<Output> = None;
-        let mut prefix: Vec<FrameInfo> = Vec::new();
-        let mut prefix_end = 0u64;
+        let mut w = Rewrite {
+            out: None,
+            prefix: Vec::new(),
+            prefix_end: 0,
+        };
+        if merge {
+            w.out = Some(Output::create(&dir, first.base, &log.inner.config).await?);
+            self.step(Step::CleanedCreated)?;
+        }
+        // A run of dropped batches is covered by one frame, also across the parts of a merge.
         let mut gap: Option<Gap> = None;
         let mut removed = (0u64, 0u64);
-        let mut pos = 0;
-        while pos < seg.size {
-            let (rr, frames, next) = match self.held.chunks.remove(&(seg.base, pos)) {
-                Some((bytes, frames, next)) => (Chunk::Held(bytes), frames, next),
-                None => {
-                    let (rr, frames, next) = self.read_chunk(seg, pos, cap, stats).await?;
-                    (Chunk::Read(rr), frames, next)
-                }
-            };
-            let mut acts = Vec::with_capacity(frames.len());
-            for f in &frames {
-                let payload = &rr[f.start + FRAME_HEADER_BYTES..][..f.payload_len];
-                let h = BatchHeader::parse(payload)?;
-                let (base, last) = (h.base_offset() as u64, h.last_offset() as u64);
-                let info = FrameInfo {
-                    base,
-                    last,
-                    max_timestamp: h.max_timestamp(),
-                    len: f.len as u64,
-                };
-                let decision = if base >= map_end || h.is_control() {
-                    None
-                } else {
-                    let records = Records::of(payload, MAX_UNCOMPRESSED_RECORDS_BYTES)?;
-                    let mut kept: Vec<&[u8]> = Vec::new();
-                    let mut kept_max_ts = i64::MIN;
-                    let mut all = 0usize;
-                    for r in records.iter() {
-                        let r = r?;
-                        all += 1;
-                        let superseded = match r.key {
-                            None => true,
-                            Some(k) => map.get(k).is_some_and(|o| o > r.offset as u64),
-                        };
-                        let expired_tombstone = r.value.is_none() && tombstones_expired;
-                        if superseded || expired_tombstone {
-                            removed.0 += 1;
-                            removed.1 += u64::from(!superseded && expired_tombstone);
-                        } else {
-                            kept.push(r.raw);
-                            kept_max_ts = kept_max_ts.max(r.timestamp);
-                        }
-                    }
-                    if kept.len() == all {
-                        None
-                    } else if !kept.is_empty() {
-                        Some(Some(rebuild_batch(payload, &kept, Some(kept_max_ts))?))
-                    } else if h.producer_id() >= 0
-                        && producers.get(&h.producer_id()) == Some(&last)
-                        && h.max_timestamp() >= producer_cutoff
-                    {
-                        Some(Some(rebuild_batch(payload, &[], None)?))
-                    } else {
-                        Some(None)
-                    }
-                };
-                match decision {
+        for seg in group {
+            // Each part's tombstones expire on its own clock.
+            let first_cleaned = self
+                .state
+                .first_cleaned_ms
+                .get(&seg.base)
+                .copied()
+                .unwrap_or(req.now_ms);
+            let tombstones_expired = first_cleaned.saturating_add(retention) <= req.now_ms;
+            let mut pos = 0;
+            while pos < seg.size {
+                let (rr, frames, next) = match self.held.chunks.remove(&(seg.base, pos)) {
+                    Some((bytes, frames, next)) => (Chunk::Held(bytes), frames, next),
                     None => {
-                        flush_gap(&mut gap, &mut acts);
-                        acts.push(Act::Keep(f.start, f.len, info));
+                        let (rr, frames, next) = self.read_chunk(seg, pos, cap, stats).await?;
+                        (Chunk::Read(rr), frames, next)
                     }
-                    Some(Some(batch)) => {
-                        flush_gap(&mut gap, &mut acts);
-                        let frame = encode_frame(&batch, h.partition_leader_epoch());
-                        let info = FrameInfo {
-                            len: frame.len() as u64,
-                            max_timestamp: BatchHeader::parse(&batch)?.max_timestamp(),
-                            ..info
-                        };
-                        acts.push(Act::New(frame, info));
-                    }
-                    Some(None) => match &mut gap {
-                        Some(g) => {
-                            assert_eq!(g.end + 1, base, "offsets are contiguous");
-                            g.end = last;
-                            g.max_timestamp = g.max_timestamp.max(h.max_timestamp());
-                            g.epoch = h.partition_leader_epoch();
+                };
+                let mut acts = Vec::with_capacity(frames.len());
+                for f in &frames {
+                    let payload = &rr[f.start + FRAME_HEADER_BYTES..][..f.payload_len];
+                    let h = BatchHeader::parse(payload)?;
+                    let (base, last) = (h.base_offset() as u64, h.last_offset() as u64);
+                    let info = FrameInfo {
+                        base,
+                        last,
+                        max_timestamp: h.max_timestamp(),
+                        len: f.len as u64,
+                    };
+                    let keep_whole = base >= map_end
+                        || h.is_control()
+                        || req
+                            .keep_batches
+                            .iter()
+                            .flatten()
+                            .any(|o| (base..=last).contains(o));
+                    let decision = if keep_whole {
+                        None
+                    } else {
+                        let records = Records::of(payload, MAX_UNCOMPRESSED_RECORDS_BYTES)?;
+                        let mut kept: Vec<&[u8]> = Vec::new();
+                        let mut kept_max_ts = i64::MIN;
+                        let mut all = 0usize;
+                        for r in records.iter() {
+                            let r = r?;
+                            all += 1;
+                            let superseded = match r.key {
+                                None => true,
+                                Some(k) => map.get(k).is_some_and(|o| o > r.offset as u64),
+                            };
+                            let expired_tombstone = r.value.is_none() && tombstones_expired;
+                            if superseded || expired_tombstone {
+                                removed.0 += 1;
+                                removed.1 += u64::from(!superseded && expired_tombstone);
+                            } else {
+                                kept.push(r.raw);
+                                kept_max_ts = kept_max_ts.max(r.timestamp);
+                            }
                         }
+                        if kept.len() == all {
+                            None
+                        } else if !kept.is_empty() {
+                            Some(Some(rebuild_batch(payload, &kept, Some(kept_max_ts))?))
+                        } else if h.producer_id() >= 0
+                            && producers.get(&h.producer_id()) == Some(&last)
+                            && h.max_timestamp() >= producer_cutoff
+                        {
+                            Some(Some(rebuild_batch(payload, &[], None)?))
+                        } else {
+                            Some(None)
+                        }
+                    };
+                    match decision {
                         None => {
-                            gap = Some(Gap {
-                                start: base,
-                                end: last,
-                                max_timestamp: h.max_timestamp(),
-                                epoch: h.partition_leader_epoch(),
-                            })
+                            flush_gap(&mut gap, &mut acts);
+                            acts.push(Act::Keep(f.start, f.len, info));
                         }
-                    },
-                }
-            }
-            if next >= seg.size {
-                flush_gap(&mut gap, &mut acts);
-            }
-            for act in acts {
-                match act {
-                    Act::Keep(start, len, info) if out.is_none() => {
-                        debug_assert_eq!(pos + start as u64, prefix_end);
-                        prefix.push(info);
-                        prefix_end += len as u64;
-                    }
-                    Act::Keep(start, len, info) => {
-                        let o = out.as_mut().expect("output open");
-                        o.write(&rr[start..start + len], info, self, stats).await?;
-                    }
-                    Act::New(frame, info) => {
-                        if out.is_none() {
-                            let mut o = Output::create(&dir, seg.base, &log.inner.config).await?;
-                            self.step(Step::CleanedCreated)?;
-                            o.copy_prefix(seg, prefix_end, &prefix, self, stats).await?;
-                            out = Some(o);
+                        Some(Some(batch)) => {
+                            flush_gap(&mut gap, &mut acts);
+                            let frame = encode_frame(&batch, h.partition_leader_epoch());
+                            let info = FrameInfo {
+                                len: frame.len() as u64,
+                                max_timestamp: BatchHeader::parse(&batch)?.max_timestamp(),
+                                ..info
+                            };
+                            acts.push(Act::New(frame, info));
                         }
-                        let o = out.as_mut().expect("output open");
-                        o.write(&frame, info, self, stats).await?;
+                        Some(None) => match &mut gap {
+                            Some(g) => {
+                                assert_eq!(g.end + 1, base, "offsets are contiguous");
+                                g.end = last;
+                                g.max_timestamp = g.max_timestamp.max(h.max_timestamp());
+                                g.epoch = h.partition_leader_epoch();
+                            }
+                            None => {
+                                gap = Some(Gap {
+                                    start: base,
+                                    end: last,
+                                    max_timestamp: h.max_timestamp(),
+                                    epoch: h.partition_leader_epoch(),
+                                })
+                            }
+                        },
                     }
                 }
+                self.apply(&mut w, acts, &rr, pos, seg, &dir, log, stats)
+                    .await?;
+                pos = next;
             }
-            pos = next;
         }
-        let Some(out) = out else {
-            return Ok(());
+        let mut acts = Vec::new();
+        flush_gap(&mut gap, &mut acts);
+        self.apply(&mut w, acts, &[], 0, first, &dir, log, stats)
+            .await?;
+        let Some(out) = w.out else {
+            return Ok(false);
         };
         // Closing, syncing and swapping the files is waiting for the disk (and for the
         // checkpointer), not the cleaner's work.
         let asked = std::time::Instant::now();
-        let (new_seg, written) = out.finish(seg).await?;
+        let (new_seg, written) = out.finish(last).await?;
         self.step(Step::CleanedWritten)?;
         stats.bytes_written += written;
         self.counters.bytes_written += written;
-        let swapped = self.swap(log, seg, new_seg).await?;
+        let swapped = self.swap(log, group, new_seg).await?;
         self.throttle.waited(asked, std::time::Instant::now());
         if swapped {
-            let reclaimed = seg.size.saturating_sub(written);
+            let before: u64 = group.iter().map(|s| s.size).sum();
+            let reclaimed = before.saturating_sub(written);
+            let parts = group.len() as u32;
             stats.bytes_reclaimed += reclaimed;
-            stats.segments_rewritten += 1;
+            stats.segments_rewritten += parts;
+            stats.segments_merged += parts - 1;
             stats.records_removed += removed.0;
             stats.tombstones_removed += removed.1;
             self.counters.bytes_reclaimed += reclaimed;
-            self.counters.segments_rewritten += 1;
+            self.counters.segments_rewritten += u64::from(parts);
+            self.counters.segments_merged += u64::from(parts - 1);
+        }
+        Ok(swapped && merge)
+    }
+
+    /// Carries out the decisions on one read of `seg` (starting at its position `pos`): frames
+    /// kept whole before the first change are only noted (a segment with no change is not
+    /// rewritten at all); from the first change on, everything is written to the output.
+    #[allow(clippy::too_many_arguments)]
+    async fn apply(
+        &mut self,
+        w: &mut Rewrite,
+        acts: Vec<Act>,
+        chunk: &[u8],
+        pos: u64,
+        seg: &SegInfo,
+        dir: &Path,
+        log: &PartitionLog,
+        stats: &mut CleanStats,
+    ) -> Result<(), EngineError> {
+        for act in acts {
+            match act {
+                Act::Keep(start, len, info) if w.out.is_none() => {
+                    debug_assert_eq!(pos + start as u64, w.prefix_end);
+                    w.prefix.push(info);
+                    w.prefix_end += len as u64;
+                }
+                Act::Keep(start, len, info) => {
+                    let o = w.out.as_mut().expect("output open");
+                    o.write(&chunk[start..start + len], info, self, stats)
+                        .await?;
+                }
+                Act::New(frame, info) => {
+                    if w.out.is_none() {
+                        // Only a single segment is written lazily: `seg` is that segment.
+                        let mut o = Output::create(dir, seg.base, &log.inner.config).await?;
+                        self.step(Step::CleanedCreated)?;
+                        o.copy_prefix(seg, w.prefix_end, &w.prefix, self, stats)
+                            .await?;
+                        w.out = Some(o);
+                    }
+                    let o = w.out.as_mut().expect("output open");
+                    o.write(&frame, info, self, stats).await?;
+                }
+            }
         }
         Ok(())
     }
 
-    /// Replaces `old` by the cleaned segment in `.cleaned` (see `swap.rs`); false if the log
-    /// changed under the cleaner (retention or truncation removed the segment), in which case
-    /// the cleaned copy is discarded.
+    /// Replaces the segments of `group` by the cleaned segment in `.cleaned` (see `swap.rs`);
+    /// false if the log changed under the cleaner (retention or truncation removed a segment),
+    /// in which case the cleaned copy is discarded.
     async fn swap(
         &mut self,
         log: &PartitionLog,
-        old: &SegInfo,
+        group: &[SegInfo],
         mut new_seg: Segment,
     ) -> Result<bool, EngineError> {
         let inner = &log.inner;
         let dir = inner.dir.clone();
-        let cleaned = swap::cleaned_path(&dir, old.base);
+        let first = &group[0];
+        let last = group.last().expect("a group holds a segment");
+        let cleaned = swap::cleaned_path(&dir, first.base);
         // Segments go away (truncation, retention, deletion, close) only under `ckpt_lock`,
         // which those take after `lock`; appends and group commits take `lock` alone and touch
-        // only the active segment, which is never cleaned. So `ckpt_lock` alone keeps this
-        // segment in place until it is swapped, without holding the partition's group
+        // only the active segment, which is never cleaned. So `ckpt_lock` alone keeps these
+        // segments in place until they are swapped, without holding the partition's group
         // commits back through the directory syncs below (under `lock`, cleaning
         // `__consumer_offsets` as it grew raised the commits' p99 sevenfold).
         let _permit = inner
@@ -832,11 +986,14 @@ impl LogCleaner {
         let unchanged = {
             let st = inner.state.borrow();
             inner.check(&st)?;
-            st.segments.get(&old.base).is_some_and(|s| {
-                Rc::ptr_eq(&s.file, &old.file)
-                    && s.size == old.size
-                    && s.next_offset == old.next_offset
-                    && s.base != st.active().base
+            group.iter().all(|old| {
+                st.segments.get(&old.base).is_some_and(|s| {
+                    Rc::ptr_eq(&s.file, &old.file)
+                        && s.size == old.size
+                        && s.next_offset == old.next_offset
+                        && s.base != st.active().base
+                        && s.base < st.checkpoint.segment_base
+                })
             })
         };
         if !unchanged {
@@ -847,14 +1004,28 @@ impl LogCleaner {
             std::fs::remove_file(&cleaned).map_err(std_io_err(&cleaned))?;
             return Ok(false);
         }
-        let swap = swap::swap_path(&dir, old.base);
+        let swap = swap::swap_path(&dir, first.base);
         std::fs::rename(&cleaned, &swap).map_err(std_io_err(&cleaned))?;
         self.step(Step::RenamedToSwap)?;
         crate::checkpoint::sync_dir(&dir).await?;
         self.step(Step::SwapDirSynced)?;
-        Segment::remove_index_files(&dir, old.base);
+        // Committed: recovery finishes the swap from here, removing every segment the swap
+        // file's offsets cover. The merged parts go before the swap file takes the first
+        // one's name, and that removal is durable first: a log with the merged segment
+        // beside a part it replaced would overlap itself.
+        for old in &group[1..] {
+            let path = segment::log_path(&dir, old.base);
+            std::fs::remove_file(&path).map_err(std_io_err(&path))?;
+            Segment::remove_index_files(&dir, old.base);
+            self.step(Step::MergedPartRemoved)?;
+        }
+        if group.len() > 1 {
+            crate::checkpoint::sync_dir(&dir).await?;
+            self.step(Step::MergedPartsDirSynced)?;
+        }
+        Segment::remove_index_files(&dir, first.base);
         self.step(Step::OldIndexRemoved)?;
-        let path = segment::log_path(&dir, old.base);
+        let path = segment::log_path(&dir, first.base);
         std::fs::rename(&swap, &path).map_err(std_io_err(&swap))?;
         self.step(Step::RenamedToLog)?;
         crate::checkpoint::sync_dir(&dir).await?;
@@ -864,19 +1035,24 @@ impl LogCleaner {
         let index = new_seg.index_files();
         {
             let mut st = inner.state.borrow_mut();
+            for old in &group[1..] {
+                st.segments
+                    .remove(&old.base)
+                    .expect("checked under ckpt_lock");
+            }
             let slot = st
                 .segments
-                .get_mut(&old.base)
+                .get_mut(&first.base)
                 .expect("checked under ckpt_lock");
             new_seg.opened_ms = slot.opened_ms;
             assert_eq!(
                 (new_seg.base, new_seg.next_offset),
-                (slot.base, slot.next_offset),
-                "a cleaned segment spans the same offsets"
+                (first.base, last.next_offset),
+                "a cleaned segment spans the same offsets as the segments it replaces"
             );
             *slot = new_seg;
         }
-        // Cached batches of the old segment are still right (the same offsets, older values
+        // Cached batches of the old segments are still right (the same offsets, older values
         // that a reader could also have read a moment ago), but dropping them returns memory.
         cache::forget(inner.log_id);
         index.write_index_files(&dir).await?;
@@ -884,7 +1060,6 @@ impl LogCleaner {
         Ok(true)
     }
 }
-
 /// Before one cleaner disk request: pauses if the cleaner has used its share of time, waits for
 /// the shard's foreground disk work to end (at most [`CLEANER_MAX_DEFER_MS`]), and lets the
 /// shard's other tasks run if they are due; returns the milliseconds this took.
@@ -1110,5 +1285,49 @@ impl Output {
             "a cleaned segment ends where the old one did"
         );
         Ok((self.seg, self.written))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spans(sizes: &[(u64, u64)]) -> Vec<SegSpan> {
+        let mut base = 0;
+        sizes
+            .iter()
+            .map(|&(offsets, size)| {
+                let s = SegSpan {
+                    base,
+                    next_offset: base + offsets,
+                    size,
+                };
+                base += offsets;
+                s
+            })
+            .collect()
+    }
+
+    #[test]
+    fn runs_fit_a_segment_a_relative_offset_and_the_map() {
+        let segs = spans(&[(10, 30), (10, 30), (10, 30), (10, 100), (10, 1), (10, 1)]);
+        assert_eq!(merge_groups(&segs, 100, 60), vec![0..3, 3..4, 4..6]);
+        // Exactly the segment size fits.
+        assert_eq!(merge_groups(&segs, 90, 60), vec![0..3, 3..4, 4..6]);
+        assert_eq!(merge_groups(&segs, 89, 60), vec![0..2, 2..3, 3..4, 4..6]);
+        // The segment the map ends inside is cleaned alone; what lies past it is not merged.
+        assert_eq!(
+            merge_groups(&segs, 1000, 25),
+            vec![0..2, 2..3, 3..4, 4..5, 5..6]
+        );
+        // Offsets beyond i32::MAX of the run's base start a new run.
+        let wide = spans(&[(1 << 30, 1), (1 << 30, 1), (1 << 30, 1)]);
+        assert_eq!(merge_groups(&wide, 100, u64::MAX), vec![0..2, 2..3]);
+        // A gap in the offsets (never in a log, but not merged over) starts a new run.
+        let mut gapped = spans(&[(10, 1), (10, 1)]);
+        gapped[1].base += 1;
+        gapped[1].next_offset += 1;
+        assert_eq!(merge_groups(&gapped, 100, u64::MAX), vec![0..1, 1..2]);
+        assert!(merge_groups(&[], 100, 0).is_empty());
     }
 }

@@ -7,6 +7,12 @@
 //! old segment is intact) and finishes every `.swap` (the new one is complete), so a cleaner
 //! killed at any point leaves the old segment or the new one, never a mix.
 //!
+//! Several consecutive segments merged into one (see `merge_groups`) swap the same way, under
+//! the first one's base: after the commit point the other parts are removed (and that removal
+//! synced) before the swap file takes the first one's name, and recovery, finishing a swap,
+//! removes every segment whose base lies inside the swap file's offsets. So the old parts and
+//! the merged segment are never both in the log.
+//!
 //! Segments are swapped in offset order, one at a time. A crash between two swaps leaves a
 //! cleaned prefix followed by uncleaned segments, which is a valid log: everything a cleaned
 //! segment dropped is superseded by a record at a higher offset that every later segment, cleaned
@@ -65,7 +71,16 @@ pub async fn finish_interrupted_swaps(dir: &Path) -> Result<usize, EngineError> 
             changed = true;
         } else if let Some(base) = parse_suffixed(&name, ".swap") {
             let (swap, log) = (swap_path(dir, base), segment::log_path(dir, base));
-            tracing::info!(?log, "finishing an interrupted segment swap");
+            let end = swap_end_offset(&swap, base).await?;
+            tracing::info!(?log, end, "finishing an interrupted segment swap");
+            for part in list_log_bases(dir)? {
+                if part > base && part < end {
+                    let path = segment::log_path(dir, part);
+                    tracing::info!(?path, "removing a segment merged into the swapped one");
+                    std::fs::remove_file(&path).map_err(std_io_err(&path))?;
+                    Segment::remove_index_files(dir, part);
+                }
+            }
             Segment::remove_index_files(dir, base);
             std::fs::rename(&swap, &log).map_err(std_io_err(&swap))?;
             finished += 1;
@@ -76,6 +91,50 @@ pub async fn finish_interrupted_swaps(dir: &Path) -> Result<usize, EngineError> 
         sync_dir(dir).await?;
     }
     Ok(finished)
+}
+
+/// One past the last offset a committed swap file holds (`base` if it holds no batch). The
+/// file was synced whole before it was renamed to `.swap`, so a frame that does not decode
+/// is damage, reported rather than guessed around.
+async fn swap_end_offset(swap: &Path, base: u64) -> Result<u64, EngineError> {
+    let file = segment::open_file(swap).await?;
+    let size = file.file_size().await.map_err(segment::io_err(swap))?;
+    let mut end = base;
+    let (pos, stop) = crate::recovery::scan(
+        &file,
+        swap,
+        0,
+        size,
+        crate::log::MAX_FRAME_PAYLOAD_BYTES,
+        |_, f| {
+            end = f.last_offset() + 1;
+            Ok(true)
+        },
+    )
+    .await?;
+    if let Ok(file) = std::rc::Rc::try_unwrap(file) {
+        // Closing only releases the descriptor; nothing was written.
+        let _ = file.close().await;
+    }
+    if let crate::recovery::ScanStop::Invalid(reason) = stop {
+        return Err(EngineError::Corrupt {
+            path: swap.to_path_buf(),
+            position: pos,
+            reason: format!("a committed segment swap file does not decode: {reason}"),
+        });
+    }
+    Ok(end)
+}
+
+fn list_log_bases(dir: &Path) -> Result<Vec<u64>, EngineError> {
+    let mut bases = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(std_io_err(dir))? {
+        let entry = entry.map_err(std_io_err(dir))?;
+        if let Some(base) = entry.file_name().to_str().and_then(segment::parse_log_name) {
+            bases.push(base);
+        }
+    }
+    Ok(bases)
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

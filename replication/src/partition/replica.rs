@@ -1200,6 +1200,7 @@ impl PartitionReplica {
             max_clean_offset: self.watermark.value.get(),
             policy: policy.compaction,
             force,
+            keep_batches: Default::default(),
         }
     }
 
