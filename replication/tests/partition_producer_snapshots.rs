@@ -9,8 +9,8 @@ use std::rc::Rc;
 use bytes::Bytes;
 use kafka_protocol::ResponseError;
 use spate_replication::partition::{
-    Acks, FlushPolicy, LogConfig, NoObserver, PartitionReplica, ReplicaConfig, TopicPartition,
-    VerifiedBatch, PRODUCER_SNAPSHOT_EVERY_BYTES,
+    Acks, CleanerConfig, FlushPolicy, LogConfig, NoObserver, PartitionReplica, ReplicaConfig,
+    TopicPartition, TopicPolicy, VerifiedBatch, PRODUCER_SNAPSHOT_EVERY_BYTES,
 };
 
 #[path = "support/batches.rs"]
@@ -230,6 +230,143 @@ fn a_log_written_by_the_broker_is_snapshotted_as_it_grows() {
             replayed <= PRODUCER_SNAPSHOT_EVERY_BYTES,
             "replayed {replayed} bytes of a {log_bytes}-byte log"
         );
+        r.close().await.unwrap();
+    });
+}
+
+/// An idempotent producer's batch from `first_seq` whose records have the keys `keys` and
+/// values of `value_bytes`.
+fn keyed_batch(
+    producer_id: i64,
+    first_seq: i32,
+    keys: &[String],
+    value_bytes: usize,
+) -> VerifiedBatch {
+    use bytes::BytesMut;
+    use kafka_protocol::records::{
+        Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+    };
+    let records: Vec<Record> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| Record {
+            transactional: false,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: 0,
+            producer_id,
+            producer_epoch: 0,
+            timestamp_type: TimestampType::Creation,
+            offset: i as i64,
+            sequence: first_seq + i as i32,
+            timestamp: 1_000 + i as i64,
+            key: Some(Bytes::from(k.clone())),
+            value: Some(Bytes::from(vec![b'v'; value_bytes])),
+            headers: Default::default(),
+        })
+        .collect();
+    let mut buf = BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut buf,
+        &records,
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .expect("encode");
+    VerifiedBatch::from_bytes(buf.freeze()).expect("a valid batch")
+}
+
+/// A compacted log cleaned under its producer snapshots: the batches the snapshots end with
+/// are kept whole by the cleaner, so a restart after a crash still trusts the newest snapshot
+/// and replays only the log past it (a snapshot whose batch the cleaner had rewritten was
+/// distrusted, and the whole cleaned log replayed).
+#[test]
+fn a_snapshot_survives_the_cleaning_of_the_batch_it_ends_with() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let r = open(dir.path()).await;
+        r.set_policy(TopicPolicy {
+            compact: true,
+            ..TopicPolicy::default()
+        });
+        // Batches of keys of their own, ~108 MiB (snapshots every 32 MiB, the newest one's
+        // batch in a closed, cleanable segment of 8 MiB); then one batch that supersedes a
+        // record of every batch before (so cleaning rewrites them all), then 10 MiB more so
+        // that batch is in a closed segment too (no snapshot: under 128 MiB in all).
+        let batches = 440;
+        let mut seq = 0;
+        let append_keyed = |seq: i32, keys: Vec<String>, value_bytes: usize| {
+            let r = r.clone();
+            async move {
+                let (o, c) = r
+                    .append(vec![keyed_batch(7, seq, &keys, value_bytes)], Acks::All)
+                    .await;
+                assert_eq!(o.error_code, 0, "append at sequence {seq}");
+                c.wait().await.expect("durable");
+                seq + keys.len() as i32
+            }
+        };
+        for b in 0..batches {
+            let keys: Vec<String> = (0..RECORDS_PER_BATCH).map(|i| format!("{b}-{i}")).collect();
+            seq = append_keyed(seq, keys, VALUE_BYTES).await;
+        }
+        let superseding: Vec<String> = (0..batches).map(|b| format!("{b}-0")).collect();
+        seq = append_keyed(seq, superseding, 8).await;
+        for b in batches..batches + 40 {
+            let keys: Vec<String> = (0..RECORDS_PER_BATCH).map(|i| format!("{b}-{i}")).collect();
+            seq = append_keyed(seq, keys, VALUE_BYTES).await;
+        }
+        r.snapshot_written().await;
+
+        let config = CleanerConfig {
+            max_busy_percent: 100,
+            ..CleanerConfig::default()
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let stats = r.clean(&config, now).await.unwrap().expect("cleaned");
+        assert!(
+            stats.segments_rewritten >= 10 && stats.records_removed >= 400,
+            "{stats:?}"
+        );
+        let log_bytes = r.size_bytes();
+        assert!(
+            log_bytes > 3 * PRODUCER_SNAPSHOT_EVERY_BYTES,
+            "a cleaned log of {log_bytes} bytes"
+        );
+        r.snapshot_written().await;
+        // A crash: no close, no final snapshot.
+        drop(r);
+
+        let r = open(dir.path()).await;
+        let replayed = r.replayed_at_open();
+        assert!(
+            replayed <= PRODUCER_SNAPSHOT_EVERY_BYTES,
+            "replayed {replayed} bytes of a {log_bytes}-byte cleaned log"
+        );
+        // The producer's table is whole: its last batch is a duplicate, the next appends.
+        let end = r.log_end_offset() as i64;
+        let keys: Vec<String> = (0..RECORDS_PER_BATCH)
+            .map(|i| format!("last-{i}"))
+            .collect();
+        let last = seq - RECORDS_PER_BATCH;
+        let (o, _) = r
+            .append(vec![keyed_batch(7, last, &keys, VALUE_BYTES)], Acks::None)
+            .await;
+        assert_eq!(
+            (o.error_code, o.base_offset),
+            (0, end - RECORDS_PER_BATCH as i64)
+        );
+        assert_eq!(r.log_end_offset() as i64, end, "not stored twice");
+        let (o, c) = r
+            .append(vec![keyed_batch(7, seq, &keys, 8)], Acks::All)
+            .await;
+        assert_eq!((o.error_code, o.base_offset), (0, end));
+        c.wait().await.unwrap();
         r.close().await.unwrap();
     });
 }

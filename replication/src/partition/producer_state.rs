@@ -9,7 +9,10 @@
 //! and a log that grew back past it with other batches all fail the check, so a stale snapshot
 //! is skipped (the next older one is tried, then the replay starts at the log start) instead of
 //! being relied on to have been deleted. Two generations are kept, so a log end that moves back
-//! a little (a follower's truncation of an uncommitted tail) still finds one below it.
+//! a little (a follower's truncation of an uncommitted tail) still finds one below it. The log
+//! cleaner of a compacted topic keeps the batches the snapshots end with byte for byte (the
+//! replica passes their offsets in `CleanRequest::keep_batches`), so cleaning does not make a
+//! snapshot fail this check.
 
 use std::collections::{BTreeMap, VecDeque};
 

@@ -12,7 +12,9 @@ use glommio::channels::local_channel::LocalReceiver;
 use glommio::sync::Semaphore;
 use kafka_protocol::ResponseError;
 use spate_engine::batch::{BatchHeader, VerifiedBatch};
-use spate_engine::clean::{CleanRequest, CleanStats, CleanerConfig, LogCleaner};
+use spate_engine::clean::{
+    CleanRequest, CleanStats, CleanerConfig, LogCleaner, CLEANER_KEEP_BATCHES_MAX,
+};
 use spate_engine::validate::{validate_batch, Refusal};
 use spate_engine::{
     AppendInfo, EngineError, FlushPolicy, LiveLimits, LogConfig, LogListener, PartitionLog,
@@ -22,7 +24,7 @@ use super::config::TopicPolicy;
 use super::error::{engine_error_code, ReplicaError};
 use super::producer_state::{
     decode_snapshots, encode_snapshots, last_seq, Anchor, BatchMeta, ProducerTable, Snapshot,
-    Verdict, MAX_SNAPSHOT_FILE_BYTES,
+    Verdict, MAX_SNAPSHOT_FILE_BYTES, SNAPSHOTS_KEPT,
 };
 use super::record_check::{check_records, RecordError, RecordRules};
 use super::topic_partition::TopicPartition;
@@ -375,6 +377,11 @@ struct Snapshots {
     writing: Semaphore,
     /// Set by close and delete: nothing is written after them.
     stopped: Cell<bool>,
+    /// Last offsets of the batches the generations in the file end with, and of the one the
+    /// newest snapshot taken (maybe still being written) ends with: the cleaner keeps those
+    /// batches whole, so a snapshot still matches its log after cleaning.
+    anchors_on_disk: Cell<[Option<u64>; SNAPSHOTS_KEPT]>,
+    anchor_taken: Cell<Option<u64>>,
 }
 
 impl Snapshots {
@@ -385,6 +392,8 @@ impl Snapshots {
             file_bytes: Cell::new(0),
             writing: Semaphore::new(1),
             stopped: Cell::new(false),
+            anchors_on_disk: Cell::new([None; SNAPSHOTS_KEPT]),
+            anchor_taken: Cell::new(None),
         }
     }
 
@@ -412,6 +421,11 @@ impl Snapshots {
         std::fs::create_dir_all(dir)?;
         self.file_bytes.set(body.len() as u64);
         spate_engine::write_file_atomic(dir, name, body).await?;
+        let mut anchors = [None; SNAPSHOTS_KEPT];
+        for (slot, g) in anchors.iter_mut().zip(&generations) {
+            *slot = g.anchor.map(|a| a.last_offset);
+        }
+        self.anchors_on_disk.set(anchors);
         *self.kept.borrow_mut() = Some(snap);
         Ok(())
     }
@@ -508,7 +522,13 @@ impl PartitionReplica {
             return Ok(0);
         };
         let mut from = log_start;
-        for snap in self.read_snapshots(state_path)? {
+        let generations = self.read_snapshots(state_path)?;
+        let mut anchors = [None; SNAPSHOTS_KEPT];
+        for (slot, g) in anchors.iter_mut().zip(&generations) {
+            *slot = g.anchor.map(|a| a.last_offset);
+        }
+        self.snapshots.anchors_on_disk.set(anchors);
+        for snap in generations {
             if snap.end_offset < log_start || snap.end_offset > log_end {
                 continue;
             }
@@ -612,6 +632,9 @@ impl PartitionReplica {
             None if end == 0 => None,
             _ => return None,
         };
+        self.snapshots
+            .anchor_taken
+            .set(anchor.map(|a| a.last_offset));
         Some(Snapshot {
             end_offset: end,
             anchor,
@@ -1200,8 +1223,24 @@ impl PartitionReplica {
             max_clean_offset: self.watermark.value.get(),
             policy: policy.compaction,
             force,
-            keep_batches: Default::default(),
+            keep_batches: self.snapshot_anchors(),
         }
+    }
+
+    /// The batches the cleaner keeps byte for byte: those the producer snapshots on disk end
+    /// with, the one the newest snapshot taken ends with (its file may still be being written),
+    /// and the log's last batch (what a snapshot taken during this clean would end with, if
+    /// it lies in a closed segment). A snapshot is trusted only while its batch is exactly as it
+    /// was (see `producer_state`); rewritten, a restart would replay the whole cleaned log.
+    fn snapshot_anchors(&self) -> [Option<u64>; CLEANER_KEEP_BATCHES_MAX] {
+        let snaps = &self.snapshots;
+        let [newest, older] = snaps.anchors_on_disk.get();
+        [
+            newest,
+            older,
+            snaps.anchor_taken.get(),
+            self.last_batch.get().map(|a| a.last_offset),
+        ]
     }
 
     /// Runs the log cleaner on a compacted topic's log if it is due (see
