@@ -1133,3 +1133,55 @@ fn a_cleaner_stopped_after_any_file_operation_of_a_merge_leaves_old_or_merged_se
         );
     }
 }
+
+/// The batches a request names (producer snapshots' anchors) are kept byte for byte, however
+/// much of them later records supersede; everything else is cleaned as usual.
+#[test]
+fn batches_the_request_names_are_kept_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let log = PartitionLog::open(dir.path(), config()).await.unwrap();
+        let model = write_updates(&log, 200, 8).await;
+        let (_, before) = read_all(&log).await;
+        let pick = |i: usize| {
+            let h = BatchHeader::parse(&before[i]).unwrap();
+            (
+                h.base_offset() as u64,
+                h.last_offset() as u64,
+                before[i].clone(),
+            )
+        };
+        // One batch of the first round (all of it superseded) and one of the fourth.
+        let kept = [pick(3), pick(65)];
+        let mut cleaner = LogCleaner::open(&log, CleanerConfig::default());
+        let req = CleanRequest {
+            keep_batches: [Some(kept[0].0), Some(kept[1].1), None, None],
+            ..request(NOW_MS)
+        };
+        let stats = cleaner.clean(&log, &req).await.unwrap().unwrap();
+        assert!(stats.records_removed > 0);
+        let (seen, after) = read_all(&log).await;
+        assert_eq!(latest(&seen), model);
+        for (base, last, bytes) in &kept {
+            let found = after
+                .iter()
+                .find(|b| BatchHeader::parse(b).unwrap().base_offset() as u64 == *base)
+                .unwrap_or_else(|| panic!("the batch at {base}..={last} is gone"));
+            assert_eq!(found, bytes, "the batch at {base}..={last} is rewritten");
+        }
+        // No longer named, their superseded records go in the next clean whose dirty part
+        // writes those keys again (a clean part is only deduplicated against a dirty part).
+        let model = write_updates(&log, 200, 4).await;
+        cleaner
+            .clean(&log, &request(NOW_MS))
+            .await
+            .unwrap()
+            .unwrap();
+        let (_, after) = read_all(&log).await;
+        for (base, _, bytes) in &kept {
+            assert!(!after.contains(bytes), "the batch at {base} is still whole");
+        }
+        assert_eq!(latest(&read_all(&log).await.0), model);
+        log.close().await.unwrap();
+    });
+}

@@ -154,6 +154,9 @@ pub struct CleanRequest {
     /// The batches holding these offsets are kept byte for byte: the batches producer
     /// snapshots are anchored to (a snapshot is trusted only while the log still holds its
     /// anchor batch exactly, so one the cleaner rewrote would make a restart replay the log).
+    /// What such a batch holds beyond the latest value of its keys stays until a later clean's
+    /// dirty part writes those keys again (a clean part is deduplicated against dirty parts
+    /// only): a batch per producer snapshot interval (32 MiB of log), for keys never rewritten.
     pub keep_batches: [Option<u64>; CLEANER_KEEP_BATCHES_MAX],
 }
 
