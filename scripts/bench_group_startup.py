@@ -17,7 +17,7 @@ One single-node broker (`--cores 1`):
    for a binary without that series, such as one with the snapshot mechanism before it);
 4. the same as 2 after a clean shutdown (SIGTERM), --runs times.
 Each start-up reports the records the coordinator replayed (its "consumer offsets loaded"
-lines) and the bytes of `__consumer_offsets` segments on disk before the start.
+lines) and the bytes and number of `__consumer_offsets` segment files on disk before the start.
 
 Prints a JSON summary (and writes it with --json). Usage: scripts/bench-group-startup.sh
 [options]; --spate picks the binary (another build, e.g. an older commit, to compare).
@@ -392,6 +392,12 @@ def offsets_bytes(data_dir):
     return total
 
 
+def offsets_segment_files(data_dir):
+    """Segment files of `__consumer_offsets` (the cleaner merges small ones)."""
+    return sum(1 for root, _, files in os.walk(data_dir) if "__consumer_offsets" in root
+               for f in files if f.endswith(".log"))
+
+
 def replayed(log_path):
     n = 0
     with open(log_path, errors="replace") as f:
@@ -451,6 +457,7 @@ def main():
             for i in range(args.runs):
                 broker.stop(sig)
                 size = offsets_bytes(data)
+                files = offsets_segment_files(data)
                 load = load1()
                 broker, log = start()
                 ready, first, listening = wait_ready(broker, args.groups, args.partitions,
@@ -458,6 +465,7 @@ def main():
                 row = {"after": how, "run": i + 1, "ready_s": round(ready, 2),
                        "first_group_s": round(first, 2), "listening_s": round(listening, 2),
                        "records_replayed": replayed(log), "offsets_log_bytes": size,
+                       "offsets_segment_files": files,
                        "load1": load}
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 summary["starts"].append(row)
