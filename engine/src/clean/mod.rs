@@ -630,19 +630,53 @@ impl LogCleaner {
             .take_while(|s| s.base < map_end)
             .cloned()
             .collect();
-        let spans: Vec<SegSpan> = to_clean.iter().map(SegInfo::span).collect();
+        let rewritten = stats.segments_rewritten;
+        let cleaned = self
+            .clean_groups(log, &to_clean, false, &map, &producers, map_end, req, stats)
+            .await;
+        self.held.clear();
+        cleaned?;
+        if stats.segments_rewritten > rewritten {
+            // The runs above were formed by the sizes before cleaning; what this pass rewrote
+            // is small now, and runs of it that fit a segment are merged at once (copying
+            // what is left is cheap), not only at the log's next clean: a log cleaned once
+            // after a burst would keep a file per segment.bytes written until written again.
+            let now = self.plan(log, req);
+            let cleaned: Vec<SegInfo> = now
+                .segments
+                .iter()
+                .take_while(|s| s.next_offset <= map_end)
+                .cloned()
+                .collect();
+            self.clean_groups(log, &cleaned, true, &map, &producers, map_end, req, stats)
+                .await?;
+        }
+        Ok(map_end)
+    }
+
+    /// Cleans `segs` (consecutive, from a plan) in runs of [`merge_groups`]; with
+    /// `merges_only`, only the runs of several segments.
+    #[allow(clippy::too_many_arguments)]
+    async fn clean_groups(
+        &mut self,
+        log: &PartitionLog,
+        segs: &[SegInfo],
+        merges_only: bool,
+        map: &OffsetMap,
+        producers: &HashMap<i64, u64>,
+        map_end: u64,
+        req: &CleanRequest,
+        stats: &mut CleanStats,
+    ) -> Result<(), EngineError> {
+        let spans: Vec<SegSpan> = segs.iter().map(SegInfo::span).collect();
         for range in merge_groups(&spans, log.inner.config.segment_bytes, map_end) {
-            let group = &to_clean[range];
-            if group.len() == 1 && group[0].size == 0 {
+            let group = &segs[range];
+            if group.len() == 1 && (merges_only || group[0].size == 0) {
                 continue;
             }
-            let cleaned = self
-                .clean_group(log, group, &map, &producers, map_end, req, stats)
-                .await;
-            if cleaned.is_err() {
-                self.held.clear();
-            }
-            let merged = cleaned?;
+            let merged = self
+                .clean_group(log, group, map, producers, map_end, req, stats)
+                .await?;
             if merged {
                 // The merged segment's tombstones wait as long as the most recently cleaned
                 // of its parts' would have (never less).
@@ -670,8 +704,7 @@ impl LogCleaner {
                 }
             }
         }
-        self.held.clear();
-        Ok(map_end)
+        Ok(())
     }
 
     /// Reads whole frames of `seg` from `pos` (at least one): the buffer, the frames in it, and
