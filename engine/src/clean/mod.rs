@@ -927,16 +927,12 @@ impl LogCleaner {
         };
         // Closing, syncing and swapping the files is waiting for the disk (and for the
         // checkpointer), not the cleaner's work.
-        // The cleaned file's last write and sync, and the swap's directory syncs, flush the
-        // disk's cache (and a directory sync the file system's journal), which a producer's
-        // fdatasync issued meanwhile waits behind: they too wait for the foreground to pause.
-        stats.deferred_ms += give_way(&mut self.throttle).await;
         let asked = std::time::Instant::now();
         let (new_seg, written) = out.finish(last).await?;
         self.step(Step::CleanedWritten)?;
         stats.bytes_written += written;
         self.counters.bytes_written += written;
-        let swapped = self.swap(log, group, new_seg, stats).await?;
+        let swapped = self.swap(log, group, new_seg).await?;
         self.throttle.waited(asked, std::time::Instant::now());
         if swapped {
             let before: u64 = group.iter().map(|s| s.size).sum();
@@ -1006,7 +1002,6 @@ impl LogCleaner {
         log: &PartitionLog,
         group: &[SegInfo],
         mut new_seg: Segment,
-        stats: &mut CleanStats,
     ) -> Result<bool, EngineError> {
         let inner = &log.inner;
         let dir = inner.dir.clone();
@@ -1048,7 +1043,6 @@ impl LogCleaner {
         let swap = swap::swap_path(&dir, first.base);
         std::fs::rename(&cleaned, &swap).map_err(std_io_err(&cleaned))?;
         self.step(Step::RenamedToSwap)?;
-        stats.deferred_ms += give_way(&mut self.throttle).await;
         crate::checkpoint::sync_dir(&dir).await?;
         self.step(Step::SwapDirSynced)?;
         // Committed: recovery finishes the swap from here, removing every segment the swap
@@ -1062,7 +1056,6 @@ impl LogCleaner {
             self.step(Step::MergedPartRemoved)?;
         }
         if group.len() > 1 {
-            stats.deferred_ms += give_way(&mut self.throttle).await;
             crate::checkpoint::sync_dir(&dir).await?;
             self.step(Step::MergedPartsDirSynced)?;
         }
@@ -1071,7 +1064,6 @@ impl LogCleaner {
         let path = segment::log_path(&dir, first.base);
         std::fs::rename(&swap, &path).map_err(std_io_err(&swap))?;
         self.step(Step::RenamedToLog)?;
-        stats.deferred_ms += give_way(&mut self.throttle).await;
         crate::checkpoint::sync_dir(&dir).await?;
         self.step(Step::LogDirSynced)?;
         new_seg.file = segment::open_file(&path).await?;
