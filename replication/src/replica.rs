@@ -262,18 +262,30 @@ impl Replica {
 
     /// One unit of logical time.
     pub fn tick(&mut self, out: &mut Vec<Action>) {
-        self.ticks += 1;
+        self.tick_by(1, out);
+    }
+
+    /// `n` units of logical time at once: what a caller that could not tick the replica for a
+    /// while (it was busy) owes it. The clocks all advance by `n`, then the replica does what
+    /// is due once: one heartbeat round however many intervals passed, one check-quorum, one
+    /// campaign. `tick_by(1)` is `tick`; `tick_by(0)` does nothing.
+    pub fn tick_by(&mut self, n: u32, out: &mut Vec<Action>) {
+        if n == 0 {
+            return;
+        }
+        self.ticks += u64::from(n);
         match self.role {
             Role::Leader => {
-                self.heartbeat_elapsed += 1;
-                self.quorum_elapsed += 1;
+                self.heartbeat_elapsed = self.heartbeat_elapsed.saturating_add(n);
+                self.quorum_elapsed = self.quorum_elapsed.saturating_add(n);
                 if let Some((target, elapsed)) = self.transfer {
                     // A transfer that has not finished in an election timeout is abandoned so
                     // the group is not left refusing proposals.
-                    if elapsed + 1 >= self.cfg.election_timeout_ticks {
+                    let elapsed = elapsed.saturating_add(n);
+                    if elapsed >= self.cfg.election_timeout_ticks {
                         self.transfer = None;
                     } else {
-                        self.transfer = Some((target, elapsed + 1));
+                        self.transfer = Some((target, elapsed));
                     }
                 }
                 if self.quorum_elapsed >= self.cfg.election_timeout_ticks {
@@ -296,7 +308,7 @@ impl Replica {
                 }
             }
             Role::Follower | Role::PreCandidate | Role::Candidate => {
-                self.election_elapsed += 1;
+                self.election_elapsed = self.election_elapsed.saturating_add(n);
                 if self.election_elapsed >= self.election_timeout && self.may_campaign() {
                     self.campaign(true, false, out);
                 }

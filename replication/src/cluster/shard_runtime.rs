@@ -42,7 +42,7 @@
 //! view to its replica's observer (only when it changed), and on each tick its own counters to the [`RuntimeObserver`]: that is
 //! how metrics see replication without this crate knowing of them.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::rc::Rc;
@@ -210,6 +210,8 @@ pub async fn run(
         transfers: BTreeMap::new(),
         finishing: BTreeMap::new(),
         orphans_swept: false,
+        hard_state_sync: None,
+        syncing: Rc::default(),
         throttle: config.throttle.clone(),
         stats: config.stats.clone(),
     };
@@ -296,12 +298,12 @@ pub async fn run(
                     next_tick = Some(Box::pin(Deadline::at(*at)));
                 }
                 rt.check_view(&link).await;
-                rt.groups.tick_all().await;
+                rt.groups.tick_all();
                 // What the ticks queued is taken now: seen, so no second flush for it.
                 rt.outbox_seen = rt.groups.outbox_signal().generation();
-                let out = rt.groups.take_outgoing().await;
+                let out = rt.groups.take_outgoing();
                 rt.send(&link, out);
-                rt.sync_hard_states().await;
+                rt.sync_hard_states_behind();
                 rt.report(&link, false);
                 rt.move_leadership(&link).await;
                 rt.move_replicas(&link).await;
@@ -320,24 +322,24 @@ pub async fn run(
                 }
             }
             Event::Inbox(msg) => {
-                rt.groups.step(msg).await;
+                rt.groups.step(msg);
                 // What else has arrived is stepped before the flush: one pass over the groups
                 // and one message per peer for all of it.
                 for _ in 1..MAX_MESSAGES_PER_FLUSH {
                     let Ok(msg) = link.inbox.try_recv() else {
                         break;
                     };
-                    rt.groups.step(msg).await;
+                    rt.groups.step(msg);
                 }
                 // What the steps queued is taken now: seen, so no second flush for it.
                 rt.outbox_seen = rt.groups.outbox_signal().generation();
-                let out = rt.groups.take_outgoing().await;
+                let out = rt.groups.take_outgoing();
                 rt.send(&link, out);
             }
             Event::Outbox => {
                 rt.stats.borrow_mut().signalled_flushes += 1;
                 rt.outbox_seen = rt.groups.outbox_signal().generation();
-                let out = rt.groups.take_outgoing().await;
+                let out = rt.groups.take_outgoing();
                 rt.send(&link, out);
             }
             Event::Leadership => rt.report(&link, true),
@@ -353,6 +355,9 @@ pub async fn run(
         if let Some(group) = rt.groups.remove(g) {
             group.replica().observe_replication(None);
         }
+    }
+    if let Some(sync) = rt.hard_state_sync.take() {
+        sync.await;
     }
     rt.replicas.close_groups().await;
     let stats = rt.stats.borrow().clone();
@@ -394,6 +399,9 @@ struct Runtime {
     /// The data dir was swept for files of partitions this node no longer holds (once per
     /// start, by shard 0), and the shard's hard-state store for their groups.
     orphans_swept: bool,
+    /// The last flush of hard states started by a tick, and whether it is under way.
+    hard_state_sync: Option<glommio::Task<()>>,
+    syncing: Rc<Cell<bool>>,
     throttle: Option<Arc<ReplicationThrottle>>,
     stats: Rc<RefCell<RuntimeStats>>,
 }
@@ -405,6 +413,27 @@ impl Runtime {
         if let Err(e) = self.replicas.sync_hard_states().await {
             tracing::error!(node = self.node, error = %e, "hard-state store flush failed");
         }
+    }
+
+    /// Flushes hard states recorded with nothing to send on a task of its own, one flush at a
+    /// time: the tick does not wait for the fdatasync (a group whose messages need its state
+    /// durable waits for it itself).
+    fn sync_hard_states_behind(&mut self) {
+        let pending = self
+            .replicas
+            .hard_states()
+            .is_some_and(|s| s.has_pending());
+        if !pending || self.syncing.get() {
+            return;
+        }
+        self.syncing.set(true);
+        let (replicas, syncing, node) = (self.replicas.clone(), self.syncing.clone(), self.node);
+        self.hard_state_sync = Some(glommio::spawn_local(async move {
+            if let Err(e) = replicas.sync_hard_states().await {
+                tracing::error!(node, error = %e, "hard-state store flush failed");
+            }
+            syncing.set(false);
+        }));
     }
 
     fn send(&mut self, link: &ShardLink, out: Vec<NodeMessage>) {
