@@ -810,11 +810,16 @@ fn a_busy_group_holds_up_no_other_group_on_its_shard() {
             "the node's shards handle their ticks: {:?}",
             handled.collect::<Vec<_>>()
         );
-        assert!(other_group.is_writable_leader(), "no election for the other group");
-        assert_eq!(other_group.epoch(), epoch, "no election for the other group");
-        let (outcome, completion) = other_group
-            .produce(vec![batch(5, 0, 3)], Acks::All)
-            .await;
+        assert!(
+            other_group.is_writable_leader(),
+            "no election for the other group"
+        );
+        assert_eq!(
+            other_group.epoch(),
+            epoch,
+            "no election for the other group"
+        );
+        let (outcome, completion) = other_group.produce(vec![batch(5, 0, 3)], Acks::All).await;
         assert_eq!(outcome.error_code, 0);
         let done = Rc::new(Cell::new(None));
         let d = done.clone();
@@ -838,7 +843,9 @@ fn a_busy_group_holds_up_no_other_group_on_its_shard() {
             })
             .await;
             let (_, g) = c.writable_leader(busy).unwrap();
-            let (outcome, completion) = g.produce(vec![batch(600 + i64::from(seq), 0, 1)], Acks::All).await;
+            let (outcome, completion) = g
+                .produce(vec![batch(600 + i64::from(seq), 0, 1)], Acks::All)
+                .await;
             answer = match outcome.error_code {
                 0 => completion.wait().await,
                 code => Err(code),

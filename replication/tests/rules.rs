@@ -535,7 +535,14 @@ fn a_learner_receives_the_log_but_does_not_count_toward_commit() {
 #[test]
 fn ticks_owed_at_once_elect_when_their_sum_reaches_the_timeout() {
     let members = Membership::voters(&[1, 2, 3]);
-    let fresh = || Replica::new(1, Config::default(), 7, Persisted::new_group(members.clone()));
+    let fresh = || {
+        Replica::new(
+            1,
+            Config::default(),
+            7,
+            Persisted::new_group(members.clone()),
+        )
+    };
     // One tick at a time: the timeout (drawn from the seed) in ticks.
     let mut one = fresh();
     let mut timeout = 0;
@@ -547,7 +554,10 @@ fn ticks_owed_at_once_elect_when_their_sum_reaches_the_timeout() {
             break;
         }
     }
-    assert!(timeout >= Config::default().election_timeout_ticks, "{timeout}");
+    assert!(
+        timeout >= Config::default().election_timeout_ticks,
+        "{timeout}"
+    );
     let mut owed = fresh();
     let mut out = Vec::new();
     owed.tick_by(0, &mut out);
@@ -555,7 +565,11 @@ fn ticks_owed_at_once_elect_when_their_sum_reaches_the_timeout() {
     assert!(out.is_empty(), "nothing due before the timeout: {out:?}");
     assert_eq!(owed.role(), Role::Follower);
     owed.tick_by(1, &mut out);
-    assert_eq!(owed.role(), Role::PreCandidate, "a pre-vote, as one tick at a time");
+    assert_eq!(
+        owed.role(),
+        Role::PreCandidate,
+        "a pre-vote, as one tick at a time"
+    );
     let mut late = fresh();
     let mut late_out = Vec::new();
     late.tick_by(5 * timeout, &mut late_out);
@@ -569,20 +583,30 @@ fn a_leader_owed_many_ticks_heartbeats_once_and_keeps_its_quorum() {
     c.deliver_all();
     let heartbeats = |out: &[Action]| {
         out.iter()
-            .filter(|a| matches!(a, Action::Send { msg: Message::Append(_), .. }))
+            .filter(|a| {
+                matches!(
+                    a,
+                    Action::Send {
+                        msg: Message::Append(_),
+                        ..
+                    }
+                )
+            })
             .count()
     };
     let mut out = Vec::new();
     // More than a heartbeat interval and a check-quorum window: one heartbeat round (one
     // append per follower), and the followers that answered keep it leading.
-    c.r(1).tick_by(Config::default().election_timeout_ticks * 3, &mut out);
+    c.r(1)
+        .tick_by(Config::default().election_timeout_ticks * 3, &mut out);
     assert_eq!(heartbeats(&out), 2, "{out:?}");
     assert!(c.r(1).is_leader());
     c.perform(1, out);
     c.deliver_all();
     // The heartbeat clock restarted: the next round after a whole interval, as usual.
     let mut out = Vec::new();
-    c.r(1).tick_by(Config::default().heartbeat_interval_ticks - 1, &mut out);
+    c.r(1)
+        .tick_by(Config::default().heartbeat_interval_ticks - 1, &mut out);
     assert_eq!(heartbeats(&out), 0, "{out:?}");
     c.r(1).tick_by(1, &mut out);
     assert_eq!(heartbeats(&out), 2, "{out:?}");
@@ -591,8 +615,10 @@ fn a_leader_owed_many_ticks_heartbeats_once_and_keeps_its_quorum() {
     c.cut[1] = true;
     c.cut[2] = true;
     let mut out = Vec::new();
-    c.r(1).tick_by(Config::default().election_timeout_ticks, &mut out);
-    c.r(1).tick_by(Config::default().election_timeout_ticks, &mut out);
+    c.r(1)
+        .tick_by(Config::default().election_timeout_ticks, &mut out);
+    c.r(1)
+        .tick_by(Config::default().election_timeout_ticks, &mut out);
     assert_eq!(c.r(1).role(), Role::Follower);
     assert_eq!(c.r(1).epoch(), 1, "stepping down starts no epoch");
 }

@@ -211,6 +211,8 @@ enum Deferred {
     /// [`Replica::tick_by`]).
     Tick(u32),
     Step(NodeId, Message),
+    /// A leadership transfer to this voter (see [`PartitionGroup::transfer_leadership`]).
+    Transfer(NodeId),
     /// Take the outbox (hard state made durable, appends filled) into `ready`.
     Flush,
 }
@@ -564,7 +566,7 @@ impl PartitionGroup {
     /// The shard's tick: taken now if the group is free, else owed (a busy leader heartbeats
     /// once its lock frees, however many ticks it missed: see [`Replica::tick_by`]).
     pub fn tick_or_defer(self: &Rc<Self>) {
-        self.run_or_defer(Deferred::Tick(1));
+        let _ = self.run_or_defer(Deferred::Tick(1));
     }
 
     /// A message from the peer `from`, stepped now if the group is free, else after what the
@@ -573,7 +575,7 @@ impl PartitionGroup {
         if !self.peer_batches_valid(from, &msg) {
             return;
         }
-        self.run_or_defer(Deferred::Step(from, msg));
+        let _ = self.run_or_defer(Deferred::Step(from, msg));
     }
 
     /// The messages to send now, without waiting: what a drainer made ready, then the outbox
@@ -606,6 +608,19 @@ impl PartitionGroup {
         msgs
     }
 
+    /// [`Self::transfer_leadership`] started now if the group is free (`Some`: whether it
+    /// started), else after what the group was handed before it (`None`; a refusal then is
+    /// logged).
+    pub fn transfer_leadership_or_defer(
+        self: &Rc<Self>,
+        target: NodeId,
+    ) -> Option<Result<(), String>> {
+        if self.failed.get() {
+            return Some(Err("the group has failed".into()));
+        }
+        self.run_or_defer(Deferred::Transfer(target))
+    }
+
     /// Work deferred and not done yet (a drainer is at it), and peer messages dropped because
     /// too many were.
     pub fn deferred(&self) -> (usize, u64) {
@@ -634,22 +649,24 @@ impl PartitionGroup {
         true
     }
 
-    fn run_or_defer(self: &Rc<Self>, work: Deferred) {
+    /// Does `work` now if the lock is free and nothing waits before it (`Some`: what the
+    /// core said of it), else defers it (`None`).
+    fn run_or_defer(self: &Rc<Self>, work: Deferred) -> Option<Result<(), String>> {
         if self.draining.get() {
             self.defer(work);
-            return;
+            return None;
         }
         let Ok(permit) = self.lock.try_acquire_static_permit(1) else {
             self.defer(work);
-            return;
+            return None;
         };
         if self.failed.get() {
-            return;
+            return Some(Err("the group has failed".into()));
         }
         let mut out = Vec::new();
-        self.core_event(work, &mut out);
+        let res = self.core_event(work, &mut out);
         if out.is_empty() {
-            return;
+            return Some(res);
         }
         let mut queue: VecDeque<Action> = out.into();
         self.perform_now(&mut queue);
@@ -658,16 +675,21 @@ impl PartitionGroup {
             // so nothing of this group runs in between.
             self.spawn_drainer(Some((permit, queue)));
         }
+        Some(res)
     }
 
-    /// Steps a tick or a message into the core (the caller holds the lock).
-    fn core_event(&self, work: Deferred, out: &mut Vec<Action>) {
+    /// Steps a tick, a message or a transfer into the core (the caller holds the lock).
+    fn core_event(&self, work: Deferred, out: &mut Vec<Action>) -> Result<(), String> {
         let mut core = self.core.borrow_mut();
         match work {
             Deferred::Tick(n) => core.tick_by(n, out),
             Deferred::Step(from, msg) => core.step(from, msg, out),
+            Deferred::Transfer(to) => {
+                return core.transfer_leadership(to, out).map_err(|e| e.to_string())
+            }
             Deferred::Flush => unreachable!("a flush is not a core event"),
         }
+        Ok(())
     }
 
     /// Queues work behind what the group is doing; a drainer does it once the lock frees.
@@ -688,15 +710,19 @@ impl PartitionGroup {
                     let dropped = self.dropped_steps.get() + 1;
                     self.dropped_steps.set(dropped);
                     if dropped.is_power_of_two() {
-                        tracing::warn!(group = self.cfg.group, dropped,
-                            "a busy group's peer messages dropped (consensus resends)");
+                        tracing::warn!(
+                            group = self.cfg.group,
+                            dropped,
+                            "a busy group's peer messages dropped (consensus resends)"
+                        );
                     }
                     return;
                 }
-                step => {
+                Deferred::Step(..) => {
                     self.deferred_steps.set(self.deferred_steps.get() + 1);
-                    q.push_back(step);
+                    q.push_back(work);
                 }
+                Deferred::Transfer(_) => q.push_back(work),
             }
         }
         if !self.draining.get() {
@@ -729,7 +755,8 @@ impl PartitionGroup {
                 return;
             };
             if matches!(work, Deferred::Step(..)) {
-                self.deferred_steps.set(self.deferred_steps.get() - 1);
+                self.deferred_steps
+                    .set(self.deferred_steps.get().saturating_sub(1));
             }
             let Some(_guard) = self.lock_fast().await else {
                 return;
@@ -752,7 +779,10 @@ impl PartitionGroup {
                 continue;
             }
             let mut out = Vec::new();
-            self.core_event(work, &mut out);
+            if let Err(e) = self.core_event(work, &mut out) {
+                tracing::debug!(group = self.cfg.group, error = %e,
+                    "leadership transfer not started");
+            }
             if !out.is_empty() {
                 self.perform(out).await;
             }
