@@ -50,6 +50,9 @@ const TOPIC: &str = "orders";
 const BUSY_PARTITIONS: u32 = 8;
 /// Manual ticks a busy group's lock is held: three times the longest election timeout.
 const BUSY_TICKS: u64 = 60;
+/// Ticks an idle cluster is given to settle, then watched for.
+const IDLE_SETTLE_TICKS: u64 = 20;
+const IDLE_TICKS: u64 = 100;
 /// Produces tried while leadership settles after the busy group frees.
 const MAX_PRODUCE_ATTEMPTS: i32 = 50;
 const FIRST_TOPIC_ID: u128 = 0x0123_4567_89ab_cdef_0011_2233_4455_6677;
@@ -857,6 +860,68 @@ fn a_busy_group_holds_up_no_other_group_on_its_shard() {
         }
         assert_eq!(answer, Ok(()));
         assert_eq!(busy_group.deferred().1, 0, "no message dropped");
+        c.stop.notify();
+        for n in &mut c.nodes {
+            for s in &mut n.shards {
+                s.task.take().unwrap().await;
+            }
+        }
+    });
+}
+
+/// Idle groups (followers hearing their leader, leaders between heartbeats) are ticked every
+/// other time with the tick they skipped handed over later: about half the group ticks of an
+/// idle shard are skipped, and no group elects again meanwhile.
+#[test]
+fn quiet_groups_skip_every_other_tick_and_keep_their_leaders() {
+    batches::run(async {
+        let (mut c, _tmp) = start(false).await;
+        c.create_topic_of(FIRST_TOPIC_ID, BUSY_PARTITIONS);
+        c.until("every partition has a writable leader", |c| {
+            (0..BUSY_PARTITIONS).all(|p| c.writable_leader(p).is_some())
+        })
+        .await;
+        // Past the new leaders' first rounds (their epochs commit, followers catch up).
+        c.ticks(IDLE_SETTLE_TICKS).await;
+        let leaders: Vec<_> = (0..BUSY_PARTITIONS)
+            .map(|p| {
+                let (n, g) = c.writable_leader(p).unwrap();
+                (n, g.epoch())
+            })
+            .collect();
+        let before = (
+            c.total(|s| s.group_ticks),
+            c.total(|s| s.group_ticks_skipped),
+        );
+        c.ticks(IDLE_TICKS).await;
+        // Every tick sent is handled before the counts are read.
+        let target = c.ticks_sent.get();
+        c.until("every shard handled the ticks sent", |c| {
+            c.nodes
+                .iter()
+                .flat_map(|n| &n.shards)
+                .all(|s| s.stats.borrow().ticks >= target)
+        })
+        .await;
+        let ticks = c.total(|s| s.group_ticks) - before.0;
+        let skipped = c.total(|s| s.group_ticks_skipped) - before.1;
+        assert!(ticks > 0);
+        assert!(
+            skipped * 10 >= ticks * 4,
+            "{skipped} of {ticks} group ticks skipped"
+        );
+        assert!(
+            skipped * 2 <= ticks + 1,
+            "at most every other tick: {skipped} of {ticks}"
+        );
+        for p in 0..BUSY_PARTITIONS {
+            let (n, g) = c.writable_leader(p).unwrap();
+            assert_eq!(
+                (n, g.epoch()),
+                leaders[p as usize],
+                "partition {p} elected again"
+            );
+        }
         c.stop.notify();
         for n in &mut c.nodes {
             for s in &mut n.shards {

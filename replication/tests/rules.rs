@@ -622,3 +622,59 @@ fn a_leader_owed_many_ticks_heartbeats_once_and_keeps_its_quorum() {
     assert_eq!(c.r(1).role(), Role::Follower);
     assert_eq!(c.r(1).epoch(), 1, "stepping down starts no epoch");
 }
+
+/// `quiet_ticks` is exact: that many ticks do nothing, and the next one does what is due.
+#[test]
+fn quiet_ticks_are_the_ticks_before_something_is_due() {
+    let mut c = Cluster::new(3);
+    // A fresh follower: quiet until its election timeout.
+    let q = c.r(2).quiet_ticks();
+    assert!(q + 1 >= Config::default().election_timeout_ticks, "{q}");
+    for _ in 0..q {
+        let mut out = Vec::new();
+        c.r(2).tick(&mut out);
+        assert!(out.is_empty(), "{out:?}");
+    }
+    let mut out = Vec::new();
+    c.r(2).tick(&mut out);
+    assert!(!out.is_empty(), "a campaign after the quiet ticks");
+    // The campaign restarted the clock: quiet (votes come as messages) until it times out.
+    assert!(c.r(2).quiet_ticks() + 1 >= Config::default().election_timeout_ticks);
+
+    // A leader just after its heartbeat: quiet until the next one.
+    let mut c = Cluster::new(3);
+    c.tick_until_leader(1);
+    c.deliver_all();
+    let heartbeat = |out: &[Action]| {
+        out.iter().any(|a| {
+            matches!(
+                a,
+                Action::Send {
+                    msg: Message::Append(_),
+                    ..
+                }
+            )
+        })
+    };
+    for _ in 0..Config::default().heartbeat_interval_ticks {
+        let mut out = Vec::new();
+        c.r(1).tick(&mut out);
+        if heartbeat(&out) {
+            break;
+        }
+    }
+    let q = c.r(1).quiet_ticks();
+    assert_eq!(q, Config::default().heartbeat_interval_ticks - 1);
+    let mut out = Vec::new();
+    c.r(1).tick_by(q, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(c.r(1).quiet_ticks(), 0);
+    c.r(1).tick(&mut out);
+    assert!(heartbeat(&out), "{out:?}");
+
+    // A leader handing over: its transfer's clock runs on every tick.
+    c.deliver_all();
+    let mut out = Vec::new();
+    c.r(1).transfer_leadership(2, &mut out).unwrap();
+    assert_eq!(c.r(1).quiet_ticks(), 0);
+}

@@ -131,15 +131,20 @@ impl ShardGroups {
 
     /// One tick of every group, then everything they have to send now.
     pub fn tick(&self) -> Vec<NodeMessage> {
-        self.tick_all();
+        let _ = self.tick_all();
         self.take_outgoing()
     }
 
-    /// One tick of every group; what they queue is left for [`Self::take_outgoing`].
-    pub fn tick_all(&self) {
+    /// One tick of every group; what they queue is left for [`Self::take_outgoing`]. Returns
+    /// how many quiet groups skipped it (see [`PartitionGroup::tick_or_defer`]).
+    pub fn tick_all(&self) -> u64 {
+        let mut skipped = 0;
         for g in self.all().iter() {
-            g.tick_or_defer();
+            if g.tick_or_defer() {
+                skipped += 1;
+            }
         }
+        skipped
     }
 
     /// Steps a peer's message into its groups (entries for groups not hosted here are

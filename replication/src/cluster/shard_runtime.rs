@@ -182,6 +182,10 @@ pub struct RuntimeStats {
     pub reassignments_finished: u64,
     /// Partitions whose files were removed at start because this node no longer holds them.
     pub orphans_removed: u64,
+    /// Group ticks due (every hosted group on every tick), and those quiet groups skipped
+    /// (handed over with their next tick: see `PartitionGroup::tick_or_defer`).
+    pub group_ticks: u64,
+    pub group_ticks_skipped: u64,
     /// Ticks handled [`SLOW_SHARD_MS`] or more after they were due, and events that held the
     /// runtime that long, with the longest of each (ms).
     pub late_ticks: u64,
@@ -374,7 +378,12 @@ pub async fn run(
                     next_tick = Some(Box::pin(Deadline::at(*at)));
                 }
                 rt.check_view(&link).await;
-                rt.groups.tick_all();
+                let skipped = rt.groups.tick_all();
+                {
+                    let mut st = rt.stats.borrow_mut();
+                    st.group_ticks += rt.groups.len() as u64;
+                    st.group_ticks_skipped += skipped;
+                }
                 // What the ticks queued is taken now: seen, so no second flush for it.
                 rt.outbox_seen = rt.groups.outbox_signal().generation();
                 let out = rt.groups.take_outgoing();
