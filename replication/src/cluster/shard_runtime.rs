@@ -26,9 +26,9 @@
 //! groups record it in memory as they are stepped, and the first group handing out messages
 //! after that waits for one write and one fdatasync covering every group of the pass (the
 //! others find theirs durable). So a pass of thousands of votes costs one device flush, and
-//! the shard's other tasks run while it is under way. The runtime also syncs the store after
-//! opening groups, and on a tick starts a flush of states nothing is sent for on a task of its
-//! own (the tick does not wait for it); it reports only leaders whose hard state is durable.
+//! the shard's other tasks run while it is under way. After opening groups and on a tick, the
+//! runtime also starts a flush of states nothing is sent for, on a task of its own (it does
+//! not wait for it); it reports only leaders whose hard state is durable.
 //!
 //! On each tick the runtime also moves leadership the applied metadata wants elsewhere: a
 //! group it leads whose partition has a wished leader (a preferred-leader election or the
@@ -500,14 +500,6 @@ struct Runtime {
 }
 
 impl Runtime {
-    /// Flushes hard states recorded with nothing to send (a failure is the store's: every
-    /// group needing it stops when it next sends).
-    async fn sync_hard_states(&self) {
-        if let Err(e) = self.replicas.sync_hard_states().await {
-            tracing::error!(node = self.node, error = %e, "hard-state store flush failed");
-        }
-    }
-
     /// Flushes hard states recorded with nothing to send on a task of its own, one flush at a
     /// time: the tick does not wait for the fdatasync (a group whose messages need its state
     /// durable waits for it itself).
@@ -926,8 +918,10 @@ impl Runtime {
             }
         }
         // The groups opened record their hard state; one flush for the pass makes it durable
-        // before any of them takes a batch (see `PartitionGroup::open`).
-        self.sync_hard_states().await;
+        // before any of them takes a batch (see `PartitionGroup::open`: a group waits for it
+        // itself). Not waited for here: under a loaded disk a flush takes hundreds of ms, and
+        // every view change (ISR changes come several a second under load) came here.
+        self.sync_hard_states_behind();
         // A move started or ended: the bootstrap voters changed, the group stays open.
         for (g, h) in mine.groups {
             if let Some(kept) = self.plan.groups.get_mut(&g) {
