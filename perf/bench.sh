@@ -523,7 +523,7 @@ many_partitions_run() {
   #   BYTES: both rows with batches of BYTES (16384 is Kafka's default batch.size; a producer
   #          with the sticky partitioner, KIP-480, fills one partition's batch at a time, so
   #          1,000 partitions need not mean small batches). Rows cluster-produce-p6-bBYTES.
-  local n shape bb name before
+  local n shape bb name before taken
   for shape in ${BENCH_MANY_SHAPES:-mixed 16384 65536}; do
     for n in 6 1000; do
       if [ "$shape" = mixed ]; then
@@ -545,8 +545,9 @@ many_partitions_run() {
         --records $((MAX_BYTES_PER_RUN / 3 / 1024))
       # Leaderships taken during the run (elections and transfers): each costs the producer
       # NOT_LEADER_OR_FOLLOWER retries (their count is in $name.json).
-      echo "{\"leaderships_during_run\": $(($(leaderships) - before))}" > "$OUT/$name-leaderships.json"
-      log "$name: $(($(leaderships) - before)) leaderships taken during the run"
+      taken=$(($(leaderships) - before))
+      echo "{\"leaderships_during_run\": $taken}" > "$OUT/$name-leaderships.json"
+      log "$name: $taken leaderships taken during the run"
       stop_cluster
     done
   done
