@@ -251,10 +251,12 @@ impl Replica {
     /// that long and hand it the ticks later with [`Self::tick_by`], so long as nothing else
     /// reaches it meanwhile: the result is the same as ticking it each time.
     pub fn quiet_ticks(&self) -> u32 {
+        // The clocks first (fields of the replica itself); the followers' progress (memory
+        // elsewhere: thousands of groups are asked on every tick) only when those allow a tick.
         match self.role {
             Role::Leader => {
-                // A transfer's clock can abandon it; a paused follower is resumed on a tick.
-                if self.transfer.is_some() || self.progress.iter().any(|p| p.paused) {
+                // A transfer's clock can abandon it.
+                if self.transfer.is_some() {
                     return 0;
                 }
                 let heartbeat = self
@@ -265,17 +267,21 @@ impl Replica {
                     .cfg
                     .election_timeout_ticks
                     .saturating_sub(self.quorum_elapsed.saturating_add(1));
-                heartbeat.min(quorum)
-            }
-            Role::Follower | Role::PreCandidate | Role::Candidate => {
-                if !self.may_campaign() {
-                    return u32::MAX;
+                let quiet = heartbeat.min(quorum);
+                // A paused follower is resumed on a tick.
+                if quiet == 0 || self.progress.iter().any(|p| p.paused) {
+                    return 0;
                 }
-                self.election_timeout
-                    .saturating_sub(self.election_elapsed.saturating_add(1))
+                quiet
             }
+            // A non-voter never campaigns: its ticks are all quiet, but the clock's bound is
+            // still right (fewer ticks skipped, never one that mattered).
+            Role::Follower | Role::PreCandidate | Role::Candidate => self
+                .election_timeout
+                .saturating_sub(self.election_elapsed.saturating_add(1)),
         }
     }
+
     /// Nothing to do until the next heartbeat: a leader whose followers hold everything, or a
     /// follower with a leader. Used by the multiplexer to keep idle groups cheap.
     pub fn is_idle(&self) -> bool {

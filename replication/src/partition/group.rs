@@ -677,7 +677,7 @@ impl PartitionGroup {
             self.defer(work);
             return None;
         }
-        let Ok(permit) = self.lock.try_acquire_static_permit(1) else {
+        let Ok(permit) = self.lock.try_acquire_permit(1) else {
             self.defer(work);
             return None;
         };
@@ -700,8 +700,14 @@ impl PartitionGroup {
             self.skip_tick.set(quiet);
         } else {
             // The rest waits for the disk: the drainer finishes it under the same lock hold,
-            // so nothing of this group runs in between.
-            self.spawn_drainer(Some((permit, queue)));
+            // so nothing of this group runs in between. (The permit is handed over as one the
+            // task can own: released and taken again in this turn, nothing can come between,
+            // as nothing waited for the lock when it was taken.)
+            drop(permit);
+            match self.lock.try_acquire_static_permit(1) {
+                Ok(held) => self.spawn_drainer(Some((held, queue))),
+                Err(e) => unreachable!("a lock released in this turn is taken: {e}"),
+            }
         }
         Some(res)
     }
