@@ -422,6 +422,8 @@ MANY_SEGMENT_BYTES=4194304
 MANY_MAX_BATCH_BYTES=2097152
 # Many partitions take longer to elect than a few: the bound for the 1,000 and 3,000 ones.
 MANY_READY_SECS=${BENCH_MANY_READY_SECS:-300}
+# How long a produce run waits for the balancer to put every partition on its preferred leader.
+MANY_SETTLE_SECS=${BENCH_MANY_SETTLE_SECS:-90}
 
 # cluster_produce NAME ADDR ACKS [ARGS...]: the 1 KiB flush-always produce row, C_PARTITIONS
 # partitions over C_CONNECTIONS connections.
@@ -508,6 +510,12 @@ idle_run() {
   stop_cluster
 }
 
+# leaderships: "became leader" lines in the node logs so far (they are appended to across
+# cluster runs, so a difference counts what happened in between).
+leaderships() {
+  cat "$OUT"/cluster-node[123].log 2>/dev/null | grep -c "became leader" || true
+}
+
 many_partitions_run() {
   # Three connections (one per leader) in every row. Shapes (BENCH_MANY_SHAPES):
   #   mixed: about 2 MB of values per request in both rows (6 partitions: two 1 MB batches;
@@ -515,7 +523,7 @@ many_partitions_run() {
   #   BYTES: both rows with batches of BYTES (16384 is Kafka's default batch.size; a producer
   #          with the sticky partitioner, KIP-480, fills one partition's batch at a time, so
   #          1,000 partitions need not mean small batches). Rows cluster-produce-p6-bBYTES.
-  local n shape bb name
+  local n shape bb name before taken
   for shape in ${BENCH_MANY_SHAPES:-mixed 16384 65536}; do
     for n in 6 1000; do
       if [ "$shape" = mixed ]; then
@@ -528,10 +536,18 @@ many_partitions_run() {
       start_cluster $MANY_SEGMENT_BYTES $MANY_MAX_BATCH_BYTES || { FAILED+=("$name (cluster)"); continue; }
       create_topic "cluster-p$n" "$n" "$MANY_READY_SECS" \
         || { FAILED+=("$name (topic)"); stop_cluster; continue; }
+      # Settled first: the leader balancer's moves after creation are not the steady state.
+      wait_preferred "cluster-p$n" "$MANY_SETTLE_SECS" || true
       enough_space "$name" || { stop_cluster; continue; }
+      before=$(leaderships)
       perf "$name" produce -b "$CADDR" -t "cluster-p$n" -c 3 -s 1024 --batch-bytes "$bb" \
         --acks all --duration-secs "$SECS" --warmup-secs $WARMUP \
         --records $((MAX_BYTES_PER_RUN / 3 / 1024))
+      # Leaderships taken during the run (elections and transfers): each costs the producer
+      # NOT_LEADER_OR_FOLLOWER retries (their count is in $name.json).
+      taken=$(($(leaderships) - before))
+      echo "{\"leaderships_during_run\": $taken}" > "$OUT/$name-leaderships.json"
+      log "$name: $taken leaderships taken during the run"
       stop_cluster
     done
   done

@@ -245,6 +245,43 @@ impl Replica {
             .find(|p| p.node == peer)
             .map(|p| self.ticks.saturating_sub(p.heard_at))
     }
+    /// Ticks that may pass with nothing for this replica to do: [`Self::tick`] called this
+    /// many times sends nothing, changes no role and starts or abandons nothing (only its
+    /// clocks move). A caller hosting thousands of groups may leave such a replica unticked
+    /// that long and hand it the ticks later with [`Self::tick_by`], so long as nothing else
+    /// reaches it meanwhile: the result is the same as ticking it each time.
+    pub fn quiet_ticks(&self) -> u32 {
+        // The clocks first (fields of the replica itself); the followers' progress (memory
+        // elsewhere: thousands of groups are asked on every tick) only when those allow a tick.
+        match self.role {
+            Role::Leader => {
+                // A transfer's clock can abandon it.
+                if self.transfer.is_some() {
+                    return 0;
+                }
+                let heartbeat = self
+                    .cfg
+                    .heartbeat_interval_ticks
+                    .saturating_sub(self.heartbeat_elapsed.saturating_add(1));
+                let quorum = self
+                    .cfg
+                    .election_timeout_ticks
+                    .saturating_sub(self.quorum_elapsed.saturating_add(1));
+                let quiet = heartbeat.min(quorum);
+                // A paused follower is resumed on a tick.
+                if quiet == 0 || self.progress.iter().any(|p| p.paused) {
+                    return 0;
+                }
+                quiet
+            }
+            // A non-voter never campaigns: its ticks are all quiet, but the clock's bound is
+            // still right (fewer ticks skipped, never one that mattered).
+            Role::Follower | Role::PreCandidate | Role::Candidate => self
+                .election_timeout
+                .saturating_sub(self.election_elapsed.saturating_add(1)),
+        }
+    }
+
     /// Nothing to do until the next heartbeat: a leader whose followers hold everything, or a
     /// follower with a leader. Used by the multiplexer to keep idle groups cheap.
     pub fn is_idle(&self) -> bool {
@@ -262,18 +299,30 @@ impl Replica {
 
     /// One unit of logical time.
     pub fn tick(&mut self, out: &mut Vec<Action>) {
-        self.ticks += 1;
+        self.tick_by(1, out);
+    }
+
+    /// `n` units of logical time at once: what a caller that could not tick the replica for a
+    /// while (it was busy) owes it. The clocks all advance by `n`, then the replica does what
+    /// is due once: one heartbeat round however many intervals passed, one check-quorum, one
+    /// campaign. `tick_by(1)` is `tick`; `tick_by(0)` does nothing.
+    pub fn tick_by(&mut self, n: u32, out: &mut Vec<Action>) {
+        if n == 0 {
+            return;
+        }
+        self.ticks += u64::from(n);
         match self.role {
             Role::Leader => {
-                self.heartbeat_elapsed += 1;
-                self.quorum_elapsed += 1;
+                self.heartbeat_elapsed = self.heartbeat_elapsed.saturating_add(n);
+                self.quorum_elapsed = self.quorum_elapsed.saturating_add(n);
                 if let Some((target, elapsed)) = self.transfer {
                     // A transfer that has not finished in an election timeout is abandoned so
                     // the group is not left refusing proposals.
-                    if elapsed + 1 >= self.cfg.election_timeout_ticks {
+                    let elapsed = elapsed.saturating_add(n);
+                    if elapsed >= self.cfg.election_timeout_ticks {
                         self.transfer = None;
                     } else {
-                        self.transfer = Some((target, elapsed + 1));
+                        self.transfer = Some((target, elapsed));
                     }
                 }
                 if self.quorum_elapsed >= self.cfg.election_timeout_ticks {
@@ -296,7 +345,7 @@ impl Replica {
                 }
             }
             Role::Follower | Role::PreCandidate | Role::Candidate => {
-                self.election_elapsed += 1;
+                self.election_elapsed = self.election_elapsed.saturating_add(n);
                 if self.election_elapsed >= self.election_timeout && self.may_campaign() {
                     self.campaign(true, false, out);
                 }

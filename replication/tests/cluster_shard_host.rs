@@ -79,20 +79,20 @@ impl Net {
     async fn round(&mut self) {
         let mut queue = Vec::new();
         for i in 0..self.hosts.len() {
-            let out = self.hosts[i].tick().await;
+            let out = self.hosts[i].tick();
             self.count(&out);
             queue.extend(out);
         }
         for _ in 0..MAX_DELIVERY_PASSES {
             glommio::timer::sleep(Duration::from_millis(1)).await;
             for h in &self.hosts {
-                queue.extend(h.take_outgoing().await);
+                queue.extend(h.take_outgoing());
             }
             if queue.is_empty() {
                 return;
             }
             for m in std::mem::take(&mut queue) {
-                let out = self.host(m.to).deliver(m).await;
+                let out = self.host(m.to).deliver(m);
                 self.count(&out);
                 queue.extend(out);
             }

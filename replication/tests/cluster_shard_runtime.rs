@@ -46,6 +46,15 @@ const NODES: u64 = 3;
 const SHARDS: u32 = 2;
 const PARTITIONS: u32 = 2;
 const TOPIC: &str = "orders";
+/// Partitions of the busy-group test: more leaders than node shards (6), so two share one.
+const BUSY_PARTITIONS: u32 = 8;
+/// Manual ticks a busy group's lock is held: three times the longest election timeout.
+const BUSY_TICKS: u64 = 60;
+/// Ticks an idle cluster is given to settle, then watched for.
+const IDLE_SETTLE_TICKS: u64 = 20;
+const IDLE_TICKS: u64 = 100;
+/// Produces tried while leadership settles after the busy group frees.
+const MAX_PRODUCE_ATTEMPTS: i32 = 50;
 const FIRST_TOPIC_ID: u128 = 0x0123_4567_89ab_cdef_0011_2233_4455_6677;
 const SECOND_TOPIC_ID: u128 = 0x7766_5544_3322_1100_fedc_ba98_7654_3210;
 /// How long any awaited condition may take (elections take 10 to 20 ticks of a few ms).
@@ -148,12 +157,16 @@ impl Cluster {
     }
 
     fn create_topic(&mut self, topic_id: u128) {
+        self.create_topic_of(topic_id, PARTITIONS);
+    }
+
+    fn create_topic_of(&mut self, topic_id: u128, partitions: u32) {
         let recs = self
             .ctl
             .create_topic(CreateTopicRequest {
                 name: TOPIC.into(),
                 topic_id,
-                partitions: PARTITIONS as usize,
+                partitions: partitions as usize,
                 replication_factor: Some(3),
                 configs: vec![("min.insync.replicas".into(), "2".into())],
             })
@@ -752,6 +765,167 @@ fn the_shipped_tick_elects_and_commits() {
                 let stats = s.task.take().unwrap().await;
                 assert!(stats.ticks > 0);
                 assert_eq!(stats.messages_dropped, 0);
+            }
+        }
+    });
+}
+
+/// One group whose lock is held (as a produce holds it while its batches go to a slow disk)
+/// holds up no other group of its shard: the shard's other leader keeps its followers (no
+/// election through three election timeouts) and commits an acks=all produce meanwhile. Once
+/// the lock frees, the busy group catches up on what it was handed and commits too.
+#[test]
+fn a_busy_group_holds_up_no_other_group_on_its_shard() {
+    batches::run(async {
+        let (mut c, _tmp) = start(false).await;
+        c.create_topic_of(FIRST_TOPIC_ID, BUSY_PARTITIONS);
+        c.until("every partition has a writable leader", |c| {
+            (0..BUSY_PARTITIONS).all(|p| c.writable_leader(p).is_some())
+        })
+        .await;
+        // Two partitions led from one node's shard.
+        let mut led: HashMap<(NodeId, u32), Vec<u32>> = HashMap::new();
+        for p in 0..BUSY_PARTITIONS {
+            let (node, _) = c.writable_leader(p).unwrap();
+            let shard = c
+                .state
+                .borrow()
+                .partition(TOPIC, p)
+                .unwrap()
+                .replicas
+                .iter()
+                .find(|r| r.node == node)
+                .unwrap()
+                .shard;
+            led.entry((node, shard)).or_default().push(p);
+        }
+        let (&(node, _), parts) = led.iter().find(|(_, ps)| ps.len() >= 2).unwrap();
+        let (busy, other) = (parts[0], parts[1]);
+        let busy_group = c.group(node, busy).unwrap();
+        let other_group = c.group(node, other).unwrap();
+        let epoch = other_group.epoch();
+
+        let held = busy_group.hold_lock().await.expect("the group's lock");
+        c.ticks(BUSY_TICKS).await;
+        let handled = c.node(node).shards.iter().map(|s| s.stats.borrow().ticks);
+        assert!(
+            handled.clone().all(|t| t >= BUSY_TICKS),
+            "the node's shards handle their ticks: {:?}",
+            handled.collect::<Vec<_>>()
+        );
+        assert!(
+            other_group.is_writable_leader(),
+            "no election for the other group"
+        );
+        assert_eq!(
+            other_group.epoch(),
+            epoch,
+            "no election for the other group"
+        );
+        let (outcome, completion) = other_group.produce(vec![batch(5, 0, 3)], Acks::All).await;
+        assert_eq!(outcome.error_code, 0);
+        let done = Rc::new(Cell::new(None));
+        let d = done.clone();
+        glommio::spawn_local(async move { d.set(Some(completion.wait().await)) }).detach();
+        c.until("the other group commits while one is busy", |_| {
+            done.get().is_some()
+        })
+        .await;
+        assert_eq!(done.get(), Some(Ok(())));
+        assert_eq!(other_group.epoch(), epoch);
+
+        // The busy group was owed ticks and handed messages: it does them in order once free
+        // (its followers may have elected meanwhile: its heartbeats were held too, and until
+        // it hears of the new epoch it still takes a write it will fail).
+        drop(held);
+        let not_leader = kafka_protocol::ResponseError::NotLeaderOrFollower.code();
+        let mut answer = Err(not_leader);
+        for seq in 0..MAX_PRODUCE_ATTEMPTS {
+            c.until("the busy partition has a writable leader again", |c| {
+                c.writable_leader(busy).is_some()
+            })
+            .await;
+            let (_, g) = c.writable_leader(busy).unwrap();
+            let (outcome, completion) = g
+                .produce(vec![batch(600 + i64::from(seq), 0, 1)], Acks::All)
+                .await;
+            answer = match outcome.error_code {
+                0 => completion.wait().await,
+                code => Err(code),
+            };
+            if answer != Err(not_leader) {
+                break;
+            }
+            c.ticks(1).await;
+        }
+        assert_eq!(answer, Ok(()));
+        assert_eq!(busy_group.deferred().1, 0, "no message dropped");
+        c.stop.notify();
+        for n in &mut c.nodes {
+            for s in &mut n.shards {
+                s.task.take().unwrap().await;
+            }
+        }
+    });
+}
+
+/// Idle groups (followers hearing their leader, leaders between heartbeats) are ticked every
+/// other time with the tick they skipped handed over later: about half the group ticks of an
+/// idle shard are skipped, and no group elects again meanwhile.
+#[test]
+fn quiet_groups_skip_every_other_tick_and_keep_their_leaders() {
+    batches::run(async {
+        let (mut c, _tmp) = start(false).await;
+        c.create_topic_of(FIRST_TOPIC_ID, BUSY_PARTITIONS);
+        c.until("every partition has a writable leader", |c| {
+            (0..BUSY_PARTITIONS).all(|p| c.writable_leader(p).is_some())
+        })
+        .await;
+        // Past the new leaders' first rounds (their epochs commit, followers catch up).
+        c.ticks(IDLE_SETTLE_TICKS).await;
+        let leaders: Vec<_> = (0..BUSY_PARTITIONS)
+            .map(|p| {
+                let (n, g) = c.writable_leader(p).unwrap();
+                (n, g.epoch())
+            })
+            .collect();
+        let before = (
+            c.total(|s| s.group_ticks),
+            c.total(|s| s.group_ticks_skipped),
+        );
+        c.ticks(IDLE_TICKS).await;
+        // Every tick sent is handled before the counts are read.
+        let target = c.ticks_sent.get();
+        c.until("every shard handled the ticks sent", |c| {
+            c.nodes
+                .iter()
+                .flat_map(|n| &n.shards)
+                .all(|s| s.stats.borrow().ticks >= target)
+        })
+        .await;
+        let ticks = c.total(|s| s.group_ticks) - before.0;
+        let skipped = c.total(|s| s.group_ticks_skipped) - before.1;
+        assert!(ticks > 0);
+        assert!(
+            skipped * 10 >= ticks * 4,
+            "{skipped} of {ticks} group ticks skipped"
+        );
+        assert!(
+            skipped * 2 <= ticks + 1,
+            "at most every other tick: {skipped} of {ticks}"
+        );
+        for p in 0..BUSY_PARTITIONS {
+            let (n, g) = c.writable_leader(p).unwrap();
+            assert_eq!(
+                (n, g.epoch()),
+                leaders[p as usize],
+                "partition {p} elected again"
+            );
+        }
+        c.stop.notify();
+        for n in &mut c.nodes {
+            for s in &mut n.shards {
+                s.task.take().unwrap().await;
             }
         }
     });

@@ -529,3 +529,152 @@ fn a_learner_receives_the_log_but_does_not_count_toward_commit() {
         .iter()
         .any(|(from, _, m)| *from == 4 && matches!(m, Message::Vote(_))));
 }
+
+/// The ticks a caller owes a replica it could not tick while busy, taken at once: the clocks
+/// advance by all of them, and what falls due is done once.
+#[test]
+fn ticks_owed_at_once_elect_when_their_sum_reaches_the_timeout() {
+    let members = Membership::voters(&[1, 2, 3]);
+    let fresh = || {
+        Replica::new(
+            1,
+            Config::default(),
+            7,
+            Persisted::new_group(members.clone()),
+        )
+    };
+    // One tick at a time: the timeout (drawn from the seed) in ticks.
+    let mut one = fresh();
+    let mut timeout = 0;
+    for t in 1..=100 {
+        let mut out = Vec::new();
+        one.tick(&mut out);
+        if !out.is_empty() {
+            timeout = t;
+            break;
+        }
+    }
+    assert!(
+        timeout >= Config::default().election_timeout_ticks,
+        "{timeout}"
+    );
+    let mut owed = fresh();
+    let mut out = Vec::new();
+    owed.tick_by(0, &mut out);
+    owed.tick_by(timeout - 1, &mut out);
+    assert!(out.is_empty(), "nothing due before the timeout: {out:?}");
+    assert_eq!(owed.role(), Role::Follower);
+    owed.tick_by(1, &mut out);
+    assert_eq!(
+        owed.role(),
+        Role::PreCandidate,
+        "a pre-vote, as one tick at a time"
+    );
+    let mut late = fresh();
+    let mut late_out = Vec::new();
+    late.tick_by(5 * timeout, &mut late_out);
+    assert_eq!(late_out, out, "one campaign however late the ticks come");
+}
+
+#[test]
+fn a_leader_owed_many_ticks_heartbeats_once_and_keeps_its_quorum() {
+    let mut c = Cluster::new(3);
+    c.tick_until_leader(1);
+    c.deliver_all();
+    let heartbeats = |out: &[Action]| {
+        out.iter()
+            .filter(|a| {
+                matches!(
+                    a,
+                    Action::Send {
+                        msg: Message::Append(_),
+                        ..
+                    }
+                )
+            })
+            .count()
+    };
+    let mut out = Vec::new();
+    // More than a heartbeat interval and a check-quorum window: one heartbeat round (one
+    // append per follower), and the followers that answered keep it leading.
+    c.r(1)
+        .tick_by(Config::default().election_timeout_ticks * 3, &mut out);
+    assert_eq!(heartbeats(&out), 2, "{out:?}");
+    assert!(c.r(1).is_leader());
+    c.perform(1, out);
+    c.deliver_all();
+    // The heartbeat clock restarted: the next round after a whole interval, as usual.
+    let mut out = Vec::new();
+    c.r(1)
+        .tick_by(Config::default().heartbeat_interval_ticks - 1, &mut out);
+    assert_eq!(heartbeats(&out), 0, "{out:?}");
+    c.r(1).tick_by(1, &mut out);
+    assert_eq!(heartbeats(&out), 2, "{out:?}");
+    // Cut off from both followers for a check-quorum window's worth of owed ticks: it steps
+    // down, as it would one tick at a time.
+    c.cut[1] = true;
+    c.cut[2] = true;
+    let mut out = Vec::new();
+    c.r(1)
+        .tick_by(Config::default().election_timeout_ticks, &mut out);
+    c.r(1)
+        .tick_by(Config::default().election_timeout_ticks, &mut out);
+    assert_eq!(c.r(1).role(), Role::Follower);
+    assert_eq!(c.r(1).epoch(), 1, "stepping down starts no epoch");
+}
+
+/// `quiet_ticks` is exact: that many ticks do nothing, and the next one does what is due.
+#[test]
+fn quiet_ticks_are_the_ticks_before_something_is_due() {
+    let mut c = Cluster::new(3);
+    // A fresh follower: quiet until its election timeout.
+    let q = c.r(2).quiet_ticks();
+    assert!(q + 1 >= Config::default().election_timeout_ticks, "{q}");
+    for _ in 0..q {
+        let mut out = Vec::new();
+        c.r(2).tick(&mut out);
+        assert!(out.is_empty(), "{out:?}");
+    }
+    let mut out = Vec::new();
+    c.r(2).tick(&mut out);
+    assert!(!out.is_empty(), "a campaign after the quiet ticks");
+    // The campaign restarted the clock: quiet (votes come as messages) until it times out.
+    assert!(c.r(2).quiet_ticks() + 1 >= Config::default().election_timeout_ticks);
+
+    // A leader just after its heartbeat: quiet until the next one.
+    let mut c = Cluster::new(3);
+    c.tick_until_leader(1);
+    c.deliver_all();
+    let heartbeat = |out: &[Action]| {
+        out.iter().any(|a| {
+            matches!(
+                a,
+                Action::Send {
+                    msg: Message::Append(_),
+                    ..
+                }
+            )
+        })
+    };
+    for _ in 0..Config::default().heartbeat_interval_ticks {
+        let mut out = Vec::new();
+        c.r(1).tick(&mut out);
+        if heartbeat(&out) {
+            break;
+        }
+    }
+    let q = c.r(1).quiet_ticks();
+    assert_eq!(q, Config::default().heartbeat_interval_ticks - 1);
+    let mut out = Vec::new();
+    c.r(1).tick_by(q, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(c.r(1).quiet_ticks(), 0);
+    c.r(1).tick(&mut out);
+    assert!(heartbeat(&out), "{out:?}");
+
+    // A leader handing over: its transfer's clock runs on every tick.
+    c.deliver_all();
+    let mut out = Vec::new();
+    c.r(1).transfer_leadership(2, &mut out).unwrap();
+    assert_eq!(c.r(1).quiet_ticks(), 0);
+}

@@ -124,38 +124,48 @@ impl ShardGroups {
         all
     }
 
-    /// One tick of every group, then everything they have to send.
-    pub async fn tick(&self) -> Vec<NodeMessage> {
-        self.tick_all().await;
-        self.take_outgoing().await
+    // None of these waits for a group: a group whose lock is held (a produce or an append on
+    // disk) or whose work needs I/O gets it done by its own drainer, in order, and what that
+    // queues comes out of a later `take_outgoing` (the outbox signal says when). So one busy
+    // group never holds up the others' heartbeats and answers.
+
+    /// One tick of every group, then everything they have to send now.
+    pub fn tick(&self) -> Vec<NodeMessage> {
+        let _ = self.tick_all();
+        self.take_outgoing()
     }
 
-    /// One tick of every group; what they queue is left for [`Self::take_outgoing`].
-    pub async fn tick_all(&self) {
+    /// One tick of every group; what they queue is left for [`Self::take_outgoing`]. Returns
+    /// how many quiet groups skipped it (see [`PartitionGroup::tick_or_defer`]).
+    pub fn tick_all(&self) -> u64 {
+        let mut skipped = 0;
         for g in self.all().iter() {
-            g.tick().await;
+            if g.tick_or_defer() {
+                skipped += 1;
+            }
         }
+        skipped
     }
 
     /// Steps a peer's message into its groups (entries for groups not hosted here are
-    /// dropped: closed, or not opened yet; consensus resends), then everything to send.
-    pub async fn deliver(&self, msg: NodeMessage) -> Vec<NodeMessage> {
-        self.step(msg).await;
-        self.take_outgoing().await
+    /// dropped: closed, or not opened yet; consensus resends), then everything to send now.
+    pub fn deliver(&self, msg: NodeMessage) -> Vec<NodeMessage> {
+        self.step(msg);
+        self.take_outgoing()
     }
 
     /// Steps a peer's message into its groups without taking what they have to send (a
     /// caller stepping several messages flushes once after them).
-    pub async fn step(&self, msg: NodeMessage) {
+    pub fn step(&self, msg: NodeMessage) {
         for (g, m) in msg.items {
             if let Some(group) = self.get(g) {
-                group.step(msg.from, m).await;
+                group.step_or_defer(msg.from, m);
             }
         }
     }
 
     /// What every group has to send since the last call, one message per peer.
-    pub async fn take_outgoing(&self) -> Vec<NodeMessage> {
+    pub fn take_outgoing(&self) -> Vec<NodeMessage> {
         // Only the groups that queued something since the last call (each says so when its
         // outbox stops being empty): most of thousands of idle groups have nothing on most
         // calls, and this runs after every delivery. Ascending, as a pass over all would be.
@@ -165,14 +175,14 @@ impl ShardGroups {
         queued.dedup();
         let mut per_group = Vec::with_capacity(queued.len());
         for &id in &queued {
-            // Gone (closed since), or taken by a call that ran while this one awaited.
+            // Gone (closed since), or taken already (listed twice).
             let Some(g) = self.get(id) else {
                 continue;
             };
             if !g.has_messages() {
                 continue;
             }
-            let msgs = g.take_messages().await;
+            let msgs = g.take_ready();
             if !msgs.is_empty() {
                 per_group.push((g.group(), msgs));
             }

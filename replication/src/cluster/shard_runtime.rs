@@ -13,6 +13,12 @@
 //!   are repeated every [`REPORT_INTERVAL_MS`];
 //! - the controller accepted a report ([`ShardLink::accepted`]): it is not repeated.
 //!
+//! The runtime never waits for a group: a tick, a message or a flush for a group whose lock is
+//! held (a produce or a follower's append on disk, a leader reading batches to send) or whose
+//! work needs the disk is done by that group's own drainer task, in order (see
+//! [`crate::partition::PartitionGroup::step_or_defer`]); what it queues is flushed on its
+//! outbox signal. So one busy partition holds up no other partition's heartbeats or answers.
+//!
 //! Everything sent goes to [`ShardLink::to_service`] with `try_send`: a full channel drops
 //! (counted) rather than stalls the shard; consensus retransmits and reports repeat.
 //!
@@ -20,9 +26,9 @@
 //! groups record it in memory as they are stepped, and the first group handing out messages
 //! after that waits for one write and one fdatasync covering every group of the pass (the
 //! others find theirs durable). So a pass of thousands of votes costs one device flush, and
-//! the shard's other tasks run while it is under way. The runtime also syncs the store after
-//! opening groups and on every tick (states nothing is sent for), and reports only leaders
-//! whose hard state is durable.
+//! the shard's other tasks run while it is under way. After opening groups and on a tick, the
+//! runtime also starts a flush of states nothing is sent for, on a task of its own (it does
+//! not wait for it); it reports only leaders whose hard state is durable.
 //!
 //! On each tick the runtime also moves leadership the applied metadata wants elsewhere: a
 //! group it leads whose partition has a wished leader (a preferred-leader election or the
@@ -42,7 +48,7 @@
 //! view to its replica's observer (only when it changed), and on each tick its own counters to the [`RuntimeObserver`]: that is
 //! how metrics see replication without this crate knowing of them.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::rc::Rc;
@@ -104,6 +110,12 @@ pub const MAX_ORPHAN_SCAN_PARTITIONS: usize = 1_000_000;
 /// Incoming node messages stepped before their groups' replies are flushed: batches a burst
 /// (a peer's per-tick messages arrive together) without holding replies back for long.
 pub const MAX_MESSAGES_PER_FLUSH: usize = 32;
+
+/// A tick handled this long after it was due, or one event that held the runtime this long, is
+/// counted and logged (at most once per [`SLOW_LOG_INTERVAL_MS`]): the shard's leaders are that
+/// late with their heartbeats, and followers elsewhere elect after 500 ms without one.
+pub const SLOW_SHARD_MS: u64 = 100;
+pub const SLOW_LOG_INTERVAL_MS: u64 = 1_000;
 
 /// Where a runtime's ticks come from.
 pub enum TickSource {
@@ -170,6 +182,16 @@ pub struct RuntimeStats {
     pub reassignments_finished: u64,
     /// Partitions whose files were removed at start because this node no longer holds them.
     pub orphans_removed: u64,
+    /// Group ticks due (every hosted group on every tick), and those quiet groups skipped
+    /// (handed over with their next tick: see `PartitionGroup::tick_or_defer`).
+    pub group_ticks: u64,
+    pub group_ticks_skipped: u64,
+    /// Ticks handled [`SLOW_SHARD_MS`] or more after they were due, and events that held the
+    /// runtime that long, with the longest of each (ms).
+    pub late_ticks: u64,
+    pub max_tick_late_ms: u64,
+    pub slow_events: u64,
+    pub max_event_ms: u64,
 }
 
 enum Event {
@@ -182,6 +204,53 @@ enum Event {
     AcceptedClosed,
     Outbox,
     Leadership,
+}
+
+impl Event {
+    fn kind(&self) -> &'static str {
+        match self {
+            Event::Stop => "stop",
+            Event::Tick => "tick",
+            Event::TicksEnded => "ticks ended",
+            Event::Inbox(_) => "inbox",
+            Event::InboxClosed => "inbox closed",
+            Event::Accepted(_) => "accepted",
+            Event::AcceptedClosed => "accepted closed",
+            Event::Outbox => "outbox",
+            Event::Leadership => "leadership",
+        }
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Logs a slow runtime at most once per [`SLOW_LOG_INTERVAL_MS`].
+#[derive(Default)]
+struct SlowLog {
+    last: Option<Instant>,
+    skipped: u64,
+}
+
+impl SlowLog {
+    fn note(&mut self, shard: usize, what: &str, took_ms: u64) {
+        let now = Instant::now();
+        let interval = Duration::from_millis(SLOW_LOG_INTERVAL_MS);
+        if self.last.is_some_and(|t| now.duration_since(t) < interval) {
+            self.skipped += 1;
+            return;
+        }
+        tracing::warn!(
+            shard,
+            what,
+            took_ms,
+            more_since_last = self.skipped,
+            "shard runtime held up: its leaders' heartbeats are late"
+        );
+        self.last = Some(now);
+        self.skipped = 0;
+    }
 }
 
 /// Drives the replicated partitions of `replicas`' shard until `stop` resolves, then closes
@@ -210,6 +279,8 @@ pub async fn run(
         transfers: BTreeMap::new(),
         finishing: BTreeMap::new(),
         orphans_swept: false,
+        hard_state_sync: None,
+        syncing: Rc::default(),
         throttle: config.throttle.clone(),
         stats: config.stats.clone(),
     };
@@ -222,6 +293,7 @@ pub async fn run(
     // event, or polled on every wake-up, would be registered again each time: see `Deadline`).
     let mut next_tick = timer.map(|(_, at)| Box::pin(Deadline::at(at)));
     let (mut inbox_open, mut accepted_open, mut manual_open) = (true, true, manual.is_some());
+    let mut slow_log = SlowLog::default();
     rt.check_view(&link).await;
     loop {
         let outbox = rt.groups.outbox_signal();
@@ -281,6 +353,8 @@ pub async fn run(
             ),
         )
         .await;
+        let started = Instant::now();
+        let kind = event.kind();
         match event {
             Event::Stop => break,
             Event::TicksEnded => manual_open = false,
@@ -289,6 +363,14 @@ pub async fn run(
                     // A late tick is not made up for (no burst of ticks after a stall): the
                     // groups' clocks are ticks, not time.
                     let now = Instant::now();
+                    let late = ms(now.saturating_duration_since(*at));
+                    if late >= SLOW_SHARD_MS {
+                        let mut st = rt.stats.borrow_mut();
+                        st.late_ticks += 1;
+                        st.max_tick_late_ms = st.max_tick_late_ms.max(late);
+                        drop(st);
+                        slow_log.note(link.shard, "tick late", late);
+                    }
                     *at += *every;
                     if *at <= now {
                         *at = now + *every;
@@ -296,14 +378,19 @@ pub async fn run(
                     next_tick = Some(Box::pin(Deadline::at(*at)));
                 }
                 rt.check_view(&link).await;
-                rt.groups.tick_all().await;
+                let skipped = rt.groups.tick_all();
+                {
+                    let mut st = rt.stats.borrow_mut();
+                    st.group_ticks += rt.groups.len() as u64;
+                    st.group_ticks_skipped += skipped;
+                }
                 // What the ticks queued is taken now: seen, so no second flush for it.
                 rt.outbox_seen = rt.groups.outbox_signal().generation();
-                let out = rt.groups.take_outgoing().await;
+                let out = rt.groups.take_outgoing();
                 rt.send(&link, out);
-                rt.sync_hard_states().await;
+                rt.sync_hard_states_behind();
                 rt.report(&link, false);
-                rt.move_leadership(&link).await;
+                rt.move_leadership(&link);
                 rt.move_replicas(&link).await;
                 // Every group every REPLICATION_VIEW_EVERY_TICKS; the groups of moving
                 // partitions every tick, so a scrape sees a new replica's catch-up from its
@@ -320,24 +407,24 @@ pub async fn run(
                 }
             }
             Event::Inbox(msg) => {
-                rt.groups.step(msg).await;
+                rt.groups.step(msg);
                 // What else has arrived is stepped before the flush: one pass over the groups
                 // and one message per peer for all of it.
                 for _ in 1..MAX_MESSAGES_PER_FLUSH {
                     let Ok(msg) = link.inbox.try_recv() else {
                         break;
                     };
-                    rt.groups.step(msg).await;
+                    rt.groups.step(msg);
                 }
                 // What the steps queued is taken now: seen, so no second flush for it.
                 rt.outbox_seen = rt.groups.outbox_signal().generation();
-                let out = rt.groups.take_outgoing().await;
+                let out = rt.groups.take_outgoing();
                 rt.send(&link, out);
             }
             Event::Outbox => {
                 rt.stats.borrow_mut().signalled_flushes += 1;
                 rt.outbox_seen = rt.groups.outbox_signal().generation();
-                let out = rt.groups.take_outgoing().await;
+                let out = rt.groups.take_outgoing();
                 rt.send(&link, out);
             }
             Event::Leadership => rt.report(&link, true),
@@ -348,11 +435,22 @@ pub async fn run(
             }
             Event::AcceptedClosed => accepted_open = false,
         }
+        let took = ms(started.elapsed());
+        if took >= SLOW_SHARD_MS {
+            let mut st = rt.stats.borrow_mut();
+            st.slow_events += 1;
+            st.max_event_ms = st.max_event_ms.max(took);
+            drop(st);
+            slow_log.note(link.shard, kind, took);
+        }
     }
     for g in rt.groups.ids() {
         if let Some(group) = rt.groups.remove(g) {
             group.replica().observe_replication(None);
         }
+    }
+    if let Some(sync) = rt.hard_state_sync.take() {
+        sync.await;
     }
     rt.replicas.close_groups().await;
     let stats = rt.stats.borrow().clone();
@@ -394,17 +492,30 @@ struct Runtime {
     /// The data dir was swept for files of partitions this node no longer holds (once per
     /// start, by shard 0), and the shard's hard-state store for their groups.
     orphans_swept: bool,
+    /// The last flush of hard states started by a tick, and whether it is under way.
+    hard_state_sync: Option<glommio::Task<()>>,
+    syncing: Rc<Cell<bool>>,
     throttle: Option<Arc<ReplicationThrottle>>,
     stats: Rc<RefCell<RuntimeStats>>,
 }
 
 impl Runtime {
-    /// Flushes hard states recorded with nothing to send (a failure is the store's: every
-    /// group needing it stops when it next sends).
-    async fn sync_hard_states(&self) {
-        if let Err(e) = self.replicas.sync_hard_states().await {
-            tracing::error!(node = self.node, error = %e, "hard-state store flush failed");
+    /// Flushes hard states recorded with nothing to send on a task of its own, one flush at a
+    /// time: the tick does not wait for the fdatasync (a group whose messages need its state
+    /// durable waits for it itself).
+    fn sync_hard_states_behind(&mut self) {
+        let pending = self.replicas.hard_states().is_some_and(|s| s.has_pending());
+        if !pending || self.syncing.get() {
+            return;
         }
+        self.syncing.set(true);
+        let (replicas, syncing, node) = (self.replicas.clone(), self.syncing.clone(), self.node);
+        self.hard_state_sync = Some(glommio::spawn_local(async move {
+            if let Err(e) = replicas.sync_hard_states().await {
+                tracing::error!(node, error = %e, "hard-state store flush failed");
+            }
+            syncing.set(false);
+        }));
     }
 
     fn send(&mut self, link: &ShardLink, out: Vec<NodeMessage>) {
@@ -419,7 +530,7 @@ impl Runtime {
     /// Groups this shard leads whose partition the applied metadata wants led elsewhere (a
     /// wished leader, or this node in maintenance or being decommissioned) transfer leadership
     /// to that node, each at most once per [`LEADERSHIP_TRANSFER_RETRY_MS`] for the same target.
-    async fn move_leadership(&mut self, link: &ShardLink) {
+    fn move_leadership(&mut self, link: &ShardLink) {
         let view = link.port.view();
         let state = &view.metadata;
         let draining = state.is_draining(self.node);
@@ -468,14 +579,15 @@ impl Runtime {
         }
         for (g, group, target, topic, partition) in moves {
             self.transfers.insert(g, (target, now));
-            match group.transfer_leadership(target).await {
-                Ok(()) => {
+            // A busy group starts it once free (the shard does not wait for it).
+            match group.transfer_leadership_or_defer(target) {
+                Some(Err(e)) => tracing::debug!(%topic, partition, group = g, to = target,
+                    error = %e, "leadership transfer not started"),
+                Some(Ok(())) | None => {
                     self.stats.borrow_mut().leadership_transfers += 1;
                     tracing::info!(%topic, partition, group = g, to = target,
                         "transferring partition leadership");
                 }
-                Err(e) => tracing::debug!(%topic, partition, group = g, to = target, error = %e,
-                    "leadership transfer not started"),
             }
         }
         let plan = &self.plan;
@@ -806,8 +918,10 @@ impl Runtime {
             }
         }
         // The groups opened record their hard state; one flush for the pass makes it durable
-        // before any of them takes a batch (see `PartitionGroup::open`).
-        self.sync_hard_states().await;
+        // before any of them takes a batch (see `PartitionGroup::open`: a group waits for it
+        // itself). Not waited for here: under a loaded disk a flush takes hundreds of ms, and
+        // every view change (ISR changes come several a second under load) came here.
+        self.sync_hard_states_behind();
         // A move started or ended: the bootstrap voters changed, the group stays open.
         for (g, h) in mine.groups {
             if let Some(kept) = self.plan.groups.get_mut(&g) {

@@ -26,7 +26,7 @@
 //! Batches from a peer are verified (CRC, structure, the produce validator) before the core
 //! sees the message: a bad one drops the message and is counted, never stored.
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, RefCell, RefMut};
 use std::collections::VecDeque;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -35,7 +35,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use glommio::channels::local_channel::{self, LocalSender};
-use glommio::sync::{Permit, Semaphore};
+use glommio::sync::{Permit, Semaphore, StaticPermit};
 use kafka_protocol::records::{
     Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
 };
@@ -78,6 +78,11 @@ pub const MEMBERSHIP_SUFFIX: &str = ".membership";
 /// committed, and a leader proposes a change only after the previous one committed, so at most
 /// one is above the commit point (the only ones a truncation can remove); 16 leaves margin.
 pub const MAX_TRACKED_MEMBERSHIP_BATCHES: usize = 16;
+/// Peer messages a busy group holds for its drainer (see [`PartitionGroup::step_or_defer`]);
+/// past this they are dropped, as a lossy link would (consensus retransmits). A leader has at
+/// most [`MAX_CATCHUP_APPENDS_IN_FLIGHT`] appends in flight to a follower plus a heartbeat a
+/// round, so a group stalled for a second on a slow disk holds a few dozen.
+pub const MAX_DEFERRED_STEPS: usize = 256;
 /// Nodes one membership batch may name (voters plus learners): the controller's cap on a
 /// partition's replicas while moving.
 const MAX_MEMBERSHIP_NODES: usize = crate::controller::records::MAX_REPLICAS_PER_PARTITION;
@@ -152,8 +157,28 @@ pub struct PartitionGroup {
     cfg: GroupConfig,
     replica: Rc<PartitionReplica>,
     core: RefCell<Replica>,
-    /// Held while an event is stepped into the core and its actions performed.
-    lock: Semaphore,
+    /// Held while an event is stepped into the core and its actions performed (in an `Rc`: a
+    /// drainer carries a permit taken by the shard into its task).
+    lock: Rc<Semaphore>,
+    /// What the shard handed this group while its lock was held elsewhere, in order; one
+    /// drainer task at a time works through it (see [`Self::step_or_defer`]).
+    deferred: RefCell<VecDeque<Deferred>>,
+    /// Steps in `deferred` (bounded by [`MAX_DEFERRED_STEPS`]).
+    deferred_steps: Cell<usize>,
+    /// A drainer task is alive: the shard's work goes to `deferred`, behind it.
+    draining: Cell<bool>,
+    /// Peer messages dropped because `deferred` was full.
+    dropped_steps: Cell<u64>,
+    /// The shard's next tick would do nothing ([`Replica::quiet_ticks`]) and may be skipped:
+    /// set after a tick or a message the shard stepped at once, cleared by anything else that
+    /// reaches the core.
+    skip_tick: Cell<bool>,
+    /// Ticks skipped that way, handed to the core before anything else reaches it (so the
+    /// core sees them in their order) or with the next tick.
+    owed_ticks: Cell<u32>,
+    /// Messages a drainer took from the outbox (filled, hard state durable): the shard sends
+    /// them before anything queued after them.
+    ready: RefCell<Vec<(NodeId, Message)>>,
     /// The per-partition hard-state file of releases before the shard store (read at open,
     /// removed once migrated).
     hard_state_path: PathBuf,
@@ -185,6 +210,18 @@ pub struct PartitionGroup {
     /// Bytes per second a leader sends to learners and lagging followers (shared by the
     /// shard's groups); none: unthrottled.
     throttle: RefCell<Option<Arc<ReplicationThrottle>>>,
+}
+
+/// Work the shard's runtime hands a group, done later when the group is busy.
+enum Deferred {
+    /// Ticks owed (consecutive ones coalesce: the core takes them at once, see
+    /// [`Replica::tick_by`]).
+    Tick(u32),
+    Step(NodeId, Message),
+    /// A leadership transfer to this voter (see [`PartitionGroup::transfer_leadership`]).
+    Transfer(NodeId),
+    /// Take the outbox (hard state made durable, appends filled) into `ready`.
+    Flush,
 }
 
 /// How a group tells its shard's runtime that something is to be done now rather than at the
@@ -280,7 +317,14 @@ impl PartitionGroup {
             cfg,
             replica: replica.clone(),
             core: RefCell::new(core),
-            lock: Semaphore::new(1),
+            lock: Rc::new(Semaphore::new(1)),
+            deferred: RefCell::default(),
+            deferred_steps: Cell::new(0),
+            draining: Cell::new(false),
+            dropped_steps: Cell::new(0),
+            skip_tick: Cell::new(false),
+            owed_ticks: Cell::new(0),
+            ready: RefCell::default(),
             hard_state_path,
             store,
             hard_seq: Cell::new(open_seq),
@@ -476,7 +520,7 @@ impl PartitionGroup {
             return;
         }
         let mut out = Vec::new();
-        self.core.borrow_mut().tick(&mut out);
+        self.core_mut(&mut out).tick(&mut out);
         // Most ticks of most groups do nothing (no heartbeat due, no election).
         if !out.is_empty() {
             self.perform(out).await;
@@ -497,22 +541,14 @@ impl PartitionGroup {
             return;
         }
         let mut out = Vec::new();
-        self.core.borrow_mut().campaign_now(&mut out);
+        self.core_mut(&mut out).campaign_now(&mut out);
         self.perform(out).await;
     }
 
     /// A message from the peer `from`.
     pub async fn step(&self, from: NodeId, msg: Message) {
-        if let Message::Append(req) = &msg {
-            let max = self.replica.limits().max_batch_bytes as usize;
-            for b in &req.batches {
-                if let Err(reason) = check_peer_batch(b, max) {
-                    self.refused_batches.set(self.refused_batches.get() + 1);
-                    tracing::warn!(group = self.cfg.group, from, base = b.base, %reason,
-                        "invalid batch from a peer: append refused");
-                    return;
-                }
-            }
+        if !self.peer_batches_valid(from, &msg) {
+            return;
         }
         let Some(_guard) = self.lock_fast().await else {
             return;
@@ -521,8 +557,285 @@ impl PartitionGroup {
             return;
         }
         let mut out = Vec::new();
-        self.core.borrow_mut().step(from, msg, &mut out);
+        self.core_mut(&mut out).step(from, msg, &mut out);
         self.perform(out).await;
+    }
+
+    // ---- the shard's entry points: they never wait -------------------------------------------
+    //
+    // A shard runtime ticks thousands of groups and steps their messages on one task. Had it
+    // waited for each group's lock in turn, one group holding its lock across disk I/O (a
+    // produce appending, a follower writing an append, a leader reading batches to send) would
+    // hold up every other group of the shard: their heartbeats and answers, so followers on
+    // other nodes time out and elect. So the runtime does a group's work at once only when the
+    // lock is free and nothing of the group's waits; the part that needs I/O, and everything a
+    // busy group is handed meanwhile, goes in order to one drainer task per group. What is
+    // sent does not change (the core decides as before, holding the lock); only who waits.
+
+    /// The shard's tick: taken now if the group is free, else owed (a busy leader heartbeats
+    /// once its lock frees, however many ticks it missed: see [`Replica::tick_by`]).
+    ///
+    /// A quiet group (a follower hearing its leader, a leader between heartbeats whose
+    /// followers answered: see [`Replica::quiet_ticks`]) is ticked every other time, the
+    /// tick it skipped handed over with the next, or before anything else reaches it: its
+    /// timing is what ticking it every time would give, at half the cost for thousands of
+    /// idle groups.
+    /// Returns whether the tick was skipped that way.
+    pub fn tick_or_defer(self: &Rc<Self>) -> bool {
+        if self.skip_tick.replace(false) {
+            self.owed_ticks.set(self.owed_ticks.get() + 1);
+            return true;
+        }
+        let _ = self.run_or_defer(Deferred::Tick(1));
+        false
+    }
+
+    /// A message from the peer `from`, stepped now if the group is free, else after what the
+    /// group was handed before it. Batches are verified first (a bad one drops the message).
+    pub fn step_or_defer(self: &Rc<Self>, from: NodeId, msg: Message) {
+        if !self.peer_batches_valid(from, &msg) {
+            return;
+        }
+        let _ = self.run_or_defer(Deferred::Step(from, msg));
+    }
+
+    /// The messages to send now, without waiting: what a drainer made ready, then the outbox
+    /// if it can go as it is (hard state durable, no append to fill from the log). Otherwise
+    /// its drainer takes it, and the outbox signal says when it is ready.
+    pub fn take_ready(self: &Rc<Self>) -> Vec<(NodeId, Message)> {
+        let mut msgs = std::mem::take(&mut *self.ready.borrow_mut());
+        if self.outbox.borrow().is_empty() {
+            return msgs;
+        }
+        if self.draining.get() {
+            self.defer(Deferred::Flush);
+            return msgs;
+        }
+        let Ok(_permit) = self.lock.try_acquire_permit(1) else {
+            self.defer(Deferred::Flush);
+            return msgs;
+        };
+        if self.failed.get() {
+            self.outbox.borrow_mut().clear();
+            return msgs;
+        }
+        let sendable = self.store.is_durable(self.hard_seq.get())
+            && !self.outbox.borrow().iter().any(|(_, m)| needs_fill(m));
+        if sendable {
+            msgs.append(&mut self.outbox.borrow_mut());
+        } else {
+            self.defer(Deferred::Flush);
+        }
+        msgs
+    }
+
+    /// [`Self::transfer_leadership`] started now if the group is free (`Some`: whether it
+    /// started), else after what the group was handed before it (`None`; a refusal then is
+    /// logged).
+    pub fn transfer_leadership_or_defer(
+        self: &Rc<Self>,
+        target: NodeId,
+    ) -> Option<Result<(), String>> {
+        if self.failed.get() {
+            return Some(Err("the group has failed".into()));
+        }
+        self.run_or_defer(Deferred::Transfer(target))
+    }
+
+    /// Work deferred and not done yet (a drainer is at it), and peer messages dropped because
+    /// too many were.
+    pub fn deferred(&self) -> (usize, u64) {
+        (self.deferred.borrow().len(), self.dropped_steps.get())
+    }
+
+    /// Holds the group's lock until the permit drops, as a produce holds it while its batches
+    /// go to disk: for tests of what a busy group holds up.
+    #[doc(hidden)]
+    pub async fn hold_lock(&self) -> Option<Permit<'_>> {
+        self.lock.acquire_permit(1).await.ok()
+    }
+
+    fn peer_batches_valid(&self, from: NodeId, msg: &Message) -> bool {
+        if let Message::Append(req) = msg {
+            let max = self.replica.limits().max_batch_bytes as usize;
+            for b in &req.batches {
+                if let Err(reason) = check_peer_batch(b, max) {
+                    self.refused_batches.set(self.refused_batches.get() + 1);
+                    tracing::warn!(group = self.cfg.group, from, base = b.base, %reason,
+                        "invalid batch from a peer: append refused");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Does `work` now if the lock is free and nothing waits before it (`Some`: what the
+    /// core said of it), else defers it (`None`).
+    fn run_or_defer(self: &Rc<Self>, work: Deferred) -> Option<Result<(), String>> {
+        if self.draining.get() {
+            self.defer(work);
+            return None;
+        }
+        let Ok(permit) = self.lock.try_acquire_permit(1) else {
+            self.defer(work);
+            return None;
+        };
+        if self.failed.get() {
+            return Some(Err("the group has failed".into()));
+        }
+        // Whether the next tick may be skipped after this: after a tick, if it would do
+        // nothing; after a message, if it could be skipped before and still would do nothing.
+        let may_skip = match work {
+            Deferred::Tick(_) => true,
+            Deferred::Step(..) => self.skip_tick.get(),
+            Deferred::Transfer(_) | Deferred::Flush => false,
+        };
+        let mut out = Vec::new();
+        let res = self.core_event(work, &mut out);
+        let mut queue: VecDeque<Action> = out.into();
+        self.perform_now(&mut queue);
+        if queue.is_empty() {
+            let quiet = may_skip && !self.failed.get() && self.core.borrow().quiet_ticks() >= 1;
+            self.skip_tick.set(quiet);
+        } else {
+            // The rest waits for the disk: the drainer finishes it under the same lock hold,
+            // so nothing of this group runs in between. (The permit is handed over as one the
+            // task can own: released and taken again in this turn, nothing can come between,
+            // as nothing waited for the lock when it was taken.)
+            drop(permit);
+            match self.lock.try_acquire_static_permit(1) {
+                Ok(held) => self.spawn_drainer(Some((held, queue))),
+                Err(e) => unreachable!("a lock released in this turn is taken: {e}"),
+            }
+        }
+        Some(res)
+    }
+
+    /// The core, for an event: first the ticks skipped since it was last ticked (they come
+    /// before the event; they were quiet, so they add nothing to `out` unless the event that
+    /// made them quiet changed since, which clearing `skip_tick` here rules out).
+    fn core_mut(&self, out: &mut Vec<Action>) -> RefMut<'_, Replica> {
+        self.skip_tick.set(false);
+        let mut core = self.core.borrow_mut();
+        let owed = self.owed_ticks.replace(0);
+        if owed > 0 {
+            core.tick_by(owed, out);
+        }
+        core
+    }
+
+    /// Steps a tick, a message or a transfer into the core (the caller holds the lock).
+    fn core_event(&self, work: Deferred, out: &mut Vec<Action>) -> Result<(), String> {
+        let mut core = self.core_mut(out);
+        match work {
+            Deferred::Tick(n) => core.tick_by(n, out),
+            Deferred::Step(from, msg) => core.step(from, msg, out),
+            Deferred::Transfer(to) => {
+                return core.transfer_leadership(to, out).map_err(|e| e.to_string())
+            }
+            Deferred::Flush => unreachable!("a flush is not a core event"),
+        }
+        Ok(())
+    }
+
+    /// Queues work behind what the group is doing; a drainer does it once the lock frees.
+    fn defer(self: &Rc<Self>, work: Deferred) {
+        // Something waits for the core: the next tick is not skipped.
+        self.skip_tick.set(false);
+        {
+            let mut q = self.deferred.borrow_mut();
+            match work {
+                Deferred::Tick(n) => match q.back_mut() {
+                    Some(Deferred::Tick(owed)) => *owed = owed.saturating_add(n),
+                    _ => q.push_back(Deferred::Tick(n)),
+                },
+                Deferred::Flush => {
+                    if !matches!(q.back(), Some(Deferred::Flush)) {
+                        q.push_back(Deferred::Flush);
+                    }
+                }
+                Deferred::Step(..) if self.deferred_steps.get() >= MAX_DEFERRED_STEPS => {
+                    let dropped = self.dropped_steps.get() + 1;
+                    self.dropped_steps.set(dropped);
+                    if dropped.is_power_of_two() {
+                        tracing::warn!(
+                            group = self.cfg.group,
+                            dropped,
+                            "a busy group's peer messages dropped (consensus resends)"
+                        );
+                    }
+                    return;
+                }
+                Deferred::Step(..) => {
+                    self.deferred_steps.set(self.deferred_steps.get() + 1);
+                    q.push_back(work);
+                }
+                Deferred::Transfer(_) => q.push_back(work),
+            }
+        }
+        if !self.draining.get() {
+            self.spawn_drainer(None);
+        }
+    }
+
+    /// Starts the group's drainer: it finishes `held` (actions left waiting for I/O, under
+    /// the lock hold they came from), then does the deferred work in order, taking the lock
+    /// for each piece, and ends when none is left (or the group stopped).
+    fn spawn_drainer(self: &Rc<Self>, held: Option<(StaticPermit, VecDeque<Action>)>) {
+        assert!(!self.draining.get(), "one drainer per group");
+        self.draining.set(true);
+        let group = self.clone();
+        glommio::spawn_local(async move {
+            if let Some((permit, queue)) = held {
+                group.perform_queue(queue).await;
+                drop(permit);
+            }
+            group.drain().await;
+            group.draining.set(false);
+        })
+        .detach();
+    }
+
+    async fn drain(&self) {
+        loop {
+            let work = self.deferred.borrow_mut().pop_front();
+            let Some(work) = work else {
+                return;
+            };
+            if matches!(work, Deferred::Step(..)) {
+                self.deferred_steps
+                    .set(self.deferred_steps.get().saturating_sub(1));
+            }
+            let Some(_guard) = self.lock_fast().await else {
+                return;
+            };
+            if self.failed.get() {
+                // Nothing of a stopped group is done.
+                self.deferred.borrow_mut().clear();
+                self.deferred_steps.set(0);
+                return;
+            }
+            if let Deferred::Flush = work {
+                let msgs = self.take_locked().await;
+                if !msgs.is_empty() {
+                    let was_empty = self.ready.borrow().is_empty();
+                    self.ready.borrow_mut().extend(msgs);
+                    if was_empty {
+                        self.signal_queued();
+                    }
+                }
+                continue;
+            }
+            let mut out = Vec::new();
+            if let Err(e) = self.core_event(work, &mut out) {
+                tracing::debug!(group = self.cfg.group, error = %e,
+                    "leadership transfer not started");
+            }
+            if !out.is_empty() {
+                self.perform(out).await;
+            }
+        }
     }
 
     /// A Produce request's batches for this partition. Only the leader takes them: it stamps
@@ -562,8 +875,7 @@ impl PartitionGroup {
         for info in &appended {
             let count = (info.last_offset - info.base_offset + 1) as u32;
             let proposed = self
-                .core
-                .borrow_mut()
+                .core_mut(&mut out)
                 .propose(&[(count, Bytes::new())], &mut out);
             if proposed != Ok(info.base_offset) {
                 self.fail(&format!(
@@ -591,7 +903,7 @@ impl PartitionGroup {
 
     /// Whether the group has queued messages to send (the shard skips the others' locks).
     pub fn has_messages(&self) -> bool {
-        !self.outbox.borrow().is_empty()
+        !self.outbox.borrow().is_empty() || !self.ready.borrow().is_empty()
     }
 
     /// Takes the messages to send, a leader's appends filled with batches from its log.
@@ -600,6 +912,11 @@ impl PartitionGroup {
         let Some(_guard) = self.lock_fast().await else {
             return Vec::new();
         };
+        self.take_locked().await
+    }
+
+    /// [`Self::take_messages`] with the lock held.
+    async fn take_locked(&self) -> Vec<(NodeId, Message)> {
         if self.failed.get() {
             self.outbox.borrow_mut().clear();
             return Vec::new();
@@ -653,6 +970,10 @@ impl PartitionGroup {
         self.failed.set(true);
         self.writable.set(false);
         self.outbox.borrow_mut().clear();
+        self.ready.borrow_mut().clear();
+        // A drainer under way finds the group failed and ends.
+        self.deferred.borrow_mut().clear();
+        self.deferred_steps.set(0);
     }
 
     // ---- internals -----------------------------------------------------------------------
@@ -666,7 +987,7 @@ impl PartitionGroup {
         }
         let mut out = Vec::new();
         let durable = self.replica.durable_offset();
-        self.core.borrow_mut().on_durable(durable, &mut out);
+        self.core_mut(&mut out).on_durable(durable, &mut out);
         self.perform(out).await;
     }
 
@@ -697,103 +1018,179 @@ impl PartitionGroup {
 
     /// Performs the core's actions in order (a leader's BecomeLeader adds its own).
     async fn perform(&self, actions: Vec<Action>) {
-        let mut queue: VecDeque<Action> = actions.into();
-        while let Some(action) = queue.pop_front() {
+        self.perform_queue(actions.into()).await;
+    }
+
+    async fn perform_queue(&self, mut queue: VecDeque<Action>) {
+        loop {
+            self.perform_now(&mut queue);
+            let Some(action) = queue.pop_front() else {
+                return;
+            };
+            let mut out = Vec::new();
+            self.perform_io(action, &mut queue, &mut out).await;
+            queue.extend(out);
+        }
+    }
+
+    /// Performs the actions at the front of `queue` that need no I/O, in order; stops at the
+    /// first that does (left at the front) or when the group fails (the queue emptied). Most
+    /// events (heartbeats, their answers, votes) need none: the shard steps them at once.
+    fn perform_now(&self, queue: &mut VecDeque<Action>) {
+        while let Some(action) = queue.front() {
             if self.failed.get() {
+                queue.clear();
                 return;
             }
+            if self.needs_io(action) {
+                return;
+            }
+            let Some(action) = queue.pop_front() else {
+                return;
+            };
             let mut out = Vec::new();
-            match action {
-                Action::PersistHardState(hard) => match self.store.record(self.cfg.group, hard) {
-                    Ok(seq) => self.hard_seq.set(seq),
-                    Err(e) => {
-                        // Never durable: nothing after it may be sent.
-                        self.fail(&format!("hard state not persisted: {e}"));
-                        return;
-                    }
-                },
-                Action::Append { .. } | Action::BecomeLeader { .. }
-                    if !self.store.is_durable(self.open_seq) =>
-                {
-                    // The log's first batch waits for the group's first store record (see
-                    // `open`); in a shard the runtime has synced it already.
-                    if let Err(e) = self.store.wait_durable(self.open_seq).await {
-                        self.fail(&format!("hard state not persisted: {e}"));
-                        return;
-                    }
-                    queue.push_front(action);
-                    continue;
+            self.perform_one(action, &mut out);
+            queue.extend(out);
+        }
+    }
+
+    /// Whether performing `action` waits for the disk: a follower's batches written, a
+    /// truncation, a new leader's control batch, or the group's first hard-state record not yet
+    /// durable before its log takes a batch (see [`Self::open`]).
+    fn needs_io(&self, action: &Action) -> bool {
+        match action {
+            Action::Append { .. } | Action::BecomeLeader { .. }
+                if !self.store.is_durable(self.open_seq) =>
+            {
+                true
+            }
+            // A leader's own proposals are in its log already; anything past its end is a
+            // follower's to write.
+            Action::Append { batches } => batches
+                .iter()
+                .any(|b| b.end() > self.replica.log_end_offset()),
+            Action::Truncate { .. } | Action::BecomeLeader { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Performs one action that may wait for the disk (any other is performed at once).
+    async fn perform_io(
+        &self,
+        action: Action,
+        queue: &mut VecDeque<Action>,
+        out: &mut Vec<Action>,
+    ) {
+        if self.failed.get() {
+            return;
+        }
+        match action {
+            Action::Append { .. } | Action::BecomeLeader { .. }
+                if !self.store.is_durable(self.open_seq) =>
+            {
+                // The log's first batch waits for the group's first store record (see
+                // `open`); in a shard the runtime has synced it already.
+                if let Err(e) = self.store.wait_durable(self.open_seq).await {
+                    self.fail(&format!("hard state not persisted: {e}"));
+                    return;
                 }
-                Action::Append { batches } => {
-                    if let Err(e) = self.track_memberships(&batches) {
+                queue.push_front(action);
+            }
+            Action::Append { batches } => {
+                if let Err(e) = self.track_memberships(&batches) {
+                    self.fail(&format!("membership batch list not persisted: {e}"));
+                    return;
+                }
+                if let Err(e) = self.append(batches, out).await {
+                    self.fail(&e);
+                }
+            }
+            Action::Truncate { end } => {
+                if let Err(e) = self.replica.truncate_to(end).await {
+                    self.fail(&format!("truncate to {end}: {e}"));
+                    return;
+                }
+                let before = self.membership_offsets.borrow().len();
+                self.membership_offsets.borrow_mut().retain(|&o| o < end);
+                if self.membership_offsets.borrow().len() != before {
+                    let offsets = self.membership_offsets.borrow().clone();
+                    if let Err(e) = write_membership_offsets(&self.membership_path, &offsets) {
                         self.fail(&format!("membership batch list not persisted: {e}"));
-                        return;
-                    }
-                    if let Err(e) = self.append(batches, &mut out).await {
-                        self.fail(&e);
-                        return;
-                    }
-                }
-                Action::Truncate { end } => {
-                    if let Err(e) = self.replica.truncate_to(end).await {
-                        self.fail(&format!("truncate to {end}: {e}"));
-                        return;
-                    }
-                    let before = self.membership_offsets.borrow().len();
-                    self.membership_offsets.borrow_mut().retain(|&o| o < end);
-                    if self.membership_offsets.borrow().len() != before {
-                        let offsets = self.membership_offsets.borrow().clone();
-                        if let Err(e) = write_membership_offsets(&self.membership_path, &offsets) {
-                            self.fail(&format!("membership batch list not persisted: {e}"));
-                            return;
-                        }
-                    }
-                }
-                Action::HighWatermark(hw) => {
-                    self.replica.advance_high_watermark(hw);
-                    self.waiters.borrow_mut().retain(|(end, tx)| {
-                        if *end <= hw {
-                            let _ = tx.try_send(Ok(()));
-                            false
-                        } else {
-                            true
-                        }
-                    });
-                }
-                Action::BecomeLeader { epoch } => {
-                    if let Err(e) = self.become_leader(epoch, &mut out).await {
-                        self.fail(&format!("taking leadership in epoch {epoch}: {e}"));
-                        return;
-                    }
-                }
-                Action::LeaderReady { epoch } => {
-                    tracing::info!(group = self.cfg.group, epoch, "leader ready");
-                    self.replica.set_leader_epoch(epoch);
-                }
-                Action::BecomeFollower { epoch, leader } => {
-                    self.writable.set(false);
-                    self.fail_waiters();
-                    if leader.is_some() {
-                        self.replica.set_leader_epoch(epoch);
-                    }
-                }
-                Action::MembershipChanged(m) => {
-                    tracing::info!(group = self.cfg.group, topic = %self.replica.tp.topic,
-                        partition = self.replica.tp.partition, voters = ?m.voters,
-                        learners = ?m.learners, "membership changed");
-                }
-                Action::Send { to, msg } => {
-                    let was_empty = self.outbox.borrow().is_empty();
-                    self.outbox.borrow_mut().push((to, msg));
-                    if was_empty {
-                        if let Some(s) = &*self.signals.borrow() {
-                            s.queued.borrow_mut().push(self.cfg.group);
-                            s.outbox.notify();
-                        }
                     }
                 }
             }
-            queue.extend(out);
+            Action::BecomeLeader { epoch } => {
+                if let Err(e) = self.become_leader(epoch, out).await {
+                    self.fail(&format!("taking leadership in epoch {epoch}: {e}"));
+                }
+            }
+            other => self.perform_one(other, out),
+        }
+    }
+
+    /// Performs an action that needs no I/O ([`Self::needs_io`] is false for it).
+    fn perform_one(&self, action: Action, out: &mut Vec<Action>) {
+        match action {
+            Action::PersistHardState(hard) => match self.store.record(self.cfg.group, hard) {
+                Ok(seq) => self.hard_seq.set(seq),
+                // Never durable: nothing after it may be sent.
+                Err(e) => self.fail(&format!("hard state not persisted: {e}")),
+            },
+            Action::Append { batches } => {
+                // The leader's own proposals, written before they were proposed.
+                if let Err(e) = self.track_memberships(&batches) {
+                    self.fail(&format!("membership batch list not persisted: {e}"));
+                    return;
+                }
+                if let Some(end) = batches.last().map(|b| b.end()) {
+                    self.appended(end, out);
+                }
+            }
+            Action::HighWatermark(hw) => {
+                self.replica.advance_high_watermark(hw);
+                self.waiters.borrow_mut().retain(|(end, tx)| {
+                    if *end <= hw {
+                        let _ = tx.try_send(Ok(()));
+                        false
+                    } else {
+                        true
+                    }
+                });
+            }
+            Action::LeaderReady { epoch } => {
+                tracing::info!(group = self.cfg.group, epoch, "leader ready");
+                self.replica.set_leader_epoch(epoch);
+            }
+            Action::BecomeFollower { epoch, leader } => {
+                self.writable.set(false);
+                self.fail_waiters();
+                if leader.is_some() {
+                    self.replica.set_leader_epoch(epoch);
+                }
+            }
+            Action::MembershipChanged(m) => {
+                tracing::info!(group = self.cfg.group, topic = %self.replica.tp.topic,
+                    partition = self.replica.tp.partition, voters = ?m.voters,
+                    learners = ?m.learners, "membership changed");
+            }
+            Action::Send { to, msg } => {
+                let was_empty = self.outbox.borrow().is_empty();
+                self.outbox.borrow_mut().push((to, msg));
+                if was_empty {
+                    self.signal_queued();
+                }
+            }
+            Action::Truncate { .. } | Action::BecomeLeader { .. } => {
+                unreachable!("an action needing I/O performed without it")
+            }
+        }
+    }
+
+    /// Tells the shard this group has messages to hand out.
+    fn signal_queued(&self) {
+        if let Some(s) = &*self.signals.borrow() {
+            s.queued.borrow_mut().push(self.cfg.group);
+            s.outbox.notify();
         }
     }
 
@@ -825,15 +1222,21 @@ impl PartitionGroup {
             end = Some(batch_end);
         }
         if let Some(end) = end {
-            let mut core = self.core.borrow_mut();
-            core.on_appended(end, out);
-            if !self.replica.flushes_every_batch() {
-                // Write caching: a written batch counts as durable (see docs/architecture.md,
-                // "What commit means under each flush policy").
-                core.on_durable(end, out);
-            }
+            self.appended(end, out);
         }
         Ok(())
+    }
+
+    /// The log holds everything up to `end`: the core is told (and, under write caching, that
+    /// it is durable).
+    fn appended(&self, end: Offset, out: &mut Vec<Action>) {
+        let mut core = self.core_mut(out);
+        core.on_appended(end, out);
+        if !self.replica.flushes_every_batch() {
+            // Write caching: a written batch counts as durable (see docs/architecture.md,
+            // "What commit means under each flush policy").
+            core.on_durable(end, out);
+        }
     }
 
     async fn become_leader(&self, epoch: Epoch, out: &mut Vec<Action>) -> Result<(), String> {
@@ -848,7 +1251,7 @@ impl PartitionGroup {
             .append_leader_batch(batch, epoch)
             .await
             .map_err(|e| format!("appending the leader-change batch: {e}"))?;
-        let proposed = self.core.borrow_mut().propose(&[(1, Bytes::new())], out);
+        let proposed = self.core_mut(out).propose(&[(1, Bytes::new())], out);
         if proposed != Ok(info.base_offset) {
             return Err(format!(
                 "leader-change batch written at {} but proposed as {proposed:?}",
@@ -902,7 +1305,7 @@ impl PartitionGroup {
                                 if filled_end < req.fill_end {
                                     cut.push(to);
                                     let mut out = Vec::new();
-                                    self.core.borrow_mut().on_append_filled(
+                                    self.core_mut(&mut out).on_append_filled(
                                         to,
                                         req.epoch,
                                         req.prev_offset,
@@ -989,7 +1392,9 @@ impl PartitionGroup {
             return Err("the group has failed".into());
         }
         let mut out = Vec::new();
-        let res = self.core.borrow_mut().transfer_leadership(target, &mut out);
+        let res = self
+            .core_mut(&mut out)
+            .transfer_leadership(target, &mut out);
         self.perform(out).await;
         res.map_err(|e| e.to_string())
     }
@@ -1020,8 +1425,7 @@ impl PartitionGroup {
         let bytes = Bytes::copy_from_slice(membership_batch(&next).header().as_bytes());
         let mut out = Vec::new();
         let res = self
-            .core
-            .borrow_mut()
+            .core_mut(&mut out)
             .propose_membership(next, bytes, &mut out);
         self.perform(out).await;
         res.map(|_| ()).map_err(|e| e.to_string())
@@ -1094,6 +1498,11 @@ impl PartitionGroup {
             || core.high_watermark().saturating_sub(req.prev_offset) > THROTTLE_LAG_OFFSETS;
         catching_up.then_some(t)
     }
+}
+
+/// Whether `msg` is a leader's append whose batches are still to be read from its log.
+fn needs_fill(msg: &Message) -> bool {
+    matches!(msg, Message::Append(req) if req.fill_end > req.prev_offset)
 }
 
 /// A batch from a peer is stored only if it is what the append says it is and what a producer
