@@ -68,6 +68,9 @@ pub struct DropLabels {
 /// and relies on consensus retransmits and repeated reports.
 pub const DROP_CONSENSUS_CHANNEL_FULL: &str = "consensus_channel_full";
 pub const DROP_REPORT_CHANNEL_FULL: &str = "report_channel_full";
+/// A peer message for a group busy with disk I/O, past what its shard holds for busy groups
+/// (`MAX_DEFERRED_STEPS`, `MAX_DEFERRED_BYTES`, `MAX_SHARD_DEFERRED_BYTES`): retransmitted.
+pub const DROP_BUSY_GROUP_FULL: &str = "busy_group_full";
 
 /// Why the cluster service thread dropped something (`spate_cluster_service_dropped_total`;
 /// the reasons are [`ServiceStats::by_reason`]'s).
@@ -538,6 +541,7 @@ impl ShardMetrics {
         ClusterRuntimeMetrics {
             messages_dropped: counter(DROP_CONSENSUS_CHANNEL_FULL),
             reports_dropped: counter(DROP_REPORT_CHANNEL_FULL),
+            deferred_dropped: counter(DROP_BUSY_GROUP_FULL),
             seen: Cell::default(),
         }
     }
@@ -576,22 +580,30 @@ impl ShardMetrics {
 pub struct ClusterRuntimeMetrics {
     messages_dropped: Counter,
     reports_dropped: Counter,
-    /// (messages_dropped, reports_dropped) at the last look.
-    seen: Cell<(u64, u64)>,
+    deferred_dropped: Counter,
+    /// (messages_dropped, reports_dropped, deferred_dropped) at the last look.
+    seen: Cell<(u64, u64, u64)>,
 }
 
 impl spate_replication::cluster::shard_runtime::RuntimeObserver for ClusterRuntimeMetrics {
     fn stats(&self, stats: &spate_replication::cluster::RuntimeStats) {
-        let (messages, reports) = self.seen.get();
+        let (messages, reports, deferred) = self.seen.get();
         assert!(
-            stats.messages_dropped >= messages && stats.reports_dropped >= reports,
+            stats.messages_dropped >= messages
+                && stats.reports_dropped >= reports
+                && stats.deferred_dropped >= deferred,
             "runtime counters only grow"
         );
         self.messages_dropped
             .inc_by(stats.messages_dropped - messages);
         self.reports_dropped.inc_by(stats.reports_dropped - reports);
-        self.seen
-            .set((stats.messages_dropped, stats.reports_dropped));
+        self.deferred_dropped
+            .inc_by(stats.deferred_dropped - deferred);
+        self.seen.set((
+            stats.messages_dropped,
+            stats.reports_dropped,
+            stats.deferred_dropped,
+        ));
     }
 }
 

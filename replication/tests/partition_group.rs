@@ -15,14 +15,14 @@ use kafka_protocol::ResponseError;
 use spate_replication::cluster::throttle::{
     ReplicationThrottle, THROTTLE_BURST_MS, THROTTLE_LAG_OFFSETS,
 };
-use spate_replication::partition::MAX_APPEND_FILL_BYTES;
+use spate_replication::partition::{MAX_APPEND_FILL_BYTES, MAX_DEFERRED_BYTES};
 use spate_replication::partition::{
     hard_state_path, Acks, BatchHeader, Completion, FlushPolicy, GroupConfig, NoObserver,
     PartitionGroup, PartitionReplica, ReplicaConfig, TopicPartition,
 };
 use spate_replication::replica::MAX_CATCHUP_APPENDS_IN_FLIGHT;
 use spate_replication::shard::{hard_state_store_path, HardStateStore};
-use spate_replication::{Message, NodeId};
+use spate_replication::{AppendRequest, Message, NodeId};
 
 #[path = "support/batches.rs"]
 mod batches;
@@ -872,6 +872,147 @@ fn the_throttle_bounds_a_catch_up_and_never_holds_back_the_in_sync_follower() {
         // Unthrottled, it catches up.
         c.group(l)
             .set_throttle(Arc::new(ReplicationThrottle::new(u64::MAX / 2)));
+        c.run_until("all caught up", Cluster::all_caught_up).await;
+        assert_logs_identical(&c).await;
+    });
+}
+
+/// A heartbeat from `l` to a follower: harmless to step any number of times.
+fn heartbeat(c: &Cluster, l: NodeId) -> Message {
+    let g = c.group(l);
+    Message::Append(AppendRequest {
+        epoch: g.epoch(),
+        prev_offset: 0,
+        prev_epoch: 0,
+        commit: 0,
+        batches: Vec::new(),
+        fill_end: 0,
+    })
+}
+
+/// Lets every task that can run, run (each yield lets the others have a turn).
+async fn let_others_run() {
+    for _ in 0..16 {
+        futures_lite::future::yield_now().await;
+    }
+}
+
+/// Messages the tests below hand a busy group.
+const DEFERRED_PIECES: usize = 50;
+
+#[test]
+fn a_lone_lock_waiter_gets_the_lock_between_deferred_pieces() {
+    run(async {
+        let mut c = Cluster::new(3, 2).await;
+        let l = c.elect().await;
+        let f = c.voters().into_iter().find(|&n| n != l).unwrap();
+        let g = c.group(f).clone();
+        let held = g.hold_lock().await.expect("the group's lock");
+        for _ in 0..DEFERRED_PIECES {
+            g.step_or_defer(l, heartbeat(&c, l));
+        }
+        // All deferred behind the held lock (the drainer may have taken the first in hand).
+        assert!(g.deferred().0 + 1 >= DEFERRED_PIECES, "{:?}", g.deferred());
+        // A task that needs the lock (as a produce or a durability report does) waits behind
+        // the drainer.
+        let left_when_served = Rc::new(Cell::new(None));
+        let (waiter, left) = (g.clone(), left_when_served.clone());
+        glommio::spawn_local(async move {
+            waiter.tick().await;
+            left.set(Some(waiter.deferred().0));
+        })
+        .detach();
+        let_others_run().await;
+        drop(held);
+        c.run_until("the waiter is served", |_| left_when_served.get().is_some())
+            .await;
+        let left = left_when_served.get().unwrap();
+        // The drainer did at most a piece or two before stepping aside; glommio's semaphore
+        // alone let it take the lock back after every piece, so the waiter got it only once
+        // the whole queue was done.
+        assert!(
+            left + 3 >= DEFERRED_PIECES,
+            "the waiter got the lock with {left} of {DEFERRED_PIECES} pieces left"
+        );
+        c.run_until("the deferred work is done", |c| c.group(f).deferred().0 == 0)
+            .await;
+    });
+}
+
+#[test]
+fn closing_a_busy_group_drops_its_deferred_work_instead_of_waiting_for_it() {
+    run(async {
+        let mut c = Cluster::new(3, 2).await;
+        let l = c.elect().await;
+        let f = c.voters().into_iter().find(|&n| n != l).unwrap();
+        let g = c.group(f).clone();
+        let held = g.hold_lock().await.expect("the group's lock");
+        for _ in 0..DEFERRED_PIECES {
+            g.step_or_defer(l, heartbeat(&c, l));
+        }
+        let closed = Rc::new(Cell::new(false));
+        let (closing, done) = (g.clone(), closed.clone());
+        glommio::spawn_local(async move {
+            closing.close().await.expect("close");
+            done.set(true);
+        })
+        .detach();
+        let_others_run().await;
+        assert_eq!(g.deferred().0, 0, "a closing group keeps no deferred work");
+        // What the shard hands it now is dropped, not queued behind the close.
+        g.step_or_defer(l, heartbeat(&c, l));
+        assert_eq!(g.deferred().0, 0);
+        assert!(!closed.get(), "the close waits for the lock's holder");
+        drop(held);
+        c.slot_mut(f).group = None;
+        c.run_until("the close is done", |_| closed.get()).await;
+        assert!(g.has_failed(), "a closed group takes no further part");
+    });
+}
+
+#[test]
+fn a_busy_follower_holds_at_most_its_byte_bound_of_appends() {
+    run(async {
+        let mut c = Cluster::new(3, 2).await;
+        let l = c.elect().await;
+        let f = c.voters().into_iter().find(|&n| n != l).unwrap();
+        leave_behind(&mut c, l, f, 40).await;
+        c.heal();
+        // An append with batches for the follower, as the leader sends it.
+        let append = loop {
+            c.group(l).tick().await;
+            let msgs = c.group(l).take_messages().await;
+            let found = msgs.into_iter().find(|(to, m)| {
+                *to == f && matches!(m, Message::Append(a) if !a.batches.is_empty())
+            });
+            if let Some((_, m)) = found {
+                break m;
+            }
+        };
+        let Message::Append(a) = &append else {
+            unreachable!()
+        };
+        let each: usize = a.batches.iter().map(|b| b.bytes.len()).sum();
+        let copies = MAX_DEFERRED_BYTES / each + 10;
+        let g = c.group(f).clone();
+        let held = g.hold_lock().await.expect("the group's lock");
+        for _ in 0..copies {
+            g.step_or_defer(l, append.clone());
+        }
+        assert!(
+            g.deferred_bytes() <= MAX_DEFERRED_BYTES,
+            "{} bytes deferred, over {MAX_DEFERRED_BYTES}",
+            g.deferred_bytes()
+        );
+        assert!(
+            g.deferred().1 >= 5,
+            "{} of {copies} appends of {each} bytes dropped",
+            g.deferred().1
+        );
+        drop(held);
+        c.run_until("the deferred work is done", |c| c.group(f).deferred().0 == 0)
+            .await;
+        assert_eq!(g.deferred_bytes(), 0, "the drained bytes are released");
         c.run_until("all caught up", Cluster::all_caught_up).await;
         assert_logs_identical(&c).await;
     });

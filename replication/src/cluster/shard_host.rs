@@ -49,6 +49,8 @@ impl ShardGroups {
                 outbox: Rc::new(Signal::default()),
                 queued: Rc::default(),
                 leadership: Rc::new(Signal::default()),
+                deferred_bytes: Rc::default(),
+                deferred_dropped: Rc::default(),
             },
         }
     }
@@ -56,6 +58,12 @@ impl ShardGroups {
     /// Notified when a hosted group has messages to send: the runtime flushes at once.
     pub fn outbox_signal(&self) -> &Signal {
         &self.signals.outbox
+    }
+
+    /// Peer messages the hosted groups dropped because they were busy and the shard held all
+    /// it may for busy groups.
+    pub fn deferred_dropped(&self) -> u64 {
+        self.signals.deferred_dropped.get()
     }
 
     /// Notified when a hosted group becomes a writable leader: its report goes out at once.

@@ -49,7 +49,7 @@
 //! how metrics see replication without this crate knowing of them.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -67,7 +67,7 @@ use crate::controller::reassignment::{apply_step, next_step, Reassignment, Step}
 use crate::controller::view::ClusterView;
 use crate::node::NodeMessage;
 use crate::partition::{ReplicationGauges, TopicPartition};
-use crate::shard::{cross_wake, Deadline, ReplicaSet};
+use crate::shard::{cross_wake, Deadline, ReplicaSet, Signal};
 use crate::types::{GroupId, NodeId};
 
 /// The partition groups' unit of logical time. The core's election timeout is 10 to 20 ticks
@@ -171,6 +171,9 @@ pub struct RuntimeStats {
     pub signalled_flushes: u64,
     pub reports_sent: u64,
     pub reports_dropped: u64,
+    /// Peer messages dropped because the group they were for was busy and its shard held
+    /// all it may for busy groups (`partition::MAX_DEFERRED_BYTES` and its siblings).
+    pub deferred_dropped: u64,
     /// Cluster views acted on.
     pub views: u64,
     /// Groups that could not be opened (retried at the next view).
@@ -279,7 +282,8 @@ pub async fn run(
         transfers: BTreeMap::new(),
         finishing: BTreeMap::new(),
         orphans_swept: false,
-        hard_state_sync: None,
+        synced: Rc::default(),
+        proposing: Rc::default(),
         syncing: Rc::default(),
         throttle: config.throttle.clone(),
         stats: config.stats.clone(),
@@ -391,7 +395,7 @@ pub async fn run(
                 rt.sync_hard_states_behind();
                 rt.report(&link, false);
                 rt.move_leadership(&link);
-                rt.move_replicas(&link).await;
+                rt.move_replicas(&link);
                 // Every group every REPLICATION_VIEW_EVERY_TICKS; the groups of moving
                 // partitions every tick, so a scrape sees a new replica's catch-up from its
                 // start.
@@ -401,7 +405,11 @@ pub async fn run(
                     .ticks
                     .is_multiple_of(REPLICATION_VIEW_EVERY_TICKS);
                 rt.publish_replication(&link, every);
-                rt.stats.borrow_mut().ticks += 1;
+                {
+                    let mut st = rt.stats.borrow_mut();
+                    st.ticks += 1;
+                    st.deferred_dropped = rt.groups.deferred_dropped();
+                }
                 if let Some(o) = &config.observer {
                     o.stats(&rt.stats.borrow());
                 }
@@ -449,9 +457,16 @@ pub async fn run(
             group.replica().observe_replication(None);
         }
     }
-    if let Some(sync) = rt.hard_state_sync.take() {
-        sync.await;
+    // A flush under way finishes (its task is detached: cancelling it mid-write would leave
+    // the store's waiters waiting).
+    while rt.syncing.get() {
+        let seen = rt.synced.generation();
+        if !rt.syncing.get() {
+            break;
+        }
+        rt.synced.changed(seen).await;
     }
+    rt.stats.borrow_mut().deferred_dropped = rt.groups.deferred_dropped();
     rt.replicas.close_groups().await;
     let stats = rt.stats.borrow().clone();
     tracing::info!(
@@ -492,9 +507,12 @@ struct Runtime {
     /// The data dir was swept for files of partitions this node no longer holds (once per
     /// start, by shard 0), and the shard's hard-state store for their groups.
     orphans_swept: bool,
-    /// The last flush of hard states started by a tick, and whether it is under way.
-    hard_state_sync: Option<glommio::Task<()>>,
+    /// Whether a flush of hard states started by a tick is under way, and a signal when one
+    /// ends.
     syncing: Rc<Cell<bool>>,
+    synced: Rc<Signal>,
+    /// Groups with a membership change being proposed (on a task of its own).
+    proposing: Rc<RefCell<HashSet<GroupId>>>,
     throttle: Option<Arc<ReplicationThrottle>>,
     stats: Rc<RefCell<RuntimeStats>>,
 }
@@ -510,12 +528,15 @@ impl Runtime {
         }
         self.syncing.set(true);
         let (replicas, syncing, node) = (self.replicas.clone(), self.syncing.clone(), self.node);
-        self.hard_state_sync = Some(glommio::spawn_local(async move {
+        let synced = self.synced.clone();
+        glommio::spawn_local(async move {
             if let Err(e) = replicas.sync_hard_states().await {
                 tracing::error!(node, error = %e, "hard-state store flush failed");
             }
             syncing.set(false);
-        }));
+            synced.notify();
+        })
+        .detach();
     }
 
     fn send(&mut self, link: &ShardLink, out: Vec<NodeMessage>) {
@@ -597,7 +618,7 @@ impl Runtime {
     /// Groups this shard leads whose partition is moving take the next step of the move
     /// ([`next_step`]): one membership change, a leadership hand-over, or the report of the end
     /// once the voters are the target and that change has committed.
-    async fn move_replicas(&mut self, link: &ShardLink) {
+    fn move_replicas(&mut self, link: &ShardLink) {
         let view = link.port.view();
         let state = &view.metadata;
         if state.reassignments.is_empty() {
@@ -663,28 +684,39 @@ impl Runtime {
                         continue;
                     }
                     self.transfers.insert(g, (to, now));
-                    match group.transfer_leadership(to).await {
-                        Ok(()) => {
+                    // A busy group starts it once free (the shard does not wait for it).
+                    match group.transfer_leadership_or_defer(to) {
+                        Some(Ok(())) | None => {
                             self.stats.borrow_mut().leadership_transfers += 1;
                             tracing::info!(%topic, partition, group = g, to,
                                 "moving replicas: handing leadership to a target replica");
                         }
-                        Err(e) => tracing::debug!(%topic, partition, group = g, to, error = %e,
-                            "leadership transfer not started"),
+                        Some(Err(e)) => tracing::debug!(%topic, partition, group = g, to,
+                            error = %e, "leadership transfer not started"),
                     }
                 }
                 step => {
-                    let next = apply_step(&membership, &step).expect("a membership change");
-                    match group.propose_membership(next).await {
-                        Ok(()) => {
-                            self.stats.borrow_mut().membership_changes += 1;
-                            tracing::info!(%topic, partition, group = g, ?step,
-                                "moving replicas: membership change proposed");
-                        }
-                        // A learner not caught up yet, an uncommitted epoch: the next tick.
-                        Err(e) => tracing::debug!(%topic, partition, group = g, ?step,
-                            error = %e, "membership change not proposed yet"),
+                    // On a task of its own: the group may be busy with disk I/O, and the
+                    // shard does not wait for a group. One proposal per group at a time.
+                    if !self.proposing.borrow_mut().insert(g) {
+                        continue;
                     }
+                    let next = apply_step(&membership, &step).expect("a membership change");
+                    let (stats, proposing) = (self.stats.clone(), self.proposing.clone());
+                    glommio::spawn_local(async move {
+                        match group.propose_membership(next).await {
+                            Ok(()) => {
+                                stats.borrow_mut().membership_changes += 1;
+                                tracing::info!(%topic, partition, group = g, ?step,
+                                    "moving replicas: membership change proposed");
+                            }
+                            // A learner not caught up yet, an uncommitted epoch: the next tick.
+                            Err(e) => tracing::debug!(%topic, partition, group = g, ?step,
+                                error = %e, "membership change not proposed yet"),
+                        }
+                        proposing.borrow_mut().remove(&g);
+                    })
+                    .detach();
                 }
             }
         }

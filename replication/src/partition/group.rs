@@ -83,6 +83,14 @@ pub const MAX_TRACKED_MEMBERSHIP_BATCHES: usize = 16;
 /// most [`MAX_CATCHUP_APPENDS_IN_FLIGHT`] appends in flight to a follower plus a heartbeat a
 /// round, so a group stalled for a second on a slow disk holds a few dozen.
 pub const MAX_DEFERRED_STEPS: usize = 256;
+/// Bytes of peer messages (their batches) one busy group holds that way: a follower whose
+/// disk stalls is sent whole appends (catch-up windows of 1 MiB fills, gathered appends up to
+/// 16 MiB), and 256 of those would be gigabytes. Past this they are dropped like the rest.
+pub const MAX_DEFERRED_BYTES: usize = 64 << 20;
+/// Bytes of peer messages all busy groups of one shard hold together: the bound on what a
+/// shard keeps for its drainers whatever the number of groups (a node hosting thousands of
+/// followers on one slow disk would otherwise hold 64 MiB for each).
+pub const MAX_SHARD_DEFERRED_BYTES: usize = 256 << 20;
 /// Nodes one membership batch may name (voters plus learners): the controller's cap on a
 /// partition's replicas while moving.
 const MAX_MEMBERSHIP_NODES: usize = crate::controller::records::MAX_REPLICAS_PER_PARTITION;
@@ -167,8 +175,20 @@ pub struct PartitionGroup {
     deferred_steps: Cell<usize>,
     /// A drainer task is alive: the shard's work goes to `deferred`, behind it.
     draining: Cell<bool>,
+    /// Bytes of the peer messages in `deferred` (bounded by [`MAX_DEFERRED_BYTES`], and with
+    /// the shard's other groups by [`MAX_SHARD_DEFERRED_BYTES`]).
+    deferred_bytes: Cell<usize>,
     /// Peer messages dropped because `deferred` was full.
     dropped_steps: Cell<u64>,
+    /// Tasks other than the drainer waiting for the lock (a produce, a durability report, a
+    /// close), and a signal each gives when it stops waiting. The drainer steps aside for
+    /// them: glommio's semaphore wakes a waiter on release but leaves the unit free until the
+    /// waiter runs, so a drainer taking the lock again for each piece of a steady stream of
+    /// deferred work would otherwise take it every time and the waiter would never get it.
+    lock_waiters: Cell<usize>,
+    waiter_turn: Signal,
+    /// Closing or deleting: nothing more is deferred, and what was is dropped.
+    closing: Cell<bool>,
     /// The shard's next tick would do nothing ([`Replica::quiet_ticks`]) and may be skipped:
     /// set after a tick or a message the shard stepped at once, cleared by anything else that
     /// reaches the core.
@@ -236,6 +256,11 @@ pub struct GroupSignals {
     pub queued: Rc<RefCell<Vec<GroupId>>>,
     /// Notified when the group becomes a writable leader (its report goes out at once).
     pub leadership: Rc<Signal>,
+    /// Bytes of peer messages the shard's busy groups hold for their drainers (see
+    /// [`MAX_SHARD_DEFERRED_BYTES`]).
+    pub deferred_bytes: Rc<Cell<usize>>,
+    /// Peer messages the shard's groups dropped past those bounds.
+    pub deferred_dropped: Rc<Cell<u64>>,
 }
 
 impl PartitionGroup {
@@ -320,8 +345,12 @@ impl PartitionGroup {
             lock: Rc::new(Semaphore::new(1)),
             deferred: RefCell::default(),
             deferred_steps: Cell::new(0),
+            deferred_bytes: Cell::new(0),
             draining: Cell::new(false),
             dropped_steps: Cell::new(0),
+            lock_waiters: Cell::new(0),
+            waiter_turn: Signal::default(),
+            closing: Cell::new(false),
             skip_tick: Cell::new(false),
             owed_ticks: Cell::new(0),
             ready: RefCell::default(),
@@ -420,7 +449,13 @@ impl PartitionGroup {
     pub fn set_signals(&self, signals: GroupSignals) {
         let queued = !self.outbox.borrow().is_empty();
         let writable = self.is_writable_leader();
-        *self.signals.borrow_mut() = Some(signals.clone());
+        // Bytes deferred before are counted in the shard's bound from now on.
+        let held = self.deferred_bytes.get();
+        signals.deferred_bytes.set(signals.deferred_bytes.get() + held);
+        if let Some(old) = self.signals.borrow_mut().replace(signals.clone()) {
+            old.deferred_bytes
+                .set(old.deferred_bytes.get().saturating_sub(held));
+        }
         // What happened before the group was hosted is not lost.
         if queued {
             signals.queued.borrow_mut().push(self.cfg.group);
@@ -503,8 +538,24 @@ impl PartitionGroup {
     }
 
     /// The group's lock, without the asynchronous acquire when it is free (it almost always
-    /// is: a shard steps thousands of groups' heartbeats a second); `None`: closed.
+    /// is: a shard steps thousands of groups' heartbeats a second); `None`: closed. A task
+    /// waiting here goes before the drainer's next piece (see `lock_waiters`).
     async fn lock_fast(&self) -> Option<Permit<'_>> {
+        if let Ok(p) = self.lock.try_acquire_permit(1) {
+            return Some(p);
+        }
+        let _waiting = LockWaiter::new(self);
+        self.lock.acquire_permit(1).await.ok()
+    }
+
+    /// The lock for the drainer's next piece, after every other task waiting for it has had
+    /// it (the drainer only ever takes the lock between pieces, so this bounds what a waiter
+    /// waits to one piece).
+    async fn lock_for_drainer(&self) -> Option<Permit<'_>> {
+        while self.lock_waiters.get() > 0 {
+            let seen = self.waiter_turn.generation();
+            self.waiter_turn.changed(seen).await;
+        }
         match self.lock.try_acquire_permit(1) {
             Ok(p) => Some(p),
             Err(_) => self.lock.acquire_permit(1).await.ok(),
@@ -534,7 +585,7 @@ impl PartitionGroup {
         if self.cfg.voters.first() != Some(&self.cfg.node) {
             return;
         }
-        let Ok(_guard) = self.lock.acquire_permit(1).await else {
+        let Some(_guard) = self.lock_fast().await else {
             return;
         };
         if self.failed.get() || self.core.borrow().epoch() != 0 {
@@ -604,7 +655,7 @@ impl PartitionGroup {
     /// its drainer takes it, and the outbox signal says when it is ready.
     pub fn take_ready(self: &Rc<Self>) -> Vec<(NodeId, Message)> {
         let mut msgs = std::mem::take(&mut *self.ready.borrow_mut());
-        if self.outbox.borrow().is_empty() {
+        if self.outbox.borrow().is_empty() || self.closing.get() {
             return msgs;
         }
         if self.draining.get() {
@@ -648,11 +699,16 @@ impl PartitionGroup {
         (self.deferred.borrow().len(), self.dropped_steps.get())
     }
 
+    /// Bytes of the peer messages deferred and not done yet (see [`MAX_DEFERRED_BYTES`]).
+    pub fn deferred_bytes(&self) -> usize {
+        self.deferred_bytes.get()
+    }
+
     /// Holds the group's lock until the permit drops, as a produce holds it while its batches
     /// go to disk: for tests of what a busy group holds up.
     #[doc(hidden)]
     pub async fn hold_lock(&self) -> Option<Permit<'_>> {
-        self.lock.acquire_permit(1).await.ok()
+        self.lock_fast().await
     }
 
     fn peer_batches_valid(&self, from: NodeId, msg: &Message) -> bool {
@@ -673,6 +729,9 @@ impl PartitionGroup {
     /// Does `work` now if the lock is free and nothing waits before it (`Some`: what the
     /// core said of it), else defers it (`None`).
     fn run_or_defer(self: &Rc<Self>, work: Deferred) -> Option<Result<(), String>> {
+        if self.closing.get() {
+            return Some(Err("the group is closing".into()));
+        }
         if self.draining.get() {
             self.defer(work);
             return None;
@@ -739,8 +798,22 @@ impl PartitionGroup {
         Ok(())
     }
 
+    /// Whether a peer message of `bytes` may join the deferred work: within the group's count
+    /// and byte bounds and the shard's byte bound.
+    fn may_defer(&self, bytes: usize) -> bool {
+        let shard_full = self.signals.borrow().as_ref().is_some_and(|sig| {
+            sig.deferred_bytes.get().saturating_add(bytes) > MAX_SHARD_DEFERRED_BYTES
+        });
+        self.deferred_steps.get() < MAX_DEFERRED_STEPS
+            && self.deferred_bytes.get().saturating_add(bytes) <= MAX_DEFERRED_BYTES
+            && !shard_full
+    }
+
     /// Queues work behind what the group is doing; a drainer does it once the lock frees.
     fn defer(self: &Rc<Self>, work: Deferred) {
+        if self.closing.get() {
+            return;
+        }
         // Something waits for the core: the next tick is not skipped.
         self.skip_tick.set(false);
         {
@@ -755,9 +828,12 @@ impl PartitionGroup {
                         q.push_back(Deferred::Flush);
                     }
                 }
-                Deferred::Step(..) if self.deferred_steps.get() >= MAX_DEFERRED_STEPS => {
+                Deferred::Step(_, ref msg) if !self.may_defer(message_bytes(msg)) => {
                     let dropped = self.dropped_steps.get() + 1;
                     self.dropped_steps.set(dropped);
+                    if let Some(sig) = self.signals.borrow().as_ref() {
+                        sig.deferred_dropped.set(sig.deferred_dropped.get() + 1);
+                    }
                     if dropped.is_power_of_two() {
                         tracing::warn!(
                             group = self.cfg.group,
@@ -767,8 +843,13 @@ impl PartitionGroup {
                     }
                     return;
                 }
-                Deferred::Step(..) => {
+                Deferred::Step(_, ref msg) => {
+                    let n = message_bytes(msg);
                     self.deferred_steps.set(self.deferred_steps.get() + 1);
+                    self.deferred_bytes.set(self.deferred_bytes.get() + n);
+                    if let Some(sig) = self.signals.borrow().as_ref() {
+                        sig.deferred_bytes.set(sig.deferred_bytes.get() + n);
+                    }
                     q.push_back(work);
                 }
                 Deferred::Transfer(_) => q.push_back(work),
@@ -803,17 +884,17 @@ impl PartitionGroup {
             let Some(work) = work else {
                 return;
             };
-            if matches!(work, Deferred::Step(..)) {
+            if let Deferred::Step(_, msg) = &work {
                 self.deferred_steps
                     .set(self.deferred_steps.get().saturating_sub(1));
+                self.release_deferred_bytes(message_bytes(msg));
             }
-            let Some(_guard) = self.lock_fast().await else {
+            let Some(_guard) = self.lock_for_drainer().await else {
                 return;
             };
-            if self.failed.get() {
+            if self.failed.get() || self.closing.get() {
                 // Nothing of a stopped group is done.
-                self.deferred.borrow_mut().clear();
-                self.deferred_steps.set(0);
+                self.clear_deferred();
                 return;
             }
             if let Deferred::Flush = work {
@@ -886,6 +967,11 @@ impl PartitionGroup {
             }
         }
         self.perform(out).await;
+        if self.failed.get() {
+            // Performing this write failed the group (its waiters were answered then): a
+            // waiter registered now would be answered only at close.
+            return refuse(ResponseError::KafkaStorageError.code());
+        }
         let ok = outcome.error_code == 0 && outcome.base_offset >= 0;
         let completion = match acks {
             Acks::None => Completion::done(),
@@ -938,7 +1024,8 @@ impl PartitionGroup {
 
     /// Stops the group (failing acks=all waiters) and closes the log.
     pub async fn close(&self) -> Result<(), ReplicaError> {
-        let _guard = self.lock.acquire_permit(1).await;
+        self.begin_closing();
+        let _guard = self.lock_fast().await;
         self.stop();
         self.replica.close().await
     }
@@ -952,7 +1039,8 @@ impl PartitionGroup {
     /// Stops the group (failing acks=all waiters) and deletes its log, producer state and hard
     /// state: its topic is gone.
     pub async fn delete(&self) -> Result<(), ReplicaError> {
-        let _guard = self.lock.acquire_permit(1).await;
+        self.begin_closing();
+        let _guard = self.lock_fast().await;
         self.stop();
         self.store.remove(self.cfg.group);
         self.replica.delete().await?;
@@ -972,14 +1060,36 @@ impl PartitionGroup {
         self.outbox.borrow_mut().clear();
         self.ready.borrow_mut().clear();
         // A drainer under way finds the group failed and ends.
+        self.clear_deferred();
+    }
+
+    /// Before a close or delete waits for the lock: the shard defers nothing more to the
+    /// group and what it deferred is dropped, so the wait is for what holds the lock now (a
+    /// produce's write, one drainer piece), not for a queue the shard keeps feeding.
+    fn begin_closing(&self) {
+        self.closing.set(true);
+        self.clear_deferred();
+    }
+
+    fn clear_deferred(&self) {
         self.deferred.borrow_mut().clear();
         self.deferred_steps.set(0);
+        self.release_deferred_bytes(self.deferred_bytes.get());
+    }
+
+    fn release_deferred_bytes(&self, n: usize) {
+        let n = n.min(self.deferred_bytes.get());
+        self.deferred_bytes.set(self.deferred_bytes.get() - n);
+        if let Some(sig) = self.signals.borrow().as_ref() {
+            sig.deferred_bytes
+                .set(sig.deferred_bytes.get().saturating_sub(n));
+        }
     }
 
     // ---- internals -----------------------------------------------------------------------
 
     async fn durable_advanced(&self) {
-        let Ok(_guard) = self.lock.acquire_permit(1).await else {
+        let Some(_guard) = self.lock_fast().await else {
             return;
         };
         if self.failed.get() {
@@ -1385,7 +1495,7 @@ impl PartitionGroup {
     /// takes over or an election timeout passes. An error says why nothing was started (not
     /// the leader, a transfer already under way, not a voter, the group failed).
     pub async fn transfer_leadership(&self, target: NodeId) -> Result<(), String> {
-        let Ok(_guard) = self.lock.acquire_permit(1).await else {
+        let Some(_guard) = self.lock_fast().await else {
             return Err("the group is closed".into());
         };
         if self.failed.get() {
@@ -1413,7 +1523,7 @@ impl PartitionGroup {
     /// committed). The batch goes to the log at the offset the core gives it and replicates
     /// like any other; it takes effect when appended.
     pub async fn propose_membership(&self, next: Membership) -> Result<(), String> {
-        let Ok(_guard) = self.lock.acquire_permit(1).await else {
+        let Some(_guard) = self.lock_fast().await else {
             return Err("the group is closed".into());
         };
         if self.failed.get() {
@@ -1501,6 +1611,35 @@ impl PartitionGroup {
 }
 
 /// Whether `msg` is a leader's append whose batches are still to be read from its log.
+/// Bytes a peer message holds (its batches): what deferring it costs.
+fn message_bytes(msg: &Message) -> usize {
+    match msg {
+        Message::Append(req) => req.batches.iter().map(|b| b.bytes.len()).sum(),
+        _ => 0,
+    }
+}
+
+/// Counts a task waiting for a group's lock while it waits (however the wait ends), and
+/// lets the drainer know when it stops.
+struct LockWaiter<'a> {
+    group: &'a PartitionGroup,
+}
+
+impl<'a> LockWaiter<'a> {
+    fn new(group: &'a PartitionGroup) -> Self {
+        group.lock_waiters.set(group.lock_waiters.get() + 1);
+        LockWaiter { group }
+    }
+}
+
+impl Drop for LockWaiter<'_> {
+    fn drop(&mut self) {
+        let g = self.group;
+        g.lock_waiters.set(g.lock_waiters.get() - 1);
+        g.waiter_turn.notify();
+    }
+}
+
 fn needs_fill(msg: &Message) -> bool {
     matches!(msg, Message::Append(req) if req.fill_end > req.prev_offset)
 }
