@@ -282,6 +282,30 @@ impl Replica {
         }
     }
 
+    /// A leader's keep-alives: to each peer an append of nothing at the offset it is known to
+    /// hold (its `matched`, with that offset's epoch) and the commit point, as any append
+    /// carries. Nothing here changes: not the heartbeat clock, not a peer's progress. For a
+    /// caller that cannot tick the replica now because its log is busy with a write (a tick
+    /// may ask for a retransmit, which needs the log): its followers hear from a leader that
+    /// is alive and do not elect another while it writes. A follower answers one as any
+    /// heartbeat. Nothing unless leading.
+    pub fn keepalives(&self, out: &mut Vec<(NodeId, Message)>) {
+        if self.role != Role::Leader {
+            return;
+        }
+        for p in &self.progress {
+            let req = AppendRequest {
+                epoch: self.hard.epoch,
+                prev_offset: p.matched,
+                prev_epoch: self.epochs.epoch_before(p.matched),
+                commit: self.hw,
+                batches: Vec::new(),
+                fill_end: p.matched,
+            };
+            out.push((p.node, Message::Append(req)));
+        }
+    }
+
     /// Nothing to do until the next heartbeat: a leader whose followers hold everything, or a
     /// follower with a leader. Used by the multiplexer to keep idle groups cheap.
     pub fn is_idle(&self) -> bool {

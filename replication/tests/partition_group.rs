@@ -15,7 +15,7 @@ use kafka_protocol::ResponseError;
 use spate_replication::cluster::throttle::{
     ReplicationThrottle, THROTTLE_BURST_MS, THROTTLE_LAG_OFFSETS,
 };
-use spate_replication::partition::{MAX_APPEND_FILL_BYTES, MAX_DEFERRED_BYTES};
+use spate_replication::partition::{MAX_APPEND_FILL_BYTES, MAX_DEFERRED_BYTES, MAX_DEFERRED_STEPS};
 use spate_replication::partition::{
     hard_state_path, Acks, BatchHeader, Completion, FlushPolicy, GroupConfig, NoObserver,
     PartitionGroup, PartitionReplica, ReplicaConfig, TopicPartition,
@@ -940,6 +940,65 @@ fn a_lone_lock_waiter_gets_the_lock_between_deferred_pieces() {
 }
 
 #[test]
+fn the_drainer_is_not_starved_by_a_stream_of_lock_waiters() {
+    /// Tasks taking the group's lock in turn, and how often each takes it.
+    const TAKERS: usize = 2;
+    const TAKES: usize = 200;
+    run(async {
+        let mut c = Cluster::new(3, 2).await;
+        let l = c.elect().await;
+        let f = c.voters().into_iter().find(|&n| n != l).unwrap();
+        let g = c.group(f).clone();
+        let held = g.hold_lock().await.expect("the group's lock");
+        for _ in 0..DEFERRED_PIECES {
+            g.step_or_defer(l, heartbeat(&c, l));
+        }
+        // Takes (counted over all takers) when the deferred work was first seen done.
+        let takes = Rc::new(Cell::new(0usize));
+        let emptied_at = Rc::new(Cell::new(None));
+        let finished = Rc::new(Cell::new(0usize));
+        for _ in 0..TAKERS {
+            let (g, takes, emptied_at, finished) =
+                (g.clone(), takes.clone(), emptied_at.clone(), finished.clone());
+            glommio::spawn_local(async move {
+                for _ in 0..TAKES {
+                    let p = g.hold_lock().await.expect("the group's lock");
+                    takes.set(takes.get() + 1);
+                    if g.deferred().0 == 0 && emptied_at.get().is_none() {
+                        emptied_at.set(Some(takes.get()));
+                    }
+                    futures_lite::future::yield_now().await;
+                    drop(p);
+                    futures_lite::future::yield_now().await;
+                }
+                finished.set(finished.get() + 1);
+            })
+            .detach();
+        }
+        let_others_run().await;
+        drop(held);
+        for _ in 0..100_000 {
+            if finished.get() == TAKERS {
+                break;
+            }
+            futures_lite::future::yield_now().await;
+        }
+        assert_eq!(finished.get(), TAKERS, "the takers finished");
+        // The drainer does a piece after every few takes (it steps aside only for the takers
+        // already waiting; 145 of the 400 takes here): starved, it did its pieces only once
+        // the takers had finished.
+        assert!(
+            emptied_at.get().is_some_and(|at| at <= TAKERS * TAKES / 2),
+            "the deferred work was done after {:?} of {} takes",
+            emptied_at.get(),
+            TAKERS * TAKES
+        );
+        c.run_until("the deferred work is done", |c| c.group(f).deferred().0 == 0)
+            .await;
+    });
+}
+
+#[test]
 fn closing_a_busy_group_drops_its_deferred_work_instead_of_waiting_for_it() {
     run(async {
         let mut c = Cluster::new(3, 2).await;
@@ -994,6 +1053,8 @@ fn a_busy_follower_holds_at_most_its_byte_bound_of_appends() {
         };
         let each: usize = a.batches.iter().map(|b| b.bytes.len()).sum();
         let copies = MAX_DEFERRED_BYTES / each + 10;
+        // The byte bound is what drops them, not the count bound.
+        assert!(copies < MAX_DEFERRED_STEPS, "{copies} appends of {each} bytes");
         let g = c.group(f).clone();
         let held = g.hold_lock().await.expect("the group's lock");
         for _ in 0..copies {
@@ -1002,6 +1063,11 @@ fn a_busy_follower_holds_at_most_its_byte_bound_of_appends() {
         assert!(
             g.deferred_bytes() <= MAX_DEFERRED_BYTES,
             "{} bytes deferred, over {MAX_DEFERRED_BYTES}",
+            g.deferred_bytes()
+        );
+        assert!(
+            g.deferred_bytes() + each > MAX_DEFERRED_BYTES,
+            "the byte bound was not reached: {} bytes deferred",
             g.deferred_bytes()
         );
         assert!(
@@ -1015,5 +1081,54 @@ fn a_busy_follower_holds_at_most_its_byte_bound_of_appends() {
         assert_eq!(g.deferred_bytes(), 0, "the drained bytes are released");
         c.run_until("all caught up", Cluster::all_caught_up).await;
         assert_logs_identical(&c).await;
+    });
+}
+
+#[test]
+fn a_leader_busy_with_a_long_write_keeps_its_followers_from_electing() {
+    /// Ticks the leader's lock stays held: three times the longest election timeout.
+    const BUSY_TICKS: usize = 60;
+    run(async {
+        let mut c = Cluster::new(3, 2).await;
+        let l = c.elect().await;
+        c.run_until("all caught up", Cluster::all_caught_up).await;
+        let leader = c.group(l).clone();
+        let epoch = leader.epoch();
+        // As a produce holds it across a slow write and its fdatasync.
+        let held = leader.hold_lock().await.expect("the group's lock");
+        for _ in 0..BUSY_TICKS {
+            // The shard's entry points, which never wait (the leader's tick is deferred).
+            for (_, g) in c.live() {
+                g.tick_or_defer();
+            }
+            for (from, g) in c.live() {
+                for (to, msg) in g.take_ready() {
+                    c.group(to).step_or_defer(from, msg);
+                }
+            }
+            // The followers are free: let their work (and its I/O) finish.
+            for _ in 0..MAX_DELIVERY_PASSES {
+                let_others_run().await;
+                if c.live().iter().all(|(id, g)| *id == l || g.deferred().0 == 0) {
+                    break;
+                }
+            }
+        }
+        for (id, g) in c.live() {
+            assert_eq!(g.epoch(), epoch, "node {id} moved to another epoch");
+            assert!(
+                id == l || g.leader() == Some(l),
+                "node {id} follows {:?}",
+                g.leader()
+            );
+        }
+        assert!(leader.keepalives_sent() > 0);
+        drop(held);
+        // Once free it goes on leading in the same epoch.
+        let (_, answer) = produce(&c, l, 1, 0, Acks::All).await;
+        c.run_until("the write commits", |_| answer.get().is_some())
+            .await;
+        assert_eq!(answer.get(), Some(Ok(())));
+        assert_eq!(c.group(l).epoch(), epoch);
     });
 }

@@ -56,6 +56,7 @@ fn run_range(first: u64, count: u64, steps: u64) -> Stats {
             total.committed_batches += s.committed_batches;
             total.acked_batches += s.acked_batches;
             total.messages += s.messages;
+            total.keepalives += s.keepalives;
         }
     }
     total
@@ -73,6 +74,7 @@ fn ci_seeds() {
         "{total:?}"
     );
     assert!(total.acked_batches > CI_SEEDS * 4 * 50, "{total:?}");
+    assert!(total.keepalives > CI_SEEDS * 4 * 10, "{total:?}");
 }
 
 #[test]

@@ -189,6 +189,13 @@ pub struct PartitionGroup {
     waiter_turn: Signal,
     /// Closing or deleting: nothing more is deferred, and what was is dropped.
     closing: Cell<bool>,
+    /// Ticks the shard deferred since the core last took one or keep-alives last went out
+    /// (see [`Self::keep_alive_while_busy`]), and keep-alives sent.
+    keepalive_owed: Cell<u32>,
+    keepalives_sent: Cell<u64>,
+    /// The hard state last recorded in the store (the core's may be newer while the action
+    /// recording it waits behind I/O).
+    recorded_hard: Cell<HardState>,
     /// The shard's next tick would do nothing ([`Replica::quiet_ticks`]) and may be skipped:
     /// set after a tick or a message the shard stepped at once, cleared by anything else that
     /// reaches the core.
@@ -351,6 +358,9 @@ impl PartitionGroup {
             lock_waiters: Cell::new(0),
             waiter_turn: Signal::default(),
             closing: Cell::new(false),
+            keepalive_owed: Cell::new(0),
+            keepalives_sent: Cell::new(0),
+            recorded_hard: Cell::new(hard),
             skip_tick: Cell::new(false),
             owed_ticks: Cell::new(0),
             ready: RefCell::default(),
@@ -548,12 +558,19 @@ impl PartitionGroup {
         self.lock.acquire_permit(1).await.ok()
     }
 
-    /// The lock for the drainer's next piece, after every other task waiting for it has had
-    /// it (the drainer only ever takes the lock between pieces, so this bounds what a waiter
-    /// waits to one piece).
+    /// The lock for the drainer's next piece, after the tasks waiting for it now have had it
+    /// (the drainer only ever takes the lock between pieces, so this bounds what a waiter
+    /// waits to one piece). Only those: a steady stream of new waiters on a busy leader
+    /// (produces, durability reports) would otherwise keep the drainer, and with it the
+    /// group's ticks and its followers' answers, waiting for ever.
     async fn lock_for_drainer(&self) -> Option<Permit<'_>> {
+        let ahead = self.lock_waiters.get() as u64;
+        let start = self.waiter_turn.generation();
         while self.lock_waiters.get() > 0 {
             let seen = self.waiter_turn.generation();
+            if seen - start >= ahead {
+                break;
+            }
             self.waiter_turn.changed(seen).await;
         }
         match self.lock.try_acquire_permit(1) {
@@ -567,7 +584,7 @@ impl PartitionGroup {
         let Some(_guard) = self.lock_fast().await else {
             return;
         };
-        if self.failed.get() {
+        if self.stopped() {
             return;
         }
         let mut out = Vec::new();
@@ -588,7 +605,7 @@ impl PartitionGroup {
         let Some(_guard) = self.lock_fast().await else {
             return;
         };
-        if self.failed.get() || self.core.borrow().epoch() != 0 {
+        if self.stopped() || self.core.borrow().epoch() != 0 {
             return;
         }
         let mut out = Vec::new();
@@ -604,7 +621,7 @@ impl PartitionGroup {
         let Some(_guard) = self.lock_fast().await else {
             return;
         };
-        if self.failed.get() {
+        if self.stopped() {
             return;
         }
         let mut out = Vec::new();
@@ -637,8 +654,58 @@ impl PartitionGroup {
             self.owed_ticks.set(self.owed_ticks.get() + 1);
             return true;
         }
-        let _ = self.run_or_defer(Deferred::Tick(1));
+        if self.run_or_defer(Deferred::Tick(1)).is_none() {
+            self.keep_alive_while_busy();
+        }
         false
+    }
+
+    /// A leader whose lock is held across disk I/O (a produce's write and its fdatasync, a
+    /// read to fill an append) cannot be ticked until it is free, and its heartbeats come from
+    /// ticks: a write slower than an election timeout (0.5-1 s, seen on a loaded disk) had its
+    /// followers elect another leader. So every heartbeat interval of deferred ticks it sends
+    /// keep-alives ([`Replica::keepalives`]: empty appends at what each follower holds; the
+    /// core's state is read, not changed), straight to `ready`, without the lock. Only when
+    /// the core's hard state is the one recorded and durable (nothing the core says leaves
+    /// before that), and the core is not borrowed (it never is across an await).
+    fn keep_alive_while_busy(&self) {
+        let owed = self.keepalive_owed.get().saturating_add(1);
+        self.keepalive_owed.set(owed);
+        if owed < self.cfg.core.heartbeat_interval_ticks
+            || self.failed.get()
+            || self.closing.get()
+        {
+            return;
+        }
+        let mut msgs = Vec::new();
+        {
+            let Ok(core) = self.core.try_borrow() else {
+                return;
+            };
+            if !core.is_leader()
+                || core.hard_state() != self.recorded_hard.get()
+                || !self.store.is_durable(self.hard_seq.get())
+            {
+                return;
+            }
+            core.keepalives(&mut msgs);
+        }
+        self.keepalive_owed.set(0);
+        if msgs.is_empty() {
+            return;
+        }
+        self.keepalives_sent
+            .set(self.keepalives_sent.get() + msgs.len() as u64);
+        let was_empty = self.ready.borrow().is_empty();
+        self.ready.borrow_mut().extend(msgs);
+        if was_empty {
+            self.signal_queued();
+        }
+    }
+
+    /// Keep-alives sent while the group was busy (see [`Self::keep_alive_while_busy`]).
+    pub fn keepalives_sent(&self) -> u64 {
+        self.keepalives_sent.get()
     }
 
     /// A message from the peer `from`, stepped now if the group is free, else after what the
@@ -788,7 +855,10 @@ impl PartitionGroup {
     fn core_event(&self, work: Deferred, out: &mut Vec<Action>) -> Result<(), String> {
         let mut core = self.core_mut(out);
         match work {
-            Deferred::Tick(n) => core.tick_by(n, out),
+            Deferred::Tick(n) => {
+                self.keepalive_owed.set(0);
+                core.tick_by(n, out)
+            }
             Deferred::Step(from, msg) => core.step(from, msg, out),
             Deferred::Transfer(to) => {
                 return core.transfer_leadership(to, out).map_err(|e| e.to_string())
@@ -884,15 +954,20 @@ impl PartitionGroup {
             let Some(work) = work else {
                 return;
             };
-            if let Deferred::Step(_, msg) = &work {
-                self.deferred_steps
-                    .set(self.deferred_steps.get().saturating_sub(1));
-                self.release_deferred_bytes(message_bytes(msg));
-            }
+            // A step's bytes stay counted until it is done (the drainer may wait a while).
+            let bytes = match &work {
+                Deferred::Step(_, msg) => {
+                    self.deferred_steps
+                        .set(self.deferred_steps.get().saturating_sub(1));
+                    message_bytes(msg)
+                }
+                _ => 0,
+            };
+            let _release = ReleaseBytes { group: self, bytes };
             let Some(_guard) = self.lock_for_drainer().await else {
                 return;
             };
-            if self.failed.get() || self.closing.get() {
+            if self.stopped() {
                 // Nothing of a stopped group is done.
                 self.clear_deferred();
                 return;
@@ -936,6 +1011,9 @@ impl PartitionGroup {
         };
         if self.failed.get() {
             return refuse(ResponseError::KafkaStorageError.code());
+        }
+        if self.closing.get() {
+            return refuse(not_leader);
         }
         let epoch = {
             let core = self.core.borrow();
@@ -1066,15 +1144,29 @@ impl PartitionGroup {
     /// Before a close or delete waits for the lock: the shard defers nothing more to the
     /// group and what it deferred is dropped, so the wait is for what holds the lock now (a
     /// produce's write, one drainer piece), not for a queue the shard keeps feeding.
+    /// Failed, or closing: a task that waited for the lock does nothing once it has it.
+    fn stopped(&self) -> bool {
+        self.failed.get() || self.closing.get()
+    }
+
     fn begin_closing(&self) {
         self.closing.set(true);
         self.clear_deferred();
     }
 
+    /// Drops the deferred work (a piece the drainer holds releases its own bytes when done).
     fn clear_deferred(&self) {
-        self.deferred.borrow_mut().clear();
+        let queued: usize = self
+            .deferred
+            .borrow_mut()
+            .drain(..)
+            .map(|w| match w {
+                Deferred::Step(_, msg) => message_bytes(&msg),
+                _ => 0,
+            })
+            .sum();
         self.deferred_steps.set(0);
-        self.release_deferred_bytes(self.deferred_bytes.get());
+        self.release_deferred_bytes(queued);
     }
 
     fn release_deferred_bytes(&self, n: usize) {
@@ -1092,7 +1184,7 @@ impl PartitionGroup {
         let Some(_guard) = self.lock_fast().await else {
             return;
         };
-        if self.failed.get() {
+        if self.stopped() {
             return;
         }
         let mut out = Vec::new();
@@ -1242,7 +1334,10 @@ impl PartitionGroup {
     fn perform_one(&self, action: Action, out: &mut Vec<Action>) {
         match action {
             Action::PersistHardState(hard) => match self.store.record(self.cfg.group, hard) {
-                Ok(seq) => self.hard_seq.set(seq),
+                Ok(seq) => {
+                    self.hard_seq.set(seq);
+                    self.recorded_hard.set(hard);
+                }
                 // Never durable: nothing after it may be sent.
                 Err(e) => self.fail(&format!("hard state not persisted: {e}")),
             },
@@ -1498,7 +1593,7 @@ impl PartitionGroup {
         let Some(_guard) = self.lock_fast().await else {
             return Err("the group is closed".into());
         };
-        if self.failed.get() {
+        if self.stopped() {
             return Err("the group has failed".into());
         }
         let mut out = Vec::new();
@@ -1526,7 +1621,7 @@ impl PartitionGroup {
         let Some(_guard) = self.lock_fast().await else {
             return Err("the group is closed".into());
         };
-        if self.failed.get() {
+        if self.stopped() {
             return Err("the group has failed".into());
         }
         if !self.writable.get() {
@@ -1616,6 +1711,18 @@ fn message_bytes(msg: &Message) -> usize {
     match msg {
         Message::Append(req) => req.batches.iter().map(|b| b.bytes.len()).sum(),
         _ => 0,
+    }
+}
+
+/// Releases a deferred step's bytes once the drainer is done with it (however that ends).
+struct ReleaseBytes<'a> {
+    group: &'a PartitionGroup,
+    bytes: usize,
+}
+
+impl Drop for ReleaseBytes<'_> {
+    fn drop(&mut self) {
+        self.group.release_deferred_bytes(self.bytes);
     }
 }
 

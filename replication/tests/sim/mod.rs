@@ -221,6 +221,8 @@ pub struct Stats {
     pub committed_batches: u64,
     pub acked_batches: u64,
     pub messages: u64,
+    /// Keep-alives busy leaders sent (see `Sim::keepalive`).
+    pub keepalives: u64,
 }
 
 pub struct Sim {
@@ -351,10 +353,12 @@ impl Sim {
         let (p, c) = (self.cfg.propose_weight, self.cfg.crash_weight);
         if r < 400 {
             self.deliver()?;
-        } else if r < 620 {
+        } else if r < 600 {
             if let Some(id) = self.pick_live() {
                 self.with_node(id, |n| n.tick())?;
             }
+        } else if r < 620 {
+            self.keepalive();
         } else if r < 620 + p {
             if self.faults {
                 self.client_propose()?;
@@ -569,6 +573,32 @@ impl Sim {
         });
         m.items.extend(tail);
         short
+    }
+
+    /// A busy leader's keep-alives (`Replica::keepalives`), as a shard sends them for a group
+    /// whose lock a write holds: the leader's state does not change.
+    fn keepalive(&mut self) {
+        let Some(id) = self.pick_live() else {
+            return;
+        };
+        let Some(node) = self.nodes[Self::idx(id)].node.as_ref() else {
+            return;
+        };
+        let mut to_peer: BTreeMap<NodeId, Vec<(GroupId, Message)>> = BTreeMap::new();
+        for g in 0..self.cfg.groups as GroupId {
+            let Some(r) = node.group(g) else {
+                continue;
+            };
+            let mut msgs = Vec::new();
+            r.keepalives(&mut msgs);
+            for (to, m) in msgs {
+                to_peer.entry(to).or_default().push((g, m));
+            }
+        }
+        for (to, items) in to_peer {
+            self.stats.keepalives += items.len() as u64;
+            self.send(NodeMessage { from: id, to, items });
+        }
     }
 
     fn send(&mut self, m: NodeMessage) {
