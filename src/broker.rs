@@ -471,7 +471,7 @@ async fn housekeeping(shard: Rc<Shard>, every: Duration) {
 }
 
 /// Returns the allocator's free memory to the kernel once connections closed and the shard
-/// went quiet. The allocator keeps freed memory for reuse (see `alloc::retain_freed_memory`),
+/// went quiet. The allocator keeps freed memory for reuse for a while (jemalloc's decay),
 /// which serves a busy broker well, but after a flood of connections closes the receive
 /// buffers, frames and tasks they left behind would stay resident for good. Trimming only
 /// when no request was read for a whole interval keeps it off the busy path.

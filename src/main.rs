@@ -183,7 +183,6 @@ fn serve(args: config::ServeConfig) -> anyhow::Result<()> {
         io_memory_bytes = config.io_memory_bytes,
         "starting spate"
     );
-    spate_net::alloc::retain_freed_memory();
     let data_dir = config.data_dir.clone();
     // A cluster node's Kafka endpoint is part of its registration, and its shards need the
     // service's links and mirrored topic store: the port is resolved (port 0) and the cluster

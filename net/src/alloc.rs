@@ -1,4 +1,5 @@
-//! A global allocator that keeps hostile length fields from aborting the process.
+//! The broker's global allocator: jemalloc, with hostile length fields kept from aborting the
+//! process.
 //!
 //! The `kafka-protocol` decoders call `Vec::with_capacity(count)` with the array count read
 //! from the wire before checking it against the bytes that remain. A 4-byte count can ask for
@@ -6,57 +7,42 @@
 //! Rust aborts. Requests this large are never legitimate (frames are capped far below), so they
 //! are served from `MAP_NORESERVE` anonymous mappings: address space only, no commit charge.
 //! The decoder then fails on the missing bytes after touching a few pages, and the mapping is
-//! returned. Everything smaller goes to the system allocator unchanged.
+//! returned. Everything smaller goes to jemalloc.
+//!
+//! Why jemalloc and not glibc's malloc: a cluster node's shard thread and its cluster service
+//! thread allocate and free constantly (peer messages, their batches, Kafka requests). glibc
+//! had to be held to one arena (its per-thread arenas are unmapped as soon as they are wholly
+//! free, so shards that allocate and free buffers of several MiB per fetch kept mapping and
+//! faulting fresh pages), and one arena is one lock: with three nodes on two CPUs, a thread
+//! preempted while holding it stalled the other for hundreds of milliseconds, long enough for
+//! a shard's leaders to miss their heartbeats (1,000 partitions under produce load lost
+//! hundreds of leaders per 10 s run). jemalloc's thread caches and per-CPU arenas take no
+//! shared lock on the common path, and it keeps freed extents for reuse (dirty pages decay
+//! over seconds) without those tunables. Measured in docs/benchmarks.md (session 15).
 //!
 //! Install it in each binary: `#[global_allocator] static A: NoReserveLargeAlloc = NoReserveLargeAlloc;`
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::Once;
+use std::alloc::{GlobalAlloc, Layout};
 
-/// Largest allocation glibc serves from its arenas rather than a fresh mapping (its ceiling on
-/// 64-bit). Fetch reads and produce batches are up to tens of MiB each; served from a fresh
-/// `mmap`, every one pays a page fault per 4 KiB on first touch and an `munmap` when freed,
-/// which was ~30-45% of the broker's CPU while consuming.
-pub const MALLOC_MMAP_THRESHOLD_BYTES: i32 = 32 << 20;
-/// Free memory at the top of an arena is handed back to the kernel only beyond this much.
-pub const MALLOC_TRIM_THRESHOLD_BYTES: i32 = 512 << 20;
+use tikv_jemallocator::Jemalloc;
 
-/// Arenas glibc may create. Per-thread arenas are separate mappings that glibc deletes as soon
-/// as they are wholly free, whatever the trim threshold, so shards that allocate and free
-/// buffers of several MiB per fetch kept mapping and faulting fresh pages; one arena keeps
-/// them. Shards allocate little besides these buffers, so the arena lock is cheap.
-pub const MALLOC_ARENAS: i32 = 1;
-
-/// Makes glibc keep freed large buffers for reuse instead of unmapping them (process-wide,
-/// once; call it before the shard threads start). The cost is that the broker's resident size
-/// stays at its high-water mark (bounded by the buffers in flight: fetch sizes times
-/// concurrent fetches, plus the shard caches). Measured: consume from disk 1.04 -> 1.69 GB/s.
-///
-/// The `double free detected in tcache 2` aborts first seen with these tunables were not
-/// theirs: glommio-ng frees a task twice when another shard drops its last waker (see
-/// `cross_wake`), and a glommio-only reproducer aborts the same way with glibc's defaults.
-pub fn retain_freed_memory() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        // SAFETY: mallopt only changes allocator tunables; it is safe to call at any time.
-        let ok = unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS) == 1
-                && libc::mallopt(libc::M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES) == 1
-                && libc::mallopt(libc::M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD_BYTES) == 1
-        };
-        if !ok {
-            tracing::warn!("mallopt refused the allocator tunables: large buffers are unmapped");
-        }
-    });
-}
-
-/// Hands the allocator's free memory back to the kernel (`malloc_trim`): the top of the heap
-/// and whole free pages inside it, whatever the trim threshold. True if anything was released.
-/// It walks the arena's free lists under the arena lock, so call it only when the process is
-/// quiet.
+/// Hands the allocator's free memory back to the kernel (every arena's dirty pages purged).
+/// True if jemalloc took the request. It walks the arenas under their locks, so call it only
+/// when the process is quiet.
 pub fn give_back_free_memory() -> bool {
-    // SAFETY: malloc_trim only releases memory glibc holds free; it is safe at any time.
-    unsafe { libc::malloc_trim(0) == 1 }
+    // "arena.<MALLCTL_ARENAS_ALL>.purge": every arena.
+    const PURGE_ALL: &[u8] = b"arena.4096.purge\0";
+    // SAFETY: a NUL-terminated mallctl name with no old or new value: the documented way to
+    // ask jemalloc to purge; it only releases memory jemalloc holds free.
+    unsafe {
+        tikv_jemalloc_sys::mallctl(
+            PURGE_ALL.as_ptr().cast(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        ) == 0
+    }
 }
 
 /// Allocations at or above this size get a `MAP_NORESERVE` mapping.
@@ -70,7 +56,7 @@ fn is_large(layout: &Layout) -> bool {
 }
 
 // SAFETY: large blocks come from mmap (page aligned, so any align <= PAGE_BYTES holds) and go
-// back to munmap with the same size; all others are the system allocator's.
+// back to munmap with the same size; all others are jemalloc's.
 unsafe impl GlobalAlloc for NoReserveLargeAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if is_large(&layout) {
@@ -88,7 +74,7 @@ unsafe impl GlobalAlloc for NoReserveLargeAlloc {
                 p as *mut u8
             }
         } else {
-            System.alloc(layout)
+            Jemalloc.alloc(layout)
         }
     }
 
@@ -97,7 +83,7 @@ unsafe impl GlobalAlloc for NoReserveLargeAlloc {
             // Fresh anonymous mappings are zero-filled.
             self.alloc(layout)
         } else {
-            System.alloc_zeroed(layout)
+            Jemalloc.alloc_zeroed(layout)
         }
     }
 
@@ -105,14 +91,14 @@ unsafe impl GlobalAlloc for NoReserveLargeAlloc {
         if is_large(&layout) {
             libc::munmap(ptr as *mut libc::c_void, layout.size());
         } else {
-            System.dealloc(ptr, layout)
+            Jemalloc.dealloc(ptr, layout)
         }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let new_layout = Layout::from_size_align_unchecked(new_size, layout.align());
         if !is_large(&layout) && !is_large(&new_layout) {
-            return System.realloc(ptr, layout, new_size);
+            return Jemalloc.realloc(ptr, layout, new_size);
         }
         let new = self.alloc(new_layout);
         if !new.is_null() {

@@ -1209,10 +1209,16 @@ impl PartitionGroup {
         }
     }
 
+    /// Stops the group after a write to its log or state failed (a full disk, an I/O error) or
+    /// its log and consensus state were found apart: it takes no further part (its peers
+    /// replicate without it) until it is reopened, as Kafka takes a failed log directory
+    /// offline.
     fn fail(&self, reason: &str) {
         tracing::error!(group = self.cfg.group, topic = %self.replica.tp.topic,
             partition = self.replica.tp.partition, reason,
-            "replicated partition stopped: its log and consensus state disagree");
+            "replicated partition stopped on this node: a write failed or its log and \
+             consensus state disagree (see the reason); it rejoins when the node restarts \
+             with the cause, such as a full disk, fixed");
         self.failed.set(true);
         self.writable.set(false);
         self.fail_waiters();
