@@ -26,6 +26,8 @@
 #             idle many catchup"); with --out of an earlier run, its fio result is reused
 #   BENCH_MANY_SHAPES     batch shapes of the 6 vs 1,000 partitions pair (default "mixed 16384
 #             65536": the 1 MB vs 6 KB batches pair, then both rows at 16 KiB and at 64 KiB)
+#   BENCH_IDLE_PROFILE    set: after the idle measurement, `perf record` node 1 for 15 s into
+#             DIR/cluster-idle-node1.perf.data and a flat report beside it
 #   BENCH_FAILOVER_KILLS  leader kills in the failover run (default 20)
 #   BENCH_FAILOVER_RATE   its fixed rate, records/s of 1 KiB (default 20000)
 #   BENCH_CATCHUP_GB      what the restarted follower misses, GB of record values (default 5)
@@ -507,6 +509,15 @@ idle_run() {
     > "$OUT/cluster-idle-create.json"
   sleep 10
   idle_cpu cluster-idle-3000 20
+  if [ -n "${BENCH_IDLE_PROFILE:-}" ] && command -v perf >/dev/null 2>&1; then
+    # After the measurement, not during it: sampling costs the sampled process. (`command`:
+    # the function `perf` below runs spate-perf.)
+    log "cluster-idle: profiling node 1 for 15 s"
+    command perf record -F 999 -g -p "${NODE_PID[1]}" -o "$OUT/cluster-idle-node1.perf.data" \
+      -- sleep 15 > /dev/null 2>&1 || true
+    command perf report -i "$OUT/cluster-idle-node1.perf.data" --stdio --no-children \
+      --percent-limit 0.5 --sort sym > "$OUT/cluster-idle-node1-profile.txt" 2>/dev/null || true
+  fi
   stop_cluster
 }
 

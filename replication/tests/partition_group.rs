@@ -15,11 +15,11 @@ use kafka_protocol::ResponseError;
 use spate_replication::cluster::throttle::{
     ReplicationThrottle, THROTTLE_BURST_MS, THROTTLE_LAG_OFFSETS,
 };
-use spate_replication::partition::{MAX_APPEND_FILL_BYTES, MAX_DEFERRED_BYTES, MAX_DEFERRED_STEPS};
 use spate_replication::partition::{
     hard_state_path, Acks, BatchHeader, Completion, FlushPolicy, GroupConfig, NoObserver,
     PartitionGroup, PartitionReplica, ReplicaConfig, TopicPartition,
 };
+use spate_replication::partition::{MAX_APPEND_FILL_BYTES, MAX_DEFERRED_BYTES, MAX_DEFERRED_STEPS};
 use spate_replication::replica::MAX_CATCHUP_APPENDS_IN_FLIGHT;
 use spate_replication::shard::{hard_state_store_path, HardStateStore};
 use spate_replication::{AppendRequest, Message, NodeId};
@@ -934,8 +934,10 @@ fn a_lone_lock_waiter_gets_the_lock_between_deferred_pieces() {
             left + 3 >= DEFERRED_PIECES,
             "the waiter got the lock with {left} of {DEFERRED_PIECES} pieces left"
         );
-        c.run_until("the deferred work is done", |c| c.group(f).deferred().0 == 0)
-            .await;
+        c.run_until("the deferred work is done", |c| {
+            c.group(f).deferred().0 == 0
+        })
+        .await;
     });
 }
 
@@ -958,8 +960,12 @@ fn the_drainer_is_not_starved_by_a_stream_of_lock_waiters() {
         let emptied_at = Rc::new(Cell::new(None));
         let finished = Rc::new(Cell::new(0usize));
         for _ in 0..TAKERS {
-            let (g, takes, emptied_at, finished) =
-                (g.clone(), takes.clone(), emptied_at.clone(), finished.clone());
+            let (g, takes, emptied_at, finished) = (
+                g.clone(),
+                takes.clone(),
+                emptied_at.clone(),
+                finished.clone(),
+            );
             glommio::spawn_local(async move {
                 for _ in 0..TAKES {
                     let p = g.hold_lock().await.expect("the group's lock");
@@ -993,8 +999,10 @@ fn the_drainer_is_not_starved_by_a_stream_of_lock_waiters() {
             emptied_at.get(),
             TAKERS * TAKES
         );
-        c.run_until("the deferred work is done", |c| c.group(f).deferred().0 == 0)
-            .await;
+        c.run_until("the deferred work is done", |c| {
+            c.group(f).deferred().0 == 0
+        })
+        .await;
     });
 }
 
@@ -1054,7 +1062,10 @@ fn a_busy_follower_holds_at_most_its_byte_bound_of_appends() {
         let each: usize = a.batches.iter().map(|b| b.bytes.len()).sum();
         let copies = MAX_DEFERRED_BYTES / each + 10;
         // The byte bound is what drops them, not the count bound.
-        assert!(copies < MAX_DEFERRED_STEPS, "{copies} appends of {each} bytes");
+        assert!(
+            copies < MAX_DEFERRED_STEPS,
+            "{copies} appends of {each} bytes"
+        );
         let g = c.group(f).clone();
         let held = g.hold_lock().await.expect("the group's lock");
         for _ in 0..copies {
@@ -1076,8 +1087,10 @@ fn a_busy_follower_holds_at_most_its_byte_bound_of_appends() {
             g.deferred().1
         );
         drop(held);
-        c.run_until("the deferred work is done", |c| c.group(f).deferred().0 == 0)
-            .await;
+        c.run_until("the deferred work is done", |c| {
+            c.group(f).deferred().0 == 0
+        })
+        .await;
         assert_eq!(g.deferred_bytes(), 0, "the drained bytes are released");
         c.run_until("all caught up", Cluster::all_caught_up).await;
         assert_logs_identical(&c).await;
@@ -1109,7 +1122,10 @@ fn a_leader_busy_with_a_long_write_keeps_its_followers_from_electing() {
             // The followers are free: let their work (and its I/O) finish.
             for _ in 0..MAX_DELIVERY_PASSES {
                 let_others_run().await;
-                if c.live().iter().all(|(id, g)| *id == l || g.deferred().0 == 0) {
+                if c.live()
+                    .iter()
+                    .all(|(id, g)| *id == l || g.deferred().0 == 0)
+                {
                     break;
                 }
             }

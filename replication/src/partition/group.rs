@@ -461,7 +461,9 @@ impl PartitionGroup {
         let writable = self.is_writable_leader();
         // Bytes deferred before are counted in the shard's bound from now on.
         let held = self.deferred_bytes.get();
-        signals.deferred_bytes.set(signals.deferred_bytes.get() + held);
+        signals
+            .deferred_bytes
+            .set(signals.deferred_bytes.get() + held);
         if let Some(old) = self.signals.borrow_mut().replace(signals.clone()) {
             old.deferred_bytes
                 .set(old.deferred_bytes.get().saturating_sub(held));
@@ -671,9 +673,7 @@ impl PartitionGroup {
     fn keep_alive_while_busy(&self) {
         let owed = self.keepalive_owed.get().saturating_add(1);
         self.keepalive_owed.set(owed);
-        if owed < self.cfg.core.heartbeat_interval_ticks
-            || self.failed.get()
-            || self.closing.get()
+        if owed < self.cfg.core.heartbeat_interval_ticks || self.failed.get() || self.closing.get()
         {
             return;
         }

@@ -597,7 +597,11 @@ impl Sim {
         }
         for (to, items) in to_peer {
             self.stats.keepalives += items.len() as u64;
-            self.send(NodeMessage { from: id, to, items });
+            self.send(NodeMessage {
+                from: id,
+                to,
+                items,
+            });
         }
     }
 
