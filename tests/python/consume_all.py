@@ -7,7 +7,7 @@ usage: consume_all.py BOOTSTRAP TOPIC [--offsets]
 import sys
 import time
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 BOOTSTRAP, TOPIC = sys.argv[1], sys.argv[2]
 WITH_OFFSETS = "--offsets" in sys.argv[3:]
@@ -15,7 +15,28 @@ DEADLINE_S = 120
 c = Consumer({"bootstrap.servers": BOOTSTRAP, "group.id": "unused", "enable.auto.commit": False})
 md = c.list_topics(TOPIC, timeout=10)
 parts = list(md.topics[TOPIC].partitions)
-ends = {p: c.get_watermark_offsets(TopicPartition(TOPIC, p), timeout=10)[1] for p in parts}
+# Metadata reaches every node of a cluster a little apart (as in Kafka): right after a topic is
+# recreated or a node restarts, the client may hold metadata from a node that does not list the
+# partition yet, and librdkafka answers _UNKNOWN_PARTITION locally. Retriable, for a bounded time.
+RETRIABLE = {KafkaError._UNKNOWN_PARTITION, KafkaError._TRANSPORT, KafkaError._TIMED_OUT,
+             KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_LEADER_FOR_PARTITION,
+             KafkaError.UNKNOWN_TOPIC_OR_PART}
+WATERMARK_RETRY_S = 30
+
+
+def end_offset(p):
+    give_up = time.time() + WATERMARK_RETRY_S
+    while True:
+        try:
+            return c.get_watermark_offsets(TopicPartition(TOPIC, p), timeout=10)[1]
+        except KafkaException as e:
+            if e.args[0].code() not in RETRIABLE or time.time() > give_up:
+                raise
+            time.sleep(0.2)
+            c.list_topics(TOPIC, timeout=10)
+
+
+ends = {p: end_offset(p) for p in parts}
 c.assign([TopicPartition(TOPIC, p, 0) for p in parts])
 pos = {p: 0 for p in parts}
 out = []
