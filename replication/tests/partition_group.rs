@@ -900,17 +900,29 @@ async fn let_others_run() {
 /// Messages the tests below hand a busy group.
 const DEFERRED_PIECES: usize = 50;
 
+/// Three nodes with an elected leader: the cluster, the leader, a follower and its group.
+async fn cluster_with_a_follower() -> (Cluster, NodeId, NodeId, Rc<PartitionGroup>) {
+    let mut c = Cluster::new(3, 2).await;
+    let l = c.elect().await;
+    let f = c.voters().into_iter().find(|&n| n != l).unwrap();
+    let g = c.group(f).clone();
+    (c, l, f, g)
+}
+
+/// Hands the follower's group [`DEFERRED_PIECES`] heartbeats from leader `l` through the
+/// shard's entry point (deferred while its lock is held).
+fn defer_heartbeats(c: &Cluster, l: NodeId, g: &Rc<PartitionGroup>) {
+    for _ in 0..DEFERRED_PIECES {
+        g.step_or_defer(l, heartbeat(c, l));
+    }
+}
+
 #[test]
 fn a_lone_lock_waiter_gets_the_lock_between_deferred_pieces() {
     run(async {
-        let mut c = Cluster::new(3, 2).await;
-        let l = c.elect().await;
-        let f = c.voters().into_iter().find(|&n| n != l).unwrap();
-        let g = c.group(f).clone();
+        let (mut c, l, f, g) = cluster_with_a_follower().await;
         let held = g.hold_lock().await.expect("the group's lock");
-        for _ in 0..DEFERRED_PIECES {
-            g.step_or_defer(l, heartbeat(&c, l));
-        }
+        defer_heartbeats(&c, l, &g);
         // All deferred behind the held lock (the drainer may have taken the first in hand).
         assert!(g.deferred().0 + 1 >= DEFERRED_PIECES, "{:?}", g.deferred());
         // A task that needs the lock (as a produce or a durability report does) waits behind
@@ -947,14 +959,9 @@ fn the_drainer_is_not_starved_by_a_stream_of_lock_waiters() {
     const TAKERS: usize = 2;
     const TAKES: usize = 200;
     run(async {
-        let mut c = Cluster::new(3, 2).await;
-        let l = c.elect().await;
-        let f = c.voters().into_iter().find(|&n| n != l).unwrap();
-        let g = c.group(f).clone();
+        let (mut c, l, f, g) = cluster_with_a_follower().await;
         let held = g.hold_lock().await.expect("the group's lock");
-        for _ in 0..DEFERRED_PIECES {
-            g.step_or_defer(l, heartbeat(&c, l));
-        }
+        defer_heartbeats(&c, l, &g);
         // Takes (counted over all takers) when the deferred work was first seen done.
         let takes = Rc::new(Cell::new(0usize));
         let emptied_at = Rc::new(Cell::new(None));
@@ -1009,14 +1016,9 @@ fn the_drainer_is_not_starved_by_a_stream_of_lock_waiters() {
 #[test]
 fn closing_a_busy_group_drops_its_deferred_work_instead_of_waiting_for_it() {
     run(async {
-        let mut c = Cluster::new(3, 2).await;
-        let l = c.elect().await;
-        let f = c.voters().into_iter().find(|&n| n != l).unwrap();
-        let g = c.group(f).clone();
+        let (mut c, l, f, g) = cluster_with_a_follower().await;
         let held = g.hold_lock().await.expect("the group's lock");
-        for _ in 0..DEFERRED_PIECES {
-            g.step_or_defer(l, heartbeat(&c, l));
-        }
+        defer_heartbeats(&c, l, &g);
         let closed = Rc::new(Cell::new(false));
         let (closing, done) = (g.clone(), closed.clone());
         glommio::spawn_local(async move {
