@@ -26,9 +26,55 @@ pub struct Broker {
     extra_args: Vec<String>,
 }
 
+/// Ports handed to test brokers: below the kernel's ephemeral range (32768-60999 by default),
+/// so no `bind(0)` and no outgoing connection takes one. Tests run in parallel, each in a
+/// process of its own (nextest), and an ephemeral port bound and released here could be handed
+/// to a second test a moment later: one test's node then held another's port ("port N stays
+/// taken"). So a port is reserved across processes by creating a file named for it.
+const TEST_PORTS: std::ops::Range<u32> = 20_000..32_000;
+/// A reservation older than this is left from an earlier run (no test runs this long).
+const PORT_RESERVATION_STALE: Duration = Duration::from_secs(15 * 60);
+const PORT_ATTEMPTS: usize = 10_000;
+
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().unwrap().port()
+    let dir = std::env::temp_dir().join("spate-test-ports");
+    std::fs::create_dir_all(&dir).expect("the port reservation directory");
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let mut x = (u64::from(std::process::id()) << 32 | u64::from(nanos)) | 1;
+    for _ in 0..PORT_ATTEMPTS {
+        // xorshift64: any spread will do.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let port = (TEST_PORTS.start + (x % u64::from(TEST_PORTS.len() as u32)) as u32) as u16;
+        let path = dir.join(port.to_string());
+        let reserve = || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .is_ok()
+        };
+        let mut reserved = reserve();
+        if !reserved {
+            let stale = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > PORT_RESERVATION_STALE);
+            // Of two processes reclaiming it, one creates it again.
+            if stale && std::fs::remove_file(&path).is_ok() {
+                reserved = reserve();
+            }
+        }
+        if reserved && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free test port in {TEST_PORTS:?} after {PORT_ATTEMPTS} attempts");
 }
 
 /// Polls (bounded) until nobody listens on `port` (a connection is refused).
