@@ -461,9 +461,6 @@ pub async fn run(
     // the store's waiters waiting).
     while rt.syncing.get() {
         let seen = rt.synced.generation();
-        if !rt.syncing.get() {
-            break;
-        }
         rt.synced.changed(seen).await;
     }
     rt.stats.borrow_mut().deferred_dropped = rt.groups.deferred_dropped();

@@ -193,9 +193,6 @@ pub struct PartitionGroup {
     /// (see [`Self::keep_alive_while_busy`]), and keep-alives sent.
     keepalive_owed: Cell<u32>,
     keepalives_sent: Cell<u64>,
-    /// The hard state last recorded in the store (the core's may be newer while the action
-    /// recording it waits behind I/O).
-    recorded_hard: Cell<HardState>,
     /// The shard's next tick would do nothing ([`Replica::quiet_ticks`]) and may be skipped:
     /// set after a tick or a message the shard stepped at once, cleared by anything else that
     /// reaches the core.
@@ -360,7 +357,6 @@ impl PartitionGroup {
             closing: Cell::new(false),
             keepalive_owed: Cell::new(0),
             keepalives_sent: Cell::new(0),
-            recorded_hard: Cell::new(hard),
             skip_tick: Cell::new(false),
             owed_ticks: Cell::new(0),
             ready: RefCell::default(),
@@ -683,7 +679,8 @@ impl PartitionGroup {
                 return;
             };
             if !core.is_leader()
-                || core.hard_state() != self.recorded_hard.get()
+                // The core's may be newer while the action recording it waits behind I/O.
+                || self.store.get(self.cfg.group) != Some(core.hard_state())
                 || !self.store.is_durable(self.hard_seq.get())
             {
                 return;
@@ -886,6 +883,10 @@ impl PartitionGroup {
         }
         // Something waits for the core: the next tick is not skipped.
         self.skip_tick.set(false);
+        let bytes = match &work {
+            Deferred::Step(_, msg) => message_bytes(msg),
+            _ => 0,
+        };
         {
             let mut q = self.deferred.borrow_mut();
             match work {
@@ -898,7 +899,7 @@ impl PartitionGroup {
                         q.push_back(Deferred::Flush);
                     }
                 }
-                Deferred::Step(_, ref msg) if !self.may_defer(message_bytes(msg)) => {
+                Deferred::Step(..) if !self.may_defer(bytes) => {
                     let dropped = self.dropped_steps.get() + 1;
                     self.dropped_steps.set(dropped);
                     if let Some(sig) = self.signals.borrow().as_ref() {
@@ -913,8 +914,8 @@ impl PartitionGroup {
                     }
                     return;
                 }
-                Deferred::Step(_, ref msg) => {
-                    let n = message_bytes(msg);
+                Deferred::Step(..) => {
+                    let n = bytes;
                     self.deferred_steps.set(self.deferred_steps.get() + 1);
                     self.deferred_bytes.set(self.deferred_bytes.get() + n);
                     if let Some(sig) = self.signals.borrow().as_ref() {
@@ -1141,14 +1142,14 @@ impl PartitionGroup {
         self.clear_deferred();
     }
 
-    /// Before a close or delete waits for the lock: the shard defers nothing more to the
-    /// group and what it deferred is dropped, so the wait is for what holds the lock now (a
-    /// produce's write, one drainer piece), not for a queue the shard keeps feeding.
     /// Failed, or closing: a task that waited for the lock does nothing once it has it.
     fn stopped(&self) -> bool {
         self.failed.get() || self.closing.get()
     }
 
+    /// Before a close or delete waits for the lock: the shard defers nothing more to the
+    /// group and what it deferred is dropped, so the wait is for what holds the lock now (a
+    /// produce's write, one drainer piece), not for a queue the shard keeps feeding.
     fn begin_closing(&self) {
         self.closing.set(true);
         self.clear_deferred();
@@ -1340,10 +1341,7 @@ impl PartitionGroup {
     fn perform_one(&self, action: Action, out: &mut Vec<Action>) {
         match action {
             Action::PersistHardState(hard) => match self.store.record(self.cfg.group, hard) {
-                Ok(seq) => {
-                    self.hard_seq.set(seq);
-                    self.recorded_hard.set(hard);
-                }
+                Ok(seq) => self.hard_seq.set(seq),
                 // Never durable: nothing after it may be sent.
                 Err(e) => self.fail(&format!("hard state not persisted: {e}")),
             },
@@ -1711,7 +1709,6 @@ impl PartitionGroup {
     }
 }
 
-/// Whether `msg` is a leader's append whose batches are still to be read from its log.
 /// Bytes a peer message holds (its batches): what deferring it costs.
 fn message_bytes(msg: &Message) -> usize {
     match msg {
@@ -1753,6 +1750,7 @@ impl Drop for LockWaiter<'_> {
     }
 }
 
+/// Whether `msg` is a leader's append whose batches are still to be read from its log.
 fn needs_fill(msg: &Message) -> bool {
     matches!(msg, Message::Append(req) if req.fill_end > req.prev_offset)
 }
