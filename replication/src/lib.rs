@@ -9,6 +9,7 @@
 
 pub mod epochs;
 pub mod error;
+pub mod liveness;
 pub mod node;
 pub mod replica;
 pub mod types;
@@ -21,9 +22,10 @@ pub mod shard;
 
 pub use epochs::EpochHistory;
 pub use error::Error;
+pub use liveness::{LiveNodes, PeerLiveness, Ping};
 pub use node::{Node, NodeMessage, Output};
 pub use replica::{
-    Config, Persisted, Replica, Role, DEFAULT_ELECTION_TIMEOUT_TICKS,
+    Config, Persisted, Quiesced, Replica, Role, DEFAULT_ELECTION_TIMEOUT_TICKS,
     DEFAULT_HEARTBEAT_INTERVAL_TICKS, DEFAULT_MAX_BATCHES_PER_PROPOSAL,
 };
 pub use types::{

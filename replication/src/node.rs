@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 use crate::error::Error;
+use crate::liveness::{PeerLiveness, Ping};
 use crate::replica::Replica;
 use crate::types::{Action, GroupId, Membership, Message, NodeId, Offset};
 
@@ -32,6 +33,10 @@ pub struct Output {
 
 pub struct Node {
     id: NodeId,
+    /// This node's liveness token (0: it sends no pings and its groups never go quiet).
+    token: u64,
+    /// What the peers' pings say (see [`crate::liveness`]).
+    liveness: PeerLiveness,
     groups: BTreeMap<GroupId, Replica>,
     scratch: Vec<Action>,
     actions: Vec<(GroupId, Action)>,
@@ -40,8 +45,17 @@ pub struct Node {
 
 impl Node {
     pub fn new(id: NodeId) -> Self {
+        Self::with_liveness(id, 0, crate::replica::DEFAULT_ELECTION_TIMEOUT_TICKS)
+    }
+
+    /// A node whose groups may go quiet (their config's `quiesce` is `Some(token)`): it pings
+    /// its peers ([`Self::ping`]) and wakes its quiet groups when a peer they rely on falls
+    /// silent for `timeout_ticks` ticks or restarts.
+    pub fn with_liveness(id: NodeId, token: u64, timeout_ticks: u32) -> Self {
         Node {
             id,
+            token,
+            liveness: PeerLiveness::new(timeout_ticks),
             groups: BTreeMap::new(),
             scratch: Vec::new(),
             actions: Vec::new(),
@@ -71,10 +85,26 @@ impl Node {
         self.groups.iter().map(|(g, r)| (*g, r))
     }
 
-    /// One tick for every group.
+    /// The ping the caller sends every peer node on each tick (none without a token).
+    pub fn ping(&self) -> Option<Ping> {
+        (self.token != 0).then_some(Ping {
+            token: self.token,
+            shard: 0,
+        })
+    }
+
+    /// A peer's ping.
+    pub fn receive_ping(&mut self, from: NodeId, ping: Ping) {
+        self.liveness.heard(from, ping);
+    }
+
+    /// One tick for every group: quiet groups first hear what the peers' liveness says.
     pub fn tick(&mut self) {
+        self.liveness.tick();
+        let live = self.liveness.snapshot();
         let mut out = std::mem::take(&mut self.scratch);
         for (&g, r) in self.groups.iter_mut() {
+            r.check_liveness(|n| live.live(n), &mut out);
             r.tick(&mut out);
             route(g, &mut out, &mut self.actions, &mut self.outbox);
         }
@@ -85,9 +115,15 @@ impl Node {
     pub fn receive(&mut self, msg: NodeMessage) {
         debug_assert_eq!(msg.to, self.id);
         let from = msg.from;
+        let live = self.liveness.snapshot();
         for (g, m) in msg.items {
             if self.groups.contains_key(&g) {
-                self.with_group(g, |r, out| r.step(from, m, out));
+                // A group quiet under a leader this node does not know live (not heard yet,
+                // or restarted since) wakes at once.
+                self.with_group(g, |r, out| {
+                    r.step(from, m, out);
+                    r.check_liveness(|n| live.live(n), out);
+                });
             }
         }
     }

@@ -30,6 +30,10 @@ pub struct Config {
     pub election_timeout_ticks: u32,
     pub heartbeat_interval_ticks: u32,
     pub max_batches_per_proposal: usize,
+    /// Quiescence: `Some(token)` lets an idle group go quiet (see [`Replica::is_quiesced`]);
+    /// the token is this node's liveness token (its incarnation, non-zero), which the caller's
+    /// node-level liveness pings carry. `None`: the group heartbeats for as long as it leads.
+    pub quiesce: Option<u64>,
 }
 
 impl Default for Config {
@@ -38,6 +42,7 @@ impl Default for Config {
             election_timeout_ticks: DEFAULT_ELECTION_TIMEOUT_TICKS,
             heartbeat_interval_ticks: DEFAULT_HEARTBEAT_INTERVAL_TICKS,
             max_batches_per_proposal: DEFAULT_MAX_BATCHES_PER_PROPOSAL,
+            quiesce: None,
         }
     }
 }
@@ -139,7 +144,18 @@ pub struct Replica {
     transfer: Option<(NodeId, u32)>,
     /// The leader has committed a batch of its own epoch.
     epoch_ready: bool,
+    /// Quiet (see [`Self::is_quiesced`]): a leader, or a follower under the leader's token.
+    quiesced: Option<Quiesced>,
     scratch: Vec<Offset>,
+}
+
+/// Whom a quiet replica relies on being alive instead of on heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quiesced {
+    /// A quiet leader: its members are live as long as the node-level liveness says so.
+    Leader,
+    /// A quiet follower: its leader `leader` with liveness token `token`.
+    Follower { leader: NodeId, token: u64 },
 }
 
 impl Replica {
@@ -177,8 +193,10 @@ impl Replica {
             progress: Vec::new(),
             transfer: None,
             epoch_ready: false,
+            quiesced: None,
             scratch: Vec::new(),
         };
+        assert!(cfg.quiesce != Some(0), "a quiescence token is non-zero");
         r.reset_election_timeout();
         r
     }
@@ -240,10 +258,13 @@ impl Replica {
     /// Ticks since the leader last heard from `peer` (an answer to anything it sent); `None`
     /// when not leading or not a peer. A live follower answers every heartbeat.
     pub fn peer_silent_ticks(&self, peer: NodeId) -> Option<u64> {
+        // A quiet leader hears nothing from its followers: the node-level liveness vouches for
+        // them (the caller wakes the leader when a member's node goes silent).
+        let quiet = self.quiesced.is_some();
         self.progress
             .iter()
             .find(|p| p.node == peer)
-            .map(|p| self.ticks.saturating_sub(p.heard_at))
+            .map(|p| if quiet { 0 } else { self.ticks.saturating_sub(p.heard_at) })
     }
     /// Ticks that may pass with nothing for this replica to do: [`Self::tick`] called this
     /// many times sends nothing, changes no role and starts or abandons nothing (only its
@@ -251,6 +272,9 @@ impl Replica {
     /// that long and hand it the ticks later with [`Self::tick_by`], so long as nothing else
     /// reaches it meanwhile: the result is the same as ticking it each time.
     pub fn quiet_ticks(&self) -> u32 {
+        if self.quiesced.is_some() {
+            return u32::MAX;
+        }
         // The clocks first (fields of the replica itself); the followers' progress (memory
         // elsewhere: thousands of groups are asked on every tick) only when those allow a tick.
         match self.role {
@@ -290,7 +314,9 @@ impl Replica {
     /// is alive and do not elect another while it writes. A follower answers one as any
     /// heartbeat. Nothing unless leading.
     pub fn keepalives(&self, out: &mut Vec<(NodeId, Message)>) {
-        if self.role != Role::Leader {
+        // A quiet leader's followers are quiet too; a keep-alive (no quiescence token) would
+        // wake them to a leader that sends no heartbeats.
+        if self.role != Role::Leader || self.quiesced.is_some() {
             return;
         }
         for p in &self.progress {
@@ -301,6 +327,7 @@ impl Replica {
                 commit: self.hw,
                 batches: Vec::new(),
                 fill_end: p.matched,
+                quiesce: 0,
             };
             out.push((p.node, Message::Append(req)));
         }
@@ -316,6 +343,65 @@ impl Replica {
                 .all(|p| !p.probing && p.durable == self.log_end && self.hw == self.log_end),
             Role::Follower => self.leader.is_some(),
             _ => false,
+        }
+    }
+
+    /// Quiescence. An idle group heartbeating every interval costs a message each way per
+    /// follower for nothing; thousands of them cost a node most of its idle CPU. So a leader
+    /// whose followers hold and have made durable everything it has, and answered its last
+    /// heartbeat, sends one more heartbeat carrying its liveness token and goes quiet: no more
+    /// heartbeats, no check-quorum. A follower that takes that heartbeat with nothing missing
+    /// goes quiet too: its election clock stops, and its lease (no votes for others) holds for
+    /// as long as the leader's node is live with that token. Node-level liveness (one ping per
+    /// node pair, not per group) stands in for the heartbeats: the caller calls
+    /// [`Self::check_liveness`] with it on each tick, which wakes a follower whose leader's
+    /// node fell silent or restarted (its lease lapsed: it campaigns soon) and a leader one of
+    /// whose members' nodes did. Anything else wakes a replica: a proposal, a transfer, a vote,
+    /// an append without the token, an answer that is not a caught-up follower's. A waking
+    /// leader heartbeats at once, which wakes its followers. As CockroachDB's quiesced ranges.
+    /// Safety does not rest on any of this: it changes only when replicas campaign.
+    pub fn quiesced(&self) -> Option<Quiesced> {
+        self.quiesced
+    }
+    pub fn is_quiesced(&self) -> bool {
+        self.quiesced.is_some()
+    }
+
+    /// Wakes a quiet replica (see [`Self::quiesced`]). `leader_silent`: the follower's leader
+    /// is known gone (its node silent for an election timeout, or restarted), so its lease has
+    /// lapsed and it campaigns within its timeout's random part. A leader heartbeats at once.
+    pub fn unquiesce(&mut self, leader_silent: bool, out: &mut Vec<Action>) {
+        match self.quiesced.take() {
+            None => {}
+            Some(Quiesced::Leader) => self.wake_leader(out),
+            Some(Quiesced::Follower { .. }) => {
+                self.election_elapsed = if leader_silent {
+                    self.cfg.election_timeout_ticks
+                } else {
+                    0
+                };
+            }
+        }
+    }
+
+    /// For a quiet replica, what the node-level liveness says: `live(node)` is the liveness
+    /// token of `node` while it is live (heard within an election timeout), `None` otherwise.
+    /// A follower whose leader is not live with the token it went quiet under wakes with its
+    /// lease lapsed; a leader with a member that is not live wakes (and heartbeats, so
+    /// check-quorum and the in-sync set see the silence).
+    pub fn check_liveness(&mut self, live: impl Fn(NodeId) -> Option<u64>, out: &mut Vec<Action>) {
+        match self.quiesced {
+            None => {}
+            Some(Quiesced::Follower { leader, token }) => {
+                if live(leader) != Some(token) {
+                    self.unquiesce(true, out);
+                }
+            }
+            Some(Quiesced::Leader) => {
+                if self.progress.iter().any(|p| live(p.node).is_none()) {
+                    self.unquiesce(false, out);
+                }
+            }
         }
     }
 
@@ -335,6 +421,10 @@ impl Replica {
             return;
         }
         self.ticks += u64::from(n);
+        if self.quiesced.is_some() {
+            // Quiet: the clocks stand still (a woken replica starts them afresh).
+            return;
+        }
         match self.role {
             Role::Leader => {
                 self.heartbeat_elapsed = self.heartbeat_elapsed.saturating_add(n);
@@ -363,7 +453,11 @@ impl Replica {
                 }
                 if self.heartbeat_elapsed >= self.cfg.heartbeat_interval_ticks {
                     self.heartbeat_elapsed = 0;
-                    self.broadcast_heartbeat(out);
+                    let token = self.quiesce_token();
+                    self.broadcast_heartbeat(token, out);
+                    if token != 0 {
+                        self.quiesced = Some(Quiesced::Leader);
+                    }
                 } else {
                     self.resume_paused(out);
                 }
@@ -389,6 +483,9 @@ impl Replica {
 
     /// A message from `from`.
     pub fn step(&mut self, from: NodeId, msg: Message, out: &mut Vec<Action>) {
+        if self.quiesced.is_some() && self.wakes(&msg) {
+            self.unquiesce(false, out);
+        }
         match msg {
             Message::Append(req) => self.on_append(from, req, out),
             Message::AppendResponse(resp) => self.on_append_response(from, resp, out),
@@ -427,6 +524,7 @@ impl Replica {
                 reason: "a batch with no records",
             });
         }
+        self.unquiesce(false, out);
         let base = self.log_end;
         let mut at = base;
         let built = batches
@@ -468,6 +566,7 @@ impl Replica {
             });
         }
         self.check_single_change(&next)?;
+        self.unquiesce(false, out);
         let base = self.log_end;
         let batch = Batch {
             base,
@@ -494,6 +593,7 @@ impl Replica {
                 role: "voter other than the leader",
             });
         }
+        self.unquiesce(false, out);
         self.transfer = Some((target, 0));
         self.maybe_send_timeout_now(target, out);
         if self.transfer.is_some() {
@@ -583,6 +683,11 @@ impl Replica {
     // ---- follower side -----------------------------------------------------------------------
 
     fn on_append(&mut self, from: NodeId, req: AppendRequest, out: &mut Vec<Action>) {
+        // Every append decides afresh: only a quiescing heartbeat with nothing missing (below)
+        // leaves the follower quiet.
+        if matches!(self.quiesced, Some(Quiesced::Follower { .. })) {
+            self.quiesced = None;
+        }
         if req.epoch < self.hard.epoch {
             let resp = self.reject(self.log_end, NO_EPOCH);
             self.send(from, Message::AppendResponse(resp), out);
@@ -638,6 +743,18 @@ impl Replica {
         self.verified_end = self.verified_end.max(verified);
         let commit = req.commit.min(self.verified_end);
         self.advance_hw(commit, out);
+        let caught_up = self.verified_end == self.log_end
+            && self.written_end == self.log_end
+            && self.durable_end == self.log_end
+            && self.hw == self.log_end
+            && req.prev_offset == self.log_end
+            && req.commit == self.log_end;
+        if req.quiesce != 0 && self.cfg.quiesce.is_some() && caught_up {
+            self.quiesced = Some(Quiesced::Follower {
+                leader: from,
+                token: req.quiesce,
+            });
+        }
         let resp = self.accept();
         self.send(from, Message::AppendResponse(resp), out);
     }
@@ -804,6 +921,7 @@ impl Replica {
         assert_eq!(self.hard.voted_for, Some(self.id));
         self.role = Role::Leader;
         self.leader = Some(self.id);
+        self.quiesced = None;
         self.epoch_ready = false;
         self.heartbeat_elapsed = 0;
         self.quorum_elapsed = 0;
@@ -847,6 +965,11 @@ impl Replica {
     }
 
     fn send_append(&mut self, i: usize, out: &mut Vec<Action>) {
+        self.send_append_with(i, 0, out);
+    }
+
+    /// An append to peer `i`, carrying `quiesce` (see [`AppendRequest::quiesce`]).
+    fn send_append_with(&mut self, i: usize, quiesce: u64, out: &mut Vec<Action>) {
         let p = &mut self.progress[i];
         assert!(p.next <= self.log_end);
         let from = p.next;
@@ -864,11 +987,78 @@ impl Replica {
             commit: self.hw,
             batches: Vec::new(),
             fill_end,
+            quiesce,
         };
         self.send(to, Message::Append(req), out);
     }
 
-    fn broadcast_heartbeat(&mut self, out: &mut Vec<Action>) {
+    /// The token to quiesce with at this heartbeat, or 0: quiescence is on, the group is the
+    /// writable leader with no transfer under way, and every member holds, has made durable
+    /// and has acknowledged (since the last heartbeat) everything in the log, all of it
+    /// committed.
+    fn quiesce_token(&self) -> u64 {
+        let Some(token) = self.cfg.quiesce else {
+            return 0;
+        };
+        let end = self.log_end;
+        let settled = self.epoch_ready
+            && self.transfer.is_none()
+            && self.hw == end
+            && self.written_end == end
+            && self.durable_end == end
+            && self.progress.iter().all(|p| {
+                p.acked
+                    && !p.probing
+                    && !p.paused
+                    && p.in_flight.is_empty()
+                    && p.matched == end
+                    && p.durable == end
+                    && p.next == end
+            });
+        if settled {
+            token
+        } else {
+            0
+        }
+    }
+
+    /// Whether `msg` wakes a quiet replica: anything but a quiescing heartbeat from the leader
+    /// it is quiet under (a follower) or a caught-up follower's answer in this epoch (a leader:
+    /// the answers to its quiescing heartbeat).
+    fn wakes(&self, msg: &Message) -> bool {
+        match (self.quiesced, msg) {
+            (Some(Quiesced::Follower { .. }), Message::Append(req)) => req.quiesce == 0,
+            (Some(Quiesced::Leader), Message::AppendResponse(r)) => {
+                !(r.success
+                    && r.epoch == self.hard.epoch
+                    && r.log_end == self.log_end
+                    && r.written_end == self.log_end
+                    && r.durable_end == self.log_end)
+            }
+            _ => true,
+        }
+    }
+
+    /// A quiet leader wakes: its clocks start afresh, its members count as heard from (the
+    /// node-level liveness vouched for them), and it heartbeats now, which wakes its
+    /// followers before anything it does next (a proposal that fails to be written leaves
+    /// them awake, so they elect once this leader falls silent).
+    fn wake_leader(&mut self, out: &mut Vec<Action>) {
+        self.heartbeat_elapsed = 0;
+        self.quorum_elapsed = 0;
+        let ticks = self.ticks;
+        for p in &mut self.progress {
+            p.active = true;
+            p.heard_at = ticks;
+        }
+        self.broadcast_heartbeat(0, out);
+        // What the heartbeat asks is already acknowledged: no retransmit at the next one.
+        for p in &mut self.progress {
+            p.acked = true;
+        }
+    }
+
+    fn broadcast_heartbeat(&mut self, quiesce: u64, out: &mut Vec<Action>) {
         for i in 0..self.progress.len() {
             let p = &mut self.progress[i];
             if !p.acked && !p.probing && p.next > p.matched {
@@ -879,7 +1069,7 @@ impl Replica {
             }
             p.acked = false;
             p.paused = false;
-            self.send_append(i, out);
+            self.send_append_with(i, quiesce, out);
         }
     }
 
@@ -1022,6 +1212,7 @@ impl Replica {
     }
 
     fn campaign(&mut self, pre_vote: bool, transfer: bool, out: &mut Vec<Action>) {
+        self.quiesced = None;
         let epoch = if pre_vote {
             self.role = Role::PreCandidate;
             self.hard.epoch + 1
@@ -1175,6 +1366,7 @@ impl Replica {
         let was = (self.role, self.leader);
         self.role = Role::Follower;
         self.leader = leader;
+        self.quiesced = None;
         self.transfer = None;
         self.progress.clear();
         self.epoch_ready = false;

@@ -96,6 +96,11 @@ pub struct AppendRequest {
     /// whole batches from `prev_offset` as fit its byte limit). Equal to `prev_offset` for a
     /// heartbeat. The receiver ignores it.
     pub fill_end: Offset,
+    /// Non-zero on a leader's last heartbeat before it goes quiet (see
+    /// [`crate::replica::Replica::is_quiesced`]): the leader's liveness token (its node's
+    /// incarnation), under which a caught-up follower stops counting towards an election for as
+    /// long as that node stays live. Zero on every other append.
+    pub quiesce: u64,
 }
 
 /// Follower -> leader. On success, the follower's written and durable ends, both counted only

@@ -209,6 +209,7 @@ fn a_peer_gets_more_than_one_message_only_when_the_batches_pass_the_gathered_lim
                 membership: None,
             }],
             fill_end: base + 1,
+            quiesce: 0,
         })
     };
     let per_group = (0..10u64).map(|g| {

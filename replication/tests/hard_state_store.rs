@@ -176,6 +176,7 @@ fn a_log_ahead_of_the_store_after_a_crash_opens_in_the_logs_epoch() {
                     membership: None,
                 }],
                 fill_end: 2,
+                quiesce: 0,
             }),
         )
         .await;

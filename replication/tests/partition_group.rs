@@ -887,6 +887,7 @@ fn heartbeat(c: &Cluster, l: NodeId) -> Message {
         commit: 0,
         batches: Vec::new(),
         fill_end: 0,
+        quiesce: 0,
     })
 }
 

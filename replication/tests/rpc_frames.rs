@@ -116,6 +116,7 @@ fn message() -> impl Strategy<Value = Message> {
                         commit,
                         batches,
                         fill_end,
+                        quiesce: 0,
                     })
                 }
             ),
@@ -479,6 +480,7 @@ fn batch_bytes_are_slices_of_the_receive_buffer() {
                     prev_epoch: -1,
                     commit: 0,
                     fill_end: 10,
+                    quiesce: 0,
                     batches: vec![Batch {
                         base: 0,
                         count: 10,

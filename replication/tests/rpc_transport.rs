@@ -197,6 +197,7 @@ fn append(seed: u8, sizes: &[usize]) -> Frame {
                     prev_epoch: 0,
                     commit: 0,
                     fill_end: sizes.len() as u64,
+                    quiesce: 0,
                     batches,
                 }),
             )],

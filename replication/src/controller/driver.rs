@@ -578,6 +578,8 @@ impl<R: Clone> Driver<R> {
             RpcMessage::Hello(_) | RpcMessage::HandshakeRefused { .. } => {
                 tracing::debug!(from, "handshake frame after the handshake: ignored");
             }
+            // The partition shards' concern: the service hands them on before the driver.
+            RpcMessage::Liveness(_) => {}
         }
         Ok(())
     }

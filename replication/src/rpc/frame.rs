@@ -21,6 +21,7 @@ use crate::controller::{
     AlterIsrRequest, ControllerError, CreateTopicRequest, HeartbeatRequest, RegisterRequest,
 };
 use crate::identity::MAX_CLUSTER_ID_BYTES;
+use crate::liveness::Ping;
 use crate::node::NodeMessage;
 use crate::rpc::handshake::Hello;
 use crate::types::{
@@ -253,6 +254,8 @@ pub enum RpcMessage {
     /// The metadata-log offset after which the decision is applied (0 for validate_only):
     /// the requester answers its client once it has applied that far.
     AdminResponse(Result<u64, RpcErrorReply>),
+    /// A shard of the sending node is alive (see [`crate::liveness`]); not answered.
+    Liveness(Ping),
 }
 
 mod kind {
@@ -280,6 +283,7 @@ mod kind {
     pub const ALTER_REASSIGNMENTS: u8 = 22;
     pub const FINISH_REASSIGNMENT: u8 = 23;
     pub const SET_DECOMMISSION: u8 = 24;
+    pub const LIVENESS: u8 = 25;
 }
 
 mod msg_tag {
@@ -444,6 +448,10 @@ impl FrameCodec {
             kind::HEARTBEAT_RESPONSE => {
                 RpcMessage::HeartbeatResponse(decode_result(&mut r, |r| r.bool("fenced"))?)
             }
+            kind::LIVENESS => RpcMessage::Liveness(Ping {
+                token: r.u64("liveness token")?,
+                shard: r.u32("shard")?,
+            }),
             kind::FETCH_METADATA => RpcMessage::FetchMetadata {
                 from_offset: r.u64("from offset")?,
                 max_bytes: r.u32("max bytes")?,
@@ -606,6 +614,11 @@ impl FrameCodec {
                 w.bool(h.want_fence);
             }
             RpcMessage::HeartbeatResponse(res) => encode_result(&mut p, res, |p, f| p.w().bool(*f)),
+            RpcMessage::Liveness(ping) => {
+                let mut w = p.w();
+                w.u64(ping.token);
+                w.u32(ping.shard);
+            }
             RpcMessage::FetchMetadata {
                 from_offset,
                 max_bytes,
@@ -863,6 +876,7 @@ fn kind_of(m: &RpcMessage) -> u8 {
         RpcMessage::SetDecommission { .. } => kind::SET_DECOMMISSION,
         RpcMessage::AlterReassignments { .. } => kind::ALTER_REASSIGNMENTS,
         RpcMessage::FinishReassignment { .. } => kind::FINISH_REASSIGNMENT,
+        RpcMessage::Liveness(_) => kind::LIVENESS,
     }
 }
 
@@ -1001,6 +1015,7 @@ fn encode_node_message(p: &mut Parts, m: &NodeMessage, max: usize) {
                 w.i32(a.prev_epoch);
                 w.u64(a.commit);
                 w.u64(a.fill_end);
+                w.u64(a.quiesce);
                 encode_batches(p, &a.batches, max);
             }
             Message::AppendResponse(a) => {
@@ -1053,6 +1068,7 @@ fn decode_node_message(r: &mut Reader, max: usize) -> Result<NodeMessage, Decode
                 prev_epoch: r.i32("prev epoch")?,
                 commit: r.u64("commit")?,
                 fill_end: r.u64("fill end")?,
+                quiesce: r.u64("quiesce")?,
                 batches: decode_batches(r, max)?,
             }),
             msg_tag::APPEND_RESPONSE => Message::AppendResponse(AppendResponse {

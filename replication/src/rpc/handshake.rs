@@ -11,8 +11,9 @@ use crate::controller::records::MAX_NODE_ID;
 use crate::identity::NodeIdentity;
 use crate::types::NodeId;
 
-/// The rpc protocol version this build speaks; a peer with another one is refused.
-pub const RPC_PROTOCOL_VERSION: u16 = 1;
+/// The rpc protocol version this build speaks; a peer with another one is refused. 2: appends
+/// carry a quiescence token, and shards ping their peers (`Liveness`).
+pub const RPC_PROTOCOL_VERSION: u16 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {

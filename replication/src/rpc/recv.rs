@@ -85,6 +85,7 @@ mod tests {
                         prev_epoch: 0,
                         commit: 0,
                         fill_end: base,
+                        quiesce: 0,
                         batches,
                     }),
                 )],
