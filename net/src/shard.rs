@@ -164,6 +164,7 @@ impl Shard {
             data_dir: config.data_dir.clone(),
             log: config.log_config(),
             high_watermark_cap: config.test_high_watermark_cap,
+            liveness_token: config.cluster.as_ref().map(|p| p.pings().token()),
         };
         let observers = {
             let metrics = metrics.for_shard(id);

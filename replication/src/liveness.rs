@@ -6,6 +6,8 @@
 //! (the groups it leads could not answer either), and a restarted node is told apart by its
 //! new token, whatever the timing. Sans-IO: the caller feeds pings and ticks.
 
+use std::sync::Mutex;
+
 use crate::types::NodeId;
 
 /// One shard's ping: its node's liveness token and the shard's index.
@@ -52,7 +54,8 @@ impl PeerLiveness {
         if ping.token == 0 {
             return;
         }
-        self.heard.retain(|h| h.node != node || h.token == ping.token);
+        self.heard
+            .retain(|h| h.node != node || h.token == ping.token);
         if let Some(h) = self
             .heard
             .iter_mut()
@@ -112,6 +115,73 @@ impl PeerLiveness {
     }
 }
 
+/// Where a node's service thread leaves the pings it receives for its shards (each reads
+/// them on its tick into its own [`PeerLiveness`]), and the node's own liveness token. Shared
+/// across threads; a ping costs a short lock.
+#[derive(Debug)]
+pub struct PingBoard {
+    token: u64,
+    /// (node, ping, pings received from it so far), at most [`MAX_TRACKED_SHARDS`] per node.
+    heard: Mutex<Vec<(NodeId, Ping, u64)>>,
+}
+
+impl Default for PingBoard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PingBoard {
+    /// A board with a fresh token: every process start is a new incarnation to the peers.
+    pub fn new() -> Self {
+        PingBoard {
+            token: fastrand::u64(1..),
+            heard: Mutex::default(),
+        }
+    }
+
+    /// This node's liveness token (non-zero).
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// A ping from `from` (a peer the transport's handshake verified).
+    pub fn record(&self, from: NodeId, ping: Ping) {
+        if ping.token == 0 {
+            return;
+        }
+        let mut heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+        heard.retain(|(n, p, _)| *n != from || p.token == ping.token);
+        if let Some(h) = heard.iter_mut().find(|(n, p, _)| *n == from && *p == ping) {
+            h.2 += 1;
+            return;
+        }
+        if heard.iter().filter(|(n, ..)| *n == from).count() < MAX_TRACKED_SHARDS {
+            heard.push((from, ping, 1));
+        }
+    }
+
+    /// Hands `liveness` the pings received since the last call with the same `seen` (the
+    /// caller's own record of the counts it has read).
+    pub fn read_into(&self, seen: &mut Vec<(NodeId, Ping, u64)>, liveness: &mut PeerLiveness) {
+        let heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+        for &(node, ping, count) in heard.iter() {
+            match seen.iter_mut().find(|(n, p, _)| *n == node && *p == ping) {
+                Some(s) if s.2 == count => {}
+                Some(s) => {
+                    s.2 = count;
+                    liveness.heard(node, ping);
+                }
+                None => {
+                    seen.push((node, ping, count));
+                    liveness.heard(node, ping);
+                }
+            }
+        }
+        seen.retain(|(n, p, _)| heard.iter().any(|(hn, hp, _)| hn == n && hp == p));
+    }
+}
+
 /// The live nodes and their tokens at one moment (see [`PeerLiveness::snapshot`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LiveNodes(Vec<(NodeId, u64)>);
@@ -155,6 +225,27 @@ mod tests {
         assert_eq!(l.live(2), Some(9));
         assert_eq!(l.snapshot().live(2), Some(9));
         assert_eq!(l.snapshot().live(3), None);
+    }
+
+    #[test]
+    fn the_board_hands_on_each_new_ping_once() {
+        let board = PingBoard::new();
+        assert_ne!(board.token(), 0);
+        let (mut seen, mut l) = (Vec::new(), PeerLiveness::new(2));
+        board.record(2, Ping { token: 7, shard: 0 });
+        board.read_into(&mut seen, &mut l);
+        l.tick();
+        assert_eq!(l.live(2), Some(7));
+        // Nothing new: two silent ticks and the node is not live.
+        for _ in 0..2 {
+            board.read_into(&mut seen, &mut l);
+            l.tick();
+        }
+        assert_eq!(l.live(2), None);
+        board.record(2, Ping { token: 7, shard: 0 });
+        board.read_into(&mut seen, &mut l);
+        l.tick();
+        assert_eq!(l.live(2), Some(7));
     }
 
     #[test]

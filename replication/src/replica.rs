@@ -261,10 +261,13 @@ impl Replica {
         // A quiet leader hears nothing from its followers: the node-level liveness vouches for
         // them (the caller wakes the leader when a member's node goes silent).
         let quiet = self.quiesced.is_some();
-        self.progress
-            .iter()
-            .find(|p| p.node == peer)
-            .map(|p| if quiet { 0 } else { self.ticks.saturating_sub(p.heard_at) })
+        self.progress.iter().find(|p| p.node == peer).map(|p| {
+            if quiet {
+                0
+            } else {
+                self.ticks.saturating_sub(p.heard_at)
+            }
+        })
     }
     /// Ticks that may pass with nothing for this replica to do: [`Self::tick`] called this
     /// many times sends nothing, changes no role and starts or abandons nothing (only its
@@ -390,18 +393,22 @@ impl Replica {
     /// lease lapsed; a leader with a member that is not live wakes (and heartbeats, so
     /// check-quorum and the in-sync set see the silence).
     pub fn check_liveness(&mut self, live: impl Fn(NodeId) -> Option<u64>, out: &mut Vec<Action>) {
-        match self.quiesced {
-            None => {}
-            Some(Quiesced::Follower { leader, token }) => {
-                if live(leader) != Some(token) {
-                    self.unquiesce(true, out);
-                }
-            }
-            Some(Quiesced::Leader) => {
-                if self.progress.iter().any(|p| live(p.node).is_none()) {
-                    self.unquiesce(false, out);
-                }
-            }
+        if let Some(leader_silent) = self.liveness_lapse(live) {
+            self.unquiesce(leader_silent, out);
+        }
+    }
+
+    /// What [`Self::check_liveness`] would do, without doing it: `None` if nothing (awake, or
+    /// quiet with everyone it relies on live), else `Some(leader_silent)` for
+    /// [`Self::unquiesce`].
+    pub fn liveness_lapse(&self, live: impl Fn(NodeId) -> Option<u64>) -> Option<bool> {
+        match self.quiesced? {
+            Quiesced::Follower { leader, token } => (live(leader) != Some(token)).then_some(true),
+            Quiesced::Leader => self
+                .progress
+                .iter()
+                .any(|p| live(p.node).is_none())
+                .then_some(false),
         }
     }
 

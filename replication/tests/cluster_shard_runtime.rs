@@ -93,6 +93,7 @@ struct Shard {
 
 struct Node {
     id: NodeId,
+    port: ClusterPort,
     dir: PathBuf,
     view: SharedClusterView,
     shards: Vec<Shard>,
@@ -231,6 +232,11 @@ impl Cluster {
 
 /// Starts the nodes; `timer`: the runtimes tick on the shipped timer, not the test's ticker.
 async fn start(timer: bool) -> (Cluster, tempfile::TempDir) {
+    start_with(timer, false).await
+}
+
+/// [`start`], with idle groups going quiet when `quiesce` (as the broker runs them).
+async fn start_with(timer: bool, quiesce: bool) -> (Cluster, tempfile::TempDir) {
     let tmp = tempfile::tempdir().unwrap();
     let state = Rc::new(RefCell::new(MetadataState::new()));
     let cut: Rc<RefCell<Vec<NodeId>>> = Rc::default();
@@ -258,6 +264,7 @@ async fn start(timer: bool) -> (Cluster, tempfile::TempDir) {
                     data_dir: dir.clone(),
                     log: log_config(),
                     high_watermark_cap: None,
+                    liveness_token: quiesce.then(|| port.pings().token()),
                 },
                 metadata.clone(),
                 Box::new(move |tp| {
@@ -314,6 +321,7 @@ async fn start(timer: bool) -> (Cluster, tempfile::TempDir) {
         }
         nodes.push(Node {
             id,
+            port,
             dir,
             view,
             shards,
@@ -326,6 +334,7 @@ async fn start(timer: bool) -> (Cluster, tempfile::TempDir) {
             .map(|n| n.shards.iter().map(|s| s.inbox.clone()).collect())
             .collect(),
     );
+    let ports: Rc<Vec<ClusterPort>> = Rc::new(nodes.iter().map(|n| n.port.clone()).collect());
     let accepts: Rc<Vec<Vec<flume::Sender<LeaderReport>>>> = Rc::new(
         nodes
             .iter()
@@ -334,6 +343,7 @@ async fn start(timer: bool) -> (Cluster, tempfile::TempDir) {
     );
     for (i, (from_node, rx)) in service_ends.into_iter().enumerate() {
         let shard = i % SHARDS as usize;
+        let ports = ports.clone();
         let (inboxes, accepts, state, cut, reports, accept) = (
             inboxes.clone(),
             accepts.clone(),
@@ -355,6 +365,15 @@ async fn start(timer: bool) -> (Cluster, tempfile::TempDir) {
                         let (parts, _) = split_by_shard(m, &plan);
                         for (s, part) in parts {
                             let _ = inboxes[to as usize - 1][s as usize].try_send(part);
+                        }
+                    }
+                    ShardEvent::Ping(ping) => {
+                        for to in 1..=NODES {
+                            let cut = cut.borrow();
+                            if to != from_node && !cut.contains(&from_node) && !cut.contains(&to)
+                            {
+                                ports[to as usize - 1].pings().record(from_node, ping);
+                            }
                         }
                     }
                     ShardEvent::Report(r) => {
@@ -922,6 +941,85 @@ fn quiet_groups_skip_every_other_tick_and_keep_their_leaders() {
                 "partition {p} elected again"
             );
         }
+        c.stop.notify();
+        for n in &mut c.nodes {
+            for s in &mut n.shards {
+                s.task.take().unwrap().await;
+            }
+        }
+    });
+}
+
+/// Idle groups go quiet: no consensus message at all passes between the nodes while nothing
+/// is written (the shards' liveness pings stand in for every group's heartbeats), and no
+/// group elects again. A write wakes its group and commits. Then the node leading a partition
+/// is cut off: the other nodes stop hearing its pings, their quiet followers wake with their
+/// leases lapsed, elect a new leader and commit a write through it.
+#[test]
+fn idle_groups_go_quiet_and_wake_when_their_leaders_node_falls_silent() {
+    batches::run(async {
+        let (mut c, _tmp) = start_with(false, true).await;
+        c.create_topic_of(FIRST_TOPIC_ID, BUSY_PARTITIONS);
+        c.until("every partition has a writable leader", |c| {
+            (0..BUSY_PARTITIONS).all(|p| c.writable_leader(p).is_some())
+        })
+        .await;
+        c.until("every replica of every partition is quiet", |c| {
+            (0..BUSY_PARTITIONS).all(|p| {
+                let gs = c.groups(p);
+                gs.len() == NODES as usize && gs.iter().all(|(_, g)| g.is_quiesced())
+            })
+        })
+        .await;
+        let leaders: Vec<_> = (0..BUSY_PARTITIONS)
+            .map(|p| {
+                let (n, g) = c.writable_leader(p).unwrap();
+                (n, g.epoch())
+            })
+            .collect();
+        let sent = c.total(|s| s.messages_sent);
+        c.ticks(IDLE_TICKS).await;
+        let target = c.ticks_sent.get();
+        c.until("every shard handled the ticks sent", |c| {
+            c.nodes
+                .iter()
+                .flat_map(|n| &n.shards)
+                .all(|s| s.stats.borrow().ticks >= target)
+        })
+        .await;
+        assert_eq!(
+            c.total(|s| s.messages_sent),
+            sent,
+            "quiet groups sent consensus messages"
+        );
+        for p in 0..BUSY_PARTITIONS {
+            let (n, g) = c.writable_leader(p).unwrap();
+            assert_eq!((n, g.epoch()), leaders[p as usize], "partition {p} elected again");
+        }
+
+        // A write wakes its group and commits.
+        let (_, g) = c.writable_leader(0).unwrap();
+        let (outcome, completion) = g.produce(vec![batch(7, 0, 2)], Acks::All).await;
+        assert_eq!(outcome.error_code, 0);
+        assert_eq!(completion.wait().await, Ok(()));
+
+        // The leader of partition 1 falls silent (its node cut off, pings and all).
+        c.until("partition 1 quiet again", |c| {
+            c.groups(1).iter().all(|(_, g)| g.is_quiesced())
+        })
+        .await;
+        let (old, g) = c.writable_leader(1).unwrap();
+        let epoch = g.epoch();
+        c.cut.borrow_mut().push(old);
+        c.until("partition 1 led elsewhere in a newer epoch", |c| {
+            c.writable_leader(1)
+                .is_some_and(|(n, g)| n != old && g.epoch() > epoch)
+        })
+        .await;
+        let (_, g) = c.writable_leader(1).unwrap();
+        let (outcome, completion) = g.produce(vec![batch(11, 0, 2)], Acks::All).await;
+        assert_eq!(outcome.error_code, 0);
+        assert_eq!(completion.wait().await, Ok(()));
         c.stop.notify();
         for n in &mut c.nodes {
             for s in &mut n.shards {

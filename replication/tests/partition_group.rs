@@ -21,6 +21,7 @@ use spate_replication::partition::{
 };
 use spate_replication::partition::{MAX_APPEND_FILL_BYTES, MAX_DEFERRED_BYTES, MAX_DEFERRED_STEPS};
 use spate_replication::replica::MAX_CATCHUP_APPENDS_IN_FLIGHT;
+use spate_replication::LiveNodes;
 use spate_replication::shard::{hard_state_store_path, HardStateStore};
 use spate_replication::{AppendRequest, Message, NodeId};
 
@@ -1115,7 +1116,7 @@ fn a_leader_busy_with_a_long_write_keeps_its_followers_from_electing() {
         for _ in 0..BUSY_TICKS {
             // The shard's entry points, which never wait (the leader's tick is deferred).
             for (_, g) in c.live() {
-                g.tick_or_defer();
+                g.tick_or_defer(&LiveNodes::default());
             }
             for (from, g) in c.live() {
                 for (to, msg) in g.take_ready() {

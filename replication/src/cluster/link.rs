@@ -18,6 +18,7 @@ use crate::cluster::LeaderReport;
 use crate::controller::active::CreateTopicRequest;
 use crate::controller::service::{ServiceStats, StatCells};
 use crate::controller::view::{ClusterView, SharedClusterView};
+use crate::liveness::{Ping, PingBoard};
 use crate::node::NodeMessage;
 use crate::shard::cross_wake;
 use crate::types::NodeId;
@@ -131,6 +132,8 @@ pub enum ShardEvent {
     Send(NodeMessage),
     /// A group this shard leads: its epoch and in-sync voters, for the controller (AlterIsr).
     Report(LeaderReport),
+    /// This shard is alive: to every peer node (see [`crate::liveness`]).
+    Ping(Ping),
 }
 
 /// One shard's end of the channels to the service thread.
@@ -158,6 +161,9 @@ pub struct ClusterPort {
     producer_ids: Arc<Mutex<(u64, u64)>>,
     /// The service thread's counters (what it dropped), for the Kafka layer's metrics.
     service_stats: Arc<StatCells>,
+    /// This node's liveness token, and the peers' pings for the shards (see
+    /// [`crate::liveness`]).
+    pings: Arc<PingBoard>,
 }
 
 impl ClusterPort {
@@ -167,7 +173,13 @@ impl ClusterPort {
             calls,
             producer_ids: Arc::new(Mutex::new((0, 0))),
             service_stats: Arc::default(),
+            pings: Arc::default(),
         }
+    }
+
+    /// This node's liveness token and the pings its peers' shards sent.
+    pub fn pings(&self) -> &Arc<PingBoard> {
+        &self.pings
     }
 
     /// The cluster service thread's counters so far (all zero without a service thread).

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use crate::cluster::{gather_outgoing, GroupMap};
+use crate::liveness::LiveNodes;
 use crate::node::NodeMessage;
 use crate::partition::{GroupSignals, PartitionGroup, ReplicaError};
 use crate::shard::Signal;
@@ -137,18 +138,20 @@ impl ShardGroups {
     // queues comes out of a later `take_outgoing` (the outbox signal says when). So one busy
     // group never holds up the others' heartbeats and answers.
 
-    /// One tick of every group, then everything they have to send now.
+    /// One tick of every group, then everything they have to send now (no peer known live:
+    /// a quiet group wakes).
     pub fn tick(&self) -> Vec<NodeMessage> {
-        let _ = self.tick_all();
+        let _ = self.tick_all(&LiveNodes::default());
         self.take_outgoing()
     }
 
-    /// One tick of every group; what they queue is left for [`Self::take_outgoing`]. Returns
-    /// how many quiet groups skipped it (see [`PartitionGroup::tick_or_defer`]).
-    pub fn tick_all(&self) -> u64 {
+    /// One tick of every group; what they queue is left for [`Self::take_outgoing`]. `live`:
+    /// the peers the node-level liveness says are live, for quiet groups. Returns how many
+    /// groups skipped it (quiet ones; see [`PartitionGroup::tick_or_defer`]).
+    pub fn tick_all(&self, live: &LiveNodes) -> u64 {
         let mut skipped = 0;
         for g in self.all().iter() {
-            if g.tick_or_defer() {
+            if g.tick_or_defer(live) {
                 skipped += 1;
             }
         }

@@ -65,7 +65,9 @@ use crate::cluster::{
 use crate::controller::leadership::transfer_target;
 use crate::controller::reassignment::{apply_step, next_step, Reassignment, Step};
 use crate::controller::view::ClusterView;
+use crate::liveness::{LiveNodes, PeerLiveness, Ping};
 use crate::node::NodeMessage;
+use crate::replica::{DEFAULT_ELECTION_TIMEOUT_TICKS, DEFAULT_HEARTBEAT_INTERVAL_TICKS};
 use crate::partition::{ReplicationGauges, TopicPartition};
 use crate::shard::{cross_wake, Deadline, ReplicaSet, Signal};
 use crate::types::{GroupId, NodeId};
@@ -287,6 +289,8 @@ pub async fn run(
         syncing: Rc::default(),
         throttle: config.throttle.clone(),
         stats: config.stats.clone(),
+        liveness: PeerLiveness::new(DEFAULT_ELECTION_TIMEOUT_TICKS),
+        pings_seen: Vec::new(),
     };
     let mut stop = std::pin::pin!(stop);
     let (mut timer, manual) = match config.ticks {
@@ -382,7 +386,8 @@ pub async fn run(
                     next_tick = Some(Box::pin(Deadline::at(*at)));
                 }
                 rt.check_view(&link).await;
-                let skipped = rt.groups.tick_all();
+                let live = rt.liveness_tick(&link);
+                let skipped = rt.groups.tick_all(&live);
                 {
                     let mut st = rt.stats.borrow_mut();
                     st.group_ticks += rt.groups.len() as u64;
@@ -512,9 +517,37 @@ struct Runtime {
     proposing: Rc<RefCell<HashSet<GroupId>>>,
     throttle: Option<Arc<ReplicationThrottle>>,
     stats: Rc<RefCell<RuntimeStats>>,
+    /// The peers' liveness as this shard has read it from the service's ping board, and the
+    /// pings read so far (see [`crate::liveness`]).
+    liveness: PeerLiveness,
+    pings_seen: Vec<(NodeId, Ping, u64)>,
 }
 
 impl Runtime {
+    /// The liveness part of a tick: every heartbeat interval this shard pings every peer
+    /// node; the pings peers sent are read and the peers' liveness moves on a tick. Returns
+    /// who is live now, for the quiet groups.
+    fn liveness_tick(&mut self, link: &ShardLink) -> LiveNodes {
+        let board = link.port.pings();
+        if self
+            .stats
+            .borrow()
+            .ticks
+            .is_multiple_of(u64::from(DEFAULT_HEARTBEAT_INTERVAL_TICKS))
+        {
+            let ping = Ping {
+                token: board.token(),
+                shard: link.shard as u32,
+            };
+            if link.to_service.try_send(ShardEvent::Ping(ping)).is_err() {
+                self.stats.borrow_mut().messages_dropped += 1;
+            }
+        }
+        board.read_into(&mut self.pings_seen, &mut self.liveness);
+        self.liveness.tick();
+        self.liveness.snapshot()
+    }
+
     /// Flushes hard states recorded with nothing to send on a task of its own, one flush at a
     /// time: the tick does not wait for the fdatasync (a group whose messages need its state
     /// durable waits for it itself).

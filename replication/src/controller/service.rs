@@ -38,6 +38,7 @@ use crate::controller::store::{MetadataStore, StoreError};
 use crate::controller::view::SharedClusterView;
 use crate::controller::{AlterIsrRequest, MetadataState, METADATA_GROUP};
 use crate::identity::NodeIdentity;
+use crate::liveness::PingBoard;
 use crate::metadata::{TopicMeta, NOT_HOSTED};
 use crate::node::NodeMessage;
 use crate::rpc::frame::{Frame, RpcErrorCode, RpcErrorReply, RpcMessage};
@@ -205,6 +206,8 @@ struct ShardEnds {
     accepted: Vec<flume::Sender<LeaderReport>>,
     events: flume::Receiver<ShardEvent>,
     calls: flume::Receiver<ControllerCall>,
+    /// Where peers' liveness pings go for the shards.
+    pings: Arc<PingBoard>,
 }
 
 impl ClusterService {
@@ -232,6 +235,7 @@ impl ClusterService {
             accepted: Vec::with_capacity(shards),
             events: events_rx,
             calls: calls_rx,
+            pings: port.pings().clone(),
         };
         let mut links = Vec::with_capacity(shards);
         for shard in 0..shards {
@@ -309,6 +313,8 @@ enum CallReply {
 /// await).
 struct Ctx {
     node: NodeId,
+    /// Peers' liveness pings, for the shards (see [`crate::liveness`]).
+    pings: Arc<PingBoard>,
     driver: Driver<ReplyTo>,
     transport: Transport,
     view: SharedClusterView,
@@ -456,6 +462,10 @@ impl Ctx {
     /// driver. Returns whether the driver got something (and so may have changed).
     fn incoming(&mut self, m: Incoming) -> Result<bool, StoreError> {
         let Incoming { from, frame, reply } = m;
+        if let RpcMessage::Liveness(ping) = frame.message {
+            self.pings.record(from, ping);
+            return Ok(false);
+        }
         let RpcMessage::Consensus(msg) = frame.message else {
             return self.driver.receive(from, frame, reply).map(|()| true);
         };
@@ -547,6 +557,22 @@ impl Ctx {
                 if let Err(e) = self.transport.send(to, &frame) {
                     StatCells::add(&self.stats.shard_sends_failed, 1);
                     tracing::debug!(to, error = %e, "partition consensus not sent");
+                }
+                Ok(())
+            }
+            ShardEvent::Ping(ping) => {
+                let frame = Frame {
+                    correlation_id: 0,
+                    message: RpcMessage::Liveness(ping),
+                };
+                for &to in self.peers.keys() {
+                    if to == self.node {
+                        continue;
+                    }
+                    if let Err(e) = self.transport.send(to, &frame) {
+                        StatCells::add(&self.stats.shard_sends_failed, 1);
+                        tracing::debug!(to, error = %e, "liveness ping not sent");
+                    }
                 }
                 Ok(())
             }
@@ -771,6 +797,7 @@ async fn run(
         accepted,
         events,
         calls,
+        pings,
     } = ends;
     let ctx = Rc::new(RefCell::new(Ctx {
         node: id.node_id,
@@ -792,6 +819,7 @@ async fn run(
         replies: BTreeMap::new(),
         next_call: 0,
         last_generation: 0,
+        pings,
     }));
     ctx.borrow_mut().publish(true);
     let _ = ready.send(Ok(bound));

@@ -46,6 +46,7 @@ use spate_engine::validate::validate_batch;
 use super::error::ReplicaError;
 use super::replica::{Acks, Completion, PartitionReplica, ProduceOutcome, ReplicationGauges};
 use crate::cluster::throttle::{ReplicationThrottle, THROTTLE_LAG_OFFSETS};
+use crate::liveness::LiveNodes;
 use crate::replica::{Config, Persisted, Replica, MAX_CATCHUP_APPENDS_IN_FLIGHT};
 use crate::shard::hard_state_store::hard_state_order;
 use crate::shard::{HardStateStore, Signal};
@@ -244,6 +245,8 @@ enum Deferred {
     Step(NodeId, Message),
     /// A leadership transfer to this voter (see [`PartitionGroup::transfer_leadership`]).
     Transfer(NodeId),
+    /// Wake a quiet core (see [`Replica::unquiesce`]): whether its leader is known gone.
+    Wake(bool),
     /// Take the outbox (hard state made durable, appends filled) into `ready`.
     Flush,
 }
@@ -533,6 +536,11 @@ impl PartitionGroup {
         gauges
     }
 
+    /// The group is quiet (idle, no heartbeats: see [`Replica::quiesced`]).
+    pub fn is_quiesced(&self) -> bool {
+        self.core.borrow().is_quiesced()
+    }
+
     /// The group leads and takes writes in its epoch (producer state rebuilt).
     pub fn is_writable_leader(&self) -> bool {
         self.writable.get() && self.core.borrow().is_leader()
@@ -647,7 +655,21 @@ impl PartitionGroup {
     /// timing is what ticking it every time would give, at half the cost for thousands of
     /// idle groups.
     /// Returns whether the tick was skipped that way.
-    pub fn tick_or_defer(self: &Rc<Self>) -> bool {
+    ///
+    /// A quiet group (see [`Replica::quiesced`]) takes no ticks at all while the nodes it
+    /// relies on are `live`; otherwise it is woken.
+    pub fn tick_or_defer(self: &Rc<Self>, live: &LiveNodes) -> bool {
+        let lapse = match self.core.try_borrow() {
+            Ok(core) if core.is_quiesced() => match core.liveness_lapse(|n| live.live(n)) {
+                None => return true,
+                Some(leader_silent) => Some(leader_silent),
+            },
+            _ => None,
+        };
+        if let Some(leader_silent) = lapse {
+            let _ = self.run_or_defer(Deferred::Wake(leader_silent));
+            return false;
+        }
         if self.skip_tick.replace(false) {
             self.owed_ticks.set(self.owed_ticks.get() + 1);
             return true;
@@ -673,23 +695,31 @@ impl PartitionGroup {
         {
             return;
         }
+        if self.send_keepalives() {
+            self.keepalive_owed.set(0);
+        }
+    }
+
+    /// Queues the core's keep-alives ([`Replica::keepalives`]) in `ready`, without the lock,
+    /// when the core's hard state is the recorded and durable one (nothing the core says
+    /// leaves before that) and the core is not borrowed. Returns whether they were made.
+    fn send_keepalives(&self) -> bool {
         let mut msgs = Vec::new();
         {
             let Ok(core) = self.core.try_borrow() else {
-                return;
+                return false;
             };
             if !core.is_leader()
                 // The core's may be newer while the action recording it waits behind I/O.
                 || self.store.get(self.cfg.group) != Some(core.hard_state())
                 || !self.store.is_durable(self.hard_seq.get())
             {
-                return;
+                return false;
             }
             core.keepalives(&mut msgs);
         }
-        self.keepalive_owed.set(0);
         if msgs.is_empty() {
-            return;
+            return true;
         }
         self.keepalives_sent
             .set(self.keepalives_sent.get() + msgs.len() as u64);
@@ -698,6 +728,7 @@ impl PartitionGroup {
         if was_empty {
             self.signal_queued();
         }
+        true
     }
 
     /// Keep-alives sent while the group was busy (see [`Self::keep_alive_while_busy`]).
@@ -812,7 +843,7 @@ impl PartitionGroup {
         let may_skip = match work {
             Deferred::Tick(_) => true,
             Deferred::Step(..) => self.skip_tick.get(),
-            Deferred::Transfer(_) | Deferred::Flush => false,
+            Deferred::Transfer(_) | Deferred::Wake(_) | Deferred::Flush => false,
         };
         let mut out = Vec::new();
         let res = self.core_event(work, &mut out);
@@ -860,6 +891,7 @@ impl PartitionGroup {
             Deferred::Transfer(to) => {
                 return core.transfer_leadership(to, out).map_err(|e| e.to_string())
             }
+            Deferred::Wake(leader_silent) => core.unquiesce(leader_silent, out),
             Deferred::Flush => unreachable!("a flush is not a core event"),
         }
         Ok(())
@@ -923,7 +955,7 @@ impl PartitionGroup {
                     }
                     q.push_back(work);
                 }
-                Deferred::Transfer(_) => q.push_back(work),
+                Deferred::Transfer(_) | Deferred::Wake(_) => q.push_back(work),
             }
         }
         if !self.draining.get() {
@@ -1223,6 +1255,11 @@ impl PartitionGroup {
         self.failed.set(true);
         self.writable.set(false);
         self.fail_waiters();
+        // A leader's last word: keep-alives (no quiescence token) wake followers that went
+        // quiet under it (the heartbeat its proposal woke them with went out with the outbox
+        // this failure drops, or never did), so they elect once it falls silent instead of
+        // relying on a live node whose group took no further part.
+        self.send_keepalives();
     }
 
     /// Performs the core's actions in order (a leader's BecomeLeader adds its own).

@@ -46,6 +46,10 @@ pub struct ReplicaSettings {
     pub log: LogConfig,
     /// A test hook holding high watermarks below the log end (see `ReplicaConfig`).
     pub high_watermark_cap: Option<u64>,
+    /// The node's liveness token when replicated groups may go quiet while idle (see
+    /// [`crate::replica::Replica::quiesced`]): the one its shards' pings carry
+    /// ([`crate::liveness::PingBoard::token`]). `None`: idle groups keep heartbeating.
+    pub liveness_token: Option<u64>,
 }
 
 /// Makes the observer (metrics) of a replica being opened.
@@ -367,6 +371,7 @@ impl ReplicaSet {
         replica.set_policy(TopicPolicy::of(configs));
         let replica = Rc::new(replica);
         let mut cfg = GroupConfig::new(group, node, hosted.voters.clone());
+        cfg.core.quiesce = self.settings.liveness_token;
         cfg.min_insync_replicas = min_insync_replicas(configs, hosted.voters.len());
         let opened = match self.hard_state_store().await {
             Ok(store) => {
