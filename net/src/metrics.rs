@@ -137,6 +137,7 @@ pub struct Metrics {
     replication_lag: Family<PartitionLabels, Gauge>,
     reassignment_bytes_behind: Family<ReassignmentLabels, Gauge>,
     cluster_dropped: Family<DropLabels, Counter>,
+    cluster_quiet: Family<ShardLabels, Gauge>,
     /// A cluster node's port, whose service-thread counters are read at each scrape.
     cluster_port: OnceLock<ClusterPort>,
     scrape: Arc<ScrapeTime>,
@@ -185,6 +186,7 @@ impl Metrics {
             replication_lag: Family::default(),
             reassignment_bytes_behind: Family::default(),
             cluster_dropped: Family::default(),
+            cluster_quiet: Family::default(),
             cluster_port: OnceLock::new(),
             scrape: Arc::default(),
         };
@@ -313,6 +315,11 @@ impl Metrics {
             "spate_reassignment_bytes_behind",
             "Bytes of the leader's log a replica being added by a move has not written yet (reported by the partition's leader while the move is under way)",
             m.reassignment_bytes_behind.clone(),
+        );
+        r.register(
+            "spate_cluster_quiet_partitions",
+            "Replicated partitions of the shard that are quiet at its last tick: idle, sending no heartbeats, relying on node-level liveness",
+            m.cluster_quiet.clone(),
         );
         r.register(
             "spate_cluster_dropped_messages",
@@ -539,6 +546,10 @@ impl ShardMetrics {
                 })
         };
         ClusterRuntimeMetrics {
+            quiet: self
+                .metrics
+                .cluster_quiet
+                .get_or_create_owned(&ShardLabels { shard: self.shard }),
             messages_dropped: counter(DROP_CONSENSUS_CHANNEL_FULL),
             reports_dropped: counter(DROP_REPORT_CHANNEL_FULL),
             deferred_dropped: counter(DROP_BUSY_GROUP_FULL),
@@ -578,6 +589,7 @@ impl ShardMetrics {
 /// A shard's replication runtime counters. The runtime keeps running totals; these counters
 /// are moved by what the totals gained since the last look.
 pub struct ClusterRuntimeMetrics {
+    quiet: Gauge,
     messages_dropped: Counter,
     reports_dropped: Counter,
     deferred_dropped: Counter,
@@ -604,6 +616,8 @@ impl spate_replication::cluster::shard_runtime::RuntimeObserver for ClusterRunti
             stats.reports_dropped,
             stats.deferred_dropped,
         ));
+        self.quiet
+            .set(i64::try_from(stats.quiet_groups).unwrap_or(i64::MAX));
     }
 }
 
@@ -924,8 +938,13 @@ mod tests {
         runtime.stats(&stats);
         runtime.stats(&stats);
         stats.messages_dropped = 5;
+        stats.quiet_groups = 7;
         runtime.stats(&stats);
         let text = m.render(vec![]);
+        assert!(
+            text.contains("spate_cluster_quiet_partitions{shard=\"2\"} 7\n"),
+            "{text}"
+        );
         assert!(
             text.contains(&format!("{} 5\n", dropped(DROP_CONSENSUS_CHANNEL_FULL))),
             "{text}"

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use crate::cluster::{gather_outgoing, GroupMap};
 use crate::liveness::LiveNodes;
 use crate::node::NodeMessage;
-use crate::partition::{GroupSignals, PartitionGroup, ReplicaError};
+use crate::partition::{GroupSignals, PartitionGroup, ReplicaError, TickTaken};
 use crate::shard::Signal;
 use crate::types::{Epoch, GroupId, NodeId};
 
@@ -147,15 +147,21 @@ impl ShardGroups {
 
     /// One tick of every group; what they queue is left for [`Self::take_outgoing`]. `live`:
     /// the peers the node-level liveness says are live, for quiet groups. Returns how many
-    /// groups skipped it (quiet ones; see [`PartitionGroup::tick_or_defer`]).
-    pub fn tick_all(&self, live: &LiveNodes) -> u64 {
-        let mut skipped = 0;
+    /// groups skipped it, and how many of those are quiet (see
+    /// [`PartitionGroup::tick_or_defer`]).
+    pub fn tick_all(&self, live: &LiveNodes) -> (u64, u64) {
+        let (mut skipped, mut quiet) = (0, 0);
         for g in self.all().iter() {
-            if g.tick_or_defer(live) {
-                skipped += 1;
+            match g.tick_or_defer(live) {
+                TickTaken::Taken => {}
+                TickTaken::Skipped => skipped += 1,
+                TickTaken::Quiet => {
+                    skipped += 1;
+                    quiet += 1;
+                }
             }
         }
-        skipped
+        (skipped, quiet)
     }
 
     /// Steps a peer's message into its groups (entries for groups not hosted here are

@@ -67,8 +67,8 @@ use crate::controller::reassignment::{apply_step, next_step, Reassignment, Step}
 use crate::controller::view::ClusterView;
 use crate::liveness::{LiveNodes, PeerLiveness, Ping};
 use crate::node::NodeMessage;
-use crate::replica::{DEFAULT_ELECTION_TIMEOUT_TICKS, DEFAULT_HEARTBEAT_INTERVAL_TICKS};
 use crate::partition::{ReplicationGauges, TopicPartition};
+use crate::replica::{DEFAULT_ELECTION_TIMEOUT_TICKS, DEFAULT_HEARTBEAT_INTERVAL_TICKS};
 use crate::shard::{cross_wake, Deadline, ReplicaSet, Signal};
 use crate::types::{GroupId, NodeId};
 
@@ -191,6 +191,8 @@ pub struct RuntimeStats {
     /// (handed over with their next tick: see `PartitionGroup::tick_or_defer`).
     pub group_ticks: u64,
     pub group_ticks_skipped: u64,
+    /// Groups quiet at the last tick (see [`crate::replica::Replica::quiesced`]): a gauge.
+    pub quiet_groups: u64,
     /// Ticks handled [`SLOW_SHARD_MS`] or more after they were due, and events that held the
     /// runtime that long, with the longest of each (ms).
     pub late_ticks: u64,
@@ -387,11 +389,12 @@ pub async fn run(
                 }
                 rt.check_view(&link).await;
                 let live = rt.liveness_tick(&link);
-                let skipped = rt.groups.tick_all(&live);
+                let (skipped, quiet) = rt.groups.tick_all(&live);
                 {
                     let mut st = rt.stats.borrow_mut();
                     st.group_ticks += rt.groups.len() as u64;
                     st.group_ticks_skipped += skipped;
+                    st.quiet_groups = quiet;
                 }
                 // What the ticks queued is taken now: seen, so no second flush for it.
                 rt.outbox_seen = rt.groups.outbox_signal().generation();

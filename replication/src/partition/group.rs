@@ -237,6 +237,17 @@ pub struct PartitionGroup {
     throttle: RefCell<Option<Arc<ReplicationThrottle>>>,
 }
 
+/// What became of a shard's tick of a group ([`PartitionGroup::tick_or_defer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TickTaken {
+    /// Taken now, or owed behind the group's busy work.
+    Taken,
+    /// Skipped as quiet, handed over later.
+    Skipped,
+    /// Not needed: the group is quiet and the nodes it relies on are live.
+    Quiet,
+}
+
 /// Work the shard's runtime hands a group, done later when the group is busy.
 enum Deferred {
     /// Ticks owed (consecutive ones coalesce: the core takes them at once, see
@@ -654,30 +665,29 @@ impl PartitionGroup {
     /// tick it skipped handed over with the next, or before anything else reaches it: its
     /// timing is what ticking it every time would give, at half the cost for thousands of
     /// idle groups.
-    /// Returns whether the tick was skipped that way.
     ///
-    /// A quiet group (see [`Replica::quiesced`]) takes no ticks at all while the nodes it
-    /// relies on are `live`; otherwise it is woken.
-    pub fn tick_or_defer(self: &Rc<Self>, live: &LiveNodes) -> bool {
+    /// A quiesced group (idle for longer: see [`Replica::quiesced`]) takes no ticks at all
+    /// while the nodes it relies on are `live`; otherwise it is woken.
+    pub fn tick_or_defer(self: &Rc<Self>, live: &LiveNodes) -> TickTaken {
         let lapse = match self.core.try_borrow() {
             Ok(core) if core.is_quiesced() => match core.liveness_lapse(|n| live.live(n)) {
-                None => return true,
+                None => return TickTaken::Quiet,
                 Some(leader_silent) => Some(leader_silent),
             },
             _ => None,
         };
         if let Some(leader_silent) = lapse {
             let _ = self.run_or_defer(Deferred::Wake(leader_silent));
-            return false;
+            return TickTaken::Taken;
         }
         if self.skip_tick.replace(false) {
             self.owed_ticks.set(self.owed_ticks.get() + 1);
-            return true;
+            return TickTaken::Skipped;
         }
         if self.run_or_defer(Deferred::Tick(1)).is_none() {
             self.keep_alive_while_busy();
         }
-        false
+        TickTaken::Taken
     }
 
     /// A leader whose lock is held across disk I/O (a produce's write and its fdatasync, a

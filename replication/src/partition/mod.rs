@@ -20,9 +20,9 @@ pub use clean::clean_logs;
 pub use config::{apply_topic_configs, parse_topic_configs, TopicPolicy};
 pub use error::{engine_error_code, ReplicaError};
 pub use group::{
-    hard_state_path, membership_path, GroupConfig, GroupSignals, PartitionGroup, HARD_STATE_SUFFIX,
-    LEADER_CHANGE_CONTROL_TYPE, MAX_APPEND_FILL_BYTES, MAX_DEFERRED_BYTES, MAX_DEFERRED_STEPS,
-    MAX_SHARD_DEFERRED_BYTES,
+    hard_state_path, membership_path, GroupConfig, GroupSignals, PartitionGroup, TickTaken,
+    HARD_STATE_SUFFIX, LEADER_CHANGE_CONTROL_TYPE, MAX_APPEND_FILL_BYTES, MAX_DEFERRED_BYTES,
+    MAX_DEFERRED_STEPS, MAX_SHARD_DEFERRED_BYTES,
 };
 pub use producer_state::{
     last_seq, next_seq, BatchMeta, ProducerEntry, ProducerTable, Verdict,
