@@ -1058,11 +1058,9 @@ impl Replica {
             p.active = true;
             p.heard_at = ticks;
         }
+        // Not acknowledged until answered: a leader goes quiet again only once every member
+        // has answered since (a member whose node died never does, so its silence shows).
         self.broadcast_heartbeat(0, out);
-        // What the heartbeat asks is already acknowledged: no retransmit at the next one.
-        for p in &mut self.progress {
-            p.acked = true;
-        }
     }
 
     fn broadcast_heartbeat(&mut self, quiesce: u64, out: &mut Vec<Action>) {
