@@ -370,8 +370,7 @@ async fn start_with(timer: bool, quiesce: bool) -> (Cluster, tempfile::TempDir) 
                     ShardEvent::Ping(ping) => {
                         for to in 1..=NODES {
                             let cut = cut.borrow();
-                            if to != from_node && !cut.contains(&from_node) && !cut.contains(&to)
-                            {
+                            if to != from_node && !cut.contains(&from_node) && !cut.contains(&to) {
                                 ports[to as usize - 1].pings().record(from_node, ping);
                             }
                         }
@@ -994,7 +993,11 @@ fn idle_groups_go_quiet_and_wake_when_their_leaders_node_falls_silent() {
         );
         for p in 0..BUSY_PARTITIONS {
             let (n, g) = c.writable_leader(p).unwrap();
-            assert_eq!((n, g.epoch()), leaders[p as usize], "partition {p} elected again");
+            assert_eq!(
+                (n, g.epoch()),
+                leaders[p as usize],
+                "partition {p} elected again"
+            );
         }
 
         // A write wakes its group and commits.

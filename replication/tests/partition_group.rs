@@ -21,8 +21,8 @@ use spate_replication::partition::{
 };
 use spate_replication::partition::{MAX_APPEND_FILL_BYTES, MAX_DEFERRED_BYTES, MAX_DEFERRED_STEPS};
 use spate_replication::replica::MAX_CATCHUP_APPENDS_IN_FLIGHT;
-use spate_replication::LiveNodes;
 use spate_replication::shard::{hard_state_store_path, HardStateStore};
+use spate_replication::LiveNodes;
 use spate_replication::{AppendRequest, Message, NodeId};
 
 #[path = "support/batches.rs"]
