@@ -22,7 +22,7 @@ pub mod shard;
 
 pub use epochs::EpochHistory;
 pub use error::Error;
-pub use liveness::{LiveNodes, PeerLiveness, Ping};
+pub use liveness::{LiveNodes, PeerLiveness, Ping, PingBoard, PingsSeen};
 pub use node::{Node, NodeMessage, Output};
 pub use replica::{
     Config, Persisted, Quiesced, Replica, Role, DEFAULT_ELECTION_TIMEOUT_TICKS,

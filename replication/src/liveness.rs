@@ -6,6 +6,7 @@
 //! (the groups it leads could not answer either), and a restarted node is told apart by its
 //! new token, whatever the timing. Sans-IO: the caller feeds pings and ticks.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use crate::types::NodeId;
@@ -17,25 +18,25 @@ pub struct Ping {
     pub shard: u32,
 }
 
-/// Shards of one peer node tracked at most; pings naming more are ignored (the highest
-/// shard index a node runs is far below: one per core).
-pub const MAX_TRACKED_SHARDS: usize = 1024;
+/// Shards of one peer node tracked at most; pings naming more are ignored (a node runs one
+/// shard per core, far fewer). Bounds what a peer can make every shard of this node keep
+/// and look at on each tick.
+pub const MAX_TRACKED_SHARDS: usize = 256;
 
+/// One peer node's shards under its current token.
 #[derive(Debug, Clone)]
-struct Heard {
-    node: NodeId,
+struct NodeHeard {
     token: u64,
-    shard: u32,
-    /// Ticks since the last ping (0 on the tick a ping came).
-    silent: u32,
-    pinged: bool,
+    /// Per shard: ticks since its last ping (0 on the tick one came), and whether one came
+    /// since the last tick.
+    shards: BTreeMap<u32, (u32, bool)>,
 }
 
 /// What one shard knows of its peers' liveness.
 #[derive(Debug, Clone)]
 pub struct PeerLiveness {
     timeout_ticks: u32,
-    heard: Vec<Heard>,
+    nodes: BTreeMap<NodeId, NodeHeard>,
 }
 
 impl PeerLiveness {
@@ -44,7 +45,7 @@ impl PeerLiveness {
         assert!(timeout_ticks > 0);
         PeerLiveness {
             timeout_ticks,
-            heard: Vec::new(),
+            nodes: BTreeMap::new(),
         }
     }
 
@@ -54,36 +55,31 @@ impl PeerLiveness {
         if ping.token == 0 {
             return;
         }
-        self.heard
-            .retain(|h| h.node != node || h.token == ping.token);
-        if let Some(h) = self
-            .heard
-            .iter_mut()
-            .find(|h| h.node == node && h.shard == ping.shard)
-        {
-            h.pinged = true;
-            return;
-        }
-        if self.heard.iter().filter(|h| h.node == node).count() >= MAX_TRACKED_SHARDS {
-            return;
-        }
-        self.heard.push(Heard {
-            node,
+        let n = self.nodes.entry(node).or_insert_with(|| NodeHeard {
             token: ping.token,
-            shard: ping.shard,
-            silent: 0,
-            pinged: true,
+            shards: BTreeMap::new(),
         });
+        if n.token != ping.token {
+            n.token = ping.token;
+            n.shards.clear();
+        }
+        if let Some(s) = n.shards.get_mut(&ping.shard) {
+            s.1 = true;
+        } else if n.shards.len() < MAX_TRACKED_SHARDS {
+            n.shards.insert(ping.shard, (0, true));
+        }
     }
 
     /// One tick: a shard pinged since the last one is heard now, the others one tick more
     /// silent.
     pub fn tick(&mut self) {
-        for h in &mut self.heard {
-            if std::mem::take(&mut h.pinged) {
-                h.silent = 0;
-            } else {
-                h.silent = h.silent.saturating_add(1);
+        for n in self.nodes.values_mut() {
+            for (silent, pinged) in n.shards.values_mut() {
+                if std::mem::take(pinged) {
+                    *silent = 0;
+                } else {
+                    *silent = silent.saturating_add(1);
+                }
             }
         }
     }
@@ -91,25 +87,20 @@ impl PeerLiveness {
     /// `node`'s liveness token while it is live: every shard heard under its current token
     /// pinged within the timeout. `None` for a node silent that long or never heard.
     pub fn live(&self, node: NodeId) -> Option<u64> {
-        let mut token = None;
-        for h in self.heard.iter().filter(|h| h.node == node) {
-            if h.silent >= self.timeout_ticks {
-                return None;
-            }
-            token = Some(h.token);
-        }
-        token
+        self.nodes.get(&node).and_then(|n| self.live_token(n))
+    }
+
+    fn live_token(&self, n: &NodeHeard) -> Option<u64> {
+        let silent = n.shards.values().any(|s| s.0 >= self.timeout_ticks);
+        (!silent && !n.shards.is_empty()).then_some(n.token)
     }
 
     /// A compact copy of who is live now, for a pass over thousands of groups.
     pub fn snapshot(&self) -> LiveNodes {
-        let mut nodes: Vec<NodeId> = self.heard.iter().map(|h| h.node).collect();
-        nodes.sort_unstable();
-        nodes.dedup();
         LiveNodes(
-            nodes
-                .into_iter()
-                .filter_map(|n| self.live(n).map(|t| (n, t)))
+            self.nodes
+                .iter()
+                .filter_map(|(&id, n)| self.live_token(n).map(|t| (id, t)))
                 .collect(),
         )
     }
@@ -121,8 +112,9 @@ impl PeerLiveness {
 #[derive(Debug)]
 pub struct PingBoard {
     token: u64,
-    /// (node, ping, pings received from it so far), at most [`MAX_TRACKED_SHARDS`] per node.
-    heard: Mutex<Vec<(NodeId, Ping, u64)>>,
+    /// Per peer node: its current token, and per shard the pings received under it so far
+    /// (at most [`MAX_TRACKED_SHARDS`]).
+    heard: Mutex<BTreeMap<NodeId, (u64, BTreeMap<u32, u64>)>>,
 }
 
 impl Default for PingBoard {
@@ -130,6 +122,9 @@ impl Default for PingBoard {
         Self::new()
     }
 }
+
+/// What a shard has read off the [`PingBoard`] so far (see [`PingBoard::read_into`]).
+pub type PingsSeen = BTreeMap<(NodeId, u64, u32), u64>;
 
 impl PingBoard {
     /// A board with a fresh token: every process start is a new incarnation to the peers.
@@ -151,34 +146,41 @@ impl PingBoard {
             return;
         }
         let mut heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
-        heard.retain(|(n, p, _)| *n != from || p.token == ping.token);
-        if let Some(h) = heard.iter_mut().find(|(n, p, _)| *n == from && *p == ping) {
-            h.2 += 1;
-            return;
+        let (token, shards) = heard
+            .entry(from)
+            .or_insert_with(|| (ping.token, BTreeMap::new()));
+        if *token != ping.token {
+            *token = ping.token;
+            shards.clear();
         }
-        if heard.iter().filter(|(n, ..)| *n == from).count() < MAX_TRACKED_SHARDS {
-            heard.push((from, ping, 1));
+        if let Some(count) = shards.get_mut(&ping.shard) {
+            *count += 1;
+        } else if shards.len() < MAX_TRACKED_SHARDS {
+            shards.insert(ping.shard, 1);
         }
     }
 
     /// Hands `liveness` the pings received since the last call with the same `seen` (the
     /// caller's own record of the counts it has read).
-    pub fn read_into(&self, seen: &mut Vec<(NodeId, Ping, u64)>, liveness: &mut PeerLiveness) {
+    pub fn read_into(&self, seen: &mut PingsSeen, liveness: &mut PeerLiveness) {
         let heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
-        for &(node, ping, count) in heard.iter() {
-            match seen.iter_mut().find(|(n, p, _)| *n == node && *p == ping) {
-                Some(s) if s.2 == count => {}
-                Some(s) => {
-                    s.2 = count;
-                    liveness.heard(node, ping);
-                }
-                None => {
-                    seen.push((node, ping, count));
-                    liveness.heard(node, ping);
+        // Entries of tokens the board no longer holds go: the board holds one per node.
+        seen.retain(|(node, token, _), _| heard.get(node).is_some_and(|(t, _)| t == token));
+        for (&node, (token, shards)) in heard.iter() {
+            for (&shard, &count) in shards {
+                let last = seen.entry((node, *token, shard)).or_insert(0);
+                if *last != count {
+                    *last = count;
+                    liveness.heard(
+                        node,
+                        Ping {
+                            token: *token,
+                            shard,
+                        },
+                    );
                 }
             }
         }
-        seen.retain(|(n, p, _)| heard.iter().any(|(hn, hp, _)| hn == n && hp == p));
     }
 }
 
@@ -188,7 +190,11 @@ pub struct LiveNodes(Vec<(NodeId, u64)>);
 
 impl LiveNodes {
     pub fn live(&self, node: NodeId) -> Option<u64> {
-        self.0.iter().find(|(n, _)| *n == node).map(|(_, t)| *t)
+        // Ascending by node (made from an ordered map).
+        self.0
+            .binary_search_by_key(&node, |&(n, _)| n)
+            .ok()
+            .map(|i| self.0[i].1)
     }
 }
 
@@ -231,7 +237,7 @@ mod tests {
     fn the_board_hands_on_each_new_ping_once() {
         let board = PingBoard::new();
         assert_ne!(board.token(), 0);
-        let (mut seen, mut l) = (Vec::new(), PeerLiveness::new(2));
+        let (mut seen, mut l) = (PingsSeen::new(), PeerLiveness::new(2));
         board.record(2, Ping { token: 7, shard: 0 });
         board.read_into(&mut seen, &mut l);
         l.tick();

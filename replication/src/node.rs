@@ -119,8 +119,10 @@ impl Node {
         for (g, m) in msg.items {
             if self.groups.contains_key(&g) {
                 // A group quiet under a leader this node does not know live (not heard yet,
-                // or restarted since) wakes at once.
+                // or gone since) wakes first, with its lease lapsed: woken by the message
+                // (a vote request from a node that noticed first) it would start a fresh one.
                 self.with_group(g, |r, out| {
+                    r.check_liveness(|n| live.live(n), out);
                     r.step(from, m, out);
                     r.check_liveness(|n| live.live(n), out);
                 });

@@ -393,8 +393,16 @@ impl Replica {
     /// lease lapsed; a leader with a member that is not live wakes (and heartbeats, so
     /// check-quorum and the in-sync set see the silence).
     pub fn check_liveness(&mut self, live: impl Fn(NodeId) -> Option<u64>, out: &mut Vec<Action>) {
-        if let Some(leader_silent) = self.liveness_lapse(live) {
-            self.unquiesce(leader_silent, out);
+        let Some(leader_silent) = self.liveness_lapse(&live) else {
+            return;
+        };
+        self.unquiesce(leader_silent, out);
+        // The members the liveness says are gone do not count towards the first check-quorum
+        // window (a leader cut off from all of them steps down after one election timeout).
+        for p in &mut self.progress {
+            if live(p.node).is_none() {
+                p.active = false;
+            }
         }
     }
 

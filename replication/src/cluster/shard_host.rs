@@ -36,6 +36,9 @@ pub struct ShardGroups {
     acknowledged: RefCell<BTreeMap<GroupId, LeaderReport>>,
     /// Every hosted group notifies these (see [`GroupSignals`]).
     signals: GroupSignals,
+    /// Who the node-level liveness said was live at the last tick: a quiet group a message
+    /// reaches is checked against it first.
+    live: RefCell<LiveNodes>,
 }
 
 impl ShardGroups {
@@ -46,6 +49,7 @@ impl ShardGroups {
             ordered: RefCell::default(),
             spare: RefCell::default(),
             acknowledged: RefCell::default(),
+            live: RefCell::default(),
             signals: GroupSignals {
                 outbox: Rc::new(Signal::default()),
                 queued: Rc::default(),
@@ -150,6 +154,9 @@ impl ShardGroups {
     /// groups skipped it, and how many of those are quiet (see
     /// [`PartitionGroup::tick_or_defer`]).
     pub fn tick_all(&self, live: &LiveNodes) -> (u64, u64) {
+        if *self.live.borrow() != *live {
+            *self.live.borrow_mut() = live.clone();
+        }
         let (mut skipped, mut quiet) = (0, 0);
         for g in self.all().iter() {
             match g.tick_or_defer(live) {
@@ -174,8 +181,13 @@ impl ShardGroups {
     /// Steps a peer's message into its groups without taking what they have to send (a
     /// caller stepping several messages flushes once after them).
     pub fn step(&self, msg: NodeMessage) {
+        let live = self.live.borrow();
         for (g, m) in msg.items {
             if let Some(group) = self.get(g) {
+                // A quiet group whose leader is gone wakes with its lease lapsed before the
+                // message: woken by it (a vote request from a node that noticed first), it
+                // would start a fresh lease and hold up the election a whole timeout.
+                group.check_quiet(&live);
                 group.step_or_defer(msg.from, m);
             }
         }

@@ -65,7 +65,7 @@ use crate::cluster::{
 use crate::controller::leadership::transfer_target;
 use crate::controller::reassignment::{apply_step, next_step, Reassignment, Step};
 use crate::controller::view::ClusterView;
-use crate::liveness::{LiveNodes, PeerLiveness, Ping};
+use crate::liveness::{LiveNodes, PeerLiveness, Ping, PingsSeen};
 use crate::node::NodeMessage;
 use crate::partition::{ReplicationGauges, TopicPartition};
 use crate::replica::{DEFAULT_ELECTION_TIMEOUT_TICKS, DEFAULT_HEARTBEAT_INTERVAL_TICKS};
@@ -292,7 +292,7 @@ pub async fn run(
         throttle: config.throttle.clone(),
         stats: config.stats.clone(),
         liveness: PeerLiveness::new(DEFAULT_ELECTION_TIMEOUT_TICKS),
-        pings_seen: Vec::new(),
+        pings_seen: PingsSeen::new(),
     };
     let mut stop = std::pin::pin!(stop);
     let (mut timer, manual) = match config.ticks {
@@ -387,8 +387,9 @@ pub async fn run(
                     }
                     next_tick = Some(Box::pin(Deadline::at(*at)));
                 }
-                rt.check_view(&link).await;
+                // Pings first: the view's group opens and closes may take a while.
                 let live = rt.liveness_tick(&link);
+                rt.check_view(&link).await;
                 let (skipped, quiet) = rt.groups.tick_all(&live);
                 {
                     let mut st = rt.stats.borrow_mut();
@@ -523,7 +524,7 @@ struct Runtime {
     /// The peers' liveness as this shard has read it from the service's ping board, and the
     /// pings read so far (see [`crate::liveness`]).
     liveness: PeerLiveness,
-    pings_seen: Vec<(NodeId, Ping, u64)>,
+    pings_seen: PingsSeen,
 }
 
 impl Runtime {

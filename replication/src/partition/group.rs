@@ -194,6 +194,8 @@ pub struct PartitionGroup {
     /// (see [`Self::keep_alive_while_busy`]), and keep-alives sent.
     keepalive_owed: Cell<u32>,
     keepalives_sent: Cell<u64>,
+    /// Ticks left of a failed leader's farewell keep-alives (see [`Self::farewell`]).
+    farewell_ticks: Cell<u32>,
     /// The shard's next tick would do nothing ([`Replica::quiet_ticks`]) and may be skipped:
     /// set after a tick or a message the shard stepped at once, cleared by anything else that
     /// reaches the core.
@@ -237,6 +239,17 @@ pub struct PartitionGroup {
     throttle: RefCell<Option<Arc<ReplicationThrottle>>>,
 }
 
+/// A group's quiescence as the node-level liveness finds it ([`PartitionGroup::check_quiet`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quiet {
+    /// Not quiesced.
+    Awake,
+    /// Quiesced, and the nodes it relies on are live.
+    Quiet,
+    /// Quiesced under a node no longer live: woken (now, or after its busy work).
+    Woken,
+}
+
 /// What became of a shard's tick of a group ([`PartitionGroup::tick_or_defer`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TickTaken {
@@ -256,8 +269,9 @@ enum Deferred {
     Step(NodeId, Message),
     /// A leadership transfer to this voter (see [`PartitionGroup::transfer_leadership`]).
     Transfer(NodeId),
-    /// Wake a quiet core (see [`Replica::unquiesce`]): whether its leader is known gone.
-    Wake(bool),
+    /// Wake a quiet core whose leader or members the node-level liveness no longer vouches
+    /// for (see [`Replica::check_liveness`]).
+    Wake(LiveNodes),
     /// Take the outbox (hard state made durable, appends filled) into `ready`.
     Flush,
 }
@@ -371,6 +385,7 @@ impl PartitionGroup {
             closing: Cell::new(false),
             keepalive_owed: Cell::new(0),
             keepalives_sent: Cell::new(0),
+            farewell_ticks: Cell::new(0),
             skip_tick: Cell::new(false),
             owed_ticks: Cell::new(0),
             ready: RefCell::default(),
@@ -669,16 +684,14 @@ impl PartitionGroup {
     /// A quiesced group (idle for longer: see [`Replica::quiesced`]) takes no ticks at all
     /// while the nodes it relies on are `live`; otherwise it is woken.
     pub fn tick_or_defer(self: &Rc<Self>, live: &LiveNodes) -> TickTaken {
-        let lapse = match self.core.try_borrow() {
-            Ok(core) if core.is_quiesced() => match core.liveness_lapse(|n| live.live(n)) {
-                None => return TickTaken::Quiet,
-                Some(leader_silent) => Some(leader_silent),
-            },
-            _ => None,
-        };
-        if let Some(leader_silent) = lapse {
-            let _ = self.run_or_defer(Deferred::Wake(leader_silent));
+        if self.failed.get() {
+            self.farewell();
             return TickTaken::Taken;
+        }
+        match self.check_quiet(live) {
+            Quiet::Quiet => return TickTaken::Quiet,
+            Quiet::Woken => return TickTaken::Taken,
+            Quiet::Awake => {}
         }
         if self.skip_tick.replace(false) {
             self.owed_ticks.set(self.owed_ticks.get() + 1);
@@ -688,6 +701,34 @@ impl PartitionGroup {
             self.keep_alive_while_busy();
         }
         TickTaken::Taken
+    }
+
+    /// For a quiesced group, what the node-level liveness says: still quiet, or woken now
+    /// (the nodes it relies on are not `live`; see [`Replica::liveness_lapse`]).
+    pub fn check_quiet(self: &Rc<Self>, live: &LiveNodes) -> Quiet {
+        let lapsed = match self.core.try_borrow() {
+            Ok(core) if core.is_quiesced() => core.liveness_lapse(|n| live.live(n)).is_some(),
+            _ => return Quiet::Awake,
+        };
+        if !lapsed {
+            return Quiet::Quiet;
+        }
+        let _ = self.run_or_defer(Deferred::Wake(live.clone()));
+        Quiet::Woken
+    }
+
+    /// A stopped leader's farewell: keep-alives every heartbeat interval for an election
+    /// timeout after it failed (see [`Self::fail`]), so one lost on the way does not leave
+    /// quiet followers relying on a live node whose group takes no further part.
+    fn farewell(&self) {
+        let left = self.farewell_ticks.get();
+        if left == 0 {
+            return;
+        }
+        self.farewell_ticks.set(left - 1);
+        if left.is_multiple_of(self.cfg.core.heartbeat_interval_ticks) {
+            self.send_keepalives();
+        }
     }
 
     /// A leader whose lock is held across disk I/O (a produce's write and its fdatasync, a
@@ -901,7 +942,7 @@ impl PartitionGroup {
             Deferred::Transfer(to) => {
                 return core.transfer_leadership(to, out).map_err(|e| e.to_string())
             }
-            Deferred::Wake(leader_silent) => core.unquiesce(leader_silent, out),
+            Deferred::Wake(live) => core.check_liveness(|n| live.live(n), out),
             Deferred::Flush => unreachable!("a flush is not a core event"),
         }
         Ok(())
@@ -965,7 +1006,12 @@ impl PartitionGroup {
                     }
                     q.push_back(work);
                 }
-                Deferred::Transfer(_) | Deferred::Wake(_) => q.push_back(work),
+                // The latest liveness stands for any still queued.
+                Deferred::Wake(_) => match q.back_mut() {
+                    Some(w @ Deferred::Wake(_)) => *w = work,
+                    _ => q.push_back(work),
+                },
+                Deferred::Transfer(_) => q.push_back(work),
             }
         }
         if !self.draining.get() {
@@ -1265,6 +1311,8 @@ impl PartitionGroup {
         self.failed.set(true);
         self.writable.set(false);
         self.fail_waiters();
+        self.farewell_ticks
+            .set(self.cfg.core.election_timeout_ticks);
         // A leader's last word: keep-alives (no quiescence token) wake followers that went
         // quiet under it (the heartbeat its proposal woke them with went out with the outbox
         // this failure drops, or never did), so they elect once it falls silent instead of
