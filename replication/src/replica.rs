@@ -359,9 +359,10 @@ impl Replica {
     /// node pair, not per group) stands in for the heartbeats: the caller calls
     /// [`Self::check_liveness`] with it on each tick, which wakes a follower whose leader's
     /// node fell silent or restarted (its lease lapsed: it campaigns soon) and a leader one of
-    /// whose members' nodes did. Anything else wakes a replica: a proposal, a transfer, a vote,
-    /// an append without the token, an answer that is not a caught-up follower's. A waking
-    /// leader heartbeats at once, which wakes its followers. As CockroachDB's quiesced ranges.
+    /// whose members' nodes did. These wake a replica too: a proposal, a transfer, a vote
+    /// request to a leader, an append without the token, an answer that is not a caught-up
+    /// follower's (see `wakes`). A waking leader heartbeats at once, which wakes its
+    /// followers. As CockroachDB's quiesced ranges.
     /// Safety does not rest on any of this: it changes only when replicas campaign.
     pub fn quiesced(&self) -> Option<Quiesced> {
         self.quiesced
@@ -1037,12 +1038,18 @@ impl Replica {
         }
     }
 
-    /// Whether `msg` wakes a quiet replica: anything but a quiescing heartbeat from the leader
-    /// it is quiet under (a follower) or a caught-up follower's answer in this epoch (a leader:
-    /// the answers to its quiescing heartbeat).
+    /// Whether `msg` wakes a quiet replica: anything but a quiescing heartbeat or a vote request
+    /// (a follower) or a caught-up follower's answer in this epoch (a leader: the answers to
+    /// its quiescing heartbeat).
     fn wakes(&self, msg: &Message) -> bool {
         match (self.quiesced, msg) {
             (Some(Quiesced::Follower { .. }), Message::Append(req)) => req.quiesce == 0,
+            // A vote request is answered as by any follower hearing its leader (its lease holds
+            // while the leader's node is live), and leaves it quiet: woken, it would start a
+            // fresh lease then and there, and if the leader had just died it would refuse the
+            // candidate a whole timeout longer than a follower that heard the leader last at
+            // the same time. (A transfer's vote bypasses the lease; granting it ends the quiet.)
+            (Some(Quiesced::Follower { .. }), Message::Vote(_)) => false,
             (Some(Quiesced::Leader), Message::AppendResponse(r)) => {
                 !(r.success
                     && r.epoch == self.hard.epoch
