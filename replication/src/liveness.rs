@@ -114,8 +114,11 @@ pub struct PingBoard {
     token: u64,
     /// Per peer node: its current token, and per shard the pings received under it so far
     /// (at most [`MAX_TRACKED_SHARDS`]).
-    heard: Mutex<BTreeMap<NodeId, (u64, BTreeMap<u32, u64>)>>,
+    heard: Mutex<BTreeMap<NodeId, BoardEntry>>,
 }
+
+/// A peer node's token and, per shard, the pings received under it.
+type BoardEntry = (u64, BTreeMap<u32, u64>);
 
 impl Default for PingBoard {
     fn default() -> Self {

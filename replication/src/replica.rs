@@ -104,6 +104,10 @@ struct Progress {
     /// The sender attached nothing to the last catch-up append (its throttle had no budget
     /// left): nothing more is asked for until the next tick.
     paused: bool,
+    /// The peer's node's liveness token at the last liveness check while leading (0:
+    /// unknown): a quiet leader wakes when it changes (the peer restarted faster than the
+    /// liveness timeout and knows no leader).
+    token: u64,
 }
 
 impl Progress {
@@ -394,7 +398,9 @@ impl Replica {
     /// lease lapsed; a leader with a member that is not live wakes (and heartbeats, so
     /// check-quorum and the in-sync set see the silence).
     pub fn check_liveness(&mut self, live: impl Fn(NodeId) -> Option<u64>, out: &mut Vec<Action>) {
-        let Some(leader_silent) = self.liveness_lapse(&live) else {
+        let lapse = self.liveness_lapse(&live);
+        self.note_member_tokens(&live);
+        let Some(leader_silent) = lapse else {
             return;
         };
         self.unquiesce(leader_silent, out);
@@ -416,8 +422,23 @@ impl Replica {
             Quiesced::Leader => self
                 .progress
                 .iter()
-                .any(|p| live(p.node).is_none())
+                .any(|p| match live(p.node) {
+                    None => true,
+                    Some(t) => p.token != 0 && t != p.token,
+                })
                 .then_some(false),
+        }
+    }
+
+    /// A leader notes its members' liveness tokens (for [`Self::liveness_lapse`]: a changed
+    /// one wakes it). Changes nothing else; the caller's liveness pass calls it on a quiet
+    /// leader while nothing lapsed.
+    pub fn note_member_tokens(&mut self, live: impl Fn(NodeId) -> Option<u64>) {
+        if self.role != Role::Leader {
+            return;
+        }
+        for p in &mut self.progress {
+            p.token = live(p.node).unwrap_or(0);
         }
     }
 
@@ -971,6 +992,7 @@ impl Replica {
                     heard_at: self.ticks,
                     in_flight: Vec::new(),
                     paused: false,
+                    token: 0,
                 });
             }
         }

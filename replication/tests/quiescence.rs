@@ -524,7 +524,6 @@ fn a_quiet_leader_cut_off_from_its_followers_steps_down() {
 /// campaigns, and asks the leader, which wakes), but a learner never campaigns, so it would
 /// know no leader and no high watermark for as long as the group stays quiet.
 #[test]
-#[ignore = "core gap: a quiet leader wakes for a member not live, not for one restarted (new token)"]
 fn a_learner_that_restarts_unnoticed_hears_from_its_quiet_leader() {
     let members = Membership {
         voters: vec![1, 2, 3],

@@ -7,8 +7,7 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 use spate_replication::{
-    Action, Config, Membership, Message, NodeId, Persisted, Replica, Role,
-    DEFAULT_ELECTION_TIMEOUT_TICKS,
+    Action, Config, Membership, Message, NodeId, Persisted, Replica, DEFAULT_ELECTION_TIMEOUT_TICKS,
 };
 
 const N: u64 = 3;

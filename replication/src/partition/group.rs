@@ -241,7 +241,7 @@ pub struct PartitionGroup {
 
 /// A group's quiescence as the node-level liveness finds it ([`PartitionGroup::check_quiet`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Quiet {
+pub enum Quiescence {
     /// Not quiesced.
     Awake,
     /// Quiesced, and the nodes it relies on are live.
@@ -689,9 +689,9 @@ impl PartitionGroup {
             return TickTaken::Taken;
         }
         match self.check_quiet(live) {
-            Quiet::Quiet => return TickTaken::Quiet,
-            Quiet::Woken => return TickTaken::Taken,
-            Quiet::Awake => {}
+            Quiescence::Quiet => return TickTaken::Quiet,
+            Quiescence::Woken => return TickTaken::Taken,
+            Quiescence::Awake => {}
         }
         if self.skip_tick.replace(false) {
             self.owed_ticks.set(self.owed_ticks.get() + 1);
@@ -705,16 +705,23 @@ impl PartitionGroup {
 
     /// For a quiesced group, what the node-level liveness says: still quiet, or woken now
     /// (the nodes it relies on are not `live`; see [`Replica::liveness_lapse`]).
-    pub fn check_quiet(self: &Rc<Self>, live: &LiveNodes) -> Quiet {
-        let lapsed = match self.core.try_borrow() {
-            Ok(core) if core.is_quiesced() => core.liveness_lapse(|n| live.live(n)).is_some(),
-            _ => return Quiet::Awake,
+    pub fn check_quiet(self: &Rc<Self>, live: &LiveNodes) -> Quiescence {
+        let lapsed = match self.core.try_borrow_mut() {
+            Ok(mut core) if core.is_quiesced() => {
+                let lapsed = core.liveness_lapse(|n| live.live(n)).is_some();
+                // Not when lapsed: the wake compares with the tokens noted before.
+                if !lapsed {
+                    core.note_member_tokens(|n| live.live(n));
+                }
+                lapsed
+            }
+            _ => return Quiescence::Awake,
         };
         if !lapsed {
-            return Quiet::Quiet;
+            return Quiescence::Quiet;
         }
         let _ = self.run_or_defer(Deferred::Wake(live.clone()));
-        Quiet::Woken
+        Quiescence::Woken
     }
 
     /// A stopped leader's farewell: keep-alives every heartbeat interval for an election
