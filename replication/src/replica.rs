@@ -362,7 +362,8 @@ impl Replica {
     /// as long as the leader's node is live with that token. Node-level liveness (one ping per
     /// node pair, not per group) stands in for the heartbeats: the caller calls
     /// [`Self::check_liveness`] with it on each tick, which wakes a follower whose leader's
-    /// node fell silent or restarted (its lease lapsed: it campaigns soon) and a leader one of
+    /// node fell silent (its election clock starts: it campaigns unless the leader heartbeats)
+    /// or restarted (its lease lapsed: it campaigns soon), and a leader one of
     /// whose members' nodes did. These wake a replica too: a proposal, a transfer, a vote
     /// request to a leader, an append without the token, an answer that is not a caught-up
     /// follower's (see `wakes`). A waking leader heartbeats at once, which wakes its
@@ -376,8 +377,9 @@ impl Replica {
     }
 
     /// Wakes a quiet replica (see [`Self::quiesced`]). `leader_silent`: the follower's leader
-    /// is known gone (its node silent for an election timeout, or restarted), so its lease has
-    /// lapsed and it campaigns within its timeout's random part. A leader heartbeats at once.
+    /// is known gone (its node restarted), so its lease has lapsed and it campaigns within its
+    /// timeout's random part; otherwise its election clock starts from zero. A leader
+    /// heartbeats at once.
     pub fn unquiesce(&mut self, leader_silent: bool, out: &mut Vec<Action>) {
         match self.quiesced.take() {
             None => {}
@@ -394,9 +396,10 @@ impl Replica {
 
     /// For a quiet replica, what the node-level liveness says: `live(node)` is the liveness
     /// token of `node` while it is live (heard within an election timeout), `None` otherwise.
-    /// A follower whose leader is not live with the token it went quiet under wakes with its
-    /// lease lapsed; a leader with a member that is not live wakes (and heartbeats, so
-    /// check-quorum and the in-sync set see the silence).
+    /// A follower whose leader is not live wakes (its election clock from zero; with its
+    /// lease lapsed if the leader's node restarted under a new token); a leader with a member
+    /// that is not live, or restarted, wakes (and heartbeats, so check-quorum and the in-sync
+    /// set see the silence).
     pub fn check_liveness(&mut self, live: impl Fn(NodeId) -> Option<u64>, out: &mut Vec<Action>) {
         let lapse = self.liveness_lapse(&live);
         self.note_member_tokens(&live);
@@ -418,7 +421,18 @@ impl Replica {
     /// [`Self::unquiesce`].
     pub fn liveness_lapse(&self, live: impl Fn(NodeId) -> Option<u64>) -> Option<bool> {
         match self.quiesced? {
-            Quiesced::Follower { leader, token } => (live(leader) != Some(token)).then_some(true),
+            // A new token: the leader's node restarted, so the leader is gone for sure. No
+            // token: its node fell silent, which under load may be a stall (three nodes on two
+            // cores stall for half a second), so the follower wakes as if it had heard the
+            // leader last just now and elects only if no heartbeat follows (a woken follower
+            // of a quiet leader that is alive campaigns after its timeout; the pre-vote wakes
+            // the leader, and nobody moves epoch). Lapsing the lease here made every quiet
+            // group of a briefly stalled node elect at once.
+            Quiesced::Follower { leader, token } => match live(leader) {
+                Some(t) if t == token => None,
+                Some(_) => Some(true),
+                None => Some(false),
+            },
             Quiesced::Leader => self
                 .progress
                 .iter()
