@@ -384,12 +384,17 @@ impl Replica {
         match self.quiesced.take() {
             None => {}
             Some(Quiesced::Leader) => self.wake_leader(out),
-            Some(Quiesced::Follower { .. }) => {
-                self.election_elapsed = if leader_silent {
-                    self.cfg.election_timeout_ticks
+            Some(Quiesced::Follower { leader, .. }) => {
+                if leader_silent {
+                    self.election_elapsed = self.cfg.election_timeout_ticks;
                 } else {
-                    0
-                };
+                    self.election_elapsed = 0;
+                    // The leader may be alive and quiet, its node only stalled: it heartbeats
+                    // when asked. Otherwise the followers, woken together, would elect at the
+                    // end of one timeout (neither in lease any more for the other's pre-vote).
+                    let epoch = self.hard.epoch;
+                    self.send(leader, Message::Wake { epoch }, out);
+                }
             }
         }
     }
@@ -542,6 +547,8 @@ impl Replica {
             Message::AppendResponse(resp) => self.on_append_response(from, resp, out),
             Message::Vote(req) => self.on_vote(from, req, out),
             Message::VoteResponse(resp) => self.on_vote_response(from, resp, out),
+            // What it asks (a quiet leader's heartbeat) was done above, if anything.
+            Message::Wake { .. } => {}
             Message::TimeoutNow { epoch } => {
                 if epoch > self.hard.epoch {
                     self.become_follower(epoch, Some(from), out);
@@ -1085,7 +1092,7 @@ impl Replica {
             // fresh lease then and there, and if the leader had just died it would refuse the
             // candidate a whole timeout longer than a follower that heard the leader last at
             // the same time. (A transfer's vote bypasses the lease; granting it ends the quiet.)
-            (Some(Quiesced::Follower { .. }), Message::Vote(_)) => false,
+            (Some(Quiesced::Follower { .. }), Message::Vote(_) | Message::Wake { .. }) => false,
             (Some(Quiesced::Leader), Message::AppendResponse(r)) => {
                 !(r.success
                     && r.epoch == self.hard.epoch

@@ -146,6 +146,12 @@ pub enum Message {
     TimeoutNow {
         epoch: Epoch,
     },
+    /// A follower woken from quiet because its leader's node fell silent asks that leader to
+    /// heartbeat (a quiet leader that is alive, its node only stalled, wakes and keeps its
+    /// followers instead of letting them elect). Nothing else heeds it.
+    Wake {
+        epoch: Epoch,
+    },
 }
 
 impl Message {
@@ -155,7 +161,7 @@ impl Message {
             Message::AppendResponse(m) => m.epoch,
             Message::Vote(m) => m.epoch,
             Message::VoteResponse(m) => m.epoch,
-            Message::TimeoutNow { epoch } => *epoch,
+            Message::TimeoutNow { epoch } | Message::Wake { epoch } => *epoch,
         }
     }
 }

@@ -300,3 +300,45 @@ fn quiet_followers_elect_within_two_timeouts_when_they_notice_apart() {
         );
     }
 }
+
+/// The leader's node falls silent for a moment (a stall under load: its pings stop) while it
+/// is alive and quiet. Its followers wake, but ask it to heartbeat at once (`Message::Wake`),
+/// so it keeps the partition in its epoch. Without the ask they woke together and, neither in
+/// lease for the other's pre-vote at the end of one timeout, raced the leader's own wake-up
+/// (by their pre-vote) to elect.
+#[test]
+fn a_quiet_leader_whose_node_stalls_for_a_moment_keeps_its_partition() {
+    for seed_shift in 0..10u64 {
+        let mut c = C::new(true);
+        for _ in 0..seed_shift {
+            c.tick_all();
+        }
+        let l = c.settle();
+        for _ in 0..20 {
+            c.tick_all();
+        }
+        assert!((1..=N).all(|i| c.r(i).is_quiesced()));
+        let epoch = c.r(l).epoch();
+        let others: Vec<NodeId> = (1..=N).filter(|&i| i != l).collect();
+        for &o in &others {
+            c.live[(o - 1) as usize][(l - 1) as usize] = false;
+        }
+        c.tick_all();
+        assert!(
+            others.iter().all(|&o| !c.r(o).is_quiesced()),
+            "followers woke"
+        );
+        assert!(
+            !c.r(l).is_quiesced(),
+            "the woken followers asked their leader to heartbeat"
+        );
+        for &o in &others {
+            c.live[(o - 1) as usize][(l - 1) as usize] = true;
+        }
+        for _ in 0..10 * DEFAULT_ELECTION_TIMEOUT_TICKS {
+            c.tick_all();
+        }
+        assert!(c.r(l).is_leader(), "shift {seed_shift}: n{l} lost the lead");
+        assert_eq!(c.r(l).epoch(), epoch, "shift {seed_shift}: an election");
+    }
+}

@@ -166,6 +166,7 @@ fn message() -> impl Strategy<Value = Message> {
             })
         }),
         any::<i32>().prop_map(|epoch| Message::TimeoutNow { epoch }),
+        any::<i32>().prop_map(|epoch| Message::Wake { epoch }),
     ]
 }
 

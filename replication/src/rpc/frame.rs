@@ -292,6 +292,7 @@ mod msg_tag {
     pub const VOTE: u8 = 3;
     pub const VOTE_RESPONSE: u8 = 4;
     pub const TIMEOUT_NOW: u8 = 5;
+    pub const WAKE: u8 = 6;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1049,6 +1050,11 @@ fn encode_node_message(p: &mut Parts, m: &NodeMessage, max: usize) {
                 w.u8(msg_tag::TIMEOUT_NOW);
                 w.i32(*epoch);
             }
+            Message::Wake { epoch } => {
+                let mut w = p.w();
+                w.u8(msg_tag::WAKE);
+                w.i32(*epoch);
+            }
         }
     }
 }
@@ -1092,6 +1098,9 @@ fn decode_node_message(r: &mut Reader, max: usize) -> Result<NodeMessage, Decode
                 pre_vote: r.bool("pre vote")?,
             }),
             msg_tag::TIMEOUT_NOW => Message::TimeoutNow {
+                epoch: r.i32("epoch")?,
+            },
+            msg_tag::WAKE => Message::Wake {
                 epoch: r.i32("epoch")?,
             },
             tag => {
