@@ -222,6 +222,19 @@ impl Cluster {
             .sum()
     }
 
+    /// Waits until `n` more ticks were sent to every shard and every shard handled them.
+    async fn ticks_handled(&self, n: u64) {
+        self.ticks(n).await;
+        let target = self.ticks_sent.get();
+        self.until("every shard handled the ticks sent", |c| {
+            c.nodes
+                .iter()
+                .flat_map(|n| &n.shards)
+                .all(|s| s.stats.borrow().ticks >= target)
+        })
+        .await;
+    }
+
     /// Waits until `n` more ticks were sent to every shard.
     async fn ticks(&self, n: u64) {
         let target = self.ticks_sent.get() + n;
@@ -911,16 +924,8 @@ fn quiet_groups_skip_every_other_tick_and_keep_their_leaders() {
             c.total(|s| s.group_ticks),
             c.total(|s| s.group_ticks_skipped),
         );
-        c.ticks(IDLE_TICKS).await;
         // Every tick sent is handled before the counts are read.
-        let target = c.ticks_sent.get();
-        c.until("every shard handled the ticks sent", |c| {
-            c.nodes
-                .iter()
-                .flat_map(|n| &n.shards)
-                .all(|s| s.stats.borrow().ticks >= target)
-        })
-        .await;
+        c.ticks_handled(IDLE_TICKS).await;
         let ticks = c.total(|s| s.group_ticks) - before.0;
         let skipped = c.total(|s| s.group_ticks_skipped) - before.1;
         assert!(ticks > 0);
@@ -977,15 +982,7 @@ fn idle_groups_go_quiet_and_wake_when_their_leaders_node_falls_silent() {
             })
             .collect();
         let sent = c.total(|s| s.messages_sent);
-        c.ticks(IDLE_TICKS).await;
-        let target = c.ticks_sent.get();
-        c.until("every shard handled the ticks sent", |c| {
-            c.nodes
-                .iter()
-                .flat_map(|n| &n.shards)
-                .all(|s| s.stats.borrow().ticks >= target)
-        })
-        .await;
+        c.ticks_handled(IDLE_TICKS).await;
         assert_eq!(
             c.total(|s| s.messages_sent),
             sent,

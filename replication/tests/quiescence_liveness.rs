@@ -117,6 +117,21 @@ impl C {
         }
         self.deliver();
     }
+    /// Quiescence on, `shift` ticks first (a different election-timeout jitter), a leader
+    /// settled and every replica quiet. Returns the leader.
+    fn all_quiet(shift: u64) -> (C, NodeId) {
+        let mut c = C::new(true);
+        for _ in 0..shift {
+            c.tick_all();
+        }
+        let l = c.settle();
+        for _ in 0..20 {
+            c.tick_all();
+        }
+        assert!((1..=N).all(|i| c.r(i).is_quiesced()), "all quiet");
+        (c, l)
+    }
+
     fn settle(&mut self) -> NodeId {
         for _ in 0..200 {
             self.tick_all();
@@ -268,16 +283,7 @@ fn quiet_followers_elect_within_two_timeouts_when_they_notice_apart() {
     for lag in [0usize, 1, 2, 3, 5] {
         let mut worst = 0;
         for seed_shift in 0..20u64 {
-            let mut c = C::new(true);
-            // Jitter: tick differently before settling.
-            for _ in 0..seed_shift {
-                c.tick_all();
-            }
-            let l = c.settle();
-            for _ in 0..20 {
-                c.tick_all();
-            }
-            assert!((1..=N).all(|i| c.r(i).is_quiesced()));
+            let (mut c, l) = C::all_quiet(seed_shift);
             let others: Vec<NodeId> = (1..=N).filter(|&i| i != l).collect();
             c.cut = vec![l];
             c.live[(others[0] - 1) as usize][(l - 1) as usize] = false;
@@ -309,15 +315,7 @@ fn quiet_followers_elect_within_two_timeouts_when_they_notice_apart() {
 #[test]
 fn a_quiet_leader_whose_node_stalls_for_a_moment_keeps_its_partition() {
     for seed_shift in 0..10u64 {
-        let mut c = C::new(true);
-        for _ in 0..seed_shift {
-            c.tick_all();
-        }
-        let l = c.settle();
-        for _ in 0..20 {
-            c.tick_all();
-        }
-        assert!((1..=N).all(|i| c.r(i).is_quiesced()));
+        let (mut c, l) = C::all_quiet(seed_shift);
         let epoch = c.r(l).epoch();
         let others: Vec<NodeId> = (1..=N).filter(|&i| i != l).collect();
         for &o in &others {
