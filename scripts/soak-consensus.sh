@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Soak the consensus simulator: many seeds, many steps, all four configurations.
+# Soak the consensus simulator: many seeds, many steps, all five configurations.
 #   scripts/soak-consensus.sh [SEEDS] [FIRST_SEED] [STEPS_PER_SEED]
-# Defaults: 2000 seeds from 0, 50000 steps each (4 configurations: ~400 million steps).
+# Defaults: 2000 seeds from 0, 50000 steps each (5 configurations: ~500 million steps).
 # A failure prints the seed and the line that replays it exactly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
