@@ -118,9 +118,10 @@ impl Node {
         let live = self.liveness.snapshot();
         for (g, m) in msg.items {
             if self.groups.contains_key(&g) {
-                // A group quiet under a leader this node does not know live (not heard yet,
-                // or gone since) wakes first, with its lease lapsed: woken by the message
-                // (a vote request from a node that noticed first) it would start a fresh one.
+                // As a shard runtime does: a quiet group hears the liveness before the message
+                // (its leader gone, it must not answer a candidate from a lease that lapsed),
+                // and after it (a quiescing heartbeat from a leader not known live wakes it
+                // now rather than at the next tick).
                 self.with_group(g, |r, out| {
                     r.check_liveness(|n| live.live(n), out);
                     r.step(from, m, out);

@@ -36,7 +36,7 @@ use spate_replication::shard::incarnation::topic_id_path;
 use spate_replication::shard::{
     cross_wake, producer_state_path, ReplicaSet, ReplicaSettings, Signal,
 };
-use spate_replication::{NodeId, NodeMessage};
+use spate_replication::{Epoch, NodeId, NodeMessage};
 
 #[path = "support/batches.rs"]
 mod batches;
@@ -220,6 +220,24 @@ impl Cluster {
             .flat_map(|n| &n.shards)
             .map(|s| f(&s.stats.borrow()))
             .sum()
+    }
+
+    /// Each of partitions `0..n`: its writable leader and that leader's epoch.
+    fn leaders(&self, n: u32) -> Vec<(NodeId, Epoch)> {
+        (0..n)
+            .map(|p| {
+                let (n, g) = self.writable_leader(p).unwrap();
+                (n, g.epoch())
+            })
+            .collect()
+    }
+
+    /// No partition of `leaders` (from [`Self::leaders`]) elected again since.
+    fn assert_leaders_kept(&self, leaders: &[(NodeId, Epoch)]) {
+        for (p, &was) in leaders.iter().enumerate() {
+            let (n, g) = self.writable_leader(p as u32).unwrap();
+            assert_eq!((n, g.epoch()), was, "partition {p} elected again");
+        }
     }
 
     /// Waits until `n` more ticks were sent to every shard and every shard handled them.
@@ -914,12 +932,7 @@ fn quiet_groups_skip_every_other_tick_and_keep_their_leaders() {
         .await;
         // Past the new leaders' first rounds (their epochs commit, followers catch up).
         c.ticks(IDLE_SETTLE_TICKS).await;
-        let leaders: Vec<_> = (0..BUSY_PARTITIONS)
-            .map(|p| {
-                let (n, g) = c.writable_leader(p).unwrap();
-                (n, g.epoch())
-            })
-            .collect();
+        let leaders = c.leaders(BUSY_PARTITIONS);
         let before = (
             c.total(|s| s.group_ticks),
             c.total(|s| s.group_ticks_skipped),
@@ -937,14 +950,7 @@ fn quiet_groups_skip_every_other_tick_and_keep_their_leaders() {
             skipped * 2 <= ticks + 1,
             "at most every other tick: {skipped} of {ticks}"
         );
-        for p in 0..BUSY_PARTITIONS {
-            let (n, g) = c.writable_leader(p).unwrap();
-            assert_eq!(
-                (n, g.epoch()),
-                leaders[p as usize],
-                "partition {p} elected again"
-            );
-        }
+        c.assert_leaders_kept(&leaders);
         c.stop.notify();
         for n in &mut c.nodes {
             for s in &mut n.shards {
@@ -975,12 +981,7 @@ fn idle_groups_go_quiet_and_wake_when_their_leaders_node_falls_silent() {
             })
         })
         .await;
-        let leaders: Vec<_> = (0..BUSY_PARTITIONS)
-            .map(|p| {
-                let (n, g) = c.writable_leader(p).unwrap();
-                (n, g.epoch())
-            })
-            .collect();
+        let leaders = c.leaders(BUSY_PARTITIONS);
         let sent = c.total(|s| s.messages_sent);
         c.ticks_handled(IDLE_TICKS).await;
         assert_eq!(
@@ -988,14 +989,7 @@ fn idle_groups_go_quiet_and_wake_when_their_leaders_node_falls_silent() {
             sent,
             "quiet groups sent consensus messages"
         );
-        for p in 0..BUSY_PARTITIONS {
-            let (n, g) = c.writable_leader(p).unwrap();
-            assert_eq!(
-                (n, g.epoch()),
-                leaders[p as usize],
-                "partition {p} elected again"
-            );
-        }
+        c.assert_leaders_kept(&leaders);
 
         // A write wakes its group and commits.
         let (_, g) = c.writable_leader(0).unwrap();

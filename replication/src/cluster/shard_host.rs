@@ -184,9 +184,9 @@ impl ShardGroups {
         let live = self.live.borrow();
         for (g, m) in msg.items {
             if let Some(group) = self.get(g) {
-                // A quiet group whose leader is gone wakes with its lease lapsed before the
-                // message: woken by it (a vote request from a node that noticed first), it
-                // would start a fresh lease and hold up the election a whole timeout.
+                // A quiet group whose leader is gone wakes before the message: still quiet, it
+                // would refuse a candidate (a node that noticed first) from a lease that
+                // lapsed, and hold up the election.
                 group.check_quiet(&live);
                 group.step_or_defer(msg.from, m);
             }

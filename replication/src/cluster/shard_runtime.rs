@@ -543,6 +543,7 @@ impl Runtime {
                 token: board.token(),
                 shard: link.shard as u32,
             };
+            // Counted with the consensus drops: the same channel, full.
             if link.to_service.try_send(ShardEvent::Ping(ping)).is_err() {
                 self.stats.borrow_mut().messages_dropped += 1;
             }
