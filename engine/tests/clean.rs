@@ -891,6 +891,50 @@ fn a_pass_reads_a_small_log_from_the_disk_once() {
     });
 }
 
+#[test]
+fn batches_larger_than_a_read_request_are_read_in_pieces_and_cleaned_whole() {
+    // Batches of about 330 KiB make the cleaner read several frames at a time (more than
+    // CLEANER_READ_CHUNK_BYTES), which it asks of the disk in chunk-sized pieces and joins.
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        segment_bytes: 4 << 20,
+        max_batch_bytes: 1 << 20,
+        ..config()
+    };
+    run(async {
+        let log = PartitionLog::open(dir.path(), config.clone())
+            .await
+            .unwrap();
+        let mut model = BTreeMap::new();
+        for round in 0..12 {
+            for first in (0..60).step_by(40) {
+                let recs: Vec<Rec> = (first..(first + 40).min(60))
+                    .map(|i| (key(i), Some(value(i, round).repeat(50))))
+                    .collect();
+                for (k, v) in &recs {
+                    model.insert(k.clone(), v.clone());
+                }
+                append(&log, keyed(NOW_MS - DAY_MS, &recs, 0)).await;
+            }
+        }
+        log.checkpoint().await.unwrap();
+        assert!(segment_count(dir.path()) >= 2, "a closed segment to clean");
+        let mut cleaner = LogCleaner::open(&log, CleanerConfig::default());
+        let stats = cleaner
+            .clean(&log, &request(NOW_MS))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(stats.segments_rewritten > 0 && stats.bytes_reclaimed > 0);
+        let (seen, _) = read_all(&log).await;
+        assert_eq!(latest(&seen), model);
+        log.close().await.unwrap();
+        let log = PartitionLog::open(dir.path(), config).await.unwrap();
+        assert_eq!(read_all(&log).await.0, seen, "the same after recovery");
+        log.close().await.unwrap();
+    });
+}
+
 /// Writes `rounds` updates of `keys` keys in batches of 10 (the codecs in turn), the record at
 /// offset `o` stamped `NOW_MS - DAY_MS + o` (rising timestamps), then checkpoints.
 async fn write_stamped(

@@ -75,6 +75,15 @@ pub const CLEANER_READ_MAX_BYTES: usize = 4 << 20;
 /// (`__consumer_offsets`) has passes of a segment or two and a small clean part, which then
 /// cost one read of the log instead of two. Reads past this bound are read again.
 pub const CLEANER_REUSE_MAX_BYTES: usize = 32 << 20;
+/// Longest the cleaner works on the CPU before it lets the shard's executor look at its rings.
+/// A socket's completion does not interrupt a running task queue: glommio reaps it when the
+/// queue runs dry or its preempt timer (100 ms) fires, so a request that arrives while the
+/// cleaner decodes and hashes a read would wait for the whole read. Yielding to the reactor
+/// every quarter millisecond bounds that wait.
+pub const CLEANER_CPU_SLICE: std::time::Duration = std::time::Duration::from_micros(250);
+/// The timer of [`LogCleaner::yield_if_due`]: long enough to be pending when first polled, short
+/// enough to cost the cleaner little (it waits this long only when nothing else runs).
+const CLEANER_YIELD_TIMER: std::time::Duration = std::time::Duration::from_micros(10);
 /// Write-behind buffer of the cleaned segment being written (one write request each), small
 /// for the same reason.
 pub const CLEANER_WRITE_BUFFER_BYTES: usize = 512 << 10;
@@ -377,6 +386,8 @@ pub struct LogCleaner {
     /// Largest frame read so far (sizes the reads, see [`CLEANER_READ_MIN_FRAMES`]).
     largest_frame: usize,
     held: HeldChunks,
+    /// When the cleaner last gave the executor a look at its rings ([`CLEANER_CPU_SLICE`]).
+    slice_started: std::time::Instant,
 }
 
 /// The file operations of cleaning, in order: a test may stop the cleaner after any of them.
@@ -411,6 +422,7 @@ impl LogCleaner {
             steps: 0,
             largest_frame: 0,
             held: HeldChunks::default(),
+            slice_started: std::time::Instant::now(),
         }
     }
 
@@ -587,6 +599,9 @@ impl LogCleaner {
             while pos < seg.size {
                 let (rr, frames, next) = self.read_chunk(seg, pos, cap, stats).await?;
                 for f in &frames {
+                    // A read holds up to 4 MiB of records to decode and hash: the shard's
+                    // requests get their turn between batches, not after the whole read.
+                    self.yield_if_due().await;
                     let payload = &rr[f.start + FRAME_HEADER_BYTES..][..f.payload_len];
                     let h = BatchHeader::parse(payload)?;
                     if h.base_offset() as u64 >= first_dirty && !h.is_control() {
@@ -620,7 +635,7 @@ impl LogCleaner {
                         producers.insert(h.producer_id(), h.last_offset() as u64);
                     }
                 }
-                self.held.hold(seg.base, pos, &rr, frames, next);
+                self.held.hold(seg.base, pos, &rr[..], frames, next);
                 pos = next;
             }
         }
@@ -715,24 +730,31 @@ impl LogCleaner {
         pos: u64,
         cap: usize,
         stats: &mut CleanStats,
-    ) -> Result<(glommio::io::ReadResult, Vec<ChunkFrame>, u64), EngineError> {
+    ) -> Result<(Chunk, Vec<ChunkFrame>, u64), EngineError> {
         let mut want = self
             .largest_frame
             .saturating_mul(CLEANER_READ_MIN_FRAMES)
             .clamp(CLEANER_READ_CHUNK_BYTES, CLEANER_READ_MAX_BYTES);
         loop {
             let len = (want as u64).min(seg.size - pos) as usize;
-            stats.deferred_ms += give_way(&mut self.throttle).await;
-            let asked = std::time::Instant::now();
-            let rr = seg
-                .file
-                .read_at(pos, len)
-                .await
-                .map_err(io_err(&seg.path))?;
-            self.throttle.waited(asked, std::time::Instant::now());
-            stats.bytes_read += rr.len() as u64;
-            self.counters.bytes_read += rr.len() as u64;
-            self.throttle.account(rr.len() as u64).await;
+            let rr = if len <= CLEANER_READ_CHUNK_BYTES {
+                Chunk::Read(self.read_piece(seg, pos, len, stats).await?)
+            } else {
+                // A read sized for several large frames still goes to the disk in requests of
+                // the chunk size, each waiting its turn: a producer's write or fdatasync queued
+                // behind a 4 MiB read waited two milliseconds for it.
+                let mut buf = Vec::with_capacity(len);
+                while buf.len() < len {
+                    let at = pos + buf.len() as u64;
+                    let piece = CLEANER_READ_CHUNK_BYTES.min(len - buf.len());
+                    let rr = self.read_piece(seg, at, piece, stats).await?;
+                    if rr.is_empty() {
+                        break;
+                    }
+                    buf.extend_from_slice(&rr);
+                }
+                Chunk::Held(buf)
+            };
             let mut frames = Vec::new();
             let mut p = 0usize;
             let corrupt = |at: usize, reason: String| EngineError::Corrupt {
@@ -741,6 +763,7 @@ impl LogCleaner {
                 reason,
             };
             while p < rr.len() {
+                self.yield_if_due().await;
                 match decode_frame(&rr[p..], None, cap) {
                     Ok(f) => {
                         self.largest_frame = self.largest_frame.max(f.len);
@@ -770,6 +793,45 @@ impl LogCleaner {
                 continue;
             }
             return Err(corrupt(0, "no whole frame where one was expected".into()));
+        }
+    }
+
+    /// One read request of at most [`CLEANER_READ_CHUNK_BYTES`] (more only for a single frame
+    /// bigger than a chunk), after giving way to the shard's foreground disk work.
+    async fn read_piece(
+        &mut self,
+        seg: &SegInfo,
+        pos: u64,
+        len: usize,
+        stats: &mut CleanStats,
+    ) -> Result<glommio::io::ReadResult, EngineError> {
+        stats.deferred_ms += give_way(&mut self.throttle).await;
+        let asked = std::time::Instant::now();
+        let rr = seg
+            .file
+            .read_at(pos, len)
+            .await
+            .map_err(io_err(&seg.path))?;
+        self.throttle.waited(asked, std::time::Instant::now());
+        stats.bytes_read += rr.len() as u64;
+        self.counters.bytes_read += rr.len() as u64;
+        self.throttle.account(rr.len() as u64).await;
+        // The executor reaped completions while the read was in flight.
+        self.slice_started = std::time::Instant::now();
+        Ok(rr)
+    }
+
+    /// Yields to the executor's reactor once the cleaner has held the CPU for
+    /// [`CLEANER_CPU_SLICE`]. A plain yield would only requeue the task: with no other task
+    /// runnable, glommio runs it again without polling its rings. A short timer ends the
+    /// queue's turn; the reactor poll that fires it also delivers the sockets' completions,
+    /// and their requests run first (the cleaner's queue has a tenth of the shares). glommio's
+    /// own timer, not `Deadline` (which pads a deadline by a millisecond): it is polled once
+    /// while pending, so it leaves no timer entry behind.
+    async fn yield_if_due(&mut self) {
+        if self.slice_started.elapsed() >= CLEANER_CPU_SLICE {
+            glommio::timer::Timer::new(CLEANER_YIELD_TIMER).await;
+            self.slice_started = std::time::Instant::now();
         }
     }
 
@@ -821,13 +883,11 @@ impl LogCleaner {
             while pos < seg.size {
                 let (rr, frames, next) = match self.held.chunks.remove(&(seg.base, pos)) {
                     Some((bytes, frames, next)) => (Chunk::Held(bytes), frames, next),
-                    None => {
-                        let (rr, frames, next) = self.read_chunk(seg, pos, cap, stats).await?;
-                        (Chunk::Read(rr), frames, next)
-                    }
+                    None => self.read_chunk(seg, pos, cap, stats).await?,
                 };
                 let mut acts = Vec::with_capacity(frames.len());
                 for f in &frames {
+                    self.yield_if_due().await;
                     let payload = &rr[f.start + FRAME_HEADER_BYTES..][..f.payload_len];
                     let h = BatchHeader::parse(payload)?;
                     let (base, last) = (h.base_offset() as u64, h.last_offset() as u64);
@@ -1204,8 +1264,11 @@ impl Output {
         // The in-memory segment is rebuilt on the final file after the swap; until then it
         // only collects the index, so it borrows a handle to the new file.
         let seg_file = segment::open_file(&path).await?;
+        // One write in flight (glommio's default is four): a producer's request waits behind
+        // at most one of the cleaner's.
         let writer = DmaStreamWriterBuilder::new(file)
             .with_buffer_size(CLEANER_WRITE_BUFFER_BYTES)
+            .with_write_behind(1)
             .build();
         Ok(Output {
             writer,
