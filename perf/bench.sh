@@ -28,6 +28,10 @@
 #             65536": the 1 MB vs 6 KB batches pair, then both rows at 16 KiB and at 64 KiB)
 #   BENCH_IDLE_PROFILE    set: after the idle measurement, `perf record` node 1 for 15 s into
 #             DIR/cluster-idle-node1.perf.data and a flat report beside it
+#   BENCH_NODE_FLUSH      every cluster node's --flush (default always)
+#   BENCH_NODE_ARGS       more arguments for every cluster node, split on spaces (for example
+#             "--thread-affinity false": three `--cores 1` nodes otherwise all pin their shard to
+#             CPU 0)
 #   BENCH_FAILOVER_KILLS  leader kills in the failover run (default 20)
 #   BENCH_FAILOVER_RATE   its fixed rate, records/s of 1 KiB (default 20000)
 #   BENCH_CATCHUP_GB      what the restarted follower misses, GB of record values (default 5)
@@ -313,9 +317,9 @@ start_node() {
   mkdir -p "$WORK/cluster/n$i"
   "$SPATE" serve --node-id "$i" --listen "127.0.0.1:${NODE_PORT[$i]}" \
     --rpc-listen "127.0.0.1:${NODE_RPC[$i]}" --seeds "$SEEDS" --data-dir "$WORK/cluster/n$i" \
-    --cores 1 --flush always --segment-bytes "$NODE_SEGMENT_BYTES" \
+    --cores 1 --flush "${BENCH_NODE_FLUSH:-always}" --segment-bytes "$NODE_SEGMENT_BYTES" \
     --max-batch-bytes "$NODE_MAX_BATCH_BYTES" --metrics-listen off \
-    ${NODE_EXTRA_ARGS[@]+"${NODE_EXTRA_ARGS[@]}"} >> "$OUT/cluster-node$i.log" 2>&1 &
+    ${NODE_EXTRA_ARGS[@]+"${NODE_EXTRA_ARGS[@]}"} ${BENCH_NODE_ARGS:-} >> "$OUT/cluster-node$i.log" 2>&1 &
   NODE_PID[$i]=$!
 }
 

@@ -240,7 +240,43 @@ struct SlowLog {
     skipped: u64,
 }
 
+/// This thread's CPU time and time spent runnable but waiting for a CPU, in nanoseconds
+/// (`/proc/thread-self/schedstat`), so that a late tick says whether the shard was working,
+/// waiting for the CPU, or blocked. None where the kernel does not keep them.
+fn thread_sched_ns() -> Option<(u64, u64)> {
+    let raw = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let mut it = raw.split_whitespace().map(|v| v.parse::<u64>().ok());
+    Some((it.next()??, it.next()??))
+}
+
 impl SlowLog {
+    /// A late tick: how long the thread ran and waited for a CPU since the tick before it.
+    fn note_late_tick(&mut self, shard: usize, late_ms: u64, since: Option<(u64, u64)>) {
+        let now = Instant::now();
+        let interval = Duration::from_millis(SLOW_LOG_INTERVAL_MS);
+        if self.last.is_some_and(|t| now.duration_since(t) < interval) {
+            self.skipped += 1;
+            return;
+        }
+        let (ran, waited) = match (since, thread_sched_ns()) {
+            (Some(a), Some(b)) => (
+                b.0.saturating_sub(a.0) / 1_000_000,
+                b.1.saturating_sub(a.1) / 1_000_000,
+            ),
+            _ => (0, 0),
+        };
+        tracing::warn!(
+            shard,
+            late_ms,
+            on_cpu_ms = ran,
+            waiting_for_cpu_ms = waited,
+            more_since_last = self.skipped,
+            "shard runtime held up: its leaders' heartbeats are late (tick late)"
+        );
+        self.last = Some(now);
+        self.skipped = 0;
+    }
+
     fn note(&mut self, shard: usize, what: &str, took_ms: u64) {
         let now = Instant::now();
         let interval = Duration::from_millis(SLOW_LOG_INTERVAL_MS);
@@ -304,6 +340,7 @@ pub async fn run(
     let mut next_tick = timer.map(|(_, at)| Box::pin(Deadline::at(at)));
     let (mut inbox_open, mut accepted_open, mut manual_open) = (true, true, manual.is_some());
     let mut slow_log = SlowLog::default();
+    let mut last_tick_sched = thread_sched_ns();
     rt.check_view(&link).await;
     loop {
         let outbox = rt.groups.outbox_signal();
@@ -379,8 +416,9 @@ pub async fn run(
                         st.late_ticks += 1;
                         st.max_tick_late_ms = st.max_tick_late_ms.max(late);
                         drop(st);
-                        slow_log.note(link.shard, "tick late", late);
+                        slow_log.note_late_tick(link.shard, late, last_tick_sched);
                     }
+                    last_tick_sched = thread_sched_ns();
                     *at += *every;
                     if *at <= now {
                         *at = now + *every;
