@@ -101,3 +101,21 @@ fn bad_keys_values_and_flags_name_what_is_wrong() {
     let err = serve_fails(&["--no-such-flag"], &[]);
     assert!(err.contains("--no-such-flag"), "{err}");
 }
+
+#[test]
+fn the_binary_hands_jemalloc_its_options() {
+    // jemalloc reads `malloc_conf` under the symbol its bundled build expects; a renamed symbol
+    // would leave the default (huge allocations' pages returned to the kernel at every free)
+    // without any error. `confirm_conf` makes jemalloc print what it applied.
+    let out = spate()
+        .arg("--help")
+        .env("_RJEM_MALLOC_CONF", "confirm_conf:true")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Set conf value: oversize_threshold:0"),
+        "jemalloc's start-up report:\n{err}"
+    );
+}

@@ -45,6 +45,25 @@ pub fn give_back_free_memory() -> bool {
     }
 }
 
+/// A C string for jemalloc's `malloc_conf` (a `const char *` it reads at start-up); a binary
+/// exports one under the symbol its jemalloc build looks for.
+#[repr(transparent)]
+pub struct MallocConf(*const u8);
+
+// SAFETY: it points at a string literal: immutable and 'static, so sharing it is sound.
+unsafe impl Sync for MallocConf {}
+
+impl MallocConf {
+    /// `conf` must end in a NUL byte (checked when the static is built).
+    pub const fn new(conf: &'static [u8]) -> Self {
+        assert!(
+            !conf.is_empty() && conf[conf.len() - 1] == 0,
+            "NUL-terminated"
+        );
+        MallocConf(conf.as_ptr())
+    }
+}
+
 /// Allocations at or above this size get a `MAP_NORESERVE` mapping.
 pub const LARGE_ALLOC_BYTES: usize = 1 << 30;
 const PAGE_BYTES: usize = 4096;
