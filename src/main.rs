@@ -247,14 +247,14 @@ fn serve(args: config::ServeConfig) -> anyhow::Result<()> {
 #[global_allocator]
 static ALLOC: spate_net::alloc::NoReserveLargeAlloc = spate_net::alloc::NoReserveLargeAlloc;
 
-/// jemalloc's options, read once at its start (its `malloc_conf`, under the prefixed name the
-/// bundled build uses). `oversize_threshold:0` turns off its dedicated arena for allocations of
-/// 8 MiB and more, which returns their pages to the kernel as soon as they are freed: a
-/// produce request of that size (a batch for each of hundreds of partitions) then faulted in
-/// and zeroed fresh pages for every request, a fifth of a shard's CPU at 1,000 partitions
-/// (docs/benchmarks.md, session 17). In the ordinary arenas freed pages are reused and decay
-/// back to the kernel over seconds, as smaller buffers' do.
+/// jemalloc's options, read once at its start (its `malloc_conf`, a `const char *`, under the
+/// prefixed name the bundled build uses; a reference to a byte array is that pointer).
+/// `oversize_threshold:0` turns off its dedicated arena for allocations of 8 MiB and more,
+/// which returns their pages to the kernel as soon as they are freed: a produce request of that
+/// size (a batch for each of hundreds of partitions) then faulted in and zeroed fresh pages for
+/// every request, a quarter of a shard's CPU samples at 1,000 partitions (docs/benchmarks.md,
+/// session 17). In the ordinary arenas freed pages are reused and decay back to the kernel over
+/// seconds, as smaller buffers' do.
 #[used]
 #[export_name = "_rjem_malloc_conf"]
-static JEMALLOC_CONF: spate_net::alloc::MallocConf =
-    spate_net::alloc::MallocConf::new(b"oversize_threshold:0\0");
+static JEMALLOC_CONF: &[u8; 21] = b"oversize_threshold:0\0";

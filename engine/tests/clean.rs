@@ -926,6 +926,14 @@ fn batches_larger_than_a_read_request_are_read_in_pieces_and_cleaned_whole() {
             .unwrap()
             .unwrap();
         assert!(stats.segments_rewritten > 0 && stats.bytes_reclaimed > 0);
+        // Reads of 1 MiB and more were asked for; none reached the disk above the chunk size.
+        let chunk = spate_engine::clean::CLEANER_READ_CHUNK_BYTES as u64;
+        assert!(
+            stats.read_requests * chunk >= stats.bytes_read,
+            "{} bytes in {} requests",
+            stats.bytes_read,
+            stats.read_requests
+        );
         let (seen, _) = read_all(&log).await;
         assert_eq!(latest(&seen), model);
         log.close().await.unwrap();

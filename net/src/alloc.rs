@@ -21,6 +21,7 @@
 //! over seconds) without those tunables. Measured in docs/benchmarks.md (session 15).
 //!
 //! Install it in each binary: `#[global_allocator] static A: NoReserveLargeAlloc = NoReserveLargeAlloc;`
+//! (the broker also hands jemalloc its options there: `src/main.rs`, `JEMALLOC_CONF`).
 
 use std::alloc::{GlobalAlloc, Layout};
 
@@ -42,25 +43,6 @@ pub fn give_back_free_memory() -> bool {
             std::ptr::null_mut(),
             0,
         ) == 0
-    }
-}
-
-/// A C string for jemalloc's `malloc_conf` (a `const char *` it reads at start-up); a binary
-/// exports one under the symbol its jemalloc build looks for.
-#[repr(transparent)]
-pub struct MallocConf(*const u8);
-
-// SAFETY: it points at a string literal: immutable and 'static, so sharing it is sound.
-unsafe impl Sync for MallocConf {}
-
-impl MallocConf {
-    /// `conf` must end in a NUL byte (checked when the static is built).
-    pub const fn new(conf: &'static [u8]) -> Self {
-        assert!(
-            !conf.is_empty() && conf[conf.len() - 1] == 0,
-            "NUL-terminated"
-        );
-        MallocConf(conf.as_ptr())
     }
 }
 

@@ -68,7 +68,8 @@ pub const CLEANER_READ_CHUNK_BYTES: usize = 512 << 10;
 /// the log's bytes.
 pub const CLEANER_READ_MIN_FRAMES: usize = 4;
 /// Largest read sized by [`CLEANER_READ_MIN_FRAMES`] (a single bigger frame is still read
-/// whole, in a read of its own size).
+/// whole). A read of more than [`CLEANER_READ_CHUNK_BYTES`] goes to the disk as requests of
+/// that size, joined in memory.
 pub const CLEANER_READ_MAX_BYTES: usize = 4 << 20;
 /// Most bytes of a pass's reads kept in memory, from building the map to rewriting the
 /// segments, so those are not read from the disk twice: a log cleaned as it grows
@@ -81,8 +82,10 @@ pub const CLEANER_REUSE_MAX_BYTES: usize = 32 << 20;
 /// cleaner decodes and hashes a read would wait for the whole read. Yielding to the reactor
 /// every quarter millisecond bounds that wait.
 pub const CLEANER_CPU_SLICE: std::time::Duration = std::time::Duration::from_micros(250);
-/// The timer of [`LogCleaner::yield_if_due`]: long enough to be pending when first polled, short
-/// enough to cost the cleaner little (it waits this long only when nothing else runs).
+/// The timer of [`LogCleaner::yield_if_due`]: long enough to be pending when first polled (if it
+/// is not, that one yield is skipped), short enough to cost the cleaner little when nothing else
+/// runs. An executor with 256 or more timers keeps them on glommio's 1 ms wheel, and there the
+/// wait can be up to a millisecond; it is counted as waiting, not against the time share.
 const CLEANER_YIELD_TIMER: std::time::Duration = std::time::Duration::from_micros(10);
 /// Write-behind buffer of the cleaned segment being written (one write request each), small
 /// for the same reason.
@@ -208,6 +211,8 @@ pub struct CleanStats {
     /// Time the cleaner paused: for its share of time, deferring its disk requests to the
     /// shard's appends and group commits, and letting the shard's other tasks run.
     pub deferred_ms: u64,
+    /// Read requests made to the disk (each at most [`CLEANER_READ_CHUNK_BYTES`]).
+    pub read_requests: u64,
 }
 
 /// Progress counters since the cleaner was opened, for the broker to export.
@@ -350,11 +355,15 @@ impl HeldChunks {
         self.bytes = 0;
     }
 
-    fn hold(&mut self, base: u64, pos: u64, bytes: &[u8], frames: Vec<ChunkFrame>, next: u64) {
+    fn hold(&mut self, base: u64, pos: u64, bytes: Chunk, frames: Vec<ChunkFrame>, next: u64) {
         if self.bytes + bytes.len() <= CLEANER_REUSE_MAX_BYTES {
             self.bytes += bytes.len();
-            self.chunks
-                .insert((base, pos), (bytes.to_vec(), frames, next));
+            let bytes = match bytes {
+                Chunk::Read(rr) => rr.to_vec(),
+                // Joined from pieces already: kept without another copy.
+                Chunk::Held(v) => v,
+            };
+            self.chunks.insert((base, pos), (bytes, frames, next));
         }
     }
 }
@@ -635,7 +644,7 @@ impl LogCleaner {
                         producers.insert(h.producer_id(), h.last_offset() as u64);
                     }
                 }
-                self.held.hold(seg.base, pos, &rr[..], frames, next);
+                self.held.hold(seg.base, pos, rr, frames, next);
                 pos = next;
             }
         }
@@ -796,8 +805,8 @@ impl LogCleaner {
         }
     }
 
-    /// One read request of at most [`CLEANER_READ_CHUNK_BYTES`] (more only for a single frame
-    /// bigger than a chunk), after giving way to the shard's foreground disk work.
+    /// One read request of at most [`CLEANER_READ_CHUNK_BYTES`], after giving way to the shard's
+    /// foreground disk work.
     async fn read_piece(
         &mut self,
         seg: &SegInfo,
@@ -807,6 +816,7 @@ impl LogCleaner {
     ) -> Result<glommio::io::ReadResult, EngineError> {
         stats.deferred_ms += give_way(&mut self.throttle).await;
         let asked = std::time::Instant::now();
+        stats.read_requests += 1;
         let rr = seg
             .file
             .read_at(pos, len)
@@ -830,8 +840,12 @@ impl LogCleaner {
     /// while pending, so it leaves no timer entry behind.
     async fn yield_if_due(&mut self) {
         if self.slice_started.elapsed() >= CLEANER_CPU_SLICE {
+            let asked = std::time::Instant::now();
             glommio::timer::Timer::new(CLEANER_YIELD_TIMER).await;
-            self.slice_started = std::time::Instant::now();
+            let now = std::time::Instant::now();
+            // The turn given away is not the cleaner's work (its time share counts only that).
+            self.throttle.waited(asked, now);
+            self.slice_started = now;
         }
     }
 
@@ -1324,6 +1338,7 @@ impl Output {
             let len = (CLEANER_READ_CHUNK_BYTES as u64).min(end - pos) as usize;
             stats.deferred_ms += give_way(&mut cleaner.throttle).await;
             let asked = std::time::Instant::now();
+            stats.read_requests += 1;
             let rr = old
                 .file
                 .read_at(pos, len)

@@ -250,49 +250,54 @@ fn thread_sched_ns() -> Option<(u64, u64)> {
 }
 
 impl SlowLog {
-    /// A late tick: how long the thread ran and waited for a CPU since the tick before it.
-    fn note_late_tick(&mut self, shard: usize, late_ms: u64, since: Option<(u64, u64)>) {
+    /// Whether a slow event may be logged now (at most one per [`SLOW_LOG_INTERVAL_MS`]), and
+    /// how many were skipped since the last one logged.
+    fn due(&mut self) -> Option<u64> {
         let now = Instant::now();
         let interval = Duration::from_millis(SLOW_LOG_INTERVAL_MS);
         if self.last.is_some_and(|t| now.duration_since(t) < interval) {
             self.skipped += 1;
-            return;
+            return None;
         }
-        let (ran, waited) = match (since, thread_sched_ns()) {
-            (Some(a), Some(b)) => (
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.skipped))
+    }
+
+    /// A late tick: how long the thread ran and waited for a CPU between the tick before it
+    /// (`since`) and this one (`now`), where the kernel keeps those times.
+    fn note_late_tick(
+        &mut self,
+        shard: usize,
+        late_ms: u64,
+        since: Option<(u64, u64)>,
+        now: Option<(u64, u64)>,
+    ) {
+        let Some(skipped) = self.due() else { return };
+        let times = since.zip(now).map(|(a, b)| {
+            (
                 b.0.saturating_sub(a.0) / 1_000_000,
                 b.1.saturating_sub(a.1) / 1_000_000,
-            ),
-            _ => (0, 0),
-        };
+            )
+        });
         tracing::warn!(
             shard,
             late_ms,
-            on_cpu_ms = ran,
-            waiting_for_cpu_ms = waited,
-            more_since_last = self.skipped,
+            on_cpu_ms = times.map(|t| t.0),
+            waiting_for_cpu_ms = times.map(|t| t.1),
+            more_since_last = skipped,
             "shard runtime held up: its leaders' heartbeats are late (tick late)"
         );
-        self.last = Some(now);
-        self.skipped = 0;
     }
 
     fn note(&mut self, shard: usize, what: &str, took_ms: u64) {
-        let now = Instant::now();
-        let interval = Duration::from_millis(SLOW_LOG_INTERVAL_MS);
-        if self.last.is_some_and(|t| now.duration_since(t) < interval) {
-            self.skipped += 1;
-            return;
-        }
+        let Some(skipped) = self.due() else { return };
         tracing::warn!(
             shard,
             what,
             took_ms,
-            more_since_last = self.skipped,
+            more_since_last = skipped,
             "shard runtime held up: its leaders' heartbeats are late"
         );
-        self.last = Some(now);
-        self.skipped = 0;
     }
 }
 
@@ -411,14 +416,15 @@ pub async fn run(
                     // groups' clocks are ticks, not time.
                     let now = Instant::now();
                     let late = ms(now.saturating_duration_since(*at));
+                    let sched = thread_sched_ns();
                     if late >= SLOW_SHARD_MS {
                         let mut st = rt.stats.borrow_mut();
                         st.late_ticks += 1;
                         st.max_tick_late_ms = st.max_tick_late_ms.max(late);
                         drop(st);
-                        slow_log.note_late_tick(link.shard, late, last_tick_sched);
+                        slow_log.note_late_tick(link.shard, late, last_tick_sched, sched);
                     }
-                    last_tick_sched = thread_sched_ns();
+                    last_tick_sched = sched;
                     *at += *every;
                     if *at <= now {
                         *at = now + *every;
