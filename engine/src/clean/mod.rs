@@ -1336,15 +1336,7 @@ impl Output {
         let mut pos = 0;
         while pos < end {
             let len = (CLEANER_READ_CHUNK_BYTES as u64).min(end - pos) as usize;
-            stats.deferred_ms += give_way(&mut cleaner.throttle).await;
-            let asked = std::time::Instant::now();
-            stats.read_requests += 1;
-            let rr = old
-                .file
-                .read_at(pos, len)
-                .await
-                .map_err(io_err(&old.path))?;
-            cleaner.throttle.waited(asked, std::time::Instant::now());
+            let rr = cleaner.read_piece(old, pos, len, stats).await?;
             if rr.is_empty() {
                 return Err(EngineError::Corrupt {
                     path: old.path.clone(),
@@ -1352,9 +1344,6 @@ impl Output {
                     reason: "segment shorter than the frames just read".into(),
                 });
             }
-            stats.bytes_read += rr.len() as u64;
-            cleaner.counters.bytes_read += rr.len() as u64;
-            cleaner.throttle.account(rr.len() as u64).await;
             stats.deferred_ms += give_way(&mut cleaner.throttle).await;
             let asked = std::time::Instant::now();
             self.writer
