@@ -150,6 +150,11 @@ fn request(now_ms: i64) -> CleanRequest {
     }
 }
 
+/// One clean at `now_ms` that must find something to clean.
+async fn clean_at(cleaner: &mut LogCleaner, log: &PartitionLog, now_ms: i64) -> CleanStats {
+    cleaner.clean(log, &request(now_ms)).await.unwrap().unwrap()
+}
+
 /// Writes `rounds` updates of `keys` keys (every 7th key tombstoned in the last round), in
 /// batches of 10 records rotating through the codecs, then checkpoints. Returns the model.
 async fn write_updates(
@@ -209,11 +214,7 @@ fn cleaning_keeps_the_latest_value_of_every_key_and_later_drops_tombstones() {
         let end = log.log_end_offset();
 
         let mut cleaner = LogCleaner::open(&log, CleanerConfig::default());
-        let stats = cleaner
-            .clean(&log, &request(NOW_MS))
-            .await
-            .unwrap()
-            .unwrap();
+        let stats = clean_at(&mut cleaner, &log, NOW_MS).await;
         assert_eq!(stats.passes, 1);
         assert!(stats.bytes_reclaimed > 0 && stats.segments_rewritten > 0);
         assert_eq!(
@@ -244,11 +245,7 @@ fn cleaning_keeps_the_latest_value_of_every_key_and_later_drops_tombstones() {
         assert!(counters.bytes_read >= stats.bytes_read && counters.dirty_ratio < 0.5);
 
         // Past delete.retention.ms since the first clean, tombstones go too.
-        let stats = cleaner
-            .clean(&log, &request(NOW_MS + 2 * DAY_MS))
-            .await
-            .unwrap()
-            .unwrap();
+        let stats = clean_at(&mut cleaner, &log, NOW_MS + 2 * DAY_MS).await;
         assert!(stats.tombstones_removed > 0);
         let (after2, _) = read_all(&log).await;
         let live: BTreeMap<_, _> = model
@@ -312,11 +309,7 @@ fn untouched_batches_stay_byte_for_byte_and_producer_batches_survive() {
         write_updates(&log, 50, 40).await;
         let (_, before) = read_all(&log).await;
         let mut cleaner = LogCleaner::open(&log, CleanerConfig::default());
-        cleaner
-            .clean(&log, &request(NOW_MS))
-            .await
-            .unwrap()
-            .unwrap();
+        clean_at(&mut cleaner, &log, NOW_MS).await;
         let (_, after) = read_all(&log).await;
         let find = |bs: &[Bytes], base: u64| {
             bs.iter()
@@ -361,11 +354,7 @@ fn a_small_map_cleans_in_passes_to_the_same_result() {
                     ..CleanerConfig::default()
                 },
             );
-            let stats: CleanStats = cleaner
-                .clean(&log, &request(NOW_MS))
-                .await
-                .unwrap()
-                .unwrap();
+            let stats: CleanStats = clean_at(&mut cleaner, &log, NOW_MS).await;
             let (seen, _) = read_all(&log).await;
             assert_eq!(latest(&seen), model);
             results.push((stats.passes, latest(&seen)));
@@ -393,11 +382,7 @@ fn the_throttle_bounds_the_cleaners_io_rate() {
             },
         );
         let start = std::time::Instant::now();
-        let stats = cleaner
-            .clean(&log, &request(NOW_MS))
-            .await
-            .unwrap()
-            .unwrap();
+        let stats = clean_at(&mut cleaner, &log, NOW_MS).await;
         let elapsed = start.elapsed().as_secs_f64();
         let io = (stats.bytes_read + stats.bytes_written) as f64;
         // The last window's worth may go unpaused.
@@ -427,11 +412,7 @@ fn the_cleaner_defers_each_disk_request_to_foreground_work_but_still_finishes() 
         let mut cleaner = LogCleaner::open(&log, CleanerConfig::default());
         // A foreground operation that never ends: every request waits the whole bound.
         let busy = ForegroundIo::begin();
-        let stats = cleaner
-            .clean(&log, &request(NOW_MS))
-            .await
-            .unwrap()
-            .unwrap();
+        let stats = clean_at(&mut cleaner, &log, NOW_MS).await;
         drop(busy);
         // At least one read for the key map and one for the rewrite.
         let requests = stats
@@ -503,11 +484,7 @@ fn time_lookups_answer_records_also_across_compacted_gaps() {
             );
         }
         let mut cleaner = LogCleaner::open(&log, CleanerConfig::default());
-        cleaner
-            .clean(&log, &request(NOW_MS))
-            .await
-            .unwrap()
-            .unwrap();
+        clean_at(&mut cleaner, &log, NOW_MS).await;
         // An even key rewritten below the cleaned end is gone: the next odd record answers.
         let clean_end = cleaner.first_dirty_offset() as usize;
         assert!(
@@ -617,11 +594,7 @@ fn a_cleaner_stopped_after_any_file_operation_leaves_old_or_new_segments() {
             .await
             .unwrap();
         let mut cleaner = LogCleaner::open(&log, CleanerConfig::default());
-        cleaner
-            .clean(&log, &request(NOW_MS))
-            .await
-            .unwrap()
-            .unwrap();
+        clean_at(&mut cleaner, &log, NOW_MS).await;
         let (seen, _) = read_all(&log).await;
         log.close().await.unwrap();
         (cleaner.steps_taken(), seen)
@@ -874,11 +847,7 @@ fn a_pass_reads_a_small_log_from_the_disk_once() {
         let log_bytes = log.size_bytes();
         assert!((log_bytes as usize) < spate_engine::clean::CLEANER_REUSE_MAX_BYTES);
         let mut cleaner = LogCleaner::open(&log, CleanerConfig::default());
-        let stats = cleaner
-            .clean(&log, &request(NOW_MS))
-            .await
-            .unwrap()
-            .unwrap();
+        let stats = clean_at(&mut cleaner, &log, NOW_MS).await;
         assert_eq!(stats.passes, 1);
         assert!(
             stats.bytes_read <= log_bytes,
@@ -920,11 +889,7 @@ fn batches_larger_than_a_read_request_are_read_in_pieces_and_cleaned_whole() {
         log.checkpoint().await.unwrap();
         assert!(segment_count(dir.path()) >= 2, "a closed segment to clean");
         let mut cleaner = LogCleaner::open(&log, CleanerConfig::default());
-        let stats = cleaner
-            .clean(&log, &request(NOW_MS))
-            .await
-            .unwrap()
-            .unwrap();
+        let stats = clean_at(&mut cleaner, &log, NOW_MS).await;
         assert!(stats.segments_rewritten > 0 && stats.bytes_reclaimed > 0);
         // Reads of 1 MiB and more were asked for; none reached the disk above the chunk size.
         let chunk = spate_engine::clean::CLEANER_READ_CHUNK_BYTES as u64;
@@ -1030,11 +995,7 @@ fn cleaning_merges_small_segments_and_reads_stay_right_across_them() {
         let mut cleaner = LogCleaner::open(&log, CleanerConfig::default());
         // Runs are formed by the sizes before cleaning (full segments: none), then what
         // the clean left small is merged in the same clean.
-        let second = cleaner
-            .clean(&log, &request(NOW_MS))
-            .await
-            .unwrap()
-            .unwrap();
+        let second = clean_at(&mut cleaner, &log, NOW_MS).await;
         assert!(second.segments_merged > 0, "{second:?}");
         assert_eq!(
             cleaner.counters().segments_merged,
@@ -1058,11 +1019,7 @@ fn cleaning_merges_small_segments_and_reads_stay_right_across_them() {
         }
         check_reads(&log, &after, "after the merge").await;
         // Another clean finds nothing left to merge or change.
-        let third = cleaner
-            .clean(&log, &request(NOW_MS))
-            .await
-            .unwrap()
-            .unwrap();
+        let third = clean_at(&mut cleaner, &log, NOW_MS).await;
         assert_eq!((third.segments_merged, third.segments_rewritten), (0, 0));
         log.close().await.unwrap();
 
@@ -1119,11 +1076,7 @@ fn a_cleaner_stopped_after_any_file_operation_of_a_merge_leaves_old_or_merged_se
             .await
             .unwrap();
         let mut cleaner = LogCleaner::open(&log, CleanerConfig::default());
-        let stats = cleaner
-            .clean(&log, &request(NOW_MS))
-            .await
-            .unwrap()
-            .unwrap();
+        let stats = clean_at(&mut cleaner, &log, NOW_MS).await;
         assert!(stats.segments_merged >= 3, "{stats:?}");
         log.close().await.unwrap();
         cleaner.steps_taken()
@@ -1248,11 +1201,7 @@ fn batches_the_request_names_are_kept_byte_for_byte() {
         // No longer named, their superseded records go in the next clean whose dirty part
         // writes those keys again (a clean part is only deduplicated against a dirty part).
         let model = write_updates(&log, 200, 4).await;
-        cleaner
-            .clean(&log, &request(NOW_MS))
-            .await
-            .unwrap()
-            .unwrap();
+        clean_at(&mut cleaner, &log, NOW_MS).await;
         let (_, after) = read_all(&log).await;
         for (base, _, bytes) in &kept {
             assert!(!after.contains(bytes), "the batch at {base} is still whole");
