@@ -32,6 +32,8 @@
 #   BENCH_NODE_ARGS       more arguments for every cluster node, split on spaces (for example
 #             "--thread-affinity false": three `--cores 1` nodes otherwise all pin their shard to
 #             CPU 0)
+#   BENCH_NODE_CPUSETS    each cluster node's --cpuset, for nodes 1, 2, 3 in order, split on
+#             spaces (for example "0 1 0" spreads the three one-core nodes over both CPUs)
 #   BENCH_FAILOVER_KILLS  leader kills in the failover run (default 20)
 #   BENCH_FAILOVER_RATE   its fixed rate, records/s of 1 KiB (default 20000)
 #   BENCH_CATCHUP_GB      what the restarted follower misses, GB of record values (default 5)
@@ -314,12 +316,15 @@ SEEDS=""
 
 start_node() {
   local i=$1
+  local sets=(${BENCH_NODE_CPUSETS:-}) cpuset=()
+  [ -z "${sets[$((i - 1))]:-}" ] || cpuset=(--cpuset "${sets[$((i - 1))]}")
   mkdir -p "$WORK/cluster/n$i"
   "$SPATE" serve --node-id "$i" --listen "127.0.0.1:${NODE_PORT[$i]}" \
     --rpc-listen "127.0.0.1:${NODE_RPC[$i]}" --seeds "$SEEDS" --data-dir "$WORK/cluster/n$i" \
     --cores 1 --flush "${BENCH_NODE_FLUSH:-always}" --segment-bytes "$NODE_SEGMENT_BYTES" \
     --max-batch-bytes "$NODE_MAX_BATCH_BYTES" --metrics-listen off \
-    ${NODE_EXTRA_ARGS[@]+"${NODE_EXTRA_ARGS[@]}"} ${BENCH_NODE_ARGS:-} >> "$OUT/cluster-node$i.log" 2>&1 &
+    ${cpuset[@]+"${cpuset[@]}"} ${NODE_EXTRA_ARGS[@]+"${NODE_EXTRA_ARGS[@]}"} ${BENCH_NODE_ARGS:-} \
+    >> "$OUT/cluster-node$i.log" 2>&1 &
   NODE_PID[$i]=$!
 }
 

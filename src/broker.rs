@@ -1,5 +1,5 @@
 //! Starting and stopping the broker: one glommio executor per core (a shard, pinned to a CPU
-//! unless `pin_shards` is off), each listening on the same port, sharing only the metadata
+//! of its cpuset unless `pin_shards` is off), each listening on the same port, sharing only the metadata
 //! store and the cross-shard queues.
 //! The wiring of the layers: the metadata store and placement (spate-replication), the shards'
 //! replicas, and the Kafka serving of each shard (spate-net).
@@ -134,7 +134,8 @@ impl Broker {
         }
         let config = Arc::new(config);
         let (router, receivers) = Router::new(config.cores);
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpus = crate::cpus::shard_cpus(config.cpuset.as_deref())
+            .map_err(|e| NetError::Config(format!("--cpuset: {e:#}")))?;
         let open_connections = Arc::new(OpenConnections::default());
         let drained = Arc::new(AtomicUsize::new(0));
         let metrics = Arc::new(Metrics::new());
@@ -157,7 +158,7 @@ impl Broker {
             let (open, drained, ready) =
                 (open_connections.clone(), drained.clone(), ready_tx.clone());
             let placement = if config.pin_shards {
-                Placement::Fixed(id % cpus)
+                Placement::Fixed(cpus[id % cpus.len()])
             } else {
                 Placement::Unbound
             };

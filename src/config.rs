@@ -2,6 +2,7 @@
 //! `--config FILE`, from TOML with the same keys (kebab-case). Command-line values win over the
 //! file, the file over the defaults. Every limit carries its unit in its name.
 
+use crate::cpus::parse_cpuset;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
@@ -51,6 +52,12 @@ pub struct ServeConfig {
     /// all land on the same first CPUs [default: true].
     #[arg(long, env = "SPATE_THREAD_AFFINITY", value_name = "BOOL")]
     pub thread_affinity: Option<bool>,
+    /// CPUs the shards are pinned to, as a list such as `1` or `0-3,6` (shard N on the Nth
+    /// CPU of the list, modulo its length; every other thread of the broker kept on them too).
+    /// Several brokers on one machine each get CPUs of their own, as Redpanda's --cpuset
+    /// [default: the CPUs this process may run on, as `taskset` or a cgroup set them].
+    #[arg(long, env = "SPATE_CPUSET", value_name = "LIST")]
+    pub cpuset: Option<String>,
     /// This broker's node id in Metadata responses [default: 0].
     #[arg(long, env = "SPATE_NODE_ID", value_name = "N")]
     pub node_id: Option<i32>,
@@ -221,6 +228,7 @@ macro_rules! each_setting {
             data_dir,
             cores,
             thread_affinity,
+            cpuset,
             node_id,
             flush,
             flush_interval_ms,
@@ -272,13 +280,15 @@ macro_rules! fill_missing {
 
 impl ServeConfig {
     /// Every setting's default, in one place: `resolve` fills from it and `spate config
-    /// defaults` prints it. `advertised_listener` has none (it follows `listen`).
+    /// defaults` prints it. `advertised_listener` has none (it follows `listen`), nor has
+    /// `cpuset` (it follows the process's CPU affinity).
     pub fn defaults() -> ServeConfig {
         let groups = BrokerConfig::for_dir(PathBuf::new()).groups;
         ServeConfig {
             config: None,
             listen: Some("127.0.0.1:9092".into()),
             advertised_listener: None,
+            cpuset: None,
             data_dir: Some(PathBuf::from("spate-data")),
             cores: Some(std::thread::available_parallelism().map_or(1, |n| n.get())),
             thread_affinity: Some(true),
@@ -436,6 +446,10 @@ impl ServeConfig {
         c.advertised_port = advertised_port;
         c.cores = cores;
         c.pin_shards = set(&self.thread_affinity);
+        c.cpuset = match &self.cpuset {
+            Some(list) => Some(parse_cpuset(list).with_context(|| format!("--cpuset {list:?}"))?),
+            None => None,
+        };
         c.node_id = set(&self.node_id);
         c.flush = flush;
         c.default_partitions = default_partitions;

@@ -6,6 +6,7 @@ mod broker;
 mod check;
 mod cluster;
 mod config;
+mod cpus;
 mod verify;
 
 use anyhow::Context;
@@ -152,6 +153,10 @@ fn main() {
 fn serve(args: config::ServeConfig) -> anyhow::Result<()> {
     let args = args.with_file()?;
     let mut config = args.resolve()?;
+    if let Some(cpus) = &config.cpuset {
+        // Before any thread starts, so that every thread of the broker inherits it.
+        cpus::confine_to(cpus).context("--cpuset")?;
+    }
     let cluster = cluster::ClusterArgs::from_serve(&args)?;
     // The identity is checked before anything else opens the data directory: a node of
     // another cluster stops here.

@@ -119,3 +119,65 @@ fn the_binary_hands_jemalloc_its_options() {
         "jemalloc's start-up report:\n{err}"
     );
 }
+
+/// The CPUs a thread of `pid` may run on, per thread name.
+fn thread_cpus(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+        if let Some(list) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        {
+            out.push((name.trim().to_string(), list.trim().to_string()));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_cpuset_pins_the_shards_and_keeps_every_thread_on_it() {
+    let err = serve_fails(&["--cpuset", "0-4000000000"], &[]);
+    assert!(
+        err.contains("--cpuset") && err.contains("past the largest"),
+        "{err}"
+    );
+    let err = serve_fails(&["--cpuset", "0,,1"], &[]);
+    assert!(err.contains("--cpuset"), "{err}");
+    // A CPU this machine does not have: refused by the kernel, named in the error.
+    let err = serve_fails(&["--cpuset", "1023"], &[]);
+    assert!(err.contains("--cpuset") && err.contains("1023"), "{err}");
+
+    // The last CPU the test may use: with the default (CPU 0 first), the shard would sit there
+    // only by chance on a one-CPU machine, which the assertion on other threads still covers.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let allowed = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let last: String = allowed
+        .rsplit([',', '-'])
+        .next()
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut b = common::Broker::start_with(&["--cores", "2", "--cpuset", &last]);
+    let threads = thread_cpus(b.pid());
+    assert!(
+        threads
+            .iter()
+            .any(|(name, _)| name.starts_with("spate-shard-1")),
+        "{threads:?}"
+    );
+    for (name, cpus) in &threads {
+        assert_eq!(
+            cpus, &last,
+            "thread {name} of a broker on --cpuset {last}: {threads:?}"
+        );
+    }
+    assert!(b.terminate().success());
+}

@@ -19,9 +19,12 @@ pub struct BrokerConfig {
     pub advertised_port: u16,
     pub data_dir: PathBuf,
     pub cores: usize,
-    /// Each shard's executor pinned to one CPU (shard N on CPU N modulo the CPUs); otherwise
-    /// the kernel places them.
+    /// Each shard's executor pinned to one CPU (shard N on the Nth of the shard CPUs, modulo
+    /// their number); otherwise the kernel places them.
     pub pin_shards: bool,
+    /// The CPUs for the shards (`--cpuset`), the whole process kept on them; `None`: the CPUs
+    /// the process may run on.
+    pub cpuset: Option<Vec<usize>>,
     pub node_id: i32,
     pub flush: FlushPolicy,
     pub default_partitions: i32,
@@ -114,6 +117,7 @@ impl BrokerConfig {
             data_dir,
             cores: 1,
             pin_shards: true,
+            cpuset: None,
             node_id: 0,
             flush: FlushPolicy::Always,
             default_partitions: 1,
