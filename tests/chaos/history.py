@@ -26,41 +26,77 @@ Event types (fields beside t/type):
   worker_error, harness_error, final_error  error  the harness itself failed
 """
 import json
+import queue
 import threading
 import time
 
+# How long flush() and close() wait for the writer thread (it only formats and writes lines).
+WRITER_WAIT_S = 30.0
+
 
 class History:
-    """Thread-safe appender. `t` is taken under the lock, so lines are in time order."""
+    """Thread-safe appender that no recording thread can block.
+
+    record() only puts the event on a queue.SimpleQueue (safe to call from anywhere, also from
+    callbacks run inside a client's teardown); one writer thread formats and writes the lines.
+    An earlier version wrote under a threading.RLock, and the harness hung under load in 1 of
+    6-8 planted-loss runs: gdb showed the lock held (count 1) by a producer thread that no
+    longer existed. confluent-kafka can run a delivery callback with a fatal error still set
+    as the pending Python exception (see ProducerWorker._on_delivery); the first C call in the
+    callback then fails with SystemError even though it did its work, and when that call was
+    the lock's acquire in `with`, the lock was taken and never released. So nothing a
+    recording thread does holds anything another thread waits for.
+
+    Lines are in queue order, which can differ from `t` order across threads by a thread
+    switch; load() sorts by `t` (stable, so each thread keeps its own order)."""
 
     def __init__(self, path):
         self.path = path
         self._file = open(path, "w", encoding="utf-8")
-        # Re-entrant: librdkafka runs delivery callbacks (which record) from inside the call
-        # that serves them, which may be a Producer's teardown when the garbage collector frees
-        # one while this thread is recording. A planted-loss run once hung with two threads
-        # waiting here and no Python thread holding the lock.
-        self._lock = threading.RLock()
+        self._queue = queue.SimpleQueue()
         self._t0 = time.monotonic()
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_lines, name="history-writer",
+                                        daemon=True)
+        self._writer.start()
 
     def now(self):
         return time.monotonic() - self._t0
 
     def record(self, type_, **fields):
-        with self._lock:
-            event = {"t": round(self.now(), 6), "type": type_}
-            event.update(fields)
-            self._file.write(json.dumps(event, separators=(",", ":")) + "\n")
-            return event["t"]
+        event = {"t": round(self.now(), 6), "type": type_}
+        event.update(fields)
+        # Formatted here, so a field that is not JSON fails the caller, not the writer.
+        self._queue.put(json.dumps(event, separators=(",", ":")) + "\n")
+        return event["t"]
+
+    def _write_lines(self):
+        while True:
+            item = self._queue.get()
+            if isinstance(item, str):
+                self._file.write(item)
+                continue
+            self._file.flush()
+            if item is None:
+                self._file.close()
+                return
+            item.set()
 
     def flush(self):
-        with self._lock:
-            self._file.flush()
+        """Returns once every event recorded before the call is in the file (or the writer
+        did not answer within WRITER_WAIT_S)."""
+        if self._closed:
+            return
+        written = threading.Event()
+        self._queue.put(written)
+        written.wait(WRITER_WAIT_S)
 
     def close(self):
-        with self._lock:
-            if not self._file.closed:
-                self._file.close()
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._writer.join(WRITER_WAIT_S)
 
 
 def load(path):
@@ -76,4 +112,5 @@ def load(path):
             if n == len(lines):
                 break
             raise ValueError(f"{path}:{n}: not a JSON event ({e})") from None
+    events.sort(key=lambda e: e["t"])
     return events

@@ -36,6 +36,8 @@ FINAL_READ_TIMEOUT_S = 120.0
 WATERMARK_RETRY_S = 30.0
 WATERMARK_RETRY_BACKOFF_S = 0.2
 FLUSH_TIMEOUT_S = 60.0
+# Longest single poll(): under confluent-kafka's 200 ms slicing (see ProducerWorker._drain).
+POLL_SLICE_S = 0.1
 FATAL_FLUSH_TIMEOUT_S = 5.0
 
 
@@ -151,12 +153,12 @@ class ProducerWorker(Worker):
                 self.history.record("producer_fatal", proc=self.proc,
                                     error=self.fatal.name() + ": " + self.fatal.str())
                 # A fatal producer fails what it still holds: those come back as nacks.
-                self._guard(producer.flush, FATAL_FLUSH_TIMEOUT_S)
+                self._drain(producer, FATAL_FLUSH_TIMEOUT_S)
                 self.session += 1
                 producer = self._client()
                 continue
             if self.unresolved >= MAX_UNRESOLVED_PER_PRODUCER:
-                self._guard(producer.poll, 0.05)
+                self._guard(producer.poll, POLL_SLICE_S)
                 continue
             value = f"{self.proc}-{self.seq}"
             self.history.record("send", proc=self.proc, value=value, seq=self.seq)
@@ -176,12 +178,29 @@ class ProducerWorker(Worker):
             self._guard(producer.poll, 0)
             next_at += interval
             delay = next_at - time.monotonic()
-            if delay > 0:
-                # Paces the rate and serves delivery reports meanwhile.
-                self._guard(producer.poll, delay)
-            else:
+            if delay <= 0:
                 next_at = time.monotonic()
-        self._guard(producer.flush, FLUSH_TIMEOUT_S)
+            while delay > 0 and self.fatal is None:
+                # Paces the rate and serves delivery reports meanwhile.
+                self._guard(producer.poll, min(delay, POLL_SLICE_S))
+                delay = next_at - time.monotonic()
+        self._drain(producer, FLUSH_TIMEOUT_S)
+
+    def _drain(self, producer, timeout_s):
+        """flush(), as poll() calls of POLL_SLICE_S until nothing is outstanding or the
+        timeout. confluent-kafka's flush() (and poll() of 200 ms or more) calls librdkafka in
+        200 ms slices and does not stop when a callback failed: a fatal error sets its
+        KafkaException as the pending Python exception, and the next slice runs delivery
+        callbacks with it still set. Their first checked C call then fails with SystemError
+        after doing its work (once a lock's acquire in History.record: taken, never released,
+        and the run hung). One shorter poll() is one librdkafka call, which stops at the
+        failure and raises it."""
+        deadline = time.monotonic() + timeout_s
+        while len(producer) > 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._guard(producer.poll, min(left, POLL_SLICE_S))
 
     def _guard(self, call, arg):
         """poll/flush raise the producer's fatal error: keep it for the loop to handle."""
