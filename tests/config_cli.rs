@@ -120,18 +120,23 @@ fn the_binary_hands_jemalloc_its_options() {
     );
 }
 
+/// The `Cpus_allowed_list` of a /proc status file (a thread that just ended has none).
+fn cpus_allowed(status: impl AsRef<std::path::Path>) -> Option<String> {
+    let status = std::fs::read_to_string(status).ok()?;
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
+    Some(list.trim().to_string())
+}
+
 /// The CPUs a thread of `pid` may run on, per thread name.
 fn thread_cpus(pid: u32) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let task = task.unwrap().path();
         let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
-        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
-        if let Some(list) = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        {
-            out.push((name.trim().to_string(), list.trim().to_string()));
+        if let Some(list) = cpus_allowed(task.join("status")) {
+            out.push((name.trim().to_string(), list));
         }
     }
     out
@@ -152,13 +157,7 @@ fn a_cpuset_pins_the_shards_and_keeps_every_thread_on_it() {
 
     // The last CPU the test may use: with the default (CPU 0 first), the shard would sit there
     // only by chance on a one-CPU machine, which the assertion on other threads still covers.
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let allowed = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .unwrap()
-        .trim()
-        .to_string();
+    let allowed = cpus_allowed("/proc/self/status").unwrap();
     let last: String = allowed
         .rsplit([',', '-'])
         .next()

@@ -42,8 +42,8 @@ class History:
     An earlier version wrote under a threading.RLock, and the harness hung under load in 1 of
     6-8 planted-loss runs: gdb showed the lock held (count 1) by a producer thread that no
     longer existed. confluent-kafka can run a delivery callback with a fatal error still set
-    as the pending Python exception (see ProducerWorker._on_delivery); the first C call in the
-    callback then fails with SystemError even though it did its work, and when that call was
+    as the pending Python exception (see workload.ProducerWorker._drain); the first checked C
+    call in the callback then fails with SystemError even though it did its work, and when that call was
     the lock's acquire in `with`, the lock was taken and never released. So nothing a
     recording thread does holds anything another thread waits for.
 
