@@ -114,6 +114,7 @@ fn clean_copy(source: &Path) -> Duration {
             policy: CompactionPolicy::default(),
             force: true,
             keep_batches: Default::default(),
+            urgent: false,
         };
         let start = Instant::now();
         let stats = cleaner.clean(&log, &req).await.expect("clean");

@@ -586,6 +586,89 @@ fn consumer_offsets_are_compacted_by_the_cleaner_and_survive_sigkill() {
     assert_eq!(offsets_of(&fetched), expected);
 }
 
+/// Records the coordinator replayed in the "consumer offsets loaded" lines of a log.
+fn records_loaded(log: &str) -> u64 {
+    // Without the escapes of a coloured log.
+    let mut plain = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+        .lines()
+        .filter(|l| l.contains("consumer offsets loaded"))
+        .filter_map(|l| {
+            let digits: String = l
+                .split("records=")
+                .nth(1)?
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// A burst of commits faster than the log cleaner may clean (its byte rate at 1 MB/s here)
+/// leaves a load no more than a bounded dirty tail to replay: writes to an offsets partition
+/// past `OFFSETS_MAX_UNCLEANED_BYTES` wait for the cleaner, which then cleans it at once. Without
+/// that bound the cleaner is still at the start of the 75 MiB burst when the broker is killed,
+/// and the restart replays nearly all of it (about 25,000 records against at most about 9,800).
+#[test]
+fn a_burst_of_commits_leaves_a_restart_only_a_bounded_tail_to_replay() {
+    use spate_net::group::OFFSETS_MAX_UNCLEANED_BYTES;
+    const PARTITIONS: i32 = 50;
+    const ROUNDS: i64 = 500;
+    const VALUE_BYTES: u64 = 3000;
+    let mut broker = Broker::start_with(&["--cleaner-io-bytes-per-sec", "1000000"]);
+    let _log = LogOnPanic(broker.dir.path().join("spate.log"));
+    let out = spate_cli(
+        &broker.addr(),
+        &["topic", "create", "events", "-p", &PARTITIONS.to_string()],
+    );
+    assert_success("spate topic create events", &out);
+    let mut conn = Raw::connect(&broker.addr());
+    // About 3 KiB per record: 500 rounds of 50 partitions write about 75 MiB to the group's
+    // offsets partition, nine bounds' worth.
+    let metadata = |round: i64| move |p: i32| format!("{round}-{p}-{}", "m".repeat(3000));
+    let offsets: Vec<i32> = (0..PARTITIONS).collect();
+    for round in 0..ROUNDS {
+        let commits: Vec<(i32, i64)> = offsets.iter().map(|p| (*p, round)).collect();
+        let errors = commit_with(&mut conn, "burst", "", -1, &commits, metadata(round));
+        assert!(errors.iter().all(|e| *e == 0), "round {round}: {errors:?}");
+    }
+    drop(conn);
+    broker.kill();
+    let before = std::fs::read_to_string(broker.dir.path().join("spate.log"))
+        .unwrap()
+        .len();
+    broker.spawn();
+    let mut conn = Raw::connect(&broker.addr());
+    let fetched = fetch_loaded(&mut conn, "burst");
+    let expected: Vec<(i32, i64, String)> = (0..PARTITIONS)
+        .map(|p| (p, ROUNDS - 1, metadata(ROUNDS - 1)(p)))
+        .collect();
+    assert_eq!(offsets_of(&fetched), expected);
+    let log = std::fs::read_to_string(broker.dir.path().join("spate.log")).unwrap();
+    let replayed = records_loaded(&log[before..]);
+    // The bound, the last write before the kill and writes that went ahead after a cleaning
+    // took over a second (a loaded machine), at 3 KB a record at least; the cleaned part
+    // (the live set, and the batches producer snapshots are anchored to) besides.
+    let most = (OFFSETS_MAX_UNCLEANED_BYTES + (4 << 20)) / VALUE_BYTES + 4 * PARTITIONS as u64;
+    assert!(
+        replayed <= most,
+        "the restart replayed {replayed} records of __consumer_offsets (at most {most})"
+    );
+}
+
 /// A data dir of the layout before `__consumer_offsets` became a topic kept each partition's
 /// log in `<data>/__consumer_offsets/<p>` (the same log format). Such a dir is migrated on
 /// start: its records go into the topic's partition of the same number, the old dir goes.

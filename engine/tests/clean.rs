@@ -147,6 +147,7 @@ fn request(now_ms: i64) -> CleanRequest {
         policy: CompactionPolicy::default(),
         force: true,
         keep_batches: Default::default(),
+        urgent: false,
     }
 }
 
@@ -672,6 +673,7 @@ fn the_dirty_ratio_the_lags_and_the_high_watermark_decide_what_is_cleaned() {
             policy,
             force: false,
             keep_batches: Default::default(),
+            urgent: false,
         };
         let default = CompactionPolicy::default();
         // Records younger than min.compaction.lag.ms are not cleanable.
@@ -1185,6 +1187,7 @@ fn batches_the_request_names_are_kept_byte_for_byte() {
         let mut cleaner = LogCleaner::open(&log, CleanerConfig::default());
         let req = CleanRequest {
             keep_batches: [Some(kept[0].0), Some(kept[1].1), None, None],
+            urgent: false,
             ..request(NOW_MS)
         };
         let stats = cleaner.clean(&log, &req).await.unwrap().unwrap();

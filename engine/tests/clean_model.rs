@@ -235,6 +235,7 @@ async fn run_ops(dir: &Path, ops: Vec<Op>) {
                     },
                     force,
                     keep_batches: Default::default(),
+                    urgent: false,
                 };
                 cleaner.clean(&log, &req).await.unwrap();
                 check(&log, &produced, cleaner.first_dirty_offset()).await;

@@ -49,7 +49,9 @@ use crate::{cache, EngineError, PartitionLog};
 
 pub use offset_map::{OffsetMap, MAP_ENTRY_OVERHEAD_BYTES};
 pub use swap::{finish_interrupted_swaps, CleanerState, CLEANER_STATE_FILE};
-pub use throttle::{Throttle, CLEANER_BUSY_SLICE_MS, THROTTLE_WINDOW_MS};
+pub use throttle::{
+    writers_waiting, Throttle, WriterWaits, CLEANER_BUSY_SLICE_MS, THROTTLE_WINDOW_MS,
+};
 
 /// Most batches one clean keeps whole for [`CleanRequest::keep_batches`]: the anchors of the
 /// two snapshot generations on disk, of one being written and of the one a snapshot taken now
@@ -170,6 +172,11 @@ pub struct CleanRequest {
     /// dirty part writes those keys again (a clean part is deduplicated against dirty parts
     /// only): a batch per producer snapshot interval (32 MiB of log), for keys never rewritten.
     pub keep_batches: [Option<u64>; CLEANER_KEEP_BATCHES_MAX],
+    /// A writer of this log waits for this cleaning (the group coordinator bounds what a load
+    /// of `__consumer_offsets` replays): the cleaner is then what holds requests up, so it
+    /// neither pauses (for its share of time or its byte rate) nor defers to the shard's
+    /// foreground writes, and cleans whatever the dirty ratio.
+    pub urgent: bool,
 }
 
 /// What [`LogCleaner::plan`] found, without I/O.
@@ -538,11 +545,12 @@ impl LogCleaner {
         let dirty = plan.first_dirty < plan.clean_end;
         // Forced, a clean log is cleaned again too: that is when its expired tombstones go.
         let anything = dirty || (req.force && !plan.segments.is_empty());
-        if !anything || !(req.force || plan.should_clean(&req.policy)) {
+        if !anything || !(req.force || req.urgent || plan.should_clean(&req.policy)) {
             return Ok(None);
         }
         // Time between two cleanings is rest.
         self.throttle.rested(std::time::Instant::now());
+        self.throttle.set_urgent(req.urgent);
         let mut stats = CleanStats {
             dirty_ratio_before: plan.dirty_ratio,
             ..CleanStats::default()
@@ -1180,8 +1188,10 @@ async fn give_way(throttle: &mut Throttle) -> u64 {
         glommio::timer::sleep(pause).await;
     }
     let quiet = crate::foreground::foreground_in_flight() == 0;
-    crate::foreground::wait_until_quiet(std::time::Duration::from_millis(CLEANER_MAX_DEFER_MS))
-        .await;
+    if !throttle.urgent() {
+        crate::foreground::wait_until_quiet(std::time::Duration::from_millis(CLEANER_MAX_DEFER_MS))
+            .await;
+    }
     glommio::yield_if_needed().await;
     let now = std::time::Instant::now();
     if !pause.is_zero() || !quiet {

@@ -5,7 +5,39 @@
 //! from sleep, and on a loaded machine every request of the shard then waits for other
 //! processes' time slices (measured: producer p99 7-18x while an unpaced cleaner ran).
 
+use std::cell::Cell;
 use std::time::{Duration, Instant};
+
+thread_local! {
+    static WRITERS_WAITING: Cell<u32> = const { Cell::new(0) };
+}
+
+/// A writer of this thread's logs waits for the cleaner, until dropped (the group coordinator
+/// holds a write to an offsets partition over its dirty bound). Meanwhile every cleaning on the
+/// thread runs unpaced ([`Throttle::urgent`]): the one it waits for may only start once the
+/// cleaning under way, of another log, has finished.
+pub struct WriterWaits(());
+
+impl WriterWaits {
+    pub fn begin() -> WriterWaits {
+        WRITERS_WAITING.with(|n| n.set(n.get() + 1));
+        WriterWaits(())
+    }
+}
+
+impl Drop for WriterWaits {
+    fn drop(&mut self) {
+        WRITERS_WAITING.with(|n| {
+            let left = n.get().checked_sub(1).expect("every wait ends once");
+            n.set(left)
+        });
+    }
+}
+
+/// Writers of this thread's logs waiting for the cleaner.
+pub fn writers_waiting() -> u32 {
+    WRITERS_WAITING.with(Cell::get)
+}
 
 /// Length of one accounting window: the rate is enforced over windows this long, so a pause
 /// never exceeds about one window's worth of bytes at the rate.
@@ -20,6 +52,8 @@ pub struct Throttle {
     window_bytes: u64,
     busy_percent: u32,
     busy_since: Instant,
+    /// A writer waits for the cleaning under way (see `CleanRequest::urgent`): no limits.
+    urgent: bool,
 }
 
 impl Throttle {
@@ -39,6 +73,7 @@ impl Throttle {
             window_bytes: 0,
             busy_percent,
             busy_since: now,
+            urgent: false,
         }
     }
 
@@ -47,10 +82,26 @@ impl Throttle {
     /// share's cycle (20 % after 5 ms of work: 20 ms).
     pub fn busy_pause(&self, now: Instant) -> Duration {
         let busy = now.saturating_duration_since(self.busy_since);
-        if self.busy_percent >= 100 || busy < Duration::from_millis(CLEANER_BUSY_SLICE_MS) {
+        if self.urgent()
+            || self.busy_percent >= 100
+            || busy < Duration::from_millis(CLEANER_BUSY_SLICE_MS)
+        {
             return Duration::ZERO;
         }
         busy * (100 - self.busy_percent) / self.busy_percent
+    }
+
+    /// Whether a writer waits for the cleaning under way: then the cleaner takes no pauses,
+    /// neither for its share of time nor for its byte rate, and does not defer to foreground
+    /// writes. The limits keep the cleaner from slowing requests; a writer that waits for it is
+    /// slowed by the limits instead.
+    pub fn set_urgent(&mut self, urgent: bool) {
+        self.urgent = urgent;
+    }
+
+    /// Set for this cleaning, or a writer of the thread's logs waits for the cleaner.
+    pub fn urgent(&self) -> bool {
+        self.urgent || writers_waiting() > 0
     }
 
     /// The cleaner was idle until `now` (paused, or waiting for foreground work).
@@ -69,7 +120,7 @@ impl Throttle {
 
     /// How long to pause after `bytes` more of I/O to stay under the rate (zero if none).
     pub fn charge(&mut self, bytes: u64, now: Instant) -> Duration {
-        let Some(rate) = self.bytes_per_sec else {
+        let Some(rate) = self.bytes_per_sec.filter(|_| !self.urgent()) else {
             return Duration::ZERO;
         };
         self.window_bytes = self.window_bytes.saturating_add(bytes);
@@ -107,6 +158,15 @@ mod tests {
         assert!(pause <= Duration::from_secs(3) && pause > Duration::from_millis(2_900));
         let mut none = Throttle::new(None, 100);
         assert!(none.charge(u64::MAX, start).is_zero());
+        let mut urgent = Throttle::new(Some(1_000_000), 100);
+        urgent.set_urgent(true);
+        assert!(urgent.charge(3_000_000, start).is_zero());
+        // Or while a writer of the thread's logs waits for the cleaner.
+        let mut t = Throttle::new(Some(1_000_000), 100);
+        let waits = WriterWaits::begin();
+        assert!(t.charge(3_000_000, start).is_zero());
+        drop(waits);
+        assert!(!t.charge(3_000_000, start).is_zero());
         // Small charges within the rate cost nothing.
         let mut t = Throttle::new(Some(1_000_000), 100);
         let later = start + Duration::from_millis(100);
@@ -130,6 +190,11 @@ mod tests {
         assert!(t.busy_pause(start + slice * 10).is_zero());
         let all = Throttle::new(None, 100);
         assert!(all.busy_pause(start + slice * 1000).is_zero());
+        // A writer waits for this cleaning: no pause, whatever the share.
+        t.set_urgent(true);
+        assert!(t.busy_pause(start + slice * 1000).is_zero());
+        t.set_urgent(false);
+        assert_eq!(t.busy_pause(start + slice * 11), slice * 4);
     }
 
     #[test]

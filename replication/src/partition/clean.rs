@@ -1,6 +1,6 @@
 //! The background log cleaner of one shard: a round over the shard's compacted partitions,
-//! dirtiest first, each cleaned by the engine's cleaner with the shard's share of the dedupe
-//! memory and I/O budget. It runs in its own task (never on the produce or fetch path) and
+//! the dirtiest first (logs a writer waits for before them), each cleaned by the engine's
+//! cleaner with the shard's share of the dedupe memory and I/O budget. It runs in its own task (never on the produce or fetch path) and
 //! yields between logs so the shard's requests keep their turn.
 
 use std::rc::Rc;
@@ -18,22 +18,29 @@ pub async fn clean_logs(
     stop: impl Fn() -> bool,
 ) -> usize {
     let now = now_ms();
-    let mut due: Vec<(f64, &Rc<PartitionReplica>)> = replicas
+    let mut due: Vec<(bool, f64, &Rc<PartitionReplica>)> = replicas
         .iter()
         .filter_map(|r| match r.cleaning_due(config, now) {
-            Some((ratio, true)) => Some((ratio, r)),
-            _ => None,
+            Some((ratio, true)) => Some((r.urgent_clean_requested(), ratio, r)),
+            _ => {
+                r.note_cleaner_visit();
+                None
+            }
         })
         .collect();
-    due.sort_by(|a, b| b.0.total_cmp(&a.0));
+    // Logs a writer waits for first (see `PartitionReplica::request_urgent_clean`), then the
+    // dirtiest.
+    due.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.total_cmp(&a.1)));
     let mut cleaned = 0;
-    for (_, r) in due {
+    for (_, _, r) in due {
         if stop() {
             return cleaned;
         }
         glommio::yield_if_needed().await;
         let started = std::time::Instant::now();
-        match r.clean(config, now_ms()).await {
+        let result = r.clean(config, now_ms()).await;
+        r.note_cleaner_visit();
+        match result {
             Ok(Some(stats)) => {
                 cleaned += 1;
                 tracing::info!(

@@ -34,7 +34,9 @@ pub use replica::{
     Acks, Completion, NoObserver, PartitionReplica, ProduceOutcome, ReplicaConfig, ReplicaObserver,
     ReplicaRead, ReplicationGauges, LEADER_EPOCH, PRODUCER_SNAPSHOT_EVERY_BYTES,
 };
-pub use spate_engine::clean::{CleanStats, CleanerConfig, DEFAULT_DEDUPE_BUFFER_BYTES};
+pub use spate_engine::clean::{
+    CleanStats, CleanerConfig, WriterWaits, DEFAULT_DEDUPE_BUFFER_BYTES,
+};
 pub use spate_engine::topic_config::{
     AlterOp, ConfigSource, ConfigType, TopicConfigError, TopicConfigs,
 };

@@ -333,6 +333,14 @@ pub struct PartitionReplica {
     clean_lock: Semaphore,
     /// When the log was last cleaned (ms since the epoch), for tombstone expiry.
     last_clean_ms: Cell<Option<i64>>,
+    /// The cleaner's first dirty offset as last seen (the cleaner itself is taken out while it
+    /// cleans): 0 until a cleaner round opened it, so the whole log counts as uncleaned.
+    first_dirty_seen: Cell<u64>,
+    /// A writer waits for this log's next cleaning ([`Self::request_urgent_clean`]).
+    urgent_clean: Cell<bool>,
+    /// Notified each time a cleaner round has looked at this log: after it cleaned it, or
+    /// found it not due.
+    cleaner_visits: crate::shard::Signal,
 }
 
 /// Outcome of one partition's share of a Produce request.
@@ -495,6 +503,9 @@ impl PartitionReplica {
             cleaner: RefCell::new(None),
             clean_lock: Semaphore::new(1),
             last_clean_ms: Cell::new(None),
+            first_dirty_seen: Cell::new(0),
+            urgent_clean: Cell::new(false),
+            cleaner_visits: crate::shard::Signal::default(),
         };
         let replayed = partition.recover_producers().await?;
         partition.replayed_at_open.set(replayed);
@@ -1199,14 +1210,53 @@ impl PartitionReplica {
             // still cleaned of them once delete.retention.ms has passed.
             self.last_clean_ms.set(Some(now_ms));
         }
+        self.first_dirty_seen.set(cleaner.first_dirty_offset());
         let req = self.clean_request(now_ms);
         let plan = cleaner.plan(&self.log, &req);
         self.watermark.observer.dirty_ratio(plan.dirty_ratio);
         Some((
             plan.dirty_ratio,
             plan.should_clean(&policy.compaction)
-                || (req.force && plan.clean_end > self.log.log_start_offset()),
+                || (req.force && plan.clean_end > self.log.log_start_offset())
+                || (req.urgent && plan.dirty_bytes > 0),
         ))
+    }
+
+    /// Bytes of the log past its cleaned part (the dirty segments and the active one), and
+    /// of the whole log. A getter: no I/O.
+    pub fn uncleaned_bytes(&self) -> (u64, u64) {
+        let first_dirty = self
+            .cleaner
+            .borrow()
+            .as_ref()
+            .map_or(self.first_dirty_seen.get(), |c| c.first_dirty_offset());
+        let from = first_dirty.max(self.log.log_start_offset());
+        (self.log.bytes_from(from), self.log.size_bytes())
+    }
+
+    /// Asks the next cleaner round to clean this log whatever its dirty ratio, without pauses
+    /// for its share of time (a writer waits for it; see `CleanRequest::urgent`). Returns the
+    /// generation of [`Self::cleaner_visited`] to wait past.
+    pub fn request_urgent_clean(&self) -> u64 {
+        self.urgent_clean.set(true);
+        self.cleaner_visits.generation()
+    }
+
+    pub fn urgent_clean_requested(&self) -> bool {
+        self.urgent_clean.get()
+    }
+
+    /// Resolves once a cleaner round looked at this log after generation `since` (see
+    /// [`Self::request_urgent_clean`]).
+    pub async fn cleaner_visited(&self, since: u64) {
+        self.cleaner_visits.changed(since).await
+    }
+
+    /// A cleaner round looked at this log (cleaned it, or found it not due): that answers an
+    /// urgent request made before.
+    pub fn note_cleaner_visit(&self) {
+        self.urgent_clean.set(false);
+        self.cleaner_visits.notify();
     }
 
     fn clean_request(&self, now_ms: i64) -> CleanRequest {
@@ -1224,6 +1274,7 @@ impl PartitionReplica {
             policy: policy.compaction,
             force,
             keep_batches: self.snapshot_anchors(),
+            urgent: self.urgent_clean.get(),
         }
     }
 
@@ -1266,6 +1317,7 @@ impl PartitionReplica {
         };
         let result = cleaner.clean(&self.log, &req).await;
         let ratio = cleaner.counters().dirty_ratio;
+        self.first_dirty_seen.set(cleaner.first_dirty_offset());
         *self.cleaner.borrow_mut() = Some(cleaner);
         self.watermark.observer.dirty_ratio(ratio);
         let stats = result?;
