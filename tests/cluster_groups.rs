@@ -400,3 +400,189 @@ fn a_node_that_cannot_catch_up_calls_no_topic_unknown() {
     }
     assert_eq!(r.topics.len(), 2);
 }
+
+/// Records replayed by the last "consumer offsets loaded" line of a node's log.
+fn last_load_records(log: &str) -> Option<u64> {
+    // Without the escapes of a coloured log.
+    let mut plain = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+        .lines()
+        .filter(|l| l.contains("consumer offsets loaded"))
+        .filter_map(|l| {
+            let digits: String = l
+                .split("records=")
+                .nth(1)?
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse::<u64>().ok()
+        })
+        .next_back()
+}
+
+/// A follower's replica of `__consumer_offsets` is kept as clean as the leader's: the
+/// coordinator that takes the partition over after its leader is killed right after a burst
+/// of commits replays a bounded tail, not the burst. The cleaners' byte rate is 1 MB/s, so
+/// without urgent cleanings (asked for by the replicas themselves as they fill) a follower
+/// is still at the start of the 75 MiB burst and replays nearly all of it (25,000 records).
+#[test]
+fn a_new_coordinator_replays_only_a_bounded_tail_after_a_burst_of_commits() {
+    use kafka_protocol::messages::offset_commit_request::{
+        OffsetCommitRequestPartition, OffsetCommitRequestTopic,
+    };
+    use kafka_protocol::messages::OffsetCommitRequest;
+    use spate_replication::partition::OFFSETS_MAX_UNCLEANED_BYTES;
+    const BURST_TOPIC: &str = "burst";
+    const BURST_GROUP: &str = "burst";
+    const BURST_PARTITIONS: i32 = 25;
+    const ROUNDS: i64 = 1000;
+    const VALUE_BYTES: u64 = 3000;
+    let mut nodes = common::cluster::unstarted_nodes(
+        3,
+        3,
+        false,
+        &[
+            "--cleaner-io-bytes-per-sec",
+            "1000000",
+            "--offsets-topic-partitions",
+            "1",
+        ],
+    );
+    for n in &mut nodes {
+        n.spawn();
+    }
+    let all = [1, 2, 3];
+    let refs: Vec<&Node> = nodes.iter().collect();
+    wait_for(&refs, &all, &all, "cluster formed");
+    let out = common::spate_cli(
+        &nodes[0].addr(),
+        &[
+            "topic",
+            "create",
+            BURST_TOPIC,
+            "-p",
+            &BURST_PARTITIONS.to_string(),
+            "-r",
+            "3",
+        ],
+    );
+    assert_success("spate topic create", &out);
+    let coordinator = common::cluster::wait_until("a coordinator", Duration::from_secs(30), || {
+        let mut raw = Raw::connect(&nodes[0].addr());
+        let r = raw.call(
+            2,
+            &FindCoordinatorRequest::default().with_key(s(BURST_GROUP)),
+        );
+        (r.error_code == 0).then_some(r.node_id.0)
+    });
+    let victim = nodes
+        .iter()
+        .position(|n| n.id as i32 == coordinator)
+        .expect("a node of the cluster");
+    // 1,000 rounds of 25 partitions at about 3 KiB a record: about 75 MiB written to the one
+    // offsets partition, nine bounds' worth.
+    let metadata = |round: i64, p: i32| format!("{round}-{p}-{}", "m".repeat(3000));
+    let commit = |raw: &mut Raw, round: i64| {
+        raw.call(
+            2,
+            &OffsetCommitRequest::default()
+                .with_group_id(GroupId(s(BURST_GROUP)))
+                .with_generation_id_or_member_epoch(-1)
+                .with_topics(vec![OffsetCommitRequestTopic::default()
+                    .with_name(TopicName(s(BURST_TOPIC)))
+                    .with_partitions(
+                        (0..BURST_PARTITIONS)
+                            .map(|p| {
+                                OffsetCommitRequestPartition::default()
+                                    .with_partition_index(p)
+                                    .with_committed_offset(round)
+                                    .with_committed_metadata(Some(s(&metadata(round, p))))
+                            })
+                            .collect(),
+                    )]),
+        )
+    };
+    let mut raw = Raw::connect(&nodes[victim].addr());
+    for round in 0..ROUNDS {
+        let r = commit(&mut raw, round);
+        let errors: Vec<i16> = r.topics[0]
+            .partitions
+            .iter()
+            .map(|p| p.error_code)
+            .collect();
+        assert!(
+            errors.iter().all(|e| *e == 0),
+            "round {round}: {errors:?}\n{}",
+            logs(&nodes)
+        );
+    }
+    drop(raw);
+    let logged: Vec<usize> = nodes.iter().map(|n| n.log().len()).collect();
+    nodes[victim].kill();
+
+    let survivor = nodes[(victim + 1) % nodes.len()].addr();
+    let moved = common::cluster::wait_until("a new coordinator", RECOVERY_BOUND, || {
+        let mut raw = Raw::connect(&survivor);
+        let r = raw.call(
+            2,
+            &FindCoordinatorRequest::default().with_key(s(BURST_GROUP)),
+        );
+        (r.error_code == 0 && r.node_id.0 != coordinator).then_some(r.node_id.0)
+    });
+    let new = nodes.iter().position(|n| n.id as i32 == moved).unwrap();
+    let fetched = common::cluster::wait_until("the offsets loaded", RECOVERY_BOUND, || {
+        let mut raw = Raw::connect(&nodes[new].addr());
+        let r: OffsetFetchResponse = raw.call(
+            5,
+            &OffsetFetchRequest::default()
+                .with_group_id(GroupId(s(BURST_GROUP)))
+                .with_topics(Some(vec![OffsetFetchRequestTopic::default()
+                    .with_name(TopicName(s(BURST_TOPIC)))
+                    .with_partition_indexes((0..BURST_PARTITIONS).collect())])),
+        );
+        (r.error_code == 0).then_some(r)
+    });
+    for p in &fetched.topics[0].partitions {
+        assert_eq!(
+            (p.error_code, p.committed_offset),
+            (0, ROUNDS - 1),
+            "partition {}",
+            p.partition_index
+        );
+        assert_eq!(
+            p.metadata.as_deref(),
+            Some(metadata(ROUNDS - 1, p.partition_index).as_str())
+        );
+    }
+    let log = nodes[new].log();
+    let replayed = last_load_records(&log[logged[new]..]).unwrap_or_else(|| {
+        panic!(
+            "node {moved} answered without a load logged after the kill\n{}",
+            logs(&nodes)
+        )
+    });
+    // The bound, the writes after it that went ahead while a cleaning took over a second (a
+    // loaded machine), at 3 KB a record at least, and the cleaned part (the live set and the
+    // batches producer snapshots are anchored to).
+    let most =
+        (OFFSETS_MAX_UNCLEANED_BYTES + (8 << 20)) / VALUE_BYTES + 4 * BURST_PARTITIONS as u64;
+    assert!(
+        replayed <= most,
+        "the new coordinator replayed {replayed} records of __consumer_offsets (at most {most})"
+    );
+    for n in nodes.iter_mut().filter(|n| n.child.is_some()) {
+        n.terminate();
+    }
+}

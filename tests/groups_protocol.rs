@@ -624,7 +624,7 @@ fn records_loaded(log: &str) -> u64 {
 /// and the restart replays nearly all of it (about 25,000 records against at most about 9,800).
 #[test]
 fn a_burst_of_commits_leaves_a_restart_only_a_bounded_tail_to_replay() {
-    use spate_net::group::OFFSETS_MAX_UNCLEANED_BYTES;
+    use spate_replication::partition::OFFSETS_MAX_UNCLEANED_BYTES;
     const PARTITIONS: i32 = 50;
     const ROUNDS: i64 = 500;
     const VALUE_BYTES: u64 = 3000;

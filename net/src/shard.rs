@@ -114,9 +114,11 @@ pub struct Shard {
     pub data_arrived: Signal,
     /// Notified once when the broker starts shutting down.
     pub shutdown: Signal,
-    /// Wakes the shard's log cleaner before its backoff ends: the group coordinator rings it
-    /// each time it has written about a segment to a `__consumer_offsets` partition, so those
-    /// are cleaned as they grow (see `group::service`).
+    /// Wakes the shard's log cleaner before its backoff ends (the thread's
+    /// `partition::cleaner_wake`): the group coordinator rings it each time it has written
+    /// about a segment to a `__consumer_offsets` partition, and a `__consumer_offsets` replica
+    /// when it asks for an urgent cleaning, so those are cleaned as they grow (see
+    /// `group::service`, `PartitionReplica::keep_cleaned`).
     pub cleaner_wake: Rc<Signal>,
     shutting_down: Cell<bool>,
     /// Open connections accepted by this shard.
@@ -188,7 +190,7 @@ impl Shard {
             replicas,
             data_arrived: Signal::default(),
             shutdown: Signal::default(),
-            cleaner_wake: Rc::default(),
+            cleaner_wake: spate_replication::partition::cleaner_wake(),
             shutting_down: Cell::new(false),
             connections: Cell::new(0),
             connections_changed: Signal::default(),

@@ -50,7 +50,8 @@ use crate::{cache, EngineError, PartitionLog};
 pub use offset_map::{OffsetMap, MAP_ENTRY_OVERHEAD_BYTES};
 pub use swap::{finish_interrupted_swaps, CleanerState, CLEANER_STATE_FILE};
 pub use throttle::{
-    writers_waiting, Throttle, WriterWaits, CLEANER_BUSY_SLICE_MS, THROTTLE_WINDOW_MS,
+    hurry, writers_waiting, Throttle, WriterWaits, CLEANER_BUSY_SLICE_MS, HURRY_MS,
+    THROTTLE_WINDOW_MS,
 };
 
 /// Most batches one clean keeps whole for [`CleanRequest::keep_batches`]: the anchors of the

@@ -10,6 +10,24 @@ use std::time::{Duration, Instant};
 
 thread_local! {
     static WRITERS_WAITING: Cell<u32> = const { Cell::new(0) };
+    static HURRY_UNTIL: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// How long one [`hurry`] keeps this thread's cleanings unpaced.
+pub const HURRY_MS: u64 = 1_000;
+
+/// A log of this thread asked for an urgent cleaning (a `__consumer_offsets` replica past two
+/// thirds of its bound): for the next [`HURRY_MS`] every cleaning on the thread runs unpaced
+/// ([`Throttle::urgent`]), the one under way included, which may be the very log's, begun
+/// paced before it filled (at a low byte rate that one alone took longer than the burst).
+/// Each request renews it; it lapses by itself, so nothing has to undo it.
+pub fn hurry() {
+    let until = Instant::now() + Duration::from_millis(HURRY_MS);
+    HURRY_UNTIL.with(|h| h.set(Some(until)));
+}
+
+fn hurried() -> bool {
+    HURRY_UNTIL.with(|h| h.get().is_some_and(|until| Instant::now() < until))
 }
 
 /// A writer of this thread's logs waits for the cleaner, until dropped (the group coordinator
@@ -99,9 +117,10 @@ impl Throttle {
         self.urgent = urgent;
     }
 
-    /// Set for this cleaning, or a writer of the thread's logs waits for the cleaner.
+    /// Set for this cleaning, or a writer of the thread's logs waits for the cleaner, or one
+    /// asked for an urgent cleaning lately ([`hurry`]).
     pub fn urgent(&self) -> bool {
-        self.urgent || writers_waiting() > 0
+        self.urgent || writers_waiting() > 0 || hurried()
     }
 
     /// The cleaner was idle until `now` (paused, or waiting for foreground work).
@@ -167,6 +186,10 @@ mod tests {
         assert!(t.charge(3_000_000, start).is_zero());
         drop(waits);
         assert!(!t.charge(3_000_000, start).is_zero());
+        // Or for a while after a log asked for an urgent cleaning.
+        let mut t = Throttle::new(Some(1_000_000), 100);
+        hurry();
+        assert!(t.urgent() && t.charge(3_000_000, start).is_zero());
         // Small charges within the rate cost nothing.
         let mut t = Throttle::new(Some(1_000_000), 100);
         let later = start + Duration::from_millis(100);

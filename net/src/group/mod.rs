@@ -60,7 +60,7 @@ pub use records::{partition_for, GroupRecordError, OffsetsRecord, OFFSETS_TOPIC}
 pub use service::{
     offsets_topic_configs, wall_clock_ms, GroupShard, OffsetsLog, DEFAULT_TICK_INTERVAL_MS,
     MAX_RECORDS_PER_BATCH, OFFSETS_CLEAN_WAIT_MAX_MS, OFFSETS_MAX_BATCH_BYTES,
-    OFFSETS_MAX_UNCLEANED_BYTES, OFFSETS_SEGMENT_BYTES,
+    OFFSETS_SEGMENT_BYTES,
 };
 
 use kafka_protocol::messages::join_group_response::JoinGroupResponse;

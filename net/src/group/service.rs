@@ -48,16 +48,9 @@ pub const DEFAULT_TICK_INTERVAL_MS: u64 = 100;
 /// gigabytes of disk for a few kilobytes of offsets; small segments also close sooner, and
 /// only closed segments are cleaned.
 pub const OFFSETS_SEGMENT_BYTES: u64 = 8 << 20;
-/// Most bytes a `__consumer_offsets` partition holds past its cleaned part (its dirty closed
-/// segments and the active one) before the coordinator's writes to it wait for the log
-/// cleaner; a partition whose cleaned part is bigger (many live groups) may hold as much dirty
-/// again, so it is not rewritten whole for every few segments of commits. What a load replays
-/// is then the cleaned part (the live groups), at most this much (or the cleaned part's size)
-/// and one write: three segments, since the active one and the one just closed (the recovery
-/// point may still name it) are not yet cleanable.
-pub const OFFSETS_MAX_UNCLEANED_BYTES: u64 = 3 * OFFSETS_SEGMENT_BYTES;
 /// Longest one write waits for the cleaner before it goes ahead anyway (a failing cleaner
-/// must not stop commits; the next write waits again while the partition stays over).
+/// must not stop commits; the next write waits again while the partition stays over its
+/// bound, `OFFSETS_MAX_UNCLEANED_BYTES`).
 pub const OFFSETS_CLEAN_WAIT_MAX_MS: u64 = 1_000;
 /// Largest `__consumer_offsets` batch (a group metadata snapshot of a big group).
 pub const OFFSETS_MAX_BATCH_BYTES: u32 = 2 << 20;
@@ -733,7 +726,7 @@ async fn write_loop(
             since_wake = 0;
             cleaner_wake.notify();
         }
-        wait_for_cleaner(partition, log.replica(), &cleaner_wake).await;
+        wait_for_cleaner(partition, log.replica()).await;
         let result = match &log {
             OffsetsLog::Local(replica) => append_local(replica, batches).await,
             OffsetsLog::Replicated(group) => append_replicated(group, batches).await,
@@ -749,26 +742,18 @@ async fn write_loop(
     }
 }
 
-/// Keeps an offsets partition within its uncleaned bound ([`OFFSETS_MAX_UNCLEANED_BYTES`]):
-/// two thirds of the way there the cleaner is asked to clean the partition at once and
-/// without pauses; past the bound the write waits until the cleaner has looked at it (at most
-/// [`OFFSETS_CLEAN_WAIT_MAX_MS`]). Commits faster than the cleaner cleans are slowed to its
-/// pace rather than left for a load to replay: a burst of 10 M commits left about 470 MB of
-/// dirty log behind, and a restart after a crash replayed 6.5 M records of it.
-async fn wait_for_cleaner(partition: i32, replica: &PartitionReplica, cleaner_wake: &Signal) {
-    let (uncleaned, total) = replica.uncleaned_bytes();
-    let cleaned = total.saturating_sub(uncleaned);
-    let bound = OFFSETS_MAX_UNCLEANED_BYTES.max(cleaned);
-    if uncleaned <= bound - bound / 3 {
+/// Holds a write to an offsets partition over its uncleaned bound
+/// (`partition::OFFSETS_MAX_UNCLEANED_BYTES`, see [`PartitionReplica::keep_cleaned`], which also asks
+/// for the urgent cleaning) until the cleaner has been through it, at most
+/// [`OFFSETS_CLEAN_WAIT_MAX_MS`]. Commits faster than the cleaner cleans are slowed to its pace
+/// rather than left for a load to replay: a burst of 10 M commits left about 470 MB of dirty
+/// log behind, and a restart after a crash replayed 6.5 M records of it.
+async fn wait_for_cleaner(partition: i32, replica: &PartitionReplica) {
+    let Some((since, true)) = replica.keep_cleaned() else {
         return;
-    }
-    // Two thirds of the way to the bound the cleaner is asked to clean at once, so that
-    // writes seldom reach the bound and wait.
-    let since = replica.request_urgent_clean();
-    cleaner_wake.notify();
-    if uncleaned <= bound {
-        return;
-    }
+    };
+    // Every cleaning on the shard runs unpaced meanwhile: the one this waits for may be
+    // queued behind another log's.
     let _waits = spate_replication::partition::WriterWaits::begin();
     let started = std::time::Instant::now();
     let visited = futures_lite::future::or(
@@ -784,8 +769,6 @@ async fn wait_for_cleaner(partition: i32, replica: &PartitionReplica, cleaner_wa
     .await;
     tracing::debug!(
         partition,
-        uncleaned,
-        cleaned,
         visited,
         waited_ms = started.elapsed().as_millis() as u64,
         uncleaned_after = replica.uncleaned_bytes().0,

@@ -8,6 +8,28 @@ use std::rc::Rc;
 use spate_engine::clean::CleanerConfig;
 
 use super::replica::PartitionReplica;
+use crate::shard::Signal;
+
+/// Most bytes a `__consumer_offsets` replica holds past its cleaned part (its dirty closed
+/// segments and the active one) before its writer waits for the log cleaner; a replica whose
+/// cleaned part is bigger (many live groups) may hold as much dirty again, so it is not
+/// rewritten whole for every few segments of commits. Two thirds of the way there the cleaner
+/// is asked to clean it at once (see [`PartitionReplica::keep_cleaned`]). What a coordinator's
+/// load replays is then the cleaned part (the live groups), this much (or the cleaned part's
+/// size) and one write: three of the coordinator's 8 MiB segments, since the active one and
+/// the one just closed (the recovery point may still name it) are not yet cleanable.
+pub const OFFSETS_MAX_UNCLEANED_BYTES: u64 = 24 << 20;
+
+thread_local! {
+    static CLEANER_WAKE: Rc<Signal> = Rc::default();
+}
+
+/// This thread's (shard's) cleaner wake-up: notified when a replica asks for an urgent
+/// cleaning or the group coordinator has written a segment's worth; the shard's cleaner task
+/// waits on it between rounds.
+pub fn cleaner_wake() -> Rc<Signal> {
+    CLEANER_WAKE.with(Rc::clone)
+}
 
 /// Cleans every partition of `replicas` that is due (see [`PartitionReplica::cleaning_due`]),
 /// the dirtiest first; stops early once `stop` says so (shutdown). Errors are logged: a log

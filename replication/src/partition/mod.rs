@@ -16,7 +16,7 @@ mod record_check;
 mod replica;
 mod topic_partition;
 
-pub use clean::clean_logs;
+pub use clean::{clean_logs, cleaner_wake, OFFSETS_MAX_UNCLEANED_BYTES};
 pub use config::{apply_topic_configs, parse_topic_configs, TopicPolicy};
 pub use error::{engine_error_code, ReplicaError};
 pub use group::{

@@ -338,6 +338,9 @@ pub struct PartitionReplica {
     first_dirty_seen: Cell<u64>,
     /// A writer waits for this log's next cleaning ([`Self::request_urgent_clean`]).
     urgent_clean: Cell<bool>,
+    /// Most bytes past the cleaned part before an urgent cleaning is due (see
+    /// [`Self::keep_cleaned`]): `__consumer_offsets` only, whose replay is bounded.
+    max_uncleaned: Option<u64>,
     /// Notified each time a cleaner round has looked at this log: after it cleaned it, or
     /// found it not due.
     cleaner_visits: crate::shard::Signal,
@@ -486,6 +489,8 @@ impl PartitionReplica {
             observer,
         });
         log.set_listener(Box::new(FollowLog(watermark.clone())));
+        let max_uncleaned = (&*tp.topic == crate::metadata::CONSUMER_OFFSETS_TOPIC)
+            .then_some(super::clean::OFFSETS_MAX_UNCLEANED_BYTES);
         let partition = PartitionReplica {
             tp,
             producers_at: Cell::new(log.truncations()),
@@ -505,6 +510,7 @@ impl PartitionReplica {
             last_clean_ms: Cell::new(None),
             first_dirty_seen: Cell::new(0),
             urgent_clean: Cell::new(false),
+            max_uncleaned,
             cleaner_visits: crate::shard::Signal::default(),
         };
         let replayed = partition.recover_producers().await?;
@@ -657,6 +663,9 @@ impl PartitionReplica {
     /// log has grown since the last snapshot, takes one and writes it in the background: the
     /// append does not wait for the file.
     fn note_appended(&self, bytes: u64) {
+        // Followers' replicas too: the coordinator that takes the partition over replays its
+        // own replica.
+        self.keep_cleaned();
         let snaps = &self.snapshots;
         snaps.bytes_since.set(snaps.bytes_since.get() + bytes);
         let due = PRODUCER_SNAPSHOT_EVERY_BYTES
@@ -1234,11 +1243,29 @@ impl PartitionReplica {
         (self.log.bytes_from(from), self.log.size_bytes())
     }
 
-    /// Asks the next cleaner round to clean this log whatever its dirty ratio, without pauses
-    /// for its share of time (a writer waits for it; see `CleanRequest::urgent`). Returns the
-    /// generation of [`Self::cleaner_visited`] to wait past.
-    pub fn request_urgent_clean(&self) -> u64 {
+    /// Keeps a replica with a bound on its uncleaned part (`__consumer_offsets`) near its
+    /// cleaned part: two thirds of the way to the bound (or to the cleaned part's size, if
+    /// bigger) it asks the shard's cleaner for an urgent cleaning. `None` while under that;
+    /// else the generation of [`Self::cleaner_visited`] to wait past, and whether the replica
+    /// is over the bound itself (its writer should then wait).
+    pub fn keep_cleaned(&self) -> Option<(u64, bool)> {
+        let max = self.max_uncleaned?;
+        let (uncleaned, total) = self.uncleaned_bytes();
+        let bound = max.max(total.saturating_sub(uncleaned));
+        if uncleaned <= bound - bound / 3 {
+            return None;
+        }
+        let since = self.request_urgent_clean();
+        super::clean::cleaner_wake().notify();
+        Some((since, uncleaned > bound))
+    }
+
+    /// Asks the next cleaner round to clean this log first, whatever its dirty ratio, and
+    /// without its pacing (see `CleanRequest::urgent`). Returns the generation of
+    /// [`Self::cleaner_visited`] to wait past.
+    fn request_urgent_clean(&self) -> u64 {
         self.urgent_clean.set(true);
+        spate_engine::clean::hurry();
         self.cleaner_visits.generation()
     }
 
