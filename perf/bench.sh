@@ -22,6 +22,10 @@
 #   BENCH_SPATE, BENCH_PERF  the broker and load-generator binaries (default: target/release/),
 #             so that two builds can be compared in one session
 #   BENCH_E2E_RUNS  how many spate e2e runs, each on a fresh broker (default 3)
+#   BENCH_CLUSTER_E2E_LINGER_MS, BENCH_CLUSTER_E2E_BATCH_BYTES  the producer's linger and batch
+#             size in the cluster e2e runs (default 5 ms and 1 MB, as the single-node e2e; at
+#             half the replicated maximum over 6 partitions a 1 MB batch takes about 30 ms to
+#             fill, so most records wait out the whole linger)
 #   BENCH_CLUSTER_PARTS   which parts of the replicated section run (default "rows e2e failover
 #             idle many catchup"); with --out of an earlier run, its fio result is reused
 #   BENCH_MANY_SHAPES     batch shapes of the 6 vs 1,000 partitions pair (default "mixed 16384
@@ -658,8 +662,9 @@ cluster_section() {
     start_cluster || { FAILED+=("cluster-e2e (cluster)"); continue; }
     perf "cluster-e2e$([ "$i" -gt 1 ] && echo "-$i")" e2e -b "$CADDR" -t e2e \
       -p $C_PARTITIONS -c $C_CONNECTIONS --replication-factor 3 -s 1024 \
-      --batch-bytes "$(batch_bytes 1024)" --acks -1 --rate "$rate" --duration-secs "$SECS" \
-      --warmup-secs $WARMUP --fetch-max-wait-ms 100
+      --batch-bytes "${BENCH_CLUSTER_E2E_BATCH_BYTES:-$(batch_bytes 1024)}" \
+      --linger-ms "${BENCH_CLUSTER_E2E_LINGER_MS:-5}" --acks -1 --rate "$rate" \
+      --duration-secs "$SECS" --warmup-secs $WARMUP --fetch-max-wait-ms 100
     stop_cluster
   done
   [[ "$parts" != *" failover "* ]] || failover_run

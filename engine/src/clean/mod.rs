@@ -173,10 +173,10 @@ pub struct CleanRequest {
     /// dirty part writes those keys again (a clean part is deduplicated against dirty parts
     /// only): a batch per producer snapshot interval (32 MiB of log), for keys never rewritten.
     pub keep_batches: [Option<u64>; CLEANER_KEEP_BATCHES_MAX],
-    /// A writer of this log waits for this cleaning (the group coordinator bounds what a load
-    /// of `__consumer_offsets` replays): the cleaner is then what holds requests up, so it
-    /// neither pauses (for its share of time or its byte rate) nor defers to the shard's
-    /// foreground writes, and cleans whatever the dirty ratio.
+    /// An urgent cleaning was asked for (a `__consumer_offsets` replica near its bound on what
+    /// a coordinator's load replays; its writer may be waiting): the cleaner neither pauses
+    /// (for its share of time or its byte rate) nor defers to the shard's foreground writes,
+    /// and cleans whatever the dirty ratio.
     pub urgent: bool,
 }
 

@@ -70,7 +70,7 @@ pub struct Throttle {
     window_bytes: u64,
     busy_percent: u32,
     busy_since: Instant,
-    /// A writer waits for the cleaning under way (see `CleanRequest::urgent`): no limits.
+    /// The cleaning under way is urgent (see `CleanRequest::urgent`): no limits.
     urgent: bool,
 }
 
@@ -109,10 +109,10 @@ impl Throttle {
         busy * (100 - self.busy_percent) / self.busy_percent
     }
 
-    /// Whether a writer waits for the cleaning under way: then the cleaner takes no pauses,
-    /// neither for its share of time nor for its byte rate, and does not defer to foreground
-    /// writes. The limits keep the cleaner from slowing requests; a writer that waits for it is
-    /// slowed by the limits instead.
+    /// Whether the cleaning under way is urgent: then the cleaner takes no pauses, neither for
+    /// its share of time nor for its byte rate, and does not defer to foreground writes. The
+    /// limits keep the cleaner from slowing requests; a writer that waits for it would be
+    /// slowed by them instead.
     pub fn set_urgent(&mut self, urgent: bool) {
         self.urgent = urgent;
     }

@@ -743,8 +743,8 @@ async fn write_loop(
 }
 
 /// Holds a write to an offsets partition over its uncleaned bound
-/// (`partition::OFFSETS_MAX_UNCLEANED_BYTES`, see [`PartitionReplica::keep_cleaned`], which also asks
-/// for the urgent cleaning) until the cleaner has been through it, at most
+/// (`partition::OFFSETS_MAX_UNCLEANED_BYTES`; [`PartitionReplica::keep_cleaned`] also asks for
+/// the urgent cleaning) until the cleaner has been through it, at most
 /// [`OFFSETS_CLEAN_WAIT_MAX_MS`]. Commits faster than the cleaner cleans are slowed to its pace
 /// rather than left for a load to replay: a burst of 10 M commits left about 470 MB of dirty
 /// log behind, and a restart after a crash replayed 6.5 M records of it.

@@ -1,7 +1,8 @@
 //! The background log cleaner of one shard: a round over the shard's compacted partitions,
-//! the dirtiest first (logs a writer waits for before them), each cleaned by the engine's
-//! cleaner with the shard's share of the dedupe memory and I/O budget. It runs in its own task (never on the produce or fetch path) and
-//! yields between logs so the shard's requests keep their turn.
+//! the dirtiest first (logs that asked for an urgent cleaning before them), each cleaned by the
+//! engine's cleaner with the shard's share of the dedupe memory and I/O budget. It runs in its
+//! own task (never on the produce or fetch path) and yields between logs so the shard's
+//! requests keep their turn.
 
 use std::rc::Rc;
 
@@ -50,8 +51,8 @@ pub async fn clean_logs(
             }
         })
         .collect();
-    // Logs a writer waits for first (see `PartitionReplica::request_urgent_clean`), then the
-    // dirtiest.
+    // Logs that asked for an urgent cleaning first (see `PartitionReplica::keep_cleaned`), then
+    // the dirtiest.
     due.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.total_cmp(&a.1)));
     let mut cleaned = 0;
     for (_, _, r) in due {

@@ -336,7 +336,7 @@ pub struct PartitionReplica {
     /// The cleaner's first dirty offset as last seen (the cleaner itself is taken out while it
     /// cleans): 0 until a cleaner round opened it, so the whole log counts as uncleaned.
     first_dirty_seen: Cell<u64>,
-    /// A writer waits for this log's next cleaning ([`Self::request_urgent_clean`]).
+    /// An urgent cleaning was asked for ([`Self::keep_cleaned`]); the next cleaner visit answers it.
     urgent_clean: Cell<bool>,
     /// Most bytes past the cleaned part before an urgent cleaning is due (see
     /// [`Self::keep_cleaned`]): `__consumer_offsets` only, whose replay is bounded.
@@ -1249,7 +1249,7 @@ impl PartitionReplica {
     /// else the generation of [`Self::cleaner_visited`] to wait past, and whether the replica
     /// is over the bound itself (its writer should then wait).
     pub fn keep_cleaned(&self) -> Option<(u64, bool)> {
-        let max = self.max_uncleaned?;
+        let max = self.max_uncleaned.filter(|_| self.policy.get().compact)?;
         let (uncleaned, total) = self.uncleaned_bytes();
         let bound = max.max(total.saturating_sub(uncleaned));
         if uncleaned <= bound - bound / 3 {
@@ -1274,7 +1274,7 @@ impl PartitionReplica {
     }
 
     /// Resolves once a cleaner round looked at this log after generation `since` (see
-    /// [`Self::request_urgent_clean`]).
+    /// [`Self::keep_cleaned`]).
     pub async fn cleaner_visited(&self, since: u64) {
         self.cleaner_visits.changed(since).await
     }
