@@ -401,37 +401,6 @@ fn a_node_that_cannot_catch_up_calls_no_topic_unknown() {
     assert_eq!(r.topics.len(), 2);
 }
 
-/// Records replayed by the last "consumer offsets loaded" line of a node's log.
-fn last_load_records(log: &str) -> Option<u64> {
-    // Without the escapes of a coloured log.
-    let mut plain = String::with_capacity(log.len());
-    let mut chars = log.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            plain.push(c);
-        }
-    }
-    plain
-        .lines()
-        .filter(|l| l.contains("consumer offsets loaded"))
-        .filter_map(|l| {
-            let digits: String = l
-                .split("records=")
-                .nth(1)?
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect();
-            digits.parse::<u64>().ok()
-        })
-        .next_back()
-}
-
 /// A follower's replica of `__consumer_offsets` is kept as clean as the leader's: the
 /// coordinator that takes the partition over after its leader is killed right after a burst
 /// of commits replays a bounded tail, not the burst. The cleaners' byte rate is 1 MB/s, so
@@ -567,12 +536,14 @@ fn a_new_coordinator_replays_only_a_bounded_tail_after_a_burst_of_commits() {
         );
     }
     let log = nodes[new].log();
-    let replayed = last_load_records(&log[logged[new]..]).unwrap_or_else(|| {
-        panic!(
-            "node {moved} answered without a load logged after the kill\n{}",
-            logs(&nodes)
-        )
-    });
+    let replayed = common::offsets_loads(&log[logged[new]..])
+        .pop()
+        .unwrap_or_else(|| {
+            panic!(
+                "node {moved} answered without a load logged after the kill\n{}",
+                logs(&nodes)
+            )
+        });
     // The bound, the writes after it that went ahead while a cleaning took over a second (a
     // loaded machine), at 3 KB a record at least, and the cleaned part (the live set and the
     // batches producer snapshots are anchored to).

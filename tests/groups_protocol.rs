@@ -586,37 +586,6 @@ fn consumer_offsets_are_compacted_by_the_cleaner_and_survive_sigkill() {
     assert_eq!(offsets_of(&fetched), expected);
 }
 
-/// Records the coordinator replayed in the "consumer offsets loaded" lines of a log.
-fn records_loaded(log: &str) -> u64 {
-    // Without the escapes of a coloured log.
-    let mut plain = String::with_capacity(log.len());
-    let mut chars = log.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            plain.push(c);
-        }
-    }
-    plain
-        .lines()
-        .filter(|l| l.contains("consumer offsets loaded"))
-        .filter_map(|l| {
-            let digits: String = l
-                .split("records=")
-                .nth(1)?
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect();
-            digits.parse::<u64>().ok()
-        })
-        .sum()
-}
-
 /// A burst of commits faster than the log cleaner may clean (its byte rate at 1 MB/s here)
 /// leaves a load no more than a bounded dirty tail to replay: writes to an offsets partition
 /// past `OFFSETS_MAX_UNCLEANED_BYTES` wait for the cleaner, which then cleans it at once. Without
@@ -658,7 +627,7 @@ fn a_burst_of_commits_leaves_a_restart_only_a_bounded_tail_to_replay() {
         .collect();
     assert_eq!(offsets_of(&fetched), expected);
     let log = std::fs::read_to_string(broker.dir.path().join("spate.log")).unwrap();
-    let replayed = records_loaded(&log[before..]);
+    let replayed: u64 = common::offsets_loads(&log[before..]).iter().sum();
     // The bound, the last write before the kill and writes that went ahead after a cleaning
     // took over a second (a loaded machine), at 3 KB a record at least; the cleaned part
     // (the live set, and the batches producer snapshots are anchored to) besides.

@@ -416,12 +416,6 @@ fn metrics_can_be_turned_off_and_a_taken_port_is_an_error() {
     assert!(!log.contains("metrics listening"), "{log}");
     let banner = log.lines().find(|l| l.contains("starting spate")).unwrap();
     // The text log colours keys; drop the escape sequences before reading the field.
-    let mut plain = String::new();
-    let mut rest = banner;
-    while let Some(i) = rest.find('\x1b') {
-        plain.push_str(&rest[..i]);
-        rest = rest[i..].split_once('m').map_or("", |(_, r)| r);
-    }
-    plain.push_str(rest);
+    let plain = common::plain_log(banner);
     assert!(plain.contains("metrics=off"), "{plain}");
 }

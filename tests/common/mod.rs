@@ -502,3 +502,39 @@ impl Raw {
         (p.error_code, p.offset)
     }
 }
+
+/// A broker log without the escape sequences of its coloured fields (`key=value` reads plain).
+pub fn plain_log(log: &str) -> String {
+    let mut plain = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
+
+/// The records each "consumer offsets loaded" line of a broker log says the group coordinator
+/// replayed, in the log's order.
+pub fn offsets_loads(log: &str) -> Vec<u64> {
+    plain_log(log)
+        .lines()
+        .filter(|l| l.contains("consumer offsets loaded"))
+        .filter_map(|l| {
+            let digits: String = l
+                .split("records=")
+                .nth(1)?
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse::<u64>().ok()
+        })
+        .collect()
+}
