@@ -534,27 +534,41 @@ fn fetch_loaded(conn: &mut Raw, group: &str) -> OffsetFetchResponse {
     }
 }
 
+/// The metadata committed for partition `p` in round `round` of [`commit_rounds`]: about 3 KB,
+/// so the rounds fill `__consumer_offsets` segments quickly.
+fn round_metadata(round: i64, p: i32) -> String {
+    format!("{round}-{p}-{}", "m".repeat(3000))
+}
+
+/// Creates topic `events` of `partitions` partitions, then commits offset `round` of every
+/// partition for `group` (a standalone consumer), with [`round_metadata`], for each round in
+/// `0..rounds`; every commit must be acknowledged. Returns the connection.
+fn commit_rounds(broker: &Broker, group: &str, partitions: i32, rounds: i64) -> Raw {
+    let out = spate_cli(
+        &broker.addr(),
+        &["topic", "create", "events", "-p", &partitions.to_string()],
+    );
+    assert_success("spate topic create events", &out);
+    let mut conn = Raw::connect(&broker.addr());
+    for round in 0..rounds {
+        let commits: Vec<(i32, i64)> = (0..partitions).map(|p| (p, round)).collect();
+        let errors = commit_with(&mut conn, group, "", -1, &commits, |p| {
+            round_metadata(round, p)
+        });
+        assert!(errors.iter().all(|e| *e == 0), "round {round}: {errors:?}");
+    }
+    conn
+}
+
 #[test]
 fn consumer_offsets_are_compacted_by_the_cleaner_and_survive_sigkill() {
     const PARTITIONS: i32 = 50;
     const ROUNDS: i64 = 200;
     let mut broker = Broker::start_with(&["--flush", "always", "--cleaner-backoff-ms", "100"]);
     let _log = LogOnPanic(broker.dir.path().join("spate.log"));
-    let out = spate_cli(
-        &broker.addr(),
-        &["topic", "create", "events", "-p", &PARTITIONS.to_string()],
-    );
-    assert_success("spate topic create events", &out);
-    let mut conn = Raw::connect(&broker.addr());
-    // About 3 KiB per record: 200 rounds of 50 partitions write ~30 MiB, almost four of the
-    // partition's 8 MiB segments, of which the live set is 50 records.
-    let metadata = |round: i64| move |p: i32| format!("{round}-{p}-{}", "m".repeat(3000));
-    let offsets: Vec<i32> = (0..PARTITIONS).collect();
-    for round in 0..ROUNDS {
-        let commits: Vec<(i32, i64)> = offsets.iter().map(|p| (*p, round)).collect();
-        let errors = commit_with(&mut conn, "compacted", "", -1, &commits, metadata(round));
-        assert!(errors.iter().all(|e| *e == 0), "round {round}: {errors:?}");
-    }
+    // 200 rounds of 50 partitions write ~30 MiB, almost four of the partition's 8 MiB
+    // segments, of which the live set is 50 records.
+    let conn = commit_rounds(&broker, "compacted", PARTITIONS, ROUNDS);
     // One mechanism: the topic's partitions, kept small by the log cleaner.
     assert!(
         !broker.data_dir().join("__consumer_offsets").exists(),
@@ -581,7 +595,7 @@ fn consumer_offsets_are_compacted_by_the_cleaner_and_survive_sigkill() {
     let mut conn = Raw::connect(&broker.addr());
     let fetched = fetch_loaded(&mut conn, "compacted");
     let expected: Vec<(i32, i64, String)> = (0..PARTITIONS)
-        .map(|p| (p, ROUNDS - 1, metadata(ROUNDS - 1)(p)))
+        .map(|p| (p, ROUNDS - 1, round_metadata(ROUNDS - 1, p)))
         .collect();
     assert_eq!(offsets_of(&fetched), expected);
 }
@@ -599,21 +613,9 @@ fn a_burst_of_commits_leaves_a_restart_only_a_bounded_tail_to_replay() {
     const VALUE_BYTES: u64 = 3000;
     let mut broker = Broker::start_with(&["--cleaner-io-bytes-per-sec", "1000000"]);
     let _log = LogOnPanic(broker.dir.path().join("spate.log"));
-    let out = spate_cli(
-        &broker.addr(),
-        &["topic", "create", "events", "-p", &PARTITIONS.to_string()],
-    );
-    assert_success("spate topic create events", &out);
-    let mut conn = Raw::connect(&broker.addr());
-    // About 3 KiB per record: 500 rounds of 50 partitions write about 75 MiB to the group's
-    // offsets partition, nine bounds' worth.
-    let metadata = |round: i64| move |p: i32| format!("{round}-{p}-{}", "m".repeat(3000));
-    let offsets: Vec<i32> = (0..PARTITIONS).collect();
-    for round in 0..ROUNDS {
-        let commits: Vec<(i32, i64)> = offsets.iter().map(|p| (*p, round)).collect();
-        let errors = commit_with(&mut conn, "burst", "", -1, &commits, metadata(round));
-        assert!(errors.iter().all(|e| *e == 0), "round {round}: {errors:?}");
-    }
+    // 500 rounds of 50 partitions write about 75 MiB to the group's offsets partition, nine
+    // bounds' worth.
+    let conn = commit_rounds(&broker, "burst", PARTITIONS, ROUNDS);
     drop(conn);
     broker.kill();
     let before = std::fs::read_to_string(broker.dir.path().join("spate.log"))
@@ -623,7 +625,7 @@ fn a_burst_of_commits_leaves_a_restart_only_a_bounded_tail_to_replay() {
     let mut conn = Raw::connect(&broker.addr());
     let fetched = fetch_loaded(&mut conn, "burst");
     let expected: Vec<(i32, i64, String)> = (0..PARTITIONS)
-        .map(|p| (p, ROUNDS - 1, metadata(ROUNDS - 1)(p)))
+        .map(|p| (p, ROUNDS - 1, round_metadata(ROUNDS - 1, p)))
         .collect();
     assert_eq!(offsets_of(&fetched), expected);
     let log = std::fs::read_to_string(broker.dir.path().join("spate.log")).unwrap();
