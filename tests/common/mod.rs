@@ -538,3 +538,16 @@ pub fn offsets_loads(log: &str) -> Vec<u64> {
         })
         .collect()
 }
+
+/// GET /metrics from a broker's metrics `port` on the loopback address: the body, or `None` if
+/// nothing answers there with 200.
+pub fn scrape_metrics(port: u16) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
