@@ -34,7 +34,9 @@ fn led(nodes: &[Node]) -> Option<(i32, Vec<i32>)> {
         .filter(|(leader, _)| *leader > 0)
 }
 
-fn read_back(nodes: &[Node], expected: &Path, reader: u64) -> String {
+/// Runs `compaction_replicas.py MODE` against the running nodes; fails the test (naming
+/// `what`) unless it succeeds, and returns what it printed.
+fn script(nodes: &[Node], mode: &str, expected: &Path, what: &str) -> String {
     let bootstrap: Vec<String> = nodes
         .iter()
         .filter(|n| n.child.is_some())
@@ -45,12 +47,21 @@ fn read_back(nodes: &[Node], expected: &Path, reader: u64) -> String {
         &[
             &bootstrap.join(","),
             TOPIC,
-            "read",
+            mode,
             &expected.to_string_lossy(),
         ],
     );
-    assert_success(&format!("read with node {reader} leading"), &out);
+    assert_success(what, &out);
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn read_back(nodes: &[Node], expected: &Path, reader: i32) -> String {
+    script(
+        nodes,
+        "read",
+        expected,
+        &format!("read with node {reader} leading"),
+    )
 }
 
 #[test]
@@ -64,17 +75,12 @@ fn every_replica_of_a_compacted_topic_serves_the_last_value_of_every_key() {
     wait_for(&refs, &all, &all, "cluster formed");
     let work = tempfile::tempdir().unwrap();
     let expected = work.path().join("expected.json");
-    let bootstrap: Vec<String> = nodes.iter().map(Node::addr).collect();
-    let out = python(
-        "compaction_replicas.py",
-        &[
-            &bootstrap.join(","),
-            TOPIC,
-            "produce",
-            &expected.to_string_lossy(),
-        ],
+    script(
+        &nodes,
+        "produce",
+        &expected,
+        "compaction_replicas.py produce",
     );
-    assert_success("compaction_replicas.py produce", &out);
 
     // Every replica cleans its own copy.
     wait_until("every replica cleaned", BOUND, || {
@@ -91,7 +97,7 @@ fn every_replica_of_a_compacted_topic_serves_the_last_value_of_every_key() {
         let (leader, _) = wait_until("a leader with every replica in sync", BOUND, || {
             led(&nodes).filter(|(_, isr)| isr.len() == 3)
         });
-        let said = read_back(&nodes, &expected, leader as u64);
+        let said = read_back(&nodes, &expected, leader);
         println!("node {leader} leading: {said}");
         if !read_from.contains(&leader) {
             read_from.push(leader);
@@ -104,7 +110,7 @@ fn every_replica_of_a_compacted_topic_serves_the_last_value_of_every_key() {
         let (next, _) = wait_until("a new leader", BOUND, || {
             led(&nodes).filter(|(l, _)| *l != leader)
         });
-        let said = read_back(&nodes, &expected, next as u64);
+        let said = read_back(&nodes, &expected, next);
         println!("node {next} leading after node {leader} was killed: {said}");
         if !read_from.contains(&next) {
             read_from.push(next);

@@ -534,10 +534,20 @@ fn fetch_loaded(conn: &mut Raw, group: &str) -> OffsetFetchResponse {
     }
 }
 
-/// The metadata committed for partition `p` in round `round` of [`commit_rounds`]: about 3 KB,
-/// so the rounds fill `__consumer_offsets` segments quickly.
+/// Bytes of padding in each [`round_metadata`]: the rounds fill `__consumer_offsets` segments
+/// quickly, and a record is at least this long.
+const ROUND_METADATA_BYTES: usize = 3000;
+
+/// The metadata committed for partition `p` in round `round` of [`commit_rounds`].
 fn round_metadata(round: i64, p: i32) -> String {
-    format!("{round}-{p}-{}", "m".repeat(3000))
+    format!("{round}-{p}-{}", "m".repeat(ROUND_METADATA_BYTES))
+}
+
+/// What OffsetFetch gives back after `rounds` of [`commit_rounds`] over `partitions`.
+fn last_round(partitions: i32, rounds: i64) -> Vec<(i32, i64, String)> {
+    (0..partitions)
+        .map(|p| (p, rounds - 1, round_metadata(rounds - 1, p)))
+        .collect()
 }
 
 /// Creates topic `events` of `partitions` partitions, then commits offset `round` of every
@@ -594,10 +604,7 @@ fn consumer_offsets_are_compacted_by_the_cleaner_and_survive_sigkill() {
     broker.spawn();
     let mut conn = Raw::connect(&broker.addr());
     let fetched = fetch_loaded(&mut conn, "compacted");
-    let expected: Vec<(i32, i64, String)> = (0..PARTITIONS)
-        .map(|p| (p, ROUNDS - 1, round_metadata(ROUNDS - 1, p)))
-        .collect();
-    assert_eq!(offsets_of(&fetched), expected);
+    assert_eq!(offsets_of(&fetched), last_round(PARTITIONS, ROUNDS));
 }
 
 /// A burst of commits faster than the log cleaner may clean (its byte rate at 1 MB/s here)
@@ -610,7 +617,6 @@ fn a_burst_of_commits_leaves_a_restart_only_a_bounded_tail_to_replay() {
     use spate_replication::partition::OFFSETS_MAX_UNCLEANED_BYTES;
     const PARTITIONS: i32 = 50;
     const ROUNDS: i64 = 500;
-    const VALUE_BYTES: u64 = 3000;
     let mut broker = Broker::start_with(&["--cleaner-io-bytes-per-sec", "1000000"]);
     let _log = LogOnPanic(broker.dir.path().join("spate.log"));
     // 500 rounds of 50 partitions write about 75 MiB to the group's offsets partition, nine
@@ -618,22 +624,17 @@ fn a_burst_of_commits_leaves_a_restart_only_a_bounded_tail_to_replay() {
     let conn = commit_rounds(&broker, "burst", PARTITIONS, ROUNDS);
     drop(conn);
     broker.kill();
-    let before = std::fs::read_to_string(broker.dir.path().join("spate.log"))
-        .unwrap()
-        .len();
+    let before = broker.log().len();
     broker.spawn();
     let mut conn = Raw::connect(&broker.addr());
     let fetched = fetch_loaded(&mut conn, "burst");
-    let expected: Vec<(i32, i64, String)> = (0..PARTITIONS)
-        .map(|p| (p, ROUNDS - 1, round_metadata(ROUNDS - 1, p)))
-        .collect();
-    assert_eq!(offsets_of(&fetched), expected);
-    let log = std::fs::read_to_string(broker.dir.path().join("spate.log")).unwrap();
-    let replayed: u64 = common::offsets_loads(&log[before..]).iter().sum();
+    assert_eq!(offsets_of(&fetched), last_round(PARTITIONS, ROUNDS));
+    let replayed: u64 = common::offsets_loads(&broker.log()[before..]).iter().sum();
     // The bound, the last write before the kill and writes that went ahead after a cleaning
     // took over a second (a loaded machine), at 3 KB a record at least; the cleaned part
     // (the live set, and the batches producer snapshots are anchored to) besides.
-    let most = (OFFSETS_MAX_UNCLEANED_BYTES + (4 << 20)) / VALUE_BYTES + 4 * PARTITIONS as u64;
+    let most = (OFFSETS_MAX_UNCLEANED_BYTES + (4 << 20)) / ROUND_METADATA_BYTES as u64
+        + 4 * PARTITIONS as u64;
     assert!(
         replayed <= most,
         "the restart replayed {replayed} records of __consumer_offsets (at most {most})"

@@ -43,8 +43,8 @@ class History:
     6-8 planted-loss runs: gdb showed the lock held (count 1) by a producer thread that no
     longer existed. confluent-kafka can run a delivery callback with a fatal error still set
     as the pending Python exception (see workload.ProducerWorker._drain); the first checked C
-    call in the callback then fails with SystemError even though it did its work, and when that call was
-    the lock's acquire in `with`, the lock was taken and never released. So nothing a
+    call in the callback then fails with SystemError even though it did its work, and when
+    that call was the lock's acquire in `with`, the lock was taken and never released. So nothing a
     recording thread does holds anything another thread waits for.
 
     Lines are in queue order, which can differ from `t` order across threads by a thread

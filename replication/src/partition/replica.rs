@@ -1269,7 +1269,7 @@ impl PartitionReplica {
         self.cleaner_visits.generation()
     }
 
-    pub fn urgent_clean_requested(&self) -> bool {
+    pub(crate) fn urgent_clean_requested(&self) -> bool {
         self.urgent_clean.get()
     }
 
@@ -1281,7 +1281,7 @@ impl PartitionReplica {
 
     /// A cleaner round looked at this log (cleaned it, or found it not due): that answers an
     /// urgent request made before.
-    pub fn note_cleaner_visit(&self) {
+    pub(crate) fn note_cleaner_visit(&self) {
         self.urgent_clean.set(false);
         self.cleaner_visits.notify();
     }
