@@ -1,6 +1,6 @@
 """Network namespaces for fault tests: N node namespaces, each joined by a veth pair to a bridge
 that lives in a hub namespace of its own. Node i has address 10.77.K.i/24 on its `eth0` (K is
-per network, so networks of parallel runs do not collide). With `client_link`, one more veth
+per network, so networks of parallel runs do not collide: see `_claim_subnet`). With `client_link`, one more veth
 pair joins the host's namespace to the bridge (10.77.K.254) so that clients and the harness
 running there reach the nodes; it is the only thing added to the host's namespace, and it goes
 when the hub namespace is removed.
@@ -22,7 +22,9 @@ udp-send HOST PORT COUNT BYTES.
 """
 import argparse
 import atexit
+import fcntl
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -32,8 +34,11 @@ import time
 PREFIX_ROOT = "spch"
 SUBNET_FIRST_OCTETS = "10.77"
 SUBNET_BITS = 24
-# Third octet of a network's subnet: chosen from the pid among this many.
+# Third octet of a network's subnet: one of this many, the first free from the pid on.
 SUBNET_CHOICES = 250
+# Held while a network picks its subnet and puts its client address in the host's namespace,
+# so two networks made at once cannot pick the same one.
+SUBNET_LOCK_PATH = "/tmp/spate-chaos-netns.lock"
 CLIENT_HOST_ID = 254
 # Most nodes in one network: addresses .1 to .MAX_NODES of the /24, filter priorities below.
 MAX_NODES = 50
@@ -99,13 +104,41 @@ def cleanup(prefix=PREFIX_ROOT):
     return removed
 
 
+def _host_subnets():
+    """Third octets of the 10.77.K.0/24 subnets with an address in the host's namespace."""
+    out = _run(["ip", "-o", "-4", "addr", "show"], check=False).stdout
+    pattern = re.escape(SUBNET_FIRST_OCTETS) + r"\.(\d+)\.\d+/"
+    return {int(k) for k in re.findall(pattern, out)}
+
+
+def _claim_subnet(client_link):
+    """The subnet prefix ("10.77.K.") for a new network; the caller holds SUBNET_LOCK_PATH.
+
+    A network with a client link puts an address of its subnet in the host's namespace, and the
+    host routes the whole /24 to it: two such networks on one subnet (a pid-derived choice
+    collides once in 250 pairs) would send one run's clients to the other run's nodes. So K is
+    the first, from the pid on, that no address in the host's namespace uses. A network without
+    a client link is private to its namespaces and may reuse any K."""
+    start = os.getpid() % SUBNET_CHOICES
+    if not client_link:
+        return f"{SUBNET_FIRST_OCTETS}.{start}."
+    taken = _host_subnets()
+    for step in range(SUBNET_CHOICES):
+        k = (start + step) % SUBNET_CHOICES
+        if k not in taken:
+            return f"{SUBNET_FIRST_OCTETS}.{k}."
+    raise NetnsError(f"every {SUBNET_FIRST_OCTETS}.K.0/24 subnet is in use in the host's "
+                     "namespace (leftovers? python3 -m chaos.netns cleanup)")
+
+
 class Network:
     def __init__(self, size, prefix=None, client_link=False):
         assert 1 <= size <= MAX_NODES, size
         self.size = size
         self.client_link = client_link
         self.prefix = prefix or f"{PREFIX_ROOT}{os.getpid()}"
-        self.subnet = f"{SUBNET_FIRST_OCTETS}.{os.getpid() % SUBNET_CHOICES}."
+        # Chosen when the network is created (`_claim_subnet`).
+        self.subnet = None
         # veth names are made in the node namespace but must still fit IFNAMSIZ (15).
         assert len(self.prefix) <= 11, self.prefix
         self.hub = f"{self.prefix}-hub"
@@ -116,6 +149,7 @@ class Network:
         return f"{self.prefix}-n{i}"
 
     def addr(self, i):
+        assert self.subnet is not None, "a network's addresses exist once it is created"
         return f"{self.subnet}{i}"
 
     @property
@@ -138,6 +172,12 @@ class Network:
             raise NetnsError(f"network namespaces unavailable: {why}")
         atexit.register(self.destroy)
         self.created = True
+        with open(SUBNET_LOCK_PATH, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.subnet = _claim_subnet(self.client_link)
+            self._create()
+
+    def _create(self):
         try:
             _run(["ip", "netns", "add", self.hub])
             _run(["ip", "-n", self.hub, "link", "add", "br0", "type", "bridge"])

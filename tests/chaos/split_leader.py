@@ -208,6 +208,13 @@ def scenario(binary, base_dir):
             acked_a, failed = produce(boot, [f"a{i}" for i in range(VALUES_PER_PHASE)], 30000)
             if failed or len(acked_a) != VALUES_PER_PHASE:
                 raise Broken(f"before the cut: {failed} writes failed")
+            # The clients must have reached this run's nodes and no others (a second network
+            # on the same subnet once took them): the leader's data dir holds the partition.
+            data = cluster[leader - 1].data_dir
+            if not any(name.startswith(f"{TOPIC}-0") for name in os.listdir(data)):
+                raise nodes.NodeError(f"node {leader} holds no {TOPIC}-0 after the writes "
+                                      f"({sorted(os.listdir(data))}): clients reached "
+                                      "another cluster")
 
             # Cut the leader off from its peers, both ways; clients still reach it.
             others = [i for i in ids if i != leader]

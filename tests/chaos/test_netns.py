@@ -85,6 +85,19 @@ class NetnsTest(unittest.TestCase):
         links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True)
         self.assertNotIn(prefix, links.stdout, "no link left in the host's namespace")
 
+    def test_networks_made_at_once_never_share_a_client_subnet(self):
+        """Two client-linked networks of one process (the pid-derived subnet is the same for
+        both) get different subnets, and the host reaches each one's nodes: on a shared subnet
+        the host would route both runs' clients to one of them."""
+        with netns.Network(2, prefix=f"{netns.PREFIX_ROOT}a{os.getpid()}",
+                           client_link=True) as a, \
+                netns.Network(2, prefix=f"{netns.PREFIX_ROOT}b{os.getpid()}",
+                              client_link=True) as b:
+            self.assertNotEqual(a.subnet, b.subnet)
+            for net in (a, b):
+                self.delivered(net, None, 2, count=1)
+                self.assertEqual(self.delivered(net, None, 2), DATAGRAMS, net.subnet)
+
     def test_cleanup_removes_leftovers_by_prefix(self):
         prefix = f"{netns.PREFIX_ROOT}c{os.getpid()}"
         net = netns.Network(2, prefix=prefix)
