@@ -118,8 +118,33 @@ pub async fn write_file_atomic(
     name: &str,
     contents: Vec<u8>,
 ) -> Result<(), EngineError> {
+    replace_file(dir, name, contents).await?;
+    sync_dir(dir).await
+}
+
+/// [`write_file_atomic`] for two files at once: both written and synced side by side, both
+/// renamed, then one directory sync for the two names (a crash before it leaves each file old
+/// or new, as two separate writes would).
+pub async fn write_two_files_atomic(
+    dir: &Path,
+    (a, a_contents): (&str, Vec<u8>),
+    (b, b_contents): (&str, Vec<u8>),
+) -> Result<(), EngineError> {
+    let (ra, rb) = futures_lite::future::zip(
+        replace_file(dir, a, a_contents),
+        replace_file(dir, b, b_contents),
+    )
+    .await;
+    ra?;
+    rb?;
+    sync_dir(dir).await
+}
+
+/// `dir/name` replaced whole by `contents` (temporary file, fdatasync, rename); the new name is
+/// durable only after a directory sync.
+async fn replace_file(dir: &Path, name: &str, contents: Vec<u8>) -> Result<(), EngineError> {
     let tmp: PathBuf = dir.join(format!("{name}.tmp"));
-    let written = write_file_atomic_inner(dir, name, &tmp, contents).await;
+    let written = replace_file_inner(dir, name, &tmp, contents).await;
     if written.is_err() {
         // A failed write (most likely for lack of space) leaves no half-written file holding
         // blocks; the target is untouched, since only the rename replaces it.
@@ -128,7 +153,7 @@ pub async fn write_file_atomic(
     written
 }
 
-async fn write_file_atomic_inner(
+async fn replace_file_inner(
     dir: &Path,
     name: &str,
     tmp: &Path,
@@ -149,8 +174,7 @@ async fn write_file_atomic_inner(
     }
     f.fdatasync().await.map_err(glommio_err(&tmp))?;
     f.rename(&path).await.map_err(glommio_err(&path))?;
-    f.close().await.map_err(glommio_err(&path))?;
-    sync_dir(dir).await
+    f.close().await.map_err(glommio_err(&path))
 }
 
 pub async fn sync_dir(dir: &Path) -> Result<(), EngineError> {

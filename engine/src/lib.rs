@@ -15,6 +15,7 @@
 pub mod batch;
 mod cache;
 mod checkpoint;
+pub mod checkpoint_budget;
 mod checkpointer;
 pub mod clean;
 mod config;

@@ -24,7 +24,7 @@ use crate::{cache, EngineError, FlushPolicy, LogConfig};
 /// Largest single disk read a fetch issues (beyond one batch that is larger).
 pub const MAX_READ_BYTES: usize = 8 << 20;
 /// The recovery-point file is rewritten after a sync at most this often (and on roll, truncate,
-/// retention and close).
+/// retention and close), as the thread's budget allows (`checkpoint_budget`).
 pub const CHECKPOINT_INTERVAL_MS: u64 = 5_000;
 /// When a write reaches past the reserved part of the active segment's file, the file is
 /// pre-allocated this far ahead (never the whole segment up front: a broker with thousands of
@@ -582,11 +582,17 @@ impl Inner {
                 st.durable_pos = target_pos;
             }
             // After a roll the recovery point moves to the new segment at once, so recovery
-            // never scans a whole old segment again. Asked once per interval or segment: the
-            // write takes a while, and group commits meanwhile must not queue another.
-            let due = st.last_checkpoint.elapsed() >= Duration::from_millis(CHECKPOINT_INTERVAL_MS)
-                || (st.checkpoint.segment_base != st.durable_base
-                    && st.ckpt_asked_base != st.durable_base);
+            // never scans a whole old segment again. Asked once per interval (within the
+            // thread's budget, see `checkpoint_budget`) or segment: the write takes a while,
+            // and group commits meanwhile must not queue another.
+            let rolled = st.checkpoint.segment_base != st.durable_base
+                && st.ckpt_asked_base != st.durable_base;
+            let due = rolled
+                || crate::checkpoint_budget::timed_checkpoint_due(
+                    st.last_checkpoint,
+                    Duration::from_millis(CHECKPOINT_INTERVAL_MS),
+                    Instant::now(),
+                );
             if due {
                 st.last_checkpoint = Instant::now();
                 st.ckpt_asked_base = st.durable_base;

@@ -184,8 +184,12 @@ impl IndexFiles {
         };
         let off_name = name(index::offset_index_path(dir, self.base));
         let time_name = name(index::time_index_path(dir, self.base));
-        crate::checkpoint::write_file_atomic(dir, &off_name, self.off).await?;
-        crate::checkpoint::write_file_atomic(dir, &time_name, self.time).await
+        crate::checkpoint::write_two_files_atomic(
+            dir,
+            (&off_name, self.off),
+            (&time_name, self.time),
+        )
+        .await
     }
 }
 
