@@ -123,18 +123,25 @@ pub async fn write_file_atomic(
 }
 
 /// [`write_file_atomic`] for two files at once: both written and synced side by side, both
-/// renamed, then one directory sync for the two names (a crash before it leaves each file old
-/// or new, as two separate writes would).
+/// renamed, then one directory sync for the two names. A crash may keep either rename without
+/// the other, or a failure of one may follow the other's rename: used for a segment's offset
+/// and time index, which recovery takes only as a pair whose trailers agree (else it scans the
+/// segment), and which are written before the recovery point that relies on them.
 pub async fn write_two_files_atomic(
     dir: &Path,
     (a, a_contents): (&str, Vec<u8>),
     (b, b_contents): (&str, Vec<u8>),
 ) -> Result<(), EngineError> {
+    debug_assert_ne!(a, b, "one temporary file each");
     let (ra, rb) = futures_lite::future::zip(
         replace_file(dir, a, a_contents),
         replace_file(dir, b, b_contents),
     )
     .await;
+    if let (Err(_), Err(e)) = (&ra, &rb) {
+        // Only the first error goes up; the second is still worth a line.
+        tracing::warn!(error = %e, file = b, "replacing the second of two files failed too");
+    }
     ra?;
     rb?;
     sync_dir(dir).await

@@ -234,4 +234,24 @@ mod tests {
         assert!(SegmentIndex::decode(100, &off[..off.len() - 1], &time).is_none());
         assert!(SegmentIndex::decode(101, &off, &time).is_none());
     }
+
+    /// The two files of a checkpoint are renamed side by side, so a crash can keep one new
+    /// file beside the other's older version: such a pair is refused (and the segment scanned),
+    /// never read as an index.
+    #[test]
+    fn an_old_file_beside_a_new_one_is_refused() {
+        let (idx, cov) = sample();
+        let (new_off, new_time) = idx.encode(100, &cov);
+        let mut older = idx.clone();
+        older.entries.pop();
+        let old_cov = IndexCoverage {
+            covered_position: 40_000,
+            next_offset: 180,
+            max_timestamp: 1200,
+        };
+        let (old_off, old_time) = older.encode(100, &old_cov);
+        assert!(SegmentIndex::decode(100, &old_off, &old_time).is_some());
+        assert!(SegmentIndex::decode(100, &new_off, &old_time).is_none());
+        assert!(SegmentIndex::decode(100, &old_off, &new_time).is_none());
+    }
 }

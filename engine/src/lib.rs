@@ -15,7 +15,7 @@
 pub mod batch;
 mod cache;
 mod checkpoint;
-pub mod checkpoint_budget;
+mod checkpoint_budget;
 mod checkpointer;
 pub mod clean;
 mod config;
@@ -40,6 +40,9 @@ mod writer;
 
 pub use cache::{set_shard_cache_bytes, shard_cache_used_bytes, DEFAULT_SHARD_CACHE_BYTES};
 pub use checkpoint::{write_file_atomic, RECOVERY_POINT_FILE};
+pub use checkpoint_budget::{
+    CHECKPOINTS_PER_SEC, CHECKPOINT_DEADLINE_SPREAD_MS, CHECKPOINT_MAX_INTERVAL_MS,
+};
 pub use config::{FlushPolicy, LogConfig, DEFAULT_MAX_BATCH_BYTES};
 pub use error::{is_no_space_io, EngineError};
 pub use follower::LogListener;

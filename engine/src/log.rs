@@ -591,6 +591,7 @@ impl Inner {
                 || crate::checkpoint_budget::timed_checkpoint_due(
                     st.last_checkpoint,
                     Duration::from_millis(CHECKPOINT_INTERVAL_MS),
+                    crate::checkpoint_budget::deadline_for(self.log_id),
                     Instant::now(),
                 );
             if due {

@@ -1,9 +1,9 @@
 """Network namespaces for fault tests: N node namespaces, each joined by a veth pair to a bridge
 that lives in a hub namespace of its own. Node i has address 10.77.K.i/24 on its `eth0` (K is
-per network, so networks of parallel runs do not collide: see `_claim_subnet`). With `client_link`, one more veth
-pair joins the host's namespace to the bridge (10.77.K.254) so that clients and the harness
-running there reach the nodes; it is the only thing added to the host's namespace, and it goes
-when the hub namespace is removed.
+per network, so networks of parallel runs do not collide: see `_claim_subnet`). With
+`client_link`, one more veth pair joins the host's namespace to the bridge (10.77.K.254) so
+that clients and the harness running there reach the nodes; it is the only thing added to the
+host's namespace, and it goes when the hub namespace is removed.
 
 Faults (what this kernel has: ip netns, veth, bridge, tc htb/tbf/blackhole with u32 filters;
 not netem, iptables or nftables):
@@ -39,6 +39,9 @@ SUBNET_CHOICES = 250
 # Held while a network picks its subnet and puts its client address in the host's namespace,
 # so two networks made at once cannot pick the same one.
 SUBNET_LOCK_PATH = "/tmp/spate-chaos-netns.lock"
+# Where the search for a free subnet starts, instead of the pid (for the test of the lock: two
+# processes made to start from the same subnet).
+SUBNET_START_ENV = "SPATE_NETNS_SUBNET_START"
 CLIENT_HOST_ID = 254
 # Most nodes in one network: addresses .1 to .MAX_NODES of the /24, filter priorities below.
 MAX_NODES = 50
@@ -106,8 +109,9 @@ def cleanup(prefix=PREFIX_ROOT):
 
 def _host_subnets():
     """Third octets of the 10.77.K.0/24 subnets with an address in the host's namespace."""
-    out = _run(["ip", "-o", "-4", "addr", "show"], check=False).stdout
-    pattern = re.escape(SUBNET_FIRST_OCTETS) + r"\.(\d+)\.\d+/"
+    # Checked: a failed listing must not read as "nothing in use".
+    out = _run(["ip", "-o", "-4", "addr", "show"]).stdout
+    pattern = r"(?<![\d.])" + re.escape(SUBNET_FIRST_OCTETS) + r"\.(\d+)\.\d+/"
     return {int(k) for k in re.findall(pattern, out)}
 
 
@@ -119,7 +123,7 @@ def _claim_subnet(client_link):
     collides once in 250 pairs) would send one run's clients to the other run's nodes. So K is
     the first, from the pid on, that no address in the host's namespace uses. A network without
     a client link is private to its namespaces and may reuse any K."""
-    start = os.getpid() % SUBNET_CHOICES
+    start = int(os.environ.get(SUBNET_START_ENV, os.getpid())) % SUBNET_CHOICES
     if not client_link:
         return f"{SUBNET_FIRST_OCTETS}.{start}."
     taken = _host_subnets()
@@ -137,7 +141,8 @@ class Network:
         self.size = size
         self.client_link = client_link
         self.prefix = prefix or f"{PREFIX_ROOT}{os.getpid()}"
-        # Chosen when the network is created (`_claim_subnet`).
+        # Chosen by `create`, not here: which subnets are free depends on the host's addresses
+        # at that moment, under the lock.
         self.subnet = None
         # veth names are made in the node namespace but must still fit IFNAMSIZ (15).
         assert len(self.prefix) <= 11, self.prefix

@@ -204,17 +204,17 @@ def scenario(binary, base_dir):
                 lambda: (lambda s: s if s and s[0] >= 0 and len(s[2]) == 3 else None)(
                     partition0(boot)))
             summary["leader_before"] = leader
+            # The clients must reach this run's nodes and no others (a second network on the
+            # same subnet once took them): every replica, in sync, has the partition's directory.
+            for n in cluster:
+                if not os.path.isdir(os.path.join(n.data_dir, f"{TOPIC}-0")):
+                    raise nodes.NodeError(
+                        f"{n.data_dir} holds no {TOPIC}-0 while the topic has a full ISR: the "
+                        "clients reached another cluster")
 
             acked_a, failed = produce(boot, [f"a{i}" for i in range(VALUES_PER_PHASE)], 30000)
             if failed or len(acked_a) != VALUES_PER_PHASE:
                 raise Broken(f"before the cut: {failed} writes failed")
-            # The clients must have reached this run's nodes and no others (a second network
-            # on the same subnet once took them): the leader's data dir holds the partition.
-            data = cluster[leader - 1].data_dir
-            if not any(name.startswith(f"{TOPIC}-0") for name in os.listdir(data)):
-                raise nodes.NodeError(f"node {leader} holds no {TOPIC}-0 after the writes "
-                                      f"({sorted(os.listdir(data))}): clients reached "
-                                      "another cluster")
 
             # Cut the leader off from its peers, both ways; clients still reach it.
             others = [i for i in ids if i != leader]

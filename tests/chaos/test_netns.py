@@ -86,17 +86,28 @@ class NetnsTest(unittest.TestCase):
         self.assertNotIn(prefix, links.stdout, "no link left in the host's namespace")
 
     def test_networks_made_at_once_never_share_a_client_subnet(self):
-        """Two client-linked networks of one process (the pid-derived subnet is the same for
-        both) get different subnets, and the host reaches each one's nodes: on a shared subnet
-        the host would route both runs' clients to one of them."""
-        with netns.Network(2, prefix=f"{netns.PREFIX_ROOT}a{os.getpid()}",
-                           client_link=True) as a, \
-                netns.Network(2, prefix=f"{netns.PREFIX_ROOT}b{os.getpid()}",
-                              client_link=True) as b:
-            self.assertNotEqual(a.subnet, b.subnet)
-            for net in (a, b):
-                self.delivered(net, None, 2, count=1)
-                self.assertEqual(self.delivered(net, None, 2), DATAGRAMS, net.subnet)
+        """Two processes make a client-linked network each at the same moment, both made to
+        start their search from the same subnet (as two pids 250 apart would): they get
+        different subnets, and the host reaches each one's nodes. On one subnet the host would
+        route both runs' clients to one of them (a split-leader test once judged another run's
+        cluster that way)."""
+        env = dict(os.environ, **{netns.SUBNET_START_ENV: "7"})
+        hold = [subprocess.Popen([sys.executable, "-m", "chaos.test_netns", "hold", tag],
+                                 env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 text=True)
+                for tag in ("a", "b")]
+        try:
+            subnets = [p.stdout.readline().strip() for p in hold]
+            self.assertTrue(all(subnets), f"a network was not made: {subnets}")
+            self.assertNotEqual(subnets[0], subnets[1])
+            for subnet in subnets:
+                out = subprocess.run(["ip", "-o", "-4", "route", "get", f"{subnet}2"],
+                                     capture_output=True, text=True, check=True).stdout
+                self.assertIn(f"{netns.PREFIX_ROOT}", out, f"the host routes {subnet}0/24")
+        finally:
+            for p in hold:
+                p.stdin.close()
+                p.wait(timeout=60)
 
     def test_cleanup_removes_leftovers_by_prefix(self):
         prefix = f"{netns.PREFIX_ROOT}c{os.getpid()}"
@@ -109,5 +120,16 @@ class NetnsTest(unittest.TestCase):
         self.assertEqual(netns.list_namespaces(prefix + "-"), [])
 
 
+def _hold(tag):
+    """Makes a client-linked network, prints its subnet and keeps it until stdin closes."""
+    prefix = f"{netns.PREFIX_ROOT}{tag}{os.getpid() % 100000}"
+    with netns.Network(2, prefix=prefix, client_link=True) as net:
+        print(net.subnet, flush=True)
+        sys.stdin.read()
+
+
 if __name__ == "__main__":
-    unittest.main()
+    if sys.argv[1:2] == ["hold"]:
+        _hold(sys.argv[2])
+    else:
+        unittest.main()
