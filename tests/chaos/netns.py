@@ -158,6 +158,11 @@ class Network:
         return f"{self.subnet}{i}"
 
     @property
+    def client_link_name(self):
+        """The host's end of the client link (a veth in the host's namespace)."""
+        return f"{self.prefix}c"
+
+    @property
     def client_addr(self):
         return self.addr(CLIENT_HOST_ID)
 
@@ -202,7 +207,7 @@ class Network:
                 _run(["ip", "-n", self.hub, "link", "set", f"b{i}", "up"])
                 self._egress_qdiscs(i)
             if self.client_link:
-                host_end = f"{self.prefix}c"
+                host_end = self.client_link_name
                 _run(["ip", "link", "add", host_end, "type", "veth", "peer", "name", "c0",
                       "netns", self.hub])
                 _run(["ip", "addr", "add", f"{self.client_addr}/{SUBNET_BITS}", "dev",
@@ -274,7 +279,7 @@ class Network:
         cleanup(self.prefix + "-")
         if self.client_link:
             # Gone with its peer in the hub namespace; removed here if the hub never got it.
-            _run(["ip", "link", "del", f"{self.prefix}c"], check=False)
+            _run(["ip", "link", "del", self.client_link_name], check=False)
 
 
 def _udp_count(port, expected, timeout_s):

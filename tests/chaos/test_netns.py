@@ -97,13 +97,14 @@ class NetnsTest(unittest.TestCase):
                                  text=True)
                 for tag in ("a", "b")]
         try:
-            subnets = [p.stdout.readline().strip() for p in hold]
-            self.assertTrue(all(subnets), f"a network was not made: {subnets}")
-            self.assertNotEqual(subnets[0], subnets[1])
-            for subnet in subnets:
+            made = [p.stdout.readline().split() for p in hold]
+            self.assertTrue(all(len(m) == 2 for m in made), f"a network was not made: {made}")
+            (subnet_a, _), (subnet_b, _) = made
+            self.assertNotEqual(subnet_a, subnet_b)
+            for subnet, link in made:
                 out = subprocess.run(["ip", "-o", "-4", "route", "get", f"{subnet}2"],
                                      capture_output=True, text=True, check=True).stdout
-                self.assertIn(f"{netns.PREFIX_ROOT}", out, f"the host routes {subnet}0/24")
+                self.assertIn(f"dev {link} ", out, f"the host routes {subnet}0/24 to {link}")
         finally:
             for p in hold:
                 p.stdin.close()
@@ -121,10 +122,11 @@ class NetnsTest(unittest.TestCase):
 
 
 def _hold(tag):
-    """Makes a client-linked network, prints its subnet and keeps it until stdin closes."""
+    """Makes a client-linked network, prints its subnet and the host's end of its client link,
+    and keeps it until stdin closes."""
     prefix = f"{netns.PREFIX_ROOT}{tag}{os.getpid() % 100000}"
     with netns.Network(2, prefix=prefix, client_link=True) as net:
-        print(net.subnet, flush=True)
+        print(net.subnet, net.client_link_name, flush=True)
         sys.stdin.read()
 
 
